@@ -1,0 +1,1 @@
+"""Efficiency benchmarks: operator and model speed, memory, parameter and MAC counts."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (functional core) and reports."""

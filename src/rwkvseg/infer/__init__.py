@@ -1,0 +1,1 @@
+"""Inference: sliding window and a predictor that loads from a checkpoint alone."""

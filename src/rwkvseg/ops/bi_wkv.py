@@ -1,0 +1,65 @@
+"""Public Bi-WKV entry point: one signature, three implementations, chosen by device."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from .bi_wkv_chunked import bi_wkv_chunked
+from .bi_wkv_reference import bi_wkv_reference
+
+IMPLEMENTATIONS = ("auto", "chunked", "triton", "reference")
+_FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def triton_usable(x: Tensor) -> bool:
+    """True when x lives on a CUDA device and Triton can be imported."""
+    return x.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise ValueError with what to change when the inputs do not fit bi_wkv's contract."""
+    if k.dim() != 3:
+        raise ValueError(f"bi_wkv: k must be [B, T, C], got shape {tuple(k.shape)}; flatten tokens to one axis first")
+    if v.shape != k.shape:
+        raise ValueError(f"bi_wkv: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
+    B, T, C = k.shape
+    if T < 1 or B < 1:
+        raise ValueError(f"bi_wkv: empty input of shape {tuple(k.shape)}; need B >= 1 and T >= 1")
+    for name, p in (("w", w), ("u", u)):
+        if p.shape != (C,):
+            raise ValueError(f"bi_wkv: {name} must have shape [C] = [{C}], got {tuple(p.shape)}")
+    for name, t in (("w", w), ("u", u), ("k", k), ("v", v)):
+        if t.dtype not in _FLOAT_INPUTS:
+            raise ValueError(f"bi_wkv: {name} has dtype {t.dtype}; use float32, bfloat16, float16 or float64")
+    if k.dtype != v.dtype:
+        raise ValueError(f"bi_wkv: k is {k.dtype} but v is {v.dtype}; cast both to one dtype")
+    devices = {t.device for t in (w, u, k, v)}
+    if len(devices) > 1:
+        raise ValueError(f"bi_wkv: inputs are on different devices {sorted(map(str, devices))}; move them to one")
+
+
+def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", chunk: int = 64) -> Tensor:
+    """Bidirectional WKV of Vision-RWKV, exactly the formula of `docs/bi_wkv.md`.
+
+    w, u: [C] decay and bonus, already divided by the sequence length by the caller.
+    k, v: [B, T, C]. Returns y: [B, T, C] in v's dtype, with autograd for all four inputs.
+    impl: "auto" (Triton on CUDA when available, else the chunked O(T) path), "chunked", "triton", or
+    "reference" (the O(T^2) float64 brute force; tests only).
+    """
+    check_inputs(w, u, k, v)
+    if impl == "auto":
+        impl = "triton" if triton_usable(k) else "chunked"
+    if impl == "chunked":
+        return bi_wkv_chunked(w, u, k, v, chunk)
+    if impl == "triton":
+        if not triton_usable(k):
+            raise ValueError("bi_wkv: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'")
+        from .bi_wkv_triton import bi_wkv_triton
+
+        return bi_wkv_triton(w, u, k, v)
+    if impl == "reference":
+        return bi_wkv_reference(w, u, k, v).to(v.dtype)
+    raise ValueError(f"bi_wkv: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
