@@ -1,0 +1,181 @@
+"""Model checkpoints: `<name>.safetensors` (weights) beside `<name>.json` (what rebuilds and uses them).
+
+The JSON sidecar alone rebuilds the model through the registry, so prediction never needs the training code or
+its config file. Both files are written to a temporary name in the same folder and moved into place with
+os.replace, so a crash mid-write never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+WEIGHTS_SUFFIX = ".safetensors"
+SIDECAR_SUFFIX = ".json"
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint's JSON sidecar holds.
+
+    preprocessing is free-form because 2D and 3D differ; the 2D pipeline writes
+    {"size": [H, W], "resize": "resize"|"crop", "normalization": "minmax"|..., "channels": C}.
+    spacing is the model's voxel/pixel spacing when it was trained on physical units, else None.
+    training summarises how the weights were made (epochs, best metric, split file, config).
+    """
+
+    model: str
+    in_channels: int
+    num_classes: int
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    spacing: tuple[float, ...] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["class_names"] = list(self.class_names)
+        data["spacing"] = None if self.spacing is None else list(self.spacing)
+        return {"format": CHECKPOINT_FORMAT, "rwkvseg_version": __version__, **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "<dict>") -> CheckpointMeta:
+        data = dict(data)
+        version = data.pop("format", None)
+        data.pop("rwkvseg_version", None)
+        if version != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{source}: checkpoint format {version!r} is not supported (this rwkvseg reads format "
+                f"{CHECKPOINT_FORMAT}); re-export the checkpoint with a matching rwkvseg version"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(data.keys() - names)
+        missing = sorted(
+            f.name for f in dataclasses.fields(cls) if f.name not in data and f.name in _REQUIRED
+        )
+        if unknown or missing:
+            raise ValueError(
+                f"{source}: unknown keys {unknown} / missing keys {missing} in checkpoint sidecar; "
+                f"valid keys are {sorted(names)}"
+            )
+        data["class_names"] = tuple(data.get("class_names", ()))
+        if data.get("spacing") is not None:
+            data["spacing"] = tuple(float(s) for s in data["spacing"])
+        return cls(**data)
+
+
+_REQUIRED = ("model", "in_channels", "num_classes")
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, sidecar) for a checkpoint named with or without its .safetensors / .json suffix."""
+    path = Path(path)
+    if path.suffix in (WEIGHTS_SUFFIX, SIDECAR_SUFFIX):
+        path = path.with_suffix("")
+    return path.with_name(path.name + WEIGHTS_SUFFIX), path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside path, then move it over path in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta, *, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """Write model weights and the sidecar; refuse to replace existing files unless overwrite=True."""
+    weights, sidecar = checkpoint_paths(path)
+    if not overwrite:
+        existing = [str(p) for p in (weights, sidecar) if p.exists()]
+        if existing:
+            raise FileExistsError(
+                f"checkpoint files already exist: {', '.join(existing)}; "
+                "choose another name or pass overwrite"
+            )
+    # save_model (not save_file) drops tied/shared tensors that safetensors cannot store twice.
+    atomic_write(weights, lambda tmp: save_model(model, str(tmp), metadata={"format": "rwkvseg"}))
+    atomic_write_text(sidecar, json.dumps(meta.to_json(), indent=2) + "\n")
+    log.debug("wrote checkpoint %s (+ %s)", weights, sidecar.name)
+    return weights, sidecar
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """The sidecar of a checkpoint, checked."""
+    _, sidecar = checkpoint_paths(path)
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"checkpoint sidecar {sidecar} not found; "
+            "a checkpoint is a .safetensors file with a .json beside it"
+        )
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"checkpoint sidecar {sidecar} is not valid JSON ({err}); restore it from the run"
+        ) from None
+    return CheckpointMeta.from_json(data, source=str(sidecar))
+
+
+def build_model(meta: CheckpointMeta) -> nn.Module:
+    """An untrained model of the architecture the sidecar names."""
+    from .models import create_model
+
+    return create_model(meta.model, meta.in_channels, meta.num_classes, **meta.model_overrides)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model from the sidecar and load its weights; returns (model in eval mode, meta)."""
+    weights, _ = checkpoint_paths(path)
+    meta = read_meta(path)
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"checkpoint weights {weights} not found (the sidecar is there); copy both files"
+        )
+    model = build_model(meta)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except RuntimeError as err:  # shape mismatches: the sidecar was edited or belongs to other weights
+        raise ValueError(
+            f"{weights} does not fit model {meta.model!r} built from its sidecar "
+            f"(in_channels={meta.in_channels}, num_classes={meta.num_classes}): "
+            f"{str(err).splitlines()[-1].strip()}; "
+            "the sidecar and weights come from different runs"
+        ) from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match model {meta.model!r} built from its sidecar: "
+            f"missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; the sidecar and weights come from different runs"
+        )
+    return model.to(device).eval(), meta
