@@ -1,0 +1,128 @@
+"""Model complexity: parameter counts, multiply-accumulate counts, and CPU latency.
+
+MACs follow the convention of the papers we compare against (thop's): multiply-adds of the convolution and
+linear layers only. Norms, activations, pooling, resampling and the WKV token mixer are not counted; the WKV
+cost is O(T * C) element-wise work per sequence, small beside the projections around it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+MAC_METHODS = ("hooks", "torch")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _layer_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+    if isinstance(module, _CONVS):
+        # every output element is a dot product over in_channels / groups * kernel volume inputs
+        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return output.numel() * per_output
+    if isinstance(module, _TRANSPOSED_CONVS):
+        # every input element is scattered into out_channels / groups * kernel volume outputs
+        per_input = module.out_channels // module.groups * math.prod(module.kernel_size)
+        return inputs[0].numel() * per_input
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    return 0
+
+
+def count_macs(model: nn.Module, input_shape: Sequence[int], method: str = "hooks") -> int:
+    """Multiply-accumulates of one forward pass on a zero input of input_shape (batch included, e.g.
+    (1, 3, 256, 256) or (1, 4, 128, 128, 128)); runs in eval mode without gradients on the model's device.
+
+    method "hooks" (the convention of the papers, as thop counts): forward hooks on every nn.Conv{1,2,3}d,
+    nn.ConvTranspose{1,2,3}d and nn.Linear; a conv counts output elements x in_channels / groups x kernel
+    volume, a linear output elements x in_features; biases, norms, activations and anything called
+    functionally (the WKV operator included) count nothing.
+    method "torch": torch.utils.flop_counter.FlopCounterMode FLOPs / 2, which also counts every matmul issued
+    outside modules, including those inside the WKV implementation; a cross-check, not the reported number.
+    """
+    if method not in MAC_METHODS:
+        raise ValueError(f"count_macs: unknown method {method!r}; choose one of {MAC_METHODS}")
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    x = torch.zeros(tuple(input_shape), device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if method == "torch":
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    model(x)
+                return counter.get_total_flops() // 2
+            total = 0
+
+            def hook(module, inputs, output):
+                nonlocal total
+                total += _layer_macs(module, inputs, output)
+
+            handles = [
+                m.register_forward_hook(hook)
+                for m in model.modules()
+                if isinstance(m, (*_CONVS, *_TRANSPOSED_CONVS, nn.Linear))
+            ]
+            try:
+                model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            return total
+    finally:
+        model.train(was_training)
+
+
+def measure_latency(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    threads: int | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> dict[str, float]:
+    """Wall time of model(x) in eval mode under torch.inference_mode, in milliseconds per call.
+
+    threads sets torch's intra-op thread count for the measurement and restores it afterwards (CPU only).
+    Returns median, min and max over `repeats` timed calls after `warmup` untimed ones; CUDA is synchronised
+    around each call so the numbers are device time, not launch time.
+    """
+    if repeats < 1:
+        raise ValueError(f"measure_latency: repeats must be >= 1, got {repeats}")
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    x = torch.randn(tuple(input_shape), device=device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                model(x)
+                sync()
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
