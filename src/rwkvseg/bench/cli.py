@@ -1,4 +1,4 @@
-"""`rwkvseg bench ...` subcommands."""
+"""`rwkvseg bench ...` subcommands: thin wrappers that print tables and write JSON."""
 
 from __future__ import annotations
 
@@ -10,26 +10,88 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
     p = kinds.add_parser("wkv", help="Bi-WKV time and peak memory, forward and forward+backward")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--impl", action="append", help="implementations to compare (repeatable)")
-    p.add_argument("--shapes", default=None, help="B,T,C;B,T,C... (default: the issue's shapes for the device)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--impl",
+        action="append",
+        help="implementation to time, repeatable (default: chunked; on cuda: triton and chunked)",
+    )
+    p.add_argument("--shapes", default=None, help="'B,T,C;B,T,C' (default: the shapes of docs/bi_wkv.md)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv)
 
-    p = kinds.add_parser("wkv-accuracy", help="relative error of the O(T) path against the float64 brute force")
-    p.add_argument("--json", default=None, help="write results here")
-    p.add_argument("--long", action="store_true", help="also T = 262144 against a float64 run of the O(T) path")
+    p = kinds.add_parser(
+        "wkv-accuracy", help="relative error of the O(T) path against the float64 brute force"
+    )
+    p.add_argument("--lengths", default=None, help="comma-separated T values (default: 1,7,64,257,4096,8192)")
+    p.add_argument(
+        "--long", action="store_true", help="also T = 262144 against a float64 run of the O(T) path"
+    )
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv_accuracy)
 
 
 def _run_wkv(args: argparse.Namespace) -> int:
-    from .wkv import run_speed
+    import torch
 
-    return run_speed(args)
+    from .table import format_table, write_json
+    from .wkv import SHAPES_CPU, SHAPES_GPU, parse_shapes, speed_rows
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    impls = args.impl or (["triton", "chunked"] if device.type == "cuda" else ["chunked"])
+    shapes = (
+        parse_shapes(args.shapes) if args.shapes else (SHAPES_GPU if device.type == "cuda" else SHAPES_CPU)
+    )
+    rows, info = speed_rows(shapes, impls, device, args.repeats, args.threads)
+    print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+    columns = [
+        ("shape", "B x T x C"),
+        ("impl", "impl"),
+        ("fwd_ms", "fwd ms"),
+        ("fwd_peak_mb", "fwd MB"),
+        ("fwdbwd_ms", "fwd+bwd ms"),
+        ("fwdbwd_peak_mb", "fwd+bwd MB"),
+    ]
+    if device.type == "cuda":
+        columns += [
+            ("floor_fwd_ms", "floor ms"),
+            ("fwd_x_floor", "fwd/floor"),
+            ("fwdbwd_x_floor", "f+b/floor"),
+            ("speedup_vs_vrwkv_fwd", "x VRWKV fwd"),
+            ("speedup_vs_vrwkv_fwdbwd", "x VRWKV f+b"),
+        ]
+    print(format_table(rows, columns))
+    if args.json:
+        write_json(args.json, {"environment": info, "rows": rows})
+    return 0
 
 
 def _run_wkv_accuracy(args: argparse.Namespace) -> int:
-    from .wkv import run_accuracy
+    from .table import format_table, write_json
+    from .wkv import ACCURACY_T, accuracy_rows, long_accuracy_rows
 
-    return run_accuracy(args)
+    lengths = tuple(int(t) for t in args.lengths.split(",")) if args.lengths else ACCURACY_T
+    rows = accuracy_rows(lengths)
+    if args.long:
+        rows += long_accuracy_rows()
+    columns = [
+        ("T", "T"),
+        ("w_raw", "w_raw"),
+        ("against", "reference"),
+        ("y", "y"),
+        ("dw", "dw"),
+        ("du", "du"),
+        ("dk", "dk"),
+        ("dv", "dv"),
+    ]
+    print("relative error = |fp32 O(T) - reference| / |reference| (Frobenius), fp32 inputs, B=1")
+    print(format_table(rows, columns))
+    worst = max(max(r[c] for c in ("y", "dw", "du", "dk", "dv")) for r in rows if r["T"] <= 8192)
+    print(f"worst relative error for T <= 8192: {worst:.2e} (target <= 1e-5)")
+    if args.json:
+        write_json(args.json, {"rows": rows})
+    return 0

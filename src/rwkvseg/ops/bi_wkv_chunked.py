@@ -18,9 +18,12 @@ from torch import Tensor
 
 
 def _decay_matrix(w: Tensor, length: int, weighted: bool = False) -> Tensor:
-    """[C, L, L] with D[c, t, i] = exp(-(t - i - 1) w_c) for i < t (times (t - i - 1) if weighted), else 0."""
+    """[C, L, L] with D[c, i, t] = exp(-(t - i - 1) w_c) for i < t (times (t - i - 1) if weighted), else 0.
+
+    Laid out [source i, target t] so that chunks [C, N*n, L] @ D gives the targets with no transposes.
+    """
     pos = torch.arange(length, device=w.device, dtype=w.dtype)
-    gap = pos[:, None] - pos[None, :] - 1  # [L, L]
+    gap = pos[None, :] - pos[:, None] - 1  # [L(i), L(t)]
     lower = gap >= 0
     gap = gap.clamp(min=0)
     d = torch.exp(-gap * w[:, None, None])  # [C, L, L]
@@ -30,66 +33,68 @@ def _decay_matrix(w: Tensor, length: int, weighted: bool = False) -> Tensor:
 
 
 def _to_chunks(x: Tensor, length: int) -> Tensor:
-    B, T, C = x.shape
+    C, N, T = x.shape
     n = -(-T // length)
     if n * length != T:
-        x = F.pad(x, (0, 0, 0, n * length - T))
-    return x.reshape(B, n, length, C)  # [B, T, C] -> [B, n, L, C]
-
-
-def _chunk_matmul(d: Tensor, xc: Tensor) -> Tensor:
-    """out[b, j, t, c] = sum_i d[c, t, i] * xc[b, j, i, c]: one bmm with channels as the batch."""
-    B, n, L, C = xc.shape
-    xs = xc.permute(3, 2, 0, 1).reshape(C, L, B * n)  # [B, n, L, C] -> [C, L, B*n]
-    out = torch.bmm(d, xs)
-    return out.view(C, L, B, n).permute(2, 3, 1, 0)  # -> [B, n, L, C]
+        x = F.pad(x, (0, n * length - T))
+    return x.reshape(C, N * n, length)  # [C, N, T] -> [C, N*n, L]
 
 
 def decayed_prefix(x: Tensor, w: Tensor, chunk: int = 64) -> Tensor:
-    """P[:, t] = sum_{i < t} exp(-(t - i - 1) w) * x[:, i] for x [B, T, C], w [C]; returns [B, T, C]."""
-    B, T, C = x.shape
+    """P[c, :, t] = sum_{i < t} exp(-(t - i - 1) w_c) * x[c, :, i] for x [C, N, T], w [C]; returns [C, N, T].
+
+    Channels first and time last keep every step a contiguous batched matmul over channels.
+    """
+    C, N, T = x.shape
     L = min(chunk, T)
-    xc = _to_chunks(x, L)
-    n = xc.shape[1]
-    out = _chunk_matmul(_decay_matrix(w, L), xc)
+    xc = _to_chunks(x, L)  # [C, N*n, L]
+    n = xc.shape[1] // N
+    out = torch.bmm(xc, _decay_matrix(w, L))  # [C, N*n, L]
     if n > 1:
-        pos = torch.arange(L, device=x.device, dtype=x.dtype)[:, None]  # [L, 1]
-        summary = torch.einsum("bnlc,lc->bnc", xc, torch.exp(-(L - 1 - pos) * w))
-        entry = decayed_prefix(summary, L * w, chunk)  # [B, n, C]: the state entering each chunk
-        out = out + entry[:, :, None, :] * torch.exp(-pos * w)
-    return out.reshape(B, n * L, C)[:, :T]
+        pos = torch.arange(L, device=x.device, dtype=x.dtype)
+        tail = torch.exp(
+            -(L - 1 - pos) * w[:, None]
+        )  # [C, L]: weight of each token on the next chunk's state
+        summary = torch.bmm(xc, tail[:, :, None]).view(C, N, n)
+        entry = decayed_prefix(summary, L * w, chunk)  # [C, N, n]: the state entering each chunk
+        head = torch.exp(-pos * w[:, None])  # [C, L]
+        out = out.view(C, N, n, L).add_(entry[..., None] * head[:, None, None, :])
+    return out.reshape(C, N, n * L)[..., :T]
 
 
 def decayed_pair_sum(a: Tensor, x: Tensor, w: Tensor, chunk: int = 64) -> Tensor:
-    """sum over b, t and i < t of (t - i - 1) exp(-(t - i - 1) w) a[b, t] x[b, i]; [B, T, C] each -> [C] float64.
+    """sum over n, t and i < t of (t - i - 1) exp(-(t - i - 1) w) a[:, n, t] x[:, n, i]; [C, N, T] -> [C] float64.
 
     Pairs inside a chunk use the weighted decay matrix; for t in chunk J and i in chunk I < J the distance splits
     as tau + (L - 1 - sigma) + (J - I - 1) L, which leaves prefix sums and the same pair sum over chunk summaries.
     """
-    B, T, C = a.shape
+    C, N, T = a.shape
     L = min(chunk, T)
-    ac, xc = _to_chunks(a, L), _to_chunks(x, L)
-    n = ac.shape[1]
-    total = (ac * _chunk_matmul(_decay_matrix(w, L, weighted=True), xc)).sum((0, 1, 2), dtype=torch.float64)
+    ac, xc = _to_chunks(a, L), _to_chunks(x, L)  # [C, N*n, L]
+    n = ac.shape[1] // N
+    total = (ac * torch.bmm(xc, _decay_matrix(w, L, weighted=True))).sum((1, 2), dtype=torch.float64)
     if n > 1:
-        pos = torch.arange(L, device=a.device, dtype=a.dtype)[:, None]  # [L, 1]
-        head = torch.exp(-pos * w)  # [L, C]
-        tail = torch.exp(-(L - 1 - pos) * w)
-        alpha = torch.einsum("bnlc,lc->bnc", ac, head)
-        alpha_w = torch.einsum("bnlc,lc->bnc", ac, head * pos)
-        beta = torch.einsum("bnlc,lc->bnc", xc, tail)
-        beta_w = torch.einsum("bnlc,lc->bnc", xc, tail * (L - 1 - pos))
-        prefix = decayed_prefix(torch.cat([beta, beta_w]), L * w, chunk)  # [2B, n, C]
-        total = total + (alpha_w * prefix[:B] + alpha * prefix[B:]).sum((0, 1), dtype=torch.float64)
-        total = total + L * decayed_pair_sum(alpha, beta, L * w, chunk)
+        pos = torch.arange(L, device=a.device, dtype=a.dtype)
+        head = torch.exp(-pos * w[:, None])  # [C, L]
+        tail = torch.exp(-(L - 1 - pos) * w[:, None])
+        alpha = torch.bmm(ac, torch.stack([head, head * pos], 2)).view(C, N, n, 2)
+        beta = torch.bmm(xc, torch.stack([tail, tail * (L - 1 - pos)], 2)).view(C, N, n, 2)
+        prefix = decayed_prefix(beta.permute(0, 3, 1, 2).reshape(C, 2 * N, n), L * w, chunk).view(C, 2, N, n)
+        cross = alpha[..., 1] * prefix[:, 0] + alpha[..., 0] * prefix[:, 1]
+        total = total + cross.sum((1, 2), dtype=torch.float64)
+        total = total + L * decayed_pair_sum(alpha[..., 0], beta[..., 0], L * w, chunk)
     return total
 
 
 def symmetric_apply(x: Tensor, w: Tensor, u: Tensor, chunk: int = 64) -> Tensor:
-    """sum_{i != t} exp(-(|t - i| - 1) w) x_i + exp(u) x_t for x [N, T, C]."""
-    n = x.shape[0]
-    prefix = decayed_prefix(torch.cat([x, x.flip(1)]), w, chunk)  # [2N, T, C]: forward and reverse scans
-    return prefix[:n] + prefix[n:].flip(1) + torch.exp(u) * x
+    """sum_{i != t} exp(-(|t - i| - 1) w) x_i + exp(u) x_t along the last axis of x [C, N, T]."""
+    n = x.shape[1]
+    prefix = decayed_prefix(torch.cat([x, x.flip(2)], 1), w, chunk)  # [C, 2N, T]: forward and reverse scans
+    return prefix[:, :n] + prefix[:, n:].flip(2) + torch.exp(u)[:, None, None] * x
+
+
+def _channels_first(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).permute(2, 0, 1).contiguous()  # [B, T, C] -> [C, B, T]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -101,14 +106,15 @@ class ChunkedBiWKV(torch.autograd.Function):
     def forward(ctx, w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int) -> Tensor:
         dtype = _compute_dtype(k)
         with torch.autocast(k.device.type, enabled=False):
-            wf, uf, kf, vf = (t.to(dtype) for t in (w, u, k, v))
-            kmax = kf.amax(1, keepdim=True)  # [B, 1, C]; the ratio is invariant to this shift
+            wf, uf = w.to(dtype), u.to(dtype)
+            kf, vf = (_channels_first(t, dtype) for t in (k, v))  # [B, T, C] -> [C, B, T]
+            kmax = kf.amax(2, keepdim=True)  # [C, B, 1]; the ratio is invariant to this shift
             ek = torch.exp(kf - kmax)
-            num, den = symmetric_apply(torch.cat([ek * vf, ek]), wf, uf, chunk).chunk(2)
-            y = num / den
+            num, den = symmetric_apply(torch.cat([ek * vf, ek], 1), wf, uf, chunk).chunk(2, 1)
+            y = num / den  # [C, B, T]
         ctx.save_for_backward(w, u, k, v, kmax, y, den)
         ctx.chunk = chunk
-        return y.to(v.dtype)
+        return y.permute(1, 2, 0).to(v.dtype)  # [C, B, T] -> [B, T, C]
 
     @staticmethod
     def backward(ctx, gy: Tensor):
@@ -116,19 +122,20 @@ class ChunkedBiWKV(torch.autograd.Function):
         chunk = ctx.chunk
         dtype = y.dtype
         with torch.autocast(k.device.type, enabled=False):
-            wf, uf, kf, vf = (t.to(dtype) for t in (w, u, k, v))
-            gy = gy.to(dtype)
+            wf, uf = w.to(dtype), u.to(dtype)
+            kf, vf, gy = (_channels_first(t, dtype) for t in (k, v, gy))  # [B, T, C] -> [C, B, T]
             ek = torch.exp(kf - kmax)
             a = gy / den  # dL/dnum
             b = -gy * y / den  # dL/dden
-            wa, wb = symmetric_apply(torch.cat([a, b]), wf, uf, chunk).chunk(2)
+            wa, wb = symmetric_apply(torch.cat([a, b], 1), wf, uf, chunk).chunk(2, 1)
             gv = ek * wa
             gk = ek * (vf * wa + wb)
-            gu = (torch.exp(uf) * ek * (vf * a + b)).sum((0, 1), dtype=torch.float64)
+            gu = (torch.exp(uf)[:, None, None] * ek * (vf * a + b)).sum((1, 2), dtype=torch.float64)
             ekv = ek * vf
-            lhs = torch.cat([a, b, a.flip(1), b.flip(1)])
-            rhs = torch.cat([ekv, ek, ekv.flip(1), ek.flip(1)])
+            lhs = torch.cat([a, b, a.flip(2), b.flip(2)], 1)
+            rhs = torch.cat([ekv, ek, ekv.flip(2), ek.flip(2)], 1)
             gw = -decayed_pair_sum(lhs, rhs, wf, chunk)
+        gk, gv = (g.permute(1, 2, 0) for g in (gk, gv))  # [C, B, T] -> [B, T, C]
         return gw.to(w.dtype), gu.to(u.dtype), gk.to(k.dtype), gv.to(v.dtype), None
 
 

@@ -1,0 +1,261 @@
+"""Bi-WKV benchmarks: speed and peak memory against the memory-bandwidth floor, and accuracy tables.
+
+Speed on CUDA: the device's copy bandwidth is measured first; the forward floor of a shape is the 12 bytes per
+element (fp32: read k and v, write y) at that bandwidth. On CPU each measurement runs in a fresh subprocess so its
+peak resident memory (above the inputs) can be read from the OS.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from ..ops import bi_wkv, bi_wkv_reference
+
+SHAPES_CPU = ((8, 4096, 64), (2, 32768, 32), (1, 262144, 32))
+SHAPES_GPU = ((64, 256, 256), (16, 8192, 32), (2, 32768, 32), (1, 262144, 32), (2, 262144, 48))
+# Anchors measured on one H100 (docs/bi_wkv.md): Vision-RWKV's CUDA kernel and a torch.cumsum O(T) version, ms.
+ANCHORS_H100_MS = {
+    (64, 256, 256): {"vrwkv_fwd": 0.450, "vrwkv_fwdbwd": 1.72, "cumsum_fwd": 0.97, "cumsum_fwdbwd": 2.79},
+    (16, 8192, 32): {"vrwkv_fwd": 1.41, "vrwkv_fwdbwd": 7.40, "cumsum_fwd": 10.1, "cumsum_fwdbwd": 22.9},
+    (2, 32768, 32): {"vrwkv_fwd": 5.26, "vrwkv_fwdbwd": 28.7, "cumsum_fwd": 24.9, "cumsum_fwdbwd": 49.9},
+    (1, 262144, 32): {"vrwkv_fwd": 41.0, "vrwkv_fwdbwd": 231.0, "cumsum_fwd": 355.0, "cumsum_fwdbwd": 680.0},
+    (2, 262144, 48): {"vrwkv_fwd": 44.0, "vrwkv_fwdbwd": 252.0, "cumsum_fwd": 393.0, "cumsum_fwdbwd": 790.0},
+}
+ACCURACY_T = (1, 7, 64, 257, 4096, 8192)
+W_RANGES = {"[-8, 8]": (-8.0, 8.0), "[-8, -4]": (-8.0, -4.0), "[4, 8]": (4.0, 8.0), "0": (0.0, 0.0)}
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """'8,4096,64;2,32768,32' -> ((8, 4096, 64), (2, 32768, 32))."""
+    shapes = []
+    for part in text.split(";"):
+        dims = tuple(int(d) for d in part.split(","))
+        if len(dims) != 3 or min(dims) < 1:
+            raise ValueError(f"shape {part!r} is not B,T,C with positive integers; e.g. --shapes '8,4096,64'")
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def make_inputs(shape, device, dtype=torch.float32, seed=0, w_range=(-8.0, 8.0)):
+    """w, u [C] scaled by 1/T as the layers pass them; k ~ N(0, 2^2), v ~ N(0, 1)."""
+    B, T, C = shape
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = w_range
+    w = (torch.rand(C, generator=g) * (hi - lo) + lo) / T
+    u = torch.randn(C, generator=g) / T
+    k = torch.randn(B, T, C, generator=g) * 2
+    v = torch.randn(B, T, C, generator=g)
+    return w.to(device), u.to(device), k.to(device, dtype), v.to(device, dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(inputs, impl: str, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            return bi_wkv(*inputs, impl=impl)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    y = bi_wkv(*leaves, impl=impl)
+    y.backward(torch.ones_like(y))
+    return y
+
+
+def time_in_process(
+    shape, impl: str, backward: bool, device: torch.device, repeats: int, dtype=torch.float32
+):
+    """Median milliseconds (after one warm-up) and, on CUDA, peak allocated MB above the inputs."""
+    inputs = make_inputs(shape, device, dtype)
+    _step(inputs, impl, backward)  # warm-up: compilation, allocator
+    _sync(device)
+    peak_mb = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        _step(inputs, impl, backward)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return statistics.median(times), peak_mb
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (4096 / 2**20)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(spec: str) -> None:
+    """Subprocess entry: one CPU measurement, printed as JSON (peak RSS above the inputs, median warm ms)."""
+    cfg = json.loads(spec)
+    torch.set_num_threads(cfg["threads"])
+    shape = tuple(cfg["shape"])
+    inputs = make_inputs(shape, torch.device("cpu"))
+    base = _rss_mb()
+    # the first (cold) call gives the peak memory; timing uses the calls after it
+    _step(inputs, cfg["impl"], cfg["backward"])
+    peak = _peak_rss_mb() - base
+    times = []
+    for _ in range(cfg["repeats"]):
+        start = time.perf_counter()
+        _step(inputs, cfg["impl"], cfg["backward"])
+        times.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps({"ms": statistics.median(times), "peak_mb": peak}))
+
+
+def time_in_subprocess(shape, impl: str, backward: bool, repeats: int, threads: int):
+    spec = json.dumps(
+        {"shape": shape, "impl": impl, "backward": backward, "repeats": repeats, "threads": threads}
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", f"from rwkvseg.bench.wkv import _child; _child({spec!r})"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed for {shape} {impl}:\n{out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["ms"], result["peak_mb"]
+
+
+def measure_copy_bandwidth(device: torch.device, mbytes: int = 1024, repeats: int = 20) -> float:
+    """Device-to-device copy rate in bytes/s (read + write counted), median over repeats."""
+    n = mbytes * 2**20 // 4
+    src = torch.empty(n, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        stop.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(stop) / 1e3)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def speed_rows(
+    shapes, impls, device: torch.device, repeats: int, threads: int = 2
+) -> tuple[list[dict], dict]:
+    """One row per (shape, impl): fwd and fwd+bwd ms and peak MB; on CUDA also floor fractions and anchors."""
+    info = environment(device)
+    bandwidth = None
+    if device.type == "cuda":
+        bandwidth = measure_copy_bandwidth(device)
+        info["copy_bandwidth_tb_s"] = bandwidth / 1e12
+    else:
+        info["threads"] = threads
+    rows = []
+    for shape in shapes:
+        B, T, C = shape
+        floor_ms = 12 * B * T * C / bandwidth * 1e3 if bandwidth else None
+        for impl in impls:
+            row = {"shape": f"{B}x{T}x{C}", "impl": impl}
+            for backward, tag in ((False, "fwd"), (True, "fwdbwd")):
+                if device.type == "cuda":
+                    ms, peak = time_in_process(shape, impl, backward, device, repeats)
+                else:
+                    ms, peak = time_in_subprocess(shape, impl, backward, repeats, threads)
+                row[f"{tag}_ms"], row[f"{tag}_peak_mb"] = ms, peak
+            if floor_ms:
+                row["floor_fwd_ms"] = floor_ms
+                row["fwd_x_floor"] = row["fwd_ms"] / floor_ms
+                row["fwdbwd_x_floor"] = row["fwdbwd_ms"] / floor_ms
+                anchors = ANCHORS_H100_MS.get(shape)
+                if anchors:
+                    row["vrwkv_fwd_ms"] = anchors["vrwkv_fwd"]
+                    row["speedup_vs_vrwkv_fwd"] = anchors["vrwkv_fwd"] / row["fwd_ms"]
+                    row["speedup_vs_vrwkv_fwdbwd"] = anchors["vrwkv_fwdbwd"] / row["fwdbwd_ms"]
+            rows.append(row)
+    return rows, info
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.norm()
+    diff = (x.double() - ref.double()).norm()
+    return (diff / scale).item() if scale > 0 else diff.item()
+
+
+def _with_grads(fn, inputs, gy):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(gy)
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+def accuracy_rows(lengths=ACCURACY_T, batch: int = 1, channels: int = 8) -> list[dict]:
+    """Relative error (norm of difference / norm of reference) of the fp32 O(T) path vs the fp64 brute force."""
+    rows = []
+    for T in lengths:
+        for label, w_range in W_RANGES.items():
+            inputs = make_inputs((batch, T, channels), torch.device("cpu"), seed=T, w_range=w_range)
+            gy = torch.randn(batch, T, channels, generator=torch.Generator().manual_seed(1))
+            fast = _with_grads(bi_wkv, inputs, gy)
+            ref = _with_grads(bi_wkv_reference, [t.double() for t in inputs], gy.double())
+            errors = [_rel(a, b) for a, b in zip(fast, ref, strict=True)]
+            rows.append(
+                {
+                    "T": T,
+                    "w_raw": label,
+                    "against": "fp64 brute force",
+                    **dict(zip(("y", "dw", "du", "dk", "dv"), errors, strict=True)),
+                }
+            )
+    return rows
+
+
+def long_accuracy_rows(T: int = 262144, channels: int = 32) -> list[dict]:
+    """fp32 O(T) path against the same O(T) path in float64, at a length the brute force cannot reach."""
+    rows = []
+    for label, w_range in W_RANGES.items():
+        inputs = make_inputs((1, T, channels), torch.device("cpu"), seed=7, w_range=w_range)
+        gy = torch.randn(1, T, channels, generator=torch.Generator().manual_seed(2))
+        fast = _with_grads(bi_wkv, inputs, gy)
+        ref = _with_grads(bi_wkv, [t.double() for t in inputs], gy.double())
+        errors = [_rel(a, b) for a, b in zip(fast, ref, strict=True)]
+        rows.append(
+            {
+                "T": T,
+                "w_raw": label,
+                "against": "fp64 O(T) path",
+                **dict(zip(("y", "dw", "du", "dk", "dv"), errors, strict=True)),
+            }
+        )
+    return rows

@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from rwkvseg.ops import bi_wkv, bi_wkv_reference
+from rwkvseg.ops.bi_wkv_chunked import decayed_pair_sum, decayed_prefix
+
+W_RANGES = {"mixed": (-8.0, 8.0), "growth": (-8.0, -4.0), "decay": (4.0, 8.0), "flat": (0.0, 0.0)}
+
+
+def make_inputs(B, T, C, w_range, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = w_range
+    w = (torch.rand(C, generator=g) * (hi - lo) + lo) / T
+    u = torch.randn(C, generator=g) / T
+    k = torch.randn(B, T, C, generator=g) * 2
+    v = torch.randn(B, T, C, generator=g)
+    return [t.to(dtype) for t in (w, u, k, v)]
+
+
+def rel_err(x, ref):
+    diff = (x.double() - ref).norm()
+    scale = ref.norm()
+    return (diff / scale).item() if scale > 0 else diff.item()
+
+
+def run(fn, inputs, gy):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(gy)
+    return y, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 65, 257, 1100])
+@pytest.mark.parametrize("w_range", list(W_RANGES))
+def test_chunked_matches_brute_force_fp32(T, w_range):
+    inputs = make_inputs(2, T, 5, W_RANGES[w_range], seed=T)
+    gy = torch.randn(2, T, 5, generator=torch.Generator().manual_seed(1))
+    y, grads = run(bi_wkv, inputs, gy)
+    y_ref, grads_ref = run(bi_wkv_reference, [t.double() for t in inputs], gy.double())
+    assert y.dtype == torch.float32
+    assert rel_err(y, y_ref) <= 1e-5
+    for name, g, g_ref in zip("wukv", grads, grads_ref, strict=True):
+        assert rel_err(g, g_ref) <= 1e-5, name
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 8])
+def test_multilevel_recursion_gradcheck(chunk):
+    # small chunks force three or more levels of the chunk recursion, with ragged padding at each level
+    w, u, k, v = (t.double().requires_grad_() for t in make_inputs(2, 29, 3, (-8, 8), seed=chunk))
+    assert torch.autograd.gradcheck(lambda *a: bi_wkv(*a, chunk=chunk), (w, u, k, v))
+
+
+def test_chunk_size_does_not_change_result():
+    inputs = make_inputs(1, 3000, 4, (-8, 8))
+    ys = [bi_wkv(*inputs, chunk=c) for c in (16, 64, 128)]
+    for y in ys[1:]:
+        assert rel_err(y, ys[0].double()) <= 1e-6
+
+
+def test_decayed_prefix_matches_sequential_scan():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 300, 3, dtype=torch.float64, generator=g)
+    w = torch.tensor([0.02, -0.01, 0.0], dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    state = torch.zeros(2, 3, dtype=torch.float64)
+    for t in range(1, 300):
+        state = torch.exp(-w) * state + x[:, t - 1]
+        expected[:, t] = state
+    channels_first = decayed_prefix(x.permute(2, 0, 1).contiguous(), w, chunk=8)  # [C, N, T]
+    torch.testing.assert_close(channels_first.permute(1, 2, 0), expected)
+
+
+def test_decayed_pair_sum_matches_explicit_pairs():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 50, 3, dtype=torch.float64, generator=g)
+    x = torch.randn(2, 50, 3, dtype=torch.float64, generator=g)
+    w = torch.tensor([0.05, -0.03, 0.0], dtype=torch.float64)
+    t = torch.arange(50, dtype=torch.float64)
+    gap = (t[:, None] - t[None, :] - 1)[..., None]  # [T, T, 1]
+    weight = torch.where(gap >= 0, gap * torch.exp(-gap.clamp(min=0) * w), 0.0)  # [T, T, C]
+    expected = torch.einsum("btc,tic,bic->c", a, weight, x)
+    a_cf, x_cf = (t.permute(2, 0, 1).contiguous() for t in (a, x))  # [C, N, T]
+    torch.testing.assert_close(decayed_pair_sum(a_cf, x_cf, w, chunk=4), expected)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    w, u, k, v = make_inputs(2, 500, 6, (-8, 8))
+    k16, v16 = k.bfloat16(), v.bfloat16()
+    gy = torch.randn(2, 500, 6)
+    y, grads = run(bi_wkv, [w, u, k16, v16], gy.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert grads[2].dtype == torch.bfloat16 and grads[0].dtype == torch.float32
+    # against the brute force on the same (bf16-rounded) inputs: only output rounding remains
+    y_ref, grads_ref = run(
+        bi_wkv_reference, [w.double(), u.double(), k16.double(), v16.double()], gy.bfloat16().double()
+    )
+    assert rel_err(y, y_ref) <= 1e-2
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel_err(g, g_ref) <= 2e-2
+
+
+def test_autocast_region_is_respected():
+    inputs = make_inputs(1, 100, 4, (-8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bi_wkv(*inputs)
+    assert y.dtype == torch.float32
+    assert rel_err(y, bi_wkv_reference(*inputs)) <= 1e-5
+
+
+def test_large_k_range_stays_finite():
+    w, u, k, v = make_inputs(1, 400, 3, (-8, 8))
+    k = k * 20  # spread of about +-150 in k
+    y = bi_wkv(w, u, k, v)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, bi_wkv_reference(w, u, k, v)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda w, u, k, v: (w, u, k[0], v[0]), "must be \\[B, T, C\\]"),
+        (lambda w, u, k, v: (w, u, k, v[:, :-1]), "must match"),
+        (lambda w, u, k, v: (w[:-1], u, k, v), "w must have shape"),
+        (lambda w, u, k, v: (w, u.double(), k, v.long()), "dtype"),
+        (lambda w, u, k, v: (w, u, k, v.double()), "cast both"),
+        (lambda w, u, k, v: (w, u, k[:, :0], v[:, :0]), "empty"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    inputs = make_inputs(1, 8, 4, (-8, 8))
+    with pytest.raises(ValueError, match=message):
+        bi_wkv(*change(*inputs))
+
+
+def test_unknown_impl_and_triton_on_cpu():
+    inputs = make_inputs(1, 8, 4, (-8, 8))
+    with pytest.raises(ValueError, match="unknown impl"):
+        bi_wkv(*inputs, impl="cuda")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        bi_wkv(*inputs, impl="triton")

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from rwkvseg.ops import (
+    QUAD_SCAN_ORDERS,
+    bi_shift,
+    from_view,
+    merge_windows,
+    q_shift,
+    scan_2d,
+    split_windows,
+    to_view,
+    unscan_2d,
+)
+
+
+def test_q_shift_takes_the_four_neighbours():
+    B, H, W, C = 2, 5, 7, 9  # C not a multiple of 4: the last group takes 3 channels
+    x = torch.randn(B, H * W, C)
+    grid = x.view(B, H, W, C)
+    out = q_shift(x, (H, W)).view(B, H, W, C)
+    for i in range(H):
+        for j in range(W):
+            zero = torch.zeros(B, 2)
+            assert torch.equal(out[:, i, j, 0:2], grid[:, i, j - 1, 0:2] if j > 0 else zero)
+            assert torch.equal(out[:, i, j, 2:4], grid[:, i, j + 1, 2:4] if j < W - 1 else zero)
+            assert torch.equal(out[:, i, j, 4:6], grid[:, i - 1, j, 4:6] if i > 0 else zero)
+            below = grid[:, i + 1, j, 6:9] if i < H - 1 else torch.zeros(B, 3)
+            assert torch.equal(out[:, i, j, 6:9], below)
+
+
+def test_q_shift_on_a_single_row_and_bad_grid():
+    x = torch.randn(1, 4, 8)
+    out = q_shift(x, (1, 4))
+    assert torch.equal(out[..., 4:], torch.zeros(1, 4, 4))  # no upper or lower neighbours
+    with pytest.raises(ValueError, match="grid"):
+        q_shift(x, (3, 2))
+
+
+def test_bi_shift():
+    x = torch.arange(2 * 5 * 8, dtype=torch.float32).view(2, 5, 8)
+    out = bi_shift(x)
+    assert torch.equal(out[:, 1:, :2], x[:, :-1, :2])
+    assert torch.equal(out[:, 0, :2], torch.zeros(2, 2))
+    assert torch.equal(out[:, :-1, 2:], x[:, 1:, 2:])
+    assert torch.equal(out[:, -1, 2:], torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("order", QUAD_SCAN_ORDERS)
+def test_scan_orders_are_exactly_inverted(order):
+    x = torch.randn(2, 3, 5, 7)
+    s = scan_2d(x, order)
+    assert s.shape == (2, 35, 3)
+    assert torch.equal(unscan_2d(s, order, (5, 7)), x)
+
+
+def test_scan_order_definitions():
+    H, W = 3, 4
+    index = torch.arange(H * W, dtype=torch.float32).view(1, 1, H, W)  # value = row * W + col
+    first = {order: scan_2d(index, order)[0, :, 0].long().tolist() for order in QUAD_SCAN_ORDERS}
+    assert first["rows"] == list(range(12))
+    assert first["rows_reversed"][:4] == [3, 2, 1, 0]
+    assert first["cols"][:3] == [0, 4, 8]
+    assert first["cols_reversed"][:3] == [8, 4, 0]
+    assert first["cols_reversed"][3:6] == [9, 5, 1]
+    with pytest.raises(ValueError, match="scan order"):
+        scan_2d(index, "diagonal")
+
+
+@pytest.mark.parametrize("view", ["thw", "hwt"])
+def test_views_are_exactly_inverted(view):
+    x = torch.randn(2, 3, 5, 6, 7)
+    s = to_view(x, view)
+    assert s.shape == (2, 5 * 6 * 7, 3)
+    assert torch.equal(from_view(s, view, (5, 6, 7)), x)
+
+
+def test_view_orders():
+    T, H, W = 3, 2, 4
+    t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    coords = torch.stack([t, h, w]).float()[None]  # [1, 3, T, H, W]: channels hold (t, h, w)
+    a = to_view(coords, "thw")[0].long()
+    b = to_view(coords, "hwt")[0].long()
+    assert a[:2].tolist() == [[0, 0, 0], [0, 0, 1]]  # in-slice neighbours adjacent
+    assert b[:4].tolist() == [
+        [0, 0, 0],
+        [1, 0, 0],
+        [2, 0, 0],
+        [0, 0, 1],
+    ]  # same voxel in the next slice adjacent
+
+
+@pytest.mark.parametrize(("T", "size"), [(16, 8), (13, 4), (3, 8), (8, 1)])
+def test_windows_split_and_merge(T, size):
+    x = torch.randn(2, 3, T, 4, 5)
+    full, tail = split_windows(x, size)
+    n = T // size
+    if n:
+        assert full.shape == (2 * n, 3, size, 4, 5)
+        assert torch.equal(full[1 * n + (n - 1)], x[1, :, (n - 1) * size : n * size])  # sample 1, last window
+    else:
+        assert full is None
+    if T % size:
+        assert torch.equal(tail, x[:, :, n * size :])
+    else:
+        assert tail is None
+    assert torch.equal(merge_windows(full, tail, batch=2), x)
+    with pytest.raises(ValueError, match="window size"):
+        split_windows(x, 0)
