@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine with Python 3.11 and the package registries:
+#   make demo   set up .venv and run the main job on the built-in default
+#   make test   set up .venv and run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU wheel by default; GPU users: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" ...
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint bench-wkv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/rwkvseg demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+bench-wkv: $(STAMP)
+	$(BIN)/rwkvseg bench wkv --json runs/bench_wkv_cpu.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
