@@ -1,0 +1,164 @@
+"""Train/validation(/test) splits kept in a JSON file, so every result names the exact cases behind it.
+
+File format (format 1):
+    {"format": 1, "method": "random" | "kfold" | "groups", "seed": 0, "val_fraction": 0.2,
+     "test_fraction": 0.0, "stratified": true, "n_cases": 900,
+     "folds": [{"train": [...], "val": [...]}, ...], "test": [...]}
+Cases are ids from dataset discovery (file stems, prefixed by their group when a dataset has several groups).
+Splits are deterministic: the same cases, labels and seed give the same file on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_text
+
+SPLIT_FORMAT = 1
+SPLIT_METHODS = ("random", "kfold", "groups")
+# Groups whose name says which subset they are (an official split shipped with the data).
+TRAIN_GROUPS = ("train", "training")
+VAL_GROUPS = ("val", "valid", "validation")
+TEST_GROUPS = ("test", "testing")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One fold: the cases to train on and to validate on (and a held-out test list, if any)."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...] = ()
+
+
+def _strata(cases: Sequence[str], labels: Sequence[str | None] | None) -> list[list[str]]:
+    if labels is None:
+        return [sorted(cases)]
+    by_label: dict[str, list[str]] = {}
+    for case, label in zip(cases, labels, strict=True):
+        by_label.setdefault(str(label), []).append(case)
+    return [sorted(by_label[k]) for k in sorted(by_label)]
+
+
+def make_split(
+    cases: Sequence[str],
+    labels: Sequence[str | None] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    folds: int | None = None,
+    test_fraction: float = 0.0,
+) -> dict[str, Any]:
+    """A split document (see the module docstring); stratified per label when labels are given.
+
+    folds=None: one random train/val split with val_fraction; folds=k: k-fold cross-validation (every case is
+    validated exactly once). test_fraction cases are held out first and appear in no fold.
+    """
+    if len(set(cases)) != len(cases):
+        raise ValueError("case ids repeat; every case needs a unique id")
+    if not 0 <= test_fraction < 1 or not 0 < val_fraction < 1:
+        raise ValueError(f"fractions must be in [0, 1): val {val_fraction}, test {test_fraction}")
+    if folds is not None and folds < 2:
+        raise ValueError(f"k-fold needs folds >= 2, got {folds}")
+    rng = random.Random(seed)
+    test: list[str] = []
+    strata = []
+    for stratum in _strata(cases, labels):
+        rng.shuffle(stratum)
+        n_test = round(test_fraction * len(stratum))
+        test += stratum[:n_test]
+        strata.append(stratum[n_test:])
+    if folds is None:
+        val: list[str] = []
+        for stratum in strata:
+            val += stratum[: max(1, round(val_fraction * len(stratum)))] if len(stratum) > 1 else []
+        remaining = [c for s in strata for c in s]
+        fold_list = [{"train": sorted(set(remaining) - set(val)), "val": sorted(val)}]
+    else:
+        assigned: list[list[str]] = [[] for _ in range(folds)]
+        offset = 0
+        for stratum in strata:
+            for i, case in enumerate(stratum):
+                assigned[(i + offset) % folds].append(case)
+            offset += len(stratum)  # continue the round-robin so small strata do not all land in fold 0
+        remaining = [c for s in strata for c in s]
+        fold_list = [
+            {"train": sorted(set(remaining) - set(assigned[k])), "val": sorted(assigned[k])} for k in range(folds)
+        ]
+    if any(not f["train"] or not f["val"] for f in fold_list):
+        raise ValueError(f"{len(cases)} cases are too few for this split; use more cases or a larger val fraction")
+    return {
+        "format": SPLIT_FORMAT,
+        "method": "random" if folds is None else "kfold",
+        "seed": seed,
+        "val_fraction": val_fraction if folds is None else 1 / folds,
+        "test_fraction": test_fraction,
+        "stratified": labels is not None,
+        "n_cases": len(cases),
+        "folds": fold_list,
+        "test": sorted(test),
+    }
+
+
+def split_from_groups(cases: Sequence[str], groups: Sequence[str]) -> dict[str, Any]:
+    """The official split of a dataset shipped as train/ val/ (test/) folders."""
+    subsets = {"train": TRAIN_GROUPS, "val": VAL_GROUPS, "test": TEST_GROUPS}
+    by: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for case, group in zip(cases, groups, strict=True):
+        name = group.rsplit("/", 1)[-1].lower()
+        key = next((k for k, names in subsets.items() if name in names), None)
+        if key is None:
+            raise ValueError(
+                f"case {case} is in group {group!r}, which names no subset "
+                f"({', '.join(n for names in subsets.values() for n in names)}); use a random or k-fold split instead"
+            )
+        by[key].append(case)
+    if not by["train"] or not by["val"]:
+        raise ValueError("the dataset's folders hold no train or no val subset; use a random or k-fold split")
+    return {
+        "format": SPLIT_FORMAT,
+        "method": "groups",
+        "seed": None,
+        "n_cases": len(cases),
+        "folds": [{"train": sorted(by["train"]), "val": sorted(by["val"])}],
+        "test": sorted(by["test"]),
+    }
+
+
+def write_split(path: str | Path, split: dict[str, Any], overwrite: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"split file {path} exists; choose another name or pass --overwrite")
+    atomic_write_text(path, json.dumps(split, indent=1) + "\n")
+    return path
+
+
+def read_split(path: str | Path, fold: int = 0, available: Sequence[str] | None = None) -> Split:
+    """One fold of a split file; with available (the discovered case ids), every listed case must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} not found; write one with `rwkvseg split DATA --out {path}`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"split file {path} is not valid JSON ({err})") from None
+    if data.get("format") != SPLIT_FORMAT or not isinstance(data.get("folds"), list):
+        raise ValueError(f"split file {path} is not an rwkvseg split (format {SPLIT_FORMAT} with a folds list)")
+    if not 0 <= fold < len(data["folds"]):
+        raise ValueError(f"split file {path} has folds 0..{len(data['folds']) - 1}, fold {fold} was asked for")
+    split = Split(tuple(data["folds"][fold]["train"]), tuple(data["folds"][fold]["val"]), tuple(data.get("test", ())))
+    overlap = set(split.train) & set(split.val)
+    if overlap:
+        raise ValueError(f"split file {path} fold {fold} has cases in both train and val: {sorted(overlap)[:5]}")
+    if available is not None:
+        missing = sorted((set(split.train) | set(split.val)) - set(available))
+        if missing:
+            raise ValueError(
+                f"split file {path} names {len(missing)} cases not found in the dataset ({missing[:5]}); "
+                "point to the dataset the split was made for, or write a new split"
+            )
+    return split
