@@ -1,0 +1,528 @@
+"""3D multimodal volumes: dataset specs, case discovery and checked readers.
+
+Supported layouts: BraTS 2017-2021 case folders (`<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz`), BraTS 2023+
+(`<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz`), MSD Task01 (4-D NIfTI + dataset.json) and nnU-Net raw
+(`imagesTr/<case>_0000.nii.gz` ... + `labelsTr/` + dataset.json). NIfTI is read with nibabel; NRRD, MHA/MHD and
+DICOM series (a folder of .dcm files) through SimpleITK, the optional extra `rwkvseg[itk]`.
+
+Axis convention: every array is held in (k, j, i) voxel order, the order SimpleITK and nnU-Net use, so the slice
+axis of an axial acquisition comes first and a stacked case is [M, T, H, W] as the 3D models expect. Spacing
+tuples follow the same order; affines stay the file's voxel (i, j, k) -> world (RAS, mm) map.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+# Affines of co-registered modalities written by different tools differ in the last float32 bits.
+AFFINE_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a dataset's files hold and how the model sees them.
+
+    modalities: model channel order. For BraTS layouts these are the file suffixes (`flair` in `<case>_flair`);
+        for MSD and nnU-Net they are channel names from dataset.json (matched case-insensitively) or indices.
+    label_values: the label values found in files, background first; class index = position in this tuple.
+    regions: (name, label values) pairs, evaluated as unions of labels (WT/TC/ET for BraTS), ordered from the
+        largest region to the smallest nested one: in region mode a prediction is written back by painting
+        region after region with `region_paint`.
+    """
+
+    name: str
+    layout: str  # "brats" | "msd" | "nnunet"
+    modalities: tuple[str, ...]
+    label_values: tuple[int, ...]
+    regions: tuple[tuple[str, tuple[int, ...]], ...]
+    separator: str = "_"
+    seg_suffix: str = "seg"
+    region_paint: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("brats", "msd", "nnunet"):
+            raise ValueError(f"dataset layout {self.layout!r} unknown; choose brats, msd or nnunet")
+        if not self.modalities:
+            raise ValueError(f"dataset spec {self.name!r} names no modalities")
+        if len(set(self.label_values)) != len(self.label_values) or self.label_values[:1] != (0,):
+            raise ValueError(f"label_values {self.label_values} must be distinct and start with background 0")
+        for region, values in self.regions:
+            unknown = set(values) - set(self.label_values[1:])
+            if unknown or not values:
+                raise ValueError(
+                    f"region {region!r} uses labels {sorted(unknown) or values} that are not foreground "
+                    f"labels of {self.label_values}"
+                )
+        if self.region_paint is not None and len(self.region_paint) != len(self.regions):
+            raise ValueError(f"region_paint {self.region_paint} needs one label per region {self.region_names}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_values)
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.regions)
+
+    def paint_values(self) -> tuple[int, ...]:
+        """Label written where each region is predicted (painting in region order, later regions on top).
+
+        Derived for nested regions as the one label of a region that no later region contains
+        (BraTS: WT -> 2 edema, TC -> 1 necrosis, ET -> 4); give `region_paint` when that is ambiguous.
+        """
+        if self.region_paint is not None:
+            return self.region_paint
+        paint = []
+        for index, (region, values) in enumerate(self.regions):
+            later = {v for _, vs in self.regions[index + 1 :] for v in vs}
+            own = sorted(set(values) - later)
+            if len(own) != 1:
+                raise ValueError(
+                    f"cannot tell which label to write for region {region!r} (candidates {own}); "
+                    f"set region_paint in the dataset spec"
+                )
+            paint.append(own[0])
+        return tuple(paint)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layout": self.layout,
+            "modalities": list(self.modalities),
+            "label_values": list(self.label_values),
+            "regions": {name: list(values) for name, values in self.regions},
+            "separator": self.separator,
+            "seg_suffix": self.seg_suffix,
+            "region_paint": None if self.region_paint is None else list(self.region_paint),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DatasetSpec:
+        return cls(
+            name=data["name"],
+            layout=data["layout"],
+            modalities=tuple(data["modalities"]),
+            label_values=tuple(int(v) for v in data["label_values"]),
+            regions=tuple((name, tuple(int(v) for v in values)) for name, values in data["regions"].items()),
+            separator=data.get("separator", "_"),
+            seg_suffix=data.get("seg_suffix", "seg"),
+            region_paint=None if data.get("region_paint") is None else tuple(data["region_paint"]),
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # BraTS 2017-2021: 1 NCR/NET, 2 edema, 4 enhancing tumour.
+    "brats": dict(
+        layout="brats",
+        modalities=("t1", "t1ce", "t2", "flair"),
+        label_values=(0, 1, 2, 4),
+        regions=(("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))),
+    ),
+    # BraTS 2023+: new suffixes, "-" separator, enhancing tumour is 3.
+    "brats2023": dict(
+        layout="brats",
+        modalities=("t1n", "t1c", "t2w", "t2f"),
+        label_values=(0, 1, 2, 3),
+        regions=(("WT", (1, 2, 3)), ("TC", (1, 3)), ("ET", (3,))),
+        separator="-",
+    ),
+    # MSD Task01_BrainTumour: 1 edema, 2 non-enhancing tumour, 3 enhancing tumour; dataset.json channel names.
+    "msd_task01": dict(
+        layout="msd",
+        modalities=("t1w", "t1gd", "t2w", "flair"),
+        label_values=(0, 1, 2, 3),
+        regions=(("WT", (1, 2, 3)), ("TC", (2, 3)), ("ET", (3,))),
+    ),
+}
+
+
+def dataset_spec(name: str, **overrides: Any) -> DatasetSpec:
+    """A preset by name (`brats`, `brats2023`, `msd_task01`) with fields replaced by overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown dataset preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return DatasetSpec(name=name, **{**PRESETS[name], **overrides})
+
+
+def spec_from_dataset_json(path: Path, regions: dict[str, Sequence[int]] | None = None) -> DatasetSpec:
+    """A spec for an nnU-Net raw dataset (v1 `modality` or v2 `channel_names` + `labels`).
+
+    Without `regions`, each foreground label is its own region; nnU-Net v2 region labels (lists of values in
+    dataset.json) are taken as regions.
+    """
+    meta = _read_json(path)
+    channels = meta.get("channel_names") or meta.get("modality")
+    if not channels:
+        raise ValueError(f"{path} has neither 'channel_names' nor 'modality'; is it an nnU-Net dataset.json?")
+    modalities = tuple(str(channels[key]) for key in sorted(channels, key=int))
+    raw_labels = meta.get("labels", {})
+    values: set[int] = set()
+    json_regions: dict[str, tuple[int, ...]] = {}
+    for key, value in raw_labels.items():
+        if isinstance(value, list):  # v2 region-based: name -> [labels]
+            json_regions[key] = tuple(int(v) for v in value)
+            values.update(int(v) for v in value)
+        elif key.isdigit():  # v1 / MSD: "1": "edema"
+            values.add(int(key))
+        else:  # v2: "edema": 1
+            values.add(int(value))
+    label_values = (0, *sorted(values - {0}))
+    if regions is None:
+        regions = json_regions or {str(v): (v,) for v in label_values[1:]}
+    return DatasetSpec(
+        name=str(meta.get("name", path.parent.name)),
+        layout="nnunet",
+        modalities=modalities,
+        label_values=label_values,
+        regions=tuple((name, tuple(vals)) for name, vals in regions.items()),
+    )
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One modality of a case: a file, and the channel inside it for 4-D files (MSD)."""
+
+    path: Path
+    channel: int | None = None
+
+    def __str__(self) -> str:
+        return str(self.path) if self.channel is None else f"{self.path}[channel {self.channel}]"
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one case lives on disk: one source per modality in model order, and an optional label file."""
+
+    case_id: str
+    images: tuple[ImageSource, ...]
+    label: Path | None = None
+
+
+@dataclass
+class Volume:
+    """A 3D array in (k, j, i) order with its geometry and the object it was read from (to write alike)."""
+
+    array: np.ndarray
+    affine: np.ndarray  # [4, 4] voxel (i, j, k) -> world RAS mm
+    spacing: tuple[float, float, float]  # (k, j, i) order, mm
+    path: Path
+    reference: Any = field(default=None, repr=False)  # nibabel image or SimpleITK image
+
+
+@dataclass
+class CaseVolumes:
+    """A case loaded and checked: image [M, K, J, I] float32, label [K, J, I] class indices or None."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    reference: Volume
+    source_dtype: np.dtype
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found; MSD and nnU-Net datasets need their dataset.json") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or regenerate the file") from None
+
+
+def strip_suffix(name: str) -> str:
+    for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.name.endswith((*NIFTI_SUFFIXES, *ITK_SUFFIXES))
+
+
+def import_sitk():
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise ImportError(
+            "reading NRRD, MHA/MHD or DICOM needs SimpleITK; install the extra: pip install 'rwkvseg[itk]'"
+        ) from None
+    return sitk
+
+
+def _sitk_affine(image) -> np.ndarray:
+    """SimpleITK's LPS direction/origin/spacing as a RAS voxel (i, j, k) -> world affine, like nibabel's."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=np.float64)
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def read_volume(path: Path | str, channel: int | None = None) -> Volume:
+    """Read a 3D volume (or one channel of a 4-D file) into (k, j, i) order, with checks.
+
+    Raises ValueError naming the file when it is 4-D where 3-D was expected, or holds NaN/Inf voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir() or path.name.endswith(ITK_SUFFIXES):
+        array, affine, spacing, reference = _read_itk(path)
+    elif path.name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        reference = nib.load(path)
+        if channel is not None and len(reference.shape) == 4:
+            if not 0 <= channel < reference.shape[3]:
+                raise ValueError(f"{path} has {reference.shape[3]} channels, channel {channel} was asked for")
+            # slicing the proxy reads one channel, not the whole 4-D file
+            array = np.asanyarray(reference.dataobj[..., channel])[..., None]
+            channel = 0
+        else:
+            array = np.asanyarray(reference.dataobj)
+        affine = np.asarray(reference.affine, dtype=np.float64)
+        spacing = tuple(float(z) for z in reference.header.get_zooms()[:3])[::-1]
+        # (i, j, k[, c]) -> (k, j, i[, c])
+        array = np.swapaxes(array, 0, 2) if array.ndim >= 3 else array
+    else:
+        raise ValueError(
+            f"{path}: unknown file type; use NIfTI (.nii, .nii.gz), NRRD, MHA/MHD or a DICOM series folder"
+        )
+    if array.ndim == 4 and channel is not None:
+        if not 0 <= channel < array.shape[3]:
+            raise ValueError(f"{path} has {array.shape[3]} channels, channel {channel} was asked for")
+        array = array[..., channel]
+    elif array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        shape = tuple(np.swapaxes(array, 0, 2).shape) if array.ndim >= 3 else array.shape
+        raise ValueError(
+            f"{path} is {array.ndim}-D with shape {shape}, a 3-D volume was expected; for 4-D multimodal "
+            f"files (MSD Task01) use the msd layout, or split the file into one 3-D file per modality"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise ValueError(
+                f"{path} holds {bad} NaN/Inf voxels; replace them (e.g. numpy.nan_to_num) and save the file again"
+            )
+    return Volume(np.ascontiguousarray(array), affine, spacing, path, reference)
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], Any]:
+    sitk = import_sitk()
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        names = reader.GetGDCMSeriesFileNames(str(path))
+        if not names:
+            raise ValueError(f"{path} is a folder without a DICOM series; point to a series folder or a file")
+        reader.SetFileNames(names)
+        image = reader.Execute()
+    else:
+        image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)  # already (k, j, i), vectors last
+    if image.GetDimension() != 3:
+        raise ValueError(f"{path} is {image.GetDimension()}-D, a 3-D volume was expected")
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise ValueError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected one")
+    spacing = tuple(float(s) for s in image.GetSpacing())[::-1]
+    return array, _sitk_affine(image), spacing, image
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    return a.array.shape == b.array.shape and np.allclose(a.affine, b.affine, atol=AFFINE_ATOL)
+
+
+def labels_to_classes(label: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
+    """File label values -> class indices (uint8); ValueError naming the file on unknown values."""
+    values = np.unique(label)
+    unknown = sorted(set(values.tolist()) - set(spec.label_values))
+    if unknown:
+        raise ValueError(
+            f"{path} holds label values {unknown} outside {list(spec.label_values)} of dataset {spec.name!r}; "
+            f"fix the file or give the dataset's label values (label_values in the spec / --labels)"
+        )
+    lut = np.zeros(int(max(spec.label_values)) + 1, dtype=np.uint8)
+    lut[list(spec.label_values)] = np.arange(len(spec.label_values), dtype=np.uint8)
+    return lut[label.astype(np.int64)]
+
+
+def load_case(case: CaseFiles, spec: DatasetSpec, with_label: bool = True) -> CaseVolumes:
+    """Read every modality and the label of a case, check they share one grid and hold valid values."""
+    volumes = [read_volume(src.path, src.channel) for src in case.images]
+    first = volumes[0]
+    for src, vol in zip(case.images[1:], volumes[1:], strict=True):
+        if not _same_grid(first, vol):
+            raise ValueError(
+                f"case {case.case_id}: {src} has shape {vol.array.shape[::-1]} and affine\n{vol.affine}\n"
+                f"but {case.images[0]} has shape {first.array.shape[::-1]} and affine\n{first.affine}\n"
+                f"register / resample the modalities to one grid (e.g. with SimpleITK) before using them"
+            )
+    image = np.stack([v.array.astype(np.float32, copy=False) for v in volumes])  # M x [K, J, I] -> [M, K, J, I]
+    label = None
+    if with_label and case.label is not None:
+        vol = read_volume(case.label)
+        if not _same_grid(first, vol):
+            raise ValueError(
+                f"case {case.case_id}: label {case.label} has shape {vol.array.shape[::-1]} and affine\n"
+                f"{vol.affine}\nbut the images have {first.array.shape[::-1]} and\n{first.affine}\n"
+                f"the label must lie on the images' grid"
+            )
+        if np.issubdtype(vol.array.dtype, np.floating) and not np.all(vol.array == np.round(vol.array)):
+            raise ValueError(f"{case.label} holds non-integer label values; labels must be whole numbers")
+        label = labels_to_classes(vol.array, spec, case.label)
+    source_dtype = np.result_type(*(v.array.dtype for v in volumes))
+    return CaseVolumes(case.case_id, image, label, first.affine, first.spacing, first, source_dtype)
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES):
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def brats_case(folder: Path, spec: DatasetSpec, require_label: bool = True) -> CaseFiles:
+    """A BraTS case folder `<case>/<case><sep><modality>.nii.gz`; ValueError naming a missing file."""
+    folder = Path(folder)
+    case_id = folder.name
+    images = []
+    for modality in spec.modalities:
+        path = _find_file(folder, f"{case_id}{spec.separator}{modality}")
+        if path is None:
+            present = sorted(p.name for p in folder.iterdir() if is_volume_file(p))
+            raise ValueError(
+                f"case folder {folder} lacks modality {modality!r} "
+                f"({case_id}{spec.separator}{modality}.nii.gz); found {present}. Add the file, or pick the "
+                f"dataset preset / modality list that matches these names (--dataset, --modalities)"
+            )
+        images.append(ImageSource(path))
+    label = _find_file(folder, f"{case_id}{spec.separator}{spec.seg_suffix}")
+    if label is None and require_label:
+        raise ValueError(
+            f"case folder {folder} has no label {case_id}{spec.separator}{spec.seg_suffix}.nii.gz; "
+            f"add it or run without labels (prediction only)"
+        )
+    return CaseFiles(case_id, tuple(images), label)
+
+
+def _is_brats_folder(folder: Path, spec: DatasetSpec) -> bool:
+    prefix = f"{folder.name}{spec.separator}"
+    return any(p.name.startswith(prefix) and is_volume_file(p) for p in folder.iterdir())
+
+
+def _channel_indices(channels: dict[str, Any], modalities: Sequence[str], path: Path) -> list[int]:
+    names = {str(name).lower(): int(key) for key, name in channels.items()}
+    indices = []
+    for modality in modalities:
+        if str(modality).isdigit():
+            indices.append(int(modality))
+        elif modality.lower() in names:
+            indices.append(names[modality.lower()])
+        else:
+            raise ValueError(
+                f"modality {modality!r} is not a channel of {path} (channels: {dict(channels)}); "
+                f"give modalities by these names or by index"
+            )
+    return indices
+
+
+def discover_cases(
+    root: Path | str, spec: DatasetSpec, require_label: bool = True, split: str = "Tr"
+) -> list[CaseFiles]:
+    """All cases under root for the spec's layout, sorted by case id.
+
+    brats: root is one case folder or any tree of case folders (HGG/LGG subfolders are fine).
+    msd: root holds dataset.json, images<split>/ (4-D files) and labels<split>/.
+    nnunet: root holds dataset.json, images<split>/<case>_<XXXX> files and labels<split>/.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    if spec.layout == "brats":
+        folders = [root] if _is_brats_folder(root, spec) else []
+        folders += sorted(p for p in root.rglob("*") if p.is_dir() and _is_brats_folder(p, spec))
+        cases = [brats_case(f, spec, require_label) for f in folders]
+    elif spec.layout == "msd":
+        cases = _msd_cases(root, spec, require_label, split)
+    else:
+        cases = _nnunet_cases(root, spec, require_label, split)
+    if not cases:
+        raise ValueError(
+            f"no {spec.layout} cases found under {root} for dataset {spec.name!r}; check the folder and the "
+            f"dataset preset (BraTS 2023 files use '-t1n', older BraTS '_t1')"
+        )
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"case ids under {root} are not unique: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _msd_cases(root: Path, spec: DatasetSpec, require_label: bool, split: str) -> list[CaseFiles]:
+    meta = _read_json(root / "dataset.json")
+    channels = _channel_indices(meta.get("modality", {}), spec.modalities, root / "dataset.json")
+    cases = []
+    for path in sorted((root / f"images{split}").glob("*")):
+        if not is_volume_file(path):
+            continue  # MSD archives carry macOS "._" resource files
+        case_id = strip_suffix(path.name)
+        label = _find_file(root / f"labels{split}", case_id)
+        if label is None and require_label:
+            raise ValueError(f"{path} has no label {root / f'labels{split}' / path.name}; add it or run without labels")
+        cases.append(CaseFiles(case_id, tuple(ImageSource(path, c) for c in channels), label))
+    return cases
+
+
+def _nnunet_cases(root: Path, spec: DatasetSpec, require_label: bool, split: str) -> list[CaseFiles]:
+    meta = _read_json(root / "dataset.json")
+    channels = _channel_indices(
+        meta.get("channel_names") or meta.get("modality") or {}, spec.modalities, root / "dataset.json"
+    )
+    by_case: dict[str, dict[int, Path]] = {}
+    for path in sorted((root / f"images{split}").glob("*")):
+        stem = strip_suffix(path.name)
+        if not is_volume_file(path) or len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            continue
+        by_case.setdefault(stem[:-5], {})[int(stem[-4:])] = path
+    cases = []
+    for case_id, files in sorted(by_case.items()):
+        missing = [c for c in channels if c not in files]
+        if missing:
+            raise ValueError(
+                f"case {case_id} in {root / f'images{split}'} lacks channel file(s) "
+                f"{', '.join(f'{case_id}_{c:04d}' for c in missing)}; add them or drop the case"
+            )
+        label = _find_file(root / f"labels{split}", case_id)
+        if label is None and require_label:
+            raise ValueError(f"case {case_id} has no label in {root / f'labels{split}'}; add it or run without labels")
+        cases.append(CaseFiles(case_id, tuple(ImageSource(files[c]) for c in channels), label))
+    return cases
+
+
+def case_from_files(paths: Sequence[Path | str], spec: DatasetSpec, case_id: str | None = None) -> CaseFiles:
+    """A case from explicit files: one 4-D file (MSD-style channels) or one 3-D file per modality in order."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1 and len(spec.modalities) > 1:
+        images = tuple(ImageSource(paths[0], c) for c in range(len(spec.modalities)))
+    elif len(paths) == len(spec.modalities):
+        images = tuple(ImageSource(p) for p in paths)
+    else:
+        raise ValueError(
+            f"{len(paths)} image files given but the model expects {len(spec.modalities)} modalities "
+            f"({', '.join(spec.modalities)}); give one file per modality in this order, or one 4-D file"
+        )
+    return CaseFiles(case_id or strip_suffix(paths[0].name), images, None)
