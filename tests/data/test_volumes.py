@@ -11,6 +11,7 @@ from rwkvseg.data.volumes import (
     dataset_spec,
     discover_cases,
     load_case,
+    read_spacing,
     read_volume,
     spec_from_dataset_json,
 )
@@ -141,6 +142,8 @@ def test_itk_formats_read_with_the_same_geometry_as_nifti(tmp_path):
         np.testing.assert_array_equal(volume.array, reference.array)
         np.testing.assert_allclose(volume.affine, reference.affine, atol=1e-5)
         assert volume.spacing == pytest.approx(reference.spacing)
+        assert read_spacing(tmp_path / f"a{suffix}") == pytest.approx(reference.spacing)
+    assert read_spacing(nifti) == pytest.approx((2.5, 1.2, 1.0))
 
 
 # Bad input: each names the offending file and says what to do.

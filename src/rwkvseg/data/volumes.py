@@ -322,6 +322,22 @@ def read_volume(path: Path | str, channel: int | None = None) -> Volume:
     return Volume(np.ascontiguousarray(array), affine, spacing, path, reference)
 
 
+def read_spacing(path: Path | str) -> tuple[float, float, float]:
+    """Voxel spacing in (k, j, i) order from the header alone (no voxel data is read)."""
+    path = Path(path)
+    if path.name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        return tuple(float(z) for z in nib.load(path).header.get_zooms()[:3])[::-1]
+    sitk = import_sitk()
+    if path.is_dir():
+        return read_volume(path).spacing
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return tuple(float(s) for s in reader.GetSpacing()[:3])[::-1]
+
+
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], Any]:
     sitk = import_sitk()
     if path.is_dir():
