@@ -1,0 +1,168 @@
+"""Random 3D training patches from the preprocessed cache, with foreground oversampling and nnU-Net-like
+augmentation built from MONAI transforms.
+
+Each item is drawn from its own generator seeded by (seed, epoch, index), so a run with the same seed sees the
+same patches in any number of workers and a resumed run continues the sequence (call `set_epoch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..eval.regions import classes_to_regions
+from .preprocess3d import CachedCase, load_cached_case, load_plans
+from .volumes import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """patch_size in (k, j, i) voxels at the cache's spacing; fg_fraction: share of patches centred on a voxel
+    of a random foreground class (nnU-Net: 1/3); target "labels" gives class indices [1, *P] for CE+Dice,
+    "regions" gives float masks [R, *P] for sigmoid losses. allow_padding zero-pads cases smaller than the
+    patch (nnU-Net does); off, such a case is an error that names it."""
+
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    samples_per_epoch: int = 250
+    fg_fraction: float = 0.33
+    target: str = "labels"
+    augment: bool = True
+    allow_padding: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in ("labels", "regions"):
+            raise ValueError(f"patch target {self.target!r} unknown; choose labels or regions")
+        if not 0 <= self.fg_fraction <= 1:
+            raise ValueError(f"fg_fraction {self.fg_fraction} must lie in [0, 1]")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size {self.patch_size} must be three positive sizes")
+
+
+def nnunet_augmentation(patch_size: Sequence[int], seed: int = 0):
+    """nnU-Net's default augmentation as MONAI dictionary transforms on keys image / label.
+
+    Probabilities and ranges follow nnU-Net v2: rotation +-30 deg and scaling 0.7-1.4 (p 0.2 each), Gaussian
+    noise (0.1), blur (0.2), brightness (0.15), contrast (0.15), low resolution (0.25), gamma (0.3) and mirroring
+    on every axis.
+    """
+    from monai import transforms as mt
+
+    angle = math.radians(30)
+    transforms = mt.Compose(
+        [
+            mt.RandAffined(
+                keys=("image", "label"),
+                prob=0.2,
+                rotate_range=(angle, angle, angle),
+                scale_range=(0.3, 0.3, 0.3),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                spatial_size=tuple(patch_size),
+            ),
+            mt.RandGaussianNoised(keys="image", prob=0.1, std=0.1),
+            mt.RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+            mt.RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
+            mt.RandScaleIntensityFixedMeand(keys="image", prob=0.15, factors=0.25, preserve_range=True),
+            mt.RandSimulateLowResolutiond(keys="image", prob=0.25, zoom_range=(0.5, 1.0)),
+            mt.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
+            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1),
+            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=2),
+        ]
+    )
+    transforms.set_random_state(seed=seed)
+    return transforms
+
+
+def pad_to(array: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad the last three axes up to size (split evenly); returns the array and the offset added."""
+    short = np.maximum(np.asarray(size) - np.asarray(array.shape[-3:]), 0)
+    before = short // 2
+    if not short.any():
+        return array, before
+    pad = [(0, 0)] * (array.ndim - 3) + [(int(b), int(s - b)) for b, s in zip(before, short, strict=True)]
+    return np.pad(array, pad), before
+
+
+def patch_origin(
+    shape: Sequence[int], patch: Sequence[int], rng: np.random.Generator, centre: np.ndarray | None
+) -> np.ndarray:
+    """Lower corner of a patch inside shape: random, or around `centre` (clipped to stay inside)."""
+    shape, patch = np.asarray(shape), np.asarray(patch)
+    high = shape - patch
+    if centre is None:
+        return np.array([rng.integers(0, h + 1) for h in high])
+    return np.clip(np.asarray(centre) - patch // 2, 0, high)
+
+
+class PatchDataset(Dataset):
+    """Random patches of cached cases: {"image": [M, *P] float32, "label": [1, *P] long or [R, *P] float,
+    "case": case id}. Length = samples_per_epoch; every case is held in memory (the cache is small)."""
+
+    def __init__(self, cache_dir: Path | str, case_ids: Sequence[str] | None, config: PatchConfig) -> None:
+        self.config = config
+        self.plans = load_plans(cache_dir)
+        self.spec = DatasetSpec.from_dict(self.plans["dataset"])
+        ids = list(case_ids) if case_ids is not None else list(self.plans["cases"])
+        self.cases: list[CachedCase] = [load_cached_case(cache_dir, cid, self.plans) for cid in ids]
+        if not self.cases:
+            raise ValueError(f"no cases selected from the cache {cache_dir}")
+        small = [c for c in self.cases if any(s < p for s, p in zip(c.image.shape[1:], config.patch_size, strict=True))]
+        if small and not config.allow_padding:
+            listing = "; ".join(f"{c.path} {tuple(c.image.shape[1:])}" for c in small[:5])
+            smallest = tuple(int(v) for v in np.min([c.image.shape[1:] for c in self.cases], axis=0))
+            raise ValueError(
+                f"{len(small)} case(s) are smaller than the patch {config.patch_size}: {listing}; choose a "
+                f"patch_size of at most {smallest}, or set allow_padding to zero-pad them"
+            )
+        for case in small:
+            case.image, offset = pad_to(case.image, config.patch_size)
+            case.label, _ = pad_to(case.label, config.patch_size)
+            case.foreground = {k: v + offset.astype(v.dtype) for k, v in case.foreground.items()}
+        self.epoch = 0
+        self.transform = nnunet_augmentation(config.patch_size, config.seed) if config.augment else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.config.samples_per_epoch
+
+    def sample(self, rng: np.random.Generator) -> tuple[CachedCase, np.ndarray]:
+        """A case and the lower corner of a patch in it (foreground-centred with probability fg_fraction)."""
+        case = self.cases[rng.integers(len(self.cases))]
+        centre = None
+        if rng.random() < self.config.fg_fraction:
+            present = [k for k, coords in case.foreground.items() if len(coords)]
+            if present:
+                coords = case.foreground[present[rng.integers(len(present))]]
+                centre = coords[rng.integers(len(coords))].astype(np.int64)
+        return case, patch_origin(case.image.shape[1:], self.config.patch_size, rng, centre)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng((self.config.seed, self.epoch, index))
+        case, lo = self.sample(rng)
+        box = tuple(slice(int(l), int(l) + p) for l, p in zip(lo, self.config.patch_size, strict=True))
+        item: dict[str, Any] = {
+            "image": torch.from_numpy(np.ascontiguousarray(case.image[(slice(None), *box)])),  # [M, *P]
+            "label": torch.from_numpy(case.label[box].astype(np.float32))[None],  # [1, *P]
+        }
+        if self.transform is not None:
+            self.transform.set_random_state(seed=int(rng.integers(2**31)))
+            item = self.transform(item)
+        image = torch.as_tensor(item["image"]).float().contiguous()
+        label = torch.as_tensor(item["label"]).round().long()
+        if self.config.target == "regions":
+            label = classes_to_regions(label[0], self.spec).float()  # [1, *P] -> [R, *P]
+        return {"image": image, "label": label.contiguous(), "case": case.case_id}

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from rwkvseg.data.patches3d import PatchConfig, PatchDataset, patch_origin
+from rwkvseg.data.preprocess3d import preprocess_dataset
+from rwkvseg.data.volumes import dataset_spec
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats2018_4mod_2mm"
+SHAPE = (21, 19, 17)  # (i, j, k)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """Two synthetic BraTS cases whose tumour is a few voxels in a corner, so random patches mostly miss it."""
+    root = tmp_path_factory.mktemp("raw")
+    spec = dataset_spec("brats")
+    rng = np.random.default_rng(0)
+    for case in ("c1", "c2"):
+        folder = root / case
+        folder.mkdir()
+        for modality in spec.modalities:
+            data = (rng.random(SHAPE) * 100 + 1).astype(np.float32)
+            nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{case}_{modality}.nii.gz")
+        seg = np.zeros(SHAPE, np.uint8)
+        seg[1:3, 1:3, 1:3] = 2
+        seg[1, 1, 1] = 4
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / f"{case}_seg.nii.gz")
+    out = tmp_path_factory.mktemp("cache")
+    preprocess_dataset(root, spec, out)
+    return out
+
+
+def test_patch_origin_stays_inside_and_centres_on_foreground():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lo = patch_origin((17, 19, 21), (5, 6, 7), rng, None)
+        assert (lo >= 0).all() and (lo + (5, 6, 7) <= (17, 19, 21)).all()
+    np.testing.assert_array_equal(patch_origin((17, 19, 21), (5, 6, 7), rng, np.array([8, 9, 10])), [6, 6, 7])
+    np.testing.assert_array_equal(patch_origin((17, 19, 21), (5, 6, 7), rng, np.array([0, 18, 1])), [0, 13, 0])
+
+
+def test_items_have_the_patch_shape_and_are_reproducible(cache):
+    config = PatchConfig(patch_size=(7, 9, 5), samples_per_epoch=6, seed=3)
+    dataset = PatchDataset(cache, None, config)
+    item = dataset[2]
+    assert item["image"].shape == (4, 7, 9, 5) and item["image"].dtype == torch.float32
+    assert item["label"].shape == (1, 7, 9, 5) and item["label"].dtype == torch.int64
+    assert item["case"] in ("c1", "c2")
+    again = PatchDataset(cache, None, config)[2]
+    assert torch.equal(item["image"], again["image"]) and torch.equal(item["label"], again["label"])
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[2]["image"], item["image"])
+    assert len(dataset) == 6
+
+
+def test_foreground_oversampling(cache):
+    def fg_share(fraction: float) -> float:
+        config = PatchConfig(patch_size=(5, 5, 5), samples_per_epoch=60, fg_fraction=fraction, augment=False)
+        dataset = PatchDataset(cache, ["c1"], config)
+        return np.mean([bool((dataset[i]["label"] > 0).any()) for i in range(len(dataset))])
+
+    assert fg_share(1.0) == 1.0
+    assert fg_share(0.0) < 0.5  # the tumour fills 8 of 6783 voxels
+
+
+def test_regions_target_and_augmentation_keep_labels_valid(cache):
+    config = PatchConfig(patch_size=(8, 8, 8), samples_per_epoch=8, target="regions", fg_fraction=1.0)
+    dataset = PatchDataset(cache, None, config)
+    for i in range(len(dataset)):
+        item = dataset[i]
+        label = item["label"]
+        assert label.shape == (3, 8, 8, 8) and label.dtype == torch.float32
+        assert set(label.unique().tolist()) <= {0.0, 1.0}
+        # nested regions: ET inside TC inside WT
+        assert (label[2] <= label[1]).all() and (label[1] <= label[0]).all()
+        assert torch.isfinite(item["image"]).all()
+
+
+def test_volume_smaller_than_the_patch_names_the_case_and_the_fix(cache):
+    with pytest.raises(ValueError, match=r"(?s)2 case\(s\) are smaller than the patch.*c1.npz.*at most \(17, 19, 21\)"):
+        PatchDataset(cache, None, PatchConfig(patch_size=(18, 19, 21)))
+    padded = PatchDataset(cache, None, PatchConfig(patch_size=(18, 20, 21), allow_padding=True, fg_fraction=1.0))
+    item = padded[0]
+    assert item["image"].shape == (4, 18, 20, 21)
+    assert (item["label"] > 0).any()  # foreground locations moved with the padding
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
+def test_real_brats_patches(tmp_path):
+    case = DATA / "Brats18_2013_2_1"
+    preprocess_dataset(case, dataset_spec("brats"), tmp_path)
+    dataset = PatchDataset(tmp_path, None, PatchConfig(patch_size=(48, 48, 48), samples_per_epoch=4, fg_fraction=1))
+    for i in range(len(dataset)):
+        item = dataset[i]
+        assert item["image"].shape == (4, 48, 48, 48)
+        assert (item["label"] > 0).any()
