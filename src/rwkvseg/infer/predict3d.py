@@ -1,0 +1,206 @@
+"""3D prediction on NIfTI files or case folders, at any voxel spacing, written on the input's own grid.
+
+The input is preprocessed with the training plans stored in the checkpoint (crop to nonzero, z-score, resample
+to the training spacing), predicted with the sliding window, and the probabilities are resampled back to the
+cropped original grid, turned into label values and pasted into the uncropped grid. The output file takes the
+first modality's header and affine, so shape, affine and orientation match the input exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.preprocess3d import prepare_for_model, resample
+from ..data.volumes import (
+    NIFTI_SUFFIXES,
+    CaseFiles,
+    DatasetSpec,
+    Volume,
+    case_from_files,
+    discover_cases,
+    load_case,
+)
+from ..eval.regions import classes_to_values, regions_to_values
+from .sliding_window import SlidingWindowConfig, activate, predict_logits
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("labels", "regions")
+
+
+def inference_metadata(plans: dict[str, Any], patch_size: Sequence[int], target: str = "labels") -> dict[str, Any]:
+    """What a 3D checkpoint's sidecar keeps under `preprocessing` so prediction needs nothing else.
+
+    plans: the cache's plans.json (per-case entries are dropped); target: "labels" (softmax over label classes)
+    or "regions" (sigmoid per region).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r} unknown; choose one of {TARGETS}")
+    return {
+        "dims": 3,
+        "dataset": plans["dataset"],
+        "target_spacing": list(plans["target_spacing"]),
+        "preprocess": plans["preprocess"],
+        "normalisation": plans["normalisation"],
+        "patch_size": [int(p) for p in patch_size],
+        "target": target,
+    }
+
+
+def probabilities_to_values(probs: torch.Tensor, spec: DatasetSpec, target: str) -> np.ndarray:
+    """probs [K, *S] (softmax over classes, or sigmoid per region) -> label values [*S] uint8."""
+    if target == "labels":
+        return classes_to_values(probs.argmax(0), spec)
+    return regions_to_values(probs > 0.5, spec)
+
+
+def paste(cropped: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
+    """Label values on the cropped grid -> the full original grid (background outside the crop box)."""
+    full = np.zeros(properties["original_shape"], dtype=cropped.dtype)
+    box = tuple(slice(lo, hi) for lo, hi in zip(properties["crop_lo"], properties["crop_hi"], strict=True))
+    full[box] = cropped
+    return full
+
+
+def write_like(values: np.ndarray, reference: Volume, path: Path) -> Path:
+    """Write values [K, J, I] with the reference's geometry (NIfTI header and affine, or ITK information)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if reference.path.name.endswith(NIFTI_SUFFIXES) and path.name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        header = reference.reference.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(None, None)  # labels are stored as they are, never rescaled
+        data = np.ascontiguousarray(np.swapaxes(values, 0, 2))  # (k, j, i) -> (i, j, k)
+        image = type(reference.reference)(data, reference.reference.affine, header)
+        image.set_qform(reference.reference.header.get_qform(), int(reference.reference.header["qform_code"]))
+        image.set_sform(reference.reference.header.get_sform(), int(reference.reference.header["sform_code"]))
+        nib.save(image, path)
+    else:
+        from ..data.volumes import import_sitk
+
+        sitk = import_sitk()
+        image = sitk.GetImageFromArray(values)
+        if reference.reference is not None and hasattr(reference.reference, "GetDirection"):
+            image.CopyInformation(reference.reference)
+        else:
+            raise ValueError(f"{path}: write predictions for NIfTI inputs as .nii.gz, not {path.name}")
+        sitk.WriteImage(image, str(path), useCompression=True)
+    return path
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Inference knobs a user may change without retraining."""
+
+    overlap: float = 0.5
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    sw_batch_size: int = 1
+    device: str = "cpu"
+
+
+class Predictor3D:
+    """A model with its 3D metadata: predicts cases on their original grids."""
+
+    def __init__(self, model: nn.Module, metadata: dict[str, Any], options: PredictOptions = PredictOptions()):
+        if metadata.get("dims") != 3:
+            raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
+        self.model = model.to(options.device).eval()
+        self.metadata = metadata
+        self.spec = DatasetSpec.from_dict(metadata["dataset"])
+        self.target = metadata["target"]
+        self.device = torch.device(options.device)
+        self.window = SlidingWindowConfig(
+            patch_size=tuple(metadata["patch_size"]),
+            overlap=options.overlap,
+            sw_batch_size=options.sw_batch_size,
+            mirror_axes=options.mirror_axes,
+            activation="softmax" if self.target == "labels" else "sigmoid",
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str, options: PredictOptions = PredictOptions()) -> Predictor3D:
+        from ..checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(path, device=options.device)
+        return cls(model, meta.preprocessing, options)
+
+    def predict_case(self, case: CaseFiles) -> tuple[np.ndarray, Volume]:
+        """Label values [K, J, I] on the case's original grid, and the volume whose geometry it shares."""
+        volumes = load_case(case, self.spec, with_label=False)
+        image, props = prepare_for_model(volumes, self.metadata)  # [M, k, j, i] at the training spacing
+        logits = predict_logits(self.model, torch.from_numpy(image)[None], self.window, self.device)[0]
+        probs = activate(logits[None], self.window.activation)[0]  # [K, *resampled]
+        cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
+        probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]
+        values = paste(probabilities_to_values(probs, self.spec, self.target), props)
+        return values, volumes.reference
+
+    def predict_to_file(self, case: CaseFiles, out_dir: Path | str, overwrite: bool = False) -> Path:
+        """Predict one case and write `<out_dir>/<case_id>.nii.gz` (or the input's ITK format)."""
+        first = case.images[0].path
+        suffix = ".nii.gz" if first.is_dir() or first.name.endswith(NIFTI_SUFFIXES) else "".join(first.suffixes)
+        out = Path(out_dir) / f"{case.case_id}{suffix}"
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; remove it or pass --overwrite")
+        values, reference = self.predict_case(case)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # written beside the target and moved into place, so an interrupted run leaves no half file; the
+        # temporary name keeps the suffix that nibabel / SimpleITK take the format from
+        tmp = out.with_name(f".{out.name}.partial{suffix}")
+        try:
+            write_like(values, reference, tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        log.info("%s -> %s", case.case_id, out)
+        return out
+
+
+def prediction_cases(inputs: Sequence[Path | str], spec: DatasetSpec) -> list[CaseFiles]:
+    """Cases from command-line inputs, labels optional.
+
+    Folders: BraTS layout, a case folder or a tree of them; MSD / nnU-Net layout, a dataset root with its
+    dataset.json (imagesTs/ when present, else imagesTr/). Files: one 3-D file per modality in the model's
+    order, or one 4-D file whose channels are in that order.
+    """
+    paths = [Path(p) for p in inputs]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
+    if all(p.is_file() for p in paths):
+        return [case_from_files(paths, spec)]
+    if not all(p.is_dir() for p in paths):
+        raise ValueError("give either case folders or image files as inputs, not a mix")
+    cases = []
+    for folder in paths:
+        split = "Ts" if (folder / "imagesTs").is_dir() else "Tr"
+        cases += discover_cases(folder, spec, require_label=False, split=split)
+    return cases
+
+
+def predict_paths(
+    checkpoint: Path | str,
+    inputs: Sequence[Path | str],
+    out_dir: Path | str,
+    options: PredictOptions = PredictOptions(),
+    overwrite: bool = False,
+) -> list[Path]:
+    """`rwkvseg predict` for 3D inputs: every case found in inputs -> a label file in out_dir."""
+    predictor = Predictor3D.from_checkpoint(checkpoint, options)
+    cases = prediction_cases(inputs, predictor.spec)
+    if not overwrite:
+        clash = [c.case_id for c in cases if any(Path(out_dir).glob(f"{c.case_id}.*"))]
+        if clash:
+            raise FileExistsError(f"predictions for {', '.join(clash)} exist in {out_dir}; pass --overwrite")
+    return [predictor.predict_to_file(case, out_dir, overwrite) for case in cases]

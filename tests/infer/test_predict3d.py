@@ -1,0 +1,214 @@
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+from rwkvseg.data.preprocess3d import PreprocessConfig, preprocess_dataset
+from rwkvseg.data.volumes import dataset_spec, discover_cases
+from rwkvseg.infer.predict3d import PredictOptions, Predictor3D, inference_metadata, predict_paths
+from rwkvseg.infer.sliding_window import SlidingWindowConfig, mirror_subsets, predict_logits
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats2018_4mod_2mm"
+BRATS = dataset_spec("brats")
+SHAPE_1MM = (47, 41, 35)  # (i, j, k)
+# an oblique, flipped 1 mm grid: the output must come back with exactly this affine
+ROTATION = np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])
+AFFINE_1MM = np.eye(4)
+AFFINE_1MM[:3, :3] = ROTATION @ np.diag([-1.0, -1.0, 1.0])
+AFFINE_1MM[:3, 3] = (20.5, 131.0, -17.25)
+
+
+class Threshold(nn.Module):
+    """A deterministic 'trained' model: edema where FLAIR z > 1, enhancing tumour where T1ce z > 1.
+
+    labels: 4 class logits; regions: WT / TC / ET logits.
+    """
+
+    def __init__(self, target: str = "labels"):
+        super().__init__()
+        self.target = target
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 4, *S] -> [B, K, *S]
+        flair, t1ce = x[:, 3], x[:, 1]
+        edema, enhancing = self.scale * (flair - 1), 2 * self.scale * (t1ce - 1)
+        if self.target == "labels":
+            return torch.stack([torch.zeros_like(flair), -torch.ones_like(flair) * 99, edema, enhancing], 1)
+        return torch.stack([edema, -torch.ones_like(flair) * 99, enhancing], 1)
+
+
+def balls(shape=SHAPE_1MM, centre=(27.0, 18.0, 16.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    brain = np.linalg.norm((grid - np.array(shape) / 2) / (np.array(shape) * 0.42), axis=-1) < 1
+    distance = np.linalg.norm(grid - np.array(centre), axis=-1)
+    return brain, distance < 8, distance < 4
+
+
+def write_1mm_case(root: Path, case: str = "p1") -> tuple[Path, np.ndarray]:
+    brain, whole, enhancing = balls()
+    seg = np.where(enhancing, 4, np.where(whole, 2, 0)).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    folder = root / case
+    folder.mkdir(parents=True)
+    for modality in BRATS.modalities:
+        data = brain * (100 + rng.normal(0, 2, SHAPE_1MM))
+        if modality == "flair":
+            data = data + 200 * whole
+        if modality == "t1ce":
+            data = data + 300 * enhancing
+        image = nib.Nifti1Image(data.astype(np.int16), AFFINE_1MM)
+        image.set_qform(AFFINE_1MM, 1)
+        image.set_sform(AFFINE_1MM, 2)
+        nib.save(image, folder / f"{case}_{modality}.nii.gz")
+    nib.save(nib.Nifti1Image(seg, AFFINE_1MM), folder / f"{case}_seg.nii.gz")
+    return folder, seg
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_mirror_subsets():
+    assert mirror_subsets(()) == [()]
+    assert mirror_subsets((0, 2)) == [(), (0,), (2,), (0, 2)]
+    assert len(mirror_subsets((0, 1, 2))) == 8
+
+
+def test_sliding_window_reproduces_a_pointwise_model_on_odd_sizes():
+    torch.manual_seed(0)
+    model = nn.Conv3d(3, 2, 1)
+    image = torch.randn(1, 3, 11, 13, 9)
+    for mirror in ((), (0, 1, 2)):
+        config = SlidingWindowConfig(patch_size=(8, 16, 6), overlap=0.5, mirror_axes=mirror)
+        torch.testing.assert_close(predict_logits(model, image, config), model(image).detach(), atol=1e-5, rtol=0)
+
+
+def test_mirror_tta_averages_flipped_predictions():
+    torch.manual_seed(0)
+    model = nn.Conv3d(2, 2, 3, padding=1)
+    image = torch.randn(1, 2, 6, 7, 5)
+    config = SlidingWindowConfig(patch_size=(6, 7, 5), mirror_axes=(1,))
+    expected = (model(image) + model(image.flip(3)).flip(3)) / 2
+    torch.testing.assert_close(predict_logits(model, image, config), expected.detach(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected"):
+        predict_logits(model, image[0], config)
+
+
+@pytest.fixture(scope="module")
+def trained_at_2mm(tmp_path_factory):
+    """Plans from a 1 mm case preprocessed at 2 mm, as a model trained on the 2 mm cache would carry."""
+    root = tmp_path_factory.mktemp("train")
+    write_1mm_case(root / "raw", "t1")
+    plans = preprocess_dataset(root / "raw", BRATS, root / "cache", PreprocessConfig(target_spacing=(2.0, 2.0, 2.0)))
+    assert plans["cases"]["t1"]["resampled_shape"] < plans["cases"]["t1"]["original_shape"]
+    return plans
+
+
+@pytest.mark.parametrize("target", ["labels", "regions"])
+def test_a_2mm_model_predicts_on_the_1mm_grid_with_the_input_affine(tmp_path, trained_at_2mm, target):
+    folder, seg = write_1mm_case(tmp_path / "in")
+    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12), target=target)
+    predictor = Predictor3D(Threshold(target), metadata, PredictOptions(mirror_axes=(0, 2)))
+    (case,) = discover_cases(folder, BRATS, require_label=False)
+    out = predictor.predict_to_file(case, tmp_path / "out")
+    assert out == tmp_path / "out" / "p1.nii.gz"
+    written, source = nib.load(out), nib.load(folder / "p1_flair.nii.gz")
+    assert written.shape == source.shape == SHAPE_1MM
+    np.testing.assert_array_equal(written.affine, source.affine)
+    np.testing.assert_array_equal(written.header.get_qform(), source.header.get_qform())
+    assert int(written.header["qform_code"]) == 1 and int(written.header["sform_code"]) == 2
+    assert written.get_data_dtype() == np.uint8
+    pred = np.asarray(written.dataobj)
+    assert set(np.unique(pred)) == {0, 2, 4}
+    assert dice(pred > 0, seg > 0) > 0.9
+    assert dice(pred == 4, seg == 4) > 0.6  # a radius-4 ball seen through 2 mm voxels
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1.nii.gz"]  # no temporary files left
+
+
+def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2mm, monkeypatch):
+    folder, seg = write_1mm_case(tmp_path / "in")
+    meta = CheckpointMeta(
+        model="threshold",
+        in_channels=4,
+        num_classes=4,
+        preprocessing=inference_metadata(trained_at_2mm, patch_size=(16, 16, 16)),
+        spacing=(2.0, 2.0, 2.0),
+    )
+    save_checkpoint(tmp_path / "ckpt" / "best", Threshold(), meta)
+    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+    (out,) = predict_paths(
+        tmp_path / "ckpt" / "best", [tmp_path / "in"], tmp_path / "out", PredictOptions(mirror_axes=())
+    )
+    assert dice(np.asarray(nib.load(out).dataobj) > 0, seg > 0) > 0.9
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        predict_paths(tmp_path / "ckpt" / "best", [folder], tmp_path / "out")
+    assert out.read_bytes() == before
+    # explicit files, one per modality in the model's order
+    files = [folder / f"p1_{m}.nii.gz" for m in BRATS.modalities]
+    (out2,) = predict_paths(tmp_path / "ckpt" / "best", files, tmp_path / "out2", PredictOptions(mirror_axes=()))
+    assert np.array_equal(np.asarray(nib.load(out2).dataobj), np.asarray(nib.load(out).dataobj))
+
+
+def test_bad_prediction_input_writes_nothing(tmp_path, trained_at_2mm):
+    folder, _ = write_1mm_case(tmp_path / "in")
+    (folder / "p1_t2.nii.gz").unlink()
+    predictor = Predictor3D(Threshold(), inference_metadata(trained_at_2mm, (8, 8, 8)))
+    with pytest.raises(ValueError, match=r"lacks modality 't2'"):
+        discover_cases(folder, BRATS, require_label=False)
+    nib.save(nib.load(folder / "p1_t1.nii.gz").slicer[:, :, :-1], folder / "p1_t2.nii.gz")
+    (case,) = discover_cases(folder, BRATS, require_label=False)
+    with pytest.raises(ValueError, match=r"(?s)p1_t2.nii.gz has shape \(47, 41, 34\)"):
+        predictor.predict_to_file(case, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="not trained on 3D volumes"):
+        Predictor3D(Threshold(), {"dims": 2})
+
+
+def upsample_to_original(case_dir: Path, row: dict[str, str], out_dir: Path) -> tuple[Path, np.ndarray]:
+    """A 1 mm 240x240x155 int16 case rebuilt from the 2 mm compact files and cases.csv (crop box, affine)."""
+    lo = np.array([int(v) for v in row["crop_lo"].split()])
+    case = case_dir.name
+    out_dir.mkdir(parents=True)
+    for name in (*BRATS.modalities, "seg"):
+        compact = nib.load(case_dir / f"{case}_{name}.nii.gz")
+        # compact voxel c covers original voxels 2c + lo .. 2c + lo + 1: its affine is original @ scale-and-shift
+        to_compact = np.diag([2.0, 2.0, 2.0, 1.0])
+        to_compact[:3, 3] = lo + 0.5
+        original_affine = compact.affine @ np.linalg.inv(to_compact)
+        data = np.asarray(compact.dataobj)
+        full = np.zeros((240, 240, 155), np.uint8 if name == "seg" else np.int16)
+        up = data.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+        hi = np.minimum(lo + up.shape, full.shape)
+        full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = up[: hi[0] - lo[0], : hi[1] - lo[1], : hi[2] - lo[2]]
+        nib.save(nib.Nifti1Image(full, np.round(original_affine, 6)), out_dir / f"{case}_{name}.nii.gz")
+    return out_dir, original_affine
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
+def test_real_brats_model_at_2mm_predicts_on_a_1mm_original_grid(tmp_path):
+    case = "Brats18_2013_2_1"
+    with open(DATA / "cases.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["case"] == case)
+    plans = preprocess_dataset(DATA / case, BRATS, tmp_path / "cache")
+    predictor = Predictor3D(Threshold(), inference_metadata(plans, (48, 48, 48)), PredictOptions(mirror_axes=()))
+    at_2mm = predictor.predict_to_file(discover_cases(DATA / case, BRATS)[0], tmp_path / "pred2mm")
+    folder, affine = upsample_to_original(DATA / case, row, tmp_path / "orig" / case)
+    np.testing.assert_allclose(affine, [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]], atol=1e-6)
+    out = predictor.predict_to_file(discover_cases(folder, BRATS)[0], tmp_path / "pred1mm")
+    written, source = nib.load(out), nib.load(folder / f"{case}_flair.nii.gz")
+    assert written.shape == (240, 240, 155)
+    np.testing.assert_array_equal(written.affine, source.affine)
+    # the 1 mm prediction lands where the 2 mm one does, upsampled into the original grid
+    lo = np.array([int(v) for v in row["crop_lo"].split()])
+    reference = np.zeros((240, 240, 155), bool)
+    up = (np.asarray(nib.load(at_2mm).dataobj) > 0).repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    reference[lo[0] : lo[0] + up.shape[0], lo[1] : lo[1] + up.shape[1], lo[2] : lo[2] + up.shape[2]] = up
+    pred = np.asarray(written.dataobj) > 0
+    assert reference.sum() > 1000
+    assert dice(pred, reference) > 0.9
