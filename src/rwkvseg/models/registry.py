@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-MODEL_MODULES = ()
+MODEL_MODULES = ("mmsegrwkv", "baselines3d")
 
 
 def _builders() -> dict[str, Callable[..., nn.Module]]:

@@ -1,0 +1,143 @@
+"""MMSegRWKV's token mixers: Dual-View Bi-WKV SpatialMix, Bi-Shift ChannelMix, the pre-norm block, and a stage
+that runs the blocks on short non-overlapping slice-axis windows.
+
+Tokens are [B, L, C] in (t, h, w) order (view A); view B is the same window in (h, w, t) order, so the same voxel
+in neighbouring slices is adjacent. Both views share every projection and the decay/bonus.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from rwkvseg.ops import bi_shift, bi_wkv, from_view, merge_windows, split_windows, to_view
+
+
+class LayerNormChannelsFirst(nn.LayerNorm):
+    """LayerNorm over the channel axis of a channels-first map [B, C, *spatial]."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+def _ratios(layer: int, n_layer: int) -> tuple[float, float]:
+    """(ratio_0_to_1, ratio_1_to_almost0) of RWKV's "fancy" init; a single layer counts as the first one."""
+    if not 0 <= layer < n_layer:
+        raise ValueError(f"layer index {layer} is outside 0..{n_layer - 1}; pass layer < n_layer")
+    return (layer / (n_layer - 1) if n_layer > 1 else 0.0), 1.0 - layer / n_layer
+
+
+def _channel_ramp(dim: int) -> Tensor:
+    return torch.arange(dim, dtype=torch.float32) / dim  # i / C, the base of every mu init
+
+
+def _views_to_hwt(x: Tensor, size: tuple[int, int, int]) -> Tensor:
+    return to_view(from_view(x, "thw", size), "hwt")  # [B, T*H*W, C] (t,h,w) -> [B, H*W*T, C] (h,w,t)
+
+
+def _views_to_thw(x: Tensor, size: tuple[int, int, int]) -> Tensor:
+    return to_view(from_view(x, "hwt", size), "thw")  # [B, H*W*T, C] (h,w,t) -> [B, T*H*W, C] (t,h,w)
+
+
+class DualViewSpatialMix(nn.Module):
+    """y = W_o(alpha * y_A + (1 - alpha) * y_B), y_view = sigmoid(r) * Bi-WKV(decay / L, bonus / L, k, v).
+
+    Each view is Bi-Shifted along its own order (view A along W, view B along the slice axis) before the
+    k, v, r projections; L is the window's token count.
+    """
+
+    def __init__(self, dim: int, layer: int, n_layer: int) -> None:
+        super().__init__()
+        ratio_0_to_1, ratio_1_to_0 = _ratios(layer, n_layer)
+        h = torch.arange(dim, dtype=torch.float32)
+        exponent = 0.7 + 1.3 * ratio_0_to_1
+        self.decay = nn.Parameter(-5 + 8 * (h / max(dim - 1, 1)) ** exponent)
+        zigzag = ((h + 1) % 3 - 1) * 0.5
+        self.bonus = nn.Parameter(math.log(0.3) + zigzag)
+        ramp = _channel_ramp(dim)
+        self.mix_k = nn.Parameter(ramp**ratio_1_to_0)
+        self.mix_v = nn.Parameter(ramp**ratio_1_to_0 + 0.3 * ratio_0_to_1)
+        self.mix_r = nn.Parameter(ramp ** (0.5 * ratio_1_to_0))
+        self.alpha = nn.Parameter(torch.full((dim,), 0.5))
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.output = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
+        B, L, _ = x.shape
+        xs = torch.cat([x, _views_to_hwt(x, size)], dim=0)  # [B, L, C] -> [2B, L, C]: both views in one WKV call
+        xx = bi_shift(xs)
+        k = self.key(torch.lerp(xx, xs, self.mix_k))
+        v = self.value(torch.lerp(xx, xs, self.mix_v))
+        r = self.receptance(torch.lerp(xx, xs, self.mix_r))
+        y = torch.sigmoid(r) * bi_wkv(self.decay / L, self.bonus / L, k, v)
+        y_a, y_b = y.split(B, dim=0)
+        y = torch.lerp(_views_to_thw(y_b, size), y_a, self.alpha)  # alpha * y_A + (1 - alpha) * y_B
+        return self.output(y)
+
+
+class BiShiftChannelMix(nn.Module):
+    """out = sigmoid(W_r x_r) * W_v relu(W_k x_k)^2 with Bi-Shift token mixing along the (t, h, w) order."""
+
+    def __init__(self, dim: int, layer: int, n_layer: int, hidden_ratio: int = 4) -> None:
+        super().__init__()
+        _, ratio_1_to_0 = _ratios(layer, n_layer)
+        ramp = _channel_ramp(dim)
+        self.mix_k = nn.Parameter(ramp**ratio_1_to_0)
+        self.mix_r = nn.Parameter(ramp**ratio_1_to_0)
+        self.key = nn.Linear(dim, hidden_ratio * dim, bias=False)
+        self.value = nn.Linear(hidden_ratio * dim, dim, bias=False)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xx = bi_shift(x)
+        k = torch.relu(self.key(torch.lerp(xx, x, self.mix_k))).square()  # [B, L, C] -> [B, L, 4C]
+        return torch.sigmoid(self.receptance(torch.lerp(xx, x, self.mix_r))) * self.value(k)
+
+
+class DualViewBlock(nn.Module):
+    """Pre-norm RWKV block: x = x + SpatialMix(LN1(x)); x = x + ChannelMix(LN2(x)), on tokens [B, L, C]."""
+
+    def __init__(self, dim: int, layer: int, n_layer: int, hidden_ratio: int = 4) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.spatial = DualViewSpatialMix(dim, layer, n_layer)
+        self.ln2 = nn.LayerNorm(dim)
+        self.channel = BiShiftChannelMix(dim, layer, n_layer, hidden_ratio)
+
+    def forward(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
+        x = x + self.spatial(self.ln1(x), size)
+        return x + self.channel(self.ln2(x))
+
+
+class WindowedDualViewStage(nn.Module):
+    """x + LN_out(blocks(LN_in(window))) on non-overlapping slice-axis windows of x [B, C, T, H, W].
+
+    Windows of `window` slices are mixed independently; when T is not a multiple of `window` the last, shorter
+    window is mixed on its own (its WKV scale uses its own token count). Returns [B, C, T, H, W].
+    """
+
+    def __init__(self, dim: int, depth: int, window: int, first_layer: int, n_layer: int, hidden_ratio: int = 4):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"slice window must be >= 1, got {window}")
+        self.window = window
+        self.norm_in = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(DualViewBlock(dim, first_layer + i, n_layer, hidden_ratio) for i in range(depth))
+        self.norm_out = nn.LayerNorm(dim)
+
+    def _mix(self, part: Tensor) -> Tensor:
+        size = tuple(part.shape[2:])
+        tokens = self.norm_in(to_view(part, "thw"))  # [b, C, t, H, W] -> [b, t*H*W, C]
+        for block in self.blocks:
+            tokens = block(tokens, size)
+        return from_view(self.norm_out(tokens), "thw", size)  # -> [b, C, t, H, W]
+
+    def forward(self, x: Tensor) -> Tensor:
+        full, tail = split_windows(x, self.window)
+        full = None if full is None else self._mix(full)
+        tail = None if tail is None else self._mix(tail)
+        return x + merge_windows(full, tail, x.shape[0])

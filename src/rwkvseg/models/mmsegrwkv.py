@@ -1,0 +1,194 @@
+"""MMSegRWKV: 3D multimodal MRI segmentation with a windowed Dual-View RWKV encoder and a UNETR-style decoder.
+
+Input [B, M, T, H, W] (M modalities, T the slice axis), output logits [B, K, T, H, W]. Any spatial size works:
+the volume is zero-padded at the far end of each axis to a multiple of the total stride (4 * 2^(stages-1) = 32;
+one more stride on the last axis when the bottleneck would otherwise hold a single voxel) and the logits are
+cropped back. See docs/mmsegrwkv.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from torch import Tensor, nn
+
+from rwkvseg.layers.dualview import LayerNormChannelsFirst, WindowedDualViewStage
+from rwkvseg.layers.resfm import ChannelResFM, ModalResFM
+
+RESFM_MODES = ("modal", "stage", "none")
+
+
+@dataclass(frozen=True)
+class MMSegRWKVConfig:
+    in_channels: int
+    num_classes: int
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    windows: tuple[int, ...] = (8, 8, 4, 4)  # slices per window, per stage
+    decoder_hidden: int = 768  # bottleneck width of the decoder
+    full_res_width: int = 32  # width of the three full-resolution conv blocks (most of the compute)
+    resfm: str = "modal"
+    fm_channels: int = 2  # ResFM embedding channels per modality ("modal")
+    hidden_ratio: int = 4  # ChannelMix hidden width / C
+    skip_mlp_ratio: int = 2
+    norm_name: str = "instance"
+
+    def __post_init__(self) -> None:
+        n = len(self.widths)
+        if len(self.depths) != n or len(self.windows) != n:
+            raise ValueError(
+                f"widths {self.widths}, depths {self.depths} and windows {self.windows} need one entry per stage"
+            )
+        if self.resfm not in RESFM_MODES:
+            raise ValueError(f"unknown resfm mode {self.resfm!r}; choose one of {RESFM_MODES}")
+        if min(self.windows) < 1 or min(self.depths) < 1 or min(self.widths) < 1:
+            raise ValueError(f"windows, depths and widths must all be >= 1, got {self}")
+
+    @property
+    def stride(self) -> int:
+        """Total downsampling of the encoder: the stride-4 stem, then x2 per further stage."""
+        return 4 * 2 ** (len(self.widths) - 1)
+
+
+VARIANTS: dict[str, dict] = {
+    "mmsegrwkv": {},
+    "mmsegrwkv_lite": dict(decoder_hidden=384, full_res_width=16),
+    "mmsegrwkv_test": dict(
+        widths=(8, 16, 16, 24), depths=(1, 1, 1, 1), windows=(3, 2, 2, 1), decoder_hidden=32, full_res_width=8
+    ),
+}
+
+
+class SkipMlp(nn.Module):
+    """x + fc2(gelu(fc1(x))) with 1x1x1 convs, on [B, C, T, H, W]."""
+
+    def __init__(self, dim: int, ratio: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv3d(dim, ratio * dim, 1)
+        self.fc2 = nn.Conv3d(ratio * dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class MMSegRWKVEncoder(nn.Module):
+    """Stem + windowed Dual-View stages; returns one skip feature per stage, at 1/4, 1/8, 1/16, 1/32."""
+
+    def __init__(self, cfg: MMSegRWKVConfig) -> None:
+        super().__init__()
+        w = cfg.widths
+        self.modal_fm = ModalResFM(cfg.in_channels, cfg.fm_channels) if cfg.resfm == "modal" else None
+        stem_in = self.modal_fm.out_channels if self.modal_fm is not None else cfg.in_channels
+        self.downsample = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv3d(stem_in, w[0], 7, stride=2, padding=3),
+                    LayerNormChannelsFirst(w[0]),
+                    nn.Conv3d(w[0], w[0], 2, stride=2),
+                )
+            ]
+            + [
+                nn.Sequential(LayerNormChannelsFirst(w[i]), nn.Conv3d(w[i], w[i + 1], 2, stride=2))
+                for i in range(len(w) - 1)
+            ]
+        )
+        self.stage_fm = nn.ModuleList(ChannelResFM(c) for c in w) if cfg.resfm == "stage" else None
+        # "fancy" init ratios run over all blocks of the encoder, so decay grows steadily with depth
+        n_layer = sum(cfg.depths)
+        firsts = [sum(cfg.depths[:i]) for i in range(len(w))]
+        self.stages = nn.ModuleList(
+            WindowedDualViewStage(c, d, win, first, n_layer, cfg.hidden_ratio)
+            for c, d, win, first in zip(w, cfg.depths, cfg.windows, firsts, strict=True)
+        )
+        self.out_norms = nn.ModuleList(LayerNormChannelsFirst(c) for c in w)
+        self.skip_mlps = nn.ModuleList(SkipMlp(c, cfg.skip_mlp_ratio) for c in w)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if self.modal_fm is not None:
+            x = self.modal_fm(x)  # [B, M, T, H, W] -> [B, M*k, T, H, W]
+        skips = []
+        for i, stage in enumerate(self.stages):
+            x = self.downsample[i](x)  # stage 0: [B, *, T, H, W] -> [B, C0, T/4, H/4, W/4]; then /2 per stage
+            if self.stage_fm is not None:
+                x = self.stage_fm[i](x)
+            x = stage(x)
+            skips.append(self.skip_mlps[i](self.out_norms[i](x)))
+        return skips
+
+
+class MMSegRWKV(nn.Module):
+    """[B, M, T, H, W] -> logits [B, K, T, H, W] for any T, H, W (padded to a multiple of cfg.stride inside)."""
+
+    def __init__(self, cfg: MMSegRWKVConfig) -> None:
+        super().__init__()
+        if len(cfg.widths) != 4:
+            raise ValueError(f"the UNETR-style decoder expects 4 encoder stages, got widths {cfg.widths}")
+        self.cfg = cfg
+        w, norm, fr = cfg.widths, cfg.norm_name, cfg.full_res_width
+
+        def basic(cin: int, cout: int) -> UnetrBasicBlock:
+            return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm, res_block=True)
+
+        def up(cin: int, cout: int, factor: int) -> UnetrUpBlock:
+            return UnetrUpBlock(
+                3, cin, cout, kernel_size=3, upsample_kernel_size=factor, norm_name=norm, res_block=True
+            )
+
+        self.encoder = MMSegRWKVEncoder(cfg)
+        self.enc1 = basic(cfg.in_channels, fr)  # raw input at full resolution
+        self.enc2, self.enc3, self.enc4 = basic(w[0], w[1]), basic(w[1], w[2]), basic(w[2], w[3])
+        self.bottleneck = basic(w[3], cfg.decoder_hidden)
+        self.dec4 = up(cfg.decoder_hidden, w[3], 2)
+        self.dec3 = up(w[3], w[2], 2)
+        self.dec2 = up(w[2], w[1], 2)
+        self.dec1 = up(w[1], fr, 4)  # 1/4 -> full resolution, + enc1
+        self.dec0 = basic(fr, fr)
+        self.head = UnetOutBlock(3, fr, cfg.num_classes)
+
+    def padded_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
+        """Each axis up to a multiple of the stride; if that leaves a single voxel at the 1/stride bottleneck
+        (whose instance norm needs more than one), the last axis gets one more stride."""
+        s = self.cfg.stride
+        padded = [-(-d // s) * s for d in size]
+        if math.prod(padded) == s ** len(padded):
+            padded[-1] += s
+        return tuple(padded)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(
+                f"MMSegRWKV expects [B, {self.cfg.in_channels}, T, H, W] (modalities as channels), got {tuple(x.shape)}"
+            )
+        size = x.shape[2:]
+        padded = self.padded_size(size)
+        if padded != tuple(size):
+            pad = [p for d, q in zip(reversed(size), reversed(padded), strict=True) for p in (0, q - d)]
+            x = F.pad(x, pad)  # far-end zero padding
+        s1, s2, s3, s4 = self.encoder(x)
+        enc1 = self.enc1(x)
+        y = self.dec4(self.bottleneck(s4), self.enc4(s3))  # 1/32 -> 1/16
+        y = self.dec3(y, self.enc3(s2))  # -> 1/8
+        y = self.dec2(y, self.enc2(s1))  # -> 1/4
+        y = self.dec0(self.dec1(y, enc1))  # -> full resolution
+        y = self.head(y)
+        return y[:, :, : size[0], : size[1], : size[2]]
+
+
+def _builder(name: str):
+    def build(in_channels: int, num_classes: int, **overrides) -> MMSegRWKV:
+        fields = {f.name for f in dataclasses.fields(MMSegRWKVConfig)} - {"in_channels", "num_classes"}
+        unknown = overrides.keys() - fields
+        if unknown:
+            raise ValueError(f"{name}: unknown overrides {sorted(unknown)}; valid ones: {sorted(fields)}")
+        params = {**VARIANTS[name], **overrides}
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        return MMSegRWKV(MMSegRWKVConfig(in_channels=in_channels, num_classes=num_classes, **params))
+
+    return build
+
+
+MODELS = {name: _builder(name) for name in VARIANTS}

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+import rwkvseg.layers.dualview as dualview
+from rwkvseg.bench.complexity import count_macs, count_parameters
+from rwkvseg.models import create_model
+from rwkvseg.models.mmsegrwkv import RESFM_MODES, VARIANTS, MMSegRWKV
+
+
+def _tiny(resfm: str = "modal", in_channels: int = 4, num_classes: int = 3, seed: int = 0) -> MMSegRWKV:
+    torch.manual_seed(seed)
+    return create_model("mmsegrwkv_test", in_channels, num_classes, resfm=resfm)
+
+
+@pytest.fixture
+def wkv_free_on_meta(monkeypatch):
+    """MACs exclude the WKV; on the meta device it only has to return a tensor of v's shape."""
+    real = dualview.bi_wkv
+    monkeypatch.setattr(dualview, "bi_wkv", lambda w, u, k, v: torch.empty_like(v) if k.is_meta else real(w, u, k, v))
+
+
+def test_forward_backward_on_the_issue_volume():
+    model = _tiny()
+    x = torch.randn(1, 4, 32, 48, 40)
+    y = model(x)
+    assert y.shape == (1, 3, 32, 48, 40)
+    assert torch.isfinite(y).all()
+    y.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # every encoder stage and the ResFM embedding learn from this loss
+    assert model.encoder.modal_fm.embed.weight.grad.abs().sum() > 0
+    assert model.encoder.stages[3].blocks[0].spatial.decay.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("resfm", "in_channels", "size"),
+    [("stage", 2, (33, 17, 21)), ("none", 1, (5, 7, 3))],
+)
+def test_odd_sizes_modalities_and_resfm_modes(resfm, in_channels, size):
+    model = _tiny(resfm, in_channels, num_classes=2).eval()
+    with torch.no_grad():
+        y = model(torch.randn(1, in_channels, *size))
+    assert y.shape == (1, 2, *size)
+    assert torch.isfinite(y).all()
+
+
+def test_padding_reaches_the_stride_and_a_two_voxel_bottleneck():
+    model = _tiny()
+    assert model.cfg.stride == 32
+    assert model.padded_size((32, 48, 40)) == (32, 64, 64)
+    assert model.padded_size((9, 13, 11)) == (32, 32, 64)  # a 1-voxel bottleneck breaks instance norm
+    assert model.padded_size((64, 32, 32)) == (64, 32, 32)
+
+
+def test_state_dict_round_trip():
+    a, b = _tiny(seed=0).eval(), _tiny(seed=1).eval()
+    assert not torch.equal(
+        a.encoder.stages[0].blocks[0].spatial.key.weight, b.encoder.stages[0].blocks[0].spatial.key.weight
+    )
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 4, 9, 13, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_golden_output():
+    """Seeded mmsegrwkv_test on a fixed input; numbers recorded from this implementation (float32, CPU)."""
+    model = _tiny().eval()
+    x = torch.randn(1, 4, 9, 13, 11, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).double()
+    torch.testing.assert_close(y.mean().item(), 1.103816067435393, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.std().item(), 3.789746699777025, rtol=1e-4, atol=1e-5)
+    expected = torch.tensor(
+        [[-4.169390678405762, -0.7732734084129333, 0.06301170587539673],
+         [0.6313674449920654, 5.259239196777344, 1.5126068592071533],
+         [0.23545372486114502, 1.7313640117645264, 0.2471984624862671]],
+        dtype=torch.float64,
+    )  # fmt: skip
+    got = torch.stack([y[0, :, 4, 6, 5], y[0, :, 0, 0, 0], y[0, :, 8, 12, 10]])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_paper_configuration_parameters_and_macs(wkv_free_on_meta):
+    with torch.device("meta"):
+        model = create_model("mmsegrwkv", 4, 4, resfm="none")
+    assert model.cfg.widths == (32, 64, 128, 256) and model.cfg.windows == (8, 8, 4, 4)
+    assert model.cfg.depths == (2, 2, 2, 2) and model.cfg.decoder_hidden == 768
+    assert abs(count_parameters(model) / 37e6 - 1) < 0.05
+    macs = count_macs(model, (1, 4, 128, 128, 128))
+    assert abs(macs / 410e9 - 1) < 0.05
+
+
+def test_variants_and_modes_build_and_order_by_size():
+    counts = {}
+    for name in VARIANTS:
+        for mode in RESFM_MODES:
+            with torch.device("meta"):
+                counts[name, mode] = count_parameters(create_model(name, 4, 4, resfm=mode))
+    for mode in RESFM_MODES:
+        assert counts["mmsegrwkv_test", mode] < counts["mmsegrwkv_lite", mode] < counts["mmsegrwkv", mode]
+    assert counts["mmsegrwkv", "none"] < counts["mmsegrwkv", "stage"] < counts["mmsegrwkv", "modal"]
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="unknown overrides"):
+        create_model("mmsegrwkv_test", 4, 3, widht=(8,))
+    with pytest.raises(ValueError, match="resfm"):
+        create_model("mmsegrwkv_test", 4, 3, resfm="channels")
+    with pytest.raises(ValueError, match="one entry per stage"):
+        create_model("mmsegrwkv_test", 4, 3, windows=(2, 2))
+    with pytest.raises(ValueError, match=r"\[B, 4, T, H, W\]"):
+        _tiny()(torch.randn(1, 3, 8, 8, 8))
