@@ -1,0 +1,274 @@
+"""The training loop, shared by 2D and 3D: a model, a training dataset, a loss and a `validate(model)` callable.
+
+Per epoch: a seeded shuffle, optimizer steps (mixed precision on GPU), validation, then the run folder is
+brought up to date: `best` checkpoint (chosen on validation only), `last` checkpoint, the full training state
+for --resume, and metrics.csv. Every file is written atomically, so an interrupted run loses at most the
+epoch in progress and never a file it had written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import CheckpointMeta, atomic_write_text, save_checkpoint
+from .state import Progress, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+Batch = Any
+Validate = Callable[[nn.Module], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """amp: "bf16" | "fp16" | "off" (already resolved for the device); select_mode: "max" or "min"."""
+
+    epochs: int
+    batch_size: int = 4
+    seed: int = 0
+    val_every: int = 1
+    amp: str = "off"
+    grad_clip: float = 0.0
+    max_steps_per_epoch: int = 0
+    select_metric: str = "dice"
+    select_mode: str = "max"
+    num_workers: int = 0
+    logger: str = "csv"
+    progress: bool = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """auto: bf16 autocast on GPUs that support it, fp16 (with loss scaling) on older GPUs, off on CPU."""
+    if device.type != "cuda":
+        if amp in ("bf16", "fp16"):
+            log.warning("mixed precision %s is for CUDA; training in float32 on %s", amp, device)
+        return "off"
+    if amp == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return amp
+
+
+def steps_per_epoch(n_train: int, batch_size: int, max_steps: int = 0) -> int:
+    """Optimizer steps per epoch: full batches only (a last batch of 1 breaks BatchNorm), at least one."""
+    steps = max(1, n_train // batch_size)
+    return min(steps, max_steps) if max_steps else steps
+
+
+def default_unpack(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch["image"], batch["mask"]
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+class _TensorBoard:
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("logger = tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
+    if not enabled:
+        yield lambda _text: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, TextColumn("{task.fields[info]}"), transient=True) as bar:
+        task = bar.add_task(description, total=total, info="")
+        yield lambda text: bar.update(task, advance=1, info=text)
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    validate: Validate,
+    run_dir: str | Path,
+    loop: LoopConfig,
+    meta: CheckpointMeta,
+    *,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    collate_fn: Callable[[list[Any]], Batch] | None = None,
+    unpack: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]] = default_unpack,
+    stop: Callable[[Progress], bool] | None = None,
+) -> Progress:
+    """Train for loop.epochs epochs (or until stop(progress) is true after an epoch); returns the progress.
+
+    The optimizer and scheduler are already built for this model (the scheduler is stepped per iteration).
+    train_set may have set_epoch(epoch) (reseeds augmentation). meta describes the model for the checkpoints;
+    its training field is filled in here. With resume, everything continues from run_dir/state.pt.
+    """
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+    state_path = run_dir / STATE_FILE
+    if not resume and state_path.exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a training run ({STATE_FILE}); pass --resume to continue it, "
+            "or choose another output folder"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    scaler = torch.amp.GradScaler("cuda") if loop.amp == "fp16" else None
+    progress = load_state(state_path, model, optimizer, scheduler, scaler) if resume else Progress()
+    if resume:
+        log.info("resuming %s after epoch %d (step %d)", run_dir, progress.epoch, progress.step)
+    tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp)
+    n_steps = steps_per_epoch(len(train_set), loop.batch_size, loop.max_steps_per_epoch)
+    better = (lambda a, b: a > b) if loop.select_mode == "max" else (lambda a, b: a < b)
+
+    for epoch in range(progress.epoch + 1, loop.epochs + 1):
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
+        loader = DataLoader(
+            train_set,
+            batch_size=loop.batch_size,
+            sampler=_epoch_order(len(train_set), loop.seed, epoch),
+            drop_last=len(train_set) >= loop.batch_size,
+            num_workers=loop.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=device.type == "cuda",
+        )
+        model.train()
+        start, total_loss, seen = time.perf_counter(), 0.0, 0
+        with _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
+            for batch in loader:
+                if seen == n_steps:
+                    break
+                x, y = unpack(batch)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = loss_fn(model(x), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss is {loss.item()} at epoch {epoch}, step {progress.step + 1}; "
+                        "lower optim.lr, set amp=off, or check the data for broken images"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if loop.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                progress.step += 1
+                seen += 1
+                total_loss += loss.item()
+                advance(f"loss {total_loss / seen:.4f}")
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": progress.step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": total_loss / max(seen, 1),
+            "train_seconds": round(time.perf_counter() - start, 3),
+        }
+        if epoch % loop.val_every == 0 or epoch == loop.epochs:
+            start = time.perf_counter()
+            model.eval()
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                scores = validate(model)
+            row.update({f"val_{k}": v for k, v in scores.items()})
+            row["val_seconds"] = round(time.perf_counter() - start, 3)
+            if loop.select_metric not in scores:
+                raise ValueError(
+                    f"select_metric {loop.select_metric!r} is not among the validation scores {sorted(scores)}"
+                )
+            score = float(scores[loop.select_metric])
+            if not math.isnan(score) and (progress.best_metric is None or better(score, progress.best_metric)):
+                progress.best_metric, progress.best_epoch = score, epoch
+                summary = {"epoch": epoch, "step": progress.step, loop.select_metric: score, **_val(scores)}
+                best_meta = replace(meta, training={**meta.training, "best": summary})
+                save_checkpoint(run_dir / "best", model, best_meta, overwrite=True)
+        progress.epoch = epoch
+        progress.history.append(row)
+        last_meta = replace(meta, training={**meta.training, "epoch": epoch, "step": progress.step})
+        save_checkpoint(run_dir / "last", model, last_meta, overwrite=True)
+        save_state(state_path, model, optimizer, scheduler, scaler, progress)
+        _write_metrics_csv(run_dir / METRICS_FILE, progress.history)
+        if tensorboard is not None:
+            tensorboard.log(row, progress.step)
+        log.info(
+            "epoch %d/%d  loss %.4f  %s  (best %s %.4f at epoch %s)",
+            epoch,
+            loop.epochs,
+            row["train_loss"],
+            "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_") and k != "val_seconds"),
+            loop.select_metric,
+            progress.best_metric if progress.best_metric is not None else math.nan,
+            progress.best_epoch,
+        )
+        if stop is not None and stop(progress):
+            log.info("stopping after epoch %d", epoch)
+            break
+
+    summary = {
+        "epochs_done": progress.epoch,
+        "steps": progress.step,
+        "best_epoch": progress.best_epoch,
+        f"best_{loop.select_metric}": progress.best_metric,
+        "last": progress.history[-1] if progress.history else None,
+    }
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return progress
+
+
+def _val(scores: dict[str, float]) -> dict[str, float]:
+    return {f"val_{k}": float(v) for k, v in scores.items()}

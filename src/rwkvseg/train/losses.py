@@ -1,0 +1,55 @@
+"""Segmentation losses: BCE + Dice for one output channel, CE + Dice for several classes (MONAI's DiceCELoss).
+
+Targets are label maps [B, 1, *spatial] (float or int); logits are [B, K, *spatial]. Works for 2D and 3D.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+from torch import nn
+
+from .config import LossConfig
+
+
+class SegmentationLoss(nn.Module):
+    """ce_weight * (BCE or CE) + dice_weight * soft Dice, chosen by the number of output channels."""
+
+    def __init__(self, num_classes: int, config: LossConfig | None = None) -> None:
+        super().__init__()
+        config = config or LossConfig()
+        name = config.name
+        if name == "auto":
+            name = "bce_dice" if num_classes == 1 else "ce_dice"
+        if name.startswith("bce") and num_classes != 1:
+            raise ValueError(f"loss {name} needs one output channel (binary); this model has {num_classes}")
+        if name.startswith("ce") and num_classes == 1:
+            raise ValueError(f"loss {name} needs >= 2 output classes; use bce_dice for a one-channel model")
+        self.binary = num_classes == 1
+        self.name = name
+        ce_w = config.ce_weight if name != "dice" else 0.0
+        dice_w = config.dice_weight if name not in ("bce", "ce") else 0.0
+        if dice_w == 0.0:
+            self.loss: nn.Module = nn.BCEWithLogitsLoss() if self.binary else nn.CrossEntropyLoss()
+            self.scale = ce_w
+        elif ce_w == 0.0:
+            self.loss = DiceLoss(sigmoid=self.binary, softmax=not self.binary, to_onehot_y=not self.binary)
+            self.scale = dice_w
+        else:
+            self.loss = DiceCELoss(
+                sigmoid=self.binary,
+                softmax=not self.binary,
+                to_onehot_y=not self.binary,
+                lambda_ce=ce_w,
+                lambda_dice=dice_w,
+            )
+            self.scale = 1.0
+        self.plain_ce = dice_w == 0.0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()  # losses in fp32 also under autocast
+        if self.binary:
+            return self.scale * self.loss(logits, target.float())
+        if self.plain_ce:
+            return self.scale * self.loss(logits, target[:, 0].long())  # [B, 1, ...] -> [B, ...]
+        return self.scale * self.loss(logits, target.long())

@@ -1,0 +1,113 @@
+"""The full training state for an exact resume: weights, optimizer, scheduler, AMP scaler, RNGs, progress.
+
+One file (`state.pt`, written atomically at the end of each epoch). Data order and augmentation are seeded from
+(seed, epoch[, index]), so together with the RNG states here a resumed run repeats the uninterrupted one bit for
+bit on CPU. Loaded with weights_only=True: the file holds tensors and plain values only.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_write
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class Progress:
+    """Where training stands: completed epochs and steps, the best validation score and its epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _rng_state() -> dict[str, Any]:
+    # The legacy global NumPy RNG is saved because third-party transforms may draw from it.
+    np_state = np.random.get_state()  # noqa: NPY002
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    legacy = ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(legacy)  # noqa: NPY002
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def save_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    progress: Progress,
+) -> None:
+    state = {
+        "format": STATE_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "progress": {
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "best_metric": progress.best_metric,
+            "best_epoch": progress.best_epoch,
+            "history": progress.history,
+        },
+        "rng": _rng_state(),
+    }
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> Progress:
+    """Restore everything save_state wrote; returns the progress to continue from."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state {path} to resume from; start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: say which and what to do
+        raise ValueError(f"cannot read training state {path} ({err}); start the run again without --resume") from None
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path} is not an rwkvseg training state (format {STATE_FORMAT})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    p = state["progress"]
+    return Progress(p["epoch"], p["step"], p["best_metric"], p["best_epoch"], list(p["history"]))

@@ -1,0 +1,95 @@
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rwkvseg.checkpoint import CheckpointMeta
+from rwkvseg.data.dataset2d import SegDataset2D
+from rwkvseg.data.images2d import discover_pairs
+from rwkvseg.data.synthetic import write_synthetic_dataset
+from rwkvseg.data.transforms2d import AugmentConfig, eval_transform, train_transform
+from rwkvseg.infer.predict2d import Preprocessing2D
+from rwkvseg.train.config import OptimConfig
+from rwkvseg.train.loop import LoopConfig, fit, steps_per_epoch
+from rwkvseg.train.losses import SegmentationLoss
+from rwkvseg.train.optim import build_optimizer, build_scheduler
+from rwkvseg.train.train2d import validator_2d
+
+
+class TinySeg(nn.Module):
+    """Conv + BatchNorm + Dropout: exercises running stats and the torch RNG across a resume."""
+
+    def __init__(self, in_channels=3, num_classes=1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Dropout2d(0.2),
+            nn.Conv2d(6, num_classes, 3, padding=1),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    write_synthetic_dataset(root, n=10, shape=(29, 35), seed=2)
+    samples = discover_pairs(root)
+    pre = Preprocessing2D(3, (24, 24))
+    aug = AugmentConfig(affine=True, intensity=True)
+    train = SegDataset2D(samples[:7], 3, transform=train_transform(pre.size, "resize", aug), seed=3)
+    val = SegDataset2D(samples[7:], 3, transform=eval_transform(pre.size, "resize"))
+    return train, val, pre
+
+
+def _run(data, run_dir, epochs=4, stop_after=None, resume=False):
+    train, val, pre = data
+    torch.manual_seed(0)
+    model = TinySeg()
+    optim = OptimConfig(lr=0.05)
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim, epochs * steps_per_epoch(len(train), 3))
+    loop = LoopConfig(epochs=epochs, batch_size=3, seed=1)
+    validate = validator_2d(val, pre, 1, torch.device("cpu"), batch_size=2)
+    stop = (lambda p: p.epoch >= stop_after) if stop_after else None
+    meta = CheckpointMeta("tiny", 3, 1, preprocessing=pre.to_dict())
+    progress = fit(
+        model, train, SegmentationLoss(1), optimizer, scheduler, validate, run_dir, loop, meta, resume=resume, stop=stop
+    )
+    return model, progress
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    straight, p_straight = _run(data, tmp_path / "a")
+    _, p_half = _run(data, tmp_path / "b", stop_after=2)
+    assert p_half.epoch == 2
+    resumed, p_resumed = _run(data, tmp_path / "b", resume=True)
+    assert p_resumed.epoch == 4 and p_resumed.step == p_straight.step == 8
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
+    assert strip(p_resumed.history) == strip(p_straight.history)
+    assert (tmp_path / "a" / "best.safetensors").read_bytes() == (tmp_path / "b" / "best.safetensors").read_bytes()
+
+
+def test_run_folder_contents_and_refusal_to_clobber(data, tmp_path):
+    _, progress = _run(data, tmp_path, epochs=2)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and "val_dice" in rows[0]
+    dices = [float(r["val_dice"]) for r in rows]
+    assert progress.best_metric == max(dices) and progress.best_epoch == 1 + dices.index(max(dices))
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["training"]["best"]["epoch"] == progress.best_epoch
+    assert best["preprocessing"]["size"] == [24, 24]
+    assert json.loads((tmp_path / "summary.json").read_text())["best_epoch"] == progress.best_epoch
+    before = (tmp_path / "state.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        _run(data, tmp_path, epochs=2)
+    assert (tmp_path / "state.pt").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="start without --resume"):
+        _run(data, tmp_path / "empty", resume=True)
