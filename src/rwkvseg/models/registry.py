@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-MODEL_MODULES = ("mmsegrwkv", "baselines3d")
+MODEL_MODULES = ("urwkv", "baselines2d", "mmsegrwkv", "baselines3d")
 
 
 def _builders() -> dict[str, Callable[..., nn.Module]]:
