@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+
+    from .data.cli3d import add_preprocess_parser
+
+    add_preprocess_parser(sub)
     return parser
 
 

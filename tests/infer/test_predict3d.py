@@ -1,4 +1,5 @@
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -212,3 +213,34 @@ def test_real_brats_model_at_2mm_predicts_on_a_1mm_original_grid(tmp_path):
     pred = np.asarray(written.dataobj) > 0
     assert reference.sum() > 1000
     assert dice(pred, reference) > 0.9
+
+
+def test_command_line_preprocess_predict_evaluate(tmp_path, monkeypatch, capsys):
+    from rwkvseg.cli import main
+
+    write_1mm_case(tmp_path / "raw", "p1")
+    write_1mm_case(tmp_path / "raw", "p2")
+    assert main(["preprocess", str(tmp_path / "raw"), "--out", str(tmp_path / "cache"), "--spacing", "2"]) == 0
+    from rwkvseg.data.preprocess3d import load_plans
+
+    plans = load_plans(tmp_path / "cache")
+    assert plans["target_spacing"] == [2.0, 2.0, 2.0]
+    meta = CheckpointMeta(
+        model="threshold", in_channels=4, num_classes=4, preprocessing=inference_metadata(plans, (16, 16, 16))
+    )
+    save_checkpoint(tmp_path / "ckpt", Threshold(), meta)
+    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+    pred = tmp_path / "pred"
+    assert (
+        main(["predict", str(tmp_path / "ckpt"), str(tmp_path / "raw"), "--out", str(pred), "--mirror-axes", ""]) == 0
+    )
+    assert sorted(p.name for p in pred.iterdir()) == ["p1.nii.gz", "p2.nii.gz"]
+    assert main(["evaluate", str(pred), str(tmp_path / "raw"), "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["cases"] == 2 and summary["regions"]["WT"]["dice"]["mean"] > 0.9
+    # bad input: a non-zero exit and a message naming the file, nothing written
+    (tmp_path / "raw" / "p2" / "p2_t1.nii.gz").unlink()
+    capsys.readouterr()
+    assert main(["preprocess", str(tmp_path / "raw"), "--out", str(tmp_path / "cache2")]) == 2
+    assert "p2_t1.nii.gz" in capsys.readouterr().err
+    assert not (tmp_path / "cache2").exists()

@@ -47,13 +47,19 @@ def _case_key(path: Path, spec: DatasetSpec) -> str:
 
 
 def label_files(folder: Path | str, spec: DatasetSpec) -> dict[str, Path]:
-    """{case id: label file} from a dataset folder in the spec's layout, or a flat folder of label files."""
+    """{case id: label file} from a flat folder of label files (`<case>.nii.gz`, `<case>_seg.nii.gz`) or a
+    dataset folder in the spec's layout (a BraTS case folder or tree, an MSD / nnU-Net root)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"label folder {folder} does not exist")
-    flat = {_case_key(p, spec): p for p in sorted(folder.iterdir()) if is_volume_file(p)}
-    if flat:
-        return flat
+    files = [p for p in sorted(folder.iterdir()) if is_volume_file(p)]
+    segs = {_case_key(p, spec): p for p in files if _case_key(p, spec) != strip_suffix(p.name)}
+    if segs:
+        return segs
+    if files and not (
+        spec.layout == "brats" and any(p.name.startswith(f"{folder.name}{spec.separator}") for p in files)
+    ):
+        return {strip_suffix(p.name): p for p in files}
     return {c.case_id: c.label for c in discover_cases(folder, spec, require_label=True)}
 
 
