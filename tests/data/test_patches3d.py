@@ -48,10 +48,10 @@ def test_items_have_the_patch_shape_and_are_reproducible(cache):
     dataset = PatchDataset(cache, None, config)
     item = dataset[2]
     assert item["image"].shape == (4, 7, 9, 5) and item["image"].dtype == torch.float32
-    assert item["label"].shape == (1, 7, 9, 5) and item["label"].dtype == torch.int64
+    assert item["mask"].shape == (1, 7, 9, 5) and item["mask"].dtype == torch.int64
     assert item["case"] in ("c1", "c2")
     again = PatchDataset(cache, None, config)[2]
-    assert torch.equal(item["image"], again["image"]) and torch.equal(item["label"], again["label"])
+    assert torch.equal(item["image"], again["image"]) and torch.equal(item["mask"], again["mask"])
     dataset.set_epoch(1)
     assert not torch.equal(dataset[2]["image"], item["image"])
     assert len(dataset) == 6
@@ -61,7 +61,7 @@ def test_foreground_oversampling(cache):
     def fg_share(fraction: float) -> float:
         config = PatchConfig(patch_size=(5, 5, 5), samples_per_epoch=60, fg_fraction=fraction, augment=False)
         dataset = PatchDataset(cache, ["c1"], config)
-        return np.mean([bool((dataset[i]["label"] > 0).any()) for i in range(len(dataset))])
+        return np.mean([bool((dataset[i]["mask"] > 0).any()) for i in range(len(dataset))])
 
     assert fg_share(1.0) == 1.0
     assert fg_share(0.0) < 0.5  # the tumour fills 8 of 6783 voxels
@@ -72,7 +72,7 @@ def test_regions_target_and_augmentation_keep_labels_valid(cache):
     dataset = PatchDataset(cache, None, config)
     for i in range(len(dataset)):
         item = dataset[i]
-        label = item["label"]
+        label = item["mask"]
         assert label.shape == (3, 8, 8, 8) and label.dtype == torch.float32
         assert set(label.unique().tolist()) <= {0.0, 1.0}
         # nested regions: ET inside TC inside WT
@@ -86,7 +86,7 @@ def test_volume_smaller_than_the_patch_names_the_case_and_the_fix(cache):
     padded = PatchDataset(cache, None, PatchConfig(patch_size=(18, 20, 21), allow_padding=True, fg_fraction=1.0))
     item = padded[0]
     assert item["image"].shape == (4, 18, 20, 21)
-    assert (item["label"] > 0).any()  # foreground locations moved with the padding
+    assert (item["mask"] > 0).any()  # foreground locations moved with the padding
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
@@ -97,4 +97,4 @@ def test_real_brats_patches(tmp_path):
     for i in range(len(dataset)):
         item = dataset[i]
         assert item["image"].shape == (4, 48, 48, 48)
-        assert (item["label"] > 0).any()
+        assert (item["mask"] > 0).any()

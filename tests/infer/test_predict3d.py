@@ -244,3 +244,34 @@ def test_command_line_preprocess_predict_evaluate(tmp_path, monkeypatch, capsys)
     assert main(["preprocess", str(tmp_path / "raw"), "--out", str(tmp_path / "cache2")]) == 2
     assert "p2_t1.nii.gz" in capsys.readouterr().err
     assert not (tmp_path / "cache2").exists()
+
+
+def test_msd_4d_inputs_predict_to_a_3d_file_on_the_same_grid(tmp_path, monkeypatch):
+    root = tmp_path / "Task01_BrainTumour"
+    meta = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}, "labels": {"0": "bg", "1": "edema"}}
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps(meta))
+    brain, whole, enhancing = balls()
+    channels = [brain * 100 + 200 * whole, brain * 100, brain * 100 + 300 * enhancing, brain * 100]
+    image = np.stack(channels, -1).astype(np.float32)  # (i, j, k, c) in the file's FLAIR, T1w, t1gd, T2w order
+    seg = np.where(enhancing, 3, np.where(whole, 1, 0)).astype(np.uint8)
+    for split in ("Tr", "Ts"):
+        nib.save(nib.Nifti1Image(image, AFFINE_1MM), tmp_path / "x.nii.gz")
+        (root / f"images{split}").mkdir()
+        (tmp_path / "x.nii.gz").rename(root / f"images{split}" / "BRATS_001.nii.gz")
+    (root / "labelsTr").mkdir()
+    nib.save(nib.Nifti1Image(seg, AFFINE_1MM), root / "labelsTr" / "BRATS_001.nii.gz")
+    spec = dataset_spec("msd_task01")
+    plans = preprocess_dataset(root, spec, tmp_path / "cache", PreprocessConfig(target_spacing=(2.0, 2.0, 2.0)))
+    meta = CheckpointMeta(
+        model="threshold", in_channels=4, num_classes=4, preprocessing=inference_metadata(plans, (8, 8, 8))
+    )
+    save_checkpoint(tmp_path / "ckpt", Threshold(), meta)
+    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+    (out,) = predict_paths(tmp_path / "ckpt", [root], tmp_path / "out", PredictOptions(mirror_axes=()))
+    written, source = nib.load(out), nib.load(root / "imagesTs" / "BRATS_001.nii.gz")
+    assert written.shape == SHAPE_1MM and source.shape == (*SHAPE_1MM, 4)
+    np.testing.assert_array_equal(written.affine, source.affine)
+    pred = np.asarray(written.dataobj)
+    assert set(np.unique(pred)) == {0, 2, 3}  # the Threshold model's classes 2 and 3 are MSD labels 2 and 3
+    assert dice(pred > 0, seg > 0) > 0.9

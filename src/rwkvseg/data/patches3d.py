@@ -50,7 +50,7 @@ class PatchConfig:
 
 
 def nnunet_augmentation(patch_size: Sequence[int], seed: int = 0):
-    """nnU-Net's default augmentation as MONAI dictionary transforms on keys image / label.
+    """nnU-Net's default augmentation as MONAI dictionary transforms on keys image / mask.
 
     Probabilities and ranges follow nnU-Net v2: rotation +-30 deg and scaling 0.7-1.4 (p 0.2 each), Gaussian
     noise (0.1), blur (0.2), brightness (0.15), contrast (0.15), low resolution (0.25), gamma (0.3) and mirroring
@@ -62,7 +62,7 @@ def nnunet_augmentation(patch_size: Sequence[int], seed: int = 0):
     transforms = mt.Compose(
         [
             mt.RandAffined(
-                keys=("image", "label"),
+                keys=("image", "mask"),
                 prob=0.2,
                 rotate_range=(angle, angle, angle),
                 scale_range=(0.3, 0.3, 0.3),
@@ -76,9 +76,9 @@ def nnunet_augmentation(patch_size: Sequence[int], seed: int = 0):
             mt.RandScaleIntensityFixedMeand(keys="image", prob=0.15, factors=0.25, preserve_range=True),
             mt.RandSimulateLowResolutiond(keys="image", prob=0.25, zoom_range=(0.5, 1.0)),
             mt.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
-            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
-            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1),
-            mt.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=2),
+            mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=1),
+            mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=2),
         ]
     )
     transforms.set_random_state(seed=seed)
@@ -107,7 +107,7 @@ def patch_origin(
 
 
 class PatchDataset(Dataset):
-    """Random patches of cached cases: {"image": [M, *P] float32, "label": [1, *P] long or [R, *P] float,
+    """Random patches of cached cases: {"image": [M, *P] float32, "mask": [1, *P] long or [R, *P] float,
     "case": case id}. Length = samples_per_epoch; every case is held in memory (the cache is small)."""
 
     def __init__(self, cache_dir: Path | str, case_ids: Sequence[str] | None, config: PatchConfig) -> None:
@@ -156,13 +156,13 @@ class PatchDataset(Dataset):
         box = tuple(slice(int(l), int(l) + p) for l, p in zip(lo, self.config.patch_size, strict=True))
         item: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(case.image[(slice(None), *box)])),  # [M, *P]
-            "label": torch.from_numpy(case.label[box].astype(np.float32))[None],  # [1, *P]
+            "mask": torch.from_numpy(case.label[box].astype(np.float32))[None],  # [1, *P]
         }
         if self.transform is not None:
             self.transform.set_random_state(seed=int(rng.integers(2**31)))
             item = self.transform(item)
         image = torch.as_tensor(item["image"]).float().contiguous()
-        label = torch.as_tensor(item["label"]).round().long()
+        label = torch.as_tensor(item["mask"]).round().long()
         if self.config.target == "regions":
             label = classes_to_regions(label[0], self.spec).float()  # [1, *P] -> [R, *P]
-        return {"image": image, "label": label.contiguous(), "case": case.case_id}
+        return {"image": image, "mask": label.contiguous(), "case": case.case_id}
