@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
 
+    from .eval.cli_evaluate import add_evaluate_parser
+    from .infer.cli_predict import add_predict_parser
+    from .train.cli import add_train_parsers
+
+    add_train_parsers(sub)
+    add_predict_parser(sub)
+    add_evaluate_parser(sub)
+
     from .data.cli3d import add_preprocess_parser
 
     add_preprocess_parser(sub)
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         print(f"rwkvseg: error: {err}", file=sys.stderr)
         return 2
 

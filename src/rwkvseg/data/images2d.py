@@ -146,14 +146,18 @@ def _common_parts(paths: Sequence[Path]) -> list[str]:
     return common
 
 
+def strip_mask_suffix(mask_stem: str) -> str | None:
+    """`x_segmentation` / `x_mask_1` -> `x`; None when the stem has no known mask suffix."""
+    match = _MASK_RE.match(mask_stem)
+    return match["stem"] if match else None
+
+
 def _mask_owner(mask_stem: str, image_stems: set[str]) -> str | None:
     """The image stem a mask belongs to: the same stem, or the stem + a known suffix + an optional _<n>."""
     if mask_stem in image_stems:
         return mask_stem
-    match = _MASK_RE.match(mask_stem)
-    if match and match["stem"] in image_stems:
-        return match["stem"]
-    return None
+    stem = strip_mask_suffix(mask_stem)
+    return stem if stem in image_stems else None
 
 
 def _read_labels_csv(path: Path) -> dict[str, str]:

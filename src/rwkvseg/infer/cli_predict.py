@@ -1,0 +1,55 @@
+"""`rwkvseg predict`: thin argparse wiring over predict_2d."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="masks for an image or a folder of images, from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint (.safetensors with its .json sidecar)")
+    p.add_argument("input", help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="output folder (masks <name>.png at the input's size)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=None, help="binary threshold (default: the checkpoint's)")
+    p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
+    p.add_argument("--probabilities", action="store_true", help="also write probabilities/<name>.png|.npy")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
+    from ..data.cli3d import add_predict3d_arguments
+
+    add_predict3d_arguments(p)
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from ..data.cli3d import is_3d_checkpoint, run_predict3d
+
+    if is_3d_checkpoint(args.checkpoint):  # NIfTI / case folders through the 3D predictor
+        return run_predict3d(args)
+    from ..checkpoint import read_meta
+    from .predict2d import predict_2d
+
+    threshold = args.threshold
+    if threshold is None:
+        threshold = float(read_meta(args.checkpoint).training.get("threshold", 0.5))
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    written = predict_2d(
+        args.checkpoint,
+        args.input,
+        args.out,
+        device=device,
+        batch_size=args.batch_size,
+        threshold=threshold,
+        overlays=args.overlay,
+        save_probabilities=args.probabilities,
+        overwrite=args.overwrite,
+        skip_non_images=args.skip_non_images,
+    )
+    print(f"wrote {len(written)} masks to {args.out}")
+    return 0

@@ -1,0 +1,219 @@
+"""2D prediction from a checkpoint alone: images in, masks at each input's original size out.
+
+Preprocessing comes from the checkpoint's sidecar (channels, size, resize mode, normalization), so prediction
+repeats exactly what validation saw during training. Outputs, per input `<stem>`:
+- `<out>/<stem>.png`: the mask (binary: 0/255; multi-class: class index as gray value)
+- `<out>/overlays/<stem>.png` (optional): the image with the mask outlined and tinted
+- `<out>/probabilities/<stem>.png` (binary, 8-bit probability) or `.npy` ([K, H, W] float16, multi-class)
+Nothing is overwritten unless asked: every target is checked before the first file is written.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..checkpoint import CheckpointMeta, atomic_write, load_checkpoint
+from ..data.images2d import list_inputs, read_image
+
+log = logging.getLogger(__name__)
+
+# Distinct tints for up to 8 foreground classes (RGB); class k uses OVERLAY_COLOURS[(k - 1) % 8].
+OVERLAY_COLOURS = np.array(
+    [
+        [255, 64, 64],
+        [64, 200, 64],
+        [64, 128, 255],
+        [255, 200, 0],
+        [200, 64, 255],
+        [0, 220, 220],
+        [255, 128, 0],
+        [255, 0, 160],
+    ],
+    dtype=np.float32,
+)
+
+
+@dataclass(frozen=True)
+class Preprocessing2D:
+    """What turns an image file into a network input; stored in the checkpoint sidecar."""
+
+    channels: int
+    size: tuple[int, int] = (256, 256)
+    resize: str = "resize"
+    normalization: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": self.channels,
+            "size": list(self.size),
+            "resize": self.resize,
+            "normalization": self.normalization,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: CheckpointMeta) -> Preprocessing2D:
+        p = meta.preprocessing
+        if "size" not in p:
+            raise ValueError(f"checkpoint of model {meta.model!r} has no 2D preprocessing (size) in its sidecar")
+        return cls(
+            int(p.get("channels", meta.in_channels)),
+            tuple(int(s) for s in p["size"]),
+            p.get("resize", "resize"),
+            p.get("normalization", "auto"),
+        )
+
+
+def forward_logits(model: nn.Module, images: torch.Tensor, pre: Preprocessing2D) -> torch.Tensor:
+    """Logits [B, K, H, W] for network-ready images [B, C, H, W] (resized, or whole images in crop mode)."""
+    if pre.resize == "resize":
+        return model(images)
+    from monai.inferers import sliding_window_inference
+
+    # Crop-trained models see whole images through overlapping windows of the training crop size.
+    return sliding_window_inference(
+        images,
+        roi_size=pre.size,
+        sw_batch_size=4,
+        predictor=model,
+        overlap=0.25,
+        mode="gaussian",
+        padding_mode="constant",
+    )
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """[B, K, H, W] logits -> probabilities (sigmoid for one channel, softmax over classes)."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def to_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """[B, K, H, W] probabilities -> [B, H, W] int64 labels."""
+    if probs.shape[1] == 1:
+        return (probs[:, 0] >= threshold).long()
+    return probs.argmax(dim=1)
+
+
+def predict_arrays(
+    model: nn.Module, images: Sequence[np.ndarray], pre: Preprocessing2D, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """Probabilities [K, H, W] at each image's own size for float images [H, W, C]."""
+    device = torch.device(device)
+    sizes = [im.shape[:2] for im in images]
+    tensors = [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))) for im in images]  # -> [C, H, W]
+    if pre.resize == "resize":
+        batch = torch.stack(
+            [F.interpolate(t[None], size=pre.size, mode="bilinear", align_corners=False)[0] for t in tensors]
+        )  # [B, C, h, w] at the network size
+        logits = forward_logits(model, batch.to(device), pre)
+        # Logits, not labels, are resized back: smooth borders at the original size.
+        return [
+            probabilities(F.interpolate(logits[i : i + 1].float(), size=s, mode="bilinear", align_corners=False))[
+                0
+            ].cpu()
+            for i, s in enumerate(sizes)
+        ]
+    return [probabilities(forward_logits(model, t[None].to(device), pre))[0].cpu() for t in tensors]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: the image with each class tinted and its border drawn in full colour."""
+    base = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
+    base = np.clip(base * 255.0, 0, 255).astype(np.float32)
+    out = base.copy()
+    for k in np.unique(labels):
+        if k == 0:
+            continue
+        colour = OVERLAY_COLOURS[(int(k) - 1) % len(OVERLAY_COLOURS)]
+        region = labels == k
+        out[region] = (1 - alpha) * base[region] + alpha * colour
+        padded = np.pad(region, 1, mode="edge")
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        out[region & ~inner] = colour
+    return out.round().astype(np.uint8)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def output_paths(inputs: Sequence[Path], out: Path, overlays: bool, probs: bool, multiclass: bool) -> list[Path]:
+    stems = [p.stem for p in inputs]
+    repeats = sorted({s for s in stems if stems.count(s) > 1})
+    if repeats:
+        raise ValueError(f"several inputs share a name ({repeats[:5]}); their masks would collide, rename them")
+    paths = [out / f"{s}.png" for s in stems]
+    if overlays:
+        paths += [out / "overlays" / f"{s}.png" for s in stems]
+    if probs:
+        paths += [out / "probabilities" / f"{s}{'.npy' if multiclass else '.png'}" for s in stems]
+    return paths
+
+
+def predict_2d(
+    checkpoint: str | Path,
+    inputs: str | Path,
+    out: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    threshold: float = 0.5,
+    overlays: bool = False,
+    save_probabilities: bool = False,
+    overwrite: bool = False,
+    skip_non_images: bool = False,
+) -> list[Path]:
+    """Predict masks for an image file or folder; returns the mask paths written."""
+    model, meta = load_checkpoint(checkpoint, device)
+    pre = Preprocessing2D.from_meta(meta)
+    files = list_inputs(inputs, skip_non_images)
+    out = Path(out)
+    multiclass = meta.num_classes > 1
+    targets = output_paths(files, out, overlays, save_probabilities, multiclass)
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:3]) + (
+            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        )
+        raise FileExistsError(
+            f"{len(existing)} output file(s) already exist ({shown}); choose another --out or pass --overwrite"
+        )
+    written = []
+    with torch.inference_mode():
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            images = [read_image(f, pre.channels, pre.normalization) for f in chunk]
+            for f, image, prob in zip(chunk, images, predict_arrays(model, images, pre, device), strict=True):
+                labels = to_labels(prob[None], threshold)[0].numpy().astype(np.uint8)  # [H, W]
+                mask = labels * 255 if not multiclass else labels
+                _write(out / f"{f.stem}.png", _png_bytes(mask))
+                written.append(out / f"{f.stem}.png")
+                if overlays:
+                    _write(out / "overlays" / f"{f.stem}.png", _png_bytes(overlay(image, labels)))
+                if save_probabilities:
+                    if multiclass:
+                        buf = io.BytesIO()
+                        np.save(buf, prob.numpy().astype(np.float16))
+                        _write(out / "probabilities" / f"{f.stem}.npy", buf.getvalue())
+                    else:
+                        p8 = (prob[0].numpy() * 255).round().astype(np.uint8)
+                        _write(out / "probabilities" / f"{f.stem}.png", _png_bytes(p8))
+            log.info("predicted %d/%d images", min(start + batch_size, len(files)), len(files))
+    return written

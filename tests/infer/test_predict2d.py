@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+from rwkvseg.infer.predict2d import Preprocessing2D, overlay, predict_2d
+from rwkvseg.models import registry
+
+
+class Bright(nn.Module):
+    """Logit = 40 * (mean channel - 0.5): foreground where the image is bright; exact and easy to check."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.mix = nn.Conv2d(in_channels, num_classes, 1)
+        with torch.no_grad():
+            self.mix.weight.fill_(40.0 / in_channels)
+            self.mix.bias.fill_(-20.0)
+
+    def forward(self, x):
+        return self.mix(x)
+
+
+def save(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_builders", lambda: {"bright": Bright})
+
+    def make(channels=3, size=(16, 16), resize="resize"):
+        pre = Preprocessing2D(channels, size, resize, "dtype")
+        meta = CheckpointMeta("bright", channels, 1, preprocessing=pre.to_dict())
+        return save_checkpoint(tmp_path / f"ck_{channels}_{resize}", Bright(channels, 1), meta)[0]
+
+    return make
+
+
+def _square(shape, box, channels=3):
+    img = np.zeros((*shape, channels), np.uint8)
+    img[box[0] : box[1], box[2] : box[3]] = 255
+    return img if channels > 1 else img[..., 0]
+
+
+@pytest.mark.parametrize("resize", ["resize", "crop"])
+def test_masks_at_original_size_with_overlays_and_probabilities(tmp_path, checkpoint, resize):
+    ck = checkpoint(resize=resize)
+    src = tmp_path / "in"
+    save(src / "a.png", _square((40, 50), (10, 30, 5, 45)))
+    save(src / "b.jpg", _square((33, 21), (0, 16, 0, 21), channels=1))  # gray into a 3-channel model
+    out = tmp_path / "out"
+    written = predict_2d(ck, src, out, overlays=True, save_probabilities=True, batch_size=2)
+    assert sorted(p.name for p in written) == ["a.png", "b.png"]
+    a = np.asarray(Image.open(out / "a.png"))
+    assert a.shape == (40, 50) and set(np.unique(a)) == {0, 255}
+    truth = _square((40, 50), (10, 30, 5, 45), channels=1) > 0
+    assert ((a > 0) != truth).mean() < 0.05
+    b = np.asarray(Image.open(out / "b.png"))
+    assert b.shape == (33, 21) and (b[:12] == 255).all() and (b[20:] == 0).all()
+    assert np.asarray(Image.open(out / "overlays" / "a.png")).shape == (40, 50, 3)
+    prob = np.asarray(Image.open(out / "probabilities" / "a.png"))
+    assert prob.dtype == np.uint8 and prob[20, 25] > 250 and prob[2, 2] < 5
+
+
+def test_never_overwrites_and_bad_inputs(tmp_path, checkpoint):
+    ck = checkpoint(channels=1)
+    src = tmp_path / "in"
+    save(src / "a.png", _square((20, 20), (2, 9, 2, 9), channels=1))
+    out = tmp_path / "out"
+    predict_2d(ck, src, out)
+    (out / "a.png").write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match=r"a\.png.*--overwrite"):
+        predict_2d(ck, src, out)
+    assert (out / "a.png").read_bytes() == b"user data"
+    colour = np.zeros((20, 20, 3), np.uint8)
+    colour[..., 0] = 200
+    save(src / "c.png", colour)
+    with pytest.raises(ValueError, match=r"c\.png has 3 channels, the model expects 1"):
+        predict_2d(ck, src, tmp_path / "out2")
+    (src / "c.png").unlink()
+    (src / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"readme\.txt.*--skip-non-images"):
+        predict_2d(ck, src, tmp_path / "out3")
+    assert len(predict_2d(ck, src, tmp_path / "out3", skip_non_images=True)) == 1
+    broken = src / "z.png"
+    broken.write_bytes((src / "a.png").read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"cannot read image .*z\.png"):
+        predict_2d(ck, src, tmp_path / "out4", skip_non_images=True, batch_size=1)
+    assert (tmp_path / "out4" / "a.png").exists()  # what was written before the bad file stays
+
+
+def test_overlay_marks_border():
+    image = np.zeros((9, 9, 1), np.float32)
+    labels = np.zeros((9, 9), np.uint8)
+    labels[2:7, 2:7] = 1
+    out = overlay(image, labels)
+    assert out.shape == (9, 9, 3) and tuple(out[2, 4]) == (255, 64, 64) and out[4, 4, 0] < 255
+    assert tuple(out[0, 0]) == (0, 0, 0)
