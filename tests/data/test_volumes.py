@@ -203,3 +203,31 @@ def test_real_brats2018_case():
     assert case.image.shape == (4, 73, 88, 73) and case.spacing == (2.0, 2.0, 2.0)
     assert case.source_dtype == np.uint8
     assert set(np.unique(case.label)) == {0, 1, 2, 3}
+
+
+def test_dicom_series_folder(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    array = np.arange(7 * 9 * 11, dtype=np.int16).reshape(7, 9, 11)  # (k, j, i)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.9, 0.8, 2.0))
+    image.SetOrigin((-10.0, 5.0, 3.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        position = "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
+        tags = {"0008|0060": "MR", "0020|000d": "1.2.3.4", "0020|000e": "1.2.3.4.5", "0020|0013": str(k + 1)}
+        tags.update({"0020|0037": "1\\0\\0\\0\\1\\0", "0020|0032": position, "0018|0050": "2.0"})
+        for tag, value in tags.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+    volume = read_volume(tmp_path)
+    np.testing.assert_array_equal(volume.array, array)
+    assert volume.spacing == pytest.approx((2.0, 0.8, 0.9))
+    # DICOM's LPS world turned into nibabel's RAS
+    expected = [[-0.9, 0, 0, 10], [0, -0.8, 0, -5], [0, 0, 2, 3], [0, 0, 0, 1]]
+    np.testing.assert_allclose(volume.affine, expected, atol=1e-6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="folder without a DICOM series"):
+        read_volume(tmp_path / "empty")

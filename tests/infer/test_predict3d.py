@@ -275,3 +275,23 @@ def test_msd_4d_inputs_predict_to_a_3d_file_on_the_same_grid(tmp_path, monkeypat
     pred = np.asarray(written.dataobj)
     assert set(np.unique(pred)) == {0, 2, 3}  # the Threshold model's classes 2 and 3 are MSD labels 2 and 3
     assert dice(pred > 0, seg > 0) > 0.9
+
+
+def test_nrrd_inputs_predict_to_nrrd_with_the_same_geometry(tmp_path, trained_at_2mm):
+    sitk = pytest.importorskip("SimpleITK")
+    folder, seg = write_1mm_case(tmp_path / "nifti")
+    nrrd = tmp_path / "nrrd" / "p1"
+    nrrd.mkdir(parents=True)
+    for path in folder.iterdir():
+        sitk.WriteImage(sitk.ReadImage(str(path)), str(nrrd / path.name.replace(".nii.gz", ".nrrd")))
+    predictor = Predictor3D(Threshold(), inference_metadata(trained_at_2mm, (8, 8, 8)), PredictOptions(mirror_axes=()))
+    (case,) = discover_cases(nrrd, BRATS, require_label=False)
+    out = predictor.predict_to_file(case, tmp_path / "out")
+    assert out.name == "p1.nrrd"
+    written, source = sitk.ReadImage(str(out)), sitk.ReadImage(str(nrrd / "p1_flair.nrrd"))
+    assert written.GetSize() == source.GetSize()
+    np.testing.assert_allclose(written.GetOrigin(), source.GetOrigin())
+    np.testing.assert_allclose(written.GetDirection(), source.GetDirection())
+    np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing())
+    pred = np.swapaxes(sitk.GetArrayFromImage(written), 0, 2)  # (k, j, i) -> (i, j, k) like seg
+    assert dice(pred > 0, seg > 0) > 0.9
