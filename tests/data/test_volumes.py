@@ -123,7 +123,7 @@ def test_nnunet_raw_with_v2_dataset_json_and_regions(tmp_path):
     cases = discover_cases(tmp_path, spec)
     assert [c.case_id for c in cases] == ["case_a", "case_b"]
     assert load_case(cases[1], spec).image[1].max() == 1
-    meta["labels"] = {"background": 0, "whole": [1, 2], "core": [2]}
+    meta["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     assert spec_from_dataset_json(tmp_path / "dataset.json").regions == (("whole", (1, 2)), ("core", (2,)))
     (tmp_path / "imagesTr" / "case_b_0001.nii.gz").unlink()

@@ -166,16 +166,18 @@ def spec_from_dataset_json(path: Path, regions: dict[str, Sequence[int]] | None 
         raise ValueError(f"{path} has neither 'channel_names' nor 'modality'; is it an nnU-Net dataset.json?")
     modalities = tuple(str(channels[key]) for key in sorted(channels, key=int))
     raw_labels = meta.get("labels", {})
+    # v2 region-based training: once one entry is a list, every foreground entry is a region
+    region_based = any(isinstance(v, list) for v in raw_labels.values())
     values: set[int] = set()
     json_regions: dict[str, tuple[int, ...]] = {}
     for key, value in raw_labels.items():
-        if isinstance(value, list):  # v2 region-based: name -> [labels]
-            json_regions[key] = tuple(int(v) for v in value)
-            values.update(int(v) for v in value)
-        elif key.isdigit():  # v1 / MSD: "1": "edema"
+        if key.isdigit():  # v1 / MSD: "1": "edema"
             values.add(int(key))
-        else:  # v2: "edema": 1
-            values.add(int(value))
+            continue
+        members = tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)  # v2: "edema": 1
+        values.update(members)
+        if region_based and members != (0,):
+            json_regions[key] = members
     label_values = (0, *sorted(values - {0}))
     if regions is None:
         regions = json_regions or {str(v): (v,) for v in label_values[1:]}
