@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from rwkvseg.data.images2d import (
+    check_pairs,
     discover_pairs,
     list_inputs,
     read_image,
@@ -184,3 +185,13 @@ def test_real_layouts(name, count, groups):
     image, mask = read_sample(samples[-1], channels=3)
     assert image.shape[:2] == mask.shape and image.shape[2] == 3
     assert set(np.unique(mask)) == {0, 1}
+
+
+def test_check_pairs_lists_every_problem_before_training(tmp_path):
+    _pair(tmp_path, "images/a.png", ["masks/a.png"])
+    _pair(tmp_path, "images/b.png", ["masks/b.png"])
+    save(tmp_path / "masks" / "b.png", np.zeros((5, 5), np.uint8))
+    (tmp_path / "images" / "a.png").write_bytes(b"garbage")
+    samples = discover_pairs(tmp_path)
+    with pytest.raises(ValueError, match=r"2 image/mask problem\(s\)(.|\n)*a\.png(.|\n)*b\.png is 5x5"):
+        check_pairs(samples)

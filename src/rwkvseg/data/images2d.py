@@ -342,6 +342,30 @@ def read_mask(path: str | Path, num_classes: int = 1) -> np.ndarray:
     return labels
 
 
+def check_pairs(samples: Sequence[Sample2D]) -> None:
+    """Fail before training, not in epoch 12: every file opens and every mask has its image's size.
+
+    Reads headers only (fast); a file truncated after its header is still caught when it is decoded.
+    """
+    problems = []
+    for s in samples:
+        try:
+            size = image_size(s.image)
+            for mask in s.masks:
+                if image_size(mask) != size:
+                    h, w = image_size(mask)
+                    problems.append(f"mask {mask} is {w}x{h} (WxH) but image {s.image} is {size[1]}x{size[0]}")
+        except (ValueError, FileNotFoundError) as err:
+            problems.append(str(err))
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(
+            f"{len(problems)} image/mask problem(s){more}:\n  "
+            + "\n  ".join(problems[:5])
+            + "\nfix or remove these files (resize masks to their images with nearest-neighbour interpolation)"
+        )
+
+
 def read_sample(
     sample: Sample2D, channels: int, num_classes: int = 1, normalization: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointMeta, atomic_write_text, build_model
 from ..data.dataset2d import SegDataset2D
-from ..data.images2d import discover_pairs
+from ..data.images2d import check_pairs, discover_pairs
 from ..data.splits import make_split, read_split, write_split
 from ..data.transforms2d import eval_transform, train_transform
 from ..eval.metrics import confusion_counts, overlap_scores
@@ -108,6 +108,7 @@ def train_2d(
     by_case = {s.case: s for s in samples}
     split_path = prepare_split(config, run_dir, list(by_case), [s.label for s in samples])
     split = read_split(split_path, d.fold, list(by_case))
+    check_pairs([by_case[c] for c in (*split.train, *split.val)])
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(to_dict(config), indent=2) + "\n")
     log.info(
         "%s: %d training and %d validation images (split %s, fold %d)",
