@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -59,3 +61,15 @@ def test_measure_latency_reports_ordered_times_and_restores_threads():
     out = measure_latency(Small(), (1, 3, 8, 8), threads=1, warmup=1, repeats=3)
     assert 0 < out["min_ms"] <= out["median_ms"] <= out["max_ms"]
     assert torch.get_num_threads() == threads
+
+
+def test_bench_complexity_command_writes_a_row_per_model(tmp_path, capsys):
+    from rwkvseg.cli import main
+
+    out = tmp_path / "complexity.json"
+    argv = ["bench", "complexity", "--models", "urwkv_test", "cmunext_test", "--size", "32", "40", "--repeats", "1"]
+    assert main([*argv, "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["urwkv_test", "cmunext_test"]
+    assert all(r["params_m"] > 0 and r["gmacs"] > 0 and r["median_ms"] > 0 for r in rows)
+    assert "urwkv_test" in capsys.readouterr().out

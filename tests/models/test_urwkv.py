@@ -4,6 +4,7 @@ import torch
 from rwkvseg.bench.complexity import count_macs, count_parameters
 from rwkvseg.models import create_model
 from rwkvseg.models.urwkv import DARM, SASEDeep, SASEShallow, URWKVConfig
+from rwkvseg.ops import QUAD_SCAN_ORDERS
 
 
 @pytest.mark.parametrize("name,params,macs", [("urwkv", 3.0e6, 7.2e9), ("urwkv_s", 0.47e6, 1.0e9)])
@@ -62,6 +63,18 @@ def test_dual_darm_is_transpose_equivariant(settings, size):
     torch.testing.assert_close(darm(x.transpose(2, 3)), darm(x).transpose(2, 3))
     block = darm.block
     torch.testing.assert_close(darm(x), block(x) + block(x.transpose(2, 3)).transpose(2, 3))
+
+
+def test_dual_branch_is_redundant_over_full_quadscan_without_token_shift():
+    """Over all four orders, scanning X^T visits the same sequences as scanning X, so the transposed branch
+    repeats the first one except for ChannelMix's Q-shift; without token shift DARM(X) = 2 Block(X) exactly."""
+    torch.manual_seed(0)
+    darm = DARM(16, dual=True, orders=QUAD_SCAN_ORDERS, token_shift="none", hidden_ratio=2, literal=True).double()
+    x = torch.randn(2, 16, 5, 7, dtype=torch.float64)
+    torch.testing.assert_close(darm(x), 2 * darm.block(x))
+    shifted = DARM(16, dual=True, orders=QUAD_SCAN_ORDERS, token_shift="q_shift", hidden_ratio=2, literal=True)
+    shifted = shifted.double()
+    assert not torch.allclose(shifted(x), 2 * shifted.block(x), atol=1e-4)
 
 
 def test_ablation_switches_change_the_model():

@@ -32,6 +32,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv_accuracy)
 
+    p = kinds.add_parser("complexity", help="parameters, MACs (conv + linear) and latency of registered models")
+    p.add_argument("--models", nargs="+", default=["urwkv", "urwkv_s", "cmunext", "cmunext_s", "unet", "unet_small"])
+    p.add_argument("--size", type=int, nargs="+", default=[256, 256], help="spatial size (2 or 3 numbers)")
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20, help="timed runs at batch 1 (0: skip latency)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for the latency")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=_run_complexity)
+
 
 def _run_wkv(args: argparse.Namespace) -> int:
     import torch
@@ -94,4 +105,31 @@ def _run_wkv_accuracy(args: argparse.Namespace) -> int:
     print(f"worst relative error for T <= 8192: {worst:.2e} (target <= 1e-5)")
     if args.json:
         write_json(args.json, {"rows": rows})
+    return 0
+
+
+def _run_complexity(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from ..models import create_model
+    from .complexity import complexity_row
+    from .table import format_table, write_json
+
+    shape = (1, args.in_channels, *args.size)
+    info = {"torch": torch.__version__, "device": args.device, "threads": args.threads, "input": list(shape)}
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1min"] = os.getloadavg()[0]  # latency on a shared machine is only as good as this
+    rows = []
+    for name in args.models:
+        model = create_model(name, args.in_channels, args.num_classes).to(args.device)
+        rows.append(complexity_row(name, model, shape, threads=args.threads, repeats=args.repeats))
+    print(", ".join(f"{k}={v}" for k, v in info.items()))
+    columns = [("model", "model"), ("params_m", "params M"), ("gmacs", "GMACs")]
+    if args.repeats > 0:
+        columns += [("median_ms", "median ms"), ("min_ms", "min ms")]
+    print(format_table(rows, columns))
+    if args.json:
+        write_json(args.json, {"environment": info, "rows": rows})
     return 0

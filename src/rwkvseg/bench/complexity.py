@@ -126,3 +126,21 @@ def measure_latency(
         torch.set_num_threads(previous_threads)
         model.train(was_training)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def complexity_row(
+    name: str,
+    model: nn.Module,
+    input_shape: Sequence[int],
+    threads: int | None = None,
+    repeats: int = 0,
+) -> dict[str, float | str]:
+    """One table row: parameters (M), MACs (G, hooks convention) and, when repeats > 0, CPU/GPU latency."""
+    row: dict[str, float | str] = {
+        "model": name,
+        "params_m": count_parameters(model) / 1e6,
+        "gmacs": count_macs(model, input_shape) / 1e9,
+    }
+    if repeats > 0:
+        row.update(measure_latency(model, input_shape, threads=threads, repeats=repeats))
+    return row
