@@ -1,8 +1,10 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from rwkvseg.checkpoint import CheckpointMeta
@@ -93,3 +95,36 @@ def test_run_folder_contents_and_refusal_to_clobber(data, tmp_path):
     assert (tmp_path / "state.pt").read_bytes() == before
     with pytest.raises(FileNotFoundError, match="start without --resume"):
         _run(data, tmp_path / "empty", resume=True)
+
+
+def test_multiclass_training_and_validation(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        labels = np.zeros((20, 22), np.uint8)
+        labels[2:8, 3:9], labels[11:18, 10:20] = 1, 2
+        image = (labels[..., None] * 100 + rng.integers(0, 40, (20, 22, 3))).astype(np.uint8)
+        for folder, array in (("images", image), ("masks", labels)):
+            (tmp_path / "d" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / "d" / folder / f"x{i}.png")
+    samples = discover_pairs(tmp_path / "d")
+    pre = Preprocessing2D(3, (16, 16))
+    train = SegDataset2D(samples[:3], 3, 3, train_transform(pre.size))
+    val = SegDataset2D(samples[3:], 3, 3, eval_transform(pre.size))
+    assert set(val[0]["mask"].unique().tolist()) == {0.0, 1.0, 2.0}
+    torch.manual_seed(0)
+    model = TinySeg(3, 3)
+    optim = OptimConfig(name="adamw", lr=0.01, schedule="cosine")
+    optimizer = build_optimizer(model, optim)
+    progress = fit(
+        model,
+        train,
+        SegmentationLoss(3),
+        optimizer,
+        build_scheduler(optimizer, optim, 3),
+        validator_2d(val, pre, 3, torch.device("cpu")),
+        tmp_path / "run",
+        LoopConfig(epochs=3, batch_size=2),
+        CheckpointMeta("tiny", 3, 3, preprocessing=pre.to_dict()),
+    )
+    assert progress.step == 3 and 0.0 <= progress.best_metric <= 1.0
+    assert {"val_dice", "val_iou", "val_specificity"} <= progress.history[-1].keys()
