@@ -119,6 +119,17 @@ def test_layouts_busi_isic_cvc_ph2(tmp_path):
         _pair(cvc, f"PNG/Original/{i}.png", [f"PNG/Ground Truth/{i}.png"])
     assert [s.case for s in discover_pairs(cvc)] == ["1", "10", "2"]
 
+    isic18 = tmp_path / "isic18"
+    _pair(
+        isic18,
+        "ISIC2018_Task1-2_Training_Input/ISIC_0000000.jpg",
+        ["ISIC2018_Task1_Training_GroundTruth/ISIC_0000000_segmentation.png"],
+    )
+    for folder in ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"):
+        (isic18 / folder / "LICENSE.txt").write_text("CC-BY-NC")  # shipped with the release: skipped quietly
+        (isic18 / folder / "ATTRIBUTION.txt").write_text("ISIC")
+    assert [(s.case, len(s.masks)) for s in discover_pairs(isic18)] == [("ISIC_0000000", 1)]
+
     ph2 = tmp_path / "ph2"
     _pair(ph2, "images/IMD002.jpg", ["masks/IMD002_lesion.png"])
     (ph2 / "labels.csv").write_text("image,clinical_diagnosis\nIMD002,1\n")

@@ -50,6 +50,9 @@ FOLDER_PAIRS = (
     ("ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
     ("ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth"),
 )
+# Shipped inside image folders by the official releases (ISIC 2018: LICENSE.txt, ATTRIBUTION.txt) or left by
+# file browsers; skipped quietly. Any other non-image file is an error unless skip_non_images.
+COMPANION_FILES = re.compile(r"(?i)^(license|licence|attribution|readme)(\.\w+)?$|^(thumbs\.db|desktop\.ini)$")
 SUBSET_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
 NORMALIZATIONS = ("auto", "dtype", "minmax", "zscore")
 _MASK_RE = re.compile("^(?P<stem>.+)(?:" + "|".join(map(re.escape, MASK_SUFFIXES)) + r")(?:_\d+)?$")
@@ -71,7 +74,10 @@ def is_image_file(path: Path) -> bool:
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Files of a folder, without hidden files and the companions datasets ship beside their images."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not COMPANION_FILES.match(p.name)
+    )
 
 
 def image_files(folder: Path, skip_non_images: bool = False) -> list[Path]:

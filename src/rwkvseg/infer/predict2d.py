@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,7 @@ def _write(path: Path, data: bytes) -> None:
 
 def output_paths(inputs: Sequence[Path], out: Path, overlays: bool, probs: bool, multiclass: bool) -> list[Path]:
     stems = [p.stem for p in inputs]
-    repeats = sorted({s for s in stems if stems.count(s) > 1})
+    repeats = sorted(s for s, n in Counter(stems).items() if n > 1)
     if repeats:
         raise ValueError(f"several inputs share a name ({repeats[:5]}); their masks would collide, rename them")
     paths = [out / f"{s}.png" for s in stems]

@@ -234,7 +234,7 @@ def fit(
             score = float(scores[loop.select_metric])
             if not math.isnan(score) and (progress.best_metric is None or better(score, progress.best_metric)):
                 progress.best_metric, progress.best_epoch = score, epoch
-                summary = {"epoch": epoch, "step": progress.step, loop.select_metric: score, **_val(scores)}
+                summary = {"epoch": epoch, "step": progress.step, **{f"val_{k}": float(v) for k, v in scores.items()}}
                 best_meta = replace(meta, training={**meta.training, "best": summary})
                 save_checkpoint(run_dir / "best", model, best_meta, overwrite=True)
         progress.epoch = epoch
@@ -268,7 +268,3 @@ def fit(
     }
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return progress
-
-
-def _val(scores: dict[str, float]) -> dict[str, float]:
-    return {f"val_{k}": float(v) for k, v in scores.items()}
