@@ -152,3 +152,15 @@ def test_layer_norm_channels_first():
     norm = LayerNormChannelsFirst(5)
     ref = nn.functional.layer_norm(x.movedim(1, -1), (5,)).movedim(-1, 1)
     torch.testing.assert_close(norm(x), ref)
+
+
+def test_block_under_bf16_autocast_follows_fp32():
+    """In the model the tokens arrive in bf16 from autocast convs while the mixing parameters stay fp32."""
+    torch.manual_seed(5)
+    block = DualViewBlock(8, 0, 2)
+    x = torch.randn(2, 30, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x.bfloat16(), (2, 3, 5))
+    ref = block(x, (2, 3, 5))
+    assert torch.isfinite(y).all()
+    assert ((y.float() - ref).norm() / ref.norm()) < 3e-2

@@ -70,12 +70,13 @@ class DualViewSpatialMix(nn.Module):
         B, L, _ = x.shape
         xs = torch.cat([x, _views_to_hwt(x, size)], dim=0)  # [B, L, C] -> [2B, L, C]: both views in one WKV call
         xx = bi_shift(xs)
-        k = self.key(torch.lerp(xx, xs, self.mix_k))
-        v = self.value(torch.lerp(xx, xs, self.mix_v))
-        r = self.receptance(torch.lerp(xx, xs, self.mix_r))
+        dt = xs.dtype  # lerp needs one dtype; under autocast the tokens may be bf16 while parameters stay fp32
+        k = self.key(torch.lerp(xx, xs, self.mix_k.to(dt)))
+        v = self.value(torch.lerp(xx, xs, self.mix_v.to(dt)))
+        r = self.receptance(torch.lerp(xx, xs, self.mix_r.to(dt)))
         y = torch.sigmoid(r) * bi_wkv(self.decay / L, self.bonus / L, k, v)
         y_a, y_b = y.split(B, dim=0)
-        y = torch.lerp(_views_to_thw(y_b, size), y_a, self.alpha)  # alpha * y_A + (1 - alpha) * y_B
+        y = torch.lerp(_views_to_thw(y_b, size), y_a, self.alpha.to(y.dtype))  # alpha * y_A + (1 - alpha) * y_B
         return self.output(y)
 
 
@@ -94,8 +95,8 @@ class BiShiftChannelMix(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         xx = bi_shift(x)
-        k = torch.relu(self.key(torch.lerp(xx, x, self.mix_k))).square()  # [B, L, C] -> [B, L, 4C]
-        return torch.sigmoid(self.receptance(torch.lerp(xx, x, self.mix_r))) * self.value(k)
+        k = torch.relu(self.key(torch.lerp(xx, x, self.mix_k.to(x.dtype)))).square()  # [B, L, C] -> [B, L, 4C]
+        return torch.sigmoid(self.receptance(torch.lerp(xx, x, self.mix_r.to(x.dtype)))) * self.value(k)
 
 
 class DualViewBlock(nn.Module):
