@@ -85,8 +85,8 @@ def test_never_overwrites_and_bad_inputs(tmp_path, checkpoint):
     with pytest.raises(ValueError, match=r"c\.png has 3 channels, the model expects 1"):
         predict_2d(ck, src, tmp_path / "out2")
     (src / "c.png").unlink()
-    (src / "readme.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"readme\.txt.*--skip-non-images"):
+    (src / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes\.txt.*--skip-non-images"):
         predict_2d(ck, src, tmp_path / "out3")
     assert len(predict_2d(ck, src, tmp_path / "out3", skip_non_images=True)) == 1
     broken = src / "z.png"
