@@ -37,8 +37,8 @@ def test_shortcuts_match_the_literal_spec_end_to_end():
     fast = create_model("urwkv_test", 3, 2).double().eval()
     literal = create_model("urwkv_test", 3, 2, literal=True).double().eval()
     literal.load_state_dict(fast.state_dict())
-    for size in [(64, 64), (48, 80)]:  # square (batched branches) and not
-        x = torch.randn(2, 3, *size, dtype=torch.float64)
+    for size in [(48, 48), (48, 80)]:  # square (batched branches) and not
+        x = torch.randn(1, 3, *size, dtype=torch.float64)
         torch.testing.assert_close(fast(x), literal(x))
 
 
