@@ -124,10 +124,10 @@ class QuadScanBlock(nn.Module):
     map back; average over the orders; then X = X + g2 * ChannelMix(LN2(X)). The orders share all weights.
 
     With orders=("rows",) this is the plain Vision-RWKV block. The forward batches the scanned sequences of all
-    orders into one projection and one WKV call; with an order-independent token shift ("q_shift_map", "none")
-    the per-token projections run once on the map and only k, v are re-serialised, and W_o runs once on the
-    mean (mean_d W_o(sr * LN(y_d)) = W_o(sr * mean_d LN(y_d))). per_order=True evaluates the orders one at a
-    time, literally as the spec reads (the reference the tests compare against).
+    orders into one projection and one WKV call, and runs W_o once on the mean over the orders (it is per token,
+    so it commutes with mapping back and averaging); with an order-independent token shift ("q_shift_map",
+    "none") the k, v, r projections also run once on the map and only k, v are re-serialised. per_order=True
+    evaluates the orders one at a time, literally as the spec reads (the reference the tests compare against).
     """
 
     def __init__(
@@ -191,8 +191,9 @@ class QuadScanBlock(nn.Module):
             seqs = [scan_2d(t, o) for o in self.orders]
             shifted = torch.cat([q_shift(s, self._grid(o, size)) for s, o in zip(seqs, self.orders, strict=True)])
             k, v, sr = self.spatial.project(torch.cat(seqs), shifted)  # [n * B, H*W, C] each
-            y = self.spatial.output(sr * self.spatial.wkv(k, v))
-            return sum(unscan_2d(y_d, o, size) for y_d, o in zip(y.chunk(n), self.orders, strict=True)) / n
+            y = sr * self.spatial.wkv(k, v)
+            mean = sum(unscan_2d(y_d, o, size) for y_d, o in zip(y.chunk(n), self.orders, strict=True)) / n
+            return _to_map(self.spatial.output(_to_tokens(mean)), size)  # W_o is per token: once, on the mean
         tokens = _to_tokens(t)
         shifted = q_shift(tokens, size) if self.spatial.token_shift else None
         k, v, sr = self.spatial.project(tokens, shifted)  # row-major [B, H*W, C]; per token, so order-free
