@@ -1,6 +1,7 @@
 """The daily commands end to end (split -> train -> resume -> predict -> evaluate) and their bad-input exits."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -85,3 +86,65 @@ def test_bad_inputs_exit_nonzero_and_name_the_file(dataset, tmp_path, capsys):
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(gray / "x.png")
     code, _, err = run(capsys, "split", gray, "--out", tmp_path / "s.json")
     assert code == 2 and "no image/mask folder pair" in err
+
+
+def _copy_dataset(src, dst):
+    for sub in ("images", "masks"):
+        (dst / sub).mkdir(parents=True)
+        for f in sorted((src / sub).iterdir())[:6]:
+            (dst / sub / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _truncate(data):
+    """Keep the header (so the pre-flight check passes) and cut the pixels: fails only when decoded in a worker."""
+    path = data / "images" / "lesion_004.png"
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "masks" / "lesion_001.png").unlink(), r"no mask in .*masks for 1 image\(s\).*lesion_001\.png"),
+        (
+            lambda d: Image.fromarray(np.zeros((5, 7), np.uint8)).save(d / "masks" / "lesion_002.png"),
+            r"mask .*lesion_002\.png is 7x5 \(WxH\) but image .*lesion_002\.png is 41x37",
+        ),
+        (
+            lambda d: (d / "images" / "lesion_003.png").write_bytes(b"\x89PNG broken"),
+            r"cannot read image .*lesion_003\.png",
+        ),
+        (lambda d: (d / "images" / "notes.docx").write_bytes(b"x"), r"notes\.docx.*--skip-non-images"),
+        (_truncate, r"^rwkvseg: error: cannot read image .*lesion_004\.png \(image file is truncated\)"),
+    ],
+    ids=["missing-mask", "mask-size", "unreadable-image", "non-image-file", "truncated-in-a-worker"],
+)
+def test_train_refuses_bad_datasets_before_writing(dataset, tmp_path, capsys, damage, message):
+    data = _copy_dataset(dataset, tmp_path / "d")
+    damage(data)
+    args = ["train", "--data", data, "--out", tmp_path / "run", "--no-progress", "--set", "model.name=urwkv_test"]
+    code, _, err = run(capsys, *args, "--set", "data.size=[32,32]", "--set", "data.num_workers=1")
+    assert code == 2 and re.search(message, err, flags=re.MULTILINE), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def test_predict_wrong_channels_keeps_earlier_outputs(tmp_path, capsys):
+    from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+    from rwkvseg.infer.predict2d import Preprocessing2D
+    from rwkvseg.models import create_model
+
+    meta = CheckpointMeta("urwkv_test", 1, 1, preprocessing=Preprocessing2D(1, (32, 32)).to_dict())
+    save_checkpoint(tmp_path / "gray", create_model("urwkv_test", 1, 1), meta)
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(np.full((20, 24), 90, np.uint8)).save(images / "a_gray.png")
+    rgb = np.zeros((20, 24, 3), np.uint8)
+    rgb[..., 1] = 200
+    Image.fromarray(rgb).save(images / "b_rgb.png")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "predict", tmp_path / "gray.safetensors", images, "--out", out, "--batch-size", "1")
+    assert code == 2 and re.search(r"b_rgb\.png has 3 channels, the model expects 1", err)
+    assert Image.open(out / "a_gray.png").size == (24, 20)
+    code, _, err = run(capsys, "predict", tmp_path / "gray.safetensors", images / "a_gray.png", "--out", out)
+    assert code == 2 and "--overwrite" in err

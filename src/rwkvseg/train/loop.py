@@ -114,6 +114,20 @@ class _TensorBoard:
 
 
 @contextlib.contextmanager
+def _plain_worker_errors() -> Iterator[None]:
+    """DataLoader workers wrap a reader's error in a traceback dump; keep just its message (it names the file)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        text = str(err)
+        if "DataLoader worker" not in text:
+            raise
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if last.startswith(type(err).__name__ + ":") else last
+        raise type(err)(message) from None
+
+
+@contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[str], None]]:
     if not enabled:
         yield lambda _text: None
@@ -182,7 +196,7 @@ def fit(
         )
         model.train()
         start, total_loss, seen = time.perf_counter(), 0.0, 0
-        with _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
+        with _plain_worker_errors(), _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
             for batch in loader:
                 if seen == n_steps:
                     break
@@ -223,7 +237,11 @@ def fit(
         if epoch % loop.val_every == 0 or epoch == loop.epochs:
             start = time.perf_counter()
             model.eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with (
+                _plain_worker_errors(),
+                torch.no_grad(),
+                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+            ):
                 scores = validate(model)
             row.update({f"val_{k}": v for k, v in scores.items()})
             row["val_seconds"] = round(time.perf_counter() - start, 3)
