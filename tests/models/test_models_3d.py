@@ -37,7 +37,14 @@ def test_every_3d_model_is_registered_and_covered():
     assert set(SMALL) == set(MODELS_3D)
 
 
-@pytest.mark.parametrize("name", MODELS_3D)
+# With the narrow overrides the MMSegRWKV variants are one network: run it once by default (mmsegrwkv_test).
+FORWARD_CASES = [
+    pytest.param(name, marks=pytest.mark.slow) if name in ("mmsegrwkv", "mmsegrwkv_lite") else name
+    for name in MODELS_3D
+]
+
+
+@pytest.mark.parametrize("name", FORWARD_CASES)
 def test_forward_backward_and_state_dict(name):
     overrides, size = SMALL[name]
     torch.manual_seed(0)
