@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 
 
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a 2D model from a config file (TOML or YAML)")
+    p = sub.add_parser("train", help="train a 2D or 3D model (dims = 3) from a config file (TOML or YAML)")
     p.add_argument("config", nargs="?", help="config file; with --resume and no config: OUT/config.json")
     p.add_argument(
         "--set",
@@ -41,8 +41,9 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import apply_overrides, load_config, read_config_file
     from .train2d import CONFIG_FILE, train_2d
+    from .train3d import config_dims, load_config_3d, train_3d
 
     overrides = list(args.overrides)
     if args.data:
@@ -54,8 +55,12 @@ def _run_train(args: argparse.Namespace) -> int:
         if not args.out:
             raise ValueError("--resume without a config file needs --out RUN_FOLDER")
         config_path = Path(args.out) / CONFIG_FILE
-    config = load_config(config_path, overrides)
-    progress = train_2d(config, resume=args.resume, progress_bar=not args.no_progress)
+    if config_dims(apply_overrides(read_config_file(config_path) if config_path else {}, overrides)) == 3:
+        config = load_config_3d(config_path, overrides)
+        progress = train_3d(config, resume=args.resume, progress_bar=not args.no_progress)
+    else:
+        config = load_config(config_path, overrides)
+        progress = train_2d(config, resume=args.resume, progress_bar=not args.no_progress)
     print(
         f"best validation {config.select_metric} {progress.best_metric:.4f} at epoch {progress.best_epoch}; "
         f"checkpoint {Path(config.out) / 'best.safetensors'}"

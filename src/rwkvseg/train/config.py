@@ -83,6 +83,7 @@ class OptimConfig:
     name: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "poly"
