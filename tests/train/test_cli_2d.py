@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif("urwkv_test" not in list_models(), reason="urwkv
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn")
-    write_synthetic_dataset(root, n=10, shape=(37, 41), seed=4)
+    write_synthetic_dataset(root, n=6, shape=(37, 41), seed=4)
     return root
 
 
@@ -58,12 +58,12 @@ def test_split_train_resume_predict_evaluate(dataset, tmp_path, capsys):
         "--batch-size",
         "2",
     )
-    assert code == 0 and "wrote 10 masks" in out
+    assert code == 0 and "wrote 6 masks" in out
     assert Image.open(pred / "lesion_003.png").size == (41, 37)
     code, out, _ = run(capsys, "evaluate", pred, dataset, "--out", tmp_path / "ev")
     assert code == 0 and "dice" in out
     ev = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert ev["cases"] == 10 and 0.0 <= ev["dice"]["mean"] <= 1.0
+    assert ev["cases"] == 6 and 0.0 <= ev["dice"]["mean"] <= 1.0
 
 
 def test_bad_inputs_exit_nonzero_and_name_the_file(dataset, tmp_path, capsys):
