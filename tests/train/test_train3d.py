@@ -1,0 +1,186 @@
+"""3D training end to end on synthetic phantoms: CLI dispatch, sliding-window validation, a checkpoint that predicts
+alone onto the input grid, bit-exact resume, both loss paradigms, and the config / cache checks."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rwkvseg.checkpoint import read_meta
+from rwkvseg.cli import main
+from rwkvseg.data.preprocess3d import preprocess_dataset
+from rwkvseg.data.synthetic3d import write_synthetic_volumes
+from rwkvseg.data.volumes import dataset_spec, discover_cases
+from rwkvseg.infer.predict3d import PredictOptions, Predictor3D
+from rwkvseg.models import list_models
+from rwkvseg.train.config import LossConfig
+from rwkvseg.train.train3d import (
+    FINAL_FILE,
+    RegionLoss,
+    TrainConfig3D,
+    config_dims,
+    load_config_3d,
+    prepare_cache,
+    train_3d,
+)
+
+pytestmark = pytest.mark.skipif("mmsegrwkv_test" not in list_models(), reason="mmsegrwkv_test is not registered")
+
+BRATS = dataset_spec("brats")
+# cached phantoms are about 17 x 22 x 19: two windows per case along the first axis keep validation cheap (the
+# test model pads any input up to 32 x 32 x 64, so small patches would only add windows)
+PATCH = (15, 23, 21)
+BASE = {
+    "dims": 3,
+    "device": "cpu",
+    "amp": "off",
+    "seed": 5,
+    "val_every": 1,
+    "model": {"name": "mmsegrwkv_test"},
+    "data": {
+        "patch_size": list(PATCH),
+        "samples_per_epoch": 2,
+        "batch_size": 1,
+        "num_workers": 0,
+        "val_fraction": 0.34,
+    },
+    "infer": {"mirror_axes": [0], "sw_batch_size": 2},
+    "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True},
+}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_synthetic_volumes(root, n=4, shape=(23, 27, 21), spacing=2.0, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    preprocess_dataset(raw, BRATS, out)
+    return out
+
+
+def write_config(path, **changes):
+    data = json.loads(json.dumps(BASE))
+    for key, value in changes.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    lines = []
+
+    def emit(table, prefix):
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in scalars.items())
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(data, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("target", ["labels", "regions"])
+def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_grid(tmp_path, raw, target, capsys):
+    config = write_config(tmp_path / "c.toml", epochs=1, max_steps_per_epoch=1, **{"data.target": target})
+    run_dir = tmp_path / "run"
+    code = main(["train", str(config), "--data", str(raw), "--out", str(run_dir), "--no-progress"])
+    assert code == 0 and "best validation dice" in capsys.readouterr().out
+    assert (run_dir / "cache" / "plans.json").is_file()  # the raw folder was preprocessed into the run
+    split = json.loads((run_dir / "split.json").read_text())["folds"][0]
+    assert len(split["train"]) + len(split["val"]) == 4 and split["val"]
+    history = (run_dir / "metrics.csv").read_text().splitlines()
+    assert len(history) == 2 and all(f"val_dice_{r}" in history[0] for r in ("WT", "TC", "ET"))
+    final = json.loads((run_dir / FINAL_FILE).read_text())
+    assert final["mirror_axes"] == [0] and final["cases"] == split["val"] and 0 <= final["dice"] <= 1
+
+    meta = read_meta(run_dir / "best")
+    assert meta.num_classes == (4 if target == "labels" else 3) and meta.in_channels == 4
+    assert meta.preprocessing["target"] == target and meta.preprocessing["patch_size"] == list(PATCH)
+    assert meta.preprocessing["dataset"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert meta.training["best"]["epoch"] == 1 and meta.spacing == (2.0, 2.0, 2.0)
+
+    # a new case on another grid (1.5 mm, odd shape) comes back on that grid with its affine
+    other = tmp_path / "other"
+    write_synthetic_volumes(other, n=1, shape=(25, 29, 19), spacing=1.5, seed=9)
+    (case,) = discover_cases(other, BRATS, require_label=False)
+    predictor = Predictor3D.from_checkpoint(run_dir / "best", PredictOptions(mirror_axes=()))
+    out = predictor.predict_to_file(case, tmp_path / "pred")
+    written, source = nib.load(out), nib.load(other / "Phantom_000" / "Phantom_000_flair.nii.gz")
+    assert written.shape == source.shape == (25, 29, 19)
+    np.testing.assert_array_equal(written.affine, source.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2, 4}
+
+
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, cache):
+    overrides = [f"data.root={cache}", "epochs=2", "max_steps_per_epoch=1"]
+    overrides += ["val_every=2", "infer.final_eval=false"]
+    path = write_config(tmp_path / "c.toml")
+    straight = load_config_3d(path, [*overrides, f"out={tmp_path / 'a'}"])
+    train_3d(straight)
+    split = load_config_3d(path, [*overrides, f"out={tmp_path / 'b'}"])
+    first = train_3d(split, stop=lambda progress: progress.epoch == 1)
+    assert first.epoch == 1 and first.step == 1 and not (tmp_path / "b" / "best.json").exists()
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train_3d(split)
+    resumed = train_3d(split, resume=True)
+    assert resumed.epoch == 2 and resumed.step == 2
+    a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_a = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    strip = [lambda row: ",".join(v for i, v in enumerate(row.split(",")) if "seconds" not in rows_a[0].split(",")[i])]
+    assert [strip[0](r) for r in rows_a] == [strip[0](r) for r in rows_b]  # same losses and Dice, timings aside
+
+
+def test_region_loss_is_bce_plus_sigmoid_dice_per_region():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, 3)
+    target = (torch.rand(2, 3, 5, 4, 3) > 0.6).float()
+    prob = logits.sigmoid()
+    inter = (prob * target).sum((2, 3, 4))
+    dice = 1 - (2 * inter + 1e-5) / (prob.sum((2, 3, 4)) + target.sum((2, 3, 4)) + 1e-5)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    loss = RegionLoss(LossConfig(name="auto", ce_weight=0.5, dice_weight=2.0))(logits, target)
+    torch.testing.assert_close(loss, 0.5 * bce + 2.0 * dice.mean())
+    torch.testing.assert_close(RegionLoss(LossConfig(name="dice"))(logits, target), dice.mean())
+
+
+def test_config_errors_name_the_setting(tmp_path):
+    assert config_dims({}) == 2 and config_dims({"dims": 3}) == 3
+    with pytest.raises(ValueError, match="dims = 4"):
+        config_dims({"dims": 4})
+    with pytest.raises(ValueError, match="does not fit data.target = regions"):
+        load_config_3d(None, ["data.target=regions", "loss.name=ce_dice"])
+    with pytest.raises(ValueError, match="unknown setting.*data.size"):
+        load_config_3d(None, ["data.size=[8,8]"])
+    with pytest.raises(ValueError, match="data.target = 'voxels'"):
+        load_config_3d(None, ["data.target=voxels"])
+    with pytest.raises(ValueError, match="data.root is empty"):
+        train_3d(TrainConfig3D(out=str(tmp_path / "r")))
+    assert load_config_3d(None, ["optim.nesterov=true"]).optim.nesterov
+
+
+def test_a_cache_made_from_other_data_is_not_reused(tmp_path, raw, cache):
+    config = load_config_3d(None, [f"data.root={raw}"])
+    assert prepare_cache(config.data, tmp_path) == tmp_path / "cache"
+    assert prepare_cache(config.data, tmp_path) == tmp_path / "cache"  # reused
+    other = load_config_3d(None, [f"data.root={raw}", "data.regions={WT: [1, 2, 4]}"])
+    with pytest.raises(ValueError, match="delete it to preprocess again"):
+        prepare_cache(other.data, tmp_path)
+    spaced = load_config_3d(None, [f"data.root={cache}", "data.target_spacing=[1.5]"])
+    with pytest.raises(ValueError, match="differs from the cache"):
+        prepare_cache(spaced.data, tmp_path)
+    assert prepare_cache(load_config_3d(None, [f"data.root={cache}"]).data, tmp_path) == cache
