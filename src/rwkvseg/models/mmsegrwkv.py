@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
@@ -36,6 +37,10 @@ class MMSegRWKVConfig:
     hidden_ratio: int = 4  # ChannelMix hidden width / C
     skip_mlp_ratio: int = 2
     norm_name: str = "instance"
+    # CUDA instance norms through split reductions: measured on one H100 at 1 x 4 x 128^3 (bf16 autocast) 59.0 ->
+    # 32.8 ms inference but 1.16 -> 1.67 GB peak memory (fp32 temporaries); off by default so the decoder's
+    # numbers stay comparable with MONAI baselines using the same stock norm
+    fast_norm: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -61,6 +66,66 @@ VARIANTS: dict[str, dict] = {
         widths=(8, 16, 16, 24), depths=(1, 1, 1, 1), windows=(3, 2, 2, 1), decoder_hidden=32, full_res_width=8
     ),
 }
+
+
+class _InstanceNormFunction(torch.autograd.Function):
+    """Affine-free instance norm with at least fp32 statistics; saves only the input and per-(sample, channel) stats."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        dims = tuple(range(2, x.dim()))
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, mean, rstd)
+        return ((xf - mean) * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor, None]:
+        x, mean, rstd = ctx.saved_tensors
+        dims = tuple(range(2, x.dim()))
+        xhat = (x.to(mean.dtype) - mean) * rstd
+        g = gy.to(mean.dtype)
+        gx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+        return gx.to(x.dtype), None
+
+
+class InstanceNormFast(nn.Module):
+    """Drop-in for nn.InstanceNorm{2,3}d without running stats, same numbers, faster on CUDA.
+
+    PyTorch's CUDA instance norm reduces each (sample, channel) with one thread block, so a 32-channel 128^3 map
+    keeps most of the GPU idle (measured on one H100: 68 % of MMSegRWKV's bf16 inference kernel time went to its
+    instance norms). A plain var_mean spreads each long reduction over many blocks, at the price of fp32
+    temporaries of the map's size. On the CPU the native op is used.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda:
+            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        y = _InstanceNormFunction.apply(x, self.eps)
+        if self.weight is not None:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = y * self.weight.view(shape).to(y.dtype) + self.bias.view(shape).to(y.dtype)
+        return y
+
+
+def use_fast_instance_norm(model: nn.Module) -> nn.Module:
+    """Replace every nn.InstanceNorm{2,3}d without running stats in model by InstanceNormFast (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.InstanceNorm2d, nn.InstanceNorm3d)) and not module.track_running_stats:
+            fast = InstanceNormFast(module.num_features, module.eps, module.affine)
+            if module.affine:
+                fast.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fast)
+    return model
 
 
 class SkipMlp(nn.Module):
@@ -148,6 +213,8 @@ class MMSegRWKV(nn.Module):
         self.dec1 = up(w[1], fr, 4)  # 1/4 -> full resolution, + enc1
         self.dec0 = basic(fr, fr)
         self.head = UnetOutBlock(3, fr, cfg.num_classes)
+        if cfg.fast_norm:
+            use_fast_instance_norm(self)
 
     def padded_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """Each axis up to a multiple of the stride; if that leaves a single voxel at the 1/stride bottleneck
