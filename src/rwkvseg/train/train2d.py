@@ -47,9 +47,14 @@ def validator_2d(
     Scored at the network input size for resize-trained models (as in the paper), on whole images for
     crop-trained ones; empty-vs-empty images count as perfect (metrics.EmptyPolicy.PERFECT).
     """
-    # Whole images differ in size: one at a time in crop mode.
+    # Whole images differ in size: one at a time in crop mode. Validation data never changes between epochs,
+    # so its workers are kept alive instead of being restarted for every validation.
     loader = DataLoader(
-        val_set, batch_size=batch_size if pre.resize == "resize" else 1, shuffle=False, num_workers=num_workers
+        val_set,
+        batch_size=batch_size if pre.resize == "resize" else 1,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
     )
 
     def validate(model: nn.Module) -> dict[str, float]:
