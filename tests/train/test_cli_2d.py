@@ -44,6 +44,10 @@ def test_split_train_resume_predict_evaluate(dataset, tmp_path, capsys):
     assert run(capsys, *base, "--resume")[0] == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_done"] == 2 and summary["steps"] == 2
+    timed = tmp_path / "timed"
+    budget = ["--set", "epochs=50", "--set", "max_minutes=0.0001", "--no-progress"]
+    assert run(capsys, "train", config, "--data", dataset, "--out", timed, *budget)[0] == 0
+    assert json.loads((timed / "summary.json").read_text())["epochs_done"] == 1
     assert json.loads((run_dir / "split.json").read_text()) == json.loads(split.read_text())
 
     pred = tmp_path / "pred"

@@ -113,7 +113,11 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """out: run folder (checkpoints, logs, resolved config, split). max_steps_per_epoch 0: whole epochs."""
+    """out: run folder (checkpoints, logs, resolved config, split). max_steps_per_epoch 0: whole epochs.
+
+    max_minutes > 0: stop after the first epoch that ends past this wall-clock budget (a demo on a slow CPU);
+    the LR schedule still spans `epochs`, so a stopped run has not annealed fully.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -127,6 +131,7 @@ class TrainConfig:
     threshold: float = 0.5
     select_metric: str = "dice"
     max_steps_per_epoch: int = 0
+    max_minutes: float = 0.0
     logger: str = "csv"
     out: str = "runs/run"
 

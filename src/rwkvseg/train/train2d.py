@@ -176,6 +176,13 @@ def train_2d(
     )
     validate = validator_2d(val_set, pre, d.num_classes, device, config.threshold, d.val_batch_size, d.num_workers)
     start = time.perf_counter()
+    if config.max_minutes > 0:
+        budget_stop = stop
+
+        def stop(p: Progress) -> bool:
+            over = time.perf_counter() - start > 60 * config.max_minutes
+            return over or (budget_stop is not None and budget_stop(p))
+
     progress = fit(
         model,
         train_set,
