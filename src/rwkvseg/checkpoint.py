@@ -67,9 +67,7 @@ class CheckpointMeta:
             )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(data.keys() - names)
-        missing = sorted(
-            f.name for f in dataclasses.fields(cls) if f.name not in data and f.name in _REQUIRED
-        )
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data and f.name in _REQUIRED)
         if unknown or missing:
             raise ValueError(
                 f"{source}: unknown keys {unknown} / missing keys {missing} in checkpoint sidecar; "
@@ -118,8 +116,7 @@ def save_checkpoint(
         existing = [str(p) for p in (weights, sidecar) if p.exists()]
         if existing:
             raise FileExistsError(
-                f"checkpoint files already exist: {', '.join(existing)}; "
-                "choose another name or pass overwrite"
+                f"checkpoint files already exist: {', '.join(existing)}; choose another name or pass overwrite"
             )
     # save_model (not save_file) drops tied/shared tensors that safetensors cannot store twice.
     atomic_write(weights, lambda tmp: save_model(model, str(tmp), metadata={"format": "rwkvseg"}))
@@ -133,15 +130,12 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
     _, sidecar = checkpoint_paths(path)
     if not sidecar.is_file():
         raise FileNotFoundError(
-            f"checkpoint sidecar {sidecar} not found; "
-            "a checkpoint is a .safetensors file with a .json beside it"
+            f"checkpoint sidecar {sidecar} not found; a checkpoint is a .safetensors file with a .json beside it"
         )
     try:
         data = json.loads(sidecar.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(
-            f"checkpoint sidecar {sidecar} is not valid JSON ({err}); restore it from the run"
-        ) from None
+        raise ValueError(f"checkpoint sidecar {sidecar} is not valid JSON ({err}); restore it from the run") from None
     return CheckpointMeta.from_json(data, source=str(sidecar))
 
 
@@ -152,16 +146,12 @@ def build_model(meta: CheckpointMeta) -> nn.Module:
     return create_model(meta.model, meta.in_channels, meta.num_classes, **meta.model_overrides)
 
 
-def load_checkpoint(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, CheckpointMeta]:
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model from the sidecar and load its weights; returns (model in eval mode, meta)."""
     weights, _ = checkpoint_paths(path)
     meta = read_meta(path)
     if not weights.is_file():
-        raise FileNotFoundError(
-            f"checkpoint weights {weights} not found (the sidecar is there); copy both files"
-        )
+        raise FileNotFoundError(f"checkpoint weights {weights} not found (the sidecar is there); copy both files")
     model = build_model(meta)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))

@@ -68,9 +68,7 @@ def confusion_counts(
     Torch tensors stay on their device for the reduction (cheap in a GPU validation loop).
     """
     if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(
-            f"prediction shape {tuple(pred.shape)} differs from ground truth {tuple(target.shape)}"
-        )
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from ground truth {tuple(target.shape)}")
     if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
         p, t = pred.bool(), target.bool()
         dims = tuple(range(batch_dims, p.ndim))
@@ -95,9 +93,7 @@ def _ratio(num: np.ndarray, den: np.ndarray, when_zero: np.ndarray) -> np.ndarra
     return np.where(den > 0, out, when_zero)
 
 
-def overlap_scores(
-    counts: ConfusionCounts, policy: EmptyPolicy = EmptyPolicy.PERFECT
-) -> dict[str, np.ndarray]:
+def overlap_scores(counts: ConfusionCounts, policy: EmptyPolicy = EmptyPolicy.PERFECT) -> dict[str, np.ndarray]:
     """Dice, IoU, precision, recall, specificity from counts (element-wise for batched counts)."""
     tp, fp, fn, tn = (np.asarray(c, dtype=np.float64) for c in (counts.tp, counts.fp, counts.fn, counts.tn))
     both_empty = (tp + fp + fn) == 0
@@ -229,9 +225,7 @@ class MetricAccumulator:
         self.rows.append(row)
         return row
 
-    def update_batch(
-        self, pred: torch.Tensor, target: torch.Tensor, cases: Sequence[str] | None = None
-    ) -> None:
+    def update_batch(self, pred: torch.Tensor, target: torch.Tensor, cases: Sequence[str] | None = None) -> None:
         """Score each item of a batch [N, *spatial] of binary masks."""
         for i in range(pred.shape[0]):
             self.update(pred[i], target[i], None if cases is None else cases[i])
