@@ -83,8 +83,10 @@ def test_ablation_switches_change_the_model():
     assert isinstance(base.deepest, SASEDeep) and base.darm.dual
     shallow = create_model("urwkv_test", 3, 1, deep_stage=False)
     assert isinstance(shallow.deepest, SASEShallow)
-    no_shift = create_model("urwkv_test", 3, 1, token_shift="none")
+    se = create_model("urwkv_test", 3, 1, deep_se=True)
     dim = base.config.dims[4]
+    assert count_parameters(se) - count_parameters(base) == 2 * dim * (dim // 16) + dim + dim // 16
+    no_shift = create_model("urwkv_test", 3, 1, token_shift="none")
     assert count_parameters(base) - count_parameters(no_shift) == 5 * dim  # mix_k, mix_v, mix_r; mix_k, mix_r
     single = create_model("urwkv_test", 3, 1, dual=False, scan_orders=["rows"])
     assert single.config.scan_orders == ("rows",) and not single.darm.dual

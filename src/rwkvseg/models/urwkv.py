@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from monai.networks.blocks import ChannelSELayer
 from torch import Tensor, nn
 
 from rwkvseg.layers.conv import ChannelFusion, ConvNormAct, UpConv, batch_norm_nd, conv_nd, crop_to, pad_to_multiple
@@ -33,6 +34,7 @@ class URWKVConfig:
     deep_stage: bool = True  # SASE deep form in stage 5; False: shallow form there too
     token_shift: str = "q_shift"  # one of layers.vrwkv.TOKEN_SHIFTS
     deep_convs: int = 7  # depthwise cascade length of the deep form
+    deep_se: bool = False  # squeeze-excitation gate on the deep form's output (absent from the released code)
     hidden_ratio: int = 4  # ChannelMix hidden width / C
     literal: bool = False  # DARM without the exact shortcuts: every order and dual branch run separately
 
@@ -80,15 +82,17 @@ class SASEShallow(nn.Module):
 
 class SASEDeep(nn.Module):
     """Compact deepest stage: z = BN(1x1(x)) with C_out / 8 channels split into halves a, b; a cascade of
-    depthwise 3x3 convs b_j = DW_j(b_{j-1}) grows the receptive field; y = BN(1x1([a + b, b_1 .. b_n]))."""
+    depthwise 3x3 convs b_j = DW_j(b_{j-1}) grows the receptive field; y = BN(1x1([a + b, b_1 .. b_n])),
+    optionally gated by squeeze-excitation (MONAI's ChannelSELayer, reduction 16)."""
 
-    def __init__(self, in_channels: int, out_channels: int, convs: int = 7):
+    def __init__(self, in_channels: int, out_channels: int, convs: int = 7, se: bool = False):
         super().__init__()
         d = SPATIAL_DIMS
         half = out_channels // 16
         self.reduce = nn.Sequential(conv_nd(d, in_channels, 2 * half, 1), batch_norm_nd(d, 2 * half))
         self.cascade = nn.ModuleList(conv_nd(d, half, half, 3, padding=1, groups=half) for _ in range(convs))
         self.expand = nn.Sequential(conv_nd(d, (convs + 1) * half, out_channels, 1), batch_norm_nd(d, out_channels))
+        self.se = ChannelSELayer(d, out_channels, r=16) if se else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.reduce(x).chunk(2, dim=1)  # [B, C_in, h, w] -> 2 x [B, C_out / 16, h, w]
@@ -96,7 +100,7 @@ class SASEDeep(nn.Module):
         for conv in self.cascade:
             b = conv(b)
             parts.append(b)
-        return self.expand(torch.cat(parts, dim=1))  # [B, (n + 1) * C_out / 16, h, w] -> [B, C_out, h, w]
+        return self.se(self.expand(torch.cat(parts, dim=1)))  # [B, (n + 1) C_out / 16, h, w] -> [B, C_out, h, w]
 
 
 class DARM(nn.Module):
@@ -151,7 +155,9 @@ class URWKV(nn.Module):
         self.encoders = nn.ModuleList(
             [SASEShallow(c[0], c[0], e)] + [SASEShallow(c[i - 1], c[i], e) for i in range(1, 4)]
         )
-        self.deepest = SASEDeep(c[3], c[4], config.deep_convs) if config.deep_stage else SASEShallow(c[3], c[4], e)
+        self.deepest = (
+            SASEDeep(c[3], c[4], config.deep_convs, config.deep_se) if config.deep_stage else SASEShallow(c[3], c[4], e)
+        )
         self.pool = nn.MaxPool2d(2)
         self.darm = DARM(c[4], config.dual, config.scan_orders, config.token_shift, config.hidden_ratio, config.literal)
         self.ups = nn.ModuleList(UpConv(d, c[i + 1], c[i]) for i in reversed(range(4)))
