@@ -3,6 +3,12 @@ module (DARM: Dual-RWKV over QuadScan) at the 1/16 bottleneck. Spec: docs/urwkv.
 
 Ablations are config fields, not subclasses:
 `create_model("urwkv", 3, 1, dual=False, scan_orders=("rows",), deep_stage=False, token_shift="none")`.
+
+Where the paper and its released code disagree, this follows the paper: Q-Shift is the real Vision-RWKV Q-Shift
+(the code swaps in a fixed token permutation), the transposed Dual branch is transposed back (the code adds it
+untransposed, right only for square maps), and the deep stage has no SE gate by default (the code has none
+despite the name; deep_se adds one). Q-Shift runs on each scanned sequence's own grid (token_shift="q_shift");
+"q_shift_map" takes it on the map for every order instead.
 """
 
 from __future__ import annotations
