@@ -62,8 +62,8 @@ def make_phantom(
     centre = size / 2 + rng.uniform(-1, 1, 3) * (size * 0.36 - r_edema * 1.2).clip(0)
     edema = _blob(grid, centre, r_edema * rng.uniform(0.8, 1.2, 3), _smooth_noise(rng, shape, 5), 0.25) & brain
     core_centre = centre + rng.uniform(-0.15, 0.15, 3) * r_edema
-    core = _blob(grid, core_centre, r_edema * rng.uniform(0.55, 0.7, 3), _smooth_noise(rng, shape, 5), 0.2) & edema
-    centre_mask = _blob(grid, core_centre, r_edema * rng.uniform(0.3, 0.4, 3), _smooth_noise(rng, shape, 5), 0.2)
+    core = _blob(grid, core_centre, r_edema * rng.uniform(0.62, 0.78, 3), _smooth_noise(rng, shape, 5), 0.2) & edema
+    centre_mask = _blob(grid, core_centre, r_edema * rng.uniform(0.4, 0.5, 3), _smooth_noise(rng, shape, 5), 0.2)
     necrotic = centre_mask & core if necrosis else np.zeros(shape, dtype=bool)
     label = np.zeros(shape, dtype=np.uint8)
     label[edema] = 2
@@ -78,7 +78,7 @@ def make_phantom(
         tissue = np.zeros(shape, dtype=np.float32)
         for mask, value in zip(compartments, contrast, strict=True):
             tissue[mask] = value * rng.uniform(0.95, 1.05)  # later (inner) compartments overwrite outer ones
-        tissue = gaussian_filter(tissue, sigma=0.7)  # partial-volume edges
+        tissue = gaussian_filter(tissue, sigma=0.5)  # partial-volume edges
         texture = 0.05 * _smooth_noise(rng, shape, 8)
         image = (tissue + texture * (tissue > 0.05)) * bias + rng.normal(0, 0.02, shape).astype(np.float32)
         images[modality] = np.where(brain, np.clip(image, 0.01, None), 0).astype(
@@ -106,7 +106,7 @@ def write_synthetic_volumes(
     if n < 1 or len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"need n >= 1 cases and a shape of three sizes >= 8, got n={n}, shape={list(shape)}")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; choose an empty folder or pass overwrite")
+        raise FileExistsError(f"{out} is not empty; choose an empty folder or pass overwrite (--overwrite)")
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = -np.asarray(shape) * spacing / 2  # centred on the world origin, like MNI-registered scans
     rng = np.random.default_rng(seed)
