@@ -43,6 +43,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_complexity)
 
+    p = kinds.add_parser(
+        "wkv-models", help="training step (fwd+bwd) time and memory of whole models per Bi-WKV implementation"
+    )
+    p.add_argument("--models", nargs="+", default=["urwkv", "mmsegrwkv"], help="cases of bench.wkv_models")
+    p.add_argument("--impl", action="append", help="repeatable (default: triton and chunked)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (median reported)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (default: fp32)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(func=_run_wkv_models)
+
 
 def _run_wkv(args: argparse.Namespace) -> int:
     import torch
@@ -130,6 +140,38 @@ def _run_complexity(args: argparse.Namespace) -> int:
     if args.repeats > 0:
         columns += [("median_ms", "median ms"), ("min_ms", "min ms")]
     print(format_table(rows, columns))
+    if args.json:
+        write_json(args.json, {"environment": info, "rows": rows})
+    return 0
+
+
+def _run_wkv_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..models import create_model
+    from .table import format_table, write_json
+    from .wkv import environment
+    from .wkv_models import MODEL_CASES, train_step_row
+
+    if not torch.cuda.is_available():
+        raise ValueError("bench wkv-models compares implementations on a GPU; torch sees no CUDA device")
+    device = torch.device("cuda")
+    unknown = sorted(set(args.models) - set(MODEL_CASES))
+    if unknown:
+        raise ValueError(f"bench wkv-models: no case for {unknown}; choose from {sorted(MODEL_CASES)}")
+    info = environment(device)
+    rows = []
+    for name in args.models:
+        in_channels, num_classes, shape = MODEL_CASES[name]
+        torch.manual_seed(0)
+        model = create_model(name, in_channels, num_classes).to(device)
+        for impl in args.impl or ["triton", "chunked"]:
+            rows.append({"model": name, **train_step_row(model, shape, impl, args.repeats, args.amp)})
+        del model
+        torch.cuda.empty_cache()
+    print(", ".join(f"{k}={v}" for k, v in info.items()))
+    columns = [("model", "model"), ("input", "input"), ("impl", "Bi-WKV"), ("step_ms", "fwd+bwd ms")]
+    print(format_table(rows, [*columns, ("peak_mb", "peak MB")]))
     if args.json:
         write_json(args.json, {"environment": info, "rows": rows})
     return 0

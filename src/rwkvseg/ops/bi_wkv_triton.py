@@ -68,6 +68,28 @@ def _combine_q(d1, m1, a1, b1, qa1, qb1, d2, m2, a2, b2, qa2, qb2):
 
 
 @triton.jit
+def _combine_count(lw1, c1, n1, e1, lw2, c2, n2, e2):
+    # as _combine over c chunks of decay e^(-lw) each; the decay is recomputed from the count, since a product
+    # of thousands of chunk decays drifts by ~count * eps (1e-5 at T = 32768 with 16-token chunks)
+    d2 = _exp(-c2 * lw2)
+    return lw1, c1 + c2, d2 * n1 + n2, d2 * e1 + e2
+
+
+@triton.jit
+def _combine_q_count(w1, m1, a1, b1, qa1, qb1, w2, m2, a2, b2, qa2, qb2):
+    # as _combine_q with the decay of m tokens recomputed as e^(-m w)
+    d2 = _exp(-m2 * w2)
+    return (
+        w1,
+        m1 + m2,
+        d2 * a1 + a2,
+        d2 * b1 + b2,
+        d2 * (qa1 + m2 * a1) + qa2,
+        d2 * (qb1 + m2 * b1) + qb2,
+    )
+
+
+@triton.jit
 def _tile(b, j, cb, T, C, stride_b, stride_t, R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
     """A chunk of L = R * S tokens as an [R, S, BC] tile: token s * R + r of the chunk sits at [r, s, :].
 
@@ -177,7 +199,7 @@ def _fwd_summary_kernel(
     fn, _, gn, _ = _chunk_sums(ek * v, pos, w, R * S)
     fd, _, gd, _ = _chunk_sums(ek, pos, w, R * S)
     plane = n * C
-    out = summ_ptr + b.to(tl.int64) * 5 * plane + j * C + cols
+    out = summ_ptr + b.to(tl.int64) * 5 * plane + cols * n + j
     tl.store(out, m, mask=cmask)
     tl.store(out + plane, fn, mask=cmask)
     tl.store(out + 2 * plane, fd, mask=cmask)
@@ -187,58 +209,62 @@ def _fwd_summary_kernel(
 
 @triton.jit
 def _fwd_chunk_scan_kernel(summ_ptr, state_ptr, kmax_ptr, w_ptr, n, C, L: tl.constexpr, NB: tl.constexpr):
+    """Program (b * C + c, side): kmax and the states entering every chunk from the left (side 0) or the right."""
     pid = tl.program_id(0)
+    right = tl.program_id(1)
     c = pid % C
     b = pid // C
-    dec = _exp(-L * tl.load(w_ptr + c))  # decay across one whole chunk
+    lw = tl.zeros([NB], tl.float32) + L * tl.load(w_ptr + c)  # log-decay across one whole chunk
+    one = tl.zeros([NB], tl.float32) + 1.0
     idx = tl.arange(0, NB)
     n_tiles = tl.cdiv(n, NB)
     plane = n * C
-    summ = summ_ptr + b.to(tl.int64) * 5 * plane + c
-    state = state_ptr + b.to(tl.int64) * 4 * plane + c
-    d = tl.zeros([NB], tl.float32) + dec
+    summ = summ_ptr + b.to(tl.int64) * 5 * plane + c.to(tl.int64) * n
+    state = state_ptr + b.to(tl.int64) * 4 * plane + c.to(tl.int64) * n
 
     kmax = tl.max(tl.full([NB], float("-inf"), tl.float32), 0)
     for i in range(n_tiles):
         j = i * NB + idx
-        kmax = tl.maximum(kmax, tl.max(tl.load(summ + j * C, mask=j < n, other=float("-inf")), 0))
-    tl.store(kmax_ptr + b * C + c, kmax)
+        kmax = tl.maximum(kmax, tl.max(tl.load(summ + j, mask=j < n, other=float("-inf")), 0))
+    if right == 0:
+        tl.store(kmax_ptr + b * C + c, kmax)
 
-    # left states: row j scans the summaries of chunks < j (loaded shifted by one, so inclusive = exclusive)
     carry_n = tl.sum(tl.zeros([NB], tl.float32), 0)
     carry_d = carry_n
-    for i in range(n_tiles):
-        j = i * NB + idx
-        ok = (j >= 1) & (j < n)
-        src = summ + (j - 1) * C
-        scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax)
-        fn = tl.load(src + plane, mask=ok, other=0.0) * scale
-        fd = tl.load(src + 2 * plane, mask=ok, other=0.0) * scale
-        dd, sn, sd = tl.associative_scan((d, fn, fd), 0, _combine)
-        sn += dd * carry_n
-        sd += dd * carry_d
-        tl.store(state + j * C, sn, mask=j < n)
-        tl.store(state + plane + j * C, sd, mask=j < n)
-        carry_n = tl.sum(tl.where(idx == NB - 1, sn, 0.0), 0)
-        carry_d = tl.sum(tl.where(idx == NB - 1, sd, 0.0), 0)
-
-    # right states: row j scans chunks > j, from the last chunk leftwards
-    carry_n = tl.sum(tl.zeros([NB], tl.float32), 0)
-    carry_d = carry_n
-    for ii in range(n_tiles):
-        j = (n_tiles - 1 - ii) * NB + idx
-        ok = j + 1 < n
-        src = summ + (j + 1) * C
-        scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax)
-        gn = tl.load(src + 3 * plane, mask=ok, other=0.0) * scale
-        gd = tl.load(src + 4 * plane, mask=ok, other=0.0) * scale
-        dd, sn, sd = tl.associative_scan((d, gn, gd), 0, _combine, reverse=True)
-        sn += dd * carry_n
-        sd += dd * carry_d
-        tl.store(state + 2 * plane + j * C, sn, mask=j < n)
-        tl.store(state + 3 * plane + j * C, sd, mask=j < n)
-        carry_n = tl.sum(tl.where(idx == 0, sn, 0.0), 0)
-        carry_d = tl.sum(tl.where(idx == 0, sd, 0.0), 0)
+    if right == 0:
+        # row j scans the summaries of chunks < j (loaded shifted by one, so inclusive = exclusive)
+        for i in range(n_tiles):
+            j = i * NB + idx
+            ok = (j >= 1) & (j < n)
+            src = summ + (j - 1)
+            scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax)
+            fn = tl.load(src + plane, mask=ok, other=0.0) * scale
+            fd = tl.load(src + 2 * plane, mask=ok, other=0.0) * scale
+            _, cc, sn, sd = tl.associative_scan((lw, one, fn, fd), 0, _combine_count)
+            dd = _exp(-cc * lw)
+            sn += dd * carry_n
+            sd += dd * carry_d
+            tl.store(state + j, sn, mask=j < n)
+            tl.store(state + plane + j, sd, mask=j < n)
+            carry_n = tl.sum(tl.where(idx == NB - 1, sn, 0.0), 0)
+            carry_d = tl.sum(tl.where(idx == NB - 1, sd, 0.0), 0)
+    else:
+        # row j scans chunks > j, from the last chunk leftwards
+        for ii in range(n_tiles):
+            j = (n_tiles - 1 - ii) * NB + idx
+            ok = j + 1 < n
+            src = summ + (j + 1)
+            scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax)
+            gn = tl.load(src + 3 * plane, mask=ok, other=0.0) * scale
+            gd = tl.load(src + 4 * plane, mask=ok, other=0.0) * scale
+            _, cc, sn, sd = tl.associative_scan((lw, one, gn, gd), 0, _combine_count, reverse=True)
+            dd = _exp(-cc * lw)
+            sn += dd * carry_n
+            sd += dd * carry_d
+            tl.store(state + 2 * plane + j, sn, mask=j < n)
+            tl.store(state + 3 * plane + j, sd, mask=j < n)
+            carry_n = tl.sum(tl.where(idx == 0, sn, 0.0), 0)
+            carry_d = tl.sum(tl.where(idx == 0, sd, 0.0), 0)
 
 
 @triton.jit
@@ -265,7 +291,7 @@ def _recompute(
     eu = _exp(u)
     D = _exp(-R * w)
     if HAS_STATES:
-        p = state_ptr + b.to(tl.int64) * 4 * n * C + j * C + cols
+        p = state_ptr + b.to(tl.int64) * 4 * n * C + cols * n + j
         sfn = tl.load(p, mask=cmask, other=0.0)
         sfd = tl.load(p + n * C, mask=cmask, other=0.0)
         sbn = tl.load(p + 2 * n * C, mask=cmask, other=0.0)
@@ -328,7 +354,7 @@ def _bwd_summary_kernel(
     fa, fqa, ga, gqa = _chunk_sums(a, pos, w, R * S)
     fb, fqb, gb, gqb = _chunk_sums(bb, pos, w, R * S)
     plane = n * C
-    dst = summ_ptr + b.to(tl.int64) * 8 * plane + j * C + cols
+    dst = summ_ptr + b.to(tl.int64) * 8 * plane + cols * n + j
     tl.store(dst, fa, mask=cmask)
     tl.store(dst + plane, fb, mask=cmask)
     tl.store(dst + 2 * plane, fqa, mask=cmask)
@@ -340,53 +366,58 @@ def _bwd_summary_kernel(
 
 
 @triton.jit
+def _bwd_scan_side(summ, state, w, m, idx, n, n_tiles, plane, C, NB: tl.constexpr, REVERSE: tl.constexpr):
+    zero = tl.sum(tl.zeros([NB], tl.float32), 0)
+    ca, cb, cqa, cqb = zero, zero, zero, zero
+    for ii in range(n_tiles):
+        if REVERSE:
+            j = (n_tiles - 1 - ii) * NB + idx
+            ok = j + 1 < n
+            src = summ + (j + 1) + 4 * plane
+        else:
+            j = ii * NB + idx
+            ok = (j >= 1) & (j < n)
+            src = summ + (j - 1)
+        xa = tl.load(src, mask=ok, other=0.0)
+        xb = tl.load(src + plane, mask=ok, other=0.0)
+        qa = tl.load(src + 2 * plane, mask=ok, other=0.0)
+        qb = tl.load(src + 3 * plane, mask=ok, other=0.0)
+        _, mm, sa, sb, sqa, sqb = tl.associative_scan((w, m, xa, xb, qa, qb), 0, _combine_q_count, reverse=REVERSE)
+        dd = _exp(-mm * w)
+        # compose with the carry from earlier tiles, which comes first
+        sqa += dd * (cqa + mm * ca)
+        sqb += dd * (cqb + mm * cb)
+        sa += dd * ca
+        sb += dd * cb
+        out = state + j + REVERSE * 4 * plane
+        tl.store(out, sa, mask=j < n)
+        tl.store(out + plane, sb, mask=j < n)
+        tl.store(out + 2 * plane, sqa, mask=j < n)
+        tl.store(out + 3 * plane, sqb, mask=j < n)
+        edge = idx == (0 if REVERSE else NB - 1)
+        ca = tl.sum(tl.where(edge, sa, 0.0), 0)
+        cb = tl.sum(tl.where(edge, sb, 0.0), 0)
+        cqa = tl.sum(tl.where(edge, sqa, 0.0), 0)
+        cqb = tl.sum(tl.where(edge, sqb, 0.0), 0)
+
+
+@triton.jit
 def _bwd_chunk_scan_kernel(summ_ptr, state_ptr, w_ptr, n, C, L: tl.constexpr, NB: tl.constexpr):
+    """Program (b * C + c, side): (S, Q) states of a and b entering every chunk from the left or the right."""
     pid = tl.program_id(0)
     c = pid % C
     b = pid // C
-    dec = _exp(-L * tl.load(w_ptr + c))
+    w = tl.zeros([NB], tl.float32) + tl.load(w_ptr + c)
     idx = tl.arange(0, NB)
     n_tiles = tl.cdiv(n, NB)
     plane = n * C
-    summ = summ_ptr + b.to(tl.int64) * 8 * plane + c
-    state = state_ptr + b.to(tl.int64) * 8 * plane + c
-    d = tl.zeros([NB], tl.float32) + dec
+    summ = summ_ptr + b.to(tl.int64) * 8 * plane + c.to(tl.int64) * n
+    state = state_ptr + b.to(tl.int64) * 8 * plane + c.to(tl.int64) * n
     m = tl.zeros([NB], tl.float32) + L
-    zero = tl.sum(tl.zeros([NB], tl.float32), 0)
-
-    for direction in tl.static_range(2):
-        ca, cb_, cqa, cqb = zero, zero, zero, zero
-        for ii in range(n_tiles):
-            if direction == 0:
-                j = ii * NB + idx
-                ok = (j >= 1) & (j < n)
-                src = summ + (j - 1) * C
-            else:
-                j = (n_tiles - 1 - ii) * NB + idx
-                ok = j + 1 < n
-                src = summ + (j + 1) * C + 4 * plane
-            xa = tl.load(src, mask=ok, other=0.0)
-            xb = tl.load(src + plane, mask=ok, other=0.0)
-            qa = tl.load(src + 2 * plane, mask=ok, other=0.0)
-            qb = tl.load(src + 3 * plane, mask=ok, other=0.0)
-            dd, mm, sa, sb, sqa, sqb = tl.associative_scan(
-                (d, m, xa, xb, qa, qb), 0, _combine_q, reverse=direction == 1
-            )
-            # compose with the carry from earlier tiles, which comes first
-            sqa += dd * (cqa + mm * ca)
-            sqb += dd * (cqb + mm * cb_)
-            sa += dd * ca
-            sb += dd * cb_
-            out = state + j * C + direction * 4 * plane
-            tl.store(out, sa, mask=j < n)
-            tl.store(out + plane, sb, mask=j < n)
-            tl.store(out + 2 * plane, sqa, mask=j < n)
-            tl.store(out + 3 * plane, sqb, mask=j < n)
-            edge = idx == (NB - 1 if direction == 0 else 0)
-            ca = tl.sum(tl.where(edge, sa, 0.0), 0)
-            cb_ = tl.sum(tl.where(edge, sb, 0.0), 0)
-            cqa = tl.sum(tl.where(edge, sqa, 0.0), 0)
-            cqb = tl.sum(tl.where(edge, sqb, 0.0), 0)
+    if tl.program_id(1) == 0:
+        _bwd_scan_side(summ, state, w, m, idx, n, n_tiles, plane, C, NB, False)
+    else:
+        _bwd_scan_side(summ, state, w, m, idx, n, n_tiles, plane, C, NB, True)
 
 
 @triton.jit
@@ -427,7 +458,7 @@ def _bwd_output_kernel(
     cols, cmask, d, ew, eu, fwd_w, bwd_w = out[8], out[9], out[11], out[12], out[13], out[14], out[15]
     a, bb = _grad_inputs(gy_ptr, num, den, mask, b, j, cb, T, C, sgb, sgt, R, S, BC)
     if HAS_STATES:
-        p = state2_ptr + b.to(tl.int64) * 8 * n * C + j * C + cols
+        p = state2_ptr + b.to(tl.int64) * 8 * n * C + cols * n + j
         fa = tl.load(p, mask=cmask, other=0.0)
         fb = tl.load(p + n * C, mask=cmask, other=0.0)
         fqa = tl.load(p + 2 * n * C, mask=cmask, other=0.0)
@@ -469,20 +500,24 @@ def _bwd_output_kernel(
 @dataclass(frozen=True)
 class TileConfig:
     """Chunk length L = R * S tokens (shared by forward and backward: the backward reuses the forward's chunk
-    states), split into S slabs of R tokens, one slab per warp; BC channels per program, one per lane."""
+    states), split into S slabs of R tokens, one slab per warp; BC channels per program, one per lane.
+    S = 1 keeps every scan inside a thread: no shared memory and no barrier in the chunk kernels."""
 
-    L: int
+    L: int = 16
     BC: int = 32
-    S: int = 8
-    BC_bwd: int = 32
-    S_bwd: int = 8
-    scan_block: int = 1024
+    S: int = 1
+    BC_bwd: int = 16
+    S_bwd: int = 1
+    scan_block: int = 4096
 
 
 def tile_config(T: int, C: int) -> TileConfig:
-    """64-token chunks; shorter sequences get one chunk of at least 16 tokens."""
-    L = max(16, min(64, triton.next_power_of_2(T)))
-    return TileConfig(L=L, S=min(8, L // 8), S_bwd=min(8, L // 8))
+    """16-token chunks, one warp per (chunk, channel block); T is not capped, shorter sequences are padded."""
+    return TileConfig()
+
+
+def _scan_warps(nb: int) -> int:
+    return max(1, min(8, nb // 256))  # short chunk scans (T ~ 256) come in thousands: one warp each
 
 
 def _check(k: Tensor, v: Tensor) -> None:
@@ -503,14 +538,14 @@ def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, cfg: TileConfig):
     R = cfg.L // cfg.S
     y = torch.empty((B, T, C), dtype=v.dtype, device=k.device)
     kmax = torch.empty((B, C), dtype=torch.float32, device=k.device)
-    states = torch.empty((B, 4, n, C), dtype=torch.float32, device=k.device) if n > 1 else kmax
+    states = torch.empty((B, 4, C, n), dtype=torch.float32, device=k.device) if n > 1 else kmax
     grid = (B * n * ncb,)
     strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     if n > 1:
-        summ = torch.empty((B, 5, n, C), dtype=torch.float32, device=k.device)
+        summ = torch.empty((B, 5, C, n), dtype=torch.float32, device=k.device)
         _fwd_summary_kernel[grid](k, v, w, summ, T, C, n, *strides, R, cfg.S, cfg.BC, ncb, num_warps=cfg.S)
         nb = min(triton.next_power_of_2(n), cfg.scan_block)
-        _fwd_chunk_scan_kernel[(B * C,)](summ, states, kmax, w, n, C, cfg.L, nb, num_warps=4)
+        _fwd_chunk_scan_kernel[(B * C, 2)](summ, states, kmax, w, n, C, cfg.L, nb, num_warps=_scan_warps(nb))
     _fwd_output_kernel[grid](
         k, v, w, u, kmax, states, y, T, C, n, *strides, y.stride(0), y.stride(1),
         R, cfg.S, cfg.BC, ncb, n > 1, num_warps=cfg.S,
@@ -529,13 +564,13 @@ def _backward(w, u, k, v, kmax, states, gy, cfg: TileConfig):
     strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), gy.stride(0), gy.stride(1))
     state2 = kmax
     if n > 1:
-        summ = torch.empty((B, 8, n, C), dtype=torch.float32, device=k.device)
+        summ = torch.empty((B, 8, C, n), dtype=torch.float32, device=k.device)
         _bwd_summary_kernel[grid](
             k, v, gy, w, u, kmax, states, summ, T, C, n, *strides, R, cfg.S_bwd, cfg.BC_bwd, ncb, num_warps=cfg.S_bwd
         )
-        state2 = torch.empty((B, 8, n, C), dtype=torch.float32, device=k.device)
-        nb = min(triton.next_power_of_2(n), cfg.scan_block)
-        _bwd_chunk_scan_kernel[(B * C,)](summ, state2, w, n, C, cfg.L, nb, num_warps=4)
+        state2 = torch.empty((B, 8, C, n), dtype=torch.float32, device=k.device)
+        nb = min(triton.next_power_of_2(n), max(1, cfg.scan_block // 2))  # 6-tuple scans: half the tile
+        _bwd_chunk_scan_kernel[(B * C, 2)](summ, state2, w, n, C, cfg.L, nb, num_warps=_scan_warps(nb))
     gk = torch.empty((B, T, C), dtype=k.dtype, device=k.device)
     gv = torch.empty((B, T, C), dtype=v.dtype, device=k.device)
     part = torch.empty((B * n, 2, C), dtype=torch.float32, device=k.device)
