@@ -6,9 +6,19 @@ import argparse
 
 
 def add_predict_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="masks for an image or a folder of images, from a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint (.safetensors with its .json sidecar)")
-    p.add_argument("input", help="an image file or a folder of images")
+    p = sub.add_parser(
+        "predict",
+        help="masks for an image or a folder of images, from a checkpoint or a released model",
+        usage="rwkvseg predict (CHECKPOINT | --model NAME) INPUT --out OUT [options]",
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="[CHECKPOINT] INPUT",
+        help="a checkpoint (.safetensors with its .json sidecar) and an image file or folder; "
+        "with --model only the input",
+    )
+    p.add_argument("--model", default=None, help="a released model by name instead of a checkpoint (rwkvseg models)")
     p.add_argument("--out", required=True, help="output folder (masks <name>.png at the input's size)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--batch-size", type=int, default=8)
@@ -23,8 +33,24 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
+def _resolve_sources(args: argparse.Namespace) -> None:
+    """Set args.checkpoint and args.input from `CHECKPOINT INPUT` or `--model NAME INPUT`."""
+    if args.model:
+        if len(args.sources) != 1:
+            raise ValueError(f"with --model {args.model} give only the input, got {args.sources}")
+        from ..released import released_checkpoint
+
+        args.checkpoint, args.input = str(released_checkpoint(args.model)), args.sources[0]
+    else:
+        if len(args.sources) != 2:
+            raise ValueError(f"give a checkpoint and an input (or --model NAME and an input), got {args.sources}")
+        args.checkpoint, args.input = args.sources
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from ..data.cli3d import is_3d_checkpoint, run_predict3d
+
+    _resolve_sources(args)
 
     if is_3d_checkpoint(args.checkpoint):  # NIfTI / case folders through the 3D predictor
         return run_predict3d(args)

@@ -1,0 +1,87 @@
+"""Released models: trained weights shipped inside the package, loadable by name with no network access.
+
+`weights/index.json` lists them (architecture, data, split, validation metrics); each has a checkpoint
+(`<name>.safetensors` + `<name>.json`) and a model card (`<name>.md`) in the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_write, checkpoint_paths, read_meta
+
+INDEX_FILE = "index.json"
+
+
+@dataclass(frozen=True)
+class ReleasedModel:
+    name: str
+    architecture: str
+    dataset: str
+    split: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: str = ""
+
+
+def weights_dir() -> Path:
+    return Path(str(resources.files("rwkvseg") / "weights"))
+
+
+def released_models(folder: Path | None = None) -> list[ReleasedModel]:
+    """Every released model of the index, in index order (empty when none is shipped)."""
+    index = (folder or weights_dir()) / INDEX_FILE
+    if not index.is_file():
+        return []
+    entries = json.loads(index.read_text(encoding="utf-8"))["models"]
+    return [ReleasedModel(**entry) for entry in entries]
+
+
+def released_checkpoint(name: str, folder: Path | None = None) -> Path:
+    """The checkpoint path of a released model; ValueError naming the choices when unknown."""
+    folder = folder or weights_dir()
+    names = [m.name for m in released_models(folder)]
+    if name not in names:
+        choices = ", ".join(names) or "none are installed"
+        raise ValueError(f"unknown released model {name!r}; choose one of: {choices} (see `rwkvseg models`)")
+    weights, sidecar = checkpoint_paths(folder / name)
+    if not (weights.is_file() and sidecar.is_file()):
+        raise FileNotFoundError(f"released model {name!r} is listed but {weights} or {sidecar} is missing; reinstall")
+    return weights
+
+
+def half_precision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices and kernels (ndim >= 2, nearly all bytes) to fp16; vectors such as decay, bonus, token-shift
+    mixes, norm weights and BatchNorm statistics stay fp32, where fp16 rounding would move the model."""
+    return {k: v.half() if v.is_floating_point() and v.dim() >= 2 else v for k, v in state.items()}
+
+
+def export_release(checkpoint: str | Path, name: str, folder: Path, overwrite: bool = False) -> Path:
+    """Write checkpoint as released model `name` in folder: fp16 weights and the unchanged sidecar."""
+    source_weights, source_sidecar = checkpoint_paths(checkpoint)
+    read_meta(checkpoint)  # the sidecar must be valid before anything is written
+    weights, sidecar = checkpoint_paths(folder / name)
+    if not overwrite and (weights.exists() or sidecar.exists()):
+        raise FileExistsError(f"{weights} exists; pass overwrite to replace released model {name!r}")
+    state = half_precision(load_file(str(source_weights)))
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "rwkvseg", "release": name}))
+    atomic_write(sidecar, lambda tmp: shutil.copyfile(source_sidecar, tmp))
+    return weights
+
+
+def index_entry(model: ReleasedModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "architecture": model.architecture,
+        "dataset": model.dataset,
+        "split": model.split,
+        "metrics": model.metrics,
+        "notes": model.notes,
+    }

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+from rwkvseg.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from rwkvseg.models import create_model
+from rwkvseg.released import (
+    ReleasedModel,
+    export_release,
+    index_entry,
+    released_checkpoint,
+    released_models,
+)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("urwkv_test", in_channels=3, num_classes=1)
+    meta = CheckpointMeta("urwkv_test", 3, 1, preprocessing={"size": [32, 32], "resize": "resize", "channels": 3})
+    save_checkpoint(tmp_path / "run" / "best", model, meta)
+    return model.eval(), tmp_path / "run" / "best"
+
+
+def test_export_keeps_vectors_fp32_and_outputs_close(trained, tmp_path):
+    model, checkpoint = trained
+    folder = tmp_path / "weights"
+    weights = export_release(checkpoint, "tiny-demo", folder)
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    assert {v.dtype for k, v in state.items() if v.dim() >= 2} == {torch.float16}
+    assert all(v.dtype != torch.float16 for v in state.values() if v.dim() < 2)
+    released, _ = load_checkpoint(weights)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x), released(x)
+    assert next(released.parameters()).dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_release(checkpoint, "tiny-demo", folder)
+
+
+def test_lookup_by_name(trained, tmp_path):
+    _, checkpoint = trained
+    folder = tmp_path / "weights"
+    export_release(checkpoint, "tiny-demo", folder)
+    entry = ReleasedModel("tiny-demo", "urwkv_test", "synthetic", "none", {"dice": 0.5})
+    (folder / "index.json").write_text(json.dumps({"models": [index_entry(entry)]}))
+    assert released_models(folder) == [entry]
+    assert released_checkpoint("tiny-demo", folder).name == "tiny-demo.safetensors"
+    with pytest.raises(ValueError, match="choose one of: tiny-demo"):
+        released_checkpoint("tiny", folder)
+
+
+@pytest.mark.parametrize("model", released_models(), ids=lambda m: m.name)
+def test_shipped_models_load_and_run(model):
+    net, meta = load_checkpoint(released_checkpoint(model.name))
+    assert meta.model == model.architecture
+    x = torch.rand(1, meta.in_channels, 64, 80)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (1, meta.num_classes, 64, 80)
+    assert torch.isfinite(out).all()
+    assert 0 < model.metrics["val_dice"] <= 1
+
+
+def test_predict_by_released_name_through_the_cli(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rwkvseg.cli import main
+
+    if "urwkv_s-kvasir" not in [m.name for m in released_models()]:
+        pytest.skip("urwkv_s-kvasir is not shipped in this install")
+    image = (np.random.default_rng(0).random((45, 70, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "frame.png")
+    frame = str(tmp_path / "frame.png")
+    assert main(["predict", "--model", "urwkv_s-kvasir", frame, "--out", str(tmp_path / "p")]) == 0
+    with Image.open(tmp_path / "p" / "frame.png") as mask:
+        assert mask.size == (70, 45)
+    assert main(["predict", "--model", "nope", str(tmp_path / "frame.png"), "--out", str(tmp_path / "q")]) == 2
+    assert main(["predict", str(tmp_path / "frame.png"), "--out", str(tmp_path / "q")]) == 2
