@@ -187,3 +187,11 @@ def test_a_cache_made_from_other_data_is_not_reused(tmp_path, raw, cache):
     with pytest.raises(ValueError, match="differs from the cache"):
         prepare_cache(spaced.data, tmp_path)
     assert prepare_cache(load_config_3d(None, [f"data.root={cache}"]).data, tmp_path) == cache
+    reordered = load_config_3d(None, [f"data.root={cache}", "data.modalities=[t1, t1ce, flair, t2]"])
+    with pytest.raises(ValueError, match="modalities differ from the cache"):
+        prepare_cache(reordered.data, tmp_path)
+    same = load_config_3d(None, [f"data.root={cache}", "data.modalities=[t1, t1ce, t2, flair]"])
+    assert prepare_cache(same.data, tmp_path) == cache
+    uncropped = load_config_3d(None, [f"data.root={raw}", "data.crop_nonzero=false"])
+    with pytest.raises(ValueError, match="delete it to preprocess again"):
+        prepare_cache(uncropped.data, tmp_path)

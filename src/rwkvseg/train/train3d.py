@@ -227,6 +227,14 @@ def prepare_cache(data: VolumeDataConfig, run_dir: Path) -> Path:
                 f"data.target_spacing {list(data.target_spacing)} (x, y, z) differs from the cache {root} "
                 f"({plans['target_spacing'][::-1]}); preprocess again with --spacing, or leave target_spacing empty"
             )
+        if data.modalities or data.label_values or data.regions:
+            cached, asked = plans["dataset"], dataset_spec_for(data).to_dict()
+            keys = [k for k in ("modalities", "label_values", "regions") if cached[k] != asked[k]]
+            if keys:
+                raise ValueError(
+                    f"data.{'/'.join(keys)} differ from the cache {root} ({', '.join(str(cached[k]) for k in keys)}); "
+                    "a cache keeps the dataset description it was made with: leave them out or preprocess again"
+                )
         return root
     spec = dataset_spec_for(data)
     cache = run_dir / CACHE_DIR
@@ -234,6 +242,7 @@ def prepare_cache(data: VolumeDataConfig, run_dir: Path) -> Path:
         plans = load_plans(cache)
         cases = {c.case_id for c in discover_cases(root, spec, require_label=True)}
         same = plans["dataset"] == spec.to_dict() and set(plans["cases"]) == cases
+        same = same and plans["preprocess"]["crop_nonzero"] == data.crop_nonzero
         if spacing is not None:
             same = same and np.allclose(plans["target_spacing"], spacing)
         if not same:
