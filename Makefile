@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rwkvseg demo
+	$(BIN)/rwkvseg demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

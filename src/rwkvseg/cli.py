@@ -29,6 +29,25 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        Path(args.out),
+        Path(args.data) if args.data else None,
+        args.minutes_2d,
+        args.minutes_3d,
+        args.size,
+        not args.no_3d,
+        args.overwrite,
+    )
+    report = run_demo(cfg)
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkvseg", description="Medical image segmentation with RWKV models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -36,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered architectures and the released models")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("demo", help="the main job on built-in synthetic data: train, predict, evaluate, report")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--data", default=None, help="a real 2D dataset folder instead of the synthetic lesions")
+    p.add_argument("--minutes-2d", type=float, default=3.0, help="2D training budget in minutes (default 3)")
+    p.add_argument("--minutes-3d", type=float, default=2.0, help="3D training budget in minutes (default 2)")
+    p.add_argument("--size", type=int, default=64, help="2D network input side (default 64)")
+    p.add_argument("--no-3d", action="store_true", help="skip the 3D part")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_demo)
 
     from .bench.cli import add_bench_parser
 

@@ -1,0 +1,94 @@
+"""A self-contained HTML report: tables, training curves as inline SVG, and image galleries."""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, float]]:
+    """metrics.csv of a run -> one dict per epoch (empty cells dropped)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def svg_curves(
+    history: Sequence[dict[str, float]], keys: Sequence[str], title: str, width: int = 460, height: int = 240
+) -> str:
+    """Line plot of history[epoch][key] against epoch for each key present; missing points are skipped."""
+    series = {k: [(r["epoch"], r[k]) for r in history if k in r and math.isfinite(r[k])] for k in keys}
+    series = {k: pts for k, pts in series.items() if pts}
+    if not series:
+        return f"<p>{html.escape(title)}: no data</p>"
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
+    left, right, top, bottom = 44, 12, 22, 28
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def py(y: float) -> float:
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
+        f'<text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text>',
+        f'<line x1="{left}" y1="{py(y0)}" x2="{width - right}" y2="{py(y0)}" stroke="#999"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#999"/>',
+    ]
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + frac * (y1 - y0)
+        parts.append(f'<text x="4" y="{py(y) + 4:.1f}">{y:.3g}</text>')
+    parts.append(f'<text x="{left}" y="{height - 8}">epoch {x0:g}</text>')
+    parts.append(f'<text x="{width - right - 50}" y="{height - 8}">epoch {x1:g}</text>')
+    for i, (key, pts) in enumerate(series.items()):
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
+        if len(pts) == 1:
+            parts.append(f'<circle cx="{px(pts[0][0]):.1f}" cy="{py(pts[0][1]):.1f}" r="3" fill="{colour}"/>')
+        parts.append(f'<text x="{left + 8 + 110 * i}" y="{top + 12}" fill="{colour}">{html.escape(key)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, '-'))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def gallery(images: Sequence[Path], base: Path, caption: str) -> str:
+    tiles = "".join(
+        f'<figure><img src="{html.escape(p.relative_to(base).as_posix())}" width="200"><figcaption>'
+        f"{html.escape(p.stem)}</figcaption></figure>"
+        for p in images
+    )
+    return f"<p>{html.escape(caption)}</p><div class='gallery'>{tiles}</div>"
+
+
+def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]]) -> Path:
+    """sections: (heading, HTML body). Image paths in bodies are relative to path's folder."""
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}.gallery{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
+        "figcaption{font-size:11px;text-align:center}"
+    )
+    body = "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
+    path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>",
+        encoding="utf-8",
+    )
+    return path
