@@ -3,6 +3,7 @@ alone onto the input grid, bit-exact resume, both loss paradigms, and the config
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -31,6 +32,7 @@ from rwkvseg.train.train3d import (
 pytestmark = pytest.mark.skipif("mmsegrwkv_test" not in list_models(), reason="mmsegrwkv_test is not registered")
 
 BRATS = dataset_spec("brats")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # cached phantoms are about 17 x 22 x 19: two windows per case along the first axis keep validation cheap (the
 # test model pads any input up to 32 x 32 x 64, so small patches would only add windows)
 PATCH = (15, 23, 21)
@@ -195,3 +197,18 @@ def test_a_cache_made_from_other_data_is_not_reused(tmp_path, raw, cache):
     uncropped = load_config_3d(None, [f"data.root={raw}", "data.crop_nonzero=false"])
     with pytest.raises(ValueError, match="delete it to preprocess again"):
         prepare_cache(uncropped.data, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["mmsegrwkv", "segresnet"])
+def test_cuda_mixed_precision_run_of_the_brats_recipe(tmp_path, cache, model):
+    """The BraTS recipe (64^3 patches, SGD Nesterov, AMP) for two steps on the phantoms, on the GPU."""
+    overrides = [f"data.root={cache}", f"out={tmp_path / 'run'}", f"model.name={model}", "device=cuda", "amp=auto"]
+    overrides += ["epochs=1", "max_steps_per_epoch=2", "data.samples_per_epoch=4", "data.batch_size=2"]
+    overrides += ["data.patch_size=[64, 64, 64]", "data.num_workers=2"]
+    config = load_config_3d(CONFIGS / "brats2018_mmsegrwkv.toml", overrides)
+    progress = train_3d(config)
+    assert progress.step == 2 and np.isfinite(progress.history[-1]["train_loss"])
+    final = json.loads((tmp_path / "run" / FINAL_FILE).read_text())
+    assert final["mirror_axes"] == [0, 1, 2] and 0 <= final["dice"] <= 1
