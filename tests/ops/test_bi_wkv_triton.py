@@ -136,6 +136,13 @@ def test_dispatcher_picks_triton_on_cuda():
     torch.testing.assert_close(bi_wkv(w, u, k, v), bi_wkv(w, u, k, v, impl="chunked"), rtol=1e-5, atol=1e-5)
 
 
+def test_float64_runs_the_exact_chunked_path():
+    from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
+
+    inputs, _ = make_inputs(2, 50, 3, 4, "cpu", torch.float64)
+    assert torch.equal(bi_wkv_triton(*inputs), bi_wkv_chunked(*inputs))
+
+
 _INTERPRETED = """
 import json, torch
 from rwkvseg.ops import bi_wkv_reference

@@ -2,29 +2,37 @@
 
 Per channel the operator is y_t = num_t / den_t with num, den = Sym([e^(k-kmax) v, e^(k-kmax)]) and
 Sym(x)_t = sum_{i != t} e^(-(|t-i|-1) w) x_i + e^u x_t. Sym is a forward and a reverse linear recurrence,
-S_{t+1} = e^-w S_t + x_t. The sequence is cut into chunks of L tokens; every kernel works on a [L, BC] register
-tile of one (batch, chunk, channel block):
+S_{t+1} = e^-w S_t + x_t. The sequence is cut into chunks of L = R * S tokens; a chunk kernel holds one
+(batch, chunk, block of BC channels) as an [R, S, BC] register tile: channels on lanes, S slabs on warps, R tokens
+of a slab inside one thread, so the scans along the tokens (`tl.associative_scan`) run in registers. The default
+(S = 1, L = 16) is one warp per chunk with no shared memory and no barrier; for S > 1 the slabs are joined by a
+small [S, S, BC] weighted sum.
 
 forward   1. `_fwd_summary_kernel`: reads k, v once; writes per chunk its k max and the chunk's contribution to
-             the state leaving it forwards and backwards (5 floats per chunk and channel).
-          2. `_fwd_chunk_scan_kernel`: per (batch, channel) a scan over chunk summaries gives kmax and the
-             states entering every chunk from the left and the right (in units of e^kmax).
-          3. `_fwd_output_kernel`: reads k, v again, injects the entering states into the chunk's first and last
-             token, scans the tile both ways (`tl.associative_scan`) and writes y once.
-          For T <= L the single chunk needs only kernel 3, which then also finds kmax (one launch, 12 B/elem).
+             the state leaving it rightwards and leftwards (5 floats per chunk and channel).
+          2. `_fwd_chunk_scan_kernel`: per (batch, channel, side) a scan over the chunk summaries gives kmax and
+             the states entering every chunk from the left or the right (in units of e^kmax).
+          3. `_fwd_output_kernel`: reads k, v again, scans its chunk both ways from the entering states and writes
+             y once. A sequence of one chunk (T <= L) needs only this kernel, which then also finds kmax.
+          Bytes: k, v read twice, y written once (20 B/token-channel in fp32 against the 12 B floor).
 backward  The same operator applied to a = gy/den and b = -gy*y/den, plus dw, which needs the distance-weighted
           state Q_t = sum_{i<t} (t-1-i) e^(-(t-1-i) w) x_i: Q follows Q_{t+1} = e^-w (Q_t + S_t), so the scans
           carry (S, Q) pairs with an exact composition rule (no "total minus prefix" cancellation).
-          4. `_bwd_summary_kernel`: recomputes num, den (k, v, gy read; nothing from the forward but kmax and the
-             chunk states), writes chunk summaries of (a, b) with their Q moments.
+          4. `_bwd_summary_kernel`: recomputes num, den (reads k, v, gy; keeps nothing from the forward but kmax
+             and the chunk states), writes chunk summaries of (a, b) with their Q moments.
           5. `_bwd_chunk_scan_kernel`: scan over chunks, as in 2.
           6. `_bwd_output_kernel`: recomputes a, b, applies Sym with the entering states, writes dk, dv and per
              chunk partial sums for du and dw, reduced afterwards in float64 (deterministic, no atomics).
 
 Max subtraction uses kmax per (batch, channel) over the whole sequence, as the chunked CPU path does; it comes
-out of the chunk summaries, so no extra pass over k. Decay exponents stay within |w| * T, which the layers bound
-by passing decay / T (as for the CPU path). Inputs may be strided views: k, v need a contiguous channel axis only,
-any batch and time strides (several windows or scan orders of a layer can go to one launch without a copy).
+out of the chunk summaries, so no extra pass over k. Padded tokens of the last chunk are identity maps. Decays
+inside a chunk are products of e^-w (at most L of them); across chunks they are recomputed from the chunk count.
+Decay exponents stay within |w| * T, which the layers bound by passing decay / T (as for the CPU path).
+
+Several sequences in one launch: k and v only need a contiguous channel axis; batch and time strides are free,
+so windows or scan orders that a layer can express as one [N, T, C] view (e.g. x.view(B * n, T, C) of contiguous
+windows, or a slice along channels or every s-th token) go to one launch without a copy. Design and measurements:
+docs/kernel_notes.md.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .bi_wkv_chunked import bi_wkv_chunked
 
 
 @triton.jit
@@ -528,7 +538,7 @@ def _check(k: Tensor, v: Tensor) -> None:
                 "pass a view with channels last or call .contiguous()"
             )
     if k.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"bi_wkv_triton: k, v are {k.dtype}; use float32 or bfloat16 (float64: impl='chunked')")
+        raise ValueError(f"bi_wkv_triton: k, v are {k.dtype}; use float32, bfloat16 or float16")
 
 
 def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, cfg: TileConfig):
@@ -616,5 +626,8 @@ def bi_wkv_triton(w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig
     with any batch and time strides as long as the channel axis is contiguous, so a layer can hand several
     windows or scan orders to one launch by viewing them as one batch (y is always a fresh contiguous tensor).
     config: tile sizes (tests and benchmarks); by default `tile_config(T, C)`.
+    float64 inputs (gradcheck on a GPU) run the exact chunked path instead: the kernels accumulate in fp32.
     """
+    if k.dtype == torch.float64:
+        return bi_wkv_chunked(w, u, k, v)
     return TritonBiWKV.apply(w, u, k, v, config)
