@@ -18,7 +18,7 @@ from rwkvseg.data.synthetic3d import write_synthetic_volumes
 from rwkvseg.data.volumes import dataset_spec, discover_cases
 from rwkvseg.infer.predict3d import PredictOptions, Predictor3D
 from rwkvseg.models import list_models
-from rwkvseg.train.config import LossConfig
+from rwkvseg.train.config import LossConfig, read_config_file
 from rwkvseg.train.train3d import (
     FINAL_FILE,
     RegionLoss,
@@ -100,6 +100,10 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     code = main(["train", str(config), "--data", str(raw), "--out", str(run_dir), "--no-progress"])
     assert code == 0 and "best validation dice" in capsys.readouterr().out
     assert (run_dir / "cache" / "plans.json").is_file()  # the raw folder was preprocessed into the run
+    # `rwkvseg train --out RUN --resume` reads RUN/config.json: it must come back as the same 3D config
+    saved = read_config_file(run_dir / "config.json")
+    assert config_dims(saved) == 3
+    assert load_config_3d(run_dir / "config.json") == load_config_3d(config, [f"data.root={raw}", f"out={run_dir}"])
     split = json.loads((run_dir / "split.json").read_text())["folds"][0]
     assert len(split["train"]) + len(split["val"]) == 4 and split["val"]
     history = (run_dir / "metrics.csv").read_text().splitlines()
