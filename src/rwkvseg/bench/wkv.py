@@ -70,9 +70,7 @@ def _step(inputs, impl: str, backward: bool):
     return y
 
 
-def time_in_process(
-    shape, impl: str, backward: bool, device: torch.device, repeats: int, dtype=torch.float32
-):
+def time_in_process(shape, impl: str, backward: bool, device: torch.device, repeats: int, dtype=torch.float32):
     """Median milliseconds (after one warm-up) and, on CUDA, peak allocated MB above the inputs."""
     inputs = make_inputs(shape, device, dtype)
     _step(inputs, impl, backward)  # warm-up: compilation, allocator
@@ -123,9 +121,7 @@ def _child(spec: str) -> None:
 
 
 def time_in_subprocess(shape, impl: str, backward: bool, repeats: int, threads: int):
-    spec = json.dumps(
-        {"shape": shape, "impl": impl, "backward": backward, "repeats": repeats, "threads": threads}
-    )
+    spec = json.dumps({"shape": shape, "impl": impl, "backward": backward, "repeats": repeats, "threads": threads})
     out = subprocess.run(
         [sys.executable, "-c", f"from rwkvseg.bench.wkv import _child; _child({spec!r})"],
         capture_output=True,
@@ -171,9 +167,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def speed_rows(
-    shapes, impls, device: torch.device, repeats: int, threads: int = 2
-) -> tuple[list[dict], dict]:
+def speed_rows(shapes, impls, device: torch.device, repeats: int, threads: int = 2) -> tuple[list[dict], dict]:
     """One row per (shape, impl): fwd and fwd+bwd ms and peak MB; on CUDA also floor fractions and anchors."""
     info = environment(device)
     bandwidth = None
@@ -220,6 +214,13 @@ def _with_grads(fn, inputs, gy):
     return [y.detach(), *(t.grad for t in leaves)]
 
 
+def _error_row(T: int, label: str, inputs, gy, reference, against: str) -> dict:
+    fast = _with_grads(bi_wkv, inputs, gy)
+    ref = _with_grads(reference, [t.double() for t in inputs], gy.double())
+    errors = [_rel(a, b) for a, b in zip(fast, ref, strict=True)]
+    return {"T": T, "w_raw": label, "against": against, **dict(zip(("y", "dw", "du", "dk", "dv"), errors, strict=True))}
+
+
 def accuracy_rows(lengths=ACCURACY_T, batch: int = 1, channels: int = 8) -> list[dict]:
     """Relative error (norm of difference / norm of reference) of the fp32 O(T) path vs the fp64 brute force."""
     rows = []
@@ -227,17 +228,7 @@ def accuracy_rows(lengths=ACCURACY_T, batch: int = 1, channels: int = 8) -> list
         for label, w_range in W_RANGES.items():
             inputs = make_inputs((batch, T, channels), torch.device("cpu"), seed=T, w_range=w_range)
             gy = torch.randn(batch, T, channels, generator=torch.Generator().manual_seed(1))
-            fast = _with_grads(bi_wkv, inputs, gy)
-            ref = _with_grads(bi_wkv_reference, [t.double() for t in inputs], gy.double())
-            errors = [_rel(a, b) for a, b in zip(fast, ref, strict=True)]
-            rows.append(
-                {
-                    "T": T,
-                    "w_raw": label,
-                    "against": "fp64 brute force",
-                    **dict(zip(("y", "dw", "du", "dk", "dv"), errors, strict=True)),
-                }
-            )
+            rows.append(_error_row(T, label, inputs, gy, bi_wkv_reference, "fp64 brute force"))
     return rows
 
 
@@ -247,15 +238,5 @@ def long_accuracy_rows(T: int = 262144, channels: int = 32) -> list[dict]:
     for label, w_range in W_RANGES.items():
         inputs = make_inputs((1, T, channels), torch.device("cpu"), seed=7, w_range=w_range)
         gy = torch.randn(1, T, channels, generator=torch.Generator().manual_seed(2))
-        fast = _with_grads(bi_wkv, inputs, gy)
-        ref = _with_grads(bi_wkv, [t.double() for t in inputs], gy.double())
-        errors = [_rel(a, b) for a, b in zip(fast, ref, strict=True)]
-        rows.append(
-            {
-                "T": T,
-                "w_raw": label,
-                "against": "fp64 O(T) path",
-                **dict(zip(("y", "dw", "du", "dk", "dv"), errors, strict=True)),
-            }
-        )
+        rows.append(_error_row(T, label, inputs, gy, bi_wkv, "fp64 O(T) path"))
     return rows
