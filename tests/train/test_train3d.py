@@ -154,6 +154,14 @@ def metrics_without_timings(run_dir):
         return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(handle)]
 
 
+def test_a_time_budget_stops_after_a_validated_epoch_and_leaves_a_best_checkpoint(tmp_path, cache):
+    overrides = [f"data.root={cache}", f"out={tmp_path / 'run'}", "epochs=5", "val_every=2", "max_minutes=1e-6"]
+    overrides += ["max_steps_per_epoch=1", "infer.mirror_axes=[]"]
+    progress = train_3d(load_config_3d(write_config(tmp_path / "c.toml"), overrides))
+    assert progress.epoch == 2 and progress.best_epoch == 2  # epoch 1 is past the budget but not validated
+    assert json.loads((tmp_path / "run" / FINAL_FILE).read_text())["epoch"] == 2
+
+
 def test_region_loss_is_bce_plus_sigmoid_dice_per_region():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, 4, 3)

@@ -6,8 +6,9 @@ by later runs and resumes into the same folder. Training draws random patches wi
 nnU-Net augmentation (data.patches3d); validation predicts whole cached volumes with the sliding window every
 `val_every` epochs and scores Dice per region (mean over regions selects the best checkpoint). The checkpoint
 sidecar carries the plans (spacing, modality order, normalisation, labels and regions, patch size, activation),
-so `rwkvseg predict` needs nothing else. After training, the best checkpoint is scored once more on the
-validation cases with mirror TTA (`final_val.json`).
+so `rwkvseg predict` needs nothing else. When training ends (all epochs, or stopped early by max_minutes or a
+stop callback), the best checkpoint is scored once more on the validation cases with mirror TTA
+(`final_val.json`).
 """
 
 from __future__ import annotations
@@ -120,7 +121,12 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class TrainConfig3D:
-    """A 3D run (dims = 3 tells `rwkvseg train` to come here). max_steps_per_epoch 0: whole epochs."""
+    """A 3D run (dims = 3 tells `rwkvseg train` to come here). max_steps_per_epoch 0: whole epochs.
+
+    max_minutes > 0: a wall-clock budget. Unlike 2D (validation every epoch), the run stops only after a validated
+    epoch, the last one whose next validation would end past the budget, so it always leaves a best checkpoint.
+    The LR schedule still spans `epochs`, so a stopped run has not annealed fully.
+    """
 
     dims: int = 3
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="mmsegrwkv"))
@@ -135,6 +141,7 @@ class TrainConfig3D:
     val_every: int = 10
     select_metric: str = "dice"
     max_steps_per_epoch: int = 0
+    max_minutes: float = 0.0
     logger: str = "csv"
     out: str = "runs/run3d"
 
@@ -406,6 +413,17 @@ def train_3d(
         progress=progress_bar,
     )
     start = time.perf_counter()
+    if config.max_minutes > 0:
+        outer_stop, epochs_run = stop, 0
+
+        def stop(p: Progress) -> bool:
+            nonlocal epochs_run
+            epochs_run += 1
+            elapsed = time.perf_counter() - start
+            validated = f"val_{config.select_metric}" in p.history[-1]
+            over = validated and elapsed * (1 + config.val_every / epochs_run) > 60 * config.max_minutes
+            return over or (outer_stop is not None and outer_stop(p))
+
     progress = fit(
         model,
         train_set,
@@ -428,7 +446,7 @@ def train_3d(
         progress.best_epoch,
         run_dir / "best",
     )
-    if config.infer.final_eval and progress.epoch == config.epochs and progress.best_epoch is not None:
+    if config.infer.final_eval and progress.best_epoch is not None:
         final = final_evaluation(config, run_dir, cache, split.val, device)
         regions = "  ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("dice"))
         log.info("best checkpoint with mirror TTA on %d validation cases: %s", len(split.val), regions)
