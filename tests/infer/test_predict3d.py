@@ -295,3 +295,38 @@ def test_nrrd_inputs_predict_to_nrrd_with_the_same_geometry(tmp_path, trained_at
     np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing())
     pred = np.swapaxes(sitk.GetArrayFromImage(written), 0, 2)  # (k, j, i) -> (i, j, k) like seg
     assert dice(pred > 0, seg > 0) > 0.9
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
+def test_released_model_on_a_full_resolution_int16_case_keeps_the_grid(tmp_path):
+    """The released 3D model, by name through the CLI, on a validation case rebuilt at 1 mm (240x240x155 int16):
+    the output has the input's shape and affine read back by nibabel and by MONAI's loader, BraTS label values,
+    and its tumour lies where the reference is."""
+    from monai.transforms import LoadImage
+
+    from rwkvseg.cli import main
+    from rwkvseg.released import released_models
+
+    if "mmsegrwkv_small-brats2018" not in [m.name for m in released_models()]:
+        pytest.skip("the released 3D model is not shipped in this install")
+    case = "Brats18_2013_23_1"  # in the validation list of splits/brats2018_2mm.json
+    with open(DATA / "cases.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["case"] == case)
+    folder, _ = upsample_to_original(DATA / case, row, tmp_path / "orig" / case)
+    reference = folder.parent.parent / "ref"
+    reference.mkdir()
+    (folder / f"{case}_seg.nii.gz").rename(reference / f"{case}.nii.gz")  # the model must not see the labels
+    pred = tmp_path / "pred"
+    args = ["predict", "--model", "mmsegrwkv_small-brats2018", str(folder), "--out", str(pred), "--mirror-axes", ""]
+    assert main(args) == 0
+    out = pred / f"{case}.nii.gz"
+    source = folder / f"{case}_flair.nii.gz"
+    written = nib.load(out)
+    assert written.shape == (240, 240, 155)
+    np.testing.assert_array_equal(written.affine, nib.load(source).affine)
+    loader = LoadImage(image_only=True)
+    np.testing.assert_allclose(np.asarray(loader(out).affine), np.asarray(loader(source).affine), atol=1e-6)
+    labels = np.asarray(written.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    truth = np.asarray(nib.load(reference / f"{case}.nii.gz").dataobj) > 0
+    assert dice(labels > 0, truth) > 0.6  # whole tumour; a grid misplacement would drop far below
