@@ -201,7 +201,7 @@ def train_2d(
         "done in %.1f s: best val %s %.4f at epoch %s; checkpoint %s",
         time.perf_counter() - start,
         config.select_metric,
-        progress.best_metric or float("nan"),
+        progress.best_metric if progress.best_metric is not None else float("nan"),
         progress.best_epoch,
         run_dir / "best",
     )
