@@ -61,6 +61,9 @@ def test_measure_latency_reports_ordered_times_and_restores_threads():
     out = measure_latency(Small(), (1, 3, 8, 8), threads=1, warmup=1, repeats=3)
     assert 0 < out["min_ms"] <= out["median_ms"] <= out["max_ms"]
     assert torch.get_num_threads() == threads
+    model = Small()
+    measure_latency(model, (1, 3, 8, 8), warmup=0, repeats=1, channels_last=True)
+    assert model.conv.weight.is_contiguous()  # converted back
 
 
 def test_bench_complexity_command_writes_a_row_per_model(tmp_path, capsys):

@@ -40,6 +40,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed runs at batch 1 (0: skip latency)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for the latency")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--channels-last", action="store_true", help="time in channels-last memory format")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_complexity)
 
@@ -129,12 +130,17 @@ def _run_complexity(args: argparse.Namespace) -> int:
 
     shape = (1, args.in_channels, *args.size)
     info = {"torch": torch.__version__, "device": args.device, "threads": args.threads, "input": list(shape)}
+    info["channels_last"] = args.channels_last
     if hasattr(os, "getloadavg"):
         info["load_avg_1min"] = os.getloadavg()[0]  # latency on a shared machine is only as good as this
     rows = []
     for name in args.models:
         model = create_model(name, args.in_channels, args.num_classes).to(args.device)
-        rows.append(complexity_row(name, model, shape, threads=args.threads, repeats=args.repeats))
+        rows.append(
+            complexity_row(
+                name, model, shape, threads=args.threads, repeats=args.repeats, channels_last=args.channels_last
+            )
+        )
     print(", ".join(f"{k}={v}" for k, v in info.items()))
     columns = [("model", "model"), ("params_m", "params M"), ("gmacs", "GMACs")]
     if args.repeats > 0:
