@@ -19,7 +19,7 @@ def models_2d() -> list[str]:
     return names
 
 
-def tested_2d() -> list[str]:
+def models_under_test_2d() -> list[str]:
     """The tiny "<family>_test" variant of each family that has one, every variant of the others."""
     names = models_2d()
     return [n for n in names if n.endswith("_test") or f"{n.split('_')[0]}_test" not in names]
@@ -31,7 +31,7 @@ def test_2d_models_are_registered():
     assert set(names) <= set(list_models())
 
 
-@pytest.mark.parametrize("name", tested_2d())
+@pytest.mark.parametrize("name", models_under_test_2d())
 def test_forward_backward_on_odd_size(name):
     torch.manual_seed(0)
     model = create_model(name, in_channels=1, num_classes=2)
@@ -45,7 +45,7 @@ def test_forward_backward_on_odd_size(name):
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
 
 
-@pytest.mark.parametrize("name", tested_2d())
+@pytest.mark.parametrize("name", models_under_test_2d())
 def test_state_dict_round_trips(name):
     torch.manual_seed(0)
     a = create_model(name, in_channels=3, num_classes=1)
