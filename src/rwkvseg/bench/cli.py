@@ -22,13 +22,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv)
 
-    p = kinds.add_parser(
-        "wkv-accuracy", help="relative error of the O(T) path against the float64 brute force"
-    )
+    p = kinds.add_parser("wkv-accuracy", help="relative error of the O(T) path against the float64 brute force")
     p.add_argument("--lengths", default=None, help="comma-separated T values (default: 1,7,64,257,4096,8192)")
-    p.add_argument(
-        "--long", action="store_true", help="also T = 262144 against a float64 run of the O(T) path"
-    )
+    p.add_argument("--long", action="store_true", help="also T = 262144 against a float64 run of the O(T) path")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv_accuracy)
 
@@ -65,9 +61,7 @@ def _run_wkv(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     impls = args.impl or (["triton", "chunked"] if device.type == "cuda" else ["chunked"])
-    shapes = (
-        parse_shapes(args.shapes) if args.shapes else (SHAPES_GPU if device.type == "cuda" else SHAPES_CPU)
-    )
+    shapes = parse_shapes(args.shapes) if args.shapes else (SHAPES_GPU if device.type == "cuda" else SHAPES_CPU)
     rows, info = speed_rows(shapes, impls, device, args.repeats, args.threads)
     print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
     columns = [

@@ -22,9 +22,7 @@ def triton_usable(x: Tensor) -> bool:
 def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
     """Raise ValueError with what to change when the inputs do not fit bi_wkv's contract."""
     if k.dim() != 3:
-        raise ValueError(
-            f"bi_wkv: k must be [B, T, C], got shape {tuple(k.shape)}; flatten tokens to one axis first"
-        )
+        raise ValueError(f"bi_wkv: k must be [B, T, C], got shape {tuple(k.shape)}; flatten tokens to one axis first")
     if v.shape != k.shape:
         raise ValueError(f"bi_wkv: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
     B, T, C = k.shape
@@ -40,9 +38,7 @@ def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"bi_wkv: k is {k.dtype} but v is {v.dtype}; cast both to one dtype")
     devices = {t.device for t in (w, u, k, v)}
     if len(devices) > 1:
-        raise ValueError(
-            f"bi_wkv: inputs are on different devices {sorted(map(str, devices))}; move them to one"
-        )
+        raise ValueError(f"bi_wkv: inputs are on different devices {sorted(map(str, devices))}; move them to one")
 
 
 def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", chunk: int = 64) -> Tensor:
@@ -60,9 +56,7 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
         return bi_wkv_chunked(w, u, k, v, chunk)
     if impl == "triton":
         if not triton_usable(k):
-            raise ValueError(
-                "bi_wkv: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'"
-            )
+            raise ValueError("bi_wkv: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'")
         from .bi_wkv_triton import bi_wkv_triton
 
         return bi_wkv_triton(w, u, k, v)

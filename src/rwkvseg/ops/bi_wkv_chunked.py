@@ -52,9 +52,7 @@ def decayed_prefix(x: Tensor, w: Tensor, chunk: int = 64) -> Tensor:
     out = torch.bmm(xc, _decay_matrix(w, L))  # [C, N*n, L]
     if n > 1:
         pos = torch.arange(L, device=x.device, dtype=x.dtype)
-        tail = torch.exp(
-            -(L - 1 - pos) * w[:, None]
-        )  # [C, L]: weight of each token on the next chunk's state
+        tail = torch.exp(-(L - 1 - pos) * w[:, None])  # [C, L]: weight of each token on the next chunk's state
         summary = torch.bmm(xc, tail[:, :, None]).view(C, N, n)
         entry = decayed_prefix(summary, L * w, chunk)  # [C, N, n]: the state entering each chunk
         head = torch.exp(-pos * w[:, None])  # [C, L]
