@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/rwkvseg demo --overwrite
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
