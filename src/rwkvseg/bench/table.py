@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ..checkpoint import atomic_write
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -28,9 +28,4 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))

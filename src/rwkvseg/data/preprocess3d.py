@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import atomic_write
 from .volumes import CaseVolumes, DatasetSpec, discover_cases, load_case, read_spacing
 
 log = logging.getLogger(__name__)
@@ -159,28 +158,16 @@ def foreground_locations(label: np.ndarray, num_classes: int, samples: int, seed
     return locations
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder so an interrupted run never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def preprocess_dataset(
