@@ -45,10 +45,10 @@ from .config import (
     read_config_file,
     to_dict,
 )
-from .loop import LoopConfig, Progress, fit, resolve_amp, resolve_device, steps_per_epoch
+from .loop import Progress, fit, resolve_amp, resolve_device
 from .losses import SegmentationLoss
-from .optim import build_optimizer, build_scheduler
-from .train2d import CONFIG_FILE, prepare_split
+from .run import CONFIG_FILE, log_done, open_run_dir, training_setup
+from .train2d import prepare_split
 
 log = logging.getLogger(__name__)
 
@@ -327,19 +327,7 @@ def train_3d(
     d = config.data
     if not d.root:
         raise ValueError("data.root is empty; set it in the config or pass --data (a dataset folder or a cache)")
-    run_dir = Path(config.out)
-    if not resume and (run_dir / "state.pt").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a training run; pass --resume to continue it, "
-            "or choose another output folder with --out"
-        )
-    if resume:
-        saved = run_dir / CONFIG_FILE
-        if saved.is_file() and json.loads(saved.read_text()) != to_dict(config):
-            log.warning("the config differs from the one saved in %s; resuming with the new one", saved)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)  # noqa: NPY002  (for third-party code that uses the global RNG)
+    run_dir = open_run_dir(config, resume)
 
     cache = prepare_cache(d, run_dir)
     plans = load_plans(cache)
@@ -396,22 +384,7 @@ def train_3d(
         },
     )
     model = build_model(meta).to(device)
-    optimizer = build_optimizer(model, config.optim)
-    total = config.epochs * steps_per_epoch(len(train_set), d.batch_size, config.max_steps_per_epoch)
-    scheduler = build_scheduler(optimizer, config.optim, total)
-    loop = LoopConfig(
-        epochs=config.epochs,
-        batch_size=d.batch_size,
-        seed=config.seed,
-        val_every=config.val_every,
-        amp=resolve_amp(config.amp, device),
-        grad_clip=config.optim.grad_clip,
-        max_steps_per_epoch=config.max_steps_per_epoch,
-        select_metric=config.select_metric,
-        num_workers=d.num_workers,
-        logger=config.logger,
-        progress=progress_bar,
-    )
+    optimizer, scheduler, loop = training_setup(model, config, len(train_set), device, progress_bar)
     start = time.perf_counter()
     if config.max_minutes > 0:
         outer_stop, epochs_run = stop, 0
@@ -438,14 +411,7 @@ def train_3d(
         resume=resume,
         stop=stop,
     )
-    log.info(
-        "done in %.1f s: best val %s %.4f at epoch %s; checkpoint %s",
-        time.perf_counter() - start,
-        config.select_metric,
-        progress.best_metric if progress.best_metric is not None else float("nan"),
-        progress.best_epoch,
-        run_dir / "best",
-    )
+    log_done(progress, config.select_metric, start, run_dir)
     if config.infer.final_eval and progress.best_epoch is not None:
         final = final_evaluation(config, run_dir, cache, split.val, device)
         regions = "  ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("dice"))

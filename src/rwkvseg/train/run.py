@@ -1,0 +1,76 @@
+"""What every training assembly (2D, 3D) does around `fit`: open the run folder, build the optimiser, schedule and
+loop settings from the config, and report the result. The configs share these fields by name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import to_dict
+from .loop import LoopConfig, Progress, resolve_amp, steps_per_epoch
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+def open_run_dir(config: Any, resume: bool) -> Path:
+    """The run folder of config.out, refusing to start over a run unless resuming; seeds the global RNGs."""
+    run_dir = Path(config.out)
+    if not resume and (run_dir / "state.pt").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a training run; pass --resume to continue it, "
+            "or choose another output folder (--out or --set out=...)"
+        )
+    if resume:
+        saved = run_dir / CONFIG_FILE
+        if saved.is_file() and json.loads(saved.read_text()) != to_dict(config):
+            log.warning("the config differs from the one saved in %s; resuming with the new one", saved)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)  # noqa: NPY002  (for third-party code that uses the global RNG)
+    return run_dir
+
+
+def training_setup(
+    model: nn.Module, config: Any, n_train: int, device: torch.device, progress_bar: bool
+) -> tuple[torch.optim.Optimizer, Any, LoopConfig]:
+    """Optimiser, per-step schedule over the whole run, and loop settings from config (and config.data)."""
+    d = config.data
+    optimizer = build_optimizer(model, config.optim)
+    total = config.epochs * steps_per_epoch(n_train, d.batch_size, config.max_steps_per_epoch)
+    scheduler = build_scheduler(optimizer, config.optim, total)
+    loop = LoopConfig(
+        epochs=config.epochs,
+        batch_size=d.batch_size,
+        seed=config.seed,
+        val_every=config.val_every,
+        amp=resolve_amp(config.amp, device),
+        grad_clip=config.optim.grad_clip,
+        max_steps_per_epoch=config.max_steps_per_epoch,
+        select_metric=config.select_metric,
+        num_workers=d.num_workers,
+        logger=config.logger,
+        progress=progress_bar,
+    )
+    return optimizer, scheduler, loop
+
+
+def log_done(progress: Progress, select_metric: str, start: float, run_dir: Path) -> None:
+    best = progress.best_metric if progress.best_metric is not None else float("nan")
+    log.info(
+        "done in %.1f s: best val %s %.4f at epoch %s; checkpoint %s",
+        time.perf_counter() - start,
+        select_metric,
+        best,
+        progress.best_epoch,
+        run_dir / "best",
+    )
