@@ -96,13 +96,14 @@ def test_decay_ranges(w_range):
 @pytest.mark.parametrize(
     "cfg",
     [
-        dict(L=16, BC=8, S=2, BC_bwd=4, S_bwd=2, scan_block=2),
-        dict(L=32, BC=4, S=4, BC_bwd=8, S_bwd=4, scan_block=4),
-        dict(L=128, BC=32, S=8, BC_bwd=32, S_bwd=8),
+        dict(R=8, G=3, BC=8, G_bwd=2, BC_bwd=4, scan_rows=2, scan_BC=4),
+        dict(R=4, G=1, BC=4, G_bwd=5, BC_bwd=8, scan_rows=4, scan_BC=2),
+        dict(R=16, G=16, BC=16, G_bwd=7, BC_bwd=16),
     ],
 )
 def test_tile_configs_agree(cfg):
-    # small chunks and scan tiles exercise the carries between chunk-scan tiles and ragged channel blocks
+    # small super-chunks and scan tiles exercise the carries between super-chunks and scan tiles, ragged channel
+    # blocks and a ragged last super-chunk
     from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
 
     inputs, gy = make_inputs(2, 777, 13, 3, "cuda")
@@ -130,6 +131,20 @@ def test_strided_views_match_contiguous():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("T", [40, 5000])
+def test_inference_forward_matches_training_forward(T):
+    # without autograd the forward skips storing the per-sub-chunk states; y must not change
+    from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
+
+    (w, u, k, v), _ = make_inputs(2, T, 33, 6, "cuda")
+    with torch.no_grad():
+        inference = bi_wkv_triton(w, u, k, v)
+    training = bi_wkv_triton(w.requires_grad_(), u, k, v)
+    assert torch.equal(inference, training.detach())
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_dispatcher_picks_triton_on_cuda():
     (w, u, k, v), _ = make_inputs(2, 100, 6, 2, "cuda")
     torch.testing.assert_close(bi_wkv(w, u, k, v), bi_wkv(w, u, k, v, impl="triton"), rtol=0, atol=0)
@@ -148,7 +163,8 @@ import json, torch
 from rwkvseg.ops import bi_wkv_reference
 from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
 out = {}
-for B, T, C, cfg in [(2, 5, 3, None), (2, 45, 5, TileConfig(L=16, BC=4, S=2, BC_bwd=2, S_bwd=4, scan_block=2))]:
+cfgs = [(2, 5, 3, None), (2, 45, 5, TileConfig(R=4, G=3, BC=4, G_bwd=2, BC_bwd=2, scan_rows=2, scan_BC=2))]
+for B, T, C, cfg in cfgs:
     g = torch.Generator().manual_seed(T)
     w = (torch.rand(C, generator=g) * 16 - 8) / T
     u = torch.randn(C, generator=g) / T
@@ -166,7 +182,7 @@ print(json.dumps(out))
 
 
 def test_kernels_under_interpreter():
-    """Runs every kernel (single chunk, and several chunks with ragged chunk-scan tiles) on the CPU."""
+    """Runs every kernel (one super-chunk, and several with ragged super-chunks and scan tiles) on the CPU."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300, check=False

@@ -2,32 +2,39 @@
 
 Per channel the operator is y_t = num_t / den_t with num, den = Sym([e^(k-kmax) v, e^(k-kmax)]) and
 Sym(x)_t = sum_{i != t} e^(-(|t-i|-1) w) x_i + e^u x_t. Sym is a forward and a reverse linear recurrence,
-S_{t+1} = e^-w S_t + x_t. The sequence is cut into chunks of L = R * S tokens; a chunk kernel holds one
-(batch, chunk, block of BC channels) as an [R, S, BC] register tile: channels on lanes, S slabs on warps, R tokens
-of a slab inside one thread, so the scans along the tokens (`tl.associative_scan`) run in registers. The default
-(S = 1, L = 16) is one warp per chunk with no shared memory and no barrier; for S > 1 the slabs are joined by a
-small [S, S, BC] weighted sum.
+S_{t+1} = e^-w S_t + x_t.
 
-forward   1. `_fwd_summary_kernel`: reads k, v once; writes per chunk its k max and the chunk's contribution to
-             the state leaving it rightwards and leftwards (5 floats per chunk and channel).
-          2. `_fwd_chunk_scan_kernel`: per (batch, channel, side) a scan over the chunk summaries gives kmax and
-             the states entering every chunk from the left or the right (in units of e^kmax).
-          3. `_fwd_output_kernel`: reads k, v again, scans its chunk both ways from the entering states and writes
-             y once. A sequence of one chunk (T <= L) needs only this kernel, which then also finds kmax.
-          Bytes: k, v read twice, y written once (20 B/token-channel in fp32 against the 12 B floor).
+Tiling. A sub-chunk is R tokens of one block of BC channels, an [R, BC] register tile: channels on the lanes of
+one warp, the R tokens inside each thread, so scans along the tokens (`tl.associative_scan`) run in registers with
+no shared memory and no barrier. A program owns a super-chunk of G sub-chunks (G * R tokens) and walks it in a
+loop, carrying the scan state from one sub-chunk to the next; the super-chunks are joined by a scan over their
+summaries. Summaries and states are stored chunk-major ([B, chunks, components, C]) so every access is one
+coalesced row.
+
+forward   1. `_fwd_summary_kernel` walks each super-chunk from the right: per sub-chunk it stores the state that the
+             later sub-chunks of the super-chunk send into it from the right (with the running k max that is its
+             frame); per super-chunk its k max and its contributions to the states leaving it both ways.
+          2. `_fwd_chunk_scan_kernel`: per (batch, channel block, side) a scan over the super-chunk summaries gives
+             kmax and the states entering every super-chunk from the left or the right, in units of e^kmax.
+          3. `_fwd_output_kernel` walks each super-chunk from the left, carrying the left state, adds the stored
+             right states, and writes y once. It also stores the four states entering each sub-chunk when a
+             backward will follow (one row per R tokens). A sequence of one super-chunk (T <= G * R) takes only
+             this kernel, which then runs step 1's walk first (one launch forward).
+          Bytes: k, v read twice (the second time partly from L2: step 3 visits the super-chunks in the reverse of
+          step 1's order), y written once; the floor is one read and one write.
 backward  The same operator applied to a = gy/den and b = -gy*y/den, plus dw, which needs the distance-weighted
           state Q_t = sum_{i<t} (t-1-i) e^(-(t-1-i) w) x_i: Q follows Q_{t+1} = e^-w (Q_t + S_t), so the scans
-          carry (S, Q) pairs with an exact composition rule (no "total minus prefix" cancellation).
-          4. `_bwd_summary_kernel`: recomputes num, den (reads k, v, gy; keeps nothing from the forward but kmax
-             and the chunk states), writes chunk summaries of (a, b) with their Q moments.
-          5. `_bwd_chunk_scan_kernel`: scan over chunks, as in 2.
-          6. `_bwd_output_kernel`: recomputes a, b, applies Sym with the entering states, writes dk, dv and per
-             chunk partial sums for du and dw, reduced afterwards in float64 (deterministic, no atomics).
+          carry (S, Q) pairs with an exact composition rule (no "total minus prefix" cancellation). num and den
+          are recomputed from the sub-chunk states the forward stored.
+          4. `_bwd_summary_kernel`: like 1, for the (S, Q) states of a and b.
+          5. `_bwd_chunk_scan_kernel`: like 2.
+          6. `_bwd_output_kernel`: like 3; writes dk, dv and per super-chunk partial sums for du and dw, reduced
+             afterwards in float64 (deterministic, no atomics). One launch for a single super-chunk.
 
-Max subtraction uses kmax per (batch, channel) over the whole sequence, as the chunked CPU path does; it comes
-out of the chunk summaries, so no extra pass over k. Padded tokens of the last chunk are identity maps. Decays
-inside a chunk are products of e^-w (at most L of them); across chunks they are recomputed from the chunk count.
-Decay exponents stay within |w| * T, which the layers bound by passing decay / T (as for the CPU path).
+Max subtraction uses kmax per (batch, channel) over the whole sequence, as the chunked CPU path does; step 1 finds
+it with a running max. Padded tokens of the last sub-chunk are identity maps. Decays inside a sub-chunk are
+products of e^-w (at most R of them); longer decays are computed from their token count. Decay exponents stay
+within |w| * T, which the layers bound by passing decay / T (as for the CPU path).
 
 Several sequences in one launch: k and v only need a contiguous channel axis; batch and time strides are free,
 so windows or scan orders that a layer can express as one [N, T, C] view (e.g. x.view(B * n, T, C) of contiguous
@@ -38,7 +45,7 @@ docs/kernel_notes.md.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -46,6 +53,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .bi_wkv_chunked import bi_wkv_chunked
+
+_NO_MAX = tl.constexpr(-3.0e38)  # the running k max before any token: finite, so (max - max) never makes NaN
 
 
 @triton.jit
@@ -80,7 +89,7 @@ def _combine_q(d1, m1, a1, b1, qa1, qb1, d2, m2, a2, b2, qa2, qb2):
 @triton.jit
 def _combine_count(lw1, c1, n1, e1, lw2, c2, n2, e2):
     # as _combine over c chunks of decay e^(-lw) each; the decay is recomputed from the count, since a product
-    # of thousands of chunk decays drifts by ~count * eps (1e-5 at T = 32768 with 16-token chunks)
+    # of thousands of chunk decays drifts by ~count * eps
     d2 = _exp(-c2 * lw2)
     return lw1, c1 + c2, d2 * n1 + n2, d2 * e1 + e2
 
@@ -100,434 +109,547 @@ def _combine_q_count(w1, m1, a1, b1, qa1, qb1, w2, m2, a2, b2, qa2, qb2):
 
 
 @triton.jit
-def _tile(b, j, cb, T, C, stride_b, stride_t, R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
-    """A chunk of L = R * S tokens as an [R, S, BC] tile: token s * R + r of the chunk sits at [r, s, :].
-
-    Triton lays this shape out with the S slabs across warps, the channels across lanes and the R rows of a
-    slab inside one thread, so the scans along axis 0 run in registers, without shared memory or barriers.
-    """
-    r = tl.arange(0, R)[:, None, None]
-    pos = tl.arange(0, S)[None, :, None] * R + r  # [R, S, 1]
-    cols = cb * BC + tl.arange(0, BC)
-    t = j * (R * S) + pos
-    mask = (t < T) & (cols < C)[None, None, :]
-    offs = b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + cols[None, None, :]
-    return offs, mask, t < T, r, pos, cols
+def _program(NCB, n_sup, REVERSED: tl.constexpr):
+    """(batch, super-chunk, channel block) of this program; REVERSED visits them in the opposite order, so a
+    kernel that follows another first reads what the other read last (still in L2)."""
+    pid = tl.program_id(0)
+    if REVERSED:
+        pid = tl.num_programs(0) - 1 - pid
+    return pid // (NCB * n_sup), (pid // NCB) % n_sup, pid % NCB
 
 
 @triton.jit
-def _slab_weights(D, R: tl.constexpr, S: tl.constexpr, REVERSE: tl.constexpr):
-    """How the states leaving the slabs of a chunk reach each slab: W[s, s'] = D^gap for slabs s' before s in
-    scan order (gap slabs in between, D = e^(-R w)), WQ = W * gap * R for the Q moments, and P[s] = D^own, own *
-    R = PR[s], for the state entering the chunk. Powers by repeated products; capped because only padding (whose
-    states are zero) can reach the cap, and inf * 0 would poison the sums."""
-    s = tl.arange(0, S)[:, None, None]
-    s2 = tl.arange(0, S)[None, :, None]
-    s1 = tl.arange(0, S)[:, None]
-    if REVERSE:
-        gap = s2 - s - 1
-        own = S - 1 - s1
-    else:
-        gap = s - 1 - s2
-        own = s1
-    W = tl.zeros([S, S, D.shape[0]], tl.float32)
-    P = tl.zeros([S, D.shape[0]], tl.float32)
-    power = tl.full(D.shape, 1.0, tl.float32)
-    for m in tl.static_range(S):
-        W = tl.where(gap == m, power[None, None, :], W)
-        P = tl.where(own == m, power[None, :], P)
-        power = tl.minimum(power * D, 1e30)
-    return W, W * (gap * R).to(tl.float32), P, (own * R).to(tl.float32)
+def _rows(b, j, T, cols, C, stride_b, stride_t, R: tl.constexpr):
+    """Sub-chunk j of sequence b as an [R, BC] tile: tokens down the rows, the channels `cols` across."""
+    r = tl.arange(0, R)[:, None]
+    t = j * R + r
+    row_ok = t < T
+    mask = row_ok & (cols < C)[None, :]
+    offs = b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + cols[None, :]
+    return offs, mask, row_ok
 
 
 @triton.jit
-def _slab_entry(W, P, F, e):
-    """State entering each slab [S, BC]: the earlier slabs' states F [S, BC], decayed, and the chunk's e [BC]."""
-    return tl.sum(W * F[None, :, :], 1) + P * e[None, :]
+def _load(ptr, b, j, T, cols, C, stride_b, stride_t, R: tl.constexpr, fill, ok):
+    """Sub-chunk j as an fp32 [R, BC] tile (fill where masked); nothing is read unless ok (a prefetch past the
+    end of a program's walk)."""
+    offs, mask, _ = _rows(b, tl.where(ok, j, 0), tl.where(ok, T, 0), cols, C, stride_b, stride_t, R)
+    return tl.load(ptr + offs, mask=mask, other=fill).to(tl.float32)
 
 
 @triton.jit
-def _slab_entry_q(W, WQ, P, PR, F, FQ, e, eq):
-    return tl.sum(WQ * F[None, :, :] + W * FQ[None, :, :], 1) + P * (eq[None, :] + PR * e[None, :])
+def _row(ptr, b, j, n, K: tl.constexpr, C, cols):
+    """Pointers to row j of a chunk-major [B, n, K, C] state tensor (component q is at + q * C)."""
+    return ptr + ((b.to(tl.int64) * n + j) * K) * C + cols
 
 
 @triton.jit
 def _edge(x, r, row: tl.constexpr):
-    return tl.sum(tl.where(r == row, x, 0.0), 0)  # [R, S, BC] -> [S, BC]
+    return tl.sum(tl.where(r == row, x, 0.0), 0)  # [R, BC] -> [BC]
 
 
 @triton.jit
-def _sym_tile(xn, xd, d, ew, eu, fwd_w, bwd_w, sfn, sfd, sbn, sbd, r, R: tl.constexpr):
-    """Sym of num and den inside one chunk, with the states entering it from the left (sf) and right (sb)."""
-    W, _, P, _ = fwd_w
+def _n_sub_in(J, T, G, R: tl.constexpr):
+    return tl.minimum(G, tl.cdiv(T - J * G * R, R))  # sub-chunks of super-chunk J that hold tokens
+
+
+@triton.jit
+def _rest(J, jj, T, G, R: tl.constexpr):
+    """Tokens of super-chunk J after its sub-chunk jj (fewer in a ragged last super-chunk), as a float."""
+    end = tl.minimum((J + 1) * G * R, T)
+    return tl.maximum(end - (J * G + jj + 1) * R, 0).to(tl.float32)
+
+
+@triton.jit
+def _token_weights(w, R: tl.constexpr):
+    """[R, BC] weights of each token in the states leaving its sub-chunk rightwards (df) and leftwards (db),
+    and the token distances behind them."""
+    r = tl.arange(0, R)[:, None].to(tl.float32)
+    right = (R - 1) - r
+    # capped: only padding rows of a sequence shorter than R reach the cap, and inf * 0 would make NaN
+    return _exp(tl.minimum(-right * w[None, :], 88.0)), _exp(tl.minimum(-r * w[None, :], 88.0)), right, r
+
+
+@triton.jit
+def _sym(xn, xd, d, ew, eu, ln, ld, rn, rd, R: tl.constexpr):
+    """Sym of num and den inside one sub-chunk, with the states entering it from the left (l) and right (r);
+    also returns the left state leaving it."""
     # inclusive scans give the state after each token; the exclusive one is e^w (after - x)
     dd, an, ad = tl.associative_scan((d, xn, xd), 0, _combine)
-    an += dd * _slab_entry(W, P, _edge(an, r, R - 1), sfn)[None, :, :]
-    ad += dd * _slab_entry(W, P, _edge(ad, r, R - 1), sfd)[None, :, :]
-    W, _, P, _ = bwd_w
+    an += dd * ln[None, :]
+    ad += dd * ld[None, :]
     dd, bn, bd = tl.associative_scan((d, xn, xd), 0, _combine, reverse=True)
-    bn += dd * _slab_entry(W, P, _edge(bn, r, 0), sbn)[None, :, :]
-    bd += dd * _slab_entry(W, P, _edge(bd, r, 0), sbd)[None, :, :]
+    bn += dd * rn[None, :]
+    bd += dd * rd[None, :]
     # (after - x) is exact when the token dominates its state, which keeps strong decays (large w) exact
-    e = ew[None, None, :]
-    o = eu[None, None, :]
-    return e * ((an - xn) + (bn - xn)) + o * xn, e * ((ad - xd) + (bd - xd)) + o * xd
+    e = ew[None, :]
+    o = eu[None, :]
+    r = tl.arange(0, R)[:, None]
+    num = e * ((an - xn) + (bn - xn)) + o * xn
+    den = e * ((ad - xd) + (bd - xd)) + o * xd
+    return num, den, _edge(an, r, R - 1), _edge(ad, r, R - 1)
 
 
 @triton.jit
-def _chunk_sums(x, pos, w, L: tl.constexpr):
-    """The chunk's contributions to the states leaving it rightwards and leftwards, with their Q moments."""
-    df = _exp(-(L - 1 - pos).to(tl.float32) * w[None, None, :])
-    db = _exp(-pos.to(tl.float32) * w[None, None, :])
-    x_df = x * df
-    x_db = x * db
-    return (
-        tl.sum(tl.sum(x_df, 0), 0),
-        tl.sum(tl.sum(x_df * (L - 1 - pos).to(tl.float32), 0), 0),
-        tl.sum(tl.sum(x_db, 0), 0),
-        tl.sum(tl.sum(x_db * pos.to(tl.float32), 0), 0),
-    )
+def _fwd_walk(
+    k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, skb, skt, svb, svt, R: tl.constexpr,
+):  # fmt: skip
+    """Walks super-chunk J from its last sub-chunk to its first. Stores for each sub-chunk the state its later
+    sub-chunks send into it from the right, with the running k max that is its frame ([B, n_sub, 3, C]); returns
+    the super-chunk's k max and its contributions to the states leaving it rightwards (f) and leftwards (g)."""
+    cmask = cols < C
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+    weights = _token_weights(w, R)
+    df = weights[0]
+    db = weights[1]
+    decay_r = _exp(-R * w)
+    m = tl.full(cols.shape, _NO_MAX, tl.float32)
+    fn = tl.zeros(cols.shape, tl.float32)
+    fd, gn, gd = fn, fn, fn
+    count = _n_sub_in(J, T, G, R)
+    # each step loads the next sub-chunk before working on this one, so its loads overlap the arithmetic
+    k_next = _load(k_ptr, b, J * G + count - 1, T, cols, C, skb, skt, R, float("-inf"), count > 0)
+    v_next = _load(v_ptr, b, J * G + count - 1, T, cols, C, svb, svt, R, 0.0, count > 0)
+    for i in range(count):
+        jj = count - 1 - i
+        j = J * G + jj
+        k = k_next
+        v = v_next
+        k_next = _load(k_ptr, b, j - 1, T, cols, C, skb, skt, R, float("-inf"), i + 1 < count)
+        v_next = _load(v_ptr, b, j - 1, T, cols, C, svb, svt, R, 0.0, i + 1 < count)
+        out = _row(sub_ptr, b, j, n_sub, 3, C, cols)
+        tl.store(out, m, mask=cmask)
+        tl.store(out + C, gn, mask=cmask)
+        tl.store(out + 2 * C, gd, mask=cmask)
+        m_new = tl.maximum(m, tl.max(k, 0))
+        rescale = _exp(m - m_new)
+        ek = _exp(k - m_new[None, :])
+        xn = ek * v
+        tail = _exp(-_rest(J, jj, T, G, R) * w)  # from this sub-chunk's right edge to the super-chunk's
+        fn = fn * rescale + tail * tl.sum(xn * df, 0)
+        fd = fd * rescale + tail * tl.sum(ek * df, 0)
+        gn = gn * (rescale * decay_r) + tl.sum(xn * db, 0)
+        gd = gd * (rescale * decay_r) + tl.sum(ek * db, 0)
+        m = m_new
+    return m, fn, fd, gn, gd
 
 
 @triton.jit
 def _fwd_summary_kernel(
-    k_ptr, v_ptr, w_ptr, summ_ptr, T, C, n, skb, skt, svb, svt,
-    R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr, NCB,
+    k_ptr, v_ptr, w_ptr, sub_ptr, summ_ptr, T, C, n_sub, n_sup, G, skb, skt, svb, svt,
+    R: tl.constexpr, BC: tl.constexpr, NCB,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    j = (pid // NCB) % n
-    b = pid // (NCB * n)
-    koffs, mask, _, _, pos, cols = _tile(b, j, cb, T, C, skb, skt, R, S, BC)
-    voffs, _, _, _, _, _ = _tile(b, j, cb, T, C, svb, svt, R, S, BC)
+    b, J, cb = _program(NCB, n_sup, False)
+    cols = cb * BC + tl.arange(0, BC)
     cmask = cols < C
-    k = tl.load(k_ptr + koffs, mask=mask, other=float("-inf")).to(tl.float32)
-    v = tl.load(v_ptr + voffs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
-    m = tl.max(tl.max(k, 0), 0)
-    ek = _exp(k - m[None, None, :])
-    fn, _, gn, _ = _chunk_sums(ek * v, pos, w, R * S)
-    fd, _, gd, _ = _chunk_sums(ek, pos, w, R * S)
-    plane = n * C
-    out = summ_ptr + b.to(tl.int64) * 5 * plane + cols * n + j
+    m, fn, fd, gn, gd = _fwd_walk(k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, skb, skt, svb, svt, R)
+    out = _row(summ_ptr, b, J, n_sup, 5, C, cols)
     tl.store(out, m, mask=cmask)
-    tl.store(out + plane, fn, mask=cmask)
-    tl.store(out + 2 * plane, fd, mask=cmask)
-    tl.store(out + 3 * plane, gn, mask=cmask)
-    tl.store(out + 4 * plane, gd, mask=cmask)
+    tl.store(out + C, fn, mask=cmask)
+    tl.store(out + 2 * C, fd, mask=cmask)
+    tl.store(out + 3 * C, gn, mask=cmask)
+    tl.store(out + 4 * C, gd, mask=cmask)
 
 
 @triton.jit
-def _fwd_chunk_scan_kernel(summ_ptr, state_ptr, kmax_ptr, w_ptr, n, C, L: tl.constexpr, NB: tl.constexpr):
-    """Program (b * C + c, side): kmax and the states entering every chunk from the left (side 0) or the right."""
-    pid = tl.program_id(0)
+def _fwd_chunk_scan_kernel(
+    summ_ptr, state_ptr, kmax_ptr, w_ptr, n, C, L, NCB, NB: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Program (batch, channel block; side): kmax and the states entering every super-chunk of L tokens from the
+    left (side 0) or the right (side 1), from an [NB, BC] tile of summaries at a time."""
+    b = tl.program_id(0) // NCB
+    cols = (tl.program_id(0) % NCB) * BC + tl.arange(0, BC)
+    cmask = cols[None, :] < C
     right = tl.program_id(1)
-    c = pid % C
-    b = pid // C
-    lw = tl.zeros([NB], tl.float32) + L * tl.load(w_ptr + c)  # log-decay across one whole chunk
-    one = tl.zeros([NB], tl.float32) + 1.0
-    idx = tl.arange(0, NB)
+    rows = tl.arange(0, NB)[:, None]
+    lw = tl.zeros([NB, BC], tl.float32) + L * tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :]
+    one = tl.zeros([NB, BC], tl.float32) + 1.0
+    summ = summ_ptr + b.to(tl.int64) * n * 5 * C + cols[None, :]
+    state = state_ptr + b.to(tl.int64) * n * 4 * C + cols[None, :]
     n_tiles = tl.cdiv(n, NB)
-    plane = n * C
-    summ = summ_ptr + b.to(tl.int64) * 5 * plane + c.to(tl.int64) * n
-    state = state_ptr + b.to(tl.int64) * 4 * plane + c.to(tl.int64) * n
 
-    kmax = tl.max(tl.full([NB], float("-inf"), tl.float32), 0)
+    kmax = tl.full([BC], _NO_MAX, tl.float32)
     for i in range(n_tiles):
-        j = i * NB + idx
-        kmax = tl.maximum(kmax, tl.max(tl.load(summ + j, mask=j < n, other=float("-inf")), 0))
+        j = i * NB + rows
+        kmax = tl.maximum(kmax, tl.max(tl.load(summ + j * 5 * C, mask=(j < n) & cmask, other=_NO_MAX), 0))
     if right == 0:
-        tl.store(kmax_ptr + b * C + c, kmax)
+        tl.store(kmax_ptr + b * C + cols, kmax, mask=cols < C)
 
-    carry_n = tl.sum(tl.zeros([NB], tl.float32), 0)
+    carry_n = tl.zeros([BC], tl.float32)
     carry_d = carry_n
     if right == 0:
-        # row j scans the summaries of chunks < j (loaded shifted by one, so inclusive = exclusive)
+        # row j scans the summaries of super-chunks < j (loaded shifted by one, so inclusive = exclusive)
         for i in range(n_tiles):
-            j = i * NB + idx
-            ok = (j >= 1) & (j < n)
-            src = summ + (j - 1)
-            scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax)
-            fn = tl.load(src + plane, mask=ok, other=0.0) * scale
-            fd = tl.load(src + 2 * plane, mask=ok, other=0.0) * scale
+            j = i * NB + rows
+            ok = (j >= 1) & (j < n) & cmask
+            src = summ + (j - 1) * 5 * C
+            scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax[None, :])
+            fn = tl.load(src + C, mask=ok, other=0.0) * scale
+            fd = tl.load(src + 2 * C, mask=ok, other=0.0) * scale
             _, cc, sn, sd = tl.associative_scan((lw, one, fn, fd), 0, _combine_count)
             dd = _exp(-cc * lw)
-            sn += dd * carry_n
-            sd += dd * carry_d
-            tl.store(state + j, sn, mask=j < n)
-            tl.store(state + plane + j, sd, mask=j < n)
-            carry_n = tl.sum(tl.where(idx == NB - 1, sn, 0.0), 0)
-            carry_d = tl.sum(tl.where(idx == NB - 1, sd, 0.0), 0)
+            sn += dd * carry_n[None, :]
+            sd += dd * carry_d[None, :]
+            tl.store(state + j * 4 * C, sn, mask=(j < n) & cmask)
+            tl.store(state + j * 4 * C + C, sd, mask=(j < n) & cmask)
+            carry_n = _edge(sn, rows, NB - 1)
+            carry_d = _edge(sd, rows, NB - 1)
     else:
-        # row j scans chunks > j, from the last chunk leftwards
+        # row j scans super-chunks > j, from the last one leftwards
         for ii in range(n_tiles):
-            j = (n_tiles - 1 - ii) * NB + idx
-            ok = j + 1 < n
-            src = summ + (j + 1)
-            scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax)
-            gn = tl.load(src + 3 * plane, mask=ok, other=0.0) * scale
-            gd = tl.load(src + 4 * plane, mask=ok, other=0.0) * scale
+            j = (n_tiles - 1 - ii) * NB + rows
+            ok = (j + 1 < n) & cmask
+            src = summ + (j + 1) * 5 * C
+            scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax[None, :])
+            gn = tl.load(src + 3 * C, mask=ok, other=0.0) * scale
+            gd = tl.load(src + 4 * C, mask=ok, other=0.0) * scale
             _, cc, sn, sd = tl.associative_scan((lw, one, gn, gd), 0, _combine_count, reverse=True)
             dd = _exp(-cc * lw)
-            sn += dd * carry_n
-            sd += dd * carry_d
-            tl.store(state + 2 * plane + j, sn, mask=j < n)
-            tl.store(state + 3 * plane + j, sd, mask=j < n)
-            carry_n = tl.sum(tl.where(idx == 0, sn, 0.0), 0)
-            carry_d = tl.sum(tl.where(idx == 0, sd, 0.0), 0)
-
-
-@triton.jit
-def _recompute(
-    k_ptr, v_ptr, w_ptr, u_ptr, kmax_ptr, state_ptr, b, j, cb, T, C, n, skb, skt, svb, svt,
-    R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr, HAS_STATES: tl.constexpr, FIND_KMAX: tl.constexpr,
-):  # fmt: skip
-    """Loads one tile and returns num, den and what the backward needs besides."""
-    koffs, mask, row_ok, r, pos, cols = _tile(b, j, cb, T, C, skb, skt, R, S, BC)
-    voffs, _, _, _, _, _ = _tile(b, j, cb, T, C, svb, svt, R, S, BC)
-    cmask = cols < C
-    k = tl.load(k_ptr + koffs, mask=mask, other=float("-inf")).to(tl.float32)
-    v = tl.load(v_ptr + voffs, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
-    u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
-    if FIND_KMAX:
-        kmax = tl.max(tl.max(k, 0), 0)
-        tl.store(kmax_ptr + b * C + cols, kmax, mask=cmask)  # single chunk: j == 0
-    else:
-        kmax = tl.load(kmax_ptr + b * C + cols, mask=cmask, other=0.0)
-    ek = _exp(k - kmax[None, None, :])
-    dec = _exp(-w)
-    ew = _exp(w)
-    eu = _exp(u)
-    D = _exp(-R * w)
-    if HAS_STATES:
-        p = state_ptr + b.to(tl.int64) * 4 * n * C + cols * n + j
-        sfn = tl.load(p, mask=cmask, other=0.0)
-        sfd = tl.load(p + n * C, mask=cmask, other=0.0)
-        sbn = tl.load(p + 2 * n * C, mask=cmask, other=0.0)
-        sbd = tl.load(p + 3 * n * C, mask=cmask, other=0.0)
-    else:
-        sfn = tl.zeros([BC], tl.float32)
-        sfd = sfn
-        sbn = sfn
-        sbd = sfn
-    # padded tokens are identity maps (no decay), so decay powers never run past the real sequence
-    d = tl.where(row_ok, dec[None, None, :], 1.0)
-    fwd_w = _slab_weights(D, R, S, False)
-    bwd_w = _slab_weights(D, R, S, True)
-    num, den = _sym_tile(ek * v, ek, d, ew, eu, fwd_w, bwd_w, sfn, sfd, sbn, sbd, r, R)
-    return num, den, ek, v, mask, row_ok, r, pos, cols, cmask, w, d, ew, eu, fwd_w, bwd_w
+            sn += dd * carry_n[None, :]
+            sd += dd * carry_d[None, :]
+            tl.store(state + j * 4 * C + 2 * C, sn, mask=(j < n) & cmask)
+            tl.store(state + j * 4 * C + 3 * C, sd, mask=(j < n) & cmask)
+            carry_n = _edge(sn, rows, 0)
+            carry_d = _edge(sd, rows, 0)
 
 
 @triton.jit
 def _fwd_output_kernel(
-    k_ptr, v_ptr, w_ptr, u_ptr, kmax_ptr, state_ptr, y_ptr, T, C, n, skb, skt, svb, svt, syb, syt,
-    R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr, NCB, HAS_STATES: tl.constexpr,
+    k_ptr, v_ptr, w_ptr, u_ptr, kmax_ptr, sub_ptr, state_ptr, y_ptr, fstate_ptr,
+    T, C, n_sub, n_sup, G, skb, skt, svb, svt, syb, syt,
+    R: tl.constexpr, BC: tl.constexpr, NCB, SINGLE: tl.constexpr, SAVE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    j = (pid // NCB) % n
-    b = pid // (NCB * n)
-    out = _recompute(
-        k_ptr, v_ptr, w_ptr, u_ptr, kmax_ptr, state_ptr, b, j, cb, T, C, n, skb, skt, svb, svt,
-        R, S, BC, HAS_STATES, not HAS_STATES,
-    )  # fmt: skip
-    num, den, mask = out[0], out[1], out[4]
-    yoffs, _, _, _, _, _ = _tile(b, j, cb, T, C, syb, syt, R, S, BC)
-    tl.store(y_ptr + yoffs, (num / den).to(y_ptr.dtype.element_ty), mask=mask)
+    b, J, cb = _program(NCB, n_sup, True)
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < C
+    zero = tl.zeros([BC], tl.float32)
+    if SINGLE:
+        kmax = _fwd_walk(k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, skb, skt, svb, svt, R)[0]
+        tl.store(kmax_ptr + b * C + cols, kmax, mask=cmask)
+        tl.debug_barrier()  # the walk's stores are read back below
+        ln, ld, rn_sup, rd_sup = zero, zero, zero, zero
+    else:
+        kmax = tl.load(kmax_ptr + b * C + cols, mask=cmask, other=0.0)
+        p = _row(state_ptr, b, J, n_sup, 4, C, cols)
+        ln = tl.load(p, mask=cmask, other=0.0)
+        ld = tl.load(p + C, mask=cmask, other=0.0)
+        rn_sup = tl.load(p + 2 * C, mask=cmask, other=0.0)
+        rd_sup = tl.load(p + 3 * C, mask=cmask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+    u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
+    dec = _exp(-w)
+    ew = _exp(w)
+    eu = _exp(u)
+    count = _n_sub_in(J, T, G, R)
+    k_next = _load(k_ptr, b, J * G, T, cols, C, skb, skt, R, float("-inf"), count > 0)
+    v_next = _load(v_ptr, b, J * G, T, cols, C, svb, svt, R, 0.0, count > 0)
+    for jj in range(count):
+        j = J * G + jj
+        k = k_next
+        v = v_next
+        k_next = _load(k_ptr, b, j + 1, T, cols, C, skb, skt, R, float("-inf"), jj + 1 < count)
+        v_next = _load(v_ptr, b, j + 1, T, cols, C, svb, svt, R, 0.0, jj + 1 < count)
+        yoffs, mask, row_ok = _rows(b, j, T, cols, C, syb, syt, R)
+        q = _row(sub_ptr, b, j, n_sub, 3, C, cols)
+        scale = _exp(tl.load(q, mask=cmask, other=0.0) - kmax)
+        tail = _exp(-_rest(J, jj, T, G, R) * w)  # the super-chunk's right state crosses the later sub-chunks
+        rn = tl.load(q + C, mask=cmask, other=0.0) * scale + tail * rn_sup
+        rd = tl.load(q + 2 * C, mask=cmask, other=0.0) * scale + tail * rd_sup
+        ek = _exp(k - kmax[None, :])
+        # padded tokens are identity maps (no decay), so nothing decays past the end of the sequence
+        d = tl.where(row_ok, dec[None, :], 1.0)
+        num, den, ln_next, ld_next = _sym(ek * v, ek, d, ew, eu, ln, ld, rn, rd, R)
+        tl.store(y_ptr + yoffs, (num / den).to(y_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            f = _row(fstate_ptr, b, j, n_sub, 4, C, cols)
+            tl.store(f, ln, mask=cmask)
+            tl.store(f + C, ld, mask=cmask)
+            tl.store(f + 2 * C, rn, mask=cmask)
+            tl.store(f + 3 * C, rd, mask=cmask)
+        ln = ln_next
+        ld = ld_next
 
 
 @triton.jit
-def _grad_inputs(gy_ptr, num, den, mask, b, j, cb, T, C, sgb, sgt, R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr):
-    goffs, _, _, _, _, _ = _tile(b, j, cb, T, C, sgb, sgt, R, S, BC)
-    gy = tl.load(gy_ptr + goffs, mask=mask, other=0.0).to(tl.float32)
+def _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, ew, eu, R: tl.constexpr):
+    """Recomputes num and den of sub-chunk j (tiles k, v, gy) from the stored states; returns a = dL/dnum,
+    b = dL/dden."""
+    cmask = cols < C
+    _, mask, row_ok = _rows(b, j, T, cols, C, 0, 0, R)
+    f = _row(fstate_ptr, b, j, n_sub, 4, C, cols)
+    ln = tl.load(f, mask=cmask, other=0.0)
+    ld = tl.load(f + C, mask=cmask, other=0.0)
+    rn = tl.load(f + 2 * C, mask=cmask, other=0.0)
+    rd = tl.load(f + 3 * C, mask=cmask, other=0.0)
+    ek = _exp(k - kmax[None, :])
+    d = tl.where(row_ok, dec[None, :], 1.0)
+    num, den, _, _ = _sym(ek * v, ek, d, ew, eu, ln, ld, rn, rd, R)
     # padded tokens have den = 0: keep their NaNs out of the scans
-    a = tl.where(mask, gy / den, 0.0)  # dL/dnum
-    return a, tl.where(mask, -a * (num / den), 0.0)  # dL/dden
+    a = tl.where(mask, gy / den, 0.0)
+    return a, tl.where(mask, -a * (num / den), 0.0), ek, v, d, mask, row_ok
+
+
+@triton.jit
+def _bwd_walk(
+    k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, b, J, cols, T, C, n_sub, G,
+    skb, skt, svb, svt, sgb, sgt, R: tl.constexpr,
+):  # fmt: skip
+    """As _fwd_walk for the (S, Q) states of a and b: stores per sub-chunk the (S, Q) its later sub-chunks send
+    into it from the right ([B, n_sub, 4, C]); returns the super-chunk's rightward and leftward (S, Q) summaries."""
+    cmask = cols < C
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+    u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
+    kmax = tl.load(kmax_ptr + b * C + cols, mask=cmask, other=0.0)
+    dec = _exp(-w)
+    ew = _exp(w)
+    eu = _exp(u)
+    df, db, right, left = _token_weights(w, R)
+    decay_r = _exp(-R * w)
+    sa = tl.zeros([cols.shape[0]], tl.float32)
+    sb, qa, qb, fa, fb, fqa, fqb = sa, sa, sa, sa, sa, sa, sa
+    count = _n_sub_in(J, T, G, R)
+    k_next = _load(k_ptr, b, J * G + count - 1, T, cols, C, skb, skt, R, float("-inf"), count > 0)
+    v_next = _load(v_ptr, b, J * G + count - 1, T, cols, C, svb, svt, R, 0.0, count > 0)
+    g_next = _load(gy_ptr, b, J * G + count - 1, T, cols, C, sgb, sgt, R, 0.0, count > 0)
+    for i in range(count):
+        jj = count - 1 - i
+        j = J * G + jj
+        k = k_next
+        v = v_next
+        gy = g_next
+        k_next = _load(k_ptr, b, j - 1, T, cols, C, skb, skt, R, float("-inf"), i + 1 < count)
+        v_next = _load(v_ptr, b, j - 1, T, cols, C, svb, svt, R, 0.0, i + 1 < count)
+        g_next = _load(gy_ptr, b, j - 1, T, cols, C, sgb, sgt, R, 0.0, i + 1 < count)
+        out = _row(sub_ptr, b, j, n_sub, 4, C, cols)
+        tl.store(out, sa, mask=cmask)
+        tl.store(out + C, sb, mask=cmask)
+        tl.store(out + 2 * C, qa, mask=cmask)
+        tl.store(out + 3 * C, qb, mask=cmask)
+        ab = _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, ew, eu, R)
+        a = ab[0]
+        bb = ab[1]
+        # leftwards: first the later sub-chunks, then this one (R tokens)
+        qa = decay_r * (qa + R * sa) + tl.sum(a * db * left, 0)
+        qb = decay_r * (qb + R * sb) + tl.sum(bb * db * left, 0)
+        sa = decay_r * sa + tl.sum(a * db, 0)
+        sb = decay_r * sb + tl.sum(bb * db, 0)
+        # rightwards: first this sub-chunk, then the later ones (rest tokens)
+        rest = _rest(J, jj, T, G, R)
+        d_rest = _exp(-rest * w)
+        ca = tl.sum(a * df, 0)
+        cb = tl.sum(bb * df, 0)
+        fqa += d_rest * (tl.sum(a * df * right, 0) + rest * ca)
+        fqb += d_rest * (tl.sum(bb * df * right, 0) + rest * cb)
+        fa += d_rest * ca
+        fb += d_rest * cb
+    return fa, fb, fqa, fqb, sa, sb, qa, qb
 
 
 @triton.jit
 def _bwd_summary_kernel(
-    k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, state_ptr, summ_ptr, T, C, n, skb, skt, svb, svt, sgb, sgt,
-    R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr, NCB,
+    k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, summ_ptr, T, C, n_sub, n_sup, G,
+    skb, skt, svb, svt, sgb, sgt, R: tl.constexpr, BC: tl.constexpr, NCB,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    j = (pid // NCB) % n
-    b = pid // (NCB * n)
-    out = _recompute(
-        k_ptr, v_ptr, w_ptr, u_ptr, kmax_ptr, state_ptr, b, j, cb, T, C, n, skb, skt, svb, svt,
-        R, S, BC, True, False,
+    b, J, cb = _program(NCB, n_sup, False)
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < C
+    sums = _bwd_walk(
+        k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, b, J, cols, T, C, n_sub, G,
+        skb, skt, svb, svt, sgb, sgt, R,
     )  # fmt: skip
-    num, den, mask, pos, cols, cmask, w = out[0], out[1], out[4], out[7], out[8], out[9], out[10]
-    a, bb = _grad_inputs(gy_ptr, num, den, mask, b, j, cb, T, C, sgb, sgt, R, S, BC)
-    fa, fqa, ga, gqa = _chunk_sums(a, pos, w, R * S)
-    fb, fqb, gb, gqb = _chunk_sums(bb, pos, w, R * S)
-    plane = n * C
-    dst = summ_ptr + b.to(tl.int64) * 8 * plane + cols * n + j
-    tl.store(dst, fa, mask=cmask)
-    tl.store(dst + plane, fb, mask=cmask)
-    tl.store(dst + 2 * plane, fqa, mask=cmask)
-    tl.store(dst + 3 * plane, fqb, mask=cmask)
-    tl.store(dst + 4 * plane, ga, mask=cmask)
-    tl.store(dst + 5 * plane, gb, mask=cmask)
-    tl.store(dst + 6 * plane, gqa, mask=cmask)
-    tl.store(dst + 7 * plane, gqb, mask=cmask)
+    out = _row(summ_ptr, b, J, n_sup, 8, C, cols)
+    fa, fb, fqa, fqb, ga, gb, gqa, gqb = sums
+    tl.store(out, fa, mask=cmask)
+    tl.store(out + C, fb, mask=cmask)
+    tl.store(out + 2 * C, fqa, mask=cmask)
+    tl.store(out + 3 * C, fqb, mask=cmask)
+    tl.store(out + 4 * C, ga, mask=cmask)
+    tl.store(out + 5 * C, gb, mask=cmask)
+    tl.store(out + 6 * C, gqa, mask=cmask)
+    tl.store(out + 7 * C, gqb, mask=cmask)
 
 
 @triton.jit
-def _bwd_scan_side(summ, state, w, m, idx, n, n_tiles, plane, C, NB: tl.constexpr, REVERSE: tl.constexpr):
-    zero = tl.sum(tl.zeros([NB], tl.float32), 0)
-    ca, cb, cqa, cqb = zero, zero, zero, zero
+def _bwd_chunk_scan_kernel(
+    summ_ptr, state_ptr, w_ptr, n, C, L, NCB, NB: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """Program (batch, channel block; side): (S, Q) states of a and b entering every super-chunk of L tokens
+    from the left (side 0, components 0-3) or the right (side 1, components 4-7)."""
+    b = tl.program_id(0) // NCB
+    cols = (tl.program_id(0) % NCB) * BC + tl.arange(0, BC)
+    cmask = cols[None, :] < C
+    reverse = tl.program_id(1) == 1
+    rows = tl.arange(0, NB)[:, None]
+    w = tl.zeros([NB, BC], tl.float32) + tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :]
+    m = tl.zeros([NB, BC], tl.float32) + L
+    summ = summ_ptr + b.to(tl.int64) * n * 8 * C + cols[None, :]
+    state = state_ptr + b.to(tl.int64) * n * 8 * C + cols[None, :]
+    n_tiles = tl.cdiv(n, NB)
+    ca = tl.zeros([BC], tl.float32)
+    cb, cqa, cqb = ca, ca, ca
     for ii in range(n_tiles):
-        if REVERSE:
-            j = (n_tiles - 1 - ii) * NB + idx
-            ok = j + 1 < n
-            src = summ + (j + 1) + 4 * plane
+        if reverse:
+            j = (n_tiles - 1 - ii) * NB + rows
+            ok = (j + 1 < n) & cmask
+            src = summ + (j + 1) * 8 * C + 4 * C
         else:
-            j = ii * NB + idx
-            ok = (j >= 1) & (j < n)
-            src = summ + (j - 1)
+            j = ii * NB + rows
+            ok = (j >= 1) & (j < n) & cmask
+            src = summ + (j - 1) * 8 * C
         xa = tl.load(src, mask=ok, other=0.0)
-        xb = tl.load(src + plane, mask=ok, other=0.0)
-        qa = tl.load(src + 2 * plane, mask=ok, other=0.0)
-        qb = tl.load(src + 3 * plane, mask=ok, other=0.0)
-        _, mm, sa, sb, sqa, sqb = tl.associative_scan((w, m, xa, xb, qa, qb), 0, _combine_q_count, reverse=REVERSE)
+        xb = tl.load(src + C, mask=ok, other=0.0)
+        qa = tl.load(src + 2 * C, mask=ok, other=0.0)
+        qb = tl.load(src + 3 * C, mask=ok, other=0.0)
+        if reverse:
+            _, mm, sa, sb, sqa, sqb = tl.associative_scan((w, m, xa, xb, qa, qb), 0, _combine_q_count, reverse=True)
+        else:
+            _, mm, sa, sb, sqa, sqb = tl.associative_scan((w, m, xa, xb, qa, qb), 0, _combine_q_count)
         dd = _exp(-mm * w)
         # compose with the carry from earlier tiles, which comes first
-        sqa += dd * (cqa + mm * ca)
-        sqb += dd * (cqb + mm * cb)
-        sa += dd * ca
-        sb += dd * cb
-        out = state + j + REVERSE * 4 * plane
-        tl.store(out, sa, mask=j < n)
-        tl.store(out + plane, sb, mask=j < n)
-        tl.store(out + 2 * plane, sqa, mask=j < n)
-        tl.store(out + 3 * plane, sqb, mask=j < n)
-        edge = idx == (0 if REVERSE else NB - 1)
-        ca = tl.sum(tl.where(edge, sa, 0.0), 0)
-        cb = tl.sum(tl.where(edge, sb, 0.0), 0)
-        cqa = tl.sum(tl.where(edge, sqa, 0.0), 0)
-        cqb = tl.sum(tl.where(edge, sqb, 0.0), 0)
+        sqa += dd * (cqa[None, :] + mm * ca[None, :])
+        sqb += dd * (cqb[None, :] + mm * cb[None, :])
+        sa += dd * ca[None, :]
+        sb += dd * cb[None, :]
+        out = state + j * 8 * C + reverse.to(tl.int32) * 4 * C
+        tl.store(out, sa, mask=(j < n) & cmask)
+        tl.store(out + C, sb, mask=(j < n) & cmask)
+        tl.store(out + 2 * C, sqa, mask=(j < n) & cmask)
+        tl.store(out + 3 * C, sqb, mask=(j < n) & cmask)
+        if reverse:
+            ca, cb, cqa, cqb = _edge(sa, rows, 0), _edge(sb, rows, 0), _edge(sqa, rows, 0), _edge(sqb, rows, 0)
+        else:
+            ca, cb = _edge(sa, rows, NB - 1), _edge(sb, rows, NB - 1)
+            cqa, cqb = _edge(sqa, rows, NB - 1), _edge(sqb, rows, NB - 1)
 
 
 @triton.jit
-def _bwd_chunk_scan_kernel(summ_ptr, state_ptr, w_ptr, n, C, L: tl.constexpr, NB: tl.constexpr):
-    """Program (b * C + c, side): (S, Q) states of a and b entering every chunk from the left or the right."""
-    pid = tl.program_id(0)
-    c = pid % C
-    b = pid // C
-    w = tl.zeros([NB], tl.float32) + tl.load(w_ptr + c)
-    idx = tl.arange(0, NB)
-    n_tiles = tl.cdiv(n, NB)
-    plane = n * C
-    summ = summ_ptr + b.to(tl.int64) * 8 * plane + c.to(tl.int64) * n
-    state = state_ptr + b.to(tl.int64) * 8 * plane + c.to(tl.int64) * n
-    m = tl.zeros([NB], tl.float32) + L
-    if tl.program_id(1) == 0:
-        _bwd_scan_side(summ, state, w, m, idx, n, n_tiles, plane, C, NB, False)
-    else:
-        _bwd_scan_side(summ, state, w, m, idx, n, n_tiles, plane, C, NB, True)
-
-
-@triton.jit
-def _scan_q(d, m, a, b, weights, ea, eb, eqa, eqb, r, R: tl.constexpr, REVERSE: tl.constexpr):
-    """Inclusive (S, Q) states of a and b after every token, in scan order, with what enters the chunk."""
-    W, WQ, P, PR = weights
+def _scan_q(d, m, a, b, ea, eb, eqa, eqb, REVERSE: tl.constexpr):
+    """Inclusive (S, Q) states of a and b after every token, in scan order, with the (S, Q) entering the
+    sub-chunk from that side."""
     zero = tl.zeros_like(a)
     dd, mm, sa, sb, qa, qb = tl.associative_scan((d, m, a, b, zero, zero), 0, _combine_q, reverse=REVERSE)
-    edge: tl.constexpr = 0 if REVERSE else R - 1
-    sa_e, sb_e = _edge(sa, r, edge), _edge(sb, r, edge)
-    enter_qa = _slab_entry_q(W, WQ, P, PR, sa_e, _edge(qa, r, edge), ea, eqa)[None, :, :]
-    enter_qb = _slab_entry_q(W, WQ, P, PR, sb_e, _edge(qb, r, edge), eb, eqb)[None, :, :]
-    enter_a = _slab_entry(W, P, sa_e, ea)[None, :, :]
-    enter_b = _slab_entry(W, P, sb_e, eb)[None, :, :]
     return (
-        sa + dd * enter_a,
-        sb + dd * enter_b,
-        qa + dd * (enter_qa + mm * enter_a),
-        qb + dd * (enter_qb + mm * enter_b),
+        sa + dd * ea[None, :],
+        sb + dd * eb[None, :],
+        qa + dd * (eqa[None, :] + mm * ea[None, :]),
+        qb + dd * (eqb[None, :] + mm * eb[None, :]),
     )
 
 
 @triton.jit
 def _bwd_output_kernel(
-    k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, state_ptr, state2_ptr, gk_ptr, gv_ptr, part_ptr,
-    T, C, n, skb, skt, svb, svt, sgb, sgt,
-    R: tl.constexpr, S: tl.constexpr, BC: tl.constexpr, NCB, HAS_STATES: tl.constexpr,
+    k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, summ_ptr, state_ptr, gk_ptr, gv_ptr,
+    part_ptr, T, C, n_sub, n_sup, G, skb, skt, svb, svt, sgb, sgt,
+    R: tl.constexpr, BC: tl.constexpr, NCB, SINGLE: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    cb = pid % NCB
-    j = (pid // NCB) % n
-    b = pid // (NCB * n)
-    out = _recompute(
-        k_ptr, v_ptr, w_ptr, u_ptr, kmax_ptr, state_ptr, b, j, cb, T, C, n, skb, skt, svb, svt,
-        R, S, BC, HAS_STATES, False,
-    )  # fmt: skip
-    num, den, ek, v, mask, row_ok, r = out[0], out[1], out[2], out[3], out[4], out[5], out[6]
-    cols, cmask, d, ew, eu, fwd_w, bwd_w = out[8], out[9], out[11], out[12], out[13], out[14], out[15]
-    a, bb = _grad_inputs(gy_ptr, num, den, mask, b, j, cb, T, C, sgb, sgt, R, S, BC)
-    if HAS_STATES:
-        p = state2_ptr + b.to(tl.int64) * 8 * n * C + cols * n + j
-        fa = tl.load(p, mask=cmask, other=0.0)
-        fb = tl.load(p + n * C, mask=cmask, other=0.0)
-        fqa = tl.load(p + 2 * n * C, mask=cmask, other=0.0)
-        fqb = tl.load(p + 3 * n * C, mask=cmask, other=0.0)
-        ga = tl.load(p + 4 * n * C, mask=cmask, other=0.0)
-        gb = tl.load(p + 5 * n * C, mask=cmask, other=0.0)
-        gqa = tl.load(p + 6 * n * C, mask=cmask, other=0.0)
-        gqb = tl.load(p + 7 * n * C, mask=cmask, other=0.0)
+    b, J, cb = _program(NCB, n_sup, True)
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < C
+    zero = tl.zeros([BC], tl.float32)
+    if SINGLE:
+        _bwd_walk(
+            k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, b, J, cols, T, C, n_sub, G,
+            skb, skt, svb, svt, sgb, sgt, R,
+        )  # fmt: skip
+        tl.debug_barrier()  # the walk's stores are read back below
+        la, lb, lqa, lqb = zero, zero, zero, zero
+        ra, rb, rqa, rqb = zero, zero, zero, zero
     else:
-        fa = tl.zeros([BC], tl.float32)
-        fb, fqa, fqb, ga, gb, gqa, gqb = fa, fa, fa, fa, fa, fa, fa
-    m = tl.where(row_ok, 1.0, 0.0) + tl.zeros_like(a)
-    e = ew[None, None, :]
-    # inclusive (S, Q) after each token; exclusive: P = e^w (S - x), Q = e^w Q_after - P
-    sa, sb, qa, qb = _scan_q(d, m, a, bb, fwd_w, fa, fb, fqa, fqb, r, R, False)
-    pa = e * (sa - a)
-    pb = e * (sb - bb)
-    qa = e * qa - pa
-    qb = e * qb - pb
-    sa, sb, ra_q, rb_q = _scan_q(d, m, a, bb, bwd_w, ga, gb, gqa, gqb, r, R, True)
-    ra = e * (sa - a)
-    rb = e * (sb - bb)
-    qa += e * ra_q - ra
-    qb += e * rb_q - rb
-    wa = pa + ra + eu[None, None, :] * a
-    wb = pb + rb + eu[None, None, :] * bb
-    gv = ek * wa
-    gk = ek * (v * wa + wb)
-    goffs, _, _, _, _, _ = _tile(b, j, cb, T, C, C * T, C, R, S, BC)
-    tl.store(gk_ptr + goffs, gk.to(gk_ptr.dtype.element_ty), mask=mask)
-    tl.store(gv_ptr + goffs, gv.to(gv_ptr.dtype.element_ty), mask=mask)
-    du = tl.where(mask, eu[None, None, :] * ek * (v * a + bb), 0.0)
-    dw = tl.where(mask, ek * (v * qa + qb), 0.0)
-    part = part_ptr + (b * n + j).to(tl.int64) * 2 * C + cols
-    tl.store(part, tl.sum(tl.sum(du, 0), 0), mask=cmask)
-    tl.store(part + C, -tl.sum(tl.sum(dw, 0), 0), mask=cmask)
+        p = _row(state_ptr, b, J, n_sup, 8, C, cols)
+        la = tl.load(p, mask=cmask, other=0.0)
+        lb = tl.load(p + C, mask=cmask, other=0.0)
+        lqa = tl.load(p + 2 * C, mask=cmask, other=0.0)
+        lqb = tl.load(p + 3 * C, mask=cmask, other=0.0)
+        ra = tl.load(p + 4 * C, mask=cmask, other=0.0)
+        rb = tl.load(p + 5 * C, mask=cmask, other=0.0)
+        rqa = tl.load(p + 6 * C, mask=cmask, other=0.0)
+        rqb = tl.load(p + 7 * C, mask=cmask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+    u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
+    kmax = tl.load(kmax_ptr + b * C + cols, mask=cmask, other=0.0)
+    dec = _exp(-w)
+    ew = _exp(w)
+    eu = _exp(u)
+    e = ew[None, :]
+    du_sum = zero
+    dw_sum = zero
+    count = _n_sub_in(J, T, G, R)
+    k_next = _load(k_ptr, b, J * G, T, cols, C, skb, skt, R, float("-inf"), count > 0)
+    v_next = _load(v_ptr, b, J * G, T, cols, C, svb, svt, R, 0.0, count > 0)
+    g_next = _load(gy_ptr, b, J * G, T, cols, C, sgb, sgt, R, 0.0, count > 0)
+    for jj in range(count):
+        j = J * G + jj
+        k = k_next
+        v = v_next
+        gy = g_next
+        k_next = _load(k_ptr, b, j + 1, T, cols, C, skb, skt, R, float("-inf"), jj + 1 < count)
+        v_next = _load(v_ptr, b, j + 1, T, cols, C, svb, svt, R, 0.0, jj + 1 < count)
+        g_next = _load(gy_ptr, b, j + 1, T, cols, C, sgb, sgt, R, 0.0, jj + 1 < count)
+        a, bb, ek, v, d, mask, row_ok = _grad_inputs(
+            k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, ew, eu, R
+        )
+        # (S, Q) entering from the right: the later sub-chunks' part, plus the super-chunk's right state
+        # carried across them (rest tokens)
+        q = _row(sub_ptr, b, j, n_sub, 4, C, cols)
+        rest = _rest(J, jj, T, G, R)
+        d_rest = _exp(-rest * w)
+        ea = tl.load(q, mask=cmask, other=0.0) + d_rest * ra
+        eb = tl.load(q + C, mask=cmask, other=0.0) + d_rest * rb
+        eqa = tl.load(q + 2 * C, mask=cmask, other=0.0) + d_rest * (rqa + rest * ra)
+        eqb = tl.load(q + 3 * C, mask=cmask, other=0.0) + d_rest * (rqb + rest * rb)
+        m = tl.where(row_ok, 1.0, 0.0) + tl.zeros_like(a)
+        # inclusive (S, Q) after each token; exclusive: P = e^w (S - x), Q = e^w Q_after - P
+        sa, sb, qa, qb = _scan_q(d, m, a, bb, la, lb, lqa, lqb, False)
+        r = tl.arange(0, R)[:, None]
+        la, lb, lqa, lqb = _edge(sa, r, R - 1), _edge(sb, r, R - 1), _edge(qa, r, R - 1), _edge(qb, r, R - 1)
+        pa = e * (sa - a)
+        pb = e * (sb - bb)
+        qa = e * qa - pa
+        qb = e * qb - pb
+        sa, sb, ra_q, rb_q = _scan_q(d, m, a, bb, ea, eb, eqa, eqb, True)
+        qa += e * ra_q - e * (sa - a)
+        qb += e * rb_q - e * (sb - bb)
+        wa = pa + e * (sa - a) + eu[None, :] * a
+        wb = pb + e * (sb - bb) + eu[None, :] * bb
+        goffs, _, _ = _rows(b, j, T, cols, C, C * T, C, R)
+        tl.store(gk_ptr + goffs, (ek * (v * wa + wb)).to(gk_ptr.dtype.element_ty), mask=mask)
+        tl.store(gv_ptr + goffs, (ek * wa).to(gv_ptr.dtype.element_ty), mask=mask)
+        du_sum += tl.sum(tl.where(mask, eu[None, :] * ek * (v * a + bb), 0.0), 0)
+        dw_sum += tl.sum(tl.where(mask, ek * (v * qa + qb), 0.0), 0)
+    part = part_ptr + (b * n_sup + J).to(tl.int64) * 2 * C + cols
+    tl.store(part, du_sum, mask=cmask)
+    tl.store(part + C, -dw_sum, mask=cmask)
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Chunk length L = R * S tokens (shared by forward and backward: the backward reuses the forward's chunk
-    states), split into S slabs of R tokens, one slab per warp; BC channels per program, one per lane.
-    S = 1 keeps every scan inside a thread: no shared memory and no barrier in the chunk kernels."""
+    """R tokens per sub-chunk (one register tile), G sub-chunks per program (a super-chunk of G * R tokens),
+    BC channels per program (one warp: 32 channels one per lane, 16 channels with two lanes per channel sharing
+    the R tokens); the super-chunk scans take [scan_rows, scan_BC] tiles. R is shared by forward and backward:
+    the backward reads the states the forward stored per sub-chunk. G is capped at about 16 by accuracy: a
+    super-chunk's walk composes its sub-chunk decays by products (error ~ G eps)."""
 
-    L: int = 16
+    R: int = 16
+    G: int = 16
     BC: int = 32
-    S: int = 1
-    BC_bwd: int = 16
-    S_bwd: int = 1
-    scan_block: int = 4096
+    G_bwd: int = 16
+    BC_bwd: int = 32
+    scan_rows: int = 1024
+    scan_BC: int = 4
 
 
-def tile_config(T: int, C: int) -> TileConfig:
-    """16-token chunks, one warp per (chunk, channel block); T is not capped, shorter sequences are padded."""
-    return TileConfig()
-
-
-def _scan_warps(nb: int) -> int:
-    return max(1, min(8, nb // 256))  # short chunk scans (T ~ 256) come in thousands: one warp each
+def tile_config(B: int, T: int, C: int) -> TileConfig:
+    """The default tiles for a shape (chosen on an H100, docs/kernel_notes.md); T is not capped: longer
+    sequences get more super-chunks, and T <= 256 is one super-chunk (one launch forward, one backward)."""
+    bc = 32 if C % 32 == 0 else 16  # no idle lanes for C = 48, 80, ...
+    cfg = TileConfig(BC=bc, BC_bwd=bc)
+    n_sub = triton.cdiv(T, cfg.R)
+    g = cfg.G
+    if n_sub > g:
+        # few long sequences: shorter super-chunks, so that ~16 one-warp programs run per SM
+        while g > 4 and B * triton.cdiv(n_sub, g) * triton.cdiv(C, bc) < 2048:
+            g //= 2
+    return replace(cfg, G=g, G_bwd=g)
 
 
 def _check(k: Tensor, v: Tensor) -> None:
@@ -541,54 +663,70 @@ def _check(k: Tensor, v: Tensor) -> None:
         raise ValueError(f"bi_wkv_triton: k, v are {k.dtype}; use float32, bfloat16 or float16")
 
 
-def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, cfg: TileConfig):
+def _scan_launch(B: int, C: int, cfg: TileConfig, n_sup: int):
+    rows = min(triton.next_power_of_2(n_sup), cfg.scan_rows)
+    ncb = triton.cdiv(C, cfg.scan_BC)
+    warps = max(1, min(8, rows * cfg.scan_BC // 256))
+    return (B * ncb, 2), ncb, rows, warps
+
+
+def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, cfg: TileConfig, save: bool):
     B, T, C = k.shape
-    n = triton.cdiv(T, cfg.L)
+    R, G = cfg.R, cfg.G
+    n_sub = triton.cdiv(T, R)
+    n_sup = triton.cdiv(n_sub, G)
     ncb = triton.cdiv(C, cfg.BC)
-    R = cfg.L // cfg.S
-    y = torch.empty((B, T, C), dtype=v.dtype, device=k.device)
-    kmax = torch.empty((B, C), dtype=torch.float32, device=k.device)
-    states = torch.empty((B, 4, C, n), dtype=torch.float32, device=k.device) if n > 1 else kmax
-    grid = (B * n * ncb,)
+    dev = k.device
+    y = torch.empty((B, T, C), dtype=v.dtype, device=dev)
+    kmax = torch.empty((B, C), dtype=torch.float32, device=dev)
+    sub = torch.empty((B, n_sub, 3, C), dtype=torch.float32, device=dev)  # right states inside super-chunks
+    fstates = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev) if save else kmax
+    states = kmax
+    grid = (B * n_sup * ncb,)
     strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
-    if n > 1:
-        summ = torch.empty((B, 5, C, n), dtype=torch.float32, device=k.device)
-        _fwd_summary_kernel[grid](k, v, w, summ, T, C, n, *strides, R, cfg.S, cfg.BC, ncb, num_warps=cfg.S)
-        nb = min(triton.next_power_of_2(n), cfg.scan_block)
-        _fwd_chunk_scan_kernel[(B * C, 2)](summ, states, kmax, w, n, C, cfg.L, nb, num_warps=_scan_warps(nb))
+    if n_sup > 1:
+        summ = torch.empty((B, n_sup, 5, C), dtype=torch.float32, device=dev)
+        _fwd_summary_kernel[grid](k, v, w, sub, summ, T, C, n_sub, n_sup, G, *strides, R, cfg.BC, ncb, num_warps=1)
+        states = torch.empty((B, n_sup, 4, C), dtype=torch.float32, device=dev)
+        sgrid, sncb, rows, warps = _scan_launch(B, C, cfg, n_sup)
+        _fwd_chunk_scan_kernel[sgrid](summ, states, kmax, w, n_sup, C, G * R, sncb, rows, cfg.scan_BC, num_warps=warps)
     _fwd_output_kernel[grid](
-        k, v, w, u, kmax, states, y, T, C, n, *strides, y.stride(0), y.stride(1),
-        R, cfg.S, cfg.BC, ncb, n > 1, num_warps=cfg.S,
+        k, v, w, u, kmax, sub, states, y, fstates, T, C, n_sub, n_sup, G, *strides, y.stride(0), y.stride(1),
+        R, cfg.BC, ncb, n_sup == 1, save, num_warps=1,
     )  # fmt: skip
-    return y, kmax, states
+    return y, kmax, fstates
 
 
-def _backward(w, u, k, v, kmax, states, gy, cfg: TileConfig):
+def _backward(w, u, k, v, kmax, fstates, gy, cfg: TileConfig):
     B, T, C = k.shape
-    n = triton.cdiv(T, cfg.L)
+    R, G = cfg.R, cfg.G_bwd
+    n_sub = triton.cdiv(T, R)
+    n_sup = triton.cdiv(n_sub, G)
     ncb = triton.cdiv(C, cfg.BC_bwd)
-    R = cfg.L // cfg.S_bwd
+    dev = k.device
     if gy.stride(2) != 1:
         gy = gy.contiguous()
-    grid = (B * n * ncb,)
+    grid = (B * n_sup * ncb,)
     strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), gy.stride(0), gy.stride(1))
-    state2 = kmax
-    if n > 1:
-        summ = torch.empty((B, 8, C, n), dtype=torch.float32, device=k.device)
+    sub = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev)
+    summ = states = kmax
+    if n_sup > 1:
+        summ = torch.empty((B, n_sup, 8, C), dtype=torch.float32, device=dev)
         _bwd_summary_kernel[grid](
-            k, v, gy, w, u, kmax, states, summ, T, C, n, *strides, R, cfg.S_bwd, cfg.BC_bwd, ncb, num_warps=cfg.S_bwd
-        )
-        state2 = torch.empty((B, 8, C, n), dtype=torch.float32, device=k.device)
-        nb = min(triton.next_power_of_2(n), max(1, cfg.scan_block // 2))  # 6-tuple scans: half the tile
-        _bwd_chunk_scan_kernel[(B * C, 2)](summ, state2, w, n, C, cfg.L, nb, num_warps=_scan_warps(nb))
-    gk = torch.empty((B, T, C), dtype=k.dtype, device=k.device)
-    gv = torch.empty((B, T, C), dtype=v.dtype, device=k.device)
-    part = torch.empty((B * n, 2, C), dtype=torch.float32, device=k.device)
+            k, v, gy, w, u, kmax, fstates, sub, summ, T, C, n_sub, n_sup, G, *strides, R, cfg.BC_bwd, ncb,
+            num_warps=1,
+        )  # fmt: skip
+        states = torch.empty((B, n_sup, 8, C), dtype=torch.float32, device=dev)
+        sgrid, sncb, rows, warps = _scan_launch(B, C, cfg, n_sup)
+        _bwd_chunk_scan_kernel[sgrid](summ, states, w, n_sup, C, G * R, sncb, rows, cfg.scan_BC, num_warps=warps)
+    gk = torch.empty((B, T, C), dtype=k.dtype, device=dev)
+    gv = torch.empty((B, T, C), dtype=v.dtype, device=dev)
+    part = torch.empty((B * n_sup, 2, C), dtype=torch.float32, device=dev)
     _bwd_output_kernel[grid](
-        k, v, gy, w, u, kmax, states, state2, gk, gv, part, T, C, n, *strides,
-        R, cfg.S_bwd, cfg.BC_bwd, ncb, n > 1, num_warps=cfg.S_bwd,
+        k, v, gy, w, u, kmax, fstates, sub, summ, states, gk, gv, part, T, C, n_sub, n_sup, G, *strides,
+        R, cfg.BC_bwd, ncb, n_sup == 1, num_warps=1,
     )  # fmt: skip
-    gu, gw = part.sum(0, dtype=torch.float64)  # [B*n, 2, C] -> [2, C]
+    gu, gw = part.sum(0, dtype=torch.float64)  # [B * n_sup, 2, C] -> [2, C]
     return gw, gu, gk, gv
 
 
@@ -601,21 +739,22 @@ class TritonBiWKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig | None) -> Tensor:
         _check(k, v)
-        _, T, C = k.shape
+        B, T, C = k.shape
         wf, uf = w.float().contiguous(), u.float().contiguous()
-        cfg = config or tile_config(T, C)
+        cfg = config or tile_config(B, T, C)
+        save = any(ctx.needs_input_grad[:4])  # the backward's per-sub-chunk states, only when one will follow
         with _on_device(k):
-            y, kmax, states = _forward(wf, uf, k, v, cfg)
-        ctx.save_for_backward(wf, uf, k, v, kmax, states)
+            y, kmax, fstates = _forward(wf, uf, k, v, cfg, save)
+        ctx.save_for_backward(wf, uf, k, v, kmax, fstates)
         ctx.dtypes = (w.dtype, u.dtype)
         ctx.cfg = cfg
         return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        wf, uf, k, v, kmax, states = ctx.saved_tensors
+        wf, uf, k, v, kmax, fstates = ctx.saved_tensors
         with _on_device(k):
-            gw, gu, gk, gv = _backward(wf, uf, k, v, kmax, states, gy, ctx.cfg)
+            gw, gu, gk, gv = _backward(wf, uf, k, v, kmax, fstates, gy, ctx.cfg)
         return gw.to(ctx.dtypes[0]), gu.to(ctx.dtypes[1]), gk, gv, None
 
 
@@ -625,7 +764,7 @@ def bi_wkv_triton(w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig
     fp32 accumulation for float32, bfloat16 and float16 inputs; y has v's dtype. k and v may be strided views
     with any batch and time strides as long as the channel axis is contiguous, so a layer can hand several
     windows or scan orders to one launch by viewing them as one batch (y is always a fresh contiguous tensor).
-    config: tile sizes (tests and benchmarks); by default `tile_config(T, C)`.
+    config: tile sizes (tests and benchmarks); by default `tile_config(B, T, C)`.
     float64 inputs (gradcheck on a GPU) run the exact chunked path instead: the kernels accumulate in fp32.
     """
     if k.dtype == torch.float64:
