@@ -17,8 +17,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="implementation to time, repeatable (default: chunked; on cuda: triton and chunked)",
     )
     p.add_argument("--shapes", default=None, help="'B,T,C;B,T,C' (default: the shapes of docs/bi_wkv.md)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default: 5 cpu, 30 cuda)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="k, v dtype (cuda only)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv)
 
@@ -62,7 +63,10 @@ def _run_wkv(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     impls = args.impl or (["triton", "chunked"] if device.type == "cuda" else ["chunked"])
     shapes = parse_shapes(args.shapes) if args.shapes else (SHAPES_GPU if device.type == "cuda" else SHAPES_CPU)
-    rows, info = speed_rows(shapes, impls, device, args.repeats, args.threads)
+    if args.dtype != "float32" and device.type != "cuda":
+        raise ValueError(f"--dtype {args.dtype} is for --device cuda; the CPU benchmark runs float32")
+    repeats = args.repeats or (30 if device.type == "cuda" else 5)
+    rows, info = speed_rows(shapes, impls, device, repeats, args.threads, getattr(torch, args.dtype))
     print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
     columns = [
         ("shape", "B x T x C"),
@@ -73,6 +77,8 @@ def _run_wkv(args: argparse.Namespace) -> int:
         ("fwdbwd_peak_mb", "fwd+bwd MB"),
     ]
     if device.type == "cuda":
+        columns[3:3] = [("fwd_b2b_ms", "fwd b2b ms")]
+        columns[6:6] = [("fwdbwd_b2b_ms", "f+b b2b ms")]
         columns += [
             ("floor_fwd_ms", "floor ms"),
             ("fwd_x_floor", "fwd/floor"),

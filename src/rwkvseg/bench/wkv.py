@@ -1,8 +1,9 @@
 """Bi-WKV benchmarks: speed and peak memory against the memory-bandwidth floor, and accuracy tables.
 
 Speed on CUDA: the device's copy bandwidth is measured first; the forward floor of a shape is the 12 bytes per
-element (fp32: read k and v, write y) at that bandwidth. On CPU each measurement runs in a fresh subprocess so its
-peak resident memory (above the inputs) can be read from the OS.
+element (fp32; 6 in bf16: read k and v, write y) at that bandwidth. Kernel time is taken with L2 flushed before
+each call; a back-to-back figure beside it includes the host's launch time, which dominates small shapes. On CPU
+each measurement runs in a fresh subprocess so its peak resident memory (above the inputs) can be read from the OS.
 """
 
 from __future__ import annotations
@@ -70,25 +71,41 @@ def _step(inputs, impl: str, backward: bool):
     return y
 
 
-def time_in_process(shape, impl: str, backward: bool, device: torch.device, repeats: int, dtype=torch.float32):
-    """Median milliseconds (after one warm-up) and, on CUDA, peak allocated MB above the inputs."""
-    inputs = make_inputs(shape, device, dtype)
-    _step(inputs, impl, backward)  # warm-up: compilation, allocator
-    _sync(device)
-    peak_mb = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    times = []
+def time_cuda(shape, impl: str, backward: bool, device: torch.device, repeats: int, dtype=torch.float32) -> dict:
+    """GPU milliseconds per call (median over repeats, each after flushing L2 with a 256 MB write, timed with CUDA
+    events, so host launch time hides behind the flush), back-to-back milliseconds per call (host time included),
+    and peak allocated MB above the inputs. Inputs rotate over copies that together exceed L2."""
+    B, T, C = shape
+    copies = max(1, min(8, 2**28 // (8 * B * T * C) + 1))
+    sets = [make_inputs(shape, device, dtype, seed=s) for s in range(copies)]
+    calls = iter(range(10**9))
+
+    def step():
+        return _step(sets[next(calls) % copies], impl, backward)
+
+    step()  # warm-up: compilation, allocator
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    flush = torch.empty(2**28, dtype=torch.int8, device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, stop in events:
+        flush.zero_()
+        start.record()
+        step()
+        stop.record()
+    torch.cuda.synchronize(device)
+    gpu_ms = statistics.median(start.elapsed_time(stop) for start, stop in events)
+    start, stop = events[0]
+    start.record()
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        _step(inputs, impl, backward)
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    if device.type == "cuda":
-        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return statistics.median(times), peak_mb
+        step()
+    stop.record()
+    torch.cuda.synchronize(device)
+    return {"ms": gpu_ms, "b2b_ms": start.elapsed_time(stop) / repeats, "peak_mb": peak_mb}
 
 
 def _rss_mb() -> float:
@@ -167,27 +184,33 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def speed_rows(shapes, impls, device: torch.device, repeats: int, threads: int = 2) -> tuple[list[dict], dict]:
-    """One row per (shape, impl): fwd and fwd+bwd ms and peak MB; on CUDA also floor fractions and anchors."""
+def speed_rows(
+    shapes, impls, device: torch.device, repeats: int, threads: int = 2, dtype=torch.float32
+) -> tuple[list[dict], dict]:
+    """One row per (shape, impl): fwd and fwd+bwd ms and peak MB; on CUDA also back-to-back ms (host launch time
+    included), floor fractions and the anchors of docs/bi_wkv.md."""
     info = environment(device)
     bandwidth = None
     if device.type == "cuda":
         bandwidth = measure_copy_bandwidth(device)
         info["copy_bandwidth_tb_s"] = bandwidth / 1e12
+        info["dtype"] = str(dtype).removeprefix("torch.")
     else:
         info["threads"] = threads
     rows = []
     for shape in shapes:
         B, T, C = shape
-        floor_ms = 12 * B * T * C / bandwidth * 1e3 if bandwidth else None
+        # the floor: read k, v and write y once at the copy rate
+        floor_ms = 3 * dtype.itemsize * B * T * C / bandwidth * 1e3 if bandwidth else None
         for impl in impls:
             row = {"shape": f"{B}x{T}x{C}", "impl": impl}
             for backward, tag in ((False, "fwd"), (True, "fwdbwd")):
                 if device.type == "cuda":
-                    ms, peak = time_in_process(shape, impl, backward, device, repeats)
+                    m = time_cuda(shape, impl, backward, device, repeats, dtype)
+                    row[f"{tag}_ms"], row[f"{tag}_b2b_ms"], row[f"{tag}_peak_mb"] = m["ms"], m["b2b_ms"], m["peak_mb"]
                 else:
                     ms, peak = time_in_subprocess(shape, impl, backward, repeats, threads)
-                row[f"{tag}_ms"], row[f"{tag}_peak_mb"] = ms, peak
+                    row[f"{tag}_ms"], row[f"{tag}_peak_mb"] = ms, peak
             if floor_ms:
                 row["floor_fwd_ms"] = floor_ms
                 row["fwd_x_floor"] = row["fwd_ms"] / floor_ms
