@@ -171,16 +171,28 @@ def _token_weights(w, R: tl.constexpr):
 
 
 @triton.jit
-def _sym(xn, xd, d, ew, eu, ln, ld, rn, rd, R: tl.constexpr):
+def _entry_decays(w, R: tl.constexpr):
+    """[R, BC] decays of the states entering a sub-chunk from the left (pl) and right (pr) at each token, and
+    the token counts behind them. Exact exponentials rather than the scans' running products: a state crosses
+    a whole super-chunk of sub-chunks, and a product of G * R decays would drift by ~G * R eps."""
+    r = tl.arange(0, R)[:, None].to(tl.float32)
+    left = r + 1.0
+    right = R - r
+    # capped: only padding rows of a sequence shorter than R reach the cap, and inf * 0 would make NaN
+    return _exp(tl.minimum(-left * w[None, :], 88.0)), _exp(tl.minimum(-right * w[None, :], 88.0)), left, right
+
+
+@triton.jit
+def _sym(xn, xd, d, pl, pr, ew, eu, ln, ld, rn, rd, R: tl.constexpr):
     """Sym of num and den inside one sub-chunk, with the states entering it from the left (l) and right (r);
     also returns the left state leaving it."""
     # inclusive scans give the state after each token; the exclusive one is e^w (after - x)
-    dd, an, ad = tl.associative_scan((d, xn, xd), 0, _combine)
-    an += dd * ln[None, :]
-    ad += dd * ld[None, :]
-    dd, bn, bd = tl.associative_scan((d, xn, xd), 0, _combine, reverse=True)
-    bn += dd * rn[None, :]
-    bd += dd * rd[None, :]
+    _, an, ad = tl.associative_scan((d, xn, xd), 0, _combine)
+    an += pl * ln[None, :]
+    ad += pl * ld[None, :]
+    _, bn, bd = tl.associative_scan((d, xn, xd), 0, _combine, reverse=True)
+    bn += pr * rn[None, :]
+    bd += pr * rd[None, :]
     # (after - x) is exact when the token dominates its state, which keeps strong decays (large w) exact
     e = ew[None, :]
     o = eu[None, :]
@@ -340,6 +352,9 @@ def _fwd_output_kernel(
     dec = _exp(-w)
     ew = _exp(w)
     eu = _exp(u)
+    entry = _entry_decays(w, R)
+    pl = entry[0]
+    pr = entry[1]
     count = _n_sub_in(J, T, G, R)
     k_next = _load(k_ptr, b, J * G, T, cols, C, skb, skt, R, float("-inf"), count > 0)
     v_next = _load(v_ptr, b, J * G, T, cols, C, svb, svt, R, 0.0, count > 0)
@@ -358,7 +373,7 @@ def _fwd_output_kernel(
         ek = _exp(k - kmax[None, :])
         # padded tokens are identity maps (no decay), so nothing decays past the end of the sequence
         d = tl.where(row_ok, dec[None, :], 1.0)
-        num, den, ln_next, ld_next = _sym(ek * v, ek, d, ew, eu, ln, ld, rn, rd, R)
+        num, den, ln_next, ld_next = _sym(ek * v, ek, d, pl, pr, ew, eu, ln, ld, rn, rd, R)
         tl.store(y_ptr + yoffs, (num / den).to(y_ptr.dtype.element_ty), mask=mask)
         if SAVE:
             f = _row(fstate_ptr, b, j, n_sub, 4, C, cols)
@@ -371,7 +386,7 @@ def _fwd_output_kernel(
 
 
 @triton.jit
-def _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, ew, eu, R: tl.constexpr):
+def _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, pl, pr, ew, eu, R: tl.constexpr):
     """Recomputes num and den of sub-chunk j (tiles k, v, gy) from the stored states; returns a = dL/dnum,
     b = dL/dden."""
     cmask = cols < C
@@ -383,7 +398,7 @@ def _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, ew, e
     rd = tl.load(f + 3 * C, mask=cmask, other=0.0)
     ek = _exp(k - kmax[None, :])
     d = tl.where(row_ok, dec[None, :], 1.0)
-    num, den, _, _ = _sym(ek * v, ek, d, ew, eu, ln, ld, rn, rd, R)
+    num, den, _, _ = _sym(ek * v, ek, d, pl, pr, ew, eu, ln, ld, rn, rd, R)
     # padded tokens have den = 0: keep their NaNs out of the scans
     a = tl.where(mask, gy / den, 0.0)
     return a, tl.where(mask, -a * (num / den), 0.0), ek, v, d, mask, row_ok
@@ -404,6 +419,9 @@ def _bwd_walk(
     ew = _exp(w)
     eu = _exp(u)
     df, db, right, left = _token_weights(w, R)
+    entry = _entry_decays(w, R)
+    pl = entry[0]
+    pr = entry[1]
     decay_r = _exp(-R * w)
     sa = tl.zeros([cols.shape[0]], tl.float32)
     sb, qa, qb, fa, fb, fqa, fqb = sa, sa, sa, sa, sa, sa, sa
@@ -425,7 +443,7 @@ def _bwd_walk(
         tl.store(out + C, sb, mask=cmask)
         tl.store(out + 2 * C, qa, mask=cmask)
         tl.store(out + 3 * C, qb, mask=cmask)
-        ab = _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, ew, eu, R)
+        ab = _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, pl, pr, ew, eu, R)
         a = ab[0]
         bb = ab[1]
         # leftwards: first the later sub-chunks, then this one (R tokens)
@@ -523,16 +541,16 @@ def _bwd_chunk_scan_kernel(
 
 
 @triton.jit
-def _scan_q(d, m, a, b, ea, eb, eqa, eqb, REVERSE: tl.constexpr):
+def _scan_q(d, m, a, b, ea, eb, eqa, eqb, p, count, REVERSE: tl.constexpr):
     """Inclusive (S, Q) states of a and b after every token, in scan order, with the (S, Q) entering the
-    sub-chunk from that side."""
+    sub-chunk from that side; p and count: the entering state's exact decay and token count at each token."""
     zero = tl.zeros_like(a)
-    dd, mm, sa, sb, qa, qb = tl.associative_scan((d, m, a, b, zero, zero), 0, _combine_q, reverse=REVERSE)
+    _, _, sa, sb, qa, qb = tl.associative_scan((d, m, a, b, zero, zero), 0, _combine_q, reverse=REVERSE)
     return (
-        sa + dd * ea[None, :],
-        sb + dd * eb[None, :],
-        qa + dd * (eqa[None, :] + mm * ea[None, :]),
-        qb + dd * (eqb[None, :] + mm * eb[None, :]),
+        sa + p * ea[None, :],
+        sb + p * eb[None, :],
+        qa + p * (eqa[None, :] + count * ea[None, :]),
+        qb + p * (eqb[None, :] + count * eb[None, :]),
     )
 
 
@@ -571,6 +589,7 @@ def _bwd_output_kernel(
     ew = _exp(w)
     eu = _exp(u)
     e = ew[None, :]
+    pl, pr, cl, cr = _entry_decays(w, R)
     du_sum = zero
     dw_sum = zero
     count = _n_sub_in(J, T, G, R)
@@ -586,7 +605,7 @@ def _bwd_output_kernel(
         v_next = _load(v_ptr, b, j + 1, T, cols, C, svb, svt, R, 0.0, jj + 1 < count)
         g_next = _load(gy_ptr, b, j + 1, T, cols, C, sgb, sgt, R, 0.0, jj + 1 < count)
         a, bb, ek, v, d, mask, row_ok = _grad_inputs(
-            k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, ew, eu, R
+            k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, pl, pr, ew, eu, R
         )
         # (S, Q) entering from the right: the later sub-chunks' part, plus the super-chunk's right state
         # carried across them (rest tokens)
@@ -599,14 +618,14 @@ def _bwd_output_kernel(
         eqb = tl.load(q + 3 * C, mask=cmask, other=0.0) + d_rest * (rqb + rest * rb)
         m = tl.where(row_ok, 1.0, 0.0) + tl.zeros_like(a)
         # inclusive (S, Q) after each token; exclusive: P = e^w (S - x), Q = e^w Q_after - P
-        sa, sb, qa, qb = _scan_q(d, m, a, bb, la, lb, lqa, lqb, False)
+        sa, sb, qa, qb = _scan_q(d, m, a, bb, la, lb, lqa, lqb, pl, cl, False)
         r = tl.arange(0, R)[:, None]
         la, lb, lqa, lqb = _edge(sa, r, R - 1), _edge(sb, r, R - 1), _edge(qa, r, R - 1), _edge(qb, r, R - 1)
         pa = e * (sa - a)
         pb = e * (sb - bb)
         qa = e * qa - pa
         qb = e * qb - pb
-        sa, sb, ra_q, rb_q = _scan_q(d, m, a, bb, ea, eb, eqa, eqb, True)
+        sa, sb, ra_q, rb_q = _scan_q(d, m, a, bb, ea, eb, eqa, eqb, pr, cr, True)
         qa += e * ra_q - e * (sa - a)
         qb += e * rb_q - e * (sb - bb)
         wa = pa + e * (sa - a) + eu[None, :] * a
