@@ -556,8 +556,8 @@ def _scan_q(d, m, a, b, ea, eb, eqa, eqb, p, count, REVERSE: tl.constexpr):
 
 @triton.jit
 def _bwd_output_kernel(
-    k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, summ_ptr, state_ptr, gk_ptr, gv_ptr,
-    part_ptr, T, C, n_sub, n_sup, G, skb, skt, svb, svt, sgb, sgt,
+    k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, state_ptr, gk_ptr, gv_ptr, part_ptr,
+    T, C, n_sub, n_sup, G, skb, skt, svb, svt, sgb, sgt,
     R: tl.constexpr, BC: tl.constexpr, NCB, SINGLE: tl.constexpr,
 ):  # fmt: skip
     b, J, cb = _program(NCB, n_sup, True)
@@ -723,7 +723,7 @@ def _backward(w, u, k, v, kmax, fstates, gy, cfg: TileConfig):
     grid = (B * n_sup * ncb,)
     strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), gy.stride(0), gy.stride(1))
     sub = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev)
-    summ = states = kmax
+    states = kmax
     if n_sup > 1:
         summ = torch.empty((B, n_sup, 8, C), dtype=torch.float32, device=dev)
         _bwd_summary_kernel[grid](
@@ -737,7 +737,7 @@ def _backward(w, u, k, v, kmax, fstates, gy, cfg: TileConfig):
     gv = torch.empty((B, T, C), dtype=v.dtype, device=dev)
     part = torch.empty((B * n_sup, 2, C), dtype=torch.float32, device=dev)
     _bwd_output_kernel[grid](
-        k, v, gy, w, u, kmax, fstates, sub, summ, states, gk, gv, part, T, C, n_sub, n_sup, G, *strides,
+        k, v, gy, w, u, kmax, fstates, sub, states, gk, gv, part, T, C, n_sub, n_sup, G, *strides,
         R, cfg.BC_bwd, ncb, n_sup == 1, num_warps=1,
     )  # fmt: skip
     gu, gw = part.sum(0, dtype=torch.float64)  # [B * n_sup, 2, C] -> [2, C]
