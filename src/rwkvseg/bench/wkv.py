@@ -56,11 +56,6 @@ def make_inputs(shape, device, dtype=torch.float32, seed=0, w_range=(-8.0, 8.0))
     return w.to(device), u.to(device), k.to(device, dtype), v.to(device, dtype)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _step(inputs, impl: str, backward: bool):
     if not backward:
         with torch.no_grad():
