@@ -74,16 +74,16 @@ def _combine(d1, n1, e1, d2, n2, e2):
 
 
 @triton.jit
+def _compose_q(d2, m2, a1, b1, qa1, qb1, a2, b2, qa2, qb2):
+    # (S, Q) of a and b after map 1 then map 2 (m2 tokens, decay d2): S -> d S + s, Q -> d (Q + m S) + q
+    return d2 * a1 + a2, d2 * b1 + b2, d2 * (qa1 + m2 * a1) + qa2, d2 * (qb1 + m2 * b1) + qb2
+
+
+@triton.jit
 def _combine_q(d1, m1, a1, b1, qa1, qb1, d2, m2, a2, b2, qa2, qb2):
-    # the map of m tokens on (S, Q): S -> d S + s, Q -> d (Q + m S) + q, composed "first 1, then 2"
-    return (
-        d1 * d2,
-        m1 + m2,
-        d2 * a1 + a2,
-        d2 * b1 + b2,
-        d2 * (qa1 + m2 * a1) + qa2,
-        d2 * (qb1 + m2 * b1) + qb2,
-    )
+    # the map of m tokens on (S, Q), composed "first 1, then 2"
+    sa, sb, sqa, sqb = _compose_q(d2, m2, a1, b1, qa1, qb1, a2, b2, qa2, qb2)
+    return d1 * d2, m1 + m2, sa, sb, sqa, sqb
 
 
 @triton.jit
@@ -97,15 +97,8 @@ def _combine_count(lw1, c1, n1, e1, lw2, c2, n2, e2):
 @triton.jit
 def _combine_q_count(w1, m1, a1, b1, qa1, qb1, w2, m2, a2, b2, qa2, qb2):
     # as _combine_q with the decay of m tokens recomputed as e^(-m w)
-    d2 = _exp(-m2 * w2)
-    return (
-        w1,
-        m1 + m2,
-        d2 * a1 + a2,
-        d2 * b1 + b2,
-        d2 * (qa1 + m2 * a1) + qa2,
-        d2 * (qb1 + m2 * b1) + qb2,
-    )
+    sa, sb, sqa, sqb = _compose_q(_exp(-m2 * w2), m2, a1, b1, qa1, qb1, a2, b2, qa2, qb2)
+    return w1, m1 + m2, sa, sb, sqa, sqb
 
 
 @triton.jit
