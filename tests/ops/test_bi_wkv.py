@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from rwkvseg.ops import bi_wkv, bi_wkv_reference
+from rwkvseg.ops import (
+    QUAD_SCAN_ORDERS,
+    TokenOrder,
+    bi_wkv,
+    bi_wkv_ordered,
+    bi_wkv_reference,
+    scan_2d,
+    scan_order,
+    unscan_2d,
+    view_order,
+)
 from rwkvseg.ops.bi_wkv_chunked import decayed_pair_sum, decayed_prefix
 
 W_RANGES = {"mixed": (-8.0, 8.0), "growth": (-8.0, -4.0), "decay": (4.0, 8.0), "flat": (0.0, 0.0)}
@@ -138,3 +148,61 @@ def test_unknown_impl_and_triton_on_cpu():
         bi_wkv(*inputs, impl="cuda")
     with pytest.raises(ValueError, match="needs CUDA"):
         bi_wkv(*inputs, impl="triton")
+
+
+def _explicit_orders(w, u, k, v, orders):
+    """Each order's sequence copied out with scan_2d, the brute force, and mapped back with unscan_2d."""
+    H, W = 3, 5
+    maps = [t.transpose(-1, -2).reshape(*t.shape[:-2], t.shape[-1], H, W) for t in (k, v)]  # [n, B, C, H, W]
+    ys = []
+    for i, order in enumerate(orders):
+        y = bi_wkv_reference(w, u, scan_2d(maps[0][i], order), scan_2d(maps[1][i], order))
+        ys.append(unscan_2d(y, order, (H, W)).flatten(2).transpose(1, 2))
+    return torch.stack(ys)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_ordered_reads_each_scan_order_of_the_stored_tokens(impl):
+    # one k, v read in all four QuadScan orders (an expanded view), against explicit scanned copies: the output
+    # and the gradients, which sum over the orders
+    orders = QUAD_SCAN_ORDERS
+    token_orders = tuple(scan_order(o, (3, 5)) for o in orders)
+    w, u, k, v = make_inputs(2, 15, 4, W_RANGES["mixed"], seed=3, dtype=torch.float64)
+    gy = torch.randn(4, 2, 15, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def ordered(w, u, k, v):
+        return bi_wkv_ordered(w, u, k.expand(4, -1, -1, -1), v.expand(4, -1, -1, -1), token_orders, impl=impl)
+
+    def explicit(w, u, k, v):
+        return _explicit_orders(w, u, k.expand(4, -1, -1, -1), v.expand(4, -1, -1, -1), orders)
+
+    y, grads = run(ordered, [w, u, k, v], gy)
+    y_ref, grads_ref = run(explicit, [w, u, k, v], gy)
+    assert y.shape == (4, 2, 15, 4)
+    assert rel_err(y, y_ref) <= 1e-12
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert rel_err(g, g_ref) <= 1e-12
+
+
+def test_ordered_with_one_tensor_per_order_and_the_identity():
+    # separate k, v per order; the identity order is plain bi_wkv
+    w, u, k, v = make_inputs(6, 24, 3, W_RANGES["mixed"], seed=4)
+    k, v = k.view(2, 3, 24, 3), v.view(2, 3, 24, 3)
+    size = (2, 3, 4)
+    y = bi_wkv_ordered(w, u, k, v, (view_order("thw", size), view_order("hwt", size)))
+    torch.testing.assert_close(y[0], bi_wkv(w, u, k[0], v[0]), rtol=0, atol=0)
+    hwt = view_order("hwt", size).indices(24)
+    torch.testing.assert_close(y[1][:, hwt], bi_wkv(w, u, k[1][:, hwt], v[1][:, hwt]), rtol=1e-6, atol=1e-6)
+
+
+def test_ordered_rejects_bad_calls():
+    w, u, k, v = make_inputs(2, 12, 3, W_RANGES["mixed"])
+    k4, v4 = k[None], v[None]
+    with pytest.raises(ValueError, match=r"\[n, B, N, C\]"):
+        bi_wkv_ordered(w, u, k, v, (TokenOrder.identity(12),))
+    with pytest.raises(ValueError, match="one per slice"):
+        bi_wkv_ordered(w, u, k4, v4, (TokenOrder.identity(12),) * 2)
+    with pytest.raises(ValueError, match="visit each"):
+        bi_wkv_ordered(w, u, k4, v4, (TokenOrder(4, 1, 1),))
+    with pytest.raises(ValueError, match="unknown impl"):
+        bi_wkv_ordered(w, u, k4, v4, (TokenOrder.identity(12),), impl="cuda")

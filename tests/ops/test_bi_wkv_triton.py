@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkvseg.ops import bi_wkv, bi_wkv_chunked, bi_wkv_reference
+from rwkvseg.ops import (
+    QUAD_SCAN_ORDERS,
+    apply_in_orders,
+    bi_wkv,
+    bi_wkv_chunked,
+    bi_wkv_ordered,
+    bi_wkv_reference,
+    scan_order,
+    view_order,
+)
 
 triton = pytest.importorskip("triton")
 
@@ -151,6 +160,80 @@ def test_dispatcher_picks_triton_on_cuda():
     torch.testing.assert_close(bi_wkv(w, u, k, v), bi_wkv(w, u, k, v, impl="chunked"), rtol=1e-5, atol=1e-5)
 
 
+def _ordered_errors(n_orders, B, N, C, orders, expand, seed, config=None):
+    """Relative errors of the ordered kernel (output, gradients of w, u, k, v) against the float64 O(T) path on
+    gathered copies; k, v are one [B, N, C] tensor expanded over the orders (expand) or one per order."""
+    from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
+
+    (w, u, k, v), _ = make_inputs(B if expand else n_orders * B, N, C, seed, "cuda")
+    if not expand:
+        k, v = k.view(n_orders, B, N, C), v.view(n_orders, B, N, C)
+    gy = torch.randn(n_orders, B, N, C, device="cuda")
+
+    def fast(w, u, k, v):
+        if expand:
+            k, v = k.expand(n_orders, -1, -1, -1), v.expand(n_orders, -1, -1, -1)
+        return bi_wkv_triton(w, u, k, v, orders, TileConfig(**config) if config else None)
+
+    def exact(w, u, k, v):
+        if expand:
+            k, v = k.expand(n_orders, -1, -1, -1), v.expand(n_orders, -1, -1, -1)
+        return apply_in_orders(bi_wkv_chunked, w, u, k, v, orders)
+
+    poison_allocator("cuda", 16 * n_orders * B * N * C)
+    got = with_grads(fast, [w, u, k, v], gy)
+    for t in got:
+        assert torch.isfinite(t).all(), "an output or gradient element was not written (NaN poison survived)"
+    ref = with_grads(exact, [t.double() for t in (w, u, k, v)], gy.double())
+    return {name: rel_err(a, b) for name, a, b in zip(("y", "dw", "du", "dk", "dv"), got, ref, strict=True)}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("size", [(13, 21), (64, 64), (3, 100)])
+@pytest.mark.parametrize("config", [None, dict(R=8, G=3, BC=8, G_bwd=2, BC_bwd=4, scan_rows=2, scan_BC=4)])
+def test_quad_scan_orders_read_in_place(size, config):
+    # one k, v (expanded, group stride 0) read in all four QuadScan orders in one launch
+    orders = tuple(scan_order(o, size) for o in QUAD_SCAN_ORDERS)
+    errors = _ordered_errors(4, 2, size[0] * size[1], 19, orders, expand=True, seed=size[0], config=config)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("size", [(8, 16, 16), (4, 8, 8), (3, 5, 7), (1, 4, 4)])
+def test_two_views_read_in_place(size):
+    # view A in place and view B in (h, w, t) order over the same (t, h, w) storage, one k, v per view
+    orders = (view_order("thw", size), view_order("hwt", size))
+    N = size[0] * size[1] * size[2]
+    errors = _ordered_errors(2, 3, N, 33, orders, expand=False, seed=N)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_more_orders_than_one_launch_holds():
+    from rwkvseg.ops.bi_wkv_triton import MAX_ORDERS
+
+    orders = tuple(scan_order(o, (6, 7)) for o in QUAD_SCAN_ORDERS) * 2
+    assert len(orders) > MAX_ORDERS
+    errors = _ordered_errors(len(orders), 2, 42, 5, orders, expand=False, seed=8)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_ordered_dispatch_and_bf16():
+    size = (4, 6, 5)
+    orders = (view_order("thw", size), view_order("hwt", size))
+    (w, u, k, v), _ = make_inputs(4, 120, 16, 9, "cuda", torch.bfloat16)
+    k, v = k.view(2, 2, 120, 16), v.view(2, 2, 120, 16)
+    y = bi_wkv_ordered(w, u, k, v, orders)
+    assert y.dtype == torch.bfloat16
+    ref = bi_wkv_ordered(*(t.double() for t in (w, u, k, v)), orders, impl="chunked")
+    assert rel_err(y, ref) <= 1e-2
+
+
 def test_float64_runs_the_exact_chunked_path():
     from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
 
@@ -160,7 +243,7 @@ def test_float64_runs_the_exact_chunked_path():
 
 _INTERPRETED = """
 import json, torch
-from rwkvseg.ops import bi_wkv_reference
+from rwkvseg.ops import QUAD_SCAN_ORDERS, apply_in_orders, bi_wkv_reference, scan_order
 from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
 out = {}
 cfgs = [(2, 5, 3, None), (2, 45, 5, TileConfig(R=4, G=3, BC=4, G_bwd=2, BC_bwd=2, scan_rows=2, scan_BC=2))]
@@ -177,12 +260,28 @@ for B, T, C, cfg in cfgs:
         y.backward(gy.to(dtype))
         errs.append([y.detach(), *(t.grad for t in leaves)])
     out[T] = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(*errs)]
+# QuadScan's four orders of one expanded 3 x 5 grid, several super-chunks
+orders = tuple(scan_order(o, (3, 5)) for o in QUAD_SCAN_ORDERS)
+cfg = TileConfig(R=4, G=2, BC=4, G_bwd=3, BC_bwd=2, scan_rows=2, scan_BC=2)
+g = torch.Generator().manual_seed(0)
+w, u = (torch.rand(3, generator=g) * 16 - 8) / 15, torch.randn(3, generator=g) / 15
+k, v = torch.randn(2, 15, 3, generator=g) * 2, torch.randn(2, 15, 3, generator=g)
+gy = torch.randn(4, 2, 15, 3, generator=g)
+errs = []
+for fn, dtype in ((lambda *a: bi_wkv_triton(*a, orders, cfg), torch.float32),
+                  (lambda *a: apply_in_orders(bi_wkv_reference, *a, orders), torch.float64)):
+    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (w, u, k, v)]
+    y = fn(leaves[0], leaves[1], leaves[2].expand(4, -1, -1, -1), leaves[3].expand(4, -1, -1, -1))
+    y.backward(gy.to(dtype))
+    errs.append([y.detach(), *(t.grad for t in leaves)])
+out["orders"] = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(*errs)]
 print(json.dumps(out))
 """
 
 
 def test_kernels_under_interpreter():
-    """Runs every kernel (one super-chunk, and several with ragged super-chunks and scan tiles) on the CPU."""
+    """Runs every kernel (one super-chunk, and several with ragged super-chunks and scan tiles; plain and
+    reading four scan orders in place) on the CPU."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
     proc = subprocess.run(
         [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300, check=False

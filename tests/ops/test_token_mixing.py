@@ -3,14 +3,19 @@ import torch
 
 from rwkvseg.ops import (
     QUAD_SCAN_ORDERS,
+    SCAN_SHIFT_DIRECTIONS,
+    TokenOrder,
     bi_shift,
+    bi_shift_hwt,
     from_view,
     merge_windows,
     q_shift,
     scan_2d,
+    scan_order,
     split_windows,
     to_view,
     unscan_2d,
+    view_order,
 )
 
 
@@ -107,3 +112,81 @@ def test_windows_split_and_merge(T, size):
     assert torch.equal(merge_windows(full, tail, batch=2), x)
     with pytest.raises(ValueError, match="window size"):
         split_windows(x, 0)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 4), (6, 1), (4, 4)])
+@pytest.mark.parametrize("order", QUAD_SCAN_ORDERS)
+def test_scan_orders_as_token_orders(order, size):
+    x = torch.randn(2, 3, *size)
+    tokens = x.flatten(2).transpose(1, 2)  # row-major [B, H*W, C]
+    token_order = scan_order(order, size)
+    token_order.check(size[0] * size[1])
+    assert torch.equal(tokens[:, token_order.indices(size[0] * size[1])], scan_2d(x, order))
+
+
+@pytest.mark.parametrize("size", [(3, 5, 7), (1, 4, 2), (4, 1, 1), (2, 3, 1)])
+@pytest.mark.parametrize("view", ["thw", "hwt"])
+def test_views_as_token_orders(view, size):
+    x = torch.randn(2, 3, *size)
+    n = size[0] * size[1] * size[2]
+    token_order = view_order(view, size)
+    token_order.check(n)
+    assert torch.equal(to_view(x, "thw")[:, token_order.indices(n)], to_view(x, view))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        TokenOrder(4, 1, 1),  # both steps 1: tokens visited twice
+        TokenOrder(5, 1, 5),  # inner does not divide 12
+        TokenOrder(4, -1, 4),  # reversed rows must start at the row's end
+        TokenOrder(3, 4, 1, 1),  # a start where none is needed
+        TokenOrder(0, 1, 1),
+    ],
+)
+def test_token_order_check_rejects_what_is_not_a_permutation(bad):
+    with pytest.raises(ValueError, match="TokenOrder"):
+        bad.check(12)
+
+
+def test_token_order_check_accepts_exactly_the_permutations():
+    # every (inner, steps, start) in a small range passes check() exactly when indices() is a permutation
+    n = 12
+    for inner in (1, 2, 3, 4, 6, 12):
+        for inner_step in (-6, -4, -3, -2, -1, 1, 2, 3, 4, 6):
+            for outer_step in (-6, -4, -3, -1, 1, 2, 3, 4, 6, 12):
+                for start in range(n):
+                    order = TokenOrder(inner, inner_step, outer_step, start)
+                    is_permutation = sorted(order.indices(n).tolist()) == list(range(n))
+                    try:
+                        order.check(n)
+                        passed = True
+                    except ValueError:
+                        passed = False
+                    assert passed == is_permutation, order
+
+
+@pytest.mark.parametrize("order", QUAD_SCAN_ORDERS)
+def test_q_shift_on_the_map_with_turned_directions_is_the_shift_of_the_scan(order):
+    # a scanned sequence read as its own grid (W x H for the column orders), shifted, equals the map shifted
+    # with the order's directions and then scanned
+    H, W = 5, 6
+    x = torch.randn(2, 8, H, W)
+    grid = (H, W) if order.startswith("rows") else (W, H)
+    scan_frame = q_shift(scan_2d(x, order), grid)
+    tokens = x.flatten(2).transpose(1, 2)
+    map_frame = q_shift(tokens, (H, W), SCAN_SHIFT_DIRECTIONS[order])
+    assert torch.equal(map_frame[:, scan_order(order, (H, W)).indices(H * W)], scan_frame)
+    with pytest.raises(ValueError, match="direction"):
+        q_shift(tokens, (H, W), ("left", "right", "up", "diagonal"))
+
+
+@pytest.mark.parametrize("size", [(3, 4, 5), (1, 2, 3), (4, 1, 1), (2, 3, 2)])
+def test_bi_shift_hwt_is_the_shift_along_the_second_view(size):
+    n = size[0] * size[1] * size[2]
+    x = torch.randn(2, n, 9)
+    hwt = to_view(from_view(x, "thw", size), "hwt")
+    expected = to_view(from_view(bi_shift(hwt), "hwt", size), "thw")
+    assert torch.equal(bi_shift_hwt(x, size), expected)
+    with pytest.raises(ValueError, match="window"):
+        bi_shift_hwt(x, (size[0] + 1, size[1], size[2]))

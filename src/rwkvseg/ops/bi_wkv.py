@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .bi_wkv_chunked import bi_wkv_chunked
 from .bi_wkv_reference import bi_wkv_reference
+from .scan import TokenOrder, apply_in_orders
 
 IMPLEMENTATIONS = ("auto", "chunked", "triton", "reference")
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -63,3 +64,48 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     if impl == "reference":
         return bi_wkv_reference(w, u, k, v).to(v.dtype)
     raise ValueError(f"bi_wkv: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def bi_wkv_ordered(
+    w: Tensor,
+    u: Tensor,
+    k: Tensor,
+    v: Tensor,
+    orders: tuple[TokenOrder, ...],
+    *,
+    impl: str = "auto",
+    chunk: int = 64,
+) -> Tensor:
+    """Bi-WKV of sequences that read stored tokens in given orders (QuadScan's orders of one grid, a window's
+    two views), in one call and, on CUDA, one launch without permuted copies.
+
+    k, v: [n, B, N, C] stored tokens, one slice per order (an expanded view reads one tensor in n orders);
+    orders: n TokenOrders over the N tokens. Sequence (i, b) is k[i, b] read in orders[i]; y [n, B, N, C] holds
+    each output at its stored token, so y[i] = unscan(bi_wkv(scan_i(k[i]), scan_i(v[i]))). w, u: [C], scaled
+    by 1/N by the caller. impl as for `bi_wkv`; the portable paths gather the sequences and scatter y back.
+    """
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"bi_wkv_ordered: k, v must be [n, B, N, C] of one shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if len(orders) != k.shape[0]:
+        raise ValueError(f"bi_wkv_ordered: {len(orders)} orders for {k.shape[0]} slices of k; pass one per slice")
+    check_inputs(w, u, k[0], v[0])
+    for order in orders:
+        order.check(k.shape[2])
+    orders = tuple(orders)
+    if impl == "auto":
+        impl = "triton" if triton_usable(k) else "chunked"
+    if impl == "chunked":
+        return apply_in_orders(lambda *a: bi_wkv_chunked(*a, chunk), w, u, k, v, orders)
+    if impl == "triton":
+        if not triton_usable(k):
+            raise ValueError(
+                "bi_wkv_ordered: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'"
+            )
+        from .bi_wkv_triton import bi_wkv_triton
+
+        return bi_wkv_triton(w, u, k, v, orders)
+    if impl == "reference":
+        return apply_in_orders(bi_wkv_reference, w, u, k, v, orders).to(v.dtype)
+    raise ValueError(f"bi_wkv_ordered: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")

@@ -53,7 +53,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .bi_wkv_chunked import bi_wkv_chunked
+from .scan import TokenOrder, apply_in_orders
 
+MAX_ORDERS = 4  # token orders one launch mixes (QuadScan has four)
 _NO_MAX = tl.constexpr(-3.0e38)  # the running k max before any token: finite, so (max - max) never makes NaN
 
 
@@ -102,6 +104,34 @@ def _combine_q_count(w1, m1, a1, b1, qa1, qb1, w2, m2, a2, b2, qa2, qb2):
 
 
 @triton.jit
+def _seq(b, Bg, sg, sb):
+    """Offset of sequence b, batch element b % Bg of order group b // Bg, in a tensor of group stride sg and
+    batch stride sb."""
+    g = b // Bg
+    return g.to(tl.int64) * sg + (b - g * Bg).to(tl.int64) * sb
+
+
+@triton.jit
+def _pick(g, x0, x1, x2, x3):
+    return tl.where(g == 0, x0, tl.where(g == 1, x1, tl.where(g == 2, x2, x3)))
+
+
+@triton.jit
+def _order(b, Bg, orders, ORDERED: tl.constexpr):
+    """(inner, inner_step, outer_step, start) of the token order of sequence b: position t visits the stored
+    token start + (t // inner) * outer_step + (t % inner) * inner_step. orders: 4 such quadruples, one per group."""
+    if ORDERED:
+        g = b // Bg
+        return (
+            _pick(g, orders[0], orders[4], orders[8], orders[12]),
+            _pick(g, orders[1], orders[5], orders[9], orders[13]),
+            _pick(g, orders[2], orders[6], orders[10], orders[14]),
+            _pick(g, orders[3], orders[7], orders[11], orders[15]),
+        )
+    return (1, 1, 0, 0)
+
+
+@triton.jit
 def _program(NCB, n_sup, REVERSED: tl.constexpr):
     """(batch, super-chunk, channel block) of this program; REVERSED visits them in the opposite order, so a
     kernel that follows another first reads what the other read last (still in L2)."""
@@ -112,21 +142,25 @@ def _program(NCB, n_sup, REVERSED: tl.constexpr):
 
 
 @triton.jit
-def _rows(b, j, T, cols, C, stride_b, stride_t, R: tl.constexpr):
-    """Sub-chunk j of sequence b as an [R, BC] tile: tokens down the rows, the channels `cols` across."""
+def _rows(seq, j, T, cols, C, stride_t, order, R: tl.constexpr, ORDERED: tl.constexpr):
+    """Sub-chunk j of the sequence at offset seq as an [R, BC] tile: positions down the rows, the channels `cols`
+    across; with ORDERED, position t reads the stored token that `order` names."""
     r = tl.arange(0, R)[:, None]
     t = j * R + r
     row_ok = t < T
     mask = row_ok & (cols < C)[None, :]
-    offs = b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t + cols[None, :]
+    if ORDERED:
+        inner, inner_step, outer_step, start = order
+        t = start + (t // inner) * outer_step + (t % inner) * inner_step
+    offs = seq + t.to(tl.int64) * stride_t + cols[None, :]
     return offs, mask, row_ok
 
 
 @triton.jit
-def _load(ptr, b, j, T, cols, C, stride_b, stride_t, R: tl.constexpr, fill, ok):
+def _load(ptr, seq, j, T, cols, C, stride_t, order, R: tl.constexpr, ORDERED: tl.constexpr, fill, ok):
     """Sub-chunk j as an fp32 [R, BC] tile (fill where masked); nothing is read unless ok (a prefetch past the
     end of a program's walk)."""
-    offs, mask, _ = _rows(b, tl.where(ok, j, 0), tl.where(ok, T, 0), cols, C, stride_b, stride_t, R)
+    offs, mask, _ = _rows(seq, tl.where(ok, j, 0), tl.where(ok, T, 0), cols, C, stride_t, order, R, ORDERED)
     return tl.load(ptr + offs, mask=mask, other=fill).to(tl.float32)
 
 
@@ -197,7 +231,8 @@ def _sym(xn, xd, d, pl, pr, ew, eu, ln, ld, rn, rd, R: tl.constexpr):
 
 @triton.jit
 def _fwd_walk(
-    k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, skb, skt, svb, svt, R: tl.constexpr,
+    k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, ks, skt, vs, svt, order,
+    R: tl.constexpr, ORDERED: tl.constexpr,
 ):  # fmt: skip
     """Walks super-chunk J from its last sub-chunk to its first. Stores for each sub-chunk the state its later
     sub-chunks send into it from the right, with the running k max that is its frame ([B, n_sub, 3, C]); returns
@@ -213,15 +248,15 @@ def _fwd_walk(
     fd, gn, gd = fn, fn, fn
     count = _n_sub_in(J, T, G, R)
     # each step loads the next sub-chunk before working on this one, so its loads overlap the arithmetic
-    k_next = _load(k_ptr, b, J * G + count - 1, T, cols, C, skb, skt, R, float("-inf"), count > 0)
-    v_next = _load(v_ptr, b, J * G + count - 1, T, cols, C, svb, svt, R, 0.0, count > 0)
+    k_next = _load(k_ptr, ks, J * G + count - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
+    v_next = _load(v_ptr, vs, J * G + count - 1, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
     for i in range(count):
         jj = count - 1 - i
         j = J * G + jj
         k = k_next
         v = v_next
-        k_next = _load(k_ptr, b, j - 1, T, cols, C, skb, skt, R, float("-inf"), i + 1 < count)
-        v_next = _load(v_ptr, b, j - 1, T, cols, C, svb, svt, R, 0.0, i + 1 < count)
+        k_next = _load(k_ptr, ks, j - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), i + 1 < count)
+        v_next = _load(v_ptr, vs, j - 1, T, cols, C, svt, order, R, ORDERED, 0.0, i + 1 < count)
         out = _row(sub_ptr, b, j, n_sub, 3, C, cols)
         tl.store(out, m, mask=cmask)
         tl.store(out + C, gn, mask=cmask)
@@ -241,13 +276,16 @@ def _fwd_walk(
 
 @triton.jit
 def _fwd_summary_kernel(
-    k_ptr, v_ptr, w_ptr, sub_ptr, summ_ptr, T, C, n_sub, n_sup, G, skb, skt, svb, svt,
-    R: tl.constexpr, BC: tl.constexpr, NCB,
+    k_ptr, v_ptr, w_ptr, sub_ptr, summ_ptr, T, C, n_sub, n_sup, G, Bg, skg, skb, skt, svg, svb, svt, orders,
+    R: tl.constexpr, BC: tl.constexpr, NCB, ORDERED: tl.constexpr,
 ):  # fmt: skip
     b, J, cb = _program(NCB, n_sup, False)
     cols = cb * BC + tl.arange(0, BC)
     cmask = cols < C
-    m, fn, fd, gn, gd = _fwd_walk(k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, skb, skt, svb, svt, R)
+    ks, vs, order = _seq(b, Bg, skg, skb), _seq(b, Bg, svg, svb), _order(b, Bg, orders, ORDERED)
+    m, fn, fd, gn, gd = _fwd_walk(
+        k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, ks, skt, vs, svt, order, R, ORDERED
+    )
     out = _row(summ_ptr, b, J, n_sup, 5, C, cols)
     tl.store(out, m, mask=cmask)
     tl.store(out + C, fn, mask=cmask)
@@ -321,15 +359,18 @@ def _fwd_chunk_scan_kernel(
 @triton.jit
 def _fwd_output_kernel(
     k_ptr, v_ptr, w_ptr, u_ptr, kmax_ptr, sub_ptr, state_ptr, y_ptr, fstate_ptr,
-    T, C, n_sub, n_sup, G, skb, skt, svb, svt, syb, syt,
-    R: tl.constexpr, BC: tl.constexpr, NCB, SINGLE: tl.constexpr, SAVE: tl.constexpr,
+    T, C, n_sub, n_sup, G, Bg, skg, skb, skt, svg, svb, svt, orders,
+    R: tl.constexpr, BC: tl.constexpr, NCB, SINGLE: tl.constexpr, SAVE: tl.constexpr, ORDERED: tl.constexpr,
 ):  # fmt: skip
     b, J, cb = _program(NCB, n_sup, True)
     cols = cb * BC + tl.arange(0, BC)
     cmask = cols < C
     zero = tl.zeros([BC], tl.float32)
+    ks, vs, order = _seq(b, Bg, skg, skb), _seq(b, Bg, svg, svb), _order(b, Bg, orders, ORDERED)
     if SINGLE:
-        kmax = _fwd_walk(k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, skb, skt, svb, svt, R)[0]
+        kmax = _fwd_walk(k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, ks, skt, vs, svt, order, R, ORDERED)[
+            0
+        ]
         tl.store(kmax_ptr + b * C + cols, kmax, mask=cmask)
         tl.debug_barrier()  # the walk's stores are read back below
         ln, ld, rn_sup, rd_sup = zero, zero, zero, zero
@@ -349,15 +390,15 @@ def _fwd_output_kernel(
     pl = entry[0]
     pr = entry[1]
     count = _n_sub_in(J, T, G, R)
-    k_next = _load(k_ptr, b, J * G, T, cols, C, skb, skt, R, float("-inf"), count > 0)
-    v_next = _load(v_ptr, b, J * G, T, cols, C, svb, svt, R, 0.0, count > 0)
+    k_next = _load(k_ptr, ks, J * G, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
+    v_next = _load(v_ptr, vs, J * G, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
     for jj in range(count):
         j = J * G + jj
         k = k_next
         v = v_next
-        k_next = _load(k_ptr, b, j + 1, T, cols, C, skb, skt, R, float("-inf"), jj + 1 < count)
-        v_next = _load(v_ptr, b, j + 1, T, cols, C, svb, svt, R, 0.0, jj + 1 < count)
-        yoffs, mask, row_ok = _rows(b, j, T, cols, C, syb, syt, R)
+        k_next = _load(k_ptr, ks, j + 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), jj + 1 < count)
+        v_next = _load(v_ptr, vs, j + 1, T, cols, C, svt, order, R, ORDERED, 0.0, jj + 1 < count)
+        yoffs, mask, row_ok = _rows(b.to(tl.int64) * T * C, j, T, cols, C, C, order, R, ORDERED)
         q = _row(sub_ptr, b, j, n_sub, 3, C, cols)
         scale = _exp(tl.load(q, mask=cmask, other=0.0) - kmax)
         tail = _exp(-_rest(J, jj, T, G, R) * w)  # the super-chunk's right state crosses the later sub-chunks
@@ -383,7 +424,7 @@ def _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, pl, p
     """Recomputes num and den of sub-chunk j (tiles k, v, gy) from the stored states; returns a = dL/dnum,
     b = dL/dden."""
     cmask = cols < C
-    _, mask, row_ok = _rows(b, j, T, cols, C, 0, 0, R)
+    _, mask, row_ok = _rows(0, j, T, cols, C, 0, (1, 1, 0, 0), R, False)
     f = _row(fstate_ptr, b, j, n_sub, 4, C, cols)
     ln = tl.load(f, mask=cmask, other=0.0)
     ld = tl.load(f + C, mask=cmask, other=0.0)
@@ -400,7 +441,7 @@ def _grad_inputs(k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, pl, p
 @triton.jit
 def _bwd_walk(
     k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, b, J, cols, T, C, n_sub, G,
-    skb, skt, svb, svt, sgb, sgt, R: tl.constexpr,
+    ks, skt, vs, svt, gs, sgt, order, R: tl.constexpr, ORDERED: tl.constexpr,
 ):  # fmt: skip
     """As _fwd_walk for the (S, Q) states of a and b: stores per sub-chunk the (S, Q) its later sub-chunks send
     into it from the right ([B, n_sub, 4, C]); returns the super-chunk's rightward and leftward (S, Q) summaries."""
@@ -419,18 +460,18 @@ def _bwd_walk(
     sa = tl.zeros([cols.shape[0]], tl.float32)
     sb, qa, qb, fa, fb, fqa, fqb = sa, sa, sa, sa, sa, sa, sa
     count = _n_sub_in(J, T, G, R)
-    k_next = _load(k_ptr, b, J * G + count - 1, T, cols, C, skb, skt, R, float("-inf"), count > 0)
-    v_next = _load(v_ptr, b, J * G + count - 1, T, cols, C, svb, svt, R, 0.0, count > 0)
-    g_next = _load(gy_ptr, b, J * G + count - 1, T, cols, C, sgb, sgt, R, 0.0, count > 0)
+    k_next = _load(k_ptr, ks, J * G + count - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
+    v_next = _load(v_ptr, vs, J * G + count - 1, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
+    g_next = _load(gy_ptr, gs, J * G + count - 1, T, cols, C, sgt, order, R, ORDERED, 0.0, count > 0)
     for i in range(count):
         jj = count - 1 - i
         j = J * G + jj
         k = k_next
         v = v_next
         gy = g_next
-        k_next = _load(k_ptr, b, j - 1, T, cols, C, skb, skt, R, float("-inf"), i + 1 < count)
-        v_next = _load(v_ptr, b, j - 1, T, cols, C, svb, svt, R, 0.0, i + 1 < count)
-        g_next = _load(gy_ptr, b, j - 1, T, cols, C, sgb, sgt, R, 0.0, i + 1 < count)
+        k_next = _load(k_ptr, ks, j - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), i + 1 < count)
+        v_next = _load(v_ptr, vs, j - 1, T, cols, C, svt, order, R, ORDERED, 0.0, i + 1 < count)
+        g_next = _load(gy_ptr, gs, j - 1, T, cols, C, sgt, order, R, ORDERED, 0.0, i + 1 < count)
         out = _row(sub_ptr, b, j, n_sub, 4, C, cols)
         tl.store(out, sa, mask=cmask)
         tl.store(out + C, sb, mask=cmask)
@@ -459,14 +500,16 @@ def _bwd_walk(
 @triton.jit
 def _bwd_summary_kernel(
     k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, summ_ptr, T, C, n_sub, n_sup, G,
-    skb, skt, svb, svt, sgb, sgt, R: tl.constexpr, BC: tl.constexpr, NCB,
+    Bg, skg, skb, skt, svg, svb, svt, sgg, sgb, sgt, orders,
+    R: tl.constexpr, BC: tl.constexpr, NCB, ORDERED: tl.constexpr,
 ):  # fmt: skip
     b, J, cb = _program(NCB, n_sup, False)
     cols = cb * BC + tl.arange(0, BC)
     cmask = cols < C
+    ks, vs, gs = _seq(b, Bg, skg, skb), _seq(b, Bg, svg, svb), _seq(b, Bg, sgg, sgb)
     sums = _bwd_walk(
         k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, b, J, cols, T, C, n_sub, G,
-        skb, skt, svb, svt, sgb, sgt, R,
+        ks, skt, vs, svt, gs, sgt, _order(b, Bg, orders, ORDERED), R, ORDERED,
     )  # fmt: skip
     out = _row(summ_ptr, b, J, n_sup, 8, C, cols)
     fa, fb, fqa, fqb, ga, gb, gqa, gqb = sums
@@ -550,17 +593,19 @@ def _scan_q(d, m, a, b, ea, eb, eqa, eqb, p, count, REVERSE: tl.constexpr):
 @triton.jit
 def _bwd_output_kernel(
     k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, state_ptr, gk_ptr, gv_ptr, part_ptr,
-    T, C, n_sub, n_sup, G, skb, skt, svb, svt, sgb, sgt,
-    R: tl.constexpr, BC: tl.constexpr, NCB, SINGLE: tl.constexpr,
+    T, C, n_sub, n_sup, G, Bg, skg, skb, skt, svg, svb, svt, sgg, sgb, sgt, orders,
+    R: tl.constexpr, BC: tl.constexpr, NCB, SINGLE: tl.constexpr, ORDERED: tl.constexpr,
 ):  # fmt: skip
     b, J, cb = _program(NCB, n_sup, True)
     cols = cb * BC + tl.arange(0, BC)
     cmask = cols < C
     zero = tl.zeros([BC], tl.float32)
+    ks, vs, gs = _seq(b, Bg, skg, skb), _seq(b, Bg, svg, svb), _seq(b, Bg, sgg, sgb)
+    order = _order(b, Bg, orders, ORDERED)
     if SINGLE:
         _bwd_walk(
             k_ptr, v_ptr, gy_ptr, w_ptr, u_ptr, kmax_ptr, fstate_ptr, sub_ptr, b, J, cols, T, C, n_sub, G,
-            skb, skt, svb, svt, sgb, sgt, R,
+            ks, skt, vs, svt, gs, sgt, order, R, ORDERED,
         )  # fmt: skip
         tl.debug_barrier()  # the walk's stores are read back below
         la, lb, lqa, lqb = zero, zero, zero, zero
@@ -586,17 +631,17 @@ def _bwd_output_kernel(
     du_sum = zero
     dw_sum = zero
     count = _n_sub_in(J, T, G, R)
-    k_next = _load(k_ptr, b, J * G, T, cols, C, skb, skt, R, float("-inf"), count > 0)
-    v_next = _load(v_ptr, b, J * G, T, cols, C, svb, svt, R, 0.0, count > 0)
-    g_next = _load(gy_ptr, b, J * G, T, cols, C, sgb, sgt, R, 0.0, count > 0)
+    k_next = _load(k_ptr, ks, J * G, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
+    v_next = _load(v_ptr, vs, J * G, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
+    g_next = _load(gy_ptr, gs, J * G, T, cols, C, sgt, order, R, ORDERED, 0.0, count > 0)
     for jj in range(count):
         j = J * G + jj
         k = k_next
         v = v_next
         gy = g_next
-        k_next = _load(k_ptr, b, j + 1, T, cols, C, skb, skt, R, float("-inf"), jj + 1 < count)
-        v_next = _load(v_ptr, b, j + 1, T, cols, C, svb, svt, R, 0.0, jj + 1 < count)
-        g_next = _load(gy_ptr, b, j + 1, T, cols, C, sgb, sgt, R, 0.0, jj + 1 < count)
+        k_next = _load(k_ptr, ks, j + 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), jj + 1 < count)
+        v_next = _load(v_ptr, vs, j + 1, T, cols, C, svt, order, R, ORDERED, 0.0, jj + 1 < count)
+        g_next = _load(gy_ptr, gs, j + 1, T, cols, C, sgt, order, R, ORDERED, 0.0, jj + 1 < count)
         a, bb, ek, v, d, mask, row_ok = _grad_inputs(
             k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, pl, pr, ew, eu, R
         )
@@ -623,7 +668,7 @@ def _bwd_output_kernel(
         qb += e * rb_q - e * (sb - bb)
         wa = pa + e * (sa - a) + eu[None, :] * a
         wb = pb + e * (sb - bb) + eu[None, :] * bb
-        goffs, _, _ = _rows(b, j, T, cols, C, C * T, C, R)
+        goffs, _, _ = _rows(b.to(tl.int64) * T * C, j, T, cols, C, C, order, R, ORDERED)
         tl.store(gk_ptr + goffs, (ek * (v * wa + wb)).to(gk_ptr.dtype.element_ty), mask=mask)
         tl.store(gv_ptr + goffs, (ek * wa).to(gv_ptr.dtype.element_ty), mask=mask)
         du_sum += tl.sum(tl.where(mask, eu[None, :] * ek * (v * a + bb), 0.0), 0)
@@ -661,7 +706,7 @@ def tile_config(B: int, T: int, C: int) -> TileConfig:
 
 def _check(k: Tensor, v: Tensor) -> None:
     for name, t in (("k", k), ("v", v)):
-        if t.stride(2) != 1:
+        if t.stride(-1) != 1:
             raise ValueError(
                 f"bi_wkv_triton: {name} needs a contiguous channel axis (stride {t.stride()}); "
                 "pass a view with channels last or call .contiguous()"
@@ -677,61 +722,84 @@ def _scan_launch(B: int, C: int, cfg: TileConfig, n_sup: int):
     return (B * ncb, 2), ncb, rows, warps
 
 
-def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, cfg: TileConfig, save: bool):
-    B, T, C = k.shape
+def _as_groups(x: Tensor) -> tuple[int, int, int, int]:
+    """(sequences per order group, group stride, batch stride, time stride) of [B, T, C] (one group) or
+    [n, B, N, C] (n token orders)."""
+    if x.dim() == 3:
+        return x.shape[0], 0, x.stride(0), x.stride(1)
+    return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+
+
+def _order_args(orders: tuple[TokenOrder, ...] | None) -> tuple[int, ...]:
+    """The kernels' 16 ints: (inner, inner_step, outer_step, start) for each of up to MAX_ORDERS groups."""
+    quads = [(o.inner, o.inner_step, o.outer_step, o.start) for o in orders or ()]
+    quads += [(1, 1, 0, 0)] * (MAX_ORDERS - len(quads))
+    return tuple(x for q in quads for x in q)
+
+
+def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, cfg: TileConfig, save: bool):
+    T, C = k.shape[-2:]
+    Bg, *k_strides = _as_groups(k)
+    B = k.numel() // (T * C)  # sequences of all order groups (numel counts an expanded view's every element)
     R, G = cfg.R, cfg.G
     n_sub = triton.cdiv(T, R)
     n_sup = triton.cdiv(n_sub, G)
     ncb = triton.cdiv(C, cfg.BC)
     dev = k.device
-    y = torch.empty((B, T, C), dtype=v.dtype, device=dev)
+    y = torch.empty(k.shape, dtype=v.dtype, device=dev)  # contiguous: the kernels write sequence b at b * T * C
     kmax = torch.empty((B, C), dtype=torch.float32, device=dev)
     sub = torch.empty((B, n_sub, 3, C), dtype=torch.float32, device=dev)  # right states inside super-chunks
     fstates = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev) if save else kmax
     states = kmax
     grid = (B * n_sup * ncb,)
-    strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    layout = (Bg, *k_strides, *_as_groups(v)[1:], _order_args(orders))
+    ordered = orders is not None
     if n_sup > 1:
         summ = torch.empty((B, n_sup, 5, C), dtype=torch.float32, device=dev)
-        _fwd_summary_kernel[grid](k, v, w, sub, summ, T, C, n_sub, n_sup, G, *strides, R, cfg.BC, ncb, num_warps=1)
+        _fwd_summary_kernel[grid](
+            k, v, w, sub, summ, T, C, n_sub, n_sup, G, *layout, R, cfg.BC, ncb, ordered, num_warps=1
+        )  # fmt: skip
         states = torch.empty((B, n_sup, 4, C), dtype=torch.float32, device=dev)
         sgrid, sncb, rows, warps = _scan_launch(B, C, cfg, n_sup)
         _fwd_chunk_scan_kernel[sgrid](summ, states, kmax, w, n_sup, C, G * R, sncb, rows, cfg.scan_BC, num_warps=warps)
     _fwd_output_kernel[grid](
-        k, v, w, u, kmax, sub, states, y, fstates, T, C, n_sub, n_sup, G, *strides, y.stride(0), y.stride(1),
-        R, cfg.BC, ncb, n_sup == 1, save, num_warps=1,
+        k, v, w, u, kmax, sub, states, y, fstates, T, C, n_sub, n_sup, G, *layout,
+        R, cfg.BC, ncb, n_sup == 1, save, ordered, num_warps=1,
     )  # fmt: skip
     return y, kmax, fstates
 
 
-def _backward(w, u, k, v, kmax, fstates, gy, cfg: TileConfig):
-    B, T, C = k.shape
+def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
+    T, C = k.shape[-2:]
+    Bg = _as_groups(k)[0]
+    B = kmax.shape[0]
     R, G = cfg.R, cfg.G_bwd
     n_sub = triton.cdiv(T, R)
     n_sup = triton.cdiv(n_sub, G)
     ncb = triton.cdiv(C, cfg.BC_bwd)
     dev = k.device
-    if gy.stride(2) != 1:
+    if gy.stride(-1) != 1:
         gy = gy.contiguous()
     grid = (B * n_sup * ncb,)
-    strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), gy.stride(0), gy.stride(1))
+    layout = (Bg, *_as_groups(k)[1:], *_as_groups(v)[1:], *_as_groups(gy)[1:], _order_args(orders))
+    ordered = orders is not None
     sub = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev)
     states = kmax
     if n_sup > 1:
         summ = torch.empty((B, n_sup, 8, C), dtype=torch.float32, device=dev)
         _bwd_summary_kernel[grid](
-            k, v, gy, w, u, kmax, fstates, sub, summ, T, C, n_sub, n_sup, G, *strides, R, cfg.BC_bwd, ncb,
+            k, v, gy, w, u, kmax, fstates, sub, summ, T, C, n_sub, n_sup, G, *layout, R, cfg.BC_bwd, ncb, ordered,
             num_warps=1,
         )  # fmt: skip
         states = torch.empty((B, n_sup, 8, C), dtype=torch.float32, device=dev)
         sgrid, sncb, rows, warps = _scan_launch(B, C, cfg, n_sup)
         _bwd_chunk_scan_kernel[sgrid](summ, states, w, n_sup, C, G * R, sncb, rows, cfg.scan_BC, num_warps=warps)
-    gk = torch.empty((B, T, C), dtype=k.dtype, device=dev)
-    gv = torch.empty((B, T, C), dtype=v.dtype, device=dev)
+    gk = torch.empty(k.shape, dtype=k.dtype, device=dev)  # contiguous, like y
+    gv = torch.empty(v.shape, dtype=v.dtype, device=dev)
     part = torch.empty((B * n_sup, 2, C), dtype=torch.float32, device=dev)
     _bwd_output_kernel[grid](
-        k, v, gy, w, u, kmax, fstates, sub, states, gk, gv, part, T, C, n_sub, n_sup, G, *strides,
-        R, cfg.BC_bwd, ncb, n_sup == 1, num_warps=1,
+        k, v, gy, w, u, kmax, fstates, sub, states, gk, gv, part, T, C, n_sub, n_sup, G, *layout,
+        R, cfg.BC_bwd, ncb, n_sup == 1, ordered, num_warps=1,
     )  # fmt: skip
     gu, gw = part.sum(0, dtype=torch.float64)  # [B * n_sup, 2, C] -> [2, C]
     return gw, gu, gk, gv
@@ -743,17 +811,21 @@ def _on_device(x: Tensor):
 
 
 class TritonBiWKV(torch.autograd.Function):
+    """k, v: [B, T, C], or [n, B, N, C] read in n token orders (at most MAX_ORDERS); y and the gradients of k, v
+    are contiguous tensors of k's shape."""
+
     @staticmethod
-    def forward(ctx, w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig | None) -> Tensor:
+    def forward(ctx, w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, config: TileConfig | None) -> Tensor:
         _check(k, v)
-        B, T, C = k.shape
+        T, C = k.shape[-2:]
         wf, uf = w.float().contiguous(), u.float().contiguous()
-        cfg = config or tile_config(B, T, C)
+        cfg = config or tile_config(k.numel() // (T * C), T, C)  # numel counts every order's sequences
         save = any(ctx.needs_input_grad[:4])  # the backward's per-sub-chunk states, only when one will follow
         with _on_device(k):
-            y, kmax, fstates = _forward(wf, uf, k, v, cfg, save)
+            y, kmax, fstates = _forward(wf, uf, k, v, orders, cfg, save)
         ctx.save_for_backward(wf, uf, k, v, kmax, fstates)
         ctx.dtypes = (w.dtype, u.dtype)
+        ctx.orders = orders
         ctx.cfg = cfg
         return y
 
@@ -761,19 +833,35 @@ class TritonBiWKV(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         wf, uf, k, v, kmax, fstates = ctx.saved_tensors
         with _on_device(k):
-            gw, gu, gk, gv = _backward(wf, uf, k, v, kmax, fstates, gy, ctx.cfg)
-        return gw.to(ctx.dtypes[0]), gu.to(ctx.dtypes[1]), gk, gv, None
+            gw, gu, gk, gv = _backward(wf, uf, k, v, kmax, fstates, gy, ctx.orders, ctx.cfg)
+        return gw.to(ctx.dtypes[0]), gu.to(ctx.dtypes[1]), gk, gv, None, None
 
 
-def bi_wkv_triton(w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig | None = None) -> Tensor:
-    """Bi-WKV on CUDA through Triton; the contract of `bi_wkv` (w, u [C]; k, v [B, T, C] -> y [B, T, C]).
+def bi_wkv_triton(
+    w: Tensor,
+    u: Tensor,
+    k: Tensor,
+    v: Tensor,
+    orders: tuple[TokenOrder, ...] | None = None,
+    config: TileConfig | None = None,
+) -> Tensor:
+    """Bi-WKV on CUDA through Triton; the contract of `bi_wkv` (w, u [C]; k, v [B, T, C] -> y [B, T, C]), or
+    of `bi_wkv_ordered` when orders are given (k, v [n, B, N, C] stored tokens, sequence (i, b) reads k[i, b]
+    in orders[i]; y [n, B, N, C] at the stored tokens).
 
     fp32 accumulation for float32, bfloat16 and float16 inputs; y has v's dtype. k and v may be strided views
-    with any batch and time strides as long as the channel axis is contiguous, so a layer can hand several
-    windows or scan orders to one launch by viewing them as one batch (y is always a fresh contiguous tensor).
+    with any batch, time (and group) strides as long as the channel axis is contiguous: a layer hands several
+    windows or views to one launch without copies, e.g. one k expanded over its n scan orders (stride 0).
     config: tile sizes (tests and benchmarks); by default `tile_config(B, T, C)`.
     float64 inputs (gradcheck on a GPU) run the exact chunked path instead: the kernels accumulate in fp32.
     """
+    if orders is not None and len(orders) > MAX_ORDERS:
+        # one launch holds MAX_ORDERS orders; more take one launch per MAX_ORDERS
+        parts = [
+            bi_wkv_triton(w, u, k[i : i + MAX_ORDERS], v[i : i + MAX_ORDERS], orders[i : i + MAX_ORDERS], config)
+            for i in range(0, len(orders), MAX_ORDERS)
+        ]
+        return torch.cat(parts)
     if k.dtype == torch.float64:
-        return bi_wkv_chunked(w, u, k, v)
-    return TritonBiWKV.apply(w, u, k, v, config)
+        return bi_wkv_chunked(w, u, k, v) if orders is None else apply_in_orders(bi_wkv_chunked, w, u, k, v, orders)
+    return TritonBiWKV.apply(w, u, k, v, orders, config)

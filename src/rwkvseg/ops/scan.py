@@ -6,11 +6,92 @@ Maps are channels-first ([B, C, H, W] or [B, C, T, H, W]); sequences are [B, N, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 QUAD_SCAN_ORDERS = ("rows", "rows_reversed", "cols", "cols_reversed")
 VIEWS = ("thw", "hwt")
+
+
+@dataclass(frozen=True)
+class TokenOrder:
+    """The order in which a sequence visits stored tokens: position t reads token
+    start + (t // inner) * outer_step + (t % inner) * inner_step (steps may be negative).
+
+    Two nested strides cover every QuadScan order of a row-major grid and the (h, w, t) view of a (t, h, w)
+    volume, so the Triton Bi-WKV reads a scan order straight from the stored tokens instead of a permuted copy.
+    """
+
+    inner: int
+    inner_step: int
+    outer_step: int
+    start: int = 0
+
+    @staticmethod
+    def identity(n: int) -> TokenOrder:
+        return TokenOrder(n, 1, n)
+
+    def check(self, n: int) -> None:
+        """Raise ValueError unless positions 0..n-1 visit each of the n stored tokens exactly once."""
+        if self.inner < 1 or n % self.inner:
+            raise ValueError(f"{self}: inner = {self.inner} must be >= 1 and divide the {n} tokens")
+        # a bijection onto 0..n-1 is a mixed-radix count: the smaller step is 1, the larger the smaller's count,
+        # and a negative step starts from its far end
+        axes = [(self.inner_step, self.inner), (self.outer_step, n // self.inner)]
+        axes = sorted((abs(step), step, count) for step, count in axes if count > 1)
+        unit = 1
+        for size, _, count in axes:
+            if size != unit:
+                raise ValueError(f"{self} does not visit each of {n} tokens once; use scan_order() or view_order()")
+            unit *= count
+        start = sum((count - 1) * size for size, step, count in axes if step < 0)
+        if self.start != start:
+            raise ValueError(f"{self}: start must be {start} for these steps over {n} tokens")
+
+    def indices(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """[n] stored-token index of every position."""
+        t = torch.arange(n, device=device)
+        return self.start + (t // self.inner) * self.outer_step + (t % self.inner) * self.inner_step
+
+
+def scan_order(order: str, size: tuple[int, int]) -> TokenOrder:
+    """A QuadScan order as a TokenOrder over row-major tokens of size = (H, W): reading tokens [B, H*W, C] in it
+    gives scan_2d(map, order)."""
+    _check_order(order)
+    H, W = size
+    return {
+        "rows": TokenOrder(W, 1, W),
+        "rows_reversed": TokenOrder(W, -1, W, W - 1),
+        "cols": TokenOrder(H, W, 1),
+        "cols_reversed": TokenOrder(H, -W, 1, (H - 1) * W),
+    }[order]
+
+
+def view_order(view: str, size: tuple[int, int, int]) -> TokenOrder:
+    """A view of a window as a TokenOrder over its (t, h, w) tokens for size = (T, H, W): reading tokens
+    [B, T*H*W, C] in it gives to_view(window, view)."""
+    T, H, W = size
+    if view == "thw":
+        return TokenOrder.identity(T * H * W)
+    if view == "hwt":
+        return TokenOrder(T, H * W, 1)
+    raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+
+
+def apply_in_orders(
+    fn: Callable[..., Tensor], w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders: tuple[TokenOrder, ...]
+) -> Tensor:
+    """fn(w, u, k_seq, v_seq) on copies of the sequences that orders read from k, v [n, B, N, C]; the result
+    goes back to the stored tokens, [n, B, N, C]. The portable form of ordered Bi-WKV (the kernel reads in place)."""
+    n, B, N, C = k.shape
+    idx = [o.indices(N, k.device) for o in orders]
+    k_seq = torch.cat([k[i][:, j] for i, j in enumerate(idx)])  # [n, B, N, C] -> [n * B, N, C] in scan order
+    v_seq = torch.cat([v[i][:, j] for i, j in enumerate(idx)])
+    y_seq = fn(w, u, k_seq, v_seq).reshape(n, B, N, C)
+    return torch.stack([y_seq[i][:, torch.argsort(j)] for i, j in enumerate(idx)])  # back to stored tokens
 
 
 def _check_order(order: str) -> None:

@@ -6,29 +6,49 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# the neighbour a channel quarter takes: "left" = column j - 1, "right" = j + 1, "up" = row i - 1, "down" = i + 1
+Q_SHIFT_DIRECTIONS = ("left", "right", "up", "down")
+# Q-Shift on the grid of a scanned sequence, written on the map it came from: scanning turns the grid, so the
+# quarters take the map's neighbours in these directions (q_shift(scan_2d(m, o)) == scan_2d(q_shift on m with
+# SCAN_SHIFT_DIRECTIONS[o]))
+SCAN_SHIFT_DIRECTIONS = {
+    "rows": ("left", "right", "up", "down"),
+    "rows_reversed": ("right", "left", "up", "down"),
+    "cols": ("up", "down", "left", "right"),
+    "cols_reversed": ("down", "up", "left", "right"),
+}
 
-def q_shift(x: Tensor, size: tuple[int, int]) -> Tensor:
+
+def _neighbour(grid: Tensor, direction: str) -> Tensor:
+    """[B, H, W, c] -> each cell's neighbour in direction, zero past the border."""
+    if direction == "left":
+        return F.pad(grid[:, :, :-1], (0, 0, 1, 0))
+    if direction == "right":
+        return F.pad(grid[:, :, 1:], (0, 0, 0, 1))
+    if direction == "up":
+        return F.pad(grid[:, :-1], (0, 0, 0, 0, 1, 0))
+    if direction == "down":
+        return F.pad(grid[:, 1:], (0, 0, 0, 0, 0, 1))
+    raise ValueError(f"q_shift: unknown direction {direction!r}; choose from {Q_SHIFT_DIRECTIONS}")
+
+
+def q_shift(x: Tensor, size: tuple[int, int], directions: tuple[str, ...] = Q_SHIFT_DIRECTIONS) -> Tensor:
     """Q-Shift of tokens x [B, H*W, C] (row-major over size = (H, W)); returns [B, H*W, C].
 
-    Channel quarters take the left, right, upper and lower neighbour (zero at the borders). When C is not a
-    multiple of 4 the last group takes the remainder, so every channel is shifted.
+    Channel quarters take the neighbour in the four directions (by default the left, right, upper and lower
+    one; zero at the borders). When C is not a multiple of 4 the last group takes the remainder, so every
+    channel is shifted.
     """
     B, N, C = x.shape
     H, W = size
     if H * W != N:
         raise ValueError(f"q_shift: {N} tokens do not form a {H} x {W} grid")
+    if len(directions) != 4:
+        raise ValueError(f"q_shift: give one direction per channel quarter, got {directions}")
     grid = x.reshape(B, H, W, C)  # [B, H*W, C] -> [B, H, W, C]
     q = C // 4
-    left, right, up, down = torch.split(grid, [q, q, q, C - 3 * q], dim=3)
-    shifted = torch.cat(
-        [
-            F.pad(left[:, :, :-1], (0, 0, 1, 0)),  # column j takes column j - 1
-            F.pad(right[:, :, 1:], (0, 0, 0, 1)),  # column j takes column j + 1
-            F.pad(up[:, :-1], (0, 0, 0, 0, 1, 0)),  # row i takes row i - 1
-            F.pad(down[:, 1:], (0, 0, 0, 0, 0, 1)),  # row i takes row i + 1
-        ],
-        dim=3,
-    )
+    quarters = torch.split(grid, [q, q, q, C - 3 * q], dim=3)
+    shifted = torch.cat([_neighbour(g, d) for g, d in zip(quarters, directions, strict=True)], dim=3)
     return shifted.reshape(B, N, C)
 
 
@@ -39,3 +59,21 @@ def bi_shift(x: Tensor) -> Tensor:
     before = F.pad(x[:, :-1, :q], (0, 0, 1, 0))
     after = F.pad(x[:, 1:, q:], (0, 0, 0, 1))
     return torch.cat([before, after], dim=2)
+
+
+def bi_shift_hwt(x: Tensor, size: tuple[int, int, int]) -> Tensor:
+    """Bi-Shift along the (h, w, t) view of tokens stored in (t, h, w) order, x [B, T*H*W, C] for
+    size = (T, H, W); returns [B, T*H*W, C] in the stored order. Equals to_view(bi_shift(to_view(., "hwt")),
+    "thw") without the two permuted copies: along the view a token's neighbours are the same (h, w) in the
+    next slices, and the view runs on from the last slice of one (h, w) to the first slice of the next."""
+    B, N, C = x.shape
+    T, H, W = size
+    if T * H * W != N:
+        raise ValueError(f"bi_shift_hwt: {N} tokens do not form a {T} x {H} x {W} window")
+    grid = x.reshape(B, T, H * W, C)  # [B, T*H*W, C] -> [B, T, H*W, C]
+    q = C // 4
+    # before: slice s - 1 of the same (h, w); slice 0 takes the last slice of the previous (h, w)
+    before = torch.cat([F.pad(grid[:, -1:, :-1, :q], (0, 0, 1, 0)), grid[:, :-1, :, :q]], dim=1)
+    # after: slice s + 1; the last slice takes slice 0 of the next (h, w)
+    after = torch.cat([grid[:, 1:, :, q:], F.pad(grid[:, :1, 1:, q:], (0, 0, 0, 1))], dim=1)
+    return torch.cat([before, after], dim=3).view(B, N, C)
