@@ -11,9 +11,7 @@ from rwkvseg.layers.dualview import (
     LayerNormChannelsFirst,
     WindowedDualViewStage,
 )
-from rwkvseg.layers.dualview import _views_to_hwt as views_to_hwt
-from rwkvseg.layers.dualview import _views_to_thw as views_to_thw
-from rwkvseg.ops import bi_wkv_reference
+from rwkvseg.ops import bi_wkv_reference, from_view, to_view
 
 
 def _randomise(module: nn.Module, seed: int = 0) -> None:
@@ -63,8 +61,8 @@ def _reference_spatial_mix(mix: DualViewSpatialMix, x: torch.Tensor, size) -> to
 @pytest.mark.parametrize("size", [(3, 5, 7), (1, 4, 2), (2, 1, 3)])
 def test_views_are_exact_inverses(size):
     x = torch.randn(2, math.prod(size), 6)
-    hwt = views_to_hwt(x, size)
-    assert torch.equal(views_to_thw(hwt, size), x)
+    hwt = to_view(from_view(x, "thw", size), "hwt")
+    assert torch.equal(to_view(from_view(hwt, "hwt", size), "thw"), x)
     T, H, W = size
     # view B puts the same (h, w) of neighbouring slices next to each other
     expected = x.reshape(2, T, H, W, 6).permute(0, 2, 3, 1, 4).reshape(2, -1, 6)

@@ -23,8 +23,12 @@ def _tiny(resfm: str = "modal", in_channels: int = 4, num_classes: int = 3, seed
 @pytest.fixture
 def wkv_free_on_meta(monkeypatch):
     """MACs exclude the WKV; on the meta device it only has to return a tensor of v's shape."""
-    real = dualview.bi_wkv
-    monkeypatch.setattr(dualview, "bi_wkv", lambda w, u, k, v: torch.empty_like(v) if k.is_meta else real(w, u, k, v))
+    real = dualview.bi_wkv_ordered
+
+    def wkv(w, u, k, v, orders):
+        return torch.empty(k.shape, dtype=v.dtype, device=v.device) if k.is_meta else real(w, u, k, v, orders)
+
+    monkeypatch.setattr(dualview, "bi_wkv_ordered", wkv)
 
 
 def test_forward_backward_on_the_issue_volume():

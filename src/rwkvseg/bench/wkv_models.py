@@ -1,8 +1,9 @@
 """Model-level effect of the Bi-WKV implementation: one training step (forward + backward) of a whole model with
 each implementation, on the same device in the same run.
 
-The models call `rwkvseg.ops.bi_wkv` with its default impl="auto"; `use_wkv_impl` swaps that name, in every loaded
-rwkvseg module that imported it, for a version with the implementation fixed, so the model code stays untouched.
+The models call `rwkvseg.ops.bi_wkv` and `bi_wkv_ordered` with impl="auto"; `use_wkv_impl` swaps those names, in
+every loaded rwkvseg module that imported them, for versions with the implementation fixed, so the model code
+stays untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..ops import bi_wkv
+from ..ops import bi_wkv, bi_wkv_ordered
 
 # (in_channels, num_classes, input shape) of the issue: U-RWKV at batch 16 x 256^2, MMSegRWKV at 2 x 4 x 128^3
 MODEL_CASES = {
@@ -27,21 +28,19 @@ MODEL_CASES = {
 
 @contextlib.contextmanager
 def use_wkv_impl(impl: str) -> Iterator[None]:
-    """Inside the block every rwkvseg module that holds `bi_wkv` calls it with impl=impl."""
-    original = bi_wkv  # this module's own name is swapped too
-    fixed = functools.partial(original, impl=impl)
-    patched = [
-        module
-        for name, module in list(sys.modules.items())
-        if name.startswith("rwkvseg.") and getattr(module, "bi_wkv", None) is original
-    ]
-    for module in patched:
-        module.bi_wkv = fixed
+    """Inside the block every rwkvseg module that holds `bi_wkv` or `bi_wkv_ordered` calls it with impl=impl."""
+    swaps = []
+    for fn in (bi_wkv, bi_wkv_ordered):  # this module's own names are swapped too
+        fixed = functools.partial(fn, impl=impl)
+        for name, module in list(sys.modules.items()):
+            if name.startswith("rwkvseg.") and getattr(module, fn.__name__, None) is fn:
+                setattr(module, fn.__name__, fixed)
+                swaps.append((module, fn))
     try:
         yield
     finally:
-        for module in patched:
-            module.bi_wkv = original
+        for module, fn in swaps:
+            setattr(module, fn.__name__, fn)
 
 
 def train_step_row(

@@ -12,7 +12,16 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rwkvseg.ops import bi_shift, bi_wkv, from_view, merge_windows, split_windows, to_view
+from rwkvseg.ops import (
+    bi_shift,
+    bi_shift_hwt,
+    bi_wkv_ordered,
+    from_view,
+    merge_windows,
+    split_windows,
+    to_view,
+    view_order,
+)
 
 
 class LayerNormChannelsFirst(nn.LayerNorm):
@@ -31,14 +40,6 @@ def _ratios(layer: int, n_layer: int) -> tuple[float, float]:
 
 def _channel_ramp(dim: int) -> Tensor:
     return torch.arange(dim, dtype=torch.float32) / dim  # i / C, the base of every mu init
-
-
-def _views_to_hwt(x: Tensor, size: tuple[int, int, int]) -> Tensor:
-    return to_view(from_view(x, "thw", size), "hwt")  # [B, T*H*W, C] (t,h,w) -> [B, H*W*T, C] (h,w,t)
-
-
-def _views_to_thw(x: Tensor, size: tuple[int, int, int]) -> Tensor:
-    return to_view(from_view(x, "hwt", size), "thw")  # [B, H*W*T, C] (h,w,t) -> [B, T*H*W, C] (t,h,w)
 
 
 class DualViewSpatialMix(nn.Module):
@@ -67,16 +68,18 @@ class DualViewSpatialMix(nn.Module):
         self.output = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
-        B, L, _ = x.shape
-        xs = torch.cat([x, _views_to_hwt(x, size)], dim=0)  # [B, L, C] -> [2B, L, C]: both views in one WKV call
-        xx = bi_shift(xs)
-        dt = xs.dtype  # lerp needs one dtype; under autocast the tokens may be bf16 while parameters stay fp32
-        k = self.key(torch.lerp(xx, xs, self.mix_k.to(dt)))
-        v = self.value(torch.lerp(xx, xs, self.mix_v.to(dt)))
-        r = self.receptance(torch.lerp(xx, xs, self.mix_r.to(dt)))
-        y = torch.sigmoid(r) * bi_wkv(self.decay / L, self.bonus / L, k, v)
-        y_a, y_b = y.split(B, dim=0)
-        y = torch.lerp(_views_to_thw(y_b, size), y_a, self.alpha.to(y.dtype))  # alpha * y_A + (1 - alpha) * y_B
+        """x [B, L, C] in (t, h, w) order over the window size = (T, H, W) -> [B, L, C]."""
+        L = x.shape[1]
+        # each view's Bi-Shift, both at the stored (t, h, w) tokens: no permuted copy of either view
+        xx = torch.stack([bi_shift(x), bi_shift_hwt(x, size)])  # [B, L, C] -> [2, B, L, C]
+        dt = x.dtype  # lerp needs one dtype; under autocast the tokens may be bf16 while parameters stay fp32
+        k = self.key(torch.lerp(xx, x, self.mix_k.to(dt)))
+        v = self.value(torch.lerp(xx, x, self.mix_v.to(dt)))
+        r = self.receptance(torch.lerp(xx, x, self.mix_r.to(dt)))
+        orders = (view_order("thw", size), view_order("hwt", size))
+        # one WKV call reads view A in place and view B in (h, w, t) order; y comes back at the stored tokens
+        y = torch.sigmoid(r) * bi_wkv_ordered(self.decay / L, self.bonus / L, k, v, orders)  # [2, B, L, C]
+        y = torch.lerp(y[1], y[0], self.alpha.to(y.dtype))  # alpha * y_A + (1 - alpha) * y_B
         return self.output(y)
 
 

@@ -11,7 +11,17 @@ import math
 import torch
 from torch import Tensor, nn
 
-from rwkvseg.ops import QUAD_SCAN_ORDERS, bi_wkv, q_shift, scan_2d, unscan_2d
+from rwkvseg.ops import (
+    QUAD_SCAN_ORDERS,
+    SCAN_SHIFT_DIRECTIONS,
+    TokenOrder,
+    bi_wkv,
+    bi_wkv_ordered,
+    q_shift,
+    scan_2d,
+    scan_order,
+    unscan_2d,
+)
 
 # q_shift: Q-Shift on each scanned sequence read as a grid (rows orders: H x W, column orders: W x H), as the
 # spec applies SpatialMix to the scanned sequence; the quarters' directions then turn with the scan order.
@@ -72,10 +82,12 @@ class SpatialMix(nn.Module):
             xk = xv = xr = x
         return self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
 
-    def wkv(self, k: Tensor, v: Tensor) -> Tensor:
-        """LayerNorm(BiWKV(k, v)) for sequences [B, T, C], with decay and bonus divided by T."""
-        T = k.shape[1]
-        return self.norm(bi_wkv(self.decay / T, self.bonus / T, k, v))
+    def wkv(self, k: Tensor, v: Tensor, orders: tuple[TokenOrder, ...] | None = None) -> Tensor:
+        """LayerNorm(BiWKV(k, v)) for sequences [B, T, C], with decay and bonus divided by T; with orders,
+        k, v are stored tokens [n, B, N, C] that sequence i reads in orders[i] (`bi_wkv_ordered`)."""
+        T = k.shape[-2]
+        w, u = self.decay / T, self.bonus / T
+        return self.norm(bi_wkv(w, u, k, v) if orders is None else bi_wkv_ordered(w, u, k, v, orders))
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x [B, N, C], a row-major sequence over the grid size = (H, W) -> [B, N, C]."""
@@ -123,11 +135,13 @@ class QuadScanBlock(nn.Module):
     """U-RWKV's RWKV block over a 2D map: for each scan order d, s = scan_d(X); s = s + g1 * SpatialMix(LN1(s));
     map back; average over the orders; then X = X + g2 * ChannelMix(LN2(X)). The orders share all weights.
 
-    With orders=("rows",) this is the plain Vision-RWKV block. The forward batches the scanned sequences of all
-    orders into one projection and one WKV call, and runs W_o once on the mean over the orders (it is per token,
-    so it commutes with mapping back and averaging); with an order-independent token shift ("q_shift_map",
-    "none") the k, v, r projections also run once on the map and only k, v are re-serialised. per_order=True
-    evaluates the orders one at a time, literally as the spec reads (the reference the tests compare against).
+    With orders=("rows",) this is the plain Vision-RWKV block. The forward never re-serialises the map: each
+    order's Q-shift is written on the map (its quarters' directions turned, SCAN_SHIFT_DIRECTIONS), all orders go
+    through one projection and one WKV call that reads every order from the row-major tokens in place
+    (`bi_wkv_ordered`), and W_o runs once on the mean over the orders (it is per token, so it commutes with
+    mapping back and averaging); with an order-independent token shift ("q_shift_map", "none") the k, v, r
+    projections run once and the WKV reads that one k, v in every order. per_order=True evaluates the orders
+    one at a time, literally as the spec reads (the reference the tests compare against).
     """
 
     def __init__(
@@ -184,25 +198,22 @@ class QuadScanBlock(nn.Module):
         return size if order in _ROW_ORDERS else (size[1], size[0])
 
     def _spatial_batched(self, t: Tensor) -> Tensor:
-        """Mean over the orders of SpatialMix, from the normalised map t [B, C, H, W]; returns [B, C, H, W]."""
+        """Mean over the orders of SpatialMix, from the normalised map t [B, C, H, W]; returns [B, C, H, W].
+        Every order is read from the row-major tokens in place (`bi_wkv_ordered`), so nothing is re-serialised."""
         size = (t.shape[2], t.shape[3])
-        n = len(self.orders)
+        orders = tuple(scan_order(o, size) for o in self.orders)
+        tokens = _to_tokens(t)  # [B, C, H, W] -> [B, H*W, C], row-major
         if self.token_shift == "q_shift":
-            seqs = [scan_2d(t, o) for o in self.orders]
-            shifted = torch.cat([q_shift(s, self._grid(o, size)) for s, o in zip(seqs, self.orders, strict=True)])
-            k, v, sr = self.spatial.project(torch.cat(seqs), shifted)  # [n * B, H*W, C] each
-            y = sr * self.spatial.wkv(k, v)
-            mean = sum(unscan_2d(y_d, o, size) for y_d, o in zip(y.chunk(n), self.orders, strict=True)) / n
-            return _to_map(self.spatial.output(_to_tokens(mean)), size)  # W_o is per token: once, on the mean
-        tokens = _to_tokens(t)
+            # each order's Q-shift on its scanned grid, written on the map: the quarters' directions turn
+            shifted = torch.stack([q_shift(tokens, size, SCAN_SHIFT_DIRECTIONS[o]) for o in self.orders])
+            k, v, sr = self.spatial.project(tokens, shifted)  # [n, B, H*W, C] each, at the row-major tokens
+            mean = (sr * self.spatial.wkv(k, v, orders)).mean(0)  # [n, B, H*W, C] -> [B, H*W, C]
+            return _to_map(self.spatial.output(mean), size)  # W_o is per token: once, on the mean
         shifted = q_shift(tokens, size) if self.spatial.token_shift else None
-        k, v, sr = self.spatial.project(tokens, shifted)  # row-major [B, H*W, C]; per token, so order-free
-        k_map, v_map = _to_map(k, size), _to_map(v, size)
-        k = torch.cat([scan_2d(k_map, o) for o in self.orders])
-        v = torch.cat([scan_2d(v_map, o) for o in self.orders])
-        y = self.spatial.wkv(k, v)  # [n * B, H*W, C]
-        mean = sum(unscan_2d(y_d, o, size) for y_d, o in zip(y.chunk(n), self.orders, strict=True)) / n
-        return _to_map(self.spatial.output(sr * _to_tokens(mean)), size)
+        k, v, sr = self.spatial.project(tokens, shifted)  # [B, H*W, C]; per token, so order-free
+        n = len(orders)
+        mean = self.spatial.wkv(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), orders).mean(0)  # one k, n orders
+        return _to_map(self.spatial.output(sr * mean), size)
 
     def _spatial_per_order(self, t: Tensor) -> Tensor:
         """Mean over the orders of SpatialMix on each scanned sequence, one order at a time."""
