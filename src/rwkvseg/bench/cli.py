@@ -77,8 +77,18 @@ def _run_wkv(args: argparse.Namespace) -> int:
         ("fwdbwd_peak_mb", "fwd+bwd MB"),
     ]
     if device.type == "cuda":
-        columns[3:3] = [("fwd_b2b_ms", "fwd b2b ms")]
-        columns[6:6] = [("fwdbwd_b2b_ms", "f+b b2b ms")]
+        columns = [
+            ("shape", "B x T x C"),
+            ("impl", "impl"),
+            ("fwd_gpu_ms", "fwd GPU ms"),
+            ("fwd_ms", "fwd ms"),
+            ("fwd_b2b_ms", "fwd b2b ms"),
+            ("fwd_peak_mb", "fwd MB"),
+            ("fwdbwd_gpu_ms", "f+b GPU ms"),
+            ("fwdbwd_ms", "f+b ms"),
+            ("fwdbwd_b2b_ms", "f+b b2b ms"),
+            ("fwdbwd_peak_mb", "f+b MB"),
+        ]
         columns += [
             ("floor_fwd_ms", "floor ms"),
             ("fwd_x_floor", "fwd/floor"),
