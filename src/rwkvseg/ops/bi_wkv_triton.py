@@ -36,15 +36,18 @@ it with a running max. Padded tokens of the last sub-chunk are identity maps. De
 products of e^-w (at most R of them); longer decays are computed from their token count. Decay exponents stay
 within |w| * T, which the layers bound by passing decay / T (as for the CPU path).
 
-Several sequences in one launch: k and v only need a contiguous channel axis; batch and time strides are free,
-so windows or scan orders that a layer can express as one [N, T, C] view (e.g. x.view(B * n, T, C) of contiguous
-windows, or a slice along channels or every s-th token) go to one launch without a copy. Design and measurements:
-docs/kernel_notes.md.
+Several sequences in one launch: k and v only need a contiguous channel axis; group, batch and time strides are
+free (an expanded k reads one tensor for several orders), and with token orders (`TokenOrder`: two nested time
+strides) position t of a sequence reads any stored token the order names, so QuadScan's four orders of a map and
+MMSegRWKV's two views of a window go to one launch without permuted copies; y and the gradients are written at the
+stored tokens. Design and measurements: docs/kernel_notes.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -690,18 +693,45 @@ class TileConfig:
     G: int = 16
     BC: int = 32
     G_bwd: int = 16
-    BC_bwd: int = 32
+    BC_bwd: int = 16
     scan_rows: int = 1024
-    scan_BC: int = 4
+    scan_BC: int = 2
 
 
+# Programs per launch the walks ran fastest at on an H100 (132 SMs), forward and backward alike: fewer leave
+# the SMs idle (a program is one warp on a dependent chain), more cost chunk-scan rows and launches
+# (docs/kernel_notes.md, v7)
+_PROGRAMS = 1024
+
+
+def _cdiv(a: int, b: int) -> int:
+    # host-side: triton.cdiv is a jit function, and calling it from Python costs microseconds per call
+    return -(-a // b)
+
+
+def _pick_tiles(B: int, T: int, C: int, R: int, widths: tuple[int, ...]) -> tuple[int, int]:
+    """(G, BC) with G in {4, 8, 16}, BC in widths, whose program count B * cdiv(C, BC) * cdiv(T, G R) is nearest
+    _PROGRAMS on a log scale; on a tie one super-chunk (one launch: host time counts at small shapes), then the
+    wider channel block, then the longer super-chunk."""
+
+    def rank(choice: tuple[int, int]):
+        G, bc = choice
+        n_sup = _cdiv(T, G * R)
+        distance = abs(math.log(B * _cdiv(C, bc) * n_sup / _PROGRAMS))
+        return round(distance, 6), n_sup > 1, -bc, -G
+
+    return min(((G, bc) for G in (16, 8, 4) for bc in widths), key=rank)
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function of three ints, asked on every call
 def tile_config(B: int, T: int, C: int) -> TileConfig:
-    """The default tiles for a shape (chosen on an H100, docs/kernel_notes.md); T is not capped: longer
-    sequences get more super-chunks, and T <= 256 is one super-chunk (one launch forward, one backward).
-    Shorter super-chunks for few long sequences (more programs) measured no faster: their extra chunk-scan rows
-    cost what the added parallelism gains."""
-    bc = 32 if C % 32 == 0 else 16  # no idle lanes for C = 48, 80, ...
-    return TileConfig(BC=bc, BC_bwd=bc)
+    """The default tiles for B sequences of T tokens and C channels (chosen on an H100, docs/kernel_notes.md).
+    T is not capped: longer sequences get more super-chunks; a sequence of one super-chunk takes one launch
+    forward and one backward. The backward runs 16-channel programs, which measured faster than 32."""
+    R = 16
+    G, bc = _pick_tiles(B, T, C, R, (32, 16) if C % 32 == 0 else (16,))  # 16: no idle lanes at C = 48, 80...
+    G_bwd, _ = _pick_tiles(B, T, C, R, (16,))
+    return TileConfig(R=R, G=G, BC=bc, G_bwd=G_bwd, BC_bwd=16)
 
 
 def _check(k: Tensor, v: Tensor) -> None:
@@ -716,8 +746,8 @@ def _check(k: Tensor, v: Tensor) -> None:
 
 
 def _scan_launch(B: int, C: int, cfg: TileConfig, n_sup: int):
-    rows = min(triton.next_power_of_2(n_sup), cfg.scan_rows)
-    ncb = triton.cdiv(C, cfg.scan_BC)
+    rows = min(1 << (n_sup - 1).bit_length(), cfg.scan_rows)  # next power of two
+    ncb = _cdiv(C, cfg.scan_BC)
     warps = max(1, min(8, rows * cfg.scan_BC // 256))
     return (B * ncb, 2), ncb, rows, warps
 
@@ -742,9 +772,9 @@ def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, cfg: TileConfig
     Bg, *k_strides = _as_groups(k)
     B = k.numel() // (T * C)  # sequences of all order groups (numel counts an expanded view's every element)
     R, G = cfg.R, cfg.G
-    n_sub = triton.cdiv(T, R)
-    n_sup = triton.cdiv(n_sub, G)
-    ncb = triton.cdiv(C, cfg.BC)
+    n_sub = _cdiv(T, R)
+    n_sup = _cdiv(n_sub, G)
+    ncb = _cdiv(C, cfg.BC)
     dev = k.device
     y = torch.empty(k.shape, dtype=v.dtype, device=dev)  # contiguous: the kernels write sequence b at b * T * C
     kmax = torch.empty((B, C), dtype=torch.float32, device=dev)
@@ -774,9 +804,9 @@ def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
     Bg = _as_groups(k)[0]
     B = kmax.shape[0]
     R, G = cfg.R, cfg.G_bwd
-    n_sub = triton.cdiv(T, R)
-    n_sup = triton.cdiv(n_sub, G)
-    ncb = triton.cdiv(C, cfg.BC_bwd)
+    n_sub = _cdiv(T, R)
+    n_sup = _cdiv(n_sub, G)
+    ncb = _cdiv(C, cfg.BC_bwd)
     dev = k.device
     if gy.stride(-1) != 1:
         gy = gy.contiguous()
