@@ -164,6 +164,10 @@ def test_token_order_check_accepts_exactly_the_permutations():
                     except ValueError:
                         passed = False
                     assert passed == is_permutation, order
+                    if passed:  # read is the gather of indices(), write its inverse
+                        x = torch.randn(2, n, 3)
+                        assert torch.equal(order.read(x), x[:, order.indices(n)])
+                        assert torch.equal(order.write(order.read(x)), x)
 
 
 @pytest.mark.parametrize("order", QUAD_SCAN_ORDERS)

@@ -56,6 +56,27 @@ class TokenOrder:
         t = torch.arange(n, device=device)
         return self.start + (t // self.inner) * self.outer_step + (t % self.inner) * self.inner_step
 
+    def _grid(self, n: int) -> tuple[int, bool, list[int]]:
+        # (outer count, whether the inner axis is the stored fast axis, axes of a [outer, inner] grid to flip)
+        flips = [axis for axis, step in ((-3, self.outer_step), (-2, self.inner_step)) if step < 0]
+        return n // self.inner, abs(self.inner_step) == 1, flips
+
+    def read(self, x: Tensor) -> Tensor:
+        """Stored tokens [..., n, C] -> the sequence in this order [..., n, C], a strided copy (no gather)."""
+        outer, inner_fast, flips = self._grid(x.shape[-2])
+        if inner_fast:
+            grid = x.unflatten(-2, (outer, self.inner))  # [..., outer, inner, C] as stored
+        else:
+            grid = x.unflatten(-2, (self.inner, outer)).transpose(-3, -2)  # stored with the outer axis fast
+        return (grid.flip(flips) if flips else grid).flatten(-3, -2)
+
+    def write(self, s: Tensor) -> Tensor:
+        """Inverse of read: a sequence in this order [..., n, C] -> stored order [..., n, C]."""
+        outer, inner_fast, flips = self._grid(s.shape[-2])
+        grid = s.unflatten(-2, (outer, self.inner))  # [..., outer, inner, C] in sequence order
+        grid = grid.flip(flips) if flips else grid
+        return (grid if inner_fast else grid.transpose(-3, -2)).flatten(-3, -2)
+
 
 def scan_order(order: str, size: tuple[int, int]) -> TokenOrder:
     """A QuadScan order as a TokenOrder over row-major tokens of size = (H, W): reading tokens [B, H*W, C] in it
@@ -87,11 +108,10 @@ def apply_in_orders(
     """fn(w, u, k_seq, v_seq) on copies of the sequences that orders read from k, v [n, B, N, C]; the result
     goes back to the stored tokens, [n, B, N, C]. The portable form of ordered Bi-WKV (the kernel reads in place)."""
     n, B, N, C = k.shape
-    idx = [o.indices(N, k.device) for o in orders]
-    k_seq = torch.cat([k[i][:, j] for i, j in enumerate(idx)])  # [n, B, N, C] -> [n * B, N, C] in scan order
-    v_seq = torch.cat([v[i][:, j] for i, j in enumerate(idx)])
+    k_seq = torch.cat([o.read(k[i]) for i, o in enumerate(orders)])  # [n, B, N, C] -> [n * B, N, C] in scan order
+    v_seq = torch.cat([o.read(v[i]) for i, o in enumerate(orders)])
     y_seq = fn(w, u, k_seq, v_seq).reshape(n, B, N, C)
-    return torch.stack([y_seq[i][:, torch.argsort(j)] for i, j in enumerate(idx)])  # back to stored tokens
+    return torch.stack([o.write(y_seq[i]) for i, o in enumerate(orders)])  # back to the stored tokens
 
 
 def _check_order(order: str) -> None:
