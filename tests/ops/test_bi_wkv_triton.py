@@ -160,32 +160,45 @@ def test_dispatcher_picks_triton_on_cuda():
     torch.testing.assert_close(bi_wkv(w, u, k, v), bi_wkv(w, u, k, v, impl="chunked"), rtol=1e-5, atol=1e-5)
 
 
-def _ordered_errors(n_orders, B, N, C, orders, expand, seed, config=None):
-    """Relative errors of the ordered kernel (output, gradients of w, u, k, v) against the float64 O(T) path on
-    gathered copies; k, v are one [B, N, C] tensor expanded over the orders (expand) or one per order."""
+def _check_ordered(n_orders, B, N, C, orders, expand, seed, config=None):
+    """The ordered kernel (output, gradients of w, u, k, v) equals the plain kernel on gathered copies with the
+    same tiles (the arithmetic is the same; only the addresses differ), and with the default tiles lies within
+    1e-5 of the float64 O(T) path. k, v: one [B, N, C] tensor expanded over the orders, or one per order."""
     from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
 
+    cfg = TileConfig(**config) if config else None
     (w, u, k, v), _ = make_inputs(B if expand else n_orders * B, N, C, seed, "cuda")
     if not expand:
         k, v = k.view(n_orders, B, N, C), v.view(n_orders, B, N, C)
-    gy = torch.randn(n_orders, B, N, C, device="cuda")
+    gy = torch.randn(n_orders, B, N, C, generator=torch.Generator().manual_seed(seed)).cuda()
 
-    def fast(w, u, k, v):
-        if expand:
-            k, v = k.expand(n_orders, -1, -1, -1), v.expand(n_orders, -1, -1, -1)
-        return bi_wkv_triton(w, u, k, v, orders, TileConfig(**config) if config else None)
+    def grouped(k, v):
+        return (k.expand(n_orders, -1, -1, -1), v.expand(n_orders, -1, -1, -1)) if expand else (k, v)
+
+    def in_place(w, u, k, v):
+        return bi_wkv_triton(w, u, *grouped(k, v), orders, cfg)
+
+    def on_copies(w, u, k, v):
+        return apply_in_orders(lambda *a: bi_wkv_triton(*a, config=cfg), w, u, *grouped(k, v), orders)
 
     def exact(w, u, k, v):
-        if expand:
-            k, v = k.expand(n_orders, -1, -1, -1), v.expand(n_orders, -1, -1, -1)
-        return apply_in_orders(bi_wkv_chunked, w, u, k, v, orders)
+        return apply_in_orders(bi_wkv_chunked, w, u, *grouped(k, v), orders)
 
     poison_allocator("cuda", 16 * n_orders * B * N * C)
-    got = with_grads(fast, [w, u, k, v], gy)
+    got = with_grads(in_place, [w, u, k, v], gy)
     for t in got:
         assert torch.isfinite(t).all(), "an output or gradient element was not written (NaN poison survived)"
-    ref = with_grads(exact, [t.double() for t in (w, u, k, v)], gy.double())
-    return {name: rel_err(a, b) for name, a, b in zip(("y", "dw", "du", "dk", "dv"), got, ref, strict=True)}
+    names = ("y", "dw", "du", "dk", "dv")
+    copies = with_grads(on_copies, [w, u, k, v], gy)
+    for name, a, b in zip(names, got, copies, strict=True):
+        # sums may round differently: an expanded k sums its orders' gradients in another order than autograd
+        # sums the copies', and more than MAX_ORDERS orders add dw, du over several launches
+        exact_match = name == "y" or (name in ("dk", "dv") and not expand)
+        assert torch.equal(a, b) if exact_match else rel_err(a, b) <= 1e-6, name
+    if config is None:
+        ref = with_grads(exact, [t.double() for t in (w, u, k, v)], gy.double())
+        errors = {name: rel_err(a, b) for name, a, b in zip(names, got, ref, strict=True)}
+        assert max(errors.values()) <= 1e-5, errors
 
 
 @pytest.mark.gpu
@@ -195,8 +208,7 @@ def _ordered_errors(n_orders, B, N, C, orders, expand, seed, config=None):
 def test_quad_scan_orders_read_in_place(size, config):
     # one k, v (expanded, group stride 0) read in all four QuadScan orders in one launch
     orders = tuple(scan_order(o, size) for o in QUAD_SCAN_ORDERS)
-    errors = _ordered_errors(4, 2, size[0] * size[1], 19, orders, expand=True, seed=size[0], config=config)
-    assert max(errors.values()) <= 1e-5, errors
+    _check_ordered(4, 2, size[0] * size[1], 19, orders, expand=True, seed=size[0], config=config)
 
 
 @pytest.mark.gpu
@@ -205,9 +217,7 @@ def test_quad_scan_orders_read_in_place(size, config):
 def test_two_views_read_in_place(size):
     # view A in place and view B in (h, w, t) order over the same (t, h, w) storage, one k, v per view
     orders = (view_order("thw", size), view_order("hwt", size))
-    N = size[0] * size[1] * size[2]
-    errors = _ordered_errors(2, 3, N, 33, orders, expand=False, seed=N)
-    assert max(errors.values()) <= 1e-5, errors
+    _check_ordered(2, 3, size[0] * size[1] * size[2], 33, orders, expand=False, seed=size[0])
 
 
 @pytest.mark.gpu
@@ -217,8 +227,7 @@ def test_more_orders_than_one_launch_holds():
 
     orders = tuple(scan_order(o, (6, 7)) for o in QUAD_SCAN_ORDERS) * 2
     assert len(orders) > MAX_ORDERS
-    errors = _ordered_errors(len(orders), 2, 42, 5, orders, expand=False, seed=8)
-    assert max(errors.values()) <= 1e-5, errors
+    _check_ordered(len(orders), 2, 42, 5, orders, expand=False, seed=8)
 
 
 @pytest.mark.gpu
