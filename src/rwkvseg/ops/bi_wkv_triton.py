@@ -371,9 +371,9 @@ def _fwd_output_kernel(
     zero = tl.zeros([BC], tl.float32)
     ks, vs, order = _seq(b, Bg, skg, skb), _seq(b, Bg, svg, svb), _order(b, Bg, orders, ORDERED)
     if SINGLE:
-        kmax = _fwd_walk(k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, ks, skt, vs, svt, order, R, ORDERED)[
-            0
-        ]
+        kmax, _, _, _, _ = _fwd_walk(
+            k_ptr, v_ptr, w_ptr, sub_ptr, b, J, cols, T, C, n_sub, G, ks, skt, vs, svt, order, R, ORDERED
+        )  # fmt: skip
         tl.store(kmax_ptr + b * C + cols, kmax, mask=cmask)
         tl.debug_barrier()  # the walk's stores are read back below
         ln, ld, rn_sup, rd_sup = zero, zero, zero, zero
@@ -885,6 +885,11 @@ def bi_wkv_triton(
     config: tile sizes (tests and benchmarks); by default `tile_config(B, T, C)`.
     float64 inputs (gradcheck on a GPU) run the exact chunked path instead: the kernels accumulate in fp32.
     """
+    if orders is not None:
+        if k.dim() != 4 or len(orders) != k.shape[0]:
+            raise ValueError(f"bi_wkv_triton: {len(orders)} orders need k, v [n, B, N, C] with n = {len(orders)}")
+        for order in orders:
+            order.check(k.shape[2])  # an order outside the N tokens would read outside k
     if orders is not None and len(orders) > MAX_ORDERS:
         # one launch holds MAX_ORDERS orders; more take one launch per MAX_ORDERS
         parts = [
