@@ -82,7 +82,8 @@ def bi_wkv_ordered(
     k, v: [n, B, N, C] stored tokens, one slice per order (an expanded view reads one tensor in n orders);
     orders: n TokenOrders over the N tokens. Sequence (i, b) is k[i, b] read in orders[i]; y [n, B, N, C] holds
     each output at its stored token, so y[i] = unscan(bi_wkv(scan_i(k[i]), scan_i(v[i]))). w, u: [C], scaled
-    by 1/N by the caller. impl as for `bi_wkv`; the portable paths gather the sequences and scatter y back.
+    by 1/N by the caller. impl as for `bi_wkv`; the portable paths copy each order's sequences out and y
+    back through strided views (`TokenOrder.read` / `write`).
     """
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
