@@ -168,6 +168,14 @@ def _load(ptr, seq, j, T, cols, C, stride_t, order, R: tl.constexpr, ORDERED: tl
 
 
 @triton.jit
+def _load_kv(k_ptr, v_ptr, ks, skt, vs, svt, j, T, cols, C, order, R: tl.constexpr, ORDERED: tl.constexpr, ok):
+    """The k tile (-inf where masked) and the v tile (0) of sub-chunk j, the inputs of every walk step."""
+    k = _load(k_ptr, ks, j, T, cols, C, skt, order, R, ORDERED, float("-inf"), ok)
+    v = _load(v_ptr, vs, j, T, cols, C, svt, order, R, ORDERED, 0.0, ok)
+    return k, v
+
+
+@triton.jit
 def _row(ptr, b, j, n, K: tl.constexpr, C, cols):
     """Pointers to row j of a chunk-major [B, n, K, C] state tensor (component q is at + q * C)."""
     return ptr + ((b.to(tl.int64) * n + j) * K) * C + cols
@@ -251,15 +259,15 @@ def _fwd_walk(
     fd, gn, gd = fn, fn, fn
     count = _n_sub_in(J, T, G, R)
     # each step loads the next sub-chunk before working on this one, so its loads overlap the arithmetic
-    k_next = _load(k_ptr, ks, J * G + count - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
-    v_next = _load(v_ptr, vs, J * G + count - 1, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
+    k_next, v_next = _load_kv(
+        k_ptr, v_ptr, ks, skt, vs, svt, J * G + count - 1, T, cols, C, order, R, ORDERED, count > 0
+    )
     for i in range(count):
         jj = count - 1 - i
         j = J * G + jj
         k = k_next
         v = v_next
-        k_next = _load(k_ptr, ks, j - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), i + 1 < count)
-        v_next = _load(v_ptr, vs, j - 1, T, cols, C, svt, order, R, ORDERED, 0.0, i + 1 < count)
+        k_next, v_next = _load_kv(k_ptr, v_ptr, ks, skt, vs, svt, j - 1, T, cols, C, order, R, ORDERED, i + 1 < count)
         out = _row(sub_ptr, b, j, n_sub, 3, C, cols)
         tl.store(out, m, mask=cmask)
         tl.store(out + C, gn, mask=cmask)
@@ -393,14 +401,12 @@ def _fwd_output_kernel(
     pl = entry[0]
     pr = entry[1]
     count = _n_sub_in(J, T, G, R)
-    k_next = _load(k_ptr, ks, J * G, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
-    v_next = _load(v_ptr, vs, J * G, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
+    k_next, v_next = _load_kv(k_ptr, v_ptr, ks, skt, vs, svt, J * G, T, cols, C, order, R, ORDERED, count > 0)
     for jj in range(count):
         j = J * G + jj
         k = k_next
         v = v_next
-        k_next = _load(k_ptr, ks, j + 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), jj + 1 < count)
-        v_next = _load(v_ptr, vs, j + 1, T, cols, C, svt, order, R, ORDERED, 0.0, jj + 1 < count)
+        k_next, v_next = _load_kv(k_ptr, v_ptr, ks, skt, vs, svt, j + 1, T, cols, C, order, R, ORDERED, jj + 1 < count)
         yoffs, mask, row_ok = _rows(b.to(tl.int64) * T * C, j, T, cols, C, C, order, R, ORDERED)
         q = _row(sub_ptr, b, j, n_sub, 3, C, cols)
         scale = _exp(tl.load(q, mask=cmask, other=0.0) - kmax)
@@ -463,8 +469,9 @@ def _bwd_walk(
     sa = tl.zeros([cols.shape[0]], tl.float32)
     sb, qa, qb, fa, fb, fqa, fqb = sa, sa, sa, sa, sa, sa, sa
     count = _n_sub_in(J, T, G, R)
-    k_next = _load(k_ptr, ks, J * G + count - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
-    v_next = _load(v_ptr, vs, J * G + count - 1, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
+    k_next, v_next = _load_kv(
+        k_ptr, v_ptr, ks, skt, vs, svt, J * G + count - 1, T, cols, C, order, R, ORDERED, count > 0
+    )
     g_next = _load(gy_ptr, gs, J * G + count - 1, T, cols, C, sgt, order, R, ORDERED, 0.0, count > 0)
     for i in range(count):
         jj = count - 1 - i
@@ -472,8 +479,7 @@ def _bwd_walk(
         k = k_next
         v = v_next
         gy = g_next
-        k_next = _load(k_ptr, ks, j - 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), i + 1 < count)
-        v_next = _load(v_ptr, vs, j - 1, T, cols, C, svt, order, R, ORDERED, 0.0, i + 1 < count)
+        k_next, v_next = _load_kv(k_ptr, v_ptr, ks, skt, vs, svt, j - 1, T, cols, C, order, R, ORDERED, i + 1 < count)
         g_next = _load(gy_ptr, gs, j - 1, T, cols, C, sgt, order, R, ORDERED, 0.0, i + 1 < count)
         out = _row(sub_ptr, b, j, n_sub, 4, C, cols)
         tl.store(out, sa, mask=cmask)
@@ -634,16 +640,14 @@ def _bwd_output_kernel(
     du_sum = zero
     dw_sum = zero
     count = _n_sub_in(J, T, G, R)
-    k_next = _load(k_ptr, ks, J * G, T, cols, C, skt, order, R, ORDERED, float("-inf"), count > 0)
-    v_next = _load(v_ptr, vs, J * G, T, cols, C, svt, order, R, ORDERED, 0.0, count > 0)
+    k_next, v_next = _load_kv(k_ptr, v_ptr, ks, skt, vs, svt, J * G, T, cols, C, order, R, ORDERED, count > 0)
     g_next = _load(gy_ptr, gs, J * G, T, cols, C, sgt, order, R, ORDERED, 0.0, count > 0)
     for jj in range(count):
         j = J * G + jj
         k = k_next
         v = v_next
         gy = g_next
-        k_next = _load(k_ptr, ks, j + 1, T, cols, C, skt, order, R, ORDERED, float("-inf"), jj + 1 < count)
-        v_next = _load(v_ptr, vs, j + 1, T, cols, C, svt, order, R, ORDERED, 0.0, jj + 1 < count)
+        k_next, v_next = _load_kv(k_ptr, v_ptr, ks, skt, vs, svt, j + 1, T, cols, C, order, R, ORDERED, jj + 1 < count)
         g_next = _load(gy_ptr, gs, j + 1, T, cols, C, sgt, order, R, ORDERED, 0.0, jj + 1 < count)
         a, bb, ek, v, d, mask, row_ok = _grad_inputs(
             k, v, gy, fstate_ptr, b, j, T, C, n_sub, cols, kmax, dec, pl, pr, ew, eu, R
