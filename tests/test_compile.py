@@ -50,7 +50,7 @@ def test_every_registered_model_has_a_compile_case():
 
 
 def _loss_and_grads(model, x, run=None):
-    y = (run or model)(x)
+    y = (model if run is None else run)(x)
     y.square().mean().backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
     return y.detach(), grads
