@@ -253,7 +253,7 @@ def test_float64_runs_the_exact_chunked_path():
 _INTERPRETED = """
 import json, torch
 from rwkvseg.ops import QUAD_SCAN_ORDERS, apply_in_orders, bi_wkv_reference, scan_order
-from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
+from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton, bi_wkv_triton_grads
 out = {}
 cfgs = [(2, 5, 3, None), (2, 45, 5, TileConfig(R=4, G=3, BC=4, G_bwd=2, BC_bwd=2, scan_rows=2, scan_BC=2))]
 for B, T, C, cfg in cfgs:
@@ -269,6 +269,9 @@ for B, T, C, cfg in cfgs:
         y.backward(gy.to(dtype))
         errs.append([y.detach(), *(t.grad for t in leaves)])
     out[T] = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(*errs)]
+    # the registered operator's backward (forward kernels rerun for their states) equals autograd's, bitwise
+    grads = bi_wkv_triton_grads(w, u, k, v, gy, config=cfg)
+    out[f"{T} grads"] = [0.0 if torch.equal(a, b) else 1.0 for a, b in zip(grads, errs[0][1:])]
 # QuadScan's four orders of one expanded 3 x 5 grid, several super-chunks
 orders = tuple(scan_order(o, (3, 5)) for o in QUAD_SCAN_ORDERS)
 cfg = TileConfig(R=4, G=2, BC=4, G_bwd=3, BC_bwd=2, scan_rows=2, scan_BC=2)

@@ -90,6 +90,9 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, size = pad_to_multiple(x, STRIDE)
+        if torch.compiler.is_compiling():  # MONAI's UpCat calls torch.jit.isinstance, which Dynamo skips otherwise
+            with torch._dynamo.dont_skip_tracing():
+                return crop_to(self.net(x), size)
         return crop_to(self.net(x), size)
 
 

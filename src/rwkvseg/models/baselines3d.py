@@ -16,6 +16,7 @@ import inspect
 import math
 from collections.abc import Sequence
 
+import torch
 from monai.networks import nets
 from torch import Tensor, nn
 
@@ -95,7 +96,7 @@ class SizeCheckedNet(nn.Module):
             raise ValueError(
                 f"{self.name} needs every spatial size to be a multiple of {self.multiple}, got {size}; pad to {fit}"
             )
-        if self.coarse is not None and math.prod(s // self.coarse for s in size) < 2:
+        if self.coarse is not None and math.prod([s // self.coarse for s in size]) < 2:  # a list: Dynamo can trace it
             raise ValueError(
                 f"{self.name} needs more than one voxel at 1/{self.coarse} resolution (its bottleneck instance "
                 f"norm), got {size}; use at least {2 * self.coarse} along one axis"
@@ -105,6 +106,9 @@ class SizeCheckedNet(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"{self.name} expects [B, M, T, H, W], got shape {tuple(x.shape)}")
         self.check_size(x.shape[2:])
+        if torch.compiler.is_compiling():  # MONAI's UpCat calls torch.jit.isinstance, which Dynamo skips otherwise
+            with torch._dynamo.dont_skip_tracing():
+                return self.net(x)
         return self.net(x)
 
 
