@@ -16,7 +16,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
 
 from rwkvseg.layers.dualview import WindowedDualViewStage
-from rwkvseg.layers.norm import LayerNormChannelsFirst, use_fast_instance_norm
+from rwkvseg.layers.norm import LayerNormChannelsFirst, use_fast_instance_norm, use_fused_instance_norm
 from rwkvseg.layers.resfm import ChannelResFM, ModalResFM
 
 from .registry import Family
@@ -42,6 +42,9 @@ class MMSegRWKVConfig:
     # 32.8 ms inference but 1.16 -> 1.67 GB peak memory (fp32 temporaries); off by default so the decoder's
     # numbers stay comparable with MONAI baselines using the same stock norm
     fast_norm: bool = False
+    # the decoder's instance norms as fused Triton ops on CUDA (layers/norm.py), each res block's first norm with
+    # its LeakyReLU: fp32 statistics, split reductions, no fp32 temporaries; the CPU runs the stock ops either way
+    fused_norm: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -49,6 +52,8 @@ class MMSegRWKVConfig:
             raise ValueError(
                 f"widths {self.widths}, depths {self.depths} and windows {self.windows} need one entry per stage"
             )
+        if self.fast_norm and self.fused_norm:
+            raise ValueError("fast_norm and fused_norm replace the same instance norms; set at most one of them")
         if self.resfm not in RESFM_MODES:
             raise ValueError(f"unknown resfm mode {self.resfm!r}; choose one of {RESFM_MODES}")
         if min(self.windows) < 1 or min(self.depths) < 1 or min(self.widths) < 1:
@@ -156,6 +161,8 @@ class MMSegRWKV(nn.Module):
         self.head = UnetOutBlock(3, fr, cfg.num_classes)
         if cfg.fast_norm:
             use_fast_instance_norm(self)
+        if cfg.fused_norm:
+            use_fused_instance_norm(self)
 
     def padded_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """Each axis up to a multiple of the stride; if that leaves a single voxel at the 1/stride bottleneck
