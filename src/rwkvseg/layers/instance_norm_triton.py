@@ -12,6 +12,8 @@ act(z) = z for z > 0, slope * z otherwise: slope 0.01 is MONAI's LeakyReLU, 0 a 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -170,10 +172,19 @@ def _backward_dx_kernel(
         tl.store(gx_ptr + base + idx, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _chunk(rows: int, n: int, device: torch.device, block: int, programs: int | None) -> tuple[int, int]:
     """(chunk, splits): chunks of whole tiles, enough (row, chunk) programs to fill the device."""
     if programs is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        sms = (
+            _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            if device.type == "cuda"
+            else 4
+        )
         programs = PROGRAMS_PER_SM * sms
     splits = max(1, min(triton.cdiv(programs, rows), triton.cdiv(n, block)))
     chunk = triton.cdiv(triton.cdiv(n, splits), block) * block
