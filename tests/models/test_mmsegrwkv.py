@@ -1,18 +1,10 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rwkvseg.layers.dualview as dualview
 from rwkvseg.bench.complexity import count_macs, count_parameters
 from rwkvseg.models import create_model
-from rwkvseg.models.mmsegrwkv import (
-    RESFM_MODES,
-    VARIANTS,
-    InstanceNormFast,
-    MMSegRWKV,
-    _InstanceNormFunction,
-    use_fast_instance_norm,
-)
+from rwkvseg.models.mmsegrwkv import RESFM_MODES, VARIANTS, MMSegRWKV
 
 
 def _tiny(resfm: str = "modal", in_channels: int = 4, num_classes: int = 3, seed: int = 0) -> MMSegRWKV:
@@ -65,17 +57,6 @@ def test_padding_reaches_the_stride_and_a_two_voxel_bottleneck():
     assert model.padded_size((64, 32, 32)) == (64, 32, 32)
 
 
-def test_state_dict_round_trip():
-    a, b = _tiny(seed=0).eval(), _tiny(seed=1).eval()
-    assert not torch.equal(
-        a.encoder.stages[0].blocks[0].spatial.key.weight, b.encoder.stages[0].blocks[0].spatial.key.weight
-    )
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(1, 4, 9, 13, 11)
-    with torch.no_grad():
-        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
-
-
 def test_golden_output():
     """Seeded mmsegrwkv_test on a fixed input; numbers recorded from this implementation (float32, CPU)."""
     model = _tiny().eval()
@@ -126,43 +107,9 @@ def test_config_errors_name_the_fix():
         _tiny()(torch.randn(1, 3, 8, 8, 8))
 
 
-def test_fast_instance_norm_function_matches_torch_with_gradients():
-    x = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: _InstanceNormFunction.apply(t, 1e-5), (x,))
-    torch.testing.assert_close(_InstanceNormFunction.apply(x, 1e-5), F.instance_norm(x, eps=1e-5))
-    xb = torch.randn(1, 4, 6, 7, 8).bfloat16()
-    y = _InstanceNormFunction.apply(xb, 1e-5)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), F.instance_norm(xb.float()), rtol=2e-2, atol=2e-2)
-
-
-def test_use_fast_instance_norm_swaps_every_instance_norm_and_keeps_the_state():
-    net = torch.nn.Sequential(torch.nn.InstanceNorm3d(3, affine=True), torch.nn.Sequential(torch.nn.InstanceNorm3d(2)))
-    with torch.no_grad():
-        net[0].weight.uniform_()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    x = torch.randn(1, 3, 4, 5, 6)
-    ref = net[0](x)
-    use_fast_instance_norm(net)
-    assert isinstance(net[0], InstanceNormFast) and isinstance(net[1][0], InstanceNormFast)
-    assert net.state_dict().keys() == before.keys()
-    torch.testing.assert_close(net[0](x), ref)
+def test_fast_norm_swaps_every_instance_norm_and_keeps_the_state_dict_keys():
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in _tiny().modules())
     torch.manual_seed(0)
     fast = create_model("mmsegrwkv_test", 4, 3, fast_norm=True)
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in fast.modules())
     assert fast.state_dict().keys() == _tiny().state_dict().keys()
-
-
-@pytest.mark.gpu
-def test_fast_instance_norm_on_cuda_matches_torch():
-    norm = InstanceNormFast(5, affine=True).cuda()
-    with torch.no_grad():
-        norm.weight.uniform_()
-        norm.bias.uniform_()
-    x = torch.randn(2, 5, 17, 18, 19, device="cuda", requires_grad=True)
-    y = norm(x)
-    ref = F.instance_norm(x, weight=norm.weight, bias=norm.bias)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=1e-4, atol=1e-4)

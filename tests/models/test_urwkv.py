@@ -101,7 +101,7 @@ def test_ablation_switches_change_the_model():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match=r"unknown config fields.*'duall'"):
+    with pytest.raises(ValueError, match=r"unknown overrides.*'duall'"):
         create_model("urwkv", 3, 1, duall=False)
     with pytest.raises(ValueError, match="dims"):
         URWKVConfig(3, 1, dims=(8, 16, 32, 64))

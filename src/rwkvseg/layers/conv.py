@@ -1,7 +1,11 @@
-"""Conv / norm / activation helpers keyed on spatial_dims, and padding of inputs to a multiple of the stride."""
+"""Conv / norm / activation helpers keyed on spatial_dims, padding of inputs to a multiple of the stride, and the
+encoder and decoder walks that U-RWKV and CMUNeXt share."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
+import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Norm
 from torch import Tensor, nn
@@ -100,3 +104,19 @@ class ChannelFusion(nn.Sequential):
             ConvNormAct(spatial_dims, in_channels, hidden, 1, order="conv-act-norm"),
             ConvNormAct(spatial_dims, hidden, out_channels, 1, order="conv-act-norm"),
         )
+
+
+def encode(x: Tensor, encoders: Iterable[nn.Module], pool: nn.Module) -> list[Tensor]:
+    """Run the encoder stages, pooling x2 before every stage but the first; returns every stage's output."""
+    skips = []
+    for i, encoder in enumerate(encoders):
+        x = encoder(x if i == 0 else pool(x))
+        skips.append(x)
+    return skips
+
+
+def decode(x: Tensor, skips: Sequence[Tensor], ups: Iterable[nn.Module], fusions: Iterable[nn.Module]) -> Tensor:
+    """The U-shaped decoder walk from the deepest map x: upsample, concatenate [skip, up], fuse, deepest skip first."""
+    for up, fuse, skip in zip(ups, fusions, reversed(skips), strict=True):
+        x = fuse(torch.cat([skip, up(x)], dim=1))  # [B, 2 C_i, *spatial] -> [B, C_i, *spatial]
+    return x

@@ -24,13 +24,6 @@ from rwkvseg.ops import (
 )
 
 
-class LayerNormChannelsFirst(nn.LayerNorm):
-    """LayerNorm over the channel axis of a channels-first map [B, C, *spatial]."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
-
-
 def _ratios(layer: int, n_layer: int) -> tuple[float, float]:
     """(ratio_0_to_1, ratio_1_to_almost0) of RWKV's "fancy" init; a single layer counts as the first one."""
     if not 0 <= layer < n_layer:

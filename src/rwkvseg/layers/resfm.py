@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .dualview import LayerNormChannelsFirst
+from .norm import LayerNormChannelsFirst
 
 _CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 

@@ -8,17 +8,18 @@ cropped back. See docs/mmsegrwkv.md.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
 
-from rwkvseg.layers.dualview import LayerNormChannelsFirst, WindowedDualViewStage
+from rwkvseg.layers.dualview import WindowedDualViewStage
+from rwkvseg.layers.norm import LayerNormChannelsFirst, use_fast_instance_norm, use_fused_instance_norm
 from rwkvseg.layers.resfm import ChannelResFM, ModalResFM
+
+from .registry import Family
 
 RESFM_MODES = ("modal", "stage", "none")
 
@@ -41,6 +42,9 @@ class MMSegRWKVConfig:
     # 32.8 ms inference but 1.16 -> 1.67 GB peak memory (fp32 temporaries); off by default so the decoder's
     # numbers stay comparable with MONAI baselines using the same stock norm
     fast_norm: bool = False
+    # the decoder's instance norms as fused Triton ops on CUDA (layers/norm.py), each res block's first norm with
+    # its LeakyReLU: fp32 statistics, split reductions, no fp32 temporaries; the CPU runs the stock ops either way
+    fused_norm: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -48,6 +52,8 @@ class MMSegRWKVConfig:
             raise ValueError(
                 f"widths {self.widths}, depths {self.depths} and windows {self.windows} need one entry per stage"
             )
+        if self.fast_norm and self.fused_norm:
+            raise ValueError("fast_norm and fused_norm replace the same instance norms; set at most one of them")
         if self.resfm not in RESFM_MODES:
             raise ValueError(f"unknown resfm mode {self.resfm!r}; choose one of {RESFM_MODES}")
         if min(self.windows) < 1 or min(self.depths) < 1 or min(self.widths) < 1:
@@ -66,66 +72,6 @@ VARIANTS: dict[str, dict] = {
         widths=(8, 16, 16, 24), depths=(1, 1, 1, 1), windows=(3, 2, 2, 1), decoder_hidden=32, full_res_width=8
     ),
 }
-
-
-class _InstanceNormFunction(torch.autograd.Function):
-    """Affine-free instance norm with at least fp32 statistics; saves only the input and per-(sample, channel) stats."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, eps: float) -> Tensor:
-        dims = tuple(range(2, x.dim()))
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, mean, rstd)
-        return ((xf - mean) * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, gy: Tensor) -> tuple[Tensor, None]:
-        x, mean, rstd = ctx.saved_tensors
-        dims = tuple(range(2, x.dim()))
-        xhat = (x.to(mean.dtype) - mean) * rstd
-        g = gy.to(mean.dtype)
-        gx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-        return gx.to(x.dtype), None
-
-
-class InstanceNormFast(nn.Module):
-    """Drop-in for nn.InstanceNorm{2,3}d without running stats, same numbers, faster on CUDA.
-
-    PyTorch's CUDA instance norm reduces each (sample, channel) with one thread block, so a 32-channel 128^3 map
-    keeps most of the GPU idle (measured on one H100: 68 % of MMSegRWKV's bf16 inference kernel time went to its
-    instance norms). A plain var_mean spreads each long reduction over many blocks, at the price of fp32
-    temporaries of the map's size. On the CPU the native op is used.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = False) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not x.is_cuda:
-            return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
-        y = _InstanceNormFunction.apply(x, self.eps)
-        if self.weight is not None:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape).to(y.dtype) + self.bias.view(shape).to(y.dtype)
-        return y
-
-
-def use_fast_instance_norm(model: nn.Module) -> nn.Module:
-    """Replace every nn.InstanceNorm{2,3}d without running stats in model by InstanceNormFast (in place)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.InstanceNorm2d, nn.InstanceNorm3d)) and not module.track_running_stats:
-            fast = InstanceNormFast(module.num_features, module.eps, module.affine)
-            if module.affine:
-                fast.load_state_dict(module.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, fast)
-    return model
 
 
 class SkipMlp(nn.Module):
@@ -215,6 +161,8 @@ class MMSegRWKV(nn.Module):
         self.head = UnetOutBlock(3, fr, cfg.num_classes)
         if cfg.fast_norm:
             use_fast_instance_norm(self)
+        if cfg.fused_norm:
+            use_fused_instance_norm(self)
 
     def padded_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """Each axis up to a multiple of the stride; if that leaves a single voxel at the 1/stride bottleneck
@@ -245,17 +193,4 @@ class MMSegRWKV(nn.Module):
         return y[:, :, : size[0], : size[1], : size[2]]
 
 
-def _builder(name: str):
-    def build(in_channels: int, num_classes: int, **overrides) -> MMSegRWKV:
-        fields = {f.name for f in dataclasses.fields(MMSegRWKVConfig)} - {"in_channels", "num_classes"}
-        unknown = overrides.keys() - fields
-        if unknown:
-            raise ValueError(f"{name}: unknown overrides {sorted(unknown)}; valid ones: {sorted(fields)}")
-        params = {**VARIANTS[name], **overrides}
-        params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-        return MMSegRWKV(MMSegRWKVConfig(in_channels=in_channels, num_classes=num_classes, **params))
-
-    return build
-
-
-MODELS = {name: _builder(name) for name in VARIANTS}
+FAMILY = Family.of_config(MMSegRWKV, MMSegRWKVConfig, VARIANTS)

@@ -1,27 +1,57 @@
 """The model registry: every architecture by name, behind one `create_model` call.
 
-Each model module exports MODELS, a dict from name to a builder `f(in_channels, num_classes, **overrides)`.
-Modules are imported when the registry is first asked, not at package import.
+Each model module exports FAMILY: its variants as data (name -> config values) and how to build one. Every
+variant is built the same way (`Family.create`): the variant's values, updated by the caller's checked
+overrides, go to the family's `make`. Modules are imported when the registry is first asked, not at package import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from torch import nn
 
-MODEL_MODULES = ("urwkv", "baselines2d", "mmsegrwkv", "baselines3d")
+FAMILY_MODULES = ("urwkv", "cmunext", "mmsegrwkv", "baselines")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture: `variants` maps each registered name to its config values; `make(name, in_channels,
+    num_classes, **values)` builds it; `fields(name)` names the values a caller may override."""
+
+    variants: Mapping[str, Mapping[str, Any]]
+    make: Callable[..., nn.Module]
+    fields: Callable[[str], Collection[str]]
+
+    @classmethod
+    def of_config(cls, model: Callable[[Any], nn.Module], config: type, variants: Mapping[str, Mapping]) -> Family:
+        """A family whose values are the fields of a frozen dataclass `config(in_channels, num_classes, ...)`."""
+        fields = frozenset(f.name for f in dataclasses.fields(config)) - {"in_channels", "num_classes"}
+        return cls(variants, lambda name, i, n, **values: model(config(i, n, **values)), lambda name: fields)
+
+    def create(self, name: str, in_channels: int, num_classes: int, **overrides) -> nn.Module:
+        valid = self.fields(name)
+        unknown = overrides.keys() - valid
+        if unknown:
+            raise ValueError(f"{name}: unknown overrides {sorted(unknown)}; valid ones: {sorted(valid)}")
+        # JSON sidecars give tuples back as lists; configs hold tuples
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        return self.make(name, in_channels, num_classes, **{**self.variants[name], **overrides})
 
 
 def _builders() -> dict[str, Callable[..., nn.Module]]:
     builders: dict[str, Callable[..., nn.Module]] = {}
-    for module in MODEL_MODULES:
-        models = importlib.import_module(f"{__package__}.{module}").MODELS
-        clash = builders.keys() & models.keys()
+    for module in FAMILY_MODULES:
+        family: Family = importlib.import_module(f"{__package__}.{module}").FAMILY
+        clash = builders.keys() & family.variants.keys()
         if clash:
             raise RuntimeError(f"model names {sorted(clash)} are registered twice (last in {module})")
-        builders.update(models)
+        builders.update({name: partial(family.create, name) for name in family.variants})
     return builders
 
 

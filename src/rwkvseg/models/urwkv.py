@@ -13,17 +13,27 @@ despite the name; deep_se adds one). Q-Shift runs on each scanned sequence's own
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from monai.networks.blocks import ChannelSELayer
 from torch import Tensor, nn
 
-from rwkvseg.layers.conv import ChannelFusion, ConvNormAct, UpConv, batch_norm_nd, conv_nd, crop_to, pad_to_multiple
+from rwkvseg.layers.conv import (
+    ChannelFusion,
+    ConvNormAct,
+    UpConv,
+    batch_norm_nd,
+    conv_nd,
+    crop_to,
+    decode,
+    encode,
+    pad_to_multiple,
+)
 from rwkvseg.layers.vrwkv import TOKEN_SHIFTS, QuadScanBlock
 from rwkvseg.ops import QUAD_SCAN_ORDERS
+
+from .registry import Family
 
 SPATIAL_DIMS = 2
 STRIDE = 16  # four 2x poolings: inputs are padded to a multiple of this
@@ -172,23 +182,10 @@ class URWKV(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, size = pad_to_multiple(x, STRIDE)
-        x = self.stem(x)
-        skips = []
-        for i, encoder in enumerate(self.encoders):
-            x = encoder(x if i == 0 else self.pool(x))
-            skips.append(x)  # x1 .. x4 at H .. H/8
-        x = self.darm(self.deepest(self.pool(x)))  # [B, C5, H/16, W/16]
-        for up, fuse, skip in zip(self.ups, self.fusions, reversed(skips), strict=True):
-            x = fuse(torch.cat([skip, up(x)], dim=1))  # [B, 2 C_i, h, w] -> [B, C_i, h, w]
+        skips = encode(self.stem(x), self.encoders, self.pool)  # x1 .. x4 at H .. H/8
+        x = self.darm(self.deepest(self.pool(skips[-1])))  # [B, C5, H/16, W/16]
+        x = decode(x, skips, self.ups, self.fusions)
         return crop_to(self.head(x), size)
 
 
-def build(variant: str, in_channels: int, num_classes: int, **overrides) -> URWKV:
-    fields = {f.name for f in dataclasses.fields(URWKVConfig)} - {"in_channels", "num_classes"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"{variant}: unknown config fields {sorted(unknown)}; valid fields: {sorted(fields)}")
-    return URWKV(URWKVConfig(in_channels, num_classes, **{**VARIANTS[variant], **overrides}))
-
-
-MODELS = {name: partial(build, name) for name in VARIANTS}
+FAMILY = Family.of_config(URWKV, URWKVConfig, VARIANTS)

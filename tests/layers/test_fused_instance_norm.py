@@ -1,0 +1,206 @@
+"""The fused instance norm + activation: against nn.InstanceNorm3d (+ LeakyReLU / ReLU) in outputs and every
+gradient. CPU: the module and MONAI's res block swap; the Triton kernels under TRITON_INTERPRET=1 at small, ragged
+shapes; the CUDA path (custom op, torch.compile, memory) in the gpu-marked tests."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks.dynunet_block import UnetResBlock
+from torch import nn
+
+import rwkvseg
+from rwkvseg.layers.norm import FusedInstanceNormAct, FusedUnetResBlock, instance_norm_act, use_fused_instance_norm
+from rwkvseg.models import create_model
+
+SLOPES = (1.0, 0.01, 0.0)  # no activation, MONAI's LeakyReLU, ReLU
+
+
+def _reference(x, weight, bias, slope, eps=1e-5):
+    """nn.InstanceNorm3d then the activation, as MONAI's blocks run them."""
+    y = F.instance_norm(x, weight=weight, bias=bias, eps=eps)
+    return y if slope == 1.0 else F.leaky_relu(y, slope)
+
+
+def _inputs(shape, affine, dtype=torch.float32, device="cpu", mean=3.0, std=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(device, dtype)
+    c = shape[1]
+    weight = (torch.rand(c, generator=g) + 0.5).to(device) if affine else None
+    bias = torch.randn(c, generator=g).to(device) if affine else None
+    return x, weight, bias
+
+
+def _double(*tensors):
+    return [None if t is None else t.double() for t in tensors]
+
+
+def _grads(fn, x, weight, bias, gy):
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
+    y = fn(*leaves) if weight is not None else fn(leaves[0], None, None)
+    return y, torch.autograd.grad(y, leaves, gy)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("slope", SLOPES)
+def test_module_matches_instance_norm_and_activation_on_cpu(affine, slope):
+    norm = nn.InstanceNorm3d(3, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    fused = FusedInstanceNormAct.replacing(norm, slope)
+    assert fused.state_dict().keys() == norm.state_dict().keys()
+    x = torch.randn(2, 3, 5, 6, 7, requires_grad=True)
+    ref = norm(x) if slope == 1.0 else F.leaky_relu(norm(x), slope)
+    y = fused(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    gy = torch.randn_like(y)
+    params = list(norm.parameters())
+    torch.testing.assert_close(torch.autograd.grad(y, [x, *params], gy), torch.autograd.grad(ref, [x, *params], gy))
+
+
+@pytest.mark.parametrize(("cin", "cout"), [(3, 4), (4, 4)])
+def test_fused_res_block_equals_monai_block(cin, cout):
+    torch.manual_seed(0)
+    block = UnetResBlock(3, cin, cout, kernel_size=3, stride=1, norm_name="instance")
+    keys = list(block.state_dict())
+    x = torch.randn(2, cin, 7, 6, 5, requires_grad=True)
+    ref = block(x)
+    gy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [x, *block.parameters()], gy)
+    fused = FusedUnetResBlock(block)
+    assert list(fused.state_dict()) == keys
+    y = fused(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y, [x, *fused.parameters()], gy), ref_grads, rtol=0, atol=0)
+
+
+def test_mmsegrwkv_fused_norm_keeps_keys_and_outputs_on_cpu():
+    torch.manual_seed(0)
+    stock = create_model("mmsegrwkv_test", 4, 3)
+    fused = create_model("mmsegrwkv_test", 4, 3, fused_norm=True)
+    assert list(fused.state_dict()) == list(stock.state_dict())
+    assert not any(isinstance(m, nn.InstanceNorm3d) for m in fused.modules())
+    assert sum(isinstance(m, FusedUnetResBlock) for m in fused.modules()) == 10
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    x = torch.randn(1, 4, 9, 13, 11)
+    torch.testing.assert_close(fused(x), stock(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at most one"):
+        create_model("mmsegrwkv_test", 4, 3, fused_norm=True, fast_norm=True)
+
+
+def test_use_fused_instance_norm_leaves_other_norms_alone():
+    net = nn.Sequential(
+        UnetResBlock(3, 2, 2, kernel_size=3, stride=1, norm_name="batch"),
+        nn.InstanceNorm3d(2, affine=True),
+        nn.InstanceNorm3d(2, track_running_stats=True),
+    )
+    use_fused_instance_norm(net)
+    assert isinstance(net[0], UnetResBlock) and isinstance(net[0].norm1, nn.BatchNorm3d)
+    assert isinstance(net[1], FusedInstanceNormAct) and net[1].weight is not None
+    assert isinstance(net[2], nn.InstanceNorm3d)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_custom_op_fake_and_autograd_wiring_on_meta(affine):
+    """What torch.compile sees: the ops' fake implementations and the registered backward, on meta tensors."""
+    x = torch.empty(2, 3, 4, 5, 6, device="meta", requires_grad=True)
+    params = [torch.empty(3, device="meta", requires_grad=True) for _ in range(2)] if affine else [None, None]
+    y, mean, rstd = torch.ops.rwkvseg.instance_norm_act(x, *params, 1e-5, 0.01)
+    assert y.shape == x.shape and mean.shape == rstd.shape == (6,) and mean.dtype == torch.float32
+    leaves = [x, *params] if affine else [x]
+    grads = torch.autograd.grad(y, leaves, torch.empty_like(y))
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+
+
+def test_triton_kernels_under_interpreter():
+    """Forward and every gradient of the Triton kernels, run on the CPU in a process of its own."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(rwkvseg.__file__).parents[1])}
+    script = Path(__file__).with_name("instance_norm_interpreted.py")
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    bf16 = results.pop("bf16")
+    assert bf16["dtype_is_bf16"] == 1.0 and bf16["y"] < 2e-2, bf16
+    assert len(results) == 3
+    for case, errors in results.items():
+        assert errors.pop("no_affine_grads", 0.0) == 0.0, case
+        torch_fp32 = errors.pop("torch_fp32")
+        assert set(errors) >= {"y", "mean", "gx"}
+        # within 1e-5 of float64, or where fp32 inputs alone cost more (|mean| >> std) 4x PyTorch's own fp32 error
+        assert max(errors.values()) < max(1e-5, 4 * torch_fp32), (case, errors, torch_fp32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("slope", SLOPES)
+@pytest.mark.parametrize("shape", [(2, 5, 17, 18, 19), (1, 32, 64, 64, 64)])
+def test_cuda_op_matches_instance_norm_with_gradients(affine, slope, shape):
+    x, weight, bias = _inputs(shape, affine, device="cuda")
+    gy = torch.randn(shape, device="cuda")
+    y, grads = _grads(lambda *t: instance_norm_act(*t, slope=slope), x, weight, bias, gy)
+    ref, ref_grads = _grads(lambda *t: _reference(*t, slope), *_double(x, weight, bias), gy.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_op_passes_opcheck():
+    x, weight, bias = _inputs((2, 3, 9, 10, 11), True, device="cuda")
+    for args in [(x, weight, bias, 1e-5, 0.01), (x, None, None, 1e-5, 1.0)]:
+        torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act.default, args)
+
+
+@pytest.mark.gpu
+def test_cuda_fused_block_compiles_fullgraph_and_matches_eager():
+    torch.manual_seed(0)
+    block = FusedUnetResBlock(UnetResBlock(3, 4, 8, kernel_size=3, stride=1, norm_name="instance")).cuda()
+    x = torch.randn(2, 4, 24, 20, 16, device="cuda", requires_grad=True)
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    gy = torch.randn_like(eager)
+    torch.testing.assert_close(
+        torch.autograd.grad(compiled, x, gy)[0], torch.autograd.grad(eager, x, gy)[0], rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_fused_norm_uses_no_more_memory_than_instance_norm():
+    def peak(fn, x):
+        x.grad = None
+        block.zero_grad(set_to_none=True)  # both runs allocate their parameter gradients afresh
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fn(x).float().square().mean().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    torch.manual_seed(0)
+    block = UnetResBlock(3, 32, 32, kernel_size=3, stride=1, norm_name="instance").cuda()
+    x = torch.randn(1, 32, 96, 96, 96, device="cuda", requires_grad=True)
+    stock = peak(block, x)
+    fused = peak(FusedUnetResBlock(block), x)
+    assert fused <= stock, (fused / 2**20, stock / 2**20)
+
+
+@pytest.mark.gpu
+def test_cuda_mmsegrwkv_fused_norm_matches_stock():
+    torch.manual_seed(0)
+    stock = create_model("mmsegrwkv_test", 4, 3).cuda()
+    fused = create_model("mmsegrwkv_test", 4, 3, fused_norm=True).cuda()
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    x = torch.randn(1, 4, 40, 33, 37, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), stock(x), rtol=1e-3, atol=1e-3)
