@@ -45,7 +45,9 @@ class ModelBenchConfig:
     """One benchmark run. models empty: every registered model of `dims` except the `*_test` sizes.
 
     sides: input side lengths (the input is a square / cube); empty: SIDES for the device. modes: eager and/or
-    compiled; compile_mode: torch.compile's mode, the same for every model. phases: infer and/or train.
+    compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (dynamic=True
+    compiles each (model, phase) once for all sizes; None lets torch recompile per new shape). phases: infer
+    and/or train.
     """
 
     dims: int
@@ -58,6 +60,7 @@ class ModelBenchConfig:
     phases: tuple[str, ...] = PHASES
     compile_mode: str = "default"
     fullgraph: bool = False
+    dynamic: bool | None = None
     amp: bool = True
     warmup: int = 3
     repeats: int = 10
@@ -168,7 +171,7 @@ def measure(
     x = torch.randn(tuple(shape), device=device)
     runner = model
     if compiled:
-        runner = torch.compile(model, mode=config.compile_mode, fullgraph=config.fullgraph)
+        runner = torch.compile(model, mode=config.compile_mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
     step = _step_fn(runner, phase, x, device, config.amp)
     clock = _Clock(device)
     if device.type == "cuda":
@@ -206,7 +209,9 @@ def bench_models(config: ModelBenchConfig, on_row: Callable[[dict[str, Any]], No
     infer_batches = config.infer_batches or INFER_BATCHES[config.dims]
     train_batch = config.train_batch or TRAIN_BATCH[config.dims]
     rows = []
-    with _threads(config.threads, device):
+    # every (phase, batch, side) may add a compiled graph of one forward: past dynamo's default limit of 8 it
+    # would fall back to eager without a word, and the "compiled" rows would not be compiled
+    with _threads(config.threads, device), torch._dynamo.config.patch(cache_size_limit=256):
         for name in names:
             torch.manual_seed(0)
             model = create_model(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)
