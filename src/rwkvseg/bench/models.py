@@ -1,0 +1,324 @@
+"""Whole-model cost, ours against the baselines, eager and compiled in one run: `rwkvseg bench models`.
+
+For every model of one dimension and every input side: inference latency and peak memory (3D at batch 1, 2D at
+batch 1 and 8) and one training step (forward, backward, SGD step) with its peak memory. Both sides run with the
+same settings (bf16 autocast on CUDA, float32 on CPU) and, in the compiled rows, the same `torch.compile` mode, so
+compiled is compared with compiled. Compilation time is measured apart from run time: it is the first call's time
+less one steady call.
+
+Times on CUDA come from CUDA events around each call (median over `repeats`); peak memory is the allocator's peak
+above the model and its input. On the CPU the same table runs at small sizes with a fixed thread count and no
+memory column (the allocator's peak is not observable there without a subprocess per row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models import create_model, list_models
+
+log = logging.getLogger(__name__)
+
+MODES = ("eager", "compiled")
+PHASES = ("infer", "train")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+# Channels in and out of the problems the models are built for: RGB images with one foreground class; four MRI
+# sequences with three tumour regions (BraTS).
+PROBLEMS = {2: (3, 1), 3: (4, 3)}
+SIDES = {("cuda", 2): (256, 512, 1024), ("cuda", 3): (64, 96, 128, 160), ("cpu", 2): (64, 128), ("cpu", 3): (32, 48)}
+INFER_BATCHES = {2: (1, 8), 3: (1,)}
+TRAIN_BATCH = {2: 8, 3: 2}
+
+
+@dataclass(frozen=True)
+class ModelBenchConfig:
+    """One benchmark run. models empty: every registered model of `dims` except the `*_test` sizes.
+
+    sides: input side lengths (the input is a square / cube); empty: SIDES for the device. modes: eager and/or
+    compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (dynamic=True
+    compiles each (model, phase) once for all sizes; None lets torch recompile per new shape). phases: infer
+    and/or train.
+    """
+
+    dims: int
+    device: str = "cpu"
+    models: tuple[str, ...] = ()
+    sides: tuple[int, ...] = ()
+    infer_batches: tuple[int, ...] = ()
+    train_batch: int = 0
+    modes: tuple[str, ...] = MODES
+    phases: tuple[str, ...] = PHASES
+    compile_mode: str = "default"
+    fullgraph: bool = False
+    dynamic: bool | None = None
+    amp: bool = True
+    warmup: int = 3
+    repeats: int = 10
+    threads: int = 2
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dims not in PROBLEMS:
+            raise ValueError(f"bench models: dims = {self.dims}; choose 2 (images) or 3 (volumes)")
+        for name, values, valid in (("modes", self.modes, MODES), ("phases", self.phases, PHASES)):
+            bad = sorted(set(values) - set(valid))
+            if bad or not values:
+                raise ValueError(f"bench models: {name} {list(values)} must be a non-empty subset of {list(valid)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"bench models: compile mode {self.compile_mode!r}; choose one of {COMPILE_MODES}")
+        if self.repeats < 1 or self.warmup < 0 or self.threads < 1:
+            raise ValueError("bench models: repeats and threads must be >= 1 and warmup >= 0")
+        if any(s < 8 for s in self.sides) or any(b < 1 for b in self.infer_batches) or self.train_batch < 0:
+            raise ValueError("bench models: sides must be >= 8 and batch sizes >= 1")
+
+    def resolved_sides(self) -> tuple[int, ...]:
+        return self.sides or SIDES[(torch.device(self.device).type, self.dims)]
+
+
+def model_dims(model: nn.Module) -> int:
+    """Spatial dimension of a model: that of its first convolution (every registered model has one)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            return 2 if isinstance(module, nn.Conv2d) else 3
+    raise ValueError(f"{type(module).__name__} has no 2D or 3D convolution; cannot tell its dimension")
+
+
+def models_of_dims(dims: int) -> list[str]:
+    """Registered architectures of one spatial dimension, without the `*_test` sizes (each built once on the CPU:
+    some MONAI constructors read tensor values, so the meta device cannot build them)."""
+    names = []
+    in_channels, num_classes = PROBLEMS[dims]
+    for name in list_models():
+        if name.endswith("_test"):
+            continue
+        if model_dims(create_model(name, in_channels, num_classes)) == dims:
+            names.append(name)
+    return names
+
+
+class _Clock:
+    """Milliseconds of a callable: CUDA events on CUDA (device time of the queued work), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize(self.device)
+        return start.elapsed_time(stop)
+
+
+@contextlib.contextmanager
+def _threads(n: int, device: torch.device) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def _step_fn(model: nn.Module, phase: str, x: torch.Tensor, device: torch.device, amp: bool) -> Callable[[], Any]:
+    """One inference call, or one training step (loss = mean of the logits, backward, SGD step)."""
+    if phase == "infer":
+        model.eval()
+
+        def infer() -> torch.Tensor:
+            with torch.inference_mode(), _autocast(device, amp):
+                return model(x)
+
+        return infer
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+    def train() -> None:
+        with _autocast(device, amp):
+            loss = model(x).float().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def measure(
+    model: nn.Module, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
+) -> dict[str, Any]:
+    """Times (median / min ms over repeats), compile seconds and peak MB of one (model, phase, input shape)."""
+    device = torch.device(config.device)
+    x = torch.randn(tuple(shape), device=device)
+    runner = model
+    if compiled:
+        runner = torch.compile(model, mode=config.compile_mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
+    step = _step_fn(runner, phase, x, device, config.amp)
+    clock = _Clock(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    first_wall = time.perf_counter()
+    first = clock(step)  # compiles when compiled; allocator and cuDNN choices otherwise
+    first_wall = time.perf_counter() - first_wall
+    for _ in range(config.warmup):
+        clock(step)
+    times = [clock(step) for _ in range(config.repeats)]
+    median = statistics.median(times)
+    row: dict[str, Any] = {
+        "ms": median,
+        "min_ms": min(times),
+        "first_ms": first,
+        "compile_s": max(first_wall - median / 1e3, 0.0) if compiled else None,
+        "peak_mb": None,
+    }
+    if device.type == "cuda":
+        row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return row
+
+
+def bench_models(config: ModelBenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
+    """Every (model, mode, phase, batch, side) row of the benchmark; a failure (out of memory, a size the model
+    refuses, a compile error) becomes a row with a note instead of ending the run. on_row sees each row as it
+    is made (for progress output and incremental saving)."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("bench models --device cuda: torch sees no CUDA device; use --device cpu")
+    names = list(config.models) or models_of_dims(config.dims)
+    in_channels, num_classes = PROBLEMS[config.dims]
+    infer_batches = config.infer_batches or INFER_BATCHES[config.dims]
+    train_batch = config.train_batch or TRAIN_BATCH[config.dims]
+    rows = []
+    # every (phase, batch, side) may add a compiled graph of one forward: past dynamo's default limit of 8 it
+    # would fall back to eager without a word, and the "compiled" rows would not be compiled
+    with _threads(config.threads, device), torch._dynamo.config.patch(cache_size_limit=256):
+        for name in names:
+            torch.manual_seed(0)
+            model = create_model(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)
+            if model_dims(model) != config.dims:
+                raise ValueError(f"bench models: {name} is a {model_dims(model)}D model; this run is {config.dims}D")
+            params_m = sum(p.numel() for p in model.parameters()) / 1e6
+            state = {k: v.clone() for k, v in model.state_dict().items()}  # training steps change the weights
+            for mode in config.modes:
+                for phase in config.phases:
+                    batches = infer_batches if phase == "infer" else (train_batch,)
+                    for batch in batches:
+                        for side in config.resolved_sides():
+                            shape = (batch, in_channels, *([side] * config.dims))
+                            row = {
+                                "model": name,
+                                "params_m": params_m,
+                                "mode": mode,
+                                "phase": phase,
+                                "batch": batch,
+                                "side": side,
+                                "tokens": side**config.dims,
+                            }
+                            model.load_state_dict(state)
+                            try:
+                                row.update(measure(model, phase, shape, config, mode == "compiled"))
+                            except torch.OutOfMemoryError:
+                                row["note"] = "out of memory"
+                            except Exception as err:  # a size the model refuses, a compile failure: report it
+                                row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                            finally:
+                                if device.type == "cuda":
+                                    torch.cuda.empty_cache()
+                            rows.append(row)
+                            if on_row is not None:
+                                on_row(row)
+            del model
+            if "compiled" in config.modes:
+                torch._dynamo.reset()  # each model's graphs and guards start afresh
+    return rows
+
+
+def growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> float | None:
+    """Exponent p of cost ~ tokens^p between the smallest and largest side measured (1 = linear)."""
+    points = sorted(
+        (r["tokens"], r[key])
+        for r in rows
+        if r["model"] == model and r["mode"] == mode and r["phase"] == phase and r["batch"] == batch
+        if r.get(key)
+    )
+    if len(points) < 2 or points[0][0] == points[-1][0]:
+        return None
+    (t0, c0), (t1, c1) = points[0], points[-1]
+    return math.log(c1 / c0) / math.log(t1 / t0)
+
+
+def growth_rows(rows: list[dict]) -> list[dict]:
+    """Per (model, mode, phase, batch): time and memory growth exponents over the sides measured."""
+    keys = sorted({(r["model"], r["mode"], r["phase"], r["batch"]) for r in rows})
+    out = []
+    for model, mode, phase, batch in keys:
+        out.append(
+            {
+                "model": model,
+                "mode": mode,
+                "phase": phase,
+                "batch": batch,
+                "time_exponent": growth(rows, model, mode, phase, batch, "ms"),
+                "memory_exponent": growth(rows, model, mode, phase, batch, "peak_mb"),
+            }
+        )
+    return out
+
+
+def plot_growth(rows: list[dict], path: str, title: str) -> None:
+    """PNG of time and peak memory against tokens (log-log), one line per (model, mode), batch-1 inference and
+    training step; needs matplotlib (`pip install rwkvseg[plots]`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("the cost-growth figure needs matplotlib: pip install 'rwkvseg[plots]'") from None
+    panels = [("infer", "ms", "inference ms"), ("infer", "peak_mb", "inference peak MB")]
+    panels += [("train", "ms", "training step ms"), ("train", "peak_mb", "training peak MB")]
+    panels = [p for p in panels if any(r["phase"] == p[0] and r.get(p[1]) for r in rows)]
+    if not panels:
+        raise ValueError("no measured rows to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (phase, key, label) in zip(axes[0], panels, strict=True):
+        batch = min(r["batch"] for r in rows if r["phase"] == phase)
+        for model, mode in sorted({(r["model"], r["mode"]) for r in rows}):
+            pts = sorted(
+                (r["tokens"], r[key])
+                for r in rows
+                if (r["model"], r["mode"], r["phase"], r["batch"]) == (model, mode, phase, batch) and r.get(key)
+            )
+            if pts:
+                style = "-" if mode == "compiled" else "--"
+                ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{model} ({mode})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens (pixels / voxels per sample)")
+        ax.set_title(f"{label}, batch {batch}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,53 @@
+"""`bench models`: rows for every (model, mode, phase, batch, side), failures as notes, growth and the figure."""
+
+import pytest
+
+from rwkvseg.bench.models import ModelBenchConfig, bench_models, growth_rows, models_of_dims, plot_growth
+
+
+def test_models_of_dims_splits_the_registry():
+    two, three = models_of_dims(2), models_of_dims(3)
+    assert {"urwkv", "urwkv_s", "unet", "cmunext"} <= set(two)
+    assert {"mmsegrwkv", "segresnet", "dynunet", "swinunetr"} <= set(three)
+    assert not set(two) & set(three)
+    assert not any(name.endswith("_test") for name in two + three)
+
+
+def test_rows_growth_and_figure(tmp_path):
+    config = ModelBenchConfig(
+        dims=2, models=("urwkv_test", "unet_test"), sides=(16, 32), modes=("eager",), repeats=1, warmup=0
+    )
+    seen = []
+    rows = bench_models(config, on_row=seen.append)
+    assert rows == seen
+    # 2 models x (infer at batch 1 and 8 + train at batch 8) x 2 sides
+    assert len(rows) == 2 * 3 * 2
+    assert all(r["ms"] > 0 and r["peak_mb"] is None and r["compile_s"] is None for r in rows)
+    assert {r["tokens"] for r in rows} == {16**2, 32**2}
+    growth = growth_rows(rows)
+    assert len(growth) == 2 * 3 and all(g["time_exponent"] is not None for g in growth)
+    figure = tmp_path / "growth.png"
+    plot_growth(rows, str(figure), "test")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_refused_size_is_a_row_with_a_note():
+    config = ModelBenchConfig(
+        dims=3,
+        models=("unetr",),
+        sides=(16,),
+        modes=("eager",),
+        phases=("infer",),
+        repeats=1,
+        overrides={"unetr": dict(img_size=32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8)},
+    )
+    (row,) = bench_models(config)
+    assert "ms" not in row and row["note"]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(dims=4), dict(dims=2, modes=("fast",)), dict(dims=2, phases=()), dict(dims=2, repeats=0)]
+)
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="bench models"):
+        ModelBenchConfig(**kwargs)
