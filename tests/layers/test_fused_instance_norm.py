@@ -161,6 +161,7 @@ def test_cuda_op_passes_opcheck():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
 def test_cuda_fused_block_compiles_fullgraph_and_matches_eager():
     torch.manual_seed(0)
     block = FusedUnetResBlock(UnetResBlock(3, 4, 8, kernel_size=3, stride=1, norm_name="instance")).cuda()
@@ -196,6 +197,7 @@ def test_cuda_fused_norm_uses_no_more_memory_than_instance_norm():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("no_tf32")
 def test_cuda_mmsegrwkv_fused_norm_matches_stock():
     torch.manual_seed(0)
     stock = create_model("mmsegrwkv_test", 4, 3).cuda()

@@ -211,6 +211,7 @@ def test_cuda_graph_captures_forward_and_backward():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.usefixtures("no_tf32")
 def test_compiled_urwkv_on_cuda():
     import copy
 

@@ -252,4 +252,5 @@ def backward(
     if not affine:
         return gx, None, None
     per_channel = sums.view(-1, C, 2).sum(0)  # [C, 2]
-    return gx, per_channel[:, 1].to(weight.dtype), per_channel[:, 0].to(bias.dtype)
+    # copies, not views of per_channel: a custom op's outputs may not alias each other
+    return gx, per_channel[:, 1].to(weight.dtype, copy=True), per_channel[:, 0].to(bias.dtype, copy=True)

@@ -18,6 +18,7 @@ import inspect
 import math
 from collections.abc import Sequence
 
+import torch
 from monai.networks import nets
 from torch import Tensor, nn
 
@@ -117,7 +118,7 @@ class MonaiBaseline(nn.Module):
             raise ValueError(
                 f"{self.name} needs every spatial size to be a multiple of {self.multiple}, got {size}; pad to {fit}"
             )
-        if self.coarse is not None and math.prod(s // self.coarse for s in size) < 2:
+        if self.coarse is not None and math.prod([s // self.coarse for s in size]) < 2:  # a list: Dynamo can trace it
             raise ValueError(
                 f"{self.name} needs more than one voxel at 1/{self.coarse} resolution (its bottleneck instance "
                 f"norm), got {size}; use at least {2 * self.coarse} along one axis"
@@ -129,6 +130,9 @@ class MonaiBaseline(nn.Module):
             raise ValueError(f"{self.name} expects [B, C, {axes}], got shape {tuple(x.shape)}")
         self.check_size(x.shape[2:])
         x, size = pad_to_multiple(x, self.pad_multiple)
+        if torch.compiler.is_compiling():  # MONAI's UpCat calls torch.jit.isinstance, which Dynamo skips otherwise
+            with torch._dynamo.dont_skip_tracing():
+                return crop_to(self.net(x), size)
         return crop_to(self.net(x), size)
 
 
