@@ -56,11 +56,20 @@ def _loss_and_grads(model, x, run=None):
     return y.detach(), grads
 
 
+# Known graph breaks, outside rwkvseg's code: each is a finding to fix, kept visible (strict: a fix makes it fail)
+KNOWN_BREAKS = {
+    "swinunetr": "MONAI SwinUNETR._check_input_size branches on a numpy array of the shape (data-dependent for Dynamo)",
+}
+
+
 def _cases():
     for backend in ("aot_eager", "inductor"):
         for name in sorted(CASES):
             fast = backend == "aot_eager" and name in DEFAULT
-            yield pytest.param(name, backend, marks=() if fast else pytest.mark.slow, id=f"{name}-{backend}")
+            marks = [] if fast else [pytest.mark.slow]
+            if name in KNOWN_BREAKS:
+                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BREAKS[name]))
+            yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")
 
 
 @pytest.mark.parametrize(("name", "backend"), list(_cases()))
