@@ -106,8 +106,8 @@ def _instance_norm_act_backward(
     from . import instance_norm_triton
 
     gx, gw, gb = instance_norm_triton.backward(gy, x.contiguous(), weight, bias, mean, rstd, slope)
-    if gw is None:  # custom ops return tensors: empty ones stand for "no affine"
-        gw = gb = x.new_empty(0)
+    if gw is None:  # custom ops return tensors (never aliases of each other): empty ones stand for "no affine"
+        return gx, x.new_empty(0), x.new_empty(0)
     return gx, gw, gb
 
 
