@@ -119,6 +119,32 @@ def test_custom_op_fake_and_autograd_wiring_on_meta(affine):
     assert [g.shape for g in grads] == [t.shape for t in leaves]
 
 
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("slope", SLOPES)
+def test_custom_op_off_cuda_matches_instance_norm_and_passes_opcheck(affine, slope):
+    """Off CUDA the ops run the kernels' computation in torch ops: exact in float64, and torch.library's checks
+    (schema, fake implementation, registered autograd, AOT dispatch) pass."""
+    x, weight, bias = _inputs((2, 3, 5, 6, 7), affine, dtype=torch.float64)
+    gy = torch.randn(x.shape, dtype=torch.float64)
+    y, grads = _grads(lambda *t: torch.ops.rwkvseg.instance_norm_act(*t, 1e-5, slope)[0], x, *_double(weight, bias), gy)
+    ref, ref_grads = _grads(lambda *t: _reference(*t, slope), x, *_double(weight, bias), gy)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    leaves = [None if t is None else t.float().requires_grad_() for t in (x, weight, bias)]
+    torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act.default, (*leaves, 1e-5, slope))
+
+
+def test_custom_op_traces_under_compile_fullgraph():
+    x, weight, bias = _inputs((1, 2, 5, 4, 3), True)
+    fn = lambda *t: torch.ops.rwkvseg.instance_norm_act(*t, 1e-5, 0.01)[0]  # noqa: E731
+    gy = torch.randn(x.shape)
+    eager, eager_grads = _grads(fn, x, weight, bias, gy)
+    compiled, compiled_grads = _grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), x, weight, bias, gy)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grads, eager_grads)
+
+
 def test_triton_kernels_under_interpreter():
     """Forward and every gradient of the Triton kernels, run on the CPU in a process of its own."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(rwkvseg.__file__).parents[1])}

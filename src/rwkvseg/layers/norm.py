@@ -6,7 +6,8 @@ FusedInstanceNormAct reaches its kernels through torch.library custom ops (`rwkv
 backward) with fake implementations and a registered autograd formula: torch.compile(fullgraph=True) and CUDA graphs
 then see two opaque ops instead of tracing into Triton launchers (Inductor would fuse plain torch ops, but back into
 the two-pass fp32 temporaries this replaces). On the CPU the module runs the plain ops F.instance_norm and
-F.leaky_relu, which compile and fuse as usual.
+F.leaky_relu, which compile and fuse as usual; the ops themselves run the same computation in torch ops off CUDA,
+so that they can be checked (torch.library.opcheck) on any machine.
 """
 
 from __future__ import annotations
@@ -84,10 +85,51 @@ def use_fast_instance_norm(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.library.custom_op("rwkvseg::instance_norm_act", mutates_args=(), device_types="cuda")
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_row(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A per-row value [B * C] (or per-channel [C]) as [B, C, 1, ...] against x."""
+    if t is None:
+        return None
+    return t.to(_stats_dtype(x)).view(
+        -1 if t.numel() == x.shape[0] * x.shape[1] else 1, x.shape[1], *[1] * (x.dim() - 2)
+    )
+
+
+def _reference_forward(x: Tensor, weight, bias, eps: float, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernels' computation in plain torch ops (fp32 statistics): the op's implementation off CUDA."""
+    xf = x.to(_stats_dtype(x))
+    var, mean = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
+    rstd = torch.rsqrt(var + eps)
+    z = (xf - _per_row(mean, x)) * _per_row(rstd, x)
+    if weight is not None:
+        z = z * _per_row(weight, x) + _per_row(bias, x)
+    return torch.where(z > 0, z, z * slope).to(x.dtype), mean.flatten(), rstd.flatten()
+
+
+def _reference_backward(gy: Tensor, x: Tensor, weight, bias, mean, rstd, slope: float):
+    dims = tuple(range(2, x.dim()))
+    xhat = (x.to(_stats_dtype(x)) - _per_row(mean, x)) * _per_row(rstd, x)
+    w = _per_row(weight, x) if weight is not None else 1.0
+    z = xhat * w + _per_row(bias, x) if weight is not None else xhat
+    gy = gy.to(xhat.dtype)
+    g = torch.where(z > 0, gy, gy * slope)
+    s1, s2 = g.sum(dims, keepdim=True), (g * xhat).sum(dims, keepdim=True)
+    n = xhat[0, 0].numel()
+    gx = (_per_row(rstd, x) * w * (g - s1 / n - xhat * s2 / n)).to(x.dtype)
+    if weight is None:
+        return gx, None, None
+    return gx, s2.flatten(1).sum(0).to(weight.dtype), s1.flatten(1).sum(0).to(bias.dtype)
+
+
+@torch.library.custom_op("rwkvseg::instance_norm_act", mutates_args=())
 def _instance_norm_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if not x.is_cuda:
+        return _reference_forward(x, weight, bias, eps, slope)
     from . import instance_norm_triton
 
     return instance_norm_triton.forward(x.contiguous(), weight, bias, eps, slope)
@@ -96,18 +138,22 @@ def _instance_norm_act(
 @_instance_norm_act.register_fake
 def _(x, weight, bias, eps, slope):
     rows = x.shape[0] * x.shape[1]
-    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+    stats = _stats_dtype(x)
+    return torch.empty_like(x), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
-@torch.library.custom_op("rwkvseg::instance_norm_act_backward", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("rwkvseg::instance_norm_act_backward", mutates_args=())
 def _instance_norm_act_backward(
     gy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from . import instance_norm_triton
+    if not x.is_cuda:
+        gx, gw, gb = _reference_backward(gy, x, weight, bias, mean, rstd, slope)
+    else:
+        from . import instance_norm_triton
 
-    gx, gw, gb = instance_norm_triton.backward(gy, x.contiguous(), weight, bias, mean, rstd, slope)
-    if gw is None:  # custom ops return tensors: empty ones stand for "no affine" (two: outputs may not alias)
-        gw, gb = x.new_empty(0), x.new_empty(0)
+        gx, gw, gb = instance_norm_triton.backward(gy, x.contiguous(), weight, bias, mean, rstd, slope)
+    if gw is None:  # custom ops return tensors (never aliases of each other): empty ones stand for "no affine"
+        return gx, x.new_empty(0), x.new_empty(0)
     return gx, gw, gb
 
 
