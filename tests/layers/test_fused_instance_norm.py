@@ -175,8 +175,14 @@ def test_cuda_op_matches_instance_norm_with_gradients(affine, slope, shape):
     y, grads = _grads(lambda *t: instance_norm_act(*t, slope=slope), x, weight, bias, gy)
     ref, ref_grads = _grads(lambda *t: _reference(*t, slope), *_double(x, weight, bias), gy.double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    # where the pre-activation is within fp32 rounding of 0, fp32 and float64 may fall on different sides of the
+    # (leaky) ReLU's kink and the input gradient jumps by (1 - slope) * gy: compare it away from the kink
+    pre = F.instance_norm(*_double(x, weight, bias), eps=1e-5)
+    smooth = pre.abs() > 1e-5 if slope != 1.0 else torch.ones_like(pre, dtype=torch.bool)
+    assert smooth.double().mean() > 0.999
+    torch.testing.assert_close(grads[0].double()[smooth], ref_grads[0][smooth], rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads[1:], ref_grads[1:], strict=True):  # sums over the map: a kink moves them by ~gy
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 + gy.abs().max().item() * 1e-3)
 
 
 @pytest.mark.gpu
