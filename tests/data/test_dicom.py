@@ -129,6 +129,9 @@ def test_left_handed_grid_comes_back_slice_reversed_at_the_same_world_positions(
     ("text", "modality"),
     [
         ("AX T1 pre", "t1"),
+        ("T1 precontrast", "t1"),
+        ("T1 w/o contrast", "t1"),
+        ("T1 post-contrast", "t1ce"),
         ("t1_mprage_sag_p2_iso", "t1"),
         ("T1w", "t1"),
         ("t1n", "t1"),

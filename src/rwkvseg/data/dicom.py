@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,8 @@ def modality_of(text: str) -> str | None:
         contrast = re.search(
             r"t1(ce|c|gd)(?![a-z0-9])|gd|gad|contrast|post|\+ ?c|c ?\+|(^|[^a-z0-9])ce($|[^a-z0-9])", text
         )
-        return "t1ce" if contrast else "t1"
+        native = re.search(r"(^|[^a-z])(pre|native|without|non[- _]?contrast)|w/o", text)
+        return "t1ce" if contrast and not native else "t1"
     if has_t2 and not has_t1:
         return "t2"
     return None
@@ -100,7 +101,7 @@ class DicomSeries:
 
     @property
     def is_image(self) -> bool:
-        """Whether every file is a single-frame image storage (not SEG, RTSTRUCT, SR, a presentation state...)."""
+        """Whether every file is an image storage (not SEG, RTSTRUCT, SR, a presentation state...)."""
         from pydicom.uid import UID
 
         return all(UID(uid).name.endswith(" Image Storage") for uid in self.sop_classes)
@@ -109,17 +110,15 @@ class DicomSeries:
         return f"series {self.series_uid} ({self.description or 'no description'}, {len(self.files)} files)"
 
 
-def _dicom_headers(folder: Path) -> list[tuple[Path, Any]]:
+def _dicom_headers(folder: Path) -> Iterator[tuple[Path, Any]]:
     pydicom = _import_pydicom()
-    headers = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, EOFError):
             continue  # not DICOM: notes, NIfTI files and the like may sit beside the series
         if "SeriesInstanceUID" in ds and "SOPClassUID" in ds:  # a DICOMDIR has neither
-            headers.append((path, ds))
-    return headers
+            yield path, ds
 
 
 def _slice_normal(ds: Any) -> np.ndarray:
@@ -177,7 +176,7 @@ def find_series(folder: Path | str) -> list[DicomSeries]:
 def is_dicom_folder(folder: Path | str) -> bool:
     """Whether a folder (or one below it) holds at least one DICOM file with a series UID."""
     folder = Path(folder)
-    return folder.is_dir() and bool(_dicom_headers(folder))
+    return folder.is_dir() and next(_dicom_headers(folder), None) is not None
 
 
 def match_series(
@@ -238,6 +237,13 @@ def _check_series(series: DicomSeries) -> tuple[float, ...]:
         raise ValueError(
             f"{where} holds {names} objects, not images; point to the folder of an image series (MR, CT, PET)"
         )
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
+    for path, ds in zip(series.files, headers, strict=True):
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise ValueError(
+                f"{where}: {path.name} is a multi-frame image; convert the series to single-frame files "
+                f"(e.g. dcm2niix to NIfTI) first"
+            )
     if series.positions is None:
         raise ValueError(
             f"{where} lacks ImagePositionPatient / ImageOrientationPatient, so its slices have no 3-D geometry; "
@@ -245,14 +251,8 @@ def _check_series(series: DicomSeries) -> tuple[float, ...]:
         )
     if len(series.files) < 2:
         raise ValueError(f"{where} has one slice; a 3-D volume needs a series of at least two slices")
-    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
     first = headers[0]
     for path, ds in zip(series.files, headers, strict=True):
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise ValueError(
-                f"{where}: {path.name} is a multi-frame image; convert the series to single-frame files "
-                f"(e.g. dcm2niix to NIfTI) first"
-            )
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns) or not np.allclose(
             ds.ImageOrientationPatient, first.ImageOrientationPatient, atol=ORIENTATION_ATOL
         ):
