@@ -189,6 +189,15 @@ def test_series_without_description_take_their_folder_name(tmp_path):
     assert all(s.description == "" for s in series)
 
 
+def test_a_series_chosen_by_uid_where_two_match(tmp_path):
+    write_case(tmp_path / "twice", descriptions=("T1", "T1 repeat", "T2", "FLAIR"))
+    second = "1.2.826.0.1.3680043.8.498.21"
+    series = case_series(tmp_path / "twice", ("t1", "t2"), chosen={"t1": second})
+    assert [s.series_uid for s in series] == [second, "1.2.826.0.1.3680043.8.498.22"]
+    with pytest.raises(ValueError, match=r"twice: no image series has SeriesInstanceUID 9\.9 \(t1\)"):
+        case_series(tmp_path / "twice", ("t1",), chosen={"t1": "9.9"})
+
+
 def test_bad_folders_get_one_clear_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -210,6 +219,21 @@ def test_bad_folders_get_one_clear_error(tmp_path):
     (gap / "IM0004.dcm").unlink()
     with pytest.raises(ValueError, match=r"gap .*slice spacing is uneven \(4\.000 mm .* slices are missing"):
         read_dicom_series(gap)
+
+    repeated = write_series(make_image(), tmp_path / "repeated", "T1", "1.2.826.0.1.3680043.8.498.43")
+    copy = pydicom.dcmread(repeated / "IM0003.dcm")
+    copy.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.43.99"
+    copy.save_as(repeated / "IM0099.dcm")
+    with pytest.raises(ValueError, match=r"repeated .*uneven \(0\.000 mm .* remove the duplicates"):
+        read_dicom_series(repeated)
+
+    tilted = write_series(make_image(), tmp_path / "tilted", "T1", "1.2.826.0.1.3680043.8.498.44")
+    shifted = pydicom.dcmread(tilted / "IM0002.dcm")
+    x, y, z = (float(v) for v in shifted.ImagePositionPatient)
+    shifted.ImagePositionPatient = [x, y + 0.5, z]  # along a row, in the slice's plane
+    shifted.save_as(tilted / "IM0002.dcm")
+    with pytest.raises(ValueError, match=r"tilted .*shifted by up to 0\.500 mm off the slice normal"):
+        read_dicom_series(tilted)
 
     report = write_series(
         make_image(), tmp_path / "sr", "T1", "1.2.826.0.1.3680043.8.498.41", "1.2.840.10008.5.1.4.1.1.88.11"
