@@ -112,10 +112,12 @@ class DicomSeries:
 
 def _dicom_headers(folder: Path) -> Iterator[tuple[Path, Any]]:
     pydicom = _import_pydicom()
+    from pydicom.errors import InvalidDicomError
+
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, EOFError):
+        except (InvalidDicomError, OSError, EOFError):
             continue  # not DICOM: notes, NIfTI files and the like may sit beside the series
         if "SeriesInstanceUID" in ds and "SOPClassUID" in ds:  # a DICOMDIR has neither
             yield path, ds
@@ -231,9 +233,11 @@ def match_series(
 def _check_series(series: DicomSeries) -> tuple[float, ...]:
     """The slice gaps of a readable 3-D series; ValueError naming the folder and the fix otherwise."""
     pydicom = _import_pydicom()
+    from pydicom.uid import UID
+
     where = f"{series.folder} ({series})"
     if not series.is_image:
-        names = ", ".join(pydicom.uid.UID(uid).name for uid in series.sop_classes)
+        names = ", ".join(UID(uid).name for uid in series.sop_classes)
         raise ValueError(
             f"{where} holds {names} objects, not images; point to the folder of an image series (MR, CT, PET)"
         )
