@@ -1,15 +1,14 @@
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_brats_case
 from rwkvseg.data.patches3d import PatchConfig, PatchDataset, patch_origin
 from rwkvseg.data.preprocess3d import preprocess_dataset
-from rwkvseg.data.volumes import dataset_spec
+from rwkvseg.data.specs import dataset_spec
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats2018_4mod_2mm"
 SHAPE = (21, 19, 17)  # (i, j, k)
 
 
@@ -20,15 +19,11 @@ def cache(tmp_path_factory) -> Path:
     spec = dataset_spec("brats")
     rng = np.random.default_rng(0)
     for case in ("c1", "c2"):
-        folder = root / case
-        folder.mkdir()
-        for modality in spec.modalities:
-            data = (rng.random(SHAPE) * 100 + 1).astype(np.float32)
-            nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{case}_{modality}.nii.gz")
+        images = [(rng.random(SHAPE) * 100 + 1).astype(np.float32) for _ in spec.modalities]
         seg = np.zeros(SHAPE, np.uint8)
         seg[1:3, 1:3, 1:3] = 2
         seg[1, 1, 1] = 4
-        nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / f"{case}_seg.nii.gz")
+        write_brats_case(root, case, images, seg, spec)
     out = tmp_path_factory.mktemp("cache")
     preprocess_dataset(root, spec, out)
     return out
@@ -89,9 +84,8 @@ def test_volume_smaller_than_the_patch_names_the_case_and_the_fix(cache):
     assert (item["mask"] > 0).any()  # foreground locations moved with the padding
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
-def test_real_brats_patches(tmp_path):
-    case = DATA / "Brats18_2013_2_1"
+def test_real_brats_patches(brats_2mm, tmp_path):
+    case = brats_2mm / "Brats18_2013_2_1"
     preprocess_dataset(case, dataset_spec("brats"), tmp_path)
     dataset = PatchDataset(tmp_path, None, PatchConfig(patch_size=(48, 48, 48), samples_per_epoch=4, fg_fraction=1))
     for i in range(len(dataset)):

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..eval.regions import classes_to_regions
 from .preprocess3d import CachedCase, load_cached_case, load_plans
-from .volumes import DatasetSpec
+from .regions import classes_to_regions
+from .specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 

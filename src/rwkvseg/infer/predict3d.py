@@ -20,40 +20,19 @@ import torch
 from torch import nn
 
 from ..data.preprocess3d import prepare_for_model, resample
+from ..data.regions import classes_to_values, regions_to_values
+from ..data.specs import DatasetSpec
 from ..data.volumes import (
     NIFTI_SUFFIXES,
     CaseFiles,
-    DatasetSpec,
     Volume,
     case_from_files,
     discover_cases,
     load_case,
 )
-from ..eval.regions import classes_to_values, regions_to_values
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("labels", "regions")
-
-
-def inference_metadata(plans: dict[str, Any], patch_size: Sequence[int], target: str = "labels") -> dict[str, Any]:
-    """What a 3D checkpoint's sidecar keeps under `preprocessing` so prediction needs nothing else.
-
-    plans: the cache's plans.json (per-case entries are dropped); target: "labels" (softmax over label classes)
-    or "regions" (sigmoid per region).
-    """
-    if target not in TARGETS:
-        raise ValueError(f"target {target!r} unknown; choose one of {TARGETS}")
-    return {
-        "dims": 3,
-        "dataset": plans["dataset"],
-        "target_spacing": list(plans["target_spacing"]),
-        "preprocess": plans["preprocess"],
-        "normalisation": plans["normalisation"],
-        "patch_size": [int(p) for p in patch_size],
-        "target": target,
-    }
 
 
 def probabilities_to_values(probs: torch.Tensor, spec: DatasetSpec, target: str) -> np.ndarray:
