@@ -17,7 +17,8 @@ from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic3d import write_synthetic_volumes
 from rwkvseg.data.volumes import discover_cases
-from rwkvseg.infer.predict3d import PredictOptions, Predictor3D
+from rwkvseg.infer.predict import PredictConfig
+from rwkvseg.infer.predict3d import Predictor3D
 from rwkvseg.train.config import LossConfig, TrainConfig, VolumeDataConfig, config_dims, load_config, read_config_file
 from rwkvseg.train.losses import RegionLoss
 from rwkvseg.train.train import train
@@ -113,7 +114,7 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     other = tmp_path / "other"
     write_synthetic_volumes(other, n=1, shape=(25, 29, 19), spacing=1.5, seed=9)
     (case,) = discover_cases(other, BRATS, require_label=False)
-    predictor = Predictor3D.from_checkpoint(run_dir / "best", PredictOptions(mirror_axes=()))
+    predictor = Predictor3D.from_checkpoint(run_dir / "best", PredictConfig(mirror_axes=()))
     out = predictor.predict_to_file(case, tmp_path / "pred")
     written, source = nib.load(out), nib.load(other / "Phantom_000" / "Phantom_000_flair.nii.gz")
     assert written.shape == source.shape == (25, 29, 19)

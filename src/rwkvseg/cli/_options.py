@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DATASET_CHOICES = ("brats", "brats2023", "msd_task01", "nnunet")
+from ..data.specs import DATASETS  # a stdlib-only module: cheap at parser time
 
 
 def device_name(name: str) -> str:
@@ -48,7 +48,7 @@ def regions(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 
 def add_dataset_arguments(p: argparse.ArgumentParser, default: str | None = "brats") -> None:
-    p.add_argument("--dataset", choices=DATASET_CHOICES, default=default, help="dataset layout and label preset")
+    p.add_argument("--dataset", choices=DATASETS, default=default, help="dataset layout and label preset")
     p.add_argument("--modalities", help="model channel order, e.g. t1,t1ce,t2,flair (file suffixes / channel names)")
     p.add_argument("--labels", help="label values in the files, background first, e.g. 0,1,2,4")
     p.add_argument("--regions", help="evaluation regions, e.g. 'WT=1,2,4;TC=1,4;ET=4'")

@@ -43,10 +43,9 @@ def predict(
     2D: one image file or folder. 3D: case folders, or one 3-D file per modality in the model's order.
     """
     if is_3d_checkpoint(checkpoint):
-        from .predict3d import PredictOptions, predict_paths
+        from .predict3d import predict_paths
 
-        options = PredictOptions(config.overlap, config.mirror_axes, config.sw_batch_size, config.device)
-        return predict_paths(checkpoint, inputs, out, options, overwrite=config.overwrite)
+        return predict_paths(checkpoint, inputs, out, config)
     from .predict2d import predict_2d
 
     if len(inputs) != 1:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from ..data.volumes import (
     discover_cases,
     load_case,
 )
+from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
 log = logging.getLogger(__name__)
@@ -77,20 +77,11 @@ def write_like(values: np.ndarray, reference: Volume, path: Path) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class PredictOptions:
-    """Inference knobs a user may change without retraining."""
-
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    sw_batch_size: int = 1
-    device: str = "cpu"
-
-
 class Predictor3D:
     """A model with its 3D metadata: predicts cases on their original grids."""
 
-    def __init__(self, model: nn.Module, metadata: dict[str, Any], options: PredictOptions = PredictOptions()):
+    def __init__(self, model: nn.Module, metadata: dict[str, Any], options: PredictConfig | None = None):
+        options = options or PredictConfig()
         if metadata.get("dims") != 3:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = model.to(options.device).eval()
@@ -107,9 +98,10 @@ class Predictor3D:
         )
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str, options: PredictOptions = PredictOptions()) -> Predictor3D:
+    def from_checkpoint(cls, path: Path | str, options: PredictConfig | None = None) -> Predictor3D:
         from ..checkpoint import load_checkpoint
 
+        options = options or PredictConfig()
         model, meta = load_checkpoint(path, device=options.device)
         return cls(model, meta.preprocessing, options)
 
@@ -172,12 +164,13 @@ def predict_paths(
     checkpoint: Path | str,
     inputs: Sequence[Path | str],
     out_dir: Path | str,
-    options: PredictOptions = PredictOptions(),
-    overwrite: bool = False,
+    options: PredictConfig | None = None,
 ) -> list[Path]:
-    """`rwkvseg predict` for 3D inputs: every case found in inputs -> a label file in out_dir."""
+    """Every case found in inputs -> a label file in out_dir (replacing existing ones only with options.overwrite)."""
+    options = options or PredictConfig()
     predictor = Predictor3D.from_checkpoint(checkpoint, options)
     cases = prediction_cases(inputs, predictor.spec)
+    overwrite = options.overwrite
     if not overwrite:
         clash = [c.case_id for c in cases if any(Path(out_dir).glob(f"{c.case_id}.*"))]
         if clash:

@@ -31,6 +31,7 @@ LOSSES = ("auto", "bce_dice", "ce_dice", "bce", "ce", "dice")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LOGGERS = ("csv", "tensorboard")
 REGION_LOSSES = ("auto", "bce_dice", "bce", "dice")
+PATCH_KEYS = ("patch_size", "samples_per_epoch", "fg_fraction", "augment", "allow_padding")  # [data.patches]
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -122,8 +123,8 @@ class VolumeDataConfig:
     dataset, modalities, label_values, regions describe a raw dataset (a preset, or `nnunet` to read its
     dataset.json; regions as a table {WT = [1, 2, 4], ...}); a cache carries its own. target_spacing: (x, y, z)
     mm in file axis order like `rwkvseg preprocess --spacing`, empty for the dataset median. target: "labels"
-    (softmax over label classes, CE + Dice) or "regions" (sigmoid per region, BCE + Dice). samples_per_epoch
-    patches make an epoch; fg_fraction of them are centred on foreground.
+    (softmax over label classes, CE + Dice) or "regions" (sigmoid per region, BCE + Dice). patches: how
+    training patches are drawn ([data.patches]: patch_size, samples_per_epoch, fg_fraction, augment, allow_padding).
     """
 
     root: str = ""
@@ -136,12 +137,8 @@ class VolumeDataConfig:
     split: str = ""
     fold: int = 0
     val_fraction: float = 0.2
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    samples_per_epoch: int = 250
-    fg_fraction: float = 0.33
     target: str = "labels"
-    augment: bool = True
-    allow_padding: bool = True
+    patches: PatchConfig = field(default_factory=PatchConfig)
     batch_size: int = 2
     num_workers: int = 2
 
@@ -150,24 +147,11 @@ class VolumeDataConfig:
         _check_choice("data.target", self.target, TARGETS)
         if len(self.target_spacing) not in (0, 1, 3) or any(s <= 0 for s in self.target_spacing):
             raise ValueError(f"data.target_spacing {list(self.target_spacing)} needs one or three sizes > 0 (mm)")
-        if self.batch_size < 1 or self.samples_per_epoch < self.batch_size:
+        if self.batch_size < 1 or self.patches.samples_per_epoch < self.batch_size:
             raise ValueError(
-                f"data.batch_size ({self.batch_size}) must be >= 1 and at most data.samples_per_epoch "
-                f"({self.samples_per_epoch})"
+                f"data.batch_size ({self.batch_size}) must be >= 1 and at most data.patches.samples_per_epoch "
+                f"({self.patches.samples_per_epoch})"
             )
-        self.patches(seed=0)  # checks the rest
-
-    def patches(self, seed: int) -> PatchConfig:
-        """The patch sampling these settings describe."""
-        return PatchConfig(
-            patch_size=tuple(self.patch_size),
-            samples_per_epoch=self.samples_per_epoch,
-            fg_fraction=self.fg_fraction,
-            target=self.target,
-            augment=self.augment,
-            allow_padding=self.allow_padding,
-            seed=seed,
-        )
 
 
 @dataclass(frozen=True)
@@ -251,9 +235,16 @@ def config_dims(data: Mapping[str, Any]) -> int:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """The TrainConfig of a nested dict: the defaults of its dims under the given settings."""
+    """The TrainConfig of a nested dict: the defaults of its dims under the given settings.
+
+    Configs written before the [data.patches] table (patch_size ... allow_padding directly under [data]) load too.
+    """
     dims = config_dims(data)
-    return from_dict(TrainConfig, _merge(TrainConfig.DIMS_DEFAULTS[dims], data))
+    data = _merge(TrainConfig.DIMS_DEFAULTS[dims], data)
+    if dims == 3:
+        flat = {k: data["data"].pop(k) for k in PATCH_KEYS if k in data["data"]}
+        data["data"]["patches"] = {**flat, **data["data"].get("patches", {})}
+    return from_dict(TrainConfig, data)
 
 
 def _merge(defaults: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import CheckpointMeta
 from ..files import write_json
-from .config import TrainConfig, to_dict
+from .config import TrainConfig, config_from_dict, to_dict
 from .loop import LoopConfig, Progress, Validate, resolve_amp, steps_per_epoch
 from .optim import build_optimizer, build_scheduler
 
@@ -49,7 +49,7 @@ def open_run_dir(config: TrainConfig, resume: bool) -> Path:
         )
     if resume:
         saved = run_dir / CONFIG_FILE
-        if saved.is_file() and json.loads(saved.read_text()) != to_dict(config):
+        if saved.is_file() and config_from_dict(json.loads(saved.read_text())) != config:
             log.warning("the config differs from the one saved in %s; resuming with the new one", saved)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)

@@ -132,16 +132,16 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
         split_path,
         d.fold,
         d.target,
-        "x".join(map(str, d.patch_size)),
+        "x".join(map(str, d.patches.patch_size)),
     )
-    train_set = PatchDataset(cache, split.train, d.patches(config.seed))
+    train_set = PatchDataset(cache, split.train, d.patches, d.target, config.seed)
     validator = SlidingWindowValidator.from_cache(
-        cache, split.val, d.patch_size, d.target, config.infer.overlap, config.infer.val_mirror_axes, device
+        cache, split.val, d.patches.patch_size, d.target, config.infer.overlap, config.infer.val_mirror_axes, device
     )
     validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     names = spec.region_names if d.target == "regions" else tuple(str(v) for v in spec.label_values)
     preprocessing = {
-        **inference_metadata(plans, d.patch_size, d.target),
+        **inference_metadata(plans, d.patches.patch_size, d.target),
         "inference": {"overlap": config.infer.overlap, "mirror_axes": list(config.infer.mirror_axes)},
     }
     meta = CheckpointMeta(
@@ -178,7 +178,7 @@ def final_evaluation(
     validator = SlidingWindowValidator.from_cache(
         cache,
         val_cases,
-        config.data.patch_size,
+        config.data.patches.patch_size,
         config.data.target,
         config.infer.overlap,
         config.infer.mirror_axes,
