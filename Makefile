@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
@@ -36,4 +37,4 @@ bench-wkv: $(STAMP)
 	$(BIN)/rwkvseg bench wkv --json runs/bench_wkv_cpu.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache

@@ -1,8 +1,8 @@
 """Model checkpoints: `<name>.safetensors` (weights) beside `<name>.json` (what rebuilds and uses them).
 
 The JSON sidecar alone rebuilds the model through the registry, so prediction never needs the training code or
-its config file. Both files are written to a temporary name in the same folder and moved into place with
-os.replace, so a crash mid-write never leaves a half-written checkpoint under the final name.
+its config file. Both files are written atomically (rwkvseg.files), so a crash mid-write never leaves a
+half-written checkpoint under the final name. What the sidecar's `preprocessing` holds: rwkvseg.records.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from . import __version__
+from .files import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -90,23 +89,6 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.with_name(path.name + WEIGHTS_SUFFIX), path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file beside path, then move it over path in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def save_checkpoint(
     path: str | os.PathLike, model: nn.Module, meta: CheckpointMeta, *, overwrite: bool = False
 ) -> tuple[Path, Path]:
@@ -120,7 +102,7 @@ def save_checkpoint(
             )
     # save_model (not save_file) drops tied/shared tensors that safetensors cannot store twice.
     atomic_write(weights, lambda tmp: save_model(model, str(tmp), metadata={"format": "rwkvseg"}))
-    atomic_write_text(sidecar, json.dumps(meta.to_json(), indent=2) + "\n")
+    write_json(sidecar, meta.to_json())
     log.debug("wrote checkpoint %s (+ %s)", weights, sidecar.name)
     return weights, sidecar
 

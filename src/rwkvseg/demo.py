@@ -15,21 +15,19 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .data.images2d import discover_pairs
+from .data.specs import dataset_spec
 from .data.synthetic import write_synthetic_dataset
 from .data.synthetic3d import write_synthetic_volumes
-from .data.volumes import dataset_spec
-from .eval import evaluate as evaluate2d
-from .eval import evaluate3d
+from .eval.evaluate import evaluate_folders
 from .eval.report import gallery, html_table, read_metrics_csv, svg_curves, write_report
-from .infer.predict2d import predict_2d
-from .infer.predict3d import PredictOptions, predict_paths
-from .train.config import TrainConfig, from_dict
-from .train.train2d import train_2d
-from .train.train3d import TrainConfig3D, train_3d
+from .infer.predict import PredictConfig, predict
+from .train.config import load_config
+from .train.train import train
 
 log = logging.getLogger(__name__)
 
@@ -43,60 +41,17 @@ class DemoConfig:
     size: int = 64  # 2D network input side (the demo trains at low resolution to fit a CPU budget)
     with_3d: bool = True
     overwrite: bool = False
+    configs: Path = Path(__file__).resolve().parents[2] / "configs"  # demo2d.toml, demo3d.toml of the checkout
 
 
-def _train_config_2d(cfg: DemoConfig, data_root: Path) -> TrainConfig:
-    return from_dict(
-        TrainConfig,
-        {
-            "model": {"name": "urwkv_s"},
-            "data": {
-                "root": str(data_root),
-                "size": [cfg.size, cfg.size],
-                "batch_size": 8,
-                "val_batch_size": 8,
-                "num_workers": 0,
-                "class_names": ["lesion"],
-            },
-            "optim": {"name": "adamw", "lr": 0.003, "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 10},
-            "loss": {"name": "bce_dice"},
-            "epochs": 40,
-            "max_minutes": cfg.minutes_2d,
-            "device": "cpu",
-            "amp": "off",
-            "seed": 0,
-            "out": str(cfg.out / "run2d"),
-        },
-    )
-
-
-def _train_config_3d(cfg: DemoConfig, data_root: Path) -> TrainConfig3D:
-    return from_dict(
-        TrainConfig3D,
-        {
-            "dims": 3,
-            "model": {"name": "mmsegrwkv_test"},
-            "data": {
-                "root": str(data_root),
-                "dataset": "brats",
-                "val_fraction": 0.25,
-                "patch_size": [32, 32, 32],
-                "samples_per_epoch": 8,
-                "batch_size": 2,
-                "target": "labels",
-                "num_workers": 0,
-            },
-            "infer": {"overlap": 0.5, "sw_batch_size": 2, "mirror_axes": [2]},
-            "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 4},
-            "loss": {"name": "ce_dice"},
-            "epochs": 30,
-            "val_every": 1,
-            "device": "cpu",
-            "amp": "off",
-            "seed": 0,
-            "out": str(cfg.out / "run3d"),
-        },
-    )
+def _run_config(cfg: DemoConfig, name: str, overrides: list[str]) -> Any:
+    """configs/<name>.toml with the demo's folders and sizes set."""
+    path = cfg.configs / f"{name}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"demo config {path} not found; run the demo from a checkout of the repository (its configs/ folder)"
+        )
+    return load_config(path, overrides)
 
 
 def _val_cases(run_dir: Path) -> list[str]:
@@ -118,7 +73,8 @@ def run_2d(cfg: DemoConfig) -> str:
         data_root = cfg.data
         source = f"{data_root}"
     start = time.perf_counter()
-    progress = train_2d(_train_config_2d(cfg, data_root))
+    overrides = [f"data.root={data_root}", f"out={cfg.out / 'run2d'}", f"data.size=[{cfg.size}, {cfg.size}]"]
+    progress = train(_run_config(cfg, "demo2d", [*overrides, f"max_minutes={cfg.minutes_2d}"]))
     train_minutes = (time.perf_counter() - start) / 60
     run = cfg.out / "run2d"
     # the validation images of the run's split, with their masks, as a folder predict and evaluate can read
@@ -129,8 +85,8 @@ def run_2d(cfg: DemoConfig) -> str:
         _link_or_copy(s.image, val / "images" / s.image.name)
         for m in s.masks:
             _link_or_copy(m, val / "masks" / m.name)
-    predict_2d(run / "best", val / "images", cfg.out / "pred2d", overlays=True)
-    summary = evaluate2d.evaluate_folders(cfg.out / "pred2d", val, cfg.out / "eval2d")
+    predict(run / "best", [val / "images"], cfg.out / "pred2d", PredictConfig(threshold=0.5, overlays=True))
+    summary = evaluate_folders(cfg.out / "pred2d", val, cfg.out / "eval2d")
     metrics = ("dice", "iou", "precision", "recall", "specificity", "hd95")
     row = {
         "model": "urwkv_s",
@@ -176,14 +132,15 @@ def run_3d(cfg: DemoConfig) -> str:
     def over_budget(_progress) -> bool:
         return time.perf_counter() - start > 60 * cfg.minutes_3d
 
-    progress = train_3d(_train_config_3d(cfg, data_root), stop=over_budget)
+    config = _run_config(cfg, "demo3d", [f"data.root={data_root}", f"out={cfg.out / 'run3d'}"])
+    progress = train(config, stop=over_budget)
     train_minutes = (time.perf_counter() - start) / 60
     run = cfg.out / "run3d"
     val = cfg.out / "val3d"
     for case in _val_cases(run):
         _link_or_copy(data_root / case, val / case)
-    written = predict_paths(run / "best.safetensors", [val], cfg.out / "pred3d", PredictOptions(mirror_axes=(2,)))
-    summary = evaluate3d.evaluate_folders(cfg.out / "pred3d", val, dataset_spec("brats"), cfg.out / "eval3d")
+    written = predict(run / "best.safetensors", [val], cfg.out / "pred3d", PredictConfig(mirror_axes=(2,)))
+    summary = evaluate_folders(cfg.out / "pred3d", val, cfg.out / "eval3d", spec=dataset_spec("brats"))
     rows = [
         {"region": name, "dice": r["dice"]["mean"], "hd95 (mm)": r.get("hd95", {}).get("mean", float("nan"))}
         for name, r in summary["regions"].items()

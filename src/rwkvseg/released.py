@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import atomic_write, checkpoint_paths, read_meta
+from .checkpoint import checkpoint_paths, read_meta
+from .files import atomic_write
 
 INDEX_FILE = "index.json"
 

@@ -2,13 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import save_png
 from rwkvseg.data.compact2d import export_compact
 from rwkvseg.data.images2d import discover_pairs, read_mask
-
-
-def _write(path, array, mode):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path)
 
 
 @pytest.fixture
@@ -19,14 +15,14 @@ def busi_like(tmp_path):
     for group in ("benign", "malignant"):
         for i in range(2):
             image = (rng.random((60, 90)) * 255).astype(np.uint8)
-            _write(root / group / "images" / f"{group} ({i}).png", image, "L")
+            save_png(root / group / "images" / f"{group} ({i}).png", image, "L")
             left = np.zeros((60, 90), np.uint8)
             left[10:30, 10:40] = 255
-            _write(root / group / "mask" / f"{group} ({i})_mask.png", left, "L")
+            save_png(root / group / "mask" / f"{group} ({i})_mask.png", left, "L")
             if i == 1:
                 right = np.zeros((60, 90), np.uint8)
                 right[10:30, 40:70] = 255
-                _write(root / group / "mask" / f"{group} ({i})_mask_1.png", right, "L")
+                save_png(root / group / "mask" / f"{group} ({i})_mask_1.png", right, "L")
     return tmp_path / "busi"
 
 

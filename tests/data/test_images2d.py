@@ -1,9 +1,8 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import SHARED_DATA, save_png
 from rwkvseg.data.images2d import (
     check_pairs,
     discover_pairs,
@@ -12,14 +11,6 @@ from rwkvseg.data.images2d import (
     read_mask,
     read_sample,
 )
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-def save(path: Path, array: np.ndarray, **kw) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, **kw)
-    return path
 
 
 @pytest.fixture
@@ -30,9 +21,9 @@ def rng():
 def test_image_modes_become_float_hwc(tmp_path, rng):
     rgb = rng.integers(0, 256, (13, 17, 3), dtype=np.uint8)
     gray = rgb[..., 0]
-    save(tmp_path / "rgb.png", rgb)
-    save(tmp_path / "gray.png", gray)
-    save(tmp_path / "rgba.png", np.dstack([rgb, np.full((13, 17), 200, np.uint8)]))
+    save_png(tmp_path / "rgb.png", rgb)
+    save_png(tmp_path / "gray.png", gray)
+    save_png(tmp_path / "rgba.png", np.dstack([rgb, np.full((13, 17), 200, np.uint8)]))
     Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "pal.png")
     wide = (rng.integers(0, 4096, (13, 17))).astype(np.uint16)
     Image.fromarray(wide).save(tmp_path / "wide.png")
@@ -54,12 +45,12 @@ def test_image_modes_become_float_hwc(tmp_path, rng):
 def test_mask_encodings(tmp_path, rng):
     truth = np.zeros((21, 23), np.uint8)
     truth[4:15, 6:18] = 1
-    save(tmp_path / "zero_one.png", truth)
-    save(tmp_path / "zero_255.png", truth * 255)
-    save(tmp_path / "rgb.png", np.dstack([truth * 255] * 3))
+    save_png(tmp_path / "zero_one.png", truth)
+    save_png(tmp_path / "zero_255.png", truth * 255)
+    save_png(tmp_path / "rgb.png", np.dstack([truth * 255] * 3))
     Image.fromarray(truth.astype(bool)).save(tmp_path / "bits.png")
     noisy = np.clip(truth * 255.0 + rng.normal(0, 20, truth.shape), 0, 255).astype(np.uint8)
-    save(tmp_path / "jpeg.jpg", np.dstack([noisy] * 3), quality=70)
+    save_png(tmp_path / "jpeg.jpg", np.dstack([noisy] * 3), quality=70)
     for name in ("zero_one.png", "zero_255.png", "rgb.png", "bits.png"):
         np.testing.assert_array_equal(read_mask(tmp_path / name), truth, err_msg=name)
     assert (read_mask(tmp_path / "jpeg.jpg") != truth).mean() < 0.02
@@ -78,11 +69,11 @@ def test_mask_encodings(tmp_path, rng):
 def _pair(root, image_rel, mask_rels, shape=(11, 13), channels=3, rng=None, ext=".png"):
     rng = rng or np.random.default_rng(0)
     image = rng.integers(0, 256, (*shape, channels), dtype=np.uint8)
-    save(root / image_rel, image[..., 0] if channels == 1 else image)
+    save_png(root / image_rel, image[..., 0] if channels == 1 else image)
     for k, rel in enumerate(mask_rels):
         m = np.zeros(shape, np.uint8)
         m[k : k + 3, 2:5] = 255
-        save(root / rel, m)
+        save_png(root / rel, m)
 
 
 def test_layouts_busi_isic_cvc_ph2(tmp_path):
@@ -201,7 +192,7 @@ def test_real_layouts(name, count, groups):
 def test_check_pairs_lists_every_problem_before_training(tmp_path):
     _pair(tmp_path, "images/a.png", ["masks/a.png"])
     _pair(tmp_path, "images/b.png", ["masks/b.png"])
-    save(tmp_path / "masks" / "b.png", np.zeros((5, 5), np.uint8))
+    save_png(tmp_path / "masks" / "b.png", np.zeros((5, 5), np.uint8))
     (tmp_path / "images" / "a.png").write_bytes(b"garbage")
     samples = discover_pairs(tmp_path)
     with pytest.raises(ValueError, match=r"2 image/mask problem\(s\)(.|\n)*a\.png(.|\n)*b\.png is 5x5"):

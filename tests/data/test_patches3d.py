@@ -1,15 +1,14 @@
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_brats_case
 from rwkvseg.data.patches3d import PatchConfig, PatchDataset, patch_origin
 from rwkvseg.data.preprocess3d import preprocess_dataset
-from rwkvseg.data.volumes import dataset_spec
+from rwkvseg.data.specs import dataset_spec
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats2018_4mod_2mm"
 SHAPE = (21, 19, 17)  # (i, j, k)
 
 
@@ -20,15 +19,11 @@ def cache(tmp_path_factory) -> Path:
     spec = dataset_spec("brats")
     rng = np.random.default_rng(0)
     for case in ("c1", "c2"):
-        folder = root / case
-        folder.mkdir()
-        for modality in spec.modalities:
-            data = (rng.random(SHAPE) * 100 + 1).astype(np.float32)
-            nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{case}_{modality}.nii.gz")
+        images = [(rng.random(SHAPE) * 100 + 1).astype(np.float32) for _ in spec.modalities]
         seg = np.zeros(SHAPE, np.uint8)
         seg[1:3, 1:3, 1:3] = 2
         seg[1, 1, 1] = 4
-        nib.save(nib.Nifti1Image(seg, np.eye(4)), folder / f"{case}_seg.nii.gz")
+        write_brats_case(root, case, images, seg, spec)
     out = tmp_path_factory.mktemp("cache")
     preprocess_dataset(root, spec, out)
     return out
@@ -44,13 +39,13 @@ def test_patch_origin_stays_inside_and_centres_on_foreground():
 
 
 def test_items_have_the_patch_shape_and_are_reproducible(cache):
-    config = PatchConfig(patch_size=(7, 9, 5), samples_per_epoch=6, seed=3)
-    dataset = PatchDataset(cache, None, config)
+    config = PatchConfig(patch_size=(7, 9, 5), samples_per_epoch=6)
+    dataset = PatchDataset(cache, None, config, seed=3)
     item = dataset[2]
     assert item["image"].shape == (4, 7, 9, 5) and item["image"].dtype == torch.float32
     assert item["mask"].shape == (1, 7, 9, 5) and item["mask"].dtype == torch.int64
     assert item["case"] in ("c1", "c2")
-    again = PatchDataset(cache, None, config)[2]
+    again = PatchDataset(cache, None, config, seed=3)[2]
     assert torch.equal(item["image"], again["image"]) and torch.equal(item["mask"], again["mask"])
     dataset.set_epoch(1)
     assert not torch.equal(dataset[2]["image"], item["image"])
@@ -68,8 +63,8 @@ def test_foreground_oversampling(cache):
 
 
 def test_regions_target_and_augmentation_keep_labels_valid(cache):
-    config = PatchConfig(patch_size=(8, 8, 8), samples_per_epoch=8, target="regions", fg_fraction=1.0)
-    dataset = PatchDataset(cache, None, config)
+    config = PatchConfig(patch_size=(8, 8, 8), samples_per_epoch=8, fg_fraction=1.0)
+    dataset = PatchDataset(cache, None, config, target="regions")
     for i in range(len(dataset)):
         item = dataset[i]
         label = item["mask"]
@@ -82,16 +77,15 @@ def test_regions_target_and_augmentation_keep_labels_valid(cache):
 
 def test_volume_smaller_than_the_patch_names_the_case_and_the_fix(cache):
     with pytest.raises(ValueError, match=r"(?s)2 case\(s\) are smaller than the patch.*c1.npz.*at most \(17, 19, 21\)"):
-        PatchDataset(cache, None, PatchConfig(patch_size=(18, 19, 21)))
+        PatchDataset(cache, None, PatchConfig(patch_size=(18, 19, 21), allow_padding=False))
     padded = PatchDataset(cache, None, PatchConfig(patch_size=(18, 20, 21), allow_padding=True, fg_fraction=1.0))
     item = padded[0]
     assert item["image"].shape == (4, 18, 20, 21)
     assert (item["mask"] > 0).any()  # foreground locations moved with the padding
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
-def test_real_brats_patches(tmp_path):
-    case = DATA / "Brats18_2013_2_1"
+def test_real_brats_patches(brats_2mm, tmp_path):
+    case = brats_2mm / "Brats18_2013_2_1"
     preprocess_dataset(case, dataset_spec("brats"), tmp_path)
     dataset = PatchDataset(tmp_path, None, PatchConfig(patch_size=(48, 48, 48), samples_per_epoch=4, fg_fraction=1))
     for i in range(len(dataset)):

@@ -5,6 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import write_brats_case
 from rwkvseg.data.preprocess3d import (
     PreprocessConfig,
     load_cached_case,
@@ -14,9 +15,9 @@ from rwkvseg.data.preprocess3d import (
     preprocess_dataset,
     resample_labels,
 )
-from rwkvseg.data.volumes import dataset_spec, discover_cases, load_case
+from rwkvseg.data.specs import dataset_spec
+from rwkvseg.data.volumes import discover_cases, load_case
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats2018_4mod_2mm"
 SHAPE = (23, 19, 15)  # (i, j, k)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1, 0, 20], [0, 0, 1, -3], [0, 0, 0, 1]])
 BRAIN = (slice(3, 20), slice(2, 17), slice(2, 13))  # (i, j, k): crop box (k, j, i) = (2..13, 2..17, 3..20)
@@ -25,18 +26,16 @@ BRAIN = (slice(3, 20), slice(2, 17), slice(2, 13))  # (i, j, k): crop box (k, j,
 def write_case(root: Path, case: str, dtype=np.int16, seg_values=(1, 2, 4), seed=0) -> Path:
     spec = dataset_spec("brats")
     rng = np.random.default_rng(seed)
-    folder = root / case
-    folder.mkdir(parents=True)
-    for index, modality in enumerate(spec.modalities):
+    images = []
+    for index in range(len(spec.modalities)):
         data = np.zeros(SHAPE, dtype=dtype)
         data[BRAIN] = (rng.random((17, 15, 11)) * 200 + 20 + 30 * index).astype(dtype)
-        nib.save(nib.Nifti1Image(data, AFFINE), folder / f"{case}_{modality}.nii.gz")
+        images.append(data)
     seg = np.zeros(SHAPE, np.uint8)
     seg[6:14, 5:12, 4:10] = seg_values[1]
     seg[8:12, 7:10, 5:8] = seg_values[0]
     seg[9:11, 8:9, 6:7] = seg_values[2]
-    nib.save(nib.Nifti1Image(seg, AFFINE), folder / f"{case}_seg.nii.gz")
-    return folder
+    return write_brats_case(root, case, images, seg, spec, AFFINE)
 
 
 def test_nonzero_box_is_the_union_over_modalities():
@@ -124,9 +123,8 @@ def test_cache_version_mismatch_is_reported(tmp_path):
         load_plans(tmp_path / "cache")
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
-def test_real_brats2018_cache_fits_64_mib(tmp_path):
-    plans = preprocess_dataset(DATA, dataset_spec("brats"), tmp_path)
+def test_real_brats2018_cache_fits_64_mib(brats_2mm, tmp_path):
+    plans = preprocess_dataset(brats_2mm, dataset_spec("brats"), tmp_path)
     assert len(plans["cases"]) == 18 and plans["target_spacing"] == [2.0, 2.0, 2.0]
     size = sum(p.stat().st_size for p in tmp_path.iterdir())
     assert size < 64 * 2**20

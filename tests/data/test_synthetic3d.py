@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from rwkvseg.cli import main
+from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic3d import make_phantom, write_synthetic_volumes
-from rwkvseg.data.volumes import dataset_spec, discover_cases, load_case
+from rwkvseg.data.volumes import discover_cases, load_case
 
 BRATS = dataset_spec("brats")
 

@@ -1,30 +1,25 @@
 import json
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import save_nifti
+from conftest import write_brats_case as write_case
+from rwkvseg.data.specs import DatasetSpec, dataset_spec, spec_from_dataset_json
 from rwkvseg.data.volumes import (
-    DatasetSpec,
     case_from_files,
-    dataset_spec,
     discover_cases,
     load_case,
     read_spacing,
     read_volume,
-    spec_from_dataset_json,
 )
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats2018_4mod_2mm"
 SHAPE = (11, 13, 9)  # (i, j, k) as stored in the file
 AFFINE = np.array([[-1.0, 0, 0, 30], [0, -1.2, 0, 40], [0, 0, 2.5, -7], [0, 0, 0, 1]])
-
-
-def write(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), path)
-    return path
+save = partial(save_nifti, affine=AFFINE)
 
 
 def labels(shape=SHAPE, values=(1, 2, 4)) -> np.ndarray:
@@ -35,14 +30,10 @@ def labels(shape=SHAPE, values=(1, 2, 4)) -> np.ndarray:
     return seg
 
 
-def write_brats_case(root: Path, case: str, spec: DatasetSpec, seg_values=(1, 2, 4), shape=SHAPE) -> Path:
-    folder = root / case
+def write_brats(root: Path, case: str, spec: DatasetSpec, seg_values=(1, 2, 4), shape=SHAPE) -> Path:
     rng = np.random.default_rng(0)
-    for index, modality in enumerate(spec.modalities):
-        data = (rng.random(shape) * 100 + 10 * index).astype(np.int16)
-        write(folder / f"{case}{spec.separator}{modality}.nii.gz", data)
-    write(folder / f"{case}{spec.separator}seg.nii.gz", labels(shape, seg_values))
-    return folder
+    images = [(rng.random(shape) * 100 + 10 * index).astype(np.int16) for index in range(len(spec.modalities))]
+    return write_case(root, case, images, labels(shape, seg_values), spec, AFFINE)
 
 
 def test_presets_paint_the_nested_regions_back():
@@ -59,8 +50,8 @@ def test_presets_paint_the_nested_regions_back():
 
 def test_brats_case_folders_load_in_kji_order_with_class_indices(tmp_path):
     spec = dataset_spec("brats")
-    write_brats_case(tmp_path / "HGG", "Brats18_X_1", spec)
-    write_brats_case(tmp_path / "LGG", "Brats18_A_1", spec)
+    write_brats(tmp_path / "HGG", "Brats18_X_1", spec)
+    write_brats(tmp_path / "LGG", "Brats18_A_1", spec)
     cases = discover_cases(tmp_path, spec)
     assert [c.case_id for c in cases] == ["Brats18_A_1", "Brats18_X_1"]
     assert [s.path.name for s in cases[0].images] == [f"Brats18_A_1_{m}.nii.gz" for m in spec.modalities]
@@ -79,7 +70,7 @@ def test_brats_case_folders_load_in_kji_order_with_class_indices(tmp_path):
 
 def test_brats2023_naming_and_et_label_3(tmp_path):
     spec = dataset_spec("brats2023")
-    write_brats_case(tmp_path, "BraTS-GLI-00001-000", spec, seg_values=(1, 2, 3))
+    write_brats(tmp_path, "BraTS-GLI-00001-000", spec, seg_values=(1, 2, 3))
     (case,) = discover_cases(tmp_path, spec)
     assert case.images[0].path.name == "BraTS-GLI-00001-000-t1n.nii.gz"
     assert case.label.name == "BraTS-GLI-00001-000-seg.nii.gz"
@@ -92,9 +83,9 @@ def test_msd_task01_4d_files_follow_the_dataset_json_channel_order(tmp_path):
     meta = {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}, "labels": {"0": "bg", "1": "edema"}}
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     image = np.stack([np.full(SHAPE, c + 1, dtype=np.float32) for c in range(4)], axis=-1)
-    write(tmp_path / "imagesTr" / "BRATS_001.nii.gz", image)
-    write(tmp_path / "imagesTr" / "._BRATS_001.nii.gz", image)  # macOS junk in the MSD archive
-    write(tmp_path / "labelsTr" / "BRATS_001.nii.gz", labels(values=(2, 1, 3)))
+    save(tmp_path / "imagesTr" / "BRATS_001.nii.gz", image)
+    save(tmp_path / "imagesTr" / "._BRATS_001.nii.gz", image)  # macOS junk in the MSD archive
+    save(tmp_path / "labelsTr" / "BRATS_001.nii.gz", labels(values=(2, 1, 3)))
     spec = dataset_spec("msd_task01")
     (case,) = discover_cases(tmp_path, spec)
     loaded = load_case(case, spec)
@@ -115,8 +106,8 @@ def test_nnunet_raw_with_v2_dataset_json_and_regions(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     for case in ("case_a", "case_b"):
         for channel in range(2):
-            write(tmp_path / "imagesTr" / f"{case}_{channel:04d}.nii.gz", np.full(SHAPE, channel, np.float32))
-        write(tmp_path / "labelsTr" / f"{case}.nii.gz", labels(values=(2, 1, 2)))
+            save(tmp_path / "imagesTr" / f"{case}_{channel:04d}.nii.gz", np.full(SHAPE, channel, np.float32))
+        save(tmp_path / "labelsTr" / f"{case}.nii.gz", labels(values=(2, 1, 2)))
     spec = spec_from_dataset_json(tmp_path / "dataset.json")
     assert spec.modalities == ("CT", "PET") and spec.label_values == (0, 1, 2)
     assert spec.regions == (("1", (1,)), ("2", (2,)))
@@ -134,7 +125,7 @@ def test_nnunet_raw_with_v2_dataset_json_and_regions(tmp_path):
 def test_itk_formats_read_with_the_same_geometry_as_nifti(tmp_path):
     sitk = pytest.importorskip("SimpleITK")
     data = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
-    nifti = write(tmp_path / "a.nii.gz", data)
+    nifti = save(tmp_path / "a.nii.gz", data)
     reference = read_volume(nifti)
     for suffix in (".nrrd", ".mha"):
         sitk.WriteImage(sitk.ReadImage(str(nifti)), str(tmp_path / f"a{suffix}"))
@@ -151,7 +142,7 @@ def test_itk_formats_read_with_the_same_geometry_as_nifti(tmp_path):
 
 def test_missing_modality_names_the_file(tmp_path):
     spec = dataset_spec("brats")
-    folder = write_brats_case(tmp_path, "c1", spec)
+    folder = write_brats(tmp_path, "c1", spec)
     (folder / "c1_t1ce.nii.gz").unlink()
     with pytest.raises(ValueError, match=r"lacks modality 't1ce' \(c1_t1ce.nii.gz\)"):
         discover_cases(tmp_path, spec)
@@ -160,21 +151,21 @@ def test_missing_modality_names_the_file(tmp_path):
 @pytest.mark.parametrize("what", ["shape", "affine"])
 def test_modalities_on_different_grids(tmp_path, what):
     spec = dataset_spec("brats")
-    folder = write_brats_case(tmp_path, "c1", spec)
+    folder = write_brats(tmp_path, "c1", spec)
     if what == "shape":
-        write(folder / "c1_t2.nii.gz", np.ones((11, 13, 10), np.int16))
+        save(folder / "c1_t2.nii.gz", np.ones((11, 13, 10), np.int16))
     else:
-        write(folder / "c1_t2.nii.gz", np.ones(SHAPE, np.int16), AFFINE @ np.diag([1, 1, 1.5, 1]))
+        save_nifti(folder / "c1_t2.nii.gz", np.ones(SHAPE, np.int16), AFFINE @ np.diag([1, 1, 1.5, 1]))
     (case,) = discover_cases(tmp_path, spec)
     with pytest.raises(ValueError, match=r"(?s)c1_t2.nii.gz has shape .* resample the modalities to one grid"):
         load_case(case, spec)
 
 
 def test_4d_file_where_3d_expected(tmp_path):
-    path = write(tmp_path / "x.nii.gz", np.ones((*SHAPE, 3), np.float32))
+    path = save(tmp_path / "x.nii.gz", np.ones((*SHAPE, 3), np.float32))
     with pytest.raises(ValueError, match=r"x.nii.gz is 4-D with shape \(11, 13, 9, 3\).*msd layout"):
         read_volume(path)
-    assert read_volume(write(tmp_path / "y.nii.gz", np.ones((*SHAPE, 1), np.float32))).array.shape == (9, 13, 11)
+    assert read_volume(save(tmp_path / "y.nii.gz", np.ones((*SHAPE, 1), np.float32))).array.shape == (9, 13, 11)
 
 
 def test_nan_and_inf_voxels(tmp_path):
@@ -182,22 +173,21 @@ def test_nan_and_inf_voxels(tmp_path):
     data[1, 2, 3] = np.nan
     data[2, 2, 3] = np.inf
     with pytest.raises(ValueError, match=r"nan.nii.gz holds 2 NaN/Inf voxels; replace them"):
-        read_volume(write(tmp_path / "nan.nii.gz", data))
+        read_volume(save(tmp_path / "nan.nii.gz", data))
 
 
 def test_wrong_label_values(tmp_path):
     spec = dataset_spec("brats")
-    folder = write_brats_case(tmp_path, "c1", spec, seg_values=(1, 2, 3))  # BraTS 2023 labels in a 2018 set
+    folder = write_brats(tmp_path, "c1", spec, seg_values=(1, 2, 3))  # BraTS 2023 labels in a 2018 set
     (case,) = discover_cases(tmp_path, spec)
     with pytest.raises(ValueError, match=r"c1_seg.nii.gz holds label values \[3\] outside \[0, 1, 2, 4\]"):
         load_case(case, spec)
     assert (folder / "c1_seg.nii.gz").exists()  # nothing touched
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
-def test_real_brats2018_case():
+def test_real_brats2018_case(brats_2mm):
     spec = dataset_spec("brats")
-    cases = discover_cases(DATA, spec)
+    cases = discover_cases(brats_2mm, spec)
     assert len(cases) == 18
     case = load_case(cases[0], spec)
     assert case.image.shape == (4, 73, 88, 73) and case.spacing == (2.0, 2.0, 2.0)

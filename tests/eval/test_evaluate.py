@@ -1,20 +1,13 @@
 import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import save_png
 from rwkvseg.eval.evaluate import evaluate_folders
 from rwkvseg.eval.metrics import EmptyPolicy
-
-
-def save(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
 
 
 def box(shape, r0, r1, c0, c1, value=255):
@@ -26,17 +19,17 @@ def box(shape, r0, r1, c0, c1, value=255):
 @pytest.fixture
 def folders(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
-    save(gt / "a_segmentation.png", box((20, 24), 2, 8, 2, 8, value=1))  # 0/1 mask with an ISIC-style suffix
-    save(pred / "a.png", box((20, 24), 2, 8, 5, 11))  # half overlap: 18 of 36
-    save(gt / "b.png", box((20, 24), 0, 0, 0, 0))  # empty ground truth
-    save(pred / "b.png", box((20, 24), 0, 0, 0, 0))
+    save_png(gt / "a_segmentation.png", box((20, 24), 2, 8, 2, 8, value=1))  # 0/1 mask with an ISIC-style suffix
+    save_png(pred / "a.png", box((20, 24), 2, 8, 5, 11))  # half overlap: 18 of 36
+    save_png(gt / "b.png", box((20, 24), 0, 0, 0, 0))  # empty ground truth
+    save_png(pred / "b.png", box((20, 24), 0, 0, 0, 0))
     return pred, gt
 
 
-def test_per_image_csv_and_summary(folders, tmp_path):
+def test_per_case_csv_and_summary(folders, tmp_path):
     pred, gt = folders
     summary = evaluate_folders(pred, gt, tmp_path / "ev", spacing=(0.5, 0.5))
-    rows = list(csv.DictReader((tmp_path / "ev" / "per_image.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "ev" / "per_case.csv").open()))
     assert [r["case"] for r in rows] == ["a", "b"]
     assert float(rows[0]["dice"]) == pytest.approx(0.5) and float(rows[0]["iou"]) == pytest.approx(1 / 3)
     assert float(rows[0]["hd95"]) == pytest.approx(1.5)  # 3 pixels at 0.5 mm
@@ -53,31 +46,31 @@ def test_per_image_csv_and_summary(folders, tmp_path):
 
 def test_missing_and_mismatched_predictions(folders, tmp_path):
     pred, gt = folders
-    save(gt / "c.png", box((20, 24), 1, 5, 1, 5))
+    save_png(gt / "c.png", box((20, 24), 1, 5, 1, 5))
     with pytest.raises(ValueError, match=r"1 ground-truth case\(s\) have no prediction .*\['c'\].*--missing-as-empty"):
         evaluate_folders(pred, gt)
     summary = evaluate_folders(pred, gt, missing_as_empty=True)
     assert summary["missing_predictions"] == 1 and summary["cases"] == 3
     assert summary["dice"]["min"] == 0.0 and summary["hd95"]["max"] == pytest.approx(math.hypot(19, 23))
-    save(pred / "c.png", box((10, 24), 1, 5, 1, 5))
+    save_png(pred / "c.png", box((10, 24), 1, 5, 1, 5))
     with pytest.raises(ValueError, match=r"c\.png is 24x10 but ground truth .*c\.png is 24x20"):
         evaluate_folders(pred, gt)
 
 
 def test_dataset_folder_as_ground_truth_and_multiclass(tmp_path):
     root = tmp_path / "busi" / "data" / "benign"
-    save(root / "images" / "x (1).png", np.zeros((12, 14), np.uint8))
-    save(root / "mask" / "x (1)_mask.png", box((12, 14), 0, 4, 0, 4))
-    save(root / "mask" / "x (1)_mask_1.png", box((12, 14), 8, 12, 8, 12))
-    save(tmp_path / "pred" / "x (1).png", box((12, 14), 0, 4, 0, 4))
+    save_png(root / "images" / "x (1).png", np.zeros((12, 14), np.uint8))
+    save_png(root / "mask" / "x (1)_mask.png", box((12, 14), 0, 4, 0, 4))
+    save_png(root / "mask" / "x (1)_mask_1.png", box((12, 14), 8, 12, 8, 12))
+    save_png(tmp_path / "pred" / "x (1).png", box((12, 14), 0, 4, 0, 4))
     summary = evaluate_folders(tmp_path / "pred", tmp_path / "busi", with_hd95=False)
     assert summary["dice"]["mean"] == pytest.approx(2 * 16 / (16 + 32))  # the union of both masks is the truth
     labels = np.zeros((12, 14), np.uint8)
     labels[0:4, 0:4], labels[6:12, 6:12] = 1, 2
-    save(tmp_path / "mgt" / "m.png", labels)
+    save_png(tmp_path / "mgt" / "m.png", labels)
     guess = labels.copy()
     guess[6:12, 6:12] = 1
-    save(tmp_path / "mpred" / "m.png", guess)
+    save_png(tmp_path / "mpred" / "m.png", guess)
     multi = evaluate_folders(tmp_path / "mpred", tmp_path / "mgt", num_classes=3, with_hd95=False)
     assert multi["per_class"]["1"]["dice"]["mean"] == pytest.approx(2 * 16 / (16 + 52))
     assert multi["per_class"]["2"]["dice"]["mean"] == 0.0

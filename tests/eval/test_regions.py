@@ -1,28 +1,30 @@
 import csv
 import json
-from pathlib import Path
+from functools import partial
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
+from conftest import save_nifti
 from rwkvseg.data.preprocess3d import preprocess_dataset
-from rwkvseg.data.volumes import dataset_spec
-from rwkvseg.eval.evaluate3d import SlidingWindowValidator, evaluate_folders, label_files
-from rwkvseg.eval.metrics import EmptyPolicy
-from rwkvseg.eval.regions import (
+from rwkvseg.data.regions import (
     classes_to_regions,
     classes_to_values,
     region_class_table,
-    region_scores,
     regions_to_values,
     values_to_regions,
 )
+from rwkvseg.data.specs import dataset_spec
+from rwkvseg.eval.evaluate import evaluate_folders
+from rwkvseg.eval.metrics import EmptyPolicy
+from rwkvseg.eval.volumes import label_files, region_scores
+from rwkvseg.train.validate import SlidingWindowValidator
 
 BRATS = dataset_spec("brats")
 SHAPE = (13, 11, 9)  # (i, j, k)
 AFFINE = np.diag([1.0, 1.2, 2.5, 1.0])
+save = partial(save_nifti, affine=AFFINE)
 
 
 def seg(et: bool = True) -> np.ndarray:
@@ -32,11 +34,6 @@ def seg(et: bool = True) -> np.ndarray:
     if et:
         out[5:7, 5:6, 4:5] = 4
     return out
-
-
-def write(path: Path, data: np.ndarray, affine=AFFINE) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), path)
 
 
 def test_region_table_and_round_trips():
@@ -71,15 +68,15 @@ def test_region_scores_known_values():
 
 def test_evaluate_folders_writes_csv_and_summary_at_true_spacing(tmp_path):
     refs, preds = tmp_path / "refs", tmp_path / "preds"
-    write(refs / "a_seg.nii.gz", seg())
-    write(preds / "a.nii.gz", seg())
-    write(refs / "b_seg.nii.gz", seg())
-    write(preds / "b.nii.gz", np.roll(seg(), 1, axis=2))  # one voxel along k, 2.5 mm
-    write(refs / "c_seg.nii.gz", seg(et=False))
-    write(preds / "c.nii.gz", seg(et=False))
-    write(preds / "z.nii.gz", seg())  # a prediction without reference is ignored
+    save(refs / "a_seg.nii.gz", seg())
+    save(preds / "a.nii.gz", seg())
+    save(refs / "b_seg.nii.gz", seg())
+    save(preds / "b.nii.gz", np.roll(seg(), 1, axis=2))  # one voxel along k, 2.5 mm
+    save(refs / "c_seg.nii.gz", seg(et=False))
+    save(preds / "c.nii.gz", seg(et=False))
+    save(preds / "z.nii.gz", seg())  # a prediction without reference is ignored
     assert sorted(label_files(refs, BRATS)) == ["a", "b", "c"]
-    summary = evaluate_folders(preds, refs, BRATS, tmp_path / "out")
+    summary = evaluate_folders(preds, refs, tmp_path / "out", spec=BRATS)
     assert summary["cases"] == 3 and summary["empty_policy"] == "perfect"
     with open(tmp_path / "out" / "per_case.csv") as handle:
         rows = {r["case"]: r for r in csv.DictReader(handle)}
@@ -90,23 +87,23 @@ def test_evaluate_folders_writes_csv_and_summary_at_true_spacing(tmp_path):
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["regions"]["ET"]["both_empty"] == 1
     assert saved["regions"]["WT"]["hd95"]["max"] == pytest.approx(2.5)
-    undefined = evaluate_folders(preds, refs, BRATS, tmp_path / "out2", policy=EmptyPolicy.UNDEFINED)
+    undefined = evaluate_folders(preds, refs, tmp_path / "out2", spec=BRATS, policy=EmptyPolicy.UNDEFINED)
     assert undefined["regions"]["ET"]["dice"]["undefined"] == 1
 
 
 def test_evaluation_of_bad_inputs_names_the_files(tmp_path):
     refs, preds = tmp_path / "refs", tmp_path / "preds"
-    write(refs / "a_seg.nii.gz", seg())
-    write(refs / "b_seg.nii.gz", seg())
-    write(preds / "a.nii.gz", seg())
+    save(refs / "a_seg.nii.gz", seg())
+    save(refs / "b_seg.nii.gz", seg())
+    save(preds / "a.nii.gz", seg())
     with pytest.raises(ValueError, match=r"1 reference case\(s\) have no prediction in .*: b"):
-        evaluate_folders(preds, refs, BRATS, tmp_path / "out")
-    write(preds / "b.nii.gz", seg(), AFFINE @ np.diag([1, 1, 2, 1]))
+        evaluate_folders(preds, refs, tmp_path / "out", spec=BRATS)
+    save_nifti(preds / "b.nii.gz", seg(), AFFINE @ np.diag([1, 1, 2, 1]))
     with pytest.raises(ValueError, match=r"prediction .*b.nii.gz .* is not on the grid of reference"):
-        evaluate_folders(preds, refs, BRATS, tmp_path / "out")
-    write(preds / "b.nii.gz", seg() * 2)
+        evaluate_folders(preds, refs, tmp_path / "out", spec=BRATS)
+    save(preds / "b.nii.gz", seg() * 2)
     with pytest.raises(ValueError, match=r"b.nii.gz holds label values \[8\]"):
-        evaluate_folders(preds, refs, BRATS, tmp_path / "out")
+        evaluate_folders(preds, refs, tmp_path / "out", spec=BRATS)
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
@@ -125,8 +122,8 @@ def test_sliding_window_validator_scores_whole_cached_volumes(tmp_path):
     classes = np.array([0, 1, 2, 0, 3])[seg()]
     folder = tmp_path / "raw" / "v1"
     for channel, modality in enumerate(BRATS.modalities):
-        write(folder / f"v1_{modality}.nii.gz", (10 + 100 * (classes == channel)).astype(np.int16))
-    write(folder / "v1_seg.nii.gz", seg())
+        save(folder / f"v1_{modality}.nii.gz", (10 + 100 * (classes == channel)).astype(np.int16))
+    save(folder / "v1_seg.nii.gz", seg())
     preprocess_dataset(tmp_path / "raw", BRATS, tmp_path / "cache")
     validator = SlidingWindowValidator.from_cache(tmp_path / "cache", ["v1"], patch_size=(4, 6, 5))
     model = OneHotReader().train()

@@ -1,14 +1,14 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
+from conftest import save_png
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
-from rwkvseg.infer.predict2d import Preprocessing2D, overlay, predict_2d
+from rwkvseg.infer.predict2d import overlay, predict_2d
 from rwkvseg.models import registry
+from rwkvseg.records import Preprocessing2D
 
 
 class Bright(nn.Module):
@@ -23,12 +23,6 @@ class Bright(nn.Module):
 
     def forward(self, x):
         return self.mix(x)
-
-
-def save(path: Path, array: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
 
 
 @pytest.fixture
@@ -53,8 +47,8 @@ def _square(shape, box, channels=3):
 def test_masks_at_original_size_with_overlays_and_probabilities(tmp_path, checkpoint, resize):
     ck = checkpoint(resize=resize)
     src = tmp_path / "in"
-    save(src / "a.png", _square((40, 50), (10, 30, 5, 45)))
-    save(src / "b.jpg", _square((33, 21), (0, 16, 0, 21), channels=1))  # gray into a 3-channel model
+    save_png(src / "a.png", _square((40, 50), (10, 30, 5, 45)))
+    save_png(src / "b.jpg", _square((33, 21), (0, 16, 0, 21), channels=1))  # gray into a 3-channel model
     out = tmp_path / "out"
     written = predict_2d(ck, src, out, overlays=True, save_probabilities=True, batch_size=2)
     assert sorted(p.name for p in written) == ["a.png", "b.png"]
@@ -72,7 +66,7 @@ def test_masks_at_original_size_with_overlays_and_probabilities(tmp_path, checkp
 def test_never_overwrites_and_bad_inputs(tmp_path, checkpoint):
     ck = checkpoint(channels=1)
     src = tmp_path / "in"
-    save(src / "a.png", _square((20, 20), (2, 9, 2, 9), channels=1))
+    save_png(src / "a.png", _square((20, 20), (2, 9, 2, 9), channels=1))
     out = tmp_path / "out"
     predict_2d(ck, src, out)
     (out / "a.png").write_bytes(b"user data")
@@ -81,7 +75,7 @@ def test_never_overwrites_and_bad_inputs(tmp_path, checkpoint):
     assert (out / "a.png").read_bytes() == b"user data"
     colour = np.zeros((20, 20, 3), np.uint8)
     colour[..., 0] = 200
-    save(src / "c.png", colour)
+    save_png(src / "c.png", colour)
     with pytest.raises(ValueError, match=r"c\.png has 3 channels, the model expects 1"):
         predict_2d(ck, src, tmp_path / "out2")
     (src / "c.png").unlink()

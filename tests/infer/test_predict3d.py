@@ -10,11 +10,13 @@ from torch import nn
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.data.preprocess3d import PreprocessConfig, preprocess_dataset
-from rwkvseg.data.volumes import dataset_spec, discover_cases
-from rwkvseg.infer.predict3d import PredictOptions, Predictor3D, inference_metadata, predict_paths
+from rwkvseg.data.specs import dataset_spec
+from rwkvseg.data.volumes import discover_cases
+from rwkvseg.infer.predict import PredictConfig
+from rwkvseg.infer.predict3d import Predictor3D, predict_paths
 from rwkvseg.infer.sliding_window import SlidingWindowConfig, mirror_subsets, predict_logits
+from rwkvseg.records import inference_metadata
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "brats2018_4mod_2mm"
 BRATS = dataset_spec("brats")
 SHAPE_1MM = (47, 41, 35)  # (i, j, k)
 # an oblique, flipped 1 mm grid: the output must come back with exactly this affine
@@ -114,7 +116,7 @@ def trained_at_2mm(tmp_path_factory):
 def test_a_2mm_model_predicts_on_the_1mm_grid_with_the_input_affine(tmp_path, trained_at_2mm, target):
     folder, seg = write_1mm_case(tmp_path / "in")
     metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12), target=target)
-    predictor = Predictor3D(Threshold(target), metadata, PredictOptions(mirror_axes=(0, 2)))
+    predictor = Predictor3D(Threshold(target), metadata, PredictConfig(mirror_axes=(0, 2)))
     (case,) = discover_cases(folder, BRATS, require_label=False)
     out = predictor.predict_to_file(case, tmp_path / "out")
     assert out == tmp_path / "out" / "p1.nii.gz"
@@ -143,7 +145,7 @@ def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2m
     save_checkpoint(tmp_path / "ckpt" / "best", Threshold(), meta)
     monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
     (out,) = predict_paths(
-        tmp_path / "ckpt" / "best", [tmp_path / "in"], tmp_path / "out", PredictOptions(mirror_axes=())
+        tmp_path / "ckpt" / "best", [tmp_path / "in"], tmp_path / "out", PredictConfig(mirror_axes=())
     )
     assert dice(np.asarray(nib.load(out).dataobj) > 0, seg > 0) > 0.9
     before = out.read_bytes()
@@ -152,7 +154,7 @@ def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2m
     assert out.read_bytes() == before
     # explicit files, one per modality in the model's order
     files = [folder / f"p1_{m}.nii.gz" for m in BRATS.modalities]
-    (out2,) = predict_paths(tmp_path / "ckpt" / "best", files, tmp_path / "out2", PredictOptions(mirror_axes=()))
+    (out2,) = predict_paths(tmp_path / "ckpt" / "best", files, tmp_path / "out2", PredictConfig(mirror_axes=()))
     assert np.array_equal(np.asarray(nib.load(out2).dataobj), np.asarray(nib.load(out).dataobj))
 
 
@@ -191,15 +193,14 @@ def upsample_to_original(case_dir: Path, row: dict[str, str], out_dir: Path) -> 
     return out_dir, original_affine
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
-def test_real_brats_model_at_2mm_predicts_on_a_1mm_original_grid(tmp_path):
+def test_real_brats_model_at_2mm_predicts_on_a_1mm_original_grid(brats_2mm, tmp_path):
     case = "Brats18_2013_2_1"
-    with open(DATA / "cases.csv") as handle:
+    with open(brats_2mm / "cases.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if r["case"] == case)
-    plans = preprocess_dataset(DATA / case, BRATS, tmp_path / "cache")
-    predictor = Predictor3D(Threshold(), inference_metadata(plans, (48, 48, 48)), PredictOptions(mirror_axes=()))
-    at_2mm = predictor.predict_to_file(discover_cases(DATA / case, BRATS)[0], tmp_path / "pred2mm")
-    folder, affine = upsample_to_original(DATA / case, row, tmp_path / "orig" / case)
+    plans = preprocess_dataset(brats_2mm / case, BRATS, tmp_path / "cache")
+    predictor = Predictor3D(Threshold(), inference_metadata(plans, (48, 48, 48)), PredictConfig(mirror_axes=()))
+    at_2mm = predictor.predict_to_file(discover_cases(brats_2mm / case, BRATS)[0], tmp_path / "pred2mm")
+    folder, affine = upsample_to_original(brats_2mm / case, row, tmp_path / "orig" / case)
     np.testing.assert_allclose(affine, [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]], atol=1e-6)
     out = predictor.predict_to_file(discover_cases(folder, BRATS)[0], tmp_path / "pred1mm")
     written, source = nib.load(out), nib.load(folder / f"{case}_flair.nii.gz")
@@ -268,7 +269,7 @@ def test_msd_4d_inputs_predict_to_a_3d_file_on_the_same_grid(tmp_path, monkeypat
     )
     save_checkpoint(tmp_path / "ckpt", Threshold(), meta)
     monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
-    (out,) = predict_paths(tmp_path / "ckpt", [root], tmp_path / "out", PredictOptions(mirror_axes=()))
+    (out,) = predict_paths(tmp_path / "ckpt", [root], tmp_path / "out", PredictConfig(mirror_axes=()))
     written, source = nib.load(out), nib.load(root / "imagesTs" / "BRATS_001.nii.gz")
     assert written.shape == SHAPE_1MM and source.shape == (*SHAPE_1MM, 4)
     np.testing.assert_array_equal(written.affine, source.affine)
@@ -284,7 +285,7 @@ def test_nrrd_inputs_predict_to_nrrd_with_the_same_geometry(tmp_path, trained_at
     nrrd.mkdir(parents=True)
     for path in folder.iterdir():
         sitk.WriteImage(sitk.ReadImage(str(path)), str(nrrd / path.name.replace(".nii.gz", ".nrrd")))
-    predictor = Predictor3D(Threshold(), inference_metadata(trained_at_2mm, (8, 8, 8)), PredictOptions(mirror_axes=()))
+    predictor = Predictor3D(Threshold(), inference_metadata(trained_at_2mm, (8, 8, 8)), PredictConfig(mirror_axes=()))
     (case,) = discover_cases(nrrd, BRATS, require_label=False)
     out = predictor.predict_to_file(case, tmp_path / "out")
     assert out.name == "p1.nrrd"
@@ -297,8 +298,7 @@ def test_nrrd_inputs_predict_to_nrrd_with_the_same_geometry(tmp_path, trained_at
     assert dice(pred > 0, seg > 0) > 0.9
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared BraTS 2018 compact data not present")
-def test_released_model_on_a_full_resolution_int16_case_keeps_the_grid(tmp_path):
+def test_released_model_on_a_full_resolution_int16_case_keeps_the_grid(brats_2mm, tmp_path):
     """The released 3D model, by name through the CLI, on a validation case rebuilt at 1 mm (240x240x155 int16):
     the output has the input's shape and affine read back by nibabel and by MONAI's loader, BraTS label values,
     and its tumour lies where the reference is."""
@@ -310,9 +310,9 @@ def test_released_model_on_a_full_resolution_int16_case_keeps_the_grid(tmp_path)
     if "mmsegrwkv_small-brats2018" not in [m.name for m in released_models()]:
         pytest.skip("the released 3D model is not shipped in this install")
     case = "Brats18_2013_23_1"  # in the validation list of splits/brats2018_2mm.json
-    with open(DATA / "cases.csv") as handle:
+    with open(brats_2mm / "cases.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if r["case"] == case)
-    folder, _ = upsample_to_original(DATA / case, row, tmp_path / "orig" / case)
+    folder, _ = upsample_to_original(brats_2mm / case, row, tmp_path / "orig" / case)
     reference = folder.parent.parent / "ref"
     reference.mkdir()
     (folder / f"{case}_seg.nii.gz").rename(reference / f"{case}.nii.gz")  # the model must not see the labels

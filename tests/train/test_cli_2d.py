@@ -9,9 +9,6 @@ from PIL import Image
 
 from rwkvseg.cli import main
 from rwkvseg.data.synthetic import write_synthetic_dataset
-from rwkvseg.models import list_models
-
-pytestmark = pytest.mark.skipif("urwkv_test" not in list_models(), reason="urwkv_test is not registered yet")
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +132,8 @@ def test_train_refuses_bad_datasets_before_writing(dataset, tmp_path, capsys, da
 
 def test_predict_wrong_channels_keeps_earlier_outputs(tmp_path, capsys):
     from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
-    from rwkvseg.infer.predict2d import Preprocessing2D
     from rwkvseg.models import create_model
+    from rwkvseg.records import Preprocessing2D
 
     meta = CheckpointMeta("urwkv_test", 1, 1, preprocessing=Preprocessing2D(1, (32, 32)).to_dict())
     save_checkpoint(tmp_path / "gray", create_model("urwkv_test", 1, 1), meta)

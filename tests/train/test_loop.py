@@ -12,12 +12,12 @@ from rwkvseg.data.dataset2d import SegDataset2D
 from rwkvseg.data.images2d import discover_pairs
 from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.data.transforms2d import AugmentConfig, eval_transform, train_transform
-from rwkvseg.infer.predict2d import Preprocessing2D
+from rwkvseg.records import Preprocessing2D
 from rwkvseg.train.config import OptimConfig
-from rwkvseg.train.loop import LoopConfig, fit, steps_per_epoch
+from rwkvseg.train.loop import LoopConfig, Run, fit, steps_per_epoch
 from rwkvseg.train.losses import SegmentationLoss
 from rwkvseg.train.optim import build_optimizer, build_scheduler
-from rwkvseg.train.train2d import validator_2d
+from rwkvseg.train.validate import validator_2d
 
 
 class TinySeg(nn.Module):
@@ -60,9 +60,8 @@ def _run(data, run_dir, epochs=4, stop_after=None, resume=False):
     validate = validator_2d(val, pre, 1, torch.device("cpu"), batch_size=2)
     stop = (lambda p: p.epoch >= stop_after) if stop_after else None
     meta = CheckpointMeta("tiny", 3, 1, preprocessing=pre.to_dict())
-    progress = fit(
-        model, train, SegmentationLoss(1), optimizer, scheduler, validate, run_dir, loop, meta, resume=resume, stop=stop
-    )
+    run = Run(model, train, SegmentationLoss(1), optimizer, scheduler, validate, meta, run_dir)
+    progress = fit(run, loop, resume=resume, stop=stop)
     return model, progress
 
 
@@ -115,16 +114,16 @@ def test_multiclass_training_and_validation(tmp_path):
     model = TinySeg(3, 3)
     optim = OptimConfig(name="adamw", lr=0.01, schedule="cosine")
     optimizer = build_optimizer(model, optim)
-    progress = fit(
+    run = Run(
         model,
         train,
         SegmentationLoss(3),
         optimizer,
         build_scheduler(optimizer, optim, 3),
         validator_2d(val, pre, 3, torch.device("cpu")),
-        tmp_path / "run",
-        LoopConfig(epochs=3, batch_size=2),
         CheckpointMeta("tiny", 3, 3, preprocessing=pre.to_dict()),
+        tmp_path / "run",
     )
+    progress = fit(run, LoopConfig(epochs=3, batch_size=2))
     assert progress.step == 3 and 0.0 <= progress.best_metric <= 1.0
     assert {"val_dice", "val_iou", "val_specificity"} <= progress.history[-1].keys()

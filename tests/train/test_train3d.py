@@ -14,22 +14,15 @@ from safetensors.torch import load_file
 from rwkvseg.checkpoint import read_meta
 from rwkvseg.cli import main
 from rwkvseg.data.preprocess3d import preprocess_dataset
+from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic3d import write_synthetic_volumes
-from rwkvseg.data.volumes import dataset_spec, discover_cases
-from rwkvseg.infer.predict3d import PredictOptions, Predictor3D
-from rwkvseg.models import list_models
-from rwkvseg.train.config import LossConfig, read_config_file
-from rwkvseg.train.train3d import (
-    FINAL_FILE,
-    RegionLoss,
-    TrainConfig3D,
-    config_dims,
-    load_config_3d,
-    prepare_cache,
-    train_3d,
-)
-
-pytestmark = pytest.mark.skipif("mmsegrwkv_test" not in list_models(), reason="mmsegrwkv_test is not registered")
+from rwkvseg.data.volumes import discover_cases
+from rwkvseg.infer.predict import PredictConfig
+from rwkvseg.infer.predict3d import Predictor3D
+from rwkvseg.train.config import LossConfig, TrainConfig, VolumeDataConfig, config_dims, load_config, read_config_file
+from rwkvseg.train.losses import RegionLoss
+from rwkvseg.train.train import train
+from rwkvseg.train.volumes import FINAL_FILE, prepare_cache
 
 BRATS = dataset_spec("brats")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -103,7 +96,7 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     # `rwkvseg train --out RUN --resume` reads RUN/config.json: it must come back as the same 3D config
     saved = read_config_file(run_dir / "config.json")
     assert config_dims(saved) == 3
-    assert load_config_3d(run_dir / "config.json") == load_config_3d(config, [f"data.root={raw}", f"out={run_dir}"])
+    assert load_config(run_dir / "config.json") == load_config(config, [f"data.root={raw}", f"out={run_dir}"])
     split = json.loads((run_dir / "split.json").read_text())["folds"][0]
     assert len(split["train"]) + len(split["val"]) == 4 and split["val"]
     history = (run_dir / "metrics.csv").read_text().splitlines()
@@ -121,7 +114,7 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     other = tmp_path / "other"
     write_synthetic_volumes(other, n=1, shape=(25, 29, 19), spacing=1.5, seed=9)
     (case,) = discover_cases(other, BRATS, require_label=False)
-    predictor = Predictor3D.from_checkpoint(run_dir / "best", PredictOptions(mirror_axes=()))
+    predictor = Predictor3D.from_checkpoint(run_dir / "best", PredictConfig(mirror_axes=()))
     out = predictor.predict_to_file(case, tmp_path / "pred")
     written, source = nib.load(out), nib.load(other / "Phantom_000" / "Phantom_000_flair.nii.gz")
     assert written.shape == source.shape == (25, 29, 19)
@@ -133,14 +126,14 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, cache):
     overrides = [f"data.root={cache}", "epochs=2", "max_steps_per_epoch=1"]
     overrides += ["val_every=2", "infer.final_eval=false"]
     path = write_config(tmp_path / "c.toml")
-    straight = load_config_3d(path, [*overrides, f"out={tmp_path / 'a'}"])
-    train_3d(straight)
-    split = load_config_3d(path, [*overrides, f"out={tmp_path / 'b'}"])
-    first = train_3d(split, stop=lambda progress: progress.epoch == 1)
+    straight = load_config(path, [*overrides, f"out={tmp_path / 'a'}"])
+    train(straight)
+    split = load_config(path, [*overrides, f"out={tmp_path / 'b'}"])
+    first = train(split, stop=lambda progress: progress.epoch == 1)
     assert first.epoch == 1 and first.step == 1 and not (tmp_path / "b" / "best.json").exists()
     with pytest.raises(FileExistsError, match="pass --resume"):
-        train_3d(split)
-    resumed = train_3d(split, resume=True)
+        train(split)
+    resumed = train(split, resume=True)
     assert resumed.epoch == 2 and resumed.step == 2
     a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
     assert a.keys() == b.keys()
@@ -157,7 +150,7 @@ def metrics_without_timings(run_dir):
 def test_a_time_budget_stops_after_a_validated_epoch_and_leaves_a_best_checkpoint(tmp_path, cache):
     overrides = [f"data.root={cache}", f"out={tmp_path / 'run'}", "epochs=5", "val_every=2", "max_minutes=1e-6"]
     overrides += ["max_steps_per_epoch=1", "infer.mirror_axes=[]"]
-    progress = train_3d(load_config_3d(write_config(tmp_path / "c.toml"), overrides))
+    progress = train(load_config(write_config(tmp_path / "c.toml"), overrides))
     assert progress.epoch == 2 and progress.best_epoch == 2  # epoch 1 is past the budget but not validated
     assert json.loads((tmp_path / "run" / FINAL_FILE).read_text())["epoch"] == 2
 
@@ -180,33 +173,33 @@ def test_config_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="dims = 4"):
         config_dims({"dims": 4})
     with pytest.raises(ValueError, match=r"does not fit data\.target = regions"):
-        load_config_3d(None, ["data.target=regions", "loss.name=ce_dice"])
+        load_config(None, ["dims=3", "data.target=regions", "loss.name=ce_dice"])
     with pytest.raises(ValueError, match=r"unknown setting.*data\.size"):
-        load_config_3d(None, ["data.size=[8,8]"])
+        load_config(None, ["dims=3", "data.size=[8,8]"])
     with pytest.raises(ValueError, match=r"data\.target = 'voxels'"):
-        load_config_3d(None, ["data.target=voxels"])
+        load_config(None, ["dims=3", "data.target=voxels"])
     with pytest.raises(ValueError, match=r"data\.root is empty"):
-        train_3d(TrainConfig3D(out=str(tmp_path / "r")))
-    assert load_config_3d(None, ["optim.nesterov=true"]).optim.nesterov
+        train(TrainConfig(dims=3, data=VolumeDataConfig(), out=str(tmp_path / "r")))
+    assert load_config(None, ["dims=3", "optim.nesterov=true"]).optim.nesterov
 
 
 def test_a_cache_made_from_other_data_is_not_reused(tmp_path, raw, cache):
-    config = load_config_3d(None, [f"data.root={raw}"])
+    config = load_config(None, ["dims=3", f"data.root={raw}"])
     assert prepare_cache(config.data, tmp_path) == tmp_path / "cache"
     assert prepare_cache(config.data, tmp_path) == tmp_path / "cache"  # reused
-    other = load_config_3d(None, [f"data.root={raw}", "data.regions={WT: [1, 2, 4]}"])
+    other = load_config(None, ["dims=3", f"data.root={raw}", "data.regions={WT: [1, 2, 4]}"])
     with pytest.raises(ValueError, match="delete it to preprocess again"):
         prepare_cache(other.data, tmp_path)
-    spaced = load_config_3d(None, [f"data.root={cache}", "data.target_spacing=[1.5]"])
+    spaced = load_config(None, ["dims=3", f"data.root={cache}", "data.target_spacing=[1.5]"])
     with pytest.raises(ValueError, match="differs from the cache"):
         prepare_cache(spaced.data, tmp_path)
-    assert prepare_cache(load_config_3d(None, [f"data.root={cache}"]).data, tmp_path) == cache
-    reordered = load_config_3d(None, [f"data.root={cache}", "data.modalities=[t1, t1ce, flair, t2]"])
+    assert prepare_cache(load_config(None, ["dims=3", f"data.root={cache}"]).data, tmp_path) == cache
+    reordered = load_config(None, ["dims=3", f"data.root={cache}", "data.modalities=[t1, t1ce, flair, t2]"])
     with pytest.raises(ValueError, match="modalities differ from the cache"):
         prepare_cache(reordered.data, tmp_path)
-    same = load_config_3d(None, [f"data.root={cache}", "data.modalities=[t1, t1ce, t2, flair]"])
+    same = load_config(None, ["dims=3", f"data.root={cache}", "data.modalities=[t1, t1ce, t2, flair]"])
     assert prepare_cache(same.data, tmp_path) == cache
-    uncropped = load_config_3d(None, [f"data.root={raw}", "data.crop_nonzero=false"])
+    uncropped = load_config(None, ["dims=3", f"data.root={raw}", "data.crop_nonzero=false"])
     with pytest.raises(ValueError, match="delete it to preprocess again"):
         prepare_cache(uncropped.data, tmp_path)
 
@@ -219,8 +212,8 @@ def test_cuda_mixed_precision_run_of_the_brats_recipe(tmp_path, cache, model):
     overrides = [f"data.root={cache}", f"out={tmp_path / 'run'}", f"model.name={model}", "device=cuda", "amp=auto"]
     overrides += ["epochs=1", "max_steps_per_epoch=2", "data.samples_per_epoch=4", "data.batch_size=2"]
     overrides += ["data.patch_size=[64, 64, 64]", "data.num_workers=2"]
-    config = load_config_3d(CONFIGS / "brats2018_mmsegrwkv.toml", overrides)
-    progress = train_3d(config)
+    config = load_config(CONFIGS / "brats2018_mmsegrwkv.toml", overrides)
+    progress = train(config)
     assert progress.step == 2 and np.isfinite(progress.history[-1]["train_loss"])
     final = json.loads((tmp_path / "run" / FINAL_FILE).read_text())
     assert final["mirror_axes"] == [0, 1, 2] and 0 <= final["dice"] <= 1

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from ..checkpoint import atomic_write
-
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """rows of dicts -> aligned text; columns = [(key, header)]; floats get 3 significant digits."""
@@ -24,8 +19,3 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines.append("  ".join("-" * wd for wd in widths))
     lines += ["  ".join(c.rjust(wd) for c, wd in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(lines)
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))

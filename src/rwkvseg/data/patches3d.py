@@ -18,31 +18,28 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..eval.regions import classes_to_regions
+from ..records import TARGETS
 from .preprocess3d import CachedCase, load_cached_case, load_plans
-from .volumes import DatasetSpec
+from .regions import classes_to_regions
+from .specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PatchConfig:
-    """patch_size in (k, j, i) voxels at the cache's spacing; fg_fraction: share of patches centred on a voxel
-    of a random foreground class (nnU-Net: 1/3); target "labels" gives class indices [1, *P] for CE+Dice,
-    "regions" gives float masks [R, *P] for sigmoid losses. allow_padding zero-pads cases smaller than the
-    patch (nnU-Net does); off, such a case is an error that names it."""
+    """patch_size in (k, j, i) voxels at the cache's spacing; samples_per_epoch patches make an epoch;
+    fg_fraction: share of patches centred on a voxel of a random foreground class (nnU-Net: 1/3).
+    allow_padding zero-pads cases smaller than the patch (nnU-Net does); off, such a case is an error that
+    names it. The `[data.patches]` table of a 3D run config."""
 
     patch_size: tuple[int, int, int] = (64, 64, 64)
     samples_per_epoch: int = 250
     fg_fraction: float = 0.33
-    target: str = "labels"
     augment: bool = True
-    allow_padding: bool = False
-    seed: int = 0
+    allow_padding: bool = True
 
     def __post_init__(self) -> None:
-        if self.target not in ("labels", "regions"):
-            raise ValueError(f"patch target {self.target!r} unknown; choose labels or regions")
         if not 0 <= self.fg_fraction <= 1:
             raise ValueError(f"fg_fraction {self.fg_fraction} must lie in [0, 1]")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
@@ -108,10 +105,23 @@ def patch_origin(
 
 class PatchDataset(Dataset):
     """Random patches of cached cases: {"image": [M, *P] float32, "mask": [1, *P] long or [R, *P] float,
-    "case": case id}. Length = samples_per_epoch; every case is held in memory (the cache is small)."""
+    "case": case id}. Length = samples_per_epoch; every case is held in memory (the cache is small).
 
-    def __init__(self, cache_dir: Path | str, case_ids: Sequence[str] | None, config: PatchConfig) -> None:
-        self.config = config
+    target "labels" gives class indices [1, *P] for CE+Dice, "regions" float masks [R, *P] for sigmoid losses;
+    patch i of epoch e is drawn from seed (seed, e, i), whatever the worker or order.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path | str,
+        case_ids: Sequence[str] | None,
+        config: PatchConfig,
+        target: str = "labels",
+        seed: int = 0,
+    ) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"patch target {target!r} unknown; choose labels or regions")
+        self.config, self.target, self.seed = config, target, seed
         self.plans = load_plans(cache_dir)
         self.spec = DatasetSpec.from_dict(self.plans["dataset"])
         ids = list(case_ids) if case_ids is not None else list(self.plans["cases"])
@@ -131,7 +141,7 @@ class PatchDataset(Dataset):
             case.label, _ = pad_to(case.label, config.patch_size)
             case.foreground = {k: v + offset.astype(v.dtype) for k, v in case.foreground.items()}
         self.epoch = 0
-        self.transform = nnunet_augmentation(config.patch_size, config.seed) if config.augment else None
+        self.transform = nnunet_augmentation(config.patch_size, seed) if config.augment else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -151,7 +161,7 @@ class PatchDataset(Dataset):
         return case, patch_origin(case.image.shape[1:], self.config.patch_size, rng, centre)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = np.random.default_rng((self.config.seed, self.epoch, index))
+        rng = np.random.default_rng((self.seed, self.epoch, index))
         case, lo = self.sample(rng)
         box = tuple(slice(int(l), int(l) + p) for l, p in zip(lo, self.config.patch_size, strict=True))
         item: dict[str, Any] = {
@@ -163,6 +173,6 @@ class PatchDataset(Dataset):
             item = self.transform(item)
         image = torch.as_tensor(item["image"]).float().contiguous()
         label = torch.as_tensor(item["mask"]).round().long()
-        if self.config.target == "regions":
+        if self.target == "regions":
             label = classes_to_regions(label[0], self.spec).float()  # [1, *P] -> [R, *P]
         return {"image": image, "mask": label.contiguous(), "case": case.case_id}

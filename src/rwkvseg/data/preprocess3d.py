@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write, write_json
 from .volumes import CaseVolumes, DatasetSpec, discover_cases, load_case, read_spacing
 
 log = logging.getLogger(__name__)
@@ -166,10 +166,6 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
-
-
 def preprocess_dataset(
     root: Path | str, spec: DatasetSpec, out_dir: Path | str, config: PreprocessConfig = PreprocessConfig()
 ) -> dict[str, Any]:
@@ -214,7 +210,7 @@ def preprocess_dataset(
         "cases": properties,
         "cache_bytes": sum(p["cache_bytes"] for p in properties.values()),
     }
-    write_json(out_dir / PLANS_FILE, plans)
+    write_json(out_dir / PLANS_FILE, plans, indent=1)
     return plans
 
 

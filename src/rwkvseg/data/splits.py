@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
+from ..files import write_json
 
 SPLIT_FORMAT = 1
+SPLIT_FILE = "split.json"  # the copy in a run folder
 SPLIT_METHODS = ("random", "kfold", "groups")
 # Groups whose name says which subset they are (an official split shipped with the data).
 TRAIN_GROUPS = ("train", "training")
@@ -133,7 +135,7 @@ def write_split(path: str | Path, split: dict[str, Any], overwrite: bool = False
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"split file {path} exists; choose another name or pass --overwrite")
-    atomic_write_text(path, json.dumps(split, indent=1) + "\n")
+    write_json(path, split, indent=1)
     return path
 
 
@@ -162,3 +164,55 @@ def read_split(path: str | Path, fold: int = 0, available: Sequence[str] | None 
                 "point to the dataset the split was made for, or write a new split"
             )
     return split
+
+
+def prepare_split(
+    run_dir: Path,
+    cases: Sequence[str],
+    labels: Sequence[Any],
+    *,
+    split_file: str | Path = "",
+    fold: int = 0,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> Path:
+    """The split file a run uses, kept in its folder: a copy of split_file (checked first), or one made from the
+    seed (stratified when any label is known) on the first start and reused by resumes."""
+    target = Path(run_dir) / SPLIT_FILE
+    if split_file:
+        source = Path(split_file)
+        if source.resolve() != target.resolve():
+            read_split(source, fold, cases)  # check before copying
+            shutil.copyfile(source, target)
+        return target
+    if not target.exists():
+        stratify = list(labels) if any(label is not None for label in labels) else None
+        write_split(target, make_split(cases, stratify, val_fraction, seed))
+    return target
+
+
+def split_dataset(
+    root: str | Path,
+    *,
+    val_fraction: float = 0.2,
+    folds: int | None = None,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    stratify: bool = True,
+    official: bool = False,
+    skip_non_images: bool = False,
+) -> dict[str, Any]:
+    """The split document of a 2D dataset folder: its official train/ val/ (test/) folders, or a seeded split
+    (stratified by image labels such as the BUSI class when stratify and the layout has them)."""
+    from .images2d import discover_pairs
+
+    samples = discover_pairs(root, skip_non_images)
+    cases = [s.case for s in samples]
+    if official:
+        doc = split_from_groups(cases, [s.group for s in samples])
+    else:
+        labels = [s.label for s in samples]
+        strata = None if not stratify or all(label is None for label in labels) else labels
+        doc = make_split(cases, strata, val_fraction, seed, folds, test_fraction)
+    doc["dataset"] = str(root)
+    return doc

@@ -14,9 +14,7 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..checkpoint import CheckpointMeta, atomic_write, load_checkpoint
+from ..checkpoint import load_checkpoint
 from ..data.images2d import list_inputs, read_image
+from ..files import atomic_write
+from ..records import Preprocessing2D
+from .sliding_window import SlidingWindowConfig, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -45,52 +46,16 @@ OVERLAY_COLOURS = np.array(
 )
 
 
-@dataclass(frozen=True)
-class Preprocessing2D:
-    """What turns an image file into a network input; stored in the checkpoint sidecar."""
-
-    channels: int
-    size: tuple[int, int] = (256, 256)
-    resize: str = "resize"
-    normalization: str = "auto"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "channels": self.channels,
-            "size": list(self.size),
-            "resize": self.resize,
-            "normalization": self.normalization,
-        }
-
-    @classmethod
-    def from_meta(cls, meta: CheckpointMeta) -> Preprocessing2D:
-        p = meta.preprocessing
-        if "size" not in p:
-            raise ValueError(f"checkpoint of model {meta.model!r} has no 2D preprocessing (size) in its sidecar")
-        return cls(
-            int(p.get("channels", meta.in_channels)),
-            tuple(int(s) for s in p["size"]),
-            p.get("resize", "resize"),
-            p.get("normalization", "auto"),
-        )
-
-
 def forward_logits(model: nn.Module, images: torch.Tensor, pre: Preprocessing2D) -> torch.Tensor:
     """Logits [B, K, H, W] for network-ready images [B, C, H, W] (resized, or whole images in crop mode)."""
     if pre.resize == "resize":
         return model(images)
-    from monai.inferers import sliding_window_inference
+    return predict_logits(model, images, crop_window(pre), images.device)
 
-    # Crop-trained models see whole images through overlapping windows of the training crop size.
-    return sliding_window_inference(
-        images,
-        roi_size=pre.size,
-        sw_batch_size=4,
-        predictor=model,
-        overlap=0.25,
-        mode="gaussian",
-        padding_mode="constant",
-    )
+
+def crop_window(pre: Preprocessing2D) -> SlidingWindowConfig:
+    """Crop-trained models see whole images through overlapping windows of the training crop size."""
+    return SlidingWindowConfig(patch_size=tuple(pre.size), overlap=0.25, sw_batch_size=4, mirror_axes=())
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,40 +19,20 @@ import torch
 from torch import nn
 
 from ..data.preprocess3d import prepare_for_model, resample
+from ..data.regions import classes_to_values, regions_to_values
+from ..data.specs import DatasetSpec
 from ..data.volumes import (
     NIFTI_SUFFIXES,
     CaseFiles,
-    DatasetSpec,
     Volume,
     case_from_files,
     discover_cases,
     load_case,
 )
-from ..eval.regions import classes_to_values, regions_to_values
+from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("labels", "regions")
-
-
-def inference_metadata(plans: dict[str, Any], patch_size: Sequence[int], target: str = "labels") -> dict[str, Any]:
-    """What a 3D checkpoint's sidecar keeps under `preprocessing` so prediction needs nothing else.
-
-    plans: the cache's plans.json (per-case entries are dropped); target: "labels" (softmax over label classes)
-    or "regions" (sigmoid per region).
-    """
-    if target not in TARGETS:
-        raise ValueError(f"target {target!r} unknown; choose one of {TARGETS}")
-    return {
-        "dims": 3,
-        "dataset": plans["dataset"],
-        "target_spacing": list(plans["target_spacing"]),
-        "preprocess": plans["preprocess"],
-        "normalisation": plans["normalisation"],
-        "patch_size": [int(p) for p in patch_size],
-        "target": target,
-    }
 
 
 def probabilities_to_values(probs: torch.Tensor, spec: DatasetSpec, target: str) -> np.ndarray:
@@ -98,20 +77,11 @@ def write_like(values: np.ndarray, reference: Volume, path: Path) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class PredictOptions:
-    """Inference knobs a user may change without retraining."""
-
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
-    sw_batch_size: int = 1
-    device: str = "cpu"
-
-
 class Predictor3D:
     """A model with its 3D metadata: predicts cases on their original grids."""
 
-    def __init__(self, model: nn.Module, metadata: dict[str, Any], options: PredictOptions = PredictOptions()):
+    def __init__(self, model: nn.Module, metadata: dict[str, Any], options: PredictConfig | None = None):
+        options = options or PredictConfig()
         if metadata.get("dims") != 3:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = model.to(options.device).eval()
@@ -128,9 +98,10 @@ class Predictor3D:
         )
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str, options: PredictOptions = PredictOptions()) -> Predictor3D:
+    def from_checkpoint(cls, path: Path | str, options: PredictConfig | None = None) -> Predictor3D:
         from ..checkpoint import load_checkpoint
 
+        options = options or PredictConfig()
         model, meta = load_checkpoint(path, device=options.device)
         return cls(model, meta.preprocessing, options)
 
@@ -193,12 +164,13 @@ def predict_paths(
     checkpoint: Path | str,
     inputs: Sequence[Path | str],
     out_dir: Path | str,
-    options: PredictOptions = PredictOptions(),
-    overwrite: bool = False,
+    options: PredictConfig | None = None,
 ) -> list[Path]:
-    """`rwkvseg predict` for 3D inputs: every case found in inputs -> a label file in out_dir."""
+    """Every case found in inputs -> a label file in out_dir (replacing existing ones only with options.overwrite)."""
+    options = options or PredictConfig()
     predictor = Predictor3D.from_checkpoint(checkpoint, options)
     cases = prediction_cases(inputs, predictor.spec)
+    overwrite = options.overwrite
     if not overwrite:
         clash = [c.case_id for c in cases if any(Path(out_dir).glob(f"{c.case_id}.*"))]
         if clash:

@@ -2,7 +2,7 @@
 
 Unknown keys are rejected with the list of valid ones, values are converted to the field's type, and the
 resolved configuration is written into the run folder, so a run can always be repeated from its own files.
-`from_dict` works for any dataclass tree (the 3D pipeline reuses it).
+`from_dict` works for any dataclass tree; TrainConfig's data section is DataConfig or VolumeDataConfig by dims.
 """
 
 from __future__ import annotations
@@ -15,18 +15,23 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from ..data.images2d import NORMALIZATIONS
+from ..data.patches3d import PatchConfig
+from ..data.specs import DATASETS
 from ..data.transforms2d import RESIZE_MODES, AugmentConfig
+from ..records import TARGETS
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
 LOSSES = ("auto", "bce_dice", "ce_dice", "bce", "ce", "dice")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LOGGERS = ("csv", "tensorboard")
+REGION_LOSSES = ("auto", "bce_dice", "bce", "dice")
+PATCH_KEYS = ("patch_size", "samples_per_epoch", "fg_fraction", "augment", "allow_padding")  # [data.patches]
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -112,15 +117,83 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """out: run folder (checkpoints, logs, resolved config, split). max_steps_per_epoch 0: whole epochs.
+class VolumeDataConfig:
+    """root: a cache folder (with plans.json) or a raw dataset folder, preprocessed into <out>/cache first.
 
-    max_minutes > 0: stop after the first epoch that ends past this wall-clock budget (a demo on a slow CPU);
-    the LR schedule still spans `epochs`, so a stopped run has not annealed fully.
+    dataset, modalities, label_values, regions describe a raw dataset (a preset, or `nnunet` to read its
+    dataset.json; regions as a table {WT = [1, 2, 4], ...}); a cache carries its own. target_spacing: (x, y, z)
+    mm in file axis order like `rwkvseg preprocess --spacing`, empty for the dataset median. target: "labels"
+    (softmax over label classes, CE + Dice) or "regions" (sigmoid per region, BCE + Dice). patches: how
+    training patches are drawn ([data.patches]: patch_size, samples_per_epoch, fg_fraction, augment, allow_padding).
     """
 
+    root: str = ""
+    dataset: str = "brats"
+    modalities: tuple[str, ...] = ()
+    label_values: tuple[int, ...] = ()
+    regions: dict[str, Any] = field(default_factory=dict)
+    target_spacing: tuple[float, ...] = ()
+    crop_nonzero: bool = True
+    split: str = ""
+    fold: int = 0
+    val_fraction: float = 0.2
+    target: str = "labels"
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    batch_size: int = 2
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("data.dataset", self.dataset, DATASETS)
+        _check_choice("data.target", self.target, TARGETS)
+        if len(self.target_spacing) not in (0, 1, 3) or any(s <= 0 for s in self.target_spacing):
+            raise ValueError(f"data.target_spacing {list(self.target_spacing)} needs one or three sizes > 0 (mm)")
+        if self.batch_size < 1 or self.patches.samples_per_epoch < self.batch_size:
+            raise ValueError(
+                f"data.batch_size ({self.batch_size}) must be >= 1 and at most data.patches.samples_per_epoch "
+                f"({self.patches.samples_per_epoch})"
+            )
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Sliding window for validation (every val_every epochs) and the final TTA evaluation of the best
+    checkpoint; the same overlap and mirror axes are stored as prediction defaults in the checkpoint."""
+
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    val_mirror_axes: tuple[int, ...] = ()
+    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    final_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"infer.overlap {self.overlap} must be in [0, 1)")
+        if any(a not in (0, 1, 2) for a in (*self.val_mirror_axes, *self.mirror_axes)):
+            raise ValueError("infer.mirror_axes and infer.val_mirror_axes index the spatial axes 0, 1, 2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run, 2D or 3D: dims = 2 trains on images (data: DataConfig), dims = 3 on volumes (data:
+    VolumeDataConfig, infer: the sliding window of validation). out: run folder (checkpoints, logs, resolved
+    config, split). max_steps_per_epoch 0: whole epochs. Loaded from a file, a 3D config takes the 3D defaults
+    of DIMS_DEFAULTS for what it leaves out.
+
+    max_minutes > 0: a wall-clock budget. The run stops only after a validated epoch, the last one whose next
+    validation would end past the budget, so it always leaves a best checkpoint. The LR schedule still spans
+    `epochs`, so a stopped run has not annealed fully.
+    """
+
+    DATA_CONFIGS: ClassVar[dict[int, type]] = {2: DataConfig, 3: VolumeDataConfig}
+    DIMS_DEFAULTS: ClassVar[dict[int, dict[str, Any]]] = {
+        2: {},
+        3: {"model": {"name": "mmsegrwkv"}, "data": {}, "epochs": 300, "val_every": 10, "out": "runs/run3d"},
+    }
+
+    dims: int = 2
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig | VolumeDataConfig = field(default_factory=DataConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     epochs: int = 280
@@ -136,10 +209,50 @@ class TrainConfig:
     out: str = "runs/run"
 
     def __post_init__(self) -> None:
+        config_dims({"dims": self.dims})
+        if not isinstance(self.data, self.DATA_CONFIGS[self.dims]):
+            raise ValueError(
+                f"dims = {self.dims} needs a {self.DATA_CONFIGS[self.dims].__name__} data section, got "
+                f"{type(self.data).__name__}; build the config with load_config or config_from_dict"
+            )
         _check_choice("amp", self.amp, AMP_MODES)
         _check_choice("logger", self.logger, LOGGERS)
         if self.epochs < 1 or self.val_every < 1:
             raise ValueError("epochs and val_every must be >= 1")
+        if self.dims == 3 and self.data.target == "regions" and self.loss.name not in REGION_LOSSES:
+            raise ValueError(
+                f"loss.name = {self.loss.name!r} does not fit data.target = regions (sigmoid per region); "
+                f"choose one of {', '.join(REGION_LOSSES)}, or set data.target = labels for CE over labels"
+            )
+
+
+def config_dims(data: Mapping[str, Any]) -> int:
+    """2 or 3: which kind of run a raw config dict (after --set overrides) is for."""
+    dims = data.get("dims", 2)
+    if dims not in (2, 3):
+        raise ValueError(f"dims = {dims!r} is not valid; 3 for volumes, 2 (or leave it out) for images")
+    return int(dims)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of a nested dict: the defaults of its dims under the given settings.
+
+    Configs written before the [data.patches] table (patch_size ... allow_padding directly under [data]) load too.
+    """
+    dims = config_dims(data)
+    data = _merge(TrainConfig.DIMS_DEFAULTS[dims], data)
+    if dims == 3:
+        flat = {k: data["data"].pop(k) for k in PATCH_KEYS if k in data["data"]}
+        data["data"]["patches"] = {**flat, **data["data"].get("patches", {})}
+    return from_dict(TrainConfig, data)
+
+
+def _merge(defaults: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for key, value in data.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merge(out[key], value) if both else value
+    return out
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -201,6 +314,8 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass cls from a nested mapping; unknown keys are an error that lists the valid ones."""
     types_ = _field_types(cls)
+    if "data" in types_ and hasattr(cls, "DATA_CONFIGS"):  # the data section's class depends on dims
+        types_["data"] = cls.DATA_CONFIGS[config_dims(data)]
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ValueError(
@@ -259,6 +374,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """TrainConfig from a file (or defaults) plus --set overrides."""
+    """TrainConfig (2D, or 3D with dims = 3) from a file (or defaults) plus --set overrides."""
     data = read_config_file(path) if path else {}
-    return from_dict(TrainConfig, apply_overrides(data, overrides))
+    return config_from_dict(apply_overrides(data, overrides))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 import time
@@ -24,7 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoint import CheckpointMeta, atomic_write_text, save_checkpoint
+from ..checkpoint import CheckpointMeta, save_checkpoint
+from ..files import atomic_write_text, write_json
 from .state import Progress, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
-Batch = Any
 Validate = Callable[[nn.Module], dict[str, float]]
 
 
@@ -78,10 +77,6 @@ def steps_per_epoch(n_train: int, batch_size: int, max_steps: int = 0) -> int:
     """Optimizer steps per epoch: full batches only (a last batch of 1 breaks BatchNorm), at least one."""
     steps = max(1, n_train // batch_size)
     return min(steps, max_steps) if max_steps else steps
-
-
-def default_unpack(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch["image"], batch["mask"]
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -140,31 +135,48 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Calla
         yield lambda text: bar.update(task, advance=1, info=text)
 
 
+@dataclass(frozen=True)
+class Run:
+    """What one run trains: the model with its optimizer and per-step scheduler, the data and the loss,
+    validate(model), the checkpoint record (its training field is filled in per epoch) and where it all goes.
+    train_set may have set_epoch(epoch) (reseeds augmentation); batches are {"image": x, "mask": y}."""
+
+    model: nn.Module
+    train_set: Dataset
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    validate: Validate
+    meta: CheckpointMeta
+    run_dir: Path
+    device: torch.device | str = "cpu"
+
+
+@dataclass
+class _Precision:
+    """Autocast dtype (None: float32) and the fp16 loss scaler of a loop."""
+
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def of(cls, amp: str) -> _Precision:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        return cls(dtype, torch.amp.GradScaler("cuda") if amp == "fp16" else None)
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
 def fit(
-    model: nn.Module,
-    train_set: Dataset,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    validate: Validate,
-    run_dir: str | Path,
-    loop: LoopConfig,
-    meta: CheckpointMeta,
-    *,
-    device: torch.device | str = "cpu",
-    resume: bool = False,
-    collate_fn: Callable[[list[Any]], Batch] | None = None,
-    unpack: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]] = default_unpack,
-    stop: Callable[[Progress], bool] | None = None,
+    run: Run, loop: LoopConfig, *, resume: bool = False, stop: Callable[[Progress], bool] | None = None
 ) -> Progress:
     """Train for loop.epochs epochs (or until stop(progress) is true after an epoch); returns the progress.
 
-    The optimizer and scheduler are already built for this model (the scheduler is stepped per iteration).
-    train_set may have set_epoch(epoch) (reseeds augmentation). meta describes the model for the checkpoints;
-    its training field is filled in here. With resume, everything continues from run_dir/state.pt.
+    Each epoch: train_epoch, validate_epoch (every loop.val_every epochs and the last), save_epoch. With resume,
+    everything continues from run_dir/state.pt.
     """
-    run_dir = Path(run_dir)
-    device = torch.device(device)
+    run_dir, device = Path(run.run_dir), torch.device(run.device)
     state_path = run_dir / STATE_FILE
     if not resume and state_path.exists():
         raise FileExistsError(
@@ -172,95 +184,21 @@ def fit(
             "or choose another output folder"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    scaler = torch.amp.GradScaler("cuda") if loop.amp == "fp16" else None
-    progress = load_state(state_path, model, optimizer, scheduler, scaler) if resume else Progress()
+    run.model.to(device)
+    precision = _Precision.of(loop.amp)
     if resume:
+        progress = load_state(state_path, run.model, run.optimizer, run.scheduler, precision.scaler)
         log.info("resuming %s after epoch %d (step %d)", run_dir, progress.epoch, progress.step)
+    else:
+        progress = Progress()
     tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp)
-    n_steps = steps_per_epoch(len(train_set), loop.batch_size, loop.max_steps_per_epoch)
-    better = (lambda a, b: a > b) if loop.select_mode == "max" else (lambda a, b: a < b)
-
     for epoch in range(progress.epoch + 1, loop.epochs + 1):
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        loader = DataLoader(
-            train_set,
-            batch_size=loop.batch_size,
-            sampler=_epoch_order(len(train_set), loop.seed, epoch),
-            drop_last=len(train_set) >= loop.batch_size,
-            num_workers=loop.num_workers,
-            collate_fn=collate_fn,
-            pin_memory=device.type == "cuda",
-        )
-        model.train()
-        start, total_loss, seen = time.perf_counter(), 0.0, 0
-        with _plain_worker_errors(), _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
-            for batch in loader:
-                if seen == n_steps:
-                    break
-                x, y = unpack(batch)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(x), y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss is {loss.item()} at epoch {epoch}, step {progress.step + 1}; "
-                        "lower optim.lr, set amp=off, or check the data for broken images"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if loop.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), loop.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                progress.step += 1
-                seen += 1
-                total_loss += loss.item()
-                advance(f"loss {total_loss / seen:.4f}")
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "step": progress.step,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": total_loss / max(seen, 1),
-            "train_seconds": round(time.perf_counter() - start, 3),
-        }
+        row = train_epoch(run, loop, epoch, progress, precision)
         if epoch % loop.val_every == 0 or epoch == loop.epochs:
-            start = time.perf_counter()
-            model.eval()
-            with (
-                _plain_worker_errors(),
-                torch.no_grad(),
-                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
-            ):
-                scores = validate(model)
-            row.update({f"val_{k}": v for k, v in scores.items()})
-            row["val_seconds"] = round(time.perf_counter() - start, 3)
-            if loop.select_metric not in scores:
-                raise ValueError(
-                    f"select_metric {loop.select_metric!r} is not among the validation scores {sorted(scores)}"
-                )
-            score = float(scores[loop.select_metric])
-            if not math.isnan(score) and (progress.best_metric is None or better(score, progress.best_metric)):
-                progress.best_metric, progress.best_epoch = score, epoch
-                summary = {"epoch": epoch, "step": progress.step, **{f"val_{k}": float(v) for k, v in scores.items()}}
-                best_meta = replace(meta, training={**meta.training, "best": summary})
-                save_checkpoint(run_dir / "best", model, best_meta, overwrite=True)
+            row.update(validate_epoch(run, loop, epoch, progress, precision))
         progress.epoch = epoch
         progress.history.append(row)
-        last_meta = replace(meta, training={**meta.training, "epoch": epoch, "step": progress.step})
-        save_checkpoint(run_dir / "last", model, last_meta, overwrite=True)
-        save_state(state_path, model, optimizer, scheduler, scaler, progress)
-        _write_metrics_csv(run_dir / METRICS_FILE, progress.history)
+        save_epoch(run, loop, progress, precision)
         if tensorboard is not None:
             tensorboard.log(row, progress.step)
         log.info(
@@ -276,7 +214,6 @@ def fit(
         if stop is not None and stop(progress):
             log.info("stopping after epoch %d", epoch)
             break
-
     summary = {
         "epochs_done": progress.epoch,
         "steps": progress.step,
@@ -284,5 +221,93 @@ def fit(
         f"best_{loop.select_metric}": progress.best_metric,
         "last": progress.history[-1] if progress.history else None,
     }
-    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    write_json(run_dir / SUMMARY_FILE, summary)
     return progress
+
+
+def train_epoch(run: Run, loop: LoopConfig, epoch: int, progress: Progress, precision: _Precision) -> dict[str, Any]:
+    """One epoch of optimizer steps in a seeded order; returns its row of metrics.csv (loss, lr, time)."""
+    device, train_set, scaler = torch.device(run.device), run.train_set, precision.scaler
+    n_steps = steps_per_epoch(len(train_set), loop.batch_size, loop.max_steps_per_epoch)
+    if hasattr(train_set, "set_epoch"):
+        train_set.set_epoch(epoch)
+    loader = DataLoader(
+        train_set,
+        batch_size=loop.batch_size,
+        sampler=_epoch_order(len(train_set), loop.seed, epoch),
+        drop_last=len(train_set) >= loop.batch_size,
+        num_workers=loop.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    run.model.train()
+    start, total_loss, seen = time.perf_counter(), 0.0, 0
+    with _plain_worker_errors(), _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
+        for batch in loader:
+            if seen == n_steps:
+                break
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["mask"].to(device, non_blocking=True)
+            with precision.autocast(device):
+                loss = run.loss_fn(run.model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss is {loss.item()} at epoch {epoch}, step {progress.step + 1}; "
+                    "lower optim.lr, set amp=off, or check the data for broken images"
+                )
+            run.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(run.optimizer)
+            else:
+                loss.backward()
+            if loop.grad_clip:
+                nn.utils.clip_grad_norm_(run.model.parameters(), loop.grad_clip)
+            if scaler is not None:
+                scaler.step(run.optimizer)
+                scaler.update()
+            else:
+                run.optimizer.step()
+            run.scheduler.step()
+            progress.step += 1
+            seen += 1
+            total_loss += loss.item()
+            advance(f"loss {total_loss / seen:.4f}")
+    return {
+        "epoch": epoch,
+        "step": progress.step,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "train_loss": total_loss / max(seen, 1),
+        "train_seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def validate_epoch(
+    run: Run, loop: LoopConfig, epoch: int, progress: Progress, precision: _Precision
+) -> dict[str, float]:
+    """Validate, and save the `best` checkpoint when the selected metric improved; returns the val_ columns."""
+    device = torch.device(run.device)
+    start = time.perf_counter()
+    run.model.eval()
+    with _plain_worker_errors(), torch.no_grad(), precision.autocast(device):
+        scores = run.validate(run.model)
+    row = {f"val_{k}": v for k, v in scores.items()}
+    row["val_seconds"] = round(time.perf_counter() - start, 3)
+    if loop.select_metric not in scores:
+        raise ValueError(f"select_metric {loop.select_metric!r} is not among the validation scores {sorted(scores)}")
+    score = float(scores[loop.select_metric])
+    better = (lambda a, b: a > b) if loop.select_mode == "max" else (lambda a, b: a < b)
+    if not math.isnan(score) and (progress.best_metric is None or better(score, progress.best_metric)):
+        progress.best_metric, progress.best_epoch = score, epoch
+        summary = {"epoch": epoch, "step": progress.step, **{f"val_{k}": float(v) for k, v in scores.items()}}
+        best_meta = replace(run.meta, training={**run.meta.training, "best": summary})
+        save_checkpoint(Path(run.run_dir) / "best", run.model, best_meta, overwrite=True)
+    return row
+
+
+def save_epoch(run: Run, loop: LoopConfig, progress: Progress, precision: _Precision) -> None:
+    """Bring the run folder up to date: `last` checkpoint, the state for --resume, metrics.csv."""
+    run_dir = Path(run.run_dir)
+    last_meta = replace(run.meta, training={**run.meta.training, "epoch": progress.epoch, "step": progress.step})
+    save_checkpoint(run_dir / "last", run.model, last_meta, overwrite=True)
+    save_state(run_dir / STATE_FILE, run.model, run.optimizer, run.scheduler, precision.scaler, progress)
+    _write_metrics_csv(run_dir / METRICS_FILE, progress.history)

@@ -1,4 +1,5 @@
-"""Segmentation losses: BCE + Dice for one output channel, CE + Dice for several classes (MONAI's DiceCELoss).
+"""Segmentation losses: BCE + Dice for one output channel, CE + Dice for several classes (MONAI's DiceCELoss),
+BCE + Dice per region for overlapping regions (RegionLoss).
 
 Targets are label maps [B, 1, *spatial] (float or int); logits are [B, K, *spatial]. Works for 2D and 3D.
 """
@@ -9,6 +10,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
+from ..data.specs import DatasetSpec
 from .config import LossConfig
 
 
@@ -53,3 +55,35 @@ class SegmentationLoss(nn.Module):
         if self.plain_ce:
             return self.scale * self.loss(logits, target[:, 0].long())  # [B, 1, ...] -> [B, ...]
         return self.scale * self.loss(logits, target.long())
+
+
+class RegionLoss(nn.Module):
+    """ce_weight * BCE + dice_weight * soft Dice on sigmoid outputs, one channel per (overlapping) region.
+
+    MONAI's DiceCELoss applies softmax cross-entropy to any multi-channel input, which is wrong for nested
+    regions, so the two terms are combined here. Targets are float masks [B, R, *P].
+    """
+
+    def __init__(self, config: LossConfig) -> None:
+        super().__init__()
+        name = "bce_dice" if config.name == "auto" else config.name
+        self.ce_weight = config.ce_weight if name in ("bce_dice", "bce") else 0.0
+        self.dice_weight = config.dice_weight if name in ("bce_dice", "dice") else 0.0
+        self.bce = nn.BCEWithLogitsLoss()
+        self.dice = DiceLoss(sigmoid=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = logits.float(), target.float()  # fp32 also under autocast
+        loss = logits.new_zeros(())
+        if self.ce_weight:
+            loss = loss + self.ce_weight * self.bce(logits, target)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * self.dice(logits, target)
+        return loss
+
+
+def build_loss(config: LossConfig, spec: DatasetSpec, target: str) -> nn.Module:
+    """The loss of a 3D run: RegionLoss for target "regions", else SegmentationLoss over the label classes."""
+    if target == "regions":
+        return RegionLoss(config)
+    return SegmentationLoss(spec.num_classes, config)

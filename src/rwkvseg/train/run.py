@@ -1,20 +1,25 @@
-"""What every training assembly (2D, 3D) does around `fit`: open the run folder, build the optimiser, schedule and
-loop settings from the config, and report the result. The configs share these fields by name."""
+"""What a run does around `fit` in 2D and 3D alike: open the run folder, save the resolved config, build the
+optimiser, schedule and loop settings from the config, and report the result."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from .config import to_dict
-from .loop import LoopConfig, Progress, resolve_amp, steps_per_epoch
+from ..checkpoint import CheckpointMeta
+from ..files import write_json
+from .config import TrainConfig, config_from_dict, to_dict
+from .loop import LoopConfig, Progress, Validate, resolve_amp, steps_per_epoch
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -22,7 +27,19 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 
 
-def open_run_dir(config: Any, resume: bool) -> Path:
+@dataclass(frozen=True)
+class RunData:
+    """What the 2D or 3D setup hands to the shared run: the training set, validate(model), the loss, the record
+    the checkpoints carry (the model is built from it), and what to do after training (3D: a final TTA score)."""
+
+    train_set: Dataset
+    validate: Validate
+    loss: nn.Module
+    meta: CheckpointMeta
+    finish: Callable[[Progress], None] | None = None
+
+
+def open_run_dir(config: TrainConfig, resume: bool) -> Path:
     """The run folder of config.out, refusing to start over a run unless resuming; seeds the global RNGs."""
     run_dir = Path(config.out)
     if not resume and (run_dir / "state.pt").exists():
@@ -32,7 +49,7 @@ def open_run_dir(config: Any, resume: bool) -> Path:
         )
     if resume:
         saved = run_dir / CONFIG_FILE
-        if saved.is_file() and json.loads(saved.read_text()) != to_dict(config):
+        if saved.is_file() and config_from_dict(json.loads(saved.read_text())) != config:
             log.warning("the config differs from the one saved in %s; resuming with the new one", saved)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -40,8 +57,13 @@ def open_run_dir(config: Any, resume: bool) -> Path:
     return run_dir
 
 
+def save_config(config: TrainConfig, run_dir: Path) -> None:
+    """The resolved config as <run_dir>/config.json (what --resume reads back)."""
+    write_json(run_dir / CONFIG_FILE, to_dict(config))
+
+
 def training_setup(
-    model: nn.Module, config: Any, n_train: int, device: torch.device, progress_bar: bool
+    model: nn.Module, config: TrainConfig, n_train: int, device: torch.device, progress_bar: bool
 ) -> tuple[torch.optim.Optimizer, Any, LoopConfig]:
     """Optimiser, per-step schedule over the whole run, and loop settings from config (and config.data)."""
     d = config.data

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 
 STATE_FORMAT = 1
 

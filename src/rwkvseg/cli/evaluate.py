@@ -1,42 +1,53 @@
-"""`rwkvseg evaluate`: thin argparse wiring over evaluate_folders."""
+"""`rwkvseg evaluate`: predicted masks or label volumes against ground truth (rwkvseg.eval.evaluate_folders)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .metrics import EmptyPolicy
 
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ._options import add_dataset_arguments
 
-def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score predicted masks against ground truth (CSV per image + summary JSON)")
+    p = sub.add_parser("evaluate", help="score predicted masks against ground truth (CSV per case + summary JSON)")
     p.add_argument("pred", help="folder of predicted masks (<name>.png)")
     p.add_argument("gt", help="folder of ground-truth masks, or a dataset folder in any known layout")
-    p.add_argument("--out", help="write per_image.csv and summary.json here")
+    p.add_argument("--out", help="write per_case.csv and summary.json here")
     p.add_argument("--num-classes", type=int, default=1, help="1 (binary) or the number of classes incl. background")
     p.add_argument("--spacing", help="pixel spacing 'dy,dx' (e.g. mm) for HD95; default pixels")
     p.add_argument(
         "--empty-policy",
-        choices=[e.value for e in EmptyPolicy],
-        default=EmptyPolicy.PERFECT.value,
+        choices=("perfect", "undefined"),
+        default="perfect",
         help="score of images whose prediction and ground truth are both empty (see eval/metrics.py)",
     )
     p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty masks")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
-    from ..data.cli3d import add_evaluate3d_arguments
+    g = p.add_argument_group("3D volumes (chosen when the folders hold NIfTI / ITK files)")
+    add_dataset_arguments(g, default=None)
+    p.set_defaults(func=run)
 
-    add_evaluate3d_arguments(p)
-    p.set_defaults(func=_run_evaluate)
+
+def _holds_volumes(folder: str | Path) -> bool:
+    from ..data.volumes import is_volume_file
+
+    folder = Path(folder)
+    return folder.is_dir() and any(is_volume_file(p) for p in folder.rglob("*"))
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from ..data.cli3d import is_3d_evaluation, run_evaluate3d
+def run(args: argparse.Namespace) -> int:
+    from ..eval.evaluate import evaluate_folders
+    from ..eval.metrics import EmptyPolicy
+    from ._options import spec_from_args
 
-    if is_3d_evaluation(args):  # NIfTI / ITK label volumes: per-region 3D evaluation
-        return run_evaluate3d(args)
-    from .evaluate import evaluate_folders
-
+    spec = None
+    if args.dataset or _holds_volumes(args.gt) or _holds_volumes(args.pred):  # per-region 3D evaluation
+        if args.out is None:
+            raise ValueError("3D evaluation writes per_case.csv and summary.json: pass --out FOLDER")
+        args.dataset = args.dataset or "brats"
+        spec = spec_from_args(args, Path(args.gt))
     spacing = None
     if args.spacing:
         try:
@@ -47,6 +58,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.pred,
         args.gt,
         args.out,
+        spec=spec,
         num_classes=args.num_classes,
         spacing=spacing,
         policy=EmptyPolicy(args.empty_policy),
@@ -55,6 +67,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         skip_non_images=args.skip_non_images,
         with_hd95=not args.no_hd95,
     )
+    if spec is not None:
+        print(f"{summary['cases']} cases (empty policy: {summary['empty_policy']}; HD95 in mm)")
+        for region, stats in summary["regions"].items():
+            hd = f"  HD95 {stats['hd95']['mean']:.2f} mm" if "hd95" in stats and "mean" in stats["hd95"] else ""
+            print(f"{region:4s} Dice {stats['dice'].get('mean', float('nan')):.4f}{hd}")
+        return 0
     stats = summary.get("mean_over_classes") or {
         k: v["mean"] for k, v in summary.items() if isinstance(v, dict) and "mean" in v
     }

@@ -1,20 +1,16 @@
-"""Regions as unions of labels (BraTS WT/TC/ET): masks, training targets, write-back and per-region scores.
+"""Regions as unions of labels (BraTS WT/TC/ET): label <-> region conversions for masks, training targets and
+write-back (per-region scores: eval.evaluate3d.region_scores).
 
 A dataset's `regions` pair names with label values. Class indices (position in `label_values`) are what the
-cache and the models use; label values are what files hold. Scores come from `eval.metrics` (same Dice/HD95 and
-empty-mask policy as 2D), at the spacing passed in (the file's true voxel size for HD95 in mm).
+cache and the models use; label values are what files hold.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 import torch
 
-from ..data.volumes import DatasetSpec
-from .metrics import EmptyPolicy, case_scores
+from .specs import DatasetSpec
 
 
 def region_class_table(spec: DatasetSpec) -> np.ndarray:
@@ -51,22 +47,3 @@ def classes_to_values(classes: np.ndarray | torch.Tensor, spec: DatasetSpec) -> 
     """Class indices -> the label values files use (BraTS: 3 -> 4)."""
     classes = classes.cpu().numpy() if isinstance(classes, torch.Tensor) else np.asarray(classes)
     return np.asarray(spec.label_values, dtype=np.uint8)[classes.astype(np.int64)]
-
-
-def region_scores(
-    pred: np.ndarray,
-    reference: np.ndarray,
-    spec: DatasetSpec,
-    spacing: Sequence[float] | None = None,
-    policy: EmptyPolicy = EmptyPolicy.PERFECT,
-    with_hd95: bool = True,
-) -> dict[str, dict[str, Any]]:
-    """Per-region metrics of one case from label-value volumes: {region: case_scores(...)}."""
-    if pred.shape != reference.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference {reference.shape}")
-    pred_regions = values_to_regions(pred, spec)
-    ref_regions = values_to_regions(reference, spec)
-    return {
-        name: case_scores(pred_regions[name], ref_regions[name], spacing, policy, with_hd95)
-        for name in spec.region_names
-    }

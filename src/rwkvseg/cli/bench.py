@@ -1,11 +1,11 @@
-"""`rwkvseg bench ...` subcommands: thin wrappers that print tables and write JSON."""
+"""`rwkvseg bench ...`: the benchmarks of rwkvseg.bench, printed as tables and written as JSON."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="efficiency benchmarks (tables on screen, JSON out)")
     kinds = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
 
@@ -55,8 +55,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def _run_wkv(args: argparse.Namespace) -> int:
     import torch
 
-    from .table import format_table, write_json
-    from .wkv import SHAPES_CPU, SHAPES_GPU, parse_shapes, speed_rows
+    from ..bench.table import format_table
+    from ..bench.wkv import SHAPES_CPU, SHAPES_GPU, parse_shapes, speed_rows
+    from ..files import write_json
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -103,8 +104,9 @@ def _run_wkv(args: argparse.Namespace) -> int:
 
 
 def _run_wkv_accuracy(args: argparse.Namespace) -> int:
-    from .table import format_table, write_json
-    from .wkv import ACCURACY_T, accuracy_rows, long_accuracy_rows
+    from ..bench.table import format_table
+    from ..bench.wkv import ACCURACY_T, accuracy_rows, long_accuracy_rows
+    from ..files import write_json
 
     lengths = tuple(int(t) for t in args.lengths.split(",")) if args.lengths else ACCURACY_T
     rows = accuracy_rows(lengths)
@@ -134,9 +136,10 @@ def _run_complexity(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..bench.complexity import complexity_row
+    from ..bench.table import format_table
+    from ..files import write_json
     from ..models import create_model
-    from .complexity import complexity_row
-    from .table import format_table, write_json
 
     shape = (1, args.in_channels, *args.size)
     info = {"torch": torch.__version__, "device": args.device, "threads": args.threads, "input": list(shape)}
@@ -164,10 +167,11 @@ def _run_complexity(args: argparse.Namespace) -> int:
 def _run_wkv_models(args: argparse.Namespace) -> int:
     import torch
 
+    from ..bench.table import format_table
+    from ..bench.wkv import environment
+    from ..bench.wkv_models import MODEL_CASES, train_step_row
+    from ..files import write_json
     from ..models import create_model
-    from .table import format_table, write_json
-    from .wkv import environment
-    from .wkv_models import MODEL_CASES, train_step_row
 
     if not torch.cuda.is_available():
         raise ValueError("bench wkv-models compares implementations on a GPU; torch sees no CUDA device")

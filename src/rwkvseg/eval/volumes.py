@@ -1,37 +1,30 @@
-"""Per-region evaluation of 3D label files (ours or any other tool's) and whole-volume validation in training.
+"""3D scoring for evaluate_folders: per-region evaluation of label files (ours or any other tool's).
 
 Files: predictions `<pred_dir>/<case>.nii.gz` (also `<case>_seg` / `<case>-seg`, any NIfTI/ITK suffix) against
 reference labels (a dataset folder in the spec's layout, or a flat folder of label files). Each pair must share
-shape and affine; Dice and HD95 (mm, at the reference's true voxel spacing) per region go to a per-case CSV and a
-summary JSON that states the empty-mask policy.
+shape and affine; Dice and HD95 (mm, at the reference's true voxel spacing) per region, one row per case.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
+from ..data.regions import values_to_regions
+from ..data.specs import DatasetSpec
 from ..data.volumes import (
     AFFINE_ATOL,
-    DatasetSpec,
     discover_cases,
     is_volume_file,
     labels_to_classes,
     read_volume,
     strip_suffix,
 )
-from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
-from .metrics import EmptyPolicy, confusion_counts, overlap_scores, summarize
-from .regions import classes_to_regions, region_scores
+from .metrics import EmptyPolicy, case_scores, summarize
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +56,25 @@ def label_files(folder: Path | str, spec: DatasetSpec) -> dict[str, Path]:
     return {c.case_id: c.label for c in discover_cases(folder, spec, require_label=True)}
 
 
+def region_scores(
+    pred: np.ndarray,
+    reference: np.ndarray,
+    spec: DatasetSpec,
+    spacing: Sequence[float] | None = None,
+    policy: EmptyPolicy = EmptyPolicy.PERFECT,
+    with_hd95: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Per-region metrics of one case from label-value volumes: {region: case_scores(...)}."""
+    if pred.shape != reference.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference {reference.shape}")
+    pred_regions = values_to_regions(pred, spec)
+    ref_regions = values_to_regions(reference, spec)
+    return {
+        name: case_scores(pred_regions[name], ref_regions[name], spacing, policy, with_hd95)
+        for name in spec.region_names
+    }
+
+
 def evaluate_pair(
     pred_path: Path,
     ref_path: Path,
@@ -83,20 +95,17 @@ def evaluate_pair(
     return region_scores(pred.array, ref.array, spec, ref.spacing, policy, with_hd95)
 
 
-def evaluate_folders(
-    pred_dir: Path | str,
-    ref_dir: Path | str,
+def score_volumes(
+    pred_dir: Path,
+    ref_dir: Path,
     spec: DatasetSpec,
-    out_dir: Path | str,
     policy: EmptyPolicy = EmptyPolicy.PERFECT,
     with_hd95: bool = True,
-) -> dict[str, Any]:
-    """Score every reference case; write `<out_dir>/per_case.csv` and `<out_dir>/summary.json`.
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(one row per case with `<region>_<metric>` columns, summary) of every reference case.
 
     A reference case without a prediction is an error (listing them), never a silent skip.
     """
-    from ..data.preprocess3d import write_json
-
     refs = label_files(ref_dir, spec)
     preds = label_files(pred_dir, spec)
     missing = sorted(set(refs) - set(preds))
@@ -122,12 +131,6 @@ def evaluate_folders(
             row[f"{region}_empty_prediction"] = values["empty_prediction"]
         table.append(row)
         log.info("%s: %s", case_id, "  ".join(f"{r} {s['dice']:.4f}" for r, s in scores.items()))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "per_case.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
     metrics = ("dice", "hd95") if with_hd95 else ("dice",)
     regions = {name: summarize(region_rows, metrics) for name, region_rows in rows.items()}
     summary = {
@@ -145,68 +148,4 @@ def evaluate_folders(
         "predictions": str(pred_dir),
         "references": str(ref_dir),
     }
-    write_json(out_dir / "summary.json", summary)
-    return summary
-
-
-@dataclass
-class SlidingWindowValidator:
-    """Whole-volume validation for the training loop: `validator(model) -> {"dice": mean, "dice_WT": ...}`.
-
-    Runs on cached cases (training spacing, cropped grid) with the same sliding window as prediction; Dice
-    per region with the PERFECT empty policy, averaged over cases, then over regions for "dice".
-    """
-
-    cases: Sequence[Any]  # CachedCase
-    spec: DatasetSpec
-    window: SlidingWindowConfig
-    target: str = "labels"
-    device: str | torch.device = "cpu"
-
-    @classmethod
-    def from_cache(
-        cls,
-        cache_dir: Path | str,
-        case_ids: Sequence[str],
-        patch_size: Sequence[int],
-        target: str = "labels",
-        overlap: float = 0.5,
-        mirror_axes: tuple[int, ...] = (),
-        device: str | torch.device = "cpu",
-    ) -> SlidingWindowValidator:
-        """A validator over cached cases (no mirror TTA by default: validation only ranks checkpoints)."""
-        from ..data.preprocess3d import load_cached_case, load_plans
-
-        plans = load_plans(cache_dir)
-        window = SlidingWindowConfig(
-            patch_size=tuple(patch_size),
-            overlap=overlap,
-            mirror_axes=mirror_axes,
-            activation="softmax" if target == "labels" else "sigmoid",
-        )
-        cases = [load_cached_case(cache_dir, cid, plans) for cid in case_ids]
-        return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device)
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        per_region: dict[str, list[float]] = {name: [] for name in self.spec.region_names}
-        try:
-            for case in self.cases:
-                image = torch.from_numpy(case.image)[None]  # [1, M, *S]
-                logits = predict_logits(model, image, self.window, self.device)
-                probs = activate(logits, self.window.activation)[0]  # [K, *S]
-                if self.target == "labels":
-                    pred = classes_to_regions(probs.argmax(0), self.spec)  # [R, *S]
-                else:
-                    pred = probs > 0.5
-                truth = classes_to_regions(torch.from_numpy(case.label), self.spec)
-                dice = overlap_scores(confusion_counts(pred, truth, batch_dims=1))["dice"]
-                for name, value in zip(self.spec.region_names, dice, strict=True):
-                    per_region[name].append(float(value))
-        finally:
-            model.train(was_training)
-        out = {f"dice_{name}": float(np.mean(values)) for name, values in per_region.items()}
-        out["dice"] = float(np.mean(list(out.values()))) if out else math.nan
-        return out
+    return table, summary

@@ -1,0 +1,78 @@
+"""`rwkvseg predict`: masks / label volumes from a checkpoint or a released model (rwkvseg.infer.predict)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="masks for an image or a folder of images, from a checkpoint or a released model",
+        usage="rwkvseg predict (CHECKPOINT | --model NAME) INPUT --out OUT [options]",
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="[CHECKPOINT] INPUT",
+        help="a checkpoint (.safetensors with its .json sidecar) and an image file or folder; "
+        "with --model only the input",
+    )
+    p.add_argument("--model", default=None, help="a released model by name instead of a checkpoint (rwkvseg models)")
+    p.add_argument("--out", required=True, help="output folder (masks <name>.png at the input's size)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=None, help="binary threshold (default: the checkpoint's)")
+    p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
+    p.add_argument("--probabilities", action="store_true", help="also write probabilities/<name>.png|.npy")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
+    g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
+    g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (3D)")
+    g.add_argument("--mirror-axes", default="0,1,2", help="axes flipped for TTA, '' for none (3D)")
+    g.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (3D)")
+    g.add_argument(
+        "--more-modalities",
+        nargs="+",
+        default=(),
+        metavar="FILE",
+        help="(3D) when INPUT is the first of one 3-D file per modality: the other files, in the model's order",
+    )
+    p.set_defaults(func=run)
+
+
+def checkpoint_and_input(args: argparse.Namespace) -> tuple[str, str]:
+    """(checkpoint, input) from `CHECKPOINT INPUT` or `--model NAME INPUT`."""
+    if args.model:
+        if len(args.sources) != 1:
+            raise ValueError(f"with --model {args.model} give only the input, got {args.sources}")
+        from ..released import released_checkpoint
+
+        return str(released_checkpoint(args.model)), args.sources[0]
+    if len(args.sources) != 2:
+        raise ValueError(f"give a checkpoint and an input (or --model NAME and an input), got {args.sources}")
+    return args.sources[0], args.sources[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..infer.predict import PredictConfig, is_3d_checkpoint, predict
+    from ._options import device_name, ints
+
+    checkpoint, source = checkpoint_and_input(args)
+    config = PredictConfig(
+        device=device_name(args.device),
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        overlays=args.overlay,
+        probabilities=args.probabilities,
+        skip_non_images=args.skip_non_images,
+        overlap=args.overlap,
+        mirror_axes=() if not args.mirror_axes.strip() else ints(args.mirror_axes, "--mirror-axes"),
+        sw_batch_size=args.sw_batch_size,
+    )
+    volumes = is_3d_checkpoint(checkpoint)
+    inputs = [source, *args.more_modalities] if volumes else [source]
+    written = predict(checkpoint, inputs, args.out, config)
+    print(f"wrote {len(written)} {'label volumes' if volumes else 'masks'} to {args.out}")
+    return 0

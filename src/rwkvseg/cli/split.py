@@ -1,0 +1,42 @@
+"""`rwkvseg split`: a seeded train/val(/test) split JSON for a 2D dataset folder (rwkvseg.data.splits.split_dataset)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="write a seeded train/val split JSON for a dataset folder")
+    p.add_argument("data", help="dataset folder (any known layout)")
+    p.add_argument("--out", required=True, help="split JSON to write")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--folds", type=int, default=None, help="k-fold cross-validation instead of one split")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="hold out this fraction as a test list")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-stratify", action="store_true", help="ignore image labels (BUSI class, PH2 diagnosis)")
+    p.add_argument("--official", action="store_true", help="use the dataset's train/ val/ (test/) folders")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.splits import split_dataset, write_split
+
+    doc = split_dataset(
+        args.data,
+        val_fraction=args.val_fraction,
+        folds=args.folds,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        stratify=not args.no_stratify,
+        official=args.official,
+        skip_non_images=args.skip_non_images,
+    )
+    path = write_split(args.out, doc, overwrite=args.overwrite)
+    folds = doc["folds"]
+    print(
+        f"{path}: {doc['n_cases']} cases, {len(folds)} fold(s), fold 0: {len(folds[0]['train'])} train / "
+        f"{len(folds[0]['val'])} val, {len(doc['test'])} test"
+    )
+    return 0

@@ -1,0 +1,48 @@
+"""`rwkvseg train`: a 2D or 3D run from a config file (rwkvseg.train.train.train)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a 2D or 3D model (dims = 3) from a config file (TOML or YAML)")
+    p.add_argument("config", nargs="?", help="config file; with --resume and no config: OUT/config.json")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set optim.lr=0.001 --set data.size=[256,256] (repeatable)",
+    )
+    p.add_argument("--data", help="dataset folder (same as --set data.root=...)")
+    p.add_argument("--out", help="run folder (same as --set out=...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.config import load_config
+    from ..train.run import CONFIG_FILE
+    from ..train.train import train
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    if args.out:
+        overrides.append(f"out={args.out}")
+    config_path = args.config
+    if config_path is None and args.resume:
+        if not args.out:
+            raise ValueError("--resume without a config file needs --out RUN_FOLDER")
+        config_path = Path(args.out) / CONFIG_FILE
+    config = load_config(config_path, overrides)
+    progress = train(config, resume=args.resume, progress_bar=not args.no_progress)
+    print(
+        f"best validation {config.select_metric} {progress.best_metric:.4f} at epoch {progress.best_epoch}; "
+        f"checkpoint {Path(config.out) / 'best.safetensors'}"
+    )
+    return 0

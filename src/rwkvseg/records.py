@@ -1,0 +1,60 @@
+"""What a checkpoint records about preprocessing: the contract between training (writes it into the sidecar's
+`preprocessing`) and inference (reads it back). A leaf: imports nothing of rwkvseg, so neither side owns it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TARGETS = ("labels", "regions")  # 3D: softmax over label classes, or sigmoid per (overlapping) region
+
+
+@dataclass(frozen=True)
+class Preprocessing2D:
+    """What turns an image file into a network input; stored in the checkpoint sidecar."""
+
+    channels: int
+    size: tuple[int, int] = (256, 256)
+    resize: str = "resize"
+    normalization: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channels": self.channels,
+            "size": list(self.size),
+            "resize": self.resize,
+            "normalization": self.normalization,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Preprocessing2D:
+        """From a checkpoint.CheckpointMeta (its preprocessing, in_channels and model name)."""
+        p = meta.preprocessing
+        if "size" not in p:
+            raise ValueError(f"checkpoint of model {meta.model!r} has no 2D preprocessing (size) in its sidecar")
+        return cls(
+            int(p.get("channels", meta.in_channels)),
+            tuple(int(s) for s in p["size"]),
+            p.get("resize", "resize"),
+            p.get("normalization", "auto"),
+        )
+
+
+def inference_metadata(plans: dict[str, Any], patch_size: Sequence[int], target: str = "labels") -> dict[str, Any]:
+    """What a 3D checkpoint's sidecar keeps under `preprocessing` so prediction needs nothing else.
+
+    plans: the cache's plans.json (per-case entries are dropped); target: "labels" (softmax over label classes)
+    or "regions" (sigmoid per region).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r} unknown; choose one of {TARGETS}")
+    return {
+        "dims": 3,
+        "dataset": plans["dataset"],
+        "target_spacing": list(plans["target_spacing"]),
+        "preprocess": plans["preprocess"],
+        "normalisation": plans["normalisation"],
+        "patch_size": [int(p) for p in patch_size],
+        "target": target,
+    }

@@ -1,0 +1,82 @@
+"""The 2D part of a run (dims = 2): image / mask pairs, resized or cropped, scored at the network input."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointMeta
+from ..data.dataset2d import SegDataset2D
+from ..data.images2d import check_pairs, discover_pairs
+from ..data.splits import prepare_split, read_split
+from ..data.transforms2d import eval_transform, train_transform
+from ..records import Preprocessing2D
+from .config import TrainConfig, to_dict
+from .losses import SegmentationLoss
+from .run import RunData, save_config
+from .validate import validator_2d
+
+log = logging.getLogger(__name__)
+
+
+def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> RunData:
+    """Split, datasets, validator, loss and checkpoint record of a 2D run."""
+    d = config.data
+    samples = discover_pairs(d.root, d.skip_non_images)
+    by_case = {s.case: s for s in samples}
+    split_path = prepare_split(
+        run_dir,
+        list(by_case),
+        [s.label for s in samples],
+        split_file=d.split,
+        fold=d.fold,
+        val_fraction=d.val_fraction,
+        seed=config.seed,
+    )
+    split = read_split(split_path, d.fold, list(by_case))
+    check_pairs([by_case[c] for c in (*split.train, *split.val)])
+    save_config(config, run_dir)
+    log.info(
+        "%s: %d training and %d validation images (split %s, fold %d)",
+        d.root,
+        len(split.train),
+        len(split.val),
+        split_path,
+        d.fold,
+    )
+    train_set = SegDataset2D(
+        [by_case[c] for c in split.train],
+        d.channels,
+        d.num_classes,
+        train_transform(d.size, d.resize, d.augment),
+        d.normalization,
+        config.seed,
+    )
+    val_set = SegDataset2D(
+        [by_case[c] for c in split.val],
+        d.channels,
+        d.num_classes,
+        eval_transform(d.size, d.resize),
+        d.normalization,
+        config.seed,
+    )
+    pre = Preprocessing2D(d.channels, d.size, d.resize, d.normalization)
+    meta = CheckpointMeta(
+        model=config.model.name,
+        in_channels=d.channels,
+        num_classes=d.num_classes,
+        model_overrides=dict(config.model.overrides),
+        preprocessing=pre.to_dict(),
+        class_names=d.class_names,
+        training={
+            "dataset": str(d.root),
+            "split": split_path.name,
+            "fold": d.fold,
+            "config": to_dict(config),
+            "threshold": config.threshold,
+        },
+    )
+    validate = validator_2d(val_set, pre, d.num_classes, device, config.threshold, d.val_batch_size, d.num_workers)
+    return RunData(train_set, validate, SegmentationLoss(d.num_classes, config.loss), meta)

@@ -1,0 +1,123 @@
+"""Validation during training: `validate(model) -> {metric: value}` callables that the loop calls every
+val_every epochs. 2D scores images at the network input (or whole images through the crop-mode window); 3D
+predicts whole cached volumes with the same sliding window as prediction and scores Dice per region."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.dataset2d import SegDataset2D
+from ..data.preprocess3d import load_cached_case, load_plans
+from ..data.regions import classes_to_regions
+from ..data.specs import DatasetSpec
+from ..eval.metrics import confusion_counts, overlap_scores
+from ..infer.predict2d import forward_logits, probabilities, to_labels
+from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
+from ..records import Preprocessing2D
+
+
+def validator_2d(
+    val_set: SegDataset2D,
+    pre: Preprocessing2D,
+    num_classes: int,
+    device: torch.device,
+    threshold: float = 0.5,
+    batch_size: int = 8,
+    num_workers: int = 0,
+) -> Callable[[nn.Module], dict[str, float]]:
+    """validate(model) -> mean per-image Dice, IoU, precision, recall, specificity (foreground classes averaged).
+
+    Scored at the network input size for resize-trained models (as in the paper), on whole images for
+    crop-trained ones; empty-vs-empty images count as perfect (metrics.EmptyPolicy.PERFECT).
+    """
+    # Whole images differ in size: one at a time in crop mode. Validation data never changes between epochs,
+    # so its workers are kept alive instead of being restarted for every validation.
+    loader = DataLoader(
+        val_set,
+        batch_size=batch_size if pre.resize == "resize" else 1,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        per_class: list[dict[str, np.ndarray]] = []
+        for batch in loader:
+            labels = to_labels(probabilities(forward_logits(model, batch["image"].to(device), pre)), threshold)
+            target = batch["mask"][:, 0].to(labels.device).long()  # [B, 1, H, W] -> [B, H, W]
+            classes = [1] if num_classes == 1 else range(1, num_classes)
+            scores = [overlap_scores(confusion_counts(labels == k, target == k, batch_dims=1)) for k in classes]
+            per_class.append({m: np.mean([s[m] for s in scores], axis=0) for m in scores[0]})
+        return {m: float(np.concatenate([np.atleast_1d(b[m]) for b in per_class]).mean()) for m in per_class[0]}
+
+    return validate
+
+
+@dataclass
+class SlidingWindowValidator:
+    """Whole-volume validation for the training loop: `validator(model) -> {"dice": mean, "dice_WT": ...}`.
+
+    Runs on cached cases (training spacing, cropped grid) with the same sliding window as prediction; Dice
+    per region with the PERFECT empty policy, averaged over cases, then over regions for "dice".
+    """
+
+    cases: Sequence[Any]  # CachedCase
+    spec: DatasetSpec
+    window: SlidingWindowConfig
+    target: str = "labels"
+    device: str | torch.device = "cpu"
+
+    @classmethod
+    def from_cache(
+        cls,
+        cache_dir: Path | str,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        target: str = "labels",
+        overlap: float = 0.5,
+        mirror_axes: tuple[int, ...] = (),
+        device: str | torch.device = "cpu",
+    ) -> SlidingWindowValidator:
+        """A validator over cached cases (no mirror TTA by default: validation only ranks checkpoints)."""
+        plans = load_plans(cache_dir)
+        window = SlidingWindowConfig(
+            patch_size=tuple(patch_size),
+            overlap=overlap,
+            mirror_axes=mirror_axes,
+            activation="softmax" if target == "labels" else "sigmoid",
+        )
+        cases = [load_cached_case(cache_dir, cid, plans) for cid in case_ids]
+        return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        per_region: dict[str, list[float]] = {name: [] for name in self.spec.region_names}
+        try:
+            for case in self.cases:
+                image = torch.from_numpy(case.image)[None]  # [1, M, *S]
+                logits = predict_logits(model, image, self.window, self.device)
+                probs = activate(logits, self.window.activation)[0]  # [K, *S]
+                if self.target == "labels":
+                    pred = classes_to_regions(probs.argmax(0), self.spec)  # [R, *S]
+                else:
+                    pred = probs > 0.5
+                truth = classes_to_regions(torch.from_numpy(case.label), self.spec)
+                dice = overlap_scores(confusion_counts(pred, truth, batch_dims=1))["dice"]
+                for name, value in zip(self.spec.region_names, dice, strict=True):
+                    per_region[name].append(float(value))
+        finally:
+            model.train(was_training)
+        out = {f"dice_{name}": float(np.mean(values)) for name, values in per_region.items()}
+        out["dice"] = float(np.mean(list(out.values()))) if out else math.nan
+        return out
