@@ -1,12 +1,16 @@
 """`bench models`: rows for every (model, mode, phase, batch, side), failures as notes, growth and the figure."""
 
+import json
+
 import pytest
 
 from rwkvseg.bench.models import ModelBenchConfig, bench_models, growth_rows, models_of_dims, plot_growth
+from rwkvseg.cli import main
+from rwkvseg.models import create_model, list_models
 
 
 def test_models_of_dims_splits_the_registry():
-    two, three = models_of_dims(2), models_of_dims(3)
+    two, three = models_of_dims(2, list_models(), create_model), models_of_dims(3, list_models(), create_model)
     assert {"urwkv", "urwkv_s", "unet", "cmunext"} <= set(two)
     assert {"mmsegrwkv", "segresnet", "dynunet", "swinunetr"} <= set(three)
     assert not set(two) & set(three)
@@ -18,7 +22,7 @@ def test_rows_growth_and_figure(tmp_path):
         dims=2, models=("urwkv_test", "unet_test"), sides=(16, 32), modes=("eager",), repeats=1, warmup=0
     )
     seen = []
-    rows = bench_models(config, on_row=seen.append)
+    rows = bench_models(config, create_model, on_row=seen.append)
     assert rows == seen
     # 2 models x (infer at batch 1 and 8 + train at batch 8) x 2 sides
     assert len(rows) == 2 * 3 * 2
@@ -41,7 +45,7 @@ def test_a_refused_size_is_a_row_with_a_note():
         repeats=1,
         overrides={"unetr": dict(img_size=32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8)},
     )
-    (row,) = bench_models(config)
+    (row,) = bench_models(config, create_model)
     assert "ms" not in row and row["note"]
 
 
@@ -51,3 +55,20 @@ def test_a_refused_size_is_a_row_with_a_note():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="bench models"):
         ModelBenchConfig(**kwargs)
+
+
+def test_command_prints_the_table_and_writes_json_and_figure(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "32"]
+    argv += ["--modes", "eager", "--phases", "infer", "--repeats", "1", "--json", str(out), "--png", str(png)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "unet_test" in printed and "eager ms" in printed and "cost growth" in printed
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 2 * 2 and result["environment"]["threads"] == 2
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_command_refuses_unknown_models_and_bad_overrides():
+    assert main(["bench", "models", "2", "--device", "cpu", "--models", "nope"]) == 2
+    assert main(["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--override", "x"]) == 2

@@ -20,14 +20,19 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models import create_model, list_models
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
+
+# build(name, in_channels, num_classes, **overrides) -> model: the registry's create_model, handed in by the
+# command (benchmarks import no models)
+Build = Callable[..., nn.Module]
 
 MODES = ("eager", "compiled")
 PHASES = ("infer", "train")
@@ -42,7 +47,7 @@ TRAIN_BATCH = {2: 8, 3: 2}
 
 @dataclass(frozen=True)
 class ModelBenchConfig:
-    """One benchmark run. models empty: every registered model of `dims` except the `*_test` sizes.
+    """One benchmark run of the named models (`models_of_dims` lists a registry's models of one dimension).
 
     sides: input side lengths (the input is a square / cube); empty: SIDES for the device. modes: eager and/or
     compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (dynamic=True
@@ -93,17 +98,17 @@ def model_dims(model: nn.Module) -> int:
     raise ValueError(f"{type(module).__name__} has no 2D or 3D convolution; cannot tell its dimension")
 
 
-def models_of_dims(dims: int) -> list[str]:
-    """Registered architectures of one spatial dimension, without the `*_test` sizes (each built once on the CPU:
-    some MONAI constructors read tensor values, so the meta device cannot build them)."""
-    names = []
+def models_of_dims(dims: int, names: Sequence[str], build: Build) -> list[str]:
+    """The architectures among names of one spatial dimension, without the `*_test` sizes (each built once on the
+    CPU: some MONAI constructors read tensor values, so the meta device cannot build them)."""
+    found = []
     in_channels, num_classes = PROBLEMS[dims]
-    for name in list_models():
+    for name in names:
         if name.endswith("_test"):
             continue
-        if model_dims(create_model(name, in_channels, num_classes)) == dims:
-            names.append(name)
-    return names
+        if model_dims(build(name, in_channels, num_classes)) == dims:
+            found.append(name)
+    return found
 
 
 class _Clock:
@@ -197,14 +202,17 @@ def measure(
     return row
 
 
-def bench_models(config: ModelBenchConfig, on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict]:
-    """Every (model, mode, phase, batch, side) row of the benchmark; a failure (out of memory, a size the model
-    refuses, a compile error) becomes a row with a note instead of ending the run. on_row sees each row as it
-    is made (for progress output and incremental saving)."""
+def bench_models(
+    config: ModelBenchConfig, build: Build, on_row: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict]:
+    """Every (model, mode, phase, batch, side) row of the benchmark for the models config names (built by build);
+    a failure (out of memory, a size the model refuses, a compile error) becomes a row with a note instead of
+    ending the run. on_row sees each row as it is made (for progress output and incremental saving)."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench models --device cuda: torch sees no CUDA device; use --device cpu")
-    names = list(config.models) or models_of_dims(config.dims)
+    if not config.models:
+        raise ValueError("bench models: no models given; list them, e.g. with models_of_dims()")
     in_channels, num_classes = PROBLEMS[config.dims]
     infer_batches = config.infer_batches or INFER_BATCHES[config.dims]
     train_batch = config.train_batch or TRAIN_BATCH[config.dims]
@@ -212,9 +220,9 @@ def bench_models(config: ModelBenchConfig, on_row: Callable[[dict[str, Any]], No
     # every (phase, batch, side) may add a compiled graph of one forward: past dynamo's default limit of 8 it
     # would fall back to eager without a word, and the "compiled" rows would not be compiled
     with _threads(config.threads, device), torch._dynamo.config.patch(cache_size_limit=256):
-        for name in names:
+        for name in config.models:
             torch.manual_seed(0)
-            model = create_model(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)
+            model = build(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)
             if model_dims(model) != config.dims:
                 raise ValueError(f"bench models: {name} is a {model_dims(model)}D model; this run is {config.dims}D")
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
@@ -320,5 +328,5 @@ def plot_growth(rows: list[dict], path: str, title: str) -> None:
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)

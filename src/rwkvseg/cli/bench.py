@@ -51,6 +51,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv_models)
 
+    p = kinds.add_parser(
+        "models",
+        help="every registered model of a dimension, ours and the baselines, eager and compiled: inference and "
+        "training step time and peak memory over input sizes, a table, JSON and a cost-growth figure",
+    )
+    p.add_argument("dims", type=int, choices=[2, 3], help="2 (images) or 3 (volumes)")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (small sizes, --threads threads)")
+    p.add_argument("--models", nargs="+", default=None, help="default: every registered model of that dimension")
+    p.add_argument("--sides", type=int, nargs="+", default=None, help="input sides (default per device and dims)")
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--phases", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode, the same for every model")
+    p.add_argument("--dynamic", action="store_true", help="compile once for all sizes (torch.compile dynamic=True)")
+    p.add_argument("--fullgraph", action="store_true", help="torch.compile fullgraph=True (fails on graph breaks)")
+    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median and min reported)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="MODEL:KEY=VALUE",
+        help="a model setting, e.g. mmsegrwkv:fused_norm=true (repeatable)",
+    )
+    p.add_argument("--json", default=None, help="write the rows, growth exponents and environment here")
+    p.add_argument("--png", default=None, help="write the cost-growth figure here (needs matplotlib)")
+    p.set_defaults(func=_run_models)
+
 
 def _run_wkv(args: argparse.Namespace) -> int:
     import torch
@@ -194,4 +222,72 @@ def _run_wkv_models(args: argparse.Namespace) -> int:
     print(format_table(rows, [*columns, ("peak_mb", "peak MB")]))
     if args.json:
         write_json(args.json, {"environment": info, "rows": rows})
+    return 0
+
+
+def _model_overrides(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for item in items:
+        model, sep, setting = item.partition(":")
+        key, eq, value = setting.partition("=")
+        if not sep or not eq or not model or not key:
+            raise ValueError(f"--override {item!r} must look like MODEL:KEY=VALUE, e.g. mmsegrwkv:fused_norm=true")
+        overrides.setdefault(model, {})[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench.models import ModelBenchConfig, bench_models, growth_rows, models_of_dims, plot_growth
+    from ..bench.table import format_table
+    from ..bench.wkv import environment
+    from ..files import write_json
+    from ..models import create_model, list_models
+
+    unknown = sorted(set(args.models or ()) - set(list_models()))
+    if unknown:
+        raise ValueError(f"bench models: unknown models {unknown}; choose from {', '.join(list_models())}")
+    config = ModelBenchConfig(
+        dims=args.dims,
+        device=args.device,
+        models=tuple(args.models or models_of_dims(args.dims, list_models(), create_model)),
+        sides=tuple(args.sides or ()),
+        modes=tuple(args.modes),
+        phases=tuple(args.phases),
+        compile_mode=args.compile_mode,
+        fullgraph=args.fullgraph,
+        dynamic=True if args.dynamic else None,
+        amp=not args.no_amp,
+        repeats=args.repeats,
+        threads=args.threads,
+        overrides=_model_overrides(args.override),
+    )
+    info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
+    print(", ".join(f"{k}={v}" for k, v in info.items()))
+    rows = bench_models(config, create_model)
+    table: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["model"], r["phase"], r["batch"], r["side"])
+        cell = table.setdefault(key, dict(zip(("model", "phase", "batch", "side"), key, strict=True)))
+        cell.update({f"{r['mode']}_{k}": r.get(k) for k in ("ms", "peak_mb", "compile_s")})
+        if r.get("note"):
+            cell["note"] = f"{r['mode']}: {r['note']}"
+    columns = [("model", "model"), ("phase", "phase"), ("batch", "batch"), ("side", "side")]
+    for mode in config.modes:
+        columns += [(f"{mode}_ms", f"{mode} ms"), (f"{mode}_peak_mb", f"{mode} MB")]
+    if "compiled" in config.modes:
+        columns.append(("compiled_compile_s", "compile s"))
+    print(format_table(list(table.values()), [*columns, ("note", "note")]))
+    growth = growth_rows(rows)
+    print("\ncost growth, exponent p of cost ~ tokens^p (1 = linear):")
+    print(
+        format_table(growth, [(k, k) for k in ("model", "mode", "phase", "batch", "time_exponent", "memory_exponent")])
+    )
+    if args.json:
+        write_json(args.json, {"environment": info, "rows": rows, "growth": growth})
+    if args.png:
+        plot_growth(rows, args.png, f"{args.dims}D, {info.get('device_name')}, torch {info['torch']}")
     return 0
