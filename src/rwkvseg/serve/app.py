@@ -286,6 +286,10 @@ def serve(config: ServeConfig) -> None:
 
     # the process-wide Pillow guard; the service also checks every image's size before decoding it
     Image.MAX_IMAGE_PIXELS = config.max_image_pixels
+    if config.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     uvicorn.run(
         create_app(config),
         host=config.host,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -51,6 +52,7 @@ class LoadTestConfig:
     warmup: int = 8
     url: str | None = None  # a running local service; None starts one
     server_models: tuple[str, ...] = ()  # what the started service hosts (default: the two models above)
+    torch_threads: int | None = None  # of the started service
     request_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -201,7 +203,9 @@ def rss_mb(pid: int | None) -> float | None:
 
 
 @contextmanager
-def started_service(models: Sequence[str], log_path: Path, ready_timeout: float = 300.0):
+def started_service(
+    models: Sequence[str], log_path: Path, torch_threads: int | None = None, ready_timeout: float = 300.0
+):
     """The service in a child process on a free local port; yields (url, pid)."""
     import socket
 
@@ -212,7 +216,8 @@ def started_service(models: Sequence[str], log_path: Path, ready_timeout: float 
         port = s.getsockname()[1]
     code = (
         "from rwkvseg.serve import ServeConfig, serve; "
-        f"serve(ServeConfig(models={tuple(models)!r}, port={port}, max_queue=64, max_queue_3d=8))"
+        f"serve(ServeConfig(models={tuple(models)!r}, port={port}, max_queue=64, max_queue_3d=8, "
+        f"torch_threads={torch_threads!r}))"
     )
     with log_path.open("w") as log:
         child = subprocess.Popen([sys.executable, "-c", code], stderr=log, stdout=log)
@@ -265,10 +270,11 @@ def run_load_test(config: LoadTestConfig, log_path: Path | None = None) -> dict[
         if config.url:
             yield config.url.rstrip("/"), None
         else:
-            with started_service(models, log_path) as running:
+            with started_service(models, log_path, config.torch_threads) as running:
                 yield running
 
     report: dict[str, Any] = {"load_before": _load_avg(), "levels": [], "config": _jsonable(asdict(config))}
+    report["cpu_count"] = os.cpu_count()
     with service() as (url, pid):
         report["rss_mb_start"] = rss_mb(pid)
         if config.model_2d:
@@ -322,7 +328,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"malformed burst: {m['4xx']} answered 4xx, {m['other']} otherwise; ready after: {report['ready_after_burst']}",
         f"service RSS: {report['rss_mb_start']} MB at start, {report['rss_mb_before']} MB after warm-up, "
         f"{report['rss_mb_after']} MB at the end",
-        f"load average (1, 5, 15 min): {report['load_before']} before, {report['load_after']} after",
+        f"load average (1, 5, 15 min): {report['load_before']} before, {report['load_after']} after, "
+        f"on {report['cpu_count']} CPUs; service torch threads: {report['config']['torch_threads'] or 'default'}",
     ]
     return "\n".join(rows)
 
@@ -348,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="limit per level")
     parser.add_argument("--malformed", type=int, default=60)
     parser.add_argument("--url", default=None, help="a running local service instead of starting one")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of the started service")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     config = LoadTestConfig(
@@ -362,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=args.seconds,
         malformed=args.malformed,
         url=args.url,
+        torch_threads=args.torch_threads,
     )
     report = run_load_test(config)
     if args.json:
