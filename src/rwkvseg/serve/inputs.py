@@ -186,8 +186,11 @@ def check_volumes(paths: Sequence[Path], max_voxels: int) -> None:
         try:
             image = nib.load(path)
             shape = tuple(int(s) for s in image.shape)
+            kind = image.get_data_dtype().kind
         except Exception as err:  # nibabel raises many types for bad headers; all mean "not a NIfTI we read"
             raise RequestError(400, f"{path.name} is not a readable NIfTI file ({type(err).__name__}: {err})") from None
+        if kind not in "buif":
+            raise RequestError(422, f"{path.name} stores {image.get_data_dtype()} voxels; send real-valued intensities")
         if len(shape) == 4 and shape[3] == 1:
             shape = shape[:3]
         if len(shape) != 3:

@@ -293,6 +293,7 @@ def run_load_test(config: LoadTestConfig, log_path: Path | None = None) -> dict[
         if config.model_2d:
             after = run_level(url, "2D after burst", 1, 20, config.seconds, image_request, config.request_timeout_s)
             report["levels"].append(asdict(after))
+        report["rss_mb_after_2d"] = rss_mb(pid)
         for clients in config.concurrency_3d if config.model_3d else ():
             level = run_level(
                 url, "3D", clients, config.requests_3d, config.seconds, case_request, config.request_timeout_s
@@ -327,7 +328,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"malformed burst: {m['4xx']} answered 4xx, {m['other']} otherwise; ready after: {report['ready_after_burst']}",
         f"service RSS: {report['rss_mb_start']} MB at start, {report['rss_mb_before']} MB after warm-up, "
-        f"{report['rss_mb_after']} MB at the end",
+        f"{report['rss_mb_after_2d']} MB after the 2D levels, {report['rss_mb_after']} MB at the end",
         f"load average (1, 5, 15 min): {report['load_before']} before, {report['load_after']} after, "
         f"on {report['cpu_count']} CPUs; service torch threads: {report['config']['torch_threads'] or 'default'}",
     ]
