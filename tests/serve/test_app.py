@@ -1,4 +1,5 @@
 import gzip
+import importlib.util
 import io
 import json
 import logging
@@ -322,5 +323,10 @@ def test_config_and_model_errors_name_the_fix(tmp_path):
         ServeConfig(max_queue=0)
     with pytest.raises(ValueError, match="neither a released model"):
         create_app(ServeConfig(models=(str(tmp_path / "missing"),)))
+    # the export package is another branch's; where its runtime is present, runtime "onnx" must load instead
+    has_runtime = importlib.util.find_spec("rwkvseg.export") and importlib.util.find_spec("rwkvseg.export.runtime")
+    if not has_runtime:
+        with pytest.raises(ValueError, match=r"runtime 'onnx' needs rwkvseg\.export\.runtime\.OnnxPredictor"):
+            create_app(ServeConfig(models=("urwkv_s-kvasir",), runtime="onnx"))
     with pytest.raises(ValueError, match="hosted twice"):
         create_app(ServeConfig(models=("urwkv_s-kvasir", "urwkv_s-kvasir")))

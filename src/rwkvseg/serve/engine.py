@@ -55,6 +55,7 @@ class Engine:
 
     def __init__(self, config: ServeConfig):
         self.config = config
+        predictors.check_runtime(config.runtime)
         sources = predictors.resolve_models(config.models)
         self.models = {s.name: _Model(s, predictors.describe(s)) for s in sources}
         self._pending = 0

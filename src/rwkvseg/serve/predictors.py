@@ -141,7 +141,7 @@ class _TorchBackend:
             return predict_arrays(self.model, images, self.pre, self.device)
 
 
-def _onnx_backend(checkpoint: Path, device: str) -> ProbabilityBackend:
+def _onnx_predictor_class():
     try:
         from ..export.runtime import OnnxPredictor  # type: ignore[import-not-found]
     except ImportError as err:
@@ -149,7 +149,17 @@ def _onnx_backend(checkpoint: Path, device: str) -> ProbabilityBackend:
             f"runtime 'onnx' needs rwkvseg.export.runtime.OnnxPredictor, which this install lacks ({err}); "
             "use runtime 'torch'"
         ) from None
-    return OnnxPredictor(checkpoint, device=device)
+    return OnnxPredictor
+
+
+def check_runtime(runtime: str) -> None:
+    """Fail at start, not on the first request, when a runtime's package is missing."""
+    if runtime == "onnx":
+        _onnx_predictor_class()
+
+
+def _onnx_backend(checkpoint: Path, device: str) -> ProbabilityBackend:
+    return _onnx_predictor_class()(checkpoint, device=device)
 
 
 class Hosted2D:
