@@ -5,7 +5,7 @@ change of the inference internals is answered by editing this one module. Calls,
 rwkvseg.released.released_models / released_checkpoint, rwkvseg.checkpoint.read_meta / load_checkpoint,
 rwkvseg.data.images2d.read_image, rwkvseg.infer.predict2d.Preprocessing2D.from_meta / predict_arrays / to_labels /
 overlay / OVERLAY_COLOURS, rwkvseg.infer.predict3d.Predictor3D / PredictOptions / write_like,
-rwkvseg.data.volumes.DatasetSpec.from_dict / case_from_files / NIFTI_SUFFIXES, and for runtime "onnx"
+rwkvseg.data.volumes.DatasetSpec.from_dict / case_from_files, and for runtime "onnx"
 rwkvseg.export.runtime.OnnxPredictor (another package's, loaded only when asked for).
 """
 
@@ -23,12 +23,12 @@ from PIL import Image
 
 from ..checkpoint import load_checkpoint, read_meta
 from ..data.images2d import read_image
-from ..data.volumes import NIFTI_SUFFIXES, DatasetSpec, case_from_files
+from ..data.volumes import DatasetSpec, case_from_files
 from ..infer.predict2d import OVERLAY_COLOURS, Preprocessing2D, overlay, predict_arrays, to_labels
 from ..infer.predict3d import PredictOptions, Predictor3D, write_like
 from ..released import released_checkpoint, released_models
 
-__all__ = ["NIFTI_SUFFIXES", "OVERLAY_COLOURS"]
+__all__ = ["OVERLAY_COLOURS"]
 
 
 @dataclass(frozen=True)
