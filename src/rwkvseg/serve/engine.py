@@ -171,10 +171,12 @@ class Engine:
         item = _Item(image, loop.create_future())
         await model.queue.put(item)
         probs = await item.future
-        labels = hosted.labels(probs, threshold)
-        if with_overlay:
-            return await asyncio.to_thread(hosted.overlay_png, image, labels)
-        return await asyncio.to_thread(hosted.mask_png, labels)
+
+        def encode() -> bytes:
+            labels = hosted.labels(probs, threshold)
+            return hosted.overlay_png(image, labels) if with_overlay else hosted.mask_png(labels)
+
+        return await asyncio.to_thread(encode)
 
     def _decode(self, hosted: predictors.Hosted2D, upload: Upload) -> np.ndarray:
         check_image(upload, self.config.max_image_pixels)
