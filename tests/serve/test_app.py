@@ -87,7 +87,10 @@ def test_health_models_openapi_and_viewer(client):
     assert models["urwkv"]["input"]["size"] == [64, 64] and models["urwkv"]["classes"]["num_classes"] == 1
     assert models["ball"]["dims"] == 3 and models["ball"]["input"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
     assert models["ball"]["classes"]["label_values"] == [0, 1, 2, 4] and all(m["ready"] for m in models.values())
+    assert client.get("/v2/models/ball/ready").json() == {"name": "ball", "ready": True}
+    assert client.get("/v2/models/nope/ready").status_code == 404
     schema = client.get("/openapi.json").json()
+    assert "modalities in order" in json.dumps(schema["components"]["schemas"]["ModelEntry"])
     assert {"/v2/health/live", "/v2/health/ready", "/v1/models", "/v1/models/{name}/predict"} <= set(schema["paths"])
     answers = schema["paths"]["/v1/models/{name}/predict"]["post"]["responses"]
     assert {"image/png", "application/gzip"} <= set(answers["200"]["content"]) and {"413", "503", "504"} <= set(answers)

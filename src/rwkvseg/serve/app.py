@@ -2,6 +2,7 @@
 
 Routes (the OpenAPI page at /docs documents each with its answers):
   GET  /v2/health/live, /v2/health/ready   Open Inference Protocol health probes
+  GET  /v2/models/{name}/ready             Open Inference Protocol model readiness
   GET  /v1/models                          hosted models: dims, inputs, classes
   POST /v1/models/{name}/predict           multipart field `file` -> image/png mask (2D) or application/gzip NIfTI (3D)
   POST /v1/models/{name}/view              3D only: the viewer's JSON (label and image volumes, region volumes in ml)
@@ -23,6 +24,7 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
@@ -58,6 +60,26 @@ ERRORS = {
     503: {"description": "queue full or model not loaded yet; retry after `Retry-After` seconds"},
     504: {"description": "the prediction took longer than the timeout"},
 }
+
+
+class ModelEntry(BaseModel):
+    """One hosted model as GET /v1/models lists it."""
+
+    name: str = Field(description="the name in /v1/models/{name}/predict")
+    architecture: str
+    released: bool = Field(description="shipped with the package (else a user checkpoint)")
+    dims: int = Field(description="2: images; 3: volumes of one or more modalities")
+    input: dict[str, Any] = Field(
+        description="2D: channels, network size, resize mode, normalization, formats, size protocol; "
+        "3D: modalities in order, file naming, formats, target spacing (mm), size protocol"
+    )
+    classes: dict[str, Any] = Field(description="2D: num_classes, names; 3D: label_values, names, regions")
+    output: str = Field(description="the content type and meaning of the predict answer")
+    ready: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelEntry]
 
 
 class JsonFormatter(logging.Formatter):
@@ -203,8 +225,18 @@ def create_app(config: ServeConfig) -> FastAPI:
         return JSONResponse(status, 200 if status["ready"] else 503)
 
     @app.get("/v1/models", tags=["models"], summary="hosted models: names, dims, inputs, classes")
-    async def models() -> dict[str, list[dict[str, Any]]]:
-        return {"models": [m.info | {"ready": m.hosted is not None} for m in engine.models.values()]}
+    async def models() -> ModelList:
+        return ModelList(models=[ModelEntry(**m.info, ready=m.hosted is not None) for m in engine.models.values()])
+
+    @app.get(
+        "/v2/models/{name}/ready",
+        tags=["health"],
+        summary="one model is loaded (Open Inference Protocol model readiness)",
+        responses={404: ERRORS[404], 503: {"description": "the model is still loading or failed to load"}},
+    )
+    async def model_ready(name: str) -> dict[str, Any]:
+        engine.model(name)  # 404 unknown, 503 not loaded
+        return {"name": name, "ready": True}
 
     @app.post(
         "/v1/models/{name}/predict",
