@@ -1,0 +1,53 @@
+"""`rwkvseg serve`: the HTTP inference service (FastAPI + uvicorn) with its web viewer, over rwkvseg.serve."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP inference service and web viewer: released models and checkpoints (OpenAPI page at /docs)",
+    )
+    p.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="released model names, checkpoint paths or NAME=PATH (default: every released model)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"], help="torch, or onnxruntime for 2D")
+    p.add_argument("--max-request-mb", type=float, default=256, help="largest request body accepted (MiB)")
+    p.add_argument("--max-queue", type=int, default=64, help="2D requests admitted at once; past it 503")
+    p.add_argument("--batch-size", type=int, default=8, help="2D requests of one model run in one forward")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a micro-batch waits to fill")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a 2D request may take before 504")
+    p.add_argument("--mirror-3d", action="store_true", help="mirror test-time augmentation for 3D (8x the work)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..serve.app import serve
+    from ..serve.config import ServeConfig
+
+    serve(
+        ServeConfig(
+            host=args.host,
+            port=args.port,
+            models=tuple(args.models),
+            device=args.device,
+            runtime=args.runtime,
+            max_request_bytes=int(args.max_request_mb * 2**20),
+            max_queue=args.max_queue,
+            batch_size=args.batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            timeout_s=args.timeout,
+            mirror_3d=args.mirror_3d,
+            torch_threads=args.threads,
+        )
+    )
+    return 0

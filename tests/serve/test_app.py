@@ -1,0 +1,342 @@
+import gzip
+import importlib.util
+import io
+import json
+import logging
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install rwkvseg[serve])")
+import httpx
+from fastapi.testclient import TestClient
+from serve_support import AFFINE, SHAPE, free_port, png, running_server, square_image, write_case
+
+from rwkvseg.serve import (
+    ServeConfig,
+    create_app,
+    predictors,
+)
+from rwkvseg.serve.app import JsonFormatter
+
+
+def client_for(config: ServeConfig) -> TestClient:
+    return TestClient(create_app(config))
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get("/v2/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
+        time.sleep(0.05)
+
+
+def post_image(client, name, data, filename="a.png", **params):
+    return client.post(f"/v1/models/{name}/predict", params=params, files={"file": (filename, data, "image/png")})
+
+
+def fake_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def zip_of(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(test_models):
+    config = ServeConfig(
+        models=(f"urwkv={test_models['urwkv']}", str(test_models["bright"]), f"ball={test_models['ball']}"),
+        max_request_bytes=2**20,
+        max_image_pixels=300 * 300,
+        max_unpacked_bytes=2**20,
+    )
+    with client_for(config) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_health_models_openapi_and_viewer(client):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json()["ready"] is True
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert set(models) == {"urwkv", "bright", "ball"}
+    assert models["urwkv"]["dims"] == 2 and models["urwkv"]["input"]["channels"] == 3
+    assert models["urwkv"]["input"]["size"] == [64, 64] and models["urwkv"]["classes"]["num_classes"] == 1
+    assert models["ball"]["dims"] == 3 and models["ball"]["input"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
+    assert models["ball"]["classes"]["label_values"] == [0, 1, 2, 4] and all(m["ready"] for m in models.values())
+    assert client.get("/v2/models/ball/ready").json() == {"name": "ball", "ready": True}
+    assert client.get("/v2/models/nope/ready").status_code == 404
+    schema = client.get("/openapi.json").json()
+    assert "modalities in order" in json.dumps(schema["components"]["schemas"]["ModelEntry"])
+    assert {"/v2/health/live", "/v2/health/ready", "/v1/models", "/v1/models/{name}/predict"} <= set(schema["paths"])
+    answers = schema["paths"]["/v1/models/{name}/predict"]["post"]["responses"]
+    assert {"image/png", "application/gzip"} <= set(answers["200"]["content"]) and {"413", "503", "504"} <= set(answers)
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "viewer.js" in page.text
+    assert client.get("/static/viewer.js").status_code == 200
+
+
+def test_2d_mask_and_overlay_at_the_input_size(client):
+    image = square_image()
+    answer = post_image(client, "bright", png(image))
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    mask = np.asarray(Image.open(io.BytesIO(answer.content)))
+    truth = image[..., 0] > 128
+    assert mask.shape == (40, 52) and set(np.unique(mask)) == {0, 255}
+    assert ((mask > 0) != truth).mean() < 0.03  # a 16x16 network input resized back: only border pixels differ
+    tinted = np.asarray(Image.open(io.BytesIO(post_image(client, "bright", png(image), overlay="true").content)))
+    assert tinted.shape == (40, 52, 3)
+    inside, outside = tinted[15:25, 12:34].astype(int), tinted[:5].astype(int)
+    assert (inside[..., 0] - inside[..., 1]).min() > 40 and (outside == 40).all()  # red inside, untouched outside
+    # a JPEG, a grey image and a threshold that lets nothing through
+    assert post_image(client, "bright", png(image, "JPEG"), "a.jpg").status_code == 200
+    assert post_image(client, "bright", png(image[..., 0])).status_code == 200
+    none = post_image(client, "bright", png(image), threshold=1.0)
+    assert np.asarray(Image.open(io.BytesIO(none.content))).max() == 0
+    # the real architecture, through its micro-batcher
+    real = post_image(client, "urwkv", png(image))
+    assert real.status_code == 200 and Image.open(io.BytesIO(real.content)).size == (52, 40)
+
+
+@pytest.mark.parametrize(
+    ("data", "params", "status", "message"),
+    [
+        (b"GIF89a not really", {}, 415, "not an image"),
+        (b"", {}, 400, "empty"),
+        ("truncated", {}, 400, "truncated"),
+        ("bomb", {}, 413, "too large"),
+        ("big", {}, 413, "pixels"),
+        ("zip", {}, 415, "not an image"),
+        ("ok", {"threshold": 2}, 422, "threshold"),
+    ],
+)
+def test_malformed_2d_requests_get_a_clear_4xx(client, data, params, status, message):
+    good = png(square_image())
+    data = {
+        "truncated": good[: len(good) // 2],
+        "bomb": fake_png(30000, 30000),
+        "big": fake_png(400, 400),
+        "zip": zip_of({"a.png": good}),
+        "ok": good,
+    }.get(data, data)
+    answer = post_image(client, "bright", data, **params)
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["detail"]
+
+
+def test_wrong_model_missing_field_size_and_file_count(client):
+    good = png(square_image())
+    unknown = post_image(client, "nope", good)
+    assert unknown.status_code == 404 and "bright" in unknown.json()["detail"]
+    missing = client.post("/v1/models/bright/predict", data={"other": "x"})
+    assert missing.status_code == 422 and "field 'file'" in missing.json()["detail"]
+    not_form = client.post("/v1/models/bright/predict", content=b"{}", headers={"content-type": "application/json"})
+    assert not_form.status_code == 422
+    broken = client.post(
+        "/v1/models/bright/predict",
+        content=b"--x\r\nbroken",
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    assert broken.status_code in (400, 422)
+    too_big = post_image(client, "bright", b"\0" * (2**20 + 1))
+    assert too_big.status_code == 413 and "limit" in too_big.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is counted on the stream
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        for _ in range(40):
+            yield b"\0" * 65536
+
+    streamed = client.post(
+        "/v1/models/bright/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert streamed.status_code == 413
+    two = client.post("/v1/models/bright/predict", files=[("file", ("a.png", good)), ("file", ("b.png", good))])
+    assert two.status_code == 400 and "exactly one image" in two.json()["detail"]
+    assert client.get("/v2/health/ready").status_code == 200  # still serving
+
+
+def test_3d_zip_and_parts_give_labels_on_the_input_grid(client, tmp_path):
+    files, ball = write_case(tmp_path / "case")
+    as_zip = zip_of({f"c1/{p.name}": p.read_bytes() for p in files})
+    answer = client.post("/v1/models/ball/predict", files={"file": ("case.zip", as_zip, "application/zip")})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/gzip"
+    labels = nib.Nifti1Image.from_bytes(gzip.decompress(answer.content))
+    assert labels.shape == SHAPE and np.allclose(labels.affine, AFFINE) and labels.get_data_dtype() == np.uint8
+    values = np.asarray(labels.dataobj)
+    assert set(np.unique(values)) == {0, 2}
+    assert 2 * ((values == 2) & ball).sum() / ((values == 2).sum() + ball.sum()) > 0.9
+    parts = [("file", (p.name, p.read_bytes())) for p in reversed(files)]  # any order: matched by name
+    again = client.post("/v1/models/ball/predict", files=parts)
+    assert again.status_code == 200 and np.array_equal(
+        np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(again.content)).dataobj), values
+    )
+    view = client.post("/v1/models/ball/view", files=parts).json()
+    assert view["shape"] == list(SHAPE) and view["spacing"] == [2.0, 2.0, 2.0] and view["background"] == "flair"
+    classes = np.frombuffer(__import__("base64").b64decode(view["labels"]), np.uint8).reshape(SHAPE)
+    assert (classes == 2).sum() == (values == 2).sum()  # class index 2 is label value 2
+    assert np.array_equal(classes, np.flip(values == 2, (0, 1)) * 2)  # RAS: the case's i and j axes point L and P
+    assert view["volumes_ml"]["labels"]["2"] == pytest.approx((values == 2).sum() * 8 / 1000)
+    assert view["volumes_ml"]["regions"]["WT"] == view["volumes_ml"]["labels"]["2"]
+    assert view["legend"][0] == {"index": 1, "value": 1, "colour": [255, 64, 64]}
+
+
+def test_hostile_or_ambiguous_3d_requests_get_a_clear_4xx(client, tmp_path):
+    files, _ = write_case(tmp_path / "case")
+    by_name = {p.name: p.read_bytes() for p in files}
+    four_d = io.BytesIO()
+    stacked = np.stack([np.asarray(nib.load(p).dataobj) for p in files], -1)
+    four_d.write(gzip.compress(nib.Nifti1Image(stacked, AFFINE).to_bytes()))
+    bomb = zip_of({"c1_t1.nii.gz": b"\0" * (2 * 2**20)})  # 2 MiB of zeros: ~2 KiB zipped, past the 1 MiB limit
+    traversal = zip_of({"../c1_t1.nii.gz": by_name["c1_t1.nii.gz"]})
+    link = io.BytesIO()
+    with zipfile.ZipFile(link, "w") as archive:
+        info = zipfile.ZipInfo("c1_t1.nii.gz")
+        info.external_attr = 0o120777 << 16
+        archive.writestr(info, "/etc/passwd")
+    truncated = dict(by_name, **{"c1_t2.nii.gz": by_name["c1_t2.nii.gz"][:200]})
+    cases = [
+        ({"file": ("case.nii.gz", four_d.getvalue())}, 422, "one file per modality"),
+        ({"file": ("c1_t1.nii.gz", by_name["c1_t1.nii.gz"])}, 422, "missing ['t1ce', 't2', 'flair']"),
+        ({"file": ("case.zip", bomb)}, 413, "expands"),
+        ({"file": ("case.zip", traversal)}, 400, "unsafe path"),
+        ({"file": ("case.zip", link.getvalue())}, 400, "symbolic link"),
+        ({"file": ("case.zip", b"PK\x03\x04 broken")}, 400, "not a readable zip"),
+        ({"file": ("x.png", png(square_image()))}, 415, "not a NIfTI"),
+        ([("file", (n, b"garbage")) for n in by_name], 400, "not a readable NIfTI"),
+        ([("file", (n, d)) for n, d in truncated.items()], 422, "cannot predict this case"),
+    ]
+    for files_arg, status, message in cases:
+        answer = client.post("/v1/models/ball/predict", files=files_arg)
+        assert answer.status_code == status, (message, answer.text)
+        assert message in answer.json()["detail"], answer.json()
+    assert client.post("/v1/models/bright/view", files={"file": ("a", b"x")}).status_code == 400  # a 2D model
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_json_access_log_lines(client, caplog):
+    with caplog.at_level(logging.INFO, logger="rwkvseg.serve.access"):
+        post_image(client, "bright", png(square_image()))
+        post_image(client, "nope", b"x")
+    records = [r for r in caplog.records if r.name == "rwkvseg.serve.access"]
+    assert [(r.route, r.model, r.status) for r in records[-2:]] == [
+        ("/v1/models/{name}/predict", "bright", 200),
+        ("/v1/models/{name}/predict", "nope", 404),
+    ]
+    line = json.loads(JsonFormatter().format(records[-2]))
+    assert line["status"] == 200 and line["ms"] > 0 and line["route"] == "/v1/models/{name}/predict"
+
+
+def slow_backend(monkeypatch, seconds: float, batches: list[int]):
+    original = predictors.Hosted2D.probabilities
+
+    def slow(self, images):
+        batches.append(len(images))
+        time.sleep(seconds)
+        return original(self, images)
+
+    monkeypatch.setattr(predictors.Hosted2D, "probabilities", slow)
+
+
+def test_queue_limit_timeout_and_micro_batches_on_a_real_server(test_models, monkeypatch):
+    """uvicorn on 127.0.0.1: concurrent requests share forward passes; a full queue answers 503, a slow one 504."""
+    batches: list[int] = []
+    config = ServeConfig(models=(str(test_models["bright"]),), max_queue=4, batch_size=4, batch_wait_ms=50, timeout_s=3)
+    with running_server(create_app(config)) as url:
+        slow_backend(monkeypatch, 0.3, batches)
+        good = png(square_image())
+
+        def send(_):
+            return httpx.post(f"{url}/v1/models/bright/predict", files={"file": ("a.png", good)}, timeout=30)
+
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(send, range(10)))
+        codes = sorted(a.status_code for a in answers)
+        assert set(codes) == {200, 503} and codes.count(200) >= 4, codes
+        busy = next(a for a in answers if a.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and "retry later" in busy.json()["detail"]
+        assert max(batches) > 1 and sum(batches) == codes.count(200)  # one forward pass for several requests
+        monkeypatch.setattr(predictors.Hosted2D, "probabilities", lambda self, images: time.sleep(5) or [])
+        late = send(0)
+        assert late.status_code == 504 and "longer than 3 s" in late.json()["detail"]
+        assert httpx.get(f"{url}/v2/health/live").status_code == 200
+
+
+def test_serve_runs_uvicorn_with_json_logs(test_models):
+    port = free_port()
+    code = (
+        "from rwkvseg.serve import ServeConfig, serve; "
+        f"serve(ServeConfig(models=({str(test_models['urwkv'])!r},), port={port}))"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        answer = httpx.post(f"{url}/v1/models/urwkv/predict", files={"file": ("a.png", png(square_image()))})
+        assert answer.status_code == 200 and Image.open(io.BytesIO(answer.content)).size == (52, 40)
+    finally:
+        process.terminate()
+        process.wait(20)
+        reader.join(5)
+    logged = [json.loads(line) for line in lines if line.startswith("{")]
+    requests = [e for e in logged if e.get("logger") == "rwkvseg.serve.access" and e["route"].endswith("/predict")]
+    assert requests and requests[-1]["status"] == 200 and requests[-1]["model"] == "urwkv"
+    assert all(line.startswith("{") for line in lines if line.strip()), lines  # uvicorn's own lines too
+
+
+def test_config_and_model_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="runtime 'tf' unknown"):
+        ServeConfig(runtime="tf")
+    with pytest.raises(ValueError, match="max_queue=0"):
+        ServeConfig(max_queue=0)
+    with pytest.raises(ValueError, match="neither a released model"):
+        create_app(ServeConfig(models=(str(tmp_path / "missing"),)))
+    # the export package is another branch's; where its runtime is present, runtime "onnx" must load instead
+    has_runtime = importlib.util.find_spec("rwkvseg.export") and importlib.util.find_spec("rwkvseg.export.runtime")
+    if not has_runtime:
+        with pytest.raises(ValueError, match=r"runtime 'onnx' needs rwkvseg\.export\.runtime\.OnnxPredictor"):
+            create_app(ServeConfig(models=("urwkv_s-kvasir",), runtime="onnx"))
+    with pytest.raises(ValueError, match="hosted twice"):
+        create_app(ServeConfig(models=("urwkv_s-kvasir", "urwkv_s-kvasir")))
+
+
+def test_serve_command_refuses_bad_settings_in_one_line(capsys):
+    from rwkvseg.cli import main
+
+    assert main(["serve", "--port", "0"]) == 2
+    assert "port" in capsys.readouterr().err
