@@ -3,8 +3,8 @@ import torch
 from serve_support import BRATS, PRE_2D, Bright, FlairBall
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
-from rwkvseg.infer.predict3d import inference_metadata
 from rwkvseg.models import create_model, registry
+from rwkvseg.records import inference_metadata
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rwkvseg.data.volumes import dataset_spec
+from rwkvseg.data.specs import dataset_spec
 
 BRATS = dataset_spec("brats")
 PRE_2D = {"channels": 3, "size": [64, 64], "resize": "resize", "normalization": "auto"}
