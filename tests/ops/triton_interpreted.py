@@ -2,9 +2,11 @@
 it in a subprocess, since Triton reads the variable when it is imported).
 
 Cases: one super-chunk with the default tiles; several ragged super-chunks and scan tiles; QuadScan's four orders
-of one expanded 3 x 5 grid read in place. Prints one JSON line: per case the relative errors of (y, dw, du, dk, dv)
-against the float64 brute force, and for the plain cases whether `bi_wkv_triton_grads` (the registered operator's
-backward) equals autograd's gradients bitwise (0.0 for equal, 1.0 for not).
+of one expanded 3 x 5 grid read in place; the forward kernels' buffers (y, kmax, the states entering each
+sub-chunk) against the plain-PyTorch `tiled` walk of the same tiles in float64. Prints one JSON line: per case
+the relative errors of (y, dw, du, dk, dv) against the float64 brute force (of the buffers against `tiled`), and
+for the plain cases whether `bi_wkv_triton_grads` (the registered operator's backward) equals autograd's
+gradients bitwise (0.0 for equal, 1.0 for not).
 """
 
 import json
@@ -12,7 +14,8 @@ import json
 import torch
 
 from rwkvseg.ops import QUAD_SCAN_ORDERS, apply_in_orders, bi_wkv_reference, scan_order
-from rwkvseg.ops.bi_wkv.triton import TileConfig, bi_wkv_triton, bi_wkv_triton_grads
+from rwkvseg.ops.bi_wkv import tiled
+from rwkvseg.ops.bi_wkv.triton import TileConfig, _forward, bi_wkv_triton, bi_wkv_triton_grads
 
 PLAIN_CASES = (  # B, T, C, tiles
     (2, 5, 3, None),
@@ -62,11 +65,22 @@ def orders_case():
     return rel_errors(fast, exact)
 
 
+def buffers_case(B, T, C, cfg):
+    g = torch.Generator().manual_seed(1)
+    w = (torch.rand(C, generator=g) * 16 - 8) / T
+    u = torch.randn(C, generator=g) / T
+    k, v = torch.randn(B, T, C, generator=g) * 2, torch.randn(B, T, C, generator=g)
+    kernel = _forward(w, u, k, v, None, cfg, True)  # y, kmax, fstates
+    exact = tiled.forward(*(t.double() for t in (w, u, k, v)), cfg)
+    return rel_errors(kernel, [exact[name] for name in ("y", "kmax", "fstates")])
+
+
 def main() -> None:
     out = {}
     for B, T, C, cfg in PLAIN_CASES:
         out[str(T)], out[f"{T} grads"] = plain_case(B, T, C, cfg)
     out["orders"] = orders_case()
+    out["tiled buffers"] = buffers_case(*PLAIN_CASES[1])
     print(json.dumps(out))
 
 

@@ -25,6 +25,7 @@ from .triton_common import (
     _rest,
     _row,
     _rows,
+    _store2,
     _store4,
     _sym,
     _token_weights,
@@ -267,6 +268,4 @@ def _bwd_output_kernel(
         tl.store(gv_ptr + goffs, (ek * wa).to(gv_ptr.dtype.element_ty), mask=mask)
         du_sum += tl.sum(tl.where(mask, eu[None, :] * ek * (v * a + bb), 0.0), 0)
         dw_sum += tl.sum(tl.where(mask, ek * (v * qa + qb), 0.0), 0)
-    part = part_ptr + (b * n_sup + J).to(tl.int64) * 2 * C + cols
-    tl.store(part, du_sum, mask=cmask)
-    tl.store(part + C, -dw_sum, mask=cmask)
+    _store2(part_ptr + (b * n_sup + J).to(tl.int64) * 2 * C + cols, C, cmask, du_sum, -dw_sum)

@@ -156,6 +156,13 @@ def _load2(p, C, mask):
 
 
 @triton.jit
+def _load3(p, C, mask):
+    """Components 0-2 of a state row at p (0 where masked)."""
+    x0, x1 = _load2(p, C, mask)
+    return x0, x1, tl.load(p + 2 * C, mask=mask, other=0.0)
+
+
+@triton.jit
 def _load4(p, C, mask):
     """Components 0-3 of a state row at p (0 where masked)."""
     x0, x1 = _load2(p, C, mask)

@@ -17,6 +17,8 @@ from .triton_common import (
     _entry_decays,
     _exp,
     _kv_source,
+    _load2,
+    _load3,
     _load4,
     _load_kv,
     _n_sub_in,
@@ -128,8 +130,9 @@ def _fwd_chunk_scan_kernel(
             ok = (j >= 1) & (j < n) & cmask
             src = summ + (j - 1) * 5 * C
             scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax[None, :])
-            fn = tl.load(src + C, mask=ok, other=0.0) * scale
-            fd = tl.load(src + 2 * C, mask=ok, other=0.0) * scale
+            fn, fd = _load2(src + C, C, ok)
+            fn = fn * scale
+            fd = fd * scale
             _, cc, sn, sd = tl.associative_scan((lw, one, fn, fd), 0, _combine_count)
             dd = _exp(-cc * lw)
             sn += dd * carry_n[None, :]
@@ -144,8 +147,9 @@ def _fwd_chunk_scan_kernel(
             ok = (j + 1 < n) & cmask
             src = summ + (j + 1) * 5 * C
             scale = _exp(tl.load(src, mask=ok, other=float("-inf")) - kmax[None, :])
-            gn = tl.load(src + 3 * C, mask=ok, other=0.0) * scale
-            gd = tl.load(src + 4 * C, mask=ok, other=0.0) * scale
+            gn, gd = _load2(src + 3 * C, C, ok)
+            gn = gn * scale
+            gd = gd * scale
             _, cc, sn, sd = tl.associative_scan((lw, one, gn, gd), 0, _combine_count, reverse=True)
             dd = _exp(-cc * lw)
             sn += dd * carry_n[None, :]
@@ -195,11 +199,11 @@ def _fwd_output_kernel(
         v = v_next
         k_next, v_next = _load_kv(k_ptr, v_ptr, kv, j + 1, T, cols, C, order, R, ORDERED, jj + 1 < count)
         yoffs, mask, row_ok = _rows(b.to(tl.int64) * T * C, j, T, cols, C, C, order, R, ORDERED)
-        q = _row(sub_ptr, b, j, n_sub, 3, C, cols)
-        scale = _exp(tl.load(q, mask=cmask, other=0.0) - kmax)
+        sub_m, sub_n, sub_d = _load3(_row(sub_ptr, b, j, n_sub, 3, C, cols), C, cmask)
+        scale = _exp(sub_m - kmax)
         tail = _exp(-_rest(J, jj, T, G, R) * w)  # the super-chunk's right state crosses the later sub-chunks
-        rn = tl.load(q + C, mask=cmask, other=0.0) * scale + tail * rn_sup
-        rd = tl.load(q + 2 * C, mask=cmask, other=0.0) * scale + tail * rd_sup
+        rn = sub_n * scale + tail * rn_sup
+        rd = sub_d * scale + tail * rd_sup
         ek = _exp(k - kmax[None, :])
         # padded tokens are identity maps (no decay), so nothing decays past the end of the sequence
         d = tl.where(row_ok, dec[None, :], 1.0)
