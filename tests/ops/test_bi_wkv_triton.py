@@ -243,6 +243,22 @@ def test_ordered_dispatch_and_bf16():
     assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_forward_buffers_match_the_tiled_algorithm():
+    # the kernels' intermediate states against the plain-PyTorch walk of the same tiles (several super-chunks,
+    # scan tiles with carries): where y goes wrong, these show which step did
+    from rwkvseg.ops.bi_wkv import tiled
+    from rwkvseg.ops.bi_wkv.triton import TileConfig, _forward
+
+    cfg = TileConfig(G=4, BC=16, scan_rows=4)
+    (w, u, k, v), _ = make_inputs(2, 1000, 40, 11, "cuda")
+    kernel = _forward(w, u, k, v, None, cfg, True)  # y, kmax, fstates
+    exact = tiled.forward(*(t.double() for t in (w, u, k, v)), cfg)
+    for name, got in zip(("y", "kmax", "fstates"), kernel, strict=True):
+        assert rel_err(got, exact[name]) <= 1e-5, name
+
+
 def test_float64_runs_the_exact_chunked_path():
     from rwkvseg.ops.bi_wkv.triton import bi_wkv_triton
 
