@@ -12,7 +12,7 @@ from rwkvseg.ops import (
     unscan_2d,
     view_order,
 )
-from rwkvseg.ops.bi_wkv_chunked import decayed_pair_sum, decayed_prefix
+from rwkvseg.ops.bi_wkv.chunked import decayed_pair_sum, decayed_prefix
 
 W_RANGES = {"mixed": (-8.0, 8.0), "growth": (-8.0, -4.0), "decay": (4.0, 8.0), "flat": (0.0, 0.0)}
 

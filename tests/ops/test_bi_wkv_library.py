@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 
 from rwkvseg.ops import QUAD_SCAN_ORDERS, bi_wkv, bi_wkv_ordered, scan_order, view_order
-from rwkvseg.ops.bi_wkv_library import ints_to_orders, orders_to_ints
+from rwkvseg.ops.bi_wkv.library import ints_to_orders, orders_to_ints
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -165,7 +165,7 @@ def test_compile_sees_one_operator_per_call():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_operator_equals_the_triton_path(dtype):
-    from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
+    from rwkvseg.ops.bi_wkv.triton import bi_wkv_triton
 
     inputs = make_inputs(2, 3000, 48, seed=6, device="cuda", dtype=dtype)  # several super-chunks
     gy = torch.randn(2, 3000, 48, device="cuda", dtype=dtype)

@@ -65,7 +65,7 @@ def poison_allocator(device, nbytes):
 
 
 def errors_against_reference(B, T, C, dtype, seed=0, w_range=(-8.0, 8.0)):
-    from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
+    from rwkvseg.ops.bi_wkv.triton import bi_wkv_triton
 
     inputs, gy = make_inputs(B, T, C, seed, "cuda", dtype, w_range)
     poison_allocator("cuda", 16 * B * T * C)
@@ -113,7 +113,7 @@ def test_decay_ranges(w_range):
 def test_tile_configs_agree(cfg):
     # small super-chunks and scan tiles exercise the carries between super-chunks and scan tiles, ragged channel
     # blocks and a ragged last super-chunk
-    from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
+    from rwkvseg.ops.bi_wkv.triton import TileConfig, bi_wkv_triton
 
     inputs, gy = make_inputs(2, 777, 13, 3, "cuda")
     fast = with_grads(lambda *a: bi_wkv_triton(*a, config=TileConfig(**cfg)), inputs, gy)
@@ -125,7 +125,7 @@ def test_tile_configs_agree(cfg):
 @pytest.mark.gpu
 @needs_cuda
 def test_strided_views_match_contiguous():
-    from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
+    from rwkvseg.ops.bi_wkv.triton import bi_wkv_triton
 
     (w, u, k, v), gy = make_inputs(3, 300, 10, 1, "cuda")
     # channel slices of a wider tensor and every second token of a longer one: no copies needed
@@ -143,7 +143,7 @@ def test_strided_views_match_contiguous():
 @pytest.mark.parametrize("T", [40, 5000])
 def test_inference_forward_matches_training_forward(T):
     # without autograd the forward skips storing the per-sub-chunk states; y must not change
-    from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
+    from rwkvseg.ops.bi_wkv.triton import bi_wkv_triton
 
     (w, u, k, v), _ = make_inputs(2, T, 33, 6, "cuda")
     with torch.no_grad():
@@ -164,7 +164,7 @@ def _check_ordered(n_orders, B, N, C, orders, expand, seed, config=None):
     """The ordered kernel (output, gradients of w, u, k, v) equals the plain kernel on gathered copies with the
     same tiles (the arithmetic is the same; only the addresses differ), and with the default tiles lies within
     1e-5 of the float64 O(T) path. k, v: one [B, N, C] tensor expanded over the orders, or one per order."""
-    from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton
+    from rwkvseg.ops.bi_wkv.triton import TileConfig, bi_wkv_triton
 
     cfg = TileConfig(**config) if config else None
     (w, u, k, v), _ = make_inputs(B if expand else n_orders * B, N, C, seed, "cuda")
@@ -223,7 +223,7 @@ def test_two_views_read_in_place(size):
 @pytest.mark.gpu
 @needs_cuda
 def test_more_orders_than_one_launch_holds():
-    from rwkvseg.ops.bi_wkv_triton import MAX_ORDERS
+    from rwkvseg.ops.bi_wkv.triton import MAX_ORDERS
 
     orders = tuple(scan_order(o, (6, 7)) for o in QUAD_SCAN_ORDERS) * 2
     assert len(orders) > MAX_ORDERS
@@ -243,60 +243,36 @@ def test_ordered_dispatch_and_bf16():
     assert rel_err(y, ref) <= 1e-2
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_forward_buffers_match_the_tiled_algorithm():
+    # the kernels' intermediate states against the plain-PyTorch walk of the same tiles (several super-chunks,
+    # scan tiles with carries): where y goes wrong, these show which step did
+    from rwkvseg.ops.bi_wkv import tiled
+    from rwkvseg.ops.bi_wkv.triton import TileConfig, _forward
+
+    cfg = TileConfig(G=4, BC=16, scan_rows=4)
+    (w, u, k, v), _ = make_inputs(2, 1000, 40, 11, "cuda")
+    kernel = _forward(w, u, k, v, None, cfg, True)  # y, kmax, fstates
+    exact = tiled.forward(*(t.double() for t in (w, u, k, v)), cfg)
+    for name, got in zip(("y", "kmax", "fstates"), kernel, strict=True):
+        assert rel_err(got, exact[name]) <= 1e-5, name
+
+
 def test_float64_runs_the_exact_chunked_path():
-    from rwkvseg.ops.bi_wkv_triton import bi_wkv_triton
+    from rwkvseg.ops.bi_wkv.triton import bi_wkv_triton
 
     inputs, _ = make_inputs(2, 50, 3, 4, "cpu", torch.float64)
     assert torch.equal(bi_wkv_triton(*inputs), bi_wkv_chunked(*inputs))
-
-
-_INTERPRETED = """
-import json, torch
-from rwkvseg.ops import QUAD_SCAN_ORDERS, apply_in_orders, bi_wkv_reference, scan_order
-from rwkvseg.ops.bi_wkv_triton import TileConfig, bi_wkv_triton, bi_wkv_triton_grads
-out = {}
-cfgs = [(2, 5, 3, None), (2, 45, 5, TileConfig(R=4, G=3, BC=4, G_bwd=2, BC_bwd=2, scan_rows=2, scan_BC=2))]
-for B, T, C, cfg in cfgs:
-    g = torch.Generator().manual_seed(T)
-    w = (torch.rand(C, generator=g) * 16 - 8) / T
-    u = torch.randn(C, generator=g) / T
-    k, v, gy = (torch.randn(B, T, C, generator=g) for _ in range(3))
-    k = k * 2
-    errs = []
-    for fn, dtype in ((lambda *a: bi_wkv_triton(*a, config=cfg), torch.float32), (bi_wkv_reference, torch.float64)):
-        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (w, u, k, v)]
-        y = fn(*leaves)
-        y.backward(gy.to(dtype))
-        errs.append([y.detach(), *(t.grad for t in leaves)])
-    out[T] = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(*errs)]
-    # the registered operator's backward (forward kernels rerun for their states) equals autograd's, bitwise
-    grads = bi_wkv_triton_grads(w, u, k, v, gy, config=cfg)
-    out[f"{T} grads"] = [0.0 if torch.equal(a, b) else 1.0 for a, b in zip(grads, errs[0][1:])]
-# QuadScan's four orders of one expanded 3 x 5 grid, several super-chunks
-orders = tuple(scan_order(o, (3, 5)) for o in QUAD_SCAN_ORDERS)
-cfg = TileConfig(R=4, G=2, BC=4, G_bwd=3, BC_bwd=2, scan_rows=2, scan_BC=2)
-g = torch.Generator().manual_seed(0)
-w, u = (torch.rand(3, generator=g) * 16 - 8) / 15, torch.randn(3, generator=g) / 15
-k, v = torch.randn(2, 15, 3, generator=g) * 2, torch.randn(2, 15, 3, generator=g)
-gy = torch.randn(4, 2, 15, 3, generator=g)
-errs = []
-for fn, dtype in ((lambda *a: bi_wkv_triton(*a, orders, cfg), torch.float32),
-                  (lambda *a: apply_in_orders(bi_wkv_reference, *a, orders), torch.float64)):
-    leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (w, u, k, v)]
-    y = fn(leaves[0], leaves[1], leaves[2].expand(4, -1, -1, -1), leaves[3].expand(4, -1, -1, -1))
-    y.backward(gy.to(dtype))
-    errs.append([y.detach(), *(t.grad for t in leaves)])
-out["orders"] = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(*errs)]
-print(json.dumps(out))
-"""
 
 
 def test_kernels_under_interpreter():
     """Runs every kernel (one super-chunk, and several with ragged super-chunks and scan tiles; plain and
     reading four scan orders in place) on the CPU."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
+    script = Path(__file__).with_name("triton_interpreted.py")
     proc = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])

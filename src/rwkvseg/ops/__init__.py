@@ -1,8 +1,14 @@
 """Operators: the Bi-WKV token mixer, token shifts, and sequence orders."""
 
-from .bi_wkv import IMPLEMENTATIONS, bi_wkv, bi_wkv_ordered, check_inputs, triton_usable
-from .bi_wkv_chunked import bi_wkv_chunked
-from .bi_wkv_reference import bi_wkv_reference
+from .bi_wkv import (
+    IMPLEMENTATIONS,
+    bi_wkv,
+    bi_wkv_chunked,
+    bi_wkv_ordered,
+    bi_wkv_reference,
+    check_inputs,
+    triton_usable,
+)
 from .scan import (
     QUAD_SCAN_ORDERS,
     VIEWS,

@@ -1,4 +1,17 @@
-"""Public Bi-WKV entry point: one signature, three implementations, chosen by device."""
+"""Bi-WKV, the bidirectional WKV token mixer: public entry points (one signature, three implementations, chosen
+by device) over the implementations of this package:
+
+    naive.py            float64 O(T^2) brute force, the ground truth (`bi_wkv_reference`)
+    chunked.py          exact O(T) path in plain PyTorch (`bi_wkv_chunked`), CPU and float64
+    tiled.py            the Triton kernels' own chunked algorithm and tiles in plain PyTorch (`bi_wkv_tiled`), to
+                        debug the kernels against
+    tiles.py            the kernels' tile policy (`TileConfig`, `tile_config`)
+    triton_common.py    @triton.jit helpers shared by the kernels
+    triton_forward.py   forward kernels (summary walk, chunk scan, output walk)
+    triton_backward.py  backward kernels (the same three steps)
+    triton.py           launchers and autograd (`bi_wkv_triton`)
+    library.py          the torch.library operators `rwkvseg::bi_wkv*` that `impl="auto"` calls
+"""
 
 from __future__ import annotations
 
@@ -7,10 +20,22 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from .bi_wkv_chunked import bi_wkv_chunked
-from .bi_wkv_library import CHUNK, orders_to_ints
-from .bi_wkv_reference import bi_wkv_reference
-from .scan import TokenOrder, apply_in_orders
+from ..scan import TokenOrder, apply_in_orders
+from .chunked import bi_wkv_chunked
+from .library import CHUNK, orders_to_ints
+from .naive import bi_wkv_reference
+from .tiled import bi_wkv_tiled
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "bi_wkv",
+    "bi_wkv_chunked",
+    "bi_wkv_ordered",
+    "bi_wkv_reference",
+    "bi_wkv_tiled",
+    "check_inputs",
+    "triton_usable",
+]
 
 IMPLEMENTATIONS = ("auto", "chunked", "triton", "reference")
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -63,7 +88,7 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     if impl == "triton":
         if not triton_usable(k):
             raise ValueError("bi_wkv: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'")
-        from .bi_wkv_triton import bi_wkv_triton
+        from .triton import bi_wkv_triton
 
         return bi_wkv_triton(w, u, k, v)
     if impl == "reference":
@@ -112,7 +137,7 @@ def bi_wkv_ordered(
             raise ValueError(
                 "bi_wkv_ordered: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'"
             )
-        from .bi_wkv_triton import bi_wkv_triton
+        from .triton import bi_wkv_triton
 
         return bi_wkv_triton(w, u, k, v, orders)
     if impl == "reference":

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .bi_wkv_chunked import bi_wkv_chunked, bi_wkv_chunked_grads
-from .scan import TokenOrder, apply_in_orders
+from ..scan import TokenOrder, apply_in_orders
+from .chunked import bi_wkv_chunked, bi_wkv_chunked_grads
 
 CHUNK = 64  # chunk length of the chunked path inside the operators
 
@@ -61,7 +61,7 @@ def _channels_contiguous(x: Tensor) -> Tensor:
 def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders: tuple[TokenOrder, ...] | None) -> Tensor:
     with torch.no_grad():  # the forward kernels store no backward states without grad
         if _uses_triton(k):
-            from .bi_wkv_triton import bi_wkv_triton
+            from .triton import bi_wkv_triton
 
             y = bi_wkv_triton(w, u, _channels_contiguous(k), _channels_contiguous(v), orders)
         elif orders is None:
@@ -76,7 +76,7 @@ def _grads(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with torch.no_grad():
         if _uses_triton(k):
-            from .bi_wkv_triton import bi_wkv_triton_grads
+            from .triton import bi_wkv_triton_grads
 
             grads = bi_wkv_triton_grads(w, u, _channels_contiguous(k), _channels_contiguous(v), gy, orders)
         elif orders is None:
