@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .bi_wkv_chunked import bi_wkv_chunked
+from .bi_wkv_library import CHUNK, orders_to_ints
 from .bi_wkv_reference import bi_wkv_reference
 from .scan import TokenOrder, apply_in_orders
 
@@ -42,16 +43,20 @@ def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"bi_wkv: inputs are on different devices {sorted(map(str, devices))}; move them to one")
 
 
-def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", chunk: int = 64) -> Tensor:
+def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", chunk: int = CHUNK) -> Tensor:
     """Bidirectional WKV of Vision-RWKV, exactly the formula of `docs/bi_wkv.md`.
 
     w, u: [C] decay and bonus, already divided by the sequence length by the caller.
     k, v: [B, T, C]. Returns y: [B, T, C] in v's dtype, with autograd for all four inputs.
-    impl: "auto" (Triton on CUDA when available, else the chunked O(T) path), "chunked", "triton", or
-    "reference" (the O(T^2) float64 brute force; tests only).
+    impl: "auto" (the registered operator `torch.ops.rwkvseg.bi_wkv`, which torch.compile, CUDA graphs and
+    export see as one op: Triton on CUDA when available, else the chunked O(T) path), "chunked", "triton", or
+    "reference" (the O(T^2) float64 brute force; tests only); these three call their path directly.
+    chunk: the chunked path's chunk length; "auto" with another chunk than CHUNK runs the chunked path directly.
     """
     check_inputs(w, u, k, v)
     if impl == "auto":
+        if chunk == CHUNK:
+            return torch.ops.rwkvseg.bi_wkv(w, u, k, v)
         impl = "triton" if triton_usable(k) else "chunked"
     if impl == "chunked":
         return bi_wkv_chunked(w, u, k, v, chunk)
@@ -74,7 +79,7 @@ def bi_wkv_ordered(
     orders: tuple[TokenOrder, ...],
     *,
     impl: str = "auto",
-    chunk: int = 64,
+    chunk: int = CHUNK,
 ) -> Tensor:
     """Bi-WKV of sequences that read stored tokens in given orders (QuadScan's orders of one grid, a window's
     two views), in one call and, on CUDA, one launch without permuted copies.
@@ -82,8 +87,9 @@ def bi_wkv_ordered(
     k, v: [n, B, N, C] stored tokens, one slice per order (an expanded view reads one tensor in n orders);
     orders: n TokenOrders over the N tokens. Sequence (i, b) is k[i, b] read in orders[i]; y [n, B, N, C] holds
     each output at its stored token, so y[i] = unscan(bi_wkv(scan_i(k[i]), scan_i(v[i]))). w, u: [C], scaled
-    by 1/N by the caller. impl as for `bi_wkv`; the portable paths copy each order's sequences out and y
-    back through strided views (`TokenOrder.read` / `write`).
+    by 1/N by the caller. impl as for `bi_wkv` ("auto": the registered `torch.ops.rwkvseg.bi_wkv_ordered`, the
+    orders passed as `orders_to_ints(orders)`); the portable paths copy each order's sequences out and y back
+    through strided views (`TokenOrder.read` / `write`).
     """
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
@@ -96,6 +102,8 @@ def bi_wkv_ordered(
         order.check(k.shape[2])
     orders = tuple(orders)
     if impl == "auto":
+        if chunk == CHUNK:
+            return torch.ops.rwkvseg.bi_wkv_ordered(w, u, k, v, orders_to_ints(orders))
         impl = "triton" if triton_usable(k) else "chunked"
     if impl == "chunked":
         return apply_in_orders(lambda *a: bi_wkv_chunked(*a, chunk), w, u, k, v, orders)

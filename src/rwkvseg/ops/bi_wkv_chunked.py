@@ -99,44 +99,61 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """y [C, B, T] in the compute dtype, with the k max [C, B, 1] and the denominator [C, B, T] the backward uses."""
+    dtype = _compute_dtype(k)
+    with torch.autocast(k.device.type, enabled=False):
+        wf, uf = w.to(dtype), u.to(dtype)
+        kf, vf = (_channels_first(t, dtype) for t in (k, v))  # [B, T, C] -> [C, B, T]
+        kmax = kf.amax(2, keepdim=True)  # [C, B, 1]; the ratio is invariant to this shift
+        ek = torch.exp(kf - kmax)
+        num, den = symmetric_apply(torch.cat([ek * vf, ek], 1), wf, uf, chunk).chunk(2, 1)
+        return num / den, kmax, den
+
+
+def _backward(w, u, k, v, kmax, y, den, gy, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dw, du, dk, dv) in the dtypes of w, u, k, v; dk, dv are [B, T, C] views of channels-first tensors."""
+    dtype = y.dtype
+    with torch.autocast(k.device.type, enabled=False):
+        wf, uf = w.to(dtype), u.to(dtype)
+        kf, vf, gy = (_channels_first(t, dtype) for t in (k, v, gy))  # [B, T, C] -> [C, B, T]
+        ek = torch.exp(kf - kmax)
+        a = gy / den  # dL/dnum
+        b = -gy * y / den  # dL/dden
+        wa, wb = symmetric_apply(torch.cat([a, b], 1), wf, uf, chunk).chunk(2, 1)
+        gv = ek * wa
+        gk = ek * (vf * wa + wb)
+        gu = (torch.exp(uf)[:, None, None] * ek * (vf * a + b)).sum((1, 2), dtype=torch.float64)
+        ekv = ek * vf
+        lhs = torch.cat([a, b, a.flip(2), b.flip(2)], 1)
+        rhs = torch.cat([ekv, ek, ekv.flip(2), ek.flip(2)], 1)
+        gw = -decayed_pair_sum(lhs, rhs, wf, chunk)
+    gk, gv = (g.permute(1, 2, 0) for g in (gk, gv))  # [C, B, T] -> [B, T, C]
+    return gw.to(w.dtype), gu.to(u.dtype), gk.to(k.dtype), gv.to(v.dtype)
+
+
 class ChunkedBiWKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int) -> Tensor:
-        dtype = _compute_dtype(k)
-        with torch.autocast(k.device.type, enabled=False):
-            wf, uf = w.to(dtype), u.to(dtype)
-            kf, vf = (_channels_first(t, dtype) for t in (k, v))  # [B, T, C] -> [C, B, T]
-            kmax = kf.amax(2, keepdim=True)  # [C, B, 1]; the ratio is invariant to this shift
-            ek = torch.exp(kf - kmax)
-            num, den = symmetric_apply(torch.cat([ek * vf, ek], 1), wf, uf, chunk).chunk(2, 1)
-            y = num / den  # [C, B, T]
+        y, kmax, den = _forward(w, u, k, v, chunk)
         ctx.save_for_backward(w, u, k, v, kmax, y, den)
         ctx.chunk = chunk
         return y.permute(1, 2, 0).to(v.dtype)  # [C, B, T] -> [B, T, C]
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        w, u, k, v, kmax, y, den = ctx.saved_tensors
-        chunk = ctx.chunk
-        dtype = y.dtype
-        with torch.autocast(k.device.type, enabled=False):
-            wf, uf = w.to(dtype), u.to(dtype)
-            kf, vf, gy = (_channels_first(t, dtype) for t in (k, v, gy))  # [B, T, C] -> [C, B, T]
-            ek = torch.exp(kf - kmax)
-            a = gy / den  # dL/dnum
-            b = -gy * y / den  # dL/dden
-            wa, wb = symmetric_apply(torch.cat([a, b], 1), wf, uf, chunk).chunk(2, 1)
-            gv = ek * wa
-            gk = ek * (vf * wa + wb)
-            gu = (torch.exp(uf)[:, None, None] * ek * (vf * a + b)).sum((1, 2), dtype=torch.float64)
-            ekv = ek * vf
-            lhs = torch.cat([a, b, a.flip(2), b.flip(2)], 1)
-            rhs = torch.cat([ekv, ek, ekv.flip(2), ek.flip(2)], 1)
-            gw = -decayed_pair_sum(lhs, rhs, wf, chunk)
-        gk, gv = (g.permute(1, 2, 0) for g in (gk, gv))  # [C, B, T] -> [B, T, C]
-        return gw.to(w.dtype), gu.to(u.dtype), gk.to(k.dtype), gv.to(v.dtype), None
+        return (*_backward(*ctx.saved_tensors, gy, ctx.chunk), None)
 
 
 def bi_wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = 64) -> Tensor:
     """Exact O(T) Bi-WKV with a custom backward; fp32 accumulation (fp64 for fp64 inputs)."""
     return ChunkedBiWKV.apply(w, u, k, v, chunk)
+
+
+def bi_wkv_chunked_grads(
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, gy: Tensor, chunk: int = 64
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dw, du, dk, dv) of `bi_wkv_chunked` at the output gradient gy [B, T, C], recomputing the forward: the
+    backward of the registered operator, which keeps only its inputs."""
+    y, kmax, den = _forward(w, u, k, v, chunk)
+    return _backward(w, u, k, v, kmax, y, den, gy, chunk)

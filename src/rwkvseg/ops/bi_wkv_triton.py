@@ -904,3 +904,33 @@ def bi_wkv_triton(
     if k.dtype == torch.float64:
         return bi_wkv_chunked(w, u, k, v) if orders is None else apply_in_orders(bi_wkv_chunked, w, u, k, v, orders)
     return TritonBiWKV.apply(w, u, k, v, orders, config)
+
+
+def bi_wkv_triton_grads(
+    w: Tensor,
+    u: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gy: Tensor,
+    orders: tuple[TokenOrder, ...] | None = None,
+    config: TileConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dw, du, dk, dv) of `bi_wkv_triton` at the output gradient gy (k's shape), in the dtypes of w, u, k, v: the
+    forward kernels run again to store the sub-chunk states, then the backward kernels (the backward of the
+    registered operator, which keeps only its inputs). Same kernels and tiles as autograd through bi_wkv_triton.
+    float32, bfloat16 and float16 only (the registered operator sends float64 to the chunked path)."""
+    if orders is not None and len(orders) > MAX_ORDERS:
+        parts = [
+            bi_wkv_triton_grads(w, u, *(t[i : i + MAX_ORDERS] for t in (k, v, gy)), orders[i : i + MAX_ORDERS], config)
+            for i in range(0, len(orders), MAX_ORDERS)
+        ]
+        gw, gu, gk, gv = zip(*parts, strict=True)
+        return sum(gw), sum(gu), torch.cat(gk), torch.cat(gv)
+    _check(k, v)
+    T, C = k.shape[-2:]
+    wf, uf = w.float().contiguous(), u.float().contiguous()
+    cfg = config or tile_config(k.numel() // (T * C), T, C)
+    with _on_device(k):
+        _, kmax, fstates = _forward(wf, uf, k, v, orders, cfg, True)
+        gw, gu, gk, gv = _backward(wf, uf, k, v, kmax, fstates, gy, orders, cfg)
+    return gw.to(w.dtype), gu.to(u.dtype), gk, gv
