@@ -64,12 +64,11 @@ def order_indices(order: Sequence, n: int, device: torch.device | None = None) -
     start); the fields may be symbolic ints."""
     inner, inner_step, outer_step, start = order
     t = torch.arange(n, device=device)
-    return start + torch.div(t, inner, rounding_mode="floor") * outer_step + torch.remainder(t, inner) * inner_step
+    outer = torch.div(t, inner, rounding_mode="floor")
+    return start + outer * outer_step + (t - outer * inner) * inner_step  # t % inner without a symbolic remainder
 
 
-def bi_wkv_ordered_decomposed(
-    w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders: Sequence
-) -> Tensor:
+def bi_wkv_ordered_decomposed(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders: Sequence) -> Tensor:
     """Bi-WKV of k, v [n, B, N, C] read in n token orders (flat list of 4 fields per order, the schema of
     `rwkvseg::bi_wkv_ordered`, or a sequence of TokenOrders); y [n, B, N, C] at the stored tokens."""
     orders = _order_tuples(orders)
