@@ -28,8 +28,8 @@ ORDER_FIELDS = 4  # inner, inner_step, outer_step, start (rwkvseg.ops.scan.Token
 
 
 def decayed_prefix(x: Tensor, w: Tensor) -> Tensor:
-    """P[c, m, t] = sum_{i < t} exp(-(t - i - 1) w_c) x[c, m, i] for x [C, M, T] (T may be symbolic); [C, M, T] in
-    x's dtype, computed in float64 as exp(-(t - 1 - c) w) * exclusive_cumsum_i(exp((i - c) w) x_i), c = (T - 1) / 2.
+    """P[c, m, t] = sum_{i < t} exp(-(t - i - 1) w_c) x[c, m, i] for x [C, M, T] (T may be symbolic); [C, M, T]
+    float64, computed as exp(-(t - 1 - c) w) * exclusive_cumsum_i(exp((i - c) w) x_i), c = (T - 1) / 2.
     """
     pos = torch.arange(x.shape[2], dtype=torch.float64, device=x.device)  # [T]
     centred = pos - pos.mean()  # i - (T - 1) / 2: both factors below exp(|w| T / 2 + |w|)
@@ -37,13 +37,14 @@ def decayed_prefix(x: Tensor, w: Tensor) -> Tensor:
     grow = torch.exp(centred * wd)[:, None, :]  # [C, 1, T]
     shrink = torch.exp(-(centred - 1) * wd)[:, None, :]
     terms = F.pad(x.double() * grow, (1, 0))[:, :, :-1]  # term i moved to slot i + 1: the sum stops before t
-    return (torch.cumsum(terms, dim=2) * shrink).to(x.dtype)
+    return torch.cumsum(terms, dim=2) * shrink
 
 
 def bi_wkv_decomposed(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Bi-WKV y [B, T, C] for k, v [B, T, C] and w, u [C] (already divided by T), in plain exportable operators.
 
-    The prefix sums run in float64, everything else in float32 (float64 for float64 inputs); returns v's dtype.
+    The prefix sums and the ratio run in float64 (numerator and denominator may pass float32's range for
+    w < 0 and large |w| T), the inputs' exp and product in float32; returns v's dtype.
     """
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     B = k.shape[0]
@@ -54,7 +55,8 @@ def bi_wkv_decomposed(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
     x = torch.cat([ek * vf, ek], dim=1)  # [C, 2B, T]: numerator and denominator terms
     prefix = decayed_prefix(torch.cat([x, x.flip(2)], dim=1), wf)  # [C, 4B, T]: forward and reverse scans
     forward, backward = prefix[:, : 2 * B], prefix[:, 2 * B :].flip(2)
-    total = forward + backward + torch.exp(uf)[:, None, None] * x  # [C, 2B, T]
+    # float64 up to the ratio: for growing weights (w < 0) numerator and denominator may pass float32's range
+    total = forward + backward + torch.exp(uf.double())[:, None, None] * x.double()  # [C, 2B, T]
     y = total[:, :B] / total[:, B:]
     return y.permute(1, 2, 0).to(v.dtype)  # [C, B, T] -> [B, T, C]
 
