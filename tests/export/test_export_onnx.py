@@ -136,3 +136,24 @@ def test_dice_counts_every_foreground_label():
     a = np.array([0, 1, 1, 2, 2, 0])
     assert dice(a, a) == 1.0 and dice(np.zeros(3), np.zeros(3)) == 1.0
     assert dice(a, np.array([0, 1, 0, 2, 2, 2])) == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def test_predict_files_writes_masks_at_the_image_size(exported, tmp_path):
+    from PIL import Image
+
+    from rwkvseg.export.runtime import predict_files
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, shape in enumerate(((40, 50, 3), (33, 21, 3))):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(paths[-1])
+    written = predict_files(exported[0] / "m.onnx", paths, tmp_path / "out")
+    predictor = OnnxPredictor(exported[0] / "m.onnx")
+    for path, mask_path in zip(paths, written, strict=True):
+        mask = np.asarray(Image.open(mask_path))
+        assert mask.shape == np.asarray(Image.open(path)).shape[:2]
+        assert set(np.unique(mask)) <= {0, 255}
+        np.testing.assert_array_equal(mask // 255, predictor.predict_mask(path))
+    with pytest.raises(FileExistsError):
+        predict_files(exported[0] / "m.onnx", paths, tmp_path / "out")

@@ -273,3 +273,42 @@ class _Calibration:
 
     def get_next(self):
         return next(self._items, None)
+
+
+def predict_files(
+    onnx_path: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    threshold: float = 0.5,
+    threads: int | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Masks `<out>/<stem>.png` for 2D image files (binary: 0/255; multi-class: the class index), as
+    `rwkvseg predict` writes them; nothing is written when a target exists and overwrite is False."""
+    from PIL import Image
+
+    predictor = OnnxPredictor(onnx_path, threads=threads)
+    out = Path(out)
+    targets = [out / f"{Path(p).stem}.png" for p in images]
+    if len(set(targets)) < len(targets):
+        raise ValueError("several inputs share a file name; their masks would collide, rename them")
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{len(existing)} mask(s) exist (e.g. {existing[0]}); choose another out or overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        for target, probs in zip(targets[start:], predictor.predict_images(chunk, batch_size), strict=False):
+            labels = to_labels(probs, predictor.activation, threshold)
+            mask = labels * 255 if probs.shape[0] == 1 else labels
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{target.stem}.tmp.", suffix=".png")
+            os.close(fd)
+            try:
+                Image.fromarray(mask).save(tmp)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    return targets
