@@ -1,4 +1,6 @@
-"""One small U-RWKV export (from a checkpoint with a 2D record) serves every test here: exporting is the slow part."""
+"""One small U-RWKV export (from a checkpoint with a 2D record) serves the tests marked slow here: one export takes
+~1 min on an idle 2-core CPU and ~6 min under load (the ONNX exporter's fake-tensor passes), so they run with
+`pytest -m slow tests/export`."""
 
 import json
 
@@ -29,6 +31,7 @@ def exported(tmp_path_factory):
     return folder, model, record
 
 
+@pytest.mark.slow
 def test_record_is_embedded_and_readable_without_torch_models(exported):
     folder, _, record = exported
     assert record.source["kind"] == "checkpoint"
@@ -42,6 +45,7 @@ def test_record_is_embedded_and_readable_without_torch_models(exported):
     assert ExportRecord.from_json(props[METADATA_KEY]) == record
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_random_and_real_inputs(exported):
     folder = exported[0]
     rows = verify_onnx(folder / "m.onnx", load_source(folder / "ckpt"))
@@ -50,6 +54,7 @@ def test_onnx_matches_pytorch_on_random_and_real_inputs(exported):
         assert row.max_abs_diff <= TOLERANCE and row.dice >= 0.999, row
 
 
+@pytest.mark.slow
 def test_batch_and_non_square_sizes_run_and_match(exported):
     folder, model, _ = exported
     predictor = OnnxPredictor(folder / "m.onnx", threads=1)
@@ -59,6 +64,7 @@ def test_batch_and_non_square_sizes_run_and_match(exported):
     assert np.abs(predictor.predict_batch(x.numpy()) - expected).max() <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_predictor_refuses_sizes_the_export_cannot_take(exported):
     predictor = OnnxPredictor(exported[0] / "m.onnx")
     with pytest.raises(ValueError, match=r"multiple of 16.*pad it to 48"):
@@ -67,6 +73,7 @@ def test_predictor_refuses_sizes_the_export_cannot_take(exported):
         predictor.predict_batch(np.zeros((1, 1, 32, 32), np.float32))
 
 
+@pytest.mark.slow
 def test_image_protocol_equals_the_torch_prediction_path(exported):
     from rwkvseg.infer.predict2d import Preprocessing2D, predict_arrays
 
@@ -89,6 +96,7 @@ def test_resize_matches_torch_interpolate():
         assert np.abs(resize_bilinear(x, size) - expected.numpy()).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_program_file_runs_without_the_custom_ops(exported):
     folder, model, _ = exported
     program = torch.export.load(str(folder / "m.pt2"))
@@ -98,6 +106,7 @@ def test_program_file_runs_without_the_custom_ops(exported):
         torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_and_names_unknown_sources(exported, tmp_path):
     folder = exported[0]
     before = (folder / "m.onnx").read_bytes()
@@ -118,6 +127,7 @@ def test_registered_sources_are_seeded_and_sized_by_dims():
     assert (c.dims, c.in_channels, c.num_classes) == (3, 4, 4)
 
 
+@pytest.mark.slow
 def test_int8_weights_keep_the_record_and_the_masks(exported):
     folder, _, record = exported
     out = quantize_int8(folder / "m.onnx", folder / "m_int8.onnx")
@@ -138,6 +148,7 @@ def test_dice_counts_every_foreground_label():
     assert dice(a, np.array([0, 1, 0, 2, 2, 2])) == pytest.approx((2 / 3 + 4 / 5) / 2)
 
 
+@pytest.mark.slow
 def test_predict_files_writes_masks_at_the_image_size(exported, tmp_path):
     from PIL import Image
 
