@@ -121,7 +121,9 @@ def compare(loaded: LoadedSource, predictor: OnnxPredictor, x: np.ndarray, label
         dice(to_labels(p, predictor.activation), to_labels(r, predictor.activation))
         for p, r in zip(probs, reference, strict=True)
     ]
-    return CheckRow(predictor.record["model"], label, tuple(x.shape), diff, float(np.mean(scores)))
+    source = predictor.record["source"]
+    name = source["name"] if source.get("kind") == "released" else predictor.record["model"]
+    return CheckRow(name, label, tuple(x.shape), diff, float(np.mean(scores)))
 
 
 def source_of(predictor: OnnxPredictor) -> LoadedSource:
