@@ -264,11 +264,12 @@ def _user_input(ep) -> str:
 
 def decompose_bi_wkv(ep):
     """Replace the rwkvseg Bi-WKV operators in an ExportedProgram with the plain-operator form (exact, O(T))."""
-    table: dict[Any, Callable] = {}
-    ops = getattr(torch.ops, "rwkvseg", None)
-    if ops is not None and hasattr(ops, "bi_wkv"):
-        table[ops.bi_wkv.default] = bi_wkv_decomposed
-        table[ops.bi_wkv_ordered.default] = bi_wkv_ordered_decomposed
+    from .. import ops  # noqa: F401  (importing rwkvseg.ops registers the operators)
+
+    table: dict[Any, Callable] = {
+        torch.ops.rwkvseg.bi_wkv.default: bi_wkv_decomposed,
+        torch.ops.rwkvseg.bi_wkv_ordered.default: bi_wkv_ordered_decomposed,
+    }
     return ep.run_decompositions(decomp_table=table)
 
 
