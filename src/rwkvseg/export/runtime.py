@@ -307,6 +307,9 @@ def predict_files(
             os.close(fd)
             try:
                 Image.fromarray(mask).save(tmp)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
                 os.replace(tmp, target)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
