@@ -1,0 +1,382 @@
+"""Export a registered model, a checkpoint or a released model to ONNX (and a torch.export program), with the
+preprocessing record and model facts inside, so onnxruntime alone can run it.
+
+Route: torch.export.export with dynamic batch and spatial axes -> run_decompositions, which replaces the
+`rwkvseg::bi_wkv` / `rwkvseg::bi_wkv_ordered` operators with the exact O(T) plain-operator form of `wkv_onnx`
+-> torch.onnx.export(..., dynamo=True). The record is one JSON string under the metadata key `rwkvseg`
+(see `METADATA_KEY` and `ExportRecord`).
+
+Sizes: every exported axis is dynamic unless a model's computation depends on its exact value:
+- U-RWKV, U-Net, CMUNeXt (2D): H, W multiples of 16, at least 32 (the models pad to 16 internally; the export
+  takes the unpadded branch, so the runtime pads or refuses other sizes).
+- MMSegRWKV (3D): H, W multiples of the stride (32), at least 64; the slice axis D is fixed at the export size
+  (its windows split differently for every D), by default the record's patch size.
+- MONAI 3D baselines: multiples of their own stride; UNETR / SwinUNETR are built for one size, exported static.
+The record lists each axis as an int (static) or {"multiple": m, "min": n} (dynamic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from .wkv_onnx import bi_wkv_decomposed, bi_wkv_ordered_decomposed
+
+METADATA_KEY = "rwkvseg"
+RECORD_FORMAT = 1
+DEFAULT_OPSET = 20  # opset 20 has Gelu: one kernel instead of five nodes (measured 1.5x faster on U-RWKV-s)
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+SOURCE_KINDS = ("registered", "checkpoint", "released")
+
+
+def _checkpoint_api():
+    """The checkpoint functions this package uses, imported in one place (they may move)."""
+    from ..checkpoint import load_checkpoint, read_meta
+
+    return load_checkpoint, read_meta
+
+
+def _released_api():
+    from ..released import released_checkpoint, released_models
+
+    return released_checkpoint, released_models
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What an exported file carries (JSON under metadata key "rwkvseg"): enough to preprocess, run and read out.
+
+    axes: one entry per spatial axis, an int (static size) or {"multiple": m, "min": n} (dynamic).
+    activation: "sigmoid" (one channel, or one sigmoid per region) or "softmax" over num_classes.
+    preprocessing: the checkpoint's record (2D: size, resize, normalization, channels; 3D: spacing, patch size,
+    normalisation, ...), empty for randomly initialised models.
+    """
+
+    model: str
+    dims: int
+    in_channels: int
+    num_classes: int
+    axes: tuple[Any, ...]
+    activation: str
+    source: dict[str, Any]
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    spacing: tuple[float, ...] | None = None
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    opset: int = DEFAULT_OPSET
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["axes"] = list(self.axes)
+        data["class_names"] = list(self.class_names)
+        data["spacing"] = None if self.spacing is None else list(self.spacing)
+        return json.dumps({"format": RECORD_FORMAT, "rwkvseg_version": __version__, **data}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExportRecord:
+        data = json.loads(text)
+        version = data.pop("format", None)
+        data.pop("rwkvseg_version", None)
+        if version != RECORD_FORMAT:
+            raise ValueError(f"export record format {version!r} is not supported (this reader knows {RECORD_FORMAT})")
+        data["axes"] = tuple(data["axes"])
+        data["class_names"] = tuple(data.get("class_names", ()))
+        if data.get("spacing") is not None:
+            data["spacing"] = tuple(data["spacing"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LoadedSource:
+    """A model ready to export, with what the record needs to know about where it came from."""
+
+    model: nn.Module
+    name: str
+    in_channels: int
+    num_classes: int
+    dims: int
+    source: dict[str, Any]
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    spacing: tuple[float, ...] | None = None
+
+
+def _spatial_dims(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            return 3
+    return 2
+
+
+def load_source(
+    source: str | os.PathLike,
+    *,
+    seed: int = 0,
+    in_channels: int | None = None,
+    num_classes: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> LoadedSource:
+    """A model in eval mode from a released model name, a checkpoint path, or a registered model name (randomly
+    initialised with torch.manual_seed(seed); in_channels defaults to 3 in 2D and 4 in 3D, num_classes to 1 in 2D
+    and 4 in 3D)."""
+    from ..models import create_model, list_models
+
+    load_checkpoint, _ = _checkpoint_api()
+    released_checkpoint, released_models = _released_api()
+    text = str(source)
+    released = [m.name for m in released_models()]
+    if text in released:
+        model, meta = load_checkpoint(released_checkpoint(text))
+        kind = {"kind": "released", "name": text}
+    elif Path(text).suffix in (".safetensors", ".json") or Path(text + ".json").is_file():
+        model, meta = load_checkpoint(text)
+        kind = {"kind": "checkpoint", "path": str(Path(text).resolve())}
+    elif text in list_models():
+        overrides = dict(overrides or {})
+        torch.manual_seed(seed)
+        model = create_model(text, in_channels or 3, num_classes or 1, **overrides)
+        dims = _spatial_dims(model)
+        if dims == 3 and (in_channels is None or num_classes is None):
+            torch.manual_seed(seed)
+            model = create_model(text, in_channels or 4, num_classes or 4, **overrides)
+        cin = in_channels or (4 if dims == 3 else 3)
+        k = num_classes or (4 if dims == 3 else 1)
+        return LoadedSource(
+            model.eval(),
+            text,
+            cin,
+            k,
+            dims,
+            {"kind": "registered", "name": text, "seed": seed, "in_channels": cin, "num_classes": k},
+            overrides,
+        )
+    else:
+        raise ValueError(
+            f"{text!r} is neither a released model ({', '.join(released) or 'none installed'}), a checkpoint "
+            f"(<name>.safetensors with <name>.json beside it) nor a registered model ({', '.join(list_models())})"
+        )
+    dims = int(meta.preprocessing.get("dims", _spatial_dims(model)))
+    return LoadedSource(
+        model.eval(),
+        meta.model,
+        meta.in_channels,
+        meta.num_classes,
+        dims,
+        kind,
+        dict(meta.model_overrides),
+        dict(meta.preprocessing),
+        tuple(meta.class_names),
+        meta.spacing,
+    )
+
+
+def _activation(loaded: LoadedSource) -> str:
+    if loaded.preprocessing.get("target") == "regions" or loaded.num_classes == 1:
+        return "sigmoid"
+    return "softmax"
+
+
+def size_rule(model: nn.Module, dims: int) -> tuple[int, ...]:
+    """Per spatial axis: the multiple its size must have, or 0 where the axis is exported static."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "windows") and hasattr(cfg, "stride"):  # MMSegRWKV: windows on the D axis
+        return (0, cfg.stride, cfg.stride)
+    multiple = getattr(model, "multiple", None)  # MONAI 3D baselines wrapped with their stride
+    if multiple is not None:
+        return (0,) * dims if getattr(model, "fixed_size", None) else (int(multiple),) * dims
+    return (16,) * dims
+
+
+def _example_shape(loaded: LoadedSource, rule: tuple[int, ...], size: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Distinct, conforming example sizes per axis (distinct so that no size equality gets baked in)."""
+    if size is not None:
+        return tuple(size)
+    patch = loaded.preprocessing.get("patch_size") or loaded.preprocessing.get("size")
+    if loaded.dims == 3:
+        fixed = getattr(loaded.model, "fixed_size", None)
+        if fixed:
+            return tuple(fixed)
+        d = int(patch[0]) if patch else 64
+        return tuple(d if m == 0 else m * (3 + i) for i, m in enumerate(rule))
+    return tuple(m * (3 + i) for i, m in enumerate(rule))
+
+
+def export_program(loaded: LoadedSource, *, dynamic: bool = True, size: tuple[int, ...] | None = None):
+    """(decomposed ExportedProgram, example input, axes entry for the record)."""
+    rule = size_rule(loaded.model, loaded.dims)
+    shape = _example_shape(loaded, rule, size)
+    if any(m and s % m for s, m in zip(shape, rule, strict=True)):
+        raise ValueError(f"export size {shape} must be a multiple of {rule} on its dynamic axes")
+    example = torch.randn(2, loaded.in_channels, *shape, generator=torch.Generator().manual_seed(0))
+    dynamic_shapes = (
+        {
+            0: _axis_dim(dynamic, "batch", 0),
+            **{2 + i: _axis_dim(dynamic and m, f"s{i}", m, loaded.dims) for i, m in enumerate(rule)},
+        },
+    )
+    with torch.no_grad():
+        ep = torch.export.export(loaded.model, (example,), dynamic_shapes=dynamic_shapes)
+    ep = decompose_bi_wkv(ep)
+    axes = []
+    val = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == _user_input(ep)).meta["val"]
+    for i, m in enumerate(rule):
+        s = val.shape[2 + i]
+        if isinstance(s, int) or not dynamic:
+            axes.append(int(shape[i]))
+        else:
+            low = ep.range_constraints[s.node.expr].lower if s.node.expr in ep.range_constraints else m
+            axes.append({"multiple": m, "min": int(math.ceil(max(int(low), m) / m) * m)})
+    return ep, example, tuple(axes)
+
+
+def _axis_dim(dynamic: bool, name: str, multiple: int, dims: int = 0):
+    """How torch.export sees one axis. 2D: Dim.AUTO (explicit dims would turn U-RWKV's square-map shortcut into a
+    violated guard; AUTO keeps the general branch taken by the non-square example). 3D: an explicit multiple of a
+    named dim (AUTO's guard solver fails on the 3D models' stride arithmetic)."""
+    if not dynamic:
+        return torch.export.Dim.STATIC
+    if dims == 3:
+        return multiple * torch.export.Dim(name, min=2)
+    return torch.export.Dim.AUTO
+
+
+def _user_input(ep) -> str:
+    spec = next(
+        s for s in ep.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    )
+    return spec.arg.name
+
+
+def decompose_bi_wkv(ep):
+    """Replace the rwkvseg Bi-WKV operators in an ExportedProgram with the plain-operator form (exact, O(T))."""
+    from .. import ops  # noqa: F401  (importing rwkvseg.ops registers the operators)
+
+    table: dict[Any, Callable] = {
+        torch.ops.rwkvseg.bi_wkv.default: bi_wkv_decomposed,
+        torch.ops.rwkvseg.bi_wkv_ordered.default: bi_wkv_ordered_decomposed,
+    }
+    return ep.run_decompositions(decomp_table=table)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_record(loaded: LoadedSource, axes: tuple[Any, ...], opset: int) -> ExportRecord:
+    return ExportRecord(
+        model=loaded.name,
+        dims=loaded.dims,
+        in_channels=loaded.in_channels,
+        num_classes=loaded.num_classes,
+        axes=axes,
+        activation=_activation(loaded),
+        source=loaded.source,
+        model_overrides=loaded.model_overrides,
+        preprocessing=loaded.preprocessing,
+        class_names=loaded.class_names,
+        spacing=loaded.spacing,
+        opset=opset,
+    )
+
+
+def export_onnx(
+    source: str | os.PathLike | LoadedSource,
+    out_path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    overwrite: bool = False,
+    size: tuple[int, ...] | None = None,
+    seed: int = 0,
+    in_channels: int | None = None,
+    num_classes: int | None = None,
+    program_path: str | os.PathLike | None = None,
+) -> ExportRecord:
+    """Export `source` (released model name, checkpoint path, or registered model name) to an ONNX file.
+
+    dynamic: batch and the spatial axes the model allows are dynamic (module docstring); size: the export
+    example's spatial size (defaults conform to the rules). program_path: also save the decomposed
+    ExportedProgram there (`.pt2`, loadable with torch.export.load without rwkvseg). Files are written atomically
+    and never replaced unless overwrite=True. Returns the record embedded in the file.
+    """
+    import onnx
+
+    out = Path(out_path)
+    _refuse_existing(out, overwrite)
+    if program_path is not None:
+        _refuse_existing(Path(program_path), overwrite)
+    loaded = (
+        source
+        if isinstance(source, LoadedSource)
+        else load_source(source, seed=seed, in_channels=in_channels, num_classes=num_classes)
+    )
+    ep, example, axes = export_program(loaded, dynamic=dynamic, size=size)
+    record = build_record(loaded, axes, opset)
+    program = torch.onnx.export(
+        ep,
+        (example,),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamo=True,
+        verbose=False,
+    )
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, record.to_json()
+    proto.producer_name = "rwkvseg"
+    proto.producer_version = __version__
+    _atomic_write(out, lambda tmp: onnx.save_model(proto, str(tmp)))
+    if program_path is not None:
+        _atomic_write(Path(program_path), lambda tmp: torch.export.save(ep, str(tmp), extra_files=_extra(record)))
+    return record
+
+
+def _extra(record: ExportRecord) -> dict[str, str]:
+    return {METADATA_KEY + ".json": record.to_json()}
+
+
+def read_record(path: str | os.PathLike) -> ExportRecord:
+    """The record embedded in an exported ONNX file (read with onnxruntime; no model code involved)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return record_of(session, path)
+
+
+def record_of(session, path: str | os.PathLike = "<session>") -> ExportRecord:
+    meta = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in meta:
+        raise ValueError(f"{path} has no {METADATA_KEY!r} metadata; it was not exported by rwkvseg export_onnx")
+    return ExportRecord.from_json(meta[METADATA_KEY])

@@ -1,0 +1,317 @@
+"""Run an exported rwkvseg ONNX file with onnxruntime and numpy only: no torch, no rwkvseg model code.
+
+Everything comes from the record embedded in the file (metadata key "rwkvseg", see `export.onnx`):
+- 2D, resize protocol (the released models): pixels -> float32 by the record's normalization -> bilinear resize
+  to the record's size (half-pixel centres, as torch's interpolate with align_corners=False) -> logits -> resized
+  back to the image's size -> sigmoid or softmax -> mask (threshold 0.5, or argmax).
+- any dims: `probabilities(batch)` on network-ready arrays [B, C, *spatial]; each axis is checked against the
+  record (static size, or a multiple and a minimum) with an error that says how to pad.
+Optional int8 weights: `quantize_int8` (onnxruntime.quantization, dynamic or static with calibration inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METADATA_KEY = "rwkvseg"
+NORMALIZATIONS = ("auto", "dtype", "minmax", "zscore")
+
+
+def _session(path: str | os.PathLike, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def normalize(pixels: np.ndarray, method: str = "auto") -> np.ndarray:
+    """[H, W, C] pixels of any dtype -> float32, as rwkvseg's 2D training read them.
+
+    auto: 8-bit / 255, wider types the per-image 0.5-99.5 percentile range clipped to [0, 1]; dtype: divide by the
+    dtype's maximum; minmax: per-image min-max; zscore: per image and channel.
+    """
+    if method not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    x = pixels.astype(np.float32)
+    if method == "auto":
+        if pixels.dtype == np.uint8:
+            return x / 255.0
+        lo, hi = (float(v) for v in np.percentile(x, (0.5, 99.5)))
+        return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0, dtype=np.float32)
+    if method == "dtype":
+        top = float(np.iinfo(pixels.dtype).max) if np.issubdtype(pixels.dtype, np.integer) else 1.0
+        return x / top
+    if method == "minmax":
+        lo, hi = float(x.min()), float(x.max())
+        return (x - lo) / max(hi - lo, 1e-6)
+    mean = x.mean(axis=(0, 1), keepdims=True)
+    std = x.std(axis=(0, 1), keepdims=True)
+    return (x - mean) / np.maximum(std, 1e-6)
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of half-pixel linear interpolation (torch, align_corners=False, no antialias)."""
+    scale = n_in / n_out
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = (src - i0).astype(np.float32)
+    return i0, i1, frac
+
+
+def resize_bilinear(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """[..., H, W] -> [..., h, w] float32, bilinear with half-pixel centres."""
+    h, w = (int(s) for s in size)
+    r0, r1, fr = _linear_taps(x.shape[-2], h)
+    c0, c1, fc = _linear_taps(x.shape[-1], w)
+    x = x.astype(np.float32, copy=False)
+    rows = x[..., r0, :] * (1 - fr)[:, None] + x[..., r1, :] * fr[:, None]  # [..., h, W]
+    return rows[..., c0] * (1 - fc) + rows[..., c1] * fc
+
+
+def activate(logits: np.ndarray, activation: str) -> np.ndarray:
+    """[B, K, ...] logits -> probabilities: sigmoid, or softmax over axis 1."""
+    logits = logits.astype(np.float32, copy=False)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def to_labels(probs: np.ndarray, activation: str, threshold: float = 0.5) -> np.ndarray:
+    """[K, ...] probabilities -> integer labels [...]: threshold per channel for one sigmoid channel, else argmax
+    (region sigmoids with several channels: label = index of the last region above the threshold, 0 if none)."""
+    if probs.shape[0] == 1:
+        return (probs[0] >= threshold).astype(np.uint8)
+    if activation == "softmax":
+        return probs.argmax(axis=0).astype(np.uint8)
+    labels = np.zeros(probs.shape[1:], dtype=np.uint8)
+    for k in range(probs.shape[0]):
+        labels[probs[k] >= threshold] = k + 1
+    return labels
+
+
+def read_pixels(path: str | os.PathLike, channels: int) -> np.ndarray:
+    """An image file as [H, W, channels] pixels in the file's dtype (RGB for 3, grayscale for 1)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if channels == 3:
+            img = img.convert("RGB")
+        elif channels == 1 and img.mode not in ("L", "I;16", "I"):
+            img = img.convert("L")
+        array = np.asarray(img)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[2] != channels:
+        raise ValueError(f"{path} has {array.shape[2]} channels, the model expects {channels}; convert the image")
+    return array
+
+
+class OnnxPredictor:
+    """An exported rwkvseg model on onnxruntime, driven by its embedded record.
+
+    `OnnxPredictor("model.onnx", threads=2).predict_image("polyp.jpg")` -> probabilities [K, H, W] at the image's
+    own size (2D resize protocol); `predict_batch(x)` -> probabilities for network-ready x [B, C, *spatial].
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX file {self.path} not found; export one with rwkvseg.export.export_onnx")
+        self.session = _session(self.path, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise ValueError(f"{self.path} carries no {METADATA_KEY!r} record; export it with rwkvseg's export_onnx")
+        self.record: dict[str, Any] = json.loads(meta[METADATA_KEY])
+        self.input_name = self.record["input_name"]
+        self.output_name = self.record["output_name"]
+
+    @property
+    def dims(self) -> int:
+        return int(self.record["dims"])
+
+    @property
+    def activation(self) -> str:
+        return self.record["activation"]
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return self.record.get("preprocessing") or {}
+
+    def check_input(self, shape: Sequence[int]) -> None:
+        """Raise ValueError with the sizes to pad to unless shape [B, C, *spatial] fits the exported file."""
+        expected = 2 + self.dims
+        if len(shape) != expected or shape[1] != self.record["in_channels"]:
+            raise ValueError(
+                f"input shape {tuple(shape)} does not fit [B, {self.record['in_channels']}, "
+                f"{', '.join('DHW'[3 - self.dims :])}]"
+            )
+        for axis, (size, rule) in enumerate(zip(shape[2:], self.record["axes"], strict=True)):
+            if isinstance(rule, int):
+                if size != rule:
+                    raise ValueError(f"spatial axis {axis} must be exactly {rule} in this export, got {size}")
+            elif size % rule["multiple"] or size < rule["min"]:
+                fit = max(-(-size // rule["multiple"]) * rule["multiple"], rule["min"])
+                raise ValueError(
+                    f"spatial axis {axis} must be a multiple of {rule['multiple']} and at least {rule['min']}, "
+                    f"got {size}; pad it to {fit}"
+                )
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Network-ready float32 [B, C, *spatial] -> logits [B, K, *spatial]."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self.check_input(batch.shape)
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def predict_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Network-ready [B, C, *spatial] -> probabilities [B, K, *spatial]."""
+        return activate(self.logits(batch), self.activation)
+
+    def _resize_protocol(self) -> tuple[tuple[int, int], str]:
+        pre = self.preprocessing
+        if self.dims != 2 or "size" not in pre:
+            raise ValueError(
+                f"{self.path} has no 2D image record (size, resize, normalization); use predict_batch on "
+                "network-ready arrays"
+            )
+        if pre.get("resize", "resize") != "resize":
+            raise ValueError(
+                f"{self.path} was trained with resize={pre.get('resize')!r}; only the 'resize' protocol runs here, "
+                "use the torch runtime (sliding windows) for crop-trained models"
+            )
+        return (int(pre["size"][0]), int(pre["size"][1])), pre.get("normalization", "auto")
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        """[H, W, C] pixels -> network input [C, h, w] float32 by the record (normalize, resize)."""
+        size, normalization = self._resize_protocol()
+        x = normalize(pixels, normalization).transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
+        return resize_bilinear(x, size)
+
+    def predict_images(self, images: Iterable[np.ndarray | str | os.PathLike], batch_size: int = 8) -> list[np.ndarray]:
+        """Probabilities [K, H, W] at each image's own size, for pixel arrays [H, W, C] or image paths."""
+        channels = int(self.preprocessing.get("channels", self.record["in_channels"]))
+        arrays = [im if isinstance(im, np.ndarray) else read_pixels(im, channels) for im in images]
+        out = []
+        for start in range(0, len(arrays), batch_size):
+            chunk = arrays[start : start + batch_size]
+            logits = self.logits(np.stack([self.preprocess(a) for a in chunk]))
+            for a, lg in zip(chunk, logits, strict=True):
+                out.append(activate(resize_bilinear(lg, a.shape[:2])[None], self.activation)[0])  # logits resized
+        return out
+
+    def predict_image(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
+        return self.predict_images([image])[0]
+
+    def predict_mask(self, image: np.ndarray | str | os.PathLike, threshold: float = 0.5) -> np.ndarray:
+        """Labels [H, W] uint8 at the image's size (0/1 for one channel, class index otherwise)."""
+        return to_labels(self.predict_image(image), self.activation, threshold)
+
+
+def quantize_int8(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    calibration: Sequence[np.ndarray] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """int8 weights with onnxruntime.quantization: static QDQ (activations calibrated on `calibration`, a few
+    network-ready [1, C, *spatial] arrays) when given, else dynamic (weights only). The record is kept."""
+    import onnx
+    from onnxruntime import quantization as q
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; choose another path or pass overwrite=True")
+    record = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        q.quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)  # symbolic inference fails on Bi-WKV
+        quantized = Path(tmp) / "int8.onnx"
+        if calibration:
+            name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
+            reader = _Calibration(name, calibration)
+            q.quantize_static(
+                str(prepared),
+                str(quantized),
+                reader,
+                quant_format=q.QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=q.QuantType.QInt8,
+                activation_type=q.QuantType.QUInt8,
+            )
+        else:
+            q.quantize_dynamic(str(prepared), str(quantized), weight_type=q.QuantType.QInt8)
+        model = onnx.load(str(quantized))
+        del model.metadata_props[:]
+        for key, value in record.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        staged = Path(tmp) / "final.onnx"
+        onnx.save_model(model, str(staged))
+        os.replace(staged, dst)
+    return dst
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over a list of arrays."""
+
+    def __init__(self, name: str, arrays: Sequence[np.ndarray]):
+        self._items = iter([{name: np.ascontiguousarray(a, dtype=np.float32)} for a in arrays])
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+def predict_files(
+    onnx_path: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    threshold: float = 0.5,
+    threads: int | None = None,
+    batch_size: int = 8,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Masks `<out>/<stem>.png` for 2D image files (binary: 0/255; multi-class: the class index), as
+    `rwkvseg predict` writes them; nothing is written when a target exists and overwrite is False."""
+    from PIL import Image
+
+    predictor = OnnxPredictor(onnx_path, threads=threads)
+    out = Path(out)
+    targets = [out / f"{Path(p).stem}.png" for p in images]
+    if len(set(targets)) < len(targets):
+        raise ValueError("several inputs share a file name; their masks would collide, rename them")
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{len(existing)} mask(s) exist (e.g. {existing[0]}); choose another out or overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        for target, probs in zip(targets[start:], predictor.predict_images(chunk, batch_size), strict=False):
+            labels = to_labels(probs, predictor.activation, threshold)
+            mask = labels * 255 if probs.shape[0] == 1 else labels
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{target.stem}.tmp.", suffix=".png")
+            os.close(fd)
+            try:
+                Image.fromarray(mask).save(tmp)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    return targets

@@ -1,0 +1,137 @@
+"""OnnxPredictor on a hand-built ONNX file (one 1x1 convolution with an rwkvseg record): fast checks of the runtime
+protocol without exporting a model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from rwkvseg.checkpoint import CheckpointMeta  # noqa: E402
+from rwkvseg.export.onnx import ExportRecord, export_onnx  # noqa: E402
+from rwkvseg.export.runtime import OnnxPredictor, predict_files, quantize_int8  # noqa: E402
+from rwkvseg.infer.predict2d import Preprocessing2D, predict_arrays  # noqa: E402
+
+PRE = {"channels": 3, "size": [32, 48], "resize": "resize", "normalization": "auto"}
+
+
+def conv_file(path, weight, bias, axes=({"multiple": 16, "min": 32},) * 2, preprocessing=PRE):
+    k = weight.shape[0]
+    record = ExportRecord(
+        "tiny", 2, 3, k, tuple(axes), "sigmoid" if k == 1 else "softmax", {"kind": "test"}, preprocessing=preprocessing
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["logits"])],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 3, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", k, "H", "W"])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "rwkvseg", record.to_json()
+    onnx.save_model(model, str(path))
+    return record
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((1, 3, 1, 1)).astype(np.float32), np.array([-0.3], np.float32)
+    conv_file(tmp_path / "tiny.onnx", weight, bias)
+    conv = torch.nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+        conv.bias.copy_(torch.from_numpy(bias))
+    return tmp_path / "tiny.onnx", conv
+
+
+def test_image_protocol_equals_the_torch_prediction_path(tiny):
+    path, conv = tiny
+    rng = np.random.default_rng(1)
+    pixels = [rng.integers(0, 256, (57, 71, 3), dtype=np.uint8), rng.integers(0, 256, (30, 90, 3), dtype=np.uint8)]
+    pre = Preprocessing2D.from_meta(CheckpointMeta("tiny", 3, 1, preprocessing=PRE))
+    with torch.no_grad():
+        expected = predict_arrays(conv, [p.astype(np.float32) / 255 for p in pixels], pre)
+    got = OnnxPredictor(path).predict_images(pixels)
+    for g, e, p in zip(got, expected, pixels, strict=True):
+        assert g.shape == (1, *p.shape[:2])
+        assert np.abs(g - e.numpy()).max() <= 1e-5
+
+
+def test_sizes_are_checked_against_the_record(tiny):
+    predictor = OnnxPredictor(tiny[0])
+    assert predictor.predict_batch(np.zeros((2, 3, 32, 48), np.float32)).shape == (2, 1, 32, 48)
+    with pytest.raises(ValueError, match=r"multiple of 16.*pad it to 48"):
+        predictor.predict_batch(np.zeros((1, 3, 40, 32), np.float32))
+    with pytest.raises(ValueError, match=r"pad it to 32"):
+        predictor.predict_batch(np.zeros((1, 3, 16, 32), np.float32))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        predictor.predict_batch(np.zeros((1, 1, 32, 32), np.float32))
+
+
+def test_static_axes_and_files_without_a_record_are_refused(tmp_path):
+    weight, bias = np.ones((2, 3, 1, 1), np.float32), np.zeros(2, np.float32)
+    conv_file(tmp_path / "static.onnx", weight, bias, axes=(32, {"multiple": 16, "min": 32}))
+    predictor = OnnxPredictor(tmp_path / "static.onnx")
+    assert predictor.activation == "softmax"
+    probs = predictor.predict_batch(np.zeros((1, 3, 32, 64), np.float32))
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="exactly 32"):
+        predictor.predict_batch(np.zeros((1, 3, 48, 64), np.float32))
+    model = onnx.load(str(tmp_path / "static.onnx"))
+    del model.metadata_props[:]
+    onnx.save_model(model, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ValueError, match="no 'rwkvseg' record"):
+        OnnxPredictor(tmp_path / "bare.onnx")
+
+
+def test_predict_files_writes_masks_and_never_overwrites(tiny, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, shape in enumerate(((40, 50, 3), (33, 21, 3))):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(paths[-1])
+    written = predict_files(tiny[0], paths, tmp_path / "out")
+    predictor = OnnxPredictor(tiny[0])
+    for path, mask_path in zip(paths, written, strict=True):
+        mask = np.asarray(Image.open(mask_path))
+        assert mask.shape == np.asarray(Image.open(path)).shape[:2]
+        np.testing.assert_array_equal(mask // 255, predictor.predict_mask(path))
+        assert set(np.unique(mask)) <= {0, 255}
+    with pytest.raises(FileExistsError):
+        predict_files(tiny[0], paths, tmp_path / "out")
+
+
+def test_int8_weights_keep_the_record(tiny, tmp_path):
+    out = quantize_int8(tiny[0], tmp_path / "int8.onnx")
+    assert OnnxPredictor(out).record == OnnxPredictor(tiny[0]).record
+    x = np.random.default_rng(3).random((1, 3, 32, 32), dtype=np.float32)
+    assert np.abs(OnnxPredictor(out).predict_batch(x) - OnnxPredictor(tiny[0]).predict_batch(x)).max() <= 0.02
+    with pytest.raises(FileExistsError):
+        quantize_int8(tiny[0], out)
+
+
+def test_export_refuses_an_existing_target_before_any_work(tmp_path):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_onnx("urwkv_test", target)
+    assert target.read_bytes() == b"keep"
+    with pytest.raises(ValueError, match="registered model"):
+        export_onnx("no_such_model", tmp_path / "x.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_record_round_trips_through_json():
+    record = ExportRecord("m", 3, 4, 4, (64, {"multiple": 32, "min": 64}), "softmax", {"kind": "registered"})
+    assert ExportRecord.from_json(record.to_json()) == record
+    assert json.loads(record.to_json())["format"] == 1
