@@ -54,7 +54,10 @@ def test_random_sites_are_seeded_disjoint_and_complete():
 @pytest.mark.parametrize(
     ("sites", "message"),
     [
-        ({"A": ["Brats18_2013_2_1", "Brats18_nope_1_1"]}, r"site 'A' names 1 case\(s\) not in the dataset \(Brats18_nope"),
+        (
+            {"A": ["Brats18_2013_2_1", "Brats18_nope_1_1"]},
+            r"site 'A' names 1 case\(s\) not in the dataset \(Brats18_nope",
+        ),
         (
             {"A": ["Brats18_2013_2_1", "Brats18_2013_3_1"], "B": ["Brats18_2013_3_1", "Brats18_CBICA_ABM_1"]},
             "case 'Brats18_2013_3_1' is in both sites 'A' and 'B'",
@@ -78,7 +81,11 @@ def test_sites_file_round_trip_and_resolved_splits(tmp_path):
         write_sites(path, doc)
     sites = resolve_sites(read_sites(path), BRATS, 0.25, 0)
     assert [s.name for s in sites] == ["A", "B"]
-    assert len(sites[0].val) == 1 and len(sites[0].train) == 3 and set(sites[0].train) | set(sites[0].val) == set(BRATS[:4])
+    assert (
+        len(sites[0].val) == 1
+        and len(sites[0].train) == 3
+        and set(sites[0].train) | set(sites[0].val) == set(BRATS[:4])
+    )
     assert sites[1].val == (BRATS[7],) and sites[1].train == tuple(sorted(BRATS[4:7]))
     (tmp_path / "bad.json").write_text(json.dumps({"sites": {}}))
     with pytest.raises(ValueError, match="not an rwkvseg sites file"):
@@ -87,6 +94,7 @@ def test_sites_file_round_trip_and_resolved_splits(tmp_path):
 
 def test_sites_command_writes_institution_sites(tmp_path, capsys):
     import numpy as np
+
     from conftest import write_brats_case
 
     image, seg = np.zeros((6, 6, 6), np.float32), np.zeros((6, 6, 6), np.uint8)
@@ -107,10 +115,12 @@ def test_federated_config_checks_epochs_and_reads_a_base_config(tmp_path):
     assert config.train.epochs == 6 and config.train.seed == 3 and config.train.model.name == "unet_test"
     assert config.mu == 0.01
     with pytest.raises(ValueError, match=r"epochs = 6 but federated rounds x local_epochs = 2 x 2 = 4"):
-        federated_config_from_dict({"federated": {"rounds": 2, "local_epochs": 2, "train_config": "central.toml"}}, tmp_path)
+        federated_config_from_dict(
+            {"federated": {"rounds": 2, "local_epochs": 2, "train_config": "central.toml"}}, tmp_path
+        )
     with pytest.raises(ValueError, match="needs a \\[federated\\] table"):
         federated_config_from_dict({"epochs": 2})
-    with pytest.raises(ValueError, match="unknown setting\\(s\\) federated.round;"):
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) federated\.round;"):
         federated_config_from_dict({"federated": {"round": 2}})
-    with pytest.raises(ValueError, match="federated.strategy = 'fedsgd'"):
+    with pytest.raises(ValueError, match=r"federated\.strategy = 'fedsgd'"):
         federated_config_from_dict({"federated": {"strategy": "fedsgd"}})

@@ -210,13 +210,17 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
     for round_ in range(state.round + 1, fed.rounds + 1):
         start = time.perf_counter()
         train_config = ConfigRecord({"round": round_, "local-epochs": fed.local_epochs})
-        replies = _exchange(grid, strategy.configure_train(round_, arrays, train_config, grid), fed.timeout_s, on_message)
+        replies = _exchange(
+            grid, strategy.configure_train(round_, arrays, train_config, grid), fed.timeout_s, on_message
+        )
         new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
         if new_arrays is None:
             raise RuntimeError(f"round {round_}: no site returned weights")
         arrays = new_arrays
         eval_config = ConfigRecord({"round": round_})
-        evals = _exchange(grid, strategy.configure_evaluate(round_, arrays, eval_config, grid), fed.timeout_s, on_message)
+        evals = _exchange(
+            grid, strategy.configure_evaluate(round_, arrays, eval_config, grid), fed.timeout_s, on_message
+        )
         pooled = strategy.aggregate_evaluate(round_, evals)
         _load_arrays_cast(model, arrays)
         row: dict[str, Any] = {"round": round_, "epochs": round_ * fed.local_epochs}
@@ -249,7 +253,9 @@ def _save_round(plan: ServerPlan, model: torch.nn.Module, state: FederatedState,
     if not math.isnan(score) and (state.best_metric is None or score > state.best_metric):
         state.best_metric, state.best_round = score, state.round
         best = {"round": state.round, "epoch": row["epochs"], **{k: v for k, v in row.items() if k.startswith("val_")}}
-        save_checkpoint(run_dir / "best", model, replace(plan.meta, training={**training, "best": best}), overwrite=True)
+        save_checkpoint(
+            run_dir / "best", model, replace(plan.meta, training={**training, "best": best}), overwrite=True
+        )
     save_checkpoint(run_dir / "last", model, replace(plan.meta, training=training), overwrite=True)
     save_federated_state(run_dir, model, state)
     write_round_files(run_dir, state)

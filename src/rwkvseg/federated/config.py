@@ -38,7 +38,9 @@ class FederatedSettings:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"federated.strategy = {self.strategy!r} is not valid; choose one of {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"federated.strategy = {self.strategy!r} is not valid; choose one of {', '.join(STRATEGIES)}"
+            )
         if self.rounds < 1 or self.local_epochs < 1 or self.num_sites < 1:
             raise ValueError("federated.rounds, federated.local_epochs and federated.num_sites must be >= 1")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:

@@ -46,7 +46,9 @@ class ProximalLoss(nn.Module):
 
 def site_config(config: TrainConfig, site_dir: Path, data_root: str) -> TrainConfig:
     """The training config of one site: its own split file and folder, the shared (preprocessed) data root."""
-    return replace(config, out=str(site_dir), data=replace(config.data, root=data_root, split=str(site_dir / SPLIT_FILE)))
+    return replace(
+        config, out=str(site_dir), data=replace(config.data, root=data_root, split=str(site_dir / SPLIT_FILE))
+    )
 
 
 def write_site_split(site: Site, site_dir: Path, seed: int) -> Path:

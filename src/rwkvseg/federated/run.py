@@ -125,5 +125,10 @@ def federate(config: FederatedConfig, resume: bool = False, on_message: OnMessag
     if not summary_path.is_file():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above for the error")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    log.info("federation done in %.1f s: %d rounds, best pooled %s", time.perf_counter() - start, summary["rounds_done"], summary["best_metric"])
+    log.info(
+        "federation done in %.1f s: %d rounds, best pooled %s",
+        time.perf_counter() - start,
+        summary["rounds_done"],
+        summary["best_metric"],
+    )
     return summary
