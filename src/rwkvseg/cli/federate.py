@@ -24,6 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="pooled dataset folder of the sites (same as --set data.root=...)")
     p.add_argument("--out", help="run folder (same as --set out=...)")
     p.add_argument("--resume", action="store_true", help="continue the federated run in the output folder")
+    p.add_argument(
+        "--write-record",
+        metavar="FILE",
+        help="write the checkpoint record (model, preprocessing) of CONFIG's data as FILE and exit (deployment)",
+    )
     g = p.add_argument_group("sites file generator")
     g.add_argument("--sites-from", metavar="DATA", help="write a sites file for this dataset folder and exit")
     g.add_argument("--sites-out", metavar="FILE", help="where --sites-from writes the sites file (JSON)")
@@ -67,6 +72,18 @@ def make_sites_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_record(config, path: str) -> int:
+    """The sidecar a deployed server's checkpoints carry, from one site's data (metadata only, no images)."""
+    from ..federated.run import deployment_record
+
+    meta = deployment_record(config)
+    print(f"wrote the checkpoint record of model {meta.model} ({meta.in_channels} -> {meta.num_classes}) to {path}")
+    from ..files import write_json
+
+    write_json(Path(path), meta.to_json())
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.sites_from:
         return make_sites_file(args)
@@ -84,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("give a config file (or --resume --out RUN_FOLDER to continue a run)")
         config_path = Path(args.out) / CONFIG_FILE
     config = load_federated_config(config_path, overrides)
+    if args.write_record:
+        return write_record(config, args.write_record)
     summary = federate(config, resume=args.resume)
     out = Path(config.train.out)
     print(

@@ -91,6 +91,35 @@ def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
     model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
 
 
+def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
+    """A site's answer to a train message: local epochs from the global weights; its weights and metrics."""
+    index, config, data, model, device = _site_setup(plan, context)
+    _load_arrays(model, msg.content["arrays"])
+    cfg = msg.content["config"]
+    metrics = train_site(
+        config,
+        data,
+        model,
+        round_=int(cfg["round"]),
+        local_epochs=int(cfg["local-epochs"]),
+        mu=float(cfg.get("proximal-mu", 0.0)),
+        site_index=index,
+        device=device,
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    record = MetricRecord({**metrics, WEIGHT_KEY: len(data.train_set), SITE_KEY: index})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": record}), reply_to=msg)
+
+
+def handle_evaluate(plan: SitePlan, msg: Message, context: Context) -> Message:
+    """A site's answer to an evaluate message: the global weights' scores on its validation cases."""
+    index, config, data, model, device = _site_setup(plan, context)
+    _load_arrays(model, msg.content["arrays"])
+    scores = validate_site(config, data, model, device)
+    record = MetricRecord({**scores, WEIGHT_KEY: _n_val(config), SITE_KEY: index})
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
 def client_app(plan: SitePlan) -> ClientApp:
     """The ClientApp of every site: `train` (local epochs from the global weights) and `evaluate` (the global
     weights on the site's validation cases)."""
@@ -98,31 +127,11 @@ def client_app(plan: SitePlan) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        index, config, data, model, device = _site_setup(plan, context)
-        _load_arrays(model, msg.content["arrays"])
-        cfg = msg.content["config"]
-        mu = float(cfg.get("proximal-mu", 0.0))
-        metrics = train_site(
-            config,
-            data,
-            model,
-            round_=int(cfg["round"]),
-            local_epochs=int(cfg["local-epochs"]),
-            mu=mu,
-            site_index=index,
-            device=device,
-        )
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        record = MetricRecord({**metrics, WEIGHT_KEY: len(data.train_set), SITE_KEY: index})
-        return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": record}), reply_to=msg)
+        return handle_train(plan, msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        index, config, data, model, device = _site_setup(plan, context)
-        _load_arrays(model, msg.content["arrays"])
-        scores = validate_site(config, data, model, device)
-        record = MetricRecord({**scores, WEIGHT_KEY: _n_val(config), SITE_KEY: index})
-        return Message(RecordDict({"metrics": record}), reply_to=msg)
+        return handle_evaluate(plan, msg, context)
 
     return app
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoint import CheckpointMeta
 from ..files import write_json
 from ..train.loop import resolve_device
 from .app import OnMessage, ServerPlan, SitePlan, client_app, server_app
@@ -66,6 +68,35 @@ def make_sites(config: FederatedConfig, cases: list[str], run_dir: Path, resume:
     return sites
 
 
+def checkpoint_record(
+    config: FederatedConfig, sites: Sequence[Site], sites_dir: Path, data_root: str
+) -> CheckpointMeta:
+    """The record the global checkpoints carry (model, preprocessing, classes, spacing: the same at every site,
+    taken from the first site's setup) with the federation in its training field."""
+    first = site_config(config.train, sites_dir / sites[0].name, data_root)
+    meta = setup_site(first, torch.device("cpu")).meta
+    federated = {
+        "strategy": config.federated.strategy,
+        "proximal_mu": config.mu,
+        "rounds": config.federated.rounds,
+        "local_epochs": config.federated.local_epochs,
+        "sites": {s.name: {"train": len(s.train), "val": len(s.val)} for s in sites},
+    }
+    training = {"dataset": str(config.train.data.root), "config": federated_to_dict(config), "federated": federated}
+    return replace(meta, training=training)
+
+
+def deployment_record(config: FederatedConfig) -> CheckpointMeta:
+    """The checkpoint record of a deployed federation, made at one site from its config and data (the site's
+    cases as one site; written to <out>/record)."""
+    run_dir = Path(config.train.out) / "record"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cases, data_root = dataset_cases(config, run_dir)
+    site = resolve_sites({"record": cases}, cases, config.train.data.val_fraction, config.train.seed)[0]
+    write_site_split(site, run_dir / SITES_DIR / site.name, config.train.seed)
+    return checkpoint_record(config, [site], run_dir / SITES_DIR, data_root)
+
+
 def federate(config: FederatedConfig, resume: bool = False, on_message: OnMessage | None = None) -> dict[str, Any]:
     """Run (or with resume: continue) the federation the config describes; returns summary.json's content.
 
@@ -96,18 +127,7 @@ def federate(config: FederatedConfig, resume: bool = False, on_message: OnMessag
         config.federated.local_epochs,
         config.federated.strategy,
     )
-    # The checkpoint record (preprocessing, classes, spacing) is the same at every site: take the first's.
-    first = site_config(config.train, sites_dir / sites[0].name, data_root)
-    meta = setup_site(first, torch.device("cpu")).meta
-    federated = {
-        "strategy": config.federated.strategy,
-        "proximal_mu": config.mu,
-        "rounds": config.federated.rounds,
-        "local_epochs": config.federated.local_epochs,
-        "sites": {s.name: {"train": len(s.train), "val": len(s.val)} for s in sites},
-    }
-    training = {"dataset": str(config.train.data.root), "config": federated_to_dict(config), "federated": federated}
-    meta = replace(meta, training=training)
+    meta = checkpoint_record(config, sites, sites_dir, data_root)
     server = server_app(ServerPlan(config, tuple(s.name for s in sites), str(run_dir), meta, resume), on_message)
     client = client_app(SitePlan(config, sites, str(sites_dir), data_root))
     resolve_device(config.train.device)  # a clear error for device = cuda without a GPU, before Ray starts
