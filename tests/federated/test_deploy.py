@@ -16,9 +16,15 @@ from flwr.supercore.task_identity import TaskIdentity
 
 @pytest.fixture
 def task_identity(monkeypatch):
-    """Messages made outside a Flower runtime need the identity the runtime would set."""
+    """Messages made outside a Flower runtime need the identity the runtime would set; a site sets torch's
+    thread count to its client_cpus, which this process gets back afterwards."""
+    import torch
+
     for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_site_answers_train_and_evaluate_messages(tmp_path, task_identity, capsys):
