@@ -3,15 +3,12 @@ the checkpoint record written with --write-record rebuilds the model, a train me
 an evaluate message scores its validation cases, and a site that is not in the federation is a clear error."""
 
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from rwkvseg.checkpoint import build_model, read_meta
 from rwkvseg.cli import main
 from rwkvseg.data.synthetic import write_synthetic_dataset
-
-pytest.importorskip("flwr", reason="the federated extra (flwr[simulation]) is not installed")
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 
 @pytest.fixture

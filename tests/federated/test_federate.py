@@ -15,8 +15,6 @@ from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.federated.config import load_federated_config
 from rwkvseg.models import create_model
 
-pytest.importorskip("flwr", reason="the federated extra (flwr[simulation]) is not installed")
-
 SIZE = 32
 CONFIG = f"""
 seed = 1
