@@ -311,3 +311,9 @@ def save_epoch(run: Run, loop: LoopConfig, progress: Progress, precision: _Preci
     save_checkpoint(run_dir / "last", run.model, last_meta, overwrite=True)
     save_state(run_dir / STATE_FILE, run.model, run.optimizer, run.scheduler, precision.scaler, progress)
     _write_metrics_csv(run_dir / METRICS_FILE, progress.history)
+
+
+def loop_precision(amp: str) -> _Precision:
+    """The autocast dtype and fp16 loss scaler of an (already resolved) amp mode, for callers that run
+    train_epoch / validate_epoch outside fit (federated sites train a few epochs per round)."""
+    return _Precision.of(amp)

@@ -1,0 +1,282 @@
+"""The Flower apps of a federated run (Message API): a ServerApp that drives the rounds and a ClientApp per site.
+
+Server -> site: the global weights (ArrayRecord of the model's state_dict) and a ConfigRecord (round, local
+epochs, proximal mu). Site -> server: its locally trained weights (train) or nothing but weights' scores
+(evaluate), with a MetricRecord (losses, Dice, counts, the site's index). No image, mask or case id leaves a
+site. The server aggregates with Flower's FedAvg or FedProx (weighted by training cases), pools the sites'
+validation scores (weighted by validation cases: the mean over all validation cases), writes the global
+checkpoint (`last`, and `best` by the pooled select_metric) and the state for --resume after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from ..checkpoint import CheckpointMeta, build_model, save_checkpoint
+from ..data.splits import read_split
+from ..train.config import TrainConfig
+from ..train.loop import resolve_device
+from .config import FederatedConfig
+from .local import setup_site, site_config, train_site, validate_site
+from .sites import Site
+from .state import FederatedState, load_federated_state, save_federated_state, write_round_files
+
+log = logging.getLogger(__name__)
+
+WEIGHT_KEY = "num-examples"
+SITE_KEY = "site"
+OnMessage = Callable[[Message], None]
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """What every site app knows: the config, the sites (names and their own splits), where site folders go
+    and the data root the sites read (the shared preprocessed cache in a simulation)."""
+
+    config: FederatedConfig
+    sites: tuple[Site, ...]
+    sites_dir: str
+    data_root: str
+
+
+@dataclass(frozen=True)
+class ServerPlan:
+    """What the server knows: the config, the site names, the run folder and the checkpoint record (no data)."""
+
+    config: FederatedConfig
+    site_names: tuple[str, ...]
+    run_dir: str
+    meta: CheckpointMeta
+    resume: bool = False
+
+
+def _site_of(plan: SitePlan, context: Context) -> tuple[int, Site]:
+    """This node's site: node_config `site` (a name: deployment) or `partition-id` (an index: simulation)."""
+    names = [s.name for s in plan.sites]
+    if "site" in context.node_config:
+        name = str(context.node_config["site"])
+        if name not in names:
+            raise ValueError(f"node_config site = {name!r} is not among the sites {names}")
+        index = names.index(name)
+    else:
+        index = int(context.node_config["partition-id"])
+    return index, plan.sites[index]
+
+
+def _site_setup(plan: SitePlan, context: Context):
+    index, site = _site_of(plan, context)
+    train = plan.config.train
+    device = resolve_device(train.device)
+    torch.set_num_threads(max(1, int(plan.config.federated.client_cpus)))
+    config = site_config(train, Path(plan.sites_dir) / site.name, plan.data_root)
+    data = setup_site(config, device)
+    model = build_model(data.meta)
+    return index, config, data, model, device
+
+
+def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+
+
+def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
+    """A site's answer to a train message: local epochs from the global weights; its weights and metrics."""
+    index, config, data, model, device = _site_setup(plan, context)
+    _load_arrays(model, msg.content["arrays"])
+    cfg = msg.content["config"]
+    metrics = train_site(
+        config,
+        data,
+        model,
+        round_=int(cfg["round"]),
+        local_epochs=int(cfg["local-epochs"]),
+        mu=float(cfg.get("proximal-mu", 0.0)),
+        site_index=index,
+        device=device,
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    record = MetricRecord({**metrics, WEIGHT_KEY: len(data.train_set), SITE_KEY: index})
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": record}), reply_to=msg)
+
+
+def handle_evaluate(plan: SitePlan, msg: Message, context: Context) -> Message:
+    """A site's answer to an evaluate message: the global weights' scores on its validation cases."""
+    index, config, data, model, device = _site_setup(plan, context)
+    _load_arrays(model, msg.content["arrays"])
+    scores = validate_site(config, data, model, device)
+    record = MetricRecord({**scores, WEIGHT_KEY: _n_val(config), SITE_KEY: index})
+    return Message(RecordDict({"metrics": record}), reply_to=msg)
+
+
+def client_app(plan: SitePlan) -> ClientApp:
+    """The ClientApp of every site: `train` (local epochs from the global weights) and `evaluate` (the global
+    weights on the site's validation cases)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(plan, msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(plan, msg, context)
+
+    return app
+
+
+def _n_val(config: TrainConfig) -> int:
+    """The number of the site's validation cases (the weight of its scores in the pooled mean)."""
+    return len(read_split(config.data.split).val)
+
+
+def _pooled(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted means of the sites' metrics (the site index is not a metric)."""
+    pooled = aggregate_metricrecords(records, weight_key)
+    pooled.pop(SITE_KEY, None)
+    pooled[weight_key] = sum(int(next(iter(r.metric_records.values()))[weight_key]) for r in records)
+    return pooled
+
+
+def build_strategy(config: FederatedConfig, n_sites: int) -> FedAvg:
+    """Flower's FedAvg or FedProx, every site in every round."""
+    common = {
+        "min_train_nodes": n_sites,
+        "min_evaluate_nodes": n_sites,
+        "min_available_nodes": n_sites,
+        "weighted_by_key": WEIGHT_KEY,
+        "train_metrics_aggr_fn": _pooled,
+        "evaluate_metrics_aggr_fn": _pooled,
+    }
+    if config.federated.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=config.federated.proximal_mu)
+    return FedAvg(**common)
+
+
+def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_message: OnMessage | None) -> list[Message]:
+    messages = list(messages)
+    for m in messages:
+        if on_message is not None:
+            on_message(m)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    for r in replies:
+        if on_message is not None:
+            on_message(r)
+    failed = [r for r in replies if r.has_error()]
+    if failed or len(replies) != len(messages):
+        reasons = "; ".join(str(r.error.reason).strip().splitlines()[-1] for r in failed) or "no reply before timeout"
+        raise RuntimeError(f"{len(messages) - len(replies) + len(failed)} site(s) failed: {reasons}")
+    return sorted(replies, key=lambda r: int(r.content["metrics"][SITE_KEY]))  # a fixed order: a fixed sum
+
+
+def _column(prefix: str, key: str) -> str:
+    """metrics.csv column of a pooled metric: train_loss, val_dice, train_cases, val_cases, val_seconds."""
+    if key == WEIGHT_KEY:
+        return f"{prefix}_cases"
+    return key if key.startswith(prefix + "_") else f"{prefix}_{key}"
+
+
+def _metrics(record: MetricRecord) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
+
+
+def server_app(plan: ServerPlan, on_message: OnMessage | None = None) -> ServerApp:
+    """The ServerApp: rounds of train -> aggregate -> evaluate on every site -> global checkpoint and state.
+    on_message(message) is called with every message the server sends and receives (an audit hook)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(plan, grid, on_message)
+
+    return app
+
+
+def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = None) -> FederatedState:
+    config, fed = plan.config, plan.config.federated
+    run_dir = Path(plan.run_dir)
+    torch.manual_seed(config.train.seed)
+    model = build_model(plan.meta)
+    strategy = build_strategy(config, len(plan.site_names))
+    strategy_state = {"name": fed.strategy, "proximal_mu": config.mu}
+    if plan.resume:
+        state = load_federated_state(run_dir, model, strategy_state)
+        log.info("resuming the federation in %s after round %d", run_dir, state.round)
+    else:
+        state = FederatedState(strategy=strategy_state)
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    for round_ in range(state.round + 1, fed.rounds + 1):
+        start = time.perf_counter()
+        train_config = ConfigRecord({"round": round_, "local-epochs": fed.local_epochs})
+        replies = _exchange(
+            grid, strategy.configure_train(round_, arrays, train_config, grid), fed.timeout_s, on_message
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
+        if new_arrays is None:
+            raise RuntimeError(f"round {round_}: no site returned weights")
+        arrays = new_arrays
+        eval_config = ConfigRecord({"round": round_})
+        evals = _exchange(
+            grid, strategy.configure_evaluate(round_, arrays, eval_config, grid), fed.timeout_s, on_message
+        )
+        pooled = strategy.aggregate_evaluate(round_, evals)
+        _load_arrays_cast(model, arrays)
+        row: dict[str, Any] = {"round": round_, "epochs": round_ * fed.local_epochs}
+        row.update({_column("train", k): v for k, v in _metrics(train_metrics).items()})
+        row.update({_column("val", k): v for k, v in _metrics(pooled).items()})
+        for reply in evals:
+            site = plan.site_names[int(reply.content["metrics"][SITE_KEY])]
+            scores = _metrics(reply.content["metrics"])
+            scores.pop(SITE_KEY)
+            row.update({f"site_{site}_{'val_cases' if k == WEIGHT_KEY else k}": v for k, v in scores.items()})
+        row["round_seconds"] = round(time.perf_counter() - start, 3)
+        state.round = round_
+        state.history.append(row)
+        _save_round(plan, model, state, row)
+    return state
+
+
+def _load_arrays_cast(model: torch.nn.Module, arrays: ArrayRecord) -> None:
+    """Aggregated arrays into the server's model (averaging makes integer buffers float: cast back)."""
+    current = model.state_dict()
+    model.load_state_dict({k: v.to(current[k].dtype) for k, v in arrays.to_torch_state_dict().items()}, strict=True)
+
+
+def _save_round(plan: ServerPlan, model: torch.nn.Module, state: FederatedState, row: dict[str, Any]) -> None:
+    config = plan.config
+    metric = config.train.select_metric
+    score = row.get(f"val_{metric}", math.nan)
+    run_dir = Path(plan.run_dir)
+    training = {**plan.meta.training, "round": state.round, "epoch": row["epochs"]}
+    if not math.isnan(score) and (state.best_metric is None or score > state.best_metric):
+        state.best_metric, state.best_round = score, state.round
+        best = {"round": state.round, "epoch": row["epochs"], **{k: v for k, v in row.items() if k.startswith("val_")}}
+        save_checkpoint(
+            run_dir / "best", model, replace(plan.meta, training={**training, "best": best}), overwrite=True
+        )
+    save_checkpoint(run_dir / "last", model, replace(plan.meta, training=training), overwrite=True)
+    save_federated_state(run_dir, model, state)
+    write_round_files(run_dir, state)
+    sites = "  ".join(
+        f"{name} {row[f'site_{name}_{metric}']:.4f}" for name in plan.site_names if f"site_{name}_{metric}" in row
+    )
+    log.info(
+        "round %d/%d  loss %.4f  pooled val %s %.4f  per site: %s",
+        state.round,
+        config.federated.rounds,
+        row.get("train_loss", math.nan),
+        metric,
+        score,
+        sites,
+    )

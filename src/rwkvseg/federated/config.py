@@ -1,0 +1,104 @@
+"""A federated run's configuration: the usual training config plus a [federated] table.
+
+The training part (model, data, optim, loss, seed, out, ...) is a TrainConfig and means what it means for
+`rwkvseg train`; data.root is the pooled dataset of the simulation, split into sites by the sites file. The
+[federated] table may name a base training config (`train_config`, relative to this file) whose settings this
+file's top-level keys override: then that file, trained centrally, is the federated run's counterpart. Every site
+trains rounds x local_epochs epochs in all, so `epochs` must equal that product (it is set to it when left out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..train.config import TrainConfig, apply_overrides, config_from_dict, from_dict, read_config_file, to_dict
+
+STRATEGIES = ("fedavg", "fedprox")
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    """rounds of (local_epochs epochs per site, aggregation, validation); strategy fedavg or fedprox (local loss +
+    proximal_mu/2 ||w - w_global||^2). sites: a sites file (empty: num_sites seeded random sites of data.root).
+    client_cpus / client_gpus: what one simulated site may use (0.5 GPU: two sites share one GPU)."""
+
+    rounds: int = 10
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    sites: str = ""
+    num_sites: int = 2
+    train_config: str = ""
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"federated.strategy = {self.strategy!r} is not valid; choose one of {', '.join(STRATEGIES)}"
+            )
+        if self.rounds < 1 or self.local_epochs < 1 or self.num_sites < 1:
+            raise ValueError("federated.rounds, federated.local_epochs and federated.num_sites must be >= 1")
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("federated.proximal_mu must be > 0 for fedprox (0 is fedavg: set strategy = fedavg)")
+        if self.client_cpus <= 0 or self.client_gpus < 0:
+            raise ValueError("federated.client_cpus must be > 0 and federated.client_gpus >= 0")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedSettings = field(default_factory=FederatedSettings)
+
+    @property
+    def mu(self) -> float:
+        """The proximal weight the sites use (0 under fedavg)."""
+        return self.federated.proximal_mu if self.federated.strategy == "fedprox" else 0.0
+
+
+def federated_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".") -> FederatedConfig:
+    """A FederatedConfig from a training-config dict with a `federated` table (train_config relative to base_dir)."""
+    data = dict(data)
+    table = data.pop("federated", None)
+    if not isinstance(table, dict):
+        raise ValueError("a federated config needs a [federated] table (rounds, local_epochs, strategy, sites, ...)")
+    settings = from_dict(FederatedSettings, table, prefix="federated.")
+    if settings.train_config:
+        base_path = Path(base_dir) / settings.train_config
+        base = read_config_file(base_path)
+        if "federated" in base:
+            raise ValueError(f"federated.train_config {base_path} is itself a federated config; name a training config")
+        data = _merge(base, data)
+    total = settings.rounds * settings.local_epochs
+    if "epochs" in data and data["epochs"] != total:
+        raise ValueError(
+            f"epochs = {data['epochs']} but federated rounds x local_epochs = {settings.rounds} x "
+            f"{settings.local_epochs} = {total}; every site trains that many epochs: make them agree"
+        )
+    data["epochs"] = total
+    return FederatedConfig(config_from_dict(data), settings)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def load_federated_config(path: str | Path, overrides: Sequence[str] = ()) -> FederatedConfig:
+    """A FederatedConfig from a TOML/YAML/JSON file plus --set overrides (federated.rounds=3, optim.lr=0.001)."""
+    data = apply_overrides(read_config_file(path), overrides)
+    return federated_config_from_dict(data, Path(path).parent)
+
+
+def federated_to_dict(config: FederatedConfig) -> dict[str, Any]:
+    """The resolved config as one dict (the training settings with the federated table), as a run folder keeps it."""
+    federated = to_dict(config.federated)
+    federated["train_config"] = ""  # resolved: the training settings are all here
+    return {**to_dict(config.train), "federated": federated}

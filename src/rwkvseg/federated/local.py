@@ -1,0 +1,130 @@
+"""What one site does in a round, with the training code of `rwkvseg train` (no Flower here).
+
+A site's data is set up exactly as a centralized run's (train.images / train.volumes) from the site's own split
+file, in the site's folder. Local training continues the run-wide LR schedule where the round starts (the
+schedule spans rounds x local_epochs epochs of this site's steps), with a fresh optimizer each round (the usual
+federated practice: optimizer state never leaves a site), and seeded per (seed, round, site), so a resumed run
+repeats the uninterrupted one. FedProx adds mu/2 ||w - w_global||^2 to the local loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.splits import SPLIT_FILE, SPLIT_FORMAT, write_split
+from ..train.config import TrainConfig
+from ..train.loop import Run, loop_precision, steps_per_epoch, train_epoch
+from ..train.optim import lr_factor
+from ..train.run import RunData, training_setup
+from ..train.state import Progress
+from .sites import Site
+
+
+class ProximalLoss(nn.Module):
+    """loss(logits, target) + mu/2 * ||w - w_global||^2 over the model's trainable parameters, with w_global the
+    weights the round started from (FedProx, Li et al. 2020)."""
+
+    def __init__(self, loss: nn.Module, model: nn.Module, mu: float) -> None:
+        super().__init__()
+        self.loss, self.mu = loss, mu
+        self.model = [model]  # a list: not registered as a submodule of the loss
+        self.anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def proximal(self) -> torch.Tensor:
+        params = [p for p in self.model[0].parameters() if p.requires_grad]
+        return sum(((p - a).pow(2).sum() for p, a in zip(params, self.anchor, strict=True)), torch.zeros(()))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target) + 0.5 * self.mu * self.proximal().to(logits.device)
+
+
+def site_config(config: TrainConfig, site_dir: Path, data_root: str) -> TrainConfig:
+    """The training config of one site: its own split file and folder, the shared (preprocessed) data root."""
+    return replace(
+        config, out=str(site_dir), data=replace(config.data, root=data_root, split=str(site_dir / SPLIT_FILE))
+    )
+
+
+def write_site_split(site: Site, site_dir: Path, seed: int) -> Path:
+    """The site's train/val lists as a split file in its folder (what the data setup reads)."""
+    doc = {
+        "format": SPLIT_FORMAT,
+        "method": "site",
+        "site": site.name,
+        "seed": seed,
+        "n_cases": len(site.train) + len(site.val),
+        "folds": [{"train": list(site.train), "val": list(site.val)}],
+        "test": [],
+    }
+    site_dir.mkdir(parents=True, exist_ok=True)
+    return write_split(site_dir / SPLIT_FILE, doc, overwrite=True)
+
+
+def setup_site(config: TrainConfig, device: torch.device) -> RunData:
+    """Datasets, validator, loss and checkpoint record of one site (config from site_config)."""
+    if config.dims == 3:
+        from ..train.volumes import setup_volumes as setup
+    else:
+        from ..train.images import setup_images as setup
+    return setup(config, Path(config.out), device)
+
+
+def site_seed(seed: int, round_: int, site_index: int) -> int:
+    return (seed * 1_000_003 + round_ * 7919 + site_index) % 2**63
+
+
+def train_site(
+    config: TrainConfig,
+    data: RunData,
+    model: nn.Module,
+    *,
+    round_: int,
+    local_epochs: int,
+    mu: float,
+    site_index: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """local_epochs epochs of round round_ (from 1) on the site's training cases; the model is updated in place.
+    Returns the metrics that leave the site: mean training loss, steps, examples, seconds."""
+    torch.manual_seed(site_seed(config.seed, round_, site_index))
+    model.to(device).train()
+    optimizer, scheduler, loop = training_setup(model, config, len(data.train_set), device, progress_bar=False)
+    per_epoch = steps_per_epoch(len(data.train_set), loop.batch_size, loop.max_steps_per_epoch)
+    total, start_step = config.epochs * per_epoch, (round_ - 1) * local_epochs * per_epoch
+    scheduler.last_epoch = start_step  # continue the run-wide schedule where this round starts
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_factor(start_step, total, config.optim)
+    loss = ProximalLoss(data.loss, model, mu) if mu > 0 else data.loss
+    run = Run(model, data.train_set, loss, optimizer, scheduler, data.validate, data.meta, Path(config.out), device)
+    precision, progress = loop_precision(loop.amp), Progress(step=start_step)
+    start, losses = time.perf_counter(), []
+    for e in range(local_epochs):
+        row = train_epoch(run, loop, (round_ - 1) * local_epochs + e + 1, progress, precision)
+        losses.append(row["train_loss"])
+    out = {
+        "train_loss": float(sum(losses) / len(losses)),
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "steps": progress.step - start_step,
+        "train_seconds": round(time.perf_counter() - start, 3),
+    }
+    if mu > 0:
+        out["proximal"] = float(loss.proximal().item())
+    return out
+
+
+def validate_site(config: TrainConfig, data: RunData, model: nn.Module, device: torch.device) -> dict[str, float]:
+    """The validation scores of the site's validation cases (means over its cases), as `rwkvseg train` scores."""
+    from ..train.loop import resolve_amp
+
+    precision = loop_precision(resolve_amp(config.amp, device))
+    model.to(device).eval()
+    start = time.perf_counter()
+    with torch.no_grad(), precision.autocast(device):
+        scores = data.validate(model)
+    return {**{k: float(v) for k, v in scores.items()}, "val_seconds": round(time.perf_counter() - start, 3)}

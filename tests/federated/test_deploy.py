@@ -1,0 +1,61 @@
+"""The deployment entry points (rwkvseg.federated.deploy) answer Flower messages from a site's own node config:
+the checkpoint record written with --write-record rebuilds the model, a train message trains the site's cases,
+an evaluate message scores its validation cases, and a site that is not in the federation is a clear error."""
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from rwkvseg.checkpoint import build_model, read_meta
+from rwkvseg.cli import main
+from rwkvseg.data.synthetic import write_synthetic_dataset
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Messages made outside a Flower runtime need the identity the runtime would set; a site sets torch's
+    thread count to its client_cpus, which this process gets back afterwards."""
+    import torch
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_site_answers_train_and_evaluate_messages(tmp_path, task_identity, capsys):
+    from rwkvseg.federated import deploy
+
+    write_synthetic_dataset(tmp_path / "data", n=5, shape=(32, 32), seed=1)
+    config = tmp_path / "site.toml"
+    config.write_text(
+        f'device = "cpu"\nout = "{tmp_path / "site"}"\n[model]\nname = "unet_test"\n'
+        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
+        "[federated]\nrounds = 2\n"
+    )
+    record = tmp_path / "record.json"
+    assert main(["federate", str(config), "--write-record", str(record)]) == 0
+    assert "model unet_test (3 -> 1)" in capsys.readouterr().out
+    model = build_model(read_meta(record))
+    node = {"site": "A", "config": str(config)}
+    context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={"sites": "B,A"})
+    arrays = ArrayRecord(model.state_dict())
+    train = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"round": 1, "local-epochs": 1})}),
+        dst_node_id=5,
+        message_type="train",
+    )
+    reply = deploy.client(train, context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert metrics["site"] == 0 and metrics["num-examples"] == 4 and metrics["steps"] == 2
+    assert set(reply.content["arrays"]) == set(model.state_dict())
+    evaluate = Message(RecordDict({"arrays": reply.content["arrays"]}), dst_node_id=5, message_type="evaluate")
+    scores = deploy.client(evaluate, context).content["metrics"]
+    assert scores["num-examples"] == 1 and 0.0 <= scores["dice"] <= 1.0
+    stranger = Context(
+        run_id=1, node_id=6, node_config={**node, "site": "Z"}, state=RecordDict(), run_config={"sites": "B,A"}
+    )
+    with pytest.raises(ValueError, match=r"site 'Z' is not among the federation's sites \['A', 'B'\]"):
+        deploy.client(train, stranger)
