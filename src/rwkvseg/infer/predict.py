@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import read_meta
+from ..files import check_apart, check_replaceable, mark_owned
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,17 @@ def predict(
     """Predict every image / case in inputs into out; returns the label files written.
 
     2D: one image file or folder. 3D: case folders, or one 3-D file per modality in the model's order.
+    out may not be, contain or sit inside an input; overwrite replaces files only in a folder rwkvseg made.
     """
+    out = Path(out)
+    check_apart(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the predictions")
+    fresh = not out.exists() or not any(out.iterdir())
+    if config.overwrite and not fresh:
+        check_replaceable(out)
+    if fresh:
+        mark_owned(out, "predict")
     if is_3d_checkpoint(checkpoint):
         from .predict3d import predict_paths
 
