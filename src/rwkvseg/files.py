@@ -5,6 +5,7 @@ owns (only those are ever replaced); and the lock of a folder a run writes. A le
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -53,6 +54,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
     """data as indented JSON with a final newline, written atomically."""
     atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 digest of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --- outputs never touch inputs -----------------------------------------------------------------------------

@@ -31,6 +31,16 @@ class PredictConfig:
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     sw_batch_size: int = 1
 
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"--threshold {self.threshold} must be in [0, 1] (a probability)")
+        if self.batch_size < 1 or self.sw_batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} and --sw-batch-size {self.sw_batch_size} must be >= 1")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"--overlap {self.overlap} must be in [0, 1)")
+        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise ValueError(f"--mirror-axes {list(self.mirror_axes)} must index the spatial axes 0, 1, 2")
+
 
 def is_3d_checkpoint(checkpoint: str | Path) -> bool:
     return read_meta(checkpoint).preprocessing.get("dims") == 3
@@ -63,7 +73,11 @@ def predict(
         raise ValueError(f"a 2D checkpoint predicts one image file or folder, got {len(inputs)} inputs")
     threshold = config.threshold
     if threshold is None:
-        threshold = float(read_meta(checkpoint).training.get("threshold", 0.5))
+        threshold = read_meta(checkpoint).training.get("threshold", 0.5)
+        if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(
+                f"the sidecar of {checkpoint} holds threshold {threshold!r}, not a number in [0, 1]; pass --threshold"
+            )
     return predict_2d(
         checkpoint,
         inputs[0],
