@@ -65,6 +65,31 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def folders_below(root: str | os.PathLike) -> list[Path]:
+    """Every folder below root (not root itself), following links to folders once: a link that leads back into
+    the tree (a loop, or a second path to the same files, which would count cases twice) and a broken link are
+    errors naming the link."""
+    root = Path(root)
+    seen = {os.path.realpath(root)}
+    folders: list[Path] = []
+    for top, dirs, files in os.walk(root, followlinks=True):
+        for name in (*dirs, *files):
+            path = Path(top) / name
+            if path.is_symlink() and not path.exists():
+                raise ValueError(f"{path} is a broken link (to {os.readlink(path)}); remove it or restore its target")
+        for name in sorted(dirs):
+            path = Path(top) / name
+            real = os.path.realpath(path)
+            if real in seen:
+                raise ValueError(
+                    f"{path} leads to {real}, which is already part of {root} (a link loop or a second path to the "
+                    "same files: its cases would count twice); remove the link"
+                )
+            seen.add(real)
+            folders.append(path)
+    return folders
+
+
 # --- outputs never touch inputs -----------------------------------------------------------------------------
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..files import folders_below
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,9 @@ def is_image_file(path: Path) -> bool:
 
 def _visible_files(folder: Path) -> list[Path]:
     """Files of a folder, without hidden files and the companions datasets ship beside their images."""
+    broken = [p for p in folder.iterdir() if p.is_symlink() and not p.exists()]
+    if broken:
+        raise ValueError(f"{broken[0]} is a broken link (to {os.readlink(broken[0])}); remove it or restore its target")
     return sorted(
         p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not COMPANION_FILES.match(p.name)
     )
@@ -183,7 +190,7 @@ def discover_pairs(root: str | Path, skip_non_images: bool = False) -> list[Samp
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     found: list[tuple[Path, Path]] = []
-    for folder in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
+    for folder in sorted([root, *folders_below(root)]):
         if any(folder.is_relative_to(img) or folder.is_relative_to(msk) for img, msk in found):
             continue
         for image_name, mask_name in FOLDER_PAIRS:
@@ -222,23 +229,40 @@ def _check_size(img: Image.Image, path: Path, what: str) -> None:
         )
 
 
+def _open_header(path: Path, what: str) -> Image.Image:
+    """Image.open (the header only) with the size checked; Pillow's own bomb limits become the same message."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit
+            img = Image.open(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{what} {path} claims too many pixels ({err}); downsize or tile it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(
+            f"cannot read {what} {path} ({err}); the file is truncated or not an image: re-export it or remove it"
+        ) from None
+    try:
+        _check_size(img, path, what)
+    except ValueError:
+        img.close()
+        raise
+    return img
+
+
 def _open(path: Path, what: str) -> Image.Image:
     """The decoded image, turned upright as its EXIF orientation says (as viewers show it)."""
-    try:
-        with Image.open(path) as img:
-            _check_size(img, path, what)
+    with _open_header(path, what) as img:
+        try:
             img.load()
             if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)
             return img
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        if isinstance(err, ValueError) and "claims" in str(err):
-            raise
-        raise ValueError(
-            f"cannot read {what} {path} ({err}); the file is truncated or not an image: re-export it or remove it"
-        ) from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(
+                f"cannot read {what} {path} ({err}); the file is truncated or not an image: re-export it or remove it"
+            ) from None
 
 
 def _pixels(img: Image.Image) -> np.ndarray:
@@ -319,15 +343,11 @@ def read_image(path: str | Path, channels: int | None = None, normalization: str
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) without decoding the pixels."""
-    try:
-        with Image.open(path) as img:
-            _check_size(img, path, "image")
-            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # shown rotated by 90 degrees
-                return img.width, img.height
-            return img.height, img.width
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path} ({err}); re-export it or remove it") from None
+    """(H, W) as displayed (EXIF orientation applied) without decoding the pixels."""
+    with _open_header(Path(path), "image") as img:
+        if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # shown rotated by 90 degrees
+            return img.width, img.height
+        return img.height, img.width
 
 
 def read_mask(path: str | Path, num_classes: int = 1) -> np.ndarray:
