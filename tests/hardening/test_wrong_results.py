@@ -237,3 +237,19 @@ def test_damaged_training_state_refused(tmp_path):
     other = torch.nn.Linear(4, 2)  # resume with another architecture
     with pytest.raises(ValueError, match="another architecture"):
         load_state(path, other, torch.optim.SGD(other.parameters(), lr=0.1), sched, None)
+
+
+def test_two_files_for_one_prediction_refused(tmp_path, capsys):
+    save_png(tmp_path / "pred" / "a.png", square())
+    save_png(tmp_path / "pred" / "a.jpg", square())
+    save_png(tmp_path / "gt" / "a.png", square())
+    code, err = cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "--out", tmp_path / "ev")
+    assert code == 2 and "a.jpg and " in err and "a.png are both predictions of a" in err
+    assert not (tmp_path / "ev").exists()
+    from rwkvseg.eval.volumes import label_files
+
+    vol = np.zeros((4, 4, 4), np.uint8)
+    save_nifti(tmp_path / "p3" / "c1.nii", vol)
+    save_nifti(tmp_path / "p3" / "c1.nii.gz", vol)
+    with pytest.raises(ValueError, match=r"c1\.nii.* and .*c1\.nii.* are both case c1"):
+        label_files(tmp_path / "p3", dataset_spec("brats"))
