@@ -345,9 +345,13 @@ def read_image(path: str | Path, channels: int | None = None, normalization: str
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) as displayed (EXIF orientation applied) without decoding the pixels."""
     with _open_header(Path(path), "image") as img:
-        if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # shown rotated by 90 degrees
-            return img.width, img.height
-        return img.height, img.width
+        try:
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # shown rotated by 90 degrees
+        except (OSError, SyntaxError, ValueError) as err:  # EXIF after a truncated image's data
+            raise ValueError(
+                f"cannot read image {path} ({err}); the file is truncated or not an image: re-export it or remove it"
+            ) from None
+        return (img.width, img.height) if turned else (img.height, img.width)
 
 
 def read_mask(path: str | Path, num_classes: int = 1) -> np.ndarray:
