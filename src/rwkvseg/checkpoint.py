@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from . import __version__
-from .files import atomic_write, write_json
+from .files import atomic_write, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 WEIGHTS_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".json"
+DIGEST_KEY = "weights_sha256"  # in the sidecar's `training` (a free-form table older readers pass through)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,36 @@ def save_checkpoint(
             )
     # save_model (not save_file) drops tied/shared tensors that safetensors cannot store twice.
     atomic_write(weights, lambda tmp: save_model(model, str(tmp), metadata={"format": "rwkvseg"}))
-    write_json(sidecar, meta.to_json())
+    write_json(sidecar, with_digest(meta.to_json(), weights))
     log.debug("wrote checkpoint %s (+ %s)", weights, sidecar.name)
     return weights, sidecar
 
 
+def with_digest(sidecar: dict[str, Any], weights: Path) -> dict[str, Any]:
+    """The sidecar's JSON with the sha256 of the weights file it describes (checked on load)."""
+    return {**sidecar, "training": {**sidecar.get("training", {}), DIGEST_KEY: file_sha256(weights)}}
+
+
+def check_digest(weights: Path, expected: str | None) -> None:
+    """Refuse weights whose bytes differ from the digest in their sidecar (bit rot, a torn copy, a swap)."""
+    if expected is None:
+        log.debug("%s: no digest in the sidecar (written before rwkvseg recorded them)", weights)
+        return
+    actual = file_sha256(weights)
+    if actual != expected:
+        raise ValueError(
+            f"{weights} is damaged or was replaced: its sha256 {actual[:16]}... differs from the sidecar's "
+            f"{str(expected)[:16]}...; copy the checkpoint again (both files) from where it was made"
+        )
+
+
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:
-    """The sidecar of a checkpoint, checked."""
+    """The sidecar of a checkpoint, checked (without the weights' digest, which belongs to the file)."""
+    return _read_sidecar(path)[0]
+
+
+def _read_sidecar(path: str | os.PathLike) -> tuple[CheckpointMeta, str | None]:
+    """(the sidecar's record, the sha256 it holds of the weights or None)."""
     _, sidecar = checkpoint_paths(path)
     if not sidecar.is_file():
         raise FileNotFoundError(
@@ -118,7 +143,15 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
         data = json.loads(sidecar.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"checkpoint sidecar {sidecar} is not valid JSON ({err}); restore it from the run") from None
-    return CheckpointMeta.from_json(data, source=str(sidecar))
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint sidecar {sidecar} must hold a JSON object; restore it from the run")
+    training = data.get("training")
+    digest = None
+    if isinstance(training, dict) and DIGEST_KEY in training:
+        training = dict(training)
+        digest = str(training.pop(DIGEST_KEY))
+        data = {**data, "training": training}
+    return CheckpointMeta.from_json(data, source=str(sidecar)), digest
 
 
 def build_model(meta: CheckpointMeta) -> nn.Module:
@@ -131,12 +164,15 @@ def build_model(meta: CheckpointMeta) -> nn.Module:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model from the sidecar and load its weights; returns (model in eval mode, meta)."""
     weights, _ = checkpoint_paths(path)
-    meta = read_meta(path)
+    meta, digest = _read_sidecar(path)
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights {weights} not found (the sidecar is there); copy both files")
+    check_digest(weights, digest)
     model = build_model(meta)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except SafetensorError as err:  # a corrupt header
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); copy the checkpoint again") from None
     except RuntimeError as err:  # shape mismatches: the sidecar was edited or belongs to other weights
         raise ValueError(
             f"{weights} does not fit model {meta.model!r} built from its sidecar "

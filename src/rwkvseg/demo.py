@@ -25,6 +25,7 @@ from .data.synthetic import write_synthetic_dataset
 from .data.synthetic3d import write_synthetic_volumes
 from .eval.evaluate import evaluate_folders
 from .eval.report import gallery, html_table, read_metrics_csv, svg_curves, write_report
+from .files import check_apart, check_replaceable, mark_owned
 from .infer.predict import PredictConfig, predict
 from .train.config import load_config
 from .train.train import train
@@ -167,11 +168,15 @@ def run_3d(cfg: DemoConfig) -> str:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the whole demo into cfg.out; returns the report path. Refuses an existing folder unless overwrite."""
+    if cfg.data is not None:
+        check_apart(cfg.out, [cfg.data])
     if cfg.out.exists():
+        check_replaceable(cfg.out)  # only a folder an earlier demo made is ever replaced
         if not cfg.overwrite:
             raise FileExistsError(f"{cfg.out} exists; pass --overwrite to replace it or choose another --out")
         shutil.rmtree(cfg.out)
     cfg.out.mkdir(parents=True)
+    mark_owned(cfg.out, "demo")
     start = time.perf_counter()
     sections = [("2D: U-RWKV-s", run_2d(cfg))]
     if cfg.with_3d:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+RESIZE_MODES = ("resize", "crop")  # 2D network input: the whole image resized, or crops of it
+MAX_SIDE = 8192  # largest network input side a sidecar may claim (larger: a damaged or hostile file)
 TARGETS = ("labels", "regions")  # 3D: softmax over label classes, or sigmoid per (overlapping) region
 
 
@@ -18,6 +20,15 @@ class Preprocessing2D:
     size: tuple[int, int] = (256, 256)
     resize: str = "resize"
     normalization: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"preprocessing resize {self.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+        if self.channels < 1 or len(self.size) != 2 or not all(8 <= s <= MAX_SIDE for s in self.size):
+            raise ValueError(
+                f"preprocessing channels {self.channels} / size {list(self.size)} out of range "
+                f"(channels >= 1, [height, width] each in [8, {MAX_SIDE}])"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -33,12 +44,15 @@ class Preprocessing2D:
         p = meta.preprocessing
         if "size" not in p:
             raise ValueError(f"checkpoint of model {meta.model!r} has no 2D preprocessing (size) in its sidecar")
-        return cls(
-            int(p.get("channels", meta.in_channels)),
-            tuple(int(s) for s in p["size"]),
-            p.get("resize", "resize"),
-            p.get("normalization", "auto"),
-        )
+        try:
+            return cls(
+                int(p.get("channels", meta.in_channels)),
+                tuple(int(s) for s in p["size"]),
+                p.get("resize", "resize"),
+                p.get("normalization", "auto"),
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"checkpoint sidecar of model {meta.model!r}: {err}; restore the sidecar") from None
 
 
 def inference_metadata(plans: dict[str, Any], patch_size: Sequence[int], target: str = "labels") -> dict[str, Any]:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import checkpoint_paths, read_meta
-from .files import atomic_write
+from .checkpoint import checkpoint_paths, read_meta, with_digest
+from .files import atomic_write, write_json
 
 INDEX_FILE = "index.json"
 
@@ -73,7 +72,8 @@ def export_release(checkpoint: str | Path, name: str, folder: Path, overwrite: b
         raise FileExistsError(f"{weights} exists; pass overwrite to replace released model {name!r}")
     state = half_precision(load_file(str(source_weights)))
     atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "rwkvseg", "release": name}))
-    atomic_write(sidecar, lambda tmp: shutil.copyfile(source_sidecar, tmp))
+    sidecar_json = json.loads(source_sidecar.read_text(encoding="utf-8"))
+    write_json(sidecar, with_digest(sidecar_json, weights))  # the digest of the fp16 file just written
     return weights
 
 

@@ -46,8 +46,12 @@ def test_compact_copy_never_overwrites_without_asking(busi_like, tmp_path):
     out = tmp_path / "compact"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        export_compact(busi_like, out, size=32)
+    for overwrite in (False, True):  # a folder compact2d did not write is never replaced
+        with pytest.raises(FileExistsError, match="not written by rwkvseg"):
+            export_compact(busi_like, out, size=32, overwrite=overwrite)
     assert (out / "keep.txt").read_text() == "user data"
-    export_compact(busi_like, out, size=32, overwrite=True)
-    assert not (out / "keep.txt").exists()
+    copy = tmp_path / "copy"
+    export_compact(busi_like, copy, size=32)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_compact(busi_like, copy, size=32)
+    export_compact(busi_like, copy, size=32, overwrite=True)

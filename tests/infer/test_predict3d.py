@@ -235,7 +235,7 @@ def test_command_line_preprocess_predict_evaluate(tmp_path, monkeypatch, capsys)
     assert (
         main(["predict", str(tmp_path / "ckpt"), str(tmp_path / "raw"), "--out", str(pred), "--mirror-axes", ""]) == 0
     )
-    assert sorted(p.name for p in pred.iterdir()) == ["p1.nii.gz", "p2.nii.gz"]
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["p1.nii.gz", "p2.nii.gz"]  # beside the .rwkvseg marker
     assert main(["evaluate", str(pred), str(tmp_path / "raw"), "--out", str(tmp_path / "eval")]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["cases"] == 2 and summary["regions"]["WT"]["dice"]["mean"] > 0.9

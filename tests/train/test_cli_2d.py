@@ -116,7 +116,7 @@ def _truncate(data):
             r"cannot read image .*lesion_003\.png",
         ),
         (lambda d: (d / "images" / "notes.docx").write_bytes(b"x"), r"notes\.docx.*--skip-non-images"),
-        (_truncate, r"^rwkvseg: error: cannot read image .*lesion_004\.png \(image file is truncated\)"),
+        (_truncate, r"^rwkvseg: error: .*cannot read image .*lesion_004\.png \(image file is truncated\)"),
     ],
     ids=["missing-mask", "mask-size", "unreadable-image", "non-image-file", "truncated-in-a-worker"],
 )

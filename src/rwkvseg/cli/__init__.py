@@ -7,6 +7,7 @@ API; heavy imports happen inside `run`, so `rwkvseg --help` starts fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -30,9 +31,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
-        print(f"rwkvseg: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as err:  # OSError: missing, existing, read-only, disk full
+        print(f"rwkvseg: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("rwkvseg: interrupted; files being written were discarded (none left half-written)", file=sys.stderr)
+        return 130
+
+
+def one_line(err: BaseException) -> str:
+    """The error as one line; an OSError without rwkvseg's own message names its file and what to do."""
+    if isinstance(err, OSError) and err.filename is not None and len(err.args) == 2:
+        hint = {
+            errno.EACCES: "check the folder's permissions or choose another output folder",
+            errno.EROFS: "the file system is read-only: choose another output folder",
+            errno.ENOSPC: "the disk is full: free space or choose another output folder",
+            errno.EISDIR: "a folder is where a file should be: move it away",
+            errno.ENOTDIR: "a file is where a folder should be: move it away",
+        }.get(err.errno, "")
+        return f"{err.strerror}: {err.filename}" + (f"; {hint}" if hint else "")
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -10,11 +10,15 @@ from ..data.specs import DATASETS  # a stdlib-only module: cheap at parser time
 
 def device_name(name: str) -> str:
     """`auto` -> cuda when torch sees a GPU, else cpu; other names pass through."""
-    if name != "auto":
-        return name
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1 or auto") from None
+    return name
 
 
 def ints(text: str, name: str) -> tuple[int, ...]:

@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             spacing = [float(v) for v in args.spacing.split(",")]
         except ValueError:
             raise ValueError(f"--spacing {args.spacing!r} must be numbers like 0.5,0.5") from None
+        if not all(0 < v < float("inf") for v in spacing):
+            raise ValueError(f"--spacing {args.spacing!r} must be positive pixel / voxel sizes in mm, like 0.5,0.5")
     summary = evaluate_folders(
         args.pred,
         args.gt,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..files import MARKER, check_apart, check_replaceable, file_mode
 from .images2d import Sample2D, discover_pairs, read_mask
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ def export_compact(
     destination = Path(destination)
     if size < 16:
         raise ValueError(f"size {size} is too small; use at least 16 (the models downsample by 16)")
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass --overwrite to replace it or choose another folder")
+    check_apart(destination, [source], "destination")
+    if destination.exists():
+        check_replaceable(destination)  # only a copy this command wrote is ever replaced
+        if not overwrite:
+            raise FileExistsError(f"{destination} exists; pass --overwrite to replace it or choose another folder")
     samples = discover_pairs(source)
     unlabelled = [s.image for s in samples if not s.masks]
     if unlabelled:
@@ -81,6 +85,8 @@ def export_compact(
                 writer = csv.writer(f)
                 writer.writerow(["image", "label"])
                 writer.writerows(sorted(table.items()))
+        (work / MARKER).write_text("written by rwkvseg compact2d; --overwrite may replace this folder\n")
+        os.chmod(work, file_mode(folder=True))  # mkdtemp makes 0700
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(work, destination)

@@ -21,17 +21,23 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..files import folders_below
 
 log = logging.getLogger(__name__)
 
+MAX_PIXELS = 2**26  # 67 MP (8192^2): larger headers are refused before decoding (a bomb, or not a 2D scan)
+EXIF_ORIENTATION = 0x0112
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 MASK_SUFFIXES = ("_mask", "_segmentation", "_lesion", "_gt", "_label", "_seg", "_Segmentation")
 # (image folder, mask folder) names that sit side by side, most specific first.
@@ -75,6 +81,9 @@ def is_image_file(path: Path) -> bool:
 
 def _visible_files(folder: Path) -> list[Path]:
     """Files of a folder, without hidden files and the companions datasets ship beside their images."""
+    broken = [p for p in folder.iterdir() if p.is_symlink() and not p.exists()]
+    if broken:
+        raise ValueError(f"{broken[0]} is a broken link (to {os.readlink(broken[0])}); remove it or restore its target")
     return sorted(
         p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and not COMPANION_FILES.match(p.name)
     )
@@ -181,7 +190,7 @@ def discover_pairs(root: str | Path, skip_non_images: bool = False) -> list[Samp
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     found: list[tuple[Path, Path]] = []
-    for folder in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
+    for folder in sorted([root, *folders_below(root)]):
         if any(folder.is_relative_to(img) or folder.is_relative_to(msk) for img, msk in found):
             continue
         for image_name, mask_name in FOLDER_PAIRS:
@@ -211,17 +220,49 @@ def discover_pairs(root: str | Path, skip_non_images: bool = False) -> list[Samp
     return samples
 
 
-def _open(path: Path, what: str) -> Image.Image:
+def _check_size(img: Image.Image, path: Path, what: str) -> None:
+    """Refuse a header that claims more pixels than any 2D scan has, before a byte of it is decoded."""
+    if img.width * img.height > MAX_PIXELS:
+        raise ValueError(
+            f"{what} {path} claims {img.width}x{img.height} pixels, above the limit of {MAX_PIXELS:,} "
+            "(a damaged or hostile file, or a slide too large to segment whole); downsize or tile it"
+        )
+
+
+def _open_header(path: Path, what: str) -> Image.Image:
+    """Image.open (the header only) with the size checked; Pillow's own bomb limits become the same message."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own limit
+            img = Image.open(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{what} {path} claims too many pixels ({err}); downsize or tile it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(
             f"cannot read {what} {path} ({err}); the file is truncated or not an image: re-export it or remove it"
         ) from None
+    try:
+        _check_size(img, path, what)
+    except ValueError:
+        img.close()
+        raise
+    return img
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """The decoded image, turned upright as its EXIF orientation says (as viewers show it)."""
+    with _open_header(path, what) as img:
+        try:
+            img.load()
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            return img
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise ValueError(
+                f"cannot read {what} {path} ({err}); the file is truncated or not an image: re-export it or remove it"
+            ) from None
 
 
 def _pixels(img: Image.Image) -> np.ndarray:
@@ -293,18 +334,24 @@ def read_image(path: str | Path, channels: int | None = None, normalization: str
     """An image file as float32 [H, W, C] (C = channels when given)."""
     path = Path(path)
     array = _pixels(_open(path, "image"))
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ValueError(f"image {path} holds {bad} NaN / infinite pixel value(s); repair or re-export the image")
     if channels is not None:
         array = adapt_channels(array, channels, path)
     return normalize(array, normalization)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) without decoding the pixels."""
-    try:
-        with Image.open(path) as img:
-            return img.height, img.width
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path} ({err}); re-export it or remove it") from None
+    """(H, W) as displayed (EXIF orientation applied) without decoding the pixels."""
+    with _open_header(Path(path), "image") as img:
+        try:
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # shown rotated by 90 degrees
+        except (OSError, SyntaxError, ValueError) as err:  # EXIF after a truncated image's data
+            raise ValueError(
+                f"cannot read image {path} ({err}); the file is truncated or not an image: re-export it or remove it"
+            ) from None
+        return (img.width, img.height) if turned else (img.height, img.width)
 
 
 def read_mask(path: str | Path, num_classes: int = 1) -> np.ndarray:
@@ -322,8 +369,12 @@ def read_mask(path: str | Path, num_classes: int = 1) -> np.ndarray:
         labels = np.asarray(img).astype(np.int64)  # palette index is the class
     else:
         array = _pixels(img)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise ValueError(f"mask {path} holds NaN / infinite values; save the mask as 0/255 or label values")
         if array.shape[2] in (2, 4):
-            array = array[:, :, : array.shape[2] - 1]  # alpha is not a label
+            colour, alpha = array[:, :, :-1], array[:, :, -1]
+            # the lesion drawn only as transparency on a blank layer: the alpha channel is the mask
+            array = alpha[:, :, None] if colour.min() == colour.max() and alpha.min() != alpha.max() else colour
         labels = array.max(axis=2).astype(np.int64)
     if num_classes == 1:
         top = int(labels.max()) if labels.size else 0
@@ -335,10 +386,10 @@ def read_mask(path: str | Path, num_classes: int = 1) -> np.ndarray:
                 f"mask {path} holds class labels {np.unique(labels)[:10].tolist()} but the task is binary "
                 "(num_classes=1); set num_classes to the number of classes, or save 0/255 masks"
             )
-        threshold = 32768 if top > 255 else 128
-        return (labels >= threshold).astype(np.int64)
+        _refuse_pictures(labels, top, path)
+        return (labels >= _threshold(labels, top)).astype(np.int64)
     if num_classes == 2 and not palette and labels.size and labels.max() > 1:
-        labels = (labels >= (32768 if labels.max() > 255 else 128)).astype(np.int64)
+        labels = (labels >= _threshold(labels, int(labels.max()))).astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         values = np.unique(labels)[:10].tolist()
         raise ValueError(
@@ -346,6 +397,22 @@ def read_mask(path: str | Path, num_classes: int = 1) -> np.ndarray:
             "store masks as label images (palette or gray values = class index)"
         )
     return labels
+
+
+def _threshold(labels: np.ndarray, top: int) -> int:
+    """Foreground from: 8-bit 128 (half the range; JPEG ringing stays out); wider masks half their maximum, so
+    16-bit 0/1000 and 0/65535 masks both read as drawn."""
+    return 128 if top <= 255 else (top + 1) // 2
+
+
+def _refuse_pictures(labels: np.ndarray, top: int, path: Path) -> None:
+    """A binary mask is (nearly) two-valued; a photo or an overlay drawn on one has many mid-range values."""
+    mid = ((labels > top // 4) & (labels < top - top // 4)).mean()
+    if mid > 0.1 and len(np.unique(labels)) > 16:
+        raise ValueError(
+            f"mask {path} looks like a picture or an overlay, not a mask ({mid:.0%} of its pixels are mid-range); "
+            "give the mask itself (0/255, or 0/1)"
+        )
 
 
 def check_pairs(samples: Sequence[Sample2D]) -> None:
@@ -381,12 +448,13 @@ def read_sample(
         raise ValueError(f"image {sample.image} has no mask; add one or leave the image out of training")
     mask = None
     for path in sample.masks:
-        m = read_mask(path, num_classes)
-        if m.shape != image.shape[:2]:
+        size = image_size(path)  # from the header: a size mismatch is named before the mask's content
+        if size != image.shape[:2]:
             raise ValueError(
-                f"mask {path} is {m.shape[1]}x{m.shape[0]} (WxH) but image {sample.image} is "
+                f"mask {path} is {size[1]}x{size[0]} (WxH) but image {sample.image} is "
                 f"{image.shape[1]}x{image.shape[0]}; resize the mask to the image (nearest) or remove the pair"
             )
+        m = read_mask(path, num_classes)
         mask = m if mask is None else np.maximum(mask, m)  # union of lesion masks
     return image, mask
 

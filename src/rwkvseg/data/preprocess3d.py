@@ -244,10 +244,16 @@ def load_cached_case(cache_dir: Path | str, case_id: str, plans: dict[str, Any] 
         raise ValueError(f"case {case_id!r} is not in the cache {cache_dir}; cached: {', '.join(plans['cases'])}")
     props = plans["cases"][case_id]
     path = Path(cache_dir) / f"{case_id}.npz"
-    with np.load(path) as data:
-        image = normalise(data["image"], props["zscore_mean"], props["zscore_std"])
-        label = data["label"]
-        fg = {int(k[3:]): data[k] for k in data.files if k.startswith("fg_")}
+    try:
+        with np.load(path, allow_pickle=False) as data:  # never unpickle: a cache file is data, not code
+            image = normalise(data["image"], props["zscore_mean"], props["zscore_std"])
+            label = data["label"]
+            fg = {int(k[3:]): data[k] for k in data.files if k.startswith("fg_")}
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise ValueError(
+            f"cache file {path} is damaged or not written by `rwkvseg preprocess` ({err}); "
+            "run `rwkvseg preprocess` again into a new cache folder"
+        ) from None
     return CachedCase(case_id, image, label, fg, props, path)
 
 

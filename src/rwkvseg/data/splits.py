@@ -148,14 +148,37 @@ def read_split(path: str | Path, fold: int = 0, available: Sequence[str] | None 
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"split file {path} is not valid JSON ({err})") from None
-    if data.get("format") != SPLIT_FORMAT or not isinstance(data.get("folds"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != SPLIT_FORMAT
+        or not isinstance(data.get("folds"), list)
+        or not data["folds"]
+    ):
         raise ValueError(f"split file {path} is not an rwkvseg split (format {SPLIT_FORMAT} with a folds list)")
     if not 0 <= fold < len(data["folds"]):
         raise ValueError(f"split file {path} has folds 0..{len(data['folds']) - 1}, fold {fold} was asked for")
-    split = Split(tuple(data["folds"][fold]["train"]), tuple(data["folds"][fold]["val"]), tuple(data.get("test", ())))
-    overlap = set(split.train) & set(split.val)
-    if overlap:
-        raise ValueError(f"split file {path} fold {fold} has cases in both train and val: {sorted(overlap)[:5]}")
+    entry = data["folds"][fold]
+    entry = entry if isinstance(entry, dict) else {}
+    lists = {"train": entry.get("train"), "val": entry.get("val"), "test": data.get("test", [])}
+    for name, ids in lists.items():
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+            raise ValueError(
+                f"split file {path} fold {fold}: {name!r} must be a list of case ids (strings), got {ids!r:.80}; "
+                "write the split again with `rwkvseg split`"
+            )
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"split file {path} lists case(s) {repeated[:5]} twice in {name!r}; list each case once")
+    split = Split(tuple(lists["train"]), tuple(lists["val"]), tuple(lists["test"]))
+    if not split.train or not split.val:
+        raise ValueError(f"split file {path} fold {fold} has an empty train or val list; every fold needs both")
+    for a, b in (("train", "val"), ("test", "val"), ("test", "train")):
+        overlap = set(lists[a]) & set(lists[b])
+        if overlap:
+            raise ValueError(
+                f"split file {path} fold {fold} has cases in both {a} and {b}: {sorted(overlap)[:5]}; "
+                "a case belongs to one subset"
+            )
     if available is not None:
         missing = sorted((set(split.train) | set(split.val)) - set(available))
         if missing:

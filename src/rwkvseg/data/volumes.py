@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+MAX_VOXELS = 2**30  # 1024^3: a header claiming more is damaged or hostile (checked before reading the data)
 # Affines of co-registered modalities written by different tools differ in the last float32 bits.
 AFFINE_ATOL = 1e-3
 
@@ -115,17 +116,15 @@ def read_volume(path: Path | str, channel: int | None = None) -> Volume:
     if path.is_dir() or path.name.endswith(ITK_SUFFIXES):
         array, affine, spacing, reference = _read_itk(path)
     elif path.name.endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        reference = nib.load(path)
+        reference = _load_nifti(path)
         if channel is not None and len(reference.shape) == 4:
             if not 0 <= channel < reference.shape[3]:
                 raise ValueError(f"{path} has {reference.shape[3]} channels, channel {channel} was asked for")
             # slicing the proxy reads one channel, not the whole 4-D file
-            array = np.asanyarray(reference.dataobj[..., channel])[..., None]
+            array = _read_data(path, lambda: np.asanyarray(reference.dataobj[..., channel]))[..., None]
             channel = 0
         else:
-            array = np.asanyarray(reference.dataobj)
+            array = _read_data(path, lambda: np.asanyarray(reference.dataobj))
         affine = np.asarray(reference.affine, dtype=np.float64)
         spacing = tuple(float(z) for z in reference.header.get_zooms()[:3])[::-1]
         # (i, j, k[, c]) -> (k, j, i[, c])
@@ -191,6 +190,52 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, f
     return array, _sitk_affine(image), spacing, image
 
 
+def _load_nifti(path: Path) -> Any:
+    """nib.load with one-line errors for empty, truncated or mislabelled files and a size check of the header."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+    except Exception as err:  # ImageFileError, gzip / zlib errors, EOFError: the file is not a readable NIfTI
+        raise ValueError(
+            f"cannot read {path} as NIfTI ({type(err).__name__}: {err}); the file is empty, truncated or not "
+            "NIfTI despite its name: export it again"
+        ) from None
+    voxels = int(np.prod(image.shape, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise ValueError(
+            f"{path} claims {' x '.join(map(str, image.shape))} voxels, above the limit of {MAX_VOXELS:,}; "
+            "the header is damaged, or the volume must be cropped / downsampled first"
+        )
+    return image
+
+
+def _read_data(path: Path, read: Any) -> np.ndarray:
+    """read() of a NIfTI's voxels, with a one-line error when the data is truncated or damaged."""
+    try:
+        return read()
+    except (OSError, EOFError, ValueError) as err:
+        raise ValueError(
+            f"cannot read the voxels of {path} ({type(err).__name__}: {err}); the file is truncated or damaged: "
+            "copy or export it again"
+        ) from None
+
+
+def check_intensities(case_id: str, image: np.ndarray, paths: Sequence[Any]) -> None:
+    """Refuse a case whose modalities are all blank; warn about a blank or constant modality (the model was not
+    trained on one: expect much worse results). image: [M, K, J, I]."""
+    flat = image.reshape(image.shape[0], -1)
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    if (high == 0).all() and (low == 0).all():
+        raise ValueError(
+            f"case {case_id}: every image is all zero ({', '.join(map(str, paths))}); an empty scan has nothing "
+            "to segment: check the export"
+        )
+    for path, lo, hi in zip(paths, low, high, strict=True):
+        if lo == hi:
+            log.warning("case %s: %s is constant (every voxel %g); results will be unreliable", case_id, path, lo)
+
+
 def _same_grid(a: Volume, b: Volume) -> bool:
     return a.array.shape == b.array.shape and np.allclose(a.affine, b.affine, atol=AFFINE_ATOL)
 
@@ -221,6 +266,7 @@ def load_case(case: CaseFiles, spec: DatasetSpec, with_label: bool = True) -> Ca
                 f"register / resample the modalities to one grid (e.g. with SimpleITK) before using them"
             )
     image = np.stack([v.array.astype(np.float32, copy=False) for v in volumes])  # M x [K, J, I] -> [M, K, J, I]
+    check_intensities(case.case_id, image, [src.path for src in case.images])
     label = None
     if with_label and case.label is not None:
         vol = read_volume(case.label)
@@ -238,11 +284,13 @@ def load_case(case: CaseFiles, spec: DatasetSpec, with_label: bool = True) -> Ca
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
-    for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES):
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+    found = [folder / f"{stem}{s}" for s in (*NIFTI_SUFFIXES, *ITK_SUFFIXES) if (folder / f"{stem}{s}").is_file()]
+    if len(found) > 1:
+        raise ValueError(
+            f"{folder} holds {len(found)} files for {stem}: {', '.join(p.name for p in found)}; "
+            "keep one of them (rwkvseg does not guess which)"
+        )
+    return found[0] if found else None
 
 
 def brats_case(folder: Path, spec: DatasetSpec, require_label: bool = True) -> CaseFiles:

@@ -57,7 +57,13 @@ def score_images(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(one row per image and class, summary) of every ground-truth case."""
     truth = ground_truth_cases(gt, skip_non_images)
-    predictions = {p.stem: p for p in image_files(pred, skip_non_images)} if pred.is_dir() else None
+    predictions = None
+    if pred.is_dir():
+        predictions = {}
+        for p in image_files(pred, skip_non_images):
+            if p.stem in predictions:  # a.png and a.jpg: which one is the prediction is a guess
+                raise ValueError(f"{predictions[p.stem]} and {p} are both predictions of {p.stem}; keep one of them")
+            predictions[p.stem] = p
     if predictions is None:
         raise FileNotFoundError(f"prediction folder {pred} does not exist")
     missing = sorted(set(truth) - set(predictions))

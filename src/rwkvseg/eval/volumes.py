@@ -39,6 +39,16 @@ def _case_key(path: Path, spec: DatasetSpec) -> str:
     return stem
 
 
+def _one_file_per_case(pairs: Sequence[tuple[str, Path]]) -> dict[str, Path]:
+    """{case: file}, refusing two files for one case (c1.nii and c1.nii.gz): which one is meant is a guess."""
+    out: dict[str, Path] = {}
+    for case, path in pairs:
+        if case in out:
+            raise ValueError(f"{out[case]} and {path} are both case {case}; keep one of them (rwkvseg does not guess)")
+        out[case] = path
+    return out
+
+
 def label_files(folder: Path | str, spec: DatasetSpec) -> dict[str, Path]:
     """{case id: label file} from a flat folder of label files (`<case>.nii.gz`, `<case>_seg.nii.gz`) or a
     dataset folder in the spec's layout (a BraTS case folder or tree, an MSD / nnU-Net root)."""
@@ -46,13 +56,13 @@ def label_files(folder: Path | str, spec: DatasetSpec) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"label folder {folder} does not exist")
     files = [p for p in sorted(folder.iterdir()) if is_volume_file(p)]
-    segs = {_case_key(p, spec): p for p in files if _case_key(p, spec) != strip_suffix(p.name)}
+    segs = _one_file_per_case([(_case_key(p, spec), p) for p in files if _case_key(p, spec) != strip_suffix(p.name)])
     if segs:
         return segs
     if files and not (
         spec.layout == "brats" and any(p.name.startswith(f"{folder.name}{spec.separator}") for p in files)
     ):
-        return {strip_suffix(p.name): p for p in files}
+        return _one_file_per_case([(strip_suffix(p.name), p) for p in files])
     return {c.case_id: c.label for c in discover_cases(folder, spec, require_label=True)}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import read_meta
+from ..files import check_apart, check_replaceable, mark_owned
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,16 @@ class PredictConfig:
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     sw_batch_size: int = 1
 
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"--threshold {self.threshold} must be in [0, 1] (a probability)")
+        if self.batch_size < 1 or self.sw_batch_size < 1:
+            raise ValueError(f"--batch-size {self.batch_size} and --sw-batch-size {self.sw_batch_size} must be >= 1")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"--overlap {self.overlap} must be in [0, 1)")
+        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+            raise ValueError(f"--mirror-axes {list(self.mirror_axes)} must index the spatial axes 0, 1, 2")
+
 
 def is_3d_checkpoint(checkpoint: str | Path) -> bool:
     return read_meta(checkpoint).preprocessing.get("dims") == 3
@@ -41,7 +52,17 @@ def predict(
     """Predict every image / case in inputs into out; returns the label files written.
 
     2D: one image file or folder. 3D: case folders, or one 3-D file per modality in the model's order.
+    out may not be, contain or sit inside an input; overwrite replaces files only in a folder rwkvseg made.
     """
+    out = Path(out)
+    check_apart(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the predictions")
+    fresh = not out.exists() or not any(out.iterdir())
+    if config.overwrite and not fresh:
+        check_replaceable(out)
+    if fresh:
+        mark_owned(out, "predict")
     if is_3d_checkpoint(checkpoint):
         from .predict3d import predict_paths
 
@@ -52,7 +73,11 @@ def predict(
         raise ValueError(f"a 2D checkpoint predicts one image file or folder, got {len(inputs)} inputs")
     threshold = config.threshold
     if threshold is None:
-        threshold = float(read_meta(checkpoint).training.get("threshold", 0.5))
+        threshold = read_meta(checkpoint).training.get("threshold", 0.5)
+        if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(
+                f"the sidecar of {checkpoint} holds threshold {threshold!r}, not a number in [0, 1]; pass --threshold"
+            )
     return predict_2d(
         checkpoint,
         inputs[0],

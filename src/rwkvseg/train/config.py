@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -32,6 +33,13 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 LOGGERS = ("csv", "tensorboard")
 REGION_LOSSES = ("auto", "bce_dice", "bce", "dice")
 PATCH_KEYS = ("patch_size", "samples_per_epoch", "fg_fraction", "augment", "allow_padding")  # [data.patches]
+
+
+def _check_range(name: str, value: float, low: float, high: float = math.inf) -> None:
+    """Refuse a setting outside [low, high] (NaN too), naming it and the range."""
+    if not low <= value <= high:
+        where = f"in [{low:g}, {high:g}]" if high != math.inf else f">= {low:g}"
+        raise ValueError(f"{name} = {value!r} must be {where}")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -69,8 +77,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.resize", self.resize, RESIZE_MODES)
         _check_choice("data.normalization", self.normalization, NORMALIZATIONS)
-        if self.channels < 1 or self.num_classes < 1 or self.batch_size < 1:
-            raise ValueError("data.channels, data.num_classes and data.batch_size must be >= 1")
+        for name in ("channels", "num_classes", "batch_size", "val_batch_size"):
+            _check_range(f"data.{name}", getattr(self, name), 1)
+        _check_range("data.num_workers", self.num_workers, 0)
+        _check_range("data.fold", self.fold, 0)
+        _check_range("data.val_fraction", self.val_fraction, 0, 1)
         if len(self.size) != 2 or min(self.size) < 8:
             raise ValueError(f"data.size must be [height, width] >= 8, got {list(self.size)}")
         expected = 1 if self.num_classes == 1 else self.num_classes
@@ -100,8 +111,12 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
         _check_choice("optim.schedule", self.schedule, SCHEDULES)
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        for name in ("momentum", "weight_decay", "power", "warmup_steps", "min_lr", "grad_clip"):
+            _check_range(f"optim.{name}", getattr(self, name), 0)
+        for beta in self.betas:
+            _check_range("optim.betas", beta, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,10 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, LOSSES)
+        _check_range("loss.ce_weight", self.ce_weight, 0)
+        _check_range("loss.dice_weight", self.dice_weight, 0)
+        if self.ce_weight + self.dice_weight == 0:
+            raise ValueError("loss.ce_weight and loss.dice_weight are both 0: nothing would be learnt")
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,9 @@ class VolumeDataConfig:
         _check_choice("data.target", self.target, TARGETS)
         if len(self.target_spacing) not in (0, 1, 3) or any(s <= 0 for s in self.target_spacing):
             raise ValueError(f"data.target_spacing {list(self.target_spacing)} needs one or three sizes > 0 (mm)")
+        _check_range("data.num_workers", self.num_workers, 0)
+        _check_range("data.fold", self.fold, 0)
+        _check_range("data.val_fraction", self.val_fraction, 0, 1)
         if self.batch_size < 1 or self.patches.samples_per_epoch < self.batch_size:
             raise ValueError(
                 f"data.batch_size ({self.batch_size}) must be >= 1 and at most data.patches.samples_per_epoch "
@@ -168,6 +190,7 @@ class InferConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
             raise ValueError(f"infer.overlap {self.overlap} must be in [0, 1)")
+        _check_range("infer.sw_batch_size", self.sw_batch_size, 1)
         if any(a not in (0, 1, 2) for a in (*self.val_mirror_axes, *self.mirror_axes)):
             raise ValueError("infer.mirror_axes and infer.val_mirror_axes index the spatial axes 0, 1, 2")
 
@@ -219,6 +242,10 @@ class TrainConfig:
         _check_choice("logger", self.logger, LOGGERS)
         if self.epochs < 1 or self.val_every < 1:
             raise ValueError("epochs and val_every must be >= 1")
+        _check_range("threshold", self.threshold, 0, 1)
+        _check_range("seed", self.seed, 0)
+        _check_range("max_steps_per_epoch", self.max_steps_per_epoch, 0)
+        _check_range("max_minutes", self.max_minutes, 0)
         if self.dims == 3 and self.data.target == "regions" and self.loss.name not in REGION_LOSSES:
             raise ValueError(
                 f"loss.name = {self.loss.name!r} does not fit data.target = regions (sigmoid per region); "

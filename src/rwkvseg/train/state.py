@@ -7,6 +7,7 @@ bit on CPU. Loaded with weights_only=True: the file holds tensors and plain valu
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
+def tensors_sha256(tree: Any) -> str:
+    """sha256 over every tensor and plain value of a state (keys sorted): what a bit flip would change."""
+    digest = hashlib.sha256()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(node, dict):
+            for key in sorted(node, key=repr):
+                digest.update(f"K{key!r}".encode())
+                visit(node[key])
+        elif isinstance(node, (list, tuple)):
+            digest.update(f"L{len(node)}".encode())
+            for item in node:
+                visit(item)
+        else:
+            digest.update(f"V{node!r}".encode())
+
+    visit(tree)
+    return digest.hexdigest()
+
+
 def save_state(
     path: str | Path,
     model: nn.Module,
@@ -83,6 +108,7 @@ def save_state(
         },
         "rng": _rng_state(),
     }
+    state["sha256"] = tensors_sha256(state)
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
@@ -101,9 +127,21 @@ def load_state(
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a torn or foreign file: say which and what to do
         raise ValueError(f"cannot read training state {path} ({err}); start the run again without --resume") from None
-    if state.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not an rwkvseg training state (format {STATE_FORMAT})")
-    model.load_state_dict(state["model"])
+    expected = state.pop("sha256", None)  # absent in states written before digests
+    if expected is not None and tensors_sha256(state) != expected:
+        raise ValueError(
+            f"{path} is damaged (its tensors differ from the sha256 recorded when it was written); "
+            "resume from a copy or start the run again without --resume"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} holds another architecture than the config builds ({str(err).splitlines()[0]}); "
+            "resume with the run's own config (rwkvseg train --resume --out RUN) or start a new run"
+        ) from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"]:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from ..checkpoint import build_model
+from ..files import folder_lock
 from .config import TrainConfig
 from .loop import Progress, Run, fit, resolve_device
 from .run import log_done, open_run_dir, training_setup
@@ -18,8 +19,13 @@ def train(config: TrainConfig, resume: bool = False, progress_bar: bool = False,
     """Train a registered model as the config says (2D or 3D by config.dims); returns the progress.
 
     stop(progress) is asked after every epoch (besides config.max_minutes); resume continues the run in
-    config.out exactly.
+    config.out exactly. The run folder is locked while the run writes it (a second run there is refused).
     """
+    with folder_lock(config.out):
+        return _train(config, resume, progress_bar, stop)
+
+
+def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | None) -> Progress:
     if not config.data.root:
         raise ValueError(
             "data.root is empty; set it in the config or pass --data (a dataset folder, or for 3D a preprocessed cache)"

@@ -1,0 +1,156 @@
+"""Issue 18, tracebacks and unclear errors: each bad file or fault ends in one line naming the file or setting,
+a non-zero exit, and no partial output under a final name."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import zlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import save_nifti, save_png
+from hardening.helpers import Bright, bright_checkpoint, cli, snapshot, square
+from rwkvseg.checkpoint import load_checkpoint
+from rwkvseg.data.images2d import discover_pairs, read_image
+from rwkvseg.data.preprocess3d import load_cached_case
+from rwkvseg.data.volumes import read_volume
+from rwkvseg.files import atomic_write_text
+from rwkvseg.models import registry
+
+
+@pytest.fixture
+def bright(monkeypatch):
+    monkeypatch.setattr(registry, "_builders", lambda: {"bright": Bright})
+
+
+def png_header_only(path, width, height):
+    """A PNG whose header claims width x height 8-bit gray pixels, with a few bytes of data (a bomb's shape)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+@pytest.mark.parametrize("side", [12000, 20000])
+def test_decompression_bomb_refused_before_decoding(tmp_path, side):
+    path = png_header_only(tmp_path / "bomb.png", side, side)
+    with pytest.raises(ValueError, match=r"bomb\.png claims (12000x12000 pixels, above the limit|too many pixels)"):
+        read_image(path)
+
+
+@pytest.mark.parametrize(
+    "content, name",
+    [(b"", "empty.nii"), (b"not a nifti at all", "text.nii.gz"), (None, "truncated.nii.gz")],
+)
+def test_unreadable_nifti_is_one_line(tmp_path, content, name):
+    path = tmp_path / name
+    if content is None:
+        full = save_nifti(tmp_path / "full.nii.gz", np.random.default_rng(0).random((20, 20, 20)).astype(np.float32))
+        content = full.read_bytes()[: len(full.read_bytes()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')}.*(empty, truncated|truncated or damaged)"):
+        read_volume(path)
+
+
+def test_header_claiming_3000_cubed_voxels(tmp_path):
+    header = nib.Nifti1Header()
+    header.set_data_shape((3000, 3000, 3000))
+    header.set_data_dtype(np.float32)
+    header.set_data_offset(352)
+    path = tmp_path / "huge.nii"
+    path.write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"huge\.nii claims 3000 x 3000 x 3000 voxels, above the limit"):
+        read_volume(path)
+
+
+def test_corrupt_safetensors_header(tmp_path, bright):
+    ck = bright_checkpoint(tmp_path)
+    sidecar = ck.with_suffix(".json")
+    data = json.loads(sidecar.read_text())
+    del data["training"]["weights_sha256"]  # a checkpoint from before digests: the header itself is checked
+    sidecar.write_text(json.dumps(data))
+    ck.write_bytes(b"\xff" * 8 + ck.read_bytes()[8:])
+    with pytest.raises(ValueError, match=r"ck\.safetensors is not a readable safetensors file"):
+        load_checkpoint(ck)
+
+
+@pytest.mark.parametrize("code_", [errno.ENOSPC, errno.EROFS])
+def test_full_or_read_only_disk(tmp_path, capsys, bright, monkeypatch, code_):
+    ck = bright_checkpoint(tmp_path)
+    save_png(tmp_path / "in" / "a.png", square())
+    out = tmp_path / "out"
+
+    def fail(src, dst):
+        raise OSError(code_, os.strerror(code_), str(dst))
+
+    monkeypatch.setattr("rwkvseg.files.os.replace", fail)
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", out)
+    assert code == 2 and err.count("\n") == 1 and str(out) in err
+    assert ("disk is full" if code_ == errno.ENOSPC else "read-only") in err
+    assert not list(out.glob("*a.png*"))  # no partial file under any name
+
+
+def test_folder_where_an_output_file_goes(tmp_path, capsys, bright):
+    ck = bright_checkpoint(tmp_path)
+    save_png(tmp_path / "in" / "a.png", square())
+    out = tmp_path / "out"
+    assert cli(capsys, "predict", ck, tmp_path / "in", "--out", out)[0] == 0
+    (out / "a.png").unlink()
+    (out / "a.png").mkdir()
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", out, "--overwrite")
+    assert code == 2 and "a.png is a folder where an output file goes" in err
+    assert (out / "a.png").is_dir()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, bright, monkeypatch):
+    ck = bright_checkpoint(tmp_path)
+    save_png(tmp_path / "in" / "a.png", square())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rwkvseg.infer.predict.predict", interrupted)
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 130 and err.startswith("rwkvseg: interrupted") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_get_the_umask_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
+
+
+def test_npz_with_objects_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "c1.npz"
+    np.savez(path, image=np.array([{"x": 1}], dtype=object), label=np.zeros(3))
+    plans = {"cases": {"c1": {"zscore_mean": [0.0], "zscore_std": [1.0]}}}
+    with pytest.raises(ValueError, match=r"cache file .*c1\.npz is damaged or not written by"):
+        load_cached_case(tmp_path, "c1", plans)
+
+
+def test_symlink_loop_and_broken_link_reported(tmp_path):
+    root = tmp_path / "ds"
+    save_png(root / "images" / "a.png", square())
+    save_png(root / "masks" / "a.png", square())
+    (root / "again").symlink_to(root)  # a loop: ds/again/images/... would be the same cases twice
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"ds/again leads to .*already part of"):
+        discover_pairs(root)
+    (root / "again").unlink()
+    (root / "images" / "b.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(ValueError, match=r"b\.png is a broken link"):
+        discover_pairs(root)
+    assert snapshot(tmp_path) == before

@@ -1,0 +1,255 @@
+"""Issue 18, wrong results with exit 0: each case is now refused (exit 2, the file or setting named) or warned."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import save_nifti, save_png, write_brats_case
+from hardening.helpers import Bright, bright_checkpoint, cli, square
+from rwkvseg.data.images2d import read_image, read_mask
+from rwkvseg.data.specs import dataset_spec
+from rwkvseg.data.splits import read_split
+from rwkvseg.data.volumes import brats_case, read_volume
+from rwkvseg.models import registry
+from rwkvseg.train.state import Progress, load_state, save_state
+
+
+@pytest.fixture
+def bright(monkeypatch):
+    monkeypatch.setattr(registry, "_builders", lambda: {"bright": Bright})
+
+
+def test_nan_pixel_refused_naming_the_file(tmp_path, capsys, bright):
+    ck = bright_checkpoint(tmp_path)
+    image = np.full((20, 20), 0.2, np.float32)
+    image[3, 4] = np.nan
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(image, mode="F").save(src / "scan.tif")
+    code, err = cli(capsys, "predict", ck, src, "--out", tmp_path / "out")
+    assert code == 2 and "scan.tif" in err and "NaN" in err
+    assert not list((tmp_path / "out").glob("*.png"))
+    image[3, 4] = np.inf
+    Image.fromarray(image, mode="F").save(src / "scan.tif")
+    with pytest.raises(ValueError, match=r"scan\.tif holds 1 NaN / infinite"):
+        read_image(src / "scan.tif")
+
+
+def test_nan_voxels_refused_naming_the_file(tmp_path):
+    vol = np.ones((6, 6, 6), np.float32)
+    vol[1, 2, 3] = np.inf
+    path = save_nifti(tmp_path / "t1.nii.gz", vol)
+    with pytest.raises(ValueError, match=r"t1\.nii\.gz holds 1 NaN/Inf voxels"):
+        read_volume(path)
+
+
+def _brats(root, images, seg=None):
+    seg = np.zeros((8, 8, 8), np.uint8) if seg is None else seg
+    return write_brats_case(root, "c1", images, seg)
+
+
+def test_all_zero_scan_refused_by_preprocess(tmp_path, capsys):
+    zeros = np.zeros((8, 8, 8), np.float32)
+    _brats(tmp_path / "raw", [zeros] * 4)
+    code, err = cli(capsys, "preprocess", tmp_path / "raw", "--out", tmp_path / "cache")
+    assert code == 2 and "every image is all zero" in err and "c1_t1.nii.gz" in err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*.npz"))
+
+
+def test_constant_modality_warned(tmp_path, caplog):
+    from rwkvseg.data.volumes import load_case
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((8, 8, 8)).astype(np.float32) for _ in range(3)] + [np.full((8, 8, 8), 5, np.float32)]
+    folder = _brats(tmp_path, images)
+    spec = dataset_spec("brats")
+    with caplog.at_level(logging.WARNING):
+        load_case(brats_case(folder, spec), spec)
+    assert "c1_flair.nii.gz is constant" in caplog.text
+
+
+def test_two_files_for_one_modality_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = _brats(tmp_path, [rng.random((8, 8, 8)).astype(np.float32) for _ in range(4)])
+    save_nifti(folder / "c1_t1.nii", np.ones((8, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"2 files for c1_t1: c1_t1\.nii\.gz, c1_t1\.nii"):
+        brats_case(folder, dataset_spec("brats"))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "threshold=1.5",
+        "threshold=-0.1",
+        "optim.grad_clip=-1",
+        "max_steps_per_epoch=-5",
+        "data.batch_size=0",
+        "data.val_batch_size=0",
+        "seed=-1",
+        "data.num_classes=0",
+        "loss.dice_weight=-1",
+        "loss.ce_weight=-0.5",
+    ],
+)
+def test_every_numeric_setting_checked(tmp_path, capsys, setting):
+    out = tmp_path / "run"
+    code, err = cli(capsys, "train", "--data", tmp_path, "--out", out, "--set", setting)
+    name = setting.split("=")[0]
+    assert code == 2 and name in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--threshold", "2"], "--threshold 2.0 must be in [0, 1]"),
+        (["--batch-size", "-1"], "--batch-size -1"),
+        (["--batch-size", "0"], "--batch-size 0"),
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+    ],
+)
+def test_predict_options_checked(tmp_path, capsys, bright, args, message):
+    ck = bright_checkpoint(tmp_path)
+    save_png(tmp_path / "in" / "a.png", square())
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", tmp_path / "out", *args)
+    assert code == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_threshold_abc_is_a_usage_error(tmp_path, capsys, bright):
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, "predict", "ck", "in", "--out", "out", "--threshold", "abc")
+    assert exit_.value.code == 2 and "--threshold: invalid float value: 'abc'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["training"].update(threshold=7), "holds threshold 7, not a number in [0, 1]"),
+        (lambda d: d["preprocessing"].update(resize="bogus"), "resize 'bogus' is not one of resize, crop"),
+        (lambda d: d["preprocessing"].update(size=[60000, 60000]), "size [60000, 60000] out of range"),
+    ],
+)
+def test_sidecar_settings_checked(tmp_path, capsys, bright, edit, message):
+    ck = bright_checkpoint(tmp_path)
+    sidecar = ck.with_suffix(".json")
+    data = json.loads(sidecar.read_text())
+    edit(data)
+    sidecar.write_text(json.dumps(data))
+    save_png(tmp_path / "in" / "a.png", square())
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 2 and message in err
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_masks_16bit_alpha_only_overlay_and_exif(tmp_path):
+    m = np.zeros((20, 30), np.uint16)
+    m[2:9, 3:12] = 1000
+    path = tmp_path / "m16.png"
+    Image.fromarray(m).save(path)
+    assert read_mask(path).sum() == 7 * 9
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[2:9, 3:12, 3] = 255  # the lesion only in the alpha channel
+    save_png(tmp_path / "alpha.png", rgba, "RGBA")
+    assert read_mask(tmp_path / "alpha.png").sum() == 7 * 9
+    overlay = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)  # a photo with a red outline
+    overlay[2, 3:12] = (255, 0, 0)
+    save_png(tmp_path / "overlay.png", overlay)
+    with pytest.raises(ValueError, match=r"overlay\.png looks like a picture or an overlay"):
+        read_mask(tmp_path / "overlay.png")
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): read as displayed
+    raw = np.zeros((20, 30), np.uint8)
+    raw[0, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(raw).save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    shown = read_image(tmp_path / "rot.jpg")
+    assert shown.shape[:2] == (30, 20) and shown[0, -1, 0] > 0.5
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"format": 1, "folds": [{"train": ["a", "a"], "val": ["b"]}]}, "lists case(s) ['a'] twice in 'train'"),
+        ({"format": 1, "folds": [{"train": ["a"], "val": ["b"]}], "test": ["b"]}, "in both test and val: ['b']"),
+        ({"format": 1, "folds": [{"train": "a", "val": ["b"]}]}, "'train' must be a list of case ids"),
+        ({"format": 1, "folds": [["a"]]}, "'train' must be a list of case ids"),
+        ([1, 2], "is not an rwkvseg split"),
+    ],
+)
+def test_split_files_checked(tmp_path, doc, message):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"split\.json") as err:
+        read_split(path)
+    assert message in str(err.value)
+
+
+def test_evaluate_spacing_zero_refused(tmp_path, capsys):
+    save_png(tmp_path / "pred" / "a.png", square())
+    save_png(tmp_path / "gt" / "a.png", square())
+    code, err = cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "--spacing", "0,0")
+    assert code == 2 and "--spacing '0,0' must be positive" in err
+
+
+def test_bit_flipped_weights_refused(tmp_path, capsys, bright):
+    ck = bright_checkpoint(tmp_path)
+    data = bytearray(ck.read_bytes())
+    data[-2] ^= 0x40  # one bit of the last weight
+    ck.write_bytes(bytes(data))
+    save_png(tmp_path / "in" / "a.png", square())
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 2 and "ck.safetensors is damaged or was replaced" in err
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_released_sidecars_hold_the_digest_of_their_weights():
+    from rwkvseg.released import released_checkpoint, released_models
+
+    for model in released_models():
+        path = released_checkpoint(model.name)
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        assert len(sidecar["training"]["weights_sha256"]) == 64
+        from rwkvseg.files import file_sha256
+
+        assert file_sha256(path) == sidecar["training"]["weights_sha256"]
+
+
+def test_damaged_training_state_refused(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = tmp_path / "state.pt"
+    save_state(path, model, opt, sched, None, Progress(epoch=2))
+    state = torch.load(path, weights_only=True)
+    state["model"]["weight"][0, 0] = 1.5e29  # what a bit flip in the file did
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"state\.pt is damaged"):
+        load_state(path, model, opt, sched, None)
+    save_state(path, model, opt, sched, None, Progress(epoch=2))
+    assert load_state(path, model, opt, sched, None).epoch == 2
+    other = torch.nn.Linear(4, 2)  # resume with another architecture
+    with pytest.raises(ValueError, match="another architecture"):
+        load_state(path, other, torch.optim.SGD(other.parameters(), lr=0.1), sched, None)
+
+
+def test_two_files_for_one_prediction_refused(tmp_path, capsys):
+    save_png(tmp_path / "pred" / "a.png", square())
+    save_png(tmp_path / "pred" / "a.jpg", square())
+    save_png(tmp_path / "gt" / "a.png", square())
+    code, err = cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "--out", tmp_path / "ev")
+    assert code == 2 and "a.jpg and " in err and "a.png are both predictions of a" in err
+    assert not (tmp_path / "ev").exists()
+    from rwkvseg.eval.volumes import label_files
+
+    vol = np.zeros((4, 4, 4), np.uint8)
+    save_nifti(tmp_path / "p3" / "c1.nii", vol)
+    save_nifti(tmp_path / "p3" / "c1.nii.gz", vol)
+    with pytest.raises(ValueError, match=r"c1\.nii.* and .*c1\.nii.* are both case c1"):
+        label_files(tmp_path / "p3", dataset_spec("brats"))
