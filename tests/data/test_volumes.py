@@ -110,7 +110,7 @@ def test_nnunet_raw_with_v2_dataset_json_and_regions(tmp_path):
         save(tmp_path / "labelsTr" / f"{case}.nii.gz", labels(values=(2, 1, 2)))
     spec = spec_from_dataset_json(tmp_path / "dataset.json")
     assert spec.modalities == ("CT", "PET") and spec.label_values == (0, 1, 2)
-    assert spec.regions == (("1", (1,)), ("2", (2,)))
+    assert spec.regions == (("organ", (1,)), ("tumour", (2,)))  # plain labels keep dataset.json's names
     cases = discover_cases(tmp_path, spec)
     assert [c.case_id for c in cases] == ["case_a", "case_b"]
     assert load_case(cases[1], spec).image[1].max() == 1
