@@ -17,7 +17,10 @@ from ..checkpoint import read_meta
 @dataclass(frozen=True)
 class PredictConfig:
     """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size, overlays,
-    probabilities, skip_non_images. 3D: the sliding window's overlap, mirror axes and windows per pass."""
+    probabilities, skip_non_images. 3D: the sliding window's overlap, mirror axes (None: the defaults the
+    checkpoint records under preprocessing.inference) and windows per pass; modalities: the input's channel names
+    in its order, where the input does not name them itself; out_format: nifti (the input's format for ITK
+    files) or dicom-seg (DICOM inputs)."""
 
     device: str = "cpu"
     overwrite: bool = False
@@ -26,9 +29,11 @@ class PredictConfig:
     overlays: bool = False
     probabilities: bool = False
     skip_non_images: bool = False
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    overlap: float | None = None
+    mirror_axes: tuple[int, ...] | None = None
     sw_batch_size: int = 1
+    modalities: tuple[str, ...] = ()
+    out_format: str = "nifti"
 
 
 def is_3d_checkpoint(checkpoint: str | Path) -> bool:
