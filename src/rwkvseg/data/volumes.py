@@ -582,7 +582,8 @@ def dicom_cases(root: Path, spec: DatasetSpec) -> list[CaseFiles]:
     def one(folder: Path) -> CaseFiles:
         series = case_series(folder, spec.modalities)
         images = tuple(ImageSource(s.folder, series=s) for s in series)
-        return CaseFiles(folder.name, images, None, tuple(s.description or s.folder.name for s in series))
+        found = [s for s in find_series(folder) if s in series]  # the folder's own order (by subfolder)
+        return CaseFiles(folder.name, images, None, tuple(s.description or s.folder.name for s in found))
 
     images = [s for s in find_series(root) if s.is_image]
     subfolders = sorted({s.folder.relative_to(root).parts[0] for s in images if s.folder != root})
