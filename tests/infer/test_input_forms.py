@@ -266,6 +266,7 @@ def test_label_and_region_names_from_dataset_json_are_safe_columns(tmp_path):
 # ----------------------------------------------------------------------------------- the released model, real case
 
 
+@pytest.mark.slow  # six released-model predictions: ~3.5 CPU minutes (~1 min alone on 2 cores)
 def test_released_model_gives_the_same_labels_from_every_input_form(brats_2mm, tmp_path):
     """Done criterion of issue 19 on a real BraTS 2018 case (2 mm), the released model without mirror TTA: the same
     labels in world space from every form. Tolerance without TTA: exact equality (Dice 1.0) is asserted, since
