@@ -45,7 +45,9 @@ def predict(
 ) -> list[Path]:
     """Predict every image / case in inputs into out; returns the label files written.
 
-    2D: one image file or folder. 3D: case folders, or one 3-D file per modality in the model's order.
+    2D: one image file or folder. 3D: case folders (BraTS, MSD / nnU-Net with dataset.json, DICOM), one 4-D file
+    or one 3-D file per modality; channels are matched by name to the checkpoint's modalities (config.modalities
+    names them where the input does not).
     """
     if is_3d_checkpoint(checkpoint):
         from .predict3d import predict_paths
