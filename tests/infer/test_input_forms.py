@@ -323,3 +323,27 @@ def test_dicom_case_predicts_and_writes_a_dicom_seg(tmp_path, plans, monkeypatch
     assert [s.SegmentLabel for s in ds.SegmentSequence] == list(BRATS.region_names)
     with pytest.raises(ValueError, match="dicom-seg needs DICOM"):
         predict_paths(tmp_path / "ckpt", [folder], tmp_path / "bad", options)
+
+
+def test_command_line_names_the_channels_of_a_bare_4d_file(tmp_path, plans, monkeypatch, capsys):
+    from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+    from rwkvseg.cli import main
+
+    folder, _ = write_1mm_case(tmp_path / "in", "p1")
+    stacked = np.stack([np.asarray(nib.load(folder / f"p1_{m}.nii.gz").dataobj) for m in MSD_ORDER], -1)
+    bare = tmp_path / "bare" / "p1.nii.gz"
+    bare.parent.mkdir()
+    nib.save(nib.Nifti1Image(stacked, nib.load(folder / "p1_t1.nii.gz").affine), bare)
+    metadata = {**inference_metadata(plans, (16, 16, 16)), "inference": {"overlap": 0.5, "mirror_axes": []}}
+    save_checkpoint(tmp_path / "ckpt", Threshold(), CheckpointMeta("threshold", 4, 4, preprocessing=metadata))
+    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["predict", ckpt, str(bare), "--out", str(tmp_path / "a")]) == 2
+    assert "--modalities" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    args = ["--out", str(tmp_path / "a"), "--modalities", "FLAIR,T1,T1ce,T2"]
+    assert main(["predict", ckpt, str(bare), *args]) == 0
+    assert main(["predict", ckpt, str(folder), "--out", str(tmp_path / "b")]) == 0
+    np.testing.assert_array_equal(
+        canonical(tmp_path / "a" / "p1.nii.gz")[0], canonical(tmp_path / "b" / "p1.nii.gz")[0]
+    )
