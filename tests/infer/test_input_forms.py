@@ -155,6 +155,13 @@ def test_every_form_reaches_the_model_with_its_channels_and_orientation(tmp_path
         labels, form_affine = canonical(out)
         np.testing.assert_allclose(form_affine, affine, atol=1e-4, err_msg=form)
         np.testing.assert_array_equal(labels, reference, err_msg=form)  # exact: no resampling on any path
+    # with mirror TTA too: the permuted grid reaches the model as the same array, so the labels are the same
+    tta = Predictor3D(Directional(), metadata, PredictConfig(mirror_axes=(0, 1, 2)))
+    with_tta = {}
+    for form in ("brats folder", "permuted + flipped grid"):
+        (case,) = input_cases(forms[form][0], BRATS)
+        with_tta[form] = canonical(tta.predict_to_file(case, tmp_path / "tta" / form.replace(" ", "_")))[0]
+    np.testing.assert_array_equal(with_tta["brats folder"], with_tta["permuted + flipped grid"])
     # the output lies on the input's grid exactly: the permuted input's own shape and affine
     turned = nib.load(forms["permuted + flipped grid"][0][0] / "p1_t1.nii.gz")
     written = nib.load(outputs["permuted + flipped grid"])
