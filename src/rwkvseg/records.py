@@ -10,6 +10,9 @@ from typing import Any
 RESIZE_MODES = ("resize", "crop")  # 2D network input: the whole image resized, or crops of it
 MAX_SIDE = 8192  # largest network input side a sidecar may claim (larger: a damaged or hostile file)
 TARGETS = ("labels", "regions")  # 3D: softmax over label classes, or sigmoid per (overlapping) region
+# The orientation assumed for 3D checkpoints that do not record one (the released BraTS model among them): BraTS
+# 2017-2021 files have the affine diag(-1, -1, 1), nibabel axis codes LPS (i -> left, j -> posterior, k -> superior).
+DEFAULT_ORIENTATION = "LPS"
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,13 @@ def inference_metadata(plans: dict[str, Any], patch_size: Sequence[int], target:
     """What a 3D checkpoint's sidecar keeps under `preprocessing` so prediction needs nothing else.
 
     plans: the cache's plans.json (per-case entries are dropped); target: "labels" (softmax over label classes)
-    or "regions" (sigmoid per region).
+    or "regions" (sigmoid per region). `orientation` is the training images' orientation (`training_orientation`):
+    prediction turns inputs to it and back.
     """
     if target not in TARGETS:
         raise ValueError(f"target {target!r} unknown; choose one of {TARGETS}")
     return {
+        "orientation": training_orientation(plans),
         "dims": 3,
         "dataset": plans["dataset"],
         "target_spacing": list(plans["target_spacing"]),
@@ -72,3 +77,22 @@ def inference_metadata(plans: dict[str, Any], patch_size: Sequence[int], target:
         "patch_size": [int(p) for p in patch_size],
         "target": target,
     }
+
+
+def training_orientation(plans: dict[str, Any]) -> str:
+    """The orientation the cases of a cache were in, as nibabel axis codes of voxel axes (i, j, k), e.g. 'LPS'.
+
+    Read from each case's original affine in plans.json; where cases differ, the most common one (the model saw
+    mostly that). Plans without per-case affines give DEFAULT_ORIENTATION.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    counts: dict[str, int] = {}
+    for props in plans.get("cases", {}).values():
+        if "original_affine" in props:
+            codes = "".join(nib.aff2axcodes(np.asarray(props["original_affine"], dtype=np.float64)))
+            counts[codes] = counts.get(codes, 0) + 1
+    if not counts:
+        return DEFAULT_ORIENTATION
+    return max(sorted(counts), key=counts.__getitem__)

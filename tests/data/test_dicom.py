@@ -17,7 +17,8 @@ from rwkvseg.data.dicom import (  # noqa: E402
     segments_for,
     write_dicom_seg,
 )
-from rwkvseg.data.volumes import dataset_spec, read_volume  # noqa: E402
+from rwkvseg.data.specs import dataset_spec  # noqa: E402
+from rwkvseg.data.volumes import read_volume  # noqa: E402
 
 SIZE = (11, 13, 7)  # (i, j, k): columns, rows, slices
 SPACING = (0.9, 1.1, 2.0)

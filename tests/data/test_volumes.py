@@ -92,9 +92,15 @@ def test_msd_task01_4d_files_follow_the_dataset_json_channel_order(tmp_path):
     # model order t1w, t1gd, t2w, flair = file channels 1, 2, 3, 0
     assert [float(loaded.image[m].mean()) for m in range(4)] == [2.0, 3.0, 4.0, 1.0]
     assert loaded.image.shape == (4, 9, 13, 11)
-    # one 4-D file given directly: channels taken in the model's order
-    direct = load_case(case_from_files([tmp_path / "imagesTr" / "BRATS_001.nii.gz"], spec), spec)
-    assert [float(direct.image[m].mean()) for m in range(4)] == [1.0, 2.0, 3.0, 4.0]
+    # one 4-D file given directly: channels named by the dataset.json one folder up, like the folder (issue 19)
+    direct = case_from_files([tmp_path / "imagesTr" / "BRATS_001.nii.gz"], spec)
+    assert direct.channels == ("FLAIR", "T1w", "t1gd", "T2w")
+    assert [float(load_case(direct, spec).image[m].mean()) for m in range(4)] == [2.0, 3.0, 4.0, 1.0]
+    (tmp_path / "dataset.json").unlink()  # a bare 4-D file: refused unless its channels are named
+    with pytest.raises(ValueError, match="--modalities"):
+        case_from_files([tmp_path / "imagesTr" / "BRATS_001.nii.gz"], spec)
+    named = case_from_files([tmp_path / "imagesTr" / "BRATS_001.nii.gz"], spec, names=("t2w", "flair", "t1w", "t1gd"))
+    assert [float(load_case(named, spec).image[m].mean()) for m in range(4)] == [3.0, 4.0, 1.0, 2.0]
 
 
 def test_nnunet_raw_with_v2_dataset_json_and_regions(tmp_path):
@@ -110,7 +116,7 @@ def test_nnunet_raw_with_v2_dataset_json_and_regions(tmp_path):
         save(tmp_path / "labelsTr" / f"{case}.nii.gz", labels(values=(2, 1, 2)))
     spec = spec_from_dataset_json(tmp_path / "dataset.json")
     assert spec.modalities == ("CT", "PET") and spec.label_values == (0, 1, 2)
-    assert spec.regions == (("1", (1,)), ("2", (2,)))
+    assert spec.regions == (("organ", (1,)), ("tumour", (2,)))  # plain labels keep dataset.json's names
     cases = discover_cases(tmp_path, spec)
     assert [c.case_id for c in cases] == ["case_a", "case_b"]
     assert load_case(cases[1], spec).image[1].max() == 1

@@ -74,3 +74,31 @@ def test_dataset_folder_as_ground_truth_and_multiclass(tmp_path):
     multi = evaluate_folders(tmp_path / "mpred", tmp_path / "mgt", num_classes=3, with_hd95=False)
     assert multi["per_class"]["1"]["dice"]["mean"] == pytest.approx(2 * 16 / (16 + 52))
     assert multi["per_class"]["2"]["dice"]["mean"] == 0.0
+
+
+def test_3d_command_line_brats_hd95_and_safe_region_columns(tmp_path, capsys):
+    """Region names with spaces become CSV-safe columns; --brats-hd95 scores a one-sided empty region 373.13 mm
+    where the default is the diagonal of the grid."""
+    from conftest import save_nifti
+    from rwkvseg.cli import main
+
+    ref = np.zeros((12, 10, 8), np.uint8)
+    ref[3:8, 3:7, 2:6] = 2
+    ref[4:6, 4:6, 3:5] = 4
+    pred = np.where(ref == 4, 2, ref).astype(np.uint8)  # the enhancing tumour is missed
+    save_nifti(tmp_path / "gt" / "c1.nii.gz", ref)
+    save_nifti(tmp_path / "pred" / "c1.nii.gz", pred)
+    regions = ["--regions", "whole tumor=1,2,4;enhancing tumour=4"]
+    base = ["evaluate", str(tmp_path / "pred"), str(tmp_path / "gt"), "--dataset", "brats", *regions]
+    assert main([*base, "--out", str(tmp_path / "diag")]) == 0
+    assert main([*base, "--out", str(tmp_path / "brats"), "--brats-hd95"]) == 0
+    with open(tmp_path / "brats" / "per_case.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["whole_tumor_dice"]) == 1.0
+    assert float(row["enhancing_tumour_dice"]) == 0.0
+    assert float(row["enhancing_tumour_hd95"]) == 373.13
+    with open(tmp_path / "diag" / "per_case.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["enhancing_tumour_hd95"]) == pytest.approx(math.sqrt(11**2 + 9**2 + 7**2))
+    summary = json.loads((tmp_path / "brats" / "summary.json").read_text())
+    assert "373.13" in summary["empty_policy_text"] and "MONAI" in summary["hd95_definition"]

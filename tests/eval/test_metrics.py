@@ -104,3 +104,25 @@ def test_shape_mismatch_is_an_error():
         confusion_counts(np.zeros((3, 4)), np.zeros((4, 3)))
     with pytest.raises(ValueError, match="spacing"):
         hd95(np.ones((3, 4)), np.ones((3, 4)), spacing=(1.0,))
+
+
+def test_hd95_is_monais_larger_directed_percentile_not_the_pooled_one():
+    """Prediction {0}, reference {0, 10} on a line: directed 95th percentiles 0 and 9.5, MONAI takes the larger
+    (9.5); medpy pools the three distances [0, 0, 10] into one 95th percentile (9.0)."""
+    pred, ref = np.zeros((3, 20), bool), np.zeros((3, 20), bool)
+    pred[1, 0] = True
+    ref[1, [0, 10]] = True
+    assert hd95(pred, ref) == pytest.approx(9.5)
+    assert hd95(ref, pred) == pytest.approx(9.5)
+    assert np.percentile([0.0, 0.0, 10.0], 95) == pytest.approx(9.0)  # the pooled convention, for contrast
+
+
+def test_hd95_of_one_empty_mask_is_the_grid_diagonal_or_the_value_given():
+    from rwkvseg.eval.metrics import BRATS_EMPTY_HD95
+
+    empty, lesion = np.zeros((4, 5, 6), bool), np.zeros((4, 5, 6), bool)
+    lesion[1:3, 2, 2] = True
+    assert hd95(empty, lesion, spacing=(2.0, 1.0, 1.0)) == pytest.approx(math.sqrt(6**2 + 4**2 + 5**2))
+    assert hd95(lesion, empty, empty_hd95=BRATS_EMPTY_HD95) == BRATS_EMPTY_HD95 == 373.13
+    assert case_scores(empty, lesion, empty_hd95=373.13)["hd95"] == 373.13
+    assert hd95(lesion, lesion, empty_hd95=373.13) == 0.0  # only a one-sided empty case takes the fixed value

@@ -23,6 +23,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty masks")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    hd = p.add_mutually_exclusive_group()
+    hd.add_argument(
+        "--hd95-empty",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="(3D) HD95 of a region empty in exactly one of prediction and reference (default: the grid's diagonal)",
+    )
+    hd.add_argument(
+        "--brats-hd95",
+        action="store_true",
+        help="(3D) BraTS-comparable HD95: 373.13 mm where exactly one mask is empty (same as --hd95-empty 373.13)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
     g = p.add_argument_group("3D volumes (chosen when the folders hold NIfTI / ITK files)")
@@ -39,7 +52,7 @@ def _holds_volumes(folder: str | Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.evaluate import evaluate_folders
-    from ..eval.metrics import EmptyPolicy
+    from ..eval.metrics import BRATS_EMPTY_HD95, EmptyPolicy
     from ._options import spec_from_args
 
     spec = None
@@ -68,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         skip_non_images=args.skip_non_images,
         with_hd95=not args.no_hd95,
+        empty_hd95=BRATS_EMPTY_HD95 if args.brats_hd95 else args.hd95_empty,
     )
     if spec is not None:
         print(f"{summary['cases']} cases (empty policy: {summary['empty_policy']}; HD95 in mm)")

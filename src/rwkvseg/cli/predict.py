@@ -28,8 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
-    g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (3D)")
-    g.add_argument("--mirror-axes", default="0,1,2", help="axes flipped for TTA, '' for none (3D)")
+    g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")
+    g.add_argument(
+        "--mirror-axes", default=None, help="axes flipped for TTA, '' for none (3D; default: the checkpoint's)"
+    )
     g.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (3D)")
     g.add_argument(
         "--more-modalities",
@@ -37,6 +39,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=(),
         metavar="FILE",
         help="(3D) when INPUT is the first of one 3-D file per modality: the other files, in the model's order",
+    )
+    g.add_argument(
+        "--modalities",
+        default=None,
+        help="(3D) the input's channel names in its order, where it does not name them itself (a 4-D file without "
+        "dataset.json, files without modality suffixes), e.g. FLAIR,T1w,T1gd,T2w; matched by name to the model's",
+    )
+    g.add_argument(
+        "--out-format",
+        choices=("nifti", "dicom-seg"),
+        default="nifti",
+        help="(3D) nifti (default; the input's format for NRRD / MHA) or dicom-seg (DICOM inputs: a DICOM SEG "
+        "referencing the first modality's series)",
     )
     p.set_defaults(func=run)
 
@@ -54,9 +69,18 @@ def checkpoint_and_input(args: argparse.Namespace) -> tuple[str, str]:
     return args.sources[0], args.sources[1]
 
 
+def mirror_axes(text: str | None) -> tuple[int, ...] | None:
+    """None (the checkpoint's axes) when not given, () for '', else the axes."""
+    from ._options import ints
+
+    if text is None:
+        return None
+    return () if not text.strip() else ints(text, "--mirror-axes")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..infer.predict import PredictConfig, is_3d_checkpoint, predict
-    from ._options import device_name, ints
+    from ._options import device_name
 
     checkpoint, source = checkpoint_and_input(args)
     config = PredictConfig(
@@ -68,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
         probabilities=args.probabilities,
         skip_non_images=args.skip_non_images,
         overlap=args.overlap,
-        mirror_axes=() if not args.mirror_axes.strip() else ints(args.mirror_axes, "--mirror-axes"),
+        mirror_axes=mirror_axes(args.mirror_axes),
         sw_batch_size=args.sw_batch_size,
+        modalities=tuple(m.strip() for m in args.modalities.split(",")) if args.modalities else (),
+        out_format=args.out_format,
     )
     volumes = is_3d_checkpoint(checkpoint)
     inputs = [source, *args.more_modalities] if volumes else [source]

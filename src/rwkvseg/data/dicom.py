@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .specs import modality_of
 from .volumes import DatasetSpec, Volume, _sitk_affine, import_sitk
 
 log = logging.getLogger(__name__)
@@ -63,27 +64,6 @@ def _import_highdicom():
             "writing DICOM SEG needs highdicom; install the extra: pip install 'rwkvseg[dicom]'"
         ) from None
     return highdicom
-
-
-def modality_of(text: str) -> str | None:
-    """The MRI modality a series description or folder name names: t1, t1ce, t2, flair, or None.
-
-    Works on scanner descriptions (`AX T1 POST GD`, `t2_tse_tra`, `T2 FLAIR`) and on dataset channel names
-    (`t1n`, `t1c`, `t1gd`, `t2w`, `t2f`, `FLAIR`), so a model's modality list and a series map to the same names.
-    """
-    text = text.lower()
-    if "flair" in text or re.search(r"(^|[^a-z0-9])t2f($|[^a-z0-9])", text):
-        return "flair"
-    has_t1, has_t2 = re.search(r"t1(?!\d)", text), re.search(r"t2(?!\d)", text)
-    if has_t1 and not has_t2:
-        contrast = re.search(
-            r"t1(ce|c|gd)(?![a-z0-9])|gd|gad|contrast|post|\+ ?c|c ?\+|(^|[^a-z0-9])ce($|[^a-z0-9])", text
-        )
-        native = re.search(r"(^|[^a-z])(pre|native|without|non[- _]?contrast)|w/o", text)
-        return "t1ce" if contrast and not native else "t1"
-    if has_t2 and not has_t1:
-        return "t2"
-    return None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ sees them; presets for BraTS / MSD, nnU-Net dataset.json, and the one resolver t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,8 +141,9 @@ def dataset_spec(name: str, **overrides: Any) -> DatasetSpec:
 def spec_from_dataset_json(path: Path, regions: dict[str, Sequence[int]] | None = None) -> DatasetSpec:
     """A spec for an nnU-Net raw dataset (v1 `modality` or v2 `channel_names` + `labels`).
 
-    Without `regions`, each foreground label is its own region; nnU-Net v2 region labels (lists of values in
-    dataset.json) are taken as regions.
+    Without `regions`, each foreground label is its own region, named as dataset.json names the label (v1
+    `"1": "edema"`, v2 `"edema": 1`); nnU-Net v2 region labels (lists of values in dataset.json) are taken as
+    regions. Names become safe column names (`safe_name`: `whole tumor` -> `whole_tumor`).
     """
     meta = read_json(path)
     channels = meta.get("channel_names") or meta.get("modality")
@@ -153,17 +155,23 @@ def spec_from_dataset_json(path: Path, regions: dict[str, Sequence[int]] | None 
     region_based = any(isinstance(v, list) for v in raw_labels.values())
     values: set[int] = set()
     json_regions: dict[str, tuple[int, ...]] = {}
+    label_names: dict[int, str] = {}
     for key, value in raw_labels.items():
         if key.isdigit():  # v1 / MSD: "1": "edema"
             values.add(int(key))
+            label_names[int(key)] = str(value)
             continue
         members = tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)  # v2: "edema": 1
         values.update(members)
         if region_based and members != (0,):
             json_regions[key] = members
+        elif len(members) == 1:
+            label_names[members[0]] = key
     label_values = (0, *sorted(values - {0}))
     if regions is None:
-        regions = json_regions or {str(v): (v,) for v in label_values[1:]}
+        # plain labels: each foreground label is a region named as dataset.json names it
+        regions = json_regions or {label_names.get(v, str(v)): (v,) for v in label_values[1:]}
+    regions = {safe_name(name): vals for name, vals in regions.items()}
     return DatasetSpec(
         name=str(meta.get("name", path.parent.name)),
         layout="nnunet",
@@ -171,6 +179,72 @@ def spec_from_dataset_json(path: Path, regions: dict[str, Sequence[int]] | None 
         label_values=label_values,
         regions=tuple((name, tuple(vals)) for name, vals in regions.items()),
     )
+
+
+def safe_name(name: str) -> str:
+    """A name fit for a CSV column or a file name: runs of characters other than letters, digits, `-` and `_`
+    become one `_` (`whole tumor` -> `whole_tumor`)."""
+    safe = re.sub(r"[^0-9A-Za-z_-]+", "_", str(name).strip()).strip("_")
+    if not safe:
+        raise ValueError(f"name {name!r} has no letters or digits; give regions and labels readable names")
+    return safe
+
+
+def modality_of(text: str) -> str | None:
+    """The MRI modality a series description, file suffix or channel name names: t1, t1ce, t2, flair, or None.
+
+    Works on scanner descriptions (`AX T1 POST GD`, `t2_tse_tra`, `T2 FLAIR`) and on dataset channel names
+    (`t1n`, `t1c`, `t1gd`, `t2w`, `t2f`, `FLAIR`), so a model's modality list and an input's channels map to the
+    same names.
+    """
+    text = text.lower()
+    if "flair" in text or re.search(r"(^|[^a-z0-9])t2f($|[^a-z0-9])", text):
+        return "flair"
+    has_t1, has_t2 = re.search(r"t1(?!\d)", text), re.search(r"t2(?!\d)", text)
+    if has_t1 and not has_t2:
+        contrast = re.search(
+            r"t1(ce|c|gd)(?![a-z0-9])|gd|gad|contrast|post|\+ ?c|c ?\+|(^|[^a-z0-9])ce($|[^a-z0-9])", text
+        )
+        native = re.search(r"(^|[^a-z])(pre|native|without|non[- _]?contrast)|w/o", text)
+        return "t1ce" if contrast and not native else "t1"
+    if has_t2 and not has_t1:
+        return "t2"
+    return None
+
+
+def channel_order(names: Sequence[str], modalities: Sequence[str], where: str) -> tuple[int, ...]:
+    """For each model modality, the index of the input channel that holds it, matched by name.
+
+    names: the input's channel names in its own order (dataset.json, file suffixes, DICOM series, --modalities);
+    a name matches a modality when both are equal ignoring case, or name the same MRI modality (`modality_of`:
+    MSD `T1gd` is BraTS `t1ce`, `FLAIR` is `flair`, BraTS 2023 `t2f` is `flair`). Raises ValueError saying how to
+    name the channels when a modality has no channel or two.
+    """
+    names = [str(n) for n in names]
+    hint = (
+        f"name the input's channels in their order with --modalities (e.g. --modalities "
+        f"{','.join(reversed([str(m) for m in modalities]))} for a file holding {', '.join(reversed(modalities))})"
+    )
+    if len(names) != len(modalities):
+        raise ValueError(
+            f"{where} has {len(names)} channel(s) {names}, the model takes {len(modalities)} "
+            f"({', '.join(modalities)}); {hint}"
+        )
+    order = []
+    for modality in modalities:
+        exact = [i for i, n in enumerate(names) if n.lower() == str(modality).lower()]
+        wanted = modality_of(str(modality))
+        similar = [i for i, n in enumerate(names) if wanted is not None and modality_of(n) == wanted]
+        found = exact or similar
+        if len(found) != 1:
+            raise ValueError(
+                f"{where}: {'no' if not found else 'more than one'} channel of {names} is the model's modality "
+                f"{modality!r} (model order: {', '.join(modalities)}); {hint}"
+            )
+        order.append(found[0])
+    if len(set(order)) != len(order):
+        raise ValueError(f"{where}: one channel of {names} matched several modalities of {list(modalities)}; {hint}")
+    return tuple(order)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -194,7 +268,7 @@ def resolve_spec(
     if dataset not in DATASETS:
         raise ValueError(f"dataset {dataset!r} is not valid; choose one of {', '.join(DATASETS)}")
     pairs = regions.items() if isinstance(regions, Mapping) else regions
-    region_pairs = tuple((str(name), tuple(int(v) for v in values)) for name, values in pairs)
+    region_pairs = tuple((safe_name(name), tuple(int(v) for v in values)) for name, values in pairs)
     overrides: dict[str, Any] = {}
     if modalities:
         overrides["modalities"] = tuple(modalities)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .specs import DatasetSpec, read_json
+from .specs import DatasetSpec, channel_order, dataset_spec, read_json
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,31 @@ AFFINE_ATOL = 1e-3
 
 @dataclass(frozen=True)
 class ImageSource:
-    """One modality of a case: a file, and the channel inside it for 4-D files (MSD)."""
+    """One modality of a case: a file, and the channel inside it for 4-D files (MSD), or a DICOM series
+    (a data.dicom.DicomSeries; path is then its folder)."""
 
     path: Path
     channel: int | None = None
+    series: Any = None
 
     def __str__(self) -> str:
+        if self.series is not None:
+            return f"{self.path} ({self.series})"
         return str(self.path) if self.channel is None else f"{self.path}[channel {self.channel}]"
 
 
 @dataclass(frozen=True)
 class CaseFiles:
-    """Where one case lives on disk: one source per modality in model order, and an optional label file."""
+    """Where one case lives on disk: one source per modality in model order, and an optional label file.
+
+    channels: the input's channel names in the input's own order, as they were read (dataset.json, file suffixes,
+    DICOM series descriptions, --modalities); empty where the layout itself fixes the order.
+    """
 
     case_id: str
     images: tuple[ImageSource, ...]
     label: Path | None = None
+    channels: tuple[str, ...] = ()
 
 
 @dataclass
@@ -254,9 +263,18 @@ def labels_to_classes(label: np.ndarray, spec: DatasetSpec, path: Path) -> np.nd
     return lut[label.astype(np.int64)]
 
 
+def read_source(source: ImageSource) -> Volume:
+    """One modality of a case: a file (or a channel of a 4-D file) or a DICOM series."""
+    if source.series is not None:
+        from .dicom import read_dicom_series
+
+        return read_dicom_series(source.series)
+    return read_volume(source.path, source.channel)
+
+
 def load_case(case: CaseFiles, spec: DatasetSpec, with_label: bool = True) -> CaseVolumes:
     """Read every modality and the label of a case, check they share one grid and hold valid values."""
-    volumes = [read_volume(src.path, src.channel) for src in case.images]
+    volumes = [read_source(src) for src in case.images]
     first = volumes[0]
     for src, vol in zip(case.images[1:], volumes[1:], strict=True):
         if not _same_grid(first, vol):
@@ -410,16 +428,260 @@ def _nnunet_cases(root: Path, spec: DatasetSpec, require_label: bool, split: str
     return cases
 
 
-def case_from_files(paths: Sequence[Path | str], spec: DatasetSpec, case_id: str | None = None) -> CaseFiles:
-    """A case from explicit files: one 4-D file (MSD-style channels) or one 3-D file per modality in order."""
+ORIENTATION_NOTE = (
+    "nibabel axis codes of the voxel axes (i, j, k) of the training images' affines: the world direction each "
+    "axis points to (LPS: i -> left, j -> posterior, k -> superior)"
+)
+
+
+def axcodes(affine: np.ndarray) -> str:
+    """The orientation of an affine as nibabel axis codes of voxel axes (i, j, k), e.g. 'LPS' for BraTS."""
+    import nibabel as nib
+
+    return "".join(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def reorient(case: CaseVolumes, codes: str) -> tuple[CaseVolumes, np.ndarray]:
+    """The case with its voxel axes permuted / flipped so they point as `codes` says (no resampling: exact).
+
+    Returns the reoriented case and the nibabel orientation transform that takes an array on the new grid back
+    to the case's own grid (`orient_back`). Oblique grids go to the nearest axis orientation (as nnU-Net and
+    nibabel do); the affine stays exact, so world positions are unchanged.
+    """
+    from nibabel import orientations as nio
+
+    own = nio.io_orientation(case.affine)
+    wanted = nio.axcodes2ornt(tuple(codes))
+    forward = nio.ornt_transform(own, wanted)
+    back = nio.ornt_transform(wanted, own)
+    if np.array_equal(forward, [[0, 1], [1, 1], [2, 1]]):  # identity: axes kept in place, unflipped
+        return case, back
+    ijk = np.swapaxes(case.image, 1, 3)  # [M, K, J, I] -> [M, I, J, K]
+    turned = np.stack([nio.apply_orientation(channel, forward) for channel in ijk])
+    affine = case.affine @ nio.inv_ornt_aff(forward, ijk.shape[1:])
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))  # (i, j, k)
+    label = case.label
+    if label is not None:
+        label = np.swapaxes(nio.apply_orientation(np.swapaxes(label, 0, 2), forward), 0, 2)
+    return (
+        CaseVolumes(
+            case.case_id,
+            np.ascontiguousarray(np.swapaxes(turned, 1, 3)),
+            None if label is None else np.ascontiguousarray(label),
+            affine,
+            tuple(float(z) for z in zooms[::-1]),
+            case.reference,
+            case.source_dtype,
+        ),
+        back,
+    )
+
+
+def orient_back(values: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """An array [K, J, I] on a reoriented grid -> the original grid (`back` from `reorient`)."""
+    from nibabel import orientations as nio
+
+    return np.ascontiguousarray(np.swapaxes(nio.apply_orientation(np.swapaxes(values, 0, 2), back), 0, 2))
+
+
+def dataset_json_near(path: Path) -> Path | None:
+    """The dataset.json of an MSD / nnU-Net dataset a file lies in (beside it, or one folder up: imagesTr/..)."""
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "dataset.json").is_file():
+            return folder / "dataset.json"
+    return None
+
+
+def json_channel_names(path: Path) -> tuple[str, ...]:
+    """The channel names of an MSD (`modality`) or nnU-Net (`channel_names`) dataset.json, in channel order."""
+    meta = read_json(path)
+    channels = meta.get("channel_names") or meta.get("modality")
+    if not channels:
+        raise ValueError(f"{path} names no channels ('channel_names' or 'modality'); is it an MSD / nnU-Net file?")
+    return tuple(str(channels[key]) for key in sorted(channels, key=int))
+
+
+def _channel_count(path: Path) -> int:
+    """Channels of an image file from its header: 1 for 3-D files, the 4th axis (or vector components) else."""
+    if path.name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        shape = nib.load(path).shape
+        return int(shape[3]) if len(shape) == 4 else 1
+    if path.is_dir():
+        return 1
+    sitk = import_sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return int(reader.GetNumberOfComponents())
+
+
+def _case_prefix(stems: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    """('<case>', (suffix, ...)) of per-modality file stems `<case>_<modality>` (or `-`): the longest common
+    prefix that ends just before a separator in every stem."""
+    prefix = stems[0]
+    for stem in stems[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(prefix, stem, strict=False)) if a != b), min(len(prefix), len(stem)))
+        prefix = prefix[:n]
+    for cut in range(len(prefix), 0, -1):
+        if prefix[cut - 1] not in "_-." and all(len(s) > cut and s[cut] in "_-." for s in stems):
+            return prefix[:cut], tuple(s[cut + 1 :] for s in stems)
+    return strip_suffix(stems[0]), tuple(stems)
+
+
+def case_from_files(
+    paths: Sequence[Path | str], spec: DatasetSpec, case_id: str | None = None, names: Sequence[str] = ()
+) -> CaseFiles:
+    """A case from explicit files, channels matched to the model's modalities by name (`channel_order`).
+
+    One 4-D file: channel names from `names`, else from the dataset.json beside the file or one folder up (MSD
+    `modality`, nnU-Net `channel_names`); a bare 4-D file without either is refused. One 3-D file per modality:
+    names from `names`, else the files' suffixes after the case name (`<case>_flair.nii.gz`, nnU-Net
+    `<case>_0000` channel numbers looked up in a dataset.json). The case id is the common part of the names
+    (`<case>`), not the first file's name.
+    """
     paths = [Path(p) for p in paths]
-    if len(paths) == 1 and len(spec.modalities) > 1:
-        images = tuple(ImageSource(paths[0], c) for c in range(len(spec.modalities)))
-    elif len(paths) == len(spec.modalities):
-        images = tuple(ImageSource(p) for p in paths)
-    else:
+    names = tuple(str(n) for n in names)
+    if len(paths) == 1 and _channel_count(paths[0]) > 1:
+        path = paths[0]
+        count = _channel_count(path)
+        meta = dataset_json_near(path)
+        if not names and meta is None:
+            raise ValueError(
+                f"{path} holds {count} channels but no dataset.json beside it says which is which; name them in "
+                f"file order with --modalities (e.g. --modalities {','.join(spec.modalities)} if they are in the "
+                f"model's order)"
+            )
+        names = names or json_channel_names(meta)
+        where = f"{path} (channels named by {'--modalities' if meta is None or names else meta})"
+        if len(names) != count:
+            raise ValueError(f"{where}: {len(names)} names {list(names)} for {count} channels; give one per channel")
+        order = channel_order(names, spec.modalities, where)
+        return CaseFiles(case_id or strip_suffix(path.name), tuple(ImageSource(path, c) for c in order), None, names)
+    stems = [strip_suffix(p.name) for p in paths]
+    prefix, suffixes = _case_prefix(stems) if len(paths) > 1 else (stems[0], (stems[0],))
+    if len(paths) == 1 and len(spec.modalities) == 1:
+        return CaseFiles(case_id or prefix, (ImageSource(paths[0]),), None, names or suffixes)
+    if not names:
+        names = suffixes
+        meta = dataset_json_near(paths[0])
+        if all(n.isdigit() for n in names) and meta is not None:
+            channels = json_channel_names(meta)
+            names = tuple(channels[int(n)] if int(n) < len(channels) else n for n in names)
+    where = f"files {', '.join(p.name for p in paths)}"
+    order = channel_order(names, spec.modalities, where)
+    return CaseFiles(case_id or prefix, tuple(ImageSource(paths[i]) for i in order), None, names)
+
+
+def _split_folder(root: Path) -> str:
+    """Ts when imagesTs/ holds images, else Tr (with a warning when imagesTs/ exists but is empty)."""
+    test = root / "imagesTs"
+    if test.is_dir() and any(is_volume_file(p) for p in test.iterdir()):
+        return "Ts"
+    if test.is_dir():
+        log.warning("%s is empty: predicting the training images in %s instead", test, root / "imagesTr")
+    if not (root / "imagesTr").is_dir():
+        raise ValueError(f"{root} has a dataset.json but neither imagesTs/ nor imagesTr/ with images")
+    return "Tr"
+
+
+def dataset_cases(root: Path, spec: DatasetSpec, split: str | None = None) -> list[CaseFiles]:
+    """Cases of an MSD or nnU-Net folder (labels optional), channels matched by the dataset.json's names."""
+    names = json_channel_names(root / "dataset.json")
+    split = split or _split_folder(root)
+    order = channel_order(names, spec.modalities, f"{root / 'dataset.json'}")
+    folder = root / f"images{split}"
+    files = [p for p in sorted(folder.iterdir()) if is_volume_file(p)]
+    nnunet = any(strip_suffix(p.name)[-5:-4] == "_" and strip_suffix(p.name)[-4:].isdigit() for p in files)
+    indexed = replace(spec, layout="nnunet" if nnunet else "msd", modalities=tuple(str(i) for i in order))
+    cases = _nnunet_cases(root, indexed, False, split) if nnunet else _msd_cases(root, indexed, False, split)
+    if not cases:
+        raise ValueError(f"{folder} holds no images; add them or point to another folder")
+    return [CaseFiles(c.case_id, c.images, c.label, names) for c in cases]
+
+
+def brats_cases(root: Path, spec: DatasetSpec) -> list[CaseFiles]:
+    """Cases of a BraTS-style folder (or tree), whatever BraTS naming it uses, channels matched by file suffix:
+    the model's own naming first, then the BraTS 2017-2021 and 2023 presets."""
+    candidates = [spec] if spec.layout == "brats" else []
+    candidates += [dataset_spec("brats"), dataset_spec("brats2023")]
+    for source in candidates:
+        try:
+            order = channel_order(source.modalities, spec.modalities, f"BraTS files of {root}")
+        except ValueError:
+            continue
+        named = replace(source, modalities=tuple(source.modalities[i] for i in order))
+        folders = [root] if _is_brats_folder(root, named) else []
+        folders += sorted(p for p in root.rglob("*") if p.is_dir() and _is_brats_folder(p, named))
+        if folders:
+            return [
+                CaseFiles(c.case_id, c.images, c.label, source.modalities)
+                for c in (brats_case(f, named, require_label=False) for f in folders)
+            ]
+    return []
+
+
+def dicom_cases(root: Path, spec: DatasetSpec) -> list[CaseFiles]:
+    """One case per DICOM folder: root itself when it holds the series of one case, else each subfolder that
+    does; series matched to the model's modalities by description or folder name (data.dicom.case_series)."""
+    from .dicom import case_series, find_series
+
+    def one(folder: Path) -> CaseFiles:
+        series = case_series(folder, spec.modalities)
+        images = tuple(ImageSource(s.folder, series=s) for s in series)
+        found = [s for s in find_series(folder) if s in series]  # the folder's own order (by subfolder)
+        return CaseFiles(folder.name, images, None, tuple(s.description or s.folder.name for s in found))
+
+    images = [s for s in find_series(root) if s.is_image]
+    subfolders = sorted({s.folder.relative_to(root).parts[0] for s in images if s.folder != root})
+    if len(images) > len(spec.modalities) and len(subfolders) > 1:
+        per_folder = [root / name for name in subfolders]
+        if all(
+            len([s for s in images if root / s.folder.relative_to(root).parts[0] == f]) >= len(spec.modalities)
+            for f in per_folder
+        ):
+            return [one(f) for f in per_folder]
+    return [one(root)]
+
+
+def input_cases(inputs: Sequence[Path | str], spec: DatasetSpec, names: Sequence[str] = ()) -> list[CaseFiles]:
+    """Cases to predict from command-line inputs, every channel matched by name to the model's modalities.
+
+    Files: one 4-D file (names from --modalities or a dataset.json), or one 3-D file per modality (names from
+    --modalities or the file suffixes). Folders: an MSD / nnU-Net root with its dataset.json (imagesTs/, or
+    imagesTr/ with a warning when imagesTs/ is missing or empty), a BraTS case folder or tree (2017-2021 or 2023
+    names), or a DICOM case folder (one series per modality) or a folder of such case folders.
+    """
+    paths = [Path(p) for p in inputs]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
+    if all(p.is_file() for p in paths):
+        return [case_from_files(paths, spec, names=names)]
+    if not all(p.is_dir() for p in paths):
+        raise ValueError("give either case folders or image files as inputs, not a mix")
+    cases = []
+    for folder in paths:
+        if (folder / "dataset.json").is_file():
+            found = dataset_cases(folder, spec)
+        else:
+            found = brats_cases(folder, spec)
+            if not found and not any(is_volume_file(p) for p in folder.rglob("*")):
+                from .dicom import is_dicom_folder
+
+                if is_dicom_folder(folder):
+                    found = dicom_cases(folder, spec)
+        if not found:
+            raise ValueError(
+                f"no cases found under {folder}: expected BraTS case folders (<case>/<case>_{spec.modalities[0]}"
+                f".nii.gz, BraTS 2023 <case>-t1n...), an MSD / nnU-Net folder with dataset.json, or a DICOM case "
+                f"folder (one series per modality); for single files pass them directly"
+            )
+        cases += found
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
         raise ValueError(
-            f"{len(paths)} image files given but the model expects {len(spec.modalities)} modalities "
-            f"({', '.join(spec.modalities)}); give one file per modality in this order, or one 4-D file"
+            f"case ids of {', '.join(map(str, paths))} are not unique: {sorted({i for i in ids if ids.count(i) > 1})}"
         )
-    return CaseFiles(case_id or strip_suffix(paths[0].name), images, None)
+    return cases

@@ -35,11 +35,15 @@ def evaluate_folders(
     overwrite: bool = False,
     skip_non_images: bool = False,
     with_hd95: bool = True,
+    empty_hd95: float | None = None,
 ) -> dict[str, Any]:
     """Score every ground-truth case and return the summary; with out, write per_case.csv and summary.json.
 
     spec given: 3D label volumes scored per region of the spec (num_classes, spacing, missing_as_empty and
     skip_non_images are 2D options: volumes carry their spacing, and a missing prediction is an error).
+    HD95 is MONAI's (the larger of the two directed 95th percentiles over surface voxels, not medpy's pooled
+    percentile); with exactly one empty mask it is the diagonal of the grid, or `empty_hd95` (3D) when given:
+    eval.metrics.BRATS_EMPTY_HD95 = 373.13 mm gives BraTS-comparable numbers.
     """
     pred, gt = Path(pred), Path(gt)
     if out is not None:
@@ -50,10 +54,12 @@ def evaluate_folders(
     if spec is not None:
         from .volumes import score_volumes
 
-        rows, summary = score_volumes(pred, gt, spec, policy, with_hd95)
+        rows, summary = score_volumes(pred, gt, spec, policy, with_hd95, empty_hd95)
     else:
         from .images import score_images
 
+        if empty_hd95 is not None:
+            raise ValueError("a fixed HD95 for empty masks (--hd95-empty, --brats-hd95) applies to 3D volumes only")
         rows, summary = score_images(
             pred,
             gt,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..data.regions import values_to_regions
-from ..data.specs import DatasetSpec
+from ..data.specs import DatasetSpec, safe_name
 from ..data.volumes import (
     AFFINE_ATOL,
     discover_cases,
@@ -73,14 +73,16 @@ def region_scores(
     spacing: Sequence[float] | None = None,
     policy: EmptyPolicy = EmptyPolicy.PERFECT,
     with_hd95: bool = True,
+    empty_hd95: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per-region metrics of one case from label-value volumes: {region: case_scores(...)}."""
+    """Per-region metrics of one case from label-value volumes: {region: case_scores(...)}; HD95 conventions in
+    eval.metrics (MONAI's; one empty mask: the grid's diagonal, or `empty_hd95` such as BraTS's 373.13 mm)."""
     if pred.shape != reference.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference {reference.shape}")
     pred_regions = values_to_regions(pred, spec)
     ref_regions = values_to_regions(reference, spec)
     return {
-        name: case_scores(pred_regions[name], ref_regions[name], spacing, policy, with_hd95)
+        name: case_scores(pred_regions[name], ref_regions[name], spacing, policy, with_hd95, empty_hd95)
         for name in spec.region_names
     }
 
@@ -91,6 +93,7 @@ def evaluate_pair(
     spec: DatasetSpec,
     policy: EmptyPolicy = EmptyPolicy.PERFECT,
     with_hd95: bool = True,
+    empty_hd95: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Region scores of one prediction file against its reference; errors name both files."""
     pred, ref = read_volume(pred_path), read_volume(ref_path)
@@ -102,7 +105,7 @@ def evaluate_pair(
         )
     for volume in (pred, ref):
         labels_to_classes(volume.array, spec, volume.path)  # raises on label values outside the spec
-    return region_scores(pred.array, ref.array, spec, ref.spacing, policy, with_hd95)
+    return region_scores(pred.array, ref.array, spec, ref.spacing, policy, with_hd95, empty_hd95)
 
 
 def score_volumes(
@@ -111,6 +114,7 @@ def score_volumes(
     spec: DatasetSpec,
     policy: EmptyPolicy = EmptyPolicy.PERFECT,
     with_hd95: bool = True,
+    empty_hd95: float | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(one row per case with `<region>_<metric>` columns, summary) of every reference case.
 
@@ -130,15 +134,15 @@ def score_volumes(
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.region_names}
     table = []
     for case_id, ref_path in sorted(refs.items()):
-        scores = evaluate_pair(preds[case_id], ref_path, spec, policy, with_hd95)
+        scores = evaluate_pair(preds[case_id], ref_path, spec, policy, with_hd95, empty_hd95)
         row: dict[str, Any] = {"case": case_id}
         for region, values in scores.items():
             rows[region].append({"case": case_id, **values})
             for metric in CSV_METRICS:
                 if metric in values:
-                    row[f"{region}_{metric}"] = values[metric]
-            row[f"{region}_empty_reference"] = values["empty_ground_truth"]
-            row[f"{region}_empty_prediction"] = values["empty_prediction"]
+                    row[f"{safe_name(region)}_{metric}"] = values[metric]
+            row[f"{safe_name(region)}_empty_reference"] = values["empty_ground_truth"]
+            row[f"{safe_name(region)}_empty_prediction"] = values["empty_prediction"]
         table.append(row)
         log.info("%s: %s", case_id, "  ".join(f"{r} {s['dice']:.4f}" for r, s in scores.items()))
     metrics = ("dice", "hd95") if with_hd95 else ("dice",)
@@ -151,8 +155,13 @@ def score_volumes(
             if EmptyPolicy(policy) is EmptyPolicy.PERFECT
             else "both empty: Dice and HD95 undefined (NaN), excluded from means and counted"
         )
-        + "; one empty: Dice 0, HD95 = image diagonal in mm (no 50 mm cap)",
+        + (
+            "; one empty: Dice 0, HD95 = image diagonal in mm (no 50 mm cap)"
+            if empty_hd95 is None
+            else f"; one empty: Dice 0, HD95 = {empty_hd95} mm (fixed, as BraTS does for 373.13)"
+        ),
         "hd95_units": "mm, at the reference file's voxel spacing",
+        "hd95_definition": "MONAI: the larger of the two directed 95th percentiles of surface distances",
         "regions": regions,
         "mean_dice": float(np.nanmean([r["dice"]["mean"] for r in regions.values() if "mean" in r["dice"]])),
         "predictions": str(pred_dir),

@@ -18,7 +18,10 @@ from ..files import check_apart, check_replaceable, mark_owned
 @dataclass(frozen=True)
 class PredictConfig:
     """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size, overlays,
-    probabilities, skip_non_images. 3D: the sliding window's overlap, mirror axes and windows per pass."""
+    probabilities, skip_non_images. 3D: the sliding window's overlap, mirror axes (None: the defaults the
+    checkpoint records under preprocessing.inference) and windows per pass; modalities: the input's channel names
+    in its order, where the input does not name them itself; out_format: nifti (the input's format for ITK
+    files) or dicom-seg (DICOM inputs)."""
 
     device: str = "cpu"
     overwrite: bool = False
@@ -27,18 +30,20 @@ class PredictConfig:
     overlays: bool = False
     probabilities: bool = False
     skip_non_images: bool = False
-    overlap: float = 0.5
-    mirror_axes: tuple[int, ...] = (0, 1, 2)
+    overlap: float | None = None
+    mirror_axes: tuple[int, ...] | None = None
     sw_batch_size: int = 1
+    modalities: tuple[str, ...] = ()
+    out_format: str = "nifti"
 
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"--threshold {self.threshold} must be in [0, 1] (a probability)")
         if self.batch_size < 1 or self.sw_batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} and --sw-batch-size {self.sw_batch_size} must be >= 1")
-        if not 0 <= self.overlap < 1:
+        if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ValueError(f"--overlap {self.overlap} must be in [0, 1)")
-        if any(a not in (0, 1, 2) for a in self.mirror_axes):
+        if self.mirror_axes is not None and any(a not in (0, 1, 2) for a in self.mirror_axes):
             raise ValueError(f"--mirror-axes {list(self.mirror_axes)} must index the spatial axes 0, 1, 2")
 
 
@@ -51,7 +56,9 @@ def predict(
 ) -> list[Path]:
     """Predict every image / case in inputs into out; returns the label files written.
 
-    2D: one image file or folder. 3D: case folders, or one 3-D file per modality in the model's order.
+    2D: one image file or folder. 3D: case folders (BraTS, MSD / nnU-Net with dataset.json, DICOM), one 4-D file
+    or one 3-D file per modality; channels are matched by name to the checkpoint's modalities (config.modalities
+    names them where the input does not).
     out may not be, contain or sit inside an input; overwrite replaces files only in a folder rwkvseg made.
     """
     out = Path(out)

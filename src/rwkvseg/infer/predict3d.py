@@ -1,9 +1,13 @@
-"""3D prediction on NIfTI files or case folders, at any voxel spacing, written on the input's own grid.
+"""3D prediction on volumes, case folders and DICOM series, at any voxel spacing, written on the input's own grid.
 
-The input is preprocessed with the training plans stored in the checkpoint (crop to nonzero, z-score, resample
-to the training spacing), predicted with the sliding window, and the probabilities are resampled back to the
-cropped original grid, turned into label values and pasted into the uncropped grid. The output file takes the
-first modality's header and affine, so shape, affine and orientation match the input exactly.
+Channels are matched by name to the modalities the checkpoint records (data.volumes.input_cases). The input is
+turned to the orientation the model was trained in (axes permuted / flipped, no resampling; the checkpoint's
+`orientation`, LPS for checkpoints without one), preprocessed with the training plans stored in the checkpoint
+(crop to nonzero, z-score, resample to the training spacing), predicted with the sliding window (overlap and
+mirror axes: the checkpoint's unless given), and the probabilities are resampled back to the cropped grid, turned
+into label values, pasted into the uncropped grid and turned back to the input's orientation. The output file
+takes the first modality's header and affine, so shape, affine and orientation match the input exactly; DICOM
+inputs may instead get a DICOM SEG referencing the first modality's series.
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ from ..data.volumes import (
     NIFTI_SUFFIXES,
     CaseFiles,
     Volume,
-    case_from_files,
-    discover_cases,
+    input_cases,
     load_case,
+    orient_back,
+    reorient,
 )
+from ..records import DEFAULT_ORIENTATION
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
 log = logging.getLogger(__name__)
+
+OUT_FORMATS = ("nifti", "dicom-seg")
 
 
 def probabilities_to_values(probs: torch.Tensor, spec: DatasetSpec, target: str) -> np.ndarray:
@@ -89,11 +97,20 @@ class Predictor3D:
         self.spec = DatasetSpec.from_dict(metadata["dataset"])
         self.target = metadata["target"]
         self.device = torch.device(options.device)
+        if options.out_format not in OUT_FORMATS:
+            raise ValueError(f"output format {options.out_format!r} unknown; choose one of {', '.join(OUT_FORMATS)}")
+        self.options = options
+        self.orientation = str(metadata.get("orientation") or DEFAULT_ORIENTATION)
+        recorded = metadata.get("inference", {})  # the defaults training wrote
+        overlap = options.overlap if options.overlap is not None else float(recorded.get("overlap", 0.5))
+        mirror = options.mirror_axes
+        if mirror is None:
+            mirror = tuple(int(a) for a in recorded.get("mirror_axes", (0, 1, 2)))
         self.window = SlidingWindowConfig(
             patch_size=tuple(metadata["patch_size"]),
-            overlap=options.overlap,
+            overlap=overlap,
             sw_batch_size=options.sw_batch_size,
-            mirror_axes=options.mirror_axes,
+            mirror_axes=tuple(mirror),
             activation="softmax" if self.target == "labels" else "sigmoid",
         )
 
@@ -108,22 +125,46 @@ class Predictor3D:
     def predict_case(self, case: CaseFiles) -> tuple[np.ndarray, Volume]:
         """Label values [K, J, I] on the case's original grid, and the volume whose geometry it shares."""
         volumes = load_case(case, self.spec, with_label=False)
-        image, props = prepare_for_model(volumes, self.metadata)  # [M, k, j, i] at the training spacing
+        oriented, back = reorient(volumes, self.orientation)  # axes as in training, same world positions
+        image, props = prepare_for_model(oriented, self.metadata)  # [M, k, j, i] at the training spacing
         logits = predict_logits(self.model, torch.from_numpy(image)[None], self.window, self.device)[0]
         probs = activate(logits[None], self.window.activation)[0]  # [K, *resampled]
         cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
         probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]
         values = paste(probabilities_to_values(probs, self.spec, self.target), props)
-        return values, volumes.reference
+        return orient_back(values, back), volumes.reference
+
+    def output_path(self, case: CaseFiles, out_dir: Path | str) -> Path:
+        """`<out_dir>/<case_id>.nii.gz` (the input's format for ITK files, `.dcm` for a DICOM SEG)."""
+        first = case.images[0]
+        if self.options.out_format == "dicom-seg":
+            if first.series is None:
+                raise ValueError(
+                    f"case {case.case_id} is not DICOM ({first.path}); --out-format dicom-seg needs DICOM series "
+                    f"inputs (a DICOM SEG references its source series), use the default nifti output"
+                )
+            return Path(out_dir) / f"{case.case_id}.dcm"
+        path = first.path
+        suffix = ".nii.gz" if path.is_dir() or path.name.endswith(NIFTI_SUFFIXES) else "".join(path.suffixes)
+        return Path(out_dir) / f"{case.case_id}{suffix}"
 
     def predict_to_file(self, case: CaseFiles, out_dir: Path | str, overwrite: bool = False) -> Path:
-        """Predict one case and write `<out_dir>/<case_id>.nii.gz` (or the input's ITK format)."""
-        first = case.images[0].path
-        suffix = ".nii.gz" if first.is_dir() or first.name.endswith(NIFTI_SUFFIXES) else "".join(first.suffixes)
-        out = Path(out_dir) / f"{case.case_id}{suffix}"
+        """Predict one case and write `<out_dir>/<case_id>.nii.gz` (or the input's ITK format, or a DICOM SEG)."""
+        out = self.output_path(case, out_dir)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; remove it or pass --overwrite")
+        if case.channels:
+            log.info("%s: input channels %s read as %s", case.case_id, list(case.channels), list(self.spec.modalities))
         values, reference = self.predict_case(case)
+        if self.options.out_format == "dicom-seg":
+            from ..data.dicom import segments_for, write_dicom_seg
+
+            target = "regions" if self.spec.regions else "labels"
+            segments = segments_for(self.spec, target)
+            write_dicom_seg(values, case.images[0].series, out, segments, overwrite=overwrite)
+            log.info("%s -> %s", case.case_id, out)
+            return out
+        suffix = out.name[len(case.case_id) :]
         out.parent.mkdir(parents=True, exist_ok=True)
         # written beside the target and moved into place, so an interrupted run leaves no half file; the
         # temporary name keeps the suffix that nibabel / SimpleITK take the format from
@@ -138,26 +179,11 @@ class Predictor3D:
         return out
 
 
-def prediction_cases(inputs: Sequence[Path | str], spec: DatasetSpec) -> list[CaseFiles]:
-    """Cases from command-line inputs, labels optional.
-
-    Folders: BraTS layout, a case folder or a tree of them; MSD / nnU-Net layout, a dataset root with its
-    dataset.json (imagesTs/ when present, else imagesTr/). Files: one 3-D file per modality in the model's
-    order, or one 4-D file whose channels are in that order.
-    """
-    paths = [Path(p) for p in inputs]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
-    if all(p.is_file() for p in paths):
-        return [case_from_files(paths, spec)]
-    if not all(p.is_dir() for p in paths):
-        raise ValueError("give either case folders or image files as inputs, not a mix")
-    cases = []
-    for folder in paths:
-        split = "Ts" if (folder / "imagesTs").is_dir() else "Tr"
-        cases += discover_cases(folder, spec, require_label=False, split=split)
-    return cases
+def prediction_cases(
+    inputs: Sequence[Path | str], spec: DatasetSpec, modalities: Sequence[str] = ()
+) -> list[CaseFiles]:
+    """Cases from command-line inputs, labels optional, channels matched by name (data.volumes.input_cases)."""
+    return input_cases(inputs, spec, modalities)
 
 
 def predict_paths(
@@ -169,10 +195,10 @@ def predict_paths(
     """Every case found in inputs -> a label file in out_dir (replacing existing ones only with options.overwrite)."""
     options = options or PredictConfig()
     predictor = Predictor3D.from_checkpoint(checkpoint, options)
-    cases = prediction_cases(inputs, predictor.spec)
+    cases = prediction_cases(inputs, predictor.spec, options.modalities)
     overwrite = options.overwrite
     if not overwrite:
-        clash = [c.case_id for c in cases if any(Path(out_dir).glob(f"{c.case_id}.*"))]
+        clash = [c.case_id for c in cases if predictor.output_path(c, out_dir).exists()]
         if clash:
             raise FileExistsError(f"predictions for {', '.join(clash)} exist in {out_dir}; pass --overwrite")
     return [predictor.predict_to_file(case, out_dir, overwrite) for case in cases]
