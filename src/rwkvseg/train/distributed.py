@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import logging
 import os
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -120,7 +121,10 @@ def process_group(device: torch.device, launch: Launch, timeout_s: float = DEFAU
     )
     try:
         yield
-    except dist.DistError as err:
+    except Exception as err:
+        if not _in_collective(err):
+            log.error("rank %d of %d failed: %s: %s", launch.rank, launch.world_size, type(err).__name__, err)
+            raise
         log.error(
             "rank %d of %d stopped: a collective operation failed, so another rank failed or did not answer within "
             "%.0f s (its own message names it): %s",
@@ -130,11 +134,16 @@ def process_group(device: torch.device, launch: Launch, timeout_s: float = DEFAU
             str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
         )
         raise
-    except BaseException as err:
-        log.error("rank %d of %d failed: %s: %s", launch.rank, launch.world_size, type(err).__name__, err)
-        raise
     finally:
         dist.destroy_process_group()
+
+
+def _in_collective(err: BaseException) -> bool:
+    """Whether err came out of a torch.distributed operation (a peer died or timed out), not this rank's own work."""
+    if isinstance(err, dist.DistError):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"torch{os.sep}distributed{os.sep}" in frames[-1].filename
 
 
 def barrier() -> None:
