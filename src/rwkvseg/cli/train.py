@@ -1,8 +1,11 @@
-"""`rwkvseg train`: a 2D or 3D run from a config file (rwkvseg.train.train.train)."""
+"""`rwkvseg train`: a 2D or 3D run from a config file (rwkvseg.train.train.train); data-parallel under torchrun
+(`torchrun --nproc-per-node N -m rwkvseg.cli train CONFIG`, docs/distributed.md)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
 
@@ -21,6 +24,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (same as --set out=...)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun: how long a process waits for the others (a failed or hung rank ends the run after it)",
+    )
     p.set_defaults(func=run)
 
 
@@ -40,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--resume without a config file needs --out RUN_FOLDER")
         config_path = Path(args.out) / CONFIG_FILE
     config = load_config(config_path, overrides)
-    progress = train(config, resume=args.resume, progress_bar=not args.no_progress)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 logs progress and reports
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)
+    progress = train(config, resume=args.resume, progress_bar=not args.no_progress, dist_timeout_s=args.dist_timeout)
+    if not main_rank:
+        return 0
     print(
         f"best validation {config.select_metric} {progress.best_metric:.4f} at epoch {progress.best_epoch}; "
         f"checkpoint {Path(config.out) / 'best.safetensors'}"

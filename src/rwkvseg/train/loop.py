@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import CheckpointMeta, save_checkpoint
 from ..files import atomic_write_text, write_json
+from . import distributed
 from .state import Progress, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Calla
 class Run:
     """What one run trains: the model with its optimizer and per-step scheduler, the data and the loss,
     validate(model), the checkpoint record (its training field is filled in per epoch) and where it all goes.
-    train_set may have set_epoch(epoch) (reseeds augmentation); batches are {"image": x, "mask": y}."""
+    train_set may have set_epoch(epoch) (reseeds augmentation); batches are {"image": x, "mask": y}.
+    step_model: what the training step calls (fit sets it: the DDP wrapper of model under torchrun)."""
 
     model: nn.Module
     train_set: Dataset
@@ -150,6 +152,7 @@ class Run:
     meta: CheckpointMeta
     run_dir: Path
     device: torch.device | str = "cpu"
+    step_model: nn.Module | None = None
 
 
 @dataclass
@@ -174,7 +177,8 @@ def fit(
     """Train for loop.epochs epochs (or until stop(progress) is true after an epoch); returns the progress.
 
     Each epoch: train_epoch, validate_epoch (every loop.val_every epochs and the last), save_epoch. With resume,
-    everything continues from run_dir/state.pt.
+    everything continues from run_dir/state.pt. Under torchrun (distributed.process_group) every rank calls
+    fit; loop.batch_size is the global batch; rank 0 validates and writes the run folder.
     """
     run_dir, device = Path(run.run_dir), torch.device(run.device)
     state_path = run_dir / STATE_FILE
@@ -191,14 +195,18 @@ def fit(
         log.info("resuming %s after epoch %d (step %d)", run_dir, progress.epoch, progress.step)
     else:
         progress = Progress()
-    tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" else None
+    run = replace(run, step_model=distributed.data_parallel(run.model, device))
+    main = distributed.is_main()
+    tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" and main else None
     for epoch in range(progress.epoch + 1, loop.epochs + 1):
         row = train_epoch(run, loop, epoch, progress, precision)
         if epoch % loop.val_every == 0 or epoch == loop.epochs:
-            row.update(validate_epoch(run, loop, epoch, progress, precision))
+            row.update(_validate_on_main(run, loop, epoch, progress, precision))
         progress.epoch = epoch
         progress.history.append(row)
-        save_epoch(run, loop, progress, precision)
+        if main:
+            save_epoch(run, loop, progress, precision)
+        distributed.barrier()  # the run folder is up to date before any rank goes on
         if tensorboard is not None:
             tensorboard.log(row, progress.step)
         log.info(
@@ -211,7 +219,7 @@ def fit(
             progress.best_metric if progress.best_metric is not None else math.nan,
             progress.best_epoch,
         )
-        if stop is not None and stop(progress):
+        if stop is not None and distributed.on_main(lambda: stop(progress)):  # one decision for all ranks
             log.info("stopping after epoch %d", epoch)
             break
     summary = {
@@ -221,8 +229,22 @@ def fit(
         f"best_{loop.select_metric}": progress.best_metric,
         "last": progress.history[-1] if progress.history else None,
     }
-    write_json(run_dir / SUMMARY_FILE, summary)
+    if main:
+        write_json(run_dir / SUMMARY_FILE, summary)
     return progress
+
+
+def _validate_on_main(
+    run: Run, loop: LoopConfig, epoch: int, progress: Progress, precision: _Precision
+) -> dict[str, float]:
+    """validate_epoch on rank 0; its scores and the best epoch are broadcast to every rank."""
+
+    def validate() -> tuple[dict[str, float], float | None, int | None]:
+        row = validate_epoch(run, loop, epoch, progress, precision)
+        return row, progress.best_metric, progress.best_epoch
+
+    row, progress.best_metric, progress.best_epoch = distributed.on_main(validate)
+    return row
 
 
 def train_epoch(run: Run, loop: LoopConfig, epoch: int, progress: Progress, precision: _Precision) -> dict[str, Any]:
@@ -231,15 +253,19 @@ def train_epoch(run: Run, loop: LoopConfig, epoch: int, progress: Progress, prec
     n_steps = steps_per_epoch(len(train_set), loop.batch_size, loop.max_steps_per_epoch)
     if hasattr(train_set, "set_epoch"):
         train_set.set_epoch(epoch)
+    order, ranks = _epoch_order(len(train_set), loop.seed, epoch), distributed.world_size()
+    if ranks > 1:  # this rank's part of each step's global batch (the same samples per step as one process)
+        order = distributed.shard_order(order, n_steps, loop.batch_size, distributed.rank(), ranks)
+    model = run.model if run.step_model is None else run.step_model
     loader = DataLoader(
         train_set,
-        batch_size=loop.batch_size,
-        sampler=_epoch_order(len(train_set), loop.seed, epoch),
+        batch_size=distributed.rank_batch(loop.batch_size, ranks),
+        sampler=order,
         drop_last=len(train_set) >= loop.batch_size,
         num_workers=loop.num_workers,
         pin_memory=device.type == "cuda",
     )
-    run.model.train()
+    model.train()
     start, total_loss, seen = time.perf_counter(), 0.0, 0
     with _plain_worker_errors(), _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
         for batch in loader:
@@ -248,7 +274,7 @@ def train_epoch(run: Run, loop: LoopConfig, epoch: int, progress: Progress, prec
             x = batch["image"].to(device, non_blocking=True)
             y = batch["mask"].to(device, non_blocking=True)
             with precision.autocast(device):
-                loss = run.loss_fn(run.model(x), y)
+                loss = run.loss_fn(model(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss is {loss.item()} at epoch {epoch}, step {progress.step + 1}; "
@@ -276,7 +302,7 @@ def train_epoch(run: Run, loop: LoopConfig, epoch: int, progress: Progress, prec
         "epoch": epoch,
         "step": progress.step,
         "lr": run.optimizer.param_groups[0]["lr"],
-        "train_loss": total_loss / max(seen, 1),
+        "train_loss": distributed.mean_over_ranks(total_loss / max(seen, 1)),
         "train_seconds": round(time.perf_counter() - start, 3),
     }
 

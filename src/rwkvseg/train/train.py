@@ -1,50 +1,91 @@
 """One run, any dimension: `train(config)` opens the run folder, lets the 2D or 3D setup assemble the data, then
-builds the model from the checkpoint record and runs the shared loop under one time-budget rule."""
+builds the model from the checkpoint record and runs the shared loop under one time-budget rule. Under torchrun
+every process calls train: data-parallel training (train/distributed.py, docs/distributed.md)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
+import torch
+
 from ..checkpoint import build_model
 from ..files import folder_lock
+from . import distributed
 from .config import TrainConfig
 from .loop import Progress, Run, fit, resolve_device
 from .run import log_done, open_run_dir, training_setup
 
+log = logging.getLogger(__name__)
+
 Stop = Callable[[Progress], bool]
 
 
-def train(config: TrainConfig, resume: bool = False, progress_bar: bool = False, stop: Stop | None = None) -> Progress:
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    progress_bar: bool = False,
+    stop: Stop | None = None,
+    dist_timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+) -> Progress:
     """Train a registered model as the config says (2D or 3D by config.dims); returns the progress.
 
     stop(progress) is asked after every epoch (besides config.max_minutes); resume continues the run in
-    config.out exactly. The run folder is locked while the run writes it (a second run there is refused).
+    config.out exactly. The run folder is locked while the run writes it (a second run there is refused; under
+    torchrun rank 0 holds the lock). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set) every process calls train:
+    data.batch_size is the global batch, split evenly over the processes, and a collective that waits longer
+    than dist_timeout_s (a rank failed or hangs) ends the run with an error.
     """
+    if distributed.Launch.from_env().rank != 0:
+        return _launch(config, resume, progress_bar, stop, dist_timeout_s)
     with folder_lock(config.out):
-        return _train(config, resume, progress_bar, stop)
+        return _launch(config, resume, progress_bar, stop, dist_timeout_s)
 
 
-def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | None) -> Progress:
+def _launch(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | None, dist_timeout_s: float):
     if not config.data.root:
         raise ValueError(
             "data.root is empty; set it in the config or pass --data (a dataset folder, or for 3D a preprocessed cache)"
         )
-    run_dir = open_run_dir(config, resume)
-    device = resolve_device(config.device)
-    if config.dims == 3:
-        from .volumes import setup_volumes as setup
-    else:
-        from .images import setup_images as setup
-    data = setup(config, run_dir, device)
-    model = build_model(data.meta).to(device)
+    launch = distributed.Launch.from_env()
+    distributed.rank_batch(config.data.batch_size, launch.world_size)  # refuse an uneven split before any work
+    device = distributed.launch_device(resolve_device(config.device), launch)
+    with distributed.process_group(device, launch, dist_timeout_s):
+        return _train(config, resume, progress_bar and launch.rank == 0, stop, device)
+
+
+def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | None, device: torch.device) -> Progress:
+    with distributed.main_first():  # rank 0 writes the split, config and (3D) cache; the others then read them
+        run_dir = open_run_dir(config, resume)
+        if config.dims == 3:
+            from .volumes import setup_volumes as setup
+        else:
+            from .images import setup_images as setup
+        data = setup(config, run_dir, device)
+    model = build_model(data.meta)
+    ranks = distributed.world_size()
+    if ranks > 1:  # batch statistics over the global batch, as in one process (U-RWKV and the CNNs use BatchNorm)
+        model = distributed.sync_batchnorm(model, device)
+    model = model.to(device)
     optimizer, scheduler, loop = training_setup(model, config, len(data.train_set), device, progress_bar)
+    if distributed.is_main():
+        log.info(
+            "global batch %d (%d per process x %d processes); learning rate %g (%s, %s schedule)",
+            loop.batch_size,
+            loop.batch_size // ranks,
+            ranks,
+            config.optim.lr,
+            config.optim.name,
+            config.optim.schedule,
+        )
     start = time.perf_counter()
     run = Run(model, data.train_set, data.loss, optimizer, scheduler, data.validate, data.meta, run_dir, device)
     progress = fit(run, loop, resume=resume, stop=budget_stop(config, start, stop))
-    log_done(progress, config.select_metric, start, run_dir)
-    if data.finish is not None:
-        data.finish(progress)
+    if distributed.is_main():
+        log_done(progress, config.select_metric, start, run_dir)
+        if data.finish is not None:
+            data.finish(progress)
     return progress
 
 
