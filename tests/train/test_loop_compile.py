@@ -2,9 +2,10 @@
 and the loss, kept on the device, is still checked for NaN / inf with an error that names the step."""
 
 import pytest
+import test_loop
 import torch
 import torch._dynamo
-from test_loop import TinySeg, data  # noqa: F401  (the module fixture)
+from test_loop import TinySeg
 
 from rwkvseg.checkpoint import CheckpointMeta
 from rwkvseg.compiling import compile_mode
@@ -13,6 +14,8 @@ from rwkvseg.train.loop import LoopConfig, Run, fit, steps_per_epoch
 from rwkvseg.train.losses import SegmentationLoss
 from rwkvseg.train.optim import build_optimizer, build_scheduler
 from rwkvseg.train.validate import validator_2d
+
+data_fixture = test_loop.data  # the synthetic 2D sets of test_loop (a module fixture named "data")
 
 
 def _fit(data, run_dir, loss_fn=None, epochs=2, **loop):

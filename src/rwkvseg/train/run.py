@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import CheckpointMeta
-from ..files import write_json
 from ..compiling import compile_mode
+from ..files import write_json
 from .config import TrainConfig, config_from_dict, to_dict
 from .loop import LoopConfig, Progress, Validate, resolve_amp, steps_per_epoch
 from .optim import build_optimizer, build_scheduler
