@@ -15,7 +15,7 @@ from rwkvseg.train.losses import SegmentationLoss
 from rwkvseg.train.optim import build_optimizer, build_scheduler
 from rwkvseg.train.validate import validator_2d
 
-data_fixture = test_loop.data  # the synthetic 2D sets of test_loop (a module fixture named "data")
+sets = test_loop.data  # the synthetic 2D sets of test_loop (its module fixture)
 
 
 def _fit(data, run_dir, loss_fn=None, epochs=2, **loop):
@@ -31,11 +31,11 @@ def _fit(data, run_dir, loss_fn=None, epochs=2, **loop):
     return model, fit(run, LoopConfig(epochs=epochs, batch_size=3, seed=1, **loop))
 
 
-def test_compiled_step_gives_the_eager_losses_and_weights(data, tmp_path, caplog):
+def test_compiled_step_gives_the_eager_losses_and_weights(sets, tmp_path, caplog):
     torch._dynamo.reset()
-    eager, p_eager = _fit(data, tmp_path / "eager")
+    eager, p_eager = _fit(sets, tmp_path / "eager")
     with caplog.at_level("INFO", logger="rwkvseg.train.loop"):
-        compiled, p_compiled = _fit(data, tmp_path / "compiled", compile="default", compile_backend="aot_eager")
+        compiled, p_compiled = _fit(sets, tmp_path / "compiled", compile="default", compile_backend="aot_eager")
     assert "compiled the training step in" in caplog.text
     for a, b in zip(p_eager.history, p_compiled.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5, abs=1e-6)
@@ -59,10 +59,10 @@ class NanAtStep(torch.nn.Module):
         return loss * float("nan") if self.calls >= self.n else loss
 
 
-def test_non_finite_loss_names_the_first_bad_step(data, tmp_path):
+def test_non_finite_loss_names_the_first_bad_step(sets, tmp_path):
     # 7 images, batch 3: 2 steps per epoch; the 3rd call is epoch 2, step 3 (sync_every 50: read at epoch end)
     with pytest.raises(FloatingPointError, match=r"nan at epoch 2, step 3 .*lower optim.lr"):
-        _fit(data, tmp_path, loss_fn=NanAtStep(3))
+        _fit(sets, tmp_path, loss_fn=NanAtStep(3))
 
 
 def test_compile_setting_resolves_per_device():
