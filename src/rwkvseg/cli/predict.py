@@ -27,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probabilities", action="store_true", help="also write probabilities/<name>.png|.npy")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
+    p.add_argument(
+        "--compile",
+        default="auto",
+        metavar="MODE",
+        help="compile the model: auto (on CUDA, the default), on, off, or a torch.compile mode",
+    )
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME", help="inductor (default) or aot_eager")
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
     g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (3D)")
     g.add_argument("--mirror-axes", default="0,1,2", help="axes flipped for TTA, '' for none (3D)")
@@ -70,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         mirror_axes=() if not args.mirror_axes.strip() else ints(args.mirror_axes, "--mirror-axes"),
         sw_batch_size=args.sw_batch_size,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
     )
     volumes = is_3d_checkpoint(checkpoint)
     inputs = [source, *args.more_modalities] if volumes else [source]

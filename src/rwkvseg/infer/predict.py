@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import read_meta
+from ..compiling import check_compile
 
 
 @dataclass(frozen=True)
 class PredictConfig:
     """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size, overlays,
-    probabilities, skip_non_images. 3D: the sliding window's overlap, mirror axes and windows per pass."""
+    probabilities, skip_non_images. 3D: the sliding window's overlap, mirror axes and windows per pass.
+    compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
+    time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager"."""
 
     device: str = "cpu"
     overwrite: bool = False
@@ -29,6 +32,11 @@ class PredictConfig:
     overlap: float = 0.5
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     sw_batch_size: int = 1
+    compile: str = "auto"
+    compile_backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        check_compile(self.compile, self.compile_backend)
 
 
 def is_3d_checkpoint(checkpoint: str | Path) -> bool:
@@ -64,4 +72,6 @@ def predict(
         save_probabilities=config.probabilities,
         overwrite=config.overwrite,
         skip_non_images=config.skip_non_images,
+        compile=config.compile,
+        compile_backend=config.compile_backend,
     )
