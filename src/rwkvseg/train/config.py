@@ -317,6 +317,8 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{key} must be a number, got {value!r}") from None
     if kind is str:
+        if isinstance(value, bool):  # YAML reads on / off (and TOML true / false) as booleans: on/off settings
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ValueError(f"{key} must be a string, got {value!r}")
         return str(value)
