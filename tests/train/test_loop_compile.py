@@ -73,3 +73,17 @@ def test_compile_setting_resolves_per_device():
         compile_mode("fast", "cpu")
     with pytest.raises(ValueError, match="resolve it"):
         LoopConfig(epochs=1, compile="on")
+
+
+def test_config_settings_for_compile_and_resident_data():
+    from rwkvseg.train.config import load_config
+
+    config = load_config(None, ["compile=off", "data.gpu_resident=on", "compile_backend=aot_eager"])
+    assert (config.compile, config.data.gpu_resident, config.compile_backend) == ("off", "on", "aot_eager")
+    defaults = load_config(None)
+    assert (defaults.compile, defaults.compile_backend, defaults.data.gpu_resident) == ("auto", "inductor", "auto")
+    assert load_config(None, ["compile=max-autotune"]).compile == "max-autotune"
+    with pytest.raises(ValueError, match="compile = 'fast' is not valid"):
+        load_config(None, ["compile=fast"])
+    with pytest.raises(ValueError, match="data.gpu_resident"):
+        load_config(None, ["data.gpu_resident=always"])
