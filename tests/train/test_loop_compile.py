@@ -85,5 +85,5 @@ def test_config_settings_for_compile_and_resident_data():
     assert load_config(None, ["compile=max-autotune"]).compile == "max-autotune"
     with pytest.raises(ValueError, match="compile = 'fast' is not valid"):
         load_config(None, ["compile=fast"])
-    with pytest.raises(ValueError, match="data.gpu_resident"):
+    with pytest.raises(ValueError, match=r"data\.gpu_resident"):
         load_config(None, ["data.gpu_resident=always"])
