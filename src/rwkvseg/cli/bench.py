@@ -98,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a training setting on top of the recipe, e.g. --set model.name=urwkv_s --set data.num_workers=4",
     )
+    p.add_argument("--config", default=None, help="a training config as the recipe (default: TrainConfig's)")
     p.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the rows and the environment to this JSON file")
     p.set_defaults(func=_run_epoch)
@@ -328,7 +329,7 @@ def _run_epoch(args: argparse.Namespace) -> int:
     device = resolve_device(next((o.split("=", 1)[1] for o in args.overrides if o.startswith("device=")), "auto"))
     info = environment(torch.device(device))
     print(", ".join(f"{k}={v}" for k, v in info.items()))
-    rows = time_epochs(args.data, args.epochs, args.compile, args.resident, args.overrides, args.out)
+    rows = time_epochs(args.data, args.epochs, args.compile, args.resident, args.overrides, args.out, args.config)
     columns = [
         ("compile", "compile"),
         ("gpu_resident", "gpu_resident"),

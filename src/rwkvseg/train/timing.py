@@ -27,9 +27,11 @@ def time_epochs(
     resident_settings: Sequence[str] = ("off", "on"),
     overrides: Sequence[str] = (),
     out: str | Path | None = None,
+    config_file: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (compile, gpu_resident): first epoch, steady epoch (median of the rest), setup and
-    validation seconds. overrides: `--set` strings on top of the paper's 2D recipe (TrainConfig defaults)."""
+    validation seconds. The recipe: config_file (e.g. configs/urwkv_kvasir.toml) or the TrainConfig defaults
+    (the paper's 2D recipe), then overrides (`--set` strings); data_root, epochs and the two settings on top."""
     from .train import train
 
     if epochs < 2:
@@ -41,15 +43,15 @@ def time_epochs(
             for setting in compile_settings:
                 name = f"compile-{setting}_resident-{resident}"
                 sets = [
+                    *overrides,
                     f"data.root={data_root}",
                     f"out={base / name}",
                     f"epochs={epochs}",
                     f"val_every={epochs}",
                     f"compile={setting}",
                     f"data.gpu_resident={resident}",
-                    *overrides,
                 ]
-                config = load_config(None, sets)
+                config = load_config(config_file, sets)
                 torch._dynamo.reset()  # each variant compiles from scratch (and below the recompile limit)
                 start = time.perf_counter()
                 progress = train(config)
