@@ -17,7 +17,9 @@ statistics at the network size. 16-bit images and random-crop training stay on t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -203,7 +205,8 @@ class ResidentDataset2D(Dataset):
             raise NotResident(f"{num_classes} classes do not fit uint8 masks; set data.gpu_resident = off")
         self.device = torch.device(device)
         check_fits(len(samples), channels, size, self.device)
-        pairs = [read_resident(s, channels, num_classes, size) for s in samples]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+            pairs = list(pool.map(lambda s: read_resident(s, channels, num_classes, size), samples))
         self.cases = [s.case for s in samples]
         self.images = torch.stack([im for im, _ in pairs]).to(self.device)  # [N, C, H, W] uint8
         self.masks = torch.stack([m for _, m in pairs]).to(self.device)  # [N, 1, H, W] uint8
