@@ -27,6 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probabilities", action="store_true", help="also write probabilities/<name>.png|.npy")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
+    p.add_argument(
+        "--compile",
+        default="auto",
+        metavar="MODE",
+        help="compile the model: auto (on CUDA, the default), on, off, or a torch.compile mode",
+    )
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME", help="inductor (default) or aot_eager")
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
     g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")
     g.add_argument(
@@ -96,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         sw_batch_size=args.sw_batch_size,
         modalities=tuple(m.strip() for m in args.modalities.split(",")) if args.modalities else (),
         out_format=args.out_format,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
     )
     volumes = is_3d_checkpoint(checkpoint)
     inputs = [source, *args.more_modalities] if volumes else [source]

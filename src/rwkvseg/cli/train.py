@@ -31,6 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="under torchrun: how long a process waits for the others (a failed or hung rank ends the run after it)",
     )
+    p.add_argument(
+        "--compile",
+        metavar="MODE",
+        help="compile the training step: auto (on CUDA; the default), on, off, or a torch.compile mode "
+        "(same as --set compile=...)",
+    )
+    p.add_argument("--compile-backend", metavar="NAME", help="inductor (default) or aot_eager")
     p.set_defaults(func=run)
 
 
@@ -44,6 +51,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.root={args.data}")
     if args.out:
         overrides.append(f"out={args.out}")
+    if args.compile:
+        overrides.append(f"compile={args.compile}")
+    if args.compile_backend:
+        overrides.append(f"compile_backend={args.compile_backend}")
     config_path = args.config
     if config_path is None and args.resume:
         if not args.out:

@@ -330,16 +330,19 @@ def normalize(array: np.ndarray, method: str = "auto") -> np.ndarray:
     return (x - mean) / np.maximum(std, 1e-6)
 
 
-def read_image(path: str | Path, channels: int | None = None, normalization: str = "auto") -> np.ndarray:
-    """An image file as float32 [H, W, C] (C = channels when given)."""
+def read_pixels(path: str | Path, channels: int | None = None) -> np.ndarray:
+    """An image file as [H, W, C] in its own dtype (uint8 for 8-bit files), C = channels when given."""
     path = Path(path)
     array = _pixels(_open(path, "image"))
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise ValueError(f"image {path} holds {bad} NaN / infinite pixel value(s); repair or re-export the image")
-    if channels is not None:
-        array = adapt_channels(array, channels, path)
-    return normalize(array, normalization)
+    return adapt_channels(array, channels, path) if channels is not None else array
+
+
+def read_image(path: str | Path, channels: int | None = None, normalization: str = "auto") -> np.ndarray:
+    """An image file as float32 [H, W, C] (C = channels when given)."""
+    return normalize(read_pixels(path, channels), normalization)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

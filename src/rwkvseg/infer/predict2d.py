@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..compiling import maybe_compile
 from ..data.images2d import list_inputs, read_image
 from ..files import atomic_write
 from ..records import Preprocessing2D
@@ -145,9 +146,12 @@ def predict_2d(
     save_probabilities: bool = False,
     overwrite: bool = False,
     skip_non_images: bool = False,
+    compile: str = "auto",
+    compile_backend: str = "inductor",
 ) -> list[Path]:
-    """Predict masks for an image file or folder; returns the mask paths written."""
+    """Predict masks for an image file or folder; returns the mask paths written. compile: see PredictConfig."""
     model, meta = load_checkpoint(checkpoint, device)
+    model = maybe_compile(model, compile, device, "the model", compile_backend)
     pre = Preprocessing2D.from_meta(meta)
     files = list_inputs(inputs, skip_non_images)
     out = Path(out)

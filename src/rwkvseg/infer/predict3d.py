@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compiling import maybe_compile
 from ..data.preprocess3d import prepare_for_model, resample
 from ..data.regions import classes_to_values, regions_to_values
 from ..data.specs import DatasetSpec
@@ -93,6 +94,7 @@ class Predictor3D:
         if metadata.get("dims") != 3:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = model.to(options.device).eval()
+        self.forward = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
         self.metadata = metadata
         self.spec = DatasetSpec.from_dict(metadata["dataset"])
         self.target = metadata["target"]
@@ -127,7 +129,7 @@ class Predictor3D:
         volumes = load_case(case, self.spec, with_label=False)
         oriented, back = reorient(volumes, self.orientation)  # axes as in training, same world positions
         image, props = prepare_for_model(oriented, self.metadata)  # [M, k, j, i] at the training spacing
-        logits = predict_logits(self.model, torch.from_numpy(image)[None], self.window, self.device)[0]
+        logits = predict_logits(self.forward, torch.from_numpy(image)[None], self.window, self.device)[0]
         probs = activate(logits[None], self.window.activation)[0]  # [K, *resampled]
         cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
         probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]

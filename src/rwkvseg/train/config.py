@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from ..compiling import check_compile
 from ..data.images2d import NORMALIZATIONS
 from ..data.patches3d import PatchConfig
 from ..data.specs import DATASETS
@@ -30,6 +31,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
 LOSSES = ("auto", "bce_dice", "ce_dice", "bce", "ce", "dice")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+GPU_RESIDENT = ("auto", "on", "off")
 LOGGERS = ("csv", "tensorboard")
 REGION_LOSSES = ("auto", "bce_dice", "bce", "dice")
 PATCH_KEYS = ("patch_size", "samples_per_epoch", "fg_fraction", "augment", "allow_padding")  # [data.patches]
@@ -73,8 +75,10 @@ class DataConfig:
     num_workers: int = 2
     skip_non_images: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    gpu_resident: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_choice("data.gpu_resident", self.gpu_resident, GPU_RESIDENT)
         _check_choice("data.resize", self.resize, RESIZE_MODES)
         _check_choice("data.normalization", self.normalization, NORMALIZATIONS)
         for name in ("channels", "num_classes", "batch_size", "val_batch_size"):
@@ -205,6 +209,11 @@ class TrainConfig:
     max_minutes > 0: a wall-clock budget. The run stops only after a validated epoch, the last one whose next
     validation would end past the budget, so it always leaves a best checkpoint. The LR schedule still spans
     `epochs`, so a stopped run has not annealed fully.
+
+    compile: "auto" (compile the training step on CUDA, eager on the CPU), "on", "off" or a torch.compile mode
+    ("reduce-overhead", "max-autotune", ...); compile_backend: "inductor", or "aot_eager" (traces, no code
+    generation). data.gpu_resident (2D): "auto" keeps the whole training set on the GPU as uint8 at the network
+    size, augmented there, when it fits; "on" insists, "off" reads through a DataLoader.
     """
 
     DATA_CONFIGS: ClassVar[dict[int, type]] = {2: DataConfig, 3: VolumeDataConfig}
@@ -230,9 +239,12 @@ class TrainConfig:
     max_minutes: float = 0.0
     logger: str = "csv"
     out: str = "runs/run"
+    compile: str = "auto"
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         config_dims({"dims": self.dims})
+        check_compile(self.compile, self.compile_backend)
         if not isinstance(self.data, self.DATA_CONFIGS[self.dims]):
             raise ValueError(
                 f"dims = {self.dims} needs a {self.DATA_CONFIGS[self.dims].__name__} data section, got "
@@ -332,6 +344,8 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{key} must be a number, got {value!r}") from None
     if kind is str:
+        if isinstance(value, bool):  # YAML reads on / off (and TOML true / false) as booleans: on/off settings
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ValueError(f"{key} must be a string, got {value!r}")
         return str(value)

@@ -6,10 +6,12 @@ import logging
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from ..checkpoint import CheckpointMeta
 from ..data.dataset2d import SegDataset2D
-from ..data.images2d import check_pairs, discover_pairs
+from ..data.gpu2d import NotResident, ResidentDataset2D
+from ..data.images2d import Sample2D, check_pairs, discover_pairs
 from ..data.splits import prepare_split, read_split
 from ..data.transforms2d import eval_transform, train_transform
 from ..records import Preprocessing2D
@@ -46,14 +48,7 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
         split_path,
         d.fold,
     )
-    train_set = SegDataset2D(
-        [by_case[c] for c in split.train],
-        d.channels,
-        d.num_classes,
-        train_transform(d.size, d.resize, d.augment),
-        d.normalization,
-        config.seed,
-    )
+    train_set = training_set(config, [by_case[c] for c in split.train], device)
     val_set = SegDataset2D(
         [by_case[c] for c in split.val],
         d.channels,
@@ -80,3 +75,28 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
     )
     validate = validator_2d(val_set, pre, d.num_classes, device, config.threshold, d.val_batch_size, d.num_workers)
     return RunData(train_set, validate, SegmentationLoss(d.num_classes, config.loss), meta)
+
+
+def training_set(config: TrainConfig, samples: list[Sample2D], device: torch.device) -> Dataset:
+    """The training images as data.gpu_resident says: on the device as uint8 (auto: on CUDA when they fit,
+    resized not cropped, 8-bit), else read and augmented per item through a DataLoader."""
+    d, mode = config.data, config.data.gpu_resident
+    wanted = mode == "on" or (mode == "auto" and device.type == "cuda")
+    if wanted and d.resize != "resize":
+        if mode == "on":
+            raise ValueError("data.gpu_resident = on needs data.resize = resize (random crops read whole images)")
+        wanted = False
+    if wanted:
+        try:
+            resident = ResidentDataset2D(
+                samples, d.channels, d.num_classes, d.size, d.normalization, d.augment, config.seed, device
+            )
+        except NotResident as err:
+            if mode == "on":
+                raise
+            log.info("training images are read per batch: %s", err)
+        else:
+            log.info("%d training images on %s (%.0f MiB uint8)", len(resident), device, resident.nbytes / 2**20)
+            return resident
+    transform = train_transform(d.size, d.resize, d.augment)
+    return SegDataset2D(samples, d.channels, d.num_classes, transform, d.normalization, config.seed)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import CheckpointMeta, save_checkpoint
+from ..compiling import check_compile, compile_callable, synchronize
 from ..files import atomic_write_text, write_json
 from . import distributed
 from .state import Progress, load_state, save_state
@@ -38,7 +39,13 @@ Validate = Callable[[nn.Module], dict[str, float]]
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """amp: "bf16" | "fp16" | "off" (already resolved for the device); select_mode: "max" or "min"."""
+    """amp: "bf16" | "fp16" | "off" (already resolved for the device); select_mode: "max" or "min".
+
+    compile: "off" or the torch.compile mode of the training step (model forward + loss; already resolved for the
+    device), with compile_backend; compile_fallback: run eagerly (with a warning) when compiling fails.
+    sync_every: the loss stays on the device and is read (and checked for NaN / inf) every sync_every steps and at
+    the end of the epoch, so the host never waits for the GPU inside a step.
+    """
 
     epochs: int
     batch_size: int = 4
@@ -52,6 +59,17 @@ class LoopConfig:
     num_workers: int = 0
     logger: str = "csv"
     progress: bool = False
+    compile: str = "off"
+    compile_backend: str = "inductor"
+    compile_fallback: bool = False
+    sync_every: int = 50
+
+    def __post_init__(self) -> None:
+        check_compile(self.compile, self.compile_backend)
+        if self.compile in ("auto", "on"):
+            raise ValueError("LoopConfig.compile takes a resolved mode (or off); resolve it with compile_mode()")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -171,6 +189,37 @@ class _Precision:
         return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
+class _ForwardLoss:
+    """loss_fn(model(x), y), compiled as the loop says: the part of a step that torch.compile traces (the backward
+    is AOTAutograd's joint graph; the optimizer stays eager). The first call's time (with its backward, measured
+    by the loop) is the compile time."""
+
+    def __init__(self, run: Run, loop: LoopConfig) -> None:
+        # the DDP wrapper when there is one: its forward arms the gradient all-reduce of the backward
+        self.model = run.model if run.step_model is None else run.step_model
+        self.loss_fn = run.loss_fn
+        self.compiled = None
+        if loop.compile != "off":
+            self.compiled = compile_callable(self.eager, loop.compile, loop.compile_backend)
+        self.fallback = loop.compile_fallback
+        self.compile_seconds: float | None = None
+
+    def eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model(x), y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.eager(x, y)
+        if self.compile_seconds is not None or not self.fallback:
+            return self.compiled(x, y)
+        try:
+            return self.compiled(x, y)
+        except Exception as err:  # compile = auto: a compiler failure falls back to eager rather than stopping
+            log.warning("compiling the training step failed (%s: %s); training eagerly", type(err).__name__, err)
+            self.compiled = None
+            return self.eager(x, y)
+
+
 def fit(
     run: Run, loop: LoopConfig, *, resume: bool = False, stop: Callable[[Progress], bool] | None = None
 ) -> Progress:
@@ -198,8 +247,9 @@ def fit(
     run = replace(run, step_model=distributed.data_parallel(run.model, device))
     main = distributed.is_main()
     tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" and main else None
+    forward_loss = _ForwardLoss(run, loop)
     for epoch in range(progress.epoch + 1, loop.epochs + 1):
-        row = train_epoch(run, loop, epoch, progress, precision)
+        row = train_epoch(run, loop, epoch, progress, precision, forward_loss)
         if epoch % loop.val_every == 0 or epoch == loop.epochs:
             row.update(_validate_on_main(run, loop, epoch, progress, precision))
         progress.epoch = epoch
@@ -247,39 +297,66 @@ def _validate_on_main(
     return row
 
 
-def train_epoch(run: Run, loop: LoopConfig, epoch: int, progress: Progress, precision: _Precision) -> dict[str, Any]:
-    """One epoch of optimizer steps in a seeded order; returns its row of metrics.csv (loss, lr, time)."""
+def _check_losses(losses: torch.Tensor, seen: int, epoch: int, first_step: int) -> float:
+    """The mean of the first `seen` step losses (one host sync), or a clear error naming the first bad step."""
+    done = losses[:seen]
+    finite = torch.isfinite(done)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise FloatingPointError(
+            f"training loss is {done[bad].item()} at epoch {epoch}, step {first_step + bad} (the first non-finite "
+            "step of the epoch); lower optim.lr, set amp=off, or check the data for broken images"
+        )
+    return float(done.mean())
+
+
+def train_epoch(
+    run: Run,
+    loop: LoopConfig,
+    epoch: int,
+    progress: Progress,
+    precision: _Precision,
+    forward_loss: _ForwardLoss | None = None,
+) -> dict[str, Any]:
+    """One epoch of optimizer steps in a seeded order; returns its row of metrics.csv (loss, lr, time).
+
+    The step losses stay on the device and are read every loop.sync_every steps (no host sync per step). A train
+    set with device_batches(order, batch_size) (data already on the device, augmented there) hands its batches
+    itself; others go through a DataLoader.
+    """
     device, train_set, scaler = torch.device(run.device), run.train_set, precision.scaler
+    forward_loss = forward_loss or _ForwardLoss(run, replace(loop, compile="off"))
     n_steps = steps_per_epoch(len(train_set), loop.batch_size, loop.max_steps_per_epoch)
     if hasattr(train_set, "set_epoch"):
         train_set.set_epoch(epoch)
     order, ranks = _epoch_order(len(train_set), loop.seed, epoch), distributed.world_size()
     if ranks > 1:  # this rank's part of each step's global batch (the same samples per step as one process)
         order = distributed.shard_order(order, n_steps, loop.batch_size, distributed.rank(), ranks)
-    model = run.model if run.step_model is None else run.step_model
-    loader = DataLoader(
-        train_set,
-        batch_size=distributed.rank_batch(loop.batch_size, ranks),
-        sampler=order,
-        drop_last=len(train_set) >= loop.batch_size,
-        num_workers=loop.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    model.train()
-    start, total_loss, seen = time.perf_counter(), 0.0, 0
+    batch_size = distributed.rank_batch(loop.batch_size, ranks)
+    if hasattr(train_set, "device_batches"):
+        loader = train_set.device_batches(order, batch_size)
+    else:
+        loader = DataLoader(
+            train_set,
+            batch_size=batch_size,
+            sampler=order,
+            drop_last=len(train_set) >= loop.batch_size,
+            num_workers=loop.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    run.model.train()
+    start, seen, first_step, mean_loss, info = time.perf_counter(), 0, progress.step + 1, math.nan, ""
+    losses = torch.zeros(n_steps, device=device)  # [n_steps] float32, read every sync_every steps
     with _plain_worker_errors(), _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
         for batch in loader:
             if seen == n_steps:
                 break
+            timing = forward_loss.compiled is not None and forward_loss.compile_seconds is None
+            step_start = time.perf_counter()
             x = batch["image"].to(device, non_blocking=True)
             y = batch["mask"].to(device, non_blocking=True)
             with precision.autocast(device):
-                loss = run.loss_fn(model(x), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss is {loss.item()} at epoch {epoch}, step {progress.step + 1}; "
-                    "lower optim.lr, set amp=off, or check the data for broken images"
-                )
+                loss = forward_loss(x, y)
             run.optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -294,15 +371,24 @@ def train_epoch(run: Run, loop: LoopConfig, epoch: int, progress: Progress, prec
             else:
                 run.optimizer.step()
             run.scheduler.step()
+            losses[seen] = loss.detach().float()
             progress.step += 1
             seen += 1
-            total_loss += loss.item()
-            advance(f"loss {total_loss / seen:.4f}")
+            if timing and forward_loss.compiled is not None:
+                synchronize(device)
+                forward_loss.compile_seconds = time.perf_counter() - step_start
+                log.info("compiled the training step in %.1f s (its first step)", forward_loss.compile_seconds)
+            if seen % loop.sync_every == 0 or seen == n_steps:
+                mean_loss = _check_losses(losses, seen, epoch, first_step)
+                info = f"loss {mean_loss:.4f}"
+            advance(info)
+    if seen and seen % loop.sync_every and seen != n_steps:  # a loader shorter than n_steps
+        mean_loss = _check_losses(losses, seen, epoch, first_step)
     return {
         "epoch": epoch,
         "step": progress.step,
         "lr": run.optimizer.param_groups[0]["lr"],
-        "train_loss": distributed.mean_over_ranks(total_loss / max(seen, 1)),
+        "train_loss": distributed.mean_over_ranks(mean_loss if seen else 0.0),
         "train_seconds": round(time.perf_counter() - start, 3),
     }
 

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import CheckpointMeta
+from ..compiling import compile_mode
 from ..files import write_json
 from .config import TrainConfig, config_from_dict, to_dict
 from .loop import LoopConfig, Progress, Validate, resolve_amp, steps_per_epoch
@@ -82,6 +83,9 @@ def training_setup(
         num_workers=d.num_workers,
         logger=config.logger,
         progress=progress_bar,
+        compile=compile_mode(config.compile, device) or "off",
+        compile_backend=config.compile_backend,
+        compile_fallback=config.compile == "auto",
     )
     return optimizer, scheduler, loop
 

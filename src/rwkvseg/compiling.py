@@ -1,0 +1,105 @@
+"""The `compile` setting of training, prediction and the benchmarks: "auto" | "on" | "off" or a torch.compile mode.
+
+"auto" compiles on CUDA (where it pays: fewer kernel launches, fused elementwise work) and runs eagerly on the CPU,
+where a first Inductor compile costs minutes for seconds of work. "on" is torch.compile's "default" mode, and a
+mode name ("reduce-overhead", "max-autotune", ...) compiles in that mode. The backend is a separate setting:
+"inductor" (code generation) is what users run; "aot_eager" traces the same graphs with eager kernels (fast to
+build: what the CPU tests use). Compilation happens at the first call, so callers time that call apart from the
+rest and report it ("compiled in X s").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPILE_SETTINGS = ("auto", "on", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
+
+def check_compile(setting: str, backend: str = "inductor", name: str = "compile") -> None:
+    """A clear error for a setting or backend that is not one of the choices."""
+    if setting not in COMPILE_SETTINGS + COMPILE_MODES:
+        raise ValueError(
+            f"{name} = {setting!r} is not valid; choose auto, on, off or a torch.compile mode "
+            f"({', '.join(COMPILE_MODES)})"
+        )
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"{name}_backend = {backend!r} is not valid; choose one of {', '.join(COMPILE_BACKENDS)}")
+
+
+def compile_mode(setting: str, device: torch.device | str) -> str | None:
+    """The torch.compile mode a setting asks for on device, or None to run eagerly."""
+    check_compile(setting)
+    if setting == "off" or (setting == "auto" and torch.device(device).type != "cuda"):
+        return None
+    return "default" if setting in ("auto", "on") else setting
+
+
+def compile_callable(fn: Callable[..., Any], mode: str, backend: str = "inductor", fullgraph: bool = False) -> Any:
+    """torch.compile(fn) with static shapes (a training step and a prediction batch keep their shape); modes
+    only apply to Inductor."""
+    options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
+    if backend == "inductor":
+        options["mode"] = mode
+    return torch.compile(fn, **options)
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FirstCallTimed:
+    """fn, whose first call is timed apart (synchronised) and logged as "compiled <what> in X s"; with fallback,
+    a failure of that first call (a compiler error) is logged and the eager function is used instead."""
+
+    def __init__(
+        self, fn: Callable[..., Any], eager: Callable[..., Any], what: str, device: torch.device | str, fallback: bool
+    ) -> None:
+        self.fn, self.eager, self.what, self.device, self.fallback = fn, eager, what, torch.device(device), fallback
+        self.first = True
+        self.compile_seconds: float | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.first:
+            return self.fn(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            out = self.fn(*args, **kwargs)
+        except Exception as err:  # a compiler failure in auto mode: run eagerly rather than not at all
+            if not self.fallback:
+                raise
+            log.warning("compiling %s failed (%s: %s); running eagerly", self.what, type(err).__name__, err)
+            self.fn = self.eager
+            out = self.fn(*args, **kwargs)
+        synchronize(self.device)
+        self.compile_seconds = time.perf_counter() - start
+        self.first = False
+        if self.fn is not self.eager:
+            log.info("compiled %s in %.1f s", self.what, self.compile_seconds)
+        return out
+
+
+def maybe_compile(
+    fn: Callable[..., Any],
+    setting: str,
+    device: torch.device | str,
+    what: str,
+    backend: str = "inductor",
+    fullgraph: bool = False,
+) -> Callable[..., Any]:
+    """fn compiled as setting says for device (timed and logged at its first call), or fn itself."""
+    check_compile(setting, backend)
+    mode = compile_mode(setting, device)
+    if mode is None:
+        return fn
+    compiled = compile_callable(fn, mode, backend, fullgraph)
+    return FirstCallTimed(compiled, fn, what, device, fallback=setting == "auto")
