@@ -135,3 +135,13 @@ def test_record_round_trips_through_json():
     record = ExportRecord("m", 3, 4, 4, (64, {"multiple": 32, "min": 64}), "softmax", {"kind": "registered"})
     assert ExportRecord.from_json(record.to_json()) == record
     assert json.loads(record.to_json())["format"] == 1
+
+
+def test_export_command_refuses_to_replace_a_file(tmp_path, capsys):
+    from rwkvseg.cli import main
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"user data")
+    assert main(["export", "urwkv_test", "--out", str(out), "--in-channels", "3", "--num-classes", "1"]) == 2
+    assert out.read_bytes() == b"user data"
+    assert str(out) in capsys.readouterr().err

@@ -11,9 +11,37 @@ import errno
 import logging
 import sys
 
-from . import bench, compact2d, demo, evaluate, federate, models, predict, preprocess, serve, split, synthetic3d, train
+from . import (
+    bench,
+    compact2d,
+    demo,
+    evaluate,
+    export,
+    federate,
+    models,
+    predict,
+    preprocess,
+    serve,
+    split,
+    synthetic3d,
+    train,
+)
 
-COMMANDS = (models, demo, bench, compact2d, preprocess, train, federate, split, synthetic3d, predict, evaluate, serve)
+COMMANDS = (
+    models,
+    demo,
+    bench,
+    compact2d,
+    preprocess,
+    train,
+    federate,
+    split,
+    synthetic3d,
+    predict,
+    evaluate,
+    export,
+    serve,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
