@@ -145,3 +145,13 @@ def test_export_command_refuses_to_replace_a_file(tmp_path, capsys):
     assert main(["export", "urwkv_test", "--out", str(out), "--in-channels", "3", "--num-classes", "1"]) == 2
     assert out.read_bytes() == b"user data"
     assert str(out) in capsys.readouterr().err
+
+
+def test_predict_with_the_onnx_runtime_needs_an_exported_file(tmp_path, capsys):
+    from rwkvseg.cli import main
+
+    (tmp_path / "in").mkdir()
+    assert main(["predict", str(tmp_path / "model.safetensors"), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                 "--runtime", "onnx"]) == 2  # fmt: skip
+    assert "rwkvseg export" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compile the model: auto (on CUDA, the default), on, off, or a torch.compile mode",
     )
     p.add_argument("--compile-backend", default="inductor", metavar="NAME", help="inductor (default) or aot_eager")
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="torch (default), or onnx: onnxruntime on an exported .onnx file given as CHECKPOINT (2D images)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (--runtime onnx)")
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
     g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")
     g.add_argument(
@@ -90,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from ._options import device_name
 
     checkpoint, source = checkpoint_and_input(args)
+    if args.runtime == "onnx":
+        return _run_onnx(args, checkpoint, source)
     config = PredictConfig(
         device=device_name(args.device),
         overwrite=args.overwrite,
@@ -110,4 +119,28 @@ def run(args: argparse.Namespace) -> int:
     inputs = [source, *args.more_modalities] if volumes else [source]
     written = predict(checkpoint, inputs, args.out, config)
     print(f"wrote {len(written)} {'label volumes' if volumes else 'masks'} to {args.out}")
+    return 0
+
+
+def _run_onnx(args: argparse.Namespace, model: str, source: str) -> int:
+    """2D masks with onnxruntime alone, from a file `rwkvseg export` wrote (its metadata holds the record)."""
+    from pathlib import Path
+
+    from ..data.images2d import list_inputs
+    from ..export.runtime import predict_files
+    from ..files import check_apart
+
+    if Path(model).suffix != ".onnx":
+        raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
+    check_apart(Path(args.out), [source])
+    written = predict_files(
+        model,
+        list_inputs(source, args.skip_non_images),
+        args.out,
+        threshold=0.5 if args.threshold is None else args.threshold,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {len(written)} masks to {args.out} (onnxruntime)")
     return 0
