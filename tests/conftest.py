@@ -1,52 +1,23 @@
-"""Shared test fixtures: file writers for the formats rwkvseg reads, the shared data folder and the BraTS spec.
+"""Shared test fixtures (the file writers live in tests/writers.py: `from writers import save_png`)."""
 
-The writers are plain functions (`from conftest import save_png`, tests/ is on the pytest path), so module-level
-helpers of a test file can call them too; the fixtures hand out the shared data and the BraTS spec.
-"""
-
-from collections.abc import Sequence
+import locale
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from rwkvseg.data.specs import DatasetSpec, dataset_spec
+from writers import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-
-
-def save_png(path: Path, array: np.ndarray, mode: str | None = None, **save_kw) -> Path:
-    """An image or mask file (any format Pillow writes), folders made as needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path, **save_kw)
-    return path
+_LOCALE = locale.setlocale(locale.LC_ALL)
 
 
-def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    """A NIfTI file (identity affine unless given), folders made as needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
-    return path
-
-
-def write_brats_case(
-    root: Path,
-    case: str,
-    images: Sequence[np.ndarray],
-    seg: np.ndarray,
-    spec: DatasetSpec | None = None,
-    affine: np.ndarray | None = None,
-) -> Path:
-    """<root>/<case>/<case>_<modality>.nii.gz for each image (in the spec's modality order) and <case>_seg."""
-    spec = spec or dataset_spec("brats")
-    folder = root / case
-    for modality, data in zip(spec.modalities, images, strict=True):
-        save_nifti(folder / f"{case}{spec.separator}{modality}.nii.gz", data, affine)
-    save_nifti(folder / f"{case}{spec.separator}{spec.seg_suffix}.nii.gz", seg, affine)
-    return folder
+@pytest.fixture(autouse=True)
+def _keep_locale():
+    """Restore the process locale after each test: a library that switches it to C makes Python decode files
+    (torch's Inductor templates, subprocess output) as ASCII for every later test."""
+    yield
+    if locale.setlocale(locale.LC_ALL) != _LOCALE:
+        locale.setlocale(locale.LC_ALL, _LOCALE)
 
 
 @pytest.fixture(scope="session")

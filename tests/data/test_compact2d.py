@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import save_png
 from rwkvseg.data.compact2d import export_compact
 from rwkvseg.data.images2d import discover_pairs, read_mask
+from writers import save_png
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED_DATA, save_png
 from rwkvseg.data.images2d import (
     check_pairs,
     discover_pairs,
@@ -11,6 +10,7 @@ from rwkvseg.data.images2d import (
     read_mask,
     read_sample,
 )
+from writers import SHARED_DATA, save_png
 
 
 @pytest.fixture

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_brats_case
 from rwkvseg.data.patches3d import PatchConfig, PatchDataset, patch_origin
 from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
+from writers import write_brats_case
 
 SHAPE = (21, 19, 17)  # (i, j, k)
 

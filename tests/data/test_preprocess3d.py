@@ -5,7 +5,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import write_brats_case
 from rwkvseg.data.preprocess3d import (
     PreprocessConfig,
     load_cached_case,
@@ -17,6 +16,7 @@ from rwkvseg.data.preprocess3d import (
 )
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.volumes import discover_cases, load_case
+from writers import write_brats_case
 
 SHAPE = (23, 19, 15)  # (i, j, k)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1, 0, 20], [0, 0, 1, -3], [0, 0, 0, 1]])

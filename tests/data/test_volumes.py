@@ -6,8 +6,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import save_nifti
-from conftest import write_brats_case as write_case
 from rwkvseg.data.specs import DatasetSpec, dataset_spec, spec_from_dataset_json
 from rwkvseg.data.volumes import (
     case_from_files,
@@ -16,6 +14,8 @@ from rwkvseg.data.volumes import (
     read_spacing,
     read_volume,
 )
+from writers import save_nifti
+from writers import write_brats_case as write_case
 
 SHAPE = (11, 13, 9)  # (i, j, k) as stored in the file
 AFFINE = np.array([[-1.0, 0, 0, 30], [0, -1.2, 0, 40], [0, 0, 2.5, -7], [0, 0, 0, 1]])

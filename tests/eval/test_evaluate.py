@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from conftest import save_png
 from rwkvseg.eval.evaluate import evaluate_folders
 from rwkvseg.eval.metrics import EmptyPolicy
+from writers import save_png
 
 
 def box(shape, r0, r1, c0, c1, value=255):
@@ -79,8 +79,8 @@ def test_dataset_folder_as_ground_truth_and_multiclass(tmp_path):
 def test_3d_command_line_brats_hd95_and_safe_region_columns(tmp_path, capsys):
     """Region names with spaces become CSV-safe columns; --brats-hd95 scores a one-sided empty region 373.13 mm
     where the default is the diagonal of the grid."""
-    from conftest import save_nifti
     from rwkvseg.cli import main
+    from writers import save_nifti
 
     ref = np.zeros((12, 10, 8), np.uint8)
     ref[3:8, 3:7, 2:6] = 2

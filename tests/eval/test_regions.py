@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_nifti
 from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.regions import (
     classes_to_regions,
@@ -20,6 +19,7 @@ from rwkvseg.eval.evaluate import evaluate_folders
 from rwkvseg.eval.metrics import EmptyPolicy
 from rwkvseg.eval.volumes import label_files, region_scores
 from rwkvseg.train.validate import SlidingWindowValidator
+from writers import save_nifti
 
 BRATS = dataset_spec("brats")
 SHAPE = (13, 11, 9)  # (i, j, k)

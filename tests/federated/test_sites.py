@@ -95,7 +95,7 @@ def test_sites_file_round_trip_and_resolved_splits(tmp_path):
 def test_sites_command_writes_institution_sites(tmp_path, capsys):
     import numpy as np
 
-    from conftest import write_brats_case
+    from writers import write_brats_case
 
     image, seg = np.zeros((6, 6, 6), np.float32), np.zeros((6, 6, 6), np.uint8)
     for case in BRATS[:5]:

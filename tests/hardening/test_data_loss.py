@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import save_nifti, save_png
 from hardening.helpers import bright_checkpoint, cli, snapshot, square
 from rwkvseg.data.compact2d import export_compact
 from rwkvseg.demo import DemoConfig, run_demo
 from rwkvseg.files import LOCK, MARKER, folder_lock
 from rwkvseg.models import registry
+from writers import save_nifti, save_png
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import save_nifti, save_png
 from hardening.helpers import Bright, bright_checkpoint, cli, snapshot, square
 from rwkvseg.checkpoint import load_checkpoint
 from rwkvseg.data.images2d import discover_pairs, read_image
@@ -21,6 +20,7 @@ from rwkvseg.data.preprocess3d import load_cached_case
 from rwkvseg.data.volumes import read_volume
 from rwkvseg.files import atomic_write_text
 from rwkvseg.models import registry
+from writers import save_nifti, save_png
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_nifti, save_png, write_brats_case
 from hardening.helpers import Bright, bright_checkpoint, cli, square
 from rwkvseg.data.images2d import read_image, read_mask
 from rwkvseg.data.specs import dataset_spec
@@ -18,6 +17,7 @@ from rwkvseg.data.splits import read_split
 from rwkvseg.data.volumes import brats_case, read_volume
 from rwkvseg.models import registry
 from rwkvseg.train.state import Progress, load_state, save_state
+from writers import save_nifti, save_png, write_brats_case
 
 
 @pytest.fixture

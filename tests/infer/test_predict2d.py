@@ -4,11 +4,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import save_png
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.infer.predict2d import overlay, predict_2d
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D
+from writers import save_png
 
 
 class Bright(nn.Module):

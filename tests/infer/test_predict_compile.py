@@ -6,12 +6,12 @@ import torch
 import torch._dynamo
 from PIL import Image
 
-from conftest import save_png
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.cli import main
 from rwkvseg.infer.predict import PredictConfig, predict
 from rwkvseg.models import create_model
 from rwkvseg.records import Preprocessing2D
+from writers import save_png
 
 RUNS = ("eager", "compiled")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import read_meta
 from ..compiling import check_compile
-from ..files import check_apart, check_replaceable, mark_owned
+from ..files import MARKER, check_apart, check_replaceable, mark_owned
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,23 @@ def predict(
     check_apart(out, inputs)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a folder for the predictions")
-    fresh = not out.exists() or not any(out.iterdir())
+    created = not out.exists()
+    fresh = created or not any(out.iterdir())
     if config.overwrite and not fresh:
         check_replaceable(out)
     if fresh:
         mark_owned(out, "predict")
+    try:
+        return _predict(checkpoint, inputs, out, config)
+    except BaseException:
+        if fresh and [p.name for p in out.iterdir()] == [MARKER]:  # refused before writing: leave no folder behind
+            (out / MARKER).unlink()
+            if created:
+                out.rmdir()
+        raise
+
+
+def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, config: PredictConfig) -> list[Path]:
     if is_3d_checkpoint(checkpoint):
         from .predict3d import predict_paths
 
