@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.images2d import normalize  # the exact normalisation training used
+
 METADATA_KEY = "rwkvseg"
-NORMALIZATIONS = ("auto", "dtype", "minmax", "zscore")
 
 
 def _session(path: str | os.PathLike, threads: int | None):
@@ -33,31 +34,6 @@ def _session(path: str | os.PathLike, threads: int | None):
         options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def normalize(pixels: np.ndarray, method: str = "auto") -> np.ndarray:
-    """[H, W, C] pixels of any dtype -> float32, as rwkvseg's 2D training read them.
-
-    auto: 8-bit / 255, wider types the per-image 0.5-99.5 percentile range clipped to [0, 1]; dtype: divide by the
-    dtype's maximum; minmax: per-image min-max; zscore: per image and channel.
-    """
-    if method not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
-    x = pixels.astype(np.float32)
-    if method == "auto":
-        if pixels.dtype == np.uint8:
-            return x / 255.0
-        lo, hi = (float(v) for v in np.percentile(x, (0.5, 99.5)))
-        return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0, dtype=np.float32)
-    if method == "dtype":
-        top = float(np.iinfo(pixels.dtype).max) if np.issubdtype(pixels.dtype, np.integer) else 1.0
-        return x / top
-    if method == "minmax":
-        lo, hi = float(x.min()), float(x.max())
-        return (x - lo) / max(hi - lo, 1e-6)
-    mean = x.mean(axis=(0, 1), keepdims=True)
-    std = x.std(axis=(0, 1), keepdims=True)
-    return (x - mean) / np.maximum(std, 1e-6)
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
