@@ -2,9 +2,10 @@
 the checkpoint record written with --write-record rebuilds the model, a train message trains the site's cases,
 an evaluate message scores its validation cases, and a site that is not in the federation is a clear error."""
 
+import importlib.util
+
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from rwkvseg.checkpoint import build_model, read_meta
 from rwkvseg.cli import main
@@ -13,12 +14,16 @@ from rwkvseg.data.synthetic import write_synthetic_dataset
 
 @pytest.fixture
 def task_identity(monkeypatch):
-    """Messages made outside a Flower runtime need the identity the runtime would set; a site sets torch's
+    """In newer Flower releases (1.42, not 1.32), messages made outside a Flower runtime need the task identity the runtime would set
+    (the test extra allows Flower 1.32 to 1.42: which one pip picks depends on the other pins); a site sets torch's
     thread count to its client_cpus, which this process gets back afterwards."""
     import torch
 
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    if importlib.util.find_spec("flwr.supercore.task_identity") is not None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+            monkeypatch.setattr(TaskIdentity, name, value)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
