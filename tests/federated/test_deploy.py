@@ -14,9 +14,9 @@ from rwkvseg.data.synthetic import write_synthetic_dataset
 
 @pytest.fixture
 def task_identity(monkeypatch):
-    """In newer Flower releases (1.42, not 1.32), messages made outside a Flower runtime need the task identity the runtime would set
-    (the test extra allows Flower 1.32 to 1.42: which one pip picks depends on the other pins); a site sets torch's
-    thread count to its client_cpus, which this process gets back afterwards."""
+    """In newer Flower releases (1.42, not 1.32), messages made outside a Flower runtime need the task identity
+    the runtime would set (the test extra allows Flower 1.32 to 1.42: which one pip picks depends on the other
+    pins); a site sets torch's thread count to its client_cpus, which this process gets back afterwards."""
     import torch
 
     if importlib.util.find_spec("flwr.supercore.task_identity") is not None:

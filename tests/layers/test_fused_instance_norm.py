@@ -135,6 +135,25 @@ def test_custom_op_off_cuda_matches_instance_norm_and_passes_opcheck(affine, slo
     torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act.default, (*leaves, 1e-5, slope))
 
 
+@pytest.mark.parametrize("layout", ["channels_last_3d", "permuted"])
+def test_custom_op_outputs_are_contiguous_for_any_input_layout(layout):
+    """The fake implementation and the real op agree on output strides for inputs that are not contiguous (a
+    mismatch made Inductor's stride assertions fail when MMSegRWKV was compiled on CUDA)."""
+    x, weight, bias = _inputs((2, 3, 4, 5, 6), True)
+    if layout == "channels_last_3d":
+        x = x.to(memory_format=torch.channels_last_3d)
+    else:
+        x = x.permute(0, 1, 4, 3, 2)
+    assert not x.is_contiguous()
+    y, _, _ = torch.ops.rwkvseg.instance_norm_act(x, weight, bias, 1e-5, 0.01)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake_args = (mode.from_tensor(t) for t in (x, weight, bias))
+        fake = torch.ops.rwkvseg.instance_norm_act(*fake_args, 1e-5, 0.01)[0]
+    assert y.is_contiguous() and fake.stride() == y.stride()
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act.default, (*leaves, 1e-5, 0.01))
+
+
 def test_custom_op_traces_under_compile_fullgraph():
     x, weight, bias = _inputs((1, 2, 5, 4, 3), True)
     fn = lambda *t: torch.ops.rwkvseg.instance_norm_act(*t, 1e-5, 0.01)[0]  # noqa: E731

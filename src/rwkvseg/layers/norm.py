@@ -128,30 +128,35 @@ def _reference_backward(gy: Tensor, x: Tensor, weight, bias, mean, rstd, slope: 
 def _instance_norm_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    x = x.contiguous()  # y is contiguous whatever x's layout: the fake below promises exactly that to the compiler
     if not x.is_cuda:
-        return _reference_forward(x, weight, bias, eps, slope)
+        y, mean, rstd = _reference_forward(x, weight, bias, eps, slope)
+        return y.contiguous(), mean, rstd
     from . import instance_norm_triton
 
-    return instance_norm_triton.forward(x.contiguous(), weight, bias, eps, slope)
+    return instance_norm_triton.forward(x, weight, bias, eps, slope)
 
 
 @_instance_norm_act.register_fake
 def _(x, weight, bias, eps, slope):
     rows = x.shape[0] * x.shape[1]
     stats = _stats_dtype(x)
-    return torch.empty_like(x), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+    y = x.new_empty(x.shape)  # contiguous, as the real op returns (empty_like would copy a permuted x's strides)
+    return y, x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
 @torch.library.custom_op("rwkvseg::instance_norm_act_backward", mutates_args=())
 def _instance_norm_act_backward(
     gy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    x = x.contiguous()
     if not x.is_cuda:
-        gx, gw, gb = _reference_backward(gy, x, weight, bias, mean, rstd, slope)
+        gx, gw, gb = _reference_backward(gy.contiguous(), x, weight, bias, mean, rstd, slope)
+        gx = gx.contiguous()
     else:
         from . import instance_norm_triton
 
-        gx, gw, gb = instance_norm_triton.backward(gy, x.contiguous(), weight, bias, mean, rstd, slope)
+        gx, gw, gb = instance_norm_triton.backward(gy, x, weight, bias, mean, rstd, slope)
     if gw is None:  # custom ops return tensors (never aliases of each other): empty ones stand for "no affine"
         return gx, x.new_empty(0), x.new_empty(0)
     return gx, gw, gb
@@ -159,9 +164,10 @@ def _instance_norm_act_backward(
 
 @_instance_norm_act_backward.register_fake
 def _(gy, x, weight, bias, mean, rstd, slope):
+    gx = x.new_empty(x.shape)  # contiguous, as the real op returns
     if weight is None:
-        return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+        return gx, x.new_empty(0), x.new_empty(0)
+    return gx, torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output) -> None:
