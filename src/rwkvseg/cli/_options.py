@@ -69,3 +69,27 @@ def spec_from_args(args: argparse.Namespace, root: Path | None = None):
         regions=regions(args.regions) if args.regions else (),
         root=root,
     )
+
+
+def add_set_argument(p: argparse.ArgumentParser, example: str) -> None:
+    """--set KEY=VALUE (repeatable): a config setting on top of the file, e.g. example."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"{example} (repeatable)"
+    )
+
+
+def add_run_arguments(p: argparse.ArgumentParser, example: str, data_help: str) -> None:
+    """--set, --data and --out of the commands that run a config (train, federate)."""
+    add_set_argument(p, example)
+    p.add_argument("--data", help=f"{data_help} (same as --set data.root=...)")
+    p.add_argument("--out", help="run folder (same as --set out=...)")
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set settings with --data and --out turned into the settings they stand for."""
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    if args.out:
+        overrides.append(f"out={args.out}")
+    return overrides

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._options import add_set_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="efficiency benchmarks (tables on screen, JSON out)")
@@ -90,13 +92,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resident", nargs="+", default=["off", "on"], help="data.gpu_resident settings to time (default: off on)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a training setting on top of the recipe, e.g. --set model.name=urwkv_s --set data.num_workers=4",
+    add_set_argument(
+        p, "a training setting on top of the recipe, e.g. --set model.name=urwkv_s --set data.num_workers=4"
     )
     p.add_argument("--config", default=None, help="a training config as the recipe (default: TrainConfig's)")
     p.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")

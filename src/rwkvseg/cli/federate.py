@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._options import add_run_arguments, run_overrides
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,16 +15,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="federated training across sites (Flower simulation); or write a sites file with --sites-from",
     )
     p.add_argument("config", nargs="?", help="training config with a [federated] table (TOML or YAML)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set federated.rounds=5 --set optim.lr=0.001 (repeatable)",
+    add_run_arguments(
+        p,
+        "override a setting, e.g. --set federated.rounds=5 --set optim.lr=0.001",
+        "pooled dataset folder of the sites",
     )
-    p.add_argument("--data", help="pooled dataset folder of the sites (same as --set data.root=...)")
-    p.add_argument("--out", help="run folder (same as --set out=...)")
     p.add_argument("--resume", action="store_true", help="continue the federated run in the output folder")
     p.add_argument(
         "--write-record",
@@ -90,11 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from ..federated.config import load_federated_config
     from ..federated.run import CONFIG_FILE, federate
 
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.root={args.data}")
-    if args.out:
-        overrides.append(f"out={args.out}")
+    overrides = run_overrides(args)
     config_path = args.config
     if config_path is None:
         if not (args.resume and args.out):

@@ -8,20 +8,13 @@ import logging
 import os
 from pathlib import Path
 
+from ._options import add_run_arguments, run_overrides
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a 2D or 3D model (dims = 3) from a config file (TOML or YAML)")
     p.add_argument("config", nargs="?", help="config file; with --resume and no config: OUT/config.json")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set optim.lr=0.001 --set data.size=[256,256] (repeatable)",
-    )
-    p.add_argument("--data", help="dataset folder (same as --set data.root=...)")
-    p.add_argument("--out", help="run folder (same as --set out=...)")
+    add_run_arguments(p, "override a setting, e.g. --set optim.lr=0.001 --set data.size=[256,256]", "dataset folder")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument(
@@ -46,11 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.run import CONFIG_FILE
     from ..train.train import train
 
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.root={args.data}")
-    if args.out:
-        overrides.append(f"out={args.out}")
+    overrides = run_overrides(args)
     if args.compile:
         overrides.append(f"compile={args.compile}")
     if args.compile_backend:
