@@ -3,7 +3,6 @@
 import io
 import socket
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -90,25 +89,18 @@ def free_port() -> int:
 @contextmanager
 def running_server(app, timeout: float = 60.0):
     """uvicorn on 127.0.0.1 in a thread of this process; yields the base URL once ready."""
-    import httpx
     import uvicorn
+
+    from rwkvseg.serve.loadtest import wait_until_ready
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the service on {url} did not become ready in {timeout} s")
-            time.sleep(0.1)
+        if not wait_until_ready(url, timeout, poll_s=0.1):
+            raise TimeoutError(f"the service on {url} did not become ready in {timeout} s")
         yield url
     finally:
         server.should_exit = True

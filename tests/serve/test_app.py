@@ -28,6 +28,7 @@ from rwkvseg.serve import (
     predictors,
 )
 from rwkvseg.serve.app import JsonFormatter
+from rwkvseg.serve.loadtest import wait_until_ready
 
 
 def client_for(config: ServeConfig) -> TestClient:
@@ -298,15 +299,7 @@ def test_serve_runs_uvicorn_with_json_logs(test_models):
     reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.2)
+        assert wait_until_ready(url, 60, alive=lambda: process.poll() is None), "".join(lines)
         answer = httpx.post(f"{url}/v1/models/urwkv/predict", files={"file": ("a.png", png(square_image()))})
         assert answer.status_code == 200 and Image.open(io.BytesIO(answer.content)).size == (52, 40)
     finally:

@@ -202,14 +202,28 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
+def wait_until_ready(url: str, timeout_s: float, alive=lambda: True, poll_s: float = 0.2) -> bool:
+    """Poll GET {url}/v2/health/ready until it answers 200 (True); False once alive() is false or timeout_s passed."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+
+
 @contextmanager
 def started_service(
     models: Sequence[str], log_path: Path, torch_threads: int | None = None, ready_timeout: float = 300.0
 ):
     """The service in a child process on a free local port; yields (url, pid)."""
     import socket
-
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -223,16 +237,8 @@ def started_service(
         child = subprocess.Popen([sys.executable, "-c", code], stderr=log, stdout=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not become ready; its log: {log_path}")
-            time.sleep(0.25)
+        if not wait_until_ready(url, ready_timeout, alive=lambda: child.poll() is None):
+            raise RuntimeError(f"the service did not become ready; its log: {log_path}")
         yield url, child.pid
     finally:
         child.terminate()
