@@ -70,7 +70,12 @@ def folders_below(root: str | os.PathLike) -> list[Path]:
     the tree (a loop, or a second path to the same files, which would count cases twice) and a broken link are
     errors naming the link."""
     root = Path(root)
-    seen = {os.path.realpath(root)}
+    real_root = os.path.realpath(root)
+    seen = {real_root: root}  # real path -> the first path found to it
+
+    def through_link(path: Path) -> bool:  # reached through a link rather than by its own name
+        return os.path.realpath(path) != os.path.join(real_root, path.relative_to(root))
+
     folders: list[Path] = []
     for top, dirs, files in os.walk(root, followlinks=True):
         for name in (*dirs, *files):
@@ -81,11 +86,12 @@ def folders_below(root: str | os.PathLike) -> list[Path]:
             path = Path(top) / name
             real = os.path.realpath(path)
             if real in seen:
+                link = seen[real] if through_link(seen[real]) and not through_link(path) else path
                 raise ValueError(
-                    f"{path} leads to {real}, which is already part of {root} (a link loop or a second path to the "
+                    f"{link} leads to {real}, which is already part of {root} (a link loop or a second path to the "
                     "same files: its cases would count twice); remove the link"
                 )
-            seen.add(real)
+            seen[real] = path
             folders.append(path)
     return folders
 
