@@ -6,21 +6,39 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import resource
 import struct
+import time
 import zlib
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from hardening.helpers import Bright, bright_checkpoint, cli, snapshot, square
-from rwkvseg.checkpoint import load_checkpoint
+from rwkvseg.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from rwkvseg.data.images2d import discover_pairs, read_image
 from rwkvseg.data.preprocess3d import load_cached_case
-from rwkvseg.data.volumes import read_volume
+from rwkvseg.data.specs import dataset_spec
+from rwkvseg.data.volumes import brats_cases, discover_cases, read_volume
 from rwkvseg.files import atomic_write_text
 from rwkvseg.models import registry
-from writers import save_nifti, save_png
+from rwkvseg.records import Preprocessing2D
+from writers import save_nifti, save_png, write_brats_case
+
+
+class Wide(nn.Module):
+    """A 1x1 convolution through `width` hidden channels: its size follows in_channels, num_classes and width."""
+
+    def __init__(self, in_channels, num_classes, width=1):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.Conv2d(width, num_classes, 1))
+
+    def forward(self, x):
+        return self.mix(x)
 
 
 @pytest.fixture
@@ -154,3 +172,57 @@ def test_symlink_loop_and_broken_link_reported(tmp_path):
     with pytest.raises(ValueError, match=r"b\.png is a broken link"):
         discover_pairs(root)
     assert snapshot(tmp_path) == before
+
+
+def test_symlink_loop_in_a_3d_tree_reported(tmp_path):
+    root = tmp_path / "brats"
+    shape = (4, 5, 6)
+    images = [np.ones(shape, np.float32) for _ in range(4)]
+    write_brats_case(root / "HGG", "c1", images, np.zeros(shape, np.uint8))
+    spec = dataset_spec("brats")
+    assert [c.case_id for c in discover_cases(root, spec)] == ["c1"]
+    (root / "HGG" / "again").symlink_to(root)  # a loop: brats/HGG/again/HGG/c1 would be c1 again
+    before = snapshot(tmp_path)
+    for find in (discover_cases, brats_cases):
+        with pytest.raises(ValueError, match=r"HGG/again leads to .*already part of .*remove the link"):
+            find(root, spec)
+    (root / "HGG" / "again").unlink()
+    (root / "c1_alias").symlink_to(root / "HGG" / "c1")  # a second path to one case
+    with pytest.raises(ValueError, match=r"c1_alias leads to .*HGG/c1, which is already part of"):
+        discover_cases(root, spec)
+    (root / "c1_alias").unlink()
+    (root / "HGG" / "c1" / "c1_extra.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(ValueError, match=r"c1_extra\.nii\.gz is a broken link"):
+        discover_cases(root, spec)
+    (root / "HGG" / "c1" / "c1_extra.nii.gz").unlink()
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"in_channels": 10**12},  # a 4 TB layer from a 200-byte file
+        {"num_classes": 10**12},
+        {"model_overrides": {"width": 10**6}},  # an override that multiplies every layer
+    ],
+    ids=["in_channels", "num_classes", "overrides"],
+)
+def test_sidecar_asking_for_a_huge_model_refused_before_allocating(tmp_path, capsys, monkeypatch, edit):
+    monkeypatch.setattr(registry, "_builders", lambda: {"bright": Wide})
+    pre = Preprocessing2D(1, (16, 16), "resize", "dtype").to_dict()
+    ck = save_checkpoint(tmp_path / "ck", Wide(1, 1), CheckpointMeta("bright", 1, 1, preprocessing=pre))[0]
+    sidecar = ck.with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **edit}))  # the weights' digest still fits
+    save_png(tmp_path / "in" / "a.png", square())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    start = time.perf_counter()
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(
+        r"^rwkvseg: error: the sidecar of .*ck\.safetensors asks for a model of [\d,]+ parameters but the "
+        r"file holds 3 values .*copy both files again$",
+        err.strip(),
+    )
+    assert time.perf_counter() - start < 20 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**19
+    assert not (tmp_path / "out").exists()
+    assert torch.empty(1).device.type == "cpu"  # the meta device left nothing behind in this thread
