@@ -8,6 +8,7 @@ import json
 import os
 import re
 import resource
+import signal
 import struct
 import time
 import zlib
@@ -17,16 +18,20 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import get_worker_info
 
 from hardening.helpers import Bright, bright_checkpoint, cli, snapshot, square
 from rwkvseg.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from rwkvseg.data.dataset2d import SegDataset2D
 from rwkvseg.data.images2d import discover_pairs, read_image
 from rwkvseg.data.preprocess3d import load_cached_case
 from rwkvseg.data.specs import dataset_spec
+from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.data.volumes import brats_cases, discover_cases, read_volume
-from rwkvseg.files import atomic_write_text
+from rwkvseg.files import LOCK, atomic_write_text
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D
+from rwkvseg.train import loop
 from writers import save_nifti, save_png, write_brats_case
 
 
@@ -226,3 +231,55 @@ def test_sidecar_asking_for_a_huge_model_refused_before_allocating(tmp_path, cap
     assert time.perf_counter() - start < 20 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**19
     assert not (tmp_path / "out").exists()
     assert torch.empty(1).device.type == "cpu"  # the meta device left nothing behind in this thread
+
+
+def _train_args(data, run):
+    write_synthetic_dataset(data, n=6, shape=(37, 41), seed=4)
+    sets = ["model.name=urwkv_test", "data.size=[32,32]", "data.batch_size=2", "max_steps_per_epoch=1", "epochs=3"]
+    return ["train", "--data", data, "--out", run, "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_killed_dataloader_worker_is_one_line_and_the_run_incomplete(tmp_path, capsys, monkeypatch):
+    read = SegDataset2D.__getitem__
+
+    def dies_in_epoch_2(self, i):
+        if get_worker_info() is not None and self.epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+        return read(self, i)
+
+    monkeypatch.setattr(SegDataset2D, "__getitem__", dies_in_epoch_2)
+    run = tmp_path / "run"
+    code, err = cli(capsys, *_train_args(tmp_path / "data", run), "--set", "data.num_workers=1")
+    assert code == 2 and err.count("\n") == 1
+    assert re.fullmatch(
+        r"rwkvseg: error: a data loading worker process died \(DataLoader worker \(pid(\(s\))? \d+\) "
+        r"(exited unexpectedly|is killed by signal: Killed\.)\); the run stopped incomplete\. "
+        r"If it was killed for memory, lower data\.num_workers .* "
+        r"then continue with --resume\n",
+        err,
+    ), err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] is False and summary["status"] == "failed" and "DataLoader worker" in summary["error"]
+    assert summary["epochs_done"] == 1 and json.loads((run / "last.json").read_text())["training"]["epoch"] == 1
+    assert not (run / LOCK).exists()
+    monkeypatch.setattr(SegDataset2D, "__getitem__", read)
+    assert cli(capsys, "train", "--out", run, "--resume", "--no-progress")[0] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] is True and summary["status"] == "complete" and summary["epochs_done"] == 3
+
+
+def test_interrupted_run_is_marked_incomplete(tmp_path, capsys, monkeypatch):
+    epoch = loop.train_epoch
+
+    def ctrl_c_in_epoch_2(run, loop_, number, *args, **kw):
+        if number == 2:
+            assert json.loads((run.run_dir / "summary.json").read_text())["status"] == "running"
+            raise KeyboardInterrupt
+        return epoch(run, loop_, number, *args, **kw)
+
+    monkeypatch.setattr(loop, "train_epoch", ctrl_c_in_epoch_2)
+    run = tmp_path / "run"
+    code, err = cli(capsys, *_train_args(tmp_path / "data", run))
+    assert code == 130 and err.startswith("rwkvseg: interrupted")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] is False and summary["status"] == "interrupted" and summary["epochs_done"] == 1
