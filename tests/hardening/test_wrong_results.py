@@ -12,9 +12,10 @@ from PIL import Image
 
 from hardening.helpers import Bright, bright_checkpoint, cli, square
 from rwkvseg.data.images2d import read_image, read_mask
+from rwkvseg.data.preprocess3d import prepare_for_model, subtract_background
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.splits import read_split
-from rwkvseg.data.volumes import brats_case, read_volume
+from rwkvseg.data.volumes import brats_case, load_case, read_volume
 from rwkvseg.models import registry
 from rwkvseg.train.state import Progress, load_state, save_state
 from writers import save_nifti, save_png, write_brats_case
@@ -72,6 +73,33 @@ def test_constant_modality_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load_case(brats_case(folder, spec), spec)
     assert "c1_flair.nii.gz is constant" in caplog.text
+
+
+def test_background_offset_is_preprocessed_as_a_zero_background(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    brain = (slice(2, 9), slice(3, 10), slice(1, 8))
+    images = []
+    for m in range(4):
+        image = np.zeros((12, 13, 10), np.float32)
+        image[brain] = rng.random((7, 7, 7)) * 300 + 50 * m + 20
+        images.append(image)
+    seg = np.zeros((12, 13, 10), np.uint8)
+    spec = dataset_spec("brats")
+    plans = {"preprocess": {}, "target_spacing": [1.5, 1.0, 1.0]}
+    zero = load_case(brats_case(_brats(tmp_path / "zero", images, seg), spec), spec)
+    offset = load_case(brats_case(_brats(tmp_path / "offset", [i + 100 for i in images], seg), spec), spec)
+    with caplog.at_level(logging.INFO):
+        expected, zero_props = prepare_for_model(zero, plans)
+        assert "background" not in caplog.text
+        got, offset_props = prepare_for_model(offset, plans)
+    assert "c1: modality 0 has a background of 100" in caplog.text
+    assert offset_props["crop_lo"] == zero_props["crop_lo"] == [1, 3, 2]  # (k, j, i) order
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # the model sees the same input
+    # zero-background scans and negative floors (CT air) are not touched: the very same array comes back
+    assert subtract_background(zero.image) is zero.image
+    ct = np.full((1, 6, 6, 6), -1024, np.float32)
+    ct[0, 2:4, 2:4, 2:4] = 40
+    assert subtract_background(ct) is ct
 
 
 def test_two_files_for_one_modality_refused(tmp_path):
