@@ -150,6 +150,51 @@ def check_replaceable(folder: str | os.PathLike, existing: Iterable[str | os.Pat
     )
 
 
+def refuse_existing(folder: str | os.PathLike, existing: Iterable[str | os.PathLike], option: str = "--out") -> None:
+    """Refuse outputs that exist (without --overwrite), offering --overwrite only where it would be accepted:
+    in a folder rwkvseg made. Elsewhere --overwrite would be refused too, so the message does not suggest it."""
+    existing = [str(p) for p in existing]
+    if not existing:
+        return
+    shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+    folder = Path(folder)
+    if not folder.exists() or is_owned(folder):
+        fix = f"choose another {option} or pass --overwrite"
+    else:
+        fix = (
+            f"move them away or choose another {option} ({folder} was not made by rwkvseg, so --overwrite "
+            "would not replace them either)"
+        )
+    raise FileExistsError(f"{len(existing)} output file(s) already exist ({shown}); {fix}")
+
+
+@contextmanager
+def output_folder(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike], overwrite: bool, command: str
+) -> Iterator[Path]:
+    """The checks of an output folder before a command writes into it: apart from its inputs, not a file, and
+    with --overwrite one rwkvseg made (or empty). A new or empty folder is marked as rwkvseg's; when the block
+    fails before writing anything there, no folder (or marker) is left behind."""
+    out = Path(out)
+    check_apart(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the outputs")
+    created = not out.exists()
+    fresh = created or not any(out.iterdir())
+    if overwrite and not fresh:
+        check_replaceable(out)
+    if fresh:
+        mark_owned(out, command)
+    try:
+        yield out
+    except BaseException:
+        if fresh and [p.name for p in out.iterdir()] == [MARKER]:  # refused before writing: leave no folder behind
+            (out / MARKER).unlink()
+            if created:
+                out.rmdir()
+        raise
+
+
 # --- the lock of a folder a run writes ----------------------------------------------------------------------
 
 

@@ -128,19 +128,19 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str) -> int:
 
     from ..data.images2d import list_inputs
     from ..export.runtime import predict_files
-    from ..files import check_apart
+    from ..files import output_folder
 
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
-    check_apart(Path(args.out), [source])
-    written = predict_files(
-        model,
-        list_inputs(source, args.skip_non_images),
-        args.out,
-        threshold=0.5 if args.threshold is None else args.threshold,
-        threads=args.threads,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-    )
+    with output_folder(args.out, [source], args.overwrite, "predict") as out:
+        written = predict_files(
+            model,
+            list_inputs(source, args.skip_non_images),
+            out,
+            threshold=0.5 if args.threshold is None else args.threshold,
+            threads=args.threads,
+            batch_size=args.batch_size,
+            overwrite=args.overwrite,
+        )
     print(f"wrote {len(written)} masks to {args.out} (onnxruntime)")
     return 0

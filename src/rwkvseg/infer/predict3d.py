@@ -35,6 +35,7 @@ from ..data.volumes import (
     orient_back,
     reorient,
 )
+from ..files import refuse_existing
 from ..records import DEFAULT_ORIENTATION
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
@@ -154,7 +155,7 @@ class Predictor3D:
         """Predict one case and write `<out_dir>/<case_id>.nii.gz` (or the input's ITK format, or a DICOM SEG)."""
         out = self.output_path(case, out_dir)
         if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; remove it or pass --overwrite")
+            refuse_existing(out.parent, [out])
         if case.channels:
             log.info("%s: input channels %s read as %s", case.case_id, list(case.channels), list(self.spec.modalities))
         values, reference = self.predict_case(case)
@@ -200,7 +201,5 @@ def predict_paths(
     cases = prediction_cases(inputs, predictor.spec, options.modalities)
     overwrite = options.overwrite
     if not overwrite:
-        clash = [c.case_id for c in cases if predictor.output_path(c, out_dir).exists()]
-        if clash:
-            raise FileExistsError(f"predictions for {', '.join(clash)} exist in {out_dir}; pass --overwrite")
+        refuse_existing(out_dir, [p for p in (predictor.output_path(c, out_dir) for c in cases) if p.exists()])
     return [predictor.predict_to_file(case, out_dir, overwrite) for case in cases]
