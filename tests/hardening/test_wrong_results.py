@@ -281,3 +281,17 @@ def test_two_files_for_one_prediction_refused(tmp_path, capsys):
     save_nifti(tmp_path / "p3" / "c1.nii.gz", vol)
     with pytest.raises(ValueError, match=r"c1\.nii.* and .*c1\.nii.* are both case c1"):
         label_files(tmp_path / "p3", dataset_spec("brats"))
+
+
+def test_mirror_tta_default_is_off_on_the_cpu_and_the_checkpoints_on_a_gpu(caplog):
+    from rwkvseg.infer.predict3d import default_mirror_axes
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only compared, never used
+    recorded = {"mirror_axes": [0, 2]}
+    with caplog.at_level(logging.INFO):
+        assert default_mirror_axes(None, recorded, cpu) == ()
+    assert "pass --mirror-axes 0,2 to use it" in caplog.text
+    assert default_mirror_axes(None, recorded, gpu) == (0, 2)
+    assert default_mirror_axes(None, {}, gpu) == (0, 1, 2)  # checkpoints that recorded none: all three
+    assert default_mirror_axes((0, 1, 2), recorded, cpu) == (0, 1, 2)  # an explicit choice is kept
+    assert default_mirror_axes((), recorded, gpu) == ()
