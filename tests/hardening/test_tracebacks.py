@@ -10,6 +10,8 @@ import re
 import resource
 import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
@@ -283,3 +285,20 @@ def test_interrupted_run_is_marked_incomplete(tmp_path, capsys, monkeypatch):
     assert code == 130 and err.startswith("rwkvseg: interrupted")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["complete"] is False and summary["status"] == "interrupted" and summary["epochs_done"] == 1
+
+
+def test_cli_help_and_light_commands_start_without_torch():
+    """`rwkvseg --help`, every command's --help and `split` parse arguments without importing torch (~4 s)."""
+    commands = ["models", "demo", "bench", "compact2d", "preprocess", "train", "federate", "split", "synthetic3d"]
+    commands += ["predict", "evaluate", "export", "serve"]
+    script = (
+        "import sys\nfrom rwkvseg.cli import main\n"
+        "for argv in [['--help']] + [[c, '--help'] for c in sys.argv[1:]]:\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "import rwkvseg.data.splits\n"
+        "print(sorted(m for m in ('torch', 'monai', 'numpy.f2py') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, *commands], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
