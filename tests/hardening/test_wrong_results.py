@@ -295,3 +295,16 @@ def test_mirror_tta_default_is_off_on_the_cpu_and_the_checkpoints_on_a_gpu(caplo
     assert default_mirror_axes(None, {}, gpu) == (0, 1, 2)  # checkpoints that recorded none: all three
     assert default_mirror_axes((0, 1, 2), recorded, cpu) == (0, 1, 2)  # an explicit choice is kept
     assert default_mirror_axes((), recorded, gpu) == ()
+
+
+def test_empty_prediction_folder_names_the_missing_cases(tmp_path, capsys):
+    (tmp_path / "pred").mkdir()
+    save_png(tmp_path / "gt" / "a.png", square())
+    code, err = cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "--out", tmp_path / "ev")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path / 'pred'} holds no images (.png," in err and "point to the folder with them" in err
+    assert not (tmp_path / "ev").exists()
+    save_png(tmp_path / "pred" / "b.png", square())  # predictions, but not of the ground truth's cases
+    code, err = cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "--out", tmp_path / "ev")
+    assert code == 2 and "1 ground-truth case(s) have no prediction in" in err and "--missing-as-empty" in err
+    assert not (tmp_path / "ev").exists()
