@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -127,6 +129,59 @@ def check_digest(weights: Path, expected: str | None) -> None:
         )
 
 
+def stored_numel(weights: Path) -> int:
+    """The number of values the weights file holds, from its header alone (no tensor is read)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    except (SafetensorError, OSError) as err:  # a corrupt header
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); copy the checkpoint again") from None
+
+
+def claimed_numel(meta: CheckpointMeta) -> int:
+    """The parameter count of the model the sidecar names, built on the meta device (nothing is allocated).
+
+    The build runs in a thread of its own: the meta device is a thread-local torch function mode, so whatever
+    happens while it is active cannot touch the caller's mode stack (compiled or opcheck'ed code after it)."""
+    from . import models  # noqa: F401  (imported here, not first under the meta device)
+
+    result: list[Any] = []
+
+    def probe() -> None:
+        try:
+            with torch.device("meta"):
+                result.append(sum(p.numel() for p in build_model(meta).parameters()))
+        except Exception as err:  # handed back to the caller's thread
+            result.append(err)
+
+    thread = threading.Thread(target=probe, name="rwkvseg-size-probe")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def check_size(weights: Path, meta: CheckpointMeta) -> None:
+    """Refuse a sidecar that asks for a model larger than its weights file holds (edited or hostile widths,
+    channels or overrides) before the model is allocated: the claim is counted on the meta device and compared
+    with the tensor shapes in the weights file's header."""
+    stored = stored_numel(weights)
+    try:
+        numel = claimed_numel(meta)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the sidecar of {weights} does not build model {meta.model!r}: {err}") from None
+    except Exception as err:  # a model the meta device cannot build: built for real below
+        log.debug("%s: size probe on the meta device failed (%s); building the model directly", weights, err)
+        return
+    if numel > 2 * stored + 2**20:  # slack for tensors a model creates but does not store
+        raise ValueError(
+            f"the sidecar of {weights} asks for a model of {numel:,} parameters but the file holds {stored:,} "
+            f"values (in_channels={meta.in_channels}, num_classes={meta.num_classes}, model_overrides="
+            f"{meta.model_overrides}); the sidecar was edited or belongs to other weights: copy both files again"
+        )
+
+
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:
     """The sidecar of a checkpoint, checked (without the weights' digest, which belongs to the file)."""
     return _read_sidecar(path)[0]
@@ -168,6 +223,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint weights {weights} not found (the sidecar is there); copy both files")
     check_digest(weights, digest)
+    check_size(weights, meta)
     model = build_model(meta)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))

@@ -70,7 +70,12 @@ def folders_below(root: str | os.PathLike) -> list[Path]:
     the tree (a loop, or a second path to the same files, which would count cases twice) and a broken link are
     errors naming the link."""
     root = Path(root)
-    seen = {os.path.realpath(root)}
+    real_root = os.path.realpath(root)
+    seen = {real_root: root}  # real path -> the first path found to it
+
+    def through_link(path: Path) -> bool:  # reached through a link rather than by its own name
+        return os.path.realpath(path) != os.path.join(real_root, path.relative_to(root))
+
     folders: list[Path] = []
     for top, dirs, files in os.walk(root, followlinks=True):
         for name in (*dirs, *files):
@@ -81,11 +86,12 @@ def folders_below(root: str | os.PathLike) -> list[Path]:
             path = Path(top) / name
             real = os.path.realpath(path)
             if real in seen:
+                link = seen[real] if through_link(seen[real]) and not through_link(path) else path
                 raise ValueError(
-                    f"{path} leads to {real}, which is already part of {root} (a link loop or a second path to the "
+                    f"{link} leads to {real}, which is already part of {root} (a link loop or a second path to the "
                     "same files: its cases would count twice); remove the link"
                 )
-            seen.add(real)
+            seen[real] = path
             folders.append(path)
     return folders
 
@@ -142,6 +148,51 @@ def check_replaceable(folder: str | os.PathLike, existing: Iterable[str | os.Pat
         f"{what}{folder} not written by rwkvseg (no {MARKER} marker file in it); --overwrite only replaces "
         "rwkvseg's own outputs: move those files away or choose another output folder"
     )
+
+
+def refuse_existing(folder: str | os.PathLike, existing: Iterable[str | os.PathLike], option: str = "--out") -> None:
+    """Refuse outputs that exist (without --overwrite), offering --overwrite only where it would be accepted:
+    in a folder rwkvseg made. Elsewhere --overwrite would be refused too, so the message does not suggest it."""
+    existing = [str(p) for p in existing]
+    if not existing:
+        return
+    shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+    folder = Path(folder)
+    if not folder.exists() or is_owned(folder):
+        fix = f"choose another {option} or pass --overwrite"
+    else:
+        fix = (
+            f"move them away or choose another {option} ({folder} was not made by rwkvseg, so --overwrite "
+            "would not replace them either)"
+        )
+    raise FileExistsError(f"{len(existing)} output file(s) already exist ({shown}); {fix}")
+
+
+@contextmanager
+def output_folder(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike], overwrite: bool, command: str
+) -> Iterator[Path]:
+    """The checks of an output folder before a command writes into it: apart from its inputs, not a file, and
+    with --overwrite one rwkvseg made (or empty). A new or empty folder is marked as rwkvseg's; when the block
+    fails before writing anything there, no folder (or marker) is left behind."""
+    out = Path(out)
+    check_apart(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder for the outputs")
+    created = not out.exists()
+    fresh = created or not any(out.iterdir())
+    if overwrite and not fresh:
+        check_replaceable(out)
+    if fresh:
+        mark_owned(out, command)
+    try:
+        yield out
+    except BaseException:
+        if fresh and [p.name for p in out.iterdir()] == [MARKER]:  # refused before writing: leave no folder behind
+            (out / MARKER).unlink()
+            if created:
+                out.rmdir()
+        raise
 
 
 # --- the lock of a folder a run writes ----------------------------------------------------------------------

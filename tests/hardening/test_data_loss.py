@@ -180,3 +180,44 @@ def test_train_cli_refuses_a_locked_run_folder(tmp_path, capsys):
         code, err = cli(capsys, "train", "--data", data, "--out", run, "--set", "epochs=1")
     assert code == 2 and "is being written by another run" in err and str(run) in err
     assert sorted(p.name for p in run.iterdir()) == []
+
+
+def test_refusals_offer_overwrite_only_where_it_would_be_accepted(tmp_path, capsys, bright):
+    ck = bright_checkpoint(tmp_path)
+    src = tmp_path / "in"
+    save_png(src / "a.png", square())
+    mine = tmp_path / "mine"  # the user's folder, holding a file with an output's name
+    save_png(mine / "a.png", np.full((5, 5), 7, np.uint8))
+    code, err = cli(capsys, "predict", ck, src, "--out", mine)
+    assert code == 2 and "a.png" in err and "was not made by rwkvseg" in err and "--overwrite would not" in err
+    code, err = cli(capsys, "predict", ck, src, "--out", mine, "--overwrite")  # as the first message said
+    assert code == 2 and "not written by rwkvseg" in err
+    out = tmp_path / "out"  # rwkvseg's own folder: --overwrite is offered, and accepted
+    assert cli(capsys, "predict", ck, src, "--out", out)[0] == 0
+    code, err = cli(capsys, "predict", ck, src, "--out", out)
+    assert code == 2 and err.rstrip().endswith("choose another --out or pass --overwrite")
+    assert cli(capsys, "predict", ck, src, "--out", out, "--overwrite")[0] == 0
+    # evaluate: the same rule, and its output stays apart from the folders it scores
+    (mine / "summary.json").write_text("{}")
+    code, err = cli(capsys, "evaluate", out, src, "--out", mine)
+    assert code == 2 and "summary.json" in err and "--overwrite would not" in err
+    code, err = cli(capsys, "evaluate", out, src, "--out", out / "scores")
+    assert code == 2 and "is inside the input" in err and not (out / "scores").exists()
+    # split: a file of that name which is not a split is never replaced
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    _dataset(tmp_path / "data")
+    code, err = cli(capsys, "split", tmp_path / "data", "--out", notes, "--overwrite")
+    assert code == 2 and "not a split file rwkvseg wrote" in err and "pass --overwrite" not in err
+    assert notes.read_text() == '{"mine": true}'
+    # synthetic3d: writes into a non-empty folder only when rwkvseg made it
+    code, err = cli(capsys, "synthetic3d", mine, "--cases", 1, "--overwrite")
+    assert (
+        code == 2
+        and "not written by rwkvseg" in err
+        and sorted(p.name for p in mine.iterdir())
+        == [
+            "a.png",
+            "summary.json",
+        ]
+    )

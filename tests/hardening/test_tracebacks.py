@@ -6,21 +6,46 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import resource
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from torch import nn
+from torch.utils.data import get_worker_info
 
 from hardening.helpers import Bright, bright_checkpoint, cli, snapshot, square
-from rwkvseg.checkpoint import load_checkpoint
+from rwkvseg.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from rwkvseg.data.dataset2d import SegDataset2D
 from rwkvseg.data.images2d import discover_pairs, read_image
 from rwkvseg.data.preprocess3d import load_cached_case
-from rwkvseg.data.volumes import read_volume
-from rwkvseg.files import atomic_write_text
+from rwkvseg.data.specs import dataset_spec
+from rwkvseg.data.synthetic import write_synthetic_dataset
+from rwkvseg.data.volumes import brats_cases, discover_cases, read_volume
+from rwkvseg.files import LOCK, atomic_write_text
 from rwkvseg.models import registry
-from writers import save_nifti, save_png
+from rwkvseg.records import Preprocessing2D
+from rwkvseg.train import loop
+from writers import save_nifti, save_png, write_brats_case
+
+
+class Wide(nn.Module):
+    """A 1x1 convolution through `width` hidden channels: its size follows in_channels, num_classes and width."""
+
+    def __init__(self, in_channels, num_classes, width=1):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.Conv2d(width, num_classes, 1))
+
+    def forward(self, x):
+        return self.mix(x)
 
 
 @pytest.fixture
@@ -154,3 +179,126 @@ def test_symlink_loop_and_broken_link_reported(tmp_path):
     with pytest.raises(ValueError, match=r"b\.png is a broken link"):
         discover_pairs(root)
     assert snapshot(tmp_path) == before
+
+
+def test_symlink_loop_in_a_3d_tree_reported(tmp_path):
+    root = tmp_path / "brats"
+    shape = (4, 5, 6)
+    images = [np.ones(shape, np.float32) for _ in range(4)]
+    write_brats_case(root / "HGG", "c1", images, np.zeros(shape, np.uint8))
+    spec = dataset_spec("brats")
+    assert [c.case_id for c in discover_cases(root, spec)] == ["c1"]
+    (root / "HGG" / "again").symlink_to(root)  # a loop: brats/HGG/again/HGG/c1 would be c1 again
+    before = snapshot(tmp_path)
+    for find in (discover_cases, brats_cases):
+        with pytest.raises(ValueError, match=r"HGG/again leads to .*already part of .*remove the link"):
+            find(root, spec)
+    (root / "HGG" / "again").unlink()
+    (root / "c1_alias").symlink_to(root / "HGG" / "c1")  # a second path to one case
+    with pytest.raises(ValueError, match=r"c1_alias leads to .*HGG/c1, which is already part of"):
+        discover_cases(root, spec)
+    (root / "c1_alias").unlink()
+    (root / "HGG" / "c1" / "c1_extra.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
+    with pytest.raises(ValueError, match=r"c1_extra\.nii\.gz is a broken link"):
+        discover_cases(root, spec)
+    (root / "HGG" / "c1" / "c1_extra.nii.gz").unlink()
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"in_channels": 10**12},  # a 4 TB layer from a 200-byte file
+        {"num_classes": 10**12},
+        {"model_overrides": {"width": 10**6}},  # an override that multiplies every layer
+    ],
+    ids=["in_channels", "num_classes", "overrides"],
+)
+def test_sidecar_asking_for_a_huge_model_refused_before_allocating(tmp_path, capsys, monkeypatch, edit):
+    monkeypatch.setattr(registry, "_builders", lambda: {"bright": Wide})
+    pre = Preprocessing2D(1, (16, 16), "resize", "dtype").to_dict()
+    ck = save_checkpoint(tmp_path / "ck", Wide(1, 1), CheckpointMeta("bright", 1, 1, preprocessing=pre))[0]
+    sidecar = ck.with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), **edit}))  # the weights' digest still fits
+    save_png(tmp_path / "in" / "a.png", square())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    start = time.perf_counter()
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1
+    assert re.search(
+        r"^rwkvseg: error: the sidecar of .*ck\.safetensors asks for a model of [\d,]+ parameters but the "
+        r"file holds 3 values .*copy both files again$",
+        err.strip(),
+    )
+    assert time.perf_counter() - start < 20 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 2**19
+    assert not (tmp_path / "out").exists()
+    assert torch.empty(1).device.type == "cpu"  # the meta device left nothing behind in this thread
+
+
+def _train_args(data, run):
+    write_synthetic_dataset(data, n=6, shape=(37, 41), seed=4)
+    sets = ["model.name=urwkv_test", "data.size=[32,32]", "data.batch_size=2", "max_steps_per_epoch=1", "epochs=3"]
+    return ["train", "--data", data, "--out", run, "--no-progress", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_killed_dataloader_worker_is_one_line_and_the_run_incomplete(tmp_path, capsys, monkeypatch):
+    read = SegDataset2D.__getitem__
+
+    def dies_in_epoch_2(self, i):
+        if get_worker_info() is not None and self.epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
+        return read(self, i)
+
+    monkeypatch.setattr(SegDataset2D, "__getitem__", dies_in_epoch_2)
+    run = tmp_path / "run"
+    code, err = cli(capsys, *_train_args(tmp_path / "data", run), "--set", "data.num_workers=1")
+    assert code == 2 and err.count("\n") == 1
+    assert re.fullmatch(
+        r"rwkvseg: error: a data loading worker process died \(DataLoader worker \(pid(\(s\))? \d+\) "
+        r"(exited unexpectedly|is killed by signal: Killed\.)\); the run stopped incomplete\. "
+        r"If it was killed for memory, lower data\.num_workers .* "
+        r"then continue with --resume\n",
+        err,
+    ), err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] is False and summary["status"] == "failed" and "DataLoader worker" in summary["error"]
+    assert summary["epochs_done"] == 1 and json.loads((run / "last.json").read_text())["training"]["epoch"] == 1
+    assert not (run / LOCK).exists()
+    monkeypatch.setattr(SegDataset2D, "__getitem__", read)
+    assert cli(capsys, "train", "--out", run, "--resume", "--no-progress")[0] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] is True and summary["status"] == "complete" and summary["epochs_done"] == 3
+
+
+def test_interrupted_run_is_marked_incomplete(tmp_path, capsys, monkeypatch):
+    epoch = loop.train_epoch
+
+    def ctrl_c_in_epoch_2(run, loop_, number, *args, **kw):
+        if number == 2:
+            assert json.loads((run.run_dir / "summary.json").read_text())["status"] == "running"
+            raise KeyboardInterrupt
+        return epoch(run, loop_, number, *args, **kw)
+
+    monkeypatch.setattr(loop, "train_epoch", ctrl_c_in_epoch_2)
+    run = tmp_path / "run"
+    code, err = cli(capsys, *_train_args(tmp_path / "data", run))
+    assert code == 130 and err.startswith("rwkvseg: interrupted")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] is False and summary["status"] == "interrupted" and summary["epochs_done"] == 1
+
+
+def test_cli_help_and_light_commands_start_without_torch():
+    """`rwkvseg --help`, every command's --help and `split` parse arguments without importing torch (~4 s)."""
+    commands = ["models", "demo", "bench", "compact2d", "preprocess", "train", "federate", "split", "synthetic3d"]
+    commands += ["predict", "evaluate", "export", "serve"]
+    script = (
+        "import sys\nfrom rwkvseg.cli import main\n"
+        "for argv in [['--help']] + [[c, '--help'] for c in sys.argv[1:]]:\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "import rwkvseg.data.splits\n"
+        "print(sorted(m for m in ('torch', 'monai', 'numpy.f2py') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, *commands], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

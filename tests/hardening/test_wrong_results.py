@@ -12,9 +12,10 @@ from PIL import Image
 
 from hardening.helpers import Bright, bright_checkpoint, cli, square
 from rwkvseg.data.images2d import read_image, read_mask
+from rwkvseg.data.preprocess3d import prepare_for_model, subtract_background
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.splits import read_split
-from rwkvseg.data.volumes import brats_case, read_volume
+from rwkvseg.data.volumes import brats_case, load_case, read_volume
 from rwkvseg.models import registry
 from rwkvseg.train.state import Progress, load_state, save_state
 from writers import save_nifti, save_png, write_brats_case
@@ -72,6 +73,33 @@ def test_constant_modality_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load_case(brats_case(folder, spec), spec)
     assert "c1_flair.nii.gz is constant" in caplog.text
+
+
+def test_background_offset_is_preprocessed_as_a_zero_background(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    brain = (slice(2, 9), slice(3, 10), slice(1, 8))
+    images = []
+    for m in range(4):
+        image = np.zeros((12, 13, 10), np.float32)
+        image[brain] = rng.random((7, 7, 7)) * 300 + 50 * m + 20
+        images.append(image)
+    seg = np.zeros((12, 13, 10), np.uint8)
+    spec = dataset_spec("brats")
+    plans = {"preprocess": {}, "target_spacing": [1.5, 1.0, 1.0]}
+    zero = load_case(brats_case(_brats(tmp_path / "zero", images, seg), spec), spec)
+    offset = load_case(brats_case(_brats(tmp_path / "offset", [i + 100 for i in images], seg), spec), spec)
+    with caplog.at_level(logging.INFO):
+        expected, zero_props = prepare_for_model(zero, plans)
+        assert "background" not in caplog.text
+        got, offset_props = prepare_for_model(offset, plans)
+    assert "c1: modality 0 has a background of 100" in caplog.text
+    assert offset_props["crop_lo"] == zero_props["crop_lo"] == [1, 3, 2]  # (k, j, i) order
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # the model sees the same input
+    # zero-background scans and negative floors (CT air) are not touched: the very same array comes back
+    assert subtract_background(zero.image) is zero.image
+    ct = np.full((1, 6, 6, 6), -1024, np.float32)
+    ct[0, 2:4, 2:4, 2:4] = 40
+    assert subtract_background(ct) is ct
 
 
 def test_two_files_for_one_modality_refused(tmp_path):
@@ -253,3 +281,30 @@ def test_two_files_for_one_prediction_refused(tmp_path, capsys):
     save_nifti(tmp_path / "p3" / "c1.nii.gz", vol)
     with pytest.raises(ValueError, match=r"c1\.nii.* and .*c1\.nii.* are both case c1"):
         label_files(tmp_path / "p3", dataset_spec("brats"))
+
+
+def test_mirror_tta_default_is_off_on_the_cpu_and_the_checkpoints_on_a_gpu(caplog):
+    from rwkvseg.infer.predict3d import default_mirror_axes
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only compared, never used
+    recorded = {"mirror_axes": [0, 2]}
+    with caplog.at_level(logging.INFO):
+        assert default_mirror_axes(None, recorded, cpu) == ()
+    assert "pass --mirror-axes 0,2 to use it" in caplog.text
+    assert default_mirror_axes(None, recorded, gpu) == (0, 2)
+    assert default_mirror_axes(None, {}, gpu) == (0, 1, 2)  # checkpoints that recorded none: all three
+    assert default_mirror_axes((0, 1, 2), recorded, cpu) == (0, 1, 2)  # an explicit choice is kept
+    assert default_mirror_axes((), recorded, gpu) == ()
+
+
+def test_empty_prediction_folder_names_the_missing_cases(tmp_path, capsys):
+    (tmp_path / "pred").mkdir()
+    save_png(tmp_path / "gt" / "a.png", square())
+    code, err = cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "--out", tmp_path / "ev")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path / 'pred'} holds no images (.png," in err and "point to the folder with them" in err
+    assert not (tmp_path / "ev").exists()
+    save_png(tmp_path / "pred" / "b.png", square())  # predictions, but not of the ground truth's cases
+    code, err = cli(capsys, "evaluate", tmp_path / "pred", tmp_path / "gt", "--out", tmp_path / "ev")
+    assert code == 2 and "1 ground-truth case(s) have no prediction in" in err and "--missing-as-empty" in err
+    assert not (tmp_path / "ev").exists()

@@ -149,7 +149,7 @@ def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2m
     )
     assert dice(np.asarray(nib.load(out).dataobj) > 0, seg > 0) > 0.9
     before = out.read_bytes()
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"output file\(s\) already exist .*p1\.nii\.gz"):
         predict_paths(tmp_path / "ckpt" / "best", [folder], tmp_path / "out")
     assert out.read_bytes() == before
     # explicit files, one per modality in the model's order

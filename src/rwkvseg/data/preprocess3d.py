@@ -1,8 +1,9 @@
 """nnU-Net-style 3D preprocessing into a compact on-disk cache, and the same steps for a single case at predict time.
 
-Per case: crop to the nonzero region of all modalities, z-score statistics per modality inside that mask,
-resample to the target spacing (images linear, labels through a linearly resampled one-hot), foreground voxel
-locations per class for oversampling, and the properties that map a prediction back to the original grid.
+Per case: bring a positive constant background (an offset) to 0, crop to the nonzero region of all modalities,
+z-score statistics per modality inside that mask, resample to the target spacing (images linear, labels through a
+linearly resampled one-hot), foreground voxel locations per class for oversampling, and the properties that map a
+prediction back to the original grid.
 
 The cache stores intensities in the source's dtype (uint8 BraTS-compact stays uint8, int16 originals stay int16,
 float sources become float16) and applies the z-score when a case is loaded: z-scoring is an affine map, so this
@@ -42,6 +43,27 @@ class PreprocessConfig:
     crop_nonzero: bool = True
     fg_samples_per_class: int = 10000
     seed: int = 0
+
+
+BACKGROUND_FRACTION = 0.1  # a positive minimum held by this share of a modality's voxels is its background
+
+
+def subtract_background(image: np.ndarray, case_id: str = "") -> np.ndarray:
+    """image [M, K, J, I] with each modality's background brought to 0, as the nonzero-mask crop and z-score
+    expect: a modality whose minimum is positive and held by at least BACKGROUND_FRACTION of its voxels (a scanner
+    or export offset, e.g. +100 everywhere) has that minimum subtracted, so it is cropped and normalised as the
+    same scan with a zero background. Zero-background scans (and negative floors such as CT air) are returned
+    unchanged, the same object: their preprocessing is bit-identical to rwkvseg's before this rule."""
+    shifted = None
+    for m, channel in enumerate(image):
+        floor = channel.min()
+        if floor <= 0 or np.count_nonzero(channel == floor) < BACKGROUND_FRACTION * channel.size:
+            continue
+        if shifted is None:
+            shifted = image.copy()
+        shifted[m] -= floor
+        log.info("case %s: modality %d has a background of %g (its minimum); treated as 0", case_id, m, floor)
+    return image if shifted is None else shifted
 
 
 def nonzero_box(image: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -112,7 +134,7 @@ def preprocess_case(
     case: CaseVolumes, target_spacing: Sequence[float], config: PreprocessConfig
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """One loaded case -> (raw image at target spacing in its storage dtype, class labels or None, properties)."""
-    image = case.image  # [M, K, J, I] float32
+    image = subtract_background(case.image, case.case_id)  # [M, K, J, I] float32
     shape = tuple(int(n) for n in image.shape[1:])
     lo, hi = nonzero_box(image) if config.crop_nonzero else ((0, 0, 0), shape)
     if any(h <= l for l, h in zip(lo, hi, strict=True)):

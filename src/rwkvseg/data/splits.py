@@ -131,10 +131,25 @@ def split_from_groups(cases: Sequence[str], groups: Sequence[str]) -> dict[str, 
     }
 
 
+def _is_split_file(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == SPLIT_FORMAT and "folds" in data
+
+
 def write_split(path: str | Path, split: dict[str, Any], overwrite: bool = False) -> Path:
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"split file {path} exists; choose another name or pass --overwrite")
+    if path.exists():
+        ours = _is_split_file(path)
+        if not ours:  # --overwrite replaces only a split rwkvseg wrote, never another file of that name
+            raise FileExistsError(
+                f"{path} exists and is not a split file rwkvseg wrote (--overwrite would not replace it either); "
+                "choose another name"
+            )
+        if not overwrite:
+            raise FileExistsError(f"split file {path} exists; choose another name or pass --overwrite")
     write_json(path, split, indent=1)
     return path
 

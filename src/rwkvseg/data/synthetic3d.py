@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import check_replaceable, mark_owned
+
 log = logging.getLogger(__name__)
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -105,8 +107,11 @@ def write_synthetic_volumes(
     out = Path(out)
     if n < 1 or len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"need n >= 1 cases and a shape of three sizes >= 8, got n={n}, shape={list(shape)}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; choose an empty folder or pass overwrite (--overwrite)")
+    if out.exists() and any(out.iterdir()):
+        check_replaceable(out)  # --overwrite writes only into a folder rwkvseg made
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; choose an empty folder or pass overwrite (--overwrite)")
+    mark_owned(out, "synthetic3d")
     affine = np.diag([spacing, spacing, spacing, 1.0])
     affine[:3, 3] = -np.asarray(shape) * spacing / 2  # centred on the world origin, like MNI-registered scans
     rng = np.random.default_rng(seed)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import folders_below
 from .specs import DatasetSpec, channel_order, dataset_spec, read_json
 
 log = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ def discover_cases(
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     if spec.layout == "brats":
         folders = [root] if _is_brats_folder(root, spec) else []
-        folders += sorted(p for p in root.rglob("*") if p.is_dir() and _is_brats_folder(p, spec))
+        folders += sorted(p for p in folders_below(root) if _is_brats_folder(p, spec))
         cases = [brats_case(f, spec, require_label) for f in folders]
     elif spec.layout == "msd":
         cases = _msd_cases(root, spec, require_label, split)
@@ -613,7 +614,7 @@ def brats_cases(root: Path, spec: DatasetSpec) -> list[CaseFiles]:
             continue
         named = replace(source, modalities=tuple(source.modalities[i] for i in order))
         folders = [root] if _is_brats_folder(root, named) else []
-        folders += sorted(p for p in root.rglob("*") if p.is_dir() and _is_brats_folder(p, named))
+        folders += sorted(p for p in folders_below(root) if _is_brats_folder(p, named))
         if folders:
             return [
                 CaseFiles(c.case_id, c.images, c.label, source.modalities)

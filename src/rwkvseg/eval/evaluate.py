@@ -3,7 +3,8 @@
 2D (PNG masks, eval.images): ground truth is a folder of masks or a dataset folder in any layout discovery knows;
 predictions are matched by name. 3D (label volumes, eval.volumes): per-region Dice and HD95 in mm for the regions
 of a dataset spec. Both state the empty-mask policy (metrics.EmptyPolicy) in the summary; both files are written
-atomically, and an existing evaluation is replaced only with overwrite.
+atomically, and an existing evaluation is replaced only with overwrite, in a folder rwkvseg made; the output folder
+may not be, contain or sit inside the predictions or the ground truth.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.specs import DatasetSpec
-from ..files import atomic_write_text, write_json
+from ..files import atomic_write_text, output_folder, refuse_existing, write_json
 from .metrics import EmptyPolicy
 
 PER_CASE_FILE = "per_case.csv"
@@ -46,34 +47,52 @@ def evaluate_folders(
     eval.metrics.BRATS_EMPTY_HD95 = 373.13 mm gives BraTS-comparable numbers.
     """
     pred, gt = Path(pred), Path(gt)
-    if out is not None:
-        out = Path(out)
-        existing = [p for p in (out / PER_CASE_FILE, out / SUMMARY_FILE) if p.exists()]
-        if existing and not overwrite:
-            raise FileExistsError(f"{', '.join(map(str, existing))} exist; choose another --out or pass --overwrite")
-    if spec is not None:
-        from .volumes import score_volumes
-
-        rows, summary = score_volumes(pred, gt, spec, policy, with_hd95, empty_hd95)
-    else:
-        from .images import score_images
-
-        if empty_hd95 is not None:
-            raise ValueError("a fixed HD95 for empty masks (--hd95-empty, --brats-hd95) applies to 3D volumes only")
-        rows, summary = score_images(
-            pred,
-            gt,
-            num_classes=num_classes,
-            spacing=spacing,
-            policy=policy,
-            missing_as_empty=missing_as_empty,
-            skip_non_images=skip_non_images,
-            with_hd95=with_hd95,
+    if out is None:
+        return _score(
+            pred, gt, spec, num_classes, spacing, policy, missing_as_empty, skip_non_images, with_hd95, empty_hd95
+        )[1]
+    out = Path(out)
+    if not overwrite:
+        refuse_existing(out, [p for p in (out / PER_CASE_FILE, out / SUMMARY_FILE) if p.exists()])
+    with output_folder(out, [pred, gt], overwrite, "evaluate"):
+        rows, summary = _score(
+            pred, gt, spec, num_classes, spacing, policy, missing_as_empty, skip_non_images, with_hd95, empty_hd95
         )
-    if out is not None:
         write_csv(out / PER_CASE_FILE, rows)
         write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def _score(
+    pred: Path,
+    gt: Path,
+    spec: DatasetSpec | None,
+    num_classes: int,
+    spacing: Sequence[float] | None,
+    policy: EmptyPolicy,
+    missing_as_empty: bool,
+    skip_non_images: bool,
+    with_hd95: bool,
+    empty_hd95: float | None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if spec is not None:
+        from .volumes import score_volumes
+
+        return score_volumes(pred, gt, spec, policy, with_hd95, empty_hd95)
+    from .images import score_images
+
+    if empty_hd95 is not None:
+        raise ValueError("a fixed HD95 for empty masks (--hd95-empty, --brats-hd95) applies to 3D volumes only")
+    return score_images(
+        pred,
+        gt,
+        num_classes=num_classes,
+        spacing=spacing,
+        policy=policy,
+        missing_as_empty=missing_as_empty,
+        skip_non_images=skip_non_images,
+        with_hd95=with_hd95,
+    )
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..data.images2d import normalize  # the exact normalisation training used
+from ..files import refuse_existing
 
 METADATA_KEY = "rwkvseg"
 
@@ -270,9 +271,8 @@ def predict_files(
     targets = [out / f"{Path(p).stem}.png" for p in images]
     if len(set(targets)) < len(targets):
         raise ValueError("several inputs share a file name; their masks would collide, rename them")
-    existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{len(existing)} mask(s) exist (e.g. {existing[0]}); choose another out or overwrite")
+    if not overwrite:
+        refuse_existing(out, [t for t in targets if t.exists()])
     out.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]

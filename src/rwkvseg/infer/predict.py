@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import read_meta
 from ..compiling import check_compile
-from ..files import MARKER, check_apart, check_replaceable, mark_owned
+from ..files import output_folder
 
 
 @dataclass(frozen=True)
@@ -68,24 +68,8 @@ def predict(
     names them where the input does not).
     out may not be, contain or sit inside an input; overwrite replaces files only in a folder rwkvseg made.
     """
-    out = Path(out)
-    check_apart(out, inputs)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file; give a folder for the predictions")
-    created = not out.exists()
-    fresh = created or not any(out.iterdir())
-    if config.overwrite and not fresh:
-        check_replaceable(out)
-    if fresh:
-        mark_owned(out, "predict")
-    try:
-        return _predict(checkpoint, inputs, out, config)
-    except BaseException:
-        if fresh and [p.name for p in out.iterdir()] == [MARKER]:  # refused before writing: leave no folder behind
-            (out / MARKER).unlink()
-            if created:
-                out.rmdir()
-        raise
+    with output_folder(out, inputs, config.overwrite, "predict") as folder:
+        return _predict(checkpoint, inputs, folder, config)
 
 
 def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, config: PredictConfig) -> list[Path]:

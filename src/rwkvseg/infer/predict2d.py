@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoint import load_checkpoint
 from ..compiling import maybe_compile
 from ..data.images2d import list_inputs, read_image
-from ..files import atomic_write
+from ..files import atomic_write, refuse_existing
 from ..records import Preprocessing2D
 from .sliding_window import SlidingWindowConfig, predict_logits
 
@@ -158,13 +158,8 @@ def predict_2d(
     multiclass = meta.num_classes > 1
     targets = output_paths(files, out, overlays, save_probabilities, multiclass)
     existing = [p for p in targets if p.exists()]
-    if existing and not overwrite:
-        shown = ", ".join(str(p) for p in existing[:3]) + (
-            f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        )
-        raise FileExistsError(
-            f"{len(existing)} output file(s) already exist ({shown}); choose another --out or pass --overwrite"
-        )
+    if not overwrite:
+        refuse_existing(out, existing)
     written = []
     with torch.inference_mode():
         for start in range(0, len(files), batch_size):

@@ -129,9 +129,18 @@ class _TensorBoard:
 
 @contextlib.contextmanager
 def _plain_worker_errors() -> Iterator[None]:
-    """DataLoader workers wrap a reader's error in a traceback dump; keep just its message (it names the file)."""
+    """DataLoader workers wrap a reader's error in a traceback dump; keep just its message (it names the file).
+    A worker that died (killed, or out of memory) is a ChildProcessError that says what to do."""
     try:
         yield
+    except RuntimeError as err:
+        text = " ".join(str(err).split())
+        if "DataLoader worker" not in text or not ("exited unexpectedly" in text or "killed by signal" in text):
+            raise
+        raise ChildProcessError(
+            f"a data loading worker process died ({text}); the run stopped incomplete. If it was killed for memory, "
+            "lower data.num_workers (0 loads in the main process) or data.batch_size; then continue with --resume"
+        ) from None
     except (ValueError, FileNotFoundError) as err:
         text = str(err)
         if "DataLoader worker" not in text:
@@ -246,6 +255,30 @@ def fit(
         progress = Progress()
     run = replace(run, step_model=distributed.data_parallel(run.model, device))
     main = distributed.is_main()
+    if main:  # until the last line of the run, the folder says it is not complete (kill -9 included)
+        _write_summary(run_dir, progress, loop, "running")
+    try:
+        _epochs(run, loop, progress, precision, stop, main)
+    except BaseException as err:
+        if main:
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            with contextlib.suppress(OSError):  # a full disk: the summary says "running", still not complete
+                _write_summary(run_dir, progress, loop, status, " ".join(str(err).split()) or type(err).__name__)
+        raise
+    if main:
+        _write_summary(run_dir, progress, loop, "complete")
+    return progress
+
+
+def _epochs(
+    run: Run,
+    loop: LoopConfig,
+    progress: Progress,
+    precision: _Precision,
+    stop: Callable[[Progress], bool] | None,
+    main: bool,
+) -> None:
+    run_dir = Path(run.run_dir)
     tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" and main else None
     forward_loss = _ForwardLoss(run, loop)
     for epoch in range(progress.epoch + 1, loop.epochs + 1):
@@ -272,16 +305,24 @@ def fit(
         if stop is not None and distributed.on_main(lambda: stop(progress)):  # one decision for all ranks
             log.info("stopping after epoch %d", epoch)
             break
+
+
+def _write_summary(run_dir: Path, progress: Progress, loop: LoopConfig, status: str, error: str = "") -> None:
+    """summary.json: status "running" while the run writes the folder, then "complete", or "interrupted" /
+    "failed" (with the error); complete is true only for a run that ended as configured (or stopped by its
+    budget). The checkpoints of an incomplete run hold its last finished epoch; --resume continues it."""
     summary = {
+        "complete": status == "complete",
+        "status": status,
+        **({"error": error} if error else {}),
         "epochs_done": progress.epoch,
+        "epochs": loop.epochs,
         "steps": progress.step,
         "best_epoch": progress.best_epoch,
         f"best_{loop.select_metric}": progress.best_metric,
         "last": progress.history[-1] if progress.history else None,
     }
-    if main:
-        write_json(run_dir / SUMMARY_FILE, summary)
-    return progress
+    write_json(run_dir / SUMMARY_FILE, summary)
 
 
 def _validate_on_main(
