@@ -1,4 +1,5 @@
-"""File writers for the formats rwkvseg reads and the shared data folder, for every test module.
+"""File writers for the formats rwkvseg reads, the shared data folder and a tiny model for test checkpoints, for
+every test module.
 
 The writers are plain functions (`from writers import save_png`, tests/ is on the pytest path), so module-level
 helpers of a test file can call them too; the fixtures of tests/conftest.py hand out the shared data.
@@ -9,11 +10,28 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from PIL import Image
+from torch import nn
 
 from rwkvseg.data.specs import DatasetSpec, dataset_spec
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+class Bright(nn.Module):
+    """Logit = 40 * (mean channel - 0.5): foreground exactly where the image is bright (checkpoints whose masks the
+    tests can predict by eye)."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.mix = nn.Conv2d(in_channels, num_classes, 1)
+        with torch.no_grad():
+            self.mix.weight.fill_(40.0 / in_channels)
+            self.mix.bias.fill_(-20.0)
+
+    def forward(self, x):
+        return self.mix(x)
 
 
 def save_png(path: Path, array: np.ndarray, mode: str | None = None, **save_kw) -> Path:

@@ -5,26 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.cli import main
 from rwkvseg.records import Preprocessing2D
-
-
-class Bright(nn.Module):
-    """Logit = 40 * (mean channel - 0.5): foreground where the image is bright."""
-
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.mix = nn.Conv2d(in_channels, num_classes, 1)
-        with torch.no_grad():
-            self.mix.weight.fill_(40.0 / in_channels)
-            self.mix.bias.fill_(-20.0)
-
-    def forward(self, x):
-        return self.mix(x)
+from writers import Bright
 
 
 def bright_checkpoint(folder: Path, channels: int = 1, dims: int = 2, **training) -> Path:

@@ -1,28 +1,12 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torch import nn
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.infer.predict2d import overlay, predict_2d
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D
-from writers import save_png
-
-
-class Bright(nn.Module):
-    """Logit = 40 * (mean channel - 0.5): foreground where the image is bright; exact and easy to check."""
-
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.mix = nn.Conv2d(in_channels, num_classes, 1)
-        with torch.no_grad():
-            self.mix.weight.fill_(40.0 / in_channels)
-            self.mix.bias.fill_(-20.0)
-
-    def forward(self, x):
-        return self.mix(x)
+from writers import Bright, save_png
 
 
 @pytest.fixture

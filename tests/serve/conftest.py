@@ -1,10 +1,11 @@
 import pytest
 import torch
-from serve_support import BRATS, PRE_2D, Bright, FlairBall
+from serve_support import BRATS, PRE_2D, FlairBall
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.models import create_model, registry
 from rwkvseg.records import inference_metadata
+from writers import Bright
 
 
 @pytest.fixture(scope="module")

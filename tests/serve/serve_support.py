@@ -18,20 +18,6 @@ BRATS = dataset_spec("brats")
 PRE_2D = {"channels": 3, "size": [64, 64], "resize": "resize", "normalization": "auto"}
 
 
-class Bright(nn.Module):
-    """Logit = 40 * (mean channel - 0.5): foreground exactly where the image is bright."""
-
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.mix = nn.Conv2d(in_channels, num_classes, 1)
-        with torch.no_grad():
-            self.mix.weight.fill_(40.0 / in_channels)
-            self.mix.bias.fill_(-20.0)
-
-    def forward(self, x):
-        return self.mix(x)
-
-
 class FlairBall(nn.Module):
     """3D: label 2 (edema) where FLAIR z > 1, label 4 where T1ce z > 5; classes (0, 1, 2, 4)."""
 
