@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "num-examples"
 SITE_KEY = "site"
-EQUAL_KEY = "equal-weight"  # under DP the server gives every site's reply weight 1 (not sent by the sites)
+EQUAL_KEY = "equal-weight"  # under DP the server gives every site's replies weight 1 (not sent by the sites)
 OnMessage = Callable[[Message], None]
 
 
@@ -195,17 +195,12 @@ def _n_val(config: TrainConfig) -> int:
 
 
 def _pooled(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted means of the sites' metrics (the site index is not a metric)."""
-    pooled = aggregate_metricrecords(records, weight_key)
+    """Means of the sites' metrics weighted by their cases (WEIGHT_KEY, whatever weights the strategy gives the
+    arrays: weight_key is EQUAL_KEY under DP); the site index is not a metric."""
+    pooled = aggregate_metricrecords(records, WEIGHT_KEY)
     pooled.pop(SITE_KEY, None)
-    pooled[weight_key] = sum(int(next(iter(r.metric_records.values()))[weight_key]) for r in records)
-    return pooled
-
-
-def _pooled_train(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Training metrics weighted by training cases, whatever weights the aggregation of the arrays uses."""
-    pooled = _pooled(records, WEIGHT_KEY)
     pooled.pop(EQUAL_KEY, None)
+    pooled[WEIGHT_KEY] = sum(int(next(iter(r.metric_records.values()))[WEIGHT_KEY]) for r in records)
     return pooled
 
 
@@ -218,7 +213,7 @@ def build_strategy(config: FederatedConfig, n_sites: int) -> Strategy:
         "min_evaluate_nodes": n_sites,
         "min_available_nodes": n_sites,
         "weighted_by_key": EQUAL_KEY if privacy.enabled else WEIGHT_KEY,
-        "train_metrics_aggr_fn": _pooled_train,
+        "train_metrics_aggr_fn": _pooled,
         "evaluate_metrics_aggr_fn": _pooled,
     }
     if config.federated.strategy == "fedprox":
@@ -325,9 +320,7 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         replies = _exchange(
             grid, strategy.configure_train(round_, arrays, train_config, grid), fed.timeout_s, on_message
         )
-        if fed.privacy.enabled:
-            for reply in replies:
-                reply.content["metrics"][EQUAL_KEY] = 1
+        _weigh_equally(replies, fed.privacy)
         new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
         if new_arrays is None:
             raise RuntimeError(f"round {round_}: no site returned weights")
@@ -336,6 +329,7 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         evals = _exchange(
             grid, strategy.configure_evaluate(round_, arrays, eval_config, grid), fed.timeout_s, on_message
         )
+        _weigh_equally(evals, fed.privacy)
         pooled = strategy.aggregate_evaluate(round_, evals)
         _load_arrays_cast(model, arrays)
         row: dict[str, Any] = {"round": round_, "epochs": round_ * fed.local_epochs}
@@ -351,6 +345,13 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         state.history.append(row)
         _save_round(plan, model, state, row)
     return state
+
+
+def _weigh_equally(replies: list[Message], privacy: PrivacySettings) -> None:
+    """Under DP the strategy weighs by EQUAL_KEY (every site once); pooled metrics still weigh by cases."""
+    if privacy.enabled:
+        for reply in replies:
+            reply.content["metrics"][EQUAL_KEY] = 1
 
 
 def _load_arrays_cast(model: torch.nn.Module, arrays: ArrayRecord) -> None:
