@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointMeta
 from ..files import write_json
 from ..train.config import to_dict
 from ..train.loop import resolve_device
-from .app import OnMessage, ServerPlan, SitePlan, client_app, describe_privacy, server_app
+from .app import OnMessage, ServerPlan, SitePlan, client_app, server_app
 from .config import FederatedConfig, federated_to_dict
 from .local import setup_site, site_config, write_site_split
 from .sites import Site, random_sites, read_sites, resolve_sites, sites_to_json
@@ -129,7 +129,6 @@ def federate(config: FederatedConfig, resume: bool = False, on_message: OnMessag
         config.federated.local_epochs,
         config.federated.strategy,
     )
-    log.info("%s", describe_privacy(config, len(sites)))
     meta = checkpoint_record(config, sites, sites_dir, data_root)
     server = server_app(ServerPlan(config, tuple(s.name for s in sites), str(run_dir), meta, resume), on_message)
     client = client_app(SitePlan(config, sites, str(sites_dir), data_root))
