@@ -64,3 +64,41 @@ def test_site_answers_train_and_evaluate_messages(tmp_path, task_identity, capsy
     )
     with pytest.raises(ValueError, match=r"site 'Z' is not among the federation's sites \['A', 'B'\]"):
         deploy.client(train, stranger)
+
+
+def test_site_clips_its_update_under_client_fixed_privacy(tmp_path, task_identity):
+    """A deployed site whose config says client-fixed clips what it sends to the norm the server's train message
+    carries (Flower's fixedclipping_mod), and refuses a train message without a norm or with another one."""
+    import math
+
+    from rwkvseg.federated import deploy
+    from rwkvseg.federated.app import exchanged_state
+    from rwkvseg.federated.config import load_federated_config
+    from rwkvseg.models import create_model
+
+    clip = 0.01
+    write_synthetic_dataset(tmp_path / "data", n=5, shape=(32, 32), seed=1)
+    config = tmp_path / "site.toml"
+    config.write_text(
+        f'device = "cpu"\nout = "{tmp_path / "site"}"\n[model]\nname = "unet_test"\n'
+        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
+        f'[federated]\nrounds = 2\n[federated.privacy]\nmode = "client-fixed"\nclipping_norm = {clip}\n'
+    )
+    privacy = load_federated_config(config).federated.privacy
+    arrays = ArrayRecord(exchanged_state(create_model("unet_test", 3, 1), privacy))  # no integer buffers
+    node = {"site": "A", "config": str(config)}
+    context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={"sites": "A"})
+
+    def train(**norm):
+        record = RecordDict({"arrays": arrays, "config": ConfigRecord({"round": 1, "local-epochs": 1, **norm})})
+        return deploy.client(Message(record, dst_node_id=5, message_type="train"), context)
+
+    reply = train(clipping_norm=clip)
+    assert not reply.has_error(), reply.error
+    sent, received = reply.content["arrays"], arrays
+    assert list(sent) == list(received)
+    update = math.sqrt(sum(float(((sent[k].numpy() - received[k].numpy()) ** 2).sum()) for k in received))
+    assert 0 < update <= clip * (1 + 1e-5)
+    assert train().has_error()  # no clipping norm from the server
+    with pytest.raises(ValueError, match=r"the server asks for clipping norm 1\.0, this site's federated\.privacy"):
+        train(clipping_norm=1.0)  # a runtime turns the exception into an error reply

@@ -6,6 +6,12 @@ epochs, proximal mu). Site -> server: its locally trained weights (train) or not
 site. The server aggregates with Flower's FedAvg or FedProx (weighted by training cases), pools the sites'
 validation scores (weighted by validation cases: the mean over all validation cases), writes the global
 checkpoint (`last`, and `best` by the pooled select_metric) and the state for --resume after every round.
+
+With [federated.privacy] on, the strategy is wrapped in Flower's central-DP wrapper (server- or client-side fixed
+clipping, Gaussian noise on the mean), the sites' updates count equally in the mean (the noise is calibrated to
+the unweighted mean: a mean weighted by cases would let a large site move it by more than clipping_norm / sites),
+and only the floating-point entries of the state_dict are exchanged: clipping and noise must not touch integer
+buffers (BatchNorm's step counter, Swin's relative position index), which stay as the receiver has them.
 """
 
 from __future__ import annotations
@@ -18,18 +24,28 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..checkpoint import CheckpointMeta, build_model, save_checkpoint
 from ..data.splits import read_split
 from ..train.config import TrainConfig
 from ..train.loop import resolve_device
-from .config import FederatedConfig
+from .config import FederatedConfig, PrivacySettings
 from .local import setup_site, site_config, train_site, validate_site
 from .sites import Site
 from .state import FederatedState, load_federated_state, save_federated_state, write_round_files
@@ -38,6 +54,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "num-examples"
 SITE_KEY = "site"
+EQUAL_KEY = "equal-weight"  # under DP the server gives every site's replies weight 1 (not sent by the sites)
 OnMessage = Callable[[Message], None]
 
 
@@ -87,14 +104,30 @@ def _site_setup(plan: SitePlan, context: Context):
     return index, config, data, model, device
 
 
+def exchanged_state(model: torch.nn.Module, privacy: PrivacySettings) -> dict[str, torch.Tensor]:
+    """The state_dict entries that travel: all, or under DP the floating-point ones (see the module docstring)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v for k, v in state.items() if v.is_floating_point()} if privacy.enabled else state
+
+
 def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    """The received entries into model; only integer buffers may be missing (not exchanged under DP)."""
+    state = arrays.to_torch_state_dict()
+    current = model.state_dict()
+    missing = [k for k in current if k not in state and current[k].is_floating_point()]
+    if missing or set(state) - set(current):
+        raise ValueError(
+            f"the global weights do not fit this site's model (missing {missing[:3]}, unexpected "
+            f"{sorted(set(state) - set(current))[:3]}); every site and the server need the same model config"
+        )
+    model.load_state_dict({**current, **state}, strict=True)
 
 
 def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
     """A site's answer to a train message: local epochs from the global weights; its weights and metrics."""
     index, config, data, model, device = _site_setup(plan, context)
-    _load_arrays(model, msg.content["arrays"])
+    received = msg.content["arrays"]
+    _load_arrays(model, received)
     cfg = msg.content["config"]
     metrics = train_site(
         config,
@@ -106,7 +139,8 @@ def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
         site_index=index,
         device=device,
     )
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    trained = model.state_dict()
+    state = {k: trained[k].detach().cpu() for k in received}  # what was sent, in its order (fixedclipping_mod)
     record = MetricRecord({**metrics, WEIGHT_KEY: len(data.train_set), SITE_KEY: index})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": record}), reply_to=msg)
 
@@ -120,12 +154,31 @@ def handle_evaluate(plan: SitePlan, msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": record}), reply_to=msg)
 
 
-def client_app(plan: SitePlan) -> ClientApp:
-    """The ClientApp of every site: `train` (local epochs from the global weights) and `evaluate` (the global
-    weights on the site's validation cases)."""
-    app = ClientApp()
+def clip_at_site(privacy: PrivacySettings, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A site's clipping (a client mod on train messages): Flower's fixedclipping_mod clips the update to the norm
+    the server sends, whenever the server sends one; a site configured for client-fixed refuses a train message
+    without the norm or with another norm than its own config's (Flower's mod answers it with an error)."""
+    norm = msg.content["config"].get(KEY_CLIPPING_NORM) if "config" in msg.content else None
+    if privacy.mode == "client-fixed" and norm is not None and float(norm) != privacy.clipping_norm:
+        raise ValueError(
+            f"the server asks for clipping norm {norm}, this site's federated.privacy.clipping_norm is "
+            f"{privacy.clipping_norm}; the server and every site need the same [federated.privacy]"
+        )
+    if privacy.mode == "client-fixed" or norm is not None:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
-    @app.train()
+
+def client_app(plan: SitePlan) -> ClientApp:
+    """The ClientApp of every site: `train` (local epochs from the global weights; clipped at the site under
+    client-fixed DP) and `evaluate` (the global weights on the site's validation cases)."""
+    app = ClientApp()
+    privacy = plan.config.federated.privacy
+
+    def clip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return clip_at_site(privacy, msg, context, call_next)
+
+    @app.train(mods=[clip])
     def train(msg: Message, context: Context) -> Message:
         return handle_train(plan, msg, context)
 
@@ -142,26 +195,66 @@ def _n_val(config: TrainConfig) -> int:
 
 
 def _pooled(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted means of the sites' metrics (the site index is not a metric)."""
-    pooled = aggregate_metricrecords(records, weight_key)
+    """Means of the sites' metrics weighted by their cases (WEIGHT_KEY, whatever weights the strategy gives the
+    arrays: weight_key is EQUAL_KEY under DP); the site index is not a metric."""
+    pooled = aggregate_metricrecords(records, WEIGHT_KEY)
     pooled.pop(SITE_KEY, None)
-    pooled[weight_key] = sum(int(next(iter(r.metric_records.values()))[weight_key]) for r in records)
+    pooled.pop(EQUAL_KEY, None)
+    pooled[WEIGHT_KEY] = sum(int(next(iter(r.metric_records.values()))[WEIGHT_KEY]) for r in records)
     return pooled
 
 
-def build_strategy(config: FederatedConfig, n_sites: int) -> FedAvg:
-    """Flower's FedAvg or FedProx, every site in every round."""
+def build_strategy(config: FederatedConfig, n_sites: int) -> Strategy:
+    """Flower's FedAvg or FedProx, every site in every round; under DP wrapped in Flower's fixed-clipping wrapper
+    (server- or client-side) and weighting every site equally."""
+    privacy = config.federated.privacy
     common = {
         "min_train_nodes": n_sites,
         "min_evaluate_nodes": n_sites,
         "min_available_nodes": n_sites,
-        "weighted_by_key": WEIGHT_KEY,
+        "weighted_by_key": EQUAL_KEY if privacy.enabled else WEIGHT_KEY,
         "train_metrics_aggr_fn": _pooled,
         "evaluate_metrics_aggr_fn": _pooled,
     }
     if config.federated.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=config.federated.proximal_mu)
-    return FedAvg(**common)
+        strategy: Strategy = FedProx(**common, proximal_mu=config.federated.proximal_mu)
+    else:
+        strategy = FedAvg(**common)
+    wrappers = {
+        "server-fixed": DifferentialPrivacyServerSideFixedClipping,
+        "client-fixed": DifferentialPrivacyClientSideFixedClipping,
+    }
+    if privacy.enabled:
+        return wrappers[privacy.mode](strategy, privacy.noise_multiplier, privacy.clipping_norm, n_sites)
+    return strategy
+
+
+def strategy_record(config: FederatedConfig, n_sites: int) -> dict[str, Any]:
+    """The strategy as the run's state, summary and checkpoints record it (and a resume must find unchanged)."""
+    record: dict[str, Any] = {"name": config.federated.strategy, "proximal_mu": config.mu}
+    privacy = config.federated.privacy
+    if privacy.enabled:
+        record["privacy"] = {
+            "mode": privacy.mode,
+            "noise_multiplier": privacy.noise_multiplier,
+            "clipping_norm": privacy.clipping_norm,
+            "noise_std": privacy.noise_multiplier * privacy.clipping_norm / n_sites,
+        }
+    return record
+
+
+def describe_privacy(config: FederatedConfig, n_sites: int) -> str:
+    """One log line on the run's differential privacy."""
+    privacy = config.federated.privacy
+    if not privacy.enabled:
+        return "differential privacy off"
+    where = "by the server" if privacy.mode == "server-fixed" else "by each site before sending"
+    return (
+        f"differential privacy {privacy.mode}: site updates clipped to L2 norm {privacy.clipping_norm:g} {where}, "
+        f"Gaussian noise std {privacy.noise_multiplier:g} x {privacy.clipping_norm:g} / {n_sites} = "
+        f"{privacy.noise_multiplier * privacy.clipping_norm / n_sites:g} on the mean per round, sites weighted "
+        "equally, integer buffers not exchanged"
+    )
 
 
 def _exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_message: OnMessage | None) -> list[Message]:
@@ -209,19 +302,25 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
     torch.manual_seed(config.train.seed)
     model = build_model(plan.meta)
     strategy = build_strategy(config, len(plan.site_names))
-    strategy_state = {"name": fed.strategy, "proximal_mu": config.mu}
+    strategy_state = strategy_record(config, len(plan.site_names))
+    log.info("%s", describe_privacy(config, len(plan.site_names)))
+    if fed.privacy.enabled:
+        # Flower draws the noise from numpy's global generator: seeded from the OS here, so that knowing the
+        # config's seed does not let anyone regenerate (and subtract) it. A DP run does not repeat exactly.
+        np.random.seed()  # noqa: NPY002 (the legacy global generator is the one Flower draws from)
     if plan.resume:
         state = load_federated_state(run_dir, model, strategy_state)
         log.info("resuming the federation in %s after round %d", run_dir, state.round)
     else:
         state = FederatedState(strategy=strategy_state)
-    arrays = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    arrays = ArrayRecord(exchanged_state(model, fed.privacy))
     for round_ in range(state.round + 1, fed.rounds + 1):
         start = time.perf_counter()
         train_config = ConfigRecord({"round": round_, "local-epochs": fed.local_epochs})
         replies = _exchange(
             grid, strategy.configure_train(round_, arrays, train_config, grid), fed.timeout_s, on_message
         )
+        _weigh_equally(replies, fed.privacy)
         new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
         if new_arrays is None:
             raise RuntimeError(f"round {round_}: no site returned weights")
@@ -230,6 +329,7 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         evals = _exchange(
             grid, strategy.configure_evaluate(round_, arrays, eval_config, grid), fed.timeout_s, on_message
         )
+        _weigh_equally(evals, fed.privacy)
         pooled = strategy.aggregate_evaluate(round_, evals)
         _load_arrays_cast(model, arrays)
         row: dict[str, Any] = {"round": round_, "epochs": round_ * fed.local_epochs}
@@ -247,10 +347,19 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
     return state
 
 
+def _weigh_equally(replies: list[Message], privacy: PrivacySettings) -> None:
+    """Under DP the strategy weighs by EQUAL_KEY (every site once); pooled metrics still weigh by cases."""
+    if privacy.enabled:
+        for reply in replies:
+            reply.content["metrics"][EQUAL_KEY] = 1
+
+
 def _load_arrays_cast(model: torch.nn.Module, arrays: ArrayRecord) -> None:
-    """Aggregated arrays into the server's model (averaging makes integer buffers float: cast back)."""
+    """Aggregated arrays into the server's model (averaging makes integer buffers float: cast back; under DP they
+    are not exchanged and keep the server's values)."""
     current = model.state_dict()
-    model.load_state_dict({k: v.to(current[k].dtype) for k, v in arrays.to_torch_state_dict().items()}, strict=True)
+    state = {k: v.to(current[k].dtype) for k, v in arrays.to_torch_state_dict().items()}
+    model.load_state_dict({**current, **state}, strict=True)
 
 
 def _save_round(plan: ServerPlan, model: torch.nn.Module, state: FederatedState, row: dict[str, Any]) -> None:

@@ -17,13 +17,45 @@ from typing import Any
 from ..train.config import TrainConfig, apply_overrides, config_from_dict, from_dict, read_config_file, to_dict
 
 STRATEGIES = ("fedavg", "fedprox")
+PRIVACY_MODES = ("off", "server-fixed", "client-fixed")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Central differential privacy with Flower's fixed-clipping wrappers. Every site's update (its trained weights
+    minus the global weights) is clipped to L2 norm clipping_norm, by the server (server-fixed) or by the site before
+    it sends it (client-fixed, Flower's fixedclipping_mod); the server adds Gaussian noise of standard deviation
+    noise_multiplier x clipping_norm / sites to the mean of the clipped updates. noise_multiplier 0: clipping only."""
+
+    mode: str = "off"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRIVACY_MODES:
+            raise ValueError(
+                f"federated.privacy.mode = {self.mode!r} is not valid; choose one of {', '.join(PRIVACY_MODES)}"
+            )
+        if not self.noise_multiplier >= 0:
+            raise ValueError(
+                f"federated.privacy.noise_multiplier = {self.noise_multiplier} must be >= 0 (0: clipping only)"
+            )
+        if not self.clipping_norm > 0:
+            raise ValueError(
+                f"federated.privacy.clipping_norm = {self.clipping_norm} must be > 0 (the L2 bound of a site's update)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
 
 
 @dataclass(frozen=True)
 class FederatedSettings:
     """rounds of (local_epochs epochs per site, aggregation, validation); strategy fedavg or fedprox (local loss +
     proximal_mu/2 ||w - w_global||^2). sites: a sites file (empty: num_sites seeded random sites of data.root).
-    client_cpus / client_gpus: what one simulated site may use (0.5 GPU: two sites share one GPU)."""
+    client_cpus / client_gpus: what one simulated site may use (0.5 GPU: two sites share one GPU). privacy: the
+    [federated.privacy] table (differential privacy; off by default)."""
 
     rounds: int = 10
     local_epochs: int = 1
@@ -35,6 +67,7 @@ class FederatedSettings:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     timeout_s: float = 3600.0
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

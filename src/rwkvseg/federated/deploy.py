@@ -24,11 +24,12 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 
 from ..checkpoint import read_meta
-from .app import ServerPlan, SitePlan, handle_evaluate, handle_train, run_federation
-from .config import load_federated_config
+from .app import ServerPlan, SitePlan, clip_at_site, handle_evaluate, handle_train, run_federation
+from .config import FederatedConfig, load_federated_config
 from .local import write_site_split
 from .run import SITES_DIR, dataset_cases
 from .sites import Site, read_sites, resolve_sites
@@ -57,15 +58,20 @@ def deployed_server_plan(context: Context) -> ServerPlan:
     return ServerPlan(config, site_names(context), config.train.out, meta, resume)
 
 
-def deployed_site_plan(context: Context) -> SitePlan:
-    """A site's plan from its node config: its own config file, data and split."""
+def site_federated_config(context: Context) -> FederatedConfig:
+    """The site's own federated config, named by its node config."""
     for key in ("site", "config"):
         if key not in context.node_config:
             raise ValueError(f"start the SuperNode with --node-config \"site='NAME' config='PATH'\" ({key} is missing)")
+    return load_federated_config(str(context.node_config["config"]))
+
+
+def deployed_site_plan(context: Context) -> SitePlan:
+    """A site's plan from its node config: its own config file, data and split."""
+    config = site_federated_config(context)
     name, names = str(context.node_config["site"]), site_names(context)
     if name not in names:
         raise ValueError(f"site {name!r} is not among the federation's sites {list(names)}")
-    config = load_federated_config(str(context.node_config["config"]))
     run_dir = Path(config.train.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     cases, data_root = dataset_cases(config, run_dir)
@@ -83,7 +89,12 @@ def _main(grid: Grid, context: Context) -> None:
     run_federation(deployed_server_plan(context), grid)
 
 
-@client.train()
+def _clip(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client-side DP clipping as the site's own [federated.privacy] asks (and whenever the server sends a norm)."""
+    return clip_at_site(site_federated_config(context).federated.privacy, msg, context, call_next)
+
+
+@client.train(mods=[_clip])
 def _train(msg: Message, context: Context) -> Message:
     return handle_train(deployed_site_plan(context), msg, context)
 

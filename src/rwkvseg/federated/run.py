@@ -22,6 +22,7 @@ import torch
 
 from ..checkpoint import CheckpointMeta
 from ..files import write_json
+from ..train.config import to_dict
 from ..train.loop import resolve_device
 from .app import OnMessage, ServerPlan, SitePlan, client_app, server_app
 from .config import FederatedConfig, federated_to_dict
@@ -80,6 +81,7 @@ def checkpoint_record(
         "proximal_mu": config.mu,
         "rounds": config.federated.rounds,
         "local_epochs": config.federated.local_epochs,
+        "privacy": to_dict(config.federated.privacy),
         "sites": {s.name: {"train": len(s.train), "val": len(s.val)} for s in sites},
     }
     training = {"dataset": str(config.train.data.root), "config": federated_to_dict(config), "federated": federated}

@@ -22,8 +22,9 @@ STATE_FORMAT = 1
 
 @dataclass
 class FederatedState:
-    """Completed rounds, the strategy (name, settings, and any server-side state such as optimizer moments: none
-    for FedAvg / FedProx), the per-round rows and the best pooled validation score."""
+    """Completed rounds, the strategy (name, settings, differential privacy if on, and any server-side state such
+    as optimizer moments: none for FedAvg / FedProx or fixed clipping), the per-round rows and the best pooled
+    validation score."""
 
     round: int = 0
     strategy: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +58,8 @@ def load_federated_state(run_dir: Path, model: nn.Module, strategy: dict[str, An
     if doc.get("format") != STATE_FORMAT or "global" not in doc:
         raise ValueError(f"{path} is not an rwkvseg federated state (format {STATE_FORMAT})")
     saved = doc["strategy"]
-    if saved.get("name") != strategy["name"] or saved.get("proximal_mu") != strategy["proximal_mu"]:
+    keys = ("name", "proximal_mu", "privacy")  # privacy: absent when off
+    if any(saved.get(k) != strategy.get(k) for k in keys):
         raise ValueError(
             f"{path} was written by strategy {saved}, the config asks for {strategy}; resume with the same "
             "strategy, or start a new run in another folder"
