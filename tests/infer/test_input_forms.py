@@ -21,7 +21,7 @@ from rwkvseg.data.preprocess3d import PreprocessConfig, preprocess_dataset
 from rwkvseg.data.specs import channel_order, dataset_spec, safe_name, spec_from_dataset_json
 from rwkvseg.data.volumes import input_cases
 from rwkvseg.infer.predict import PredictConfig
-from rwkvseg.infer.predict3d import Predictor3D, predict_paths
+from rwkvseg.infer.predict3d import Predictor3D, default_mirror_axes, predict_paths
 from rwkvseg.records import inference_metadata
 
 BRATS = dataset_spec("brats")
@@ -217,12 +217,14 @@ def test_channel_names_across_conventions():
 
 def test_prediction_uses_the_checkpoint_defaults_unless_given(plans):
     metadata = {**inference_metadata(plans, (16, 16, 16)), "inference": {"overlap": 0.25, "mirror_axes": [2]}}
-    window = Predictor3D(Threshold(), metadata).window
-    assert (window.overlap, window.mirror_axes) == (0.25, (2,))
-    window = Predictor3D(Threshold(), metadata, PredictConfig(overlap=0.5, mirror_axes=())).window
-    assert (window.overlap, window.mirror_axes) == (0.5, ())
+    window = Predictor3D(Threshold(), metadata).window  # on the CPU: the recorded overlap, mirror TTA off
+    assert (window.overlap, window.mirror_axes) == (0.25, ())
+    assert default_mirror_axes(None, metadata["inference"], torch.device("cuda")) == (2,)  # on a GPU: recorded
+    window = Predictor3D(Threshold(), metadata, PredictConfig(overlap=0.5, mirror_axes=(0, 1))).window
+    assert (window.overlap, window.mirror_axes) == (0.5, (0, 1))
     window = Predictor3D(Threshold(), inference_metadata(plans, (16, 16, 16))).window  # none recorded
-    assert (window.overlap, window.mirror_axes) == (0.5, (0, 1, 2))
+    assert (window.overlap, window.mirror_axes) == (0.5, ())
+    assert default_mirror_axes(None, {}, torch.device("cuda")) == (0, 1, 2)
 
 
 def test_command_line_defaults_come_from_the_checkpoint(tmp_path, plans, monkeypatch):
