@@ -12,7 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("onnxruntime")
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
-from rwkvseg.export.onnx import METADATA_KEY, ExportRecord, export_onnx, load_source, read_record
+from rwkvseg.export.onnx import METADATA_KEY, ExportRecord, export_onnx, load_source, read_record, size_rule
 from rwkvseg.export.runtime import OnnxPredictor, quantize_int8, resize_bilinear
 from rwkvseg.export.verify import TOLERANCE, dice, verify_onnx
 from rwkvseg.models import create_model
@@ -125,6 +125,17 @@ def test_registered_sources_are_seeded_and_sized_by_dims():
         assert torch.equal(p, q)
     c = load_source("mmsegrwkv_test")
     assert (c.dims, c.in_channels, c.num_classes) == (3, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "name, rule",
+    [("basicunet", (16, 16, 16)), ("segresnet", (8, 8, 8)), ("dynunet", (32, 32, 32)), ("unetr", (0, 0, 0))],
+)
+def test_export_size_rule_of_the_3d_baselines(name, rule):
+    """Dynamic axes step by what the model needs: its stride, or the coarsest level that must keep whole voxels
+    (BasicUNet pads nothing and checks 1/16; an example at multiples of 1 failed its size check)."""
+    model = create_model(name, 4, 4)
+    assert size_rule(model, 3) == rule
 
 
 @pytest.mark.slow

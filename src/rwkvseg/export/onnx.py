@@ -197,8 +197,9 @@ def size_rule(model: nn.Module, dims: int) -> tuple[int, ...]:
     if cfg is not None and hasattr(cfg, "windows") and hasattr(cfg, "stride"):  # MMSegRWKV: windows on the D axis
         return (0, cfg.stride, cfg.stride)
     multiple = getattr(model, "multiple", None)  # MONAI 3D baselines wrapped with their stride
-    if multiple is not None:
-        return (0,) * dims if getattr(model, "fixed_size", None) else (int(multiple),) * dims
+    if multiple is not None:  # and a coarsest level that needs whole voxels (BasicUNet: multiple 1, coarse 16)
+        multiple = max(int(multiple), int(getattr(model, "coarse", None) or 1))
+        return (0,) * dims if getattr(model, "fixed_size", None) else (multiple,) * dims
     return (16,) * dims
 
 
