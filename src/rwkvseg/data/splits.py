@@ -142,8 +142,7 @@ def _is_split_file(path: Path) -> bool:
 def write_split(path: str | Path, split: dict[str, Any], overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists():
-        ours = _is_split_file(path)
-        if not ours:  # --overwrite replaces only a split rwkvseg wrote, never another file of that name
+        if not _is_split_file(path):  # --overwrite replaces only a split rwkvseg wrote, never another file of that name
             raise FileExistsError(
                 f"{path} exists and is not a split file rwkvseg wrote (--overwrite would not replace it either); "
                 "choose another name"

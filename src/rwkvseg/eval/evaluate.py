@@ -9,6 +9,7 @@ may not be, contain or sit inside the predictions or the ground truth.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from collections.abc import Sequence
@@ -47,19 +48,19 @@ def evaluate_folders(
     eval.metrics.BRATS_EMPTY_HD95 = 373.13 mm gives BraTS-comparable numbers.
     """
     pred, gt = Path(pred), Path(gt)
-    if out is None:
-        return _score(
-            pred, gt, spec, num_classes, spacing, policy, missing_as_empty, skip_non_images, with_hd95, empty_hd95
-        )[1]
-    out = Path(out)
-    if not overwrite:
-        refuse_existing(out, [p for p in (out / PER_CASE_FILE, out / SUMMARY_FILE) if p.exists()])
-    with output_folder(out, [pred, gt], overwrite, "evaluate"):
+    folder = contextlib.nullcontext()
+    if out is not None:
+        out = Path(out)
+        if not overwrite:
+            refuse_existing(out, [p for p in (out / PER_CASE_FILE, out / SUMMARY_FILE) if p.exists()])
+        folder = output_folder(out, [pred, gt], overwrite, "evaluate")
+    with folder:
         rows, summary = _score(
             pred, gt, spec, num_classes, spacing, policy, missing_as_empty, skip_non_images, with_hd95, empty_hd95
         )
-        write_csv(out / PER_CASE_FILE, rows)
-        write_json(out / SUMMARY_FILE, summary)
+        if out is not None:
+            write_csv(out / PER_CASE_FILE, rows)
+            write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

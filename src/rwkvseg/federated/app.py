@@ -238,7 +238,7 @@ def strategy_record(config: FederatedConfig, n_sites: int) -> dict[str, Any]:
             "mode": privacy.mode,
             "noise_multiplier": privacy.noise_multiplier,
             "clipping_norm": privacy.clipping_norm,
-            "noise_std": privacy.noise_multiplier * privacy.clipping_norm / n_sites,
+            "noise_std": privacy.noise_std(n_sites),
         }
     return record
 
@@ -252,7 +252,7 @@ def describe_privacy(config: FederatedConfig, n_sites: int) -> str:
     return (
         f"differential privacy {privacy.mode}: site updates clipped to L2 norm {privacy.clipping_norm:g} {where}, "
         f"Gaussian noise std {privacy.noise_multiplier:g} x {privacy.clipping_norm:g} / {n_sites} = "
-        f"{privacy.noise_multiplier * privacy.clipping_norm / n_sites:g} on the mean per round, sites weighted "
+        f"{privacy.noise_std(n_sites):g} on the mean per round, sites weighted "
         "equally, integer buffers not exchanged"
     )
 

@@ -49,6 +49,10 @@ class PrivacySettings:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    def noise_std(self, sites: int) -> float:
+        """The standard deviation of the Gaussian noise added to the mean of the sites' clipped updates."""
+        return self.noise_multiplier * self.clipping_norm / sites
+
 
 @dataclass(frozen=True)
 class FederatedSettings:
