@@ -1,30 +1,33 @@
-"""Write the released 2D models' index and model cards from their training runs and CPU evaluations.
+"""Write released 2D models' cards and index entries from their training runs and CPU evaluations.
 
-Usage (after scripts/train_2d_real.sh on a GPU, `export_release` of each best checkpoint into
-src/rwkvseg/weights/, and `rwkvseg predict --model NAME VAL_IMAGES --out P && rwkvseg evaluate P VAL_GT --out E`
-for each on the validation split):
-    python scripts/release_2d.py RUNS EVALS
-RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json.
+Usage (after the runs, e.g. `scripts/campaign_2d.py` on a GPU, and for each NAME:
+`rwkvseg predict CHECKPOINT VAL_IMAGES --out P && rwkvseg evaluate P VAL_GT --out EVALS/eval-NAME` on the fp16
+release written by `rwkvseg.released.export_release` into src/rwkvseg/weights/):
+    python scripts/release_2d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--quality 90]
+RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json. Each NAME
+gets a card (<name>.md), a curves figure (<name>.curves.png: training loss and validation Dice per epoch) and its
+index entry (replaced in place, or appended); the index's other entries are kept as they are.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.models import create_model
 from rwkvseg.released import INDEX_FILE, ReleasedModel, index_entry, weights_dir
 
-RELEASES = {  # name -> (run folder, dataset, human name of the data)
-    "urwkv-kvasir": ("kvasir_seg-urwkv", "kvasir_seg", "Kvasir-SEG (colonoscopy, polyp)"),
-    "urwkv_s-kvasir": ("kvasir_seg-urwkv_s", "kvasir_seg", "Kvasir-SEG (colonoscopy, polyp)"),
-    "urwkv-busi": ("busi-urwkv", "busi", "BUSI (breast ultrasound, lesion)"),
-    "urwkv_s-busi": ("busi-urwkv_s", "busi", "BUSI (breast ultrasound, lesion)"),
+DATASETS = {  # release suffix -> (dataset folder, human name of the data, split)
+    "kvasir": ("kvasir_seg", "Kvasir-SEG (colonoscopy, polyp)", "720 train / 180 val, seed 0"),
+    "busi": ("busi", "BUSI (breast ultrasound, lesion)", "414 train / 104 val, seed 0, stratified"),
+    "cvc": ("cvc_clinicdb", "CVC-ClinicDB (colonoscopy, polyp)", "424 train / 126 val frames, 7 whole sequences"),
+    "isic2017": ("isic2017", "ISIC 2017 (dermoscopy, skin lesion)", "official 1600 train / 150 validation"),
+    "ph2": ("ph2", "PH2 (dermoscopy, skin lesion)", "128 train / 32 val, seed 0, stratified by diagnosis"),
 }
-SPLITS = {"kvasir_seg": "720 train / 180 val, seed 0", "busi": "414 train / 104 val, seed 0, stratified"}
+TITLES = {"urwkv": "U-RWKV", "urwkv_s": "U-RWKV-s"}
 
 CARD = """# {name}: {arch_title} trained on {data}
 
@@ -35,11 +38,11 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | architecture | `{arch}` ({params:.3f} M parameters), 3-channel input resized to 256 x 256, 1 logit (sigmoid, threshold 0.5) |
 | weights | fp16 matrices and kernels, fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
-| input prep | `rwkvseg compact2d ../shared/data/{dataset} .gpudata/d2/{dataset}` (256 x 256 copies, JPEG q95, masks merged) |
-| recipe | SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch 4, random rot90 + flips, bf16 autocast |
-| schedule | planned {planned} epochs; stopped by the run's time limit after epoch {ran} (poly schedule not finished); best validation epoch {best} |
-| hardware | one NVIDIA H100, shared with five other runs of the same command, {minutes:.1f} min |
-| command | `scripts/train_2d_real.sh .gpudata/d2 RUNS 40 70` (all six runs of the comparison at once) |
+| input prep | `rwkvseg compact2d ../shared/data/{dataset} DATA/{dataset} --quality {quality}` (256 x 256 copies, JPEG q{quality}, masks merged) |
+| recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, bf16 autocast, compile {compile} |
+| schedule | {schedule}; best validation epoch {best} (curves: `{name}.curves.png`) |
+| hardware | {hardware}, {minutes:.1f} min of training and validation |
+| command | {command} (code at commit {commit}) |
 
 ## Validation ({n} images of the split's validation list; these images chose the checkpoint, so the numbers are optimistic)
 
@@ -52,9 +55,8 @@ Means over images; empty prediction and empty ground truth together count as per
 "perfect"). Held-out test sets were not available here.
 
 ## Limitations
-A short schedule ({ran} epochs against the paper's 280) on one random split: below the paper's protocol and below
-this project's targets (Kvasir-SEG Dice >= 0.89, BUSI >= 0.80 on held-out tests). Research use only; not a
-medical device.
+A short schedule ({ran} epochs against the paper's 280) on one split: below the paper's protocol; compare with
+this project's targets in docs/targets.md. Research use only; not a medical device.
 """
 
 
@@ -62,36 +64,83 @@ def _run_summary(run: Path) -> dict:
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     best = max(rows, key=lambda r: float(r["val_dice"]))
     config = json.loads((run / "config.json").read_text())
-    seconds = sum(float(r["train_seconds"]) + float(r["val_seconds"]) for r in rows)
+    planned, ran = config["epochs"], len(rows)
+    schedule = (
+        f"planned {planned} epochs, all run"
+        if ran == planned
+        else (
+            f"planned {planned} epochs; stopped by the run's time limit after epoch {ran} (poly schedule not finished)"
+        )
+    )
     return {
-        "planned": config["epochs"],
-        "ran": len(rows),
+        "rows": rows,
+        "ran": ran,
         "best": int(best["epoch"]),
-        "minutes": seconds / 60,
+        "schedule": schedule,
+        "batch": config["data"]["batch_size"],
+        "compile": config.get("compile", "auto"),
+        "minutes": sum(float(r["train_seconds"]) + float(r["val_seconds"]) for r in rows) / 60,
         **{f"t_{k}": float(best[f"val_{k}"]) for k in ("dice", "iou", "precision", "recall", "specificity")},
     }
 
 
-def main(runs: Path, evals: Path) -> None:
+def _curves(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(epochs, [float(r["train_loss"]) for r in rows], label="training loss (BCE + Dice)")
+    ax.plot(epochs, [float(r["val_dice"]) for r in rows], label="validation Dice (256 x 256)")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, max(1.0, max(float(r["train_loss"]) for r in rows)))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
     from rwkvseg import __version__
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", type=Path)
+    p.add_argument("evals", type=Path)
+    p.add_argument("names", nargs="+", help="releases to write, <arch>-<dataset>, e.g. urwkv-isic2017")
+    p.add_argument("--hardware", required=True, help="where the runs trained, for the cards")
+    p.add_argument("--command", required=True, help="the command that trained them, for the cards")
+    p.add_argument("--commit", default="(not given)", help="the commit of the training code")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the compact2d copies trained on")
+    args = p.parse_args()
+
     folder = weights_dir()
-    entries = []
-    for name, (run, dataset, data) in RELEASES.items():
-        arch = run.split("-", 1)[1]
-        summary = json.loads((evals / f"eval-{name}" / "summary.json").read_text())
+    index = folder / INDEX_FILE
+    entries = json.loads(index.read_text())["models"] if index.is_file() else []
+    for name in args.names:
+        arch, short = name.split("-", 1)
+        dataset, data, split = DATASETS[short]
+        summary = json.loads((args.evals / f"eval-{name}" / "summary.json").read_text())
         scores = {k: summary[k]["mean"] for k in ("dice", "iou", "precision", "recall", "specificity", "hd95")}
-        info = _run_summary(runs / run)
-        params = count_parameters(create_model(arch, 3, 1)) / 1e6
-        title = {"urwkv": "U-RWKV", "urwkv_s": "U-RWKV-s"}[arch]
+        info = _run_summary(args.runs / f"{dataset}-{arch}")
+        rows = info.pop("rows")
+        _curves(rows, f"{name}: {TITLES[arch]} on {data}", folder / f"{name}.curves.png")
         card = CARD.format(
             name=name,
             arch=arch,
-            arch_title=title,
+            arch_title=TITLES[arch],
             data=data,
             dataset=dataset,
-            params=params,
-            split=SPLITS[dataset],
+            params=count_parameters(create_model(arch, 3, 1)) / 1e6,
+            split=split,
+            config=f"urwkv_{short}.toml",
+            quality=args.quality,
+            hardware=args.hardware,
+            command=args.command,
+            commit=args.commit,
             version=__version__,
             n=summary["cases"],
             **info,
@@ -99,11 +148,14 @@ def main(runs: Path, evals: Path) -> None:
         )
         (folder / f"{name}.md").write_text(card)
         metrics = {"val_dice": round(scores["dice"], 4), "val_iou": round(scores["iou"], 4), "epochs": info["ran"]}
-        entries.append(
-            index_entry(ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md"))
-        )
-    (folder / INDEX_FILE).write_text(json.dumps({"models": entries}, indent=2) + "\n")
+        entry = index_entry(ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md"))
+        names = [e["name"] for e in entries]
+        if name in names:
+            entries[names.index(name)] = entry
+        else:
+            entries.append(entry)
+    index.write_text(json.dumps({"models": entries}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main()
