@@ -129,7 +129,13 @@ def test_registered_sources_are_seeded_and_sized_by_dims():
 
 @pytest.mark.parametrize(
     "name, rule",
-    [("basicunet", (16, 16, 16)), ("segresnet", (8, 8, 8)), ("dynunet", (32, 32, 32)), ("unetr", (0, 0, 0))],
+    [
+        ("basicunet", (16, 16, 16)),
+        ("segresnet", (8, 8, 8)),
+        ("dynunet", (32, 32, 32)),
+        ("unetr", (0, 0, 0)),
+        ("swinunetr", (0, 0, 0)),
+    ],
 )
 def test_export_size_rule_of_the_3d_baselines(name, rule):
     """Dynamic axes step by what the model needs: its stride, or the coarsest level that must keep whole voxels

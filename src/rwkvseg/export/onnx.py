@@ -11,7 +11,9 @@ Sizes: every exported axis is dynamic unless a model's computation depends on it
   takes the unpadded branch, so the runtime pads or refuses other sizes).
 - MMSegRWKV (3D): H, W multiples of the stride (32), at least 64; the slice axis D is fixed at the export size
   (its windows split differently for every D), by default the record's patch size.
-- MONAI 3D baselines: multiples of their own stride; UNETR / SwinUNETR are built for one size, exported static.
+- MONAI 3D baselines: multiples of their own stride. UNETR is built for one size (`fixed_size`) and SwinUNETR
+  marked `static_export` (torch.export's symbolic shapes of its window padding do not finish): both are exported
+  static in space, also when dynamic axes are asked; SwinUNETR at `size`, else the record's patch size, else 96^3.
 The record lists each axis as an int (static) or {"multiple": m, "min": n} (dynamic).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -39,6 +42,9 @@ DEFAULT_OPSET = 20  # opset 20 has Gelu: one kernel instead of five nodes (measu
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 SOURCE_KINDS = ("registered", "checkpoint", "released")
+STATIC_EXPORT_SIZE = 96  # a static-export model's example cube when neither size nor a patch size is given
+
+log = logging.getLogger(__name__)
 
 
 def _checkpoint_api():
@@ -199,7 +205,8 @@ def size_rule(model: nn.Module, dims: int) -> tuple[int, ...]:
     multiple = getattr(model, "multiple", None)  # MONAI 3D baselines wrapped with their stride
     if multiple is not None:  # and a coarsest level that needs whole voxels (BasicUNet: multiple 1, coarse 16)
         multiple = max(int(multiple), int(getattr(model, "coarse", None) or 1))
-        return (0,) * dims if getattr(model, "fixed_size", None) else (multiple,) * dims
+        static = getattr(model, "fixed_size", None) or getattr(model, "static_export", False)
+        return (0,) * dims if static else (multiple,) * dims
     return (16,) * dims
 
 
@@ -212,6 +219,8 @@ def _example_shape(loaded: LoadedSource, rule: tuple[int, ...], size: tuple[int,
         fixed = getattr(loaded.model, "fixed_size", None)
         if fixed:
             return tuple(fixed)
+        if getattr(loaded.model, "static_export", False):
+            return tuple(int(s) for s in patch) if patch else (STATIC_EXPORT_SIZE,) * 3
         d = int(patch[0]) if patch else 64
         return tuple(d if m == 0 else m * (3 + i) for i, m in enumerate(rule))
     return tuple(m * (3 + i) for i, m in enumerate(rule))
@@ -223,6 +232,13 @@ def export_program(loaded: LoadedSource, *, dynamic: bool = True, size: tuple[in
     shape = _example_shape(loaded, rule, size)
     if any(m and s % m for s, m in zip(shape, rule, strict=True)):
         raise ValueError(f"export size {shape} must be a multiple of {rule} on its dynamic axes")
+    if dynamic and getattr(loaded.model, "static_export", False):
+        log.info(
+            "%s is exported static at %s (torch.export's symbolic shapes of its window padding do not finish); "
+            "--size picks another size",
+            loaded.name,
+            "x".join(map(str, shape)),
+        )
     example = torch.randn(2, loaded.in_channels, *shape, generator=torch.Generator().manual_seed(0))
     dynamic_shapes = (
         {

@@ -127,11 +127,16 @@ def compare(loaded: LoadedSource, predictor: OnnxPredictor, x: np.ndarray, label
 
 
 def source_of(predictor: OnnxPredictor) -> LoadedSource:
-    """Rebuild the PyTorch model an export came from, from its record."""
+    """Rebuild the PyTorch model an export came from, from its record (a registered model with its seed,
+    channels and overrides)."""
     src = predictor.record["source"]
     if src["kind"] == "registered":
         return load_source(
-            src["name"], seed=src["seed"], in_channels=src["in_channels"], num_classes=src["num_classes"]
+            src["name"],
+            seed=src["seed"],
+            in_channels=src["in_channels"],
+            num_classes=src["num_classes"],
+            overrides=predictor.record.get("model_overrides"),
         )
     return load_source(src["name"] if src["kind"] == "released" else src["path"])
 
@@ -146,10 +151,16 @@ def verify_onnx(
     threads: int | None = None,
 ) -> list[CheckRow]:
     """Compare an exported file with its PyTorch model (rebuilt from the record unless given) on random inputs
-    at two conforming sizes and, with real=True, on one real input when the data folder holds one."""
+    at two conforming sizes and, with real=True, on one real input when the data folder holds one. A source
+    given as the name of the registered model the record came from is rebuilt as the record says (its seed,
+    channels and overrides), not with the defaults."""
     predictor = OnnxPredictor(onnx_path, threads=threads)
-    loaded = source if isinstance(source, LoadedSource) else source_of(predictor) if source is None else None
-    if loaded is None:
+    src = predictor.record["source"]
+    if isinstance(source, LoadedSource):
+        loaded = source
+    elif source is None or (src["kind"] == "registered" and str(source) == src["name"]):
+        loaded = source_of(predictor)
+    else:
         loaded = load_source(source)
     rng = np.random.default_rng(seed)
     rows = []

@@ -10,6 +10,8 @@ front and says which sizes work instead of failing deep inside the network:
 - basicunet: any size whose 1/16 bottleneck (floor division) has more than one voxel, e.g. 33 x 34 x 35.
 - unetr: exactly the `img_size` it was built for (learned position embeddings over 16^3 patches); pass
   `img_size=...` (a multiple of 16, default 128, the patch size of the BraTS recipes) to build for another size.
+`static_export` marks a network whose ONNX export is static in space even when dynamic axes are asked (swinunetr:
+torch.export's symbolic shapes of its window padding did not finish in 50 CPU minutes).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from rwkvseg.layers.conv import crop_to, pad_to_multiple
 
 from .registry import Family
 
-# Values that set up the wrapper rather than the MONAI network: the network class and the input-size rule.
-WRAPPER_KEYS = ("net", "pad_multiple", "multiple", "coarse", "fixed_size")
+# Values that set up the wrapper rather than the MONAI network: the network class, the input-size rule, and
+# whether the export is static in space (read by export/onnx.py).
+WRAPPER_KEYS = ("net", "pad_multiple", "multiple", "coarse", "fixed_size", "static_export")
 
 # Variants are data: the MONAI class, the size rule, and the class's arguments (any of which overrides may change).
 VARIANTS: dict[str, dict] = {
@@ -49,7 +52,7 @@ VARIANTS: dict[str, dict] = {
     "unet_test": dict(
         net="BasicUNet", pad_multiple=16, spatial_dims=2, features=(4, 4, 8, 8, 16, 4), norm="batch", act="relu"
     ),
-    "swinunetr": dict(net="SwinUNETR", multiple=32, coarse=32, spatial_dims=3, feature_size=48),
+    "swinunetr": dict(net="SwinUNETR", multiple=32, coarse=32, static_export=True, spatial_dims=3, feature_size=48),
     "unetr": dict(
         net="UNETR",
         fixed_size=True,
@@ -96,6 +99,7 @@ class MonaiBaseline(nn.Module):
         multiple: int = 1,
         fixed_size: tuple[int, ...] | None = None,
         coarse: int | None = None,
+        static_export: bool = False,
     ):
         super().__init__()
         self.name = name
@@ -105,6 +109,7 @@ class MonaiBaseline(nn.Module):
         self.multiple = multiple
         self.fixed_size = fixed_size
         self.coarse = coarse  # downsampling of the instance-normed bottleneck, which needs > 1 voxel
+        self.static_export = static_export
 
     def check_size(self, size: Sequence[int]) -> None:
         size = tuple(size)

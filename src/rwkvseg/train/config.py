@@ -206,9 +206,11 @@ class TrainConfig:
     config, split). max_steps_per_epoch 0: whole epochs. Loaded from a file, a 3D config takes the 3D defaults
     of DIMS_DEFAULTS for what it leaves out.
 
-    max_minutes > 0: a wall-clock budget. The run stops only after a validated epoch, the last one whose next
-    validation would end past the budget, so it always leaves a best checkpoint. The LR schedule still spans
-    `epochs`, so a stopped run has not annealed fully.
+    max_minutes > 0: a wall-clock budget, checked only after a validated epoch so a stopped run always leaves a
+    best checkpoint. After the first epoch of the process (which may hold torch.compile) the run stops only if
+    the time since training began is already past the budget; after any later epoch it stops if that time plus
+    val_every x the last epoch's own duration (the estimated end of the next validation) is past the budget.
+    The LR schedule still spans `epochs`, so a stopped run has not annealed fully.
 
     compile: "auto" (compile the training step on CUDA, eager on the CPU), "on", "off" or a torch.compile mode
     ("reduce-overhead", "max-autotune", ...); compile_backend: "inductor", or "aot_eager" (traces, no code

@@ -90,18 +90,25 @@ def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | N
 
 
 def budget_stop(config: TrainConfig, start: float, stop: Stop | None) -> Stop | None:
-    """stop, or with config.max_minutes > 0 also: stop after a validated epoch whose next validation would end
-    past the budget (measured from start), so a stopped run always has a best checkpoint."""
+    """stop, or with config.max_minutes > 0 also a wall-clock budget (measured from start), checked only after a
+    validated epoch so a stopped run always has a best checkpoint. After the first epoch of this process it stops
+    only if the elapsed time alone is past the budget: that epoch may hold torch.compile of the training step,
+    far longer than the epochs after it. After a later epoch it stops if elapsed + val_every x that epoch's own
+    duration (the time since the previous call), the estimated end of the next validation, is past the budget."""
     if config.max_minutes <= 0:
         return stop
-    epochs_run = 0
+    budget = 60 * config.max_minutes
+    epochs_run, last = 0, start
 
     def over_budget(progress: Progress) -> bool:
-        nonlocal epochs_run
+        nonlocal epochs_run, last
+        now = time.perf_counter()
+        epoch_seconds, last = now - last, now
         epochs_run += 1
-        elapsed = time.perf_counter() - start
+        elapsed = now - start
+        ahead = 0.0 if epochs_run == 1 else config.val_every * epoch_seconds
         validated = f"val_{config.select_metric}" in progress.history[-1]
-        over = validated and elapsed * (1 + config.val_every / epochs_run) > 60 * config.max_minutes
+        over = validated and elapsed + ahead > budget
         return over or (stop is not None and stop(progress))
 
     return over_budget
