@@ -4,7 +4,8 @@ Usage (after the runs, e.g. `scripts/campaign_2d.py` on a GPU, and for each NAME
 `rwkvseg predict CHECKPOINT VAL_IMAGES --out P && rwkvseg evaluate P VAL_GT --out EVALS/eval-NAME` on the fp16
 release written by `rwkvseg.released.export_release` into src/rwkvseg/weights/):
     python scripts/release_2d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--quality 90]
-RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json. Each NAME
+RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json (the
+shipped int8 weights) and, where measured, eval16-<name>/summary.json (the same run released as fp16). Each NAME
 gets a card (<name>.md), a curves figure (<name>.curves.png: training loss and validation Dice per epoch) and its
 index entry (replaced in place, or appended); the index's other entries are kept as they are.
 """
@@ -28,6 +29,7 @@ DATASETS = {  # release suffix -> (dataset folder, human name of the data, split
     "ph2": ("ph2", "PH2 (dermoscopy, skin lesion)", "128 train / 32 val, seed 0, stratified by diagnosis"),
 }
 TITLES = {"urwkv": "U-RWKV", "urwkv_s": "U-RWKV-s"}
+METRICS = ("dice", "iou", "precision", "recall", "specificity", "hd95")
 
 CARD = """# {name}: {arch_title} trained on {data}
 
@@ -36,7 +38,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | | |
 |---|---|
 | architecture | `{arch}` ({params:.3f} M parameters), 3-channel input resized to 256 x 256, 1 logit (sigmoid, threshold 0.5) |
-| weights | fp16 matrices and kernels, fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
+| weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
 | input prep | `rwkvseg compact2d ../shared/data/{dataset} DATA/{dataset} --quality {quality}` (256 x 256 copies, JPEG q{quality}, masks merged) |
 | recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, bf16 autocast, compile {compile} |
@@ -49,7 +51,8 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | where | Dice | IoU | precision | recall | specificity | HD95 (px) |
 |---|---|---|---|---|---|---|
 | during training, at 256 x 256 (GPU, fp32 weights) | {t_dice:.4f} | {t_iou:.4f} | {t_precision:.4f} | {t_recall:.4f} | {t_specificity:.4f} | - |
-| these released weights, original image size (CPU, `rwkvseg predict` + `rwkvseg evaluate`) | {dice:.4f} | {iou:.4f} | {precision:.4f} | {recall:.4f} | {specificity:.4f} | {hd95:.1f} |
+| these released weights (int8), original image size (CPU, `rwkvseg predict` + `rwkvseg evaluate`) | {dice:.4f} | {iou:.4f} | {precision:.4f} | {recall:.4f} | {specificity:.4f} | {hd95:.1f} |
+{fp16_row}
 
 Means over images; empty prediction and empty ground truth together count as perfect (`rwkvseg evaluate` policy
 "perfect"). Held-out test sets were not available here.
@@ -124,7 +127,13 @@ def main() -> None:
         arch, short = name.split("-", 1)
         dataset, data, split = DATASETS[short]
         summary = json.loads((args.evals / f"eval-{name}" / "summary.json").read_text())
-        scores = {k: summary[k]["mean"] for k in ("dice", "iou", "precision", "recall", "specificity", "hd95")}
+        scores = {k: summary[k]["mean"] for k in METRICS}
+        fp16 = args.evals / f"eval16-{name}" / "summary.json"
+        fp16_row = ""
+        if fp16.is_file():
+            fp16_scores = json.loads(fp16.read_text())
+            cells = " | ".join(f"{fp16_scores[k]['mean']:.{1 if k == 'hd95' else 4}f}" for k in METRICS)
+            fp16_row = f"| the same weights in fp16, same evaluation | {cells} |"
         info = _run_summary(args.runs / f"{dataset}-{arch}")
         rows = info.pop("rows")
         _curves(rows, f"{name}: {TITLES[arch]} on {data}", folder / f"{name}.curves.png")
@@ -144,6 +153,7 @@ def main() -> None:
             version=__version__,
             n=summary["cases"],
             **info,
+            fp16_row=fp16_row,
             **scores,
         )
         (folder / f"{name}.md").write_text(card)

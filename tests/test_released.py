@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from rwkvseg.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from rwkvseg.checkpoint import INT8_SCALE, CheckpointMeta, dequantize, load_checkpoint, save_checkpoint
 from rwkvseg.models import create_model
 from rwkvseg.released import (
     ReleasedModel,
@@ -40,6 +40,31 @@ def test_export_keeps_vectors_fp32_and_outputs_close(trained, tmp_path):
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     with pytest.raises(FileExistsError, match="overwrite"):
         export_release(checkpoint, "tiny-demo", folder)
+
+
+def test_int8_export_stores_per_channel_scales_and_loads_close(trained, tmp_path):
+    model, checkpoint = trained
+    weights = export_release(checkpoint, "tiny-int8", tmp_path / "weights", precision="int8")
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights))
+    matrices = [k for k, v in model.state_dict().items() if v.is_floating_point() and v.dim() >= 2]
+    assert matrices and all(state[k].dtype == torch.int8 for k in matrices)
+    assert all(state[k + INT8_SCALE].shape == (state[k].shape[0],) for k in matrices)
+    vectors = [k for k, v in model.state_dict().items() if v.is_floating_point() and v.dim() < 2]
+    assert vectors and all(state[k].dtype == torch.float32 for k in vectors)
+    restored = dequantize(state)
+    for k in matrices:  # symmetric rounding: at most half a step per value
+        step = state[k + INT8_SCALE].reshape(-1, *([1] * (state[k].dim() - 1)))
+        assert ((restored[k] - model.state_dict()[k]).abs() <= step / 2 + 1e-7).all()
+    released, _ = load_checkpoint(weights)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x), released(x)
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-2
+    assert weights.stat().st_size < 0.5 * checkpoint.with_suffix(".safetensors").stat().st_size  # fp32 there
+    with pytest.raises(ValueError, match="choose one of fp16, int8"):
+        export_release(checkpoint, "tiny-x", tmp_path / "weights", precision="int4")
 
 
 def test_lookup_by_name(trained, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from . import __version__
@@ -216,6 +216,38 @@ def build_model(meta: CheckpointMeta) -> nn.Module:
     return create_model(meta.model, meta.in_channels, meta.num_classes, **meta.model_overrides)
 
 
+INT8_SCALE = ":int8_scale"  # key suffix of the per-output-channel scales of int8 tensors (released models)
+
+
+def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with its int8 tensors back in float32: each int8 tensor `k` [O, ...] times the scale stored
+    under `k + INT8_SCALE` [O] (symmetric, per output channel); the scale entries themselves are dropped."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(INT8_SCALE):
+            continue
+        scale = state.get(key + INT8_SCALE)
+        if scale is not None:
+            value = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1)))
+        out[key] = value
+    return out
+
+
+def _is_quantized(weights: Path) -> bool:
+    with safe_open(str(weights), framework="pt") as f:
+        return any(name.endswith(INT8_SCALE) for name in f.keys())
+
+
+def _load_weights(model: nn.Module, weights: Path, device: str) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) keys after loading the file into model; int8 files are dequantized first."""
+    if not _is_quantized(weights):
+        return load_model(model, str(weights), strict=False, device=device)
+    missing, unexpected = model.load_state_dict(dequantize(load_file(str(weights), device=device)), strict=False)
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
+    shared = [k for k in missing if model.state_dict()[k].data_ptr() in loaded]  # tied tensors are stored once
+    return [k for k in missing if k not in shared], list(unexpected)
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model from the sidecar and load its weights; returns (model in eval mode, meta)."""
     weights, _ = checkpoint_paths(path)
@@ -226,7 +258,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     check_size(weights, meta)
     model = build_model(meta)
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        missing, unexpected = _load_weights(model, weights, str(device))
     except SafetensorError as err:  # a corrupt header
         raise ValueError(f"{weights} is not a readable safetensors file ({err}); copy the checkpoint again") from None
     except RuntimeError as err:  # shape mismatches: the sidecar was edited or belongs to other weights

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import checkpoint_paths, read_meta, with_digest
+from .checkpoint import INT8_SCALE, checkpoint_paths, dequantize, read_meta, with_digest
 from .files import atomic_write, write_json
 
 INDEX_FILE = "index.json"
@@ -63,15 +63,39 @@ def half_precision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.half() if v.is_floating_point() and v.dim() >= 2 else v for k, v in state.items()}
 
 
-def export_release(checkpoint: str | Path, name: str, folder: Path, overwrite: bool = False) -> Path:
-    """Write checkpoint as released model `name` in folder: fp16 weights and the unchanged sidecar."""
+def int8_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices and kernels (ndim >= 2) to int8, symmetric per output channel (dim 0), each with its fp32 scale
+    [O] under `key + INT8_SCALE` (checkpoint.dequantize undoes it); vectors stay fp32 as in half_precision."""
+    out = {}
+    for key, value in state.items():
+        if not (value.is_floating_point() and value.dim() >= 2):
+            out[key] = value
+            continue
+        w = value.float()
+        scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-12) / 127  # [O]
+        out[key] = torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-127, 127).to(torch.int8)
+        out[key + INT8_SCALE] = scale
+    return out
+
+
+PRECISIONS = {"fp16": half_precision, "int8": int8_weights}
+
+
+def export_release(
+    checkpoint: str | Path, name: str, folder: Path, overwrite: bool = False, precision: str = "fp16"
+) -> Path:
+    """Write checkpoint as released model `name` in folder: fp16 (or int8, per-channel) weights and the unchanged
+    sidecar."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
     source_weights, source_sidecar = checkpoint_paths(checkpoint)
     read_meta(checkpoint)  # the sidecar must be valid before anything is written
     weights, sidecar = checkpoint_paths(folder / name)
     if not overwrite and (weights.exists() or sidecar.exists()):
         raise FileExistsError(f"{weights} exists; pass overwrite to replace released model {name!r}")
-    state = half_precision(load_file(str(source_weights)))
-    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "rwkvseg", "release": name}))
+    state = PRECISIONS[precision](dequantize(load_file(str(source_weights))))
+    metadata = {"format": "rwkvseg", "release": name, "precision": precision}
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     sidecar_json = json.loads(source_sidecar.read_text(encoding="utf-8"))
     write_json(sidecar, with_digest(sidecar_json, weights))  # the digest of the fp16 file just written
     return weights
