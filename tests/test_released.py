@@ -26,7 +26,7 @@ def trained(tmp_path):
 def test_export_keeps_vectors_fp32_and_outputs_close(trained, tmp_path):
     model, checkpoint = trained
     folder = tmp_path / "weights"
-    weights = export_release(checkpoint, "tiny-demo", folder)
+    weights = export_release(checkpoint, "tiny-demo", folder, precision="fp16")
     from safetensors.torch import load_file
 
     state = load_file(str(weights))
@@ -44,7 +44,7 @@ def test_export_keeps_vectors_fp32_and_outputs_close(trained, tmp_path):
 
 def test_int8_export_stores_per_channel_scales_and_loads_close(trained, tmp_path):
     model, checkpoint = trained
-    weights = export_release(checkpoint, "tiny-int8", tmp_path / "weights", precision="int8")
+    weights = export_release(checkpoint, "tiny-int8", tmp_path / "weights")  # int8 is the default
     from safetensors.torch import load_file
 
     state = load_file(str(weights))

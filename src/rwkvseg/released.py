@@ -82,10 +82,10 @@ PRECISIONS = {"fp16": half_precision, "int8": int8_weights}
 
 
 def export_release(
-    checkpoint: str | Path, name: str, folder: Path, overwrite: bool = False, precision: str = "fp16"
+    checkpoint: str | Path, name: str, folder: Path, overwrite: bool = False, precision: str = "int8"
 ) -> Path:
-    """Write checkpoint as released model `name` in folder: fp16 (or int8, per-channel) weights and the unchanged
-    sidecar."""
+    """Write checkpoint as released model `name` in folder: int8 weights (per output channel; the shipped form) or
+    fp16, and the unchanged sidecar."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
     source_weights, source_sidecar = checkpoint_paths(checkpoint)
@@ -97,7 +97,7 @@ def export_release(
     metadata = {"format": "rwkvseg", "release": name, "precision": precision}
     atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     sidecar_json = json.loads(source_sidecar.read_text(encoding="utf-8"))
-    write_json(sidecar, with_digest(sidecar_json, weights))  # the digest of the fp16 file just written
+    write_json(sidecar, with_digest(sidecar_json, weights))  # the digest of the weights file just written
     return weights
 
 
