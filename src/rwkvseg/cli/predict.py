@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..infer.predict import PredictConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--runtime",
         default="torch",
         choices=("torch", "onnx"),
-        help="torch (default), or onnx: onnxruntime on an exported .onnx file given as CHECKPOINT (2D images)",
+        help="torch (default), or onnx: onnxruntime on an exported .onnx file given as CHECKPOINT (2D images and "
+        "3D volumes)",
     )
     p.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (--runtime onnx)")
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
@@ -100,8 +105,6 @@ def run(args: argparse.Namespace) -> int:
     from ._options import device_name
 
     checkpoint, source = checkpoint_and_input(args)
-    if args.runtime == "onnx":
-        return _run_onnx(args, checkpoint, source)
     config = PredictConfig(
         device=device_name(args.device),
         overwrite=args.overwrite,
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         compile_backend=args.compile_backend,
     )
+    if args.runtime == "onnx":
+        return _run_onnx(args, checkpoint, source, config)
     volumes = is_3d_checkpoint(checkpoint)
     inputs = [source, *args.more_modalities] if volumes else [source]
     written = predict(checkpoint, inputs, args.out, config)
@@ -125,16 +130,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_onnx(args: argparse.Namespace, model: str, source: str) -> int:
-    """2D masks with onnxruntime alone, from a file `rwkvseg export` wrote (its metadata holds the record)."""
+def _run_onnx(args: argparse.Namespace, model: str, source: str, config: PredictConfig) -> int:
+    """Masks (2D, onnxruntime and numpy alone) or label volumes (3D, the checkpoint path's sliding window and
+    resampling around onnxruntime) from a file `rwkvseg export` wrote (its metadata holds the record)."""
     from pathlib import Path
 
     from ..data.images2d import list_inputs
-    from ..export.runtime import predict_files
+    from ..export.runtime import OnnxPredictor, predict_files
     from ..files import output_folder
 
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
+    if OnnxPredictor(model, threads=args.threads).dims == 3:
+        from ..export.volumes import predict_volumes
+
+        inputs = [source, *args.more_modalities]
+        with output_folder(args.out, inputs, args.overwrite, "predict") as out:
+            written = predict_volumes(model, inputs, out, config, threads=args.threads)
+        print(f"wrote {len(written)} label volumes to {args.out} (onnxruntime)")
+        return 0
     with output_folder(args.out, [source], args.overwrite, "predict") as out:
         written = predict_files(
             model,

@@ -211,9 +211,15 @@ def predict_paths(
 ) -> list[Path]:
     """Every case found in inputs -> a label file in out_dir (replacing existing ones only with options.overwrite)."""
     options = options or PredictConfig()
-    predictor = Predictor3D.from_checkpoint(checkpoint, options)
-    cases = prediction_cases(inputs, predictor.spec, options.modalities)
-    overwrite = options.overwrite
+    return predict_cases(Predictor3D.from_checkpoint(checkpoint, options), inputs, out_dir, options.overwrite)
+
+
+def predict_cases(
+    predictor: Predictor3D, inputs: Sequence[Path | str], out_dir: Path | str, overwrite: bool = False
+) -> list[Path]:
+    """Every case found in inputs -> a label file in out_dir, by a ready predictor (its options name the
+    modalities); existing files are refused unless overwrite."""
+    cases = prediction_cases(inputs, predictor.spec, predictor.options.modalities)
     if not overwrite:
         refuse_existing(out_dir, [p for p in (predictor.output_path(c, out_dir) for c in cases) if p.exists()])
     return [predictor.predict_to_file(case, out_dir, overwrite) for case in cases]

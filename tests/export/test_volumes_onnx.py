@@ -1,0 +1,90 @@
+"""3D prediction with onnxruntime (`rwkvseg predict EXPORT.onnx CASE --runtime onnx`): a hand-built 1x1x1
+convolution with a 3D record gives the same label volume, on the same grid, as the checkpoint path with the same
+network in torch."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from tests.export.test_runtime import conv_file  # noqa: E402
+from tests.infer.test_predict3d import write_1mm_case  # noqa: E402
+
+from rwkvseg.cli import main  # noqa: E402
+from rwkvseg.data.preprocess3d import PreprocessConfig, preprocess_dataset  # noqa: E402
+from rwkvseg.data.specs import dataset_spec  # noqa: E402
+from rwkvseg.export.onnx import ExportRecord  # noqa: E402
+from rwkvseg.export.volumes import predict_volumes  # noqa: E402
+from rwkvseg.infer.predict import PredictConfig  # noqa: E402
+from rwkvseg.infer.predict3d import Predictor3D, predict_cases  # noqa: E402
+from rwkvseg.records import inference_metadata  # noqa: E402
+
+PATCH = (16, 16, 16)
+
+
+def conv3d_file(path, weight, bias, preprocessing, axes=PATCH):
+    k, c = weight.shape[:2]
+    record = ExportRecord("tiny3d", 3, c, k, tuple(axes), "softmax", {"kind": "test"}, preprocessing=preprocessing)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["logits"])],
+        "tiny3d",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", c, *axes])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", k, *axes])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "rwkvseg", json.dumps(json.loads(record.to_json()))
+    onnx.save_model(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(onnx file, the same 1x1x1 convolution in torch, its 3D metadata) for a 2 mm BraTS-style cache."""
+    root = tmp_path_factory.mktemp("onnx3d")
+    write_1mm_case(root / "raw", "t1")
+    plans = preprocess_dataset(root / "raw", dataset_spec("brats"), root / "cache", PreprocessConfig((2.0,) * 3))
+    metadata = inference_metadata(plans, patch_size=PATCH)
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 4, 1, 1, 1)).astype(np.float32)
+    bias = np.array([0.5, -0.2, 0.1, -0.4], np.float32)
+    conv3d_file(root / "tiny3d.onnx", weight, bias, metadata)
+    conv = torch.nn.Conv3d(4, 4, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+        conv.bias.copy_(torch.from_numpy(bias))
+    return root / "tiny3d.onnx", conv, metadata
+
+
+def test_onnx_volumes_equal_the_torch_path_on_the_input_grid(exported, tmp_path):
+    path, conv, metadata = exported
+    folder, _ = write_1mm_case(tmp_path / "in")
+    options = PredictConfig(mirror_axes=(0, 2), overlap=0.5)
+    (ours,) = predict_volumes(path, [folder], tmp_path / "onnx", options)
+    (ref,) = predict_cases(Predictor3D(conv, metadata, options), [folder], tmp_path / "torch")
+    written, source = nib.load(ours), nib.load(folder / "p1_flair.nii.gz")
+    assert written.shape == source.shape
+    np.testing.assert_array_equal(written.affine, source.affine)
+    labels = np.asarray(written.dataobj)
+    assert len(np.unique(labels)) > 1  # the comparison below is not between two empty volumes
+    np.testing.assert_array_equal(labels, np.asarray(nib.load(ref).dataobj))
+
+
+def test_predict_command_runs_a_3d_export_and_a_2d_export_is_refused(exported, tmp_path, capsys):
+    path, _, _ = exported
+    folder, _ = write_1mm_case(tmp_path / "in")
+    assert main(["predict", str(path), str(folder), "--out", str(tmp_path / "out"), "--runtime", "onnx"]) == 0
+    assert "wrote 1 label volumes" in capsys.readouterr().out
+    assert (tmp_path / "out" / "p1.nii.gz").is_file()
+    flat = tmp_path / "tiny2d.onnx"
+    conv_file(flat, np.ones((1, 3, 1, 1), np.float32), np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="is a 2D export; 3D prediction needs"):
+        predict_volumes(flat, [folder], tmp_path / "x", PredictConfig())
+    assert not (tmp_path / "x").exists()
