@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -107,7 +106,7 @@ def main() -> int:
             name = f"{dataset}-{model}"
             with (logs / f"{name}.log").open("a") as log:
                 command = run_command(args.data, args.runs, dataset, model, epochs[dataset], args)
-                jobs[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                jobs[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         codes = {name: job.wait() for name, job in jobs.items()}
     except KeyboardInterrupt:

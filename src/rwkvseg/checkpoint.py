@@ -219,6 +219,11 @@ def build_model(meta: CheckpointMeta) -> nn.Module:
 INT8_SCALE = ":int8_scale"  # key suffix of the per-output-channel scales of int8 tensors (released models)
 
 
+def per_channel(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-output-channel scale [O] shaped to broadcast over a tensor of ndim dimensions: [O, 1, ...]."""
+    return scale.reshape(-1, *([1] * (ndim - 1)))
+
+
 def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with its int8 tensors back in float32: each int8 tensor `k` [O, ...] times the scale stored
     under `k + INT8_SCALE` [O] (symmetric, per output channel); the scale entries themselves are dropped."""
@@ -228,7 +233,7 @@ def dequantize(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         scale = state.get(key + INT8_SCALE)
         if scale is not None:
-            value = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1)))
+            value = value.float() * per_channel(scale.float(), value.dim())
         out[key] = value
     return out
 
@@ -243,9 +248,10 @@ def _load_weights(model: nn.Module, weights: Path, device: str) -> tuple[list[st
     if not _is_quantized(weights):
         return load_model(model, str(weights), strict=False, device=device)
     missing, unexpected = model.load_state_dict(dequantize(load_file(str(weights), device=device)), strict=False)
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
-    shared = [k for k in missing if model.state_dict()[k].data_ptr() in loaded]  # tied tensors are stored once
-    return [k for k in missing if k not in shared], list(unexpected)
+    own = model.state_dict()
+    loaded = {t.data_ptr() for k, t in own.items() if k not in missing}
+    # tied tensors are stored once: a missing key that shares a loaded tensor's storage is not missing
+    return [k for k in missing if own[k].data_ptr() not in loaded], list(unexpected)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:

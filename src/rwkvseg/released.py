@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import INT8_SCALE, checkpoint_paths, dequantize, read_meta, with_digest
+from .checkpoint import INT8_SCALE, checkpoint_paths, dequantize, per_channel, read_meta, with_digest
 from .files import atomic_write, write_json
 
 INDEX_FILE = "index.json"
@@ -73,7 +73,7 @@ def int8_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         w = value.float()
         scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-12) / 127  # [O]
-        out[key] = torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-127, 127).to(torch.int8)
+        out[key] = torch.round(w / per_channel(scale, w.dim())).clamp(-127, 127).to(torch.int8)
         out[key + INT8_SCALE] = scale
     return out
 

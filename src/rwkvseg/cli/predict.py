@@ -141,21 +141,21 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
 
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
-    if OnnxPredictor(model, threads=args.threads).dims == 3:
+    predictor = OnnxPredictor(model, threads=args.threads)
+    if predictor.dims == 3:
         from ..export.volumes import predict_volumes
 
         inputs = [source, *args.more_modalities]
         with output_folder(args.out, inputs, args.overwrite, "predict") as out:
-            written = predict_volumes(model, inputs, out, config, threads=args.threads)
+            written = predict_volumes(predictor, inputs, out, config)
         print(f"wrote {len(written)} label volumes to {args.out} (onnxruntime)")
         return 0
     with output_folder(args.out, [source], args.overwrite, "predict") as out:
         written = predict_files(
-            model,
+            predictor,
             list_inputs(source, args.skip_non_images),
             out,
             threshold=0.5 if args.threshold is None else args.threshold,
-            threads=args.threads,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
         )

@@ -253,7 +253,7 @@ class _Calibration:
 
 
 def predict_files(
-    onnx_path: str | os.PathLike,
+    onnx: OnnxPredictor | str | os.PathLike,
     images: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
@@ -263,10 +263,11 @@ def predict_files(
     overwrite: bool = False,
 ) -> list[Path]:
     """Masks `<out>/<stem>.png` for 2D image files (binary: 0/255; multi-class: the class index), as
-    `rwkvseg predict` writes them; nothing is written when a target exists and overwrite is False."""
+    `rwkvseg predict` writes them; nothing is written when a target exists and overwrite is False. onnx: an
+    open OnnxPredictor, or the exported file's path (opened with threads)."""
     from PIL import Image
 
-    predictor = OnnxPredictor(onnx_path, threads=threads)
+    predictor = onnx if isinstance(onnx, OnnxPredictor) else OnnxPredictor(onnx, threads=threads)
     out = Path(out)
     targets = [out / f"{Path(p).stem}.png" for p in images]
     if len(set(targets)) < len(targets):

@@ -34,20 +34,23 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(logits).to(x.device)
 
 
-def onnx_predictor_3d(path: str | os.PathLike, options: PredictConfig, threads: int | None = None) -> Predictor3D:
-    """A Predictor3D whose network is the exported file (CPU, never compiled)."""
-    predictor = OnnxPredictor(path, threads=threads)
+def onnx_predictor_3d(
+    onnx: OnnxPredictor | str | os.PathLike, options: PredictConfig, threads: int | None = None
+) -> Predictor3D:
+    """A Predictor3D whose network is the exported file (an open OnnxPredictor, or its path; CPU, never
+    compiled)."""
+    predictor = onnx if isinstance(onnx, OnnxPredictor) else OnnxPredictor(onnx, threads=threads)
     if predictor.dims != 3:
-        raise ValueError(f"{path} is a {predictor.dims}D export; 3D prediction needs a volume model's export")
+        raise ValueError(f"{predictor.path} is a {predictor.dims}D export; 3D prediction needs a volume model's export")
     return Predictor3D(OnnxModule(predictor), predictor.preprocessing, replace(options, device="cpu", compile="off"))
 
 
 def predict_volumes(
-    path: str | os.PathLike,
+    onnx: OnnxPredictor | str | os.PathLike,
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     options: PredictConfig,
     threads: int | None = None,
 ) -> list[Path]:
     """Every case in inputs -> a label file in out_dir, the network run by onnxruntime."""
-    return predict_cases(onnx_predictor_3d(path, options, threads), inputs, out_dir, options.overwrite)
+    return predict_cases(onnx_predictor_3d(onnx, options, threads), inputs, out_dir, options.overwrite)
