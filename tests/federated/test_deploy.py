@@ -102,3 +102,43 @@ def test_site_clips_its_update_under_client_fixed_privacy(tmp_path, task_identit
     assert train().has_error()  # no clipping norm from the server
     with pytest.raises(ValueError, match=r"the server asks for clipping norm 1\.0, this site's federated\.privacy"):
         train(clipping_norm=1.0)  # a runtime turns the exception into an error reply
+
+
+@pytest.mark.slow
+def test_federation_on_the_deployment_runtime_matches_its_plan(tmp_path):
+    """`rwkvseg federate --runtime deployment` runs a real SuperLink and one SuperNode per site on localhost
+    (flwr run submits the app): the server writes the simulation's run folder (metrics per site and round, the
+    global checkpoints, the resumable state), and every Flower process is gone afterwards. About 2 min on 2 cores:
+    each message is a fresh flwr-clientapp process that imports torch."""
+    import csv
+    import json
+    import subprocess
+
+    from rwkvseg.checkpoint import load_checkpoint
+
+    write_synthetic_dataset(tmp_path / "data", n=6, shape=(32, 32), seed=1)
+    config = tmp_path / "fed.toml"
+    config.write_text(
+        f'device = "cpu"\nout = "{tmp_path / "run"}"\n[model]\nname = "unet_test"\n'
+        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
+        "[federated]\nrounds = 2\nlocal_epochs = 1\nnum_sites = 2\n"
+    )
+    assert main(["federate", str(config), "--runtime", "deployment"]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_done"] == 2
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    sites = json.loads((run / "sites.json").read_text())["sites"]
+    for name in sites:  # each site trained and scored in every round, on its own cases
+        assert all(float(r[f"site_{name}_val_cases"]) == len(sites[name]["val"]) for r in rows)
+    assert sum(float(rows[0][f"site_{n}_val_cases"]) for n in sites) == float(rows[0]["val_cases"])
+    model, meta = load_checkpoint(run / "last")
+    assert meta.training["federated"]["rounds"] == 2 and sum(p.numel() for p in model.parameters()) > 0
+    for name in sites:
+        assert (run / "sites" / name / "split.json").is_file()
+    logs = run / "deployment" / "logs"
+    assert {p.name for p in logs.iterdir()} == {"superlink.log", "flwr-run.log"} | {f"supernode-{n}.log" for n in sites}
+    left = subprocess.run(["pgrep", "-f", str(run / "deployment")], capture_output=True, text=True).stdout
+    assert left == "", f"Flower processes still running: {left}"

@@ -12,7 +12,7 @@ from ._options import add_run_arguments, run_overrides
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "federate",
-        help="federated training across sites (Flower simulation); or write a sites file with --sites-from",
+        help="federated training across sites (Flower); or write a sites file with --sites-from",
     )
     p.add_argument("config", nargs="?", help="training config with a [federated] table (TOML or YAML)")
     add_run_arguments(
@@ -21,6 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pooled dataset folder of the sites",
     )
     p.add_argument("--resume", action="store_true", help="continue the federated run in the output folder")
+    p.add_argument(
+        "--runtime",
+        choices=("simulation", "deployment"),
+        default="simulation",
+        help="simulation: Flower's simulation runtime (Ray); deployment: a SuperLink and one SuperNode per site as "
+        "processes on this machine (no Ray; docs/federated.md)",
+    )
     p.add_argument(
         "--write-record",
         metavar="FILE",
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_federated_config(config_path, overrides)
     if args.write_record:
         return write_record(config, args.write_record)
-    summary = federate(config, resume=args.resume)
+    summary = federate(config, resume=args.resume, runtime=args.runtime)
     out = Path(config.train.out)
     print(
         f"{summary['rounds_done']} rounds: best pooled validation {config.train.select_metric} "

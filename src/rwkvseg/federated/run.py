@@ -99,13 +99,26 @@ def deployment_record(config: FederatedConfig) -> CheckpointMeta:
     return checkpoint_record(config, [site], run_dir / SITES_DIR, data_root)
 
 
-def federate(config: FederatedConfig, resume: bool = False, on_message: OnMessage | None = None) -> dict[str, Any]:
+RUNTIMES = ("simulation", "deployment")
+
+
+def federate(
+    config: FederatedConfig,
+    resume: bool = False,
+    on_message: OnMessage | None = None,
+    runtime: str = "simulation",
+) -> dict[str, Any]:
     """Run (or with resume: continue) the federation the config describes; returns summary.json's content.
 
-    on_message(message) sees every Flower message the server sends to or receives from a site.
+    runtime "simulation": Flower's simulation runtime (Ray actors, the apps in this process); "deployment": a
+    SuperLink and one SuperNode per site as processes on this machine (rwkvseg.federated.deployment; no Ray).
+    on_message(message) sees every Flower message the server sends to or receives from a site (simulation only:
+    in a deployment the server is another process).
     """
-    from flwr.simulation import run_simulation
-
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if on_message is not None and runtime != "simulation":
+        raise ValueError("on_message needs runtime 'simulation' (in a deployment the server is another process)")
     run_dir = Path(config.train.out)
     if not resume and (run_dir / STATE_FILE).exists():
         raise FileExistsError(
@@ -122,31 +135,38 @@ def federate(config: FederatedConfig, resume: bool = False, on_message: OnMessag
         write_site_split(site, sites_dir / site.name, config.train.seed)
     write_json(run_dir / CONFIG_FILE, federated_to_dict(config))
     log.info(
-        "%d sites (%s), %d rounds x %d local epochs, %s",
+        "%d sites (%s), %d rounds x %d local epochs, %s, Flower %s runtime",
         len(sites),
         ", ".join(f"{s.name}: {len(s.train)} train / {len(s.val)} val" for s in sites),
         config.federated.rounds,
         config.federated.local_epochs,
         config.federated.strategy,
+        runtime,
     )
     meta = checkpoint_record(config, sites, sites_dir, data_root)
-    server = server_app(ServerPlan(config, tuple(s.name for s in sites), str(run_dir), meta, resume), on_message)
-    client = client_app(SitePlan(config, sites, str(sites_dir), data_root))
-    resolve_device(config.train.device)  # a clear error for device = cuda without a GPU, before Ray starts
-    fed = config.federated
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=len(sites),
-        backend_config={
-            "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": True},
-        },
-    )
+    resolve_device(config.train.device)  # a clear error for device = cuda without a GPU, before Flower starts
+    if runtime == "deployment":
+        from .deployment import run_deployment
+
+        sites_config = replace(config, train=replace(config.train, data=replace(config.train.data, root=data_root)))
+        run_deployment(sites_config, sites, meta.to_json(), resume)
+    else:
+        _simulate(
+            config,
+            sites,
+            ServerPlan(config, tuple(s.name for s in sites), str(run_dir), meta, resume),
+            SitePlan(config, sites, str(sites_dir), data_root),
+            on_message,
+        )
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         raise RuntimeError(f"the federation ended without writing {summary_path}; see the log above for the error")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary["rounds_done"] < config.federated.rounds:
+        raise RuntimeError(
+            f"the federation stopped after round {summary['rounds_done']} of {config.federated.rounds}; see the log "
+            "above for the error, and continue it with --resume"
+        )
     log.info(
         "federation done in %.1f s: %d rounds, best pooled %s",
         time.perf_counter() - start,
@@ -154,3 +174,20 @@ def federate(config: FederatedConfig, resume: bool = False, on_message: OnMessag
         summary["best_metric"],
     )
     return summary
+
+
+def _simulate(
+    config: FederatedConfig, sites: Sequence[Site], server: ServerPlan, client: SitePlan, on_message: OnMessage | None
+) -> None:
+    from flwr.simulation import run_simulation
+
+    fed = config.federated
+    run_simulation(
+        server_app=server_app(server, on_message),
+        client_app=client_app(client),
+        num_supernodes=len(sites),
+        backend_config={
+            "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": True},
+        },
+    )
