@@ -288,7 +288,16 @@ def _run_models(args: argparse.Namespace) -> int:
     )
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
     print(", ".join(f"{k}={v}" for k, v in info.items()))
-    rows = bench_models(config, create_model)
+
+    def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
+        memory = f", {row['peak_mb']:.0f} MB" if row.get("peak_mb") is not None else ""
+        timing = f"{row['ms']:.2f} ms{memory}" if "ms" in row else row.get("note", "")
+        compiled = f", compile {row['compile_s']:.0f} s" if row.get("compile_s") is not None else ""
+        print(
+            f"  {row['model']} {row['mode']} {row['phase']} batch {row['batch']} side {row['side']}: {timing}{compiled}"
+        )
+
+    rows = bench_models(config, create_model, on_row=progress)
     table: dict[tuple, dict] = {}
     for r in rows:
         key = (r["model"], r["phase"], r["batch"], r["side"])
