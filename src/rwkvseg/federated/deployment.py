@@ -174,7 +174,13 @@ def run_deployment(config: FederatedConfig, sites: tuple[Site, ...], record: dic
             logs,
         )
         runner = start("flwr-run", [scripts["flwr"], "run", str(app), "local", "--stream"])
-        code = runner.wait(timeout=config.federated.timeout_s * 2 * config.federated.rounds + 600)
+        limit = config.federated.timeout_s * 2 * config.federated.rounds + 600  # every round's two exchanges
+        try:
+            code = runner.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"the federation did not end within {limit:.0f} s (federated.timeout_s per exchange); see {logs}"
+            ) from None
         if code != 0:
             raise RuntimeError(f"`flwr run` ended with exit code {code}; see {logs / 'flwr-run.log'}")
 
