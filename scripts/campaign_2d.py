@@ -14,6 +14,7 @@ run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and
 Each run logs to RUNS/logs/<dataset>-<model>.log; at the end a table (epochs done, best validation Dice and its
 epoch, seconds per epoch) is printed and written to RUNS/campaign.json. Ctrl-C (or SIGINT from `timeout -s INT`)
 is passed on to every run, which stops as `rwkvseg train` does, and the table is still written.
+`--compile-cache DIR` keeps one torch.compile cache per model (rwkvseg.train.compile_cache) for the next call.
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ def planned_epochs(values: list[str], datasets: list[str]) -> dict[str, int]:
 def run_command(data: Path, runs: Path, dataset: str, model: str, epochs: int, args: argparse.Namespace) -> list[str]:
     out = runs / f"{dataset}-{model}"
     command = [sys.executable, "-m", "rwkvseg.cli", "train"]
+    # one compile cache per model, shared by its runs (same graphs at every dataset): carried between calls
+    cache = [f"compile_cache={args.compile_cache / (model + '.bin')}"] if args.compile_cache else []
     if (out / "state.pt").is_file():
-        return [*command, "--resume", "--out", str(out), "--no-progress", "--set", f"max_minutes={args.minutes}"]
+        resumed = [f"max_minutes={args.minutes}", *cache]
+        return [*command, "--resume", "--out", str(out), "--no-progress", *(x for s in resumed for x in ("--set", s))]
     settings = [
+        *cache,
         f"model.name={model}",
         f"data.split={ROOT / 'splits' / (dataset + '.json')}",
         f"epochs={epochs}",
@@ -94,6 +99,13 @@ def main() -> int:
     p.add_argument("--epochs", nargs="+", default=["280"], help="planned epochs: N, or DATASET=N each (default 280)")
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget of each run now (0: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every new run")
+    p.add_argument(
+        "--compile-cache",
+        type=Path,
+        metavar="DIR",
+        help="keep each model's torch.compile cache as DIR/<model>.bin (read before compiling, written after the "
+        "first step): carry DIR to the next call and its runs skip compilation",
+    )
     args = p.parse_args()
 
     epochs = planned_epochs(args.epochs, args.datasets)

@@ -214,8 +214,10 @@ class TrainConfig:
 
     compile: "auto" (compile the training step on CUDA, eager on the CPU), "on", "off" or a torch.compile mode
     ("reduce-overhead", "max-autotune", ...); compile_backend: "inductor", or "aot_eager" (traces, no code
-    generation). data.gpu_resident (2D): "auto" keeps the whole training set on the GPU as uint8 at the network
-    size, augmented there, when it fits; "on" insists, "off" reads through a DataLoader.
+    generation); compile_cache: a file that carries the compiled step to the next run or machine (loaded before
+    compiling, written after the first step; rwkvseg.train.compile_cache). data.gpu_resident (2D): "auto" keeps
+    the whole training set on the GPU as uint8 at the network size, augmented there, when it fits; "on" insists,
+    "off" reads through a DataLoader.
     """
 
     DATA_CONFIGS: ClassVar[dict[int, type]] = {2: DataConfig, 3: VolumeDataConfig}
@@ -243,6 +245,7 @@ class TrainConfig:
     out: str = "runs/run"
     compile: str = "auto"
     compile_backend: str = "inductor"
+    compile_cache: str = ""
 
     def __post_init__(self) -> None:
         config_dims({"dims": self.dims})

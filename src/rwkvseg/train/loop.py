@@ -27,6 +27,7 @@ from ..checkpoint import CheckpointMeta, save_checkpoint
 from ..compiling import check_compile, compile_callable, synchronize
 from ..files import atomic_write_text, write_json
 from . import distributed
+from .compile_cache import load_compile_cache, save_compile_cache
 from .state import Progress, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,9 @@ class LoopConfig:
     """amp: "bf16" | "fp16" | "off" (already resolved for the device); select_mode: "max" or "min".
 
     compile: "off" or the torch.compile mode of the training step (model forward + loss; already resolved for the
-    device), with compile_backend; compile_fallback: run eagerly (with a warning) when compiling fails.
+    device), with compile_backend; compile_fallback: run eagerly (with a warning) when compiling fails;
+    compile_cache: a file the compiled step's artifacts are loaded from before it compiles and written to after
+    its first call (rwkvseg.train.compile_cache; "" for none).
     sync_every: the loss stays on the device and is read (and checked for NaN / inf) every sync_every steps and at
     the end of the epoch, so the host never waits for the GPU inside a step.
     """
@@ -62,6 +65,7 @@ class LoopConfig:
     compile: str = "off"
     compile_backend: str = "inductor"
     compile_fallback: bool = False
+    compile_cache: str = ""
     sync_every: int = 50
 
     def __post_init__(self) -> None:
@@ -209,6 +213,8 @@ class _ForwardLoss:
         self.loss_fn = run.loss_fn
         self.compiled = None
         if loop.compile != "off":
+            if loop.compile_cache:
+                load_compile_cache(loop.compile_cache)
             self.compiled = compile_callable(self.eager, loop.compile, loop.compile_backend)
         self.fallback = loop.compile_fallback
         self.compile_seconds: float | None = None
@@ -419,6 +425,8 @@ def train_epoch(
                 synchronize(device)
                 forward_loss.compile_seconds = time.perf_counter() - step_start
                 log.info("compiled the training step in %.1f s (its first step)", forward_loss.compile_seconds)
+                if loop.compile_cache and distributed.is_main():
+                    save_compile_cache(loop.compile_cache)
             if seen % loop.sync_every == 0 or seen == n_steps:
                 mean_loss = _check_losses(losses, seen, epoch, first_step)
                 info = f"loss {mean_loss:.4f}"

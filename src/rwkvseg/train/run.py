@@ -86,6 +86,7 @@ def training_setup(
         compile=compile_mode(config.compile, device) or "off",
         compile_backend=config.compile_backend,
         compile_fallback=config.compile == "auto",
+        compile_cache=config.compile_cache,
     )
     return optimizer, scheduler, loop
 
