@@ -54,3 +54,30 @@ def test_no_file_yet_is_not_an_error(tmp_path, caplog):
         assert load_compile_cache(str(tmp_path / "missing.bin")) is False
     assert "does not exist yet" in caplog.text
     assert not (tmp_path / "missing.bin").exists()
+
+
+@pytest.mark.slow
+def test_training_writes_the_cache_after_its_first_step_and_the_next_run_loads_it(tmp_path):
+    """`rwkvseg train --set compile_cache=FILE` with Inductor: the first run writes FILE after its first
+    (compiled) step; a second run in a fresh process with an empty local Inductor cache loads it."""
+    from rwkvseg.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data", n=6, shape=(32, 32), seed=1)
+    blob = tmp_path / "step.bin"
+    logs = []
+    for name in ("first", "second"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor_{name}")}
+        command = [sys.executable, "-m", "rwkvseg.cli", "train", "--data", str(tmp_path / "data")]
+        command += ["--out", str(tmp_path / name), "--no-progress"]
+        for setting in ("model.name=urwkv_test", "epochs=1", "device=cpu", "data.size=[32,32]", "data.batch_size=2"):
+            command += ["--set", setting]
+        command += ["--set", "compile=on", "--set", f"compile_cache={blob}"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr
+        logs.append(done.stdout + done.stderr)
+        assert blob.stat().st_size > 0
+    assert "does not exist yet" in logs[0] and "wrote the compile cache" in logs[0]
+    assert "loaded the compile cache" in logs[1]
+    first = json.loads((tmp_path / "first" / "summary.json").read_text())
+    second = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert first["last"]["train_loss"] == second["last"]["train_loss"]  # the cached step computes the same
