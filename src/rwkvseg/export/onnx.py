@@ -3,8 +3,8 @@ preprocessing record and model facts inside, so onnxruntime alone can run it.
 
 Route: torch.export.export with dynamic batch and spatial axes -> run_decompositions, which replaces the
 `rwkvseg::bi_wkv` / `rwkvseg::bi_wkv_ordered` operators with the exact O(T) plain-operator form of `wkv_onnx`
--> torch.onnx.export(..., dynamo=True). The record is one JSON string under the metadata key `rwkvseg`
-(see `METADATA_KEY` and `ExportRecord`).
+-> torch.onnx.export(..., dynamo=True) -> `graph.fold_batch_norms` (BatchNorms into the 1x1 convs after them).
+The record is one JSON string under the metadata key `rwkvseg` (see `METADATA_KEY` and `ExportRecord`).
 
 Sizes: every exported axis is dynamic unless a model's computation depends on its exact value:
 - U-RWKV, U-Net, CMUNeXt (2D): H, W multiples of 16, at least 32 (the models pad to 16 internally; the export
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .graph import fold_batch_norms
 from .wkv_onnx import bi_wkv_decomposed, bi_wkv_ordered_decomposed, sums_dtype
 
 METADATA_KEY = "rwkvseg"
@@ -376,6 +377,9 @@ def export_onnx(
         verbose=False,
     )
     proto = program.model_proto
+    folded = fold_batch_norms(proto.graph)
+    if folded:
+        log.info("%s: %d BatchNorms folded into the 1x1 convolutions after them", loaded.name, folded)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, record.to_json()
     proto.producer_name = "rwkvseg"
