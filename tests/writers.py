@@ -63,3 +63,28 @@ def write_brats_case(
         save_nifti(folder / f"{case}{spec.separator}{modality}.nii.gz", data, affine)
     save_nifti(folder / f"{case}{spec.separator}{spec.seg_suffix}.nii.gz", seg, affine)
     return folder
+
+
+def save_conv_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, record) -> Path:
+    """An ONNX file of one convolution (weight [K, C, 1, ...]) carrying an rwkvseg export record
+    (rwkvseg.export.onnx.ExportRecord): what onnxruntime-side code runs without exporting a model. Axes the record
+    fixes are static in the graph, the others symbolic."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, c = weight.shape[:2]
+    spatial = [a if isinstance(a, int) else f"s{i}" for i, a in enumerate(record.axes)]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", [record.input_name, "w", "b"], [record.output_name])],
+        record.model,
+        [helper.make_tensor_value_info(record.input_name, TensorProto.FLOAT, ["B", c, *spatial])],
+        [helper.make_tensor_value_info(record.output_name, TensorProto.FLOAT, ["B", k, *spatial])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "rwkvseg", record.to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path

@@ -43,6 +43,9 @@ def test_record_is_embedded_and_readable_without_torch_models(exported):
     props = {p.key: p.value for p in onnx.load(str(folder / "m.onnx"), load_external_data=False).metadata_props}
     assert json.loads(props[METADATA_KEY])["model"] == "urwkv_test"
     assert ExportRecord.from_json(props[METADATA_KEY]) == record
+    graph = onnx.load(str(folder / "m.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.DOUBLE]
+    assert any(n.op_type == "CumSum" for n in graph.node)  # the Bi-WKV, with float32 sums (|w| T = 5 here)
 
 
 @pytest.mark.slow

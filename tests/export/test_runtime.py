@@ -10,12 +10,11 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
 from rwkvseg.checkpoint import CheckpointMeta  # noqa: E402
 from rwkvseg.export.onnx import ExportRecord, export_onnx  # noqa: E402
 from rwkvseg.export.runtime import OnnxPredictor, predict_files, quantize_int8  # noqa: E402
 from rwkvseg.infer.predict2d import Preprocessing2D, predict_arrays  # noqa: E402
+from writers import save_conv_onnx  # noqa: E402
 
 PRE = {"channels": 3, "size": [32, 48], "resize": "resize", "normalization": "auto"}
 
@@ -25,18 +24,7 @@ def conv_file(path, weight, bias, axes=({"multiple": 16, "min": 32},) * 2, prepr
     record = ExportRecord(
         "tiny", 2, 3, k, tuple(axes), "sigmoid" if k == 1 else "softmax", {"kind": "test"}, preprocessing=preprocessing
     )
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["image", "w", "b"], ["logits"])],
-        "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", 3, "H", "W"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", k, "H", "W"])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "rwkvseg", record.to_json()
-    onnx.save_model(model, str(path))
+    save_conv_onnx(path, weight, bias, record)
     return record
 
 

@@ -2,8 +2,6 @@
 convolution with a 3D record gives the same label volume, on the same grid, as the checkpoint path with the same
 network in torch."""
 
-import json
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tests.export.test_runtime import conv_file  # noqa: E402
 from tests.infer.test_predict3d import write_1mm_case  # noqa: E402
 
@@ -24,6 +21,7 @@ from rwkvseg.export.volumes import predict_volumes  # noqa: E402
 from rwkvseg.infer.predict import PredictConfig  # noqa: E402
 from rwkvseg.infer.predict3d import Predictor3D, predict_cases  # noqa: E402
 from rwkvseg.records import inference_metadata  # noqa: E402
+from writers import save_conv_onnx  # noqa: E402
 
 PATCH = (16, 16, 16)
 
@@ -31,18 +29,7 @@ PATCH = (16, 16, 16)
 def conv3d_file(path, weight, bias, preprocessing, axes=PATCH):
     k, c = weight.shape[:2]
     record = ExportRecord("tiny3d", 3, c, k, tuple(axes), "softmax", {"kind": "test"}, preprocessing=preprocessing)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["image", "w", "b"], ["logits"])],
-        "tiny3d",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", c, *axes])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", k, *axes])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "rwkvseg", json.dumps(json.loads(record.to_json()))
-    onnx.save_model(model, str(path))
+    save_conv_onnx(path, weight, bias, record)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,10 @@
 
 import io
 import socket
+import subprocess
+import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,6 +69,14 @@ def write_case(folder: Path, case: str = "c1", shape=SHAPE, affine=AFFINE) -> tu
     return files, ball
 
 
+def wait_ready(client, timeout: float = 60.0) -> None:
+    """Until a TestClient's service answers /v2/health/ready with 200 (its models are loaded)."""
+    deadline = time.monotonic() + timeout
+    while client.get("/v2/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,3 +102,23 @@ def running_server(app, timeout: float = 60.0):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def service_process(code: str, port: int, timeout: float = 60.0):
+    """`python -c code`, a service on 127.0.0.1:port, in a child process; yields (base URL, its stderr lines, which
+    keep filling until the process ends) once ready, and stops it."""
+    from rwkvseg.serve.loadtest import wait_until_ready
+
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_until_ready(url, timeout, alive=lambda: process.poll() is None), "".join(lines)
+        yield url, lines
+    finally:
+        process.terminate()
+        process.wait(20)
+        reader.join(5)

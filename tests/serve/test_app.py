@@ -1,12 +1,8 @@
 import gzip
-import importlib.util
 import io
 import json
 import logging
 import struct
-import subprocess
-import sys
-import threading
 import time
 import zipfile
 import zlib
@@ -20,7 +16,17 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install rwkvseg[serve])")
 import httpx
 from fastapi.testclient import TestClient
-from serve_support import AFFINE, SHAPE, free_port, png, running_server, square_image, write_case
+from serve_support import (
+    AFFINE,
+    SHAPE,
+    free_port,
+    png,
+    running_server,
+    service_process,
+    square_image,
+    wait_ready,
+    write_case,
+)
 
 from rwkvseg.serve import (
     ServeConfig,
@@ -28,18 +34,10 @@ from rwkvseg.serve import (
     predictors,
 )
 from rwkvseg.serve.app import JsonFormatter
-from rwkvseg.serve.loadtest import wait_until_ready
 
 
 def client_for(config: ServeConfig) -> TestClient:
     return TestClient(create_app(config))
-
-
-def wait_ready(client: TestClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while client.get("/v2/health/ready").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/v2/health/ready").json()
-        time.sleep(0.05)
 
 
 def post_image(client, name, data, filename="a.png", **params):
@@ -293,19 +291,9 @@ def test_serve_runs_uvicorn_with_json_logs(test_models):
         "from rwkvseg.serve import ServeConfig, serve; "
         f"serve(ServeConfig(models=({str(test_models['urwkv'])!r},), port={port}))"
     )
-    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
-    reader.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        assert wait_until_ready(url, 60, alive=lambda: process.poll() is None), "".join(lines)
+    with service_process(code, port) as (url, lines):
         answer = httpx.post(f"{url}/v1/models/urwkv/predict", files={"file": ("a.png", png(square_image()))})
         assert answer.status_code == 200 and Image.open(io.BytesIO(answer.content)).size == (52, 40)
-    finally:
-        process.terminate()
-        process.wait(20)
-        reader.join(5)
     logged = [json.loads(line) for line in lines if line.startswith("{")]
     requests = [e for e in logged if e.get("logger") == "rwkvseg.serve.access" and e["route"].endswith("/predict")]
     assert requests and requests[-1]["status"] == 200 and requests[-1]["model"] == "urwkv"
@@ -319,11 +307,6 @@ def test_config_and_model_errors_name_the_fix(tmp_path):
         ServeConfig(max_queue=0)
     with pytest.raises(ValueError, match="neither a released model"):
         create_app(ServeConfig(models=(str(tmp_path / "missing"),)))
-    # the export package is another branch's; where its runtime is present, runtime "onnx" must load instead
-    has_runtime = importlib.util.find_spec("rwkvseg.export") and importlib.util.find_spec("rwkvseg.export.runtime")
-    if not has_runtime:
-        with pytest.raises(ValueError, match=r"runtime 'onnx' needs rwkvseg\.export\.runtime\.OnnxPredictor"):
-            create_app(ServeConfig(models=("urwkv_s-kvasir",), runtime="onnx"))
     with pytest.raises(ValueError, match="hosted twice"):
         create_app(ServeConfig(models=("urwkv_s-kvasir", "urwkv_s-kvasir")))
 

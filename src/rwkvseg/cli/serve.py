@@ -8,25 +8,37 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="HTTP inference service and web viewer: released models and checkpoints (OpenAPI page at /docs)",
+        help="HTTP inference service and web viewer: released models, checkpoints or ONNX exports (OpenAPI at /docs)",
     )
     p.add_argument(
         "models",
         nargs="*",
         metavar="MODEL",
-        help="released model names, checkpoint paths or NAME=PATH (default: every released model)",
+        help="released model names, checkpoint paths or NAME=PATH (default: every released model); with "
+        "--runtime onnx, exported .onnx files or NAME=FILE.onnx",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"], help="torch, or onnxruntime for 2D")
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "onnx"],
+        help="torch (checkpoints), or onnx: onnxruntime on the CPU for files `rwkvseg export NAME --out FILE.onnx` "
+        "wrote (2D and 3D; released names and checkpoints are refused with that command to run)",
+    )
     p.add_argument("--max-request-mb", type=float, default=256, help="largest request body accepted (MiB)")
     p.add_argument("--max-queue", type=int, default=64, help="2D requests admitted at once; past it 503")
     p.add_argument("--batch-size", type=int, default=8, help="2D requests of one model run in one forward")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a micro-batch waits to fill")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a 2D request may take before 504")
     p.add_argument("--mirror-3d", action="store_true", help="mirror test-time augmentation for 3D (8x the work)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of a forward pass: torch's, or each onnxruntime session's",
+    )
     p.set_defaults(func=run)
 
 

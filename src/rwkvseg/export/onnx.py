@@ -3,8 +3,8 @@ preprocessing record and model facts inside, so onnxruntime alone can run it.
 
 Route: torch.export.export with dynamic batch and spatial axes -> run_decompositions, which replaces the
 `rwkvseg::bi_wkv` / `rwkvseg::bi_wkv_ordered` operators with the exact O(T) plain-operator form of `wkv_onnx`
--> torch.onnx.export(..., dynamo=True). The record is one JSON string under the metadata key `rwkvseg`
-(see `METADATA_KEY` and `ExportRecord`).
+-> torch.onnx.export(..., dynamo=True) -> `graph.fold_batch_norms` (BatchNorms into the 1x1 convs after them).
+The record is one JSON string under the metadata key `rwkvseg` (see `METADATA_KEY` and `ExportRecord`).
 
 Sizes: every exported axis is dynamic unless a model's computation depends on its exact value:
 - U-RWKV, U-Net, CMUNeXt (2D): H, W multiples of 16, at least 32 (the models pad to 16 internally; the export
@@ -20,6 +20,7 @@ The record lists each axis as an int (static) or {"multiple": m, "min": n} (dyna
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from .. import __version__
-from .wkv_onnx import bi_wkv_decomposed, bi_wkv_ordered_decomposed
+from .graph import fold_batch_norms
+from .wkv_onnx import bi_wkv_decomposed, bi_wkv_ordered_decomposed, sums_dtype
 
 METADATA_KEY = "rwkvseg"
 RECORD_FORMAT = 1
@@ -248,7 +250,11 @@ def export_program(loaded: LoadedSource, *, dynamic: bool = True, size: tuple[in
     )
     with torch.no_grad():
         ep = torch.export.export(loaded.model, (example,), dynamic_shapes=dynamic_shapes)
-    ep = decompose_bi_wkv(ep)
+    sums = torch.float64
+    if any(str(n.target).startswith("rwkvseg.") for n in ep.graph.nodes):  # one eager pass, only where it matters
+        sums = sums_dtype(loaded.model, example)
+        log.info("%s: Bi-WKV prefix sums in %s", loaded.name, str(sums).removeprefix("torch."))
+    ep = decompose_bi_wkv(ep, sums)
     axes = []
     val = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == _user_input(ep)).meta["val"]
     for i, m in enumerate(rule):
@@ -279,13 +285,14 @@ def _user_input(ep) -> str:
     return spec.arg.name
 
 
-def decompose_bi_wkv(ep):
-    """Replace the rwkvseg Bi-WKV operators in an ExportedProgram with the plain-operator form (exact, O(T))."""
+def decompose_bi_wkv(ep, sums: torch.dtype = torch.float64):
+    """Replace the rwkvseg Bi-WKV operators in an ExportedProgram with the plain-operator form (exact, O(T)), its
+    prefix sums in `sums` (float32 only where `wkv_onnx.sums_dtype` allows it)."""
     from .. import ops  # noqa: F401  (importing rwkvseg.ops registers the operators)
 
     table: dict[Any, Callable] = {
-        torch.ops.rwkvseg.bi_wkv.default: bi_wkv_decomposed,
-        torch.ops.rwkvseg.bi_wkv_ordered.default: bi_wkv_ordered_decomposed,
+        torch.ops.rwkvseg.bi_wkv.default: functools.partial(bi_wkv_decomposed, sums=sums),
+        torch.ops.rwkvseg.bi_wkv_ordered.default: functools.partial(bi_wkv_ordered_decomposed, sums=sums),
     }
     return ep.run_decompositions(decomp_table=table)
 
@@ -370,6 +377,9 @@ def export_onnx(
         verbose=False,
     )
     proto = program.model_proto
+    folded = fold_batch_norms(proto.graph)
+    if folded:
+        log.info("%s: %d BatchNorms folded into the 1x1 convolutions after them", loaded.name, folded)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, record.to_json()
     proto.producer_name = "rwkvseg"

@@ -3,8 +3,9 @@
 Everything comes from the record embedded in the file (metadata key "rwkvseg", see `export.onnx`):
 - 2D, resize protocol (the released models): pixels -> float32 by the record's normalization -> bilinear resize
   to the record's size (half-pixel centres, as torch's interpolate with align_corners=False) -> logits -> resized
-  back to the image's size -> sigmoid or softmax -> mask (threshold 0.5, or argmax).
-- any dims: `probabilities(batch)` on network-ready arrays [B, C, *spatial]; each axis is checked against the
+  back to the image's size -> sigmoid or softmax -> mask (threshold 0.5, or argmax). `predict_normalized` starts
+  from images already normalized (the service reads them as `rwkvseg predict` does).
+- any dims: `predict_batch(batch)` on network-ready arrays [B, C, *spatial]; each axis is checked against the
   record (static size, or a multiple and a minimum) with an error that says how to pad.
 Optional int8 weights: `quantize_int8` (onnxruntime.quantization, dynamic or static with calibration inputs).
 """
@@ -173,20 +174,29 @@ class OnnxPredictor:
 
     def preprocess(self, pixels: np.ndarray) -> np.ndarray:
         """[H, W, C] pixels -> network input [C, h, w] float32 by the record (normalize, resize)."""
-        size, normalization = self._resize_protocol()
-        x = normalize(pixels, normalization).transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
-        return resize_bilinear(x, size)
+        _, normalization = self._resize_protocol()
+        return self._network_input(normalize(pixels, normalization))
+
+    def _network_input(self, image: np.ndarray) -> np.ndarray:
+        size, _ = self._resize_protocol()
+        return resize_bilinear(image.transpose(2, 0, 1), size)  # [H, W, C] -> [C, h, w]
 
     def predict_images(self, images: Iterable[np.ndarray | str | os.PathLike], batch_size: int = 8) -> list[np.ndarray]:
         """Probabilities [K, H, W] at each image's own size, for pixel arrays [H, W, C] or image paths."""
         channels = int(self.preprocessing.get("channels", self.record["in_channels"]))
+        _, normalization = self._resize_protocol()
         arrays = [im if isinstance(im, np.ndarray) else read_pixels(im, channels) for im in images]
+        return self.predict_normalized([normalize(a, normalization) for a in arrays], batch_size)
+
+    def predict_normalized(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """Probabilities [K, H, W] at each image's own size, for images already normalized by the record's
+        normalization: float32 [H, W, C] as rwkvseg.data.images2d.read_image returns them (2D resize protocol)."""
         out = []
-        for start in range(0, len(arrays), batch_size):
-            chunk = arrays[start : start + batch_size]
-            logits = self.logits(np.stack([self.preprocess(a) for a in chunk]))
-            for a, lg in zip(chunk, logits, strict=True):
-                out.append(activate(resize_bilinear(lg, a.shape[:2])[None], self.activation)[0])  # logits resized
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            logits = self.logits(np.stack([self._network_input(im) for im in chunk]))  # [B, K, h, w]
+            for im, lg in zip(chunk, logits, strict=True):
+                out.append(activate(resize_bilinear(lg, im.shape[:2])[None], self.activation)[0])  # logits resized
         return out
 
     def predict_image(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:

@@ -67,7 +67,8 @@ class ModelEntry(BaseModel):
 
     name: str = Field(description="the name in /v1/models/{name}/predict")
     architecture: str
-    released: bool = Field(description="shipped with the package (else a user checkpoint)")
+    released: bool = Field(description="shipped with the package, or exported from such a model (else the user's)")
+    runtime: str = Field(description="torch (a checkpoint), or onnx (onnxruntime on an exported .onnx file)")
     dims: int = Field(description="2: images; 3: volumes of one or more modalities")
     input: dict[str, Any] = Field(
         description="2D: channels, network size, resize mode, normalization, formats, size protocol; "

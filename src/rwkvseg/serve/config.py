@@ -11,7 +11,9 @@ RUNTIMES = ("torch", "onnx")
 class ServeConfig:
     """Settings of the inference service; every limit is per process.
 
-    models: released model names, checkpoint paths, or `alias=path`; empty hosts every released model.
+    models: released model names, checkpoint paths, or `alias=path`; empty hosts every released model. With
+        runtime "onnx": exported .onnx files (`rwkvseg export NAME --out FILE.onnx`) or `alias=file`, nothing else.
+    runtime: "torch" (checkpoints on `device`) or "onnx" (onnxruntime on the CPU, exported files, 2D and 3D).
     max_queue: requests admitted at once (running + waiting) for 2D; past it the answer is 503 with Retry-After.
     max_queue_3d: the same for 3D cases, which run one at a time (workers_3d).
     batch_size / batch_wait_ms: a 2D micro-batch collects up to batch_size requests of one model, waiting at
@@ -38,13 +40,19 @@ class ServeConfig:
     overlap_3d: float = 0.5
     mirror_3d: bool = False  # test-time flips: 8x the work for a small gain; off for a responsive service
     log_json: bool = True
-    # torch intra-op threads of the process (serve() sets them); None keeps torch's default. On a machine shared
-    # with other work, 1 avoids threads spinning against each other (measured 5x faster forwards under load)
+    # torch intra-op threads of the process (serve() sets them), and with runtime "onnx" each onnxruntime session's;
+    # None keeps the library's default. On a machine shared with other work, 1 avoids threads spinning against
+    # each other (measured 5x faster forwards under load)
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime {self.runtime!r} unknown; choose one of {', '.join(RUNTIMES)}")
+        if self.runtime == "onnx" and self.device != "cpu":
+            raise ValueError(
+                f"runtime 'onnx' runs on the CPU (onnxruntime's CPU provider); drop device={self.device!r} "
+                "or serve checkpoints with runtime 'torch'"
+            )
         positive = {
             "port": self.port,
             "max_request_bytes": self.max_request_bytes,

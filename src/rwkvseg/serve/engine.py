@@ -56,7 +56,7 @@ class Engine:
     def __init__(self, config: ServeConfig):
         self.config = config
         predictors.check_runtime(config.runtime)
-        sources = predictors.resolve_models(config.models)
+        sources = predictors.resolve_models(config.models, config.runtime)
         self.models = {s.name: _Model(s, predictors.describe(s)) for s in sources}
         self._pending = 0
         self._pending_3d = 0
@@ -102,7 +102,7 @@ class Engine:
             started = time.perf_counter()
             try:
                 model.hosted = await loop.run_in_executor(
-                    self._pool, predictors.load, model.source, c.device, c.runtime, c.overlap_3d, c.mirror_3d
+                    self._pool, predictors.load, model.source, c.device, c.overlap_3d, c.mirror_3d, c.torch_threads
                 )
             except Exception as err:  # a model that cannot load keeps the service unready, with the reason
                 model.error = f"{type(err).__name__}: {err}"

@@ -6,22 +6,29 @@ rwkvseg.released.released_models / released_checkpoint, rwkvseg.checkpoint.read_
 rwkvseg.data.images2d.read_image, rwkvseg.records.Preprocessing2D.from_meta, rwkvseg.infer.predict2d.predict_arrays /
 to_labels / overlay / OVERLAY_COLOURS, rwkvseg.infer.predict.PredictConfig, rwkvseg.infer.predict3d.Predictor3D /
 write_like, rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and for runtime "onnx"
-rwkvseg.export.runtime.OnnxPredictor (another package's, loaded only when asked for).
+(the export extra, imported only when asked for) rwkvseg.export.onnx.read_record,
+rwkvseg.export.runtime.OnnxPredictor.predict_normalized and rwkvseg.export.volumes.onnx_predictor_3d.
+
+Runtime "onnx" hosts exported files (`rwkvseg export NAME --out FILE.onnx`) and nothing else: the record inside
+the file stands in for the checkpoint's sidecar (preprocessing, classes, architecture), so the file alone is the
+deployed model. Released names and checkpoints are refused with the export command to run, not exported on the
+fly: an export takes tens of seconds per model and the exporter's packages, and the file served should be the
+one that was checked (`rwkvseg export --verify`); docs/serve.md says more.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import load_checkpoint, read_meta
+from ..checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from ..data.images2d import read_image
 from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
@@ -31,21 +38,41 @@ from ..infer.predict3d import Predictor3D, write_like
 from ..records import Preprocessing2D
 from ..released import released_checkpoint, released_models
 
+if TYPE_CHECKING:
+    from ..export.onnx import ExportRecord
+
 __all__ = ["OVERLAY_COLOURS"]
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model to host: the name clients use and the checkpoint it loads."""
+    """A model to host: the name clients use, the file it loads (a checkpoint's .safetensors, or an exported .onnx
+    for runtime "onnx") and the facts read from it at start (the checkpoint's sidecar or the export's record: both
+    hold model, in_channels, num_classes, preprocessing, class_names)."""
 
     name: str
-    checkpoint: Path
+    path: Path
     released: bool
+    meta: CheckpointMeta | ExportRecord = field(repr=False, compare=False)
+
+    @property
+    def exported(self) -> bool:
+        return self.path.suffix == ".onnx"
+
+    @property
+    def dims(self) -> int:
+        return 3 if self.meta.preprocessing.get("dims") == 3 else 2
 
 
-def resolve_models(specs: Sequence[str]) -> list[ModelSource]:
-    """Released names, checkpoint paths or `alias=path`; none: every released model. Errors name the choices."""
+def resolve_models(specs: Sequence[str], runtime: str = "torch") -> list[ModelSource]:
+    """Runtime "torch": released names, checkpoint paths or `alias=path`; none: every released model. Runtime
+    "onnx": exported .onnx files or `alias=file`. Errors name the choices and the fix."""
     if not specs:
+        if runtime == "onnx":
+            raise ValueError(
+                "runtime 'onnx' serves exported files only; export each model once "
+                "(rwkvseg export NAME --out NAME.onnx) and name the files to host"
+            )
         specs = [m.name for m in released_models()]
         if not specs:
             raise ValueError("no released models are installed; name checkpoints to host (models=[path, ...])")
@@ -53,8 +80,14 @@ def resolve_models(specs: Sequence[str]) -> list[ModelSource]:
     sources: list[ModelSource] = []
     for spec in specs:
         alias, _, target = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        if runtime == "onnx":
+            sources.append(_exported_source(spec, alias, target))
+            continue
+        if target.endswith(".onnx"):
+            raise ValueError(f"model {spec!r} is an ONNX export; serve it with runtime 'onnx' (--runtime onnx)")
         if target in released:
-            sources.append(ModelSource(alias or target, released_checkpoint(target), True))
+            path = released_checkpoint(target)
+            sources.append(ModelSource(alias or target, path, True, read_meta(path)))
             continue
         path = Path(target)
         if path.suffix in (".safetensors", ".json"):
@@ -64,8 +97,8 @@ def resolve_models(specs: Sequence[str]) -> list[ModelSource]:
                 f"model {spec!r} is neither a released model ({', '.join(sorted(released)) or 'none installed'}) "
                 f"nor a checkpoint (no {path}.json sidecar); give a released name, a checkpoint path or alias=path"
             )
-        read_meta(path)  # a broken sidecar fails here, at start, not on the first request
-        sources.append(ModelSource(alias or path.name, path.with_name(path.name + ".safetensors"), False))
+        meta = read_meta(path)  # a broken sidecar fails here, at start, not on the first request
+        sources.append(ModelSource(alias or path.name, path.with_name(path.name + ".safetensors"), False, meta))
     names = [s.name for s in sources]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -73,16 +106,44 @@ def resolve_models(specs: Sequence[str]) -> list[ModelSource]:
     return sources
 
 
+def _exported_source(spec: str, alias: str, target: str) -> ModelSource:
+    """An exported file to host with onnxruntime, its record read and checked now (a bad file fails at start)."""
+    path = Path(target)
+    if path.suffix != ".onnx":
+        out = f"{alias or path.stem}.onnx"
+        raise ValueError(
+            f"runtime 'onnx' serves exported files and {spec!r} is not one; export it once with "
+            f"`rwkvseg export {target} --out {out}` and serve {out}"
+        )
+    if not path.is_file():
+        raise ValueError(f"model {spec!r}: no file {path}; export one with `rwkvseg export MODEL --out {path}`")
+    record = _onnx_tools()[0](path)
+    pre = record.preprocessing
+    if not pre:
+        raise ValueError(
+            f"{path} was exported from an untrained architecture (no preprocessing record); export a checkpoint "
+            "or a released model to serve it"
+        )
+    if record.dims == 2 and pre.get("resize", "resize") != "resize":
+        raise ValueError(
+            f"{path} was trained with resize={pre['resize']!r} (sliding windows), which onnxruntime does not run "
+            "here; serve its checkpoint with runtime 'torch'"
+        )
+    return ModelSource(alias or path.stem, path, record.source.get("kind") == "released", record)
+
+
 def describe(source: ModelSource) -> dict[str, Any]:
-    """What GET /v1/models reports about one model (from the sidecar alone, before the weights are loaded)."""
-    meta = read_meta(source.checkpoint)
+    """What GET /v1/models reports about one model (from the sidecar or the export's record, before the weights
+    are loaded)."""
+    meta = source.meta
     pre = meta.preprocessing
     info: dict[str, Any] = {
         "name": source.name,
         "architecture": meta.model,
         "released": source.released,
+        "runtime": "onnx" if source.exported else "torch",
     }
-    if pre.get("dims") == 3:
+    if source.dims == 3:
         spec = DatasetSpec.from_dict(pre["dataset"])
         info |= {
             "dims": 3,
@@ -124,11 +185,8 @@ def describe(source: ModelSource) -> dict[str, Any]:
 
 
 class ProbabilityBackend(Protocol):
-    """What a 2D runtime provides: probabilities [K, H, W] at each image's own size for float images [H, W, C].
-
-    The "onnx" runtime is expected as rwkvseg.export.runtime.OnnxPredictor(checkpoint, device=...) with this
-    method; wire any other runtime the same way in load_2d.
-    """
+    """What a 2D runtime provides: probabilities [K, H, W] at each image's own size for float images [H, W, C],
+    already normalized as read_image returns them. Wire another runtime the same way in Hosted2D."""
 
     def probabilities(self, images: Sequence[np.ndarray]) -> Sequence[np.ndarray | torch.Tensor]: ...
 
@@ -144,25 +202,37 @@ class _TorchBackend:
             return predict_arrays(self.model, images, self.pre, self.device)
 
 
-def _onnx_predictor_class():
+class _OnnxBackend:
+    """An exported file on onnxruntime (CPU): the same resize, logits and activation as `rwkvseg predict
+    --runtime onnx`, from images the service has normalized already."""
+
+    def __init__(self, path: Path, threads: int | None):
+        self.predictor = _onnx_tools()[1](path, threads=threads)
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.predictor.predict_normalized(images, batch_size=max(len(images), 1))
+
+
+def _onnx_tools():
+    """(read_record, OnnxPredictor, onnx_predictor_3d) of rwkvseg.export: the export extra, loaded on demand."""
     try:
-        from ..export.runtime import OnnxPredictor  # type: ignore[import-not-found]
+        import onnxruntime  # noqa: F401
+
+        from ..export.onnx import read_record
+        from ..export.runtime import OnnxPredictor
+        from ..export.volumes import onnx_predictor_3d
     except ImportError as err:
         raise ValueError(
-            f"runtime 'onnx' needs rwkvseg.export.runtime.OnnxPredictor, which this install lacks ({err}); "
-            "use runtime 'torch'"
+            f"runtime 'onnx' needs the export extra, which this install lacks ({err}); "
+            "pip install 'rwkvseg[export]', or use runtime 'torch'"
         ) from None
-    return OnnxPredictor
+    return read_record, OnnxPredictor, onnx_predictor_3d
 
 
 def check_runtime(runtime: str) -> None:
     """Fail at start, not on the first request, when a runtime's package is missing."""
     if runtime == "onnx":
-        _onnx_predictor_class()
-
-
-def _onnx_backend(checkpoint: Path, device: str) -> ProbabilityBackend:
-    return _onnx_predictor_class()(checkpoint, device=device)
+        _onnx_tools()
 
 
 class Hosted2D:
@@ -170,14 +240,14 @@ class Hosted2D:
 
     dims = 2
 
-    def __init__(self, source: ModelSource, device: str = "cpu", runtime: str = "torch"):
+    def __init__(self, source: ModelSource, device: str = "cpu", threads: int | None = None):
         self.source = source
-        self.meta = read_meta(source.checkpoint)
+        self.meta = source.meta
         self.pre = Preprocessing2D.from_meta(self.meta)
-        if runtime == "onnx":
-            self.backend: ProbabilityBackend = _onnx_backend(source.checkpoint, device)
+        if source.exported:
+            self.backend: ProbabilityBackend = _OnnxBackend(source.path, threads)
         else:
-            self.backend = _TorchBackend(source.checkpoint, device)
+            self.backend = _TorchBackend(source.path, device)
         self.multiclass = self.meta.num_classes > 1
 
     def warmup(self) -> None:
@@ -217,12 +287,22 @@ class Hosted3D:
 
     dims = 3
 
-    def __init__(self, source: ModelSource, device: str = "cpu", overlap: float = 0.5, mirror: bool = False):
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str = "cpu",
+        overlap: float = 0.5,
+        mirror: bool = False,
+        threads: int | None = None,
+    ):
         self.source = source
-        self.meta = read_meta(source.checkpoint)
+        self.meta = source.meta
         self.spec = DatasetSpec.from_dict(self.meta.preprocessing["dataset"])
         options = PredictConfig(overlap=overlap, mirror_axes=(0, 1, 2) if mirror else (), device=device)
-        self.predictor = Predictor3D.from_checkpoint(source.checkpoint, options)
+        if source.exported:  # the same sliding window, resampling and label mapping; onnxruntime runs the network
+            self.predictor = _onnx_tools()[2](source.path, options, threads)
+        else:
+            self.predictor = Predictor3D.from_checkpoint(source.path, options)
         self.modalities: tuple[str, ...] = tuple(self.spec.modalities)
         self.separator: str = self.spec.separator
         self.label_values: tuple[int, ...] = tuple(self.spec.label_values)
@@ -243,15 +323,12 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def dims_of(source: ModelSource) -> int:
-    return 3 if read_meta(source.checkpoint).preprocessing.get("dims") == 3 else 2
-
-
-def load(source: ModelSource, device: str, runtime: str, overlap_3d: float, mirror_3d: bool) -> Hosted2D | Hosted3D:
-    if dims_of(source) == 3:
-        if runtime != "torch":
-            raise ValueError(f"model {source.name!r} is 3D; runtime {runtime!r} serves 2D models only, use 'torch'")
-        return Hosted3D(source, device, overlap_3d, mirror_3d)
-    hosted = Hosted2D(source, device, runtime)
+def load(
+    source: ModelSource, device: str, overlap_3d: float, mirror_3d: bool, threads: int | None = None
+) -> Hosted2D | Hosted3D:
+    """The model ready for requests: onnxruntime for an exported file, torch on `device` for a checkpoint."""
+    if source.dims == 3:
+        return Hosted3D(source, device, overlap_3d, mirror_3d, threads)
+    hosted = Hosted2D(source, device, threads)
     hosted.warmup()
     return hosted
