@@ -42,3 +42,18 @@ def test_load_test_measures_levels_and_survives_a_malformed_burst(test_models, t
 def test_load_test_stays_on_this_machine():
     with pytest.raises(ValueError, match="only targets this machine"):
         LoadTestConfig(images=(), model_2d=None, url="http://example.org:8000")
+
+
+def test_missing_or_empty_inputs_are_one_line_each(tmp_path, capsys):
+    from rwkvseg.serve.loadtest import main
+
+    for argv, message in (
+        (["--images", str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist"),
+        (["--images", str(tmp_path)], f"{tmp_path} holds no .png/.jpg/.jpeg files"),
+        (["--case", str(tmp_path / "t1.nii.gz")], f"--case {tmp_path / 't1.nii.gz'}: no such file"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, "--url", "http://127.0.0.1:9"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

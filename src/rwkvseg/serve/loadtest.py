@@ -344,7 +344,12 @@ def markdown(report: dict[str, Any]) -> str:
 def _files(paths: Sequence[str], suffixes: Sequence[str]) -> tuple[Path, ...]:
     out: list[Path] = []
     for p in map(Path, paths):
-        out += sorted(f for f in p.iterdir() if f.suffix.lower() in suffixes) if p.is_dir() else [p]
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist; give image files or a folder of them")
+        found = sorted(f for f in p.iterdir() if f.suffix.lower() in suffixes) if p.is_dir() else [p]
+        if not found:
+            raise ValueError(f"{p} holds no {'/'.join(suffixes)} files; give image files or a folder of them")
+        out += found
     return tuple(out)
 
 
@@ -365,10 +370,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of the started service")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
+    try:
+        images = _files(args.images, IMAGE_SUFFIXES)[: args.max_images]
+        case = tuple(Path(f) for f in args.case)
+        missing = [str(f) for f in case if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"--case {', '.join(missing)}: no such file; give one NIfTI file per modality")
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     config = LoadTestConfig(
-        images=_files(args.images, IMAGE_SUFFIXES)[: args.max_images],
+        images=images,
         model_2d=args.model_2d if args.images else None,
-        case=tuple(Path(p) for p in args.case),
+        case=case,
         model_3d=args.model_3d if args.case else None,
         concurrency=tuple(args.concurrency),
         concurrency_3d=tuple(args.concurrency_3d),
