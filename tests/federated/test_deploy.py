@@ -29,16 +29,22 @@ def task_identity(monkeypatch):
     torch.set_num_threads(threads)
 
 
+def site_config(tmp_path, out, federated, n=5):
+    """A synthetic 2D dataset in tmp_path/data and a federated config (test model, CPU) writing to out."""
+    write_synthetic_dataset(tmp_path / "data", n=n, shape=(32, 32), seed=1)
+    config = tmp_path / "site.toml"
+    config.write_text(
+        f'device = "cpu"\nout = "{out}"\n[model]\nname = "unet_test"\n'
+        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
+        f"[federated]\n{federated}"
+    )
+    return config
+
+
 def test_site_answers_train_and_evaluate_messages(tmp_path, task_identity, capsys):
     from rwkvseg.federated import deploy
 
-    write_synthetic_dataset(tmp_path / "data", n=5, shape=(32, 32), seed=1)
-    config = tmp_path / "site.toml"
-    config.write_text(
-        f'device = "cpu"\nout = "{tmp_path / "site"}"\n[model]\nname = "unet_test"\n'
-        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
-        "[federated]\nrounds = 2\n"
-    )
+    config = site_config(tmp_path, tmp_path / "site", "rounds = 2\n")
     record = tmp_path / "record.json"
     assert main(["federate", str(config), "--write-record", str(record)]) == 0
     assert "model unet_test (3 -> 1)" in capsys.readouterr().out
@@ -77,13 +83,8 @@ def test_site_clips_its_update_under_client_fixed_privacy(tmp_path, task_identit
     from rwkvseg.models import create_model
 
     clip = 0.01
-    write_synthetic_dataset(tmp_path / "data", n=5, shape=(32, 32), seed=1)
-    config = tmp_path / "site.toml"
-    config.write_text(
-        f'device = "cpu"\nout = "{tmp_path / "site"}"\n[model]\nname = "unet_test"\n'
-        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
-        f'[federated]\nrounds = 2\n[federated.privacy]\nmode = "client-fixed"\nclipping_norm = {clip}\n'
-    )
+    table = f'rounds = 2\n[federated.privacy]\nmode = "client-fixed"\nclipping_norm = {clip}\n'
+    config = site_config(tmp_path, tmp_path / "site", table)
     privacy = load_federated_config(config).federated.privacy
     arrays = ArrayRecord(exchanged_state(create_model("unet_test", 3, 1), privacy))  # no integer buffers
     node = {"site": "A", "config": str(config)}
@@ -116,13 +117,7 @@ def test_federation_on_the_deployment_runtime_matches_its_plan(tmp_path):
 
     from rwkvseg.checkpoint import load_checkpoint
 
-    write_synthetic_dataset(tmp_path / "data", n=6, shape=(32, 32), seed=1)
-    config = tmp_path / "fed.toml"
-    config.write_text(
-        f'device = "cpu"\nout = "{tmp_path / "run"}"\n[model]\nname = "unet_test"\n'
-        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
-        "[federated]\nrounds = 2\nlocal_epochs = 1\nnum_sites = 2\n"
-    )
+    config = site_config(tmp_path, tmp_path / "run", "rounds = 2\nlocal_epochs = 1\nnum_sites = 2\n", n=6)
     assert main(["federate", str(config), "--runtime", "deployment"]) == 0
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
