@@ -95,13 +95,13 @@ def bi_wkv_ordered_decomposed(
     h = torch.arange(2, device=device)[None, None, :, None, None]
     b = torch.arange(B, device=device)[None, None, None, :, None]
     read = ((i * 2 + h) * B + b) * N + scans[:, :, None, None, :]  # [n, 2 scans, 2 halves, B, N]: rows of x
-    sums = decayed_prefix(x.reshape(-1, C), read.permute(4, 0, 1, 2, 3).reshape(N, -1), w)  # [N, M, C]
+    prefix = decayed_prefix(x.reshape(-1, C), read.permute(4, 0, 1, 2, 3).reshape(N, -1), w)  # [N, M, C]
     # back to the stored tokens: token s sits at position p in the forward scan and N - 1 - p in the reverse one
     place = torch.zeros_like(index).scatter(1, index, torch.arange(N, device=device).expand(n, N))  # [n, N]
     at = torch.stack([place, N - 1 - place], dim=1)[:, :, None, None, :]  # [n, 2, 1, 1, N]
     s = torch.arange(2, device=device)[None, :, None, None, None]
-    column = ((i * 2 + s) * 2 + h) * B + b  # [n, 2, 2, B, 1]: the sequence's column m in sums
-    gathered = sums.reshape(-1, C).index_select(0, (at * (4 * n * B) + column).reshape(-1))
+    column = ((i * 2 + s) * 2 + h) * B + b  # [n, 2, 2, B, 1]: the sequence's column m in prefix
+    gathered = prefix.reshape(-1, C).index_select(0, (at * (4 * n * B) + column).reshape(-1))
     both = gathered.reshape(n, 2, 2, B, N, C)  # [n, scan, half, B, N, C] at the stored tokens
     total = both[:, 0] + both[:, 1] + torch.exp(u.to(sums)) * x  # [n, 2, B, N, C]
     return (total[:, 0] / total[:, 1]).to(v.dtype)
