@@ -201,3 +201,31 @@ def test_serve_command_starts_on_an_export(exports):
         mask = np.asarray(Image.open(io.BytesIO(answer.content)))
         assert answer.status_code == 200 and mask.shape == (40, 52)
         assert ((mask > 0) != (square_image()[..., 0] > 128)).mean() < 0.03
+
+
+def test_load_test_starts_an_onnx_service(exports, tmp_path):
+    """The load test's own service on runtime onnx (`--runtime onnx --serve NAME=FILE.onnx`): every request is
+    answered, the malformed burst gets 4xx, and the report names the runtime."""
+    from rwkvseg.serve.loadtest import LoadTestConfig, markdown, run_load_test
+
+    (tmp_path / "a.png").write_bytes(png(square_image()))
+    config = LoadTestConfig(
+        images=(tmp_path / "a.png",),
+        model_2d="bright",
+        server_models=(f"bright={exports['bright']}",),
+        runtime="onnx",
+        torch_threads=1,
+        concurrency=(1, 2),
+        requests=6,
+        seconds=30,
+        malformed=5,
+        zip_bomb_mib=2,
+        warmup=2,
+    )
+    report = run_load_test(config, log_path=tmp_path / "service.log")
+    levels = [(lv["kind"], lv["clients"], lv["requests"], lv["errors"]) for lv in report["levels"]]
+    assert levels == [("2D", 1, 6, 0), ("2D", 2, 6, 0), ("2D after burst", 1, 20, 0)]
+    assert report["malformed"] == {"4xx": 5, "other": 0} and report["ready_after_burst"]
+    assert "service runtime onnx" in markdown(report)
+    # a service on runtime torch refuses an .onnx file at start and never becomes ready: these answers came from
+    # onnxruntime

@@ -53,6 +53,7 @@ class LoadTestConfig:
     url: str | None = None  # a running local service; None starts one
     server_models: tuple[str, ...] = ()  # what the started service hosts (default: the two models above)
     torch_threads: int | None = None  # of the started service
+    runtime: str = "torch"  # of the started service: "onnx" hosts exported files (server_models NAME=FILE.onnx)
     request_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -220,9 +221,13 @@ def wait_until_ready(url: str, timeout_s: float, alive=lambda: True, poll_s: flo
 
 @contextmanager
 def started_service(
-    models: Sequence[str], log_path: Path, torch_threads: int | None = None, ready_timeout: float = 300.0
+    models: Sequence[str],
+    log_path: Path,
+    torch_threads: int | None = None,
+    ready_timeout: float = 300.0,
+    runtime: str = "torch",
 ):
-    """The service in a child process on a free local port; yields (url, pid)."""
+    """The service (runtime torch or onnx) in a child process on a free local port; yields (url, pid)."""
     import socket
 
     with socket.socket() as s:
@@ -231,7 +236,7 @@ def started_service(
     code = (
         "from rwkvseg.serve import ServeConfig, serve; "
         f"serve(ServeConfig(models={tuple(models)!r}, port={port}, max_queue=64, max_queue_3d=8, "
-        f"torch_threads={torch_threads!r}))"
+        f"torch_threads={torch_threads!r}, runtime={runtime!r}))"
     )
     with log_path.open("w") as log:
         child = subprocess.Popen([sys.executable, "-c", code], stderr=log, stdout=log)
@@ -276,7 +281,7 @@ def run_load_test(config: LoadTestConfig, log_path: Path | None = None) -> dict[
         if config.url:
             yield config.url.rstrip("/"), None
         else:
-            with started_service(models, log_path, config.torch_threads) as running:
+            with started_service(models, log_path, config.torch_threads, runtime=config.runtime) as running:
                 yield running
 
     report: dict[str, Any] = {"load_before": _load_avg(), "levels": [], "config": _jsonable(asdict(config))}
@@ -336,7 +341,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"service RSS: {report['rss_mb_start']} MB at start, {report['rss_mb_before']} MB after warm-up, "
         f"{report['rss_mb_after_2d']} MB after the 2D levels, {report['rss_mb_after']} MB at the end",
         f"load average (1, 5, 15 min): {report['load_before']} before, {report['load_after']} after, "
-        f"on {report['cpu_count']} CPUs; service torch threads: {report['config']['torch_threads'] or 'default'}",
+        f"on {report['cpu_count']} CPUs; service runtime {report['config']['runtime']}, threads: "
+        f"{report['config']['torch_threads'] or 'default'}",
     ]
     return "\n".join(rows)
 
@@ -368,6 +374,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--malformed", type=int, default=60)
     parser.add_argument("--url", default=None, help="a running local service instead of starting one")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of the started service")
+    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="runtime of the started service")
+    parser.add_argument(
+        "--serve",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="what the started service hosts (default: --model-2d and --model-3d); with --runtime onnx give "
+        "NAME=FILE.onnx and use NAME as --model-2d / --model-3d",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     try:
@@ -391,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         malformed=args.malformed,
         url=args.url,
         torch_threads=args.torch_threads,
+        runtime=args.runtime,
+        server_models=tuple(args.serve),
     )
     report = run_load_test(config)
     if args.json:
