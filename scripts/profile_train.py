@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,32 +63,28 @@ def main() -> int:
         )
     cuda = torch.cuda.is_available() and config.device != "cpu"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    steps = {"n": 0, "times": []}
     prof = profile(
-        activities=activities, schedule=schedule(wait=args.skip, warmup=2, active=args.steps - args.skip - 2)
+        activities=activities,
+        schedule=schedule(wait=args.skip, warmup=2, active=args.steps - args.skip - 2, repeat=1),
     )
-
-    # the loop has no step hook: a step ends where the optimizer steps (a global post-hook), timed on the wall
-    clock = {"last": None}
+    stamps: list[float] = []  # the loop has no step hook: a step ends where the optimizer steps (a global post-hook)
 
     def on_step(optimizer, *a, **k) -> None:
-        now = time.perf_counter()
-        if clock["last"] is not None:
-            steps["times"].append(now - clock["last"])
-        clock["last"] = now
-        steps["n"] += 1
+        stamps.append(time.perf_counter())
         prof.step()
 
     handle = register_optimizer_step_post_hook(on_step)
-    with prof:
-        train(config)
-    handle.remove()
+    try:
+        with prof:
+            train(config)
+    finally:
+        handle.remove()
 
     out.mkdir(parents=True, exist_ok=True)
-    times = steps["times"][args.skip :]
-    per_step = sorted(times)[len(times) // 2] * 1e3 if times else float("nan")
+    times = [b - a for a, b in itertools.pairwise(stamps)][args.skip :]  # wall seconds of each profiled step
+    per_step = statistics.median(times) * 1e3 if times else float("nan")
     events = prof.key_averages()
-    lines = [f"{steps['n']} steps; median wall time per step after {args.skip}: {per_step:.1f} ms"]
+    lines = [f"{len(stamps)} steps; median wall time per step after {args.skip}: {per_step:.1f} ms"]
     if cuda:
         busy_us = sum(e.self_device_time_total for e in events)
         wall_us = sum(times[2:]) * 1e6 if len(times) > 2 else float("nan")

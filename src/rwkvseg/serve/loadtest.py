@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from .config import RUNTIMES
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -59,6 +61,8 @@ class LoadTestConfig:
     def __post_init__(self) -> None:
         if self.url is not None and urlparse(self.url).hostname not in LOCAL_HOSTS:
             raise ValueError(f"the load test only targets this machine ({', '.join(LOCAL_HOSTS)}), not {self.url}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime {self.runtime!r} unknown; choose one of {', '.join(RUNTIMES)}")
         if self.model_2d and not self.images:
             raise ValueError("a 2D load test needs images (images=[...] / --images DIR)")
         if self.model_3d and not self.case:
