@@ -137,3 +137,53 @@ def test_federation_on_the_deployment_runtime_matches_its_plan(tmp_path):
     assert {p.name for p in logs.iterdir()} == {"superlink.log", "flwr-run.log"} | {f"supernode-{n}.log" for n in sites}
     left = subprocess.run(["pgrep", "-f", str(run / "deployment")], capture_output=True, text=True).stdout
     assert left == "", f"Flower processes still running: {left}"
+
+
+def test_site_keeps_its_optimizer_state_between_rounds(tmp_path, task_identity):
+    """site_optimizer = keep: a site's round N starts from its optimizer state of round N-1, kept in its own folder
+    (rounds N-1 and N on disk); a round repeated from the same global weights (a resumed run) trains the same
+    weights; a missing state file is an error naming the fix; the fresh optimizer gives other weights."""
+    import torch
+
+    from rwkvseg.federated import deploy
+
+    def run_round(context, arrays, round_):
+        config = ConfigRecord({"round": round_, "local-epochs": 1})
+        message = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=5, message_type="train")
+        return deploy.client(message, context)
+
+    def site(name, setting):
+        config = site_config(tmp_path / name, tmp_path / name / "run", f'rounds = 3\nsite_optimizer = "{setting}"\n')
+        node = {"site": "A", "config": str(config)}
+        return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={"sites": "A"})
+
+    keep, fresh = site("keep", "keep"), site("fresh", "fresh")
+    start = ArrayRecord(build_model(read_meta(_record(tmp_path, keep))).state_dict())
+    first = run_round(keep, start, 1).content["arrays"]
+    assert not run_round(fresh, start, 1).has_error()
+    second = run_round(keep, first, 2).content["arrays"].to_torch_state_dict()
+
+    def files():
+        return sorted(p.name for p in (tmp_path / "keep").rglob("optimizer-round*.pt"))
+
+    assert files() == ["optimizer-round1.pt", "optimizer-round2.pt"]
+    again = run_round(keep, first, 2).content["arrays"].to_torch_state_dict()
+    other = run_round(fresh, first, 2).content["arrays"].to_torch_state_dict()
+    moved = [k for k in second if second[k].is_floating_point() and not torch.equal(second[k], other[k])]
+    assert moved, "keeping the momentum changed nothing"
+    for key in second:
+        torch.testing.assert_close(again[key], second[key], rtol=0, atol=0, msg=key)
+    assert not list((tmp_path / "fresh").rglob("optimizer-round*.pt"))
+    assert not run_round(keep, ArrayRecord(second), 3).has_error()
+    assert files() == ["optimizer-round2.pt", "optimizer-round3.pt"]
+    next((tmp_path / "keep").rglob("optimizer-round3.pt")).unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"optimizer-round3.pt is missing: .* set federated.site_optimizer = fresh"
+    ):
+        run_round(keep, ArrayRecord(second), 4)
+
+
+def _record(tmp_path, context):
+    record = tmp_path / "record.json"
+    assert main(["federate", context.node_config["config"], "--write-record", str(record)]) == 0
+    return record

@@ -138,6 +138,7 @@ def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
         mu=float(cfg.get("proximal-mu", 0.0)),
         site_index=index,
         device=device,
+        keep_optimizer=plan.config.federated.site_optimizer == "keep",
     )
     trained = model.state_dict()
     state = {k: trained[k].detach().cpu() for k in received}  # what was sent, in its order (fixedclipping_mod)

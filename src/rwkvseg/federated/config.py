@@ -18,6 +18,7 @@ from ..train.config import TrainConfig, apply_overrides, config_from_dict, from_
 
 STRATEGIES = ("fedavg", "fedprox")
 PRIVACY_MODES = ("off", "server-fixed", "client-fixed")
+SITE_OPTIMIZER = ("fresh", "keep")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,10 @@ class FederatedSettings:
     """rounds of (local_epochs epochs per site, aggregation, validation); strategy fedavg or fedprox (local loss +
     proximal_mu/2 ||w - w_global||^2). sites: a sites file (empty: num_sites seeded random sites of data.root).
     client_cpus / client_gpus: what one simulated site may use (0.5 GPU: two sites share one GPU). privacy: the
-    [federated.privacy] table (differential privacy; off by default)."""
+    [federated.privacy] table (differential privacy; off by default). site_optimizer: "fresh" starts every round's
+    local training with a new optimizer; "keep" has each site keep its optimizer state (SGD momentum) from its
+    previous round in its own folder (the state never leaves the site). With momentum 0.99 a fresh optimizer spends
+    the first ~100 steps of every round building its momentum back up."""
 
     rounds: int = 10
     local_epochs: int = 1
@@ -71,6 +75,7 @@ class FederatedSettings:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     timeout_s: float = 3600.0
+    site_optimizer: str = "fresh"
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class FederatedSettings:
             raise ValueError("federated.rounds, federated.local_epochs and federated.num_sites must be >= 1")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("federated.proximal_mu must be > 0 for fedprox (0 is fedavg: set strategy = fedavg)")
+        if self.site_optimizer not in SITE_OPTIMIZER:
+            raise ValueError(f"federated.site_optimizer = {self.site_optimizer!r} is not valid; choose fresh or keep")
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ValueError("federated.client_cpus must be > 0 and federated.client_gpus >= 0")
 

@@ -2,9 +2,11 @@
 
 A site's data is set up exactly as a centralized run's (train.images / train.volumes) from the site's own split
 file, in the site's folder. Local training continues the run-wide LR schedule where the round starts (the
-schedule spans rounds x local_epochs epochs of this site's steps), with a fresh optimizer each round (the usual
-federated practice: optimizer state never leaves a site), and seeded per (seed, round, site), so a resumed run
-repeats the uninterrupted one. FedProx adds mu/2 ||w - w_global||^2 to the local loss.
+schedule spans rounds x local_epochs epochs of this site's steps), with a fresh optimizer each round, or with
+keep_optimizer the site's optimizer state of its previous round (optimizer-round<N>.pt in the site's folder: it
+never leaves the site; the last two rounds' files are kept, so a run resumed at a round whose aggregation did not
+finish finds the state that round started from). Seeded per (seed, round, site), so a resumed run repeats the
+uninterrupted one. FedProx adds mu/2 ||w - w_global||^2 to the local loss.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data.splits import SPLIT_FILE, SPLIT_FORMAT, write_split
+from ..files import atomic_write
 from ..train.config import TrainConfig
 from ..train.loop import Run, loop_precision, steps_per_epoch, train_epoch
 from ..train.optim import lr_factor
@@ -89,12 +92,16 @@ def train_site(
     mu: float,
     site_index: int,
     device: torch.device,
+    keep_optimizer: bool = False,
 ) -> dict[str, Any]:
     """local_epochs epochs of round round_ (from 1) on the site's training cases; the model is updated in place.
     Returns the metrics that leave the site: mean training loss, steps, examples, seconds."""
     torch.manual_seed(site_seed(config.seed, round_, site_index))
     model.to(device).train()
     optimizer, scheduler, loop = training_setup(model, config, len(data.train_set), device, progress_bar=False)
+    site_dir = Path(config.out)
+    if keep_optimizer and round_ > 1:
+        optimizer.load_state_dict(_load_optimizer_state(site_dir, round_ - 1, device))
     per_epoch = steps_per_epoch(len(data.train_set), loop.batch_size, loop.max_steps_per_epoch)
     total, start_step = config.epochs * per_epoch, (round_ - 1) * local_epochs * per_epoch
     scheduler.last_epoch = start_step  # continue the run-wide schedule where this round starts
@@ -107,6 +114,9 @@ def train_site(
     for e in range(local_epochs):
         row = train_epoch(run, loop, (round_ - 1) * local_epochs + e + 1, progress, precision)
         losses.append(row["train_loss"])
+    if keep_optimizer:
+        atomic_write(_optimizer_file(site_dir, round_), lambda tmp: torch.save(optimizer.state_dict(), tmp))
+        _optimizer_file(site_dir, round_ - 2).unlink(missing_ok=True)
     out = {
         "train_loss": float(sum(losses) / len(losses)),
         "lr": float(optimizer.param_groups[0]["lr"]),
@@ -116,6 +126,20 @@ def train_site(
     if mu > 0:
         out["proximal"] = float(loss.proximal().item())
     return out
+
+
+def _optimizer_file(site_dir: Path, round_: int) -> Path:
+    return site_dir / f"optimizer-round{round_}.pt"
+
+
+def _load_optimizer_state(site_dir: Path, round_: int, device: torch.device) -> dict[str, Any]:
+    path = _optimizer_file(site_dir, round_)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: federated.site_optimizer = keep needs this site's optimizer state of round {round_}; "
+            "restore the site's folder, or set federated.site_optimizer = fresh"
+        )
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def validate_site(config: TrainConfig, data: RunData, model: nn.Module, device: torch.device) -> dict[str, float]:
