@@ -73,6 +73,8 @@ def test_regions_target_and_augmentation_keep_labels_valid(cache):
         # nested regions: ET inside TC inside WT
         assert (label[2] <= label[1]).all() and (label[1] <= label[0]).all()
         assert torch.isfinite(item["image"]).all()
+        # augmented patches are plain tensors: a MONAI MetaTensor slows every op of the step and breaks compile
+        assert type(item["image"]) is torch.Tensor and type(label) is torch.Tensor
 
 
 def test_volume_smaller_than_the_patch_names_the_case_and_the_fix(cache):

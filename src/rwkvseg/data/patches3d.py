@@ -76,6 +76,9 @@ def nnunet_augmentation(patch_size: Sequence[int], seed: int = 0):
             mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=0),
             mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=1),
             mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=2),
+            # plain tensors out: a MetaTensor would run every op of the training step through MONAI's
+            # __torch_function__ (2.5x the host time of a step) and breaks torch.compile
+            mt.EnsureTyped(keys=("image", "mask"), track_meta=False),
         ]
     )
     transforms.set_random_state(seed=seed)
