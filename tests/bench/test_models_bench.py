@@ -65,8 +65,45 @@ def test_command_prints_the_table_and_writes_json_and_figure(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "unet_test" in printed and "eager ms" in printed and "cost growth" in printed
     result = json.loads(out.read_text())
-    assert len(result["rows"]) == 2 * 2 and result["environment"]["threads"] == 2
+    assert len(result["rows"]) == 2 * 2 and result["environment"]["threads"] == 2 and result["complete"]
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(argv) == 2 and "pass --resume" in capsys.readouterr().err  # the file is not overwritten
+    assert json.loads(out.read_text()) == result
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """The JSON is rewritten after every row; --resume measures only the rows it lacks (same settings, same
+    machine) and ends with the table of all of them."""
+    import rwkvseg.bench.models as bench
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "24", "32"]
+    argv += ["--modes", "eager", "--phases", "infer", "--repeats", "1", "--json", str(out)]
+    measured, real = [], bench.measure
+
+    def measure(model, phase, shape, config, compiled):
+        if len(measured) == 4:
+            raise KeyboardInterrupt  # the device call ends mid-run
+        measured.append(tuple(shape))
+        return real(model, phase, shape, config, compiled)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert main(argv) == 130
+    partial = json.loads(out.read_text())
+    assert len(partial["rows"]) == 4 and partial["complete"] is False
+    measured.clear()
+    monkeypatch.setattr(bench, "measure", real)
+    bad = [*argv[:-2], "--no-amp", "--json", str(out), "--resume"]
+    assert main([*argv[:8], "16", "--modes", "eager", "--phases", "infer", "--json", str(out), "--resume"]) == 2
+    assert "holds rows this run would not make" in capsys.readouterr().err
+    assert main(bad) == 2 and "other settings or on another machine (amp" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "measure", lambda *a: measured.append(a[2]) or real(*a))
+    assert main([*argv, "--resume"]) == 0
+    assert "4 rows kept from" in capsys.readouterr().out
+    assert measured == [(8, 3, 24, 24), (8, 3, 32, 32)]  # batch 8 at sides 24 and 32: the rows it lacked
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["rows"][:4] == partial["rows"] and len(result["rows"]) == 2 * 3
+    assert main([*argv[:-2], "--resume"]) == 2 and "give --json FILE" in capsys.readouterr().err
 
 
 def test_command_refuses_unknown_models_and_bad_overrides():

@@ -18,7 +18,7 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,59 +202,74 @@ def measure(
     return row
 
 
+ROW_KEY = ("model", "mode", "phase", "batch", "side")
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What a row measures: (model, mode, phase, batch, side)."""
+    return tuple(row[k] for k in ROW_KEY)
+
+
+def planned_keys(config: ModelBenchConfig) -> list[tuple]:
+    """The row_key of every row a run of config makes, in the order it makes them."""
+    infer_batches = config.infer_batches or INFER_BATCHES[config.dims]
+    train_batch = config.train_batch or TRAIN_BATCH[config.dims]
+    return [
+        (name, mode, phase, batch, side)
+        for name in config.models
+        for mode in config.modes
+        for phase in config.phases
+        for batch in (infer_batches if phase == "infer" else (train_batch,))
+        for side in config.resolved_sides()
+    ]
+
+
 def bench_models(
-    config: ModelBenchConfig, build: Build, on_row: Callable[[dict[str, Any]], None] | None = None
+    config: ModelBenchConfig,
+    build: Build,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    skip: Collection[tuple] = (),
 ) -> list[dict]:
-    """Every (model, mode, phase, batch, side) row of the benchmark for the models config names (built by build);
-    a failure (out of memory, a size the model refuses, a compile error) becomes a row with a note instead of
-    ending the run. on_row sees each row as it is made (for progress output and incremental saving)."""
+    """Every (model, mode, phase, batch, side) row of the benchmark for the models config names (built by build),
+    except the row_keys in skip (rows an earlier, interrupted run measured); a failure (out of memory, a size the
+    model refuses, a compile error) becomes a row with a note instead of ending the run. on_row sees each row as
+    it is made (for progress output and incremental saving)."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench models --device cuda: torch sees no CUDA device; use --device cpu")
     if not config.models:
         raise ValueError("bench models: no models given; list them, e.g. with models_of_dims()")
     in_channels, num_classes = PROBLEMS[config.dims]
-    infer_batches = config.infer_batches or INFER_BATCHES[config.dims]
-    train_batch = config.train_batch or TRAIN_BATCH[config.dims]
+    done = set(skip)
+    todo = [key for key in planned_keys(config) if key not in done]
     rows = []
     # every (phase, batch, side) may add a compiled graph of one forward: past dynamo's default limit of 8 it
     # would fall back to eager without a word, and the "compiled" rows would not be compiled
     with _threads(config.threads, device), torch._dynamo.config.patch(cache_size_limit=256):
-        for name in config.models:
+        for name in dict.fromkeys(key[0] for key in todo):
             torch.manual_seed(0)
             model = build(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)
             if model_dims(model) != config.dims:
                 raise ValueError(f"bench models: {name} is a {model_dims(model)}D model; this run is {config.dims}D")
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
             state = {k: v.clone() for k, v in model.state_dict().items()}  # training steps change the weights
-            for mode in config.modes:
-                for phase in config.phases:
-                    batches = infer_batches if phase == "infer" else (train_batch,)
-                    for batch in batches:
-                        for side in config.resolved_sides():
-                            shape = (batch, in_channels, *([side] * config.dims))
-                            row = {
-                                "model": name,
-                                "params_m": params_m,
-                                "mode": mode,
-                                "phase": phase,
-                                "batch": batch,
-                                "side": side,
-                                "tokens": side**config.dims,
-                            }
-                            model.load_state_dict(state)
-                            try:
-                                row.update(measure(model, phase, shape, config, mode == "compiled"))
-                            except torch.OutOfMemoryError:
-                                row["note"] = "out of memory"
-                            except Exception as err:  # a size the model refuses, a compile failure: report it
-                                row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-                            finally:
-                                if device.type == "cuda":
-                                    torch.cuda.empty_cache()
-                            rows.append(row)
-                            if on_row is not None:
-                                on_row(row)
+            for _, mode, phase, batch, side in (key for key in todo if key[0] == name):
+                shape = (batch, in_channels, *([side] * config.dims))
+                row = {"model": name, "params_m": params_m, "mode": mode, "phase": phase, "batch": batch}
+                row.update(side=side, tokens=side**config.dims)
+                model.load_state_dict(state)
+                try:
+                    row.update(measure(model, phase, shape, config, mode == "compiled"))
+                except torch.OutOfMemoryError:
+                    row["note"] = "out of memory"
+                except Exception as err:  # a size the model refuses, a compile failure: report it
+                    row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
             del model
             if "compiled" in config.modes:
                 torch._dynamo.reset()  # each model's graphs and guards start afresh

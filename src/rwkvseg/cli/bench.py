@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ._options import add_set_argument
 
@@ -77,8 +78,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="MODEL:KEY=VALUE",
         help="a model setting, e.g. mmsegrwkv:fused_norm=true (repeatable)",
     )
-    p.add_argument("--json", default=None, help="write the rows, growth exponents and environment here")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="write the rows, growth exponents and environment here (a new file, rewritten after every row)",
+    )
     p.add_argument("--png", default=None, help="write the cost-growth figure here (needs matplotlib)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run whose --json file this is (same options, same machine): measure only "
+        "the rows it lacks",
+    )
     p.set_defaults(func=_run_models)
 
     p = kinds.add_parser(
@@ -262,7 +273,7 @@ def _model_overrides(items: list[str]) -> dict[str, dict]:
 def _run_models(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.models import ModelBenchConfig, bench_models, growth_rows, models_of_dims, plot_growth
+    from ..bench.models import ModelBenchConfig, bench_models, growth_rows, models_of_dims, plot_growth, row_key
     from ..bench.table import format_table
     from ..bench.wkv import environment
     from ..files import write_json
@@ -271,6 +282,10 @@ def _run_models(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.models or ()) - set(list_models()))
     if unknown:
         raise ValueError(f"bench models: unknown models {unknown}; choose from {', '.join(list_models())}")
+    if args.resume and not args.json:
+        raise ValueError("bench models --resume continues a --json file; give --json FILE of the interrupted run")
+    if args.json and not args.resume and Path(args.json).exists():
+        raise ValueError(f"bench models: {args.json} exists; pass --resume to continue that run, or choose a new file")
     config = ModelBenchConfig(
         dims=args.dims,
         device=args.device,
@@ -297,7 +312,18 @@ def _run_models(args: argparse.Namespace) -> int:
             f"  {row['model']} {row['mode']} {row['phase']} batch {row['batch']} side {row['side']}: {timing}{compiled}"
         )
 
-    rows = bench_models(config, create_model, on_row=progress)
+    kept = _kept_rows(args, config, info) if args.resume else []
+    if kept:
+        print(f"  {len(kept)} rows kept from {args.json}")
+    rows = list(kept)
+
+    def record(row: dict) -> None:
+        progress(row)
+        rows.append(row)
+        if args.json:  # an interrupted run keeps what it measured (continue it with --resume)
+            write_json(args.json, {"environment": info, "rows": rows, "complete": False})
+
+    bench_models(config, create_model, on_row=record, skip={row_key(r) for r in kept})
     table: dict[tuple, dict] = {}
     for r in rows:
         key = (r["model"], r["phase"], r["batch"], r["side"])
@@ -317,10 +343,41 @@ def _run_models(args: argparse.Namespace) -> int:
         format_table(growth, [(k, k) for k in ("model", "mode", "phase", "batch", "time_exponent", "memory_exponent")])
     )
     if args.json:
-        write_json(args.json, {"environment": info, "rows": rows, "growth": growth})
+        write_json(args.json, {"environment": info, "rows": rows, "growth": growth, "complete": True})
     if args.png:
         plot_growth(rows, args.png, f"{args.dims}D, {info.get('device_name')}, torch {info['torch']}")
     return 0
+
+
+def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
+    """The rows of the interrupted run in args.json that this run (config, on this machine) would make."""
+    import json
+
+    from ..bench.models import planned_keys, row_key
+
+    path = Path(args.json)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        rows, before = list(doc["rows"]), dict(doc["environment"])
+    except FileNotFoundError:
+        raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"bench models --resume: {path} is not a bench models JSON file ({err})") from None
+    changed = sorted(k for k in {**before, **info} if before.get(k) != info.get(k))
+    if changed:
+        raise ValueError(
+            f"bench models --resume: {path} was measured with other settings or on another machine "
+            f"({', '.join(changed)}: {[before.get(k) for k in changed]} there, {[info.get(k) for k in changed]} "
+            "here); start a new file"
+        )
+    planned = set(planned_keys(config))
+    foreign = [row_key(r) for r in rows if row_key(r) not in planned]
+    if foreign:
+        raise ValueError(
+            f"bench models --resume: {path} holds rows this run would not make (e.g. {foreign[0]}); resume with the "
+            "options of the interrupted run"
+        )
+    return rows
 
 
 def _run_epoch(args: argparse.Namespace) -> int:
