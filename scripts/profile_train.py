@@ -3,9 +3,10 @@
 Answers "where does a training step go" where `rwkvseg bench models` (the model's forward + backward alone) and
 the loop disagree: on an H200, MMSegRWKV-small's bench step was 66 ms and `rwkvseg train` ran at 160 ms per step
 with the GPU 12 % busy (this profile showed 139 ms per step of main-thread time outside any operator: the patches
-were MONAI MetaTensors, whose __torch_function__ ran with every op; fixed in data.patches3d). Prints the top operators by self CPU time and by self device time, the wall time per step
-and the share of the profiled wall time the device was busy; writes the tables and a Chrome trace (trace.json.gz,
-open in https://ui.perfetto.dev) to OUT.
+were MONAI MetaTensors, whose __torch_function__ ran with every op; fixed in data.patches3d). Prints the top
+operators by self CPU time and by self device time, the wall time per step and the share of the profiled wall
+time the device was busy; writes the tables and a Chrome trace (trace.json.gz, open in https://ui.perfetto.dev)
+to OUT.
 
     python scripts/profile_train.py configs/centralized_brats2018_small.toml --data CACHE --out OUT \
         --steps 60 --set compile=off --set data.num_workers=6

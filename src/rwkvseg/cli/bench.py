@@ -302,6 +302,8 @@ def _run_models(args: argparse.Namespace) -> int:
         overrides=_model_overrides(args.override),
     )
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
+    # with the environment, what else makes rows comparable: --resume refuses a file measured otherwise
+    info.update(fullgraph=config.fullgraph, dynamic=config.dynamic, repeats=config.repeats, overrides=config.overrides)
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is

@@ -76,8 +76,8 @@ def nnunet_augmentation(patch_size: Sequence[int], seed: int = 0):
             mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=0),
             mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=1),
             mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=2),
-            # plain tensors out: a MetaTensor would run every op of the training step through MONAI's
-            # __torch_function__ (2.5x the host time of a step) and breaks torch.compile
+            # plain tensors out: a MetaTensor runs every op of the training step through MONAI's
+            # __torch_function__ (on an H200 the step took 160 ms, the model's own 66 ms) and breaks torch.compile
             mt.EnsureTyped(keys=("image", "mask"), track_meta=False),
         ]
     )

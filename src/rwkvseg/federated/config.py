@@ -63,7 +63,8 @@ class FederatedSettings:
     [federated.privacy] table (differential privacy; off by default). site_optimizer: "fresh" starts every round's
     local training with a new optimizer; "keep" has each site keep its optimizer state (SGD momentum) from its
     previous round in its own folder (the state never leaves the site). With momentum 0.99 a fresh optimizer spends
-    the first ~100 steps of every round building its momentum back up."""
+    the first ~100 steps of every round building its momentum back up; on BraTS keeping it changed little
+    (docs/federated.md)."""
 
     rounds: int = 10
     local_epochs: int = 1
