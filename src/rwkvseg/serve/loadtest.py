@@ -378,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--malformed", type=int, default=60)
     parser.add_argument("--url", default=None, help="a running local service instead of starting one")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads of the started service")
-    parser.add_argument("--runtime", choices=("torch", "onnx"), default="torch", help="runtime of the started service")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="torch", help="runtime of the started service")
     parser.add_argument(
         "--serve",
         nargs="+",

@@ -22,6 +22,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -117,7 +118,7 @@ def _exported_source(spec: str, alias: str, target: str) -> ModelSource:
         )
     if not path.is_file():
         raise ValueError(f"model {spec!r}: no file {path}; export one with `rwkvseg export MODEL --out {path}`")
-    record = _onnx_tools()[0](path)
+    record = _onnx_tools().read_record(path)
     pre = record.preprocessing
     if not pre:
         raise ValueError(
@@ -207,14 +208,14 @@ class _OnnxBackend:
     --runtime onnx`, from images the service has normalized already."""
 
     def __init__(self, path: Path, threads: int | None):
-        self.predictor = _onnx_tools()[1](path, threads=threads)
+        self.predictor = _onnx_tools().OnnxPredictor(path, threads=threads)
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.predictor.predict_normalized(images, batch_size=max(len(images), 1))
 
 
-def _onnx_tools():
-    """(read_record, OnnxPredictor, onnx_predictor_3d) of rwkvseg.export: the export extra, loaded on demand."""
+def _onnx_tools() -> SimpleNamespace:
+    """read_record, OnnxPredictor and onnx_predictor_3d of rwkvseg.export: the export extra, loaded on demand."""
     try:
         import onnxruntime  # noqa: F401
 
@@ -226,7 +227,7 @@ def _onnx_tools():
             f"runtime 'onnx' needs the export extra, which this install lacks ({err}); "
             "pip install 'rwkvseg[export]', or use runtime 'torch'"
         ) from None
-    return read_record, OnnxPredictor, onnx_predictor_3d
+    return SimpleNamespace(read_record=read_record, OnnxPredictor=OnnxPredictor, onnx_predictor_3d=onnx_predictor_3d)
 
 
 def check_runtime(runtime: str) -> None:
@@ -300,7 +301,7 @@ class Hosted3D:
         self.spec = DatasetSpec.from_dict(self.meta.preprocessing["dataset"])
         options = PredictConfig(overlap=overlap, mirror_axes=(0, 1, 2) if mirror else (), device=device)
         if source.exported:  # the same sliding window, resampling and label mapping; onnxruntime runs the network
-            self.predictor = _onnx_tools()[2](source.path, options, threads)
+            self.predictor = _onnx_tools().onnx_predictor_3d(source.path, options, threads)
         else:
             self.predictor = Predictor3D.from_checkpoint(source.path, options)
         self.modalities: tuple[str, ...] = tuple(self.spec.modalities)
