@@ -1,8 +1,9 @@
 """The `compile` setting of training, prediction and the benchmarks: "auto" | "on" | "off" or a torch.compile mode.
 
 "auto" compiles on CUDA (where it pays: fewer kernel launches, fused elementwise work) and runs eagerly on the CPU,
-where a first Inductor compile costs minutes for seconds of work. "on" is torch.compile's "default" mode, and a
-mode name ("reduce-overhead", "max-autotune", ...) compiles in that mode. The backend is a separate setting:
+where a first Inductor compile costs minutes for seconds of work; a caller says which mode "auto" means on CUDA
+(training: CUDA graphs, see rwkvseg.train.run; prediction: the default mode). "on" is torch.compile's "default"
+mode, and a mode name ("reduce-overhead", "max-autotune", ...) compiles in that mode. The backend is a separate setting:
 "inductor" (code generation) is what users run; "aot_eager" traces the same graphs with eager kernels (fast to
 build: what the CPU tests use). Compilation happens at the first call, so callers time that call apart from the
 rest and report it ("compiled in X s").
@@ -35,12 +36,15 @@ def check_compile(setting: str, backend: str = "inductor", name: str = "compile"
         raise ValueError(f"{name}_backend = {backend!r} is not valid; choose one of {', '.join(COMPILE_BACKENDS)}")
 
 
-def compile_mode(setting: str, device: torch.device | str) -> str | None:
-    """The torch.compile mode a setting asks for on device, or None to run eagerly."""
+def compile_mode(setting: str, device: torch.device | str, auto: str = "default") -> str | None:
+    """The torch.compile mode a setting asks for on device, or None to run eagerly; "auto" means the mode `auto`
+    on CUDA."""
     check_compile(setting)
+    if auto not in COMPILE_MODES:
+        raise ValueError(f"compile_mode(auto={auto!r}): choose one of {', '.join(COMPILE_MODES)}")
     if setting == "off" or (setting == "auto" and torch.device(device).type != "cuda"):
         return None
-    return "default" if setting in ("auto", "on") else setting
+    return {"auto": auto, "on": "default"}.get(setting, setting)
 
 
 def compile_callable(fn: Callable[..., Any], mode: str, backend: str = "inductor", fullgraph: bool = False) -> Any:

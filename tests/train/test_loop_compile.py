@@ -73,6 +73,26 @@ def test_compile_setting_resolves_per_device():
         compile_mode("fast", "cpu")
     with pytest.raises(ValueError, match="resolve it"):
         LoopConfig(epochs=1, compile="on")
+    # "auto" is the caller's mode on CUDA (and still eager on the CPU); "on" stays the default mode
+    assert compile_mode("auto", "cuda", auto="reduce-overhead") == "reduce-overhead"
+    assert compile_mode("auto", "cpu", auto="reduce-overhead") is None
+    assert compile_mode("on", "cuda", auto="reduce-overhead") == "default"
+    with pytest.raises(ValueError, match="choose one of default"):
+        compile_mode("auto", "cuda", auto="fastest")
+
+
+def test_training_compiles_under_cuda_graphs_by_default_on_one_gpu(tmp_path):
+    from rwkvseg.train.config import load_config
+    from rwkvseg.train.run import auto_compile_mode, training_setup
+
+    assert auto_compile_mode(1) == "reduce-overhead" and auto_compile_mode(2) == "default"
+    config = load_config(None, [f"out={tmp_path / 'run'}", "data.root=unused", "model.name=urwkv_test"])
+    assert config.compile == "auto"
+    model = torch.nn.Conv2d(3, 1, 1)
+    _, _, loop = training_setup(model, config, 8, torch.device("cuda"), progress_bar=False)
+    assert loop.compile == "reduce-overhead" and loop.compile_fallback
+    _, _, loop = training_setup(model, config, 8, torch.device("cpu"), progress_bar=False)
+    assert loop.compile == "off"
 
 
 def test_config_settings_for_compile_and_resident_data():

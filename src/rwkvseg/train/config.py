@@ -212,7 +212,8 @@ class TrainConfig:
     val_every x the last epoch's own duration (the estimated end of the next validation) is past the budget.
     The LR schedule still spans `epochs`, so a stopped run has not annealed fully.
 
-    compile: "auto" (compile the training step on CUDA, eager on the CPU), "on", "off" or a torch.compile mode
+    compile: "auto" (the training step compiled on CUDA: under CUDA graphs in one process, in the default mode
+    under DDP, rwkvseg.train.run.auto_compile_mode; eager on the CPU), "on" (the default mode), "off" or a mode
     ("reduce-overhead", "max-autotune", ...); compile_backend: "inductor", or "aot_eager" (traces, no code
     generation); compile_cache: a file that carries the compiled step to the next run or machine (loaded before
     compiling, written after the first step; rwkvseg.train.compile_cache). data.gpu_resident (2D): "auto" keeps
