@@ -168,16 +168,41 @@ def _step_fn(model: nn.Module, phase: str, x: torch.Tensor, device: torch.device
     return train
 
 
-def measure(
+def input_shape(dims: int, batch: int, side: int) -> tuple[int, ...]:
+    """The benchmark input of a dims-D model: [batch, in_channels of PROBLEMS, side, side(, side)]."""
+    return (batch, PROBLEMS[dims][0], *([side] * dims))
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' -> (KEY, VALUE read as YAML: true, 3, 0.5, [2, 2], text), one create_model override."""
+    import yaml
+
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise ValueError(f"model setting {text!r} must look like KEY=VALUE, e.g. fused_norm=true")
+    return key.strip(), yaml.safe_load(value)
+
+
+def make_step(
     model: nn.Module, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
-) -> dict[str, Any]:
-    """Times (median / min ms over repeats), compile seconds and peak MB of one (model, phase, input shape)."""
+) -> Callable[[], Any]:
+    """The call `measure` times: one inference call or training step of model on a random input of shape on
+    config.device (bf16 autocast on CUDA when config.amp), through torch.compile with config's settings when
+    compiled (the first call compiles)."""
     device = torch.device(config.device)
     x = torch.randn(tuple(shape), device=device)
     runner = model
     if compiled:
         runner = torch.compile(model, mode=config.compile_mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
-    step = _step_fn(runner, phase, x, device, config.amp)
+    return _step_fn(runner, phase, x, device, config.amp)
+
+
+def measure(
+    model: nn.Module, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
+) -> dict[str, Any]:
+    """Times (median / min ms over repeats), compile seconds and peak MB of one (model, phase, input shape)."""
+    device = torch.device(config.device)
+    step = make_step(model, phase, shape, config, compiled)
     clock = _Clock(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -254,7 +279,7 @@ def bench_models(
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
             state = {k: v.clone() for k, v in model.state_dict().items()}  # training steps change the weights
             for _, mode, phase, batch, side in (key for key in todo if key[0] == name):
-                shape = (batch, in_channels, *([side] * config.dims))
+                shape = input_shape(config.dims, batch, side)
                 row = {"model": name, "params_m": params_m, "mode": mode, "phase": phase, "batch": batch}
                 row.update(side=side, tokens=side**config.dims)
                 model.load_state_dict(state)

@@ -258,15 +258,15 @@ def _run_wkv_models(args: argparse.Namespace) -> int:
 
 
 def _model_overrides(items: list[str]) -> dict[str, dict]:
-    import yaml
+    from ..bench.models import parse_setting
 
     overrides: dict[str, dict] = {}
     for item in items:
         model, sep, setting = item.partition(":")
-        key, eq, value = setting.partition("=")
-        if not sep or not eq or not model or not key:
+        if not sep or not model or "=" not in setting:
             raise ValueError(f"--override {item!r} must look like MODEL:KEY=VALUE, e.g. mmsegrwkv:fused_norm=true")
-        overrides.setdefault(model, {})[key] = yaml.safe_load(value)
+        key, value = parse_setting(setting)
+        overrides.setdefault(model, {})[key] = value
     return overrides
 
 
