@@ -1,10 +1,21 @@
 """`bench models`: rows for every (model, mode, phase, batch, side), failures as notes, growth and the figure."""
 
+import inspect
 import json
+import re
 
 import pytest
+import torch
+from torch import nn
 
-from rwkvseg.bench.models import ModelBenchConfig, bench_models, growth_rows, models_of_dims, plot_growth
+from rwkvseg.bench.models import (
+    ModelBenchConfig,
+    bench_models,
+    failure_note,
+    growth_rows,
+    models_of_dims,
+    plot_growth,
+)
 from rwkvseg.cli import main
 from rwkvseg.models import create_model, list_models
 
@@ -46,7 +57,63 @@ def test_a_refused_size_is_a_row_with_a_note():
         overrides={"unetr": dict(img_size=32, hidden_size=48, mlp_dim=96, num_heads=4, feature_size=8)},
     )
     (row,) = bench_models(config, create_model)
-    assert "ms" not in row and row["note"]
+    assert "ms" not in row and row["note"].startswith("ValueError: unetr was built for inputs of exactly (32, 32, 32)")
+    assert re.search(r" at rwkvseg/models/baselines\.py:\d+ in \w+$", row["note"])  # our file, from the package on
+
+
+class _Asserts(nn.Module):
+    """Fails as a compiled SwinUNETR did on the GPU: an assert with no message (raised, since pytest would give
+    an assert statement in a test file a message)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[1] != 2:
+            raise AssertionError
+        return y
+
+
+def test_a_failure_note_names_where_it_failed():
+    config = ModelBenchConfig(
+        dims=2, models=("asserts",), sides=(16,), infer_batches=(1,), modes=("eager",), phases=("infer",)
+    )
+    (row,) = bench_models(config, _Asserts)
+    line = inspect.getsourcelines(_Asserts.forward)[1] + 3
+    assert row["note"] == f"AssertionError at tests/bench/test_models_bench.py:{line} in forward"
+
+
+def _raised(outer):
+    """outer raised while torch.load reads a missing file (the innermost frame is then in torch's own code)."""
+    try:
+        torch.load("/absent/model.pt")
+    except FileNotFoundError as err:
+        try:
+            outer(err)
+        except Exception as raised:
+            return raised
+    raise AssertionError("torch.load read a missing file")
+
+
+def test_a_failure_note_follows_the_cause_and_keeps_to_one_short_line():
+    def wrap(err):  # as torch.compile's BackendCompilerFailed: the message on two lines, the inner traceback
+        raise RuntimeError(f"backend='inductor' raised:\n{type(err).__name__}: {err}").with_traceback(
+            err.__traceback__
+        ) from None
+
+    def cause(err):
+        raise ValueError("weights missing") from err
+
+    where = r" at torch/serialization\.py:\d+ in \w+"  # the innermost frame, named from its package on
+    lost = r"\[Errno 2\] No such file or directory: '/absent/model.pt'"
+    note = failure_note(_raised(wrap))
+    assert re.fullmatch(rf"RuntimeError: backend='inductor' raised: FileNotFoundError: {lost}{where}", note)
+    note = failure_note(_raised(cause))
+    assert re.fullmatch(rf"ValueError: weights missing <- FileNotFoundError: {lost}{where}", note)
+    long = failure_note(ValueError("size " * 100))
+    assert long.startswith("ValueError: size size") and long.endswith("...") and len(long) < 200
 
 
 @pytest.mark.parametrize(
@@ -69,6 +136,27 @@ def test_command_prints_the_table_and_writes_json_and_figure(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(argv) == 2 and "pass --resume" in capsys.readouterr().err  # the file is not overwritten
     assert json.loads(out.read_text()) == result
+
+
+def test_command_lists_the_failure_notes_under_the_table(monkeypatch, capsys):
+    """A compile error's note is long: the table shows a reference, each distinct note follows the table once."""
+    import rwkvseg.bench.models as bench
+
+    def measure(model, phase, shape, config, compiled):
+        if shape[-1] != 16:
+            raise AssertionError
+        return real(model, phase, shape, config, compiled)
+
+    real = bench.measure
+    monkeypatch.setattr(bench, "measure", measure)
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "24", "32"]
+    assert main([*argv, "--modes", "eager", "--phases", "infer", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    table = printed[printed.index("eager ms") :].splitlines()[2:9]  # batch 1 and 8 at sides 16, 24, 32
+    assert [row.split()[-1] for row in table[:6]] == ["-", "[1]", "[1]", "-", "[1]", "[1]"]
+    line = inspect.getsourcelines(measure)[1] + 2
+    assert table[6] == f"[1] eager: AssertionError at tests/bench/test_models_bench.py:{line} in measure"
+    assert printed.count("[1] eager") == 1
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ import logging
 import math
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +228,46 @@ def measure(
     return row
 
 
+def failure_note(err: BaseException) -> str:
+    """A failed row's note on one line: the exception's type and message (its first line, and the next one where
+    the first ends in a colon, as torch.compile's "backend='inductor' raised:" does), those of the exceptions it
+    was raised from (`raise ... from`), and where the innermost of them was raised, e.g.
+    `AssertionError at torch/_inductor/ir.py:1234 in realize` (an assert without a message says nothing else)."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 4:
+        chain.append(chain[-1].__cause__)
+    note = " <- ".join(_said(e) for e in chain)
+    for e in reversed(chain):  # torch.compile strips the traceback of some causes
+        frames = traceback.extract_tb(e.__traceback__)
+        if frames:
+            return f"{note} at {_short_path(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}"
+    return note
+
+
+def _said(err: BaseException, width: int = 160) -> str:
+    lines = [text.strip() for text in str(err).splitlines() if text.strip()]
+    said = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else "".join(lines[:1])
+    said = said if len(said) <= width else said[: width - 3] + "..."
+    return f"{type(err).__name__}: {said}" if said else type(err).__name__
+
+
+def _short_path(filename: str) -> str:
+    """A source file's path from its package on: after site-packages / dist-packages, or from rwkvseg/ for ours,
+    else its last three parts."""
+    if not Path(filename).is_absolute():  # generated code: "<eval_with_key>.3"
+        return filename
+    parts = Path(filename).parts
+    for root in ("site-packages", "dist-packages"):
+        if root in parts:
+            at = len(parts) - parts[::-1].index(root)
+            return "/".join(parts[at:])
+    ours = Path(__file__).resolve().parents[1]  # src/rwkvseg
+    try:
+        return Path(filename).resolve().relative_to(ours.parent).as_posix()
+    except (ValueError, OSError):
+        return "/".join(parts[-3:])
+
+
 ROW_KEY = ("model", "mode", "phase", "batch", "side")
 
 
@@ -288,7 +329,7 @@ def bench_models(
                 except torch.OutOfMemoryError:
                     row["note"] = "out of memory"
                 except Exception as err:  # a size the model refuses, a compile failure: report it
-                    row["note"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                    row["note"] = failure_note(err)
                 finally:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

@@ -327,18 +327,22 @@ def _run_models(args: argparse.Namespace) -> int:
 
     bench_models(config, create_model, on_row=record, skip={row_key(r) for r in kept})
     table: dict[tuple, dict] = {}
+    notes: dict[str, int] = {}  # each distinct note once, under the table: a failure's note names where it was
     for r in rows:
         key = (r["model"], r["phase"], r["batch"], r["side"])
         cell = table.setdefault(key, dict(zip(("model", "phase", "batch", "side"), key, strict=True)))
         cell.update({f"{r['mode']}_{k}": r.get(k) for k in ("ms", "peak_mb", "compile_s")})
         if r.get("note"):
-            cell["note"] = f"{r['mode']}: {r['note']}"
+            ref = notes.setdefault(f"{r['mode']}: {r['note']}", len(notes) + 1)
+            cell["note"] = f"{cell['note']} [{ref}]" if cell.get("note") else f"[{ref}]"
     columns = [("model", "model"), ("phase", "phase"), ("batch", "batch"), ("side", "side")]
     for mode in config.modes:
         columns += [(f"{mode}_ms", f"{mode} ms"), (f"{mode}_peak_mb", f"{mode} MB")]
     if "compiled" in config.modes:
         columns.append(("compiled_compile_s", "compile s"))
     print(format_table(list(table.values()), [*columns, ("note", "note")]))
+    for text, ref in notes.items():
+        print(f"[{ref}] {text}")
     growth = growth_rows(rows)
     print("\ncost growth, exponent p of cost ~ tokens^p (1 = linear):")
     print(
