@@ -3,10 +3,10 @@
 "auto" compiles on CUDA (where it pays: fewer kernel launches, fused elementwise work) and runs eagerly on the CPU,
 where a first Inductor compile costs minutes for seconds of work; a caller says which mode "auto" means on CUDA
 (training: CUDA graphs, see rwkvseg.train.run; prediction: the default mode). "on" is torch.compile's "default"
-mode, and a mode name ("reduce-overhead", "max-autotune", ...) compiles in that mode. The backend is a separate setting:
-"inductor" (code generation) is what users run; "aot_eager" traces the same graphs with eager kernels (fast to
-build: what the CPU tests use). Compilation happens at the first call, so callers time that call apart from the
-rest and report it ("compiled in X s").
+mode, and a mode name ("reduce-overhead", "max-autotune", ...) compiles in that mode. The backend is a separate
+setting: "inductor" (code generation) is what users run; "aot_eager" traces the same graphs with eager kernels
+(fast to build: what the CPU tests use). Compilation happens at the first call, so callers time that call apart
+from the rest and report it ("compiled in X s").
 """
 
 from __future__ import annotations

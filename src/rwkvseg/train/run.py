@@ -70,8 +70,8 @@ def auto_compile_mode(world_size: int) -> str:
     took 4.25 s in the default mode and 1.68 s under CUDA graphs (`rwkvseg bench epoch`); the 3D recipe's step
     (MMSegRWKV-small, batch 2, 64^3) took 18 ms in `rwkvseg train` under CUDA graphs, beside another run, where
     `rwkvseg bench models` measured 55 ms for it compiled in the default mode. These steps are bound by kernel
-    launches, which a graph replay removes. Under DDP, the default mode: CUDA graphs around
-    DDP's gradient communication have not been measured here."""
+    launches, which a graph replay removes. Under DDP, the default mode: CUDA graphs around DDP's gradient
+    communication have not been measured here."""
     return "reduce-overhead" if world_size == 1 else "default"
 
 
