@@ -5,8 +5,10 @@ The writers are plain functions (`from writers import save_png`, tests/ is on th
 helpers of a test file can call them too; the fixtures of tests/conftest.py hand out the shared data.
 """
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -88,3 +90,12 @@ def save_conv_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, record) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path))
     return path
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module (scripts/ is no package), for calling its main() and functions in-process."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

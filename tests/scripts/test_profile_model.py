@@ -1,23 +1,18 @@
 """scripts/profile_model.py: where a model's step goes, per category and operator, from torch.profiler."""
 
 import gzip
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from torch.autograd import DeviceType
 
-ROOT = Path(__file__).resolve().parents[2]
+from writers import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("profile_model", ROOT / "scripts" / "profile_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("profile_model")
 
 
 def test_a_kernel_takes_the_category_of_the_op_it_ran_in(script):

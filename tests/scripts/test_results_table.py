@@ -1,7 +1,6 @@
 """scripts/results_table.py: released models predicted and scored on their validation cases, one table."""
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from rwkvseg.data.specs import dataset_spec
 from rwkvseg.models import create_model
 from rwkvseg.records import inference_metadata
 from rwkvseg.released import ReleasedModel, export_release, index_entry
-from writers import save_png, write_brats_case
+from writers import load_script, save_png, write_brats_case
 
-ROOT = Path(__file__).resolve().parents[2]
 # (height, width) of each image: odd and all different, so a mask at the network's 32 x 32 would show
 SIZES = [(37, 45), (29, 52), (40, 33), (35, 35), (48, 31), (27, 44), (33, 39), (41, 28)]
 VAL = ["c1", "c3", "c4", "c6"]  # c1 has two mask files
@@ -43,10 +41,7 @@ def release(base: Path, name: str, model: nn.Module, meta: CheckpointMeta, datas
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts" / "results_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("results_table")
 
 
 def write_dataset(root: Path) -> list[str]:
