@@ -245,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         input_shape,
         make_step,
         model_dims,
-        parse_setting,
     )
     from rwkvseg.bench.wkv import environment
     from rwkvseg.models import create_model, list_models
+    from rwkvseg.train.config import apply_overrides
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a registered model (rwkvseg models lists them)")
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device; use --device cpu")
     try:  # create_model settings, read as bench models --override reads them: fused_norm=true, depths=[1,1]
-        settings = dict(parse_setting(s) for s in args.settings)
+        settings = apply_overrides({}, args.settings)
     except ValueError as err:
         parser.error(f"--set: {err}")
     device = torch.device(args.device)

@@ -31,6 +31,7 @@ import torch
 
 from rwkvseg import __version__
 from rwkvseg.bench.complexity import count_parameters
+from rwkvseg.bench.wkv import environment as bench_environment
 from rwkvseg.checkpoint import load_checkpoint
 from rwkvseg.data.images2d import discover_pairs
 from rwkvseg.data.specs import DatasetSpec
@@ -276,12 +277,10 @@ def environment(device: str) -> dict[str, Any]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    return {
-        "torch": torch.__version__,
+    return {  # the benchmarks' environment (torch, python, device and its name), then the package and its commit
+        **bench_environment(torch.device(device)),
         "rwkvseg": __version__,
-        "python": platform.python_version(),
         "platform": platform.platform(),
-        "device": device,
         "threads": torch.get_num_threads(),
         "commit": commit,
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,

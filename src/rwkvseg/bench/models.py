@@ -174,16 +174,6 @@ def input_shape(dims: int, batch: int, side: int) -> tuple[int, ...]:
     return (batch, PROBLEMS[dims][0], *([side] * dims))
 
 
-def parse_setting(text: str) -> tuple[str, Any]:
-    """'KEY=VALUE' -> (KEY, VALUE read as YAML: true, 3, 0.5, [2, 2], text), one create_model override."""
-    import yaml
-
-    key, eq, value = text.partition("=")
-    if not eq or not key.strip():
-        raise ValueError(f"model setting {text!r} must look like KEY=VALUE, e.g. fused_norm=true")
-    return key.strip(), yaml.safe_load(value)
-
-
 def make_step(
     model: nn.Module, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
 ) -> Callable[[], Any]:
