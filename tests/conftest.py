@@ -20,6 +20,16 @@ def _keep_locale():
         locale.setlocale(locale.LC_ALL, _LOCALE)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Restore torch's CPU thread count after each test: a script's main() called in-process sets it (as its
+    --threads says) for the whole process, and a later test would run, and report, with that count."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def brats_2mm() -> Path:
     """The compact BraTS 2018 copy in the shared data folder; tests that need it skip where it is absent."""

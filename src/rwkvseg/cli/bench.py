@@ -258,15 +258,15 @@ def _run_wkv_models(args: argparse.Namespace) -> int:
 
 
 def _model_overrides(items: list[str]) -> dict[str, dict]:
-    from ..bench.models import parse_setting
+    from ..train.config import apply_overrides  # the value read as --set reads it (YAML: true, 3, [2, 2], text)
 
     overrides: dict[str, dict] = {}
     for item in items:
         model, sep, setting = item.partition(":")
-        if not sep or not model or "=" not in setting:
+        key, eq, _ = setting.partition("=")
+        if not sep or not model or not eq or not key.strip():
             raise ValueError(f"--override {item!r} must look like MODEL:KEY=VALUE, e.g. mmsegrwkv:fused_norm=true")
-        key, value = parse_setting(setting)
-        overrides.setdefault(model, {})[key] = value
+        overrides[model] = apply_overrides(overrides.get(model, {}), [setting])
     return overrides
 
 
@@ -302,6 +302,8 @@ def _run_models(args: argparse.Namespace) -> int:
         overrides=_model_overrides(args.override),
     )
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
+    if "threads" in info:  # the CPU rows run with config.threads, whatever the process had before
+        info["threads"] = config.threads
     # with the environment, what else makes rows comparable: --resume refuses a file measured otherwise
     info.update(fullgraph=config.fullgraph, dynamic=config.dynamic, repeats=config.repeats, overrides=config.overrides)
     print(", ".join(f"{k}={v}" for k, v in info.items()))
