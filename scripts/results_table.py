@@ -163,7 +163,8 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
         inputs = data
     log.info("%s: predicting %d of %d validation cases of %s on %s", model.name, cases, total, dataset, args.device)
     start = time.perf_counter()
-    predict(checkpoint, [inputs], pred, PredictConfig(device=args.device))
+    mirror = args.mirror_axes_2d if dims == 2 else None  # 3D: the predict defaults
+    predict(checkpoint, [inputs], pred, PredictConfig(device=args.device, mirror_axes=mirror))
     predicted = time.perf_counter()
     summary = evaluate_folders(pred, data, scores, spec=spec, num_classes=meta.num_classes)
     log.info("%s: scored in %.1f s (prediction %.1f s)", model.name, time.perf_counter() - predicted, predicted - start)
@@ -245,6 +246,12 @@ def results_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> st
         f"`{settings['command']}`.",
         "",
     ]
+    if settings.get("mirror_axes_2d"):
+        lines += [
+            f"2D predictions average the logits over the flips of axes {settings['mirror_axes_2d']} (test-time "
+            "augmentation, `rwkvseg predict --mirror-axes`); the Dice recorded at release is without it.",
+            "",
+        ]
     if settings["limit"]:
         lines += [
             f"**Quick check (--limit {settings['limit']}): only the first {settings['limit']} validation cases of "
@@ -296,7 +303,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--limit", type=int, help="only the first N validation cases of each model (a quick check)")
     parser.add_argument("--weights", type=Path, default=weights_dir(), help="released models' folder (index.json)")
+    parser.add_argument(
+        "--mirror-axes-2d",
+        type=axes,
+        default=(),
+        metavar="AXES",
+        help="2D test-time augmentation: logits averaged over the flips of these axes, e.g. 0,1 (default: none)",
+    )
     return parser.parse_args(argv)
+
+
+def axes(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1); '' -> ()."""
+    try:
+        return tuple(int(a) for a in text.split(",") if a.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of axes such as 0,1") from None
 
 
 def check(args: argparse.Namespace) -> list[ReleasedModel]:
@@ -356,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         "limit": args.limit,
         "weights": str(args.weights),
         "command": " ".join(["python scripts/results_table.py", *(sys.argv[1:] if argv is None else argv)]),
-        "predict": "rwkvseg predict defaults: the checkpoint's threshold and 3D window; 3D mirror TTA on a GPU only",
+        "predict": "rwkvseg predict defaults: the checkpoint's threshold and 3D window; 3D mirror TTA on a GPU only"
+        + (f"; 2D mirror TTA over axes {list(args.mirror_axes_2d)}" if args.mirror_axes_2d else ""),
+        "mirror_axes_2d": list(args.mirror_axes_2d),
         "evaluate": "rwkvseg evaluate defaults (empty policy perfect, HD95 computed)",
         "environment": environment(args.device),
     }

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
@@ -81,3 +82,35 @@ def test_overlay_marks_border():
     out = overlay(image, labels)
     assert out.shape == (9, 9, 3) and tuple(out[2, 4]) == (255, 64, 64) and out[4, 4, 0] < 255
     assert tuple(out[0, 0]) == (0, 0, 0)
+
+
+class _Ramp(Bright):
+    """Bright plus a logit ramp across the width (+-5 at the edges): not symmetric under a left-right flip."""
+
+    def forward(self, x):
+        ramp = torch.linspace(-5.0, 5.0, x.shape[-1], device=x.device)  # [W]
+        return super().forward(x) + ramp
+
+
+def test_mirror_tta_averages_flipped_logits(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_builders", lambda: {"ramp": _Ramp})
+    pre = Preprocessing2D(3, (16, 16), "resize", "dtype")
+    ck = save_checkpoint(tmp_path / "ck", _Ramp(3, 1), CheckpointMeta("ramp", 3, 1, preprocessing=pre.to_dict()))[0]
+    src = tmp_path / "in"
+    save_png(src / "gray.png", np.full((24, 32, 3), 120, np.uint8))  # logit 40 * (120/255 - 0.5) = -1.18 + ramp
+
+    def probs(out, **kw):
+        predict_2d(ck, src, tmp_path / out, save_probabilities=True, **kw)
+        return np.asarray(Image.open(tmp_path / out / "probabilities" / "gray.png")).astype(int)
+
+    plain = probs("plain")
+    assert plain[:, 0].max() < 5 and plain[:, -1].min() > 240  # the ramp decides: right foreground, left not
+    assert (probs("height", mirror_axes=(0,)) == plain).all()  # flipping rows leaves a width ramp as it is
+    expected = round(255 / (1 + np.exp(40 * (0.5 - 120 / 255))))  # the ramp cancels: sigmoid(-1.18) everywhere
+    for axes in [(1,), (0, 1)]:
+        tta = probs(f"tta{len(axes)}", mirror_axes=axes)
+        assert np.abs(tta - expected).max() <= 1
+        assert not np.asarray(Image.open(tmp_path / f"tta{len(axes)}" / "gray.png")).any()  # no foreground left
+    with pytest.raises(ValueError, match=r"--mirror-axes \[2\] must name each image axis"):
+        predict_2d(ck, src, tmp_path / "bad", mirror_axes=(2,))
+    assert not (tmp_path / "bad").exists()

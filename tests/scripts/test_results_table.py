@@ -218,3 +218,23 @@ def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkey
     assert cells["Dice"] == "WT / TC / ET " + " / ".join(f"{dice[r]:.4f}" for r in ("WT", "TC", "ET"))
     assert cells["IoU"] == "-" and cells["HD95"].endswith(" mm") and cells["parameters (M)"] == "0.000"
     assert cells["Dice recorded at release"] == "0.9000 / 0.5000 / 0.2500"
+
+
+def test_2d_mirror_tta_reaches_prediction_and_the_table_says_so(script, released, tmp_path, monkeypatch, capsys):
+    data, weights, _ = released
+    configs = []
+
+    def spy(checkpoint, inputs, out, config):
+        configs.append(config)
+        return predict(checkpoint, inputs, out, config)
+
+    predict = script.predict
+    monkeypatch.setattr(script, "predict", spy)
+    assert run(script, data, weights, tmp_path / "out", "--limit", "1", "--mirror-axes-2d", "0,1") == 0
+    assert [c.mirror_axes for c in configs] == [(0, 1)]
+    printed = capsys.readouterr().out
+    assert "average the logits over the flips of axes [0, 1]" in printed
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["mirror_axes_2d"] == [0, 1]
+    with pytest.raises(SystemExit):
+        run(script, data, weights, tmp_path / "out2", "--mirror-axes-2d", "x")
+    assert "'x' is not a comma-separated list of axes" in capsys.readouterr().err

@@ -46,14 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "3D volumes)",
     )
     p.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads (--runtime onnx)")
-    g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
-    g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")
-    g.add_argument(
+    p.add_argument(
         "--mirror-axes",
         default=None,
-        help="axes flipped for TTA, '' for none (3D; default: the checkpoint's on a GPU, none on the CPU, where "
-        "0,1,2 costs 8 forward passes per window, about 6x the time)",
+        help="test-time augmentation: the logits averaged over every flip of these axes, '' for none. 2D: 0 "
+        "(height), 1 (width), e.g. 0,1 (4 passes per image; default none). 3D: 0,1,2 (default: the checkpoint's on "
+        "a GPU, none on the CPU, where 0,1,2 costs 8 forward passes per window, about 6x the time)",
     )
+    g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
+    g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")
     g.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass (3D)")
     g.add_argument(
         "--more-modalities",
@@ -142,6 +143,8 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
     predictor = OnnxPredictor(model, threads=args.threads)
+    if predictor.dims == 2 and config.mirror_axes:
+        raise ValueError("--mirror-axes is not available for 2D models with --runtime onnx; leave it out, or use torch")
     if predictor.dims == 3:
         from ..export.volumes import predict_volumes
 

@@ -19,8 +19,9 @@ from ..files import output_folder
 @dataclass(frozen=True)
 class PredictConfig:
     """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size, overlays,
-    probabilities, skip_non_images. 3D: the sliding window's overlap, mirror axes (None: the defaults the
-    checkpoint records under preprocessing.inference) and windows per pass; modalities: the input's channel names
+    probabilities, skip_non_images. mirror_axes: flips averaged for TTA (2D: 0 height, 1 width, None: none; 3D:
+    None: the defaults the checkpoint records under preprocessing.inference). 3D: the sliding window's overlap
+    and windows per pass; modalities: the input's channel names
     in its order, where the input does not name them itself; out_format: nifti (the input's format for ITK
     files) or dicom-seg (DICOM inputs).
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
@@ -101,4 +102,5 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         skip_non_images=config.skip_non_images,
         compile=config.compile,
         compile_backend=config.compile_backend,
+        mirror_axes=config.mirror_axes or (),
     )

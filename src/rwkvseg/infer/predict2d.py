@@ -13,23 +13,24 @@ from __future__ import annotations
 import io
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..compiling import maybe_compile
 from ..data.images2d import list_inputs, read_image
 from ..files import atomic_write, refuse_existing
 from ..records import Preprocessing2D
-from .sliding_window import SlidingWindowConfig, predict_logits
+from .sliding_window import SlidingWindowConfig, mirrored, predict_logits
 
 log = logging.getLogger(__name__)
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # a network, or mirrored(network, axes)
 
 # Distinct tints for up to 8 foreground classes (RGB); class k uses OVERLAY_COLOURS[(k - 1) % 8].
 OVERLAY_COLOURS = np.array(
@@ -47,11 +48,21 @@ OVERLAY_COLOURS = np.array(
 )
 
 
-def forward_logits(model: nn.Module, images: torch.Tensor, pre: Preprocessing2D) -> torch.Tensor:
+def forward_logits(model: Predictor, images: torch.Tensor, pre: Preprocessing2D) -> torch.Tensor:
     """Logits [B, K, H, W] for network-ready images [B, C, H, W] (resized, or whole images in crop mode)."""
     if pre.resize == "resize":
         return model(images)
     return predict_logits(model, images, crop_window(pre), images.device)
+
+
+def check_mirror_axes(axes: Sequence[int]) -> tuple[int, ...]:
+    """The 2D mirror-TTA axes (0: height, 1: width), or ValueError naming --mirror-axes."""
+    axes = tuple(int(a) for a in axes)
+    if any(a not in (0, 1) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(
+            f"--mirror-axes {list(axes)} must name each image axis at most once: 0 (height), 1 (width), or both"
+        )
+    return axes
 
 
 def crop_window(pre: Preprocessing2D) -> SlidingWindowConfig:
@@ -73,9 +84,10 @@ def to_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def predict_arrays(
-    model: nn.Module, images: Sequence[np.ndarray], pre: Preprocessing2D, device: torch.device | str = "cpu"
+    model: Predictor, images: Sequence[np.ndarray], pre: Preprocessing2D, device: torch.device | str = "cpu"
 ) -> list[torch.Tensor]:
-    """Probabilities [K, H, W] at each image's own size for float images [H, W, C]."""
+    """Probabilities [K, H, W] at each image's own size for float images [H, W, C]. model: the network, or
+    `mirrored(network, axes)` for mirror TTA (logits averaged over the flips)."""
     device = torch.device(device)
     sizes = [im.shape[:2] for im in images]
     tensors = [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))) for im in images]  # -> [C, H, W]
@@ -148,10 +160,15 @@ def predict_2d(
     skip_non_images: bool = False,
     compile: str = "auto",
     compile_backend: str = "inductor",
+    mirror_axes: Sequence[int] = (),
 ) -> list[Path]:
-    """Predict masks for an image file or folder; returns the mask paths written. compile: see PredictConfig."""
+    """Predict masks for an image file or folder; returns the mask paths written. compile: see PredictConfig.
+    mirror_axes: test-time augmentation, the logits averaged over every flip of these axes (0: height, 1: width;
+    (0, 1) costs 4 forward passes per image)."""
+    mirror_axes = check_mirror_axes(mirror_axes)
     model, meta = load_checkpoint(checkpoint, device)
     model = maybe_compile(model, compile, device, "the model", compile_backend)
+    predictor = mirrored(model, mirror_axes)
     pre = Preprocessing2D.from_meta(meta)
     files = list_inputs(inputs, skip_non_images)
     out = Path(out)
@@ -165,7 +182,7 @@ def predict_2d(
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             images = [read_image(f, pre.channels, pre.normalization) for f in chunk]
-            for f, image, prob in zip(chunk, images, predict_arrays(model, images, pre, device), strict=True):
+            for f, image, prob in zip(chunk, images, predict_arrays(predictor, images, pre, device), strict=True):
                 labels = to_labels(prob[None], threshold)[0].numpy().astype(np.uint8)  # [H, W]
                 mask = labels * 255 if not multiclass else labels
                 _write(out / f"{f.stem}.png", _png_bytes(mask))
