@@ -132,3 +132,4 @@ def test_sliding_window_validator_scores_whole_cached_volumes(tmp_path):
     assert model.training
     flipped = validator(OneHotReader((0, 3, 2, 1)))  # necrosis and enhancing swapped
     assert flipped["dice_WT"] == 1.0 and flipped["dice_TC"] == 1.0 and flipped["dice_ET"] == 0.0
+    assert validator.per_case(OneHotReader((0, 3, 2, 1))) == {"v1": {"dice_WT": 1.0, "dice_TC": 1.0, "dice_ET": 0.0}}

@@ -103,6 +103,10 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     assert len(history) == 2 and all(f"val_dice_{r}" in history[0] for r in ("WT", "TC", "ET"))
     final = json.loads((run_dir / FINAL_FILE).read_text())
     assert final["mirror_axes"] == [0] and final["cases"] == split["val"] and 0 <= final["dice"] <= 1
+    assert sorted(final["per_case"]) == sorted(split["val"])  # each case's Dice per region; the means agree
+    for region in ("WT", "TC", "ET"):
+        cases = [scores[f"dice_{region}"] for scores in final["per_case"].values()]
+        assert final[f"dice_{region}"] == pytest.approx(sum(cases) / len(cases))
 
     meta = read_meta(run_dir / "best")
     assert meta.num_classes == (4 if target == "labels" else 3) and meta.in_channels == 4

@@ -99,10 +99,11 @@ class SlidingWindowValidator:
         return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device)
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module) -> dict[str, float]:
+    def per_case(self, model: nn.Module) -> dict[str, dict[str, float]]:
+        """{case id: {"dice_WT": ..., one per region}}: each case's Dice per region."""
         was_training = model.training
         model.eval()
-        per_region: dict[str, list[float]] = {name: [] for name in self.spec.region_names}
+        scores: dict[str, dict[str, float]] = {}
         try:
             for case in self.cases:
                 image = torch.from_numpy(case.image)[None]  # [1, M, *S]
@@ -114,10 +115,18 @@ class SlidingWindowValidator:
                     pred = probs > 0.5
                 truth = classes_to_regions(torch.from_numpy(case.label), self.spec)
                 dice = overlap_scores(confusion_counts(pred, truth, batch_dims=1))["dice"]
-                for name, value in zip(self.spec.region_names, dice, strict=True):
-                    per_region[name].append(float(value))
+                names = self.spec.region_names
+                scores[case.case_id] = {f"dice_{n}": float(v) for n, v in zip(names, dice, strict=True)}
         finally:
             model.train(was_training)
-        out = {f"dice_{name}": float(np.mean(values)) for name, values in per_region.items()}
-        out["dice"] = float(np.mean(list(out.values()))) if out else math.nan
-        return out
+        return scores
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        return mean_scores(self.per_case(model), self.spec.region_names)
+
+
+def mean_scores(per_case: dict[str, dict[str, float]], region_names: Sequence[str]) -> dict[str, float]:
+    """Per region the mean over cases ("dice_WT", ...), then "dice": the mean over regions."""
+    out = {f"dice_{n}": float(np.mean([case[f"dice_{n}"] for case in per_case.values()])) for n in region_names}
+    out["dice"] = float(np.mean(list(out.values()))) if out else math.nan
+    return out

@@ -34,7 +34,7 @@ from .config import TrainConfig, VolumeDataConfig, to_dict
 from .loop import Progress, resolve_amp
 from .losses import build_loss
 from .run import RunData, save_config
-from .validate import SlidingWindowValidator
+from .validate import SlidingWindowValidator, mean_scores
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
 def final_evaluation(
     config: TrainConfig, run_dir: Path, cache: Path, val_cases: tuple[str, ...], device: torch.device
 ) -> dict[str, Any]:
-    """Score the best checkpoint on the validation cases with mirror TTA; written to <run_dir>/final_val.json."""
+    """Score the best checkpoint on the validation cases with mirror TTA; written to <run_dir>/final_val.json
+    (the means, and each case's Dice per region under "per_case")."""
     model, meta = load_checkpoint(run_dir / "best", device=device)
     validator = SlidingWindowValidator.from_cache(
         cache,
@@ -188,7 +189,8 @@ def final_evaluation(
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(config.amp, device))
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        scores = validator(model)
+        per_case = validator.per_case(model)
+    scores = mean_scores(per_case, validator.spec.region_names)
     result = {
         "checkpoint": "best",
         "epoch": meta.training.get("best", {}).get("epoch"),
@@ -198,6 +200,7 @@ def final_evaluation(
         "grid": "preprocessed (cropped, at the training spacing); score originals with rwkvseg predict + evaluate",
         "empty_policy": "perfect (Dice 1 when prediction and reference are both empty)",
         **scores,
+        "per_case": per_case,
         "seconds": round(time.perf_counter() - start, 3),
     }
     write_json(run_dir / FINAL_FILE, result)
