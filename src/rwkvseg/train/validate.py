@@ -5,7 +5,7 @@ predicts whole cached volumes with the same sliding window as prediction and sco
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.dataset2d import SegDataset2D
+from ..data.gpu2d import free_memory
 from ..data.preprocess3d import load_cached_case, load_plans
 from ..data.regions import classes_to_regions
 from ..data.specs import DatasetSpec
@@ -23,6 +24,20 @@ from ..eval.metrics import confusion_counts, overlap_scores
 from ..infer.predict2d import forward_logits, probabilities, to_labels
 from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
 from ..records import Preprocessing2D
+
+# Resized validation sets are kept as tensors after their first pass when they take at most this many bytes on the
+# host, or this share of the free memory of a GPU (the images never change between epochs).
+KEEP_HOST_BYTES = 2**30
+KEEP_DEVICE_FRACTION = 0.25
+
+
+def keeps_batches(n: int, pre: Preprocessing2D, device: torch.device) -> bool:
+    """Whether n validation images at the network size (float32, with their masks) are kept after the first pass."""
+    if pre.resize != "resize":
+        return False  # whole images of different sizes, one at a time
+    need = n * (pre.channels + 1) * int(pre.size[0]) * int(pre.size[1]) * 4
+    free = free_memory(device)
+    return need <= (KEEP_HOST_BYTES if free is None else KEEP_DEVICE_FRACTION * free)
 
 
 def validator_2d(
@@ -37,23 +52,38 @@ def validator_2d(
     """validate(model) -> mean per-image Dice, IoU, precision, recall, specificity (foreground classes averaged).
 
     Scored at the network input size for resize-trained models (as in the paper), on whole images for
-    crop-trained ones; empty-vs-empty images count as perfect (metrics.EmptyPolicy.PERFECT).
+    crop-trained ones; empty-vs-empty images count as perfect (metrics.EmptyPolicy.PERFECT). Resized sets that fit
+    (keeps_batches) are read once: later validations reuse the batches, already on the device.
     """
-    # Whole images differ in size: one at a time in crop mode. Validation data never changes between epochs,
-    # so its workers are kept alive instead of being restarted for every validation.
     loader = DataLoader(
         val_set,
         batch_size=batch_size if pre.resize == "resize" else 1,
         shuffle=False,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not keeps_batches(len(val_set), pre, device),
+        generator=torch.Generator(),  # its own: reading the set draws no number from the training's global RNG
     )
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images [B, C, H, W], masks [B, H, W]) on the device
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if kept:
+            yield from kept
+            return
+        keep = keeps_batches(len(val_set), pre, device)
+        read = []
+        for batch in loader:
+            images = batch["image"].to(device)
+            masks = batch["mask"][:, 0].to(device).long()  # [B, 1, H, W] -> [B, H, W]
+            if keep:
+                read.append((images, masks))
+            yield images, masks
+        kept.extend(read)  # only a complete pass is kept
 
     def validate(model: nn.Module) -> dict[str, float]:
         per_class: list[dict[str, np.ndarray]] = []
-        for batch in loader:
-            labels = to_labels(probabilities(forward_logits(model, batch["image"].to(device), pre)), threshold)
-            target = batch["mask"][:, 0].to(labels.device).long()  # [B, 1, H, W] -> [B, H, W]
+        for images, target in batches():
+            labels = to_labels(probabilities(forward_logits(model, images, pre)), threshold)
+            target = target.to(labels.device)
             classes = [1] if num_classes == 1 else range(1, num_classes)
             scores = [overlap_scores(confusion_counts(labels == k, target == k, batch_dims=1)) for k in classes]
             per_class.append({m: np.mean([s[m] for s in scores], axis=0) for m in scores[0]})
