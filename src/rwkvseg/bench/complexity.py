@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .models import to_memory_format
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 MAC_METHODS = ("hooks", "torch")
@@ -108,9 +110,7 @@ def measure_latency(
     device = first.device if first is not None else torch.device("cpu")
     x = torch.randn(tuple(input_shape), device=device)
     if channels_last:
-        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        model.to(memory_format=layout)
-        x = x.contiguous(memory_format=layout)
+        x = to_memory_format(model, x, "channels_last")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -132,7 +132,7 @@ def measure_latency(
         torch.set_num_threads(previous_threads)
         model.train(was_training)
         if channels_last:
-            model.to(memory_format=torch.contiguous_format)
+            to_memory_format(model, x, "contiguous")
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
 
 

@@ -9,6 +9,9 @@ less one steady call.
 Times on CUDA come from CUDA events around each call (median over `repeats`); peak memory is the allocator's peak
 above the model and its input. On the CPU the same table runs at small sizes with a fixed thread count and no
 memory column (the allocator's peak is not observable there without a subprocess per row).
+
+memory_format "channels_last" runs a model's parameters and input in channels-last layout (NHWC / NDHWC), the one
+cuDNN's bf16 convolutions run in: with NCHW activations each convolution transposes its input and output.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ Build = Callable[..., nn.Module]
 MODES = ("eager", "compiled")
 PHASES = ("infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+MEMORY_FORMATS = ("contiguous", "channels_last")
 # Channels in and out of the problems the models are built for: RGB images with one foreground class; four MRI
 # sequences with three tumour regions (BraTS).
 PROBLEMS = {2: (3, 1), 3: (4, 3)}
@@ -53,7 +57,7 @@ class ModelBenchConfig:
     sides: input side lengths (the input is a square / cube); empty: SIDES for the device. modes: eager and/or
     compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (dynamic=True
     compiles each (model, phase) once for all sizes; None lets torch recompile per new shape). phases: infer
-    and/or train.
+    and/or train. memory_format: one of MEMORY_FORMATS, for every row (`to_memory_format`).
     """
 
     dims: int
@@ -71,6 +75,7 @@ class ModelBenchConfig:
     warmup: int = 3
     repeats: int = 10
     threads: int = 2
+    memory_format: str = "contiguous"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class ModelBenchConfig:
                 raise ValueError(f"bench models: {name} {list(values)} must be a non-empty subset of {list(valid)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"bench models: compile mode {self.compile_mode!r}; choose one of {COMPILE_MODES}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"bench models: memory format {self.memory_format!r}; choose one of {MEMORY_FORMATS}")
         if self.repeats < 1 or self.warmup < 0 or self.threads < 1:
             raise ValueError("bench models: repeats and threads must be >= 1 and warmup >= 0")
         if any(s < 8 for s in self.sides) or any(b < 1 for b in self.infer_batches) or self.train_batch < 0:
@@ -169,6 +176,23 @@ def _step_fn(model: nn.Module, phase: str, x: torch.Tensor, device: torch.device
     return train
 
 
+def to_memory_format(model: nn.Module, x: torch.Tensor, memory_format: str) -> torch.Tensor:
+    """Converts model in place (its 4D and 5D parameters and buffers) and returns x [B, C, *spatial] in
+    memory_format: "contiguous" (NCHW / NCDHW) or "channels_last" (torch.channels_last for a 4D x,
+    torch.channels_last_3d for a 5D one). Only strides change, not values; convert before torch.compile, which
+    specializes on them."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory format {memory_format!r}; choose one of {MEMORY_FORMATS}")
+    if memory_format == "contiguous":
+        layout = torch.contiguous_format
+    elif x.dim() in (4, 5):
+        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    else:
+        raise ValueError(f"channels_last needs a 4D or 5D input [B, C, *spatial], got shape {tuple(x.shape)}")
+    model.to(memory_format=layout)
+    return x.contiguous(memory_format=layout)
+
+
 def input_shape(dims: int, batch: int, side: int) -> tuple[int, ...]:
     """The benchmark input of a dims-D model: [batch, in_channels of PROBLEMS, side, side(, side)]."""
     return (batch, PROBLEMS[dims][0], *([side] * dims))
@@ -178,10 +202,10 @@ def make_step(
     model: nn.Module, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
 ) -> Callable[[], Any]:
     """The call `measure` times: one inference call or training step of model on a random input of shape on
-    config.device (bf16 autocast on CUDA when config.amp), through torch.compile with config's settings when
-    compiled (the first call compiles)."""
+    config.device (bf16 autocast on CUDA when config.amp), model and input in config.memory_format (model
+    converted in place), through torch.compile with config's settings when compiled (the first call compiles)."""
     device = torch.device(config.device)
-    x = torch.randn(tuple(shape), device=device)
+    x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
     runner = model
     if compiled:
         runner = torch.compile(model, mode=config.compile_mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
@@ -312,7 +336,7 @@ def bench_models(
             for _, mode, phase, batch, side in (key for key in todo if key[0] == name):
                 shape = input_shape(config.dims, batch, side)
                 row = {"model": name, "params_m": params_m, "mode": mode, "phase": phase, "batch": batch}
-                row.update(side=side, tokens=side**config.dims)
+                row.update(side=side, tokens=side**config.dims, memory_format=config.memory_format)
                 model.load_state_dict(state)
                 try:
                     row.update(measure(model, phase, shape, config, mode == "compiled"))
