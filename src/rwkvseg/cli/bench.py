@@ -72,6 +72,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median and min reported)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
     p.add_argument(
+        "--memory-format",
+        default="contiguous",
+        choices=["contiguous", "channels_last"],
+        help="layout of the parameters and the input, every row (default: contiguous; channels_last: NHWC / NDHWC, "
+        "cuDNN's layout for bf16 convolutions)",
+    )
+    p.add_argument(
         "--override",
         action="append",
         default=[],
@@ -299,6 +306,7 @@ def _run_models(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         repeats=args.repeats,
         threads=args.threads,
+        memory_format=args.memory_format,
         overrides=_model_overrides(args.override),
     )
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
@@ -306,6 +314,7 @@ def _run_models(args: argparse.Namespace) -> int:
         info["threads"] = config.threads
     # with the environment, what else makes rows comparable: --resume refuses a file measured otherwise
     info.update(fullgraph=config.fullgraph, dynamic=config.dynamic, repeats=config.repeats, overrides=config.overrides)
+    info["memory_format"] = config.memory_format
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
@@ -353,7 +362,8 @@ def _run_models(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"environment": info, "rows": rows, "growth": growth, "complete": True})
     if args.png:
-        plot_growth(rows, args.png, f"{args.dims}D, {info.get('device_name')}, torch {info['torch']}")
+        layout = "" if config.memory_format == "contiguous" else f", {config.memory_format}"
+        plot_growth(rows, args.png, f"{args.dims}D, {info.get('device_name')}, torch {info['torch']}{layout}")
     return 0
 
 
