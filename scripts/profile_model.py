@@ -2,7 +2,7 @@
 
 `rwkvseg bench models` measures a model's times; this explains one of its rows. It runs the bench's own step
 (bench.models.make_step: the same input shape, bf16 autocast on CUDA, a training step of SGD on the mean of the
-logits, the same torch.compile settings) on one device, and writes to OUT, a new folder:
+logits, the same torch.compile settings and memory format) on one device, and writes to OUT, a new folder:
 
 - profile.txt: per step the wall, host and device-busy ms and the kernel launches; the share of the device time
   (CPU time on the CPU) per category (Bi-WKV, norm, convolution, matmul, ..., uncategorized); the top kernels by
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from rwkvseg.bench.models import (
         COMPILE_MODES,
         INFER_BATCHES,
+        MEMORY_FORMATS,
         MODES,
         PHASES,
         PROBLEMS,
@@ -261,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     parser.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: bf16 autocast)")
+    parser.add_argument(
+        "--memory-format",
+        choices=MEMORY_FORMATS,
+        default="contiguous",
+        help="layout of the parameters and the input, as bench models --memory-format (default: contiguous)",
+    )
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a create_model setting"
     )
@@ -298,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     side = args.side or min(SIDES[(device.type, dims)])
     batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
     config = ModelBenchConfig(
-        dims=dims, device=args.device, compile_mode=args.compile_mode, fullgraph=args.fullgraph, amp=not args.no_amp
+        dims=dims,
+        device=args.device,
+        compile_mode=args.compile_mode,
+        fullgraph=args.fullgraph,
+        amp=not args.no_amp,
+        memory_format=args.memory_format,
     )
     shape = input_shape(dims, batch, side)
     step = make_step(model, args.phase, shape, config, args.mode == "compiled")
@@ -326,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     run = {"model": args.model, "dims": dims, "shape": list(shape), "phase": args.phase, "mode": args.mode}
     run.update(compile_mode=args.compile_mode, fullgraph=args.fullgraph, amp=config.amp and cuda, settings=settings)
+    run["memory_format"] = args.memory_format
     run.update(steps=args.steps, warmup=args.warmup, first_call_s=round(first_s, 3))
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     report = _report(
