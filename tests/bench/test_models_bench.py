@@ -9,12 +9,15 @@ import torch
 from torch import nn
 
 from rwkvseg.bench.models import (
+    PHASES,
     ModelBenchConfig,
     bench_models,
     failure_note,
     growth_rows,
+    make_step,
     models_of_dims,
     plot_growth,
+    to_memory_format,
 )
 from rwkvseg.cli import main
 from rwkvseg.models import create_model, list_models
@@ -117,11 +120,68 @@ def test_a_failure_note_follows_the_cause_and_keeps_to_one_short_line():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(dims=4), dict(dims=2, modes=("fast",)), dict(dims=2, phases=()), dict(dims=2, repeats=0)]
+    "kwargs",
+    [
+        dict(dims=4),
+        dict(dims=2, modes=("fast",)),
+        dict(dims=2, phases=()),
+        dict(dims=2, repeats=0),
+        dict(dims=2, memory_format="nhwc"),
+    ],
 )
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="bench models"):
         ModelBenchConfig(**kwargs)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_to_memory_format_converts_the_model_and_the_input_and_back(dims):
+    conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(3, 4, 3)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn(2, 3, *[5] * dims)
+    y = to_memory_format(conv, x, "channels_last")
+    assert y.is_contiguous(memory_format=layout) and not y.is_contiguous() and torch.equal(y, x)
+    assert conv.weight.is_contiguous(memory_format=layout) and not conv.weight.is_contiguous()
+    back = to_memory_format(conv, y, "contiguous")
+    assert back.is_contiguous() and conv.weight.is_contiguous() and torch.equal(back, x)
+
+
+def test_to_memory_format_refuses_an_unknown_format_and_a_map_without_two_or_three_spatial_axes():
+    with pytest.raises(ValueError, match="choose one of"):
+        to_memory_format(nn.Conv2d(3, 4, 3), torch.randn(2, 3, 5, 5), "nhwc")
+    with pytest.raises(ValueError, match="4D or 5D input"):
+        to_memory_format(nn.Conv1d(3, 4, 3), torch.randn(2, 3, 5), "channels_last")
+
+
+class _Spy(nn.Module):
+    """Records whether its input and its weight are channels-last when it runs and when it is compiled."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(("input", x.is_contiguous(memory_format=torch.channels_last)))
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_the_step_runs_model_and_input_in_the_memory_format_converted_before_compiling(
+    monkeypatch, phase, compiled, memory_format
+):
+    def compile_(model, **settings):  # as torch.compile but without Inductor: what would be compiled, and when
+        model.seen.append(("compiled", model.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    model = _Spy()
+    config = ModelBenchConfig(dims=2, memory_format=memory_format)
+    make_step(model, phase, (2, 3, 8, 8), config, compiled)()
+    expected = [("compiled", memory_format == "channels_last")] if compiled else []
+    assert model.seen == [*expected, ("input", memory_format == "channels_last")]
 
 
 def test_command_prints_the_table_and_writes_json_and_figure(tmp_path, capsys):
@@ -192,6 +252,22 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     result = json.loads(out.read_text())
     assert result["complete"] and result["rows"][:4] == partial["rows"] and len(result["rows"]) == 2 * 3
     assert main([*argv[:-2], "--resume"]) == 2 and "give --json FILE" in capsys.readouterr().err
+
+
+def test_command_runs_in_the_memory_format_and_resumes_only_in_it(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--modes", "eager"]
+    argv += ["--repeats", "1", "--threads", "1", "--json", str(out)]
+    assert main([*argv, "--memory-format", "channels_last"]) == 0
+    assert "memory_format=channels_last" in capsys.readouterr().out  # the line above the table
+    result = json.loads(out.read_text())
+    assert result["environment"]["memory_format"] == "channels_last" and result["complete"]
+    assert [(r["phase"], r["batch"]) for r in result["rows"]] == [("infer", 1), ("infer", 8), ("train", 8)]
+    assert all(r["memory_format"] == "channels_last" and r["ms"] > 0 for r in result["rows"])
+    assert main([*argv, "--resume"]) == 2  # contiguous, the default: not to be mixed into that file
+    err = capsys.readouterr().err
+    assert "other settings or on another machine (memory_format: ['channels_last'] there, ['contiguous'] here)" in err
+    assert err.count("\n") == 1 and json.loads(out.read_text()) == result
 
 
 def test_command_refuses_unknown_models_and_bad_overrides():

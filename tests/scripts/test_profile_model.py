@@ -73,13 +73,15 @@ def test_profile_of_a_small_model_on_the_cpu(script, tmp_path, capsys, phase):
     out = tmp_path / "out"
     argv = ["urwkv_test", "--device", "cpu", "--phase", phase, "--side", "16", "--batch", "2"]
     argv += ["--steps", "2", "--warmup", "1", "--set", "dual=false", "--out", str(out)]
-    assert script.main(argv) == 0
+    layout = "channels_last" if phase == "train" else "contiguous"  # each layout once, without a third profile
+    assert script.main([*argv, "--memory-format", layout]) == 0
     printed = capsys.readouterr().out
     assert "CPU time per category" in printed and "top " in printed
     assert sorted(p.name for p in out.iterdir()) == ["profile.json", "profile.txt", "trace.json.gz"]
     assert (out / "profile.txt").read_text().strip() == printed.strip()
     result = json.loads((out / "profile.json").read_text())
     assert result["run"]["settings"] == {"dual": False} and result["run"]["shape"] == [2, 3, 16, 16]
+    assert result["run"]["memory_format"] == layout and f"memory_format={layout}" in printed
     shares = {c["category"]: c["share"] for c in result["categories"]}
     assert {"bi_wkv", "norm", "conv", "uncategorized", "outside operators"} <= shares.keys()
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
