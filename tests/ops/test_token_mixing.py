@@ -80,6 +80,23 @@ def test_views_are_exactly_inverted(view):
     assert torch.equal(from_view(s, view, (5, 6, 7)), x)
 
 
+@pytest.mark.parametrize("size", [(6, 7), (5, 6, 7)])
+def test_row_major_tokens_of_a_channels_last_map_are_a_free_view(size):
+    """A channels-last map is stored as its row-major tokens [B, N, C]: the tokens are then a contiguous view (no
+    copy before the projections, as there is one of a contiguous map), and contiguous tokens mapped back are a
+    channels-last map."""
+    x = torch.randn(2, 3, *size)
+    layout = torch.channels_last if len(size) == 2 else torch.channels_last_3d
+    to_tokens = (lambda m: scan_2d(m, "rows")) if len(size) == 2 else (lambda m: to_view(m, "thw"))
+    to_map = (lambda s: unscan_2d(s, "rows", size)) if len(size) == 2 else (lambda s: from_view(s, "thw", size))
+    assert not to_tokens(x).is_contiguous()
+    x_cl = x.contiguous(memory_format=layout)
+    tokens = to_tokens(x_cl)
+    assert tokens.is_contiguous() and tokens.data_ptr() == x_cl.data_ptr() and torch.equal(tokens, to_tokens(x))
+    back = to_map(tokens)
+    assert back.is_contiguous(memory_format=layout) and back.data_ptr() == x_cl.data_ptr() and torch.equal(back, x)
+
+
 def test_view_orders():
     T, H, W = 3, 2, 4
     t, h, w = torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")

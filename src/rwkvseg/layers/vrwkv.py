@@ -124,10 +124,12 @@ class ChannelMix(nn.Module):
 
 
 def _to_tokens(x: Tensor) -> Tensor:
+    # a view: contiguous tokens when x is channels-last (the layout stores them), strided ones otherwise
     return x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
 
 
 def _to_map(t: Tensor, size: tuple[int, int]) -> Tensor:
+    # contiguous t: a view, a channels-last map
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *size)  # [B, H*W, C] -> [B, C, H, W]
 
 

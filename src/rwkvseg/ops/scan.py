@@ -132,6 +132,7 @@ def scan_2d(x: Tensor, order: str) -> Tensor:
         x = x.transpose(2, 3)
     elif order == "cols_reversed":
         x = x.flip(2).transpose(2, 3)
+    # a view; for "rows" of a channels-last x, contiguous tokens (the layout stores them), else strided ones
     return x.flatten(2).transpose(1, 2)  # [B, C, H', W'] -> [B, H'*W', C]
 
 
@@ -156,6 +157,7 @@ def unscan_2d(s: Tensor, order: str, size: tuple[int, int]) -> Tensor:
 def to_view(x: Tensor, view: str) -> Tensor:
     """[B, C, T, H, W] -> [B, T*H*W, C] in (t, h, w) order ("thw") or (h, w, t) order ("hwt")."""
     if view == "thw":
+        # a view: contiguous tokens when x is channels-last (the layout stores them), strided ones otherwise
         return x.flatten(2).transpose(1, 2)
     if view == "hwt":
         return x.permute(0, 3, 4, 2, 1).flatten(1, 3)  # [B, C, T, H, W] -> [B, H*W*T, C]
@@ -169,7 +171,7 @@ def from_view(s: Tensor, view: str, size: tuple[int, int, int]) -> Tensor:
     if T * H * W != N:
         raise ValueError(f"from_view: {N} tokens do not form a {T} x {H} x {W} volume")
     if view == "thw":
-        return s.transpose(1, 2).reshape(B, C, T, H, W)
+        return s.transpose(1, 2).reshape(B, C, T, H, W)  # contiguous s: a view, a channels-last map
     if view == "hwt":
         return s.reshape(B, H, W, T, C).permute(0, 4, 3, 1, 2)
     raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
