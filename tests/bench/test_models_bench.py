@@ -259,7 +259,9 @@ def test_command_runs_in_the_memory_format_and_resumes_only_in_it(tmp_path, caps
     argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--modes", "eager"]
     argv += ["--repeats", "1", "--threads", "1", "--json", str(out)]
     assert main([*argv, "--memory-format", "channels_last"]) == 0
-    assert "memory_format=channels_last" in capsys.readouterr().out  # the line above the table
+    printed = capsys.readouterr().out
+    assert "memory_format=channels_last" in printed.splitlines()[0]  # the settings line
+    assert "parameters and inputs in channels_last memory format\n    model  phase" in printed  # above the table
     result = json.loads(out.read_text())
     assert result["environment"]["memory_format"] == "channels_last" and result["complete"]
     assert [(r["phase"], r["batch"]) for r in result["rows"]] == [("infer", 1), ("infer", 8), ("train", 8)]

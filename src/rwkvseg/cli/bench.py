@@ -351,6 +351,8 @@ def _run_models(args: argparse.Namespace) -> int:
         columns += [(f"{mode}_ms", f"{mode} ms"), (f"{mode}_peak_mb", f"{mode} MB")]
     if "compiled" in config.modes:
         columns.append(("compiled_compile_s", "compile s"))
+    if config.memory_format != "contiguous":  # also in the line above the progress, far up in a long run
+        print(f"parameters and inputs in {config.memory_format} memory format")
     print(format_table(list(table.values()), [*columns, ("note", "note")]))
     for text, ref in notes.items():
         print(f"[{ref}] {text}")
