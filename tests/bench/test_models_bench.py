@@ -270,6 +270,15 @@ def test_command_runs_in_the_memory_format_and_resumes_only_in_it(tmp_path, caps
     err = capsys.readouterr().err
     assert "other settings or on another machine (memory_format: ['channels_last'] there, ['contiguous'] here)" in err
     assert err.count("\n") == 1 and json.loads(out.read_text()) == result
+    # a file written before the option existed (no memory_format anywhere) measured contiguous maps: it resumes so
+    contiguous = tmp_path / "old.json"
+    assert main([*argv[:-1], str(contiguous)]) == 0
+    old = json.loads(contiguous.read_text())
+    del old["environment"]["memory_format"]
+    old["rows"] = [{k: v for k, v in r.items() if k != "memory_format"} for r in old["rows"][:1]]
+    contiguous.write_text(json.dumps({**old, "complete": False}))
+    assert main([*argv[:-1], str(contiguous), "--resume"]) == 0
+    assert "1 rows kept from" in capsys.readouterr().out
 
 
 def test_command_refuses_unknown_models_and_bad_overrides():

@@ -379,6 +379,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         rows, before = list(doc["rows"]), dict(doc["environment"])
+        before.setdefault("memory_format", "contiguous")  # files from before the option measured contiguous maps
     except FileNotFoundError:
         raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
     except (ValueError, KeyError, TypeError) as err:
