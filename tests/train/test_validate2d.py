@@ -44,7 +44,7 @@ def test_resized_sets_are_read_once_and_score_the_same(resize):
 
 def test_sets_over_the_budget_are_read_every_time(monkeypatch):
     pre = Preprocessing2D(3, (16, 16), "resize", "dtype")
-    need = 5 * 4 * 16 * 16 * 4  # float32 images and masks
+    need = 5 * (3 * 4 + 1) * 16 * 16  # float32 images, uint8 masks
     assert keeps_batches(5, pre, torch.device("cpu"))
     monkeypatch.setattr(validate_module, "KEEP_HOST_BYTES", need - 1)
     assert not keeps_batches(5, pre, torch.device("cpu"))

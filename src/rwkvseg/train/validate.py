@@ -32,10 +32,10 @@ KEEP_DEVICE_FRACTION = 0.25
 
 
 def keeps_batches(n: int, pre: Preprocessing2D, device: torch.device) -> bool:
-    """Whether n validation images at the network size (float32, with their masks) are kept after the first pass."""
+    """Whether n validation images at the network size (float32, with uint8 masks) are kept after the first pass."""
     if pre.resize != "resize":
         return False  # whole images of different sizes, one at a time
-    need = n * (pre.channels + 1) * int(pre.size[0]) * int(pre.size[1]) * 4
+    need = n * (4 * pre.channels + 1) * int(pre.size[0]) * int(pre.size[1])
     free = free_memory(device)
     return need <= (KEEP_HOST_BYTES if free is None else KEEP_DEVICE_FRACTION * free)
 
@@ -64,6 +64,7 @@ def validator_2d(
         generator=torch.Generator(),  # its own: reading the set draws no number from the training's global RNG
     )
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images [B, C, H, W], masks [B, H, W]) on the device
+    mask_dtype = torch.uint8 if num_classes <= 256 else torch.long  # class indices
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if kept:
@@ -73,7 +74,7 @@ def validator_2d(
         read = []
         for batch in loader:
             images = batch["image"].to(device)
-            masks = batch["mask"][:, 0].to(device).long()  # [B, 1, H, W] -> [B, H, W]
+            masks = batch["mask"][:, 0].to(device, mask_dtype)  # [B, 1, H, W] -> [B, H, W]
             if keep:
                 read.append((images, masks))
             yield images, masks
