@@ -3,6 +3,7 @@ the checkpoint record written with --write-record rebuilds the model, a train me
 an evaluate message scores its validation cases, and a site that is not in the federation is a clear error."""
 
 import importlib.util
+import json
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -187,3 +188,40 @@ def _record(tmp_path, context):
     record = tmp_path / "record.json"
     assert main(["federate", context.node_config["config"], "--write-record", str(record)]) == 0
     return record
+
+
+def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, task_identity):
+    """A 3D training set's length is its patches per epoch, the same at every site; FedAvg weighs by cases."""
+    from rwkvseg.data.synthetic3d import write_synthetic_volumes
+    from rwkvseg.federated import deploy
+
+    write_synthetic_volumes(tmp_path / "raw", n=4, shape=(23, 27, 21), spacing=2.0, seed=1)
+    config = tmp_path / "site3d.toml"
+    config.write_text(
+        f'dims = 3\ndevice = "cpu"\namp = "off"\nout = "{tmp_path / "fed"}"\n[model]\nname = "mmsegrwkv_test"\n'
+        f'[data]\nroot = "{tmp_path / "raw"}"\npatch_size = [15, 23, 21]\nsamples_per_epoch = 6\nbatch_size = 2\n'
+        "num_workers = 0\nval_fraction = 0.34\n[infer]\nmirror_axes = []\n[federated]\nrounds = 1\n"
+    )
+    record = tmp_path / "record.json"
+    assert main(["federate", str(config), "--write-record", str(record)]) == 0
+    model = build_model(read_meta(record))
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"site": "A", "config": str(config)},
+        state=RecordDict(),
+        run_config={"sites": "A,B"},
+    )
+    train = Message(
+        RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"round": 1, "local-epochs": 1})}
+        ),
+        dst_node_id=5,
+        message_type="train",
+    )
+    reply = deploy.client(train, context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    split = json.loads((tmp_path / "fed" / "sites" / "A" / "split.json").read_text())["folds"][0]
+    assert metrics["steps"] == 3  # 6 patches in batches of 2
+    assert metrics["num-examples"] == len(split["train"]) < 6

@@ -142,7 +142,9 @@ def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
     )
     trained = model.state_dict()
     state = {k: trained[k].detach().cpu() for k in received}  # what was sent, in its order (fixedclipping_mod)
-    record = MetricRecord({**metrics, WEIGHT_KEY: len(data.train_set), SITE_KEY: index})
+    # the weight in FedAvg: the site's training cases (a 3D training set's length is its patches per epoch, the
+    # same number at every site)
+    record = MetricRecord({**metrics, WEIGHT_KEY: _n_train(config), SITE_KEY: index})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": record}), reply_to=msg)
 
 
@@ -188,6 +190,11 @@ def client_app(plan: SitePlan) -> ClientApp:
         return handle_evaluate(plan, msg, context)
 
     return app
+
+
+def _n_train(config: TrainConfig) -> int:
+    """The number of the site's training cases (the weight of its update in FedAvg / FedProx)."""
+    return len(read_split(config.data.split).train)
 
 
 def _n_val(config: TrainConfig) -> int:
