@@ -190,8 +190,10 @@ def _record(tmp_path, context):
     return record
 
 
-def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, task_identity):
-    """A 3D training set's length is its patches per epoch, the same at every site; FedAvg weighs by cases."""
+@pytest.mark.parametrize("per_case", [0, 4])
+def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, task_identity, per_case):
+    """A 3D training set's length is its patches per epoch, the same at every site; FedAvg weighs by cases. With
+    federated.patches_per_case the site's epoch is that many patches per training case."""
     from rwkvseg.data.synthetic3d import write_synthetic_volumes
     from rwkvseg.federated import deploy
 
@@ -201,6 +203,7 @@ def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, tas
         f'dims = 3\ndevice = "cpu"\namp = "off"\nout = "{tmp_path / "fed"}"\n[model]\nname = "mmsegrwkv_test"\n'
         f'[data]\nroot = "{tmp_path / "raw"}"\npatch_size = [15, 23, 21]\nsamples_per_epoch = 6\nbatch_size = 2\n'
         "num_workers = 0\nval_fraction = 0.34\n[infer]\nmirror_axes = []\n[federated]\nrounds = 1\n"
+        f"patches_per_case = {per_case}\n"
     )
     record = tmp_path / "record.json"
     assert main(["federate", str(config), "--write-record", str(record)]) == 0
@@ -223,5 +226,6 @@ def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, tas
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
     split = json.loads((tmp_path / "fed" / "sites" / "A" / "split.json").read_text())["folds"][0]
-    assert metrics["steps"] == 3  # 6 patches in batches of 2
-    assert metrics["num-examples"] == len(split["train"]) < 6
+    cases = len(split["train"])
+    assert metrics["num-examples"] == cases == 3
+    assert metrics["steps"] == (3 if per_case == 0 else per_case * cases // 2)  # patches in batches of 2

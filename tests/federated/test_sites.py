@@ -124,3 +124,10 @@ def test_federated_config_checks_epochs_and_reads_a_base_config(tmp_path):
         federated_config_from_dict({"federated": {"round": 2}})
     with pytest.raises(ValueError, match=r"federated\.strategy = 'fedsgd'"):
         federated_config_from_dict({"federated": {"strategy": "fedsgd"}})
+    with pytest.raises(ValueError, match=r"federated\.patches_per_case sizes 3D patch epochs; .* set it to 0"):
+        federated_config_from_dict({"federated": {"patches_per_case": 38}})  # a 2D config
+    with pytest.raises(ValueError, match=r"federated\.patches_per_case = -1 must be >= 0"):
+        federated_config_from_dict({"dims": 3, "federated": {"patches_per_case": -1}})
+    assert (
+        federated_config_from_dict({"dims": 3, "federated": {"patches_per_case": 38}}).federated.patches_per_case == 38
+    )

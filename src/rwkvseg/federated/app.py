@@ -98,7 +98,8 @@ def _site_setup(plan: SitePlan, context: Context):
     train = plan.config.train
     device = resolve_device(train.device)
     torch.set_num_threads(max(1, int(plan.config.federated.client_cpus)))
-    config = site_config(train, Path(plan.sites_dir) / site.name, plan.data_root)
+    site_dir, per_case = Path(plan.sites_dir) / site.name, plan.config.federated.patches_per_case
+    config = site_config(train, site_dir, plan.data_root, per_case, len(site.train))
     data = setup_site(config, device)
     model = build_model(data.meta)
     return index, config, data, model, device

@@ -64,7 +64,9 @@ class FederatedSettings:
     local training with a new optimizer; "keep" has each site keep its optimizer state (SGD momentum) from its
     previous round in its own folder (the state never leaves the site). With momentum 0.99 a fresh optimizer spends
     the first ~100 steps of every round building its momentum back up; on BraTS keeping it changed little
-    (docs/federated.md)."""
+    (docs/federated.md). patches_per_case (3D): each site's epoch is this many patches per training case of the
+    site, as a centralized epoch of N patches over C cases gives each case N / C; 0: every site draws
+    data.patches.samples_per_epoch (sites of few cases then see each case more often)."""
 
     rounds: int = 10
     local_epochs: int = 1
@@ -77,6 +79,7 @@ class FederatedSettings:
     client_gpus: float = 0.0
     timeout_s: float = 3600.0
     site_optimizer: str = "fresh"
+    patches_per_case: int = 0
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class FederatedSettings:
             raise ValueError(f"federated.site_optimizer = {self.site_optimizer!r} is not valid; choose fresh or keep")
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ValueError("federated.client_cpus must be > 0 and federated.client_gpus >= 0")
+        if self.patches_per_case < 0:
+            raise ValueError(f"federated.patches_per_case = {self.patches_per_case} must be >= 0 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,12 @@ def federated_config_from_dict(data: dict[str, Any], base_dir: Path | str = ".")
             f"{settings.local_epochs} = {total}; every site trains that many epochs: make them agree"
         )
     data["epochs"] = total
-    return FederatedConfig(config_from_dict(data), settings)
+    train = config_from_dict(data)
+    if settings.patches_per_case and train.dims != 3:
+        raise ValueError(
+            "federated.patches_per_case sizes 3D patch epochs; a 2D site's epoch is its own images: set it to 0"
+        )
+    return FederatedConfig(train, settings)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -47,11 +47,16 @@ class ProximalLoss(nn.Module):
         return self.loss(logits, target) + 0.5 * self.mu * self.proximal().to(logits.device)
 
 
-def site_config(config: TrainConfig, site_dir: Path, data_root: str) -> TrainConfig:
-    """The training config of one site: its own split file and folder, the shared (preprocessed) data root."""
-    return replace(
-        config, out=str(site_dir), data=replace(config.data, root=data_root, split=str(site_dir / SPLIT_FILE))
-    )
+def site_config(
+    config: TrainConfig, site_dir: Path, data_root: str, patches_per_case: int = 0, train_cases: int = 0
+) -> TrainConfig:
+    """The training config of one site: its own split file and folder, the shared (preprocessed) data root; with
+    patches_per_case (3D), an epoch of that many patches per training case (at least one batch)."""
+    data = replace(config.data, root=data_root, split=str(site_dir / SPLIT_FILE))
+    if patches_per_case:
+        samples = max(data.batch_size, patches_per_case * train_cases)
+        data = replace(data, patches=replace(data.patches, samples_per_epoch=samples))
+    return replace(config, out=str(site_dir), data=data)
 
 
 def write_site_split(site: Site, site_dir: Path, seed: int) -> Path:
