@@ -68,16 +68,17 @@ def write_brats_case(
 
 
 def save_conv_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, record) -> Path:
-    """An ONNX file of one convolution (weight [K, C, 1, ...]) carrying an rwkvseg export record
-    (rwkvseg.export.onnx.ExportRecord): what onnxruntime-side code runs without exporting a model. Axes the record
-    fixes are static in the graph, the others symbolic."""
+    """An ONNX file of one convolution (weight [K, C, k, ...], odd k, zero padding that keeps the size) carrying an
+    rwkvseg export record (rwkvseg.export.onnx.ExportRecord): what onnxruntime-side code runs without exporting a
+    model. Axes the record fixes are static in the graph, the others symbolic."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     k, c = weight.shape[:2]
+    pads = [n // 2 for n in weight.shape[2:]] * 2  # begins, then ends
     spatial = [a if isinstance(a, int) else f"s{i}" for i, a in enumerate(record.axes)]
     graph = helper.make_graph(
-        [helper.make_node("Conv", [record.input_name, "w", "b"], [record.output_name])],
+        [helper.make_node("Conv", [record.input_name, "w", "b"], [record.output_name], pads=pads)],
         record.model,
         [helper.make_tensor_value_info(record.input_name, TensorProto.FLOAT, ["B", c, *spatial])],
         [helper.make_tensor_value_info(record.output_name, TensorProto.FLOAT, ["B", k, *spatial])],

@@ -14,6 +14,7 @@ from rwkvseg.checkpoint import CheckpointMeta  # noqa: E402
 from rwkvseg.export.onnx import ExportRecord, export_onnx  # noqa: E402
 from rwkvseg.export.runtime import OnnxPredictor, predict_files, quantize_int8  # noqa: E402
 from rwkvseg.infer.predict2d import Preprocessing2D, predict_arrays  # noqa: E402
+from rwkvseg.infer.sliding_window import mirrored  # noqa: E402
 from writers import save_conv_onnx  # noqa: E402
 
 PRE = {"channels": 3, "size": [32, 48], "resize": "resize", "normalization": "auto"}
@@ -51,6 +52,31 @@ def test_image_protocol_equals_the_torch_prediction_path(tiny):
     for g, e, p in zip(got, expected, pixels, strict=True):
         assert g.shape == (1, *p.shape[:2])
         assert np.abs(g - e.numpy()).max() <= 1e-5
+
+
+def test_mirror_tta_equals_the_torch_path_and_changes_what_a_3x3_kernel_sees(tmp_path):
+    """A random 3x3 kernel is not flip-symmetric: averaging over flips changes the logits, as torch's mirrored()."""
+    rng = np.random.default_rng(2)
+    weight, bias = rng.standard_normal((1, 3, 3, 3)).astype(np.float32), np.array([0.1], np.float32)
+    conv_file(tmp_path / "k3.onnx", weight, bias)
+    conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+        conv.bias.copy_(torch.from_numpy(bias))
+    pixels = [rng.integers(0, 256, (41, 67, 3), dtype=np.uint8)]
+    pre = Preprocessing2D.from_meta(CheckpointMeta("tiny", 3, 1, preprocessing=PRE))
+    plain = OnnxPredictor(tmp_path / "k3.onnx").predict_images(pixels)[0]
+    for axes in [(0,), (1,), (0, 1)]:
+        with torch.no_grad():
+            expected = predict_arrays(mirrored(conv, axes), [pixels[0].astype(np.float32) / 255], pre)[0].numpy()
+        got = OnnxPredictor(tmp_path / "k3.onnx", mirror_axes=axes).predict_images(pixels)[0]
+        assert np.abs(got - expected).max() <= 1e-5
+        assert np.abs(got - plain).max() > 1e-2
+    predictor = OnnxPredictor(tmp_path / "k3.onnx")
+    for bad in [(2,), (0, 0)]:
+        with pytest.raises(ValueError, match=r"--mirror-axes .* must name each of the 2 spatial axes"):
+            predictor.mirror_axes = bad
+    assert predictor.mirror_axes == ()
 
 
 def test_sizes_are_checked_against_the_record(tiny):
@@ -143,3 +169,28 @@ def test_predict_with_the_onnx_runtime_needs_an_exported_file(tmp_path, capsys):
                  "--runtime", "onnx"]) == 2  # fmt: skip
     assert "rwkvseg export" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_predict_command_runs_mirror_tta_on_the_onnx_runtime(tmp_path, capsys):
+    from PIL import Image
+
+    from rwkvseg.cli import main
+    from writers import save_png
+
+    rng = np.random.default_rng(3)
+    weight, bias = rng.standard_normal((1, 3, 3, 3)).astype(np.float32), np.array([0.0], np.float32)
+    conv_file(tmp_path / "k3.onnx", weight, bias)
+    save_png(tmp_path / "in" / "a.png", rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    masks = {}
+    for name, extra in [("plain", []), ("tta", ["--mirror-axes", "0,1"])]:
+        out = tmp_path / name
+        argv = ["predict", str(tmp_path / "k3.onnx"), str(tmp_path / "in"), "--out", str(out), "--runtime", "onnx"]
+        assert main([*argv, *extra]) == 0
+        masks[name] = np.asarray(Image.open(out / "a.png"))
+    expected = OnnxPredictor(tmp_path / "k3.onnx", mirror_axes=(0, 1)).predict_mask(tmp_path / "in" / "a.png")
+    assert (masks["tta"] > 0).tolist() == (expected > 0).tolist()
+    assert (masks["tta"] != masks["plain"]).any()
+    bad = ["predict", str(tmp_path / "k3.onnx"), str(tmp_path / "in"), "--out", str(tmp_path / "bad")]
+    assert main([*bad, "--runtime", "onnx", "--mirror-axes", "2"]) == 2
+    assert "--mirror-axes [2] must name each of the 2 spatial axes" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -143,8 +143,8 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
     predictor = OnnxPredictor(model, threads=args.threads)
-    if predictor.dims == 2 and config.mirror_axes:
-        raise ValueError("--mirror-axes is not available for 2D models with --runtime onnx; leave it out, or use torch")
+    if predictor.dims == 2 and config.mirror_axes:  # 3D: the sliding window does the flips (config.mirror_axes)
+        predictor.mirror_axes = config.mirror_axes
     if predictor.dims == 3:
         from ..export.volumes import predict_volumes
 

@@ -7,6 +7,8 @@ Everything comes from the record embedded in the file (metadata key "rwkvseg", s
   from images already normalized (the service reads them as `rwkvseg predict` does).
 - any dims: `predict_batch(batch)` on network-ready arrays [B, C, *spatial]; each axis is checked against the
   record (static size, or a multiple and a minimum) with an error that says how to pad.
+- mirror TTA (`OnnxPredictor(path, mirror_axes=(0, 1))`): the logits averaged over every flip of those spatial
+  axes, as `rwkvseg predict --mirror-axes` does with torch.
 Optional int8 weights: `quantize_int8` (onnxruntime.quantization, dynamic or static with calibration inputs).
 """
 
@@ -16,6 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +106,10 @@ class OnnxPredictor:
 
     `OnnxPredictor("model.onnx", threads=2).predict_image("polyp.jpg")` -> probabilities [K, H, W] at the image's
     own size (2D resize protocol); `predict_batch(x)` -> probabilities for network-ready x [B, C, *spatial].
+    mirror_axes: spatial axes whose flips every logits call averages over (test-time augmentation; () none).
     """
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, mirror_axes: Sequence[int] = ()) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX file {self.path} not found; export one with rwkvseg.export.export_onnx")
@@ -116,6 +120,21 @@ class OnnxPredictor:
         self.record: dict[str, Any] = json.loads(meta[METADATA_KEY])
         self.input_name = self.record["input_name"]
         self.output_name = self.record["output_name"]
+        self.mirror_axes = mirror_axes
+
+    @property
+    def mirror_axes(self) -> tuple[int, ...]:
+        return self._mirror_axes
+
+    @mirror_axes.setter
+    def mirror_axes(self, axes: Sequence[int]) -> None:
+        checked = tuple(int(a) for a in axes)
+        if any(a not in range(self.dims) for a in checked) or len(set(checked)) < len(checked):
+            raise ValueError(
+                f"--mirror-axes {list(checked)} must name each of the {self.dims} spatial axes of {self.path} at "
+                f"most once (0 .. {self.dims - 1})"
+            )
+        self._mirror_axes = checked
 
     @property
     def dims(self) -> int:
@@ -149,10 +168,19 @@ class OnnxPredictor:
                 )
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Network-ready float32 [B, C, *spatial] -> logits [B, K, *spatial]."""
+        """Network-ready float32 [B, C, *spatial] -> logits [B, K, *spatial] (with mirror_axes: averaged over the
+        flips, each flipped back)."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         self.check_input(batch.shape)
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
+        subsets = [s for r in range(len(self.mirror_axes) + 1) for s in combinations(self.mirror_axes, r)]
+        total = None
+        for subset in subsets:
+            axes = tuple(2 + a for a in subset)
+            x = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
+            out = self.session.run([self.output_name], {self.input_name: x})[0]
+            out = np.flip(out, axes) if axes else out
+            total = out.astype(np.float32) if total is None else total + out
+        return total if len(subsets) == 1 else total / len(subsets)
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Network-ready [B, C, *spatial] -> probabilities [B, K, *spatial]."""
