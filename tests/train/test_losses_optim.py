@@ -39,3 +39,34 @@ def test_poly_and_cosine_schedules():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**0.9)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_step_equals_the_default_one(name):
+    """optim.fused: torch's fused kernel gives the default (foreach) update up to rounding, and the two share one
+    state format, so a run can resume across the setting."""
+
+    def run(fused, steps=5, state=None):
+        torch.manual_seed(0)
+        # no norm: a bias before a batch norm has a gradient of pure rounding, which Adam scales up to full steps
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+        config = OptimConfig(name=name, lr=0.05, momentum=0.9, nesterov=name == "sgd", fused=fused)
+        optimizer = build_optimizer(model, config)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        if state is not None:
+            optimizer.load_state_dict(state)
+        x = torch.randn(2, 3, 9, 9)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        return model, optimizer
+
+    plain, plain_opt = run(False)
+    fused, _ = run(True)
+    moved = False
+    for (key, a), b in zip(plain.state_dict().items(), fused.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)
+        moved |= key.endswith("weight") and not torch.equal(a, run(False, steps=0)[0].state_dict()[key])
+    assert moved  # the steps changed the weights: the comparison is not of two untouched models
+    run(True, steps=1, state=plain_opt.state_dict())  # a default optimizer's state loads into a fused one

@@ -98,7 +98,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """sgd + poly per iteration from 0.01 is the paper's; adamw + cosine (with warmup) is the common alternative."""
+    """sgd + poly per iteration from 0.01 is the paper's; adamw + cosine (with warmup) is the common alternative.
+    fused: torch's fused optimizer step (one kernel for the whole update, CUDA and CPU) instead of its multi-tensor
+    ("foreach") kernels: the same update up to rounding; off by default until measured (docs/speed.md)."""
 
     name: str = "sgd"
     lr: float = 0.01
@@ -111,6 +113,7 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
     grad_clip: float = 0.0
+    fused: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
