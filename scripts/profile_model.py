@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from rwkvseg.bench.profiling import device_kernels
+
 # (category, patterns): a kernel (CUDA) or an operator's self time (CPU) goes to the first category with a
 # pattern (a regular expression, searched case-insensitively) in its own name or in the name of an operator it
 # ran inside, so a copy inside rwkvseg::bi_wkv is Bi-WKV's and a layout kernel inside a convolution is the
@@ -143,11 +145,7 @@ def attribute(events, cuda: bool) -> list[tuple[str, str, float, bool]]:
     # a kernel's linked_correlation_id is the id of the operator that launched it (0: none known)
     launchers = {e.id: e for e in cpu_events if getattr(e, "linked_correlation_id", 0) == 0}
     found = []
-    for e in events:
-        # a user annotation on the device's timeline (a record_function's span there) is no kernel: counting it
-        # would count its kernels twice (as torch's own table total leaves it out)
-        if e.device_type == torch.autograd.DeviceType.CPU or e.is_async or getattr(e, "is_user_annotation", False):
-            continue
+    for e in device_kernels(events):
         link = getattr(e, "linked_correlation_id", 0)
         owner = launchers.get(link) if link else None
         names = [e.name, *_ancestry(owner)]

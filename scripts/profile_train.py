@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.autograd import DeviceType
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
+
+from rwkvseg.bench.profiling import device_kernels
 
 
 def main() -> int:
@@ -90,11 +91,7 @@ def main() -> int:
     lines = [f"{len(stamps)} steps; median wall time per step after {args.skip}: {per_step:.1f} ms"]
     if cuda:
         # kernels only: an operator's row repeats its kernels' time, and a device-side annotation spans them
-        busy_us = sum(
-            e.time_range.elapsed_us()
-            for e in prof.events()
-            if e.device_type != DeviceType.CPU and not e.is_async and not getattr(e, "is_user_annotation", False)
-        )
+        busy_us = sum(e.time_range.elapsed_us() for e in device_kernels(prof.events()))
         wall_us = sum(times[2:]) * 1e6 if len(times) > 2 else float("nan")
         lines.append(f"device busy {busy_us / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms profiled ({busy_us / wall_us:.0%})")
         lines.append(events.table(sort_by="self_device_time_total", row_limit=25))

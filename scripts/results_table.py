@@ -33,6 +33,7 @@ from rwkvseg import __version__
 from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.bench.wkv import environment as bench_environment
 from rwkvseg.checkpoint import load_checkpoint
+from rwkvseg.cli.predict import mirror_axes
 from rwkvseg.data.images2d import discover_pairs
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.data.splits import read_split
@@ -314,9 +315,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def axes(text: str) -> tuple[int, ...]:
-    """'0,1' -> (0, 1); '' -> ()."""
+    """'0,1' -> (0, 1); '' -> (): the axes as `rwkvseg predict --mirror-axes` reads them."""
     try:
-        return tuple(int(a) for a in text.split(",") if a.strip())
+        return mirror_axes(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of axes such as 0,1") from None
 

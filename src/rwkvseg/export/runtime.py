@@ -179,7 +179,7 @@ class OnnxPredictor:
             x = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
             out = self.session.run([self.output_name], {self.input_name: x})[0]
             out = np.flip(out, axes) if axes else out
-            total = out.astype(np.float32) if total is None else total + out
+            total = out.astype(np.float32, copy=False) if total is None else total + out
         return total if len(subsets) == 1 else total / len(subsets)
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.dataset2d import SegDataset2D
-from ..data.gpu2d import free_memory
+from ..data.gpu2d import MEMORY_FRACTION, free_memory
 from ..data.preprocess3d import load_cached_case, load_plans
 from ..data.regions import classes_to_regions
 from ..data.specs import DatasetSpec
@@ -26,9 +26,8 @@ from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
 from ..records import Preprocessing2D
 
 # Resized validation sets are kept as tensors after their first pass when they take at most this many bytes on the
-# host, or this share of the free memory of a GPU (the images never change between epochs).
+# host, or on a GPU the share of its free memory a resident training set may take (the images never change).
 KEEP_HOST_BYTES = 2**30
-KEEP_DEVICE_FRACTION = 0.25
 
 
 def keeps_batches(n: int, pre: Preprocessing2D, device: torch.device) -> bool:
@@ -37,7 +36,7 @@ def keeps_batches(n: int, pre: Preprocessing2D, device: torch.device) -> bool:
         return False  # whole images of different sizes, one at a time
     need = n * (4 * pre.channels + 1) * int(pre.size[0]) * int(pre.size[1])
     free = free_memory(device)
-    return need <= (KEEP_HOST_BYTES if free is None else KEEP_DEVICE_FRACTION * free)
+    return need <= (KEEP_HOST_BYTES if free is None else MEMORY_FRACTION * free)
 
 
 def validator_2d(
@@ -55,12 +54,13 @@ def validator_2d(
     crop-trained ones; empty-vs-empty images count as perfect (metrics.EmptyPolicy.PERFECT). Resized sets that fit
     (keeps_batches) are read once: later validations reuse the batches, already on the device.
     """
+    keep = keeps_batches(len(val_set), pre, device)
     loader = DataLoader(
         val_set,
         batch_size=batch_size if pre.resize == "resize" else 1,
         shuffle=False,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0 and not keeps_batches(len(val_set), pre, device),
+        persistent_workers=num_workers > 0 and not keep,
         generator=torch.Generator(),  # its own: reading the set draws no number from the training's global RNG
     )
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images [B, C, H, W], masks [B, H, W]) on the device
@@ -70,7 +70,6 @@ def validator_2d(
         if kept:
             yield from kept
             return
-        keep = keeps_batches(len(val_set), pre, device)
         read = []
         for batch in loader:
             images = batch["image"].to(device)
