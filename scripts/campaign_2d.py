@@ -20,7 +20,6 @@ is passed on to every run, which stops as `rwkvseg train` does, and the table is
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import signal
 import statistics
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rwkvseg.eval.report import read_metrics_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # dataset folder -> the recipe's config
@@ -72,21 +73,22 @@ def run_command(data: Path, runs: Path, dataset: str, model: str, epochs: int, a
 
 def summary(run: Path) -> dict:
     metrics = run / "metrics.csv"
-    rows = list(csv.DictReader(metrics.open())) if metrics.is_file() else []
+    rows = read_metrics_csv(metrics) if metrics.is_file() else []
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    if not rows:
-        return {"run": run.name, "planned": config.get("epochs"), "epochs": 0}
-    best = max(rows, key=lambda r: float(r["val_dice"]))
+    validated = [r for r in rows if "val_dice" in r]  # val_every > 1: the other epochs have no val_* columns
+    if not validated:
+        return {"run": run.name, "planned": config.get("epochs"), "epochs": len(rows)}
+    best = max(validated, key=lambda r: r["val_dice"])
     return {
         "run": run.name,
         "planned": config.get("epochs"),
         "epochs": len(rows),
         "best_epoch": int(best["epoch"]),
-        "best_val_dice": float(best["val_dice"]),
-        "best_val_iou": float(best["val_iou"]),
-        "last_val_dice": float(rows[-1]["val_dice"]),
-        "median_epoch_s": statistics.median(float(r["train_seconds"]) + float(r["val_seconds"]) for r in rows),
-        "first_epoch_s": float(rows[0]["train_seconds"]),
+        "best_val_dice": best["val_dice"],
+        "best_val_iou": best["val_iou"],
+        "last_val_dice": validated[-1]["val_dice"],
+        "median_epoch_s": statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in rows),
+        "first_epoch_s": rows[0]["train_seconds"],
     }
 
 

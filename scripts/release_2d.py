@@ -13,11 +13,11 @@ index entry (replaced in place, or appended); the index's other entries are kept
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 from rwkvseg.bench.complexity import count_parameters
+from rwkvseg.eval.report import read_metrics_csv
 from rwkvseg.models import create_model
 from rwkvseg.released import INDEX_FILE, ReleasedModel, index_entry, weights_dir
 
@@ -73,8 +73,8 @@ def schedule_note(ran: int) -> str:
 
 
 def _run_summary(run: Path) -> dict:
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
-    best = max(rows, key=lambda r: float(r["val_dice"]))
+    rows = read_metrics_csv(run / "metrics.csv")  # epochs without validation (val_every > 1) lack val_* keys
+    best = max((r for r in rows if "val_dice" in r), key=lambda r: r["val_dice"])
     config = json.loads((run / "config.json").read_text())
     planned, ran = config["epochs"], len(rows)
     schedule = (
@@ -84,6 +84,8 @@ def _run_summary(run: Path) -> dict:
             f"planned {planned} epochs; stopped by the run's time limit after epoch {ran} (poly schedule not finished)"
         )
     )
+    if config.get("val_every", 1) > 1:
+        schedule += f", validated every {config['val_every']} epochs and after the last"
     return {
         "rows": rows,
         "ran": ran,
@@ -91,8 +93,8 @@ def _run_summary(run: Path) -> dict:
         "schedule": schedule,
         "batch": config["data"]["batch_size"],
         "compile": config.get("compile", "auto"),
-        "minutes": sum(float(r["train_seconds"]) + float(r["val_seconds"]) for r in rows) / 60,
-        **{f"t_{k}": float(best[f"val_{k}"]) for k in ("dice", "iou", "precision", "recall", "specificity")},
+        "minutes": sum(r["train_seconds"] + r.get("val_seconds", 0.0) for r in rows) / 60,
+        **{f"t_{k}": best[f"val_{k}"] for k in ("dice", "iou", "precision", "recall", "specificity")},
     }
 
 
@@ -102,12 +104,12 @@ def _curves(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [int(r["epoch"]) for r in rows]
+    validated = [r for r in rows if "val_dice" in r]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot(epochs, [float(r["train_loss"]) for r in rows], label="training loss (BCE + Dice)")
-    ax.plot(epochs, [float(r["val_dice"]) for r in rows], label="validation Dice (256 x 256)")
+    ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], label="training loss (BCE + Dice)")
+    ax.plot([r["epoch"] for r in validated], [r["val_dice"] for r in validated], label="validation Dice (256 x 256)")
     ax.set_xlabel("epoch")
-    ax.set_ylim(0, max(1.0, max(float(r["train_loss"]) for r in rows)))
+    ax.set_ylim(0, max(1.0, max(r["train_loss"] for r in rows)))
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
