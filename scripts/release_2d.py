@@ -1,11 +1,13 @@
 """Write released 2D models' cards and index entries from their training runs and CPU evaluations.
 
 Usage (after the runs, e.g. `scripts/campaign_2d.py` on a GPU, and for each NAME:
-`rwkvseg predict CHECKPOINT VAL_IMAGES --out P && rwkvseg evaluate P VAL_GT --out EVALS/eval-NAME` on the fp16
-release written by `rwkvseg.released.export_release` into src/rwkvseg/weights/):
+`rwkvseg predict CHECKPOINT VAL_IMAGES --out P && rwkvseg evaluate P VAL_GT --out EVALS/eval-NAME` on the int8
+release written by `rwkvseg.released.export_release` into src/rwkvseg/weights/; `scripts/results_table.py` does
+both for every name):
     python scripts/release_2d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--quality 90]
 RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json (the
-shipped int8 weights) and, where measured, eval16-<name>/summary.json (the same run released as fp16). Each NAME
+shipped int8 weights) and, where measured, eval16-<name>/summary.json (the same run released as fp16) and
+evaltta-<name>/summary.json (the int8 weights with flip TTA, `rwkvseg predict --mirror-axes 0,1`). Each NAME
 gets a card (<name>.md), a curves figure (<name>.curves.png: training loss and validation Dice per epoch) and its
 index entry (replaced in place, or appended); the index's other entries are kept as they are.
 """
@@ -52,7 +54,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 |---|---|---|---|---|---|---|
 | during training, at 256 x 256 (GPU, fp32 weights) | {t_dice:.4f} | {t_iou:.4f} | {t_precision:.4f} | {t_recall:.4f} | {t_specificity:.4f} | - |
 | these released weights (int8), original image size (CPU, `rwkvseg predict` + `rwkvseg evaluate`) | {dice:.4f} | {iou:.4f} | {precision:.4f} | {recall:.4f} | {specificity:.4f} | {hd95:.1f} |
-{fp16_row}
+{extra_rows}
 
 Means over images; empty prediction and empty ground truth together count as perfect (`rwkvseg evaluate` policy
 "perfect"). Held-out test sets were not available here.
@@ -61,6 +63,10 @@ Means over images; empty prediction and empty ground truth together count as per
 {schedule_note} Compare with this project's targets in docs/targets.md. Research use only; not a medical device.
 """
 PAPER_EPOCHS = 280
+EXTRA_ROWS = (  # EVALS/<folder>-<name>/summary.json, where measured -> a row of the card's validation table
+    ("eval16", "the same weights in fp16, same evaluation"),
+    ("evaltta", "these released weights with flip TTA (`rwkvseg predict --mirror-axes 0,1`: 4 forward passes)"),
+)
 
 
 def schedule_note(ran: int) -> str:
@@ -70,6 +76,15 @@ def schedule_note(ran: int) -> str:
     return (
         f"A short schedule ({ran} epochs against the paper's {PAPER_EPOCHS}) on one split: below the paper's protocol."
     )
+
+
+def evaluation_row(summary: Path, label: str) -> str:
+    """One row of the card's validation table from an `rwkvseg evaluate` summary.json; "" when it is absent."""
+    if not summary.is_file():
+        return ""
+    scores = json.loads(summary.read_text())
+    cells = " | ".join(f"{scores[k]['mean']:.{1 if k == 'hd95' else 4}f}" for k in METRICS)
+    return f"| {label} | {cells} |"
 
 
 def _run_summary(run: Path) -> dict:
@@ -139,12 +154,11 @@ def main() -> None:
         dataset, data, split = DATASETS[short]
         summary = json.loads((args.evals / f"eval-{name}" / "summary.json").read_text())
         scores = {k: summary[k]["mean"] for k in METRICS}
-        fp16 = args.evals / f"eval16-{name}" / "summary.json"
-        fp16_row = ""
-        if fp16.is_file():
-            fp16_scores = json.loads(fp16.read_text())
-            cells = " | ".join(f"{fp16_scores[k]['mean']:.{1 if k == 'hd95' else 4}f}" for k in METRICS)
-            fp16_row = f"| the same weights in fp16, same evaluation | {cells} |"
+        extra_rows = "\n".join(
+            row
+            for folder_name, label in EXTRA_ROWS
+            if (row := evaluation_row(args.evals / f"{folder_name}-{name}" / "summary.json", label))
+        )
         info = _run_summary(args.runs / f"{dataset}-{arch}")
         rows = info.pop("rows")
         _curves(rows, f"{name}: {TITLES[arch]} on {data}", folder / f"{name}.curves.png")
@@ -165,7 +179,7 @@ def main() -> None:
             n=summary["cases"],
             schedule_note=schedule_note(info["ran"]),
             **info,
-            fp16_row=fp16_row,
+            extra_rows=extra_rows,
             **scores,
         )
         (folder / f"{name}.md").write_text(card)

@@ -48,3 +48,12 @@ def test_release_summary_and_curves_skip_the_epochs_without_validation(run, tmp_
     pytest.importorskip("matplotlib")
     script._curves(info["rows"], "U-RWKV on BUSI", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_release_card_rows_from_evaluations_where_measured(tmp_path):
+    script = load_script("release_2d")
+    scores = {k: {"mean": v} for k, v in zip(script.METRICS, (0.81234, 0.7, 0.9, 0.8, 0.99, 12.345), strict=True)}
+    (tmp_path / "summary.json").write_text(json.dumps(scores))
+    row = script.evaluation_row(tmp_path / "summary.json", "with flip TTA")
+    assert row == "| with flip TTA | 0.8123 | 0.7000 | 0.9000 | 0.8000 | 0.9900 | 12.3 |"
+    assert script.evaluation_row(tmp_path / "absent.json", "with flip TTA") == ""
