@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from rwkvseg.bench.complexity import count_parameters
-from rwkvseg.eval.report import read_metrics_csv
+from rwkvseg.eval.report import plot_curves, read_metrics_csv
 from rwkvseg.models import create_model
 from rwkvseg.released import INDEX_FILE, ReleasedModel, index_entry, weights_dir
 
@@ -114,23 +114,7 @@ def _run_summary(run: Path) -> dict:
 
 
 def _curves(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    validated = [r for r in rows if "val_dice" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], label="training loss (BCE + Dice)")
-    ax.plot([r["epoch"] for r in validated], [r["val_dice"] for r in validated], label="validation Dice (256 x 256)")
-    ax.set_xlabel("epoch")
-    ax.set_ylim(0, max(1.0, max(r["train_loss"] for r in rows)))
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_curves(rows, path, title, {"val_dice": "validation Dice (256 x 256)"}, "training loss (BCE + Dice)")
 
 
 def main() -> None:

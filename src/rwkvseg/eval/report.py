@@ -1,12 +1,15 @@
-"""A self-contained HTML report: tables, training curves as inline SVG, and image galleries."""
+"""A self-contained HTML report (tables, training curves as inline SVG, image galleries) and a run's training curves
+as a PNG."""
 
 from __future__ import annotations
 
 import csv
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from ..files import atomic_write
 
 CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -57,6 +60,59 @@ def svg_curves(
         parts.append(f'<text x="{left + 8 + 110 * i}" y="{top + 12}" fill="{colour}">{html.escape(key)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def plot_curves(
+    history: Sequence[dict[str, float]],
+    path: Path,
+    title: str,
+    curves: Mapping[str, str],
+    loss_label: str = "training loss",
+    mark_epoch: int | None = None,
+) -> list[str]:
+    """A PNG of a run's validation curves (0 to 1, left axis) and training loss (its own scale, right axis)
+    against epoch (matplotlib, Agg); returns the legend labels drawn.
+
+    history: metrics.csv rows (read_metrics_csv); curves: column -> legend label, drawn where a row has the column
+    (epochs without validation are skipped; a column no row has is left out); the first (the one that selects the
+    checkpoint) is drawn black and thicker; mark_epoch: a dotted line there (e.g. the best epoch). Needs
+    matplotlib (`pip install 'rwkvseg[plots]'`).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("the curves figure needs matplotlib: pip install 'rwkvseg[plots]'") from None
+    lines = {label: [(r["epoch"], r[k]) for r in history if k in r] for k, label in curves.items()}
+    lines = {label: pts for label, pts in lines.items() if pts}
+    loss = [(r["epoch"], r["train_loss"]) for r in history if "train_loss" in r]
+    if not lines and not loss:
+        raise ValueError(f"no training loss or {', '.join(curves)} in the history to plot for {path}")
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    handles = []
+    for i, (label, pts) in enumerate(lines.items()):
+        style = {"color": "black", "linewidth": 2, "zorder": 3} if i == 0 else {"linewidth": 1.2}
+        marker = "o" if len(pts) <= 60 else None  # sparse validations (val_every > 1) show where they were
+        handles += ax.plot(*zip(*pts, strict=True), marker=marker, markersize=3, label=label, **style)
+    if loss:
+        right = ax.twinx()
+        handles += right.plot(*zip(*loss, strict=True), color="grey", linewidth=1, label=loss_label)
+        top = max((y for _, y in loss if math.isfinite(y)), default=1.0)
+        right.set_ylim(0, 1.05 * top if top > 0 else 1.0)
+        right.set_ylabel(loss_label, fontsize=8)
+    if mark_epoch is not None:
+        ax.axvline(mark_epoch, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return [h.get_label() for h in handles]
 
 
 def html_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
