@@ -1,6 +1,6 @@
 """Write released 2D models' cards and index entries from their training runs and CPU evaluations.
 
-Usage (after the runs, e.g. `scripts/campaign_2d.py` on a GPU, and for each NAME:
+Usage (after the runs, e.g. `scripts/campaign.py --datasets ...` on a GPU, and for each NAME:
 `rwkvseg predict CHECKPOINT VAL_IMAGES --out P && rwkvseg evaluate P VAL_GT --out EVALS/eval-NAME` on the int8
 release written by `rwkvseg.released.export_release` into src/rwkvseg/weights/; `scripts/results_table.py` does
 both for every name):

@@ -1,4 +1,4 @@
-"""scripts/campaign_2d.py and scripts/release_2d.py read a run's metrics.csv, also when it validated every N epochs."""
+"""scripts/campaign.py and scripts/release_2d.py read a run's metrics.csv, also when it validated every N epochs."""
 
 import json
 
@@ -27,7 +27,7 @@ def run(tmp_path):
 
 
 def test_campaign_summary_takes_the_best_and_last_validated_epochs(run):
-    row = load_script("campaign_2d").summary(run)
+    row = load_script("campaign").summary(run)
     assert (row["epochs"], row["planned"], row["best_epoch"]) == (5, 6, 4)
     assert (row["best_val_dice"], row["best_val_iou"], row["last_val_dice"]) == (0.75, 0.65, 0.7)
     assert row["median_epoch_s"] == 3.0  # 2 s without validation (epochs 1, 3), 3 s with it (2, 4, 5)
@@ -35,7 +35,7 @@ def test_campaign_summary_takes_the_best_and_last_validated_epochs(run):
 
 def test_campaign_summary_of_a_run_not_yet_validated(run):
     (run / "metrics.csv").write_text("epoch,step,lr,train_loss,train_seconds,val_dice\n1,10,0.01,1.0,2.0,\n")
-    assert load_script("campaign_2d").summary(run) == {"run": "busi-urwkv", "planned": 6, "epochs": 1}
+    assert load_script("campaign").summary(run) == {"run": "busi-urwkv", "planned": 6, "epochs": 1}
 
 
 def test_release_summary_and_curves_skip_the_epochs_without_validation(run, tmp_path):
