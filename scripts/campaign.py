@@ -1,26 +1,40 @@
-"""Train 2D runs side by side on one GPU (the accuracy campaign): every dataset x model pair at once.
+"""Train runs side by side on one GPU (the accuracy campaigns): 2D dataset x model pairs, or 3D configs.
 
 Usage:
     python scripts/campaign.py DATA RUNS --datasets kvasir_seg ph2 --models urwkv urwkv_s unet cmunext
         [--epochs 280 | --epochs kvasir_seg=60 ph2=250] [--minutes 7.5] [--set key=value ...]
+    python scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv,mmsegrwkv_small,segresnet,dynunet}.toml
+        [--epochs 200] [--minutes 9] [--set key=value ...]
 
-DATA holds one folder per dataset (the originals, or `rwkvseg compact2d` copies at 256 x 256); each run reads
-configs/urwkv_<dataset>.toml (the paper's recipe for that dataset) with `--set model.name=MODEL`, the committed
-split splits/<dataset>.json and the same epochs for every model of a dataset (the same budget), into
-RUNS/<dataset>-<model>.
+2D (--datasets, --models): DATA holds one folder per dataset (the originals, or `rwkvseg compact2d` copies at
+256 x 256); each run reads configs/urwkv_<dataset>.toml (the paper's recipe for that dataset) with
+`--set model.name=MODEL`, the committed split splits/<dataset>.json and the same epochs for every model of a
+dataset (the same budget), into RUNS/<dataset>-<model>.
+3D (--configs): one run per config file <dataset>_<variant>.toml (configs/brats2018_*.toml: the same recipe, only
+the model differs) into RUNS/<dataset>-<variant> (e.g. brats2018-mmsegrwkv_small), all on DATA (a raw dataset
+folder, preprocessed into each run, or better one cache from `rwkvseg preprocess DATA --out CACHE`), with the
+dataset's committed split (SPLITS_3D: splits/brats2018_2mm.json), the config's epochs (or --epochs N) and an equal
+share of the CPU cores for each run's patch loaders (data.num_workers; --set data.num_workers=N overrides it).
 A run folder that already holds a training state is continued exactly (`rwkvseg train --resume`), so a campaign
 longer than one device call is the same command again with the run folders carried back. `--minutes` is each
 run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and resumes later from there.
-Each run logs to RUNS/logs/<dataset>-<model>.log; at the end a table (epochs done, best validation Dice and its
-epoch, seconds per epoch) is printed and written to RUNS/campaign.json. Ctrl-C (or SIGINT from `timeout -s INT`)
-is passed on to every run, which stops as `rwkvseg train` does, and the table is still written.
-`--compile-cache DIR` keeps one torch.compile cache per model (rwkvseg.train.compile_cache) for the next call.
+Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written to RUNS/campaign.json: epochs done
+of planned, the best validation Dice (the mean over regions in 3D) with its epoch and, in 3D, the Dice of each
+region at that epoch, the last validated Dice, whether the curve has levelled off (`late_gain`: the best of the
+last third of the validations minus the best before them; `plateau` when it is at most PLATEAU_DICE), the best
+checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
+scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
+(training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
+Ctrl-C (or SIGINT from `timeout -s INT`) is passed on to every run, which stops as `rwkvseg train` does, and the
+table is still written. `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant
+(DIR/<model>.bin, rwkvseg.train.compile_cache) for the next call.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -28,16 +42,18 @@ import sys
 import time
 from pathlib import Path
 
-from rwkvseg.eval.report import read_metrics_csv
+from rwkvseg.eval.report import plot_curves, read_metrics_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {  # dataset folder -> the recipe's config
+CONFIGS = {  # 2D dataset folder -> the recipe's config
     "kvasir_seg": "urwkv_kvasir.toml",
     "cvc_clinicdb": "urwkv_cvc.toml",
     "busi": "urwkv_busi.toml",
     "isic2017": "urwkv_isic2017.toml",
     "ph2": "urwkv_ph2.toml",
 }
+SPLITS_3D = {"brats2018": "brats2018_2mm.json"}  # the <dataset> of a 3D config's name -> its committed split
+PLATEAU_DICE = 0.005  # late_gain at or below this (half a Dice point): the run has levelled off
 
 
 def planned_epochs(values: list[str], datasets: list[str]) -> dict[str, int]:
@@ -50,77 +66,187 @@ def planned_epochs(values: list[str], datasets: list[str]) -> dict[str, int]:
     return epochs
 
 
-def run_command(data: Path, runs: Path, dataset: str, model: str, epochs: int, args: argparse.Namespace) -> list[str]:
-    out = runs / f"{dataset}-{model}"
+def _sets(settings: list[str]) -> list[str]:
+    return [x for s in settings for x in ("--set", s)]
+
+
+def train_command(
+    out: Path, config: Path, data: Path, model: str, settings: list[str], args: argparse.Namespace
+) -> list[str]:
+    """`rwkvseg train` of one run: continued exactly when out holds a training state (only the time budget and
+    compile cache are set again), else started from config with settings, then the campaign's --set."""
     command = [sys.executable, "-m", "rwkvseg.cli", "train"]
     # one compile cache per model, shared by its runs (same graphs at every dataset): carried between calls
     cache = [f"compile_cache={args.compile_cache / (model + '.bin')}"] if args.compile_cache else []
     if (out / "state.pt").is_file():
         resumed = [f"max_minutes={args.minutes}", *cache]
-        return [*command, "--resume", "--out", str(out), "--no-progress", *(x for s in resumed for x in ("--set", s))]
+        return [*command, "--resume", "--out", str(out), "--no-progress", *_sets(resumed)]
+    settings = [*cache, *settings, f"max_minutes={args.minutes}", *args.set]
+    return [*command, str(config), "--data", str(data), "--out", str(out), "--no-progress", *_sets(settings)]
+
+
+def run_command(data: Path, runs: Path, dataset: str, model: str, epochs: int, args: argparse.Namespace) -> list[str]:
+    """The command of the 2D run <dataset>-<model>."""
     settings = [
-        *cache,
         f"model.name={model}",
         f"data.split={ROOT / 'splits' / (dataset + '.json')}",
         f"epochs={epochs}",
-        f"max_minutes={args.minutes}",
         "data.num_workers=1",
-        *args.set,
     ]
-    command += [str(ROOT / "configs" / CONFIGS[dataset]), "--data", str(data / dataset), "--out", str(out)]
-    return [*command, "--no-progress", *(x for s in settings for x in ("--set", s))]
+    config = ROOT / "configs" / CONFIGS[dataset]
+    return train_command(runs / f"{dataset}-{model}", config, data / dataset, model, settings, args)
 
 
-def summary(run: Path) -> dict:
-    metrics = run / "metrics.csv"
-    rows = read_metrics_csv(metrics) if metrics.is_file() else []
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    validated = [r for r in rows if "val_dice" in r]  # val_every > 1: the other epochs have no val_* columns
-    if not validated:
-        return {"run": run.name, "planned": config.get("epochs"), "epochs": len(rows)}
-    best = max(validated, key=lambda r: r["val_dice"])
+def config_run(config: Path) -> tuple[str, str]:
+    """(dataset, variant) of a 3D config <dataset>_<variant>.toml; its run is <dataset>-<variant>."""
+    dataset, _, variant = config.stem.partition("_")
+    if not variant or dataset not in SPLITS_3D:
+        raise SystemExit(
+            f"--configs {config}: name a 3D config <dataset>_<variant>.toml with a committed split, "
+            f"dataset one of {sorted(SPLITS_3D)}"
+        )
+    return dataset, variant
+
+
+def run_command_3d(
+    data: Path, runs: Path, config: Path, epochs: int | None, workers: int, args: argparse.Namespace
+) -> list[str]:
+    """The command of the 3D run of config: the committed split, the config's epochs unless given."""
+    dataset, variant = config_run(config)
+    settings = [f"data.split={ROOT / 'splits' / SPLITS_3D[dataset]}", f"data.num_workers={workers}"]
+    settings += [f"epochs={epochs}"] if epochs is not None else []
+    return train_command(runs / f"{dataset}-{variant}", config, data, variant, settings, args)
+
+
+def plan(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Run name -> its command, for the 2D (--datasets) or the 3D (--configs) form."""
+    if args.datasets:
+        epochs = planned_epochs(args.epochs or ["280"], args.datasets)
+        return {
+            f"{dataset}-{model}": run_command(args.data, args.runs, dataset, model, epochs[dataset], args)
+            for dataset in args.datasets
+            for model in args.models or ["urwkv", "urwkv_s", "unet", "cmunext"]
+        }
+    if args.models:
+        raise SystemExit("--models picks the models of --datasets; with --configs each config names its model")
+    if args.epochs and (len(args.epochs) > 1 or "=" in args.epochs[0]):
+        raise SystemExit(f"--epochs {' '.join(args.epochs)}: with --configs give one N for every run (or none)")
+    names = ["-".join(config_run(config)) for config in args.configs]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--configs gives runs {names}; name each config once")
+    missing = [str(c) for c in args.configs if not c.is_file()]
+    if missing:
+        raise SystemExit(f"--configs: {', '.join(missing)} not found (paths from the current folder)")
+    epochs = int(args.epochs[0]) if args.epochs else None
+    workers = max(1, (os.cpu_count() or 1) // len(args.configs) - 1)  # a core per run for its main process
     return {
-        "run": run.name,
-        "planned": config.get("epochs"),
-        "epochs": len(rows),
-        "best_epoch": int(best["epoch"]),
-        "best_val_dice": best["val_dice"],
-        "best_val_iou": best["val_iou"],
-        "last_val_dice": validated[-1]["val_dice"],
-        "median_epoch_s": statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in rows),
-        "first_epoch_s": rows[0]["train_seconds"],
+        name: run_command_3d(args.data, args.runs, config, epochs, workers, args)
+        for name, config in zip(names, args.configs, strict=True)
     }
 
 
-def main() -> int:
+def plateau(validated: list[dict]) -> dict:
+    """late_gain: the best validation Dice of the last third of the validations minus the best before them;
+    plateau: late_gain <= PLATEAU_DICE. Nothing before the third validation."""
+    dice = [r["val_dice"] for r in validated]
+    if len(dice) < 3:
+        return {}
+    tail = len(dice) // 3
+    gain = max(dice[-tail:]) - max(dice[:-tail])
+    return {"late_gain": gain, "plateau": gain <= PLATEAU_DICE}
+
+
+def summary(run: Path) -> dict:
+    """A run's row of the campaign table from its folder (metrics.csv, config.json, final_val.json)."""
+    metrics = run / "metrics.csv"
+    rows = read_metrics_csv(metrics) if metrics.is_file() else []
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    row = {"run": run.name, "planned": config.get("epochs"), "epochs": len(rows)}
+    validated = [r for r in rows if "val_dice" in r]  # val_every > 1: the other epochs have no val_* columns
+    if not validated:
+        return row
+    best = max(validated, key=lambda r: r["val_dice"])  # the first best, as the loop keeps it
+    row |= {"best_epoch": int(best["epoch"])}
+    row |= {f"best_{k}": v for k, v in best.items() if k.startswith("val_") and k != "val_seconds"}
+    row |= {"last_val_dice": validated[-1]["val_dice"], **plateau(validated)}
+    final = run / "final_val.json"
+    if final.is_file():
+        row["tta_val_dice"] = json.loads(final.read_text())["dice"]
+    row |= {
+        "median_epoch_s": statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in rows),
+        "first_epoch_s": rows[0]["train_seconds"],
+    }
+    return row
+
+
+def write_curves(run: Path, path: Path) -> list[str]:
+    """The run's training loss and validation Dice (the mean, and each region's in 3D) per epoch as a PNG, the
+    best epoch dotted; returns the curves drawn."""
+    rows = read_metrics_csv(run / "metrics.csv")
+    config = json.loads((run / "config.json").read_text())
+    validated = [r for r in rows if "val_dice" in r]
+    regions = [k for k in dict.fromkeys(k for r in validated for k in r) if k.startswith("val_dice_")]
+    curves = {"val_dice": "validation Dice" + (" (mean)" if regions else "")}
+    curves |= {k: f"validation Dice {k.removeprefix('val_dice_')}" for k in regions}
+    best = max(validated, key=lambda r: r["val_dice"]) if validated else None
+    title = f"{run.name}: {len(rows)} of {config.get('epochs')} epochs"
+    if best is not None:
+        title += f", best Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}"
+    loss = f"training loss ({config.get('loss', {}).get('name', '?')})"
+    return plot_curves(rows, path, title, curves, loss, None if best is None else int(best["epoch"]))
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The campaign table's lines: a header, then one line per run."""
+    regions = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("best_val_dice_")]
+    keys = ["run", "exit", "planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
+    keys += ["late_gain", "plateau"]
+    keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
+    keys += ["median_epoch_s"]
+    return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("data", type=Path, help="folder with one subfolder per dataset")
-    p.add_argument("runs", type=Path, help="campaign folder (run folders and logs)")
-    p.add_argument("--datasets", nargs="+", required=True, choices=sorted(CONFIGS))
-    p.add_argument("--models", nargs="+", default=["urwkv", "urwkv_s", "unet", "cmunext"])
-    p.add_argument("--epochs", nargs="+", default=["280"], help="planned epochs: N, or DATASET=N each (default 280)")
+    p.add_argument("data", type=Path, help="2D: a folder with one subfolder per dataset; 3D: the data of every config")
+    p.add_argument("runs", type=Path, help="campaign folder (run folders, logs, curves, campaign.json)")
+    form = p.add_mutually_exclusive_group(required=True)
+    form.add_argument("--datasets", nargs="+", choices=sorted(CONFIGS), help="2D: the datasets of the campaign")
+    form.add_argument("--configs", nargs="+", type=Path, help="3D: one run per config <dataset>_<variant>.toml")
+    p.add_argument("--models", nargs="+", help="2D: the models of each dataset (default urwkv urwkv_s unet cmunext)")
+    p.add_argument(
+        "--epochs", nargs="+", help="planned epochs: N, or (2D) DATASET=N each (default: 280 in 2D, the config's in 3D)"
+    )
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget of each run now (0: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every new run")
     p.add_argument(
         "--compile-cache",
         type=Path,
         metavar="DIR",
-        help="keep each model's torch.compile cache as DIR/<model>.bin (read before compiling, written after the "
+        help="keep each model's (3D: variant's) torch.compile cache as DIR/<model>.bin (read before compiling, written after the "
         "first step): carry DIR to the next call and its runs skip compilation",
     )
-    args = p.parse_args()
+    return p.parse_args(argv)
 
-    epochs = planned_epochs(args.epochs, args.datasets)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    commands = plan(args)
     logs = args.runs / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     start = time.time()
     jobs = {}
-    for dataset in args.datasets:
-        for model in args.models:
-            name = f"{dataset}-{model}"
-            with (logs / f"{name}.log").open("a") as log:
-                command = run_command(args.data, args.runs, dataset, model, epochs[dataset], args)
-                jobs[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    for name, command in commands.items():
+        with (logs / f"{name}.log").open("a") as log:
+            jobs[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         codes = {name: job.wait() for name, job in jobs.items()}
     except KeyboardInterrupt:
@@ -129,10 +255,13 @@ def main() -> int:
         codes = {name: job.wait() for name, job in jobs.items()}
     rows = [{**summary(args.runs / name), "exit": code} for name, code in codes.items()]
     (args.runs / "campaign.json").write_text(json.dumps({"wall_s": time.time() - start, "runs": rows}, indent=1))
-    keys = ["run", "exit", "planned", "epochs", "best_val_dice", "best_epoch", "last_val_dice", "median_epoch_s"]
-    print(" | ".join(keys))
+    print("\n".join(table(rows)))
     for row in rows:
-        print(" | ".join(f"{row.get(k):.4f}" if isinstance(row.get(k), float) else str(row.get(k)) for k in keys))
+        if "best_epoch" in row:  # a run with a validation has curves to draw
+            try:
+                write_curves(args.runs / row["run"], args.runs / f"{row['run']}.curves.png")
+            except ValueError as err:  # no matplotlib: the table is the campaign's result
+                print(f"{row['run']}: no curves ({err})")
     print(f"wall {time.time() - start:.0f} s")
     return int(any(codes.values()))
 

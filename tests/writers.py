@@ -67,6 +67,18 @@ def write_brats_case(
     return folder
 
 
+def write_phantoms_as(root: Path, case_ids: Sequence[str], shape: Sequence[int], seed: int = 0) -> Path:
+    """Synthetic BraTS-style phantoms (rwkvseg.data.synthetic3d) under the given case ids, e.g. those of a committed
+    split: <root>/<case>/<case>_<modality>.nii.gz and <case>_seg.nii.gz."""
+    from rwkvseg.data.synthetic3d import write_synthetic_volumes
+
+    for case, folder in zip(case_ids, write_synthetic_volumes(root, len(case_ids), shape, seed=seed), strict=True):
+        for file in folder.iterdir():
+            file.rename(folder / file.name.replace(folder.name, case, 1))
+        folder.rename(root / case)
+    return root
+
+
 def save_conv_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, record) -> Path:
     """An ONNX file of one convolution (weight [K, C, k, ...], odd k, zero padding that keeps the size) carrying an
     rwkvseg export record (rwkvseg.export.onnx.ExportRecord): what onnxruntime-side code runs without exporting a

@@ -1,11 +1,21 @@
-"""scripts/campaign.py and scripts/release_2d.py read a run's metrics.csv, also when it validated every N epochs."""
+"""scripts/campaign.py (2D and 3D) and scripts/release_2d.py read a run's metrics.csv, also when it validated every N
+epochs; the campaign's commands, its table and curves."""
 
 import json
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 
+from rwkvseg.train.config import load_config
 from rwkvseg.train.loop import _write_metrics_csv
+from rwkvseg.train.validate import mean_scores
 from writers import load_script
+
+ROOT = Path(__file__).resolve().parents[2]
+BRATS_CONFIGS = [ROOT / "configs" / f"brats2018_{m}.toml" for m in ("mmsegrwkv", "mmsegrwkv_small", "segresnet")]
 
 
 @pytest.fixture
@@ -26,16 +36,155 @@ def run(tmp_path):
     return folder
 
 
+def write_run_3d(folder: Path, val_dice_wt: list[float], val_every: int = 10, planned: int = 200) -> Path:
+    """A 3D run folder validated every val_every epochs: each validation's WT Dice as given (TC and ET below it),
+    its columns made as the validator makes them (mean_scores), metrics.csv by the loop's own writer."""
+    folder.mkdir(parents=True)
+    history = []
+    for epoch in range(1, val_every * len(val_dice_wt) + 1):
+        row = {"epoch": epoch, "step": 250 * epoch, "lr": 0.01, "train_loss": 1.5 / epoch, "train_seconds": 4.0}
+        if epoch % val_every == 0:
+            wt = val_dice_wt[epoch // val_every - 1]
+            per_case = {"case": {"dice_WT": wt, "dice_TC": wt - 0.1, "dice_ET": wt - 0.2}}
+            row |= {f"val_{k}": v for k, v in mean_scores(per_case, ("WT", "TC", "ET")).items()}
+            row["val_seconds"] = 6.0
+        history.append(row)
+    _write_metrics_csv(folder / "metrics.csv", history)
+    config = {"dims": 3, "epochs": planned, "val_every": val_every, "loss": {"name": "ce"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_campaign_summary_takes_the_best_and_last_validated_epochs(run):
     row = load_script("campaign").summary(run)
     assert (row["epochs"], row["planned"], row["best_epoch"]) == (5, 6, 4)
     assert (row["best_val_dice"], row["best_val_iou"], row["last_val_dice"]) == (0.75, 0.65, 0.7)
     assert row["median_epoch_s"] == 3.0  # 2 s without validation (epochs 1, 3), 3 s with it (2, 4, 5)
+    assert row["late_gain"] == pytest.approx(0.7 - 0.75) and row["plateau"]  # the last third did not gain
 
 
 def test_campaign_summary_of_a_run_not_yet_validated(run):
     (run / "metrics.csv").write_text("epoch,step,lr,train_loss,train_seconds,val_dice\n1,10,0.01,1.0,2.0,\n")
     assert load_script("campaign").summary(run) == {"run": "busi-urwkv", "planned": 6, "epochs": 1}
+
+
+def test_campaign_summary_3d_gives_each_region_at_the_best_epoch_and_the_plateau(tmp_path):
+    script = load_script("campaign")
+    levelled = write_run_3d(tmp_path / "brats2018-mmsegrwkv", [0.5, 0.7, 0.8, 0.85, 0.86, 0.852, 0.853, 0.84, 0.849])
+    (levelled / "final_val.json").write_text(json.dumps({"dice": 0.77, "dice_WT": 0.87}))
+    row = script.summary(levelled)
+    assert (row["epochs"], row["planned"], row["best_epoch"]) == (90, 200, 50)
+    assert row["best_val_dice"] == pytest.approx(0.86 - 0.1)  # the mean over WT, TC, ET
+    regions = (row["best_val_dice_WT"], row["best_val_dice_TC"], row["best_val_dice_ET"])
+    assert regions == pytest.approx((0.86, 0.76, 0.66))
+    assert row["last_val_dice"] == pytest.approx(0.849 - 0.1) and row["tta_val_dice"] == 0.77
+    # the last third (epochs 70-90) at best 0.853 against 0.86 before: levelled off
+    assert row["late_gain"] == pytest.approx(0.853 - 0.86) and row["plateau"] is True
+    assert row["median_epoch_s"] == 4.0  # 9 of 90 epochs validated
+
+    rising = script.summary(write_run_3d(tmp_path / "brats2018-segresnet", [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]))
+    assert rising["late_gain"] == pytest.approx(0.8 - 0.7) and rising["plateau"] is False
+    early = script.summary(write_run_3d(tmp_path / "brats2018-dynunet", [0.3, 0.5]))
+    assert "plateau" not in early and early["best_epoch"] == 20  # two validations say nothing about a plateau
+
+    lines = script.table([{**row, "exit": 0}, {**rising, "exit": 0}, {**early, "exit": 130}])
+    header = lines[0].split(" | ")
+    assert header[4:9] == ["best_val_dice", "best_epoch", "best_val_dice_WT", "best_val_dice_TC", "best_val_dice_ET"]
+    assert "tta_val_dice" in header
+    cells = [dict(zip(header, line.split(" | "), strict=True)) for line in lines[1:]]
+    assert [c["plateau"] for c in cells] == ["yes", "no", "-"]
+    assert (cells[0]["epochs"], cells[0]["best_val_dice_ET"], cells[2]["exit"]) == ("90", "0.6600", "130")
+
+
+def test_campaign_curves_draw_each_region(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = write_run_3d(tmp_path / "brats2018-mmsegrwkv", [0.5, 0.7, 0.8])
+    drawn = load_script("campaign").write_curves(run, tmp_path / "brats2018-mmsegrwkv.curves.png")
+    regions = [f"validation Dice {r}" for r in ("WT", "TC", "ET")]
+    assert drawn == ["validation Dice (mean)", *regions, "training loss (ce)"]
+    assert (tmp_path / "brats2018-mmsegrwkv.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def sets(command: list[str]) -> list[str]:
+    return [command[i + 1] for i, x in enumerate(command) if x == "--set"]
+
+
+def test_campaign_3d_commands_new_and_resumed(tmp_path, monkeypatch):
+    script = load_script("campaign")
+    monkeypatch.setattr(script.os, "cpu_count", lambda: 16)
+    runs, data, cc = tmp_path / "runs", tmp_path / "cache", tmp_path / "cc"
+    (runs / "brats2018-segresnet").mkdir(parents=True)
+    (runs / "brats2018-segresnet" / "state.pt").write_bytes(b"")  # a run of an earlier call
+    argv = [str(data), str(runs), "--configs", *map(str, BRATS_CONFIGS), "--minutes", "9", "--compile-cache", str(cc)]
+    commands = script.plan(script.parse_args([*argv, "--set", "amp=bf16"]))
+    assert list(commands) == ["brats2018-mmsegrwkv", "brats2018-mmsegrwkv_small", "brats2018-segresnet"]
+
+    new = commands["brats2018-mmsegrwkv_small"]
+    assert new[1:5] == ["-m", "rwkvseg.cli", "train", str(BRATS_CONFIGS[1])]
+    assert new[new.index("--data") + 1] == str(data)
+    assert new[new.index("--out") + 1] == str(runs / "brats2018-mmsegrwkv_small")
+    split = f"data.split={ROOT / 'splits' / 'brats2018_2mm.json'}"
+    expected = [
+        f"compile_cache={cc / 'mmsegrwkv_small.bin'}",
+        split,
+        "data.num_workers=4",
+        "max_minutes=9.0",
+        "amp=bf16",
+    ]
+    assert sets(new) == expected  # 16 cores, 3 runs: 4 loader workers each and a core for each run itself
+    config = load_config(BRATS_CONFIGS[1], [*sets(new), f"data.root={data}", "out=x"])  # `rwkvseg train` takes them
+    assert (config.epochs, config.data.num_workers, config.compile_cache) == (200, 4, str(cc / "mmsegrwkv_small.bin"))
+    assert config.data.split == str(ROOT / "splits" / "brats2018_2mm.json")
+
+    resumed = commands["brats2018-segresnet"]
+    assert "--resume" in resumed and resumed[resumed.index("--out") + 1] == str(runs / "brats2018-segresnet")
+    assert not any(x.endswith(".toml") for x in resumed) and "--data" not in resumed
+    assert sets(resumed) == ["max_minutes=9.0", f"compile_cache={cc / 'segresnet.bin'}"]
+
+    shorter = script.plan(
+        script.parse_args([str(data), str(runs), "--configs", str(BRATS_CONFIGS[0]), "--epochs", "20"])
+    )
+    assert sets(shorter["brats2018-mmsegrwkv"])[-2:] == ["epochs=20", "max_minutes=0.0"]
+    assert "data.num_workers=15" in sets(shorter["brats2018-mmsegrwkv"])  # one run alone: all cores but its own
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--models", "unet"], "--models picks the models of --datasets"),
+        (["--epochs", "brats2018=20"], "give one N for every run"),
+        ([str(BRATS_CONFIGS[0])], "name each config once"),
+    ],
+)
+def test_campaign_3d_refuses_what_it_cannot_run(tmp_path, extra, message):
+    script = load_script("campaign")
+    args = script.parse_args(["D", str(tmp_path), "--configs", str(BRATS_CONFIGS[0]), *extra])
+    with pytest.raises(SystemExit, match=message):
+        script.plan(args)
+
+
+def test_campaign_3d_needs_a_dataset_with_a_committed_split(tmp_path):
+    config = tmp_path / "lits_unet.toml"
+    config.write_text("dims = 3\n")
+    script = load_script("campaign")
+    with pytest.raises(SystemExit, match=r"dataset one of \['brats2018'\]"):
+        script.plan(script.parse_args(["D", str(tmp_path), "--configs", str(config)]))
+
+
+def test_campaign_2d_command(tmp_path):
+    script = load_script("campaign")
+    args = script.parse_args([str(tmp_path / "data"), str(tmp_path / "runs"), "--datasets", "ph2", "--models", "urwkv"])
+    (command,) = script.plan(args).values()
+    assert command[4:6] == [str(ROOT / "configs" / "urwkv_ph2.toml"), "--data"]
+    assert command[6] == str(tmp_path / "data" / "ph2")
+    split = f"data.split={ROOT / 'splits' / 'ph2.json'}"
+    assert sets(command) == ["model.name=urwkv", split, "epochs=280", "data.num_workers=1", "max_minutes=0.0"]
+
+
+def test_campaign_2d_is_the_campaign_under_its_first_name():
+    script = ROOT / "scripts" / "campaign_2d.py"
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--configs" in out and "--datasets" in out
 
 
 def test_release_summary_and_curves_skip_the_epochs_without_validation(run, tmp_path):
@@ -57,3 +206,74 @@ def test_release_card_rows_from_evaluations_where_measured(tmp_path):
     row = script.evaluation_row(tmp_path / "summary.json", "with flip TTA")
     assert row == "| with flip TTA | 0.8123 | 0.7000 | 0.9000 | 0.8000 | 0.9900 | 12.3 |"
     assert script.evaluation_row(tmp_path / "absent.json", "with flip TTA") == ""
+
+
+TINY_3D = """dims = 3
+epochs = 2
+val_every = 1
+max_steps_per_epoch = 1
+device = "cpu"
+amp = "off"
+compile = "off"
+[model]
+name = "segresnet"
+[model.overrides]
+init_filters = 8
+[data]
+batch_size = 1
+[data.patches]
+patch_size = [24, 24, 24]  # the whole cached phantom (about 17 x 22 x 19): one window per case
+samples_per_epoch = 2
+[infer]
+mirror_axes = [0]
+sw_batch_size = 2
+final_eval = {final_eval}
+[optim]
+name = "sgd"
+lr = 0.01
+"""
+
+
+@pytest.fixture(scope="module")
+def brats_split_cache(tmp_path_factory):
+    """A preprocessed cache of tiny phantoms named as the cases of splits/brats2018_2mm.json."""
+    from rwkvseg.data.preprocess3d import preprocess_dataset
+    from rwkvseg.data.specs import dataset_spec
+    from writers import write_phantoms_as
+
+    (fold,) = json.loads((ROOT / "splits" / "brats2018_2mm.json").read_text())["folds"]
+    raw = write_phantoms_as(tmp_path_factory.mktemp("raw"), [*fold["train"], *fold["val"]], (23, 27, 21), seed=1)
+    cache = tmp_path_factory.mktemp("cache")
+    preprocess_dataset(raw, dataset_spec("brats"), cache)
+    return cache, fold
+
+
+@pytest.mark.slow  # four `rwkvseg train` processes (two per call) on the CPU: one to two minutes on two cores
+def test_campaign_3d_end_to_end_resumed_across_two_calls(tmp_path, brats_split_cache, capsys):
+    cache, fold = brats_split_cache
+    configs = {
+        "brats2018_cnn.toml": TINY_3D.format(final_eval="true"),
+        "brats2018_cnn_notta.toml": TINY_3D.format(final_eval="false"),
+    }
+    for name, text in configs.items():
+        (tmp_path / name).write_text(text)
+    runs, script = tmp_path / "runs", load_script("campaign")
+    argv = [str(cache), str(runs), "--configs", *(str(tmp_path / n) for n in configs), "--set", "data.num_workers=0"]
+    # a budget shorter than any epoch: each run stops after its first (validated) epoch, then the next call goes on
+    assert script.main([*argv, "--minutes", "0.0001"]) == 0
+    first = {r["run"]: r for r in json.loads((runs / "campaign.json").read_text())["runs"]}
+    assert sorted(first) == ["brats2018-cnn", "brats2018-cnn_notta"]
+    assert [(r["epochs"], r["planned"], r["exit"]) for r in first.values()] == [(1, 2, 0)] * 2
+    assert script.main(argv) == 0
+    table = capsys.readouterr().out
+    rows = json.loads((runs / "campaign.json").read_text())["runs"]
+    for row in rows:
+        assert (row["epochs"], row["planned"], row["exit"]) == (2, 2, 0)
+        assert {"best_val_dice_WT", "best_val_dice_TC", "best_val_dice_ET"} <= set(row)
+        assert ("tta_val_dice" in row) == (row["run"] == "brats2018-cnn")  # final_val.json of infer.final_eval
+        folder = runs / row["run"]
+        assert json.loads((folder / "split.json").read_text())["folds"][0] == fold  # the committed split
+        assert (runs / f"{row['run']}.curves.png").is_file() == (find_spec("matplotlib") is not None)
+        assert "resuming" in (runs / "logs" / f"{row['run']}.log").read_text()
+    headers = [line for line in table.splitlines() if line.startswith("run | ")]
+    assert len(headers) == 2 and "best_val_dice_ET" in headers[-1]  # each call printed its table
