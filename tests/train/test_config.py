@@ -48,3 +48,13 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
         load_config(tmp_path / "bad.toml")
     with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_changed_settings_names_what_a_resume_changes_but_not_the_moved_folder():
+    from rwkvseg.train.run import changed_settings
+
+    saved = load_config(None, ["data.root=/a/data", "out=/a/run"])
+    moved = load_config(None, ["data.root=/a/data", "out=/b/run"])
+    assert changed_settings(saved, moved) == []
+    changed = load_config(None, ["data.root=/b/data", "out=/b/run", "optim.lr=0.5", "data.size=[32,32]"])
+    assert changed_settings(saved, changed) == ["data.root", "data.size", "optim.lr"]

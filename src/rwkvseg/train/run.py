@@ -51,12 +51,31 @@ def open_run_dir(config: TrainConfig, resume: bool) -> Path:
         )
     if resume:
         saved = run_dir / CONFIG_FILE
-        if saved.is_file() and config_from_dict(json.loads(saved.read_text())) != config:
-            log.warning("the config differs from the one saved in %s; resuming with the new one", saved)
+        if saved.is_file():
+            changed = changed_settings(config_from_dict(json.loads(saved.read_text())), config)
+            if changed:
+                log.warning(
+                    "the config differs from the one saved in %s (%s); resuming with the new one",
+                    saved,
+                    ", ".join(changed),
+                )
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)  # noqa: NPY002  (for third-party code that uses the global RNG)
     return run_dir
+
+
+def changed_settings(saved: TrainConfig, config: TrainConfig) -> list[str]:
+    """The dotted names of the settings that differ between two configs, `out` left aside: a run folder that
+    moved (copied, or carried to another machine by rwkvseg pack / unpack) is still the same run."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix[:-1]: node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    a, b = flat(to_dict(saved)), flat(to_dict(config))
+    return [key for key in dict.fromkeys([*a, *b]) if key != "out" and a.get(key) != b.get(key)]
 
 
 def save_config(config: TrainConfig, run_dir: Path) -> None:
