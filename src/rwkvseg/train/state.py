@@ -112,14 +112,9 @@ def save_state(
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-def load_state(
-    path: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-) -> Progress:
-    """Restore everything save_state wrote; returns the progress to continue from."""
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The state save_state wrote, checked: readable, of this format, and equal to its recorded digest (the
+    `sha256` key is removed)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training state {path} to resume from; start without --resume")
@@ -135,6 +130,19 @@ def load_state(
             f"{path} is damaged (its tensors differ from the sha256 recorded when it was written); "
             "resume from a copy or start the run again without --resume"
         )
+    return state
+
+
+def load_state(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> Progress:
+    """Restore everything save_state wrote; returns the progress to continue from."""
+    path = Path(path)
+    state = read_state(path)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
