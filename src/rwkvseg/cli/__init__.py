@@ -19,12 +19,15 @@ from . import (
     export,
     federate,
     models,
+    pack,
+    parts,
     predict,
     preprocess,
     serve,
     split,
     synthetic3d,
     train,
+    unpack,
 )
 
 COMMANDS = (
@@ -34,6 +37,9 @@ COMMANDS = (
     compact2d,
     preprocess,
     train,
+    pack,
+    unpack,
+    parts,
     federate,
     split,
     synthetic3d,
