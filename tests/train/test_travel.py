@@ -125,13 +125,20 @@ def test_a_checkpoint_that_differs_from_the_state_travels_whole_and_a_stale_last
     (run / "other.safetensors").replace(run / "best.safetensors")  # a best from an earlier epoch
     shutil.copyfile(run / "best.safetensors", run / "last.safetensors")  # a last newer than state.pt
     (run / "notes.txt").write_text("mine")
+    (run / "cache").mkdir()  # a 3D run's preprocessed data
+    (run / "cache" / "case.npz").write_bytes(b"volume")
+    (run / "tensorboard" / "a").mkdir(parents=True)
+    (run / "tensorboard" / "a" / "events.out").write_bytes(b"curves")
     manifest, _ = read_manifest(pack_run(run, tmp_path / "parts", part_mib=PART_MIB))
     files = {f["path"]: f for f in manifest["files"]}
     assert "header" not in files["best.safetensors"] and "last.safetensors" not in files
-    left_out = {item["path"] for item in manifest["left_out"]}
-    assert left_out == {"last.safetensors", "last.json", "other.json", "notes.txt"}
+    left_out = {item["path"]: item["why"] for item in manifest["left_out"]}
+    assert left_out.keys() == {"last.safetensors", "last.json", "other.json", "notes.txt", "cache/"}
+    assert "preprocesses data.root" in left_out["cache/"]
     moved = unpack_run(tmp_path / "parts", tmp_path / "moved")
     assert (moved / "best.safetensors").read_bytes() == (run / "best.safetensors").read_bytes()
+    assert (moved / "tensorboard" / "a" / "events.out").read_bytes() == b"curves"
+    assert not (moved / "cache").exists()
     assert not (moved / "last.safetensors").exists() and not (moved / "notes.txt").exists()
 
 
