@@ -179,7 +179,12 @@ def test_pack_never_replaces_parts_and_refuses_what_is_not_a_run(half_run, packe
         pack_run(half_run, half_run / "parts")
     with pytest.raises(ValueError, match="--part-mib must be positive"):
         pack_run(half_run, tmp_path / "p", part_mib=0)
-    assert not (tmp_path / "p").exists()
+    torn = tmp_path / "torn"
+    shutil.copytree(half_run, torn)
+    (torn / "state.pt").write_bytes((torn / "state.pt").read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(ValueError, match=r"cannot read training state .*torn/state\.pt"):
+        pack_run(torn, tmp_path / "p")
+    assert not (tmp_path / "p").exists() and not (torn / ".rwkvseg.lock").exists()
 
 
 def _forged_pack(folder, member: tarfile.TarInfo, data=b"", listed=None):
@@ -221,6 +226,13 @@ def test_archive_members_that_escape_the_run_folder_or_are_links_are_refused(tmp
     changed.size = 2
     with pytest.raises(ValueError, match=r"config\.json unpacked from .* differs from its sha256 in the manifest"):
         unpack_run(_forged_pack(tmp_path / "d", changed, b"hi", listed=b"ho"), tmp_path / "run")
+    garbage = _forged_pack(tmp_path / "e", escaping, b"hi")
+    (garbage / "run.tar.000").write_bytes(b"\x01" * 1024)
+    manifest = json.loads((garbage / "run.manifest.json").read_text())
+    manifest["parts"][0].update(size=1024, sha256=hashlib.sha256(b"\x01" * 1024).hexdigest())
+    (garbage / "run.manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="do not hold a readable archive"):
+        unpack_run(garbage, tmp_path / "run")
     assert not (tmp_path / "x").exists() and not (tmp_path / "run").exists()
     manifest = json.loads((tmp_path / "a" / "run.manifest.json").read_text())
     manifest["files"][0]["path"] = "../../outside.txt"

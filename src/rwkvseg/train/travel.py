@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..data.splits import SPLIT_FILE
 from ..files import LOCK, file_mode, file_sha256, folder_lock, write_json
 from .loop import METRICS_FILE, STATE_FILE, SUMMARY_FILE
 from .run import CONFIG_FILE
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 MANIFEST_FORMAT = 1
 MANIFEST_KIND = "rwkvseg run parts"
 MANIFEST_SUFFIX = ".manifest.json"
-SPLIT_FILE = "split.json"
 RESUME_FILES = (CONFIG_FILE, SPLIT_FILE, STATE_FILE)  # --resume reads these; a run folder without them is refused
 RECORD_FILES = (METRICS_FILE, SUMMARY_FILE, FINAL_FILE)  # the run's own records, carried when present
 RECORD_FOLDERS = ("tensorboard",)
@@ -177,7 +177,7 @@ class _PartWriter(io.RawIOBase):
         self._file = None
 
     def close(self) -> None:
-        if self._file is not None:
+        if self._file is not None and not self.closed:
             self._finish_part()
         super().close()
 
@@ -276,17 +276,18 @@ def pack_run(
     name = run_name(run_dir) if name is None else name
     if run_name(name) != name:
         raise ValueError(f"pack name {name!r} must be letters, digits, '.', '_' and '-' (not starting with '.')")
-    out_dir.mkdir(parents=True, exist_ok=True)
     _refuse_existing(out_dir, name)
     with folder_lock(run_dir):
         state = read_state(run_dir / STATE_FILE)
         members, files, left_out = _run_entries(run_dir, state)
         for item in left_out:
             log.info("not packed: %s (%s)", item["path"], item["why"])
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.packing-"))
+        writer = _PartWriter(staging, part_bytes)
         moved: list[Path] = []
         try:
-            writer = _PartWriter(staging, part_bytes)
             with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 for member, source in members:
                     record = _add_member(tar, member, source)
@@ -311,7 +312,10 @@ def pack_run(
                 path.unlink(missing_ok=True)
             raise
         finally:
+            writer.close()
             shutil.rmtree(staging, ignore_errors=True)
+            if created and not any(out_dir.iterdir()):  # failed: no empty folder left behind
+                out_dir.rmdir()
     return out_dir / f"{name}{MANIFEST_SUFFIX}"
 
 
@@ -402,15 +406,17 @@ def read_manifest(source: str | os.PathLike) -> tuple[dict[str, Any], Path]:
             "unpack it with the rwkvseg version that packed it"
         )
     try:
+        _ = manifest["run"], manifest["progress"]["epoch"], manifest["total_bytes"]
         for record in manifest["files"]:
             _member_path(record["path"], Path("RUN"), source)
             if "header" in record:
                 _member_path(record["header"]["member"], Path("RUN"), source)
         for part in manifest["parts"]:
-            if "/" in part["name"] or part["name"] in ("", ".", ".."):
+            if "/" in part["name"] or part["name"] in ("", ".", "..") or int(part["size"]) < 0:
                 raise ValueError(f"{source} names a part {part['name']!r} outside its folder; pack the run again")
+            _ = part["sha256"]
     except (KeyError, TypeError):
-        raise ValueError(f"{source} is an incomplete manifest (it lacks files or parts); copy it again") from None
+        raise ValueError(f"{source} is an incomplete manifest (it lacks keys of format 1); copy it again") from None
     return manifest, source
 
 
@@ -612,15 +618,24 @@ def unpack_run(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.unpacking-"))
     try:
-        headers = _extract(folder, manifest, expected, staging, dest)
-        _rebuild(staging, files, headers)
-        for path, record in files.items():
-            target = staging / path
-            if target.stat().st_size != record["size"] or file_sha256(target) != record["sha256"]:
-                raise ValueError(
-                    f"{path} unpacked from {folder} differs from its sha256 in the manifest; "
-                    "pack the run again where it was made"
-                )
+        try:
+            headers = _extract(folder, manifest, expected, staging, dest)
+        except tarfile.TarError as err:
+            raise ValueError(
+                f"the parts in {folder} do not hold a readable archive ({err}); pack the run again"
+            ) from None
+        for rebuilt in (False, True):  # the files as packed (state.pt among them) first, then those made from it
+            if rebuilt:
+                _rebuild(staging, files, headers)
+            for path, record in files.items():
+                target = staging / path
+                if ("header" in record) == rebuilt and (
+                    target.stat().st_size != record["size"] or file_sha256(target) != record["sha256"]
+                ):
+                    raise ValueError(
+                        f"{path} unpacked from {folder} differs from its sha256 in the manifest; "
+                        "pack the run again where it was made"
+                    )
         os.chmod(staging, file_mode(folder=True))
         if dest.is_dir():
             dest.rmdir()  # empty, checked above
@@ -684,5 +699,5 @@ def _rebuild(staging: Path, files: Mapping[str, dict[str, Any]], headers: Mappin
             with open(staging / path, "wb") as out:
                 for block in _safetensors_bytes(header, model):
                     out.write(block)
-        except _NotRebuildable as err:
+        except (_NotRebuildable, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path} cannot be rebuilt from {STATE_FILE} ({err}); pack the run again") from None
