@@ -105,14 +105,19 @@ def gather_parts(parts: Path, run: Path) -> bool:
         return True
     gathered = run.with_name(run.name + PARTS_IN)
     if gathered.is_dir():
-        previous, _ = read_manifest(gathered)
-        if previous["parts"] != manifest["parts"]:  # parts of another pack: ours to replace
+        try:
+            previous = read_manifest(gathered)[0]["parts"]
+        except (ValueError, OSError):
+            previous = None
+        if previous != manifest["parts"]:  # parts of another pack, or a gathering cut short: ours to replace
             shutil.rmtree(gathered)
     gathered.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(manifest_path, gathered / manifest_path.name)
     for part, state in parts_status(manifest_path):
-        if state == "ok" and not (gathered / part.name).is_file():
-            shutil.copyfile(manifest_path.parent / part.name, gathered / part.name)
+        target = gathered / part.name
+        if state == "ok" and (not target.is_file() or file_sha256(target) != part.sha256):
+            shutil.copyfile(manifest_path.parent / part.name, target.with_name(target.name + ".tmp"))
+            target.with_name(target.name + ".tmp").replace(target)
+    shutil.copyfile(manifest_path, gathered / manifest_path.name)
     status = parts_status(gathered)
     missing = [f"{i} ({p.name})" for i, (p, s) in enumerate(status) if s != "ok"]
     if missing:
