@@ -105,6 +105,19 @@ def save_conv_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, record) -> 
     return path
 
 
+def write_tiny_2d_run_config(root: Path, epochs: int) -> Path:
+    """root/c.toml training urwkv_test for `epochs` one-step epochs at 32 x 32 on a synthetic dataset in root/data."""
+    from rwkvseg.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(root / "data", n=6, shape=(37, 41), seed=4)
+    path = root / "c.toml"
+    path.write_text(
+        f'epochs = {epochs}\nmax_steps_per_epoch = 1\n[model]\nname = "urwkv_test"\n'
+        f'[data]\nroot = "{root / "data"}"\nsize = [32, 32]\nbatch_size = 2\nval_batch_size = 2\n'
+    )
+    return path
+
+
 def load_script(name: str) -> ModuleType:
     """scripts/<name>.py as a module (scripts/ is no package), for calling its main() and functions in-process."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

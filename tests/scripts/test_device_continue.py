@@ -13,26 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.train.config import load_config
 from rwkvseg.train.state import read_state
 from rwkvseg.train.train import train
 from rwkvseg.train.travel import read_manifest
-from writers import load_script
+from writers import load_script, write_tiny_2d_run_config
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
-    write_synthetic_dataset(root / "data", n=6, shape=(37, 41), seed=4)
-    path = root / "c.toml"
-    path.write_text(
-        'epochs = 2\nmax_steps_per_epoch = 1\n[model]\nname = "urwkv_test"\n'
-        f'[data]\nroot = "{root / "data"}"\nsize = [32, 32]\nbatch_size = 2\nval_batch_size = 2\n'
-    )
-    return path
+    return write_tiny_2d_run_config(tmp_path_factory.mktemp("chain"), epochs=2)
 
 
 def _history(run):

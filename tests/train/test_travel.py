@@ -13,7 +13,6 @@ import torch
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.cli import main
-from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.models import create_model
 from rwkvseg.train.config import load_config
 from rwkvseg.train.train import train
@@ -27,20 +26,14 @@ from rwkvseg.train.travel import (
     read_manifest,
     unpack_run,
 )
+from writers import write_tiny_2d_run_config
 
 PART_MIB = 0.05  # urwkv_test's run is about 0.5 MiB: several parts
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    root = tmp_path_factory.mktemp("travel")
-    write_synthetic_dataset(root / "data", n=6, shape=(37, 41), seed=4)
-    path = root / "c.toml"
-    path.write_text(
-        'epochs = 3\nmax_steps_per_epoch = 1\n[model]\nname = "urwkv_test"\n'
-        f'[data]\nroot = "{root / "data"}"\nsize = [32, 32]\nbatch_size = 2\nval_batch_size = 2\n'
-    )
-    return path
+    return write_tiny_2d_run_config(tmp_path_factory.mktemp("travel"), epochs=3)
 
 
 def _train(config, out, stop_after=None, resume=False):
