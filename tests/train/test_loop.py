@@ -1,5 +1,6 @@
 import csv
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def data(tmp_path_factory):
     return train, val, pre
 
 
-def _run(data, run_dir, epochs=4, stop_after=None, resume=False):
+def _run(data, run_dir, epochs=4, stop_after=None, resume=False, stop=None):
     train, val, pre = data
     torch.manual_seed(0)
     model = TinySeg()
@@ -58,7 +59,7 @@ def _run(data, run_dir, epochs=4, stop_after=None, resume=False):
     scheduler = build_scheduler(optimizer, optim, epochs * steps_per_epoch(len(train), 3))
     loop = LoopConfig(epochs=epochs, batch_size=3, seed=1)
     validate = validator_2d(val, pre, 1, torch.device("cpu"), batch_size=2)
-    stop = (lambda p: p.epoch >= stop_after) if stop_after else None
+    stop = stop or ((lambda p: p.epoch >= stop_after) if stop_after else None)
     meta = CheckpointMeta("tiny", 3, 1, preprocessing=pre.to_dict())
     run = Run(model, train, SegmentationLoss(1), optimizer, scheduler, validate, meta, run_dir)
     progress = fit(run, loop, resume=resume, stop=stop)
@@ -76,6 +77,30 @@ def test_resume_is_bit_identical(data, tmp_path):
     strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
     assert strip(p_resumed.history) == strip(p_straight.history)
     assert (tmp_path / "a" / "best.safetensors").read_bytes() == (tmp_path / "b" / "best.safetensors").read_bytes()
+
+
+class _SignalsWhenCollected:
+    """Sends this process SIGINT from its __del__: where a DataLoader iterator's __del__ (joining its workers)
+    is when `timeout -s INT` arrives, and Python's KeyboardInterrupt is printed as "Exception ignored"."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_an_interrupt_during_a_finalizer_still_stops_the_run(data, tmp_path):
+    def stop(progress):
+        if progress.epoch == 1:
+            _SignalsWhenCollected()  # collected at once: SIGINT arrives inside its __del__
+        return False
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path, epochs=3, stop=stop)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["epochs_done"]) == ("interrupted", 1)  # not trained on to epoch 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # fit put Python's handler back
+    _, progress = _run(data, tmp_path, epochs=3, resume=True)
+    assert progress.epoch == 3
 
 
 def test_run_folder_contents_and_refusal_to_clobber(data, tmp_path):

@@ -13,6 +13,8 @@ import csv
 import io
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -264,7 +266,8 @@ def fit(
     if main:  # until the last line of the run, the folder says it is not complete (kill -9 included)
         _write_summary(run_dir, progress, loop, "running")
     try:
-        _epochs(run, loop, progress, precision, stop, main)
+        with _deferred_interrupt() as check_interrupt:
+            _epochs(run, loop, progress, precision, stop, main, check_interrupt)
     except BaseException as err:
         if main:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -283,12 +286,13 @@ def _epochs(
     precision: _Precision,
     stop: Callable[[Progress], bool] | None,
     main: bool,
+    check_interrupt: Callable[[], None],
 ) -> None:
     run_dir = Path(run.run_dir)
     tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" and main else None
     forward_loss = _ForwardLoss(run, loop)
     for epoch in range(progress.epoch + 1, loop.epochs + 1):
-        row = train_epoch(run, loop, epoch, progress, precision, forward_loss)
+        row = train_epoch(run, loop, epoch, progress, precision, forward_loss, check_interrupt)
         if epoch % loop.val_every == 0 or epoch == loop.epochs:
             row.update(_validate_on_main(run, loop, epoch, progress, precision))
         progress.epoch = epoch
@@ -296,6 +300,7 @@ def _epochs(
         if main:
             save_epoch(run, loop, progress, precision)
         distributed.barrier()  # the run folder is up to date before any rank goes on
+        check_interrupt()  # after the epoch is saved: an interrupt here loses nothing
         if tensorboard is not None:
             tensorboard.log(row, progress.step)
         log.info(
@@ -311,6 +316,37 @@ def _epochs(
         if stop is not None and distributed.on_main(lambda: stop(progress)):  # one decision for all ranks
             log.info("stopping after epoch %d", epoch)
             break
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], None]]:
+    """Ctrl-C (SIGINT, also `timeout -s INT`) during fit only sets a flag, and the loop raises KeyboardInterrupt at
+    its next check (before a step, after an epoch is saved). Python raises a KeyboardInterrupt wherever the main
+    thread is; when that is a finalizer, e.g. a DataLoader iterator's __del__ joining its workers, the exception is
+    printed as "Exception ignored" and the run trains on. A second SIGINT interrupts at once. Installed only in
+    the main thread over Python's own handler: a handler of the caller's, or an ignored SIGINT, is kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: None
+        return
+    requested = threading.Event()
+
+    def request(_signum: int, _frame: object) -> None:
+        requested.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one interrupts at once
+
+    def check() -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, request)
+    try:
+        yield check
+        check()  # a request that came after the last check (the loop ended) still ends the run as interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _write_summary(run_dir: Path, progress: Progress, loop: LoopConfig, status: str, error: str = "") -> None:
@@ -364,8 +400,10 @@ def train_epoch(
     progress: Progress,
     precision: _Precision,
     forward_loss: _ForwardLoss | None = None,
+    check_interrupt: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """One epoch of optimizer steps in a seeded order; returns its row of metrics.csv (loss, lr, time).
+    check_interrupt() runs before every step (fit's deferred Ctrl-C: it raises KeyboardInterrupt there).
 
     The step losses stay on the device and are read every loop.sync_every steps (no host sync per step). A train
     set with device_batches(order, batch_size) (data already on the device, augmented there) hands its batches
@@ -396,6 +434,7 @@ def train_epoch(
     losses = torch.zeros(n_steps, device=device)  # [n_steps] float32, read every sync_every steps
     with _plain_worker_errors(), _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
         for batch in loader:
+            check_interrupt()
             if seen == n_steps:
                 break
             timing = forward_loss.compiled is not None and forward_loss.compile_seconds is None
