@@ -100,7 +100,11 @@ class DataConfig:
 class OptimConfig:
     """sgd + poly per iteration from 0.01 is the paper's; adamw + cosine (with warmup) is the common alternative.
     fused: torch's fused optimizer step (one kernel for the whole update, CUDA and CPU) instead of its multi-tensor
-    ("foreach") kernels: the same update up to rounding; off by default until measured (docs/speed.md)."""
+    ("foreach") kernels: the same update up to rounding; off by default until measured (docs/speed.md).
+    ema: the decay of an exponential moving average of the weights (0: off, the paper's recipe; 0.999 averages
+    over about the last 1000 steps), which is then what validation scores and the best and last checkpoints hold;
+    ema_start: for the first ema_start optimizer steps the average copies the weights, so it does not begin at the
+    random initialisation (rwkvseg.train.ema)."""
 
     name: str = "sgd"
     lr: float = 0.01
@@ -114,14 +118,18 @@ class OptimConfig:
     min_lr: float = 0.0
     grad_clip: float = 0.0
     fused: bool = False
+    ema: float = 0.0
+    ema_start: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, OPTIMIZERS)
         _check_choice("optim.schedule", self.schedule, SCHEDULES)
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        for name in ("momentum", "weight_decay", "power", "warmup_steps", "min_lr", "grad_clip"):
+        for name in ("momentum", "weight_decay", "power", "warmup_steps", "min_lr", "grad_clip", "ema_start"):
             _check_range(f"optim.{name}", getattr(self, name), 0)
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"optim.ema = {self.ema!r} must be in [0, 1): 0 is off, a decay like 0.999 averages")
         for beta in self.betas:
             _check_range("optim.betas", beta, 0, 1)
 

@@ -3,7 +3,9 @@
 Per epoch: a seeded shuffle, optimizer steps (mixed precision on GPU), validation, then the run folder is
 brought up to date: `best` checkpoint (chosen on validation only), `last` checkpoint, the full training state
 for --resume, and metrics.csv. Every file is written atomically, so an interrupted run loses at most the
-epoch in progress and never a file it had written.
+epoch in progress and never a file it had written. With an average of the weights (LoopConfig.ema,
+rwkvseg.train.ema) validation scores the average and both checkpoints hold it; state.pt holds it beside the raw
+weights, which keep training.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..compiling import check_compile, compile_callable, synchronize
 from ..files import atomic_write_text, write_json
 from . import distributed
 from .compile_cache import load_compile_cache, save_compile_cache
+from .ema import WeightEma
 from .state import Progress, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class LoopConfig:
     its first call (rwkvseg.train.compile_cache; "" for none).
     sync_every: the loss stays on the device and is read (and checked for NaN / inf) every sync_every steps and at
     the end of the epoch, so the host never waits for the GPU inside a step.
+    ema, ema_start: optim.ema and optim.ema_start (0: no average of the weights; rwkvseg.train.ema).
     """
 
     epochs: int
@@ -69,6 +73,8 @@ class LoopConfig:
     compile_fallback: bool = False
     compile_cache: str = ""
     sync_every: int = 50
+    ema: float = 0.0
+    ema_start: int = 0
 
     def __post_init__(self) -> None:
         check_compile(self.compile, self.compile_backend)
@@ -128,7 +134,7 @@ class _TensorBoard:
 
     def log(self, row: dict[str, Any], step: int) -> None:
         for k, v in row.items():
-            if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+            if isinstance(v, (int, float)) and k not in ("epoch", "step", "ema"):
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
@@ -174,7 +180,8 @@ class Run:
     """What one run trains: the model with its optimizer and per-step scheduler, the data and the loss,
     validate(model), the checkpoint record (its training field is filled in per epoch) and where it all goes.
     train_set may have set_epoch(epoch) (reseeds augmentation); batches are {"image": x, "mask": y}.
-    step_model: what the training step calls (fit sets it: the DDP wrapper of model under torchrun)."""
+    step_model: what the training step calls (fit sets it: the DDP wrapper of model under torchrun).
+    ema: the average of model's weights that is validated and checkpointed (fit sets it when LoopConfig.ema > 0)."""
 
     model: nn.Module
     train_set: Dataset
@@ -186,6 +193,16 @@ class Run:
     run_dir: Path
     device: torch.device | str = "cpu"
     step_model: nn.Module | None = None
+    ema: WeightEma | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation scores and the checkpoints hold: the average of the weights, or the model itself."""
+        return self.model if self.ema is None else self.ema.module
+
+    def weights_record(self) -> dict[str, Any]:
+        """The checkpoint sidecar's note of an averaged model (none for the raw weights)."""
+        return {} if self.ema is None else {"ema": self.ema.record()}
 
 
 @dataclass
@@ -256,12 +273,17 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     run.model.to(device)
     precision = _Precision.of(loop.amp)
+    ema = WeightEma(run.model, loop.ema, loop.ema_start) if loop.ema else None
     if resume:
-        progress = load_state(state_path, run.model, run.optimizer, run.scheduler, precision.scaler)
+        progress = load_state(state_path, run.model, run.optimizer, run.scheduler, precision.scaler, ema)
         log.info("resuming %s after epoch %d (step %d)", run_dir, progress.epoch, progress.step)
     else:
         progress = Progress()
-    run = replace(run, step_model=distributed.data_parallel(run.model, device))
+    if ema is not None:
+        log.info(
+            "validating and checkpointing the average of the weights (decay %g after step %d)", ema.decay, ema.start
+        )
+    run = replace(run, step_model=distributed.data_parallel(run.model, device), ema=ema)
     main = distributed.is_main()
     if main:  # until the last line of the run, the folder says it is not complete (kill -9 included)
         _write_summary(run_dir, progress, loop, "running")
@@ -362,6 +384,7 @@ def _write_summary(run_dir: Path, progress: Progress, loop: LoopConfig, status: 
         "steps": progress.step,
         "best_epoch": progress.best_epoch,
         f"best_{loop.select_metric}": progress.best_metric,
+        **({"ema": {"weights": "ema", "decay": loop.ema, "start": loop.ema_start}} if loop.ema else {}),
         "last": progress.history[-1] if progress.history else None,
     }
     write_json(run_dir / SUMMARY_FILE, summary)
@@ -459,6 +482,8 @@ def train_epoch(
             run.scheduler.step()
             losses[seen] = loss.detach().float()
             progress.step += 1
+            if run.ema is not None:
+                run.ema.update(progress.step)
             seen += 1
             if timing and forward_loss.compiled is not None:
                 synchronize(device)
@@ -484,14 +509,17 @@ def train_epoch(
 def validate_epoch(
     run: Run, loop: LoopConfig, epoch: int, progress: Progress, precision: _Precision
 ) -> dict[str, float]:
-    """Validate, and save the `best` checkpoint when the selected metric improved; returns the val_ columns."""
-    device = torch.device(run.device)
+    """Validate (the average of the weights when there is one), and save the `best` checkpoint when the selected
+    metric improved; returns the val_ columns (and `ema`, the decay of the average scored, when there is one)."""
+    device, model = torch.device(run.device), run.eval_model
     start = time.perf_counter()
-    run.model.eval()
+    model.eval()
     with _plain_worker_errors(), torch.no_grad(), precision.autocast(device):
-        scores = run.validate(run.model)
+        scores = run.validate(model)
     row = {f"val_{k}": v for k, v in scores.items()}
     row["val_seconds"] = round(time.perf_counter() - start, 3)
+    if run.ema is not None:
+        row["ema"] = run.ema.decay
     if loop.select_metric not in scores:
         raise ValueError(f"select_metric {loop.select_metric!r} is not among the validation scores {sorted(scores)}")
     score = float(scores[loop.select_metric])
@@ -499,17 +527,18 @@ def validate_epoch(
     if not math.isnan(score) and (progress.best_metric is None or better(score, progress.best_metric)):
         progress.best_metric, progress.best_epoch = score, epoch
         summary = {"epoch": epoch, "step": progress.step, **{f"val_{k}": float(v) for k, v in scores.items()}}
-        best_meta = replace(run.meta, training={**run.meta.training, "best": summary})
-        save_checkpoint(Path(run.run_dir) / "best", run.model, best_meta, overwrite=True)
+        best_meta = replace(run.meta, training={**run.meta.training, "best": summary, **run.weights_record()})
+        save_checkpoint(Path(run.run_dir) / "best", model, best_meta, overwrite=True)
     return row
 
 
 def save_epoch(run: Run, loop: LoopConfig, progress: Progress, precision: _Precision) -> None:
-    """Bring the run folder up to date: `last` checkpoint, the state for --resume, metrics.csv."""
+    """Bring the run folder up to date: `last` checkpoint (the average of the weights when there is one), the state
+    for --resume, metrics.csv."""
     run_dir = Path(run.run_dir)
-    last_meta = replace(run.meta, training={**run.meta.training, "epoch": progress.epoch, "step": progress.step})
-    save_checkpoint(run_dir / "last", run.model, last_meta, overwrite=True)
-    save_state(run_dir / STATE_FILE, run.model, run.optimizer, run.scheduler, precision.scaler, progress)
+    training = {**run.meta.training, "epoch": progress.epoch, "step": progress.step, **run.weights_record()}
+    save_checkpoint(run_dir / "last", run.eval_model, replace(run.meta, training=training), overwrite=True)
+    save_state(run_dir / STATE_FILE, run.model, run.optimizer, run.scheduler, precision.scaler, progress, run.ema)
     _write_metrics_csv(run_dir / METRICS_FILE, progress.history)
 
 

@@ -118,6 +118,8 @@ def training_setup(
         compile_backend=config.compile_backend,
         compile_fallback=config.compile == "auto",
         compile_cache=config.compile_cache,
+        ema=config.optim.ema,
+        ema_start=config.optim.ema_start,
     )
     return optimizer, scheduler, loop
 

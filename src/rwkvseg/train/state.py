@@ -1,4 +1,5 @@
-"""The full training state for an exact resume: weights, optimizer, scheduler, AMP scaler, RNGs, progress.
+"""The full training state for an exact resume: weights, optimizer, scheduler, AMP scaler, RNGs, progress, and
+with optim.ema the average of the weights beside the raw ones (key "ema", absent without it).
 
 One file (`state.pt`, written atomically at the end of each epoch). Data order and augmentation are seeded from
 (seed, epoch[, index]), so together with the RNG states here a resumed run repeats the uninterrupted one bit for
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write
+from .ema import WeightEma
 
 STATE_FORMAT = 1
 
@@ -92,6 +94,7 @@ def save_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     progress: Progress,
+    ema: WeightEma | None = None,
 ) -> None:
     state = {
         "format": STATE_FORMAT,
@@ -108,6 +111,8 @@ def save_state(
         },
         "rng": _rng_state(),
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     state["sha256"] = tensors_sha256(state)
     atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
@@ -139,10 +144,19 @@ def load_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
+    ema: WeightEma | None = None,
 ) -> Progress:
-    """Restore everything save_state wrote; returns the progress to continue from."""
+    """Restore everything save_state wrote; returns the progress to continue from. A run cannot switch its
+    average of the weights on or off (its validations and best checkpoint would mix two kinds of weights)."""
     path = Path(path)
     state = read_state(path)
+    saved_ema = state.get("ema")
+    if (saved_ema is None) != (ema is None):
+        raise ValueError(
+            f"{path} was trained with optim.ema = {saved_ema['decay'] if saved_ema else 0:g} and the config has "
+            f"optim.ema = {ema.decay if ema else 0:g}; an average of the weights cannot be switched on or off "
+            "mid-run: resume with the run's own optim.ema or start a new run"
+        )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -154,6 +168,8 @@ def load_state(
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(saved_ema)
     _set_rng_state(state["rng"])
     p = state["progress"]
     return Progress(p["epoch"], p["step"], p["best_metric"], p["best_epoch"], list(p["history"]))
