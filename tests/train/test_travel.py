@@ -282,3 +282,17 @@ def test_commands_pack_parts_unpack_and_their_errors(half_run, tmp_path, capsys)
     assert code == 2 and "already holds files" in capsys.readouterr().err
     code = main(["pack", str(half_run), str(out)])
     assert code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_checkpoints_of_an_averaged_run_travel_as_headers_rebuilt_from_the_average(config, tmp_path):
+    run = tmp_path / "run"
+    train(load_config(config, [f"out={run}", "optim.ema=0.5"]), stop=lambda p: p.epoch >= 1)
+    state = torch.load(run / "state.pt", weights_only=True)
+    assert any(not torch.equal(v, state["ema"]["module"][k]) for k, v in state["model"].items())
+    manifest, _ = read_manifest(pack_run(run, tmp_path / "parts", part_mib=PART_MIB))
+    files = {f["path"]: f for f in manifest["files"]}
+    for name in ("best.safetensors", "last.safetensors"):  # epoch 1 is the best and the last: both the average's
+        assert files[name]["rebuilt_from"] == "state.pt" and files[name]["tensors"] == "ema", name
+    moved = unpack_run(tmp_path / "parts", tmp_path / "moved")
+    for name in files:
+        assert (moved / name).read_bytes() == (run / name).read_bytes(), name

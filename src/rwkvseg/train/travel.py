@@ -4,11 +4,12 @@ and sha256 (docs/checkpoint_format.md, "Carrying a run").
 
 What travels: config.json, split.json and state.pt (what --resume reads), the `best` checkpoint (a resume rewrites
 it only when a later epoch scores better), and the small records metrics.csv, summary.json, final_val.json and
-tensorboard/. A checkpoint whose tensors equal the model in state.pt (`last` always, `best` when the last epoch
-was the best) travels as its safetensors header alone and is rebuilt on unpack from state.pt, byte for byte (its
-sha256 is checked). A `last` checkpoint that differs from state.pt (a run killed between the two writes) is left
-out: the next epoch writes it again. Left out too: a 3D run's cache/ (a resume preprocesses data.root into it
-again), the lock of a running run, and files rwkvseg did not write (named in the manifest).
+tensorboard/. A checkpoint whose tensors equal the model in state.pt, or with optim.ema its average of the weights
+(`last` always, `best` when the last epoch was the best), travels as its safetensors header alone and is rebuilt on
+unpack from state.pt, byte for byte (its sha256 is checked). A `last` checkpoint that differs from state.pt (a run
+killed between the two writes) is left out: the next epoch writes it again. Left out too: a 3D run's cache/ (a
+resume preprocesses data.root into it again), the lock of a running run, and files rwkvseg did not write (named in
+the manifest).
 
 The archive is plain tar (stdlib tarfile), not compressed: float32 weights and optimizer moments gain about 8 %
 from gzip (measured on U-RWKV's state.pt) at 30 MiB/s on one core, too little to change the number of parts.
@@ -207,6 +208,7 @@ def _run_entries(run_dir: Path, state: dict[str, Any]) -> tuple[list[tuple[str, 
     members: list[tuple[str, Path | bytes]] = []
     files: dict[str, dict[str, Any]] = {}
     left_out: list[dict[str, str]] = []
+    sources = {"model": state["model"], **({"ema": state["ema"]["module"]} if "ema" in state else {})}
     for name in RESUME_FILES:
         if not (run_dir / name).is_file():
             raise FileNotFoundError(
@@ -225,13 +227,15 @@ def _run_entries(run_dir: Path, state: dict[str, Any]) -> tuple[list[tuple[str, 
         if not weights.is_file() or not sidecar.is_file():
             continue
         header, sha256 = _read_header(weights), file_sha256(weights)
-        if _rebuilt_sha256(header, state["model"]) == sha256:
+        source = next((key for key, tensors in sources.items() if _rebuilt_sha256(header, tensors) == sha256), None)
+        if source is not None:
             members.append((sidecar.name, sidecar))
             members.append((weights.name + HEADER_SUFFIX, header))
             files[weights.name] = {
                 "size": weights.stat().st_size,
                 "sha256": sha256,
                 "rebuilt_from": STATE_FILE,
+                **({"tensors": source} if source != "model" else {}),
                 "header": {"member": weights.name + HEADER_SUFFIX},
             }
         elif checkpoint == "best":
@@ -686,18 +690,20 @@ def _extract(
 
 
 def _rebuild(staging: Path, files: Mapping[str, dict[str, Any]], headers: Mapping[str, bytes]) -> None:
-    """Write each checkpoint packed as its header from the model tensors of the unpacked state.pt."""
+    """Write each checkpoint packed as its header from the tensors of the unpacked state.pt: its model, or its
+    average of the weights for a record with "tensors": "ema"."""
     rebuilt = [path for path, record in files.items() if "header" in record]
     if not rebuilt:
         return
-    model = torch.load(staging / STATE_FILE, map_location="cpu", weights_only=True)["model"]
+    state = torch.load(staging / STATE_FILE, map_location="cpu", weights_only=True)
     for path in rebuilt:
         header = headers[files[path]["header"]["member"]]
         if hashlib.sha256(header).hexdigest() != files[path]["header"]["sha256"]:
             raise ValueError(f"the header of {path} differs from its sha256 in the manifest; pack the run again")
         try:
+            tensors = state["ema"]["module"] if files[path].get("tensors") == "ema" else state["model"]
             with open(staging / path, "wb") as out:
-                for block in _safetensors_bytes(header, model):
+                for block in _safetensors_bytes(header, tensors):
                     out.write(block)
         except (_NotRebuildable, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path} cannot be rebuilt from {STATE_FILE} ({err}); pack the run again") from None
