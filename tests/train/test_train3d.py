@@ -237,3 +237,17 @@ def test_compiled_step_trains_on_augmented_patches(tmp_path, cache, caplog):
     a, b = load_file(tmp_path / "eager" / "last.safetensors"), load_file(tmp_path / "compiled" / "last.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_an_average_of_the_weights_is_what_a_3d_run_validates_and_saves(tmp_path, cache):
+    overrides = [f"data.root={cache}", f"out={tmp_path / 'run'}", "epochs=1", "max_steps_per_epoch=2"]
+    overrides += ["optim.ema=0.5", "infer.mirror_axes=[]"]
+    progress = train(load_config(write_config(tmp_path / "c.toml"), overrides))
+    assert progress.best_epoch == 1 and progress.history[0]["ema"] == 0.5
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    best = load_file(tmp_path / "run" / "best.safetensors")
+    assert best.keys() == state["ema"]["module"].keys()
+    assert all(torch.equal(v, state["ema"]["module"][k]) for k, v in best.items())
+    assert any(not torch.equal(v, state["model"][k]) for k, v in best.items())  # not the raw weights
+    assert read_meta(tmp_path / "run" / "best").training["ema"]["decay"] == 0.5
+    assert json.loads((tmp_path / "run" / FINAL_FILE).read_text())["epoch"] == 1  # scored the average
