@@ -25,16 +25,16 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_save
 
 from .. import __version__
 from ..data.splits import SPLIT_FILE
@@ -57,18 +57,6 @@ HEADER_SUFFIX = ".header"  # an archive member holding a safetensors header; the
 MiB = 2**20
 
 _LEFT_OUT = {CACHE_DIR: "the 3D preprocessed cache: a resume preprocesses data.root into it again"}
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
 
 
 @dataclass(frozen=True)
@@ -97,36 +85,26 @@ def _read_header(weights: Path) -> bytes:
         return head + f.read(n)
 
 
-def _safetensors_bytes(header: bytes, tensors: Mapping[str, Any]) -> Iterator[bytes]:
-    """The bytes of the safetensors file with this header whose tensors are `tensors` (state-dict names): the
-    header, then each tensor's little-endian bytes at the offsets the header gives."""
-    if sys.byteorder != "little":
-        raise _NotRebuildable("a big-endian machine")
+def _safetensors_bytes(header: bytes, tensors: Mapping[str, Any]) -> bytes:
+    """The safetensors file with this header whose tensors are `tensors` (state-dict names), written by
+    safetensors itself from the names and metadata the header lists (as checkpoint.save_checkpoint's save_model
+    wrote it); _NotRebuildable when the result is not that header's file (other tensors, dtypes or shapes)."""
     table = json.loads(header[8:])
-    entries = sorted((v["data_offsets"], name, v) for name, v in table.items() if name != "__metadata__")
-    yield header
-    position = 0
-    for (begin, end), name, entry in entries:
-        tensor = tensors.get(name)
-        if not isinstance(tensor, torch.Tensor) or begin != position:
-            raise _NotRebuildable(name)
-        if _SAFETENSORS_DTYPES.get(tensor.dtype) != entry["dtype"] or list(tensor.shape) != entry["shape"]:
-            raise _NotRebuildable(name)
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        if end - begin != len(data):
-            raise _NotRebuildable(name)
-        position = end
-        yield data
+    metadata = table.pop("__metadata__", None)
+    try:
+        data = safetensors_save({name: tensors[name].contiguous() for name in table}, metadata=metadata)
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise _NotRebuildable(str(err)) from None
+    if not data.startswith(header):
+        raise _NotRebuildable("the tensors do not give this header (other names, dtypes or shapes)")
+    return data
 
 
 def _rebuilt_sha256(header: bytes, tensors: Mapping[str, Any]) -> str | None:
-    digest = hashlib.sha256()
     try:
-        for block in _safetensors_bytes(header, tensors):
-            digest.update(block)
-    except (_NotRebuildable, KeyError, TypeError, ValueError):
+        return hashlib.sha256(_safetensors_bytes(header, tensors)).hexdigest()
+    except (_NotRebuildable, ValueError):
         return None
-    return digest.hexdigest()
 
 
 # --- packing ----------------------------------------------------------------------------------------------------
@@ -702,8 +680,6 @@ def _rebuild(staging: Path, files: Mapping[str, dict[str, Any]], headers: Mappin
             raise ValueError(f"the header of {path} differs from its sha256 in the manifest; pack the run again")
         try:
             tensors = state["ema"]["module"] if files[path].get("tensors") == "ema" else state["model"]
-            with open(staging / path, "wb") as out:
-                for block in _safetensors_bytes(header, tensors):
-                    out.write(block)
+            (staging / path).write_bytes(_safetensors_bytes(header, tensors))
         except (_NotRebuildable, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path} cannot be rebuilt from {STATE_FILE} ({err}); pack the run again") from None
