@@ -38,7 +38,7 @@ from safetensors.torch import save as safetensors_save
 
 from .. import __version__
 from ..data.splits import SPLIT_FILE
-from ..files import LOCK, file_mode, file_sha256, folder_lock, write_json
+from ..files import LOCK, atomic_write, file_mode, file_sha256, folder_lock, write_json
 from .loop import METRICS_FILE, STATE_FILE, SUMMARY_FILE
 from .run import CONFIG_FILE
 from .state import read_state
@@ -494,17 +494,14 @@ def copy_parts(source: str | os.PathLike, dest_dir: str | os.PathLike, indices: 
 
 
 def _copy_new(source: Path, target: Path) -> None:
-    """Copy to a temporary name beside target, then move it into place (refused if target exists by now)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Copy through a temporary file beside target (files.atomic_write), refused if target exists by then."""
+
+    def copy(tmp: Path) -> None:
         shutil.copyfile(source, tmp)
-        os.chmod(tmp, file_mode())
         if target.exists():
             raise FileExistsError(f"{target} appeared while copying; copy into an empty folder")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+    atomic_write(target, copy)
 
 
 def call_batches(source: str | os.PathLike, max_files: int, max_bytes: int) -> list[list[int]]:
