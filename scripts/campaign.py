@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from rwkvseg.eval.report import plot_curves, read_metrics_csv
+from rwkvseg.eval.report import read_metrics_csv, read_run, write_run_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # 2D dataset folder -> the recipe's config
@@ -179,23 +179,6 @@ def summary(run: Path) -> dict:
     return row
 
 
-def write_curves(run: Path, path: Path) -> list[str]:
-    """The run's training loss and validation Dice (the mean, and each region's in 3D) per epoch as a PNG, the
-    best epoch dotted; returns the curves drawn."""
-    rows = read_metrics_csv(run / "metrics.csv")
-    config = json.loads((run / "config.json").read_text())
-    validated = [r for r in rows if "val_dice" in r]
-    regions = [k for k in dict.fromkeys(k for r in validated for k in r) if k.startswith("val_dice_")]
-    curves = {"val_dice": "validation Dice" + (" (mean)" if regions else "")}
-    curves |= {k: f"validation Dice {k.removeprefix('val_dice_')}" for k in regions}
-    best = max(validated, key=lambda r: r["val_dice"]) if validated else None
-    title = f"{run.name}: {len(rows)} of {config.get('epochs')} epochs"
-    if best is not None:
-        title += f", best Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}"
-    loss = f"training loss ({config.get('loss', {}).get('name', '?')})"
-    return plot_curves(rows, path, title, curves, loss, None if best is None else int(best["epoch"]))
-
-
 def _cell(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -259,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         if "best_epoch" in row:  # a run with a validation has curves to draw
             try:
-                write_curves(args.runs / row["run"], args.runs / f"{row['run']}.curves.png")
+                write_run_curves(read_run(args.runs / row["run"]), args.runs / f"{row['run']}.curves.png")
             except ValueError as err:  # no matplotlib: the table is the campaign's result
                 print(f"{row['run']}: no curves ({err})")
     print(f"wall {time.time() - start:.0f} s")

@@ -19,9 +19,10 @@ import json
 from pathlib import Path
 
 from rwkvseg.bench.complexity import count_parameters
-from rwkvseg.eval.report import plot_curves, read_metrics_csv
+from rwkvseg.eval.evaluate import read_summary, summary_means
+from rwkvseg.eval.report import plot_curves, read_run
 from rwkvseg.models import create_model
-from rwkvseg.released import INDEX_FILE, ReleasedModel, index_entry, weights_dir
+from rwkvseg.released import ReleasedModel, update_index, weights_dir
 
 DATASETS = {  # release suffix -> (dataset folder, human name of the data, split)
     "kvasir": ("kvasir_seg", "Kvasir-SEG (colonoscopy, polyp)", "720 train / 180 val, seed 0"),
@@ -82,33 +83,22 @@ def evaluation_row(summary: Path, label: str) -> str:
     """One row of the card's validation table from an `rwkvseg evaluate` summary.json; "" when it is absent."""
     if not summary.is_file():
         return ""
-    scores = json.loads(summary.read_text())
-    cells = " | ".join(f"{scores[k]['mean']:.{1 if k == 'hd95' else 4}f}" for k in METRICS)
+    scores = summary_means(json.loads(summary.read_text()))
+    cells = " | ".join(f"{scores[k]:.{1 if k == 'hd95' else 4}f}" for k in METRICS)
     return f"| {label} | {cells} |"
 
 
 def _run_summary(run: Path) -> dict:
-    rows = read_metrics_csv(run / "metrics.csv")  # epochs without validation (val_every > 1) lack val_* keys
-    best = max((r for r in rows if "val_dice" in r), key=lambda r: r["val_dice"])
-    config = json.loads((run / "config.json").read_text())
-    planned, ran = config["epochs"], len(rows)
-    schedule = (
-        f"planned {planned} epochs, all run"
-        if ran == planned
-        else (
-            f"planned {planned} epochs; stopped by the run's time limit after epoch {ran} (poly schedule not finished)"
-        )
-    )
-    if config.get("val_every", 1) > 1:
-        schedule += f", validated every {config['val_every']} epochs and after the last"
+    history = read_run(run)
+    best = history.best
     return {
-        "rows": rows,
-        "ran": ran,
+        "rows": history.rows,
+        "ran": history.ran,
         "best": int(best["epoch"]),
-        "schedule": schedule,
-        "batch": config["data"]["batch_size"],
-        "compile": config.get("compile", "auto"),
-        "minutes": sum(r["train_seconds"] + r.get("val_seconds", 0.0) for r in rows) / 60,
+        "schedule": history.schedule(),
+        "batch": history.config["data"]["batch_size"],
+        "compile": history.config.get("compile", "auto"),
+        "minutes": history.minutes,
         **{f"t_{k}": best[f"val_{k}"] for k in ("dice", "iou", "precision", "recall", "specificity")},
     }
 
@@ -131,13 +121,12 @@ def main() -> None:
     args = p.parse_args()
 
     folder = weights_dir()
-    index = folder / INDEX_FILE
-    entries = json.loads(index.read_text())["models"] if index.is_file() else []
     for name in args.names:
         arch, short = name.split("-", 1)
         dataset, data, split = DATASETS[short]
-        summary = json.loads((args.evals / f"eval-{name}" / "summary.json").read_text())
-        scores = {k: summary[k]["mean"] for k in METRICS}
+        summary = read_summary(args.evals / f"eval-{name}")
+        means = summary_means(summary)
+        scores = {k: means[k] for k in METRICS}
         extra_rows = "\n".join(
             row
             for folder_name, label in EXTRA_ROWS
@@ -168,13 +157,7 @@ def main() -> None:
         )
         (folder / f"{name}.md").write_text(card)
         metrics = {"val_dice": round(scores["dice"], 4), "val_iou": round(scores["iou"], 4), "epochs": info["ran"]}
-        entry = index_entry(ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md"))
-        names = [e["name"] for e in entries]
-        if name in names:
-            entries[names.index(name)] = entry
-        else:
-            entries.append(entry)
-    index.write_text(json.dumps({"models": entries}, indent=2) + "\n")
+        update_index(ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md"), folder)
 
 
 if __name__ == "__main__":

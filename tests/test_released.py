@@ -11,6 +11,7 @@ from rwkvseg.released import (
     index_entry,
     released_checkpoint,
     released_models,
+    update_index,
 )
 
 
@@ -77,6 +78,15 @@ def test_lookup_by_name(trained, tmp_path):
     assert released_checkpoint("tiny-demo", folder).name == "tiny-demo.safetensors"
     with pytest.raises(ValueError, match="choose one of: tiny-demo"):
         released_checkpoint("tiny", folder)
+
+
+def test_update_index_replaces_in_place_or_appends(tmp_path):
+    first, second = ReleasedModel("a-x", "a", "x", "splits/x.json"), ReleasedModel("b-x", "b", "x", "splits/x.json")
+    update_index(first, tmp_path)
+    update_index(second, tmp_path)
+    update_index(ReleasedModel("a-x", "a", "x", "splits/x.json", {"val_dice": 0.5}, "card: a-x.md"), tmp_path)
+    assert [(m.name, m.metrics) for m in released_models(tmp_path)] == [("a-x", {"val_dice": 0.5}), ("b-x", {})]
+    assert (tmp_path / "index.json").read_text().endswith("}\n")
 
 
 @pytest.mark.parametrize("model", released_models(), ids=lambda m: m.name)

@@ -6,6 +6,7 @@ helpers of a test file can call them too; the fixtures of tests/conftest.py hand
 """
 
 import importlib.util
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -77,6 +78,31 @@ def write_phantoms_as(root: Path, case_ids: Sequence[str], shape: Sequence[int],
             file.rename(folder / file.name.replace(folder.name, case, 1))
         folder.rename(root / case)
     return root
+
+
+def write_run_3d(
+    folder: Path, val_dice_wt: Sequence[float], val_every: int = 10, planned: int = 200, config: dict | None = None
+) -> Path:
+    """A 3D run folder validated every val_every epochs: each validation's WT Dice as given (TC and ET below it),
+    its columns made as the validator makes them (mean_scores), metrics.csv by the loop's own writer; config.json
+    a minimal one, or config (a whole saved config, e.g. train.config.to_dict) with these epochs and val_every."""
+    from rwkvseg.train.loop import _write_metrics_csv
+    from rwkvseg.train.validate import mean_scores
+
+    folder.mkdir(parents=True)
+    history = []
+    for epoch in range(1, val_every * len(val_dice_wt) + 1):
+        row = {"epoch": epoch, "step": 250 * epoch, "lr": 0.01, "train_loss": 1.5 / epoch, "train_seconds": 4.0}
+        if epoch % val_every == 0:
+            wt = val_dice_wt[epoch // val_every - 1]
+            per_case = {"case": {"dice_WT": wt, "dice_TC": wt - 0.1, "dice_ET": wt - 0.2}}
+            row |= {f"val_{k}": v for k, v in mean_scores(per_case, ("WT", "TC", "ET")).items()}
+            row["val_seconds"] = 6.0
+        history.append(row)
+    _write_metrics_csv(folder / "metrics.csv", history)
+    config = {"dims": 3, "loss": {"name": "ce"}} if config is None else config
+    (folder / "config.json").write_text(json.dumps({**config, "epochs": planned, "val_every": val_every}))
+    return folder
 
 
 def save_conv_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, record) -> Path:

@@ -110,3 +110,17 @@ def index_entry(model: ReleasedModel) -> dict[str, Any]:
         "metrics": model.metrics,
         "notes": model.notes,
     }
+
+
+def update_index(model: ReleasedModel, folder: Path | None = None) -> Path:
+    """Put model's entry into the folder's index.json: in place of the entry of the same name, else appended; the
+    other entries are kept as they are. Returns the index's path."""
+    index = (folder or weights_dir()) / INDEX_FILE
+    entries = json.loads(index.read_text(encoding="utf-8"))["models"] if index.is_file() else []
+    names = [e["name"] for e in entries]
+    if model.name in names:
+        entries[names.index(model.name)] = index_entry(model)
+    else:
+        entries.append(index_entry(model))
+    write_json(index, {"models": entries})
+    return index

@@ -1,6 +1,15 @@
 import pytest
 
-from rwkvseg.eval.report import html_table, plot_curves, read_metrics_csv, svg_curves, write_report
+from rwkvseg.eval.report import (
+    html_table,
+    plot_curves,
+    read_metrics_csv,
+    read_run,
+    svg_curves,
+    write_report,
+    write_run_curves,
+)
+from writers import write_run_3d
 
 
 def test_curves_and_tables_render(tmp_path):
@@ -25,3 +34,25 @@ def test_plot_curves_skips_what_the_history_lacks(tmp_path):
     with pytest.raises(ValueError, match="no training loss or val_dice"):
         plot_curves([{"epoch": 1.0}], tmp_path / "none.png", "t", {"val_dice": "Dice"})
     assert not (tmp_path / "none.png").exists()
+
+
+def test_run_curves_draw_each_region(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = read_run(write_run_3d(tmp_path / "brats2018-mmsegrwkv", [0.5, 0.7, 0.8]))
+    drawn = write_run_curves(run, tmp_path / "brats2018-mmsegrwkv.curves.png")
+    regions = [f"validation Dice {r}" for r in ("WT", "TC", "ET")]
+    assert drawn == ["validation Dice (mean)", *regions, "training loss (ce)"]
+    assert (tmp_path / "brats2018-mmsegrwkv.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_history_states_why_a_run_stopped_early(tmp_path):
+    run = write_run_3d(tmp_path / "brats2018-segresnet", [0.5, 0.7, 0.6], val_every=5, planned=40)
+    history = read_run(run)
+    assert (history.ran, history.best["epoch"], history.minutes) == (15, 10, (15 * 4.0 + 3 * 6.0) / 60)
+    stopped = "planned 40 epochs; stopped by the run's time limit after epoch 15 (poly schedule not finished)"
+    assert history.schedule() == stopped + ", validated every 5 epochs and after the last"
+    (run / "summary.json").write_text('{"status": "interrupted"}')
+    assert read_run(run).schedule().startswith("planned 40 epochs; interrupted after epoch 15,")
+    (run / "metrics.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"metrics\.csv not found: give the folder of a training run"):
+        read_run(run)

@@ -1,5 +1,5 @@
 """scripts/campaign.py (2D and 3D) and scripts/release_2d.py read a run's metrics.csv, also when it validated every N
-epochs; the campaign's commands, its table and curves."""
+epochs; the campaign's commands and its table."""
 
 import json
 import subprocess
@@ -11,8 +11,7 @@ import pytest
 
 from rwkvseg.train.config import load_config
 from rwkvseg.train.loop import _write_metrics_csv
-from rwkvseg.train.validate import mean_scores
-from writers import load_script
+from writers import load_script, write_run_3d
 
 ROOT = Path(__file__).resolve().parents[2]
 BRATS_CONFIGS = [ROOT / "configs" / f"brats2018_{m}.toml" for m in ("mmsegrwkv", "mmsegrwkv_small", "segresnet")]
@@ -32,25 +31,6 @@ def run(tmp_path):
         history.append(row)
     _write_metrics_csv(folder / "metrics.csv", history)
     config = {"epochs": 6, "val_every": 2, "compile": "auto", "data": {"batch_size": 4}}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
-def write_run_3d(folder: Path, val_dice_wt: list[float], val_every: int = 10, planned: int = 200) -> Path:
-    """A 3D run folder validated every val_every epochs: each validation's WT Dice as given (TC and ET below it),
-    its columns made as the validator makes them (mean_scores), metrics.csv by the loop's own writer."""
-    folder.mkdir(parents=True)
-    history = []
-    for epoch in range(1, val_every * len(val_dice_wt) + 1):
-        row = {"epoch": epoch, "step": 250 * epoch, "lr": 0.01, "train_loss": 1.5 / epoch, "train_seconds": 4.0}
-        if epoch % val_every == 0:
-            wt = val_dice_wt[epoch // val_every - 1]
-            per_case = {"case": {"dice_WT": wt, "dice_TC": wt - 0.1, "dice_ET": wt - 0.2}}
-            row |= {f"val_{k}": v for k, v in mean_scores(per_case, ("WT", "TC", "ET")).items()}
-            row["val_seconds"] = 6.0
-        history.append(row)
-    _write_metrics_csv(folder / "metrics.csv", history)
-    config = {"dims": 3, "epochs": planned, "val_every": val_every, "loss": {"name": "ce"}}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -94,15 +74,6 @@ def test_campaign_summary_3d_gives_each_region_at_the_best_epoch_and_the_plateau
     cells = [dict(zip(header, line.split(" | "), strict=True)) for line in lines[1:]]
     assert [c["plateau"] for c in cells] == ["yes", "no", "-"]
     assert (cells[0]["epochs"], cells[0]["best_val_dice_ET"], cells[2]["exit"]) == ("90", "0.6600", "130")
-
-
-def test_campaign_curves_draw_each_region(tmp_path):
-    pytest.importorskip("matplotlib")
-    run = write_run_3d(tmp_path / "brats2018-mmsegrwkv", [0.5, 0.7, 0.8])
-    drawn = load_script("campaign").write_curves(run, tmp_path / "brats2018-mmsegrwkv.curves.png")
-    regions = [f"validation Dice {r}" for r in ("WT", "TC", "ET")]
-    assert drawn == ["validation Dice (mean)", *regions, "training loss (ce)"]
-    assert (tmp_path / "brats2018-mmsegrwkv.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def sets(command: list[str]) -> list[str]:

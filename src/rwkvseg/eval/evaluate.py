@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,28 @@ def evaluate_folders(
             write_csv(out / PER_CASE_FILE, rows)
             write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+def read_summary(folder: str | Path) -> dict[str, Any]:
+    """The summary.json that evaluate_folders wrote into folder; FileNotFoundError saying how to write it."""
+    path = Path(folder) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: score predictions with `rwkvseg evaluate PRED GT --out {folder}`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def summary_means(summary: dict[str, Any]) -> dict[str, float]:
+    """Each metric's mean over cases: `dice`, `iou`, `hd95`, ... of a 2D summary; of a 3D one `<metric>_<region>`
+    (`dice_WT`, `hd95_WT`, ..., the names of final_val.json) and `dice`, the mean over regions. A metric undefined
+    in every case has no mean and is left out."""
+
+    def means(stats: dict[str, Any], suffix: str = "") -> dict[str, float]:
+        return {k + suffix: v["mean"] for k, v in stats.items() if isinstance(v, dict) and "mean" in v}
+
+    if "regions" in summary:
+        regions = summary["regions"]
+        return {k: v for r in regions for k, v in means(regions[r], f"_{r}").items()} | {"dice": summary["mean_dice"]}
+    return means(summary)
 
 
 def _score(

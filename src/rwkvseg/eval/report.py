@@ -1,13 +1,16 @@
-"""A self-contained HTML report (tables, training curves as inline SVG, image galleries) and a run's training curves
-as a PNG."""
+"""A self-contained HTML report (tables, training curves as inline SVG, image galleries), a training run folder as
+reports and model cards read it, and a run's training curves as a PNG."""
 
 from __future__ import annotations
 
 import csv
 import html
+import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..files import atomic_write
 
@@ -18,6 +21,78 @@ def read_metrics_csv(path: Path) -> list[dict[str, float]]:
     """metrics.csv of a run -> one dict per epoch (empty cells dropped)."""
     with path.open(newline="", encoding="utf-8") as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """A training run folder as the campaign table and the model cards read it: rows of metrics.csv (one per
+    epoch; epochs without validation, val_every > 1, have no val_* keys), config.json, and summary.json's status
+    where the run wrote one."""
+
+    name: str
+    rows: list[dict[str, float]]
+    config: dict[str, Any]
+    status: str | None = None
+
+    @property
+    def validated(self) -> list[dict[str, float]]:
+        return [r for r in self.rows if "val_dice" in r]
+
+    @property
+    def best(self) -> dict[str, float] | None:
+        """The row of the first epoch with the highest validation Dice, as the training loop keeps it."""
+        return max(self.validated, key=lambda r: r["val_dice"]) if self.validated else None
+
+    @property
+    def ran(self) -> int:
+        return len(self.rows)
+
+    @property
+    def minutes(self) -> float:
+        """Training and validation time over every epoch."""
+        return sum(r["train_seconds"] + r.get("val_seconds", 0.0) for r in self.rows) / 60
+
+    def schedule(self) -> str:
+        """Planned against run epochs, why the run stopped early, and how often it validated: a card's words."""
+        planned = self.config["epochs"]
+        if self.ran == planned:
+            text = f"planned {planned} epochs, all run"
+        elif self.status in (None, "complete"):  # complete short of its epochs: stopped by its max_minutes
+            schedule = self.config.get("optim", {}).get("schedule", "poly")
+            text = (
+                f"planned {planned} epochs; stopped by the run's time limit after epoch {self.ran} ({schedule} "
+                "schedule not finished)"
+            )
+        else:
+            text = f"planned {planned} epochs; {self.status} after epoch {self.ran}"
+        if self.config.get("val_every", 1) > 1:
+            text += f", validated every {self.config['val_every']} epochs and after the last"
+        return text
+
+
+def read_run(run: Path) -> RunHistory:
+    """The RunHistory of a run folder (`rwkvseg train --out RUN`); FileNotFoundError naming what is missing."""
+    missing = [str(run / f) for f in ("metrics.csv", "config.json") if not (run / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{' and '.join(missing)} not found: give the folder of a training run")
+    summary = run / "summary.json"
+    status = json.loads(summary.read_text(encoding="utf-8")).get("status") if summary.is_file() else None
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    return RunHistory(run.name, read_metrics_csv(run / "metrics.csv"), config, status)
+
+
+def write_run_curves(run: RunHistory, path: Path, name: str | None = None) -> list[str]:
+    """The run's training loss and validation Dice (the mean, and each region's in 3D) per epoch as a PNG, the
+    best epoch dotted, titled with name (default: the run's); returns the curves drawn (plot_curves)."""
+    regions = [k for k in dict.fromkeys(k for r in run.validated for k in r) if k.startswith("val_dice_")]
+    curves = {"val_dice": "validation Dice" + (" (mean)" if regions else "")}
+    curves |= {k: f"validation Dice {k.removeprefix('val_dice_')}" for k in regions}
+    best = run.best
+    title = f"{name or run.name}: {run.ran} of {run.config.get('epochs')} epochs"
+    if best is not None:
+        title += f", best Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}"
+    loss = f"training loss ({run.config.get('loss', {}).get('name', '?')})"
+    return plot_curves(run.rows, path, title, curves, loss, None if best is None else int(best["epoch"]))
 
 
 def svg_curves(
