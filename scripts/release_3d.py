@@ -1,0 +1,413 @@
+"""Write released 3D models' cards, curves and index entries from the BraTS campaign's runs and evaluations.
+
+Usage:
+    python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--weights-dir DIR]
+
+NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
+of `scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv_small,segresnet,dynunet,mmsegrwkv}.toml`
+(config.json, metrics.csv, best.json, final_val.json, split.json; RUNS/campaign.json beside the runs) and released
+from that run's best checkpoint as int8 weights in the weights folder (default the package's) by
+`rwkvseg.released.export_release(RUNS/<dataset>-<arch>/best, NAME, WEIGHTS, precision="int8")`. EVALS holds one
+evaluation per run of the campaign and per release, each predicted with the checkpoint's mirror TTA (`--mirror-axes
+0,1,2`: the default on a GPU; on the CPU give it) on the split's validation cases VAL:
+    rwkvseg predict RUNS/brats2018-VARIANT/best.safetensors VAL --out P && rwkvseg evaluate P VAL --out EVALS/eval-VARIANT
+    rwkvseg predict --model NAME VAL --out Q && rwkvseg evaluate Q VAL --out EVALS/eval-NAME
+Each NAME gets a card (<name>.md: model, data, recipe, schedule; Dice and HD95 per region during training, with
+mirror TTA at the end of training, of the fp32 checkpoint and of the shipped int8 weights; every run of the campaign
+side by side; the limitations, with the project's targets), its curves (<name>.curves.png: training loss and
+validation Dice per region per epoch, the best epoch dotted) and its index entry (replaced in place, or appended).
+Every input is read and checked before anything is written: a missing or mismatched one is one error line and exit
+status 2, with no file changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from rwkvseg.bench.complexity import count_parameters
+from rwkvseg.checkpoint import INT8_SCALE
+from rwkvseg.eval.evaluate import read_summary, summary_means
+from rwkvseg.eval.report import RunHistory, read_run, write_run_curves
+from rwkvseg.files import atomic_write_text
+from rwkvseg.models import create_model
+from rwkvseg.released import ReleasedModel, update_index, weights_dir
+from rwkvseg.train.config import config_from_dict
+from rwkvseg.train.run import changed_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Dataset3D:
+    folder: str  # under ../shared/data; the index's dataset
+    title: str
+    split: str  # under splits/
+    targets: dict[str, float]  # Dice per region, docs/targets.md (full-resolution held-out cases)
+
+
+DATASETS = {  # release suffix (the <dataset> of the campaign's run names) -> its data
+    "brats2018": Dataset3D(
+        "brats2018_4mod_2mm",
+        "BraTS 2018 (brain tumour, 4 MRI sequences)",
+        "brats2018_2mm.json",
+        {"WT": 0.88, "TC": 0.80, "ET": 0.75},
+    ),
+}
+TITLES = {"mmsegrwkv": "MMSegRWKV (paper configuration)", "mmsegrwkv_small": "MMSegRWKV (small)"}
+NNUNET_ITERATIONS = 250_000  # nnU-Net's default schedule: 1,000 epochs of 250 iterations
+PACKAGE_MB = 20  # what one released model may add to the package (configs/brats2018_mmsegrwkv_small.toml)
+
+CARD = """# {name}: {arch_title} trained on {data_title}
+
+Released with rwkvseg {version}. Load it by name, offline:
+`rwkvseg predict --model {name} CASE_FOLDERS --out PRED` (BraTS case folders or NIfTI files; any voxel spacing: inputs
+are cropped, z-scored and resampled to {spacing} mm, and the labels {labels} are written on each input's own grid with
+its exact affine).
+
+| | |
+|---|---|
+| architecture | {architecture} ({params:.2f} M parameters) |
+| input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), mirror TTA on axes {axes} by default on a GPU (none on the CPU unless `--mirror-axes`) |
+| output | {output} over labels {labels}; regions {regions} |
+| weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); against the fp32 checkpoint: mean Dice {d_dice:+.4f}, mean HD95 {d_hd95:+.2f} mm (table below) |
+| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
+| recipe | `configs/{config}`: {recipe} |
+| schedule | {schedule}; {iterations:,} iterations ({per_epoch} per epoch); best validation epoch {best} (curves: `{name}.curves.png`) |
+| hardware | {hardware}, {minutes:.1f} min of training and validation (median {epoch_s:.1f} s per epoch) |
+| command | {command} (code at commit {commit}) |
+
+## Validation ({cases_text}; they chose the checkpoint, so the numbers are optimistic)
+
+- training: the best epoch's validation, whole volumes by sliding window on the preprocessed grid (cropped, at the
+  training spacing), no TTA (`best.json`);
+- mirror TTA: the best checkpoint at the end of training, mirror TTA on axes {final_axes}, same grid
+  (`final_val.json`);
+- fp32 and int8: `rwkvseg predict` with mirror TTA on axes {axes} and `rwkvseg evaluate` on each case's original files;
+  fp32 is the run's best checkpoint, int8 these released weights, the change is int8 minus fp32.
+
+| region | training, epoch {best} | mirror TTA | fp32 Dice | fp32 HD95 (mm) | int8 Dice | change | int8 HD95 (mm) | change |
+|---|---|---|---|---|---|---|---|---|
+{validation_rows}
+
+Dice and HD95 are means over cases ({policy}).
+
+## The campaign's runs (trained side by side by `scripts/campaign.py`, the same data and time budget)
+
+Settings of the runs' config.json that differ besides the model: {differences}. Best validation Dice during training
+per region (no TTA), the best checkpoint's mean Dice with mirror TTA, HD95 of the fp32 best checkpoint from
+`rwkvseg predict` + `rwkvseg evaluate` as above, and the median time per epoch.
+
+| run | parameters (M) | epochs | best epoch | WT | TC | ET | mean | mean, mirror TTA | HD95 WT (mm) | HD95 TC | HD95 ET | s per epoch |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+{campaign_rows}
+
+## Limitations
+{n_train} training and {n_val} validation cases at 2 mm, {iterations:,} training iterations against nnU-Net's
+{nnunet:,} (1,000 epochs of 250). This project's targets (docs/targets.md) are Dice on full-resolution held-out
+cases; on the validation cases at 2 mm these weights reach {targets}. Published BraTS results are measured at 1 mm on
+hundreds of cases. Research use only; not a medical device.
+"""
+
+
+class Refused(Exception):
+    """An input the cards cannot be written from: one line, no traceback."""
+
+
+def read_json(path: Path, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise Refused(f"{path} not found; {hint}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def evaluation(evals: Path, name: str, what: str, regions: dict[str, float]) -> dict[str, Any]:
+    """The means of EVALS/eval-<name>/summary.json per region (`dice_WT`, `hd95_WT`, ...), their means (`dice`,
+    `hd95`), the number of cases and the empty-mask policy."""
+    try:
+        summary = read_summary(evals / f"eval-{name}")
+    except FileNotFoundError as err:
+        raise Refused(f"{err} ({what})") from None
+    means = summary_means(summary)
+    missing = [f"{m}_{r}" for m in ("dice", "hd95") for r in regions if f"{m}_{r}" not in means]
+    if missing:
+        raise Refused(
+            f"{evals / f'eval-{name}'}: no {', '.join(missing)}; evaluate {what} with HD95 (without --no-hd95) "
+            f"on the regions {', '.join(regions)}"
+        )
+    hd95 = statistics.fmean(v for k, v in means.items() if k.startswith("hd95_"))
+    return {**means, "hd95": hd95, "cases": summary["cases"], "policy": summary.get("empty_policy_text", "")}
+
+
+def parameters(config: dict[str, Any], meta: dict[str, Any]) -> int:
+    model = config["model"]
+    network = create_model(model["name"], meta["in_channels"], meta["num_classes"], **model.get("overrides", {}))
+    return count_parameters(network)
+
+
+def architecture(model: dict[str, Any]) -> str:
+    overrides = model.get("overrides") or {}
+    if not overrides:
+        return f"`{model['name']}` in the registry's configuration"
+    values = ", ".join(f"{k} {'/'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in overrides.items())
+    return f"`{model['name']}` with {values}"
+
+
+def window(size: list[int]) -> str:
+    return f"{size[0]}^3" if len(set(size)) == 1 else " x ".join(map(str, size))
+
+
+def recipe(config: dict[str, Any]) -> str:
+    data, patches, optim = config["data"], config["data"]["patches"], config["optim"]
+    text = f"{window(patches['patch_size'])} patches, {patches['fg_fraction']:.0%} foreground oversampling, "
+    text += "nnU-Net-like augmentation (MONAI), " if patches["augment"] else "no augmentation, "
+    text += f"loss `{config['loss']['name']}`, {optim['name'].upper()} lr {optim['lr']:g}"
+    if optim["name"] == "sgd":
+        text += f" momentum {optim['momentum']:g}" + (" Nesterov" if optim["nesterov"] else "")
+    text += f", weight decay {optim['weight_decay']:g}, {optim['schedule']} schedule"
+    text += f" (power {optim['power']:g})" if optim["schedule"] == "poly" else ""
+    text += f", gradient clip {optim['grad_clip']:g}" if optim.get("grad_clip") else ""
+    text += f", EMA of the weights (decay {optim['ema']:g})" if optim.get("ema") else ""
+    return text + f", batch {data['batch_size']}, amp {config['amp']}, compile {config['compile']}"
+
+
+def weights_sizes(weights: Path) -> tuple[float, float]:
+    """(file MB, MB of the same tensors in fp16) of int8 release weights; Refused when they are not int8."""
+    with safe_open(str(weights), "pt") as f:
+        precision = (f.metadata() or {}).get("precision")
+    if precision != "int8":
+        raise Refused(f"{weights} holds {precision} weights; these cards describe int8 releases (export_release int8)")
+    state = load_file(str(weights))
+    fp16 = sum(
+        v.numel() * (2 if k + INT8_SCALE in state else v.element_size())
+        for k, v in state.items()
+        if not k.endswith(INT8_SCALE)
+    )
+    return weights.stat().st_size / 1e6, fp16 / 1e6
+
+
+def targets_text(scores: dict[str, float], targets: dict[str, float]) -> str:
+    missed = [r for r, t in targets.items() if scores[f"dice_{r}"] < t]
+    parts = ", ".join(
+        f"{r} {scores[f'dice_{r}']:.4f} (target {t:.2f}: {'missed' if r in missed else 'met here'})"
+        for r, t in targets.items()
+    )
+    if missed:
+        return f"{parts}: {len(missed)} of {len(targets)} targets missed"
+    return f"{parts}, which is not yet a target met: that needs full-resolution held-out cases"
+
+
+def campaign_rows(args: argparse.Namespace, dataset: str, released: str) -> tuple[list[str], str]:
+    """The card's table of every run of RUNS/campaign.json, and the settings in which the runs differ besides the
+    model (and where their files went)."""
+    rows = read_json(args.runs / "campaign.json", "give the RUNS folder of scripts/campaign.py")["runs"]
+    if not any(r["run"] == released for r in rows):
+        raise Refused(f"{args.runs / 'campaign.json'} has no run {released}; give the campaign that trained it")
+    lines, configs = [], {}
+    for row in rows:
+        run = args.runs / row["run"]
+        if "best_epoch" not in row:
+            raise Refused(f"run {row['run']} of {args.runs / 'campaign.json'} has no validation yet; train it on")
+        variant = row["run"].removeprefix(f"{dataset}-")
+        scores = evaluation(args.evals, variant, f"the fp32 best checkpoint of {run}", DATASETS[dataset].targets)
+        meta = read_json(run / "best.json", f"the run {run} has no best checkpoint")
+        configs[row["run"]] = read_json(run / "config.json", "give the campaign's run folders")
+        params = parameters(configs[row["run"]], meta) / 1e6
+        epochs = f"{row['epochs']} of {row['planned']}" + (f" (exit {row['exit']})" if row.get("exit") else "")
+        tta = f"{row['tta_val_dice']:.4f}" if "tta_val_dice" in row else "-"
+        dice = " | ".join(f"{row[f'best_val_dice_{r}']:.4f}" for r in DATASETS[dataset].targets)
+        hd95 = " | ".join(f"{scores[f'hd95_{r}']:.2f}" for r in DATASETS[dataset].targets)
+        label = f"{row['run']} (these weights)" if row["run"] == released else row["run"]
+        lines.append(
+            f"| {label} | {params:.2f} | {epochs} | {row['best_epoch']} | {dice} | {row['best_val_dice']:.4f} | {tta} "
+            f"| {hd95} | {row['median_epoch_s']:.1f} |"
+        )
+    return lines, settings_that_differ(configs)
+
+
+def settings_that_differ(configs: dict[str, dict[str, Any]]) -> str:
+    """The dotted names of the settings that differ between the runs' configs, the model and the files aside."""
+    first, *others = (config_from_dict(c) for c in configs.values())
+    changed = dict.fromkeys(k for other in others for k in changed_settings(first, other))
+    shown = [k for k in changed if not k.startswith("model.") and k != "compile_cache"]
+    return ", ".join(f"`{k}`" for k in shown) or "none"
+
+
+def validation_rows(
+    best: dict[str, float], final: dict[str, float], fp32: dict, int8: dict, regions: dict[str, float]
+) -> list[str]:
+    """The card's validation table: per region and their mean, training to int8 weights."""
+    lines = []
+    for r in [*regions, None]:
+        dice, hd95 = ("dice", "hd95") if r is None else (f"dice_{r}", f"hd95_{r}")
+        cells = [
+            best[f"val_{dice}"],
+            final[dice],
+            fp32[dice],
+            f"{fp32[hd95]:.2f}",
+            int8[dice],
+            f"{int8[dice] - fp32[dice]:+.4f}",
+            f"{int8[hd95]:.2f}",
+            f"{int8[hd95] - fp32[hd95]:+.2f}",
+        ]
+        text = " | ".join(c if isinstance(c, str) else f"{c:.4f}" for c in cells)
+        lines.append(f"| {r or 'mean'} | {text} |")
+    return lines
+
+
+@dataclass(frozen=True)
+class Release:
+    """What one release writes: the card's text, the run drawn as curves, the index entry."""
+
+    card: str
+    history: RunHistory
+    entry: ReleasedModel
+
+
+def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
+    """Read and check every input of one release; Refused with one line at the first that is missing or off."""
+    from rwkvseg import __version__
+
+    arch, _, short = name.partition("-")
+    if short not in DATASETS:
+        raise Refused(f"release {name!r}: name it <arch>-<dataset> with dataset one of {sorted(DATASETS)}")
+    ds = DATASETS[short]
+    run = args.runs / f"{short}-{arch}"
+    try:
+        history = read_run(run)
+    except FileNotFoundError as err:
+        raise Refused(str(err)) from None
+    config = history.config
+    meta = read_json(run / "best.json", "the run has no best checkpoint")
+    best = meta.get("training", {}).get("best")
+    if not best:
+        raise Refused(f"{run / 'best.json'} records no best epoch (training.best); is it the sidecar of best?")
+    if history.best is None or int(history.best["epoch"]) != best["epoch"]:
+        raise Refused(f"{run}: best.json is epoch {best['epoch']}, metrics.csv's best another; give one run's files")
+    final = read_json(run / "final_val.json", "the run's final evaluation (infer.final_eval) is missing")
+    if final["epoch"] != best["epoch"]:
+        raise Refused(f"{run}/final_val.json scored epoch {final['epoch']}, the best checkpoint is {best['epoch']}")
+    weights = folder / f"{name}.safetensors"
+    how = f"export it with rwkvseg.released.export_release({run / 'best'}, {name!r}, {folder}, precision='int8')"
+    shipped = read_json(folder / f"{name}.json", how)
+    if not weights.is_file() or shipped["training"].get("best") != best:
+        raise Refused(f"{weights} is missing or not exported from {run / 'best'}; {how}")
+    size_mb, fp16_mb = weights_sizes(weights)
+
+    split = json.loads((ROOT / "splits" / ds.split).read_text(encoding="utf-8"))
+    fold = split["folds"][config["data"]["fold"]]
+    used = read_json(run / "split.json", "the run has no split.json")["folds"][config["data"]["fold"]]
+    if used != fold:
+        raise Refused(f"{run / 'split.json'} differs from splits/{ds.split}: the card would name the wrong split")
+
+    fp32 = evaluation(args.evals, arch, f"the fp32 best checkpoint of {run}", ds.targets)
+    int8 = evaluation(args.evals, name, f"the released int8 weights {name}", ds.targets)
+    if fp32["cases"] != int8["cases"]:
+        raise Refused(f"eval-{arch} scored {fp32['cases']} cases, eval-{name} {int8['cases']}: score the same cases")
+    campaign, differences = campaign_rows(args, short, run.name)
+
+    pre = meta["preprocessing"]
+    spec, inference = pre["dataset"], pre["inference"]
+    iterations = int(history.rows[-1]["step"])
+    axes = ",".join(map(str, inference["mirror_axes"]))
+    n = int8["cases"]
+    card = CARD.format(
+        name=name,
+        arch_title=TITLES.get(arch, arch),
+        data_title=ds.title,
+        version=__version__,
+        spacing=" x ".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"])),
+        labels=", ".join(map(str, spec["label_values"])),
+        architecture=architecture(config["model"]),
+        params=parameters(config, meta) / 1e6,
+        modalities=", ".join(spec["modalities"]),
+        window=window(pre["patch_size"]),
+        overlap=inference["overlap"],
+        output="softmax" if pre["target"] == "labels" else "sigmoid per region",
+        axes=axes or "none",
+        regions=", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
+        size_mb=size_mb,
+        fp16_mb=fp16_mb,
+        too_large=", too large to ship in the package, so only int8 is released" if fp16_mb > PACKAGE_MB else "",
+        d_dice=int8["dice"] - fp32["dice"],
+        d_hd95=int8["hd95"] - fp32["hd95"],
+        n_cases=split["n_cases"],
+        folder=ds.folder,
+        split=ds.split,
+        n_train=len(fold["train"]),
+        n_val=len(fold["val"]),
+        split_note=(", stratified" if split.get("stratified") else "") + f", seed {split['seed']}",
+        config=f"{short}_{arch}.toml",
+        recipe=recipe(config),
+        schedule=history.schedule(),
+        iterations=iterations,
+        per_epoch=iterations // history.ran,
+        best=best["epoch"],
+        hardware=args.hardware,
+        minutes=history.minutes,
+        epoch_s=statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in history.rows),
+        command=args.command,
+        commit=args.commit,
+        cases_text=f"the {n} validation cases of the split at 2 mm"
+        if n == len(fold["val"])
+        else f"{n} of the split's {len(fold['val'])} validation cases at 2 mm",
+        final_axes=",".join(map(str, final["mirror_axes"])) or "none",
+        validation_rows="\n".join(validation_rows(best, final, fp32, int8, ds.targets)),
+        policy=int8["policy"],
+        campaign_rows="\n".join(campaign),
+        differences=differences,
+        nnunet=NNUNET_ITERATIONS,
+        targets=targets_text(int8, ds.targets),
+    )
+    metrics = {"val_dice": round(int8["dice"], 4), **{f"val_dice_{r}": round(int8[f"dice_{r}"], 4) for r in ds.targets}}
+    entry = ReleasedModel(
+        name,
+        config["model"]["name"],
+        ds.folder,
+        f"splits/{ds.split}",
+        {**metrics, "epochs": history.ran},
+        f"card: {name}.md",
+    )
+    return Release(card, history, entry)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", type=Path, help="the campaign's folder (run folders and campaign.json)")
+    p.add_argument("evals", type=Path, help="eval-<variant>/ and eval-<name>/ of `rwkvseg evaluate`")
+    p.add_argument("names", nargs="+", help="releases to write, <arch>-<dataset>, e.g. mmsegrwkv_small-brats2018")
+    p.add_argument("--hardware", required=True, help="where the runs trained, for the cards")
+    p.add_argument("--command", required=True, help="the command that trained them, for the cards")
+    p.add_argument("--commit", default="(not given)", help="the commit of the training code")
+    p.add_argument("--weights-dir", type=Path, default=None, help="the released models' folder (default the package's)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    folder = args.weights_dir or weights_dir()
+    try:
+        if find_spec("matplotlib") is None:
+            raise Refused("the curves need matplotlib: pip install 'rwkvseg[plots]'")
+        releases = {name: release(name, args, folder) for name in args.names}
+    except Refused as err:
+        print(f"release_3d.py: error: {err}", file=sys.stderr)
+        return 2
+    for name, r in releases.items():
+        write_run_curves(r.history, folder / f"{name}.curves.png", name=name)
+        atomic_write_text(folder / f"{name}.md", r.card)
+        update_index(r.entry, folder)
+        print(f"{name}: wrote {name}.md, {name}.curves.png and its index entry in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
