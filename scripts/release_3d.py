@@ -221,7 +221,12 @@ def campaign_rows(args: argparse.Namespace, dataset: str, released: str) -> tupl
         meta = read_json(run / "best.json", f"the run {run} has no best checkpoint")
         configs[row["run"]] = read_json(run / "config.json", "give the campaign's run folders")
         params = parameters(configs[row["run"]], meta) / 1e6
-        epochs = f"{row['epochs']} of {row['planned']}" + (f" (exit {row['exit']})" if row.get("exit") else "")
+        # the run's own status (summary.json) over the process's exit code: a run that had finished can still be
+        # signalled while it exits when the campaign's time limit ends it
+        status = read_run(run).status  # None where the run wrote no summary.json: then the exit code tells
+        stopped = f" ({status})" if status not in (None, "complete") else ""
+        stopped = f" (exit {row['exit']})" if status is None and row.get("exit") else stopped
+        epochs = f"{row['epochs']} of {row['planned']}{stopped}"
         tta = f"{row['tta_val_dice']:.4f}" if "tta_val_dice" in row else "-"
         dice = " | ".join(f"{row[f'best_val_dice_{r}']:.4f}" for r in DATASETS[dataset].targets)
         hd95 = " | ".join(f"{scores[f'hd95_{r}']:.2f}" for r in DATASETS[dataset].targets)
@@ -242,15 +247,16 @@ def settings_that_differ(configs: dict[str, dict[str, Any]]) -> str:
 
 
 def validation_rows(
-    best: dict[str, float], final: dict[str, float], fp32: dict, int8: dict, regions: dict[str, float]
+    best: dict[str, float], final: dict[str, float] | None, fp32: dict, int8: dict, regions: dict[str, float]
 ) -> list[str]:
-    """The card's validation table: per region and their mean, training to int8 weights."""
+    """The card's validation table: per region and their mean, training to int8 weights (no mirror TTA column
+    value when the run was interrupted before its final evaluation: final is None)."""
     lines = []
     for r in [*regions, None]:
         dice, hd95 = ("dice", "hd95") if r is None else (f"dice_{r}", f"hd95_{r}")
         cells = [
             best[f"val_{dice}"],
-            final[dice],
+            "-" if final is None else final[dice],
             fp32[dice],
             f"{fp32[hd95]:.2f}",
             int8[dice],
@@ -292,8 +298,10 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         raise Refused(f"{run / 'best.json'} records no best epoch (training.best); is it the sidecar of best?")
     if history.best is None or int(history.best["epoch"]) != best["epoch"]:
         raise Refused(f"{run}: best.json is epoch {best['epoch']}, metrics.csv's best another; give one run's files")
-    final = read_json(run / "final_val.json", "the run's final evaluation (infer.final_eval) is missing")
-    if final["epoch"] != best["epoch"]:
+    final = None  # an interrupted run never reached its final evaluation: the fp32 row is its only TTA score
+    if (run / "final_val.json").is_file() or history.status != "interrupted":
+        final = read_json(run / "final_val.json", "the run's final evaluation (infer.final_eval) is missing")
+    if final is not None and final["epoch"] != best["epoch"]:
         raise Refused(f"{run}/final_val.json scored epoch {final['epoch']}, the best checkpoint is {best['epoch']}")
     weights = folder / f"{name}.safetensors"
     how = f"export it with rwkvseg.released.export_release({run / 'best'}, {name!r}, {folder}, precision='int8')"
@@ -359,7 +367,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         cases_text=f"the {n} validation cases of the split at 2 mm"
         if n == len(fold["val"])
         else f"{n} of the split's {len(fold['val'])} validation cases at 2 mm",
-        final_axes=",".join(map(str, final["mirror_axes"])) or "none",
+        final_axes=(",".join(map(str, final["mirror_axes"])) or "none") if final else "(not run: the run was interrupted)",
         validation_rows="\n".join(validation_rows(best, final, fp32, int8, ds.targets)),
         policy=int8["policy"],
         campaign_rows="\n".join(campaign),

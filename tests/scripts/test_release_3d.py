@@ -199,3 +199,26 @@ def test_release_3d_refuses_in_one_line_and_writes_nothing(campaign, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("release_3d.py: error: ") and message in err
     assert {p.name: p.read_bytes() for p in (tmp / "weights").iterdir()} == before  # no card, curves or index change
+
+
+def test_an_interrupted_run_without_its_final_evaluation_is_released_with_its_status(campaign, tmp_path):
+    """A run stopped by the time limit before its final mirror-TTA evaluation (no final_val.json, summary.json
+    status "interrupted") is released: no TTA cell, its status in the campaign table. A run that says it completed
+    but lost final_val.json is refused."""
+    pytest.importorskip("matplotlib")
+    tmp, _ = campaign
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy, ignore=shutil.ignore_patterns("pred", "refs"))
+    run = copy / "runs" / "brats2018-mmsegrwkv"
+    (run / "final_val.json").unlink()
+    script = load_script("release_3d")
+    (run / "summary.json").write_text(json.dumps({"status": "complete"}))
+    assert script.main(release_args(copy, copy / "weights", "mmsegrwkv-brats2018")) == 2
+    assert not (copy / "weights" / "mmsegrwkv-brats2018.md").exists()
+
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert script.main(release_args(copy, copy / "weights", "mmsegrwkv-brats2018")) == 0
+    card = (copy / "weights" / "mmsegrwkv-brats2018.md").read_text()
+    wt = next(line for line in card.splitlines() if line.startswith("| WT | "))
+    assert wt.split(" | ")[2] == "-"  # the mirror TTA column
+    assert "| brats2018-mmsegrwkv (these weights) | " in card and " of 40 (interrupted) | " in card
