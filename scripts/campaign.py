@@ -21,7 +21,8 @@ run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and
 Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written to RUNS/campaign.json: epochs done
 of planned, the best validation Dice (the mean over regions in 3D) with its epoch and, in 3D, the Dice of each
 region at that epoch, the last validated Dice, whether the curve has levelled off (`late_gain`: the best of the
-last third of the validations minus the best before them; `plateau` when it is at most PLATEAU_DICE), the best
+last third of the validations minus the best before them; `plateau` when it is at most PLATEAU_DICE; `trend`
+rising, level or declining: a best that came early and was never reached again is `declining`, not a plateau), the best
 checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
@@ -147,13 +148,16 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def plateau(validated: list[dict]) -> dict:
     """late_gain: the best validation Dice of the last third of the validations minus the best before them;
-    plateau: late_gain <= PLATEAU_DICE. Nothing before the third validation."""
+    plateau: late_gain <= PLATEAU_DICE; trend: "rising" above it, "declining" below -PLATEAU_DICE (the best came
+    early and the later validations stay under it: overfitting or a noisy validation set, not a level curve),
+    else "level". Nothing before the third validation."""
     dice = [r["val_dice"] for r in validated]
     if len(dice) < 3:
         return {}
     tail = len(dice) // 3
     gain = max(dice[-tail:]) - max(dice[:-tail])
-    return {"late_gain": gain, "plateau": gain <= PLATEAU_DICE}
+    trend = "rising" if gain > PLATEAU_DICE else "declining" if gain < -PLATEAU_DICE else "level"
+    return {"late_gain": gain, "plateau": gain <= PLATEAU_DICE, "trend": trend}
 
 
 def summary(run: Path) -> dict:
@@ -191,7 +195,7 @@ def table(rows: list[dict]) -> list[str]:
     """The campaign table's lines: a header, then one line per run."""
     regions = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("best_val_dice_")]
     keys = ["run", "exit", "planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
-    keys += ["late_gain", "plateau"]
+    keys += ["late_gain", "plateau", "trend"]
     keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
     keys += ["median_epoch_s"]
     return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]

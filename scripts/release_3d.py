@@ -367,7 +367,9 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         cases_text=f"the {n} validation cases of the split at 2 mm"
         if n == len(fold["val"])
         else f"{n} of the split's {len(fold['val'])} validation cases at 2 mm",
-        final_axes=(",".join(map(str, final["mirror_axes"])) or "none") if final else "(not run: the run was interrupted)",
+        final_axes=(",".join(map(str, final["mirror_axes"])) or "none")
+        if final
+        else "(not run: the run was interrupted)",
         validation_rows="\n".join(validation_rows(best, final, fp32, int8, ds.targets)),
         policy=int8["policy"],
         campaign_rows="\n".join(campaign),

@@ -60,10 +60,12 @@ def test_campaign_summary_3d_gives_each_region_at_the_best_epoch_and_the_plateau
     assert row["last_val_dice"] == pytest.approx(0.849 - 0.1) and row["tta_val_dice"] == 0.77
     # the last third (epochs 70-90) at best 0.853 against 0.86 before: levelled off
     assert row["late_gain"] == pytest.approx(0.853 - 0.86) and row["plateau"] is True
+    assert row["trend"] == "declining"  # 0.007 under the earlier best: more than half a Dice point
     assert row["median_epoch_s"] == 4.0  # 9 of 90 epochs validated
 
     rising = script.summary(write_run_3d(tmp_path / "brats2018-segresnet", [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]))
     assert rising["late_gain"] == pytest.approx(0.8 - 0.7) and rising["plateau"] is False
+    assert rising["trend"] == "rising"
     early = script.summary(write_run_3d(tmp_path / "brats2018-dynunet", [0.3, 0.5]))
     assert "plateau" not in early and early["best_epoch"] == 20  # two validations say nothing about a plateau
 
