@@ -92,7 +92,7 @@ its exact affine).
   training spacing), no TTA (`best.json`);
 - mirror TTA: the best checkpoint at the end of training, mirror TTA on axes {final_axes}, same grid
   (`final_val.json`);
-- fp32 and int8: `rwkvseg predict` with mirror TTA on axes {axes} and `rwkvseg evaluate` on each case's original files;
+- fp32 and int8: `rwkvseg predict` ({eval_tta}) and `rwkvseg evaluate` on each case's original files;
   fp32 is the run's best checkpoint, int8 these released weights, the change is int8 minus fp32.
 
 | region | training, epoch {best} | mirror TTA | fp32 Dice | fp32 HD95 (mm) | int8 Dice | change | int8 HD95 (mm) | change |
@@ -341,6 +341,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         overlap=inference["overlap"],
         output="softmax" if pre["target"] == "labels" else "sigmoid per region",
         axes=axes or "none",
+        eval_tta=f"mirror TTA on axes {args.eval_mirror_axes}" if args.eval_mirror_axes else "no TTA",
         regions=", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
         size_mb=size_mb,
         fp16_mb=fp16_mb,
@@ -397,6 +398,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hardware", required=True, help="where the runs trained, for the cards")
     p.add_argument("--command", required=True, help="the command that trained them, for the cards")
     p.add_argument("--commit", default="(not given)", help="the commit of the training code")
+    p.add_argument(
+        "--eval-mirror-axes",
+        default="",
+        help="the --mirror-axes the evaluations were predicted with, e.g. 0,1,2 (default: none, `rwkvseg predict`'s "
+        "choice on the CPU); the card says so, as summary.json does not record it",
+    )
     p.add_argument("--weights-dir", type=Path, default=None, help="the released models' folder (default the package's)")
     return p.parse_args(argv)
 

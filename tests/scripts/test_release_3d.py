@@ -138,6 +138,7 @@ def test_release_3d_writes_cards_curves_and_index(campaign, tmp_path, capsys):
         in card
     )
     assert "| hardware | one H200, 1.3 min of training and validation (median 4.0 s per epoch) |" in card
+    assert "- fp32 and int8: `rwkvseg predict` (no TTA) and `rwkvseg evaluate`" in card  # no --eval-mirror-axes
     assert "split `splits/brats2018_2mm.json` (13 train / 5 val, stratified, seed 0)" in card
     assert "| command | `campaign.py` (code at commit abc1234) |" in card
     fp32, int8 = evals["mmsegrwkv_small"], evals["mmsegrwkv_small-brats2018"]
