@@ -22,8 +22,8 @@ Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written 
 of planned, the best validation Dice (the mean over regions in 3D) with its epoch and, in 3D, the Dice of each
 region at that epoch, the last validated Dice, whether the curve has levelled off (`late_gain`: the best of the
 last third of the validations minus the best before them; `plateau` when it is at most PLATEAU_DICE; `trend`
-rising, level or declining: a best that came early and was never reached again is `declining`, not a plateau), the best
-checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
+rising, level or declining: a best that came early and was never reached again is `declining`, not a plateau), the
+best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
 Ctrl-C (or SIGINT from `timeout -s INT`) is passed on to every run, which stops as `rwkvseg train` does, and the
