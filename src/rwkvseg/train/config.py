@@ -26,6 +26,7 @@ from ..data.patches3d import PatchConfig
 from ..data.specs import DATASETS
 from ..data.transforms2d import RESIZE_MODES, AugmentConfig
 from ..records import TARGETS
+from .workers import WORKER_START
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
@@ -58,7 +59,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """root: dataset folder (any layout discovery knows); split: JSON file (empty: a seeded split is made and
-    saved in the run folder); size and resize: network input (resize the whole image, or random crops)."""
+    saved in the run folder); size and resize: network input (resize the whole image, or random crops).
+    num_workers: DataLoader worker processes (0: load in the training process); worker_start: how they start,
+    "auto" (the platform's default: fork on Linux), "fork", "forkserver" or "spawn" (rwkvseg.train.workers; a
+    process with gRPC threads, like a Flower site, must not fork them)."""
 
     root: str = ""
     split: str = ""
@@ -73,6 +77,7 @@ class DataConfig:
     batch_size: int = 4
     val_batch_size: int = 8
     num_workers: int = 2
+    worker_start: str = "auto"
     skip_non_images: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     gpu_resident: str = "auto"
@@ -84,6 +89,7 @@ class DataConfig:
         for name in ("channels", "num_classes", "batch_size", "val_batch_size"):
             _check_range(f"data.{name}", getattr(self, name), 1)
         _check_range("data.num_workers", self.num_workers, 0)
+        _check_choice("data.worker_start", self.worker_start, WORKER_START)
         _check_range("data.fold", self.fold, 0)
         _check_range("data.val_fraction", self.val_fraction, 0, 1)
         if len(self.size) != 2 or min(self.size) < 8:
@@ -159,6 +165,7 @@ class VolumeDataConfig:
     mm in file axis order like `rwkvseg preprocess --spacing`, empty for the dataset median. target: "labels"
     (softmax over label classes, CE + Dice) or "regions" (sigmoid per region, BCE + Dice). patches: how
     training patches are drawn ([data.patches]: patch_size, samples_per_epoch, fg_fraction, augment, allow_padding).
+    num_workers and worker_start: the patch loader's worker processes and how they start (as DataConfig's).
     """
 
     root: str = ""
@@ -175,6 +182,7 @@ class VolumeDataConfig:
     patches: PatchConfig = field(default_factory=PatchConfig)
     batch_size: int = 2
     num_workers: int = 2
+    worker_start: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("data.dataset", self.dataset, DATASETS)
@@ -182,6 +190,7 @@ class VolumeDataConfig:
         if len(self.target_spacing) not in (0, 1, 3) or any(s <= 0 for s in self.target_spacing):
             raise ValueError(f"data.target_spacing {list(self.target_spacing)} needs one or three sizes > 0 (mm)")
         _check_range("data.num_workers", self.num_workers, 0)
+        _check_choice("data.worker_start", self.worker_start, WORKER_START)
         _check_range("data.fold", self.fold, 0)
         _check_range("data.val_fraction", self.val_fraction, 0, 1)
         if self.batch_size < 1 or self.patches.samples_per_epoch < self.batch_size:

@@ -73,7 +73,9 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
             "threshold": config.threshold,
         },
     )
-    validate = validator_2d(val_set, pre, d.num_classes, device, config.threshold, d.val_batch_size, d.num_workers)
+    validate = validator_2d(
+        val_set, pre, d.num_classes, device, config.threshold, d.val_batch_size, d.num_workers, d.worker_start
+    )
     return RunData(train_set, validate, SegmentationLoss(d.num_classes, config.loss), meta)
 
 

@@ -34,6 +34,7 @@ from . import distributed
 from .compile_cache import load_compile_cache, save_compile_cache
 from .ema import WeightEma
 from .state import Progress, load_state, save_state
+from .workers import check_worker_start, forks, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class LoopConfig:
     sync_every: the loss stays on the device and is read (and checked for NaN / inf) every sync_every steps and at
     the end of the epoch, so the host never waits for the GPU inside a step.
     ema, ema_start: optim.ema and optim.ema_start (0: no average of the weights; rwkvseg.train.ema).
+    num_workers, worker_start: the DataLoader's worker processes and how they start (data.worker_start:
+    "auto" | "fork" | "forkserver" | "spawn"; rwkvseg.train.workers).
     """
 
     epochs: int
@@ -66,6 +69,7 @@ class LoopConfig:
     select_metric: str = "dice"
     select_mode: str = "max"
     num_workers: int = 0
+    worker_start: str = "auto"
     logger: str = "csv"
     progress: bool = False
     compile: str = "off"
@@ -82,6 +86,7 @@ class LoopConfig:
             raise ValueError("LoopConfig.compile takes a resolved mode (or off); resolve it with compile_mode()")
         if self.sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
+        check_worker_start(self.worker_start)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -140,18 +145,25 @@ class _TensorBoard:
 
 
 @contextlib.contextmanager
-def _plain_worker_errors() -> Iterator[None]:
+def _plain_worker_errors(worker_start: str = "auto") -> Iterator[None]:
     """DataLoader workers wrap a reader's error in a traceback dump; keep just its message (it names the file).
-    A worker that died (killed, or out of memory) is a ChildProcessError that says what to do."""
+    A worker that died (killed, out of memory, or aborted) is a ChildProcessError that says what to do."""
     try:
         yield
     except RuntimeError as err:
         text = " ".join(str(err).split())
         if "DataLoader worker" not in text or not ("exited unexpectedly" in text or "killed by signal" in text):
             raise
+        aborted = (
+            "; if it aborted (a library's check failure in the log, e.g. gRPC's: forked workers inherit a copy of "
+            "the state of the parent's threads), set data.worker_start = forkserver"
+            if forks(worker_start)
+            else ""
+        )
         raise ChildProcessError(
             f"a data loading worker process died ({text}); the run stopped incomplete. If it was killed for memory, "
-            "lower data.num_workers (0 loads in the main process) or data.batch_size; then continue with --resume"
+            f"lower data.num_workers (0 loads in the main process) or data.batch_size{aborted}; then continue with "
+            "--resume"
         ) from None
     except (ValueError, FileNotFoundError) as err:
         text = str(err)
@@ -450,12 +462,16 @@ def train_epoch(
             sampler=order,
             drop_last=len(train_set) >= loop.batch_size,
             num_workers=loop.num_workers,
+            multiprocessing_context=worker_context(loop.worker_start, loop.num_workers, [type(train_set).__module__]),
             pin_memory=device.type == "cuda",
         )
     run.model.train()
     start, seen, first_step, mean_loss, info = time.perf_counter(), 0, progress.step + 1, math.nan, ""
     losses = torch.zeros(n_steps, device=device)  # [n_steps] float32, read every sync_every steps
-    with _plain_worker_errors(), _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance:
+    with (
+        _plain_worker_errors(loop.worker_start),
+        _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance,
+    ):
         for batch in loader:
             check_interrupt()
             if seen == n_steps:
@@ -514,7 +530,7 @@ def validate_epoch(
     device, model = torch.device(run.device), run.eval_model
     start = time.perf_counter()
     model.eval()
-    with _plain_worker_errors(), torch.no_grad(), precision.autocast(device):
+    with _plain_worker_errors(loop.worker_start), torch.no_grad(), precision.autocast(device):
         scores = run.validate(model)
     row = {f"val_{k}": v for k, v in scores.items()}
     row["val_seconds"] = round(time.perf_counter() - start, 3)

@@ -112,6 +112,7 @@ def training_setup(
         max_steps_per_epoch=config.max_steps_per_epoch,
         select_metric=config.select_metric,
         num_workers=d.num_workers,
+        worker_start=d.worker_start,
         logger=config.logger,
         progress=progress_bar,
         compile=compile_mode(config.compile, device, auto=auto_compile_mode(distributed.world_size())) or "off",

@@ -24,6 +24,7 @@ from ..eval.metrics import confusion_counts, overlap_scores
 from ..infer.predict2d import forward_logits, probabilities, to_labels
 from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
 from ..records import Preprocessing2D
+from .workers import worker_context
 
 # Resized validation sets are kept as tensors after their first pass when they take at most this many bytes on the
 # host, or on a GPU the share of its free memory a resident training set may take (the images never change).
@@ -47,12 +48,14 @@ def validator_2d(
     threshold: float = 0.5,
     batch_size: int = 8,
     num_workers: int = 0,
+    worker_start: str = "auto",
 ) -> Callable[[nn.Module], dict[str, float]]:
     """validate(model) -> mean per-image Dice, IoU, precision, recall, specificity (foreground classes averaged).
 
     Scored at the network input size for resize-trained models (as in the paper), on whole images for
     crop-trained ones; empty-vs-empty images count as perfect (metrics.EmptyPolicy.PERFECT). Resized sets that fit
-    (keeps_batches) are read once: later validations reuse the batches, already on the device.
+    (keeps_batches) are read once: later validations reuse the batches, already on the device. num_workers loader
+    processes, started as worker_start says (data.worker_start, rwkvseg.train.workers).
     """
     keep = keeps_batches(len(val_set), pre, device)
     loader = DataLoader(
@@ -60,6 +63,7 @@ def validator_2d(
         batch_size=batch_size if pre.resize == "resize" else 1,
         shuffle=False,
         num_workers=num_workers,
+        multiprocessing_context=worker_context(worker_start, num_workers, [type(val_set).__module__]),
         persistent_workers=num_workers > 0 and not keep,
         generator=torch.Generator(),  # its own: reading the set draws no number from the training's global RNG
     )

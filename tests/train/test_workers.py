@@ -1,0 +1,154 @@
+"""data.worker_start: how DataLoader workers start reaches every loader of a run (2D training and validation, 3D
+patches), and since augmentation is seeded per item from (seed, epoch, index), a run trains the same whichever way
+its workers start, and the same as without workers."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rwkvseg.data.preprocess3d import preprocess_dataset
+from rwkvseg.data.specs import dataset_spec
+from rwkvseg.data.synthetic import write_synthetic_dataset
+from rwkvseg.data.synthetic3d import write_synthetic_volumes
+from rwkvseg.train import loop as loop_module
+from rwkvseg.train import validate as validate_module
+from rwkvseg.train.config import config_from_dict, load_config
+from rwkvseg.train.loop import LoopConfig
+from rwkvseg.train.train import train
+from rwkvseg.train.workers import worker_context
+
+
+@pytest.fixture
+def loaders(monkeypatch):
+    """(loader, workers, start method or None for the platform default) of every DataLoader a run builds."""
+    seen = []
+
+    def spy(base):
+        class Recorded(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                context = self.multiprocessing_context
+                seen.append((self.num_workers, context.get_start_method() if context is not None else None))
+
+        return Recorded
+
+    monkeypatch.setattr(loop_module, "DataLoader", spy(loop_module.DataLoader))
+    monkeypatch.setattr(validate_module, "DataLoader", spy(validate_module.DataLoader))
+    return seen
+
+
+def _outcome(run_dir):
+    """The run's rows of metrics.csv (timings left out) and its last weights."""
+    with (run_dir / "metrics.csv").open() as f:
+        metrics = [{k: v for k, v in row.items() if "seconds" not in k} for row in csv.DictReader(f)]
+    return metrics, load_file(run_dir / "last.safetensors")
+
+
+def test_worker_start_is_a_checked_setting_of_both_data_configs():
+    assert load_config(None, []).data.worker_start == "auto"
+    assert load_config(None, ["dims=3"]).data.worker_start == "auto"
+    assert load_config(None, ["data.worker_start=forkserver"]).data.worker_start == "forkserver"
+    assert load_config(None, ["dims=3", "data.worker_start=spawn"]).data.worker_start == "spawn"
+    for dims in ("2", "3"):
+        with pytest.raises(
+            ValueError, match=r"data\.worker_start = 'thread' is not valid; choose one of auto, fork, forkserver, spawn"
+        ):
+            load_config(None, [f"dims={dims}", "data.worker_start=thread"])
+    with pytest.raises(ValueError, match=r"data\.worker_start = 'threads' is not valid; choose one of auto, fork"):
+        LoopConfig(epochs=1, worker_start="threads")
+    assert worker_context("auto", 2) is None and worker_context("spawn", 0) is None  # no workers: no context
+    assert worker_context("spawn", 2).get_start_method() == "spawn"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    write_synthetic_dataset(root, n=8, shape=(29, 35), seed=2)
+    return root
+
+
+def _run_2d(root, out, workers, start):
+    config = config_from_dict(
+        {
+            "epochs": 2,
+            "seed": 3,
+            "device": "cpu",
+            "out": str(out),
+            "model": {"name": "unet_test"},
+            "data": {
+                "root": str(root),
+                "size": [24, 24],
+                "batch_size": 2,
+                "val_batch_size": 2,
+                "num_workers": workers,
+                "worker_start": start,
+                "augment": {"affine": True, "intensity": True},
+            },
+        }
+    )
+    train(config)
+    return _outcome(out)
+
+
+def test_a_2d_run_trains_the_same_under_every_start_method(images, tmp_path, loaders):
+    """forkserver and fork workers (training and validation loaders) and no workers give the same losses, scores and
+    weights: bit for bit, as every augmented image comes from its own seed."""
+    reference = _run_2d(images, tmp_path / "none", 0, "auto")
+    assert loaders == [(0, None)] * 3  # validation's, then one training loader per epoch
+    for start in ("forkserver", "fork"):
+        loaders.clear()
+        metrics, weights = _run_2d(images, tmp_path / start, 1, start)
+        assert loaders == [(1, start)] * 3
+        assert metrics == reference[0], start
+        for key, value in reference[1].items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=f"{start}: {key}")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("phantoms")
+    write_synthetic_volumes(raw, n=3, shape=(23, 27, 21), spacing=2.0, seed=1)
+    out = tmp_path_factory.mktemp("cache")
+    preprocess_dataset(raw, dataset_spec("brats"), out)
+    return out
+
+
+def _run_3d(cache, out, workers, start):
+    config = config_from_dict(
+        {
+            "dims": 3,
+            "epochs": 1,
+            "seed": 5,
+            "device": "cpu",
+            "amp": "off",
+            "out": str(out),
+            "model": {"name": "mmsegrwkv_test"},
+            "data": {
+                "root": str(cache),
+                "val_fraction": 0.34,
+                "batch_size": 2,
+                "num_workers": workers,
+                "worker_start": start,
+                "patches": {"patch_size": [15, 23, 21], "samples_per_epoch": 4},
+            },
+            "infer": {"final_eval": False},
+        }
+    )
+    train(config)
+    return _outcome(out)
+
+
+def test_a_3d_run_trains_the_same_under_forkserver_and_spawn_as_without_workers(cache, tmp_path, loaders):
+    """The patch dataset (cached volumes, MONAI's nnU-Net augmentation) pickles to forkserver and spawn workers;
+    each patch and its augmentation come from their own seed, so the epoch is the one loaded in the training
+    process, bit for bit."""
+    metrics, weights = _run_3d(cache, tmp_path / "none", 0, "auto")
+    for start in ("forkserver", "spawn"):
+        loaders.clear()
+        started = _run_3d(cache, tmp_path / start, 1, start)
+        assert loaders == [(1, start)]
+        assert started[0] == metrics, start
+        for key, value in weights.items():
+            torch.testing.assert_close(started[1][key], value, rtol=0, atol=0, msg=f"{start}: {key}")
