@@ -30,14 +30,15 @@ def task_identity(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def site_config(tmp_path, out, federated, n=5):
-    """A synthetic 2D dataset in tmp_path/data and a federated config (test model, CPU) writing to out."""
+def site_config(tmp_path, out, federated, n=5, data=""):
+    """A synthetic 2D dataset in tmp_path/data and a federated config (test model, CPU, no loader workers unless
+    data sets num_workers) writing to out."""
     write_synthetic_dataset(tmp_path / "data", n=n, shape=(32, 32), seed=1)
     config = tmp_path / "site.toml"
     config.write_text(
         f'device = "cpu"\nout = "{out}"\n[model]\nname = "unet_test"\n'
-        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\nnum_workers = 0\n'
-        f"[federated]\n{federated}"
+        f'[data]\nroot = "{tmp_path / "data"}"\nsize = [32, 32]\nbatch_size = 2\n'
+        f"{data or 'num_workers = 0'}\n[federated]\n{federated}"
     )
     return config
 
@@ -71,6 +72,54 @@ def test_site_answers_train_and_evaluate_messages(tmp_path, task_identity, capsy
     )
     with pytest.raises(ValueError, match=r"site 'Z' is not among the federation's sites \['A', 'B'\]"):
         deploy.client(train, stranger)
+
+
+def test_a_site_starts_its_loader_workers_by_forkserver_unless_its_config_names_a_start(
+    tmp_path, task_identity, monkeypatch
+):
+    """A site trains in a Flower process with gRPC threads, which forked loader workers must not inherit
+    (grpc/grpc#32758): with data.worker_start = auto its training and validation loaders start their workers by
+    forkserver (a real round and evaluation with one worker each: the site's dataset and transforms pickle); a
+    start method the site's config names is kept."""
+    from rwkvseg.federated import deploy
+    from rwkvseg.federated.config import load_federated_config
+    from rwkvseg.federated.local import site_config as site_training_config
+    from rwkvseg.train import loop, validate
+
+    started = []
+
+    def spy(base):
+        class Recorded(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                started.append((self.num_workers, self.multiprocessing_context.get_start_method()))
+
+        return Recorded
+
+    monkeypatch.setattr(loop, "DataLoader", spy(loop.DataLoader))
+    monkeypatch.setattr(validate, "DataLoader", spy(validate.DataLoader))
+    config = site_config(tmp_path, tmp_path / "site", "rounds = 2\n", data="num_workers = 1\nval_batch_size = 1")
+    record = tmp_path / "record.json"
+    assert main(["federate", str(config), "--write-record", str(record)]) == 0
+    started.clear()
+    node = {"site": "A", "config": str(config)}
+    context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={"sites": "A"})
+    arrays = ArrayRecord(build_model(read_meta(record)).state_dict())
+    message = RecordDict({"arrays": arrays, "config": ConfigRecord({"round": 1, "local-epochs": 1})})
+    reply = deploy.client(Message(message, dst_node_id=5, message_type="train"), context)
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["steps"] == 2
+    evaluate = Message(RecordDict({"arrays": reply.content["arrays"]}), dst_node_id=5, message_type="evaluate")
+    scores = deploy.client(evaluate, context)
+    assert not scores.has_error(), scores.error
+    assert 0.0 <= scores.content["metrics"]["dice"] <= 1.0
+    # train: the validation loader (built at setup) and the epoch's; evaluate: a new site setup's validation loader
+    assert started == [(1, "forkserver")] * 3
+    saved = json.loads((tmp_path / "site" / "sites" / "A" / "config.json").read_text())
+    assert saved["data"]["worker_start"] == "forkserver"
+    for start in ("fork", "spawn", "forkserver"):
+        train = load_federated_config(config, [f"data.worker_start={start}"]).train
+        assert site_training_config(train, tmp_path / "x", "data").data.worker_start == start
 
 
 def test_site_clips_its_update_under_client_fixed_privacy(tmp_path, task_identity):
@@ -193,7 +242,8 @@ def _record(tmp_path, context):
 @pytest.mark.parametrize("per_case", [0, 4])
 def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, task_identity, per_case):
     """A 3D training set's length is its patches per epoch, the same at every site; FedAvg weighs by cases. With
-    federated.patches_per_case the site's epoch is that many patches per training case."""
+    federated.patches_per_case the site's epoch is that many patches per training case (here loaded by one worker,
+    started by forkserver as at every site: the patch dataset pickles)."""
     from rwkvseg.data.synthetic3d import write_synthetic_volumes
     from rwkvseg.federated import deploy
 
@@ -202,8 +252,8 @@ def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, tas
     config.write_text(
         f'dims = 3\ndevice = "cpu"\namp = "off"\nout = "{tmp_path / "fed"}"\n[model]\nname = "mmsegrwkv_test"\n'
         f'[data]\nroot = "{tmp_path / "raw"}"\npatch_size = [15, 23, 21]\nsamples_per_epoch = 6\nbatch_size = 2\n'
-        "num_workers = 0\nval_fraction = 0.34\n[infer]\nmirror_axes = []\n[federated]\nrounds = 1\n"
-        f"patches_per_case = {per_case}\n"
+        f"num_workers = {1 if per_case else 0}\nval_fraction = 0.34\n[infer]\nmirror_axes = []\n"
+        f"[federated]\nrounds = 1\npatches_per_case = {per_case}\n"
     )
     record = tmp_path / "record.json"
     assert main(["federate", str(config), "--write-record", str(record)]) == 0
@@ -229,3 +279,5 @@ def test_a_3d_site_weighs_its_update_by_training_cases_not_patches(tmp_path, tas
     cases = len(split["train"])
     assert metrics["num-examples"] == cases == 3
     assert metrics["steps"] == (3 if per_case == 0 else per_case * cases // 2)  # patches in batches of 2
+    saved = json.loads((tmp_path / "fed" / "sites" / "A" / "config.json").read_text())
+    assert (saved["data"]["num_workers"], saved["data"]["worker_start"]) == (1 if per_case else 0, "forkserver")

@@ -51,8 +51,17 @@ def site_config(
     config: TrainConfig, site_dir: Path, data_root: str, patches_per_case: int = 0, train_cases: int = 0
 ) -> TrainConfig:
     """The training config of one site: its own split file and folder, the shared (preprocessed) data root; with
-    patches_per_case (3D), an epoch of that many patches per training case (at least one batch)."""
+    patches_per_case (3D), an epoch of that many patches per training case (at least one batch); loader workers
+    started by forkserver unless the config names a start method."""
     data = replace(config.data, root=data_root, split=str(site_dir / SPLIT_FILE))
+    if data.worker_start == "auto":
+        # A site trains inside a Flower process that runs gRPC threads: a deployed ClientApp's channel to its
+        # SuperNode (with a heartbeat thread), a simulated site's Ray worker. Forking a process with live gRPC
+        # threads is unsafe (grpc/grpc#32758; gRPC's fork support covers only some cases): on an H200 with grpcio
+        # 1.85.3 a forked DataLoader worker aborted in ev_epoll1_linux.cc ("Check failed: next_worker->state ==
+        # KICKED") and the federation stopped after round 1. A forkserver is started by exec, without those
+        # threads, and forks the workers (rwkvseg.train.workers).
+        data = replace(data, worker_start="forkserver")
     if patches_per_case:
         samples = max(data.batch_size, patches_per_case * train_cases)
         data = replace(data, patches=replace(data.patches, samples_per_epoch=samples))
