@@ -256,8 +256,8 @@ def test_killed_dataloader_worker_is_one_line_and_the_run_incomplete(tmp_path, c
     assert re.fullmatch(
         r"rwkvseg: error: a data loading worker process died \(DataLoader worker \(pid(\(s\))? \d+\) "
         r"(exited unexpectedly|is killed by signal: Killed\.)\); the run stopped incomplete\. "
-        r"If it was killed for memory, lower data\.num_workers .* "
-        r"then continue with --resume\n",
+        r"If it was killed for memory, lower data\.num_workers .* if it aborted .* set data\.worker_start = "
+        r"forkserver; then continue with --resume\n",
         err,
     ), err
     summary = json.loads((run / "summary.json").read_text())
