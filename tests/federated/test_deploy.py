@@ -80,7 +80,9 @@ def test_a_site_starts_its_loader_workers_by_forkserver_unless_its_config_names_
     """A site trains in a Flower process with gRPC threads, which forked loader workers must not inherit
     (grpc/grpc#32758): with data.worker_start = auto its training and validation loaders start their workers by
     forkserver (a real round and evaluation with one worker each: the site's dataset and transforms pickle); a
-    start method the site's config names is kept."""
+    start method the site's config names is kept, and so is auto where it does not fork."""
+    import multiprocessing
+
     from rwkvseg.federated import deploy
     from rwkvseg.federated.config import load_federated_config
     from rwkvseg.federated.local import site_config as site_training_config
@@ -120,6 +122,11 @@ def test_a_site_starts_its_loader_workers_by_forkserver_unless_its_config_names_
     for start in ("fork", "spawn", "forkserver"):
         train = load_federated_config(config, [f"data.worker_start={start}"]).train
         assert site_training_config(train, tmp_path / "x", "data").data.worker_start == start
+    # where auto does not fork (macOS and Windows start by spawn) it stays auto
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: None)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn", "fork", "forkserver"])
+    train = load_federated_config(config).train
+    assert site_training_config(train, tmp_path / "x", "data").data.worker_start == "auto"
 
 
 def test_site_clips_its_update_under_client_fixed_privacy(tmp_path, task_identity):

@@ -26,6 +26,7 @@ from ..train.loop import Run, loop_precision, steps_per_epoch, train_epoch
 from ..train.optim import lr_factor
 from ..train.run import RunData, training_setup
 from ..train.state import Progress
+from ..train.workers import forks
 from .sites import Site
 
 
@@ -52,15 +53,16 @@ def site_config(
 ) -> TrainConfig:
     """The training config of one site: its own split file and folder, the shared (preprocessed) data root; with
     patches_per_case (3D), an epoch of that many patches per training case (at least one batch); loader workers
-    started by forkserver unless the config names a start method."""
+    started by forkserver, not fork, unless the config names a start method."""
     data = replace(config.data, root=data_root, split=str(site_dir / SPLIT_FILE))
-    if data.worker_start == "auto":
+    if data.worker_start == "auto" and forks("auto"):
         # A site trains inside a Flower process that runs gRPC threads: a deployed ClientApp's channel to its
         # SuperNode (with a heartbeat thread), a simulated site's Ray worker. Forking a process with live gRPC
         # threads is unsafe (grpc/grpc#32758; gRPC's fork support covers only some cases): on an H200 with grpcio
         # 1.85.3 a forked DataLoader worker aborted in ev_epoll1_linux.cc ("Check failed: next_worker->state ==
         # KICKED") and the federation stopped after round 1. A forkserver is started by exec, without those
-        # threads, and forks the workers (rwkvseg.train.workers).
+        # threads, and forks the workers (rwkvseg.train.workers). Where auto does not fork (macOS, Windows, Python
+        # 3.14 on Linux) it is kept.
         data = replace(data, worker_start="forkserver")
     if patches_per_case:
         samples = max(data.batch_size, patches_per_case * train_cases)

@@ -49,7 +49,8 @@ def worker_context(worker_start: str, num_workers: int, preload: Sequence[str] =
 
 
 def forks(worker_start: str) -> bool:
-    """Whether workers started as worker_start are forked from the training process itself."""
-    return worker_start == "fork" or (
-        worker_start == "auto" and multiprocessing.get_context().get_start_method() == "fork"
-    )
+    """Whether workers started as worker_start are forked from the training process itself (auto: as the start
+    method set for this process says, else the platform's default, the first of get_all_start_methods)."""
+    if worker_start != "auto":
+        return worker_start == "fork"
+    return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
