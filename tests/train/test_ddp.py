@@ -90,7 +90,11 @@ def test_two_processes_match_one_and_resume_on_one(setup, capsys):
     reference, _ = load_checkpoint(setup / "single" / "best.safetensors")
     assert meta.training["best"]["epoch"] == 5
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, reference.state_dict()[name], rtol=1e-3, atol=1e-4, msg=name)
+        # fp32 drift of the gloo all-reduce's summation order over 5 steps: at most 1.46e-4 absolute (stem and
+        # depthwise kernels of magnitude 0.2-0.35; BatchNorm running_var 3.9e-4 of 1.35) on the 2-core CI machine
+        # of 2026-12-04 (under 1e-4 on earlier machines). The loss check above (RTOL) is the equivalence target;
+        # this one checks that rank 0 wrote the trained weights
+        torch.testing.assert_close(value, reference.state_dict()[name], rtol=1e-3, atol=5e-4, msg=name)
     assert not list((setup / "ddp").glob(".*.tmp"))
 
     with one_thread():  # the 2-process run resumed by one process at the same global batch: steps 6 and 7
