@@ -1,15 +1,17 @@
 """Write released 3D models' cards, curves and index entries from the BraTS campaign's runs and evaluations.
 
 Usage:
-    python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--weights-dir DIR]
+    python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH]
+        [--eval-mirror-axes AXES] [--weights-dir DIR]
 
 NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
 of `scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv_small,segresnet,dynunet,mmsegrwkv}.toml`
 (config.json, metrics.csv, best.json, final_val.json, split.json; RUNS/campaign.json beside the runs) and released
 from that run's best checkpoint as int8 weights in the weights folder (default the package's) by
 `rwkvseg.released.export_release(RUNS/<dataset>-<arch>/best, NAME, WEIGHTS, precision="int8")`. EVALS holds one
-evaluation per run of the campaign and per release, each predicted with the checkpoint's mirror TTA (`--mirror-axes
-0,1,2`: the default on a GPU; on the CPU give it) on the split's validation cases VAL:
+evaluation per run of the campaign and per release, all predicted the same way on the split's validation cases VAL
+(`--eval-mirror-axes` names the TTA they used, e.g. 0,1,2 for `rwkvseg predict --device cuda`, which takes the
+checkpoint's axes; default none, what `rwkvseg predict` does on the CPU; summary.json does not record it):
     rwkvseg predict RUNS/brats2018-VARIANT/best.safetensors VAL --out P && rwkvseg evaluate P VAL --out EVALS/eval-VARIANT
     rwkvseg predict --model NAME VAL --out Q && rwkvseg evaluate Q VAL --out EVALS/eval-NAME
 Each NAME gets a card (<name>.md: model, data, recipe, schedule; Dice and HD95 per region during training, with
@@ -23,6 +25,7 @@ status 2, with no file changed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -205,34 +208,37 @@ def targets_text(scores: dict[str, float], targets: dict[str, float]) -> str:
     return f"{parts}, which is not yet a target met: that needs full-resolution held-out cases"
 
 
-def campaign_rows(args: argparse.Namespace, dataset: str, released: str) -> tuple[list[str], str]:
-    """The card's table of every run of RUNS/campaign.json, and the settings in which the runs differ besides the
-    model (and where their files went)."""
-    rows = read_json(args.runs / "campaign.json", "give the RUNS folder of scripts/campaign.py")["runs"]
-    if not any(r["run"] == released for r in rows):
-        raise Refused(f"{args.runs / 'campaign.json'} has no run {released}; give the campaign that trained it")
-    lines, configs = [], {}
+@functools.cache
+def campaign_rows(runs: Path, evals: Path, dataset: str) -> tuple[dict[str, str], str]:
+    """The card's table of every run of RUNS/campaign.json (run name -> its row after the run's cell), and the
+    settings in which the runs differ besides the model (and where their files went). Built once for every
+    release of the campaign."""
+    rows = read_json(runs / "campaign.json", "give the RUNS folder of scripts/campaign.py")["runs"]
+    lines, configs = {}, {}
     for row in rows:
-        run = args.runs / row["run"]
+        run = runs / row["run"]
         if "best_epoch" not in row:
-            raise Refused(f"run {row['run']} of {args.runs / 'campaign.json'} has no validation yet; train it on")
+            raise Refused(f"run {row['run']} of {runs / 'campaign.json'} has no validation yet; train it on")
         variant = row["run"].removeprefix(f"{dataset}-")
-        scores = evaluation(args.evals, variant, f"the fp32 best checkpoint of {run}", DATASETS[dataset].targets)
+        scores = evaluation(evals, variant, f"the fp32 best checkpoint of {run}", DATASETS[dataset].targets)
         meta = read_json(run / "best.json", f"the run {run} has no best checkpoint")
-        configs[row["run"]] = read_json(run / "config.json", "give the campaign's run folders")
-        params = parameters(configs[row["run"]], meta) / 1e6
+        try:
+            history = read_run(run)
+        except FileNotFoundError as err:
+            raise Refused(str(err)) from None
+        configs[row["run"]] = history.config
+        params = parameters(history.config, meta) / 1e6
         # the run's own status (summary.json) over the process's exit code: a run that had finished can still be
-        # signalled while it exits when the campaign's time limit ends it
-        status = read_run(run).status  # None where the run wrote no summary.json: then the exit code tells
+        # signalled while it exits when the campaign's time limit ends it; no summary.json: the exit code tells
+        status = history.status
         stopped = f" ({status})" if status not in (None, "complete") else ""
         stopped = f" (exit {row['exit']})" if status is None and row.get("exit") else stopped
         epochs = f"{row['epochs']} of {row['planned']}{stopped}"
         tta = f"{row['tta_val_dice']:.4f}" if "tta_val_dice" in row else "-"
         dice = " | ".join(f"{row[f'best_val_dice_{r}']:.4f}" for r in DATASETS[dataset].targets)
         hd95 = " | ".join(f"{scores[f'hd95_{r}']:.2f}" for r in DATASETS[dataset].targets)
-        label = f"{row['run']} (these weights)" if row["run"] == released else row["run"]
-        lines.append(
-            f"| {label} | {params:.2f} | {epochs} | {row['best_epoch']} | {dice} | {row['best_val_dice']:.4f} | {tta} "
+        lines[row["run"]] = (
+            f"{params:.2f} | {epochs} | {row['best_epoch']} | {dice} | {row['best_val_dice']:.4f} | {tta} "
             f"| {hd95} | {row['median_epoch_s']:.1f} |"
         )
     return lines, settings_that_differ(configs)
@@ -320,7 +326,9 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     int8 = evaluation(args.evals, name, f"the released int8 weights {name}", ds.targets)
     if fp32["cases"] != int8["cases"]:
         raise Refused(f"eval-{arch} scored {fp32['cases']} cases, eval-{name} {int8['cases']}: score the same cases")
-    campaign, differences = campaign_rows(args, short, run.name)
+    campaign, differences = campaign_rows(args.runs, args.evals, short)
+    if run.name not in campaign:
+        raise Refused(f"{args.runs / 'campaign.json'} has no run {run.name}; give the campaign that trained it")
 
     pre = meta["preprocessing"]
     spec, inference = pre["dataset"], pre["inference"]
@@ -373,7 +381,9 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         else "(not run: the run was interrupted)",
         validation_rows="\n".join(validation_rows(best, final, fp32, int8, ds.targets)),
         policy=int8["policy"],
-        campaign_rows="\n".join(campaign),
+        campaign_rows="\n".join(
+            f"| {name}{' (these weights)' if name == run.name else ''} | {line}" for name, line in campaign.items()
+        ),
         differences=differences,
         nnunet=NNUNET_ITERATIONS,
         targets=targets_text(int8, ds.targets),
