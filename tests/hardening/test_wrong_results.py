@@ -150,6 +150,19 @@ def test_predict_options_checked(tmp_path, capsys, bright, args, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_predict_runs_on_the_gpu_by_default_where_there_is_one(tmp_path, capsys, bright, monkeypatch, gpu):
+    """No --device: the GPU when torch sees one (a script on a GPU machine that forgot --device ran on the CPU)."""
+    import rwkvseg.infer.predict as predict_module
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(predict_module, "predict", lambda ck, ins, out, config: seen.update(device=config.device) or [])
+    code, err = cli(capsys, "predict", bright_checkpoint(tmp_path), tmp_path / "in", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert seen == {"device": "cuda" if gpu else "cpu"}
+
+
 def test_threshold_abc_is_a_usage_error(tmp_path, capsys, bright):
     with pytest.raises(SystemExit) as exit_:
         cli(capsys, "predict", "ck", "in", "--out", "out", "--threshold", "abc")

@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="a released model by name instead of a checkpoint (rwkvseg models)")
     p.add_argument("--out", required=True, help="output folder (masks <name>.png at the input's size)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, or auto (the default: the GPU where torch sees one)"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threshold", type=float, default=None, help="binary threshold (default: the checkpoint's)")
     p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
