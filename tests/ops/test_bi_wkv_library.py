@@ -3,6 +3,8 @@ torch.library.opcheck (fake implementation, schema, autograd registration), equa
 and one graph under torch.compile(fullgraph=True). GPU tests (Triton kernel, CUDA graphs, a compiled U-RWKV) run
 through the device tool."""
 
+import importlib
+
 import pytest
 import torch
 import torch._dynamo
@@ -158,6 +160,49 @@ def test_compile_sees_one_operator_per_call():
     assert {ops.bi_wkv.default, ops.bi_wkv_ordered.default} <= catcher.targets("forward")
     assert {ops.bi_wkv_backward.default, ops.bi_wkv_ordered_backward.default} <= catcher.targets("backward")
     for a, b in zip(got, with_grads(mixer, inputs, gy), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_eager_triton_inputs_skip_the_operator_but_traced_calls_keep_it(monkeypatch):
+    """Eager calls on Triton inputs go to the kernels' autograd Function (no torch.library dispatch); under
+    torch.compile the same calls stay the registered operators. CUDA is faked: every input counts as a Triton
+    input, and the Function is a spy that runs the chunked path."""
+    pytest.importorskip("triton")
+    entry = importlib.import_module("rwkvseg.ops.bi_wkv")  # the package; rwkvseg.ops.bi_wkv is the function
+    from rwkvseg.ops.bi_wkv import triton as triton_path
+
+    calls = []
+
+    def spy(w, u, k, v, orders=None, config=None):
+        calls.append(None if orders is None else len(orders))
+        chunked = lambda *a: bi_wkv(*a, impl="chunked")  # noqa: E731
+        return chunked(w, u, k, v) if orders is None else bi_wkv_ordered(w, u, k, v, orders, impl="chunked")
+
+    inputs, orders = quad_inputs((4, 6), 2, 3, seed=7)
+
+    def mixer(w, u, k, v):
+        return bi_wkv(w, u, k, v) + expand4(bi_wkv_ordered, orders)(w, u, k, v).mean(0)
+
+    gy = torch.randn(2, 24, 3)
+    plain = with_grads(mixer, inputs, gy)  # the operators, on the CPU
+    assert not calls
+    monkeypatch.setattr(entry, "uses_triton", lambda k: True)  # the entry points' view only, not the operators'
+
+    monkeypatch.setattr(triton_path, "bi_wkv_triton", spy)
+    eager = with_grads(mixer, inputs, gy)
+    assert calls == [None, 4]  # one direct call each, the four orders in one
+    for a, b in zip(eager, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    calls.clear()
+    catcher = GraphCatcher()
+    torch._dynamo.reset()
+    try:
+        compiled = with_grads(torch.compile(mixer, fullgraph=True, backend=catcher), inputs, gy)
+    finally:
+        torch._dynamo.reset()
+    assert not calls
+    assert {torch.ops.rwkvseg.bi_wkv.default, torch.ops.rwkvseg.bi_wkv_ordered.default} <= catcher.targets("forward")
+    for a, b in zip(compiled, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..scan import TokenOrder, apply_in_orders
 from .chunked import bi_wkv_chunked
-from .library import CHUNK, orders_to_ints
+from .library import CHUNK, channels_contiguous, orders_to_ints, tracing, uses_triton
 from .naive import bi_wkv_reference
 from .tiled import bi_wkv_tiled
 
@@ -74,12 +74,23 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     w, u: [C] decay and bonus, already divided by the sequence length by the caller.
     k, v: [B, T, C]. Returns y: [B, T, C] in v's dtype, with autograd for all four inputs.
     impl: "auto" (the registered operator `torch.ops.rwkvseg.bi_wkv`, which torch.compile, CUDA graphs and
-    export see as one op: Triton on CUDA when available, else the chunked O(T) path), "chunked", "triton", or
+    export see as one op: Triton on CUDA when available, else the chunked O(T) path; eager calls on CUDA take
+    the same kernels without the operator's dispatch: see below), "chunked", "triton", or
     "reference" (the O(T^2) float64 brute force; tests only); these three call their path directly.
     chunk: the chunked path's chunk length; "auto" with another chunk than CHUNK runs the chunked path directly.
+
+    Eager calls on CUDA skip the operator: torch.library's Python dispatch is host time that bounds short
+    sequences (on this project's 2-core CPU a custom op with autograd costs about 94 us per call against 22 us for
+    an autograd.Function; not yet measured on a GPU host). They call the Triton autograd Function directly, the
+    same kernels, so the same outputs and gradients (the operator's backward reruns the forward kernels for the
+    states the Function keeps: `bi_wkv_triton_grads`, equal bitwise). Traced calls keep the operator.
     """
     check_inputs(w, u, k, v)
     if impl == "auto":
+        if chunk == CHUNK and uses_triton(k) and not tracing():  # eager on CUDA: see the docstring
+            from .triton import bi_wkv_triton
+
+            return bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v))
         if chunk == CHUNK:
             return torch.ops.rwkvseg.bi_wkv(w, u, k, v)
         impl = "triton" if triton_usable(k) else "chunked"
@@ -127,6 +138,10 @@ def bi_wkv_ordered(
         order.check(k.shape[2])
     orders = tuple(orders)
     if impl == "auto":
+        if chunk == CHUNK and uses_triton(k) and not tracing():
+            from .triton import bi_wkv_triton
+
+            return bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v), orders)
         if chunk == CHUNK:
             return torch.ops.rwkvseg.bi_wkv_ordered(w, u, k, v, orders_to_ints(orders))
         impl = "triton" if triton_usable(k) else "chunked"

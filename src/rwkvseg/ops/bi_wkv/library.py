@@ -49,21 +49,28 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _uses_triton(k: Tensor) -> bool:
+def uses_triton(k: Tensor) -> bool:
+    """True where the operators run the Triton kernels: CUDA inputs that are not float64, Triton installed."""
     return k.is_cuda and k.dtype != torch.float64 and _triton_installed()
 
 
-def _channels_contiguous(x: Tensor) -> Tensor:
+def tracing() -> bool:
+    """True while torch.compile, torch.export or torch.jit traces: `bi_wkv` / `bi_wkv_ordered` then call the
+    registered operators, which a tracer must see as one opaque op; eager calls on Triton inputs skip them."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def channels_contiguous(x: Tensor) -> Tensor:
     # the Triton kernels take any batch, time and group strides but need a contiguous channel axis
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders: tuple[TokenOrder, ...] | None) -> Tensor:
     with torch.no_grad():  # the forward kernels store no backward states without grad
-        if _uses_triton(k):
+        if uses_triton(k):
             from .triton import bi_wkv_triton
 
-            y = bi_wkv_triton(w, u, _channels_contiguous(k), _channels_contiguous(v), orders)
+            y = bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v), orders)
         elif orders is None:
             y = bi_wkv_chunked(w, u, k, v, CHUNK)
         else:
@@ -75,10 +82,10 @@ def _grads(
     w: Tensor, u: Tensor, k: Tensor, v: Tensor, gy: Tensor, orders: tuple[TokenOrder, ...] | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with torch.no_grad():
-        if _uses_triton(k):
+        if uses_triton(k):
             from .triton import bi_wkv_triton_grads
 
-            grads = bi_wkv_triton_grads(w, u, _channels_contiguous(k), _channels_contiguous(v), gy, orders)
+            grads = bi_wkv_triton_grads(w, u, channels_contiguous(k), channels_contiguous(v), gy, orders)
         elif orders is None:
             grads = bi_wkv_chunked_grads(w, u, k, v, gy, CHUNK)
         else:
