@@ -26,8 +26,8 @@ rising, level or declining: a best that came early and was never reached again i
 best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
-Ctrl-C (or SIGINT from `timeout -s INT`) is passed on to every run, which stops as `rwkvseg train` does, and the
-table is still written. `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant
+Ctrl-C (or SIGINT from `timeout -s INT`, also when the campaign started as a script's background job, with SIGINT
+ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written. `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant
 (DIR/<model>.bin, rwkvseg.train.compile_cache) for the next call.
 """
 
@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+from rwkvseg.cli import listen_to_sigint
 from rwkvseg.eval.report import read_metrics_csv, read_run, write_run_curves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,6 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    listen_to_sigint()
     commands = plan(args)
     logs = args.runs / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import signal
 import sys
+import threading
 
 from . import (
     bench,
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    listen_to_sigint()
     try:
         return args.func(args)
     except (ValueError, OSError, FloatingPointError) as err:  # OSError: missing, existing, read-only, disk full
@@ -71,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rwkvseg: interrupted; files being written were discarded (none left half-written)", file=sys.stderr)
         return 130
+
+
+def listen_to_sigint() -> None:
+    """Ctrl-C, `kill -INT` and `timeout -s INT` stop a command cleanly (KeyboardInterrupt, exit 130) also when the
+    process started with SIGINT ignored, as the background jobs of a shell script do (`rwkvseg train ... &`): Python
+    then installs no handler of its own, and the signal that ends a device call's training would be lost."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def one_line(err: BaseException) -> str:
