@@ -164,24 +164,47 @@ def test_custom_op_traces_under_compile_fullgraph():
     torch.testing.assert_close(compiled_grads, eager_grads)
 
 
-def test_triton_kernels_under_interpreter():
-    """Forward and every gradient of the Triton kernels, run on the CPU in a process of its own."""
+def _interpreted(suite):
+    """The JSON line of instance_norm_interpreted.py (suite channels_first or channels_last), run on the CPU in a
+    process of its own."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(rwkvseg.__file__).parents[1])}
     script = Path(__file__).with_name("instance_norm_interpreted.py")
     proc = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, str(script), suite], env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    bf16 = results.pop("bf16")
-    assert bf16["dtype_is_bf16"] == 1.0 and bf16["y"] < 2e-2, bf16
-    assert len(results) == 3
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_fp32_cases(results, cases):
+    assert len(results) == cases
     for case, errors in results.items():
         assert errors.pop("no_affine_grads", 0.0) == 0.0, case
+        assert errors.pop("layout_kept") == 1.0, case
         torch_fp32 = errors.pop("torch_fp32")
         assert set(errors) >= {"y", "mean", "gx"}
         # within 1e-5 of float64, or where fp32 inputs alone cost more (|mean| >> std) 4x PyTorch's own fp32 error
         assert max(errors.values()) < max(1e-5, 4 * torch_fp32), (case, errors, torch_fp32)
+
+
+def test_triton_kernels_under_interpreter():
+    """Forward and every gradient of the channels-first kernels (contiguous maps)."""
+    results = _interpreted("channels_first")
+    bf16 = results.pop("bf16")
+    assert bf16["dtype_is_bf16"] == 1.0 and bf16["y"] < 2e-2, bf16
+    _assert_fp32_cases(results, 3)
+
+
+def test_channels_last_triton_kernels_under_interpreter():
+    """Forward and every gradient of the channels-last kernels, 4-D and 5-D, against float64; y and gx come back
+    channels-last (gy arrives contiguous); bf16 and fp16 keep dtype and layout, within their rounding of fp32."""
+    results = _interpreted("channels_last")
+    for dtype, tol in (("bf16", 2e-2), ("fp16", 2e-3)):
+        low = results.pop(dtype)
+        assert low.pop("dtype_kept") == 1.0 and low.pop("layout_kept") == 1.0, (dtype, low)
+        assert low.pop("gweight") < 1e-5 and max(low.values()) < tol, (dtype, low)  # gweight: fp32 sums
+    assert sum(errors["torch_fp32"] > 1e-5 for errors in results.values()) == 1  # one case with |mean| >> std
+    _assert_fp32_cases(results, 5)
 
 
 @pytest.mark.gpu
