@@ -15,7 +15,13 @@ from monai.networks.blocks.dynunet_block import UnetResBlock
 from torch import nn
 
 import rwkvseg
-from rwkvseg.layers.norm import FusedInstanceNormAct, FusedUnetResBlock, instance_norm_act, use_fused_instance_norm
+from rwkvseg.layers.norm import (
+    FusedInstanceNormAct,
+    FusedUnetResBlock,
+    instance_norm_act,
+    instance_norm_layout,
+    use_fused_instance_norm,
+)
 from rwkvseg.models import create_model
 
 SLOPES = (1.0, 0.01, 0.0)  # no activation, MONAI's LeakyReLU, ReLU
@@ -135,23 +141,101 @@ def test_custom_op_off_cuda_matches_instance_norm_and_passes_opcheck(affine, slo
     torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act.default, (*leaves, 1e-5, slope))
 
 
-@pytest.mark.parametrize("layout", ["channels_last_3d", "permuted"])
-def test_custom_op_outputs_are_contiguous_for_any_input_layout(layout):
-    """The fake implementation and the real op agree on output strides for inputs that are not contiguous (a
-    mismatch made Inductor's stride assertions fail when MMSegRWKV was compiled on CUDA)."""
-    x, weight, bias = _inputs((2, 3, 4, 5, 6), True)
-    if layout == "channels_last_3d":
-        x = x.to(memory_format=torch.channels_last_3d)
-    else:
-        x = x.permute(0, 1, 4, 3, 2)
-    assert not x.is_contiguous()
-    y, _, _ = torch.ops.rwkvseg.instance_norm_act(x, weight, bias, 1e-5, 0.01)
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fake_args = (mode.from_tensor(t) for t in (x, weight, bias))
-        fake = torch.ops.rwkvseg.instance_norm_act(*fake_args, 1e-5, 0.01)[0]
-    assert y.is_contiguous() and fake.stride() == y.stride()
+# input layout -> (shape, how x is laid out, the layout y and gx come back in)
+LAYOUTS = {
+    "contiguous": ((2, 3, 4, 5, 6), torch.contiguous_format, torch.contiguous_format),
+    "channels_last": ((2, 3, 5, 7), torch.channels_last, torch.channels_last),
+    "channels_last_3d": ((2, 3, 4, 5, 6), torch.channels_last_3d, torch.channels_last_3d),
+    "channels_last_batch_1": ((1, 4, 3, 5, 6), torch.channels_last_3d, torch.channels_last_3d),
+    "channels_last_3d_c1": ((2, 1, 4, 5, 6), torch.channels_last_3d, torch.contiguous_format),  # plain contiguous too
+    "permuted": ((2, 3, 4, 5, 6), "permuted", torch.contiguous_format),
+}
+
+
+def _laid_out(x, layout):
+    return (
+        x.permute(0, 1, 4, 3, 2).contiguous().permute(0, 1, 4, 3, 2)
+        if layout == "permuted"
+        else (x.contiguous(memory_format=layout))
+    )
+
+
+def _standard_strides(shape, layout):
+    return torch.empty(shape, device="meta", memory_format=layout).stride()
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_custom_op_output_layout_follows_input(case):
+    """y and gx come back channels-last for a channels-last x (gy contiguous), contiguous otherwise, in the standard
+    strides of that layout; the fake implementations say the same (a mismatch made Inductor's stride assertions fail
+    when MMSegRWKV was compiled on CUDA); values equal float64 nn.InstanceNorm + LeakyReLU; opcheck passes."""
+    shape, layout, expected = LAYOUTS[case]
+    x, weight, bias = _double(*_inputs(shape, True))
+    x = _laid_out(x, layout)
+    assert x.is_contiguous() == (expected == torch.contiguous_format and layout != "permuted")
+    assert instance_norm_layout(x) == expected
+    gy = torch.randn(shape, dtype=torch.float64)  # contiguous whatever x's layout
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    y, mean, rstd = torch.ops.rwkvseg.instance_norm_act(*leaves, 1e-5, 0.01)
+    grads = torch.autograd.grad(y, leaves, gy)
+    mean, rstd = mean.detach(), rstd.detach()
+    ref, ref_grads = _grads(lambda *t: _reference(*t, 0.01), x, weight, bias, gy)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-10, atol=1e-10)
+    strides = _standard_strides(shape, expected)
+    assert y.stride() == strides and grads[0].stride() == strides, (y.stride(), grads[0].stride(), strides)
+    gx = torch.ops.rwkvseg.instance_norm_act_backward(gy, x, weight, bias, mean, rstd, 0.01)[0]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx, fw, fb, fgy, fmean, frstd = (mode.from_tensor(t) for t in (x, weight, bias, gy, mean, rstd))
+        fake_y = torch.ops.rwkvseg.instance_norm_act(fx, fw, fb, 1e-5, 0.01)[0]
+        fake_gx = torch.ops.rwkvseg.instance_norm_act_backward(fgy, fx, fw, fb, fmean, frstd, 0.01)[0]
+    assert fake_y.stride() == y.stride() and fake_gx.stride() == gx.stride() == strides
     torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act.default, (*leaves, 1e-5, 0.01))
+    torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act_backward.default, (gy, x, weight, bias, mean, rstd, 0.01))
+
+
+def test_kernels_take_the_layout_the_op_chooses():
+    """The Triton module restates instance_norm_layout's rule (so that its process need not import the norm
+    layers): both agree on every map the op hands over, and the kernels refuse any other layout."""
+    from rwkvseg.layers import instance_norm_triton
+
+    for shape, layout, expected in LAYOUTS.values():
+        x = _laid_out(torch.zeros(shape), layout)
+        assert instance_norm_triton._layout(x.contiguous(memory_format=expected)) == expected, (shape, layout)
+    with pytest.raises(ValueError, match="contiguous or channels-last"):
+        instance_norm_triton._layout(_laid_out(torch.zeros(2, 3, 4, 5, 6), "permuted"))
+
+
+class _ConvNormConv(nn.Module):
+    """conv -> the fused op (affine, LeakyReLU) -> conv, the op's output also returned: what a channels-last
+    MMSegRWKV decoder block compiles into on CUDA, with the op's CPU implementation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv3d(2, 5, 3, padding=1), nn.Conv3d(5, 3, 1)
+        self.weight, self.bias = nn.Parameter(torch.rand(5) + 0.5), nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        h = torch.ops.rwkvseg.instance_norm_act(self.conv1(x), self.weight, self.bias, 1e-5, 0.01)[0]
+        return self.conv2(h), h
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_channels_last_op_compiles_fullgraph_and_matches_eager(backend):
+    torch.manual_seed(0)
+    model = _ConvNormConv().to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 2, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    runs = []
+    for run in (model, torch.compile(model, fullgraph=True, backend=backend)):
+        leaf = x.clone().requires_grad_()
+        out, h = run(leaf)
+        grads = torch.autograd.grad((out.square().sum(), h.sum()), [leaf, *model.parameters()])
+        runs.append((out, h, grads))
+    (out, h, grads), (c_out, c_h, c_grads) = runs
+    assert h.is_contiguous(memory_format=torch.channels_last_3d) and not h.is_contiguous()
+    assert c_h.stride() == h.stride()
+    torch.testing.assert_close((c_out, c_h), (out, h), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c_grads, grads, rtol=1e-4, atol=1e-4)
 
 
 def test_custom_op_traces_under_compile_fullgraph():

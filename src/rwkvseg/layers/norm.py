@@ -8,6 +8,13 @@ then see two opaque ops instead of tracing into Triton launchers (Inductor would
 the two-pass fp32 temporaries this replaces). On the CPU the module runs the plain ops F.instance_norm and
 F.leaky_relu, which compile and fuse as usual; the ops themselves run the same computation in torch ops off CUDA,
 so that they can be checked (torch.library.opcheck) on any machine.
+
+The ops keep a channels-last layout: a 4-D `torch.channels_last` or 5-D `torch.channels_last_3d` map (one that is
+not also plain contiguous, as with C == 1) is read in that layout by the channels-last kernels, with no copy to
+channels-first, and y and gx come back channels-last (gy is converted to x's layout), so the convolution after a
+norm in a channels-last network need not transpose again. Any other input is made contiguous and y and gx come back
+contiguous, as before. `instance_norm_layout` is the rule; the real implementations (Triton on CUDA, torch ops
+elsewhere) and the fake ones follow it and return its standard strides.
 """
 
 from __future__ import annotations
@@ -85,6 +92,21 @@ def use_fast_instance_norm(model: nn.Module) -> nn.Module:
     return model
 
 
+def instance_norm_layout(x: Tensor) -> torch.memory_format:
+    """The layout rwkvseg::instance_norm_act computes in and returns (y, and gx in the backward): channels-last for a
+    4-D / 5-D map in that layout that is not also plain contiguous (as with C == 1), else contiguous."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=layout):
+            return layout
+    return torch.contiguous_format
+
+
+def _empty(x: Tensor, layout: torch.memory_format) -> Tensor:
+    """An uninitialized tensor like x in layout's standard strides (empty_like would copy x's strides)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+
 def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -128,10 +150,12 @@ def _reference_backward(gy: Tensor, x: Tensor, weight, bias, mean, rstd, slope: 
 def _instance_norm_act(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    x = x.contiguous()  # y is contiguous whatever x's layout: the fake below promises exactly that to the compiler
+    # y comes in instance_norm_layout(x)'s standard strides whatever x's: the fake below promises exactly that
+    layout = instance_norm_layout(x)
+    x = x.contiguous(memory_format=layout)
     if not x.is_cuda:
         y, mean, rstd = _reference_forward(x, weight, bias, eps, slope)
-        return y.contiguous(), mean, rstd
+        return _empty(y, layout).copy_(y), mean, rstd
     from . import instance_norm_triton
 
     return instance_norm_triton.forward(x, weight, bias, eps, slope)
@@ -141,18 +165,18 @@ def _instance_norm_act(
 def _(x, weight, bias, eps, slope):
     rows = x.shape[0] * x.shape[1]
     stats = _stats_dtype(x)
-    y = x.new_empty(x.shape)  # contiguous, as the real op returns (empty_like would copy a permuted x's strides)
-    return y, x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+    return _empty(x, instance_norm_layout(x)), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
 @torch.library.custom_op("rwkvseg::instance_norm_act_backward", mutates_args=())
 def _instance_norm_act_backward(
     gy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, slope: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    x = x.contiguous()
+    layout = instance_norm_layout(x)  # gx in x's layout, as y was
+    x = x.contiguous(memory_format=layout)
     if not x.is_cuda:
-        gx, gw, gb = _reference_backward(gy.contiguous(), x, weight, bias, mean, rstd, slope)
-        gx = gx.contiguous()
+        gx, gw, gb = _reference_backward(gy, x, weight, bias, mean, rstd, slope)
+        gx = _empty(gx, layout).copy_(gx)
     else:
         from . import instance_norm_triton
 
@@ -164,7 +188,7 @@ def _instance_norm_act_backward(
 
 @_instance_norm_act_backward.register_fake
 def _(gy, x, weight, bias, mean, rstd, slope):
-    gx = x.new_empty(x.shape)  # contiguous, as the real op returns
+    gx = _empty(x, instance_norm_layout(x))
     if weight is None:
         return gx, x.new_empty(0), x.new_empty(0)
     return gx, torch.empty_like(weight), torch.empty_like(bias)
@@ -191,7 +215,8 @@ def instance_norm_act(
     x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, slope: float = 1.0
 ) -> Tensor:
     """act(instance_norm(x, weight, bias)) of x [B, C, *spatial], act(z) = z if z > 0 else slope * z (slope 1: no
-    activation, 0: ReLU, 0.01: MONAI's LeakyReLU). fp32 statistics; on CUDA one fused Triton pass per direction."""
+    activation, 0: ReLU, 0.01: MONAI's LeakyReLU). fp32 statistics; on CUDA one fused Triton pass per direction,
+    returning y in instance_norm_layout(x) (channels-last stays channels-last)."""
     if x.is_cuda:
         return torch.ops.rwkvseg.instance_norm_act(x, weight, bias, eps, slope)[0]
     y = F.instance_norm(x, weight=weight, bias=bias, eps=eps)
