@@ -1,6 +1,7 @@
 """The fused instance norm + activation: against nn.InstanceNorm3d (+ LeakyReLU / ReLU) in outputs and every
-gradient. CPU: the module and MONAI's res block swap; the Triton kernels under TRITON_INTERPRET=1 at small, ragged
-shapes; the CUDA path (custom op, torch.compile, memory) in the gpu-marked tests."""
+gradient. CPU: the module and MONAI's res block swap; the custom ops' output layouts (channels-last kept); the
+Triton kernels, channels-first and channels-last, under TRITON_INTERPRET=1 at small, ragged shapes; the CUDA path
+(custom op, torch.compile, memory) in the gpu-marked tests."""
 
 import json
 import os
@@ -292,14 +293,20 @@ def test_channels_last_triton_kernels_under_interpreter():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("slope", SLOPES)
-@pytest.mark.parametrize("shape", [(2, 5, 17, 18, 19), (1, 32, 64, 64, 64)])
-def test_cuda_op_matches_instance_norm_with_gradients(affine, slope, shape):
+@pytest.mark.parametrize("shape", [(2, 5, 17, 18, 19), (1, 32, 64, 64, 64), (2, 80, 33, 35)])
+def test_cuda_op_matches_instance_norm_with_gradients(channels_last, affine, slope, shape):
     x, weight, bias = _inputs(shape, affine, device="cuda")
+    layout = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if channels_last else None
+    x = x.contiguous(memory_format=layout) if layout else x
     gy = torch.randn(shape, device="cuda")
     y, grads = _grads(lambda *t: instance_norm_act(*t, slope=slope), x, weight, bias, gy)
-    ref, ref_grads = _grads(lambda *t: _reference(*t, slope), *_double(x, weight, bias), gy.double())
+    if layout:
+        assert y.is_contiguous(memory_format=layout) and grads[0].is_contiguous(memory_format=layout)
+    # the reference on a contiguous copy: PyTorch's own instance norm is not trusted with every layout (docs/speed.md)
+    ref, ref_grads = _grads(lambda *t: _reference(*t, slope), *_double(x.contiguous(), weight, bias), gy.double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     # where the pre-activation is within fp32 rounding of 0, fp32 and float64 may fall on different sides of the
     # (leaky) ReLU's kink and the input gradient jumps by (1 - slope) * gy: compare it away from the kink
@@ -317,7 +324,8 @@ def test_cuda_op_matches_instance_norm_with_gradients(affine, slope, shape):
 @pytest.mark.gpu
 def test_cuda_op_passes_opcheck():
     x, weight, bias = _inputs((2, 3, 9, 10, 11), True, device="cuda")
-    for args in [(x, weight, bias, 1e-5, 0.01), (x, None, None, 1e-5, 1.0)]:
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    for args in [(x, weight, bias, 1e-5, 0.01), (x, None, None, 1e-5, 1.0), (x_cl, weight, bias, 1e-5, 0.0)]:
         torch.library.opcheck(torch.ops.rwkvseg.instance_norm_act.default, args)
 
 
