@@ -27,8 +27,9 @@ best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D)
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
 Ctrl-C (or SIGINT from `timeout -s INT`, also when the campaign started as a script's background job, with SIGINT
-ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written. `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant
-(DIR/<model>.bin, rwkvseg.train.compile_cache) for the next call.
+ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written.
+`--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant (DIR/<model>.bin,
+rwkvseg.train.compile_cache) for the next call.
 """
 
 from __future__ import annotations
