@@ -141,20 +141,31 @@ class GraphCatcher:
         return {node.target for gm in self.graphs[kind] for node in gm.graph.nodes if node.op == "call_function"}
 
 
-def test_compile_sees_one_operator_per_call():
-    inputs, orders = quad_inputs((4, 6), 2, 3, seed=5)
+def quad_mixer(orders):
+    """A token mixer of both entry points: bi_wkv of the stored tokens plus the mean of bi_wkv_ordered over four
+    orders of them."""
 
     def mixer(w, u, k, v):
-        y = bi_wkv(w, u, k, v)
-        return y + expand4(bi_wkv_ordered, orders)(w, u, k, v).mean(0)
+        return bi_wkv(w, u, k, v) + expand4(bi_wkv_ordered, orders)(w, u, k, v).mean(0)
 
-    gy = torch.randn(2, 24, 3)
+    return mixer
+
+
+def compiled_with_grads(fn, inputs, gy):
+    """with_grads of fn compiled with fullgraph=True, and the GraphCatcher that saw its graphs."""
     catcher = GraphCatcher()
     torch._dynamo.reset()
     try:
-        got = with_grads(torch.compile(mixer, fullgraph=True, backend=catcher), inputs, gy)
+        return with_grads(torch.compile(fn, fullgraph=True, backend=catcher), inputs, gy), catcher
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_sees_one_operator_per_call():
+    inputs, orders = quad_inputs((4, 6), 2, 3, seed=5)
+    mixer = quad_mixer(orders)
+    gy = torch.randn(2, 24, 3)
+    got, catcher = compiled_with_grads(mixer, inputs, gy)
     assert catcher.dynamo_graphs == 1
     ops = torch.ops.rwkvseg
     assert {ops.bi_wkv.default, ops.bi_wkv_ordered.default} <= catcher.targets("forward")
@@ -179,10 +190,7 @@ def test_eager_triton_inputs_skip_the_operator_but_traced_calls_keep_it(monkeypa
         return chunked(w, u, k, v) if orders is None else bi_wkv_ordered(w, u, k, v, orders, impl="chunked")
 
     inputs, orders = quad_inputs((4, 6), 2, 3, seed=7)
-
-    def mixer(w, u, k, v):
-        return bi_wkv(w, u, k, v) + expand4(bi_wkv_ordered, orders)(w, u, k, v).mean(0)
-
+    mixer = quad_mixer(orders)
     gy = torch.randn(2, 24, 3)
     plain = with_grads(mixer, inputs, gy)  # the operators, on the CPU
     assert not calls
@@ -194,12 +202,7 @@ def test_eager_triton_inputs_skip_the_operator_but_traced_calls_keep_it(monkeypa
     for a, b in zip(eager, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     calls.clear()
-    catcher = GraphCatcher()
-    torch._dynamo.reset()
-    try:
-        compiled = with_grads(torch.compile(mixer, fullgraph=True, backend=catcher), inputs, gy)
-    finally:
-        torch._dynamo.reset()
+    compiled, catcher = compiled_with_grads(mixer, inputs, gy)
     assert not calls
     assert {torch.ops.rwkvseg.bi_wkv.default, torch.ops.rwkvseg.bi_wkv_ordered.default} <= catcher.targets("forward")
     for a, b in zip(compiled, plain, strict=True):
