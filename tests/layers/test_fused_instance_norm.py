@@ -196,8 +196,8 @@ def test_custom_op_output_layout_follows_input(case):
 
 
 def test_kernels_take_the_layout_the_op_chooses():
-    """The Triton module restates instance_norm_layout's rule (so that its process need not import the norm
-    layers): both agree on every map the op hands over, and the kernels refuse any other layout."""
+    """The kernels take the layout of layouts.instance_norm_layout (the op's rule, shared without importing the norm
+    layers) on every map the op hands over, and refuse any other layout."""
     from rwkvseg.layers import instance_norm_triton
 
     for shape, layout, expected in LAYOUTS.values():

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .layouts import empty_in_layout, instance_norm_layout
+
 BLOCK = 1024  # elements per tile
 PROGRAMS_PER_SM = 8
 MAX_BLOCK_C = 64  # channels per channels-last tile: 128 bytes of bf16 per position
@@ -68,6 +70,19 @@ def _stats_kernel(x_ptr, part_ptr, N, CHUNK, SPLITS, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _act(z, slope):
+    """act(z) = z for z > 0, slope * z otherwise (every kernel's activation)."""
+    return tl.where(z > 0, z, z * slope)
+
+
+@triton.jit
+def _act_grad(x, gy, mean, rstd, w, b, slope):
+    """(g, x_hat): g = gy * act'(z), the gradient at z = x_hat * w + b, with x_hat = (x - mean) * rstd."""
+    xhat = (x - mean) * rstd
+    return tl.where(xhat * w + b > 0, gy, gy * slope), xhat
+
+
+@triton.jit
 def _affine(row, C, w_ptr, b_ptr, AFFINE: tl.constexpr):
     if AFFINE:
         w = tl.load(w_ptr + row % C).to(tl.float32)
@@ -96,8 +111,7 @@ def _forward_kernel(
         idx = off + offs
         mask = idx < end
         x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mean) * scale + b
-        y = tl.where(z > 0, z, z * slope)
+        y = _act((x - mean) * scale + b, slope)
         tl.store(y_ptr + base + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -135,8 +149,7 @@ def _backward_reduce_kernel(
         mask = idx < end
         x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
         gy = tl.load(gy_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
-        g = tl.where(xhat * w + b > 0, gy, gy * slope)
+        g, xhat = _act_grad(x, gy, mean, rstd, w, b, slope)
         a1 += g
         a2 += g * xhat
     out = part_ptr + (row * SPLITS + split) * 2
@@ -178,8 +191,7 @@ def _backward_dx_kernel(
         mask = idx < end
         x = tl.load(x_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
         gy = tl.load(gy_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
-        g = tl.where(xhat * w + b > 0, gy, gy * slope)
+        g, xhat = _act_grad(x, gy, mean, rstd, w, b, slope)
         gx = scale * (g - c1 - xhat * c2)
         tl.store(gx_ptr + base + idx, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
@@ -264,8 +276,7 @@ def _cl_forward_kernel(
     for off in range(start, end, BLOCK_N):
         idx, mask = _cl_tile(base, off, end, cols, cmask, C, BLOCK_N)
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mean) * scale + b
-        y = tl.where(z > 0, z, z * slope)
+        y = _act((x - mean) * scale + b, slope)
         tl.store(y_ptr + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -304,8 +315,7 @@ def _cl_backward_reduce_kernel(
         idx, mask = _cl_tile(base, off, end, cols, cmask, C, BLOCK_N)
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         gy = tl.load(gy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
-        g = tl.where(xhat * w + b > 0, gy, gy * slope)
+        g, xhat = _act_grad(x, gy, mean, rstd, w, b, slope)
         a1 += g
         a2 += g * xhat
     out = part_ptr + ((sample * C + cols) * SPLITS + split) * 2
@@ -349,8 +359,7 @@ def _cl_backward_dx_kernel(
         idx, mask = _cl_tile(base, off, end, cols, cmask, C, BLOCK_N)
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         gy = tl.load(gy_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
-        g = tl.where(xhat * w + b > 0, gy, gy * slope)
+        g, xhat = _act_grad(x, gy, mean, rstd, w, b, slope)
         gx = scale * (g - c1 - xhat * c2)
         tl.store(gx_ptr + idx, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
@@ -388,21 +397,21 @@ class _Plan:
     """How the kernels cover a map: a contiguous one by (row, chunk) programs, row = (sample, channel); a
     channels-last one by (sample, chunk, channel block) programs over [BLOCK_N, BLOCK_C] tiles."""
 
-    channels_last: bool
     layout: torch.memory_format
     grid: tuple[int, ...]
     chunk: int
     splits: int
     meta: dict[str, int]  # the kernels' tile sizes: BLOCK, or BLOCK_N and BLOCK_C
 
+    @property
+    def channels_last(self) -> bool:
+        return self.layout != torch.contiguous_format
+
 
 def _layout(x: Tensor) -> torch.memory_format:
-    """Plain contiguous first (also when x is channels-last too, as with C == 1), else channels-last: the rule of
-    norm.instance_norm_layout, restated here so that the kernels' process need not import the norm layers."""
-    if x.dim() >= 3 and x.is_contiguous():
-        return torch.contiguous_format
-    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if layout is None or not x.is_contiguous(memory_format=layout):
+    """layouts.instance_norm_layout(x), the layout the op hands the kernels; any other strides are refused."""
+    layout = instance_norm_layout(x)
+    if x.dim() < 3 or not x.is_contiguous(memory_format=layout):
         raise ValueError(
             f"instance norm kernels take a [B, C, *spatial] map that is contiguous or channels-last (4-D or 5-D), "
             f"got shape {tuple(x.shape)} with strides {x.stride()}: call .contiguous() first"
@@ -417,14 +426,14 @@ def _plan(x: Tensor, block: int, programs: int | None, block_c: int | None) -> _
     B, C, n = x.shape[0], x.shape[1], x[0, 0].numel()
     if layout == torch.contiguous_format:
         chunk, splits = _chunk(B * C, n, x.device, block, programs)
-        return _Plan(False, layout, (B * C, splits), chunk, splits, {"BLOCK": block})
+        return _Plan(layout, (B * C, splits), chunk, splits, {"BLOCK": block})
     block_c = block_c or min(triton.next_power_of_2(C), MAX_BLOCK_C, block)
     if block_c & (block_c - 1) or block % block_c:
         raise ValueError(f"block_c={block_c} must be a power of 2 that divides block={block}")
     block_n = block // block_c
     cblocks = triton.cdiv(C, block_c)
     chunk, splits = _chunk(B * cblocks, n, x.device, block_n, programs)
-    return _Plan(True, layout, (B, splits, cblocks), chunk, splits, {"BLOCK_N": block_n, "BLOCK_C": block_c})
+    return _Plan(layout, (B, splits, cblocks), chunk, splits, {"BLOCK_N": block_n, "BLOCK_C": block_c})
 
 
 def forward(
@@ -450,7 +459,7 @@ def forward(
     else:
         _stats_kernel[plan.grid](x, part, n, plan.chunk, plan.splits, **plan.meta)
     mean, rstd = _merge(part, n, eps)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=plan.layout)
+    y = empty_in_layout(x, plan.layout)
     kernel = _cl_forward_kernel if plan.channels_last else _forward_kernel
     kernel[plan.grid](x, y, mean, rstd, w, b, n, C, plan.chunk, slope, AFFINE=affine, **plan.meta)
     return y, mean, rstd
@@ -479,7 +488,7 @@ def backward(
     reduce = _cl_backward_reduce_kernel if plan.channels_last else _backward_reduce_kernel
     reduce[plan.grid](x, gy, mean, rstd, w, b, part, n, C, plan.chunk, plan.splits, slope, AFFINE=affine, **plan.meta)
     sums = part.sum(1)  # [B * C, 2]: sum g, sum g * x_hat
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=plan.layout)
+    gx = empty_in_layout(x, plan.layout)
     dx = _cl_backward_dx_kernel if plan.channels_last else _backward_dx_kernel
     dx[plan.grid](x, gy, gx, mean, rstd, w, b, sums, n, C, plan.chunk, slope, AFFINE=affine, **plan.meta)
     if not affine:

@@ -13,8 +13,8 @@ The ops keep a channels-last layout: a 4-D `torch.channels_last` or 5-D `torch.c
 not also plain contiguous, as with C == 1) is read in that layout by the channels-last kernels, with no copy to
 channels-first, and y and gx come back channels-last (gy is converted to x's layout), so the convolution after a
 norm in a channels-last network need not transpose again. Any other input is made contiguous and y and gx come back
-contiguous, as before. `instance_norm_layout` is the rule; the real implementations (Triton on CUDA, torch ops
-elsewhere) and the fake ones follow it and return its standard strides.
+contiguous, as before. `layouts.instance_norm_layout` is the rule (shared with the kernels); the real
+implementations (Triton on CUDA, torch ops elsewhere) and the fake ones follow it and return its standard strides.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetResBlock
 from torch import Tensor, nn
+
+from .layouts import empty_in_layout, instance_norm_layout
 
 
 class LayerNormChannelsFirst(nn.LayerNorm):
@@ -92,21 +94,6 @@ def use_fast_instance_norm(model: nn.Module) -> nn.Module:
     return model
 
 
-def instance_norm_layout(x: Tensor) -> torch.memory_format:
-    """The layout rwkvseg::instance_norm_act computes in and returns (y, and gx in the backward): channels-last for a
-    4-D / 5-D map in that layout that is not also plain contiguous (as with C == 1), else contiguous."""
-    if x.dim() in (4, 5) and not x.is_contiguous():
-        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=layout):
-            return layout
-    return torch.contiguous_format
-
-
-def _empty(x: Tensor, layout: torch.memory_format) -> Tensor:
-    """An uninitialized tensor like x in layout's standard strides (empty_like would copy x's strides)."""
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
-
-
 def _stats_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -155,7 +142,7 @@ def _instance_norm_act(
     x = x.contiguous(memory_format=layout)
     if not x.is_cuda:
         y, mean, rstd = _reference_forward(x, weight, bias, eps, slope)
-        return _empty(y, layout).copy_(y), mean, rstd
+        return empty_in_layout(y, layout).copy_(y), mean, rstd
     from . import instance_norm_triton
 
     return instance_norm_triton.forward(x, weight, bias, eps, slope)
@@ -165,7 +152,7 @@ def _instance_norm_act(
 def _(x, weight, bias, eps, slope):
     rows = x.shape[0] * x.shape[1]
     stats = _stats_dtype(x)
-    return _empty(x, instance_norm_layout(x)), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
+    return empty_in_layout(x, instance_norm_layout(x)), x.new_empty(rows, dtype=stats), x.new_empty(rows, dtype=stats)
 
 
 @torch.library.custom_op("rwkvseg::instance_norm_act_backward", mutates_args=())
@@ -176,7 +163,7 @@ def _instance_norm_act_backward(
     x = x.contiguous(memory_format=layout)
     if not x.is_cuda:
         gx, gw, gb = _reference_backward(gy, x, weight, bias, mean, rstd, slope)
-        gx = _empty(gx, layout).copy_(gx)
+        gx = empty_in_layout(gx, layout).copy_(gx)
     else:
         from . import instance_norm_triton
 
@@ -188,7 +175,7 @@ def _instance_norm_act_backward(
 
 @_instance_norm_act_backward.register_fake
 def _(gy, x, weight, bias, mean, rstd, slope):
-    gx = _empty(x, instance_norm_layout(x))
+    gx = empty_in_layout(x, instance_norm_layout(x))
     if weight is None:
         return gx, x.new_empty(0), x.new_empty(0)
     return gx, torch.empty_like(weight), torch.empty_like(bias)

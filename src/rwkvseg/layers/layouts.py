@@ -1,0 +1,22 @@
+"""The memory layout the fused instance norm computes in, shared by its operators (norm.py) and its Triton kernels
+(instance_norm_triton.py) without pulling MONAI or Triton into either: torch only."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def instance_norm_layout(x: Tensor) -> torch.memory_format:
+    """The layout rwkvseg::instance_norm_act computes in and returns (y, and gx in the backward): channels-last for a
+    4-D / 5-D map in that layout that is not also plain contiguous (as with C == 1), else contiguous."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=layout):
+            return layout
+    return torch.contiguous_format
+
+
+def empty_in_layout(x: Tensor, layout: torch.memory_format) -> Tensor:
+    """An uninitialized tensor like x in layout's standard strides (empty_like would copy x's strides)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
