@@ -68,6 +68,13 @@ def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"bi_wkv: inputs are on different devices {sorted(map(str, devices))}; move them to one")
 
 
+def _eager_triton(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders: tuple[TokenOrder, ...] | None) -> Tensor:
+    """The Triton kernels' own autograd Function, called without the registered operator (eager calls on CUDA)."""
+    from .triton import bi_wkv_triton
+
+    return bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v), orders)
+
+
 def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", chunk: int = CHUNK) -> Tensor:
     """Bidirectional WKV of Vision-RWKV, exactly the formula of `docs/bi_wkv.md`.
 
@@ -87,11 +94,9 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     """
     check_inputs(w, u, k, v)
     if impl == "auto":
-        if chunk == CHUNK and uses_triton(k) and not tracing():  # eager on CUDA: see the docstring
-            from .triton import bi_wkv_triton
-
-            return bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v))
         if chunk == CHUNK:
+            if uses_triton(k) and not tracing():  # eager on CUDA: see the docstring
+                return _eager_triton(w, u, k, v, None)
             return torch.ops.rwkvseg.bi_wkv(w, u, k, v)
         impl = "triton" if triton_usable(k) else "chunked"
     if impl == "chunked":
@@ -138,11 +143,9 @@ def bi_wkv_ordered(
         order.check(k.shape[2])
     orders = tuple(orders)
     if impl == "auto":
-        if chunk == CHUNK and uses_triton(k) and not tracing():
-            from .triton import bi_wkv_triton
-
-            return bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v), orders)
         if chunk == CHUNK:
+            if uses_triton(k) and not tracing():
+                return _eager_triton(w, u, k, v, orders)
             return torch.ops.rwkvseg.bi_wkv_ordered(w, u, k, v, orders_to_ints(orders))
         impl = "triton" if triton_usable(k) else "chunked"
     if impl == "chunked":
