@@ -95,7 +95,8 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     check_inputs(w, u, k, v)
     if impl == "auto":
         if chunk == CHUNK:
-            if uses_triton(k) and not tracing():  # eager on CUDA: see the docstring
+            if not tracing() and uses_triton(k):  # eager on CUDA: see the docstring; tracing first (dynamo cannot
+                # trace uses_triton's importlib lookup)
                 return _eager_triton(w, u, k, v, None)
             return torch.ops.rwkvseg.bi_wkv(w, u, k, v)
         impl = "triton" if triton_usable(k) else "chunked"
@@ -144,7 +145,7 @@ def bi_wkv_ordered(
     orders = tuple(orders)
     if impl == "auto":
         if chunk == CHUNK:
-            if uses_triton(k) and not tracing():
+            if not tracing() and uses_triton(k):
                 return _eager_triton(w, u, k, v, orders)
             return torch.ops.rwkvseg.bi_wkv_ordered(w, u, k, v, orders_to_ints(orders))
         impl = "triton" if triton_usable(k) else "chunked"
