@@ -1,7 +1,9 @@
-"""`rwkvseg federate` end to end on Flower's simulation runtime: 2 sites, 2 rounds, a test-size model on a tiny
-synthetic 2D dataset. Checks the round files and checkpoints, that only model weights and metrics cross between
-server and sites, and that a run resumed after round 1 ends with the weights of the uninterrupted run."""
+"""`rwkvseg federate` end to end on Flower's simulation runtime: 2 sites, 2 rounds (validated after the last only:
+validate_every = 2), a test-size model on a tiny synthetic 2D dataset. Checks the round files and checkpoints, that
+only model weights and metrics cross between server and sites, and that a run resumed after round 1 ends with the
+weights of the uninterrupted run. Validation after every round: tests/federated/test_deploy.py, test_privacy.py."""
 
+import csv
 import json
 
 import numpy as np
@@ -33,6 +35,7 @@ strategy = "fedprox"
 proximal_mu = 0.1
 num_sites = 2
 client_cpus = 2
+validate_every = 2
 """
 
 
@@ -62,9 +65,11 @@ def uninterrupted(setup):
 def test_rounds_files_and_checkpoint(uninterrupted):
     out, summary, _ = uninterrupted
     assert summary["rounds_done"] == 2 and summary["strategy"] == {"name": "fedprox", "proximal_mu": 0.1}
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 3
-    header = rows[0].split(",")
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    assert rows[0]["val_dice"] == "" and rows[0]["site_site1_dice"] == ""  # round 1: no evaluate message
+    assert float(rows[1]["val_dice"]) >= 0
+    header = list(rows[0])
     for column in (
         "round",
         "train_loss",
@@ -90,6 +95,7 @@ def test_rounds_files_and_checkpoint(uninterrupted):
     )  # the standard checkpoint format: what `rwkvseg predict` loads
     assert meta.training["round"] == 2 and meta.training["federated"]["strategy"] == "fedprox"
     assert (out / "best.safetensors").is_file() and (out / "state.pt").is_file()
+    assert summary["best_round"] == 2  # the only validated round
 
 
 def test_only_weights_and_metrics_cross(uninterrupted):
@@ -112,8 +118,8 @@ def test_only_weights_and_metrics_cross(uninterrupted):
                 value = array.numpy()
                 assert tuple(value.shape) == shapes[key], key
                 assert not any(tuple(value.shape[-2:]) == s for s in image_like), key
-    # 2 rounds x 2 sites x (request + reply) for training and for evaluation
-    assert kinds == {"train": 8, "evaluate": 8}
+    # 2 rounds x 2 sites x (request + reply) for training; evaluation after round 2 only (validate_every = 2)
+    assert kinds == {"train": 8, "evaluate": 4}
 
 
 def test_cli_resume_repeats_the_uninterrupted_run(setup, uninterrupted, capsys):

@@ -126,6 +126,8 @@ def test_federated_config_checks_epochs_and_reads_a_base_config(tmp_path):
         federated_config_from_dict({"federated": {"strategy": "fedsgd"}})
     with pytest.raises(ValueError, match=r"federated\.patches_per_case sizes 3D patch epochs; .* set it to 0"):
         federated_config_from_dict({"federated": {"patches_per_case": 38}})  # a 2D config
+    with pytest.raises(ValueError, match=r"federated\.validate_every = 0 must be >= 1"):
+        federated_config_from_dict({"federated": {"validate_every": 0}})
     with pytest.raises(ValueError, match=r"federated\.patches_per_case = -1 must be >= 0"):
         federated_config_from_dict({"dims": 3, "federated": {"patches_per_case": -1}})
     assert (

@@ -294,7 +294,8 @@ def _metrics(record: MetricRecord) -> dict[str, float]:
 
 
 def server_app(plan: ServerPlan, on_message: OnMessage | None = None) -> ServerApp:
-    """The ServerApp: rounds of train -> aggregate -> evaluate on every site -> global checkpoint and state.
+    """The ServerApp: rounds of train -> aggregate -> evaluate on every site (every federated.validate_every-th
+    round and the last) -> global checkpoint and state.
     on_message(message) is called with every message the server sends and receives (an audit hook)."""
     app = ServerApp()
 
@@ -334,16 +335,19 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         if new_arrays is None:
             raise RuntimeError(f"round {round_}: no site returned weights")
         arrays = new_arrays
-        eval_config = ConfigRecord({"round": round_})
-        evals = _exchange(
-            grid, strategy.configure_evaluate(round_, arrays, eval_config, grid), fed.timeout_s, on_message
-        )
-        _weigh_equally(evals, fed.privacy)
-        pooled = strategy.aggregate_evaluate(round_, evals)
+        evals: list[Message] = []
+        if round_ % fed.validate_every == 0 or round_ == fed.rounds:
+            eval_config = ConfigRecord({"round": round_})
+            evals = _exchange(
+                grid, strategy.configure_evaluate(round_, arrays, eval_config, grid), fed.timeout_s, on_message
+            )
+            _weigh_equally(evals, fed.privacy)
         _load_arrays_cast(model, arrays)
         row: dict[str, Any] = {"round": round_, "epochs": round_ * fed.local_epochs}
         row.update({_column("train", k): v for k, v in _metrics(train_metrics).items()})
-        row.update({_column("val", k): v for k, v in _metrics(pooled).items()})
+        if evals:
+            pooled = strategy.aggregate_evaluate(round_, evals)
+            row.update({_column("val", k): v for k, v in _metrics(pooled).items()})
         for reply in evals:
             site = plan.site_names[int(reply.content["metrics"][SITE_KEY])]
             scores = _metrics(reply.content["metrics"])
@@ -389,12 +393,7 @@ def _save_round(plan: ServerPlan, model: torch.nn.Module, state: FederatedState,
     sites = "  ".join(
         f"{name} {row[f'site_{name}_{metric}']:.4f}" for name in plan.site_names if f"site_{name}_{metric}" in row
     )
+    scores = f"pooled val {metric} {score:.4f}  per site: {sites}" if sites else "not validated (validate_every)"
     log.info(
-        "round %d/%d  loss %.4f  pooled val %s %.4f  per site: %s",
-        state.round,
-        config.federated.rounds,
-        row.get("train_loss", math.nan),
-        metric,
-        score,
-        sites,
+        "round %d/%d  loss %.4f  %s", state.round, config.federated.rounds, row.get("train_loss", math.nan), scores
     )

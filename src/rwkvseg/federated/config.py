@@ -66,7 +66,10 @@ class FederatedSettings:
     the first ~100 steps of every round building its momentum back up; on BraTS keeping it changed little
     (docs/federated.md). patches_per_case (3D): each site's epoch is this many patches per training case of the
     site, as a centralized epoch of N patches over C cases gives each case N / C; 0: every site draws
-    data.patches.samples_per_epoch (sites of few cases then see each case more often)."""
+    data.patches.samples_per_epoch (sites of few cases then see each case more often). validate_every: the global
+    model is scored on the sites' validation cases after every validate_every-th round and after the last (the
+    rounds between send no evaluate message: on the deployment runtime each message is a fresh process per site),
+    and the best checkpoint is chosen among the validated rounds."""
 
     rounds: int = 10
     local_epochs: int = 1
@@ -80,6 +83,7 @@ class FederatedSettings:
     timeout_s: float = 3600.0
     site_optimizer: str = "fresh"
     patches_per_case: int = 0
+    validate_every: int = 1
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
@@ -95,6 +99,10 @@ class FederatedSettings:
             raise ValueError(f"federated.site_optimizer = {self.site_optimizer!r} is not valid; choose fresh or keep")
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ValueError("federated.client_cpus must be > 0 and federated.client_gpus >= 0")
+        if self.validate_every < 1:
+            raise ValueError(
+                f"federated.validate_every = {self.validate_every} must be >= 1 (1: validate after every round)"
+            )
         if self.patches_per_case < 0:
             raise ValueError(f"federated.patches_per_case = {self.patches_per_case} must be >= 0 (0: off)")
 
