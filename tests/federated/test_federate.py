@@ -78,8 +78,14 @@ def test_rounds_files_and_checkpoint(uninterrupted):
         "val_cases",
         "site_site1_dice",
         "site_site2_dice",
+        "train_setup_seconds",  # where a round's time goes: site setup (pooled), training, validation
+        "train_seconds",
+        "val_setup_seconds",
+        "site_site1_setup_seconds",
+        "round_seconds",
     ):
         assert column in header
+    assert 0 < float(rows[1]["train_setup_seconds"]) < float(rows[1]["round_seconds"])
     last = summary["last"]
     pooled = (
         last["site_site1_dice"] * last["site_site1_val_cases"] + last["site_site2_dice"] * last["site_site2_val_cases"]

@@ -125,10 +125,14 @@ def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
 
 
 def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
-    """A site's answer to a train message: local epochs from the global weights; its weights and metrics."""
+    """A site's answer to a train message: local epochs from the global weights; its weights and metrics
+    (setup_seconds: the site's data, model and received weights before training; the rest of a round beyond
+    setup, training and validation is process start-up and messaging)."""
+    start = time.perf_counter()
     index, config, data, model, device = _site_setup(plan, context)
     received = msg.content["arrays"]
     _load_arrays(model, received)
+    setup = round(time.perf_counter() - start, 3)
     cfg = msg.content["config"]
     metrics = train_site(
         config,
@@ -145,16 +149,19 @@ def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
     state = {k: trained[k].detach().cpu() for k in received}  # what was sent, in its order (fixedclipping_mod)
     # the weight in FedAvg: the site's training cases (a 3D training set's length is its patches per epoch, the
     # same number at every site)
-    record = MetricRecord({**metrics, WEIGHT_KEY: _n_train(config), SITE_KEY: index})
+    record = MetricRecord({**metrics, "setup_seconds": setup, WEIGHT_KEY: _n_train(config), SITE_KEY: index})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": record}), reply_to=msg)
 
 
 def handle_evaluate(plan: SitePlan, msg: Message, context: Context) -> Message:
-    """A site's answer to an evaluate message: the global weights' scores on its validation cases."""
+    """A site's answer to an evaluate message: the global weights' scores on its validation cases (and
+    setup_seconds, as for train)."""
+    start = time.perf_counter()
     index, config, data, model, device = _site_setup(plan, context)
     _load_arrays(model, msg.content["arrays"])
+    setup = round(time.perf_counter() - start, 3)
     scores = validate_site(config, data, model, device)
-    record = MetricRecord({**scores, WEIGHT_KEY: _n_val(config), SITE_KEY: index})
+    record = MetricRecord({**scores, "setup_seconds": setup, WEIGHT_KEY: _n_val(config), SITE_KEY: index})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
 
 
