@@ -234,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     from rwkvseg.bench.models import (
         COMPILE_MODES,
         INFER_BATCHES,
-        MEMORY_FORMATS,
         MODES,
         PHASES,
         PROBLEMS,
@@ -246,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dims,
     )
     from rwkvseg.bench.wkv import environment
+    from rwkvseg.memory_format import MEMORY_FORMATS
     from rwkvseg.models import create_model, list_models
     from rwkvseg.train.config import apply_overrides
 

@@ -21,8 +21,9 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from rwkvseg.bench.models import to_memory_format
+from rwkvseg.memory_format import to_memory_format
 from rwkvseg.models import create_model
 from test_compile import CASES, DEFAULT
 
@@ -91,6 +92,25 @@ def test_channels_last_equals_contiguous_forward_and_backward(name, run):
 
 def _close(got, want, scale, what):
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_to_memory_format_converts_the_model_and_the_input_and_back(dims):
+    conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(3, 4, 3)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn(2, 3, *[5] * dims)
+    y = to_memory_format(conv, x, "channels_last")
+    assert y.is_contiguous(memory_format=layout) and not y.is_contiguous() and torch.equal(y, x)
+    assert conv.weight.is_contiguous(memory_format=layout) and not conv.weight.is_contiguous()
+    back = to_memory_format(conv, y, "contiguous")
+    assert back.is_contiguous() and conv.weight.is_contiguous() and torch.equal(back, x)
+
+
+def test_to_memory_format_refuses_an_unknown_format_and_a_map_without_two_or_three_spatial_axes():
+    with pytest.raises(ValueError, match="choose one of"):
+        to_memory_format(nn.Conv2d(3, 4, 3), torch.randn(2, 3, 5, 5), "nhwc")
+    with pytest.raises(ValueError, match="4D or 5D input"):
+        to_memory_format(nn.Conv1d(3, 4, 3), torch.randn(2, 3, 5), "channels_last")
 
 
 TORCH_BATCH_1 = (

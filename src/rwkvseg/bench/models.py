@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_write
+from ..memory_format import MEMORY_FORMATS, to_memory_format
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ Build = Callable[..., nn.Module]
 MODES = ("eager", "compiled")
 PHASES = ("infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-MEMORY_FORMATS = ("contiguous", "channels_last")
 # Channels in and out of the problems the models are built for: RGB images with one foreground class; four MRI
 # sequences with three tumour regions (BraTS).
 PROBLEMS = {2: (3, 1), 3: (4, 3)}
@@ -57,7 +57,7 @@ class ModelBenchConfig:
     sides: input side lengths (the input is a square / cube); empty: SIDES for the device. modes: eager and/or
     compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (dynamic=True
     compiles each (model, phase) once for all sizes; None lets torch recompile per new shape). phases: infer
-    and/or train. memory_format: one of MEMORY_FORMATS, for every row (`to_memory_format`).
+    and/or train. memory_format: one of MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format).
     """
 
     dims: int
@@ -174,23 +174,6 @@ def _step_fn(model: nn.Module, phase: str, x: torch.Tensor, device: torch.device
         optimizer.zero_grad(set_to_none=True)
 
     return train
-
-
-def to_memory_format(model: nn.Module, x: torch.Tensor, memory_format: str) -> torch.Tensor:
-    """Converts model in place (its 4D and 5D parameters and buffers) and returns x [B, C, *spatial] in
-    memory_format: "contiguous" (NCHW / NCDHW) or "channels_last" (torch.channels_last for a 4D x,
-    torch.channels_last_3d for a 5D one). Only strides change, not values; convert before torch.compile, which
-    specializes on them."""
-    if memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory format {memory_format!r}; choose one of {MEMORY_FORMATS}")
-    if memory_format == "contiguous":
-        layout = torch.contiguous_format
-    elif x.dim() in (4, 5):
-        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-    else:
-        raise ValueError(f"channels_last needs a 4D or 5D input [B, C, *spatial], got shape {tuple(x.shape)}")
-    model.to(memory_format=layout)
-    return x.contiguous(memory_format=layout)
 
 
 def input_shape(dims: int, batch: int, side: int) -> tuple[int, ...]:
