@@ -104,8 +104,11 @@ def save_checkpoint(
             raise FileExistsError(
                 f"checkpoint files already exist: {', '.join(existing)}; choose another name or pass overwrite"
             )
-    # save_model (not save_file) drops tied/shared tensors that safetensors cannot store twice.
-    atomic_write(weights, lambda tmp: save_model(model, str(tmp), metadata={"format": "rwkvseg"}))
+    # save_model (not save_file) drops tied/shared tensors that safetensors cannot store twice; force_contiguous
+    # (explicit, whatever the installed version defaults to) stores a channels-last run's parameters contiguous
+    atomic_write(
+        weights, lambda tmp: save_model(model, str(tmp), metadata={"format": "rwkvseg"}, force_contiguous=True)
+    )
     write_json(sidecar, with_digest(meta.to_json(), weights))
     log.debug("wrote checkpoint %s (+ %s)", weights, sidecar.name)
     return weights, sidecar

@@ -25,6 +25,7 @@ from ..data.images2d import NORMALIZATIONS
 from ..data.patches3d import PatchConfig
 from ..data.specs import DATASETS
 from ..data.transforms2d import RESIZE_MODES, AugmentConfig
+from ..memory_format import check_memory_format
 from ..records import TARGETS
 from .workers import WORKER_START
 
@@ -239,6 +240,12 @@ class TrainConfig:
     compiling, written after the first step; rwkvseg.train.compile_cache). data.gpu_resident (2D): "auto" keeps
     the whole training set on the GPU as uint8 at the network size, augmented there, when it fits; "on" insists,
     "off" reads through a DataLoader.
+
+    memory_format: "contiguous" (NCHW / NCDHW) or "channels_last" (NHWC / NDHWC): the model's parameters are
+    converted once before compiling, DDP and the optimizer, each training batch and each validation window on the
+    device (rwkvseg.memory_format); the numbers are the same up to rounding, checkpoints are contiguous either way.
+    Off by default until a training run on the GPU confirms the step's gain (docs/speed.md). Refused on the CPU at
+    one sample per process: torch's CPU instance norm gets the input gradient wrong there in channels-last.
     """
 
     DATA_CONFIGS: ClassVar[dict[int, type]] = {2: DataConfig, 3: VolumeDataConfig}
@@ -267,10 +274,12 @@ class TrainConfig:
     compile: str = "auto"
     compile_backend: str = "inductor"
     compile_cache: str = ""
+    memory_format: str = "contiguous"
 
     def __post_init__(self) -> None:
         config_dims({"dims": self.dims})
         check_compile(self.compile, self.compile_backend)
+        check_memory_format(self.memory_format)
         if not isinstance(self.data, self.DATA_CONFIGS[self.dims]):
             raise ValueError(
                 f"dims = {self.dims} needs a {self.DATA_CONFIGS[self.dims].__name__} data section, got "

@@ -74,7 +74,15 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
         },
     )
     validate = validator_2d(
-        val_set, pre, d.num_classes, device, config.threshold, d.val_batch_size, d.num_workers, d.worker_start
+        val_set,
+        pre,
+        d.num_classes,
+        device,
+        config.threshold,
+        d.val_batch_size,
+        d.num_workers,
+        d.worker_start,
+        memory_format=config.memory_format,
     )
     return RunData(train_set, validate, SegmentationLoss(d.num_classes, config.loss), meta)
 

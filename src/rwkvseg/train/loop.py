@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import CheckpointMeta, save_checkpoint
 from ..compiling import check_compile, compile_callable, synchronize
 from ..files import atomic_write_text, write_json
+from ..memory_format import check_memory_format, torch_layout
 from . import distributed
 from .compile_cache import load_compile_cache, save_compile_cache
 from .ema import WeightEma
@@ -57,6 +58,8 @@ class LoopConfig:
     ema, ema_start: optim.ema and optim.ema_start (0: no average of the weights; rwkvseg.train.ema).
     num_workers, worker_start: the DataLoader's worker processes and how they start (data.worker_start:
     "auto" | "fork" | "forkserver" | "spawn"; rwkvseg.train.workers).
+    memory_format: the layout each training batch's input takes on the device, "contiguous" or "channels_last"
+    (the model's parameters are converted by whoever builds it: rwkvseg.train.run.training_setup).
     """
 
     epochs: int
@@ -79,9 +82,11 @@ class LoopConfig:
     sync_every: int = 50
     ema: float = 0.0
     ema_start: int = 0
+    memory_format: str = "contiguous"
 
     def __post_init__(self) -> None:
         check_compile(self.compile, self.compile_backend)
+        check_memory_format(self.memory_format)
         if self.compile in ("auto", "on"):
             raise ValueError("LoopConfig.compile takes a resolved mode (or off); resolve it with compile_mode()")
         if self.sync_every < 1:
@@ -478,7 +483,8 @@ def train_epoch(
                 break
             timing = forward_loss.compiled is not None and forward_loss.compile_seconds is None
             step_start = time.perf_counter()
-            x = batch["image"].to(device, non_blocking=True)
+            image = batch["image"]  # [B, C, *spatial]: one copy to the device, into the run's layout
+            x = image.to(device, non_blocking=True, memory_format=torch_layout(loop.memory_format, image.dim()))
             y = batch["mask"].to(device, non_blocking=True)
             with precision.autocast(device):
                 loss = forward_loss(x, y)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import CheckpointMeta
 from ..compiling import compile_mode
 from ..files import write_json
+from ..memory_format import module_to
 from . import distributed
 from .config import TrainConfig, config_from_dict, to_dict
 from .loop import LoopConfig, Progress, Validate, resolve_amp, steps_per_epoch
@@ -97,8 +98,13 @@ def auto_compile_mode(world_size: int) -> str:
 def training_setup(
     model: nn.Module, config: TrainConfig, n_train: int, device: torch.device, progress_bar: bool
 ) -> tuple[torch.optim.Optimizer, Any, LoopConfig]:
-    """Optimiser, per-step schedule over the whole run, and loop settings from config (and config.data)."""
+    """Optimiser, per-step schedule over the whole run, and loop settings from config (and config.data). With
+    memory_format = channels_last the model's parameters are converted first, in place: the optimizer's state,
+    the compiled step and DDP's buckets then take their layout."""
     d = config.data
+    if config.memory_format != "contiguous":
+        check_channels_last_batch(min(n_train, distributed.rank_batch(d.batch_size)), device)
+        module_to(model, config.memory_format, config.dims)
     optimizer = build_optimizer(model, config.optim)
     total = config.epochs * steps_per_epoch(n_train, d.batch_size, config.max_steps_per_epoch)
     scheduler = build_scheduler(optimizer, config.optim, total)
@@ -121,8 +127,21 @@ def training_setup(
         compile_cache=config.compile_cache,
         ema=config.optim.ema,
         ema_start=config.optim.ema_start,
+        memory_format=config.memory_format,
     )
     return optimizer, scheduler, loop
+
+
+def check_channels_last_batch(per_process: int, device: torch.device) -> None:
+    """Refuse channels-last training where torch computes wrong gradients: on the CPU, F.instance_norm's backward
+    under a channels-last gradient at batch 1 (seen with torch 2.13; tests/test_memory_format.py keeps the case
+    visible)."""
+    if device.type == "cpu" and per_process == 1:
+        raise ValueError(
+            "memory_format = channels_last trains one sample per process on the CPU, where torch's instance norm "
+            "computes a wrong input gradient in that layout; set data.batch_size >= 2 per process, or "
+            "memory_format = contiguous"
+        )
 
 
 def log_done(progress: Progress, select_metric: str, start: float, run_dir: Path) -> None:

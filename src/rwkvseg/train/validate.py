@@ -23,6 +23,7 @@ from ..data.specs import DatasetSpec
 from ..eval.metrics import confusion_counts, overlap_scores
 from ..infer.predict2d import forward_logits, probabilities, to_labels
 from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
+from ..memory_format import check_memory_format, fed_in
 from ..records import Preprocessing2D
 from .workers import worker_context
 
@@ -49,14 +50,17 @@ def validator_2d(
     batch_size: int = 8,
     num_workers: int = 0,
     worker_start: str = "auto",
+    memory_format: str = "contiguous",
 ) -> Callable[[nn.Module], dict[str, float]]:
     """validate(model) -> mean per-image Dice, IoU, precision, recall, specificity (foreground classes averaged).
 
     Scored at the network input size for resize-trained models (as in the paper), on whole images for
     crop-trained ones; empty-vs-empty images count as perfect (metrics.EmptyPolicy.PERFECT). Resized sets that fit
     (keeps_batches) are read once: later validations reuse the batches, already on the device. num_workers loader
-    processes, started as worker_start says (data.worker_start, rwkvseg.train.workers).
+    processes, started as worker_start says (data.worker_start, rwkvseg.train.workers). memory_format: the layout
+    each batch (or crop-mode window) takes just before the model (rwkvseg.memory_format).
     """
+    check_memory_format(memory_format)
     keep = keeps_batches(len(val_set), pre, device)
     loader = DataLoader(
         val_set,
@@ -86,7 +90,7 @@ def validator_2d(
     def validate(model: nn.Module) -> dict[str, float]:
         per_class: list[dict[str, np.ndarray]] = []
         for images, target in batches():
-            labels = to_labels(probabilities(forward_logits(model, images, pre)), threshold)
+            labels = to_labels(probabilities(forward_logits(fed_in(model, memory_format), images, pre)), threshold)
             target = target.to(labels.device)
             classes = [1] if num_classes == 1 else range(1, num_classes)
             scores = [overlap_scores(confusion_counts(labels == k, target == k, batch_dims=1)) for k in classes]
@@ -101,7 +105,8 @@ class SlidingWindowValidator:
     """Whole-volume validation for the training loop: `validator(model) -> {"dice": mean, "dice_WT": ...}`.
 
     Runs on cached cases (training spacing, cropped grid) with the same sliding window as prediction; Dice
-    per region with the PERFECT empty policy, averaged over cases, then over regions for "dice".
+    per region with the PERFECT empty policy, averaged over cases, then over regions for "dice". memory_format:
+    the layout each window batch takes just before the model (a channels-last run's: rwkvseg.memory_format).
     """
 
     cases: Sequence[Any]  # CachedCase
@@ -109,6 +114,10 @@ class SlidingWindowValidator:
     window: SlidingWindowConfig
     target: str = "labels"
     device: str | torch.device = "cpu"
+    memory_format: str = "contiguous"
+
+    def __post_init__(self) -> None:
+        check_memory_format(self.memory_format)
 
     @classmethod
     def from_cache(
@@ -120,6 +129,7 @@ class SlidingWindowValidator:
         overlap: float = 0.5,
         mirror_axes: tuple[int, ...] = (),
         device: str | torch.device = "cpu",
+        memory_format: str = "contiguous",
     ) -> SlidingWindowValidator:
         """A validator over cached cases (no mirror TTA by default: validation only ranks checkpoints)."""
         plans = load_plans(cache_dir)
@@ -130,7 +140,7 @@ class SlidingWindowValidator:
             activation="softmax" if target == "labels" else "sigmoid",
         )
         cases = [load_cached_case(cache_dir, cid, plans) for cid in case_ids]
-        return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device)
+        return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device, memory_format)
 
     @torch.no_grad()
     def per_case(self, model: nn.Module) -> dict[str, dict[str, float]]:
@@ -141,7 +151,7 @@ class SlidingWindowValidator:
         try:
             for case in self.cases:
                 image = torch.from_numpy(case.image)[None]  # [1, M, *S]
-                logits = predict_logits(model, image, self.window, self.device)
+                logits = predict_logits(fed_in(model, self.memory_format), image, self.window, self.device)
                 probs = activate(logits, self.window.activation)[0]  # [K, *S]
                 if self.target == "labels":
                     pred = classes_to_regions(probs.argmax(0), self.spec)  # [R, *S]

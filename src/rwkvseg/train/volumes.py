@@ -29,6 +29,7 @@ from ..data.specs import DatasetSpec, resolve_spec
 from ..data.splits import prepare_split, read_split
 from ..data.volumes import discover_cases
 from ..files import write_json
+from ..memory_format import module_to
 from ..records import inference_metadata
 from .config import TrainConfig, VolumeDataConfig, to_dict
 from .loop import Progress, resolve_amp
@@ -136,7 +137,14 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
     )
     train_set = PatchDataset(cache, split.train, d.patches, d.target, config.seed)
     validator = SlidingWindowValidator.from_cache(
-        cache, split.val, d.patches.patch_size, d.target, config.infer.overlap, config.infer.val_mirror_axes, device
+        cache,
+        split.val,
+        d.patches.patch_size,
+        d.target,
+        config.infer.overlap,
+        config.infer.val_mirror_axes,
+        device,
+        memory_format=config.memory_format,
     )
     validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     names = spec.region_names if d.target == "regions" else tuple(str(v) for v in spec.label_values)
@@ -176,6 +184,7 @@ def final_evaluation(
     """Score the best checkpoint on the validation cases with mirror TTA; written to <run_dir>/final_val.json
     (the means, and each case's Dice per region under "per_case")."""
     model, meta = load_checkpoint(run_dir / "best", device=device)
+    module_to(model, config.memory_format, 3)  # scored in the layout the run validated in
     validator = SlidingWindowValidator.from_cache(
         cache,
         val_cases,
@@ -184,6 +193,7 @@ def final_evaluation(
         config.infer.overlap,
         config.infer.mirror_axes,
         device,
+        memory_format=config.memory_format,
     )
     validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(config.amp, device))
