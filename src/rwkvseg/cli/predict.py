@@ -41,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile-backend", default="inductor", metavar="NAME", help="inductor (default) or aot_eager")
     p.add_argument(
+        "--memory-format",
+        default="contiguous",
+        choices=("contiguous", "channels_last"),
+        help="layout of the model and its inputs: contiguous (the default) or channels_last (NHWC / NDHWC)",
+    )
+    p.add_argument(
         "--runtime",
         default="torch",
         choices=("torch", "onnx"),
@@ -123,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         out_format=args.out_format,
         compile=args.compile,
         compile_backend=args.compile_backend,
+        memory_format=args.memory_format,
     )
     if args.runtime == "onnx":
         return _run_onnx(args, checkpoint, source, config)

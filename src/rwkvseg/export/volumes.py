@@ -38,11 +38,15 @@ def onnx_predictor_3d(
     onnx: OnnxPredictor | str | os.PathLike, options: PredictConfig, threads: int | None = None
 ) -> Predictor3D:
     """A Predictor3D whose network is the exported file (an open OnnxPredictor, or its path; CPU, never
-    compiled)."""
+    compiled, its inputs as onnxruntime takes them: contiguous)."""
     predictor = onnx if isinstance(onnx, OnnxPredictor) else OnnxPredictor(onnx, threads=threads)
     if predictor.dims != 3:
         raise ValueError(f"{predictor.path} is a {predictor.dims}D export; 3D prediction needs a volume model's export")
-    return Predictor3D(OnnxModule(predictor), predictor.preprocessing, replace(options, device="cpu", compile="off"))
+    return Predictor3D(
+        OnnxModule(predictor),
+        predictor.preprocessing,
+        replace(options, device="cpu", compile="off", memory_format="contiguous"),
+    )
 
 
 def predict_volumes(

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..checkpoint import read_meta
 from ..compiling import check_compile
 from ..files import output_folder
+from ..memory_format import check_memory_format
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class PredictConfig:
     in its order, where the input does not name them itself; out_format: nifti (the input's format for ITK
     files) or dicom-seg (DICOM inputs).
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
-    time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager"."""
+    time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager". memory_format:
+    "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format)."""
 
     device: str = "cpu"
     overwrite: bool = False
@@ -42,9 +44,11 @@ class PredictConfig:
 
     compile: str = "auto"
     compile_backend: str = "inductor"
+    memory_format: str = "contiguous"
 
     def __post_init__(self) -> None:
         check_compile(self.compile, self.compile_backend)
+        check_memory_format(self.memory_format, "--memory-format")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"--threshold {self.threshold} must be in [0, 1] (a probability)")
         if self.batch_size < 1 or self.sw_batch_size < 1:
@@ -103,4 +107,5 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         compile=config.compile,
         compile_backend=config.compile_backend,
         mirror_axes=config.mirror_axes or (),
+        memory_format=config.memory_format,
     )

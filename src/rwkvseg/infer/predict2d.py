@@ -25,6 +25,7 @@ from ..checkpoint import load_checkpoint
 from ..compiling import maybe_compile
 from ..data.images2d import list_inputs, read_image
 from ..files import atomic_write, refuse_existing
+from ..memory_format import fed_in, module_to
 from ..records import Preprocessing2D
 from .sliding_window import SlidingWindowConfig, mirrored, predict_logits
 
@@ -161,14 +162,16 @@ def predict_2d(
     compile: str = "auto",
     compile_backend: str = "inductor",
     mirror_axes: Sequence[int] = (),
+    memory_format: str = "contiguous",
 ) -> list[Path]:
-    """Predict masks for an image file or folder; returns the mask paths written. compile: see PredictConfig.
-    mirror_axes: test-time augmentation, the logits averaged over every flip of these axes (0: height, 1: width;
-    (0, 1) costs 4 forward passes per image)."""
+    """Predict masks for an image file or folder; returns the mask paths written. compile, memory_format: see
+    PredictConfig. mirror_axes: test-time augmentation, the logits averaged over every flip of these axes (0:
+    height, 1: width; (0, 1) costs 4 forward passes per image)."""
     mirror_axes = check_mirror_axes(mirror_axes)
     model, meta = load_checkpoint(checkpoint, device)
+    module_to(model, memory_format, 2)  # before compiling, which specializes on the parameters' strides
     model = maybe_compile(model, compile, device, "the model", compile_backend)
-    predictor = mirrored(model, mirror_axes)
+    predictor = mirrored(fed_in(model, memory_format), mirror_axes)
     pre = Preprocessing2D.from_meta(meta)
     files = list_inputs(inputs, skip_non_images)
     out = Path(out)

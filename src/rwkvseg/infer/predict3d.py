@@ -36,6 +36,7 @@ from ..data.volumes import (
     reorient,
 )
 from ..files import refuse_existing
+from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
@@ -110,8 +111,9 @@ class Predictor3D:
         options = options or PredictConfig()
         if metadata.get("dims") != 3:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
-        self.model = model.to(options.device).eval()
-        self.forward = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
+        self.model = module_to(model.to(options.device).eval(), options.memory_format, 3)  # before compiling
+        compiled = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
+        self.forward = fed_in(compiled, options.memory_format)  # each window batch in the model's layout
         self.metadata = metadata
         self.spec = DatasetSpec.from_dict(metadata["dataset"])
         self.target = metadata["target"]
