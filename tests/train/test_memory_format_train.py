@@ -14,6 +14,8 @@ from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.data.synthetic3d import write_synthetic_volumes
+from rwkvseg.federated.config import federated_config_from_dict
+from rwkvseg.federated.local import site_config
 from rwkvseg.train.config import config_from_dict, load_config
 from rwkvseg.train.loop import LoopConfig
 from rwkvseg.train.train import train
@@ -212,3 +214,9 @@ def test_channels_last_at_one_sample_per_process_on_the_cpu_is_refused(images, t
     config = config_2d(images, tmp_path / "run", batch_size=1, memory_format="channels_last")
     with pytest.raises(ValueError, match=r"data\.batch_size >= 2 per process"):
         train(config)
+
+
+def test_a_federated_site_trains_in_the_federation_s_memory_format(tmp_path):
+    fed = federated_config_from_dict({"memory_format": "channels_last", "federated": {"rounds": 2, "local_epochs": 1}})
+    site = site_config(fed.train, tmp_path / "site", str(tmp_path / "data"))
+    assert fed.train.memory_format == site.memory_format == "channels_last"
