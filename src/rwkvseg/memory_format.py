@@ -1,6 +1,6 @@
-"""The `memory_format` setting of training and the benchmarks: "contiguous" (NCHW / NCDHW, torch's default) or
-"channels_last" (NHWC / NDHWC: torch.channels_last for 4-D tensors, torch.channels_last_3d for 5-D ones), the
-layout cuDNN's bf16 convolutions run in; with NCHW maps each convolution transposes its input and output.
+"""The `memory_format` setting of training, prediction and the benchmarks: "contiguous" (NCHW / NCDHW, torch's
+default) or "channels_last" (NHWC / NDHWC: torch.channels_last for 4-D tensors, torch.channels_last_3d for 5-D
+ones), the layout cuDNN's bf16 convolutions run in; with NCHW maps each convolution transposes its input and output.
 
 Only strides change, never values. A model is converted once, after it is built and before torch.compile (which
 specializes on strides), DDP or an optimizer sees its parameters; its inputs are converted per batch (or per
@@ -40,8 +40,9 @@ def tensor_to(x: torch.Tensor, memory_format: str) -> torch.Tensor:
 
 
 def module_to(model: nn.Module, memory_format: str, spatial_dims: int) -> nn.Module:
-    """model with its 4-D (spatial_dims 2) or 5-D (3) parameters and buffers in memory_format, converted in place:
-    the same Parameter objects, so convert before an optimizer holds them only to keep its state in one layout."""
+    """model with its 4-D (spatial_dims 2) or 5-D (3) parameters and buffers in memory_format, converted in place.
+    The Parameter objects stay the same, so an optimizer built earlier still updates them, but state it already
+    holds (momentum) keeps the old layout: convert before building it."""
     return model.to(memory_format=torch_layout(memory_format, spatial_dims + 2))
 
 
