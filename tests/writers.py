@@ -5,6 +5,7 @@ The writers are plain functions (`from writers import save_png`, tests/ is on th
 helpers of a test file can call them too; the fixtures of tests/conftest.py hand out the shared data.
 """
 
+import csv
 import importlib.util
 import json
 import sys
@@ -153,3 +154,21 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module  # as an import does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def run_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """A training run's metrics.csv rows without the timing columns (*seconds), which no two runs share."""
+    with open(Path(run_dir) / "metrics.csv") as handle:
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(handle)]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two training runs ended bit for bit alike: last.safetensors equal tensor by tensor, metrics.csv equal
+    apart from timings (a resumed run against the uninterrupted one)."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(Path(a) / "last.safetensors"), load_file(Path(b) / "last.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    assert run_metrics(a) == run_metrics(b)

@@ -2,8 +2,6 @@
 NHWC), computes what the contiguous run computes up to rounding, writes checkpoints that load into a contiguous
 model, and resumes bit for bit. 3D on mmsegrwkv_test (synthetic phantoms), 2D on urwkv_test."""
 
-import csv
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +17,7 @@ from rwkvseg.federated.local import site_config
 from rwkvseg.train.config import config_from_dict, load_config
 from rwkvseg.train.loop import LoopConfig
 from rwkvseg.train.train import train
+from writers import assert_same_run, run_metrics
 
 # float32 on the CPU: the two layouts sum convolutions in another order, so the runs agree to rounding only
 RTOL, ATOL = 1e-4, 1e-6
@@ -99,17 +98,12 @@ def recorded_train(config, **kwargs):
     return recorder, progress
 
 
-def metrics(run_dir):
-    with open(run_dir / "metrics.csv") as handle:
-        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(handle)]
-
-
 def assert_runs_close(a, b):
     wa, wb = load_file(a / "last.safetensors"), load_file(b / "last.safetensors")
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=RTOL, atol=ATOL, msg=lambda m, key=key: f"{key}: {m}")
-    rows_a, rows_b = metrics(a), metrics(b)
+    rows_a, rows_b = run_metrics(a), run_metrics(b)
     assert [r.keys() for r in rows_a] == [r.keys() for r in rows_b]
     for ra, rb in zip(rows_a, rows_b, strict=True):
         for key in ra:  # an epoch without validation leaves its val_ columns empty
@@ -189,11 +183,7 @@ def test_a_channels_last_run_resumes_bit_for_bit(runs_3d, cache, tmp_path):
     assert any(not b.is_contiguous() for b in buffers)
     resumed = train(config, resume=True)
     assert resumed.epoch == 2 and resumed.step == 2
-    a, b = load_file(root / "channels_last" / "last.safetensors"), load_file(tmp_path / "split" / "last.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert metrics(root / "channels_last") == metrics(tmp_path / "split")
+    assert_same_run(root / "channels_last", tmp_path / "split")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """3D training end to end on synthetic phantoms: CLI dispatch, sliding-window validation, a checkpoint that predicts
 alone onto the input grid, bit-exact resume, both loss paradigms, and the config / cache checks."""
 
-import csv
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from rwkvseg.train.config import LossConfig, TrainConfig, VolumeDataConfig, conf
 from rwkvseg.train.losses import RegionLoss
 from rwkvseg.train.train import train
 from rwkvseg.train.volumes import FINAL_FILE, prepare_cache
+from writers import assert_same_run
 
 BRATS = dataset_spec("brats")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -139,16 +139,7 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, cache):
         train(split)
     resumed = train(split, resume=True)
     assert resumed.epoch == 2 and resumed.step == 2
-    a, b = load_file(tmp_path / "a" / "last.safetensors"), load_file(tmp_path / "b" / "last.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert metrics_without_timings(tmp_path / "a") == metrics_without_timings(tmp_path / "b")
-
-
-def metrics_without_timings(run_dir):
-    with open(run_dir / "metrics.csv") as handle:
-        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in csv.DictReader(handle)]
+    assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_time_budget_stops_after_a_validated_epoch_and_leaves_a_best_checkpoint(tmp_path, cache):
