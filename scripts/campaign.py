@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from rwkvseg.cli import listen_to_sigint
-from rwkvseg.eval.report import read_metrics_csv, read_run, write_run_curves
+from rwkvseg.eval.report import RunHistory, read_metrics_csv, read_run, write_run_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # 2D dataset folder -> the recipe's config
@@ -162,16 +162,26 @@ def plateau(validated: list[dict]) -> dict:
     return {"late_gain": gain, "plateau": gain <= PLATEAU_DICE, "trend": trend}
 
 
-def summary(run: Path) -> dict:
-    """A run's row of the campaign table from its folder (metrics.csv, config.json, final_val.json)."""
-    metrics = run / "metrics.csv"
+def load_history(run: Path) -> RunHistory:
+    """A run folder's metrics.csv and config.json, read once for its table row and its curves; a run that stopped
+    before writing them (a failed start) gets what is there."""
+    metrics, config = run / "metrics.csv", run / "config.json"
+    if metrics.is_file() and config.is_file():
+        return read_run(run)
     rows = read_metrics_csv(metrics) if metrics.is_file() else []
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    row = {"run": run.name, "planned": config.get("epochs"), "epochs": len(rows)}
-    validated = [r for r in rows if "val_dice" in r]  # val_every > 1: the other epochs have no val_* columns
+    return RunHistory(run.name, rows, json.loads(config.read_text()) if config.is_file() else {})
+
+
+def summary(run: Path, history: RunHistory | None = None) -> dict:
+    """A run's row of the campaign table from its folder (its history: metrics.csv and config.json, read here
+    unless given; final_val.json)."""
+    history = history or load_history(run)
+    rows = history.rows
+    row = {"run": run.name, "planned": history.config.get("epochs"), "epochs": history.ran}
+    validated = history.validated  # val_every > 1: the other epochs have no val_* columns
     if not validated:
         return row
-    best = max(validated, key=lambda r: r["val_dice"])  # the first best, as the loop keeps it
+    best = history.best  # the first best, as the loop keeps it
     row |= {"best_epoch": int(best["epoch"])}
     row |= {f"best_{k}": v for k, v in best.items() if k.startswith("val_") and k != "val_seconds"}
     row |= {"last_val_dice": validated[-1]["val_dice"], **plateau(validated)}
@@ -243,13 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs.values():
             job.send_signal(signal.SIGINT)
         codes = {name: job.wait() for name, job in jobs.items()}
-    rows = [{**summary(args.runs / name), "exit": code} for name, code in codes.items()]
+    histories = {name: load_history(args.runs / name) for name in codes}
+    rows = [{**summary(args.runs / name, histories[name]), "exit": code} for name, code in codes.items()]
     (args.runs / "campaign.json").write_text(json.dumps({"wall_s": time.time() - start, "runs": rows}, indent=1))
     print("\n".join(table(rows)))
     for row in rows:
         if "best_epoch" in row:  # a run with a validation has curves to draw
             try:
-                write_run_curves(read_run(args.runs / row["run"]), args.runs / f"{row['run']}.curves.png")
+                write_run_curves(histories[row["run"]], args.runs / f"{row['run']}.curves.png")
             except ValueError as err:  # no matplotlib: the table is the campaign's result
                 print(f"{row['run']}: no curves ({err})")
     print(f"wall {time.time() - start:.0f} s")
