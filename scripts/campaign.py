@@ -175,7 +175,7 @@ def load_history(run: Path) -> RunHistory:
 def summary(run: Path, history: RunHistory | None = None) -> dict:
     """A run's row of the campaign table from its folder (its history: metrics.csv and config.json, read here
     unless given; final_val.json)."""
-    history = history or load_history(run)
+    history = load_history(run) if history is None else history
     rows = history.rows
     row = {"run": run.name, "planned": history.config.get("epochs"), "epochs": history.ran}
     validated = history.validated  # val_every > 1: the other epochs have no val_* columns
