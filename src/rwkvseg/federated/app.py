@@ -93,7 +93,11 @@ def _site_of(plan: SitePlan, context: Context) -> tuple[int, Site]:
     return index, plan.sites[index]
 
 
-def _site_setup(plan: SitePlan, context: Context):
+def _site_setup(plan: SitePlan, context: Context, arrays: ArrayRecord):
+    """This site's index, training config, data, model (with the received weights), device, and the seconds
+    that took (setup_seconds in the reply: the rest of a round beyond setup, training and validation is process
+    start-up and messaging)."""
+    start = time.perf_counter()
     index, site = _site_of(plan, context)
     train = plan.config.train
     device = resolve_device(train.device)
@@ -102,7 +106,8 @@ def _site_setup(plan: SitePlan, context: Context):
     config = site_config(train, site_dir, plan.data_root, per_case, len(site.train))
     data = setup_site(config, device)
     model = build_model(data.meta)
-    return index, config, data, model, device
+    _load_arrays(model, arrays)
+    return index, config, data, model, device, round(time.perf_counter() - start, 3)
 
 
 def exchanged_state(model: torch.nn.Module, privacy: PrivacySettings) -> dict[str, torch.Tensor]:
@@ -125,14 +130,9 @@ def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
 
 
 def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
-    """A site's answer to a train message: local epochs from the global weights; its weights and metrics
-    (setup_seconds: the site's data, model and received weights before training; the rest of a round beyond
-    setup, training and validation is process start-up and messaging)."""
-    start = time.perf_counter()
-    index, config, data, model, device = _site_setup(plan, context)
+    """A site's answer to a train message: local epochs from the global weights; its weights and metrics."""
     received = msg.content["arrays"]
-    _load_arrays(model, received)
-    setup = round(time.perf_counter() - start, 3)
+    index, config, data, model, device, setup = _site_setup(plan, context, received)
     cfg = msg.content["config"]
     metrics = train_site(
         config,
@@ -154,12 +154,8 @@ def handle_train(plan: SitePlan, msg: Message, context: Context) -> Message:
 
 
 def handle_evaluate(plan: SitePlan, msg: Message, context: Context) -> Message:
-    """A site's answer to an evaluate message: the global weights' scores on its validation cases (and
-    setup_seconds, as for train)."""
-    start = time.perf_counter()
-    index, config, data, model, device = _site_setup(plan, context)
-    _load_arrays(model, msg.content["arrays"])
-    setup = round(time.perf_counter() - start, 3)
+    """A site's answer to an evaluate message: the global weights' scores on its validation cases."""
+    index, config, data, model, device, setup = _site_setup(plan, context, msg.content["arrays"])
     scores = validate_site(config, data, model, device)
     record = MetricRecord({**scores, "setup_seconds": setup, WEIGHT_KEY: _n_val(config), SITE_KEY: index})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
