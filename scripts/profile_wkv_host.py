@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from rwkvseg.bench.wkv import environment, make_inputs, parse_shapes
+from rwkvseg.compiling import synchronize
 from rwkvseg.ops import bi_wkv
 
 SHAPES = ((64, 256, 256), (16, 8192, 32), (2, 32768, 32), (1, 262144, 32))
@@ -104,33 +106,24 @@ def grouped(stats: pstats.Stats, calls: int) -> tuple[dict[str, float], list[tup
     return {k: round(v, 2) for k, v in groups.items()}, [(name, round(us, 2)) for name, us in entries[:12]]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(shape: tuple[int, int, int], device: torch.device, calls: int, grad: bool) -> dict:
     """Host microseconds per back-to-back eager forward, the cProfile groups, and the top functions."""
-    B, T, C = shape
-    gen = torch.Generator().manual_seed(0)
-    w, u = torch.rand(C, generator=gen) / T, torch.rand(C, generator=gen) / T
-    k, v = torch.randn(B, T, C, generator=gen), torch.randn(B, T, C, generator=gen)
-    inputs = [t.to(device).requires_grad_(grad) for t in (w, u, k, v)]
+    inputs = [t.requires_grad_(grad) for t in make_inputs(shape, device)]  # the inputs of `bench wkv`
     for _ in range(20):  # Triton's compile and cache lookups, the allocator's pool
         bi_wkv(*inputs)
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         bi_wkv(*inputs)
     host = (time.perf_counter() - start) / calls * 1e6
-    sync(device)
+    synchronize(device)
     wall = (time.perf_counter() - start) / calls * 1e6
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(calls):
         bi_wkv(*inputs)
     profiler.disable()
-    sync(device)
+    synchronize(device)
     groups, top = grouped(pstats.Stats(profiler), calls)
     return {
         "shape": "x".join(map(str, shape)),
@@ -159,23 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         print("profile_wkv_host: no CUDA device; pass --stub-kernels to time the wrappers alone", file=sys.stderr)
         return 2
     try:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")] if args.shapes else SHAPES
-        if any(len(s) != 3 or min(s) < 1 for s in shapes):
-            raise ValueError
+        shapes = parse_shapes(args.shapes) if args.shapes else SHAPES
     except ValueError:
         print(f"profile_wkv_host: --shapes {args.shapes!r}; write 'B,T,C;B,T,C' with positive ints", file=sys.stderr)
         return 2
     with stubbed_kernels() if args.stub_kernels else contextlib.nullcontext():
         rows = [measure(shape, device, args.calls, grad) for shape in shapes for grad in (False, True)]
-    environment = {
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "stub_kernels": args.stub_kernels,
-        "calls": args.calls,
-    }
+    env = {**environment(device), "stub_kernels": args.stub_kernels, "calls": args.calls}
     out.mkdir(parents=True)
-    (out / "host.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=1) + "\n")
-    print(", ".join(f"{k}={v}" for k, v in environment.items()))
+    (out / "host.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    print(", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"{'shape':>12} {'grad':>5} {'host us':>8} {'wall us':>8}  " + "  ".join(f"{g[:10]:>10}" for g in GROUPS))
     for r in rows:
         groups = "  ".join(f"{r['profiled_us'][g]:>10.1f}" for g in GROUPS)
