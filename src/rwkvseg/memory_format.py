@@ -49,9 +49,8 @@ def module_to(model: nn.Module, memory_format: str, spatial_dims: int) -> nn.Mod
 def to_memory_format(model: nn.Module, x: torch.Tensor, memory_format: str) -> torch.Tensor:
     """Converts model in place (its parameters and buffers of x's rank) and returns x [B, C, *spatial] in
     memory_format."""
-    layout = torch_layout(memory_format, x.dim())
-    model.to(memory_format=layout)
-    return x.contiguous(memory_format=layout)
+    module_to(model, memory_format, x.dim() - 2)
+    return tensor_to(x, memory_format)
 
 
 def fed_in(model: Callable[[torch.Tensor], torch.Tensor], memory_format: str) -> Callable[[torch.Tensor], torch.Tensor]:

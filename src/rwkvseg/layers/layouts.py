@@ -6,12 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..memory_format import torch_layout
+
 
 def instance_norm_layout(x: Tensor) -> torch.memory_format:
     """The layout rwkvseg::instance_norm_act computes in and returns (y, and gx in the backward): channels-last for a
     4-D / 5-D map in that layout that is not also plain contiguous (as with C == 1), else contiguous."""
     if x.dim() in (4, 5) and not x.is_contiguous():
-        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        layout = torch_layout("channels_last", x.dim())
         if x.is_contiguous(memory_format=layout):
             return layout
     return torch.contiguous_format
