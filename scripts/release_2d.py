@@ -43,7 +43,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | architecture | `{arch}` ({params:.3f} M parameters), 3-channel input resized to 256 x 256, 1 logit (sigmoid, threshold 0.5) |
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
-| input prep | `rwkvseg compact2d ../shared/data/{dataset} DATA/{dataset} --quality {quality}` (256 x 256 copies, JPEG q{quality}, masks merged) |
+| input prep | {input_prep} |
 | recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, bf16 autocast, compile {compile} |
 | schedule | {schedule}; best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation |
@@ -76,6 +76,16 @@ def schedule_note(ran: int) -> str:
         return f"The paper's full schedule ({ran} epochs) on one split of the data available here."
     return (
         f"A short schedule ({ran} epochs against the paper's {PAPER_EPOCHS}) on one split: below the paper's protocol."
+    )
+
+
+def input_prep(dataset: str, quality: int) -> str:
+    """The card's input-prep cell: the compact2d copies of JPEG quality `quality` trained on, or (0) the originals."""
+    if quality == 0:
+        return f"none: the original files of `../shared/data/{dataset}`, resized to 256 x 256 by the loader"
+    return (
+        f"`rwkvseg compact2d ../shared/data/{dataset} DATA/{dataset} --quality {quality}` "
+        f"(256 x 256 copies, JPEG q{quality}, masks merged)"
     )
 
 
@@ -117,7 +127,9 @@ def main() -> None:
     p.add_argument("--hardware", required=True, help="where the runs trained, for the cards")
     p.add_argument("--command", required=True, help="the command that trained them, for the cards")
     p.add_argument("--commit", default="(not given)", help="the commit of the training code")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the compact2d copies trained on")
+    p.add_argument(
+        "--quality", type=int, default=95, help="JPEG quality of the compact2d copies trained on; 0: the original files"
+    )
     args = p.parse_args()
 
     folder = weights_dir()
@@ -144,7 +156,7 @@ def main() -> None:
             params=count_parameters(create_model(arch, 3, 1)) / 1e6,
             split=split,
             config=f"urwkv_{short}.toml",
-            quality=args.quality,
+            input_prep=input_prep(dataset, args.quality),
             hardware=args.hardware,
             command=args.command,
             commit=args.commit,

@@ -172,6 +172,15 @@ def test_release_summary_and_curves_skip_the_epochs_without_validation(run, tmp_
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_release_card_names_what_the_run_read():
+    script = load_script("release_2d")
+    assert script.input_prep("ph2", 90).startswith("`rwkvseg compact2d ../shared/data/ph2 DATA/ph2 --quality 90`")
+    assert "JPEG q90" in script.input_prep("ph2", 90)
+    originals = script.input_prep("isic2017", 0)
+    assert originals.startswith("none: the original files of `../shared/data/isic2017`")
+    assert "compact2d" not in originals
+
+
 def test_release_card_rows_from_evaluations_where_measured(tmp_path):
     script = load_script("release_2d")
     scores = {k: {"mean": v} for k, v in zip(script.METRICS, (0.81234, 0.7, 0.9, 0.8, 0.99, 12.345), strict=True)}
