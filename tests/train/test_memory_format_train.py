@@ -19,8 +19,9 @@ from rwkvseg.train.loop import LoopConfig
 from rwkvseg.train.train import train
 from writers import assert_same_run, run_metrics
 
-# float32 on the CPU: the two layouts sum convolutions in another order, so the runs agree to rounding only
-RTOL, ATOL = 1e-4, 1e-6
+# float32 on the CPU: the two layouts sum convolutions in another order, so the runs agree to rounding only (after
+# two SGD steps with momentum, at most 1.8e-6 apart on an AVX-512 CPU, 2026-12-04)
+RTOL, ATOL = 1e-4, 1e-5
 
 
 def config_3d(cache, out, **changes):
@@ -36,7 +37,9 @@ def config_3d(cache, out, **changes):
         "model": {"name": "mmsegrwkv_test"},
         "data": {
             "root": str(cache),
-            "patch_size": [15, 23, 21],
+            # the deepest stage (1/16) sees 2 x 2 x 2 maps: a 1-voxel map (the old 15 x 23 x 21 patch) has a variance
+            # of pure rounding, which its instance norm amplifies into 0.8 % weight and Dice differences between layouts
+            "patch_size": [32, 32, 32],
             "samples_per_epoch": 2,
             "batch_size": 2,
             "num_workers": 0,
