@@ -1,6 +1,8 @@
-"""Shared test fixtures (the file writers live in tests/writers.py: `from writers import save_png`)."""
+"""Shared test fixtures (the file writers live in tests/writers.py: `from writers import save_png`), and how the
+suite shares the CPU when `make test` runs it in pytest-xdist workers (`-n 2 --dist loadfile`)."""
 
 import locale
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,38 @@ import torch
 from writers import SHARED_DATA
 
 _LOCALE = locale.setlocale(locale.LC_ALL)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per worker, and in the processes it starts (a script's `rwkvseg train`, torchrun, Ray's
+    # actors): two workers on the 2-core CI machine would otherwise run 2 x 2 threads, and a test that compares a
+    # run in a subprocess with one in-process (tests/scripts/test_device_continue.py) needs both on one count
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+# Test files whose tests must not run at the same time as each other's (the federations start a Ray instance each),
+# by the unit `make test` hands to one worker; every other file is a unit of its own.
+SHARED_WORKER = {
+    "tests/federated/test_federate.py": "ray",
+    "tests/federated/test_privacy.py": "ray",
+}
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without the plugin (-p no:xdist) there is nothing to do
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (make test): a file's tests run on one worker, so its module-scoped fixtures (a training
+    run, a federation, an export) are built once, and the files of SHARED_WORKER are one unit. (--dist loadgroup's
+    xdist_group marks would say this per file, but pytest-xdist 3.8 cannot group under pytest 9.2's node ids.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return SHARED_WORKER.get(scope, scope)
+
+    return Scheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
