@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 # CPU wheel by default; GPU users: make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" ...
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# the suite runs in 2 pytest-xdist workers (one torch thread each, tests/conftest.py), each file's tests on one
+# worker (--dist loadfile: a module's fixtures are built once); PYTEST_WORKERS=0 runs it in this one process
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-all lint bench-wkv clean
 
@@ -24,10 +28,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not gpu"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
