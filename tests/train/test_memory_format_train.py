@@ -22,6 +22,9 @@ from writers import assert_same_run, run_metrics
 # float32 on the CPU: the two layouts sum convolutions in another order, so the runs agree to rounding only (after
 # two SGD steps with momentum, at most 1.8e-6 apart on an AVX-512 CPU, 2026-12-04)
 RTOL, ATOL = 1e-4, 1e-5
+# Dice counts thresholded voxels, so rounding may flip a voxel near the threshold: on the 3D phantoms one torch thread
+# gave WT 0.14586 against 0.14582 (losses 1.9e-5 apart). A voxel moves these Dice values by about 1e-4 to 1e-3.
+DICE_ATOL = 1e-3
 
 
 def config_3d(cache, out, **changes):
@@ -113,7 +116,8 @@ def assert_runs_close(a, b):
             if ra[key] == "" or rb[key] == "":
                 assert ra[key] == rb[key], key
             else:
-                torch.testing.assert_close(float(ra[key]), float(rb[key]), rtol=RTOL, atol=ATOL, msg=key)
+                atol = DICE_ATOL if key.startswith("val_dice") else ATOL
+                torch.testing.assert_close(float(ra[key]), float(rb[key]), rtol=RTOL, atol=atol, msg=key)
 
 
 def assert_channels_last_throughout(recorder):
