@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_XDIST)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu"  # in one process: the slow tests are not yet checked under xdist
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
