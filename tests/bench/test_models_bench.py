@@ -264,3 +264,45 @@ def test_command_runs_in_the_memory_format_and_resumes_only_in_it(tmp_path, caps
 def test_command_refuses_unknown_models_and_bad_overrides():
     assert main(["bench", "models", "2", "--device", "cpu", "--models", "nope"]) == 2
     assert main(["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--override", "x"]) == 2
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
+def test_freeze_compiles_only_the_inference_rows_frozen_in_the_same_mode(monkeypatch, phase, compile_mode):
+    settings_seen = []
+
+    def compile_(model, **settings):
+        settings_seen.append(settings)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    config = ModelBenchConfig(dims=2, compile_mode=compile_mode, freeze=True)
+    make_step(_Spy(), phase, (2, 3, 8, 8), config, compiled=True)()
+    (settings,) = settings_seen
+    if phase == "infer":  # torch.compile takes a mode or options: the mode's options, plus freezing
+        assert "mode" not in settings
+        assert settings["options"] == {**torch._inductor.list_mode_options(compile_mode), "freezing": True}
+    else:
+        assert settings["mode"] == compile_mode and "options" not in settings
+
+
+def test_frozen_inference_matches_eager():
+    # a real Inductor compile on the CPU of a convolution, an inference BatchNorm (what freezing folds) and a GELU
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = model(x)
+    config = ModelBenchConfig(dims=2, freeze=True, amp=False)
+    torch._dynamo.reset()
+    torch.manual_seed(1)  # make_step draws its input first: the same x
+    try:
+        got = make_step(model, "infer", x.shape, config, compiled=True)()
+    finally:
+        torch._dynamo.reset()
+    assert got.shape == expected.shape and not torch.equal(got, torch.zeros_like(got))
+    assert torch.allclose(got, expected, atol=1e-5)

@@ -56,8 +56,11 @@ class ModelBenchConfig:
 
     sides: input side lengths (the input is a square / cube); empty: SIDES for the device. modes: eager and/or
     compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (dynamic=True
-    compiles each (model, phase) once for all sizes; None lets torch recompile per new shape). phases: infer
-    and/or train. memory_format: one of MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format).
+    compiles each (model, phase) once for all sizes; None lets torch recompile per new shape). freeze: the
+    compiled inference rows also under Inductor's `freezing` (the weights become constants of the graph: folded
+    into neighbours such as an inference BatchNorm into its convolution, laid out once for the kernels that read
+    them); the training rows cannot freeze and ignore it. phases: infer and/or train. memory_format: one of
+    MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format).
     """
 
     dims: int
@@ -71,6 +74,7 @@ class ModelBenchConfig:
     compile_mode: str = "default"
     fullgraph: bool = False
     dynamic: bool | None = None
+    freeze: bool = False
     amp: bool = True
     warmup: int = 3
     repeats: int = 10
@@ -190,7 +194,11 @@ def make_step(
     device = torch.device(config.device)
     x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
     runner = model
-    if compiled:
+    if compiled and config.freeze and phase == "infer":
+        # torch.compile takes a mode or Inductor options, not both: the mode's own options plus freezing
+        options = {**torch._inductor.list_mode_options(config.compile_mode), "freezing": True}
+        runner = torch.compile(model, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
+    elif compiled:
         runner = torch.compile(model, mode=config.compile_mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
     return _step_fn(runner, phase, x, device, config.amp)
 

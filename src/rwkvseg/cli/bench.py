@@ -68,6 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, the same for every model")
     p.add_argument("--dynamic", action="store_true", help="compile once for all sizes (torch.compile dynamic=True)")
     p.add_argument("--fullgraph", action="store_true", help="torch.compile fullgraph=True (fails on graph breaks)")
+    p.add_argument(
+        "--freeze",
+        action="store_true",
+        help="compiled inference rows under Inductor's freezing (weights as graph constants: inference BatchNorms "
+        "folded into their convolutions, weight layouts chosen once); training rows are not frozen",
+    )
     p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median and min reported)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
@@ -303,6 +309,7 @@ def _run_models(args: argparse.Namespace) -> int:
         compile_mode=args.compile_mode,
         fullgraph=args.fullgraph,
         dynamic=True if args.dynamic else None,
+        freeze=args.freeze,
         amp=not args.no_amp,
         repeats=args.repeats,
         threads=args.threads,
@@ -315,6 +322,7 @@ def _run_models(args: argparse.Namespace) -> int:
     # with the environment, what else makes rows comparable: --resume refuses a file measured otherwise
     info.update(fullgraph=config.fullgraph, dynamic=config.dynamic, repeats=config.repeats, overrides=config.overrides)
     info["memory_format"] = config.memory_format
+    info["freeze"] = config.freeze
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
@@ -380,6 +388,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
         doc = json.loads(path.read_text(encoding="utf-8"))
         rows, before = list(doc["rows"]), dict(doc["environment"])
         before.setdefault("memory_format", "contiguous")  # files from before the option measured contiguous maps
+        before.setdefault("freeze", False)  # and did not freeze
     except FileNotFoundError:
         raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
     except (ValueError, KeyError, TypeError) as err:
