@@ -1,5 +1,5 @@
-"""CPU latency of U-RWKV-s and U-RWKV per 256 x 256 image, PyTorch eager vs onnxruntime fp32 vs int8, in one run,
-and the int8 Dice change on Kvasir-SEG validation images.
+"""CPU latency of U-RWKV-s and U-RWKV per 256 x 256 image, PyTorch eager and compiled (Inductor, default mode) vs
+onnxruntime fp32 vs int8, in one run, and the int8 Dice change on Kvasir-SEG validation images.
 
     PYTHONPATH=src python scripts/export_latency.py EXPORT_DIR [--threads 2] [--images 40] [--runs 30]
 
@@ -82,9 +82,12 @@ def main() -> None:
                 quantize_int8(path, target, calibration=data)
             variants[mode] = OnnxPredictor(target, threads=args.threads)
         xt = torch.from_numpy(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(loaded.model, dynamic=False)
         with torch.inference_mode():
             t_torch = timed(lambda m=loaded.model, t=xt: m(t), args.runs)
-        row = {"model": name, "torch eager": t_torch, "load": load()}
+            t_compiled = timed(lambda m=compiled, t=xt: m(t), args.runs)  # the warm-up calls compile it
+        row = {"model": name, "torch eager": t_torch, "torch compiled": t_compiled, "load": load()}
         for mode, predictor in variants.items():
             row[mode] = timed(lambda p=predictor: p.logits(x), args.runs)
         latency.append(row)
@@ -93,10 +96,11 @@ def main() -> None:
             {"model": name, "fp32": base, **{m: mean_dice(p, ids) - base for m, p in variants.items() if m != "fp32"}}
         )
     print(f"threads {args.threads}, input 1 x 3 x 256 x 256, {args.runs} runs after 3 warm-ups; min / median ms")
-    print("| model | torch eager | ORT fp32 | ORT int8 static | ORT int8 dynamic | load |")
-    print("|---|---|---|---|---|---|")
+    print("| model | torch eager | torch compiled | ORT fp32 | ORT int8 static | ORT int8 dynamic | load |")
+    print("|---|---|---|---|---|---|---|")
+    columns = ("torch eager", "torch compiled", "fp32", "int8-static", "int8-dynamic")
     for r in latency:
-        cells = [f"{r[k][0]:.1f} / {r[k][1]:.1f}" for k in ("torch eager", "fp32", "int8-static", "int8-dynamic")]
+        cells = [f"{r[k][0]:.1f} / {r[k][1]:.1f}" for k in columns]
         print(f"| {r['model']} | " + " | ".join(cells) + f" | {r['load']} |")
     print(f"\nKvasir-SEG validation Dice vs ground truth, first {len(ids)} images of fold 0")
     print("| model | fp32 Dice | int8 static change | int8 dynamic change |")
