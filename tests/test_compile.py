@@ -62,6 +62,17 @@ KNOWN_BREAKS = {
 }
 
 
+# Known Inductor failures, PyTorch bugs: strict too, so the torch release that fixes one makes it fail here.
+# MONAI's 2D BasicUNet (UpCat's replicate pad): on the CPU Inductor lays convolution outputs out channels-last, the
+# eager replication_pad2d_backward keeps that layout, its meta kernel answers contiguous, and the compiled backward
+# stops on Inductor's stride assertion. scripts/inductor_pad_backward_check.py reproduces it with torch alone.
+REPLICATION_PAD2D_BACKWARD = (
+    "PyTorch 2.13: the meta kernel of aten.replication_pad2d_backward ignores the input's channels-last layout "
+    "(scripts/inductor_pad_backward_check.py; no upstream report found, the forward's fix: pytorch/pytorch#179366)"
+)
+KNOWN_INDUCTOR_BUGS = {name: REPLICATION_PAD2D_BACKWARD for name in ("unet_test", "unet_small", "unet")}
+
+
 def _cases():
     for backend in ("aot_eager", "inductor"):
         for name in sorted(CASES):
@@ -69,6 +80,8 @@ def _cases():
             marks = [] if fast else [pytest.mark.slow]
             if name in KNOWN_BREAKS:
                 marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_BREAKS[name]))
+            elif backend == "inductor" and name in KNOWN_INDUCTOR_BUGS:
+                marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_INDUCTOR_BUGS[name]))
             yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")
 
 
