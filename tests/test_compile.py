@@ -43,6 +43,16 @@ CASES = {
 DEFAULT = ("urwkv_test", "mmsegrwkv_test", "unet_test", "segresnet")
 # Inductor reorders sums (fused reductions, decomposed norms): float32 noise, far below any real mismatch
 RTOL, ATOL = 1e-4, 1e-4
+# ...except where the model itself amplifies rounding beyond that: CMUNeXt's training-mode batch norms (batch
+# statistics over a few values per channel at these sizes, after a GELU). Largest gradient error over the largest
+# gradient (2 threads), for cmunext_test, cmunext_s, cmunext, cmunext_l: eager float32 against float64 2.6e-5, 1.0e-4,
+# 2.3e-4, 3.6e-2 (all under 3e-7 with the norms in eval mode); Inductor float32 against eager float32 3.3e-4, 4.4e-4,
+# 3.9e-4, 3.7e-2; the same compiled graph in float64 against eager float64 1.2e-12, 2.3e-13, 3.5e-13, 7.2e-12. So the
+# graph is right, and float32 cannot show it at 1e-4: these compare under Inductor in float64 (1e-9: over 100x the
+# largest measured). U-RWKV's float32 cases check Inductor's float32 kernels for the layers it shares with CMUNeXt
+# (convs, batch norms, GELU, pooling, skip fusion), all but the bilinear upsampling.
+FLOAT64_UNDER_INDUCTOR = ("cmunext_test", "cmunext_s", "cmunext", "cmunext_l")
+RTOL64, ATOL64 = 1e-9, 1e-9
 
 
 def test_every_registered_model_has_a_compile_case():
@@ -88,10 +98,12 @@ def _cases():
 @pytest.mark.parametrize(("name", "backend"), list(_cases()))
 def test_compiled_model_matches_eager_forward_and_backward(name, backend):
     in_channels, num_classes, overrides, shape = CASES[name]
+    float64 = backend == "inductor" and name in FLOAT64_UNDER_INDUCTOR
+    dtype, rtol, atol = (torch.float64, RTOL64, ATOL64) if float64 else (torch.float32, RTOL, ATOL)
     torch.manual_seed(0)
-    eager = create_model(name, in_channels, num_classes, **overrides)
+    eager = create_model(name, in_channels, num_classes, **overrides).to(dtype)
     compiled_model = copy.deepcopy(eager)  # same weights and norm statistics, separate gradients
-    x = torch.randn(shape)
+    x = torch.randn(shape).to(dtype)
     y_ref, grads_ref = _loss_and_grads(eager, x)
     torch._dynamo.reset()
     try:
@@ -100,11 +112,11 @@ def test_compiled_model_matches_eager_forward_and_backward(name, backend):
     finally:
         torch._dynamo.reset()
     assert y.shape == y_ref.shape
-    torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL * y_ref.abs().max().item())
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol * y_ref.abs().max().item())
     assert grads.keys() == grads_ref.keys()
     # gradients on one scale: a conv bias before a batch norm has a gradient of pure rounding noise
     scale = max(g.abs().max().item() for g in grads_ref.values())
     for pname, g in grads.items():
         torch.testing.assert_close(
-            g, grads_ref[pname], rtol=RTOL, atol=ATOL * scale, msg=lambda m, p=pname: f"{p}: {m}"
+            g, grads_ref[pname], rtol=rtol, atol=atol * scale, msg=lambda m, p=pname: f"{p}: {m}"
         )
