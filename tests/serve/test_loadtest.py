@@ -36,7 +36,11 @@ def test_load_test_measures_levels_and_survives_a_malformed_burst(test_models, t
     assert all(lv["p99_ms"] >= lv["p50_ms"] > 0 and lv["throughput_rps"] > 0 for lv in report["levels"])
     assert report["malformed"] == {"4xx": 13, "other": 0} and report["ready_after_burst"]
     assert burst == {"4xx": 10, "other": 0}
-    assert "| 2D | 3 | 9 | 0 |" in markdown(report)
+    text = markdown(report)
+    assert "| 2D | 3 | 9 | 0 |" in text
+    # a service given by --url was started elsewhere: no claim about its runtime, threads or memory
+    assert f"the service at {url} (started elsewhere" in text and "RSS: not measured" in text
+    assert "service runtime torch" not in text
 
 
 def test_load_test_stays_on_this_machine():

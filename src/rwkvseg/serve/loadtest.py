@@ -339,14 +339,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"{lv['p99_ms']} | {lv['throughput_rps']} |"
         )
     m = report["malformed"]
+    config = report["config"]
+    if config["url"]:  # a service started elsewhere: its runtime, threads and memory are not this test's to know
+        service = f"the service at {config['url']} (started elsewhere: its runtime and threads are not known here)"
+        memory = "service RSS: not measured (the service is not this test's child)"
+    else:
+        service = f"service runtime {config['runtime']}, threads: {config['torch_threads'] or 'default'}"
+        memory = (
+            f"service RSS: {report['rss_mb_start']} MB at start, {report['rss_mb_before']} MB after warm-up, "
+            f"{report['rss_mb_after_2d']} MB after the 2D levels, {report['rss_mb_after']} MB at the end"
+        )
     rows += [
         "",
         f"malformed burst: {m['4xx']} answered 4xx, {m['other']} otherwise; ready after: {report['ready_after_burst']}",
-        f"service RSS: {report['rss_mb_start']} MB at start, {report['rss_mb_before']} MB after warm-up, "
-        f"{report['rss_mb_after_2d']} MB after the 2D levels, {report['rss_mb_after']} MB at the end",
+        memory,
         f"load average (1, 5, 15 min): {report['load_before']} before, {report['load_after']} after, "
-        f"on {report['cpu_count']} CPUs; service runtime {report['config']['runtime']}, threads: "
-        f"{report['config']['torch_threads'] or 'default'}",
+        f"on {report['cpu_count']} CPUs; {service}",
     ]
     return "\n".join(rows)
 
