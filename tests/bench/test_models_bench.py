@@ -306,3 +306,25 @@ def test_frozen_inference_matches_eager():
         torch._dynamo.reset()
     assert got.shape == expected.shape and not torch.equal(got, torch.zeros_like(got))
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_compiled_rows_get_a_static_graph_per_shape(monkeypatch):
+    # torch's own default (dynamic=None) would compile the second shape with symbolic sizes and reuse that graph
+    # for the third: the rows after a model's first would not run what training and prediction compile
+    from torch._dynamo.testing import CompileCounter
+
+    counter, original = CompileCounter(), torch.compile
+
+    def compile_(model, **settings):
+        assert settings["dynamic"] is False
+        return original(model, backend=counter, dynamic=settings["dynamic"], fullgraph=settings["fullgraph"])
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    model, config = _Spy(), ModelBenchConfig(dims=2, amp=False)
+    torch._dynamo.reset()
+    try:
+        for batch in (1, 2, 3):
+            make_step(model, "infer", (batch, 3, 8, 8), config, compiled=True)()
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 3

@@ -55,8 +55,10 @@ class ModelBenchConfig:
     """One benchmark run of the named models (`models_of_dims` lists a registry's models of one dimension).
 
     sides: input side lengths (the input is a square / cube); empty: SIDES for the device. modes: eager and/or
-    compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (dynamic=True
-    compiles each (model, phase) once for all sizes; None lets torch recompile per new shape). freeze: the
+    compiled; compile_mode, fullgraph, dynamic: torch.compile's settings, the same for every model (False, the
+    default: a static graph per shape, as training and prediction compile; True compiles each (model, phase) once
+    for all sizes; None is torch's own default, which recompiles a model's forward with symbolic sizes once a
+    second shape arrives, so every later row of that model would run that dynamic graph). freeze: the
     compiled inference rows also under Inductor's `freezing` (the weights become constants of the graph: folded
     into neighbours such as an inference BatchNorm into its convolution, laid out once for the kernels that read
     them); the training rows cannot freeze and ignore it. phases: infer and/or train. memory_format: one of
@@ -73,7 +75,7 @@ class ModelBenchConfig:
     phases: tuple[str, ...] = PHASES
     compile_mode: str = "default"
     fullgraph: bool = False
-    dynamic: bool | None = None
+    dynamic: bool | None = False
     freeze: bool = False
     amp: bool = True
     warmup: int = 3

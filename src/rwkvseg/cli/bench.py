@@ -66,7 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--phases", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     p.add_argument("--compile-mode", default="default", help="torch.compile mode, the same for every model")
-    p.add_argument("--dynamic", action="store_true", help="compile once for all sizes (torch.compile dynamic=True)")
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="compile once for all sizes (torch.compile dynamic=True; default: a static graph per shape)",
+    )
     p.add_argument("--fullgraph", action="store_true", help="torch.compile fullgraph=True (fails on graph breaks)")
     p.add_argument(
         "--freeze",
@@ -308,7 +312,7 @@ def _run_models(args: argparse.Namespace) -> int:
         phases=tuple(args.phases),
         compile_mode=args.compile_mode,
         fullgraph=args.fullgraph,
-        dynamic=True if args.dynamic else None,
+        dynamic=args.dynamic,
         freeze=args.freeze,
         amp=not args.no_amp,
         repeats=args.repeats,
