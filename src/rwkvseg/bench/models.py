@@ -389,6 +389,7 @@ def plot_growth(rows: list[dict], path: str, title: str) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullLocator
     except ImportError:
         raise ValueError("the cost-growth figure needs matplotlib: pip install 'rwkvseg[plots]'") from None
     panels = [("infer", "ms", "inference ms"), ("infer", "peak_mb", "inference peak MB")]
@@ -410,6 +411,11 @@ def plot_growth(rows: list[dict], path: str, title: str) -> None:
                 ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{model} ({mode})")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # the measured sizes as ticks (64^3 ...), not matplotlib's minor labels, which overlap over one decade
+        sizes = sorted({(r["tokens"], r["side"]) for r in rows if r["phase"] == phase})
+        ax.set_xticks([tokens for tokens, _ in sizes])
+        ax.set_xticklabels([f"${side}^{round(math.log(tokens, side))}$" for tokens, side in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("tokens (pixels / voxels per sample)")
         ax.set_title(f"{label}, batch {batch}")
         ax.grid(True, which="both", alpha=0.3)
