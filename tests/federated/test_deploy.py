@@ -142,8 +142,8 @@ def test_site_clips_its_update_under_client_fixed_privacy(tmp_path, task_identit
     clip = 0.01
     table = f'rounds = 2\n[federated.privacy]\nmode = "client-fixed"\nclipping_norm = {clip}\n'
     config = site_config(tmp_path, tmp_path / "site", table)
-    privacy = load_federated_config(config).federated.privacy
-    arrays = ArrayRecord(exchanged_state(create_model("unet_test", 3, 1), privacy))  # no integer buffers
+    settings = load_federated_config(config).federated
+    arrays = ArrayRecord(exchanged_state(create_model("unet_test", 3, 1), settings))  # no integer buffers
     node = {"site": "A", "config": str(config)}
     context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={"sites": "A"})
 

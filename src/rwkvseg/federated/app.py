@@ -3,7 +3,7 @@
 Server -> site: the global weights (ArrayRecord of the model's state_dict) and a ConfigRecord (round, local
 epochs, proximal mu). Site -> server: its locally trained weights (train) or nothing but weights' scores
 (evaluate), with a MetricRecord (losses, Dice, counts, the site's index). No image, mask or case id leaves a
-site. The server aggregates with Flower's FedAvg or FedProx (weighted by training cases), pools the sites'
+site. The server aggregates with Flower's FedAvg, FedProx or FedAvgM (weighted by training cases), pools the sites'
 validation scores (weighted by validation cases: the mean over all validation cases), writes the global
 checkpoint (`last`, and `best` by the pooled select_metric) and the state for --resume after every round.
 
@@ -11,7 +11,9 @@ With [federated.privacy] on, the strategy is wrapped in Flower's central-DP wrap
 clipping, Gaussian noise on the mean), the sites' updates count equally in the mean (the noise is calibrated to
 the unweighted mean: a mean weighted by cases would let a large site move it by more than clipping_norm / sites),
 and only the floating-point entries of the state_dict are exchanged: clipping and noise must not touch integer
-buffers (BatchNorm's step counter, Swin's relative position index), which stay as the receiver has them.
+buffers (BatchNorm's step counter, Swin's relative position index), which stay as the receiver has them. FedAvgM
+exchanges only those too: its server step (weights minus momentum times a learning rate) would make integer
+buffers floating-point and move them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
+    FedAvgM,
     FedProx,
     Strategy,
 )
@@ -45,7 +48,7 @@ from ..checkpoint import CheckpointMeta, build_model, save_checkpoint
 from ..data.splits import read_split
 from ..train.config import TrainConfig
 from ..train.loop import resolve_device
-from .config import FederatedConfig, PrivacySettings
+from .config import FederatedConfig, FederatedSettings, PrivacySettings
 from .local import setup_site, site_config, train_site, validate_site
 from .sites import Site
 from .state import FederatedState, load_federated_state, save_federated_state, write_round_files
@@ -110,10 +113,11 @@ def _site_setup(plan: SitePlan, context: Context, arrays: ArrayRecord):
     return index, config, data, model, device, round(time.perf_counter() - start, 3)
 
 
-def exchanged_state(model: torch.nn.Module, privacy: PrivacySettings) -> dict[str, torch.Tensor]:
-    """The state_dict entries that travel: all, or under DP the floating-point ones (see the module docstring)."""
+def exchanged_state(model: torch.nn.Module, settings: FederatedSettings) -> dict[str, torch.Tensor]:
+    """The state_dict entries that travel: all, or the floating-point ones under DP or FedAvgM (see the module
+    docstring)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {k: v for k, v in state.items() if v.is_floating_point()} if privacy.enabled else state
+    return {k: v for k, v in state.items() if v.is_floating_point()} if settings.floating_only else state
 
 
 def _load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
@@ -217,8 +221,8 @@ def _pooled(records: list[RecordDict], weight_key: str) -> MetricRecord:
 
 
 def build_strategy(config: FederatedConfig, n_sites: int) -> Strategy:
-    """Flower's FedAvg or FedProx, every site in every round; under DP wrapped in Flower's fixed-clipping wrapper
-    (server- or client-side) and weighting every site equally."""
+    """Flower's FedAvg, FedProx or FedAvgM, every site in every round; under DP wrapped in Flower's fixed-clipping
+    wrapper (server- or client-side) and weighting every site equally."""
     privacy = config.federated.privacy
     common = {
         "min_train_nodes": n_sites,
@@ -228,8 +232,11 @@ def build_strategy(config: FederatedConfig, n_sites: int) -> Strategy:
         "train_metrics_aggr_fn": _pooled,
         "evaluate_metrics_aggr_fn": _pooled,
     }
-    if config.federated.strategy == "fedprox":
-        strategy: Strategy = FedProx(**common, proximal_mu=config.federated.proximal_mu)
+    fed = config.federated
+    if fed.strategy == "fedprox":
+        strategy: Strategy = FedProx(**common, proximal_mu=fed.proximal_mu)
+    elif fed.strategy == "fedavgm":
+        strategy = FedAvgM(**common, server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
     else:
         strategy = FedAvg(**common)
     wrappers = {
@@ -244,6 +251,8 @@ def build_strategy(config: FederatedConfig, n_sites: int) -> Strategy:
 def strategy_record(config: FederatedConfig, n_sites: int) -> dict[str, Any]:
     """The strategy as the run's state, summary and checkpoints record it (and a resume must find unchanged)."""
     record: dict[str, Any] = {"name": config.federated.strategy, "proximal_mu": config.mu}
+    if config.federated.strategy == "fedavgm":
+        record.update(server_momentum=config.federated.server_momentum, server_lr=config.federated.server_lr)
     privacy = config.federated.privacy
     if privacy.enabled:
         record["privacy"] = {
@@ -326,7 +335,8 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         log.info("resuming the federation in %s after round %d", run_dir, state.round)
     else:
         state = FederatedState(strategy=strategy_state)
-    arrays = ArrayRecord(exchanged_state(model, fed.privacy))
+    arrays = ArrayRecord(exchanged_state(model, fed))
+    _restore_server_momentum(strategy, state, list(arrays.keys()))
     for round_ in range(state.round + 1, fed.rounds + 1):
         start = time.perf_counter()
         train_config = ConfigRecord({"round": round_, "local-epochs": fed.local_epochs})
@@ -338,6 +348,7 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         if new_arrays is None:
             raise RuntimeError(f"round {round_}: no site returned weights")
         arrays = new_arrays
+        _keep_server_momentum(strategy, state, list(arrays.keys()))
         evals: list[Message] = []
         if round_ % fed.validate_every == 0 or round_ == fed.rounds:
             eval_config = ConfigRecord({"round": round_})
@@ -361,6 +372,33 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
         state.history.append(row)
         _save_round(plan, model, state, row)
     return state
+
+
+def _fedavgm(strategy: Strategy) -> FedAvgM | None:
+    """The FedAvgM inside strategy (itself, or wrapped by a DP strategy), else None."""
+    inner = getattr(strategy, "strategy", strategy)  # Flower's DP wrappers hold the strategy they wrap
+    return inner if isinstance(inner, FedAvgM) else None
+
+
+def _keep_server_momentum(strategy: Strategy, state: FederatedState, keys: list[str]) -> None:
+    """FedAvgM's momentum after a round's aggregation, into the state that state.pt saves (by array name)."""
+    fedavgm = _fedavgm(strategy)
+    if fedavgm is not None and fedavgm.momentum_vector is not None:
+        state.server = {
+            f"momentum.{k}": torch.from_numpy(np.array(v, copy=True))
+            for k, v in zip(keys, fedavgm.momentum_vector, strict=True)
+        }
+
+
+def _restore_server_momentum(strategy: Strategy, state: FederatedState, keys: list[str]) -> None:
+    """A resumed FedAvgM run continues with the momentum of its last finished round."""
+    fedavgm = _fedavgm(strategy)
+    if fedavgm is None or not state.server:
+        return
+    missing = [k for k in keys if f"momentum.{k}" not in state.server]
+    if missing:
+        raise ValueError(f"the saved FedAvgM momentum lacks {missing[:3]}; start the run again without --resume")
+    fedavgm.momentum_vector = [state.server[f"momentum.{k}"].numpy() for k in keys]
 
 
 def _weigh_equally(replies: list[Message], privacy: PrivacySettings) -> None:

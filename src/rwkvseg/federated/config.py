@@ -16,7 +16,7 @@ from typing import Any
 
 from ..train.config import TrainConfig, apply_overrides, config_from_dict, from_dict, read_config_file, to_dict
 
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm")
 PRIVACY_MODES = ("off", "server-fixed", "client-fixed")
 SITE_OPTIMIZER = ("fresh", "keep")
 
@@ -57,8 +57,11 @@ class PrivacySettings:
 
 @dataclass(frozen=True)
 class FederatedSettings:
-    """rounds of (local_epochs epochs per site, aggregation, validation); strategy fedavg or fedprox (local loss +
-    proximal_mu/2 ||w - w_global||^2). sites: a sites file (empty: num_sites seeded random sites of data.root).
+    """rounds of (local_epochs epochs per site, aggregation, validation); strategy fedavg, fedprox (local loss +
+    proximal_mu/2 ||w - w_global||^2) or fedavgm (FedAvg with server momentum, Hsu et al. 2019: the server treats
+    the global weights minus the sites' mean as a gradient, v <- server_momentum v + that, and steps
+    w <- w - server_lr v; its v is server state, saved for --resume). sites: a sites file (empty: num_sites seeded
+    random sites of data.root).
     client_cpus / client_gpus: what one simulated site may use (0.5 GPU: two sites share one GPU). privacy: the
     [federated.privacy] table (differential privacy; off by default). site_optimizer: "fresh" starts every round's
     local training with a new optimizer; "keep" has each site keep its optimizer state (SGD momentum) from its
@@ -75,6 +78,8 @@ class FederatedSettings:
     local_epochs: int = 1
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    server_momentum: float = 0.9
+    server_lr: float = 1.0
     sites: str = ""
     num_sites: int = 2
     train_config: str = ""
@@ -86,6 +91,12 @@ class FederatedSettings:
     validate_every: int = 1
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
+    @property
+    def floating_only(self) -> bool:
+        """Only the floating-point state_dict entries travel: under DP (clipping and noise must not touch integer
+        buffers) and FedAvgM (its server step would turn them into moving floats); each side keeps its own."""
+        return self.privacy.enabled or self.strategy == "fedavgm"
+
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(
@@ -95,6 +106,13 @@ class FederatedSettings:
             raise ValueError("federated.rounds, federated.local_epochs and federated.num_sites must be >= 1")
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("federated.proximal_mu must be > 0 for fedprox (0 is fedavg: set strategy = fedavg)")
+        if self.strategy == "fedavgm" and not (0 <= self.server_momentum < 1 and self.server_lr > 0):
+            raise ValueError(
+                f"federated.server_momentum = {self.server_momentum} must be in [0, 1) and federated.server_lr = "
+                f"{self.server_lr} > 0 for fedavgm"
+            )
+        if self.strategy == "fedavgm" and self.server_momentum == 0 and self.server_lr == 1:
+            raise ValueError("fedavgm with server_momentum = 0 and server_lr = 1 is fedavg: set strategy = fedavg")
         if self.site_optimizer not in SITE_OPTIMIZER:
             raise ValueError(f"federated.site_optimizer = {self.site_optimizer!r} is not valid; choose fresh or keep")
         if self.client_cpus <= 0 or self.client_gpus < 0:

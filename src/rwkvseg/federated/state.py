@@ -22,15 +22,16 @@ STATE_FORMAT = 1
 
 @dataclass
 class FederatedState:
-    """Completed rounds, the strategy (name, settings, differential privacy if on, and any server-side state such
-    as optimizer moments: none for FedAvg / FedProx or fixed clipping), the per-round rows and the best pooled
-    validation score."""
+    """Completed rounds, the strategy (name, settings, differential privacy if on), its server-side tensors
+    (FedAvgM's momentum, "momentum.<array name>"; none for FedAvg / FedProx or fixed clipping), the per-round rows
+    and the best pooled validation score."""
 
     round: int = 0
     strategy: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float | None = None
     best_round: int | None = None
+    server: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def save_federated_state(run_dir: Path, model: nn.Module, state: FederatedState) -> None:
@@ -42,6 +43,7 @@ def save_federated_state(run_dir: Path, model: nn.Module, state: FederatedState)
         "history": state.history,
         "best_metric": state.best_metric,
         "best_round": state.best_round,
+        "server": state.server,
     }
     atomic_write(Path(run_dir) / STATE_FILE, lambda tmp: torch.save(doc, tmp))
 
@@ -58,14 +60,15 @@ def load_federated_state(run_dir: Path, model: nn.Module, strategy: dict[str, An
     if doc.get("format") != STATE_FORMAT or "global" not in doc:
         raise ValueError(f"{path} is not an rwkvseg federated state (format {STATE_FORMAT})")
     saved = doc["strategy"]
-    keys = ("name", "proximal_mu", "privacy")  # privacy: absent when off
+    keys = ("name", "proximal_mu", "server_momentum", "server_lr", "privacy")  # absent when not in use
     if any(saved.get(k) != strategy.get(k) for k in keys):
         raise ValueError(
             f"{path} was written by strategy {saved}, the config asks for {strategy}; resume with the same "
             "strategy, or start a new run in another folder"
         )
     model.load_state_dict(doc["global"])
-    return FederatedState(doc["round"], saved, list(doc["history"]), doc["best_metric"], doc["best_round"])
+    server = dict(doc.get("server", {}))  # states written before FedAvgM have none
+    return FederatedState(doc["round"], saved, list(doc["history"]), doc["best_metric"], doc["best_round"], server)
 
 
 def write_round_files(run_dir: Path, state: FederatedState) -> None:

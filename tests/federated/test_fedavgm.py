@@ -1,0 +1,96 @@
+"""FedAvgM (server momentum) in the server loop, driven by a stand-in for Flower's Grid whose two "sites" move
+every floating-point weight by a fixed step: the global weights after each round follow FedAvgM's formula, the
+momentum is saved in state.pt, and a run resumed after round 2 ends where the uninterrupted run does."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from rwkvseg.checkpoint import CheckpointMeta, build_model
+from rwkvseg.federated.app import ServerPlan, run_federation
+from rwkvseg.federated.config import FederatedConfig, FederatedSettings
+from rwkvseg.federated.state import STATE_FILE
+from rwkvseg.train.config import TrainConfig
+
+META = CheckpointMeta(model="unet_test", in_channels=3, num_classes=1)
+STEPS = (0.1, 0.4)  # what each site subtracts from every floating-point weight
+CASES = (1, 2)  # each site's training cases: the FedAvg weights
+MEAN_STEP = sum(s * n for s, n in zip(STEPS, CASES, strict=True)) / sum(CASES)  # 0.3: the server's pseudo-gradient
+
+
+class _Grid:
+    """Answers the server's messages as two sites would, without Flower's runtime."""
+
+    def get_node_ids(self):
+        return [11, 12]
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for site, message in enumerate(messages):
+            metrics = {"num-examples": CASES[site], "site": site}
+            if message.metadata.message_type == "train":
+                received = message.content["arrays"].to_torch_state_dict()
+                trained = {k: v - STEPS[site] if v.is_floating_point() else v for k, v in received.items()}
+                content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(metrics | {"loss": 1.0})})
+            else:
+                content = RecordDict({"metrics": MetricRecord(metrics | {"dice": 0.5})})
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+def _config(out, rounds, **federated):
+    settings = FederatedSettings(rounds=rounds, local_epochs=1, strategy="fedavgm", **federated)
+    return FederatedConfig(train=TrainConfig(epochs=rounds, out=str(out), device="cpu"), federated=settings)
+
+
+def _run(out, rounds, resume=False, **federated):
+    config = _config(out, rounds, **federated)
+    out.mkdir(exist_ok=True)
+    run_federation(ServerPlan(config, ("a", "b"), str(out), META, resume), _Grid())
+    return torch.load(out / STATE_FILE, weights_only=True)
+
+
+def test_global_weights_follow_server_momentum(tmp_path):
+    torch.manual_seed(0)  # run_federation seeds from the config; this is the same model it starts from
+    start = build_model(META).state_dict()
+    beta, lr = 0.9, 0.5
+    state = _run(tmp_path / "run", rounds=3, server_momentum=beta, server_lr=lr)
+    # v1 = g, v2 = beta g + g, v3 = beta v2 + g; w3 = w0 - lr (v1 + v2 + v3) with g = MEAN_STEP every round
+    travelled = lr * MEAN_STEP * (1 + (1 + beta) + (1 + beta + beta**2))
+    floating = [k for k, v in start.items() if v.is_floating_point()]
+    assert len(floating) < len(start)  # unet_test's BatchNorms count their steps in integer buffers
+    for key, value in state["global"].items():
+        if key in floating:
+            torch.testing.assert_close(value, start[key] - travelled, rtol=0, atol=1e-5, msg=key)
+        else:  # not exchanged under FedAvgM: the server's stay as they were, integers
+            assert value.dtype == start[key].dtype and torch.equal(value, start[key]), key
+    momentum = state["server"]
+    assert set(momentum) == {f"momentum.{k}" for k in floating}
+    expected = MEAN_STEP * (1 + beta + beta**2)
+    for key in floating:
+        full = torch.full_like(start[key], expected)
+        torch.testing.assert_close(momentum[f"momentum.{key}"], full, atol=1e-5, rtol=0, msg=key)
+    assert state["strategy"] == {"name": "fedavgm", "proximal_mu": 0.0, "server_momentum": beta, "server_lr": lr}
+
+
+def test_resumed_run_continues_with_the_saved_momentum(tmp_path):
+    full = _run(tmp_path / "full", rounds=4)
+    _run(tmp_path / "cut", rounds=2)
+    resumed = _run(tmp_path / "cut", rounds=4, resume=True)
+    for key, value in full["global"].items():
+        torch.testing.assert_close(resumed["global"][key], value, rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(ValueError, match="strategy"):
+        _run(tmp_path / "cut", rounds=5, resume=True, server_momentum=0.5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(server_momentum=1.0), "must be in"),
+        (dict(server_lr=0.0), "must be in"),
+        (dict(server_momentum=0.0, server_lr=1.0), "is fedavg"),
+    ],
+)
+def test_bad_server_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        FederatedSettings(strategy="fedavgm", **settings)
