@@ -328,3 +328,24 @@ def test_compiled_rows_get_a_static_graph_per_shape(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert counter.frame_count == 3
+
+
+def test_a_file_of_eager_rows_resumes_whatever_the_compile_settings(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--phases", "infer"]
+    argv += ["--repeats", "1", "--threads", "1", "--json", str(out)]
+    assert main([*argv, "--modes", "eager"]) == 0
+    doc = json.loads(out.read_text())
+    # as an interrupted file written before the static-graph default: dynamic left to torch, another compile mode
+    doc["environment"].update(dynamic=None, compile_mode="reduce-overhead")
+    doc["rows"], doc["complete"] = doc["rows"][:1], False
+    out.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main([*argv, "--modes", "eager", "--resume"]) == 0
+    assert "1 rows kept from" in capsys.readouterr().out
+    assert json.loads(out.read_text())["environment"]["dynamic"] is False  # the file now says how it goes on
+    # a compiled row is another matter: it was measured with those settings
+    doc["rows"] = [{**doc["rows"][0], "mode": "compiled"}]
+    out.write_text(json.dumps(doc))
+    assert main([*argv, "--modes", "compiled", "--resume"]) == 2
+    assert "compile_mode, dynamic" in capsys.readouterr().err

@@ -381,6 +381,10 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# settings of the environment line that only the compiled rows depend on
+COMPILE_ONLY_SETTINGS = ("compile_mode", "fullgraph", "dynamic", "freeze")
+
+
 def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
     """The rows of the interrupted run in args.json that this run (config, on this machine) would make."""
     import json
@@ -398,6 +402,8 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"bench models --resume: {path} is not a bench models JSON file ({err})") from None
     changed = sorted(k for k in {**before, **info} if before.get(k) != info.get(k))
+    if not any(r["mode"] == "compiled" for r in rows):  # eager rows do not depend on how compiled rows compile
+        changed = [k for k in changed if k not in COMPILE_ONLY_SETTINGS]
     if changed:
         raise ValueError(
             f"bench models --resume: {path} was measured with other settings or on another machine "
