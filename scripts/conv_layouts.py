@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rwkvseg.bench.models import PROBLEMS, ModelBenchConfig, input_shape, make_step
 from rwkvseg.models import create_model
+from rwkvseg.train.config import apply_overrides
 
 
 def layout(t: torch.Tensor | None) -> str:
@@ -65,16 +66,17 @@ class _EagerConvolutions(TorchDispatchMode):
     def __init__(self, calls: list[dict]) -> None:
         super().__init__()
         self.calls = calls
+        # the position of `groups` in each convolution op's arguments: under inference_mode conv2d / conv3d (and the
+        # transposed ones) reach the mode whole; with autograd they arrive as convolution
+        aten = torch.ops.aten
+        self.groups_at = {aten.convolution.default: 8, aten.conv2d.default: 6, aten.conv3d.default: 6}
+        self.groups_at.update({aten.conv_transpose2d.input: 6, aten.conv_transpose3d.input: 6})
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        # under inference_mode conv2d / conv3d reach the mode whole; with autograd they arrive as convolution
-        groups_at = {torch.ops.aten.convolution.default: 8, torch.ops.aten.conv2d.default: 6}
-        groups_at[torch.ops.aten.conv3d.default] = 6
-        groups_at.update({torch.ops.aten.conv_transpose2d.input: 6, torch.ops.aten.conv_transpose3d.input: 6})
-        if func in groups_at:
-            at = groups_at[func]
+        at = self.groups_at.get(func)
+        if at is not None:
             groups = args[at] if len(args) > at else kwargs.get("groups", 1)
             record(self.calls, args[0], args[1], out, groups)
         return out
@@ -105,13 +107,6 @@ def summary(calls: list[dict]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -127,10 +122,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.json is not None and args.json.exists():
         parser.error(f"{args.json} exists; choose a new file")
-    overrides = {key: parse_value(value) for key, value in (item.split("=", 1) for item in args.set)}
+    try:  # create_model settings, read as bench models --override reads them: fused_norm=true, depths=[1,1]
+        overrides = apply_overrides({}, args.set)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     in_channels, num_classes = PROBLEMS[args.dims]
     torch.manual_seed(0)
-    model = create_model(args.model, in_channels, num_classes, **overrides).to(args.device)
+    try:  # an unknown or invalid setting: create_model names the valid ones
+        model = create_model(args.model, in_channels, num_classes, **overrides).to(args.device)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     config = ModelBenchConfig(
         dims=args.dims, device=args.device, memory_format=args.memory_format, compile_mode=args.compile_mode
     )

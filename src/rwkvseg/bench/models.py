@@ -196,12 +196,12 @@ def make_step(
     device = torch.device(config.device)
     x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
     runner = model
-    if compiled and config.freeze and phase == "infer":
-        # torch.compile takes a mode or Inductor options, not both: the mode's own options plus freezing
-        options = {**torch._inductor.list_mode_options(config.compile_mode), "freezing": True}
-        runner = torch.compile(model, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
-    elif compiled:
-        runner = torch.compile(model, mode=config.compile_mode, fullgraph=config.fullgraph, dynamic=config.dynamic)
+    if compiled:
+        how: dict[str, Any] = {"mode": config.compile_mode}
+        if config.freeze and phase == "infer":
+            # torch.compile takes a mode or Inductor options, not both: the mode's own options plus freezing
+            how = {"options": {**torch._inductor.list_mode_options(config.compile_mode), "freezing": True}}
+        runner = torch.compile(model, **how, fullgraph=config.fullgraph, dynamic=config.dynamic)
     return _step_fn(runner, phase, x, device, config.amp)
 
 

@@ -385,7 +385,7 @@ def _keep_server_momentum(strategy: Strategy, state: FederatedState, keys: list[
     fedavgm = _fedavgm(strategy)
     if fedavgm is not None and fedavgm.momentum_vector is not None:
         state.server = {
-            f"momentum.{k}": torch.from_numpy(np.array(v, copy=True))
+            f"momentum.{k}": torch.tensor(v)  # copied: the saved state does not alias the strategy's arrays
             for k, v in zip(keys, fedavgm.momentum_vector, strict=True)
         }
 
