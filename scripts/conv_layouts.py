@@ -9,14 +9,13 @@ Inductor's wrapper code calls for it (`torch._inductor.select_algorithm.extern_k
 `channels_last` when its channel stride is 1, `contiguous` when it is channels-first, `either` when it cannot tell
 (one channel, or one voxel).
 
---fx-strides tries one lever: Inductor lays out a convolution's input as the convolution's own layout decision
-asks, which it takes from the strides the input happens to have when the convolution is lowered (in torch 2.13
-it converts to channels-last only 2D convolutions, `kernel/conv.py`). With --fx-strides the inputs of
-`aten.convolution` are first constrained to the strides eager execution gives them (Inductor's own
-`constrain_to_fx_strides`, registered with `torch._inductor.lowering.add_layout_constraint` for this process).
+--conv-layouts picks who lays out the compiled convolutions: inductor (the default of training, prediction and the
+bench: in torch 2.13 Inductor converts only 2D convolutions to channels-last, `kernel/conv.py`, and lays out the
+others as the convolution would return a channels-first input) or eager (rwkvseg.inductor_passes.KeepChannelsLast3d
+pins each 3D convolution's maps and weights to the channels-last strides eager execution gives them).
 
     python scripts/conv_layouts.py mmsegrwkv --dims 3 --side 128 --set fused_norm=true --device cuda \
-        --memory-format channels_last [--fx-strides] [--compile-mode default] --json OUT.json
+        --memory-format channels_last [--conv-layouts eager] [--compile-mode default] --json OUT.json
 
 Prints a count per (input, weight, output) layout for eager and compiled, and the compiled convolutions whose
 input or output is channels-first; --json writes every call.
@@ -117,7 +116,12 @@ def main() -> None:
     parser.add_argument("--memory-format", default="channels_last", choices=["contiguous", "channels_last"])
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a model setting")
-    parser.add_argument("--fx-strides", action="store_true", help="constrain convolution inputs to eager strides")
+    parser.add_argument(
+        "--conv-layouts",
+        default="inductor",
+        choices=["inductor", "eager"],
+        help="who lays out compiled 3D convolutions",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every call here (a new file)")
     args = parser.parse_args()
     if args.json is not None and args.json.exists():
@@ -133,13 +137,13 @@ def main() -> None:
     except ValueError as err:
         parser.error(f"--set: {err}")
     config = ModelBenchConfig(
-        dims=args.dims, device=args.device, memory_format=args.memory_format, compile_mode=args.compile_mode
+        dims=args.dims,
+        device=args.device,
+        memory_format=args.memory_format,
+        compile_mode=args.compile_mode,
+        conv_layouts=args.conv_layouts,
     )
     shape = input_shape(args.dims, args.batch, args.side)
-    if args.fx_strides:
-        from torch._inductor import lowering
-
-        lowering.add_layout_constraint(torch.ops.aten.convolution.default, lowering.constrain_to_fx_strides)
     result: dict[str, list[dict]] = {"eager": [], "compiled": []}
     eager = make_step(model, "infer", shape, config, compiled=False)
     with _EagerConvolutions(result["eager"]):

@@ -47,12 +47,28 @@ def compile_mode(setting: str, device: torch.device | str, auto: str = "default"
     return {"auto": auto, "on": "default"}.get(setting, setting)
 
 
+def inductor_options(mode: str, freeze: bool = False, keep_conv_layouts: bool = False) -> dict[str, Any]:
+    """Inductor's options for a torch.compile mode (torch.compile takes a mode or options, not both): the mode's
+    own options, with keep_conv_layouts the KeepChannelsLast3d pass (rwkvseg.inductor_passes), with freeze
+    Inductor's freezing (parameters folded in as constants: inference only)."""
+    from torch import _inductor
+
+    options: dict[str, Any] = dict(_inductor.list_mode_options(mode))
+    if keep_conv_layouts:
+        from .inductor_passes import KeepChannelsLast3d  # imports Inductor (about 1 s): only when compiling
+
+        options["post_grad_custom_post_pass"] = KeepChannelsLast3d()
+    if freeze:
+        options["freezing"] = True
+    return options
+
+
 def compile_callable(fn: Callable[..., Any], mode: str, backend: str = "inductor", fullgraph: bool = False) -> Any:
-    """torch.compile(fn) with static shapes (a training step and a prediction batch keep their shape); modes
-    only apply to Inductor."""
+    """torch.compile(fn) with static shapes (a training step and a prediction batch keep their shape); modes only
+    apply to Inductor."""
     options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
     if backend == "inductor":
-        options["mode"] = mode
+        options["options"] = inductor_options(mode)
     return torch.compile(fn, **options)
 
 

@@ -279,11 +279,28 @@ def test_freeze_compiles_only_the_inference_rows_frozen_in_the_same_mode(monkeyp
     config = ModelBenchConfig(dims=2, compile_mode=compile_mode, freeze=True)
     make_step(_Spy(), phase, (2, 3, 8, 8), config, compiled=True)()
     (settings,) = settings_seen
-    if phase == "infer":  # torch.compile takes a mode or options: the mode's options, plus freezing
-        assert "mode" not in settings
+    assert "mode" not in settings  # torch.compile takes a mode or options: the mode's own options, plus freezing
+    if phase == "infer":
         assert settings["options"] == {**torch._inductor.list_mode_options(compile_mode), "freezing": True}
     else:
-        assert settings["mode"] == compile_mode and "options" not in settings
+        assert settings["options"] == torch._inductor.list_mode_options(compile_mode)
+
+
+@pytest.mark.parametrize("conv_layouts", ["inductor", "eager"])
+def test_conv_layouts_eager_adds_the_layout_pass_to_every_compiled_row(monkeypatch, conv_layouts):
+    from rwkvseg.inductor_passes import KeepChannelsLast3d
+
+    settings_seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **settings: settings_seen.append(settings) or model)
+    config = ModelBenchConfig(dims=2, compile_mode="reduce-overhead", conv_layouts=conv_layouts)
+    for phase in PHASES:
+        make_step(_Spy(), phase, (2, 3, 8, 8), config, compiled=True)()
+    for settings in settings_seen:
+        layout_pass = settings["options"].get("post_grad_custom_post_pass")
+        assert isinstance(layout_pass, KeepChannelsLast3d) == (conv_layouts == "eager")
+        assert settings["options"]["triton.cudagraphs"]  # the mode's own options stay
+    with pytest.raises(ValueError, match="conv layouts"):
+        ModelBenchConfig(dims=3, conv_layouts="cudnn")
 
 
 def test_frozen_inference_matches_eager():
@@ -349,3 +366,22 @@ def test_a_file_of_eager_rows_resumes_whatever_the_compile_settings(tmp_path, ca
     out.write_text(json.dumps(doc))
     assert main([*argv, "--modes", "compiled", "--resume"]) == 2
     assert "compile_mode, dynamic" in capsys.readouterr().err
+
+
+def test_a_file_from_before_conv_layouts_resumes_only_with_inductors_layouts(tmp_path, capsys):
+    # compiled rows measured before the option existed left the layouts to Inductor: they resume under that
+    # setting only (the rows are made compiled by hand here: every one is kept, so nothing compiles)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--phases", "infer"]
+    argv += ["--repeats", "1", "--threads", "1", "--json", str(out)]
+    assert main([*argv, "--modes", "eager"]) == 0
+    old = json.loads(out.read_text())
+    assert old["environment"]["conv_layouts"] == "inductor"  # the default, recorded
+    del old["environment"]["conv_layouts"]
+    old["rows"] = [{**r, "mode": "compiled"} for r in old["rows"]]
+    out.write_text(json.dumps({**old, "complete": False}))
+    capsys.readouterr()
+    assert main([*argv, "--modes", "compiled", "--conv-layouts", "eager", "--resume"]) == 2
+    assert "(conv_layouts: ['inductor'] there, ['eager'] here)" in capsys.readouterr().err
+    assert main([*argv, "--modes", "compiled", "--resume"]) == 0
+    assert "2 rows kept from" in capsys.readouterr().out

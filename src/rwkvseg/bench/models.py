@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiling import inductor_options
 from ..files import atomic_write
 from ..memory_format import MEMORY_FORMATS, to_memory_format
 
@@ -42,6 +43,7 @@ Build = Callable[..., nn.Module]
 MODES = ("eager", "compiled")
 PHASES = ("infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CONV_LAYOUTS = ("eager", "inductor")  # who lays out the compiled 3D convolutions (ModelBenchConfig.conv_layouts)
 # Channels in and out of the problems the models are built for: RGB images with one foreground class; four MRI
 # sequences with three tumour regions (BraTS).
 PROBLEMS = {2: (3, 1), 3: (4, 3)}
@@ -61,8 +63,11 @@ class ModelBenchConfig:
     second shape arrives, so every later row of that model would run that dynamic graph). freeze: the
     compiled inference rows also under Inductor's `freezing` (the weights become constants of the graph: folded
     into neighbours such as an inference BatchNorm into its convolution, laid out once for the kernels that read
-    them); the training rows cannot freeze and ignore it. phases: infer and/or train. memory_format: one of
-    MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format).
+    them); the training rows cannot freeze and ignore it. conv_layouts: "inductor" (the default, as training and
+    prediction compile) leaves the layouts of the compiled convolutions to Inductor (channels-first for most 3D
+    ones), "eager" keeps the channels-last layouts that eager execution runs 3D convolutions in
+    (rwkvseg.inductor_passes.KeepChannelsLast3d; not yet timed on a GPU). phases: infer and/or train.
+    memory_format: one of MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format).
     """
 
     dims: int
@@ -77,6 +82,7 @@ class ModelBenchConfig:
     fullgraph: bool = False
     dynamic: bool | None = False
     freeze: bool = False
+    conv_layouts: str = "inductor"
     amp: bool = True
     warmup: int = 3
     repeats: int = 10
@@ -95,6 +101,8 @@ class ModelBenchConfig:
             raise ValueError(f"bench models: compile mode {self.compile_mode!r}; choose one of {COMPILE_MODES}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"bench models: memory format {self.memory_format!r}; choose one of {MEMORY_FORMATS}")
+        if self.conv_layouts not in CONV_LAYOUTS:
+            raise ValueError(f"bench models: conv layouts {self.conv_layouts!r}; choose one of {CONV_LAYOUTS}")
         if self.repeats < 1 or self.warmup < 0 or self.threads < 1:
             raise ValueError("bench models: repeats and threads must be >= 1 and warmup >= 0")
         if any(s < 8 for s in self.sides) or any(b < 1 for b in self.infer_batches) or self.train_batch < 0:
@@ -197,11 +205,9 @@ def make_step(
     x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
     runner = model
     if compiled:
-        how: dict[str, Any] = {"mode": config.compile_mode}
-        if config.freeze and phase == "infer":
-            # torch.compile takes a mode or Inductor options, not both: the mode's own options plus freezing
-            how = {"options": {**torch._inductor.list_mode_options(config.compile_mode), "freezing": True}}
-        runner = torch.compile(model, **how, fullgraph=config.fullgraph, dynamic=config.dynamic)
+        freeze, keep = config.freeze and phase == "infer", config.conv_layouts == "eager"
+        options = inductor_options(config.compile_mode, freeze=freeze, keep_conv_layouts=keep)
+        runner = torch.compile(model, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
     return _step_fn(runner, phase, x, device, config.amp)
 
 

@@ -78,6 +78,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compiled inference rows under Inductor's freezing (weights as graph constants: inference BatchNorms "
         "folded into their convolutions, weight layouts chosen once); training rows are not frozen",
     )
+    p.add_argument(
+        "--conv-layouts",
+        default="inductor",
+        choices=["inductor", "eager"],
+        help="compiled rows: inductor (default) leaves the convolutions' layouts to Inductor, which lays out most 3D "
+        "convolutions channels-first; eager keeps the channels-last layouts eager runs them in",
+    )
     p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median and min reported)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
@@ -314,6 +321,7 @@ def _run_models(args: argparse.Namespace) -> int:
         fullgraph=args.fullgraph,
         dynamic=args.dynamic,
         freeze=args.freeze,
+        conv_layouts=args.conv_layouts,
         amp=not args.no_amp,
         repeats=args.repeats,
         threads=args.threads,
@@ -327,6 +335,7 @@ def _run_models(args: argparse.Namespace) -> int:
     info.update(fullgraph=config.fullgraph, dynamic=config.dynamic, repeats=config.repeats, overrides=config.overrides)
     info["memory_format"] = config.memory_format
     info["freeze"] = config.freeze
+    info["conv_layouts"] = config.conv_layouts
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
@@ -382,7 +391,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 # settings of the environment line that only the compiled rows depend on
-COMPILE_ONLY_SETTINGS = ("compile_mode", "fullgraph", "dynamic", "freeze")
+COMPILE_ONLY_SETTINGS = ("compile_mode", "fullgraph", "dynamic", "freeze", "conv_layouts")
 
 
 def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
@@ -397,6 +406,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
         rows, before = list(doc["rows"]), dict(doc["environment"])
         before.setdefault("memory_format", "contiguous")  # files from before the option measured contiguous maps
         before.setdefault("freeze", False)  # and did not freeze
+        before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
     except FileNotFoundError:
         raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
     except (ValueError, KeyError, TypeError) as err:
