@@ -2,12 +2,14 @@
 every floating-point weight by a fixed step: the global weights after each round follow FedAvgM's formula, the
 momentum is saved in state.pt, and a run resumed after round 2 ends where the uninterrupted run does."""
 
+import time
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from rwkvseg.checkpoint import CheckpointMeta, build_model
-from rwkvseg.federated.app import ServerPlan, run_federation
+from rwkvseg.federated.app import POLL_S, ServerPlan, _send_and_receive, run_federation
 from rwkvseg.federated.config import FederatedConfig, FederatedSettings
 from rwkvseg.federated.state import STATE_FILE
 from rwkvseg.train.config import TrainConfig
@@ -19,23 +21,41 @@ MEAN_STEP = sum(s * n for s, n in zip(STEPS, CASES, strict=True)) / sum(CASES)  
 
 
 class _Grid:
-    """Answers the server's messages as two sites would, without Flower's runtime."""
+    """Answers the server's messages as two sites would, without Flower's runtime (Flower's Grid interface: push
+    the messages, pull the replies); with late_pulls, the replies come only at that many pulls after the push."""
+
+    def __init__(self, late_pulls=0):
+        self.replies, self.pushed, self.late_pulls, self.pulls = {}, 0, late_pulls, 0
 
     def get_node_ids(self):
         return [11, 12]
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for site, message in enumerate(messages):
-            metrics = {"num-examples": CASES[site], "site": site}
-            if message.metadata.message_type == "train":
-                received = message.content["arrays"].to_torch_state_dict()
-                trained = {k: v - STEPS[site] if v.is_floating_point() else v for k, v in received.items()}
-                content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(metrics | {"loss": 1.0})})
-            else:
-                content = RecordDict({"metrics": MetricRecord(metrics | {"dice": 0.5})})
-            replies.append(Message(content, reply_to=message))
-        return replies
+            self.pushed += 1
+            message.metadata.__dict__["_message_id"] = f"m{self.pushed}"  # as Flower's grids set it
+            self.replies[message.metadata.message_id] = _answer(site, message)
+            ids.append(message.metadata.message_id)
+        self.pulls = 0
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls <= self.late_pulls:
+            return []
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def _answer(site, message):
+    metrics = {"num-examples": CASES[site], "site": site}
+    if message.metadata.message_type == "train":
+        received = message.content["arrays"].to_torch_state_dict()
+        trained = {k: v - STEPS[site] if v.is_floating_point() else v for k, v in received.items()}
+        content = RecordDict({"arrays": ArrayRecord(trained), "metrics": MetricRecord(metrics | {"loss": 1.0})})
+    else:
+        content = RecordDict({"metrics": MetricRecord(metrics | {"dice": 0.5})})
+    return Message(content, reply_to=message)
 
 
 def _config(out, rounds, **federated):
@@ -94,3 +114,22 @@ def test_resumed_run_continues_with_the_saved_momentum(tmp_path):
 def test_bad_server_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
         FederatedSettings(strategy="fedavgm", **settings)
+
+
+def _evaluate_messages():
+    return [Message(RecordDict({}), dst_node_id=n, message_type="evaluate") for n in (11, 12)]
+
+
+def test_the_server_pulls_replies_every_fraction_of_a_second():
+    # Flower's own send_and_receive waits 3 s between pulls on the deployment runtime: 9 s for replies that come
+    # at the fourth pull; the server's exchange asks every POLL_S
+    start = time.monotonic()
+    replies = _send_and_receive(_Grid(late_pulls=3), _evaluate_messages(), timeout=30)
+    assert sorted(int(r.content["metrics"]["site"]) for r in replies) == [0, 1]
+    assert time.monotonic() - start < 4 * POLL_S + 1.0
+
+
+def test_the_server_stops_pulling_at_the_timeout_with_the_replies_it_has():
+    start = time.monotonic()
+    assert _send_and_receive(_Grid(late_pulls=10**6), _evaluate_messages(), timeout=0.5) == []
+    assert 0.5 <= time.monotonic() - start < 0.5 + POLL_S + 0.5
