@@ -21,9 +21,9 @@ class KeepChannelsLast3d(CustomGraphPass):
     channels-last; for 3D ones (torch 2.13, `_inductor/kernel/conv.py`) it asks for the layout the convolution
     returns on the buffer's default channels-first strides, so a channels-last 3D model runs most of its
     convolutions channels-first once compiled (scripts/conv_layouts.py on an H200: 39 of MMSegRWKV's 49) while the
-    eager model runs all of them channels-last. Inductor's own `prims.inductor_force_stride_order` before each of
-    those arguments fixes the layout where it is still free (no copy) and copies where it is not. A channels-first
-    model, and any 2D one, is left as it is.
+    eager model runs 48 of them on channels-last maps and returns all 49 so. Inductor's own
+    `prims.inductor_force_stride_order` before each of those arguments fixes the layout where it is still free (no
+    copy) and copies where it is not. A channels-first model, and any 2D one, is left as it is.
     """
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -33,15 +33,15 @@ class KeepChannelsLast3d(CustomGraphPass):
             for i in arguments.get(node.target, ()):
                 arg = node.args[i]
                 val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
-                if not _channels_last_3d(val):
-                    continue
+                if arg.target is inductor_prims.force_stride_order or not _channels_last_3d(val):
+                    continue  # pinned already (one node in two places of the call), or not channels-last 3D
                 with graph.inserting_before(node):
                     pinned = graph.call_function(inductor_prims.force_stride_order, (arg, list(val.stride())))
                 pinned.meta["val"] = val
                 node.replace_input_with(arg, pinned)
 
     def uuid(self) -> str:
-        return "rwkvseg.compiling.KeepChannelsLast3d/1"  # part of Inductor's cache key: change it with the pass
+        return "rwkvseg.inductor_passes.KeepChannelsLast3d/1"  # part of Inductor's cache key: change it with the pass
 
 
 def _channels_last_3d(val: Any) -> bool:

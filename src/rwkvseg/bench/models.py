@@ -43,7 +43,7 @@ Build = Callable[..., nn.Module]
 MODES = ("eager", "compiled")
 PHASES = ("infer", "train")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-CONV_LAYOUTS = ("eager", "inductor")  # who lays out the compiled 3D convolutions (ModelBenchConfig.conv_layouts)
+CONV_LAYOUTS = ("inductor", "eager")  # who lays out the compiled 3D convolutions (ModelBenchConfig.conv_layouts)
 # Channels in and out of the problems the models are built for: RGB images with one foreground class; four MRI
 # sequences with three tumour regions (BraTS).
 PROBLEMS = {2: (3, 1), 3: (4, 3)}
