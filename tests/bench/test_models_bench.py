@@ -347,12 +347,18 @@ def test_compiled_rows_get_a_static_graph_per_shape(monkeypatch):
     assert counter.frame_count == 3
 
 
-def test_a_file_of_eager_rows_resumes_whatever_the_compile_settings(tmp_path, capsys):
+def _eager_run(tmp_path):
+    """A complete eager run of unet_test's two inference rows into tmp_path/bench.json: (the file, the command
+    without --modes, the file's content)."""
     out = tmp_path / "bench.json"
     argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--phases", "infer"]
     argv += ["--repeats", "1", "--threads", "1", "--json", str(out)]
     assert main([*argv, "--modes", "eager"]) == 0
-    doc = json.loads(out.read_text())
+    return out, argv, json.loads(out.read_text())
+
+
+def test_a_file_of_eager_rows_resumes_whatever_the_compile_settings(tmp_path, capsys):
+    out, argv, doc = _eager_run(tmp_path)
     # as an interrupted file written before the static-graph default: dynamic left to torch, another compile mode
     doc["environment"].update(dynamic=None, compile_mode="reduce-overhead")
     doc["rows"], doc["complete"] = doc["rows"][:1], False
@@ -371,11 +377,7 @@ def test_a_file_of_eager_rows_resumes_whatever_the_compile_settings(tmp_path, ca
 def test_a_file_from_before_conv_layouts_resumes_only_with_inductors_layouts(tmp_path, capsys):
     # compiled rows measured before the option existed left the layouts to Inductor: they resume under that
     # setting only (the rows are made compiled by hand here: every one is kept, so nothing compiles)
-    out = tmp_path / "bench.json"
-    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--phases", "infer"]
-    argv += ["--repeats", "1", "--threads", "1", "--json", str(out)]
-    assert main([*argv, "--modes", "eager"]) == 0
-    old = json.loads(out.read_text())
+    out, argv, old = _eager_run(tmp_path)
     assert old["environment"]["conv_layouts"] == "inductor"  # the default, recorded
     del old["environment"]["conv_layouts"]
     old["rows"] = [{**r, "mode": "compiled"} for r in old["rows"]]
