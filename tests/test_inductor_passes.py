@@ -142,3 +142,18 @@ def test_compiled_3d_convolutions_run_channels_last_on_cuda(keep):
     assert len(seen) == 2
     assert all(seen) if keep else not all(seen)
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_compile_callable_passes_a_modes_options_to_inductor_only(monkeypatch, backend):
+    from rwkvseg.compiling import compile_callable
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **settings: seen.append(settings) or fn)
+    compile_callable(lambda x: x, "reduce-overhead", backend)
+    (settings,) = seen
+    assert settings["dynamic"] is False and "mode" not in settings  # a mode or options, never both
+    if backend == "inductor":  # the same options the mode names, and no layout pass unless asked for
+        assert settings["options"] == torch._inductor.list_mode_options("reduce-overhead")
+    else:
+        assert "options" not in settings
