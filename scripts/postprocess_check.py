@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from rwkvseg.data.images2d import discover_pairs, read_mask
 from rwkvseg.data.splits import read_split
+from rwkvseg.eval.metrics import confusion_counts, overlap_scores
 from rwkvseg.infer.predict import PredictConfig, is_3d_checkpoint, predict
 from rwkvseg.released import released_checkpoint, released_models
 
@@ -33,8 +34,8 @@ EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(pred, truth).sum()) / float(total)
+    """Dice as `rwkvseg evaluate` scores it (both empty: 1)."""
+    return float(overlap_scores(confusion_counts(pred, truth))["dice"])
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
