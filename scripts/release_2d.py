@@ -7,7 +7,9 @@ both for every name):
     python scripts/release_2d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--quality 90]
 RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json (the
 shipped int8 weights) and, where measured, eval16-<name>/summary.json (the same run released as fp16) and
-evaltta-<name>/summary.json (the int8 weights with flip TTA, `rwkvseg predict --mirror-axes 0,1`). Each NAME
+evaltta-<name>/summary.json (the int8 weights with flip TTA, `rwkvseg predict --mirror-axes 0,1`) and
+evalpaper-<name>/summary.json (when the run went beyond the paper's recipe, e.g. `--set optim.ema=0.999`: the
+paper-recipe run's release, which the card reports beside it). Each NAME
 gets a card (<name>.md), a curves figure (<name>.curves.png: training loss and validation Dice per epoch) and its
 index entry (replaced in place, or appended); the index's other entries are kept as they are.
 """
@@ -44,7 +46,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
 | input prep | {input_prep} |
-| recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, bf16 autocast, compile {compile} |
+| recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, bf16 autocast, compile {compile}{beyond} |
 | schedule | {schedule}; best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation |
 | command | {command} (code at commit {commit}) |
@@ -67,7 +69,19 @@ PAPER_EPOCHS = 280
 EXTRA_ROWS = (  # EVALS/<folder>-<name>/summary.json, where measured -> a row of the card's validation table
     ("eval16", "the same weights in fp16, same evaluation"),
     ("evaltta", "these released weights with flip TTA (`rwkvseg predict --mirror-axes 0,1`: 4 forward passes)"),
+    ("evalpaper", "the paper's recipe alone (its own run, released earlier under this name: int8, original size)"),
 )
+
+
+def beyond_recipe(optim: dict) -> str:
+    """What the run added to the paper's recipe, for the card's recipe cell ("" when nothing)."""
+    if not optim.get("ema"):
+        return ""
+    start = f", copying the weights for the first {optim['ema_start']} steps" if optim.get("ema_start") else ""
+    return (
+        f"; beyond the paper's recipe: an exponential moving average of the weights (decay {optim['ema']}{start}), "
+        "validated and released in place of the weights (the paper's-recipe row below is its own run)"
+    )
 
 
 def schedule_note(ran: int) -> str:
@@ -108,6 +122,7 @@ def _run_summary(run: Path) -> dict:
         "schedule": history.schedule(),
         "batch": history.config["data"]["batch_size"],
         "compile": history.config.get("compile", "auto"),
+        "beyond": beyond_recipe(history.config.get("optim", {})),
         "minutes": history.minutes,
         **{f"t_{k}": best[f"val_{k}"] for k in ("dice", "iou", "precision", "recall", "specificity")},
     }

@@ -181,6 +181,17 @@ def test_release_card_names_what_the_run_read():
     assert "compact2d" not in originals
 
 
+def test_release_card_says_what_went_beyond_the_paper_recipe(run):
+    script = load_script("release_2d")
+    assert script.beyond_recipe({"name": "sgd", "ema": 0.0, "ema_start": 0}) == ""
+    ema = script.beyond_recipe({"ema": 0.999, "ema_start": 0})
+    assert ema.startswith("; beyond the paper's recipe: an exponential moving average of the weights (decay 0.999)")
+    assert "first 500 steps" in script.beyond_recipe({"ema": 0.999, "ema_start": 500})
+    assert script._run_summary(run)["beyond"] == ""  # the fixture run trained with the paper's recipe
+    labels = dict(script.EXTRA_ROWS)
+    assert labels["evalpaper"].startswith("the paper's recipe alone")
+
+
 def test_release_card_rows_from_evaluations_where_measured(tmp_path):
     script = load_script("release_2d")
     scores = {k: {"mean": v} for k, v in zip(script.METRICS, (0.81234, 0.7, 0.9, 0.8, 0.99, 12.345), strict=True)}
