@@ -1,5 +1,6 @@
 """`bench models`: rows for every (model, mode, phase, batch, side), failures as notes, growth and the figure."""
 
+import dataclasses
 import inspect
 import json
 import re
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from rwkvseg.bench import models as bench_models_module
 from rwkvseg.bench.models import (
     PHASES,
     ModelBenchConfig,
@@ -387,3 +389,31 @@ def test_a_file_from_before_conv_layouts_resumes_only_with_inductors_layouts(tmp
     assert "(conv_layouts: ['inductor'] there, ['eager'] here)" in capsys.readouterr().err
     assert main([*argv, "--modes", "compiled", "--resume"]) == 0
     assert "2 rows kept from" in capsys.readouterr().out
+
+
+def test_cudnn_benchmark_is_on_while_the_rows_run_and_restored_after(monkeypatch):
+    seen = []
+
+    def spy_measure(model, phase, shape, config, compiled):
+        seen.append(torch.backends.cudnn.benchmark)
+        return {"ms": 1.0, "min_ms": 1.0, "first_ms": 1.0, "compile_s": None, "peak_mb": None}
+
+    monkeypatch.setattr(bench_models_module, "measure", spy_measure)
+    before = torch.backends.cudnn.benchmark
+    for on in (True, False):
+        config = ModelBenchConfig(dims=2, models=("unet_test",), sides=(16,), modes=("eager",), phases=("infer",))
+        bench_models(dataclasses.replace(config, cudnn_benchmark=on), create_model)
+        assert seen[-1] is on and torch.backends.cudnn.benchmark is before
+
+
+def test_a_file_from_before_cudnn_benchmark_resumes_only_with_the_heuristics(tmp_path, capsys):
+    out, argv, old = _eager_run(tmp_path)
+    assert old["environment"]["cudnn_benchmark"] is False  # the default, recorded
+    del old["environment"]["cudnn_benchmark"]
+    old["rows"] = old["rows"][:1]
+    out.write_text(json.dumps({**old, "complete": False}))
+    capsys.readouterr()
+    assert main([*argv, "--modes", "eager", "--cudnn-benchmark", "--resume"]) == 2  # eager rows depend on it too
+    assert "(cudnn_benchmark: [False] there, [True] here)" in capsys.readouterr().err
+    assert main([*argv, "--modes", "eager", "--resume"]) == 0
+    assert "1 rows kept from" in capsys.readouterr().out

@@ -66,7 +66,10 @@ class ModelBenchConfig:
     them); the training rows cannot freeze and ignore it. conv_layouts: "inductor" (the default, as training and
     prediction compile) leaves the layouts of the compiled convolutions to Inductor (channels-first for most 3D
     ones), "eager" keeps the channels-last layouts that eager execution runs 3D convolutions in
-    (rwkvseg.inductor_passes.KeepChannelsLast3d; not yet timed on a GPU). phases: infer and/or train.
+    (rwkvseg.inductor_passes.KeepChannelsLast3d; on an H200 3.5 % faster MMSegRWKV inference for 60 MB more memory,
+    docs/speed.md). cudnn_benchmark: every row with `torch.backends.cudnn.benchmark` on (cuDNN times its
+    algorithms at each new convolution shape and keeps the fastest; the first call of a row pays for it) instead of
+    cuDNN's heuristic choice, the default of torch and of this project's runs. phases: infer and/or train.
     memory_format: one of MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format).
     """
 
@@ -83,6 +86,7 @@ class ModelBenchConfig:
     dynamic: bool | None = False
     freeze: bool = False
     conv_layouts: str = "inductor"
+    cudnn_benchmark: bool = False
     amp: bool = True
     warmup: int = 3
     repeats: int = 10
@@ -161,6 +165,16 @@ def _threads(n: int, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -324,7 +338,11 @@ def bench_models(
     rows = []
     # every (phase, batch, side) may add a compiled graph of one forward: past dynamo's default limit of 8 it
     # would fall back to eager without a word, and the "compiled" rows would not be compiled
-    with _threads(config.threads, device), torch._dynamo.config.patch(cache_size_limit=256):
+    with (
+        _threads(config.threads, device),
+        _cudnn_benchmark(config.cudnn_benchmark),
+        torch._dynamo.config.patch(cache_size_limit=256),
+    ):
         for name in dict.fromkeys(key[0] for key in todo):
             torch.manual_seed(0)
             model = build(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)

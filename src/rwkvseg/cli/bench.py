@@ -85,6 +85,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compiled rows: inductor (default) leaves the convolutions' layouts to Inductor, which lays out most 3D "
         "convolutions channels-first; eager keeps the channels-last layouts eager runs them in",
     )
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="every row with torch.backends.cudnn.benchmark on: cuDNN times its algorithms per convolution shape and "
+        "keeps the fastest (default: cuDNN's heuristic choice, as training and prediction run)",
+    )
     p.add_argument("--no-amp", action="store_true", help="float32 on CUDA (default: bf16 autocast)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median and min reported)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
@@ -322,6 +328,7 @@ def _run_models(args: argparse.Namespace) -> int:
         dynamic=args.dynamic,
         freeze=args.freeze,
         conv_layouts=args.conv_layouts,
+        cudnn_benchmark=args.cudnn_benchmark,
         amp=not args.no_amp,
         repeats=args.repeats,
         threads=args.threads,
@@ -336,6 +343,7 @@ def _run_models(args: argparse.Namespace) -> int:
     info["memory_format"] = config.memory_format
     info["freeze"] = config.freeze
     info["conv_layouts"] = config.conv_layouts
+    info["cudnn_benchmark"] = config.cudnn_benchmark
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
@@ -407,6 +415,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
         before.setdefault("memory_format", "contiguous")  # files from before the option measured contiguous maps
         before.setdefault("freeze", False)  # and did not freeze
         before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
+        before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
     except FileNotFoundError:
         raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
     except (ValueError, KeyError, TypeError) as err:
