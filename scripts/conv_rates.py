@@ -288,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             model = create_model(name, in_channels, num_classes, **overrides.get(name, {})).to(device)
         except (KeyError, ValueError) as err:
             parser.error(f"{name}: {err}")
-        rows = rates(
-            convolutions(model, args.dims, batch, args.side, config), args.phase, device, args.warmup, args.repeats
-        )
+        try:  # a size the model refuses: its own message says which sizes it takes
+            calls = convolutions(model, args.dims, batch, args.side, config)
+        except ValueError as err:
+            parser.error(f"{name} at --side {args.side}: {err}")
+        rows = rates(calls, args.phase, device, args.warmup, args.repeats)
         print("\n".join(table(name, rows)), end="\n\n")
         result["models"][name] = {"rows": rows, "totals": totals_of(rows)}
         del model

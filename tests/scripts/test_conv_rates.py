@@ -113,3 +113,6 @@ def test_the_command_tables_a_registered_model_and_refuses_bad_settings(script, 
     with pytest.raises(SystemExit):
         script.main(["segresnet", "--dims", "3", "--side", "16", "--device", "cpu", "--override", "dynunet:x=1"])
     assert "not one of the models" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a size the model refuses: its message, no traceback
+        script.main(["dynunet", "--dims", "3", "--side", "16", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "dynunet at --side 16: dynunet needs" in capsys.readouterr().err
