@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rwkvseg.bench.models import PROBLEMS, TRAIN_BATCH, ModelBenchConfig, input_shape, make_step
+from rwkvseg.bench.models import PROBLEMS, TRAIN_BATCH, Clock, ModelBenchConfig, input_shape, make_step
 from rwkvseg.models import create_model
 from rwkvseg.train.config import apply_overrides
 
@@ -84,8 +83,9 @@ class _Convolutions(TorchDispatchMode):
 
 
 def convolutions(model: torch.nn.Module, dims: int, batch: int, side: int, config: ModelBenchConfig) -> Counter:
-    """The convolution calls of one eager forward of model on the bench's input (autograd on: every convolution
-    arrives as aten.convolution, with its arguments; under inference mode conv3d would arrive whole)."""
+    """The convolution calls of the forward of one eager bench training step of model (eval mode) on the bench's
+    input: with autograd on every convolution arrives as aten.convolution with all its arguments (under inference
+    mode conv3d would arrive whole); the backward's convolution_backward calls are not counted."""
     step = make_step(model, "train", input_shape(dims, batch, side), config, compiled=False)
     model.eval()  # the same convolutions, without the optimizer step; make_step only set train mode
     mode = _Convolutions()
@@ -97,14 +97,14 @@ def convolutions(model: torch.nn.Module, dims: int, batch: int, side: int, confi
 def macs(sig: tuple) -> int:
     """Multiply-adds of one call: every output (input, when transposed) position times a kernel's reach."""
     x_shape, w_shape, stride, padding, dilation, transposed = sig[0], sig[2], sig[5], sig[6], sig[7], sig[8]
-    kernel = math.prod(w_shape[2:])  # weight [C_out, C_in / groups, k...] (transposed: [C_in, C_out / groups, k...])
+    kernel = math.prod(w_shape[2:])
     if transposed:  # weight [C_in, C_out / groups, k...]: each input position scatters to every output channel
         return math.prod(x_shape) * w_shape[1] * kernel
     out = [
         (n + 2 * p - d * (k - 1) - 1) // s + 1
         for n, p, d, k, s in zip(x_shape[2:], padding, dilation, w_shape[2:], stride, strict=True)
     ]
-    return x_shape[0] * w_shape[0] * math.prod(out) * (w_shape[1] * kernel)
+    return x_shape[0] * w_shape[0] * math.prod(out) * (w_shape[1] * kernel)  # weight [C_out, C_in / groups, k...]
 
 
 def _tensor(shape: tuple, fmt: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -140,23 +140,12 @@ def replay(sig: tuple, phase: str, device: torch.device) -> Callable[[], Any]:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median milliseconds of fn over repeats after warmup calls (the first call picks cuDNN's algorithm)."""
+    """Median milliseconds of fn over repeats after warmup calls (the first call picks cuDNN's algorithm), timed as
+    the bench times a row (CUDA events on CUDA, perf_counter on the CPU)."""
+    clock = Clock(device)
     for _ in range(max(warmup, 1)):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop))
-        else:
-            start_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return statistics.median(times)
+    return statistics.median(clock(fn) for _ in range(repeats))
 
 
 def rates(calls: Counter, phase: str, device: torch.device, warmup: int, repeats: int) -> list[dict]:

@@ -137,7 +137,7 @@ def models_of_dims(dims: int, names: Sequence[str], build: Build) -> list[str]:
     return found
 
 
-class _Clock:
+class Clock:
     """Milliseconds of a callable: CUDA events on CUDA (device time of the queued work), perf_counter on CPU."""
 
     def __init__(self, device: torch.device) -> None:
@@ -231,7 +231,7 @@ def measure(
     """Times (median / min ms over repeats), compile seconds and peak MB of one (model, phase, input shape)."""
     device = torch.device(config.device)
     step = make_step(model, phase, shape, config, compiled)
-    clock = _Clock(device)
+    clock = Clock(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
