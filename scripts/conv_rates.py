@@ -30,14 +30,22 @@ import statistics
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rwkvseg.bench.models import PROBLEMS, TRAIN_BATCH, Clock, ModelBenchConfig, input_shape, make_step
+from rwkvseg.bench.models import (
+    PROBLEMS,
+    TRAIN_BATCH,
+    Clock,
+    ModelBenchConfig,
+    cudnn_benchmark,
+    input_shape,
+    make_step,
+)
+from rwkvseg.cli.bench import model_overrides
 from rwkvseg.models import create_model
-from rwkvseg.train.config import apply_overrides
 
 CONVOLUTION = torch.ops.aten.convolution.default
 
@@ -50,10 +58,27 @@ def layout(t: torch.Tensor) -> str:
     return "contiguous"
 
 
-def signature(args: tuple) -> tuple:
-    """The hashable key of one aten.convolution call: what its replay needs."""
+class Signature(NamedTuple):
+    """One aten.convolution call, as hashable as its replay needs it."""
+
+    input: tuple[int, ...]
+    input_layout: str
+    weight: tuple[int, ...]
+    weight_layout: str
+    bias: bool
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    transposed: bool
+    output_padding: tuple[int, ...]
+    groups: int
+    dtype: str
+
+
+def signature(args: tuple) -> Signature:
+    """The signature of one aten.convolution call from its arguments."""
     x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args
-    return (
+    return Signature(
         tuple(x.shape),
         layout(x),
         tuple(weight.shape),
@@ -94,17 +119,16 @@ def convolutions(model: torch.nn.Module, dims: int, batch: int, side: int, confi
     return mode.calls
 
 
-def macs(sig: tuple) -> int:
+def macs(sig: Signature) -> int:
     """Multiply-adds of one call: every output (input, when transposed) position times a kernel's reach."""
-    x_shape, w_shape, stride, padding, dilation, transposed = sig[0], sig[2], sig[5], sig[6], sig[7], sig[8]
-    kernel = math.prod(w_shape[2:])
-    if transposed:  # weight [C_in, C_out / groups, k...]: each input position scatters to every output channel
-        return math.prod(x_shape) * w_shape[1] * kernel
+    kernel = math.prod(sig.weight[2:])
+    if sig.transposed:  # weight [C_in, C_out / groups, k...]: each input position scatters to every output channel
+        return math.prod(sig.input) * sig.weight[1] * kernel
     out = [
         (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, p, d, k, s in zip(x_shape[2:], padding, dilation, w_shape[2:], stride, strict=True)
+        for n, p, d, k, s in zip(sig.input[2:], sig.padding, sig.dilation, sig.weight[2:], sig.stride, strict=True)
     ]
-    return x_shape[0] * w_shape[0] * math.prod(out) * (w_shape[1] * kernel)  # weight [C_out, C_in / groups, k...]
+    return sig.input[0] * sig.weight[0] * math.prod(out) * (sig.weight[1] * kernel)  # weight [C_out, C_in / g, k...]
 
 
 def _tensor(shape: tuple, fmt: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -114,15 +138,18 @@ def _tensor(shape: tuple, fmt: str, dtype: torch.dtype, device: torch.device) ->
     return t
 
 
-def replay(sig: tuple, phase: str, device: torch.device) -> Callable[[], Any]:
+def replay(sig: Signature, phase: str, device: torch.device) -> Callable[[], Any]:
     """The call of one signature on fresh random tensors: forward, or forward and backward (grad of input and
     weight, and of the bias where there is one)."""
-    x_shape, x_fmt, w_shape, w_fmt, has_bias, stride, padding, dilation, transposed, output_padding, groups, dt = sig
-    dtype = getattr(torch, dt)
-    x, weight = _tensor(x_shape, x_fmt, dtype, device), _tensor(w_shape, w_fmt, dtype, device)
-    bias = torch.randn(w_shape[1] * groups if transposed else w_shape[0], dtype=dtype, device=device)
-    bias = bias if has_bias else None
-    settings = (list(stride), list(padding), list(dilation), transposed, list(output_padding), groups)
+    dtype = getattr(torch, sig.dtype)
+    x, weight = (
+        _tensor(sig.input, sig.input_layout, dtype, device),
+        _tensor(sig.weight, sig.weight_layout, dtype, device),
+    )
+    channels = sig.weight[1] * sig.groups if sig.transposed else sig.weight[0]
+    bias = torch.randn(channels, dtype=dtype, device=device) if sig.bias else None
+    settings = (list(sig.stride), list(sig.padding), list(sig.dilation), sig.transposed, list(sig.output_padding))
+    settings += (sig.groups,)
 
     def forward() -> torch.Tensor:
         return CONVOLUTION(x, weight, bias, *settings)
@@ -130,11 +157,11 @@ def replay(sig: tuple, phase: str, device: torch.device) -> Callable[[], Any]:
     if phase == "infer":
         return forward
     grad = torch.randn_like(forward())
-    bias_sizes = [bias.shape[0]] if has_bias else None
+    bias_sizes = [channels] if sig.bias else None
 
     def step() -> None:
         forward()
-        torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, *settings, [True, True, has_bias])
+        torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, *settings, [True, True, sig.bias])
 
     return step
 
@@ -153,30 +180,14 @@ def rates(calls: Counter, phase: str, device: torch.device, warmup: int, repeats
     choices = (False, True) if device.type == "cuda" else (False,)
     rows = []
     for sig, count in calls.items():
-        row: dict[str, Any] = {
-            "input": list(sig[0]),
-            "input_layout": sig[1],
-            "weight": list(sig[2]),
-            "bias": sig[4],
-            "stride": list(sig[5]),
-            "padding": list(sig[6]),
-            "dilation": list(sig[7]),
-            "transposed": sig[8],
-            "output_padding": list(sig[9]),
-            "groups": sig[10],
-            "dtype": sig[11],
-            "calls": count,
-            "gmacs": macs(sig) / 1e9 * (3 if phase == "train" else 1),  # backward: input and weight gradients
-        }
+        row: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in sig._asdict().items()}
+        row.pop("weight_layout")
+        row["calls"] = count
+        row["gmacs"] = macs(sig) / 1e9 * (3 if phase == "train" else 1)  # backward: input and weight gradients
         for benchmark in choices:
-            previous = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = benchmark
-            try:
-                row["benchmark_ms" if benchmark else "heuristic_ms"] = time_call(
-                    replay(sig, phase, device), device, warmup, repeats
-                )
-            finally:
-                torch.backends.cudnn.benchmark = previous
+            with cudnn_benchmark(benchmark):
+                ms = time_call(replay(sig, phase, device), device, warmup, repeats)
+            row["benchmark_ms" if benchmark else "heuristic_ms"] = ms
         best = min(row.get("benchmark_ms", math.inf), row["heuristic_ms"])
         row["tflops"] = 2 * row["gmacs"] / best if best > 0 else None  # GFLOP per ms = TFLOP/s
         rows.append(row)
@@ -230,14 +241,11 @@ def totals_of(rows: list[dict]) -> dict[str, float]:
 
 
 def _overrides(items: list[str], models: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items:
-        model, sep, setting = item.partition(":")
-        if not sep or "=" not in setting:
-            raise ValueError(f"--override {item!r} must look like MODEL:KEY=VALUE, e.g. mmsegrwkv:fused_norm=true")
-        if model not in models:
-            raise ValueError(f"--override {item!r} names {model!r}, which is not one of the models {models}")
-        out[model] = apply_overrides(out.get(model, {}), [setting])
+    """bench models' --override reading, for the models of this run only."""
+    out = model_overrides(items)
+    unknown = sorted(out.keys() - set(models))
+    if unknown:
+        raise ValueError(f"--override names {unknown}, not one of the models {models}")
     return out
 
 

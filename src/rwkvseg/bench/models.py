@@ -168,7 +168,8 @@ def _threads(n: int, device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _cudnn_benchmark(on: bool) -> Iterator[None]:
+def cudnn_benchmark(on: bool) -> Iterator[None]:
+    """torch.backends.cudnn.benchmark set to on inside the block, restored after."""
     previous = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = on
     try:
@@ -340,7 +341,7 @@ def bench_models(
     # would fall back to eager without a word, and the "compiled" rows would not be compiled
     with (
         _threads(config.threads, device),
-        _cudnn_benchmark(config.cudnn_benchmark),
+        cudnn_benchmark(config.cudnn_benchmark),
         torch._dynamo.config.patch(cache_size_limit=256),
     ):
         for name in dict.fromkeys(key[0] for key in todo):

@@ -287,7 +287,8 @@ def _run_wkv_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_overrides(items: list[str]) -> dict[str, dict]:
+def model_overrides(items: list[str]) -> dict[str, dict]:
+    """{model: settings} from --override MODEL:KEY=VALUE items (also read by scripts that take the option)."""
     from ..train.config import apply_overrides  # the value read as --set reads it (YAML: true, 3, [2, 2], text)
 
     overrides: dict[str, dict] = {}
@@ -333,7 +334,7 @@ def _run_models(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
         memory_format=args.memory_format,
-        overrides=_model_overrides(args.override),
+        overrides=model_overrides(args.override),
     )
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
     if "threads" in info:  # the CPU rows run with config.threads, whatever the process had before
