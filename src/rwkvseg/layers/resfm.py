@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .gemm_conv import is_channels_last
 from .norm import LayerNormChannelsFirst
 
 _CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -55,7 +56,11 @@ class ModalResFM(nn.Module):
         return self.modalities * self.channels
 
     def fm_term(self, z: Tensor) -> Tensor:
-        """FM term of embeddings z [B, M*k, *spatial] -> [B, k, *spatial]."""
+        """FM term of embeddings z [B, M*k, *spatial] -> [B, k, *spatial], in z's layout (contiguous or
+        channels-last: a channels-first term would make the lift below transpose it)."""
+        if is_channels_last(z):
+            fields = z.movedim(1, -1).unflatten(-1, (self.modalities, self.channels))  # [B, *S, M, k] (a view)
+            return fm_interaction(fields, dim=-2).movedim(-1, 1)  # [B, *S, k] -> [B, k, *S] channels-last
         return fm_interaction(z.unflatten(1, (self.modalities, self.channels)), dim=1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from torch import Tensor, nn
 
 from rwkvseg.layers.dualview import WindowedDualViewStage
+from rwkvseg.layers.gemm_conv import use_gemm_convs
 from rwkvseg.layers.norm import LayerNormChannelsFirst, use_fast_instance_norm, use_fused_instance_norm
 from rwkvseg.layers.resfm import ChannelResFM, ModalResFM
 
@@ -45,6 +46,10 @@ class MMSegRWKVConfig:
     # the decoder's instance norms as fused Triton ops on CUDA (layers/norm.py), each res block's first norm with
     # its LeakyReLU: fp32 statistics, split reductions, no fp32 temporaries; the CPU runs the stock ops either way
     fused_norm: bool = False
+    # 1x1x1 convolutions of channels-last maps and the kernel == stride transposed convolutions as GEMMs
+    # (layers/gemm_conv.py): on an H200 cuDNN ran the full-resolution ones at 0.4-33 TFLOP/s (scripts/conv_rates.py);
+    # same parameters and values, so released weights load either way
+    gemm_convs: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -163,6 +168,8 @@ class MMSegRWKV(nn.Module):
             use_fast_instance_norm(self)
         if cfg.fused_norm:
             use_fused_instance_norm(self)
+        if cfg.gemm_convs:
+            use_gemm_convs(self)
 
     def padded_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """Each axis up to a multiple of the stride; if that leaves a single voxel at the 1/stride bottleneck

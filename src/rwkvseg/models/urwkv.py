@@ -30,6 +30,7 @@ from rwkvseg.layers.conv import (
     encode,
     pad_to_multiple,
 )
+from rwkvseg.layers.gemm_conv import use_gemm_convs
 from rwkvseg.layers.vrwkv import TOKEN_SHIFTS, QuadScanBlock
 from rwkvseg.ops import QUAD_SCAN_ORDERS
 
@@ -53,6 +54,7 @@ class URWKVConfig:
     deep_se: bool = False  # squeeze-excitation gate on the deep form's output (absent from the released code)
     hidden_ratio: int = 4  # ChannelMix hidden width / C
     literal: bool = False  # DARM without the exact shortcuts: every order and dual branch run separately
+    gemm_convs: bool = False  # 1x1 convolutions of channels-last maps as GEMMs (layers/gemm_conv.py); same weights
 
     def __post_init__(self):
         object.__setattr__(self, "dims", tuple(self.dims))
@@ -179,6 +181,8 @@ class URWKV(nn.Module):
         self.ups = nn.ModuleList(UpConv(d, c[i + 1], c[i]) for i in reversed(range(4)))
         self.fusions = nn.ModuleList(ChannelFusion(d, 2 * c[i], c[i], e) for i in reversed(range(4)))
         self.head = conv_nd(d, c[0], config.num_classes, 1)
+        if config.gemm_convs:
+            use_gemm_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x, size = pad_to_multiple(x, STRIDE)
