@@ -6,9 +6,9 @@ it in convolutions, about all of DynUNet's time for more multiply-adds. This scr
 one eager call of each model (bench.models: the bench's input, memory format and bf16 autocast on CUDA) with
 autograd on, so that every convolution reaches a TorchDispatchMode as `aten.convolution` with all its arguments,
 and groups the calls by (input shape and layout, weight shape, stride, padding, dilation, transposed, output
-padding, groups, dtype). Each group is then timed alone on fresh random tensors of the same shapes and layouts:
-the forward (`aten.convolution`), or with --phase train the forward and `aten.convolution_backward` (input and
-weight gradients, as a training step needs them), the median of --repeats after --warmup calls, CUDA events on
+padding, groups, dtype, whether the input needs a gradient). Each group is then timed alone on fresh random tensors of the same shapes and layouts:
+the forward (`aten.convolution`), or with --phase train the forward and `aten.convolution_backward` (the weight's
+gradient, and the input's where the step needs it: not for convolutions of the model's input), the median of --repeats after --warmup calls, CUDA events on
 CUDA (perf_counter on the CPU), first with cuDNN's heuristics (the default of every run of this project) and then,
 on CUDA, with `cudnn.benchmark` (cuDNN times its algorithms on the first call of each shape and keeps the fastest).
 
@@ -17,8 +17,8 @@ on CUDA, with `cudnn.benchmark` (cuDNN times its algorithms on the first call of
 
 Prints per model a table, the most expensive group first (by heuristic time): calls, ms per call (heuristic,
 benchmarked), the group's ms per model call and the rate (TFLOP/s, 2 FLOPs per multiply-add) with the faster
-choice, GMACs per call (with --phase train three times the forward's: the input and weight gradients cost one
-forward each); then the model's convolution total under each choice. --json writes every group and the totals (a new file).
+choice, GMACs per call (with --phase train three times the forward's, twice without the input's gradient: each
+gradient costs one forward); then the model's convolution total under each choice. --json writes every group and the totals (a new file).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class Signature(NamedTuple):
     output_padding: tuple[int, ...]
     groups: int
     dtype: str
+    input_grad: bool  # whether the step needs the input's gradient (not for a model's first convolutions)
 
 
 def signature(args: tuple) -> Signature:
@@ -91,6 +92,7 @@ def signature(args: tuple) -> Signature:
         tuple(output_padding),
         int(groups),
         str(x.dtype).removeprefix("torch."),
+        bool(x.requires_grad),
     )
 
 
@@ -139,8 +141,8 @@ def _tensor(shape: tuple, fmt: str, dtype: torch.dtype, device: torch.device) ->
 
 
 def replay(sig: Signature, phase: str, device: torch.device) -> Callable[[], Any]:
-    """The call of one signature on fresh random tensors: forward, or forward and backward (grad of input and
-    weight, and of the bias where there is one)."""
+    """The call of one signature on fresh random tensors: forward, or forward and backward (the weight's
+    gradient, the input's where the model's step needs it, the bias's where there is one)."""
     dtype = getattr(torch, sig.dtype)
     x, weight = (
         _tensor(sig.input, sig.input_layout, dtype, device),
@@ -161,7 +163,7 @@ def replay(sig: Signature, phase: str, device: torch.device) -> Callable[[], Any
 
     def step() -> None:
         forward()
-        torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, *settings, [True, True, sig.bias])
+        torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, *settings, [sig.input_grad, True, sig.bias])
 
     return step
 
@@ -183,7 +185,8 @@ def rates(calls: Counter, phase: str, device: torch.device, warmup: int, repeats
         row: dict[str, Any] = {k: list(v) if isinstance(v, tuple) else v for k, v in sig._asdict().items()}
         row.pop("weight_layout")
         row["calls"] = count
-        row["gmacs"] = macs(sig) / 1e9 * (3 if phase == "train" else 1)  # backward: input and weight gradients
+        # the backward: the weight's gradient and, where needed, the input's, each as costly as the forward
+        row["gmacs"] = macs(sig) / 1e9 * ((3 if sig.input_grad else 2) if phase == "train" else 1)
         for benchmark in choices:
             with cudnn_benchmark(benchmark):
                 ms = time_call(replay(sig, phase, device), device, warmup, repeats)
@@ -210,7 +213,7 @@ def table(name: str, rows: list[dict]) -> list[str]:
         kind = "T " if r["transposed"] else ""
         cells = [
             str(r["calls"]),
-            f"{_shape(r['input'])} ({r['input_layout']}, {r['dtype']})",
+            f"{_shape(r['input'])} ({r['input_layout']}, {r['dtype']}{'' if r['input_grad'] else ', no grad'})",
             kind + _shape(r["weight"]),
             f"{_shape(r['stride'])} / {_shape(r['padding'])}",
             str(r["groups"]),

@@ -18,18 +18,19 @@ def script():
 
 
 class _Net(nn.Module):
-    """Two convolutions of one signature, a strided grouped one with a bias and a transposed one (4 channels in, as
-    the bench's 3D input)."""
+    """A first convolution (of the input: no input gradient), two of one signature like it but for the gradient, a
+    strided grouped one with a bias and a transposed one (4 channels in, as the bench's 3D input)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.first = nn.Conv3d(4, 4, 3, padding=1, bias=False)
         self.a = nn.Conv3d(4, 4, 3, padding=1, bias=False)
         self.b = nn.Conv3d(4, 4, 3, padding=1, bias=False)
         self.down = nn.Conv3d(4, 8, 2, stride=2, groups=2)
         self.up = nn.ConvTranspose3d(8, 3, 2, stride=2)
 
     def forward(self, x):
-        return self.up(self.down(self.b(self.a(x))))
+        return self.up(self.down(self.b(self.a(self.first(x)))))
 
 
 def _config(memory_format="channels_last"):
@@ -38,14 +39,16 @@ def _config(memory_format="channels_last"):
 
 def test_every_convolution_is_captured_once_per_call_with_its_arguments(script):
     calls = script.convolutions(_Net(), 3, 1, 8, _config("contiguous"))
-    assert sum(calls.values()) == 4
-    by_weight = {sig[2]: (sig, n) for sig, n in calls.items()}
-    same, n = by_weight[(4, 4, 3, 3, 3)]
+    assert sum(calls.values()) == 5
+    by_weight = {(sig.weight, sig.input_grad): (sig, n) for sig, n in calls.items()}
+    same, n = by_weight[(4, 4, 3, 3, 3), True]
     assert n == 2  # a and b: one signature, counted twice
     assert same[:2] == ((1, 4, 8, 8, 8), "contiguous") and same[4] is False and same[6] == (1, 1, 1)
-    down, _ = by_weight[(8, 2, 2, 2, 2)]
+    first, n = by_weight[(4, 4, 3, 3, 3), False]  # the same shapes, but the model's input needs no gradient
+    assert n == 1 and first[:-1] == same[:-1]
+    down, _ = by_weight[(8, 2, 2, 2, 2), True]
     assert down[5] == (2, 2, 2) and down[10] == 2 and down[4] is True and down[8] is False
-    up, _ = by_weight[(8, 3, 2, 2, 2)]
+    up, _ = by_weight[(8, 3, 2, 2, 2), True]
     assert up[8] is True and up[0] == (1, 8, 4, 4, 4)
     assert {sig[1] for sig in calls} == {"contiguous"}
     # channels-last: the bench's input reaches the first convolution so (what the next ones get is the backend's
@@ -83,16 +86,23 @@ def test_replay_runs_the_captured_convolution_forward_and_backward(script):
 def test_rows_are_timed_and_sorted_by_cost(script):
     calls = script.convolutions(_Net(), 3, 1, 8, _config("contiguous"))
     rows = script.rates(calls, "infer", torch.device("cpu"), warmup=1, repeats=2)
-    assert len(rows) == 3 and sum(r["calls"] for r in rows) == 4
+    assert len(rows) == 4 and sum(r["calls"] for r in rows) == 5
     assert all(r["heuristic_ms"] > 0 and "benchmark_ms" not in r for r in rows)  # no cuDNN on the CPU
     costs = [r["calls"] * r["heuristic_ms"] for r in rows]
     assert costs == sorted(costs, reverse=True)
     totals = script.totals_of(rows)
     assert totals["heuristic_ms"] == pytest.approx(sum(costs)) and "benchmark_ms" not in totals
     train = script.rates(calls, "train", torch.device("cpu"), warmup=1, repeats=1)
-    assert sorted(r["gmacs"] for r in train) == pytest.approx(sorted(3 * r["gmacs"] for r in rows))
+    # the backward: the weight's gradient, and the input's but for the first convolution
+    factor = {(tuple(r["input"]), tuple(r["weight"]), r["input_grad"]): 3 if r["input_grad"] else 2 for r in rows}
+    assert sorted(factor.values()) == [2, 3, 3, 3]
+    infer = {(tuple(r["input"]), tuple(r["weight"]), r["input_grad"]): r["gmacs"] for r in rows}
+    for r in train:
+        key = (tuple(r["input"]), tuple(r["weight"]), r["input_grad"])
+        assert r["gmacs"] == pytest.approx(factor[key] * infer[key])
     lines = script.table("net", rows)
-    assert lines[0] == "net: 4 convolutions in 3 shapes" and lines[-1].startswith("total: heuristic ")
+    assert lines[0] == "net: 5 convolutions in 4 shapes" and lines[-1].startswith("total: heuristic ")
+    assert sum(", no grad)" in line for line in lines) == 1
 
 
 def test_the_command_tables_a_registered_model_and_refuses_bad_settings(script, tmp_path, capsys):
