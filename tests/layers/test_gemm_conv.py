@@ -156,3 +156,16 @@ def test_twins_trace_whole_under_fullgraph(layout):
     torch.testing.assert_close(y, y_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [2, 3])
+def test_twins_match_cudnn_under_bf16_autocast_on_cuda(dims):
+    torch.manual_seed(0)
+    reference = module_to(_net(dims, bias=True).cuda(), "channels_last", dims)
+    gemm = use_gemm_convs(copy.deepcopy(reference))
+    x = tensor_to(torch.randn(2, 5, *[4 * s for s in SIZE[dims]], device="cuda"), "channels_last")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ref, y = reference(x), gemm(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and is_channels_last(y)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * y_ref.abs().max().item())
