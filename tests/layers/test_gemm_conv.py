@@ -15,10 +15,10 @@ from rwkvseg.layers.gemm_conv import (
     GemmPointwiseConv2d,
     GemmPointwiseConv3d,
     count_gemm_convs,
-    is_channels_last,
     use_gemm_convs,
 )
 from rwkvseg.layers.resfm import ModalResFM
+from rwkvseg.layers.twins import is_channels_last
 from rwkvseg.memory_format import module_to, tensor_to
 from rwkvseg.models import create_model
 

@@ -22,19 +22,10 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..memory_format import torch_layout
+from .twins import is_channels_last, swap_convs
 
 _POINTWISE = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """x [B, C, *spatial] (4-D or 5-D) in channels-last strides and not also plain contiguous (C == 1, one voxel)."""
-    return (
-        x.dim() in (4, 5)
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch_layout("channels_last", x.dim()))
-    )
 
 
 def _spatial_dims(conv: nn.Module) -> int:
@@ -129,41 +120,18 @@ _GEMM_POINTWISE = {2: GemmPointwiseConv2d, 3: GemmPointwiseConv3d}
 _GEMM_TRANSPOSED = {2: GemmConvTranspose2d, 3: GemmConvTranspose3d}
 
 
-def _twin(conv: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """An instance of cls with conv's settings, sharing conv's weight and bias Parameters."""
-    settings = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
-    if isinstance(conv, nn.ConvTranspose2d | nn.ConvTranspose3d):
-        settings["output_padding"] = conv.output_padding
-    twin = cls(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        **settings,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-        device="meta",
-    )
-    twin.weight = conv.weight
-    twin.bias = conv.bias
-    twin.train(conv.training)
-    return twin
+def _gemm_twin(conv: nn.Module) -> type[nn.Module] | None:
+    if is_gemm_pointwise(conv):
+        return _GEMM_POINTWISE[_spatial_dims(conv)]
+    if is_gemm_transposed(conv):
+        return _GEMM_TRANSPOSED[_spatial_dims(conv)]
+    return None
 
 
 def use_gemm_convs(model: nn.Module) -> nn.Module:
-    """In place: every plain pointwise nn.Conv{2,3}d and every stride == kernel nn.ConvTranspose{2,3}d of model (the
-    model itself included) becomes its GEMM twin above; parameters, their names and their values stay the same."""
-    if is_gemm_pointwise(model) or is_gemm_transposed(model):
-        raise ValueError("use_gemm_convs rewrites a model's submodules; wrap a lone convolution in nn.Sequential")
-    for name, module in list(model.named_modules()):
-        if is_gemm_pointwise(module):
-            twin = _twin(module, _GEMM_POINTWISE[_spatial_dims(module)])
-        elif is_gemm_transposed(module):
-            twin = _twin(module, _GEMM_TRANSPOSED[_spatial_dims(module)])
-        else:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, twin)
-    return model
+    """In place: every plain pointwise nn.Conv{2,3}d and every stride == kernel nn.ConvTranspose{2,3}d of model
+    becomes its GEMM twin above; parameters, their names and their values stay the same."""
+    return swap_convs(model, _gemm_twin, "use_gemm_convs")
 
 
 def count_gemm_convs(model: nn.Module) -> int:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .gemm_conv import is_channels_last
 from .norm import LayerNormChannelsFirst
+from .twins import is_channels_last
 
 _CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 

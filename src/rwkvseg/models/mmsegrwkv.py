@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from rwkvseg.layers.dualview import WindowedDualViewStage
 from rwkvseg.layers.gemm_conv import use_gemm_convs
 from rwkvseg.layers.norm import LayerNormChannelsFirst, use_fast_instance_norm, use_fused_instance_norm
+from rwkvseg.layers.padded_conv import use_padded_thin_convs
 from rwkvseg.layers.resfm import ChannelResFM, ModalResFM
 
 from .registry import Family
@@ -50,6 +51,10 @@ class MMSegRWKVConfig:
     # (layers/gemm_conv.py): on an H200 cuDNN ran the full-resolution ones at 0.4-33 TFLOP/s (scripts/conv_rates.py);
     # same parameters and values, so released weights load either way
     gemm_convs: bool = False
+    # convolutions of fewer than 8 (or not a multiple of 8) input channels, on channels-last maps, padded to a
+    # multiple of 8 (the grouped ModalResFM embedding as its dense block-diagonal weight; layers/padded_conv.py):
+    # cuDNN ran the 4-channel ones at 1.1-22 TFLOP/s on an H200; same parameters and values
+    pad_thin_convs: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -170,6 +175,8 @@ class MMSegRWKV(nn.Module):
             use_fused_instance_norm(self)
         if cfg.gemm_convs:
             use_gemm_convs(self)
+        if cfg.pad_thin_convs:  # after the GEMM twins: a thin pointwise convolution stays a GEMM
+            use_padded_thin_convs(self)
 
     def padded_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """Each axis up to a multiple of the stride; if that leaves a single voxel at the 1/stride bottleneck

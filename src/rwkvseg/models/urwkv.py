@@ -31,6 +31,7 @@ from rwkvseg.layers.conv import (
     pad_to_multiple,
 )
 from rwkvseg.layers.gemm_conv import use_gemm_convs
+from rwkvseg.layers.padded_conv import use_padded_thin_convs
 from rwkvseg.layers.vrwkv import TOKEN_SHIFTS, QuadScanBlock
 from rwkvseg.ops import QUAD_SCAN_ORDERS
 
@@ -55,6 +56,7 @@ class URWKVConfig:
     hidden_ratio: int = 4  # ChannelMix hidden width / C
     literal: bool = False  # DARM without the exact shortcuts: every order and dual branch run separately
     gemm_convs: bool = False  # 1x1 convolutions of channels-last maps as GEMMs (layers/gemm_conv.py); same weights
+    pad_thin_convs: bool = False  # the 3-channel stem padded to 8 on channels-last maps (layers/padded_conv.py)
 
     def __post_init__(self):
         object.__setattr__(self, "dims", tuple(self.dims))
@@ -183,6 +185,8 @@ class URWKV(nn.Module):
         self.head = conv_nd(d, c[0], config.num_classes, 1)
         if config.gemm_convs:
             use_gemm_convs(self)
+        if config.pad_thin_convs:  # after the GEMM twins: a thin pointwise convolution stays a GEMM
+            use_padded_thin_convs(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x, size = pad_to_multiple(x, STRIDE)

@@ -1,0 +1,93 @@
+"""Thin convolutions padded to 8 input channels, the width cuDNN's bf16 channels-last tensor-core kernels read.
+
+A model's first convolutions read its few input channels (MMSegRWKV: 4 MRI sequences; U-RWKV: 3 colours), where
+cuDNN falls back to slow kernels: measured with `scripts/conv_rates.py` on one H200 (bf16, channels-last, session
+19), MMSegRWKV's enc1 4 -> 32 3x3x3 convolution at 128^3 ran at 22 TFLOP/s (0.65 ms; its 32 -> 32 twins at 210),
+ModalResFM's 4 -> 8 embedding (4 groups of one channel) at 1.1 TFLOP/s (0.84 ms), U-RWKV's 3 -> 16 stem at 2.7.
+
+`use_padded_thin_convs(model)` swaps every plain nn.Conv{2,3}d with in_channels not a multiple of 8, ungrouped or
+with one input channel per group, for a subclass that, on channels-last maps, appends zero channels to the input
+up to a multiple of 8 and zero rows to the weight (a grouped one becomes the dense block-diagonal weight it
+stands for) and runs one ungrouped convolution: the same values up to the order of the sums, the same parameters
+(released weights load), more multiply-adds at a rate cuDNN reaches. Channels-first maps keep the plain
+convolution. Pointwise convolutions that `use_gemm_convs` (layers/gemm_conv.py) turned into GEMMs stay GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .twins import is_channels_last, layout_of, swap_convs
+
+MULTIPLE = 8  # bf16: 16-byte channel vectors
+_PLAIN = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def is_thin(conv: nn.Module) -> bool:
+    """A plain nn.Conv2d / nn.Conv3d (not a subclass) with in_channels not a multiple of MULTIPLE, ungrouped or
+    one input channel per group, zeros padding."""
+    return (
+        type(conv) in _PLAIN.values()
+        and conv.in_channels % MULTIPLE != 0
+        and (conv.groups == 1 or conv.groups == conv.in_channels)
+        and conv.padding_mode == "zeros"
+    )
+
+
+def dense_padded_weight(weight: Tensor, groups: int, in_channels: int) -> Tensor:
+    """weight [C_out, C_in / groups, *k] of a convolution with `groups` groups -> the ungrouped weight
+    [C_out, C_pad, *k] it stands for, C_pad = in_channels up to a multiple of MULTIPLE, zero where an output does
+    not read an input. Differentiable: the gradient of each original entry is that of its one dense copy."""
+    c_out, per_group, *kernel = weight.shape
+    padded = -(-in_channels // MULTIPLE) * MULTIPLE
+    if groups == 1:
+        zeros = weight.new_zeros(c_out, padded - in_channels, *kernel)
+        return torch.cat([weight, zeros.to(memory_format=layout_of(weight))], dim=1)
+    if per_group != 1:
+        raise ValueError(f"dense_padded_weight: only groups of one input channel, got {per_group} per group")
+    # output o reads input o // (C_out / groups): a one-hot [C_out, C_pad] mask times the one weight per output
+    reads = torch.arange(c_out, device=weight.device) // (c_out // groups)
+    mask = F.one_hot(reads, padded).to(weight.dtype)  # [C_out, C_pad]
+    return weight * mask.view(c_out, padded, *([1] * len(kernel)))  # [C_out, 1, *k] * [C_out, C_pad, 1..] -> dense
+
+
+def pad_channels(x: Tensor) -> Tensor:
+    """[B, C, *S] -> [B, C_pad, *S] with zero channels appended up to a multiple of MULTIPLE, in x's layout."""
+    extra = -x.shape[1] % MULTIPLE
+    zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:]).to(memory_format=layout_of(x))
+    return torch.cat([x, zeros], dim=1)
+
+
+class _PaddedConv:
+    """The forward of the padded twins (mixed into nn.Conv2d / nn.Conv3d)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not is_channels_last(x):
+            return super().forward(x)  # type: ignore[misc]
+        weight = dense_padded_weight(self.weight, self.groups, self.in_channels)
+        conv = F.conv2d if x.dim() == 4 else F.conv3d
+        # [B, C_in, *S] -> [B, C_pad, *S] (channels-last) -> [B, C_out, *S'] (channels-last)
+        return conv(pad_channels(x), weight, self.bias, self.stride, self.padding, self.dilation, 1)
+
+
+class PaddedConv2d(_PaddedConv, nn.Conv2d):
+    """nn.Conv2d whose channels-last inputs are padded to MULTIPLE channels (dense_padded_weight, pad_channels)."""
+
+
+class PaddedConv3d(_PaddedConv, nn.Conv3d):
+    """nn.Conv3d whose channels-last inputs are padded to MULTIPLE channels (dense_padded_weight, pad_channels)."""
+
+
+_PADDED = {2: PaddedConv2d, 3: PaddedConv3d}
+
+
+def use_padded_thin_convs(model: nn.Module) -> nn.Module:
+    """In place: every thin convolution of model (is_thin) becomes its padded twin, sharing its parameters."""
+    return swap_convs(model, lambda m: _PADDED[len(m.kernel_size)] if is_thin(m) else None, "use_padded_thin_convs")
+
+
+def count_padded_convs(model: nn.Module) -> int:
+    """How many padded twins model holds (what use_padded_thin_convs swapped in)."""
+    return sum(isinstance(m, _PaddedConv) for m in model.modules())
