@@ -10,7 +10,7 @@ with one input channel per group, for a subclass that, on channels-last maps, ap
 up to a multiple of 8 and zero rows to the weight (a grouped one becomes the dense block-diagonal weight it
 stands for) and runs one ungrouped convolution: the same values up to the order of the sums, the same parameters
 (released weights load), more multiply-adds at a rate cuDNN reaches. Channels-first maps keep the plain
-convolution. Pointwise convolutions that `use_gemm_convs` (layers/gemm_conv.py) turned into GEMMs stay GEMMs.
+convolution. Convolutions already swapped for another twin (layers/gemm_conv.py, layers/s2d_conv.py) stay so.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from rwkvseg.layers.gemm_conv import use_gemm_convs
 from rwkvseg.layers.norm import LayerNormChannelsFirst, use_fast_instance_norm, use_fused_instance_norm
 from rwkvseg.layers.padded_conv import use_padded_thin_convs
 from rwkvseg.layers.resfm import ChannelResFM, ModalResFM
+from rwkvseg.layers.s2d_conv import use_s2d_convs
 
 from .registry import Family
 
@@ -55,6 +56,9 @@ class MMSegRWKVConfig:
     # multiple of 8 (the grouped ModalResFM embedding as its dense block-diagonal weight; layers/padded_conv.py):
     # cuDNN ran the 4-channel ones at 1.1-22 TFLOP/s on an H200; same parameters and values
     pad_thin_convs: bool = False
+    # the 7x7x7 stride-2 stem as a 4x4x4 stride-1 convolution over the space-to-depth map (layers/s2d_conv.py):
+    # cuDNN ran it at 46 TFLOP/s on an H200; same parameters and values
+    s2d_convs: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -175,7 +179,9 @@ class MMSegRWKV(nn.Module):
             use_fused_instance_norm(self)
         if cfg.gemm_convs:
             use_gemm_convs(self)
-        if cfg.pad_thin_convs:  # after the GEMM twins: a thin pointwise convolution stays a GEMM
+        if cfg.s2d_convs:
+            use_s2d_convs(self)
+        if cfg.pad_thin_convs:  # last: a thin pointwise convolution stays a GEMM, a thin strided one s2d (wide)
             use_padded_thin_convs(self)
 
     def padded_size(self, size: tuple[int, ...]) -> tuple[int, ...]:
