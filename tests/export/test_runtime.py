@@ -125,6 +125,20 @@ def test_predict_files_writes_masks_and_never_overwrites(tiny, tmp_path):
         predict_files(tiny[0], paths, tmp_path / "out")
 
 
+def test_predict_files_post_processes_the_masks_it_writes(tiny, tmp_path):
+    from PIL import Image
+
+    from rwkvseg.infer.postprocess import PostProcess, keep_largest_foreground
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "im.png"
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+    (written,) = predict_files(tiny[0], [path], tmp_path / "out", postprocess=PostProcess(largest=True))
+    raw = OnnxPredictor(tiny[0]).predict_mask(path)
+    assert np.asarray(Image.open(written)).tolist() != (raw * 255).tolist()  # noise: many components
+    np.testing.assert_array_equal(np.asarray(Image.open(written)) // 255, keep_largest_foreground(raw))
+
+
 def test_int8_weights_keep_the_record(tiny, tmp_path):
     out = quantize_int8(tiny[0], tmp_path / "int8.onnx")
     assert OnnxPredictor(out).record == OnnxPredictor(tiny[0]).record

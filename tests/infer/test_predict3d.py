@@ -12,6 +12,7 @@ from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.data.preprocess3d import PreprocessConfig, preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.volumes import discover_cases
+from rwkvseg.infer.postprocess import PostProcess
 from rwkvseg.infer.predict import PredictConfig
 from rwkvseg.infer.predict3d import Predictor3D, predict_paths
 from rwkvseg.infer.sliding_window import SlidingWindowConfig, mirror_subsets, predict_logits
@@ -131,6 +132,23 @@ def test_a_2mm_model_predicts_on_the_1mm_grid_with_the_input_affine(tmp_path, tr
     assert dice(pred > 0, seg > 0) > 0.9
     assert dice(pred == 4, seg == 4) > 0.6  # a radius-4 ball seen through 2 mm voxels
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1.nii.gz"]  # no temporary files left
+
+
+def test_postprocess_relabels_a_small_enhancing_tumour_on_the_output_grid(tmp_path, trained_at_2mm):
+    folder, _ = write_1mm_case(tmp_path / "in")
+    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12))
+    (case,) = discover_cases(folder, BRATS, require_label=False)
+    raw, _ = Predictor3D(Threshold(), metadata, PredictConfig(mirror_axes=())).predict_case(case)
+    enhancing = int((raw == 4).sum())  # counted on the 1 mm grid the file is written on
+    assert enhancing > 100
+    for min_voxels, relabelled in [(enhancing, False), (enhancing + 1, True)]:
+        options = PredictConfig(mirror_axes=(), postprocess=PostProcess(largest=True, et_min_voxels=min_voxels))
+        values, _ = Predictor3D(Threshold(), metadata, options).predict_case(case)
+        np.testing.assert_array_equal(values > 0, raw > 0)  # one tumour: largest keeps it whole
+        assert (values == 4).sum() == (0 if relabelled else enhancing)
+        np.testing.assert_array_equal(values == 1, (raw == 4) if relabelled else np.zeros_like(raw, bool))
+    with pytest.raises(ValueError, match="fill-holes fills binary masks, and this model predicts 3 foreground"):
+        Predictor3D(Threshold(), metadata, PredictConfig(postprocess=PostProcess(fill_holes=True)))
 
 
 def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2mm, monkeypatch):

@@ -30,7 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threshold", type=float, default=None, help="binary threshold (default: the checkpoint's)")
     p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
-    p.add_argument("--probabilities", action="store_true", help="also write probabilities/<name>.png|.npy")
+    p.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write probabilities/<name>.png|.npy: the model's raw outputs, never post-processed",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")
     p.add_argument(
@@ -60,6 +64,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="test-time augmentation: the logits averaged over every flip of these axes, '' for none. 2D: 0 "
         "(height), 1 (width), e.g. 0,1 (4 passes per image; default none). 3D: 0,1,2 (default: the checkpoint's on "
         "a GPU, none on the CPU, where 0,1,2 costs 8 forward passes per window, about 6x the time)",
+    )
+    p.add_argument(
+        "--postprocess",
+        default="none",
+        metavar="SPEC",
+        help="post-process each label map before writing it (beyond the papers' recipes; probabilities stay raw): "
+        "none (default); largest: keep the largest connected foreground component (8-connected in 2D, 26 in 3D); "
+        "fill-holes: fill the mask's holes (binary models); et-min-voxels=N: (3D BraTS) relabel a predicted "
+        "enhancing tumour of fewer than N voxels of the output grid as NCR/NET; join several with commas, e.g. "
+        "largest,fill-holes",
     )
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
     g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")
@@ -110,6 +124,7 @@ def mirror_axes(text: str | None) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..infer.postprocess import PostProcess
     from ..infer.predict import PredictConfig, is_3d_checkpoint, predict
     from ._options import device_name
 
@@ -130,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         compile_backend=args.compile_backend,
         memory_format=args.memory_format,
+        postprocess=PostProcess.parse(args.postprocess),
     )
     if args.runtime == "onnx":
         return _run_onnx(args, checkpoint, source, config)
@@ -170,6 +186,7 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
             threshold=0.5 if args.threshold is None else args.threshold,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
+            postprocess=config.postprocess,
         )
     print(f"wrote {len(written)} masks to {args.out} (onnxruntime)")
     return 0

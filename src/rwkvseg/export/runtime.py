@@ -20,12 +20,15 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..data.images2d import normalize  # the exact normalisation training used
 from ..files import refuse_existing
+
+if TYPE_CHECKING:
+    from ..infer.postprocess import PostProcess
 
 METADATA_KEY = "rwkvseg"
 
@@ -299,13 +302,20 @@ def predict_files(
     threads: int | None = None,
     batch_size: int = 8,
     overwrite: bool = False,
+    postprocess: PostProcess | None = None,
 ) -> list[Path]:
     """Masks `<out>/<stem>.png` for 2D image files (binary: 0/255; multi-class: the class index), as
     `rwkvseg predict` writes them; nothing is written when a target exists and overwrite is False. onnx: an
-    open OnnxPredictor, or the exported file's path (opened with threads)."""
+    open OnnxPredictor, or the exported file's path (opened with threads). postprocess: applied to each mask
+    before writing (rwkvseg.infer.postprocess, numpy and scipy)."""
     from PIL import Image
 
     predictor = onnx if isinstance(onnx, OnnxPredictor) else OnnxPredictor(onnx, threads=threads)
+    if postprocess is not None and postprocess.active:
+        from ..infer.postprocess import check_postprocess
+        from ..infer.postprocess import postprocess as postprocess_labels
+
+        check_postprocess(postprocess, max(int(predictor.record.get("num_classes", 1)) - 1, 1))
     out = Path(out)
     targets = [out / f"{Path(p).stem}.png" for p in images]
     if len(set(targets)) < len(targets):
@@ -317,6 +327,8 @@ def predict_files(
         chunk = images[start : start + batch_size]
         for target, probs in zip(targets[start:], predictor.predict_images(chunk, batch_size), strict=False):
             labels = to_labels(probs, predictor.activation, threshold)
+            if postprocess is not None and postprocess.active:
+                labels = postprocess_labels(labels, postprocess)
             mask = labels * 255 if probs.shape[0] == 1 else labels
             fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{target.stem}.tmp.", suffix=".png")
             os.close(fd)

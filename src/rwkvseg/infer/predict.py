@@ -15,6 +15,7 @@ from ..checkpoint import read_meta
 from ..compiling import check_compile
 from ..files import output_folder
 from ..memory_format import check_memory_format
+from .postprocess import NO_POSTPROCESS, PostProcess
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class PredictConfig:
     files) or dicom-seg (DICOM inputs).
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
     time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager". memory_format:
-    "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format)."""
+    "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format).
+    postprocess: applied to each label map before it is written (infer.postprocess); probabilities stay raw."""
 
     device: str = "cpu"
     overwrite: bool = False
@@ -41,6 +43,7 @@ class PredictConfig:
     sw_batch_size: int = 1
     modalities: tuple[str, ...] = ()
     out_format: str = "nifti"
+    postprocess: PostProcess = NO_POSTPROCESS
 
     compile: str = "auto"
     compile_backend: str = "inductor"
@@ -108,4 +111,5 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         compile_backend=config.compile_backend,
         mirror_axes=config.mirror_axes or (),
         memory_format=config.memory_format,
+        postprocess=config.postprocess,
     )

@@ -27,6 +27,8 @@ from ..data.images2d import list_inputs, read_image
 from ..files import atomic_write, refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import Preprocessing2D
+from .postprocess import NO_POSTPROCESS, PostProcess, check_postprocess
+from .postprocess import postprocess as postprocess_labels
 from .sliding_window import SlidingWindowConfig, mirrored, predict_logits
 
 log = logging.getLogger(__name__)
@@ -163,12 +165,17 @@ def predict_2d(
     compile_backend: str = "inductor",
     mirror_axes: Sequence[int] = (),
     memory_format: str = "contiguous",
+    postprocess: PostProcess = NO_POSTPROCESS,
 ) -> list[Path]:
     """Predict masks for an image file or folder; returns the mask paths written. compile, memory_format: see
     PredictConfig. mirror_axes: test-time augmentation, the logits averaged over every flip of these axes (0:
-    height, 1: width; (0, 1) costs 4 forward passes per image)."""
+    height, 1: width; (0, 1) costs 4 forward passes per image). postprocess: applied to each mask (and so its
+    overlay) before writing; the probabilities stay the model's."""
     mirror_axes = check_mirror_axes(mirror_axes)
     model, meta = load_checkpoint(checkpoint, device)
+    check_postprocess(postprocess, max(meta.num_classes - 1, 1))  # one sigmoid channel: one foreground label
+    if postprocess.active:
+        log.info("post-processing each mask: %s", postprocess.spelling())
     module_to(model, memory_format, 2)  # before compiling, which specializes on the parameters' strides
     model = maybe_compile(model, compile, device, "the model", compile_backend)
     predictor = mirrored(fed_in(model, memory_format), mirror_axes)
@@ -187,6 +194,8 @@ def predict_2d(
             images = [read_image(f, pre.channels, pre.normalization) for f in chunk]
             for f, image, prob in zip(chunk, images, predict_arrays(predictor, images, pre, device), strict=True):
                 labels = to_labels(prob[None], threshold)[0].numpy().astype(np.uint8)  # [H, W]
+                if postprocess.active:
+                    labels = postprocess_labels(labels, postprocess)
                 mask = labels * 255 if not multiclass else labels
                 _write(out / f"{f.stem}.png", _png_bytes(mask))
                 written.append(out / f"{f.stem}.png")

@@ -38,6 +38,7 @@ from ..data.volumes import (
 from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
+from .postprocess import check_postprocess, postprocess
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
@@ -121,6 +122,9 @@ class Predictor3D:
         if options.out_format not in OUT_FORMATS:
             raise ValueError(f"output format {options.out_format!r} unknown; choose one of {', '.join(OUT_FORMATS)}")
         self.options = options
+        check_postprocess(options.postprocess, self.spec.num_classes - 1, self.spec)
+        if options.postprocess.active:
+            log.info("post-processing each label volume: %s", options.postprocess.spelling())
         self.orientation = str(metadata.get("orientation") or DEFAULT_ORIENTATION)
         recorded = metadata.get("inference", {})  # the defaults training wrote
         overlap = options.overlap if options.overlap is not None else float(recorded.get("overlap", 0.5))
@@ -151,6 +155,8 @@ class Predictor3D:
         cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
         probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]
         values = paste(probabilities_to_values(probs, self.spec, self.target), props)
+        if self.options.postprocess.active:  # on the input's own grid, whose voxels et-min-voxels counts
+            values = postprocess(values, self.options.postprocess, self.spec)
         return orient_back(values, back), volumes.reference
 
     def output_path(self, case: CaseFiles, out_dir: Path | str) -> Path:
