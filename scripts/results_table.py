@@ -2,14 +2,15 @@
 the released checkpoint (on the CPU by default) and scored at the original image size, beside the published numbers.
 
     python scripts/results_table.py DATA_ROOT OUT [--names NAME ...] [--device cpu] [--threads 2] [--limit N]
-                                    [--weights DIR]
+                                    [--weights DIR] [--mirror-axes-2d 0,1] [--postprocess SPEC]
 
 For each released model (weights/index.json; or the --names given), under OUT/<name>/:
 - data/: links to the validation cases (fold 0 of the model's split file) of DATA_ROOT/<dataset>: 2D images/ +
   masks/ (every mask file of an image, merged at scoring as in training), 3D the BraTS case folders. DATA_ROOT is
   only read; OUT must be a new folder outside it.
 - pred/: what `rwkvseg predict --model NAME data/images --out pred` writes (masks at each input's own size; 3D label
-  volumes on each case's own grid), through the same function and the same defaults.
+  volumes on each case's own grid), through the same function and the same defaults (--postprocess SPEC: as
+  `rwkvseg predict --postprocess SPEC`, for every model; each must accept it, or nothing runs).
 - eval/: what `rwkvseg evaluate pred data --out eval` writes (per_case.csv, summary.json), the same way.
 Then OUT/results.md (the table, also printed) and OUT/results.json (the numbers, the settings, the environment).
 --limit N takes the first N validation cases of each model: a quick check, and the table says so.
@@ -32,7 +33,7 @@ import torch
 from rwkvseg import __version__
 from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.bench.wkv import environment as bench_environment
-from rwkvseg.checkpoint import load_checkpoint
+from rwkvseg.checkpoint import load_checkpoint, read_meta
 from rwkvseg.cli.predict import mirror_axes
 from rwkvseg.data.images2d import discover_pairs
 from rwkvseg.data.specs import DatasetSpec
@@ -41,6 +42,7 @@ from rwkvseg.data.volumes import discover_cases
 from rwkvseg.eval.evaluate import SUMMARY_FILE, evaluate_folders
 from rwkvseg.eval.images import ground_truth_cases
 from rwkvseg.files import check_apart, write_json
+from rwkvseg.infer.postprocess import PostProcess, check_postprocess
 from rwkvseg.infer.predict import PredictConfig, predict
 from rwkvseg.released import ReleasedModel, released_checkpoint, released_models, weights_dir
 
@@ -165,7 +167,9 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
     log.info("%s: predicting %d of %d validation cases of %s on %s", model.name, cases, total, dataset, args.device)
     start = time.perf_counter()
     mirror = args.mirror_axes_2d if dims == 2 else None  # 3D: the predict defaults
-    predict(checkpoint, [inputs], pred, PredictConfig(device=args.device, mirror_axes=mirror))
+    predict(
+        checkpoint, [inputs], pred, PredictConfig(device=args.device, mirror_axes=mirror, postprocess=args.postprocess)
+    )
     predicted = time.perf_counter()
     summary = evaluate_folders(pred, data, scores, spec=spec, num_classes=meta.num_classes)
     log.info("%s: scored in %.1f s (prediction %.1f s)", model.name, time.perf_counter() - predicted, predicted - start)
@@ -253,6 +257,12 @@ def results_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> st
             "augmentation, `rwkvseg predict --mirror-axes`); the Dice recorded at release is without it.",
             "",
         ]
+    if settings.get("postprocess", "none") != "none":
+        lines += [
+            f"Every label map is post-processed before scoring (`rwkvseg predict --postprocess "
+            f"{settings['postprocess']}`, beyond the papers' recipes); the Dice recorded at release is without it.",
+            "",
+        ]
     if settings["limit"]:
         lines += [
             f"**Quick check (--limit {settings['limit']}): only the first {settings['limit']} validation cases of "
@@ -311,7 +321,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="AXES",
         help="2D test-time augmentation: logits averaged over the flips of these axes, e.g. 0,1 (default: none)",
     )
+    parser.add_argument(
+        "--postprocess",
+        type=postprocess_spec,
+        default=PostProcess(),
+        metavar="SPEC",
+        help="post-process every label map as `rwkvseg predict --postprocess` does: largest, fill-holes, "
+        "et-min-voxels=N, joined by commas (default: none)",
+    )
     return parser.parse_args(argv)
+
+
+def postprocess_spec(text: str) -> PostProcess:
+    try:
+        return PostProcess.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def check_postprocess_fits(model: ReleasedModel, config: PostProcess, weights: Path) -> None:
+    """Refused when the post-processing does not apply to the model (as `rwkvseg predict` would refuse it)."""
+    meta = read_meta(released_checkpoint(model.name, weights))
+    spec = DatasetSpec.from_dict(meta.preprocessing["dataset"]) if meta.preprocessing.get("dims") == 3 else None
+    try:
+        check_postprocess(config, spec.num_classes - 1 if spec else max(meta.num_classes - 1, 1), spec)
+    except ValueError as err:
+        raise Refused(f"{model.name}: {err}") from None
 
 
 def axes(text: str) -> tuple[int, ...]:
@@ -350,6 +385,7 @@ def check(args: argparse.Namespace) -> list[ReleasedModel]:
             raise Refused(f"{m.name} needs dataset folder {args.data_root / m.dataset}, which does not exist")
         if not split_path(m).is_file():
             raise Refused(f"{m.name} names split file {m.split}, not found at {split_path(m)}")
+        check_postprocess_fits(m, args.postprocess, args.weights)
     return chosen
 
 
@@ -380,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         "weights": str(args.weights),
         "command": " ".join(["python scripts/results_table.py", *(sys.argv[1:] if argv is None else argv)]),
         "predict": "rwkvseg predict defaults: the checkpoint's threshold and 3D window; 3D mirror TTA on a GPU only"
-        + (f"; 2D mirror TTA over axes {list(args.mirror_axes_2d)}" if args.mirror_axes_2d else ""),
+        + (f"; 2D mirror TTA over axes {list(args.mirror_axes_2d)}" if args.mirror_axes_2d else "")
+        + (f"; --postprocess {args.postprocess.spelling()}" if args.postprocess.active else ""),
         "mirror_axes_2d": list(args.mirror_axes_2d),
+        "postprocess": args.postprocess.spelling(),
         "evaluate": "rwkvseg evaluate defaults (empty policy perfect, HD95 computed)",
         "environment": environment(args.device),
     }

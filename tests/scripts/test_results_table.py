@@ -238,3 +238,27 @@ def test_2d_mirror_tta_reaches_prediction_and_the_table_says_so(script, released
     with pytest.raises(SystemExit):
         run(script, data, weights, tmp_path / "out2", "--mirror-axes-2d", "x")
     assert "'x' is not a comma-separated list of axes" in capsys.readouterr().err
+
+
+def test_postprocess_reaches_prediction_and_the_table_says_so(script, released, tmp_path, monkeypatch, capsys):
+    data, weights, _ = released
+    configs = []
+
+    def spy(checkpoint, inputs, out, config):
+        configs.append(config)
+        return predict(checkpoint, inputs, out, config)
+
+    predict = script.predict
+    monkeypatch.setattr(script, "predict", spy)
+    assert run(script, data, weights, tmp_path / "out", "--limit", "1", "--postprocess", "largest,fill-holes") == 0
+    assert [c.postprocess.spelling() for c in configs] == ["largest,fill-holes"]
+    assert (
+        "post-processed before scoring (`rwkvseg predict --postprocess largest,fill-holes`" in capsys.readouterr().out
+    )
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["postprocess"] == "largest,fill-holes"
+    with pytest.raises(SystemExit):
+        run(script, data, weights, tmp_path / "out2", "--postprocess", "holes")
+    assert "'holes' is not an option; give none, largest, fill-holes" in capsys.readouterr().err
+    assert run(script, data, weights, tmp_path / "out3", "--postprocess", "et-min-voxels=50") == 2
+    assert "urwkv_test-tiny: --postprocess et-min-voxels applies to 3D" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
