@@ -7,8 +7,9 @@ For each released 2D model (or --names): links to its validation images under OU
 predict` with --probabilities into OUT/<name>/pred (the released checkpoint, no TTA), then the mean Dice over the
 images (empty prediction and empty truth: 1, as `rwkvseg evaluate`'s default) of the masks at 0.5 from the saved
 probabilities, as they are, with only the largest connected component (8-connected), with holes filled, and both
-(`scipy.ndimage`). The mask files predict writes are scored too, as a check that the probabilities reproduce them.
-Prints a table and writes OUT/postprocess.json. DATA_ROOT is only read; OUT must be a new folder.
+(rwkvseg.infer.postprocess, what `rwkvseg predict --postprocess` does). The mask files predict writes are scored too,
+as a check that the probabilities reproduce them. Prints a table and writes OUT/postprocess.json. DATA_ROOT is only
+read; OUT must be a new folder.
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from rwkvseg.data.images2d import discover_pairs, read_mask
 from rwkvseg.data.splits import read_split
 from rwkvseg.eval.metrics import confusion_counts, overlap_scores
+from rwkvseg.infer.postprocess import fill_holes, largest_component
 from rwkvseg.infer.predict import PredictConfig, is_3d_checkpoint, predict
 from rwkvseg.released import released_checkpoint, released_models
 
 ROOT = Path(__file__).resolve().parents[1]
-EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -38,19 +38,11 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(overlap_scores(confusion_counts(pred, truth))["dice"])
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask, structure=EIGHT)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(mask, labels, range(1, n + 1))
-    return labels == 1 + int(np.argmax(sizes))
-
-
-VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {  # rwkvseg predict --postprocess, on the saved masks
     "as predicted": lambda m: m,
     "largest component": largest_component,
-    "holes filled": ndimage.binary_fill_holes,
-    "both": lambda m: ndimage.binary_fill_holes(largest_component(m)),
+    "holes filled": fill_holes,
+    "both": lambda m: fill_holes(largest_component(m)),
 }
 
 
