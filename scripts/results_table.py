@@ -9,8 +9,9 @@ For each released model (weights/index.json; or the --names given), under OUT/<n
   masks/ (every mask file of an image, merged at scoring as in training), 3D the BraTS case folders. DATA_ROOT is
   only read; OUT must be a new folder outside it.
 - pred/: what `rwkvseg predict --model NAME data/images --out pred` writes (masks at each input's own size; 3D label
-  volumes on each case's own grid), through the same function and the same defaults (--postprocess SPEC: as
-  `rwkvseg predict --postprocess SPEC`, for every model; each must accept it, or nothing runs).
+  volumes on each case's own grid), through the same function and the same defaults: each checkpoint's own
+  post-processing (the released BraTS models record `largest`), or --postprocess SPEC for every model as
+  `rwkvseg predict --postprocess SPEC` (none: off; each model must accept it, or nothing runs).
 - eval/: what `rwkvseg evaluate pred data --out eval` writes (per_case.csv, summary.json), the same way.
 Then OUT/results.md (the table, also printed) and OUT/results.json (the numbers, the settings, the environment).
 --limit N takes the first N validation cases of each model: a quick check, and the table says so.
@@ -42,7 +43,7 @@ from rwkvseg.data.volumes import discover_cases
 from rwkvseg.eval.evaluate import SUMMARY_FILE, evaluate_folders
 from rwkvseg.eval.images import ground_truth_cases
 from rwkvseg.files import check_apart, write_json
-from rwkvseg.infer.postprocess import PostProcess, check_postprocess
+from rwkvseg.infer.postprocess import NO_POSTPROCESS, PostProcess, check_postprocess, recorded_postprocess
 from rwkvseg.infer.predict import PredictConfig, predict
 from rwkvseg.released import ReleasedModel, released_checkpoint, released_models, weights_dir
 
@@ -58,6 +59,7 @@ DATASET_TITLES = {
     "brats2018_4mod_2mm": "BraTS 2018 (2 mm)",
 }
 REGIONS = ("WT", "TC", "ET")
+DEFAULT_POSTPROCESS = "each checkpoint's own"  # results.json's setting without --postprocess
 
 # Published Dice per dataset, as fractions of the papers' percentages; each on its authors' own splits and
 # schedules (280 epochs and more), so context for the rows, not the same experiment. Quoted as in README "Measured
@@ -167,6 +169,7 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
     log.info("%s: predicting %d of %d validation cases of %s on %s", model.name, cases, total, dataset, args.device)
     start = time.perf_counter()
     mirror = args.mirror_axes_2d if dims == 2 else None  # 3D: the predict defaults
+    post = effective_postprocess(meta.preprocessing, dims, args.postprocess)
     predict(
         checkpoint, [inputs], pred, PredictConfig(device=args.device, mirror_axes=mirror, postprocess=args.postprocess)
     )
@@ -184,6 +187,7 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
         "validation_cases": total,
         **score_row(summary, dims),
         "recorded": model.metrics,
+        "postprocess": post.spelling(),
         "seconds": {"predict": round(predicted - start, 2), "evaluate": round(time.perf_counter() - predicted, 2)},
         "summary": str(scores / SUMMARY_FILE),
     }
@@ -257,10 +261,12 @@ def results_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> st
             "augmentation, `rwkvseg predict --mirror-axes`); the Dice recorded at release is without it.",
             "",
         ]
-    if settings.get("postprocess", "none") != "none":
+    processed = [f"{r['name']}: {r['postprocess']}" for r in rows if r.get("postprocess", "none") != "none"]
+    if processed:
+        how = "as given" if settings.get("postprocess") != DEFAULT_POSTPROCESS else "each checkpoint's own default"
         lines += [
-            f"Every label map is post-processed before scoring (`rwkvseg predict --postprocess "
-            f"{settings['postprocess']}`, beyond the papers' recipes); the Dice recorded at release is without it.",
+            f"Label maps post-processed before scoring (`rwkvseg predict --postprocess`, {how}; beyond the papers' "
+            f"recipes): {'; '.join(processed)}. The Dice recorded at release is without it.",
             "",
         ]
     if settings["limit"]:
@@ -324,10 +330,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--postprocess",
         type=postprocess_spec,
-        default=PostProcess(),
+        default=None,
         metavar="SPEC",
-        help="post-process every label map as `rwkvseg predict --postprocess` does: largest, fill-holes, "
-        "et-min-voxels=N, joined by commas (default: none)",
+        help="post-process every label map as `rwkvseg predict --postprocess` does: none, largest, fill-holes, "
+        "et-min-voxels=N, joined by commas (default: each checkpoint's own, as predict)",
     )
     return parser.parse_args(argv)
 
@@ -339,11 +345,19 @@ def postprocess_spec(text: str) -> PostProcess:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def check_postprocess_fits(model: ReleasedModel, config: PostProcess, weights: Path) -> None:
+def effective_postprocess(preprocessing: dict[str, Any], dims: int, given: PostProcess | None) -> PostProcess:
+    """What `rwkvseg predict` applies: the given --postprocess, else the 3D checkpoint's recorded one (2D: none)."""
+    if given is not None:
+        return given
+    return recorded_postprocess(preprocessing.get("inference", {})) if dims == 3 else NO_POSTPROCESS
+
+
+def check_postprocess_fits(model: ReleasedModel, given: PostProcess | None, weights: Path) -> None:
     """Refused when the post-processing does not apply to the model (as `rwkvseg predict` would refuse it)."""
     meta = read_meta(released_checkpoint(model.name, weights))
     spec = DatasetSpec.from_dict(meta.preprocessing["dataset"]) if meta.preprocessing.get("dims") == 3 else None
     try:
+        config = effective_postprocess(meta.preprocessing, 3 if spec else 2, given)
         check_postprocess(config, spec.num_classes - 1 if spec else max(meta.num_classes - 1, 1), spec)
     except ValueError as err:
         raise Refused(f"{model.name}: {err}") from None
@@ -417,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python scripts/results_table.py", *(sys.argv[1:] if argv is None else argv)]),
         "predict": "rwkvseg predict defaults: the checkpoint's threshold and 3D window; 3D mirror TTA on a GPU only"
         + (f"; 2D mirror TTA over axes {list(args.mirror_axes_2d)}" if args.mirror_axes_2d else "")
-        + (f"; --postprocess {args.postprocess.spelling()}" if args.postprocess.active else ""),
+        + (f"; --postprocess {args.postprocess.spelling()}" if args.postprocess is not None else ""),
         "mirror_axes_2d": list(args.mirror_axes_2d),
-        "postprocess": args.postprocess.spelling(),
+        "postprocess": DEFAULT_POSTPROCESS if args.postprocess is None else args.postprocess.spelling(),
         "evaluate": "rwkvseg evaluate defaults (empty policy perfect, HD95 computed)",
         "environment": environment(args.device),
     }

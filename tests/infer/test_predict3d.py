@@ -151,6 +151,29 @@ def test_postprocess_relabels_a_small_enhancing_tumour_on_the_output_grid(tmp_pa
         Predictor3D(Threshold(), metadata, PredictConfig(postprocess=PostProcess(fill_holes=True)))
 
 
+def test_a_checkpoint_records_its_own_postprocessing_and_an_explicit_choice_overrides_it(tmp_path, trained_at_2mm):
+    folder, _ = write_1mm_case(tmp_path / "in")
+    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12))
+    (case,) = discover_cases(folder, BRATS, require_label=False)
+    raw, _ = Predictor3D(Threshold(), metadata, PredictConfig(mirror_axes=())).predict_case(case)
+    enhancing = int((raw == 4).sum())
+    recorded = {
+        **metadata,
+        "inference": {**metadata.get("inference", {}), "postprocess": f"et-min-voxels={enhancing + 1}"},
+    }
+    by_default = Predictor3D(Threshold(), recorded, PredictConfig(mirror_axes=()))  # postprocess None: the record's
+    assert by_default.postprocess == PostProcess(et_min_voxels=enhancing + 1)
+    values, _ = by_default.predict_case(case)
+    assert (values == 4).sum() == 0 and (values == 1).sum() == enhancing
+    off = Predictor3D(Threshold(), recorded, PredictConfig(mirror_axes=(), postprocess=PostProcess()))
+    np.testing.assert_array_equal(off.predict_case(case)[0], raw)  # --postprocess none: off
+    broken = {**metadata, "inference": {"postprocess": "biggest"}}
+    with pytest.raises(
+        ValueError, match=r"records inference.postprocess 'biggest', which is not valid .* fix its sidecar"
+    ):
+        Predictor3D(Threshold(), broken, PredictConfig(mirror_axes=()))
+
+
 def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2mm, monkeypatch):
     folder, seg = write_1mm_case(tmp_path / "in")
     meta = CheckpointMeta(

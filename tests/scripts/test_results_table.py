@@ -253,9 +253,16 @@ def test_postprocess_reaches_prediction_and_the_table_says_so(script, released, 
     assert run(script, data, weights, tmp_path / "out", "--limit", "1", "--postprocess", "largest,fill-holes") == 0
     assert [c.postprocess.spelling() for c in configs] == ["largest,fill-holes"]
     assert (
-        "post-processed before scoring (`rwkvseg predict --postprocess largest,fill-holes`" in capsys.readouterr().out
+        "post-processed before scoring (`rwkvseg predict --postprocess`, as given; beyond the papers' recipes): "
+        "urwkv_test-tiny: largest,fill-holes." in capsys.readouterr().out
     )
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["postprocess"] == "largest,fill-holes"
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["postprocess"] == "largest,fill-holes" and result["models"][0]["postprocess"] == "largest,fill-holes"
+    configs.clear()  # without the option: each checkpoint's own choice, as predict (a 2D one records none)
+    assert run(script, data, weights, tmp_path / "out1", "--limit", "1") == 0
+    assert [c.postprocess for c in configs] == [None] and "post-processed" not in capsys.readouterr().out
+    result = json.loads((tmp_path / "out1" / "results.json").read_text())
+    assert result["postprocess"] == "each checkpoint's own" and result["models"][0]["postprocess"] == "none"
     with pytest.raises(SystemExit):
         run(script, data, weights, tmp_path / "out2", "--postprocess", "holes")
     assert "'holes' is not an option; give none, largest, fill-holes" in capsys.readouterr().err

@@ -67,13 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--postprocess",
-        default="none",
+        default=None,
         metavar="SPEC",
         help="post-process each label map before writing it (beyond the papers' recipes; probabilities stay raw): "
-        "none (default); largest: keep the largest connected foreground component (8-connected in 2D, 26 in 3D); "
-        "fill-holes: fill the mask's holes (binary models); et-min-voxels=N: (3D BraTS) relabel a predicted "
-        "enhancing tumour of fewer than N voxels of the output grid as NCR/NET; join several with commas, e.g. "
-        "largest,fill-holes",
+        "default: the checkpoint's own choice (the released BraTS models record largest, chosen on validation; "
+        "none otherwise); none: off; largest: keep the largest connected foreground component (8-connected in "
+        "2D, 26 in 3D); fill-holes: fill the mask's holes (binary models); et-min-voxels=N: (3D BraTS) relabel "
+        "a predicted enhancing tumour of fewer than N voxels of the output grid as NCR/NET; join several with "
+        "commas, e.g. largest,fill-holes",
     )
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
     g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         compile_backend=args.compile_backend,
         memory_format=args.memory_format,
-        postprocess=PostProcess.parse(args.postprocess),
+        postprocess=None if args.postprocess is None else PostProcess.parse(args.postprocess),
     )
     if args.runtime == "onnx":
         return _run_onnx(args, checkpoint, source, config)

@@ -14,7 +14,9 @@ They run in that order on the label map, after thresholding / argmax; probabilit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -66,6 +68,21 @@ class PostProcess:
 
 
 NO_POSTPROCESS = PostProcess()
+
+
+def recorded_postprocess(inference: Mapping[str, Any], source: str = "the checkpoint") -> PostProcess:
+    """The post-processing a 3D checkpoint records as its default (`postprocess` in its sidecar's
+    preprocessing.inference, a --postprocess spelling chosen on validation at release); none when absent."""
+    text = inference.get("postprocess")
+    if text is None:
+        return NO_POSTPROCESS
+    try:
+        return PostProcess.parse(str(text))
+    except ValueError as err:
+        raise ValueError(
+            f"{source} records inference.postprocess {text!r}, which is not valid ({err}); fix its sidecar or pass "
+            "--postprocess explicitly"
+        ) from None
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -29,7 +29,9 @@ class PredictConfig:
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
     time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager". memory_format:
     "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format).
-    postprocess: applied to each label map before it is written (infer.postprocess); probabilities stay raw."""
+    postprocess: applied to each label map before it is written (infer.postprocess); probabilities stay raw. None:
+    the checkpoint's own choice (3D: preprocessing.inference.postprocess, recorded at release after being chosen
+    on validation; none where it records none, and for 2D checkpoints, which record none)."""
 
     device: str = "cpu"
     overwrite: bool = False
@@ -43,7 +45,7 @@ class PredictConfig:
     sw_batch_size: int = 1
     modalities: tuple[str, ...] = ()
     out_format: str = "nifti"
-    postprocess: PostProcess = NO_POSTPROCESS
+    postprocess: PostProcess | None = None
 
     compile: str = "auto"
     compile_backend: str = "inductor"
@@ -111,5 +113,5 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         compile_backend=config.compile_backend,
         mirror_axes=config.mirror_axes or (),
         memory_format=config.memory_format,
-        postprocess=config.postprocess,
+        postprocess=config.postprocess or NO_POSTPROCESS,  # 2D checkpoints record no post-processing
     )

@@ -38,7 +38,7 @@ from ..data.volumes import (
 from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
-from .postprocess import check_postprocess, postprocess
+from .postprocess import check_postprocess, postprocess, recorded_postprocess
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
@@ -122,11 +122,15 @@ class Predictor3D:
         if options.out_format not in OUT_FORMATS:
             raise ValueError(f"output format {options.out_format!r} unknown; choose one of {', '.join(OUT_FORMATS)}")
         self.options = options
-        check_postprocess(options.postprocess, self.spec.num_classes - 1, self.spec)
-        if options.postprocess.active:
-            log.info("post-processing each label volume: %s", options.postprocess.spelling())
         self.orientation = str(metadata.get("orientation") or DEFAULT_ORIENTATION)
-        recorded = metadata.get("inference", {})  # the defaults training wrote
+        recorded = metadata.get("inference", {})  # the defaults training (and a release's validation) wrote
+        self.postprocess = options.postprocess
+        if self.postprocess is None:  # the checkpoint's own choice
+            self.postprocess = recorded_postprocess(recorded)
+        check_postprocess(self.postprocess, self.spec.num_classes - 1, self.spec)
+        if self.postprocess.active:
+            given = "" if options.postprocess is not None else " (the checkpoint's default; --postprocess none: off)"
+            log.info("post-processing each label volume: %s%s", self.postprocess.spelling(), given)
         overlap = options.overlap if options.overlap is not None else float(recorded.get("overlap", 0.5))
         mirror = default_mirror_axes(options.mirror_axes, recorded, self.device)
         self.window = SlidingWindowConfig(
@@ -155,8 +159,8 @@ class Predictor3D:
         cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
         probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]
         values = paste(probabilities_to_values(probs, self.spec, self.target), props)
-        if self.options.postprocess.active:  # on the input's own grid, whose voxels et-min-voxels counts
-            values = postprocess(values, self.options.postprocess, self.spec)
+        if self.postprocess.active:  # on the input's own grid, whose voxels et-min-voxels counts
+            values = postprocess(values, self.postprocess, self.spec)
         return orient_back(values, back), volumes.reference
 
     def output_path(self, case: CaseFiles, out_dir: Path | str) -> Path:
