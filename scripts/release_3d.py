@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH]
-        [--eval-mirror-axes AXES] [--weights-dir DIR]
+        [--eval-mirror-axes AXES] [--weights-dir DIR] [--postprocess SPEC --postprocess-evidence TEXT]
 
 NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
 of `scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv_small,segresnet,dynunet,mmsegrwkv}.toml`
@@ -18,6 +18,10 @@ Each NAME gets a card (<name>.md: model, data, recipe, schedule; Dice and HD95 p
 mirror TTA at the end of training, of the fp32 checkpoint and of the shipped int8 weights; every run of the campaign
 side by side; the limitations, with the project's targets), its curves (<name>.curves.png: training loss and
 validation Dice per region per epoch, the best epoch dotted) and its index entry (replaced in place, or appended).
+--postprocess SPEC (a `rwkvseg predict --postprocess` spelling, chosen on validation, e.g. with `python
+scripts/results_table.py ... --postprocess SPEC`) is recorded as each release's default (`postprocess` in its
+sidecar's preprocessing.inference: `rwkvseg predict` applies it unless given --postprocess) and named in its card
+with --postprocess-evidence (the measurement that chose it).
 Every input is read and checked before anything is written: a missing or mismatched one is one error line and exit
 status 2, with no file changed.
 """
@@ -39,9 +43,11 @@ from safetensors.torch import load_file
 
 from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.checkpoint import INT8_SCALE
+from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.eval.evaluate import read_summary, summary_means
 from rwkvseg.eval.report import RunHistory, read_run, write_run_curves
-from rwkvseg.files import atomic_write_text
+from rwkvseg.files import atomic_write_text, write_json
+from rwkvseg.infer.postprocess import PostProcess, check_postprocess
 from rwkvseg.models import create_model
 from rwkvseg.released import ReleasedModel, update_index, weights_dir
 from rwkvseg.train.config import config_from_dict
@@ -83,7 +89,7 @@ its exact affine).
 | input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), mirror TTA on axes {axes} by default on a GPU (none on the CPU unless `--mirror-axes`) |
 | output | {output} over labels {labels}; regions {regions} |
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); against the fp32 checkpoint: mean Dice {d_dice:+.4f}, mean HD95 {d_hd95:+.2f} mm (table below) |
-| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
+{postprocess_row}| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
 | recipe | `configs/{config}`: {recipe} |
 | schedule | {schedule}; {iterations:,} iterations ({per_epoch} per epoch); best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation (median {epoch_s:.1f} s per epoch) |
@@ -282,6 +288,7 @@ class Release:
     card: str
     history: RunHistory
     entry: ReleasedModel
+    sidecar: dict[str, Any]  # the shipped sidecar, with the post-processing default when one is given
 
 
 def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
@@ -387,6 +394,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         differences=differences,
         nnunet=NNUNET_ITERATIONS,
         targets=targets_text(int8, ds.targets),
+        postprocess_row=postprocess_row(args),
     )
     metrics = {"val_dice": round(int8["dice"], 4), **{f"val_dice_{r}": round(int8[f"dice_{r}"], 4) for r in ds.targets}}
     entry = ReleasedModel(
@@ -397,7 +405,30 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         {**metrics, "epochs": history.ran},
         f"card: {name}.md",
     )
-    return Release(card, history, entry)
+    sidecar = shipped
+    if args.postprocess is not None:
+        try:
+            check_postprocess(
+                args.postprocess, DatasetSpec.from_dict(spec).num_classes - 1, DatasetSpec.from_dict(spec)
+            )
+        except ValueError as err:
+            raise Refused(f"{name}: {err}") from None
+        sidecar = {
+            **shipped,
+            "preprocessing": {**pre, "inference": {**inference, "postprocess": args.postprocess.spelling()}},
+        }
+    return Release(card, history, entry, sidecar)
+
+
+def postprocess_row(args: argparse.Namespace) -> str:
+    """The card's post-processing row ('' without --postprocess)."""
+    if args.postprocess is None:
+        return ""
+    return (
+        f"| post-processing | `{args.postprocess.spelling()}` by default (recorded as `preprocessing.inference.postprocess` "
+        f"in the sidecar; `rwkvseg predict --postprocess none` turns it off), beyond the paper's recipe: "
+        f"{args.postprocess_evidence} |\n"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -415,7 +446,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "choice on the CPU); the card says so, as summary.json does not record it",
     )
     p.add_argument("--weights-dir", type=Path, default=None, help="the released models' folder (default the package's)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--postprocess",
+        type=postprocess_spec,
+        default=None,
+        metavar="SPEC",
+        help="record this `rwkvseg predict --postprocess` spelling as each release's default (chosen on validation)",
+    )
+    p.add_argument("--postprocess-evidence", default="", help="with --postprocess: the measurement that chose it")
+    args = p.parse_args(argv)
+    if args.postprocess is not None and not args.postprocess_evidence.strip():
+        p.error("--postprocess needs --postprocess-evidence: the card names the measurement that chose it")
+    return args
+
+
+def postprocess_spec(text: str) -> PostProcess:
+    try:
+        return PostProcess.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in releases.items():
         write_run_curves(r.history, folder / f"{name}.curves.png", name=name)
         atomic_write_text(folder / f"{name}.md", r.card)
+        if args.postprocess is not None:
+            write_json(folder / f"{name}.json", r.sidecar)
         update_index(r.entry, folder)
         print(f"{name}: wrote {name}.md, {name}.curves.png and its index entry in {folder}")
     return 0

@@ -223,3 +223,45 @@ def test_an_interrupted_run_without_its_final_evaluation_is_released_with_its_st
     wt = next(line for line in card.splitlines() if line.startswith("| WT | "))
     assert wt.split(" | ")[2] == "-"  # the mirror TTA column
     assert "| brats2018-mmsegrwkv (these weights) | " in card and " of 40 (interrupted) | " in card
+
+
+def test_a_postprocessing_default_is_recorded_in_the_sidecar_and_the_card(campaign, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tmp, _ = campaign
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy, ignore=shutil.ignore_patterns("pred", "refs"))
+    script = load_script("release_3d")
+    name = "mmsegrwkv_small-brats2018"
+    sidecar = copy / "weights" / f"{name}.json"
+    before = json.loads(sidecar.read_text())
+    evidence = "results_table.py: WT 0.80 -> 0.81 on the validation cases"
+    options = ["--postprocess", "largest", "--postprocess-evidence", evidence]
+    assert script.main(release_args(copy, copy / "weights", name) + options) == 0
+    after = json.loads(sidecar.read_text())
+    assert after["preprocessing"]["inference"] == {**before["preprocessing"]["inference"], "postprocess": "largest"}
+    assert {k: v for k, v in after.items() if k != "preprocessing"} == {
+        k: v for k, v in before.items() if k != "preprocessing"
+    }  # the weights digest and everything else as exported
+    card = (copy / "weights" / f"{name}.md").read_text()
+    assert "| post-processing | `largest` by default (recorded as `preprocessing.inference.postprocess`" in card
+    assert evidence in card
+    # the default reaches prediction: the checkpoint loads and its Predictor3D takes it
+    from rwkvseg.checkpoint import read_meta
+    from rwkvseg.infer.postprocess import PostProcess, recorded_postprocess
+
+    meta = read_meta(copy / "weights" / f"{name}.safetensors")
+    assert recorded_postprocess(meta.preprocessing["inference"]) == PostProcess(largest=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the card must name its evidence
+        script.main([*release_args(copy, copy / "weights", name), "--postprocess", "largest"])
+    assert "--postprocess needs --postprocess-evidence" in capsys.readouterr().err
+    # an option that does not fit the model: one line, nothing written
+    before = {p.name: p.read_bytes() for p in (copy / "weights").iterdir()}
+    assert (
+        script.main(
+            [*release_args(copy, copy / "weights", name), "--postprocess", "fill-holes", "--postprocess-evidence", "x"]
+        )
+        == 2
+    )
+    assert "fill-holes fills binary masks" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (copy / "weights").iterdir()} == before
