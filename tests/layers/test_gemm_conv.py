@@ -1,12 +1,11 @@
 """GEMM twins of pointwise and stride == kernel transposed convolutions (layers/gemm_conv.py): the same values and
 gradients as the torch modules they replace, in float64 (only the order of the sums differs), in both layouts, the
-layout they return, what they leave alone, the state dict, and a fullgraph trace."""
+layout they return, what they leave alone, the state dict, a fullgraph trace, whole models and cuDNN."""
 
 import copy
 
 import pytest
 import torch
-import torch._dynamo
 from torch import nn
 
 from rwkvseg.layers.gemm_conv import (
@@ -21,6 +20,7 @@ from rwkvseg.layers.resfm import ModalResFM
 from rwkvseg.layers.twins import is_channels_last
 from rwkvseg.memory_format import module_to, tensor_to
 from rwkvseg.models import create_model
+from twin_checks import assert_matches_cudnn, assert_same_models, assert_same_values_and_grads, assert_traces_whole
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -40,12 +40,6 @@ def _net(dims: int, bias: bool) -> nn.Sequential:
     )
 
 
-def _values_and_grads(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
-    x = x.detach().requires_grad_()
-    y = model(x)
-    return y, torch.autograd.grad(y, [x, *model.parameters()], grad)
-
-
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [True, False])
@@ -57,13 +51,8 @@ def test_twins_match_the_torch_convolutions_in_values_gradients_and_layout(dims,
     assert isinstance(gemm[0], (GemmPointwiseConv2d, GemmPointwiseConv3d))
     assert isinstance(gemm[2], (GemmConvTranspose2d, GemmConvTranspose3d))
     x = tensor_to(torch.randn(2, 5, *SIZE[dims], dtype=torch.float64), layout)
-    grad = torch.randn(2, 2, *[2 * s * k for s, k in zip(SIZE[dims], KERNEL[dims], strict=True)], dtype=torch.float64)
-    y_ref, grads_ref = _values_and_grads(reference, x, grad)
-    y, grads = _values_and_grads(gemm, x, grad)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    assert len(grads) == len(grads_ref) == 1 + 4 + (3 if bias else 2)  # the input, the weights, the biases
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    y = assert_same_values_and_grads(gemm, reference, x)
+    assert y.shape == (2, 2, *[2 * s * k for s, k in zip(SIZE[dims], KERNEL[dims], strict=True)])
     # the input's layout, as cuDNN returns it (the CPU's 3D transposed convolution answers channels-first)
     assert is_channels_last(y) == (layout == "channels_last")
 
@@ -132,30 +121,14 @@ def test_models_with_gemm_convs_load_the_same_weights_and_compute_the_same(name,
     plain = create_model(name, in_channels, 3)
     gemm = create_model(name, in_channels, 3, gemm_convs=True)
     assert count_gemm_convs(gemm) > 0 and count_gemm_convs(plain) == 0
-    gemm.load_state_dict(plain.state_dict())  # released weights load either way
-    dims = len(shape) - 2
-    x = tensor_to(torch.randn(shape), "channels_last")
-    for model in (plain, gemm):
-        module_to(model.eval(), "channels_last", dims)
-    with torch.no_grad():
-        torch.testing.assert_close(gemm(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert_same_models(plain, gemm, shape)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_twins_trace_whole_under_fullgraph(layout):
     torch.manual_seed(0)
     model = module_to(use_gemm_convs(_net(3, bias=True)), layout, 3)
-    x = tensor_to(torch.randn(1, 5, *SIZE[3]), layout)
-    grad = torch.randn(1, 2, *[2 * s * k for s, k in zip(SIZE[3], KERNEL[3], strict=True)])
-    y_ref, grads_ref = _values_and_grads(model, x, grad)
-    torch._dynamo.reset()
-    try:
-        y, grads = _values_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), x, grad)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(y, y_ref)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref)
+    assert_traces_whole(model, tensor_to(torch.randn(1, 5, *SIZE[3]), layout))
 
 
 @pytest.mark.gpu
@@ -163,9 +136,5 @@ def test_twins_trace_whole_under_fullgraph(layout):
 def test_twins_match_cudnn_under_bf16_autocast_on_cuda(dims):
     torch.manual_seed(0)
     reference = module_to(_net(dims, bias=True).cuda(), "channels_last", dims)
-    gemm = use_gemm_convs(copy.deepcopy(reference))
     x = tensor_to(torch.randn(2, 5, *[4 * s for s in SIZE[dims]], device="cuda"), "channels_last")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_ref, y = reference(x), gemm(x)
-    assert y.dtype == y_ref.dtype == torch.bfloat16 and is_channels_last(y)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * y_ref.abs().max().item())
+    assert is_channels_last(assert_matches_cudnn(use_gemm_convs(copy.deepcopy(reference)), reference, x))

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch._dynamo
 from torch import nn
 
 from rwkvseg.layers.gemm_conv import GemmPointwiseConv3d, use_gemm_convs
@@ -21,6 +20,7 @@ from rwkvseg.layers.padded_conv import (
 from rwkvseg.layers.twins import is_channels_last
 from rwkvseg.memory_format import module_to, tensor_to
 from rwkvseg.models import create_model
+from twin_checks import assert_matches_cudnn, assert_same_models, assert_same_values_and_grads, assert_traces_whole
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {2: (6, 7), 3: (6, 7, 5)}
@@ -36,12 +36,6 @@ SETTINGS = [
 ]
 
 
-def _values_and_grads(model, x, grad):
-    x = x.detach().requires_grad_()
-    y = model(x)
-    return y, torch.autograd.grad(y, [x, *model.parameters()], grad)
-
-
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("setting", SETTINGS, ids=str)
 def test_padded_twin_matches_the_torch_convolution_in_values_and_gradients(dims, setting):
@@ -52,15 +46,8 @@ def test_padded_twin_matches_the_torch_convolution_in_values_and_gradients(dims,
     padded = use_padded_thin_convs(copy.deepcopy(reference))
     assert isinstance(padded[0], (PaddedConv2d, PaddedConv3d))
     x = tensor_to(torch.randn(2, c_in, *SIZE[dims], dtype=torch.float64), "channels_last")
-    y_ref = reference(x)
-    grad = torch.randn_like(y_ref)
-    y_ref, grads_ref = _values_and_grads(reference, x, grad)
-    y, grads = _values_and_grads(padded, x, grad)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    assert len(grads) == len(grads_ref) == 2 + bias  # the input, the weight, the bias
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
-    assert is_channels_last(y) == is_channels_last(y_ref)  # the CPU's 3D convolutions answer channels-first
+    y = assert_same_values_and_grads(padded, reference, x)
+    assert is_channels_last(y) == is_channels_last(reference(x))  # the CPU's 3D convolutions answer channels-first
 
 
 def test_dense_weight_is_the_block_diagonal_of_a_grouped_one():
@@ -123,17 +110,7 @@ def test_gemm_twins_stay_gemms_and_parameters_are_shared():
 def test_padded_twins_trace_whole_under_fullgraph():
     torch.manual_seed(0)
     model = module_to(use_padded_thin_convs(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1, groups=4))), "channels_last", 3)
-    x = tensor_to(torch.randn(1, 4, 5, 6, 7), "channels_last")
-    grad = torch.randn(1, 8, 5, 6, 7)
-    y_ref, grads_ref = _values_and_grads(model, x, grad)
-    torch._dynamo.reset()
-    try:
-        y, grads = _values_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), x, grad)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(y, y_ref)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref)
+    assert_traces_whole(model, tensor_to(torch.randn(1, 4, 5, 6, 7), "channels_last"))
 
 
 @pytest.mark.parametrize(
@@ -144,12 +121,7 @@ def test_models_with_both_rewrites_load_the_same_weights_and_compute_the_same(na
     plain = create_model(name, in_channels, 3)
     fast = create_model(name, in_channels, 3, gemm_convs=True, pad_thin_convs=True)
     assert count_padded_convs(fast) > 0 and count_padded_convs(plain) == 0
-    fast.load_state_dict(plain.state_dict())
-    x = tensor_to(torch.randn(shape), "channels_last")
-    for model in (plain, fast):
-        module_to(model.eval(), "channels_last", len(shape) - 2)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert_same_models(plain, fast, shape)
 
 
 @pytest.mark.gpu
@@ -161,7 +133,4 @@ def test_padded_twin_matches_cudnn_under_bf16_autocast_on_cuda(setting):
     reference = module_to(nn.Sequential(conv).cuda(), "channels_last", 3)
     padded = use_padded_thin_convs(copy.deepcopy(reference))
     x = tensor_to(torch.randn(1, c_in, 32, 32, 32, device="cuda"), "channels_last")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_ref, y = reference(x), padded(x)
-    assert y.dtype == y_ref.dtype == torch.bfloat16 and is_channels_last(y)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * y_ref.abs().max().item())
+    assert is_channels_last(assert_matches_cudnn(padded, reference, x))

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch._dynamo
 from torch import nn
 
 from rwkvseg.layers.s2d_conv import (
@@ -20,6 +19,7 @@ from rwkvseg.layers.s2d_conv import (
 from rwkvseg.layers.twins import is_channels_last
 from rwkvseg.memory_format import module_to, tensor_to
 from rwkvseg.models import create_model
+from twin_checks import assert_matches_cudnn, assert_same_models, assert_same_values_and_grads, assert_traces_whole
 
 # (in, out, kernel, stride, padding, input size) per case, 3D; 2D cases take the first two axes
 CASES = {
@@ -28,12 +28,6 @@ CASES = {
     "cut": (2, 3, 4, 2, 0, (9, 8, 11)),  # positions no output reads are cut (axes 1 and 3)
     "stride-one-axis": (4, 4, (3, 1, 2), (2, 1, 1), (1, 0, 0), (7, 5, 6)),
 }
-
-
-def _values_and_grads(model, x, grad):
-    x = x.detach().requires_grad_()
-    y = model(x)
-    return y, torch.autograd.grad(y, [x, *model.parameters()], grad)
 
 
 def _conv(dims, case):
@@ -54,14 +48,7 @@ def test_s2d_twin_matches_the_torch_convolution_in_values_and_gradients(dims, ca
     twin = use_s2d_convs(copy.deepcopy(reference))
     assert isinstance(twin[0], (S2DConv2d, S2DConv3d))
     x = tensor_to(torch.randn(2, conv.in_channels, *size, dtype=torch.float64), "channels_last")
-    y_ref = reference(x)
-    grad = torch.randn_like(y_ref)
-    y_ref, grads_ref = _values_and_grads(reference, x, grad)
-    y, grads = _values_and_grads(twin, x, grad)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
-    assert len(grads) == 3
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    assert_same_values_and_grads(twin, reference, x)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -115,17 +102,7 @@ def test_s2d_twin_traces_whole_under_fullgraph():
     torch.manual_seed(0)
     conv, size = _conv(3, "extend")
     model = module_to(use_s2d_convs(nn.Sequential(conv)), "channels_last", 3)
-    x = tensor_to(torch.randn(1, conv.in_channels, *size), "channels_last")
-    grad = torch.randn_like(model(x))
-    y_ref, grads_ref = _values_and_grads(model, x, grad)
-    torch._dynamo.reset()
-    try:
-        y, grads = _values_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"), x, grad)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(y, y_ref)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref)
+    assert_traces_whole(model, tensor_to(torch.randn(1, conv.in_channels, *size), "channels_last"))
 
 
 def test_mmsegrwkv_with_every_rewrite_loads_the_same_weights_and_computes_the_same():
@@ -133,12 +110,7 @@ def test_mmsegrwkv_with_every_rewrite_loads_the_same_weights_and_computes_the_sa
     plain = create_model("mmsegrwkv_test", 2, 3)
     fast = create_model("mmsegrwkv_test", 2, 3, gemm_convs=True, pad_thin_convs=True, s2d_convs=True)
     assert count_s2d_convs(fast) == 1  # the stem
-    fast.load_state_dict(plain.state_dict())
-    x = tensor_to(torch.randn(1, 2, 5, 7, 3), "channels_last")
-    for model in (plain, fast):
-        module_to(model.eval(), "channels_last", 3)
-    with torch.no_grad():
-        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert_same_models(plain, fast, (1, 2, 5, 7, 3))
 
 
 @pytest.mark.gpu
@@ -148,7 +120,4 @@ def test_s2d_twin_matches_cudnn_under_bf16_autocast_on_cuda():
     reference = module_to(nn.Sequential(conv).cuda(), "channels_last", 3)
     twin = use_s2d_convs(copy.deepcopy(reference))
     x = tensor_to(torch.randn(1, 8, 32, 32, 32, device="cuda"), "channels_last")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_ref, y = reference(x), twin(x)
-    assert y.dtype == y_ref.dtype == torch.bfloat16 and is_channels_last(y)
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * y_ref.abs().max().item())
+    assert is_channels_last(assert_matches_cudnn(twin, reference, x))

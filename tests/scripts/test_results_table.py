@@ -220,16 +220,23 @@ def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkey
     assert cells["Dice recorded at release"] == "0.9000 / 0.5000 / 0.2500"
 
 
-def test_2d_mirror_tta_reaches_prediction_and_the_table_says_so(script, released, tmp_path, monkeypatch, capsys):
-    data, weights, _ = released
+@pytest.fixture
+def predict_configs(script, monkeypatch):
+    """The PredictConfig of every predict call the script makes (predicting as before)."""
     configs = []
+    predict = script.predict
 
     def spy(checkpoint, inputs, out, config):
         configs.append(config)
         return predict(checkpoint, inputs, out, config)
 
-    predict = script.predict
     monkeypatch.setattr(script, "predict", spy)
+    return configs
+
+
+def test_2d_mirror_tta_reaches_prediction_and_the_table_says_so(script, released, tmp_path, predict_configs, capsys):
+    data, weights, _ = released
+    configs = predict_configs
     assert run(script, data, weights, tmp_path / "out", "--limit", "1", "--mirror-axes-2d", "0,1") == 0
     assert [c.mirror_axes for c in configs] == [(0, 1)]
     printed = capsys.readouterr().out
@@ -240,16 +247,9 @@ def test_2d_mirror_tta_reaches_prediction_and_the_table_says_so(script, released
     assert "'x' is not a comma-separated list of axes" in capsys.readouterr().err
 
 
-def test_postprocess_reaches_prediction_and_the_table_says_so(script, released, tmp_path, monkeypatch, capsys):
+def test_postprocess_reaches_prediction_and_the_table_says_so(script, released, tmp_path, predict_configs, capsys):
     data, weights, _ = released
-    configs = []
-
-    def spy(checkpoint, inputs, out, config):
-        configs.append(config)
-        return predict(checkpoint, inputs, out, config)
-
-    predict = script.predict
-    monkeypatch.setattr(script, "predict", spy)
+    configs = predict_configs
     assert run(script, data, weights, tmp_path / "out", "--limit", "1", "--postprocess", "largest,fill-holes") == 0
     assert [c.postprocess.spelling() for c in configs] == ["largest,fill-holes"]
     assert (
