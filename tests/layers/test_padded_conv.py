@@ -25,13 +25,14 @@ from twin_checks import assert_matches_cudnn, assert_same_models, assert_same_va
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {2: (6, 7), 3: (6, 7, 5)}
 # (in, out, kernel, stride, padding, groups, bias): MMSegRWKV's enc1 and ModalResFM embedding, U-RWKV's stem, a
-# strided one with 5 channels (13 after padding: not a multiple), a depthwise one
+# strided one with 5 channels, a depthwise one of 3 channels, a 12-channel one (padded to 16)
 SETTINGS = [
     (4, 6, 3, 1, 1, 1, False),
     (4, 8, 3, 1, 1, 4, True),
     (3, 5, 3, 1, 1, 1, True),
     (5, 4, 3, 2, 1, 1, True),
-    (12, 12, 3, 1, 1, 12, False),
+    (3, 3, 3, 1, 1, 3, False),
+    (12, 4, 3, 1, 1, 1, True),
     (3, 4, 2, 2, 0, 1, False),
 ]
 
@@ -86,6 +87,7 @@ def test_channels_first_maps_keep_the_plain_convolution(monkeypatch):
     [
         nn.Conv3d(8, 4, 3),  # a multiple of 8 already
         nn.Conv3d(6, 6, 3, groups=3),  # two channels per group
+        nn.Conv3d(12, 12, 3, groups=12),  # depthwise, 8 channels or more: dense, it would cost 16x
         nn.Conv3d(4, 4, 3, padding=1, padding_mode="reflect"),
         nn.ConvTranspose3d(4, 4, 2, stride=2),
     ],

@@ -5,8 +5,9 @@ cuDNN falls back to slow kernels: measured with `scripts/conv_rates.py` on one H
 19), MMSegRWKV's enc1 4 -> 32 3x3x3 convolution at 128^3 ran at 22 TFLOP/s (0.65 ms; its 32 -> 32 twins at 210),
 ModalResFM's 4 -> 8 embedding (4 groups of one channel) at 1.1 TFLOP/s (0.84 ms), U-RWKV's 3 -> 16 stem at 2.7.
 
-`use_padded_thin_convs(model)` swaps every plain nn.Conv{2,3}d with in_channels not a multiple of 8, ungrouped or
-with one input channel per group, for a subclass that, on channels-last maps, appends zero channels to the input
+`use_padded_thin_convs(model)` swaps every plain nn.Conv{2,3}d with in_channels not a multiple of 8, ungrouped, or
+with one input channel per group and fewer than 8 of them (a wider depthwise convolution would multiply its work
+by its width as a dense one), for a subclass that, on channels-last maps, appends zero channels to the input
 up to a multiple of 8 and zero rows to the weight (a grouped one becomes the dense block-diagonal weight it
 stands for) and runs one ungrouped convolution: the same values up to the order of the sums, the same parameters
 (released weights load), more multiply-adds at a rate cuDNN reaches. Channels-first maps keep the plain
@@ -27,11 +28,11 @@ _PLAIN = {2: nn.Conv2d, 3: nn.Conv3d}
 
 def is_thin(conv: nn.Module) -> bool:
     """A plain nn.Conv2d / nn.Conv3d (not a subclass) with in_channels not a multiple of MULTIPLE, ungrouped or
-    one input channel per group, zeros padding."""
+    one input channel per group and fewer than MULTIPLE channels, zeros padding."""
     return (
         type(conv) in _PLAIN.values()
         and conv.in_channels % MULTIPLE != 0
-        and (conv.groups == 1 or conv.groups == conv.in_channels)
+        and (conv.groups == 1 or conv.groups == conv.in_channels < MULTIPLE)
         and conv.padding_mode == "zeros"
     )
 

@@ -70,7 +70,7 @@ def space_to_depth(x: Tensor, stride: tuple[int, ...], channels_last: bool) -> T
     n = len(size)
     q = [d // s for d, s in zip(size, stride, strict=True)]
     split = [d for qi, s in zip(q, stride, strict=True) for d in (qi, s)]
-    y = x.reshape(b, c, *split)  # [B, C, Q_1, s_1, .., Q_n, s_n] (a view of a channels-first x, else a copy)
+    y = x.reshape(b, c, *split)  # [B, C, Q_1, s_1, .., Q_n, s_n] (a view)
     order = [0, 1, *[3 + 2 * i for i in range(n)], *[2 + 2 * i for i in range(n)]]  # [B, C, s.., Q..]
     if channels_last:
         # [B, Q.., C, s..] contiguous, then viewed as [B, C s.., Q..] with channels-last strides

@@ -1,5 +1,5 @@
 """Swapping a model's convolutions in place for subclasses that compute them another way (layers/gemm_conv.py,
-layers/padded_conv.py), and the layout test those subclasses branch on."""
+layers/padded_conv.py, layers/s2d_conv.py), and the layout test those subclasses branch on."""
 
 from __future__ import annotations
 
