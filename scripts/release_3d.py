@@ -407,10 +407,9 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     )
     sidecar = shipped
     if args.postprocess is not None:
+        dataset = DatasetSpec.from_dict(spec)
         try:
-            check_postprocess(
-                args.postprocess, DatasetSpec.from_dict(spec).num_classes - 1, DatasetSpec.from_dict(spec)
-            )
+            check_postprocess(args.postprocess, dataset.num_classes - 1, dataset)
         except ValueError as err:
             raise Refused(f"{name}: {err}") from None
         sidecar = {
