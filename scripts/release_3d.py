@@ -43,11 +43,12 @@ from safetensors.torch import load_file
 
 from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.checkpoint import INT8_SCALE
+from rwkvseg.cli.predict import postprocess_option
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.eval.evaluate import read_summary, summary_means
 from rwkvseg.eval.report import RunHistory, read_run, write_run_curves
 from rwkvseg.files import atomic_write_text, write_json
-from rwkvseg.infer.postprocess import PostProcess, check_postprocess
+from rwkvseg.infer.postprocess import check_postprocess
 from rwkvseg.models import create_model
 from rwkvseg.released import ReleasedModel, update_index, weights_dir
 from rwkvseg.train.config import config_from_dict
@@ -447,7 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights-dir", type=Path, default=None, help="the released models' folder (default the package's)")
     p.add_argument(
         "--postprocess",
-        type=postprocess_spec,
+        type=postprocess_option,
         default=None,
         metavar="SPEC",
         help="record this `rwkvseg predict --postprocess` spelling as each release's default (chosen on validation)",
@@ -457,13 +458,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.postprocess is not None and not args.postprocess_evidence.strip():
         p.error("--postprocess needs --postprocess-evidence: the card names the measurement that chose it")
     return args
-
-
-def postprocess_spec(text: str) -> PostProcess:
-    try:
-        return PostProcess.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

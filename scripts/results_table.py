@@ -35,7 +35,7 @@ from rwkvseg import __version__
 from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.bench.wkv import environment as bench_environment
 from rwkvseg.checkpoint import load_checkpoint, read_meta
-from rwkvseg.cli.predict import mirror_axes
+from rwkvseg.cli.predict import mirror_axes, postprocess_option
 from rwkvseg.data.images2d import discover_pairs
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.data.splits import read_split
@@ -43,7 +43,7 @@ from rwkvseg.data.volumes import discover_cases
 from rwkvseg.eval.evaluate import SUMMARY_FILE, evaluate_folders
 from rwkvseg.eval.images import ground_truth_cases
 from rwkvseg.files import check_apart, write_json
-from rwkvseg.infer.postprocess import NO_POSTPROCESS, PostProcess, check_postprocess, recorded_postprocess
+from rwkvseg.infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from rwkvseg.infer.predict import PredictConfig, predict
 from rwkvseg.released import ReleasedModel, released_checkpoint, released_models, weights_dir
 
@@ -169,7 +169,7 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
     log.info("%s: predicting %d of %d validation cases of %s on %s", model.name, cases, total, dataset, args.device)
     start = time.perf_counter()
     mirror = args.mirror_axes_2d if dims == 2 else None  # 3D: the predict defaults
-    post = effective_postprocess(meta.preprocessing, dims, args.postprocess)
+    post = chosen_postprocess(args.postprocess, meta.preprocessing.get("inference") if dims == 3 else None)
     predict(
         checkpoint, [inputs], pred, PredictConfig(device=args.device, mirror_axes=mirror, postprocess=args.postprocess)
     )
@@ -329,7 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--postprocess",
-        type=postprocess_spec,
+        type=postprocess_option,
         default=None,
         metavar="SPEC",
         help="post-process every label map as `rwkvseg predict --postprocess` does: none, largest, fill-holes, "
@@ -338,26 +338,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def postprocess_spec(text: str) -> PostProcess:
-    try:
-        return PostProcess.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def effective_postprocess(preprocessing: dict[str, Any], dims: int, given: PostProcess | None) -> PostProcess:
-    """What `rwkvseg predict` applies: the given --postprocess, else the 3D checkpoint's recorded one (2D: none)."""
-    if given is not None:
-        return given
-    return recorded_postprocess(preprocessing.get("inference", {})) if dims == 3 else NO_POSTPROCESS
-
-
 def check_postprocess_fits(model: ReleasedModel, given: PostProcess | None, weights: Path) -> None:
     """Refused when the post-processing does not apply to the model (as `rwkvseg predict` would refuse it)."""
     meta = read_meta(released_checkpoint(model.name, weights))
     spec = DatasetSpec.from_dict(meta.preprocessing["dataset"]) if meta.preprocessing.get("dims") == 3 else None
     try:
-        config = effective_postprocess(meta.preprocessing, 3 if spec else 2, given)
+        config = chosen_postprocess(given, meta.preprocessing.get("inference") if spec else None)
         check_postprocess(config, spec.num_classes - 1 if spec else max(meta.num_classes - 1, 1), spec)
     except ValueError as err:
         raise Refused(f"{model.name}: {err}") from None

@@ -247,10 +247,10 @@ def test_a_postprocessing_default_is_recorded_in_the_sidecar_and_the_card(campai
     assert evidence in card
     # the default reaches prediction: the checkpoint loads and its Predictor3D takes it
     from rwkvseg.checkpoint import read_meta
-    from rwkvseg.infer.postprocess import PostProcess, recorded_postprocess
+    from rwkvseg.infer.postprocess import PostProcess, chosen_postprocess
 
     meta = read_meta(copy / "weights" / f"{name}.safetensors")
-    assert recorded_postprocess(meta.preprocessing["inference"]) == PostProcess(largest=True)
+    assert chosen_postprocess(None, meta.preprocessing["inference"]) == PostProcess(largest=True)
     capsys.readouterr()
     with pytest.raises(SystemExit):  # the card must name its evidence
         script.main([*release_args(copy, copy / "weights", name), "--postprocess", "largest"])

@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..infer.postprocess import PostProcess
     from ..infer.predict import PredictConfig
 
 
@@ -122,6 +123,16 @@ def mirror_axes(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     return () if not text.strip() else ints(text, "--mirror-axes")
+
+
+def postprocess_option(text: str) -> PostProcess:
+    """--postprocess read as an argparse type (for the scripts that pass it on): a bad spelling is argparse's error."""
+    from ..infer.postprocess import PostProcess
+
+    try:
+        return PostProcess.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:

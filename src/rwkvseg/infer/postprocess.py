@@ -70,10 +70,15 @@ class PostProcess:
 NO_POSTPROCESS = PostProcess()
 
 
-def recorded_postprocess(inference: Mapping[str, Any], source: str = "the checkpoint") -> PostProcess:
-    """The post-processing a 3D checkpoint records as its default (`postprocess` in its sidecar's
-    preprocessing.inference, a --postprocess spelling chosen on validation at release); none when absent."""
-    text = inference.get("postprocess")
+def chosen_postprocess(
+    given: PostProcess | None, inference: Mapping[str, Any] | None, source: str = "the checkpoint"
+) -> PostProcess:
+    """What prediction applies: the given post-processing (--postprocess), else the one a 3D checkpoint records as
+    its default (`postprocess` in its sidecar's preprocessing.inference, a --postprocess spelling chosen on
+    validation at release); none when neither says (inference None: a 2D checkpoint, which records none)."""
+    if given is not None:
+        return given
+    text = (inference or {}).get("postprocess")
     if text is None:
         return NO_POSTPROCESS
     try:

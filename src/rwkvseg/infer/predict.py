@@ -15,7 +15,7 @@ from ..checkpoint import read_meta
 from ..compiling import check_compile
 from ..files import output_folder
 from ..memory_format import check_memory_format
-from .postprocess import NO_POSTPROCESS, PostProcess
+from .postprocess import PostProcess, chosen_postprocess
 
 
 @dataclass(frozen=True)
@@ -113,5 +113,5 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         compile_backend=config.compile_backend,
         mirror_axes=config.mirror_axes or (),
         memory_format=config.memory_format,
-        postprocess=config.postprocess or NO_POSTPROCESS,  # 2D checkpoints record no post-processing
+        postprocess=chosen_postprocess(config.postprocess, None),  # 2D checkpoints record none
     )

@@ -38,7 +38,7 @@ from ..data.volumes import (
 from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
-from .postprocess import check_postprocess, postprocess, recorded_postprocess
+from .postprocess import check_postprocess, chosen_postprocess, postprocess
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
@@ -124,9 +124,7 @@ class Predictor3D:
         self.options = options
         self.orientation = str(metadata.get("orientation") or DEFAULT_ORIENTATION)
         recorded = metadata.get("inference", {})  # the defaults training (and a release's validation) wrote
-        self.postprocess = options.postprocess
-        if self.postprocess is None:  # the checkpoint's own choice
-            self.postprocess = recorded_postprocess(recorded)
+        self.postprocess = chosen_postprocess(options.postprocess, recorded)
         check_postprocess(self.postprocess, self.spec.num_classes - 1, self.spec)
         if self.postprocess.active:
             given = "" if options.postprocess is not None else " (the checkpoint's default; --postprocess none: off)"

@@ -22,9 +22,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .twins import is_channels_last, swap_convs
+from .twins import PLAIN_CONVS, ChannelsLastTwin, is_channels_last, swap_convs
 
-_POINTWISE = {2: nn.Conv2d, 3: nn.Conv3d}
 _TRANSPOSED = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
@@ -35,7 +34,7 @@ def _spatial_dims(conv: nn.Module) -> int:
 def is_gemm_pointwise(conv: nn.Module) -> bool:
     """An nn.Conv2d / nn.Conv3d that is a matrix multiply: kernel 1, stride 1, padding 0, groups 1, zeros padding."""
     return (
-        type(conv) in _POINTWISE.values()
+        type(conv) in PLAIN_CONVS.values()
         and all(k == 1 for k in conv.kernel_size)
         and all(s == 1 for s in conv.stride)
         and not isinstance(conv.padding, str)
@@ -84,36 +83,36 @@ def transposed_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.permute(0, 2 * n + 1, *interleaved).reshape(x.shape[0], c_out, *out_size)  # contiguous
 
 
-class GemmPointwiseConv2d(nn.Conv2d):
+class _GemmPointwise(ChannelsLastTwin):
+    """The channels-last forward of the pointwise twins (mixed into nn.Conv2d / nn.Conv3d)."""
+
+    def channels_last_forward(self, x: Tensor) -> Tensor:
+        return pointwise_gemm(x, self.weight, self.bias)
+
+
+class GemmPointwiseConv2d(_GemmPointwise, nn.Conv2d):
     """nn.Conv2d (kernel 1) that runs channels-last inputs as a GEMM (pointwise_gemm)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return pointwise_gemm(x, self.weight, self.bias) if is_channels_last(x) else super().forward(x)
 
-
-class GemmPointwiseConv3d(nn.Conv3d):
+class GemmPointwiseConv3d(_GemmPointwise, nn.Conv3d):
     """nn.Conv3d (kernel 1) that runs channels-last inputs as a GEMM (pointwise_gemm)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return pointwise_gemm(x, self.weight, self.bias) if is_channels_last(x) else super().forward(x)
+
+class _GemmTransposed:
+    """The forward of the transposed twins (mixed into nn.ConvTranspose2d / 3d): every layout takes the GEMM."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is not None:
+            return super().forward(x, output_size)  # type: ignore[misc]
+        return transposed_gemm(x, self.weight, self.bias)
 
 
-class GemmConvTranspose2d(nn.ConvTranspose2d):
+class GemmConvTranspose2d(_GemmTransposed, nn.ConvTranspose2d):
     """nn.ConvTranspose2d with stride == kernel as a GEMM and a copy (transposed_gemm)."""
 
-    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if output_size is not None:
-            return super().forward(x, output_size)
-        return transposed_gemm(x, self.weight, self.bias)
 
-
-class GemmConvTranspose3d(nn.ConvTranspose3d):
+class GemmConvTranspose3d(_GemmTransposed, nn.ConvTranspose3d):
     """nn.ConvTranspose3d with stride == kernel as a GEMM and a copy (transposed_gemm)."""
-
-    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if output_size is not None:
-            return super().forward(x, output_size)
-        return transposed_gemm(x, self.weight, self.bias)
 
 
 _GEMM_POINTWISE = {2: GemmPointwiseConv2d, 3: GemmPointwiseConv3d}
@@ -136,5 +135,4 @@ def use_gemm_convs(model: nn.Module) -> nn.Module:
 
 def count_gemm_convs(model: nn.Module) -> int:
     """How many GEMM twins model holds (what use_gemm_convs swapped in)."""
-    gemm = tuple(_GEMM_POINTWISE.values()) + tuple(_GEMM_TRANSPOSED.values())
-    return sum(isinstance(m, gemm) for m in model.modules())
+    return sum(isinstance(m, _GemmPointwise | _GemmTransposed) for m in model.modules())

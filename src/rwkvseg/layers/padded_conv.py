@@ -20,17 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .twins import is_channels_last, layout_of, swap_convs
+from .layouts import map_layout
+from .twins import PLAIN_CONVS, ChannelsLastTwin, swap_convs
 
 MULTIPLE = 8  # bf16: 16-byte channel vectors
-_PLAIN = {2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def is_thin(conv: nn.Module) -> bool:
     """A plain nn.Conv2d / nn.Conv3d (not a subclass) with in_channels not a multiple of MULTIPLE, ungrouped or
     one input channel per group and fewer than MULTIPLE channels, zeros padding."""
     return (
-        type(conv) in _PLAIN.values()
+        type(conv) in PLAIN_CONVS.values()
         and conv.in_channels % MULTIPLE != 0
         and (conv.groups == 1 or conv.groups == conv.in_channels < MULTIPLE)
         and conv.padding_mode == "zeros"
@@ -45,7 +45,7 @@ def dense_padded_weight(weight: Tensor, groups: int, in_channels: int) -> Tensor
     padded = -(-in_channels // MULTIPLE) * MULTIPLE
     if groups == 1:
         zeros = weight.new_zeros(c_out, padded - in_channels, *kernel)
-        return torch.cat([weight, zeros.to(memory_format=layout_of(weight))], dim=1)
+        return torch.cat([weight, zeros.to(memory_format=map_layout(weight))], dim=1)
     if per_group != 1:
         raise ValueError(f"dense_padded_weight: only groups of one input channel, got {per_group} per group")
     # output o reads input o // (C_out / groups): a one-hot [C_out, C_pad] mask times the one weight per output
@@ -57,16 +57,14 @@ def dense_padded_weight(weight: Tensor, groups: int, in_channels: int) -> Tensor
 def pad_channels(x: Tensor) -> Tensor:
     """[B, C, *S] -> [B, C_pad, *S] with zero channels appended up to a multiple of MULTIPLE, in x's layout."""
     extra = -x.shape[1] % MULTIPLE
-    zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:]).to(memory_format=layout_of(x))
+    zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:]).to(memory_format=map_layout(x))
     return torch.cat([x, zeros], dim=1)
 
 
-class _PaddedConv:
-    """The forward of the padded twins (mixed into nn.Conv2d / nn.Conv3d)."""
+class _PaddedConv(ChannelsLastTwin):
+    """The channels-last forward of the padded twins (mixed into nn.Conv2d / nn.Conv3d)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not is_channels_last(x):
-            return super().forward(x)  # type: ignore[misc]
+    def channels_last_forward(self, x: Tensor) -> Tensor:
         weight = dense_padded_weight(self.weight, self.groups, self.in_channels)
         conv = F.conv2d if x.dim() == 4 else F.conv3d
         # [B, C_in, *S] -> [B, C_pad, *S] (channels-last) -> [B, C_out, *S'] (channels-last)

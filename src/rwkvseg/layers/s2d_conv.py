@@ -25,16 +25,14 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .twins import is_channels_last, swap_convs
-
-_PLAIN = {2: nn.Conv2d, 3: nn.Conv3d}
+from .twins import PLAIN_CONVS, ChannelsLastTwin, is_channels_last, swap_convs
 
 
 def is_s2d(conv: nn.Module) -> bool:
     """A plain nn.Conv2d / nn.Conv3d with a stride above 1 and a kernel wider than it on some axis, groups 1,
     dilation 1, numeric zero padding."""
     return (
-        type(conv) in _PLAIN.values()
+        type(conv) in PLAIN_CONVS.values()
         and any(s > 1 for s in conv.stride)
         and any(k > s for k, s in zip(conv.kernel_size, conv.stride, strict=True))
         and conv.groups == 1
@@ -100,12 +98,10 @@ def s2d_conv(
     return conv(y, s2d_weight(weight, stride), bias)  # [B, C_out, *N]
 
 
-class _S2DConv:
-    """The forward of the space-to-depth twins (mixed into nn.Conv2d / nn.Conv3d)."""
+class _S2DConv(ChannelsLastTwin):
+    """The channels-last forward of the space-to-depth twins (mixed into nn.Conv2d / nn.Conv3d)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not is_channels_last(x):
-            return super().forward(x)  # type: ignore[misc]
+    def channels_last_forward(self, x: Tensor) -> Tensor:
         return s2d_conv(x, self.weight, self.bias, self.stride, self.padding)
 
 

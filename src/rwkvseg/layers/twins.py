@@ -1,5 +1,6 @@
 """Swapping a model's convolutions in place for subclasses that compute them another way (layers/gemm_conv.py,
-layers/padded_conv.py, layers/s2d_conv.py), and the layout test those subclasses branch on."""
+layers/padded_conv.py, layers/s2d_conv.py): the swap, the mixin that sends channels-last maps to the other way,
+and the layout test it branches on."""
 
 from __future__ import annotations
 
@@ -8,21 +9,27 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..memory_format import torch_layout
+from .layouts import map_layout
+
+PLAIN_CONVS = {2: nn.Conv2d, 3: nn.Conv3d}  # spatial dims -> the torch convolution the twins subclass
 
 
 def is_channels_last(x: Tensor) -> bool:
     """x [B, C, *spatial] (4-D or 5-D) in channels-last strides and not also plain contiguous (C == 1, one voxel)."""
-    return (
-        x.dim() in (4, 5)
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch_layout("channels_last", x.dim()))
-    )
+    return map_layout(x) is not torch.contiguous_format
 
 
-def layout_of(x: Tensor) -> torch.memory_format:
-    """The layout a tensor like x [B, C, *spatial] is made in to match it: channels-last or contiguous."""
-    return torch_layout("channels_last", x.dim()) if is_channels_last(x) else torch.contiguous_format
+class ChannelsLastTwin:
+    """Mixed into a torch convolution subclass: channels-last maps take `channels_last_forward`, every other map
+    the plain convolution."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if is_channels_last(x):
+            return self.channels_last_forward(x)
+        return super().forward(x)  # type: ignore[misc]
+
+    def channels_last_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 def twin(conv: nn.Module, cls: type[nn.Module]) -> nn.Module:
