@@ -73,15 +73,23 @@ EXTRA_ROWS = (  # EVALS/<folder>-<name>/summary.json, where measured -> a row of
 )
 
 
-def beyond_recipe(optim: dict) -> str:
-    """What the run added to the paper's recipe, for the card's recipe cell ("" when nothing)."""
-    if not optim.get("ema"):
+def beyond_recipe(config: dict) -> str:
+    """What the run (its config.json as a dict) added to the paper's recipe, for the card's recipe cell ("" when
+    nothing): a weight EMA, other datasets' images in training (data.extra_train)."""
+    optim, extra = config.get("optim", {}), config.get("data", {}).get("extra_train", [])
+    added = []
+    if optim.get("ema"):
+        start = f", copying the weights for the first {optim['ema_start']} steps" if optim.get("ema_start") else ""
+        added.append(
+            f"an exponential moving average of the weights (decay {optim['ema']}{start}), validated and released in "
+            "place of the weights"
+        )
+    if extra:
+        folders = ", ".join(f"`{folder}`" for folder in extra)
+        added.append(f"every image of {folders} added to the training images (validation unchanged)")
+    if not added:
         return ""
-    start = f", copying the weights for the first {optim['ema_start']} steps" if optim.get("ema_start") else ""
-    return (
-        f"; beyond the paper's recipe: an exponential moving average of the weights (decay {optim['ema']}{start}), "
-        "validated and released in place of the weights (the paper's-recipe row below is its own run)"
-    )
+    return f"; beyond the paper's recipe: {'; '.join(added)} (the paper's-recipe row below is its own run)"
 
 
 def schedule_note(ran: int) -> str:
@@ -122,7 +130,7 @@ def _run_summary(run: Path) -> dict:
         "schedule": history.schedule(),
         "batch": history.config["data"]["batch_size"],
         "compile": history.config.get("compile", "auto"),
-        "beyond": beyond_recipe(history.config.get("optim", {})),
+        "beyond": beyond_recipe(history.config),
         "minutes": history.minutes,
         **{f"t_{k}": best[f"val_{k}"] for k in ("dice", "iou", "precision", "recall", "specificity")},
     }

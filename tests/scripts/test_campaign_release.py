@@ -183,10 +183,13 @@ def test_release_card_names_what_the_run_read():
 
 def test_release_card_says_what_went_beyond_the_paper_recipe(run):
     script = load_script("release_2d")
-    assert script.beyond_recipe({"name": "sgd", "ema": 0.0, "ema_start": 0}) == ""
-    ema = script.beyond_recipe({"ema": 0.999, "ema_start": 0})
+    paper = {"optim": {"name": "sgd", "ema": 0.0, "ema_start": 0}, "data": {"extra_train": []}}
+    assert script.beyond_recipe(paper) == ""
+    ema = script.beyond_recipe({"optim": {"ema": 0.999, "ema_start": 0}})
     assert ema.startswith("; beyond the paper's recipe: an exponential moving average of the weights (decay 0.999)")
-    assert "first 500 steps" in script.beyond_recipe({"ema": 0.999, "ema_start": 500})
+    assert "first 500 steps" in script.beyond_recipe({"optim": {"ema": 0.999, "ema_start": 500}})
+    joint = script.beyond_recipe({"optim": {"ema": 0.999}, "data": {"extra_train": ["DATA/kvasir_seg"]}})
+    assert "decay 0.999" in joint and "every image of `DATA/kvasir_seg` added to the training images" in joint
     assert script._run_summary(run)["beyond"] == ""  # the fixture run trained with the paper's recipe
     labels = dict(script.EXTRA_ROWS)
     assert labels["evalpaper"].startswith("the paper's recipe alone")

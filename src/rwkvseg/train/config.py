@@ -63,10 +63,14 @@ class DataConfig:
     saved in the run folder); size and resize: network input (resize the whole image, or random crops).
     num_workers: DataLoader worker processes (0: load in the training process); worker_start: how they start,
     "auto" (the platform's default: fork on Linux), "fork", "forkserver" or "spawn" (rwkvseg.train.workers; a
-    process with gRPC threads, like a Flower site, must not fork them)."""
+    process with gRPC threads, like a Flower site, must not fork them).
+    extra_train: more dataset folders whose every image / mask pair joins the training set only (another
+    dataset of the same task, e.g. Kvasir-SEG beside CVC-ClinicDB); validation and checkpoint choice stay on
+    root's split (rwkvseg.train.images.extra_training_samples refuses a folder that overlaps root)."""
 
     root: str = ""
     split: str = ""
+    extra_train: tuple[str, ...] = ()
     fold: int = 0
     val_fraction: float = 0.2
     channels: int = 3

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +18,7 @@ from ..data.images2d import Sample2D, check_pairs, discover_pairs
 from ..data.splits import prepare_split, read_split
 from ..data.transforms2d import eval_transform, train_transform
 from ..records import Preprocessing2D
-from .config import TrainConfig, to_dict
+from .config import DataConfig, TrainConfig, to_dict
 from .losses import SegmentationLoss
 from .run import RunData, save_config
 from .validate import validator_2d
@@ -48,9 +51,13 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
         split_path,
         d.fold,
     )
-    train_set = training_set(config, [by_case[c] for c in split.train], device)
+    val_samples = [by_case[c] for c in split.val]
+    extra = extra_training_samples(d, val_samples)
+    if extra:
+        log.info("%d more training images from data.extra_train %s", len(extra), ", ".join(d.extra_train))
+    train_set = training_set(config, [*(by_case[c] for c in split.train), *extra], device)
     val_set = SegDataset2D(
-        [by_case[c] for c in split.val],
+        val_samples,
         d.channels,
         d.num_classes,
         eval_transform(d.size, d.resize),
@@ -85,6 +92,39 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
         memory_format=config.memory_format,
     )
     return RunData(train_set, validate, SegmentationLoss(d.num_classes, config.loss), meta)
+
+
+def extra_training_samples(d: DataConfig, validation: Sequence[Sample2D]) -> list[Sample2D]:
+    """Every image / mask pair below the data.extra_train folders, for training only (case ids prefixed with the
+    folder's name). Refused, before any training, where validation images could reach training: a folder that is
+    data.root or lies inside or around it, or an image byte-identical to a validation image (a copy re-encoded
+    elsewhere is not recognised)."""
+    root = Path(d.root).resolve()
+    samples: list[Sample2D] = []
+    for folder in d.extra_train:
+        path = Path(folder).resolve()
+        if path == root or path.is_relative_to(root) or root.is_relative_to(path):
+            raise ValueError(
+                f"data.extra_train {folder} overlaps data.root {d.root}, so it holds validation images; "
+                "give the folder of another dataset"
+            )
+        found = discover_pairs(path, d.skip_non_images)  # refuses images without a mask
+        samples += [replace(s, case=f"{path.name}/{s.case}") for s in found]
+    if not samples:
+        return []
+    check_pairs(samples)
+    validation_digests = {_digest(s.image): s.image for s in validation}
+    copies = [(s.image, validation_digests[h]) for s in samples if (h := _digest(s.image)) in validation_digests]
+    if copies:
+        raise ValueError(
+            f"data.extra_train image {copies[0][0]} is the validation image {copies[0][1]} byte for byte "
+            f"({len(copies)} such image(s)); remove them from the extra folder"
+        )
+    return samples
+
+
+def _digest(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
 
 
 def training_set(config: TrainConfig, samples: list[Sample2D], device: torch.device) -> Dataset:
