@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rwkvseg.layers.vrwkv import ChannelMix, QuadScanBlock, SpatialMix, fancy_init
-from rwkvseg.ops import bi_wkv_reference, q_shift
+from rwkvseg.ops import bi_wkv_reference, permutation_shift, q_shift, scan_2d, unscan_2d
 
 
 def seeded(module, seed=0):
@@ -46,7 +46,7 @@ def test_spatial_mix_matches_formula_with_decay_over_T():
 
 
 def test_channel_mix_squared_relu_and_shapes():
-    mix = seeded(ChannelMix(6, hidden_ratio=4, token_shift=False))
+    mix = seeded(ChannelMix(6, hidden_ratio=4, token_shift="none"))
     x = torch.randn(1, 12, 6, dtype=torch.float64)
     k = torch.relu(mix.key(x)) ** 2
     expected = torch.sigmoid(mix.receptance(x)) * mix.value(mix.norm(k))
@@ -64,7 +64,7 @@ ORDER_SETS = [
 
 
 @pytest.mark.parametrize("orders", ORDER_SETS)
-@pytest.mark.parametrize("token_shift", ["q_shift", "q_shift_map", "none"])
+@pytest.mark.parametrize("token_shift", ["q_shift", "q_shift_map", "permutation", "none"])
 def test_batched_orders_equal_literal_per_order_evaluation(orders, token_shift):
     block = seeded(QuadScanBlock(8, orders, token_shift))
     x = rand_map()
@@ -72,7 +72,7 @@ def test_batched_orders_equal_literal_per_order_evaluation(orders, token_shift):
 
 
 def test_spatial_mix_is_symmetric_under_reversing_the_whole_sequence():
-    mix = seeded(SpatialMix(8, token_shift=False))
+    mix = seeded(SpatialMix(8, token_shift="none"))
     x = torch.randn(2, 35, 8, dtype=torch.float64)
     torch.testing.assert_close(mix(x.flip(1), (5, 7)).flip(1), mix(x, (5, 7)))
 
@@ -107,6 +107,8 @@ def test_column_order_is_the_row_order_on_the_transposed_map(token_shift):
         (("rows", "cols"), "none", True),
         (("rows", "rows_reversed", "cols", "cols_reversed"), "q_shift_map", False),
         (("rows",), "q_shift", False),
+        (("rows", "rows_reversed", "cols", "cols_reversed"), "permutation", True),
+        (("rows", "rows_reversed"), "permutation", False),
     ],
 )
 def test_spatial_transpose_equivariance_flag_is_exact(orders, token_shift, equivariant):
@@ -127,6 +129,30 @@ def test_single_row_order_is_the_plain_vision_rwkv_block():
     torch.testing.assert_close(block(x), t.transpose(1, 2).reshape(x.shape))
 
 
+@pytest.mark.parametrize("order", ["rows", "cols_reversed"])
+def test_permutation_shift_is_the_plain_block_on_the_scanned_sequence(order):
+    """With one order the block is Vision-RWKV's on the scanned sequence, each token mixed with its partner of
+    the released code's permutation on that sequence's grid (spatial) and on the map (channel)."""
+    block = seeded(QuadScanBlock(8, (order,), "permutation"))
+    x = rand_map()
+    size = x.shape[2:]
+    grid = size if order == "rows" else size[::-1]
+    s = scan_2d(block.norm1(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape), order)
+    k, v, sr = block.spatial.project(s, permutation_shift(s, grid))
+    mixed = unscan_2d(block.spatial.output(sr * block.spatial.wkv(k, v)), order, size)
+    y = x + block.gamma1[:, None, None] * mixed
+    t = y.flatten(2).transpose(1, 2)
+    xk = block.norm2(t)
+    shifted = permutation_shift(xk, size)
+    mk, mr = block.channel.mix_k, block.channel.mix_r
+    hidden = torch.relu(block.channel.key(xk * mk + shifted * (1 - mk))).square()
+    out = torch.sigmoid(block.channel.receptance(xk * mr + shifted * (1 - mr))) * block.channel.value(
+        block.channel.norm(hidden)
+    )
+    expected = (t + block.gamma2 * out).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected)
+
+
 def test_block_backward_reaches_every_parameter():
     block = QuadScanBlock(8)
     x = torch.randn(2, 8, 3, 5, requires_grad=True)
@@ -143,5 +169,8 @@ def test_block_rejects_bad_settings():
         QuadScanBlock(8, ("rows", "rows"))
     with pytest.raises(ValueError, match="token_shift"):
         QuadScanBlock(8, token_shift="shift")
-    with pytest.raises(ValueError, match="Q-shifted"):
+    with pytest.raises(ValueError, match="shifted tokens"):
         SpatialMix(4).project(torch.zeros(1, 2, 4), None)
+    for mixer in (SpatialMix, ChannelMix):  # a map-frame shift is the block's business, not one mixer's
+        with pytest.raises(ValueError, match="token_shift 'q_shift_map'"):
+            mixer(4, token_shift="q_shift_map")

@@ -33,10 +33,11 @@ def test_any_input_size_is_padded_and_cropped(size):
     assert torch.isfinite(out).all()
 
 
-def test_shortcuts_match_the_literal_spec_end_to_end():
+@pytest.mark.parametrize("token_shift", ["q_shift", "permutation"])
+def test_shortcuts_match_the_literal_spec_end_to_end(token_shift):
     torch.manual_seed(0)
-    fast = create_model("urwkv_test", 3, 2).double().eval()
-    literal = create_model("urwkv_test", 3, 2, literal=True).double().eval()
+    fast = create_model("urwkv_test", 3, 2, token_shift=token_shift).double().eval()
+    literal = create_model("urwkv_test", 3, 2, literal=True, token_shift=token_shift).double().eval()
     literal.load_state_dict(fast.state_dict())
     for size in [(48, 48), (48, 80)]:  # square (batched branches) and not
         x = torch.randn(1, 3, *size, dtype=torch.float64)
@@ -50,6 +51,7 @@ def test_shortcuts_match_the_literal_spec_end_to_end():
         dict(dual=True, orders=("rows", "cols_reversed"), token_shift="q_shift"),
         dict(dual=True, orders=("rows", "rows_reversed", "cols", "cols_reversed"), token_shift="q_shift_map"),
         dict(dual=True, orders=("rows", "cols"), token_shift="none"),
+        dict(dual=True, orders=("rows", "rows_reversed", "cols", "cols_reversed"), token_shift="permutation"),
     ],
 )
 @pytest.mark.parametrize("size", [(5, 7), (6, 6)])
@@ -64,6 +66,33 @@ def test_dual_darm_is_transpose_equivariant(settings, size):
     torch.testing.assert_close(darm(x.transpose(2, 3)), darm(x).transpose(2, 3))
     block = darm.block
     torch.testing.assert_close(darm(x), block(x) + block(x.transpose(2, 3)).transpose(2, 3))
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_released_dual_adds_the_transposed_branch_as_it_is(literal):
+    """dual_transpose_back=False is the released code's DARM: Block(X) + Block(X^T), square maps only."""
+    torch.manual_seed(0)
+    settings = dict(dual=True, orders=QUAD_SCAN_ORDERS, token_shift="permutation", hidden_ratio=2)
+    darm = DARM(16, literal=literal, transpose_back=False, **settings).double()
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    block = darm.block
+    torch.testing.assert_close(darm(x), block(x, per_order=True) + block(x.transpose(2, 3), per_order=True))
+    back = DARM(16, literal=literal, **settings).double()
+    back.load_state_dict(darm.state_dict())
+    assert not torch.allclose(back(x), darm(x), atol=1e-3)
+    with pytest.raises(ValueError, match="square map, got 5 x 7"):
+        darm(torch.randn(1, 16, 5, 7, dtype=torch.float64))
+
+
+def test_released_network_shortcuts_match_the_literal_forward():
+    torch.manual_seed(0)
+    settings = dict(token_shift="permutation", dual_transpose_back=False)
+    fast = create_model("urwkv_test", 3, 2, **settings).double().eval()
+    literal = create_model("urwkv_test", 3, 2, literal=True, **settings).double().eval()
+    literal.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), literal(x))
+    assert fast.state_dict().keys() == create_model("urwkv_test", 3, 2).state_dict().keys()  # same weights
 
 
 def test_dual_branch_is_redundant_over_full_quadscan_without_token_shift():

@@ -7,8 +7,10 @@ from rwkvseg.ops import (
     TokenOrder,
     bi_shift,
     bi_shift_hwt,
+    flip_permutation,
     from_view,
     merge_windows,
+    permutation_shift,
     q_shift,
     scan_2d,
     scan_order,
@@ -40,6 +42,27 @@ def test_q_shift_on_a_single_row_and_bad_grid():
     assert torch.equal(out[..., 4:], torch.zeros(1, 4, 4))  # no upper or lower neighbours
     with pytest.raises(ValueError, match="grid"):
         q_shift(x, (3, 2))
+
+
+def released_shift(x, size):
+    """U-RWKV's released token shift as its code spells it, on tokens [B, H*W, C]: the map's lower half flipped
+    upside down under the upper half, then the (batch, column) pairs as rows of tokens read top to bottom."""
+    B, _, C = x.shape
+    H, W = size
+    grid = x.transpose(1, 2).reshape(B, C, H, W).permute(0, 2, 3, 1)  # [B, H, W, C]
+    stacked = torch.cat([grid[:, : H // 2], grid[:, H // 2 :].flip(1)], dim=1)
+    return stacked.permute(0, 2, 1, 3).reshape(B * W, H, C).reshape(B, W * H, C)
+
+
+def test_flip_permutation_is_the_released_codes_shift():
+    assert flip_permutation((4, 4)).tolist() == [0, 4, 12, 8, 1, 5, 13, 9, 2, 6, 14, 10, 3, 7, 15, 11]
+    for size in [(4, 4), (5, 7), (7, 5), (1, 6), (6, 1), (16, 16)]:
+        n = size[0] * size[1]
+        assert sorted(flip_permutation(size).tolist()) == list(range(n))  # a permutation of the tokens
+        x = torch.randn(2, n, 3)
+        assert torch.equal(permutation_shift(x, size), released_shift(x, size))
+    with pytest.raises(ValueError, match="grid"):
+        permutation_shift(torch.randn(1, 6, 2), (4, 2))
 
 
 def test_bi_shift():

@@ -59,7 +59,7 @@ def test_a_string_lists_several_folders():
 def test_a_folder_that_overlaps_root_is_refused(datasets, tmp_path, where):
     root = datasets / "primary"
     extra = {"same": root, "inside": root / "images", "around": datasets}[where]
-    with pytest.raises(ValueError, match="overlaps data.root"):
+    with pytest.raises(ValueError, match=r"overlaps data\.root"):
         setup_images(_config(root, tmp_path, extra), tmp_path, torch.device("cpu"))
 
 
@@ -73,7 +73,7 @@ def test_a_copy_of_a_validation_image_is_refused(datasets, tmp_path):
         shutil.copy(datasets / "primary" / sub / f"{name}.png", copy / sub / "copied.png")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with pytest.raises(ValueError, match="is the validation image .*byte for byte"):
+    with pytest.raises(ValueError, match=r"is the validation image .* byte for byte"):
         setup_images(_config(datasets / "primary", run_dir, copy, split=split), run_dir, torch.device("cpu"))
 
 

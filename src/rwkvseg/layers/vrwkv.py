@@ -17,6 +17,8 @@ from rwkvseg.ops import (
     TokenOrder,
     bi_wkv,
     bi_wkv_ordered,
+    flip_permutation,
+    permutation_shift,
     q_shift,
     scan_2d,
     scan_order,
@@ -26,7 +28,10 @@ from rwkvseg.ops import (
 # q_shift: Q-Shift on each scanned sequence read as a grid (rows orders: H x W, column orders: W x H), as the
 # spec applies SpatialMix to the scanned sequence; the quarters' directions then turn with the scan order.
 # q_shift_map: Q-Shift on the feature map itself, the same for every order ("left" is always the image's left).
-TOKEN_SHIFTS = ("q_shift", "q_shift_map", "none")
+# permutation: U-RWKV's released code, which mixes every token with a fixed far partner instead (every channel;
+# ops.flip_permutation), on each scanned sequence's grid in the spatial mix and on the map in the channel mix.
+TOKEN_SHIFTS = ("q_shift", "q_shift_map", "permutation", "none")
+GRID_SHIFTS = ("q_shift", "permutation", "none")  # what one mixer applies on the grid of the tokens it is given
 _ROW_ORDERS = ("rows", "rows_reversed")
 # scanning X^T in one order visits tokens exactly as scanning X in the other, on the same (W, H) grid
 TRANSPOSED_ORDER = {"rows": "cols", "cols": "rows", "rows_reversed": "cols_reversed", "cols_reversed": "rows_reversed"}
@@ -50,19 +55,32 @@ def _shift_mix(x: Tensor, shifted: Tensor, mu: Tensor) -> Tensor:
     return x * mu + shifted * (1 - mu)
 
 
+def grid_shift(x: Tensor, size: tuple[int, int], kind: str) -> Tensor:
+    """Tokens x [B, H*W, C] (row-major over size) shifted as kind says ("q_shift" or "permutation"); [B, H*W, C]."""
+    return permutation_shift(x, size) if kind == "permutation" else q_shift(x, size)
+
+
+def _check_grid_shift(owner: str, kind: str) -> None:
+    if kind not in GRID_SHIFTS:
+        raise ValueError(f"{owner}: unknown token_shift {kind!r}; choose one of {GRID_SHIFTS}")
+
+
 class SpatialMix(nn.Module):
     """Vision-RWKV spatial mixing: out = W_o(sigmoid(r) * LayerNorm(BiWKV(decay / T, bonus / T, k, v))).
 
-    token_shift: interpolate k, v, r inputs with a Q-shifted copy (mix_k, mix_v, mix_r per channel).
+    token_shift: interpolate k, v, r inputs with a shifted copy (mix_k, mix_v, mix_r per channel): "q_shift",
+    "permutation" (the released U-RWKV code's, `grid_shift`) or "none".
     """
 
-    def __init__(self, dim: int, token_shift: bool = True):
+    def __init__(self, dim: int, token_shift: str = "q_shift"):
         super().__init__()
+        _check_grid_shift("SpatialMix", token_shift)
         init = fancy_init(dim)
         self.decay = nn.Parameter(init["decay"])
         self.bonus = nn.Parameter(init["bonus"])
-        self.token_shift = token_shift
-        if token_shift:
+        self.shift = token_shift
+        self.token_shift = token_shift != "none"
+        if self.token_shift:
             self.mix_k = nn.Parameter(init["mix_k"])
             self.mix_v = nn.Parameter(init["mix_v"])
             self.mix_r = nn.Parameter(init["mix_r"])
@@ -76,7 +94,7 @@ class SpatialMix(nn.Module):
         """k, v, sigmoid(r) from tokens x [B, N, C] and their Q-shifted copy (ignored without token shift)."""
         if self.token_shift:
             if shifted is None:
-                raise ValueError("SpatialMix.project: token_shift is on, pass the Q-shifted tokens")
+                raise ValueError("SpatialMix.project: token_shift is on, pass the shifted tokens")
             xk, xv, xr = (_shift_mix(x, shifted, mu) for mu in (self.mix_k, self.mix_v, self.mix_r))
         else:
             xk = xv = xr = x
@@ -91,19 +109,22 @@ class SpatialMix(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x [B, N, C], a row-major sequence over the grid size = (H, W) -> [B, N, C]."""
-        shifted = q_shift(x, size) if self.token_shift else None
+        shifted = grid_shift(x, size, self.shift) if self.token_shift else None
         k, v, sr = self.project(x, shifted)
         return self.output(sr * self.wkv(k, v))
 
 
 class ChannelMix(nn.Module):
-    """Vision-RWKV channel mixing: out = sigmoid(W_r xr) * W_v LayerNorm(relu(W_k xk)^2), hidden = ratio * C."""
+    """Vision-RWKV channel mixing: out = sigmoid(W_r xr) * W_v LayerNorm(relu(W_k xk)^2), hidden = ratio * C;
+    token_shift as for SpatialMix."""
 
-    def __init__(self, dim: int, hidden_ratio: int = 4, token_shift: bool = True):
+    def __init__(self, dim: int, hidden_ratio: int = 4, token_shift: str = "q_shift"):
         super().__init__()
+        _check_grid_shift("ChannelMix", token_shift)
         hidden = hidden_ratio * dim
-        self.token_shift = token_shift
-        if token_shift:
+        self.shift = token_shift
+        self.token_shift = token_shift != "none"
+        if self.token_shift:
             # Vision-RWKV's layer-0 values for the channel mixer: both mixes c / C
             self.mix_k = nn.Parameter(fancy_init(dim)["mix_k"])
             self.mix_r = nn.Parameter(fancy_init(dim)["mix_k"])
@@ -115,7 +136,7 @@ class ChannelMix(nn.Module):
     def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         """x [B, N, C] row-major over size = (H, W) -> [B, N, C]."""
         if self.token_shift:
-            shifted = q_shift(x, size)
+            shifted = grid_shift(x, size, self.shift)
             xk, xr = _shift_mix(x, shifted, self.mix_k), _shift_mix(x, shifted, self.mix_r)
         else:
             xk = xr = x
@@ -162,7 +183,7 @@ class QuadScanBlock(nn.Module):
             raise ValueError(f"QuadScanBlock: unknown token_shift {token_shift!r}; choose one of {TOKEN_SHIFTS}")
         self.orders = tuple(orders)
         self.token_shift = token_shift
-        shift = token_shift != "none"
+        shift = "q_shift" if token_shift == "q_shift_map" else token_shift  # the shift each mixer applies
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.spatial = SpatialMix(dim, token_shift=shift)
@@ -192,7 +213,8 @@ class QuadScanBlock(nn.Module):
     @property
     def spatial_transpose_equivariant(self) -> bool:
         """True when mix_spatial(X^T) == mix_spatial(X)^T exactly: the orders are closed under transposition
-        (rows <-> cols, rows_reversed <-> cols_reversed) and the token shift follows the scan (or is off)."""
+        (rows <-> cols, rows_reversed <-> cols_reversed) and the token shift follows the scan (a shift on each
+        scanned sequence's own grid, "q_shift" or "permutation") or is off."""
         closed = {TRANSPOSED_ORDER[o] for o in self.orders} == set(self.orders)
         return closed and self.token_shift != "q_shift_map"
 
@@ -205,9 +227,8 @@ class QuadScanBlock(nn.Module):
         size = (t.shape[2], t.shape[3])
         orders = tuple(scan_order(o, size) for o in self.orders)
         tokens = _to_tokens(t)  # [B, C, H, W] -> [B, H*W, C], row-major
-        if self.token_shift == "q_shift":
-            # each order's Q-shift on its scanned grid, written on the map: the quarters' directions turn
-            shifted = torch.stack([q_shift(tokens, size, SCAN_SHIFT_DIRECTIONS[o]) for o in self.orders])
+        if self.token_shift in ("q_shift", "permutation"):
+            shifted = self._shifts_per_order(tokens, size, orders)  # [n, B, H*W, C] at the row-major tokens
             k, v, sr = self.spatial.project(tokens, shifted)  # [n, B, H*W, C] each, at the row-major tokens
             mean = (sr * self.spatial.wkv(k, v, orders)).mean(0)  # [n, B, H*W, C] -> [B, H*W, C]
             return _to_map(self.spatial.output(mean), size)  # W_o is per token: once, on the mean
@@ -217,6 +238,20 @@ class QuadScanBlock(nn.Module):
         mean = self.spatial.wkv(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), orders).mean(0)  # one k, n orders
         return _to_map(self.spatial.output(sr * mean), size)
 
+    def _shifts_per_order(self, tokens: Tensor, size: tuple[int, int], orders: tuple[TokenOrder, ...]) -> Tensor:
+        """Each order's token shift on its scanned grid, written at the stored tokens: [B, H*W, C] row-major
+        tokens -> [n orders, B, H*W, C]."""
+        if self.token_shift == "q_shift":  # the quarters' directions turn with the scan
+            return torch.stack([q_shift(tokens, size, SCAN_SHIFT_DIRECTIONS[o]) for o in self.orders])
+        n = tokens.shape[1]
+        shifted = []
+        for order, name in zip(orders, self.orders, strict=True):
+            read = order.indices(n, tokens.device)  # scan position i reads stored token read[i]
+            partners = torch.empty_like(read)  # stored token read[i] takes the token at position permutation[i]
+            partners[read] = read[flip_permutation(self._grid(name, size), tokens.device)]
+            shifted.append(tokens[:, partners])
+        return torch.stack(shifted)
+
     def _spatial_per_order(self, t: Tensor) -> Tensor:
         """Mean over the orders of SpatialMix on each scanned sequence, one order at a time."""
         size = (t.shape[2], t.shape[3])
@@ -225,8 +260,8 @@ class QuadScanBlock(nn.Module):
         out = 0
         for order in self.orders:
             s = scan_2d(t, order)
-            if self.token_shift == "q_shift":
-                shifted = q_shift(s, self._grid(order, size))
+            if self.token_shift in ("q_shift", "permutation"):
+                shifted = grid_shift(s, self._grid(order, size), self.token_shift)
             elif self.token_shift == "q_shift_map":
                 shifted = scan_2d(shifted_map, order)
             else:

@@ -8,7 +8,8 @@ Where the paper and its released code disagree, this follows the paper: Q-Shift 
 (the code swaps in a fixed token permutation), the transposed Dual branch is transposed back (the code adds it
 untransposed, right only for square maps), and the deep stage has no SE gate by default (the code has none
 despite the name; deep_se adds one). Q-Shift runs on each scanned sequence's own grid (token_shift="q_shift");
-"q_shift_map" takes it on the map for every order instead.
+"q_shift_map" takes it on the map for every order instead. The released network itself, the one behind the
+paper's numbers, is `token_shift="permutation", dual_transpose_back=False` (square maps only).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class URWKVConfig:
     dims: tuple[int, ...] = (16, 32, 128, 160, 256)
     expansion: int = 4
     dual: bool = True  # DARM = Block(X) + Block(X^T)^T; False: Block(X)
+    dual_transpose_back: bool = True  # False: Block(X) + Block(X^T), as the released code adds it (square maps)
     scan_orders: tuple[str, ...] = QUAD_SCAN_ORDERS
     deep_stage: bool = True  # SASE deep form in stage 5; False: shallow form there too
     token_shift: str = "q_shift"  # one of layers.vrwkv.TOKEN_SHIFTS
@@ -125,7 +127,8 @@ class SASEDeep(nn.Module):
 
 class DARM(nn.Module):
     """Direction-adaptive RWKV module: Block(X) + Block(X^T)^T with one shared QuadScan block (dual), or
-    Block(X) alone. The released code forgets the transpose back, which only works for square maps.
+    Block(X) alone. The released code forgets the transpose back, which only works for square maps;
+    transpose_back=False reproduces it (Block(X) + Block(X^T)).
 
     When the block's spatial mixing is transpose-equivariant (all four orders, or any set closed under
     rows <-> cols, with the scan-following Q-shift or none), the two branches share it exactly and differ only
@@ -135,20 +138,39 @@ class DARM(nn.Module):
     """
 
     def __init__(
-        self, dim: int, dual: bool, orders: tuple[str, ...], token_shift: str, hidden_ratio: int, literal: bool
+        self,
+        dim: int,
+        dual: bool,
+        orders: tuple[str, ...],
+        token_shift: str,
+        hidden_ratio: int,
+        literal: bool,
+        transpose_back: bool = True,
     ):
         super().__init__()
         self.dual = dual
         self.literal = literal
+        self.transpose_back = transpose_back
         self.block = QuadScanBlock(dim, orders, token_shift, hidden_ratio)
 
     def forward(self, x: Tensor) -> Tensor:
         block = self.block
         if not self.dual:
             return block(x, per_order=self.literal)
+        square = x.shape[2] == x.shape[3]
+        if not self.transpose_back:
+            if not square:
+                raise ValueError(
+                    f"DARM: dual_transpose_back=False adds the transposed branch as it is (the released code), "
+                    f"which needs a square map, got {x.shape[2]} x {x.shape[3]}; give square inputs or set "
+                    "dual_transpose_back=True"
+                )
+            if self.literal:
+                return block(x, per_order=True) + block(x.transpose(2, 3), per_order=True)
+            y, yt = block(torch.cat([x, x.transpose(2, 3)])).chunk(2)
+            return y + yt  # the transposed branch not transposed back
         if self.literal:
             return block(x, per_order=True) + block(x.transpose(2, 3), per_order=True).transpose(2, 3)
-        square = x.shape[2] == x.shape[3]
         if block.spatial_transpose_equivariant:
             z = block.mix_spatial(x)
             zt = z.transpose(2, 3)
@@ -179,7 +201,15 @@ class URWKV(nn.Module):
             SASEDeep(c[3], c[4], config.deep_convs, config.deep_se) if config.deep_stage else SASEShallow(c[3], c[4], e)
         )
         self.pool = nn.MaxPool2d(2)
-        self.darm = DARM(c[4], config.dual, config.scan_orders, config.token_shift, config.hidden_ratio, config.literal)
+        self.darm = DARM(
+            c[4],
+            config.dual,
+            config.scan_orders,
+            config.token_shift,
+            config.hidden_ratio,
+            config.literal,
+            config.dual_transpose_back,
+        )
         self.ups = nn.ModuleList(UpConv(d, c[i + 1], c[i]) for i in reversed(range(4)))
         self.fusions = nn.ModuleList(ChannelFusion(d, 2 * c[i], c[i], e) for i in reversed(range(4)))
         self.head = conv_nd(d, c[0], config.num_classes, 1)

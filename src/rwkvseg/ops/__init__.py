@@ -23,7 +23,14 @@ from .scan import (
     unscan_2d,
     view_order,
 )
-from .token_shift import SCAN_SHIFT_DIRECTIONS, bi_shift, bi_shift_hwt, q_shift
+from .token_shift import (
+    SCAN_SHIFT_DIRECTIONS,
+    bi_shift,
+    bi_shift_hwt,
+    flip_permutation,
+    permutation_shift,
+    q_shift,
+)
 
 __all__ = [
     "IMPLEMENTATIONS",
@@ -39,8 +46,10 @@ __all__ = [
     "bi_wkv_ordered",
     "bi_wkv_reference",
     "check_inputs",
+    "flip_permutation",
     "from_view",
     "merge_windows",
+    "permutation_shift",
     "q_shift",
     "scan_2d",
     "scan_order",

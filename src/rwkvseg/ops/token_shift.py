@@ -1,4 +1,5 @@
-"""Token shifts: Vision-RWKV's Q-Shift on a 2D grid and MMSegRWKV's Bi-Shift along a sequence."""
+"""Token shifts: Vision-RWKV's Q-Shift on a 2D grid, the fixed token permutation U-RWKV's released code uses in
+its place, and MMSegRWKV's Bi-Shift along a sequence."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def q_shift(x: Tensor, size: tuple[int, int], directions: tuple[str, ...] = Q_SH
     quarters = torch.split(grid, [q, q, q, C - 3 * q], dim=3)
     shifted = torch.cat([_neighbour(g, d) for g, d in zip(quarters, directions, strict=True)], dim=3)
     return shifted.reshape(B, N, C)
+
+
+def flip_permutation(size: tuple[int, int], device: torch.device | str | None = None) -> Tensor:
+    """[H*W] indices: position n of the permuted grid holds token flip_permutation(size)[n] (row-major over size
+    = (H, W)). The grid's lower half (rows H // 2 ..) is turned upside down below the upper half, and the result is
+    read column by column: on 4 x 4, 0, 4, 12, 8, 1, 5, 13, 9, ... U-RWKV's released code mixes every token with
+    this partner in place of Q-Shift (its `q_shift` returns `in_vertical_scan` of the grid, every channel)."""
+    H, W = size
+    top = torch.arange(H // 2, device=device)
+    bottom = torch.arange(H - 1, H // 2 - 1, -1, device=device)  # rows H - 1 .. H // 2, upside down
+    rows = torch.cat([top, bottom])  # row h of the stacked grid is stored row rows[h]
+    stacked = rows[:, None] * W + torch.arange(W, device=device)  # [H, W] stored token of every cell
+    return stacked.t().reshape(-1)  # read column by column: position w * H + h
+
+
+def permutation_shift(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """The released code's token shift of tokens x [B, H*W, C] (row-major over size): token n takes token
+    flip_permutation(size)[n], every channel; returns [B, H*W, C]."""
+    if size[0] * size[1] != x.shape[1]:
+        raise ValueError(f"permutation_shift: {x.shape[1]} tokens do not form a {size[0]} x {size[1]} grid")
+    return x[:, flip_permutation(size, x.device)]
 
 
 def bi_shift(x: Tensor) -> Tensor:
