@@ -147,6 +147,26 @@ def test_export_size_rule_of_the_3d_baselines(name, rule):
     assert size_rule(model, 3) == rule
 
 
+def test_released_urwkv_is_exported_static_and_the_default_dynamic():
+    assert size_rule(create_model("urwkv_test", 3, 1), 2) == (16, 16)
+    released = create_model("urwkv_test", 3, 1, token_shift="permutation", dual_transpose_back=False)
+    assert released.static_export and size_rule(released, 2) == (0, 0)
+
+
+@pytest.mark.slow
+def test_released_urwkv_exports_static_at_its_input_size_and_matches(tmp_path):
+    """U-RWKV as its authors' code runs it takes square maps only: exported static at the record's size."""
+    overrides = {"token_shift": "permutation", "dual_transpose_back": False}
+    torch.manual_seed(2)
+    model = create_model("urwkv_test", 3, 1, **overrides).eval()
+    record = {**RECORD, "size": [64, 64]}
+    save_checkpoint(tmp_path / "ckpt", model, CheckpointMeta("urwkv_test", 3, 1, overrides, preprocessing=record))
+    exported = export_onnx(tmp_path / "ckpt", tmp_path / "m.onnx")
+    assert exported.axes == (64, 64) and exported.model_overrides == overrides
+    rows = verify_onnx(tmp_path / "m.onnx", load_source(tmp_path / "ckpt"), real=False)
+    assert rows and all(r.max_abs_diff < TOLERANCE and r.shape[2:] == (64, 64) for r in rows)
+
+
 @pytest.mark.slow
 def test_int8_weights_keep_the_record_and_the_masks(exported):
     folder, _, record = exported

@@ -14,6 +14,8 @@ Sizes: every exported axis is dynamic unless a model's computation depends on it
 - MONAI 3D baselines: multiples of their own stride. UNETR is built for one size (`fixed_size`) and SwinUNETR
   marked `static_export` (torch.export's symbolic shapes of its window padding do not finish): both are exported
   static in space, also when dynamic axes are asked; SwinUNETR at `size`, else the record's patch size, else 96^3.
+- U-RWKV as its authors' code runs it (`dual_transpose_back=False`, square maps only) is `static_export` too: at
+  `size`, else the record's input size.
 The record lists each axis as an int (static) or {"multiple": m, "min": n} (dynamic).
 """
 
@@ -209,6 +211,8 @@ def size_rule(model: nn.Module, dims: int) -> tuple[int, ...]:
         multiple = max(int(multiple), int(getattr(model, "coarse", None) or 1))
         static = getattr(model, "fixed_size", None) or getattr(model, "static_export", False)
         return (0,) * dims if static else (multiple,) * dims
+    if getattr(model, "static_export", False):  # U-RWKV's untransposed Dual branch: square maps only
+        return (0,) * dims
     return (16,) * dims
 
 
@@ -225,6 +229,8 @@ def _example_shape(loaded: LoadedSource, rule: tuple[int, ...], size: tuple[int,
             return tuple(int(s) for s in patch) if patch else (STATIC_EXPORT_SIZE,) * 3
         d = int(patch[0]) if patch else 64
         return tuple(d if m == 0 else m * (3 + i) for i, m in enumerate(rule))
+    if not any(rule):  # static in space: the size the model was trained for
+        return tuple(int(s) for s in patch) if patch else (256,) * loaded.dims
     return tuple(m * (3 + i) for i, m in enumerate(rule))
 
 
@@ -236,8 +242,8 @@ def export_program(loaded: LoadedSource, *, dynamic: bool = True, size: tuple[in
         raise ValueError(f"export size {shape} must be a multiple of {rule} on its dynamic axes")
     if dynamic and getattr(loaded.model, "static_export", False):
         log.info(
-            "%s is exported static at %s (torch.export's symbolic shapes of its window padding do not finish); "
-            "--size picks another size",
+            "%s is exported static at %s (its forward takes no other size class: SwinUNETR's window padding does "
+            "not finish symbolically, U-RWKV's untransposed Dual branch needs square maps); --size picks another",
             loaded.name,
             "x".join(map(str, shape)),
         )

@@ -125,6 +125,13 @@ class SASEDeep(nn.Module):
         return self.se(self.expand(torch.cat(parts, dim=1)))  # [B, (n + 1) C_out / 16, h, w] -> [B, C_out, h, w]
 
 
+def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
+    """The two halves of a batch [2B, ...] -> 2 x [B, ...]; slices, which ONNX export keeps as Slice (chunk becomes
+    a SplitToSequence that onnxscript's constant folding fails on when the batch is dynamic)."""
+    half = t.shape[0] // 2
+    return t[:half], t[half:]
+
+
 class DARM(nn.Module):
     """Direction-adaptive RWKV module: Block(X) + Block(X^T)^T with one shared QuadScan block (dual), or
     Block(X) alone. The released code forgets the transpose back, which only works for square maps;
@@ -167,7 +174,7 @@ class DARM(nn.Module):
                 )
             if self.literal:
                 return block(x, per_order=True) + block(x.transpose(2, 3), per_order=True)
-            y, yt = block(torch.cat([x, x.transpose(2, 3)])).chunk(2)
+            y, yt = _halves(block(torch.cat([x, x.transpose(2, 3)])))
             return y + yt  # the transposed branch not transposed back
         if self.literal:
             return block(x, per_order=True) + block(x.transpose(2, 3), per_order=True).transpose(2, 3)
@@ -176,11 +183,11 @@ class DARM(nn.Module):
             zt = z.transpose(2, 3)
             if square:
                 # both branches in one batched call: the block has no batch-coupled statistics
-                y, yt = block.mix_channel(torch.cat([z, zt])).chunk(2)
+                y, yt = _halves(block.mix_channel(torch.cat([z, zt])))
             else:
                 y, yt = block.mix_channel(z), block.mix_channel(zt)
         elif square:
-            y, yt = block(torch.cat([x, x.transpose(2, 3)])).chunk(2)
+            y, yt = _halves(block(torch.cat([x, x.transpose(2, 3)])))
         else:
             y, yt = block(x), block(x.transpose(2, 3))
         return y + yt.transpose(2, 3)
@@ -217,6 +224,11 @@ class URWKV(nn.Module):
             use_gemm_convs(self)
         if config.pad_thin_convs:  # after the GEMM twins: a thin pointwise convolution stays a GEMM
             use_padded_thin_convs(self)
+
+    @property
+    def static_export(self) -> bool:
+        """True when the forward needs square maps (the released code's Dual branch): ONNX export is static."""
+        return self.config.dual and not self.config.dual_transpose_back
 
     def forward(self, x: Tensor) -> Tensor:
         x, size = pad_to_multiple(x, STRIDE)
