@@ -7,6 +7,7 @@ from rwkvseg.ops import (
     TokenOrder,
     bi_shift,
     bi_shift_hwt,
+    check_orders,
     from_view,
     merge_windows,
     q_shift,
@@ -164,6 +165,22 @@ def test_views_as_token_orders(view, size):
 def test_token_order_check_rejects_what_is_not_a_permutation(bad):
     with pytest.raises(ValueError, match="TokenOrder"):
         bad.check(12)
+
+
+def test_check_orders_raises_like_check_on_every_call():
+    # the cache keeps passed checks only: a bad order raises TokenOrder.check's error each time
+    good = tuple(scan_order(o, (3, 4)) for o in QUAD_SCAN_ORDERS)
+    check_orders(good, 12)
+    check_orders(good, 12)  # a cache hit
+    for bad in (TokenOrder(4, 1, 1), TokenOrder(4, -1, 4)):
+        with pytest.raises(ValueError) as expected:
+            bad.check(12)
+        for _ in range(2):
+            with pytest.raises(ValueError) as got:
+                check_orders((*good, bad), 12)
+            assert str(got.value) == str(expected.value)
+    with pytest.raises(ValueError, match="divide the 10 tokens"):
+        check_orders(good, 10)  # the same orders over another token count are checked again
 
 
 def test_token_order_check_accepts_exactly_the_permutations():

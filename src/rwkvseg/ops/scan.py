@@ -6,6 +6,7 @@ Maps are channels-first ([B, C, H, W] or [B, C, T, H, W]); sequences are [B, N, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,6 +101,13 @@ def view_order(view: str, size: tuple[int, int, int]) -> TokenOrder:
     if view == "hwt":
         return TokenOrder(T, H * W, 1)
     raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+
+
+@functools.lru_cache(maxsize=256)  # the layers pass the same few orders every call; failed checks are not cached
+def check_orders(orders: tuple[TokenOrder, ...], n: int) -> None:
+    """TokenOrder.check(n) of each order, once per distinct (orders, n): the checks cost microseconds a call."""
+    for order in orders:
+        order.check(n)
 
 
 def apply_in_orders(

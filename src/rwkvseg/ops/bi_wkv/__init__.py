@@ -20,7 +20,7 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from ..scan import TokenOrder, apply_in_orders
+from ..scan import TokenOrder, apply_in_orders, check_orders
 from .chunked import bi_wkv_chunked
 from .library import CHUNK, channels_contiguous, orders_to_ints, tracing, uses_triton
 from .naive import bi_wkv_reference
@@ -141,9 +141,8 @@ def bi_wkv_ordered(
     if len(orders) != k.shape[0]:
         raise ValueError(f"bi_wkv_ordered: {len(orders)} orders for {k.shape[0]} slices of k; pass one per slice")
     check_inputs(w, u, k[0], v[0])
-    for order in orders:
-        order.check(k.shape[2])
     orders = tuple(orders)
+    check_orders(orders, k.shape[2])
     if impl == "auto":
         if chunk == CHUNK:
             if not tracing() and uses_triton(k):

@@ -52,7 +52,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ..scan import TokenOrder, apply_in_orders
+from ..scan import TokenOrder, apply_in_orders, check_orders
 from .chunked import bi_wkv_chunked
 from .tiles import TileConfig, cdiv, scan_launch, tile_config
 from .triton_backward import _bwd_chunk_scan_kernel, _bwd_output_kernel, _bwd_summary_kernel
@@ -214,8 +214,8 @@ def bi_wkv_triton(
     if orders is not None:
         if k.dim() != 4 or len(orders) != k.shape[0]:
             raise ValueError(f"bi_wkv_triton: {len(orders)} orders need k, v [n, B, N, C] with n = {len(orders)}")
-        for order in orders:
-            order.check(k.shape[2])  # an order outside the N tokens would read outside k
+        orders = tuple(orders)
+        check_orders(orders, k.shape[2])  # an order outside the N tokens would read outside k
     if orders is not None and len(orders) > MAX_ORDERS:
         # one launch holds MAX_ORDERS orders; more take one launch per MAX_ORDERS
         parts = [
