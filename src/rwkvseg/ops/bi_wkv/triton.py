@@ -48,6 +48,7 @@ stored tokens. Design and measurements: docs/kernel_design.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
@@ -82,6 +83,7 @@ def _as_groups(x: Tensor) -> tuple[int, int, int, int]:
     return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of frozen TokenOrders, asked on every call
 def _order_args(orders: tuple[TokenOrder, ...] | None) -> tuple[int, ...]:
     """The kernels' 16 ints: (inner, inner_step, outer_step, start) for each of up to MAX_ORDERS groups."""
     quads = [(o.inner, o.inner_step, o.outer_step, o.start) for o in orders or ()]
@@ -125,7 +127,7 @@ def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, cfg: TileConfig
 
 def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
     T, C = k.shape[-2:]
-    Bg = _as_groups(k)[0]
+    Bg, *k_strides = _as_groups(k)
     B = kmax.shape[0]
     R, G = cfg.R, cfg.G_bwd
     n_sub = cdiv(T, R)
@@ -136,7 +138,7 @@ def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
         gy = gy.contiguous()
     grid = (B * n_sup * ncb,)
     dims = (T, C, n_sub, n_sup, G)
-    layout = (Bg, *_as_groups(k)[1:], *_as_groups(v)[1:], *_as_groups(gy)[1:])
+    layout = (Bg, *k_strides, *_as_groups(v)[1:], *_as_groups(gy)[1:])
     order_args = _order_args(orders)
     ordered = orders is not None
     sub = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev)
