@@ -89,9 +89,10 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     Eager calls on CUDA skip the operator: torch.library's Python dispatch is host time that bounds short
     sequences (on this project's 2-core CPU a custom op with autograd costs about 94 us per call against 22 us for
     an autograd.Function; on an H200 host eager forwards still took 0.15-0.24 ms at short shapes, so the dispatch
-    is not the main host cost there). They call the Triton autograd Function directly, the
-    same kernels, so the same outputs and gradients (the operator's backward reruns the forward kernels for the
-    states the Function keeps: `bi_wkv_triton_grads`, equal bitwise). Traced calls keep the operator.
+    is not the main host cost there). They call the Triton autograd Function directly (its forward kernels
+    alone when no graph is recorded), the same kernels, so the same outputs and gradients (the operator's
+    backward reruns the forward kernels for the states the Function keeps: `bi_wkv_triton_grads`, equal
+    bitwise). Traced calls keep the operator.
     """
     check_inputs(w, u, k, v)
     if impl == "auto":

@@ -163,6 +163,14 @@ def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
     return gw, gu, gk, gv
 
 
+def _prepare(w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig | None):
+    """What every kernel call starts with: the checks, w and u as fp32, the tiles."""
+    _check(k, v)
+    T, C = k.shape[-2:]
+    cfg = config or tile_config(k.numel() // (T * C), T, C)  # numel counts every order's sequences
+    return w.float().contiguous(), u.float().contiguous(), cfg
+
+
 def _on_device(x: Tensor):
     # CPU tensors reach the kernels only under TRITON_INTERPRET=1 (the CI test of the kernels)
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -174,10 +182,7 @@ class TritonBiWKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, config: TileConfig | None) -> Tensor:
-        _check(k, v)
-        T, C = k.shape[-2:]
-        wf, uf = w.float().contiguous(), u.float().contiguous()
-        cfg = config or tile_config(k.numel() // (T * C), T, C)  # numel counts every order's sequences
+        wf, uf, cfg = _prepare(w, u, k, v, config)
         save = any(ctx.needs_input_grad[:4])  # the backward's per-sub-chunk states, only when one will follow
         with _on_device(k):
             y, kmax, fstates = _forward(wf, uf, k, v, orders, cfg, save)
@@ -227,7 +232,12 @@ def bi_wkv_triton(
         return torch.cat(parts)
     if k.dtype == torch.float64:
         return bi_wkv_chunked(w, u, k, v) if orders is None else apply_in_orders(bi_wkv_chunked, w, u, k, v, orders)
-    return TritonBiWKV.apply(w, u, k, v, orders, config)
+    if torch.is_grad_enabled() and (w.requires_grad or u.requires_grad or k.requires_grad or v.requires_grad):
+        return TritonBiWKV.apply(w, u, k, v, orders, config)
+    # no graph to record: the forward kernels alone, without the autograd Function's bookkeeping (a few us)
+    wf, uf, cfg = _prepare(w, u, k, v, config)
+    with _on_device(k):
+        return _forward(wf, uf, k, v, orders, cfg, False)[0]
 
 
 def bi_wkv_triton_grads(
@@ -250,10 +260,7 @@ def bi_wkv_triton_grads(
         ]
         gw, gu, gk, gv = zip(*parts, strict=True)
         return sum(gw), sum(gu), torch.cat(gk), torch.cat(gv)
-    _check(k, v)
-    T, C = k.shape[-2:]
-    wf, uf = w.float().contiguous(), u.float().contiguous()
-    cfg = config or tile_config(k.numel() // (T * C), T, C)
+    wf, uf, cfg = _prepare(w, u, k, v, config)
     with _on_device(k):
         _, kmax, fstates = _forward(wf, uf, k, v, orders, cfg, True)
         gw, gu, gk, gv = _backward(wf, uf, k, v, kmax, fstates, gy, orders, cfg)
