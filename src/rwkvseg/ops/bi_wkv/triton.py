@@ -100,7 +100,8 @@ def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, cfg: TileConfig
     n_sup = cdiv(n_sub, G)
     ncb = cdiv(C, cfg.BC)
     dev = k.device
-    y = torch.empty(k.shape, dtype=v.dtype, device=dev)  # contiguous: the kernels write sequence b at b * T * C
+    # contiguous: the kernels write sequence b at b * T * C (empty_like: half the host time of empty(k.shape))
+    y = torch.empty_like(k, dtype=v.dtype, memory_format=torch.contiguous_format)
     kmax = torch.empty((B, C), dtype=torch.float32, device=dev)
     sub = torch.empty((B, n_sub, 3, C), dtype=torch.float32, device=dev)  # right states inside super-chunks
     fstates = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev) if save else kmax
@@ -152,8 +153,8 @@ def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
         states = torch.empty((B, n_sup, 8, C), dtype=torch.float32, device=dev)
         sgrid, sncb, rows, warps = scan_launch(B, C, cfg, n_sup)
         _bwd_chunk_scan_kernel[sgrid](summ, states, w, n_sup, C, G * R, sncb, rows, cfg.scan_BC, num_warps=warps)
-    gk = torch.empty(k.shape, dtype=k.dtype, device=dev)  # contiguous, like y
-    gv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    gk = torch.empty_like(k, memory_format=torch.contiguous_format)  # contiguous, like y
+    gv = torch.empty_like(v, memory_format=torch.contiguous_format)
     part = torch.empty((B * n_sup, 2, C), dtype=torch.float32, device=dev)
     _bwd_output_kernel[grid](
         k, v, gy, w, u, kmax, fstates, sub, states, gk, gv, part, dims, layout, order_args,
