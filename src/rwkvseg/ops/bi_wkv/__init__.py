@@ -52,9 +52,15 @@ def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"bi_wkv: k must be [B, T, C], got shape {tuple(k.shape)}; flatten tokens to one axis first")
     if v.shape != k.shape:
         raise ValueError(f"bi_wkv: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
-    B, T, C = k.shape
+    _check_sequences(w, u, k, v, k.shape)
+
+
+def _check_sequences(w: Tensor, u: Tensor, k: Tensor, v: Tensor, shape: tuple[int, int, int]) -> None:
+    # check_inputs once k and v have one shape holding [B, T, C] sequences; bi_wkv_ordered passes the shape of a
+    # slice of its [n, B, N, C] k, v instead of indexing slices out (a microsecond each per call)
+    B, T, C = shape
     if T < 1 or B < 1:
-        raise ValueError(f"bi_wkv: empty input of shape {tuple(k.shape)}; need B >= 1 and T >= 1")
+        raise ValueError(f"bi_wkv: empty input of shape {tuple(shape)}; need B >= 1 and T >= 1")
     for name, p in (("w", w), ("u", u)):
         if p.shape != (C,):
             raise ValueError(f"bi_wkv: {name} must have shape [C] = [{C}], got {tuple(p.shape)}")
@@ -135,13 +141,14 @@ def bi_wkv_ordered(
     orders passed as `orders_to_ints(orders)`); the portable paths copy each order's sequences out and y back
     through strided views (`TokenOrder.read` / `write`).
     """
-    if k.dim() != 4 or v.shape != k.shape:
+    if k.dim() != 4 or v.shape != k.shape or k.shape[0] == 0:
         raise ValueError(
-            f"bi_wkv_ordered: k, v must be [n, B, N, C] of one shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+            f"bi_wkv_ordered: k, v must be [n, B, N, C] of one shape with n >= 1, got {tuple(k.shape)} and "
+            f"{tuple(v.shape)}"
         )
     if len(orders) != k.shape[0]:
         raise ValueError(f"bi_wkv_ordered: {len(orders)} orders for {k.shape[0]} slices of k; pass one per slice")
-    check_inputs(w, u, k[0], v[0])
+    _check_sequences(w, u, k, v, k.shape[1:])  # check_inputs(w, u, k[0], v[0])
     orders = tuple(orders)
     check_orders(orders, k.shape[2])
     if impl == "auto":
