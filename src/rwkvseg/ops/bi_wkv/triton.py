@@ -78,9 +78,10 @@ def _check(k: Tensor, v: Tensor) -> None:
 def _as_groups(x: Tensor) -> tuple[int, int, int, int]:
     """(sequences per order group, group stride, batch stride, time stride) of [B, T, C] (one group) or
     [n, B, N, C] (n token orders)."""
-    if x.dim() == 3:
-        return x.shape[0], 0, x.stride(0), x.stride(1)
-    return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+    s = x.stride()  # one call: each .stride(i) costs as much as the whole tuple
+    if len(s) == 3:
+        return x.shape[0], 0, s[0], s[1]
+    return x.shape[1], s[0], s[1], s[2]
 
 
 @functools.lru_cache(maxsize=256)  # a pure function of frozen TokenOrders, asked on every call
