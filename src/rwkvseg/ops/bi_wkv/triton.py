@@ -161,7 +161,7 @@ def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
         k, v, gy, w, u, kmax, fstates, sub, states, gk, gv, part, dims, layout, order_args,
         R, cfg.BC_bwd, ncb, n_sup == 1, ordered, num_warps=1,
     )  # fmt: skip
-    gu, gw = part.sum(0, dtype=torch.float64)  # [B * n_sup, 2, C] -> [2, C]
+    gu, gw = part.sum(0, dtype=torch.float64).unbind()  # [B * n_sup, 2, C] -> 2 x [C]
     return gw, gu, gk, gv
 
 
