@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -181,6 +183,21 @@ def test_check_orders_raises_like_check_on_every_call():
             assert str(got.value) == str(expected.value)
     with pytest.raises(ValueError, match="divide the 10 tokens"):
         check_orders(good, 10)  # the same orders over another token count are checked again
+
+
+def test_check_orders_traces_without_the_cache():
+    # dynamo warns about every lru_cache wrapper it traces; compiled layers call check_orders on each trace
+    orders = tuple(scan_order(o, (3, 4)) for o in QUAD_SCAN_ORDERS)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def checked(x):
+        check_orders(orders, x.shape[1])
+        return x + 1
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(checked(torch.zeros(2, 12)), torch.ones(2, 12))
 
 
 def test_token_order_check_accepts_exactly_the_permutations():

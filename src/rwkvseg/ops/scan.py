@@ -103,11 +103,19 @@ def view_order(view: str, size: tuple[int, int, int]) -> TokenOrder:
     raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
 
 
-@functools.lru_cache(maxsize=256)  # the layers pass the same few orders every call; failed checks are not cached
-def check_orders(orders: tuple[TokenOrder, ...], n: int) -> None:
-    """TokenOrder.check(n) of each order, once per distinct (orders, n): the checks cost microseconds a call."""
+def _check_each(orders: tuple[TokenOrder, ...], n: int) -> None:
     for order in orders:
         order.check(n)
+
+
+# the layers pass the same few orders every call; a failed check raises, so only passed ones are cached
+_check_each_once = functools.lru_cache(maxsize=256)(_check_each)
+
+
+def check_orders(orders: tuple[TokenOrder, ...], n: int) -> None:
+    """TokenOrder.check(n) of each order. Eager calls check each distinct (orders, n) once: the checks cost
+    microseconds a call. Traced calls check while tracing, without the cache (dynamo warns about lru_cache)."""
+    (_check_each if torch.compiler.is_compiling() else _check_each_once)(orders, n)
 
 
 def apply_in_orders(

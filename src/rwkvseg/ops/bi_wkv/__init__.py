@@ -78,7 +78,8 @@ def _check_sequences(w: Tensor, u: Tensor, k: Tensor, v: Tensor, shape: tuple[in
 @functools.cache
 def _triton_module():
     """This package's module `triton`, imported on first use (it needs Triton) and then kept: an import statement
-    in a function costs about 0.7 us each call (2-core CPU), the cached lookup 0.03 us."""
+    in a function costs about 0.7 us each call (2-core CPU), the cached lookup 0.03 us. For the eager path only:
+    dynamo warns about lru_cache wrappers it traces."""
     from . import triton
 
     return triton
@@ -121,7 +122,9 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     if impl == "triton":
         if not triton_usable(k):
             raise ValueError("bi_wkv: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'")
-        return _triton_module().bi_wkv_triton(w, u, k, v)
+        from .triton import bi_wkv_triton
+
+        return bi_wkv_triton(w, u, k, v)
     if impl == "reference":
         return bi_wkv_reference(w, u, k, v).to(v.dtype)
     raise ValueError(f"bi_wkv: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
@@ -170,7 +173,9 @@ def bi_wkv_ordered(
             raise ValueError(
                 "bi_wkv_ordered: impl='triton' needs CUDA tensors and `pip install triton`; use impl='chunked'"
             )
-        return _triton_module().bi_wkv_triton(w, u, k, v, orders)
+        from .triton import bi_wkv_triton
+
+        return bi_wkv_triton(w, u, k, v, orders)
     if impl == "reference":
         return apply_in_orders(bi_wkv_reference, w, u, k, v, orders).to(v.dtype)
     raise ValueError(f"bi_wkv_ordered: unknown impl {impl!r}; choose one of {IMPLEMENTATIONS}")
