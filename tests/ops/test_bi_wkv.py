@@ -7,6 +7,7 @@ from rwkvseg.ops import (
     bi_wkv,
     bi_wkv_ordered,
     bi_wkv_reference,
+    check_inputs,
     scan_2d,
     scan_order,
     unscan_2d,
@@ -125,21 +126,33 @@ def test_large_k_range_stays_finite():
     assert rel_err(y, bi_wkv_reference(w, u, k, v)) <= 1e-5
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda w, u, k, v: (w, u, k[0], v[0]), "must be \\[B, T, C\\]"),
-        (lambda w, u, k, v: (w, u, k, v[:, :-1]), "must match"),
-        (lambda w, u, k, v: (w[:-1], u, k, v), "w must have shape"),
-        (lambda w, u, k, v: (w, u.double(), k, v.long()), "dtype"),
-        (lambda w, u, k, v: (w, u, k, v.double()), "cast both"),
-        (lambda w, u, k, v: (w, u, k[:, :0], v[:, :0]), "empty"),
-    ],
-)
+BAD_INPUTS = [
+    (lambda w, u, k, v: (w, u, k[0], v[0]), "must be \\[B, T, C\\]"),
+    (lambda w, u, k, v: (w, u, k, v[:, :-1]), "must match"),
+    (lambda w, u, k, v: (w[:-1], u, k, v), "w must have shape"),
+    (lambda w, u, k, v: (w, u.double(), k, v.long()), "dtype"),
+    (lambda w, u, k, v: (w, u, k, v.double()), "cast both"),
+    (lambda w, u, k, v: (w, u, k[:, :0], v[:, :0]), "empty"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_INPUTS)
 def test_bad_inputs_raise_clear_errors(change, message):
     inputs = make_inputs(1, 8, 4, (-8, 8))
     with pytest.raises(ValueError, match=message):
         bi_wkv(*change(*inputs))
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_INPUTS[2:])
+def test_ordered_bad_inputs_raise_the_errors_of_one_slice(change, message):
+    # bi_wkv_ordered checks its [n, B, N, C] k, v without slicing them: the errors of check_inputs on a slice
+    w, u, k, v = change(*make_inputs(2, 8, 4, (-8, 8)))
+    with pytest.raises(ValueError, match=message) as expected:
+        check_inputs(w, u, k, v)
+    orders = (TokenOrder.identity(k.shape[1]),) * 3
+    with pytest.raises(ValueError) as got:
+        bi_wkv_ordered(w, u, k.expand(3, -1, -1, -1), v.expand(3, -1, -1, -1), orders)
+    assert str(got.value) == str(expected.value)
 
 
 def test_unknown_impl_and_triton_on_cpu():
@@ -200,6 +213,8 @@ def test_ordered_rejects_bad_calls():
     k4, v4 = k[None], v[None]
     with pytest.raises(ValueError, match=r"\[n, B, N, C\]"):
         bi_wkv_ordered(w, u, k, v, (TokenOrder.identity(12),))
+    with pytest.raises(ValueError, match="n >= 1"):
+        bi_wkv_ordered(w, u, k4[:0], v4[:0], ())
     with pytest.raises(ValueError, match="one per slice"):
         bi_wkv_ordered(w, u, k4, v4, (TokenOrder.identity(12),) * 2)
     with pytest.raises(ValueError, match="visit each"):

@@ -259,6 +259,16 @@ def test_forward_buffers_match_the_tiled_algorithm():
         assert rel_err(got, exact[name]) <= 1e-5, name
 
 
+def test_order_args_are_the_orders_ints_cached_or_not():
+    from rwkvseg.ops.bi_wkv.triton import _order_args
+
+    orders = tuple(scan_order(o, (3, 5)) for o in QUAD_SCAN_ORDERS)
+    assert _order_args(orders) == (5, 1, 5, 0, 5, -1, 5, 4, 3, 5, 1, 0, 3, -5, 1, 10)
+    assert _order_args(None) == (1, 1, 0, 0) * 4  # unused groups: the identity
+    for given in (None, orders[:1], orders[2:], orders):
+        assert _order_args(given) == _order_args.__wrapped__(given)
+
+
 def test_float64_runs_the_exact_chunked_path():
     from rwkvseg.ops.bi_wkv.triton import bi_wkv_triton
 

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from rwkvseg.ops import (
     TokenOrder,
     bi_shift,
     bi_shift_hwt,
+    check_orders,
     flip_permutation,
     from_view,
     merge_windows,
@@ -187,6 +190,37 @@ def test_views_as_token_orders(view, size):
 def test_token_order_check_rejects_what_is_not_a_permutation(bad):
     with pytest.raises(ValueError, match="TokenOrder"):
         bad.check(12)
+
+
+def test_check_orders_raises_like_check_on_every_call():
+    # the cache keeps passed checks only: a bad order raises TokenOrder.check's error each time
+    good = tuple(scan_order(o, (3, 4)) for o in QUAD_SCAN_ORDERS)
+    check_orders(good, 12)
+    check_orders(good, 12)  # a cache hit
+    for bad in (TokenOrder(4, 1, 1), TokenOrder(4, -1, 4)):
+        with pytest.raises(ValueError) as expected:
+            bad.check(12)
+        for _ in range(2):
+            with pytest.raises(ValueError) as got:
+                check_orders((*good, bad), 12)
+            assert str(got.value) == str(expected.value)
+    with pytest.raises(ValueError, match="divide the 10 tokens"):
+        check_orders(good, 10)  # the same orders over another token count are checked again
+
+
+def test_check_orders_traces_without_the_cache():
+    # dynamo warns about every lru_cache wrapper it traces; compiled layers call check_orders on each trace
+    orders = tuple(scan_order(o, (3, 4)) for o in QUAD_SCAN_ORDERS)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def checked(x):
+        check_orders(orders, x.shape[1])
+        return x + 1
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(checked(torch.zeros(2, 12)), torch.ones(2, 12))
 
 
 def test_token_order_check_accepts_exactly_the_permutations():

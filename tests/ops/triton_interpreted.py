@@ -6,7 +6,8 @@ of one expanded 3 x 5 grid read in place; the forward kernels' buffers (y, kmax,
 sub-chunk) against the plain-PyTorch `tiled` walk of the same tiles in float64. Prints one JSON line: per case
 the relative errors of (y, dw, du, dk, dv) against the float64 brute force (of the buffers against `tiled`), and
 for the plain cases whether `bi_wkv_triton_grads` (the registered operator's backward) equals autograd's
-gradients bitwise (0.0 for equal, 1.0 for not).
+gradients bitwise, and for the plain and ordered cases whether a forward without autograd (no graph to record)
+equals autograd's y bitwise (0.0 for equal, 1.0 for not).
 """
 
 import json
@@ -50,6 +51,9 @@ def plain_case(B, T, C, cfg):
     # the registered operator's backward (forward kernels rerun for their states) equals autograd's, bitwise
     grads = bi_wkv_triton_grads(w, u, k, v, gy, config=cfg)
     same = [0.0 if torch.equal(a, b) else 1.0 for a, b in zip(grads, fast[1:], strict=True)]
+    with torch.no_grad():  # no graph to record: the forward kernels without the autograd Function
+        inference = bi_wkv_triton(w, u, k, v, config=cfg)
+    same.append(0.0 if torch.equal(inference, fast[0]) else 1.0)
     return rel_errors(fast, exact), same
 
 
@@ -62,7 +66,9 @@ def orders_case():
     inputs = (w, u, k, v)
     fast = outputs_and_grads(lambda *a: bi_wkv_triton(*a, orders, ORDERS_TILES), inputs, gy, torch.float32, 4)
     exact = outputs_and_grads(lambda *a: apply_in_orders(bi_wkv_reference, *a, orders), inputs, gy, torch.float64, 4)
-    return rel_errors(fast, exact)
+    with torch.no_grad():
+        inference = bi_wkv_triton(w, u, k.expand(4, -1, -1, -1), v.expand(4, -1, -1, -1), orders, ORDERS_TILES)
+    return [*rel_errors(fast, exact), 0.0 if torch.equal(inference, fast[0]) else 1.0]
 
 
 def buffers_case(B, T, C, cfg):

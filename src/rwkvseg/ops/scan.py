@@ -6,6 +6,7 @@ Maps are channels-first ([B, C, H, W] or [B, C, T, H, W]); sequences are [B, N, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,6 +101,21 @@ def view_order(view: str, size: tuple[int, int, int]) -> TokenOrder:
     if view == "hwt":
         return TokenOrder(T, H * W, 1)
     raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+
+
+def _check_each(orders: tuple[TokenOrder, ...], n: int) -> None:
+    for order in orders:
+        order.check(n)
+
+
+# the layers pass the same few orders every call; a failed check raises, so only passed ones are cached
+_check_each_once = functools.lru_cache(maxsize=256)(_check_each)
+
+
+def check_orders(orders: tuple[TokenOrder, ...], n: int) -> None:
+    """TokenOrder.check(n) of each order. Eager calls check each distinct (orders, n) once: the checks cost
+    microseconds a call. Traced calls check while tracing, without the cache (dynamo warns about lru_cache)."""
+    (_check_each if torch.compiler.is_compiling() else _check_each_once)(orders, n)
 
 
 def apply_in_orders(

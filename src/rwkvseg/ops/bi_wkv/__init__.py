@@ -15,12 +15,13 @@ by device) over the implementations of this package:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
 from torch import Tensor
 
-from ..scan import TokenOrder, apply_in_orders
+from ..scan import TokenOrder, apply_in_orders, check_orders
 from .chunked import bi_wkv_chunked
 from .library import CHUNK, channels_contiguous, orders_to_ints, tracing, uses_triton
 from .naive import bi_wkv_reference
@@ -52,9 +53,15 @@ def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"bi_wkv: k must be [B, T, C], got shape {tuple(k.shape)}; flatten tokens to one axis first")
     if v.shape != k.shape:
         raise ValueError(f"bi_wkv: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
-    B, T, C = k.shape
+    _check_sequences(w, u, k, v, k.shape)
+
+
+def _check_sequences(w: Tensor, u: Tensor, k: Tensor, v: Tensor, shape: tuple[int, int, int]) -> None:
+    # check_inputs once k and v have one shape holding [B, T, C] sequences; bi_wkv_ordered passes the shape of a
+    # slice of its [n, B, N, C] k, v instead of indexing slices out (a microsecond each per call)
+    B, T, C = shape
     if T < 1 or B < 1:
-        raise ValueError(f"bi_wkv: empty input of shape {tuple(k.shape)}; need B >= 1 and T >= 1")
+        raise ValueError(f"bi_wkv: empty input of shape {tuple(shape)}; need B >= 1 and T >= 1")
     for name, p in (("w", w), ("u", u)):
         if p.shape != (C,):
             raise ValueError(f"bi_wkv: {name} must have shape [C] = [{C}], got {tuple(p.shape)}")
@@ -68,11 +75,19 @@ def check_inputs(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"bi_wkv: inputs are on different devices {sorted(map(str, devices))}; move them to one")
 
 
+@functools.cache
+def _triton_module():
+    """This package's module `triton`, imported on first use (it needs Triton) and then kept: an import statement
+    in a function costs about 0.7 us each call (2-core CPU), the cached lookup 0.03 us. For the eager path only:
+    dynamo warns about lru_cache wrappers it traces."""
+    from . import triton
+
+    return triton
+
+
 def _eager_triton(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders: tuple[TokenOrder, ...] | None) -> Tensor:
     """The Triton kernels' own autograd Function, called without the registered operator (eager calls on CUDA)."""
-    from .triton import bi_wkv_triton
-
-    return bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v), orders)
+    return _triton_module().bi_wkv_triton(w, u, channels_contiguous(k), channels_contiguous(v), orders)
 
 
 def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", chunk: int = CHUNK) -> Tensor:
@@ -89,9 +104,10 @@ def bi_wkv(w: Tensor, u: Tensor, k: Tensor, v: Tensor, *, impl: str = "auto", ch
     Eager calls on CUDA skip the operator: torch.library's Python dispatch is host time that bounds short
     sequences (on this project's 2-core CPU a custom op with autograd costs about 94 us per call against 22 us for
     an autograd.Function; on an H200 host eager forwards still took 0.15-0.24 ms at short shapes, so the dispatch
-    is not the main host cost there). They call the Triton autograd Function directly, the
-    same kernels, so the same outputs and gradients (the operator's backward reruns the forward kernels for the
-    states the Function keeps: `bi_wkv_triton_grads`, equal bitwise). Traced calls keep the operator.
+    is not the main host cost there). They call the Triton autograd Function directly (its forward kernels
+    alone when no graph is recorded), the same kernels, so the same outputs and gradients (the operator's
+    backward reruns the forward kernels for the states the Function keeps: `bi_wkv_triton_grads`, equal
+    bitwise). Traced calls keep the operator.
     """
     check_inputs(w, u, k, v)
     if impl == "auto":
@@ -134,16 +150,16 @@ def bi_wkv_ordered(
     orders passed as `orders_to_ints(orders)`); the portable paths copy each order's sequences out and y back
     through strided views (`TokenOrder.read` / `write`).
     """
-    if k.dim() != 4 or v.shape != k.shape:
+    if k.dim() != 4 or v.shape != k.shape or k.shape[0] == 0:
         raise ValueError(
-            f"bi_wkv_ordered: k, v must be [n, B, N, C] of one shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+            f"bi_wkv_ordered: k, v must be [n, B, N, C] of one shape with n >= 1, got {tuple(k.shape)} and "
+            f"{tuple(v.shape)}"
         )
     if len(orders) != k.shape[0]:
         raise ValueError(f"bi_wkv_ordered: {len(orders)} orders for {k.shape[0]} slices of k; pass one per slice")
-    check_inputs(w, u, k[0], v[0])
-    for order in orders:
-        order.check(k.shape[2])
+    _check_sequences(w, u, k, v, k.shape[1:])  # check_inputs(w, u, k[0], v[0])
     orders = tuple(orders)
+    check_orders(orders, k.shape[2])
     if impl == "auto":
         if chunk == CHUNK:
             if not tracing() and uses_triton(k):

@@ -48,11 +48,12 @@ stored tokens. Design and measurements: docs/kernel_design.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
 
-from ..scan import TokenOrder, apply_in_orders
+from ..scan import TokenOrder, apply_in_orders, check_orders
 from .chunked import bi_wkv_chunked
 from .tiles import TileConfig, cdiv, scan_launch, tile_config
 from .triton_backward import _bwd_chunk_scan_kernel, _bwd_output_kernel, _bwd_summary_kernel
@@ -77,11 +78,13 @@ def _check(k: Tensor, v: Tensor) -> None:
 def _as_groups(x: Tensor) -> tuple[int, int, int, int]:
     """(sequences per order group, group stride, batch stride, time stride) of [B, T, C] (one group) or
     [n, B, N, C] (n token orders)."""
-    if x.dim() == 3:
-        return x.shape[0], 0, x.stride(0), x.stride(1)
-    return x.shape[1], x.stride(0), x.stride(1), x.stride(2)
+    s = x.stride()  # one call: each .stride(i) costs as much as the whole tuple
+    if len(s) == 3:
+        return x.shape[0], 0, s[0], s[1]
+    return x.shape[1], s[0], s[1], s[2]
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of frozen TokenOrders, asked on every call
 def _order_args(orders: tuple[TokenOrder, ...] | None) -> tuple[int, ...]:
     """The kernels' 16 ints: (inner, inner_step, outer_step, start) for each of up to MAX_ORDERS groups."""
     quads = [(o.inner, o.inner_step, o.outer_step, o.start) for o in orders or ()]
@@ -98,7 +101,8 @@ def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, cfg: TileConfig
     n_sup = cdiv(n_sub, G)
     ncb = cdiv(C, cfg.BC)
     dev = k.device
-    y = torch.empty(k.shape, dtype=v.dtype, device=dev)  # contiguous: the kernels write sequence b at b * T * C
+    # contiguous: the kernels write sequence b at b * T * C (empty_like: half the host time of empty(k.shape))
+    y = torch.empty_like(k, dtype=v.dtype, memory_format=torch.contiguous_format)
     kmax = torch.empty((B, C), dtype=torch.float32, device=dev)
     sub = torch.empty((B, n_sub, 3, C), dtype=torch.float32, device=dev)  # right states inside super-chunks
     fstates = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev) if save else kmax
@@ -125,7 +129,7 @@ def _forward(w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, cfg: TileConfig
 
 def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
     T, C = k.shape[-2:]
-    Bg = _as_groups(k)[0]
+    Bg, *k_strides = _as_groups(k)
     B = kmax.shape[0]
     R, G = cfg.R, cfg.G_bwd
     n_sub = cdiv(T, R)
@@ -136,7 +140,7 @@ def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
         gy = gy.contiguous()
     grid = (B * n_sup * ncb,)
     dims = (T, C, n_sub, n_sup, G)
-    layout = (Bg, *_as_groups(k)[1:], *_as_groups(v)[1:], *_as_groups(gy)[1:])
+    layout = (Bg, *k_strides, *_as_groups(v)[1:], *_as_groups(gy)[1:])
     order_args = _order_args(orders)
     ordered = orders is not None
     sub = torch.empty((B, n_sub, 4, C), dtype=torch.float32, device=dev)
@@ -150,15 +154,23 @@ def _backward(w, u, k, v, kmax, fstates, gy, orders, cfg: TileConfig):
         states = torch.empty((B, n_sup, 8, C), dtype=torch.float32, device=dev)
         sgrid, sncb, rows, warps = scan_launch(B, C, cfg, n_sup)
         _bwd_chunk_scan_kernel[sgrid](summ, states, w, n_sup, C, G * R, sncb, rows, cfg.scan_BC, num_warps=warps)
-    gk = torch.empty(k.shape, dtype=k.dtype, device=dev)  # contiguous, like y
-    gv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    gk = torch.empty_like(k, memory_format=torch.contiguous_format)  # contiguous, like y
+    gv = torch.empty_like(v, memory_format=torch.contiguous_format)
     part = torch.empty((B * n_sup, 2, C), dtype=torch.float32, device=dev)
     _bwd_output_kernel[grid](
         k, v, gy, w, u, kmax, fstates, sub, states, gk, gv, part, dims, layout, order_args,
         R, cfg.BC_bwd, ncb, n_sup == 1, ordered, num_warps=1,
     )  # fmt: skip
-    gu, gw = part.sum(0, dtype=torch.float64)  # [B * n_sup, 2, C] -> [2, C]
+    gu, gw = part.sum(0, dtype=torch.float64).unbind()  # [B * n_sup, 2, C] -> 2 x [C]
     return gw, gu, gk, gv
+
+
+def _prepare(w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig | None):
+    """What every kernel call starts with: the checks, w and u as fp32, the tiles."""
+    _check(k, v)
+    T, C = k.shape[-2:]
+    cfg = config or tile_config(k.numel() // (T * C), T, C)  # numel counts every order's sequences
+    return w.float().contiguous(), u.float().contiguous(), cfg
 
 
 def _on_device(x: Tensor):
@@ -172,10 +184,7 @@ class TritonBiWKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, u: Tensor, k: Tensor, v: Tensor, orders, config: TileConfig | None) -> Tensor:
-        _check(k, v)
-        T, C = k.shape[-2:]
-        wf, uf = w.float().contiguous(), u.float().contiguous()
-        cfg = config or tile_config(k.numel() // (T * C), T, C)  # numel counts every order's sequences
+        wf, uf, cfg = _prepare(w, u, k, v, config)
         save = any(ctx.needs_input_grad[:4])  # the backward's per-sub-chunk states, only when one will follow
         with _on_device(k):
             y, kmax, fstates = _forward(wf, uf, k, v, orders, cfg, save)
@@ -214,8 +223,8 @@ def bi_wkv_triton(
     if orders is not None:
         if k.dim() != 4 or len(orders) != k.shape[0]:
             raise ValueError(f"bi_wkv_triton: {len(orders)} orders need k, v [n, B, N, C] with n = {len(orders)}")
-        for order in orders:
-            order.check(k.shape[2])  # an order outside the N tokens would read outside k
+        orders = tuple(orders)
+        check_orders(orders, k.shape[2])  # an order outside the N tokens would read outside k
     if orders is not None and len(orders) > MAX_ORDERS:
         # one launch holds MAX_ORDERS orders; more take one launch per MAX_ORDERS
         parts = [
@@ -225,7 +234,12 @@ def bi_wkv_triton(
         return torch.cat(parts)
     if k.dtype == torch.float64:
         return bi_wkv_chunked(w, u, k, v) if orders is None else apply_in_orders(bi_wkv_chunked, w, u, k, v, orders)
-    return TritonBiWKV.apply(w, u, k, v, orders, config)
+    if torch.is_grad_enabled() and (w.requires_grad or u.requires_grad or k.requires_grad or v.requires_grad):
+        return TritonBiWKV.apply(w, u, k, v, orders, config)
+    # no graph to record: the forward kernels alone, without the autograd Function's bookkeeping (a few us)
+    wf, uf, cfg = _prepare(w, u, k, v, config)
+    with _on_device(k):
+        return _forward(wf, uf, k, v, orders, cfg, False)[0]
 
 
 def bi_wkv_triton_grads(
@@ -248,10 +262,7 @@ def bi_wkv_triton_grads(
         ]
         gw, gu, gk, gv = zip(*parts, strict=True)
         return sum(gw), sum(gu), torch.cat(gk), torch.cat(gv)
-    _check(k, v)
-    T, C = k.shape[-2:]
-    wf, uf = w.float().contiguous(), u.float().contiguous()
-    cfg = config or tile_config(k.numel() // (T * C), T, C)
+    wf, uf, cfg = _prepare(w, u, k, v, config)
     with _on_device(k):
         _, kmax, fstates = _forward(wf, uf, k, v, orders, cfg, True)
         gw, gu, gk, gv = _backward(wf, uf, k, v, kmax, fstates, gy, orders, cfg)
