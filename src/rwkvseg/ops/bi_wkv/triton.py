@@ -174,8 +174,12 @@ def _prepare(w: Tensor, u: Tensor, k: Tensor, v: Tensor, config: TileConfig | No
 
 
 def _on_device(x: Tensor):
-    # CPU tensors reach the kernels only under TRITON_INTERPRET=1 (the CI test of the kernels)
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: a device guard only where x lives on another one (entering and
+    leaving the guard is host time on every call). CPU tensors reach the kernels only under TRITON_INTERPRET=1 (the
+    CI test of the kernels)."""
+    if not x.is_cuda or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
 
 
 class TritonBiWKV(torch.autograd.Function):
