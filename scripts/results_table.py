@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         metavar="SPEC",
         help="post-process every label map as `rwkvseg predict --postprocess` does: none, largest, fill-holes, "
-        "et-min-voxels=N, joined by commas (default: each checkpoint's own, as predict)",
+        "et-min-voxels=N, et-min-mm3=V, joined by commas (default: each checkpoint's own, as predict)",
     )
     return parser.parse_args(argv)
 

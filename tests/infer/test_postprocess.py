@@ -9,6 +9,7 @@ from rwkvseg.data.specs import dataset_spec
 from rwkvseg.infer.postprocess import (
     PostProcess,
     check_postprocess,
+    et_min_voxels_at,
     fill_holes,
     keep_largest_foreground,
     largest_component,
@@ -36,6 +37,49 @@ def test_parse_spellings_and_bad_values():
             PostProcess.parse(bad)
     with pytest.raises(ValueError, match="et-min-voxels=-1 must be a whole number >= 0"):
         PostProcess(et_min_voxels=-1)
+
+
+def test_parse_the_volume_spelling_and_its_errors():
+    assert PostProcess.parse("largest,et-min-mm3=800") == PostProcess(largest=True, et_min_mm3=800.0)
+    assert PostProcess.parse("ET-MIN-MM3=62.5").et_min_mm3 == 62.5 and PostProcess.parse("et-min-mm3=1e3").active
+    assert not PostProcess.parse("et-min-mm3=0").active  # 0: off, as et-min-voxels=0
+    for config in (
+        PostProcess(largest=True, et_min_mm3=800),
+        PostProcess(et_min_mm3=62.5),
+        PostProcess(et_min_mm3=1e-3),
+    ):
+        assert PostProcess.parse(config.spelling()) == config  # a release's sidecar records the spelling
+    assert PostProcess(et_min_mm3=800).spelling() == "et-min-mm3=800"
+    for bad in ("et-min-mm3", "et-min-mm3=", "et-min-mm3=big", "et-min-mm3=-8", "et-min-mm3=nan", "et-min-mm3=inf"):
+        with pytest.raises(ValueError) as err:
+            PostProcess.parse(f"largest,{bad}")
+        message = str(err.value)
+        assert message.startswith(f"--postprocess 'largest,{bad}': et-min-mm3=") and "\n" not in message
+        assert "is not a volume; give cubic millimetres >= 0, e.g. et-min-mm3=800" in message
+    with pytest.raises(
+        ValueError, match=r"et-min-voxels=100 and et-min-mm3=800 set the same threshold twice; give one"
+    ):
+        PostProcess.parse("et-min-voxels=100,et-min-mm3=800")
+    with pytest.raises(ValueError, match="et-min-mm3=-1 must be a volume in mm3 >= 0"):
+        PostProcess(et_min_mm3=-1)
+    with pytest.raises(ValueError, match="et-min-mm3=True must be a volume"):
+        PostProcess(et_min_mm3=True)
+
+
+def test_a_volume_becomes_8x_the_voxels_at_half_the_spacing():
+    config = PostProcess(et_min_mm3=800)
+    assert et_min_voxels_at(config, (2.0, 2.0, 2.0)) == 100
+    assert et_min_voxels_at(config, (1.0, 1.0, 1.0)) == 800
+    assert et_min_voxels_at(config, (2.5, 1.0, 0.5)) == pytest.approx(640)  # anisotropic: the voxel's volume
+    assert (
+        et_min_voxels_at(PostProcess(et_min_mm3=100), (2.0, 2.0, 2.0)) == 12.5
+    )  # no rounding: 12 voxels are < 100 mm3, 13 are not
+    voxels = PostProcess(et_min_voxels=100)  # a count stays a count, whatever the spacing: the trap et-min-mm3 avoids
+    assert et_min_voxels_at(voxels, (1.0, 1.0, 1.0)) == et_min_voxels_at(voxels, (2.0, 2.0, 2.0)) == 100
+    assert et_min_voxels_at(PostProcess(largest=True), None) == 0
+    for spacing in (None, (1.0, 1.0), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="et-min-mm3 needs the voxel spacing"):
+            et_min_voxels_at(config, spacing)
 
 
 def test_largest_component_keeps_the_biggest_with_full_connectivity():
@@ -110,6 +154,19 @@ def test_keep_largest_foreground_keeps_each_label_inside_the_whole_tumour():
     np.testing.assert_array_equal(kept, expected)
 
 
+@pytest.mark.parametrize(
+    ("spacing", "et_voxels", "relabelled"), [(2.0, 99, True), (2.0, 100, False), (1.0, 100, True), (1.0, 800, False)]
+)
+def test_a_small_volume_of_enhancing_tumour_becomes_necrosis_at_each_spacing(spacing, et_voxels, relabelled):
+    values = np.full((10, 10, 10), 2, np.uint8)
+    values.reshape(-1)[:et_voxels] = 4
+    out = postprocess(values, PostProcess(et_min_mm3=800), BRATS, (spacing,) * 3)  # 100 voxels of 2 mm, 800 of 1 mm
+    assert (out == 4).sum() == (0 if relabelled else et_voxels)
+    assert (out == 1).sum() == (et_voxels if relabelled else 0)
+    with pytest.raises(ValueError, match="et-min-mm3 needs the voxel spacing"):
+        postprocess(values, PostProcess(et_min_mm3=800), BRATS)
+
+
 @pytest.mark.parametrize(("et_voxels", "relabelled"), [(99, True), (100, False), (101, False)])
 def test_small_enhancing_tumour_becomes_necrosis_below_the_threshold(et_voxels, relabelled):
     values = np.full((10, 10, 10), 2, np.uint8)
@@ -141,6 +198,13 @@ def test_check_refuses_options_that_do_not_fit_the_model():
     spleen = dataset_spec("brats", regions=(), label_values=(0, 1))
     with pytest.raises(ValueError, match=r"needs a model whose dataset has TC and ET regions.*drop et-min-voxels"):
         check_postprocess(PostProcess(et_min_voxels=10), 1, spleen)
+    check_postprocess(PostProcess(largest=True, et_min_mm3=800), 3, BRATS)
+    with pytest.raises(ValueError, match="--postprocess et-min-mm3 applies to 3D BraTS-style models"):
+        check_postprocess(PostProcess(et_min_mm3=800), 1)
+    with pytest.raises(
+        ValueError, match=r"et-min-mm3 needs a model whose dataset has TC and ET regions.*drop et-min-mm3"
+    ):
+        check_postprocess(PostProcess(et_min_mm3=800), 1, spleen)
 
 
 @pytest.fixture
@@ -189,4 +253,13 @@ def test_command_line_postprocess_and_its_errors(tmp_path, bright_checkpoint, ca
     assert len(err.splitlines()) == 1
     assert main([*args, "--out", str(tmp_path / "bad"), "--postprocess", "et-min-voxels=50"]) == 2
     assert "et-min-voxels applies to 3D BraTS-style models" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "bad"), "--postprocess", "et-min-mm3=400"]) == 2
+    assert "et-min-mm3 applies to 3D BraTS-style models" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "bad"), "--postprocess", "et-min-mm3=4OO"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rwkvseg: error: --postprocess 'et-min-mm3=4OO': et-min-mm3=4oo is not a volume")
+    assert len(err.splitlines()) == 1
+    assert main([*args, "--out", str(tmp_path / "bad"), "--postprocess", "et-min-voxels=5,et-min-mm3=40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "set the same threshold twice" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()

@@ -371,3 +371,85 @@ def test_released_model_on_a_full_resolution_int16_case_keeps_the_grid(brats_2mm
     assert set(np.unique(labels)) <= {0, 1, 2, 4}
     truth = np.asarray(nib.load(reference / f"{case}.nii.gz").dataobj) > 0
     assert dice(labels > 0, truth) > 0.6  # whole tumour; a grid misplacement would drop far below
+
+
+def rescaled_case(folder: Path, root: Path, case: str, zoom: float) -> Path:
+    """The case in folder with the same voxels and every affine scaled: voxels of zoom mm, as case `case`."""
+    (root / case).mkdir(parents=True)
+    for path in folder.glob("*.nii.gz"):
+        image = nib.load(path)
+        affine = image.affine.copy()
+        affine[:3, :3] *= zoom
+        scaled = nib.Nifti1Image(np.asarray(image.dataobj), affine)
+        scaled.set_qform(affine, 1)
+        scaled.set_sform(affine, 2)
+        nib.save(scaled, root / case / path.name.replace(folder.name, case))
+    return root / case
+
+
+def test_et_min_mm3_counts_each_case_in_its_own_voxels(tmp_path, trained_at_2mm):
+    """One volume threshold, two spacings: the voxel count it stands for follows each case's voxel size."""
+    one_mm, _ = write_1mm_case(tmp_path / "in")
+    two_mm = rescaled_case(one_mm, tmp_path / "in", "p2", 2.0)
+    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12))
+    for folder, voxel_mm3 in ((one_mm, 1.0), (two_mm, 8.0)):
+        (case,) = discover_cases(folder, BRATS, require_label=False)
+        raw, reference = Predictor3D(Threshold(), metadata, PredictConfig(mirror_axes=())).predict_case(case)
+        assert reference.spacing == pytest.approx((voxel_mm3 ** (1 / 3),) * 3)
+        enhancing = int((raw == 4).sum())
+        assert enhancing > 100
+        volume = enhancing * voxel_mm3  # mm3 of the enhancing tumour: kept at exactly this threshold, not above
+        for threshold, relabelled in [(volume, False), (volume + 0.5, True)]:
+            options = PredictConfig(mirror_axes=(), postprocess=PostProcess(et_min_mm3=threshold))
+            values, _ = Predictor3D(Threshold(), metadata, options).predict_case(case)
+            assert (values == 4).sum() == (0 if relabelled else enhancing)
+            np.testing.assert_array_equal(values == 1, (raw == 4) if relabelled else np.zeros_like(raw, bool))
+
+
+def test_predict_applies_et_min_mm3_by_each_output_grid(tmp_path, trained_at_2mm, monkeypatch, capsys):
+    """rwkvseg predict on a 1 mm and a 2 mm copy of one case: et-min-voxels removes both enhancing tumours (the
+    trap: N voxels of 1 mm are 1/8 of the volume of N of 2 mm), et-min-mm3 only the one below its volume."""
+    from rwkvseg.cli import main
+
+    one_mm, _ = write_1mm_case(tmp_path / "in")
+    rescaled_case(one_mm, tmp_path / "in", "p2", 2.0)
+    meta = CheckpointMeta(
+        model="threshold",
+        in_channels=4,
+        num_classes=4,
+        preprocessing=inference_metadata(trained_at_2mm, patch_size=(16, 16, 16)),
+        spacing=(2.0, 2.0, 2.0),
+    )
+    checkpoint = save_checkpoint(tmp_path / "ckpt" / "best", Threshold(), meta)[0]
+    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+
+    def predicted(out: str, spec: str) -> dict[str, np.ndarray]:
+        args = ["predict", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / out), "--device", "cpu"]
+        assert main([*args, "--postprocess", spec]) == 0
+        return {case: np.asarray(nib.load(tmp_path / out / f"{case}.nii.gz").dataobj) for case in ("p1", "p2")}
+
+    raw = predicted("raw", "none")
+    et_1mm, et_2mm = int((raw["p1"] == 4).sum()), int((raw["p2"] == 4).sum())
+    assert 100 < et_1mm < 8 * et_2mm  # the same ball: fewer mm3 on the 1 mm grid than on the 2 mm one
+    counted = predicted("voxels", f"et-min-voxels={max(et_1mm, et_2mm) + 1}")
+    assert not (counted["p1"] == 4).any() and not (counted["p2"] == 4).any()
+    volume = predicted("mm3", f"et-min-mm3={(et_1mm + 8 * et_2mm) / 2}")  # between the two cases' ET volumes
+    assert not (volume["p1"] == 4).any() and (volume["p1"] == 1).sum() == et_1mm
+    np.testing.assert_array_equal(volume["p2"], raw["p2"])
+    assert (
+        main(
+            [
+                "predict",
+                str(checkpoint),
+                str(tmp_path / "in"),
+                "--out",
+                str(tmp_path / "bad"),
+                "--device",
+                "cpu",
+                "--postprocess",
+                "et-min-mm3=800,et-min-voxels=100",
+            ]
+        )
+        == 2
+    )
+    assert "set the same threshold twice" in capsys.readouterr().err

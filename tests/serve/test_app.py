@@ -2,6 +2,7 @@ import gzip
 import io
 import json
 import logging
+import re
 import struct
 import time
 import zipfile
@@ -235,6 +236,86 @@ def test_hostile_or_ambiguous_3d_requests_get_a_clear_4xx(client, tmp_path):
         assert message in answer.json()["detail"], answer.json()
     assert client.post("/v1/models/bright/view", files={"file": ("a", b"x")}).status_code == 400  # a 2D model
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def blobs_with_a_hole() -> np.ndarray:
+    """A 64x64 image: a big bright square with a dark hole, and a small bright square apart from it."""
+    image = np.full((64, 64, 3), 40, np.uint8)
+    image[4:44, 4:44] = 230
+    image[16:32, 16:32] = 40
+    image[50:60, 50:60] = 230
+    return image
+
+
+def test_2d_masks_are_post_processed_as_predict_does(client, test_models, tmp_path, capsys):
+    """--postprocess of the service: the masks (and overlays) `rwkvseg predict --postprocess` writes."""
+    from rwkvseg.cli import main
+
+    image = blobs_with_a_hole()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png(image))
+    raw = np.asarray(Image.open(io.BytesIO(post_image(client, "bright", png(image)).content)))
+    assert raw[55, 55] == 255 and raw[24, 24] == 0  # the small square and the hole, without post-processing
+    config = ServeConfig(models=(str(test_models["bright"]),), postprocess="largest,fill-holes")
+    with client_for(config) as processed:
+        wait_ready(processed)
+        mask = np.asarray(Image.open(io.BytesIO(post_image(processed, "bright", png(image)).content)))
+        tinted = np.asarray(Image.open(io.BytesIO(post_image(processed, "bright", png(image), overlay="true").content)))
+    assert mask[55, 55] == 0 and mask[24, 24] == 255 and mask[10, 10] == 255
+    checkpoint = str(test_models["bright"])
+    args = ["predict", checkpoint, str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main([*args, "--postprocess", "largest,fill-holes", "--overlay"]) == 0
+    np.testing.assert_array_equal(mask, np.asarray(Image.open(tmp_path / "out" / "a.png")))
+    np.testing.assert_array_equal(tinted, np.asarray(Image.open(tmp_path / "out" / "overlays" / "a.png")))
+
+
+def test_3d_labels_are_post_processed_with_the_case_s_spacing(client, test_models, tmp_path):
+    """et-min-mm3 through the service: 8 enhancing voxels of 2 mm are 64 mm3, relabelled below 100 mm3 and kept
+    at 60 (as a count, 8 voxels would fall below both)."""
+    files, ball = write_case(tmp_path / "case")
+    t1ce = nib.load(files[1])
+    data = np.asarray(t1ce.dataobj).copy()
+    spot = tuple(slice(c - 1, c + 1) for c in np.argwhere(ball).mean(0).round().astype(int))  # 2x2x2 in the ball
+    data[spot] = 3000
+    nib.save(nib.Nifti1Image(data, t1ce.affine, t1ce.header), files[1])
+    parts = [("file", (p.name, p.read_bytes())) for p in files]
+
+    def labels(answer) -> np.ndarray:
+        assert answer.status_code == 200, answer.text
+        return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(answer.content)).dataobj)
+
+    raw = labels(client.post("/v1/models/ball/predict", files=parts))
+    assert (raw == 4).sum() == 8 and not (raw == 1).any()
+    for volume, relabelled in [(100, True), (60, False)]:
+        config = ServeConfig(models=(f"ball={test_models['ball']}",), postprocess=f"et-min-mm3={volume}")
+        with client_for(config) as processed:
+            wait_ready(processed)
+            values = labels(processed.post("/v1/models/ball/predict", files=parts))
+        np.testing.assert_array_equal(values == 1, (raw == 4) if relabelled else np.zeros_like(raw, bool))
+        assert (values == 4).sum() == (0 if relabelled else 8)
+
+
+def test_post_processing_that_does_not_fit_a_model_stops_the_start(test_models, capsys, monkeypatch):
+    import uvicorn
+
+    from rwkvseg.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("the service started"))
+    bright, ball = str(test_models["bright"]), f"ball={test_models['ball']}"
+    refusals = [
+        ((bright,), "holes", "--postprocess 'holes': 'holes' is not an option; give none, largest, fill-holes"),
+        ((bright,), "largest,et-min-mm3=800", "model bright: --postprocess et-min-mm3 applies to 3D BraTS-style"),
+        ((bright, ball), "fill-holes", "model ball: --postprocess fill-holes fills binary masks, and this model"),
+        ((ball,), "et-min-mm3=abc", "--postprocess 'et-min-mm3=abc': et-min-mm3=abc is not a volume"),
+    ]
+    for models, spec, message in refusals:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            create_app(ServeConfig(models=models, postprocess=spec))
+        assert main(["serve", *models, "--port", str(free_port()), "--postprocess", spec]) == 2  # before listening
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"rwkvseg: error: {message}") and len(err.splitlines()) == 1
+    create_app(ServeConfig(models=(bright, ball), postprocess="largest"))  # fits both
+    create_app(ServeConfig(models=(bright,), postprocess="none"))
 
 
 def test_json_access_log_lines(client, caplog):

@@ -73,9 +73,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="post-process each label map before writing it (beyond the papers' recipes; probabilities stay raw): "
         "default: the checkpoint's own choice (the released BraTS models record largest, chosen on validation; "
         "none otherwise); none: off; largest: keep the largest connected foreground component (8-connected in "
-        "2D, 26 in 3D); fill-holes: fill the mask's holes (binary models); et-min-voxels=N: (3D BraTS) relabel "
-        "a predicted enhancing tumour of fewer than N voxels of the output grid as NCR/NET; join several with "
-        "commas, e.g. largest,fill-holes",
+        "2D, 26 in 3D); fill-holes: fill the mask's holes (binary models); et-min-mm3=V: (3D BraTS) relabel "
+        "a predicted enhancing tumour of less than V cubic millimetres as NCR/NET, converted with each output's "
+        "voxel spacing (800: 100 voxels at 2 mm, 800 at 1 mm); et-min-voxels=N: the same rule counting N voxels "
+        "of the output grid, whatever their size; join several with commas, e.g. largest,fill-holes",
     )
     g = p.add_argument_group("3D volumes (checkpoints trained with `rwkvseg preprocess`)")
     g.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (3D; default: the checkpoint's)")

@@ -34,6 +34,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a 2D request may take before 504")
     p.add_argument("--mirror-3d", action="store_true", help="mirror test-time augmentation for 3D (8x the work)")
     p.add_argument(
+        "--postprocess",
+        default=None,
+        metavar="SPEC",
+        help="post-process every hosted model's label maps as `rwkvseg predict --postprocess SPEC` does (largest, "
+        "fill-holes, et-min-mm3=V, et-min-voxels=N, joined by commas; none: off); default: each model's own choice "
+        "(the released BraTS models record largest; none otherwise). Checked against every model at start",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -59,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms,
             timeout_s=args.timeout,
             mirror_3d=args.mirror_3d,
+            postprocess=args.postprocess,
             torch_threads=args.threads,
         )
     )

@@ -38,7 +38,7 @@ from ..data.volumes import (
 from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
-from .postprocess import check_postprocess, chosen_postprocess, postprocess
+from .postprocess import check_postprocess, chosen_postprocess, et_min_voxels_at, postprocess
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
@@ -157,8 +157,14 @@ class Predictor3D:
         cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
         probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]
         values = paste(probabilities_to_values(probs, self.spec, self.target), props)
-        if self.postprocess.active:  # on the input's own grid, whose voxels et-min-voxels counts
-            values = postprocess(values, self.postprocess, self.spec)
+        if self.postprocess.active:  # on the input's own grid: et-min-voxels counts its voxels, et-min-mm3 its mm3
+            if self.postprocess.et_min_mm3:
+                voxels = et_min_voxels_at(self.postprocess, volumes.spacing)
+                mm = "x".join(f"{s:.4g}" for s in volumes.spacing[::-1])
+                log.info(
+                    "%s: et-min-mm3=%g is %.4g voxels of %s mm", case.case_id, self.postprocess.et_min_mm3, voxels, mm
+                )
+            values = postprocess(values, self.postprocess, self.spec, volumes.spacing)
         return orient_back(values, back), volumes.reference
 
     def output_path(self, case: CaseFiles, out_dir: Path | str) -> Path:

@@ -18,6 +18,9 @@ class ServeConfig:
     max_queue_3d: the same for 3D cases, which run one at a time (workers_3d).
     batch_size / batch_wait_ms: a 2D micro-batch collects up to batch_size requests of one model, waiting at
         most batch_wait_ms after the first, and runs them in one forward pass.
+    postprocess: a `rwkvseg predict --postprocess` spelling (largest, fill-holes, et-min-mm3=V, ...) applied to the
+        label maps of every hosted model, 2D and 3D; None: each model's own choice, as predict makes it (a 3D
+        checkpoint's recorded default, none for 2D); "none": off. Checked against each model when the app is made.
     """
 
     host: str = "127.0.0.1"
@@ -39,6 +42,7 @@ class ServeConfig:
     timeout_3d_s: float = 600.0
     overlap_3d: float = 0.5
     mirror_3d: bool = False  # test-time flips: 8x the work for a small gain; off for a responsive service
+    postprocess: str | None = None
     log_json: bool = True
     # torch intra-op threads of the process (serve() sets them), and with runtime "onnx" each onnxruntime session's;
     # None keeps the library's default. On a machine shared with other work, 1 avoids threads spinning against

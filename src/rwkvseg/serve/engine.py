@@ -56,7 +56,10 @@ class Engine:
     def __init__(self, config: ServeConfig):
         self.config = config
         predictors.check_runtime(config.runtime)
+        self.postprocess = predictors.read_postprocess(config.postprocess)  # None: each model's own choice
         sources = predictors.resolve_models(config.models, config.runtime)
+        for source in sources:  # an option that does not fit a model fails here, before any weights load
+            predictors.postprocess_for(source, self.postprocess)
         self.models = {s.name: _Model(s, predictors.describe(s)) for s in sources}
         self._pending = 0
         self._pending_3d = 0
@@ -102,7 +105,14 @@ class Engine:
             started = time.perf_counter()
             try:
                 model.hosted = await loop.run_in_executor(
-                    self._pool, predictors.load, model.source, c.device, c.overlap_3d, c.mirror_3d, c.torch_threads
+                    self._pool,
+                    predictors.load,
+                    model.source,
+                    c.device,
+                    c.overlap_3d,
+                    c.mirror_3d,
+                    c.torch_threads,
+                    self.postprocess,
                 )
             except Exception as err:  # a model that cannot load keeps the service unready, with the reason
                 model.error = f"{type(err).__name__}: {err}"

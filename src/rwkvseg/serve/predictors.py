@@ -5,8 +5,9 @@ change of the inference internals is answered by editing this one module. Calls,
 rwkvseg.released.released_models / released_checkpoint, rwkvseg.checkpoint.read_meta / load_checkpoint,
 rwkvseg.data.images2d.read_image, rwkvseg.records.Preprocessing2D.from_meta, rwkvseg.infer.predict2d.predict_arrays /
 to_labels / overlay / OVERLAY_COLOURS, rwkvseg.infer.predict.PredictConfig, rwkvseg.infer.predict3d.Predictor3D /
-write_like, rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and for runtime "onnx"
-(the export extra, imported only when asked for) rwkvseg.export.onnx.read_record,
+write_like, rwkvseg.infer.postprocess.PostProcess / chosen_postprocess / check_postprocess / postprocess,
+rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and for runtime "onnx" (the export
+extra, imported only when asked for) rwkvseg.export.onnx.read_record,
 rwkvseg.export.runtime.OnnxPredictor.predict_normalized and rwkvseg.export.volumes.onnx_predictor_3d.
 
 Runtime "onnx" hosts exported files (`rwkvseg export NAME --out FILE.onnx`) and nothing else: the record inside
@@ -33,6 +34,8 @@ from ..checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from ..data.images2d import read_image
 from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
+from ..infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
+from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.predict import PredictConfig
 from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
 from ..infer.predict3d import Predictor3D, write_like
@@ -131,6 +134,29 @@ def _exported_source(spec: str, alias: str, target: str) -> ModelSource:
             "here; serve its checkpoint with runtime 'torch'"
         )
     return ModelSource(alias or path.stem, path, record.source.get("kind") == "released", record)
+
+
+def read_postprocess(text: str | None) -> PostProcess | None:
+    """ServeConfig.postprocess read as `rwkvseg predict --postprocess` reads it (None: each model's own choice);
+    ValueError, one line naming --postprocess and the spellings, for a bad one."""
+    return None if text is None else PostProcess.parse(text)
+
+
+def postprocess_for(source: ModelSource, given: PostProcess | None) -> PostProcess:
+    """What the model's label maps get, as `rwkvseg predict` chooses it (given, else a 3D checkpoint's recorded
+    default, else none), checked against the model now; ValueError naming the model when it does not fit."""
+    meta = source.meta
+    try:
+        if source.dims == 3:
+            spec = DatasetSpec.from_dict(meta.preprocessing["dataset"])
+            chosen = chosen_postprocess(given, meta.preprocessing.get("inference"))
+            check_postprocess(chosen, spec.num_classes - 1, spec)
+        else:
+            chosen = chosen_postprocess(given, None)  # 2D checkpoints record none
+            check_postprocess(chosen, max(meta.num_classes - 1, 1))  # one sigmoid channel: one foreground label
+    except ValueError as err:
+        raise ValueError(f"model {source.name}: {err}") from None
+    return chosen
 
 
 def describe(source: ModelSource) -> dict[str, Any]:
@@ -241,10 +267,17 @@ class Hosted2D:
 
     dims = 2
 
-    def __init__(self, source: ModelSource, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str = "cpu",
+        threads: int | None = None,
+        postprocess: PostProcess | None = None,
+    ):
         self.source = source
         self.meta = source.meta
         self.pre = Preprocessing2D.from_meta(self.meta)
+        self.postprocess = postprocess_for(source, postprocess)
         if source.exported:
             self.backend: ProbabilityBackend = _OnnxBackend(source.path, threads)
         else:
@@ -264,7 +297,9 @@ class Hosted2D:
         return [np.asarray(p, dtype=np.float32) for p in self.backend.probabilities(images)]
 
     def labels(self, probs: np.ndarray, threshold: float) -> np.ndarray:
-        return to_labels(torch.from_numpy(probs)[None], threshold)[0].numpy().astype(np.uint8)  # [H, W]
+        """[H, W] uint8 labels of probabilities [K, H, W], post-processed as `rwkvseg predict` does the mask."""
+        labels = to_labels(torch.from_numpy(probs)[None], threshold)[0].numpy().astype(np.uint8)  # [H, W]
+        return postprocess_labels(labels, self.postprocess) if self.postprocess.active else labels
 
     def mask_png(self, labels: np.ndarray) -> bytes:
         return _png(labels if self.multiclass else labels * np.uint8(255))
@@ -295,11 +330,13 @@ class Hosted3D:
         overlap: float = 0.5,
         mirror: bool = False,
         threads: int | None = None,
+        postprocess: PostProcess | None = None,
     ):
         self.source = source
         self.meta = source.meta
         self.spec = DatasetSpec.from_dict(self.meta.preprocessing["dataset"])
-        options = PredictConfig(overlap=overlap, mirror_axes=(0, 1, 2) if mirror else (), device=device)
+        mirror_axes = (0, 1, 2) if mirror else ()
+        options = PredictConfig(overlap=overlap, mirror_axes=mirror_axes, device=device, postprocess=postprocess)
         if source.exported:  # the same sliding window, resampling and label mapping; onnxruntime runs the network
             self.predictor = _onnx_tools().onnx_predictor_3d(source.path, options, threads)
         else:
@@ -325,11 +362,17 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def load(
-    source: ModelSource, device: str, overlap_3d: float, mirror_3d: bool, threads: int | None = None
+    source: ModelSource,
+    device: str,
+    overlap_3d: float,
+    mirror_3d: bool,
+    threads: int | None = None,
+    postprocess: PostProcess | None = None,
 ) -> Hosted2D | Hosted3D:
-    """The model ready for requests: onnxruntime for an exported file, torch on `device` for a checkpoint."""
+    """The model ready for requests: onnxruntime for an exported file, torch on `device` for a checkpoint.
+    postprocess: the service's --postprocess (None: the model's own choice, as `rwkvseg predict`)."""
     if source.dims == 3:
-        return Hosted3D(source, device, overlap_3d, mirror_3d, threads)
-    hosted = Hosted2D(source, device, threads)
+        return Hosted3D(source, device, overlap_3d, mirror_3d, threads, postprocess)
+    hosted = Hosted2D(source, device, threads, postprocess)
     hosted.warmup()
     return hosted
