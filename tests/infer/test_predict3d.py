@@ -174,8 +174,8 @@ def test_a_checkpoint_records_its_own_postprocessing_and_an_explicit_choice_over
         Predictor3D(Threshold(), broken, PredictConfig(mirror_axes=()))
 
 
-def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2mm, monkeypatch):
-    folder, seg = write_1mm_case(tmp_path / "in")
+def threshold_checkpoint(path, trained_at_2mm, monkeypatch):
+    """A 2 mm checkpoint of the Threshold model at path (its .safetensors returned), which loading rebuilds."""
     meta = CheckpointMeta(
         model="threshold",
         in_channels=4,
@@ -183,8 +183,13 @@ def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2m
         preprocessing=inference_metadata(trained_at_2mm, patch_size=(16, 16, 16)),
         spacing=(2.0, 2.0, 2.0),
     )
-    save_checkpoint(tmp_path / "ckpt" / "best", Threshold(), meta)
     monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+    return save_checkpoint(path, Threshold(), meta)[0]
+
+
+def test_predict_paths_loads_the_model_from_a_checkpoint(tmp_path, trained_at_2mm, monkeypatch):
+    folder, seg = write_1mm_case(tmp_path / "in")
+    threshold_checkpoint(tmp_path / "ckpt" / "best", trained_at_2mm, monkeypatch)
     (out,) = predict_paths(
         tmp_path / "ckpt" / "best", [tmp_path / "in"], tmp_path / "out", PredictConfig(mirror_axes=())
     )
@@ -413,15 +418,7 @@ def test_predict_applies_et_min_mm3_by_each_output_grid(tmp_path, trained_at_2mm
 
     one_mm, _ = write_1mm_case(tmp_path / "in")
     rescaled_case(one_mm, tmp_path / "in", "p2", 2.0)
-    meta = CheckpointMeta(
-        model="threshold",
-        in_channels=4,
-        num_classes=4,
-        preprocessing=inference_metadata(trained_at_2mm, patch_size=(16, 16, 16)),
-        spacing=(2.0, 2.0, 2.0),
-    )
-    checkpoint = save_checkpoint(tmp_path / "ckpt" / "best", Threshold(), meta)[0]
-    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+    checkpoint = threshold_checkpoint(tmp_path / "ckpt" / "best", trained_at_2mm, monkeypatch)
 
     def predicted(out: str, spec: str) -> dict[str, np.ndarray]:
         args = ["predict", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / out), "--device", "cpu"]
