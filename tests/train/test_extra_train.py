@@ -86,5 +86,8 @@ def test_unlabelled_extra_images_are_refused_from_the_command_line(datasets, tmp
     argv += ["--set", "model.name=urwkv_test", "--set", f"data.extra_train=[{bare}]", "--set", "data.num_workers=0"]
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 2 and f"no mask in {bare / 'masks'}" in err
+    assert code == 2 and f"data.extra_train {bare}: no mask in {bare / 'masks'}" in err
     assert not (run_dir / "best.safetensors").exists() and not (run_dir / "state.pt").exists()
+    argv[argv.index(f"data.extra_train=[{bare}]")] = f"data.extra_train=[{tmp_path / 'missing'}]"
+    assert main(argv) == 2
+    assert f"data.extra_train {tmp_path / 'missing'}: dataset folder" in capsys.readouterr().err

@@ -108,7 +108,10 @@ def extra_training_samples(d: DataConfig, validation: Sequence[Sample2D]) -> lis
                 f"data.extra_train {folder} overlaps data.root {d.root}, so it holds validation images; "
                 "give the folder of another dataset"
             )
-        found = discover_pairs(path, d.skip_non_images)  # refuses images without a mask
+        try:
+            found = discover_pairs(path, d.skip_non_images)  # refuses images without a mask
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"data.extra_train {folder}: {err}") from None
         samples += [replace(s, case=f"{path.name}/{s.case}") for s in found]
     if not samples:
         return []
