@@ -87,6 +87,7 @@ def test_health_models_openapi_and_viewer(client):
     assert models["urwkv"]["input"]["size"] == [64, 64] and models["urwkv"]["classes"]["num_classes"] == 1
     assert models["ball"]["dims"] == 3 and models["ball"]["input"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
     assert models["ball"]["classes"]["label_values"] == [0, 1, 2, 4] and all(m["ready"] for m in models.values())
+    assert {m["postprocess"] for m in models.values()} == {"none"}  # no --postprocess, no recorded choice
     assert client.get("/v2/models/ball/ready").json() == {"name": "ball", "ready": True}
     assert client.get("/v2/models/nope/ready").status_code == 404
     schema = client.get("/openapi.json").json()
@@ -259,6 +260,8 @@ def test_2d_masks_are_post_processed_as_predict_does(client, test_models, tmp_pa
     config = ServeConfig(models=(str(test_models["bright"]),), postprocess="largest,fill-holes")
     with client_for(config) as processed:
         wait_ready(processed)
+        listed = processed.get("/v1/models").json()["models"]
+        assert [m["postprocess"] for m in listed] == ["largest,fill-holes"]
         mask = np.asarray(Image.open(io.BytesIO(post_image(processed, "bright", png(image)).content)))
         tinted = np.asarray(Image.open(io.BytesIO(post_image(processed, "bright", png(image), overlay="true").content)))
     assert mask[55, 55] == 0 and mask[24, 24] == 255 and mask[10, 10] == 255

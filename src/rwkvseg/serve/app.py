@@ -76,6 +76,10 @@ class ModelEntry(BaseModel):
     )
     classes: dict[str, Any] = Field(description="2D: num_classes, names; 3D: label_values, names, regions")
     output: str = Field(description="the content type and meaning of the predict answer")
+    postprocess: str = Field(
+        description="what the label maps get before they are answered, as `rwkvseg predict --postprocess` spells it "
+        "(none, largest, fill-holes, et-min-mm3=V, ...): the service's --postprocess, else the model's own choice"
+    )
     ready: bool
 
 

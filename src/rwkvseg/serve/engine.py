@@ -58,9 +58,11 @@ class Engine:
         predictors.check_runtime(config.runtime)
         self.postprocess = predictors.read_postprocess(config.postprocess)  # None: each model's own choice
         sources = predictors.resolve_models(config.models, config.runtime)
+        self.models = {}
         for source in sources:  # an option that does not fit a model fails here, before any weights load
-            predictors.postprocess_for(source, self.postprocess)
-        self.models = {s.name: _Model(s, predictors.describe(s)) for s in sources}
+            applied = predictors.postprocess_for(source, self.postprocess)
+            info = predictors.describe(source) | {"postprocess": applied.spelling()}
+            self.models[source.name] = _Model(source, info)
         self._pending = 0
         self._pending_3d = 0
         self._pool: ThreadPoolExecutor | None = None
