@@ -42,7 +42,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 
 | | |
 |---|---|
-| architecture | `{arch}` ({params:.3f} M parameters), 3-channel input resized to 256 x 256, 1 logit (sigmoid, threshold 0.5) |
+| architecture | `{arch}`{overrides} ({params:.3f} M parameters), 3-channel input resized to 256 x 256, 1 logit (sigmoid, threshold 0.5) |
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
 | input prep | {input_prep} |
@@ -92,6 +92,15 @@ def beyond_recipe(config: dict) -> str:
     return f"; beyond the paper's recipe: {'; '.join(added)} (the paper's-recipe row below is its own run)"
 
 
+def overrides_note(overrides: dict) -> str:
+    """The card's words for a run's model overrides ("" for the registered variant as it is)."""
+    if not overrides:
+        return ""
+    settings = ", ".join(f"`{key}={json.dumps(value)}`" for key, value in sorted(overrides.items()))
+    released = {"token_shift": "permutation", "dual_transpose_back": False}.items() <= overrides.items()
+    return f" with {settings}" + (" (the network of the authors' released code)" if released else "")
+
+
 def schedule_note(ran: int) -> str:
     """The card's limitation sentence about the schedule."""
     if ran >= PAPER_EPOCHS:
@@ -131,6 +140,7 @@ def _run_summary(run: Path) -> dict:
         "batch": history.config["data"]["batch_size"],
         "compile": history.config.get("compile", "auto"),
         "beyond": beyond_recipe(history.config),
+        "overrides": overrides_note(history.config.get("model", {}).get("overrides", {})),
         "minutes": history.minutes,
         **{f"t_{k}": best[f"val_{k}"] for k in ("dice", "iou", "precision", "recall", "specificity")},
     }

@@ -191,6 +191,11 @@ def test_release_card_says_what_went_beyond_the_paper_recipe(run):
     joint = script.beyond_recipe({"optim": {"ema": 0.999}, "data": {"extra_train": ["DATA/kvasir_seg"]}})
     assert "decay 0.999" in joint and "every image of `DATA/kvasir_seg` added to the training images" in joint
     assert script._run_summary(run)["beyond"] == ""  # the fixture run trained with the paper's recipe
+    assert script._run_summary(run)["overrides"] == "" and script.overrides_note({}) == ""
+    released = script.overrides_note({"token_shift": "permutation", "dual_transpose_back": False})
+    assert released == (
+        ' with `dual_transpose_back=false`, `token_shift="permutation"` (the network of the authors\' released code)'
+    )
     labels = dict(script.EXTRA_ROWS)
     assert labels["evalpaper"].startswith("the paper's recipe alone")
 
