@@ -148,6 +148,43 @@ def test_int8_weights_keep_the_record(tiny, tmp_path):
         quantize_int8(tiny[0], out)
 
 
+def _conv_mul_add(path):
+    """x [1, 3, 16, 16] -> c = Conv 3 -> 4 (3x3) -> y = c * c + c: an elementwise tail of activations that static
+    quantization can reach beside the convolution."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    constants = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "c"], ["m"]),
+        helper.make_node("Add", ["m", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_mul_add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _quantized_tensors(path) -> set[str]:
+    """The tensors static quantization puts through 8 bits (the inputs of its QuantizeLinear nodes)."""
+    return {n.input[0] for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_static_int8_quantizes_convolutions_and_matrix_products_unless_told(tmp_path):
+    source = _conv_mul_add(tmp_path / "f32.onnx")
+    calibration = [np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32) for i in range(4)]
+    default = quantize_int8(source, tmp_path / "default.onnx", calibration=calibration)
+    every = quantize_int8(source, tmp_path / "every.onnx", calibration=calibration, op_types=None)
+    assert "x" in _quantized_tensors(default) and "m" not in _quantized_tensors(default)  # the Conv's input only
+    assert {"x", "c", "m"} <= _quantized_tensors(every)  # the elementwise tail too
+
+
 def test_export_refuses_an_existing_target_before_any_work(tmp_path):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"keep")
