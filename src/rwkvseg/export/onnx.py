@@ -4,7 +4,7 @@ preprocessing record and model facts inside, so onnxruntime alone can run it.
 Route: torch.export.export with dynamic batch and spatial axes -> run_decompositions, which replaces the
 `rwkvseg::bi_wkv` / `rwkvseg::bi_wkv_ordered` operators with the exact O(T) plain-operator form of `wkv_onnx` and
 instance norms with a two-pass form (`instance_norm_two_pass`: onnxruntime's own op put a BraTS patch's MMSegRWKV
-probabilities 1.0e-4 from float64, the two-pass form 1.8e-6, for 7 % more CPU time at 64 x 128^2) ->
+probabilities 1.0e-4 from float64, the two-pass form 2.0e-6, for 10 % more CPU time at 64 x 128^2) ->
 torch.onnx.export(..., dynamo=True) -> `graph.fold_batch_norms` (BatchNorms into the 1x1 convs after them).
 The record is one JSON string under the metadata key `rwkvseg` (see `METADATA_KEY` and `ExportRecord`).
 
@@ -326,22 +326,22 @@ def instance_norm_two_pass(
     eps: float,
     cudnn_enabled: bool,
 ) -> Tensor:
-    """aten.instance_norm for export: the variance of the centred values (two passes, staged means), not
-    onnxruntime's InstanceNormalization, whose float32 statistics lose digits with the map's mean (measured on the
-    CPU with a 64^3 map of unit variance: largest error 7.6e-6 at mean 0, 9.7e-5 at mean 50, 5.0e-4 at mean 500, against
-    torch's 3.6e-7 / 3.7e-6 / 2.6e-5; on a BraTS patch it put MMSegRWKV's probabilities 1.0e-4 from float64 where
-    torch's float32 stays within 1.7e-6). x: [B, C, *spatial] -> the same."""
+    """aten.instance_norm for export: the variance of the centred values (two passes, staged means), then one
+    per-channel multiply-add, not onnxruntime's InstanceNormalization, whose float32 statistics lose digits with
+    the map's mean (measured on the CPU with a 64^3 map of unit variance: largest error 7.6e-6 at mean 0, 9.7e-5 at
+    mean 50, 5.0e-4 at mean 500, against torch's 3.6e-7 / 3.7e-6 / 2.6e-5; on a BraTS patch it put MMSegRWKV's
+    probabilities 1.0e-4 from float64 where torch's float32 stays within 1.7e-6, this form 2.0e-6).
+    x: [B, C, *spatial] -> the same."""
     if not use_input_stats:  # running statistics (track_running_stats in eval): torch's own form
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
     dims = tuple(range(2, x.dim()))
-    centred = x - _staged_mean(x, dims)
-    y = centred * torch.rsqrt(_staged_mean(centred.square(), dims) + eps)
+    mean = _staged_mean(x, dims)  # [B, C, 1, ...]
+    rstd = torch.rsqrt(_staged_mean((x - mean).square(), dims) + eps)
     channel = (1, -1) + (1,) * len(dims)  # [C] -> [1, C, 1, ...]
-    if weight is not None:
-        y = y * weight.view(channel)
-    if bias is not None:
-        y = y + bias.view(channel)
-    return y
+    scale = rstd if weight is None else rstd * weight.view(channel)
+    shift = -mean * scale if bias is None else bias.view(channel) - mean * scale
+    # one multiply-add over the map (as precise as scaling x - mean: the rounding of x * scale is that of x itself)
+    return x * scale + shift
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
