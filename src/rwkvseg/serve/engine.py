@@ -45,6 +45,7 @@ class _Item:
 class _Model:
     source: predictors.ModelSource
     info: dict[str, Any]
+    postprocess: predictors.PostProcess  # what its label maps get, resolved and checked once when the engine is made
     hosted: predictors.Hosted2D | predictors.Hosted3D | None = None
     queue: asyncio.Queue | None = None
     error: str | None = None
@@ -56,13 +57,13 @@ class Engine:
     def __init__(self, config: ServeConfig):
         self.config = config
         predictors.check_runtime(config.runtime)
-        self.postprocess = predictors.read_postprocess(config.postprocess)  # None: each model's own choice
+        given = predictors.read_postprocess(config.postprocess)  # None: each model's own choice
         sources = predictors.resolve_models(config.models, config.runtime)
         self.models = {}
         for source in sources:  # an option that does not fit a model fails here, before any weights load
-            applied = predictors.postprocess_for(source, self.postprocess)
+            applied = predictors.postprocess_for(source, given)
             info = predictors.describe(source) | {"postprocess": applied.spelling()}
-            self.models[source.name] = _Model(source, info)
+            self.models[source.name] = _Model(source, info, applied)
         self._pending = 0
         self._pending_3d = 0
         self._pool: ThreadPoolExecutor | None = None
@@ -114,7 +115,7 @@ class Engine:
                     c.overlap_3d,
                     c.mirror_3d,
                     c.torch_threads,
-                    self.postprocess,
+                    model.postprocess,
                 )
             except Exception as err:  # a model that cannot load keeps the service unready, with the reason
                 model.error = f"{type(err).__name__}: {err}"

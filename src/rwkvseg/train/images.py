@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -17,6 +16,7 @@ from ..data.gpu2d import NotResident, ResidentDataset2D
 from ..data.images2d import Sample2D, check_pairs, discover_pairs
 from ..data.splits import prepare_split, read_split
 from ..data.transforms2d import eval_transform, train_transform
+from ..files import file_sha256
 from ..records import Preprocessing2D
 from .config import DataConfig, TrainConfig, to_dict
 from .losses import SegmentationLoss
@@ -116,18 +116,14 @@ def extra_training_samples(d: DataConfig, validation: Sequence[Sample2D]) -> lis
     if not samples:
         return []
     check_pairs(samples)
-    validation_digests = {_digest(s.image): s.image for s in validation}
-    copies = [(s.image, validation_digests[h]) for s in samples if (h := _digest(s.image)) in validation_digests]
+    validation_digests = {file_sha256(s.image): s.image for s in validation}
+    copies = [(s.image, validation_digests[h]) for s in samples if (h := file_sha256(s.image)) in validation_digests]
     if copies:
         raise ValueError(
             f"data.extra_train image {copies[0][0]} is the validation image {copies[0][1]} byte for byte "
             f"({len(copies)} such image(s)); remove them from the extra folder"
         )
     return samples
-
-
-def _digest(path: Path) -> bytes:
-    return hashlib.sha256(path.read_bytes()).digest()
 
 
 def training_set(config: TrainConfig, samples: list[Sample2D], device: torch.device) -> Dataset:
