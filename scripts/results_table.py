@@ -2,7 +2,7 @@
 the released checkpoint (on the CPU by default) and scored at the original image size, beside the published numbers.
 
     python scripts/results_table.py DATA_ROOT OUT [--names NAME ...] [--device cpu] [--threads 2] [--limit N]
-                                    [--weights DIR] [--mirror-axes-2d 0,1] [--postprocess SPEC]
+                                    [--weights DIR] [--mirror-axes-2d AXES] [--postprocess SPEC]
 
 For each released model (weights/index.json; or the --names given), under OUT/<name>/:
 - data/: links to the validation cases (fold 0 of the model's split file) of DATA_ROOT/<dataset>: 2D images/ +
@@ -11,7 +11,9 @@ For each released model (weights/index.json; or the --names given), under OUT/<n
 - pred/: what `rwkvseg predict --model NAME data/images --out pred` writes (masks at each input's own size; 3D label
   volumes on each case's own grid), through the same function and the same defaults: each checkpoint's own
   post-processing (the released BraTS models record `largest`), or --postprocess SPEC for every model as
-  `rwkvseg predict --postprocess SPEC` (none: off; each model must accept it, or nothing runs).
+  `rwkvseg predict --postprocess SPEC` (none: off; each model must accept it, or nothing runs); each checkpoint's
+  own test-time flips (2D releases record the ones chosen on validation; 3D ones apply on a GPU only), or
+  --mirror-axes-2d AXES for every 2D model ('' for none).
 - eval/: what `rwkvseg evaluate pred data --out eval` writes (per_case.csv, summary.json), the same way.
 Then OUT/results.md (the table, also printed) and OUT/results.json (the numbers, the settings, the environment).
 --limit N takes the first N validation cases of each model: a quick check, and the table says so.
@@ -45,6 +47,8 @@ from rwkvseg.eval.images import ground_truth_cases
 from rwkvseg.files import check_apart, write_json
 from rwkvseg.infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from rwkvseg.infer.predict import PredictConfig, predict
+from rwkvseg.infer.predict2d import recorded_mirror_axes
+from rwkvseg.infer.predict3d import default_mirror_axes
 from rwkvseg.released import ReleasedModel, released_checkpoint, released_models, weights_dir
 
 ROOT = Path(__file__).resolve().parents[1]  # split paths in the index are relative to the repository root
@@ -168,8 +172,14 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
         inputs = data
     log.info("%s: predicting %d of %d validation cases of %s on %s", model.name, cases, total, dataset, args.device)
     start = time.perf_counter()
-    mirror = args.mirror_axes_2d if dims == 2 else None  # 3D: the predict defaults
-    post = chosen_postprocess(args.postprocess, meta.preprocessing.get("inference") if dims == 3 else None)
+    inference = meta.preprocessing.get("inference")
+    mirror = args.mirror_axes_2d if dims == 2 else None  # None: the predict defaults (3D: always)
+    post = chosen_postprocess(args.postprocess, inference)  # what predict applies, as it resolves them
+    flips = (
+        recorded_mirror_axes(mirror, inference)
+        if dims == 2
+        else default_mirror_axes(None, inference or {}, torch.device(args.device))
+    )
     predict(
         checkpoint, [inputs], pred, PredictConfig(device=args.device, mirror_axes=mirror, postprocess=args.postprocess)
     )
@@ -188,6 +198,7 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
         **score_row(summary, dims),
         "recorded": model.metrics,
         "postprocess": post.spelling(),
+        "mirror_axes": list(flips),
         "seconds": {"predict": round(predicted - start, 2), "evaluate": round(time.perf_counter() - predicted, 2)},
         "summary": str(scores / SUMMARY_FILE),
     }
@@ -255,10 +266,12 @@ def results_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> st
         f"`{settings['command']}`.",
         "",
     ]
-    if settings.get("mirror_axes_2d"):
+    flipped = [f"{r['name']}: {','.join(map(str, r['mirror_axes']))}" for r in rows if r.get("mirror_axes")]
+    if flipped:
+        how = "each checkpoint's own default" if settings.get("mirror_axes_2d") is None else "as given for 2D"
         lines += [
-            f"2D predictions average the logits over the flips of axes {settings['mirror_axes_2d']} (test-time "
-            "augmentation, `rwkvseg predict --mirror-axes`); the Dice recorded at release is without it.",
+            f"Logits averaged over flips of these axes (test-time augmentation, `rwkvseg predict --mirror-axes`, "
+            f"{how}; beyond the papers' recipes): {'; '.join(flipped)}. The Dice recorded at release is without them.",
             "",
         ]
     processed = [f"{r['name']}: {r['postprocess']}" for r in rows if r.get("postprocess", "none") != "none"]
@@ -323,9 +336,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--mirror-axes-2d",
         type=axes,
-        default=(),
+        default=None,
         metavar="AXES",
-        help="2D test-time augmentation: logits averaged over the flips of these axes, e.g. 0,1 (default: none)",
+        help="2D test-time augmentation: logits averaged over the flips of these axes, e.g. 0,1, '' for none "
+        "(default: each checkpoint's recorded flips, as predict)",
     )
     parser.add_argument(
         "--postprocess",
@@ -343,7 +357,7 @@ def check_postprocess_fits(model: ReleasedModel, given: PostProcess | None, weig
     meta = read_meta(released_checkpoint(model.name, weights))
     spec = DatasetSpec.from_dict(meta.preprocessing["dataset"]) if meta.preprocessing.get("dims") == 3 else None
     try:
-        config = chosen_postprocess(given, meta.preprocessing.get("inference") if spec else None)
+        config = chosen_postprocess(given, meta.preprocessing.get("inference"))
         check_postprocess(config, spec.num_classes - 1 if spec else max(meta.num_classes - 1, 1), spec)
     except ValueError as err:
         raise Refused(f"{model.name}: {err}") from None
@@ -415,10 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         "limit": args.limit,
         "weights": str(args.weights),
         "command": " ".join(["python scripts/results_table.py", *(sys.argv[1:] if argv is None else argv)]),
-        "predict": "rwkvseg predict defaults: the checkpoint's threshold and 3D window; 3D mirror TTA on a GPU only"
-        + (f"; 2D mirror TTA over axes {list(args.mirror_axes_2d)}" if args.mirror_axes_2d else "")
+        "predict": "rwkvseg predict defaults: the checkpoint's threshold, 3D window, post-processing and flips "
+        "(2D on every device, 3D on a GPU only)"
+        + (f"; 2D mirror TTA over axes {list(args.mirror_axes_2d)}" if args.mirror_axes_2d is not None else "")
         + (f"; --postprocess {args.postprocess.spelling()}" if args.postprocess is not None else ""),
-        "mirror_axes_2d": list(args.mirror_axes_2d),
+        "mirror_axes_2d": None if args.mirror_axes_2d is None else list(args.mirror_axes_2d),
         "postprocess": DEFAULT_POSTPROCESS if args.postprocess is None else args.postprocess.spelling(),
         "evaluate": "rwkvseg evaluate defaults (empty policy perfect, HD95 computed)",
         "environment": environment(args.device),

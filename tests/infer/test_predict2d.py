@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+from rwkvseg.infer.postprocess import PostProcess
 from rwkvseg.infer.predict2d import overlay, predict_2d
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D
@@ -114,3 +115,63 @@ def test_mirror_tta_averages_flipped_logits(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--mirror-axes \[2\] must name each image axis"):
         predict_2d(ck, src, tmp_path / "bad", mirror_axes=(2,))
     assert not (tmp_path / "bad").exists()
+
+
+def _recording_checkpoint(tmp_path, inference):
+    """A _Ramp checkpoint whose sidecar records inference defaults (as a release chosen on validation does)."""
+    pre = Preprocessing2D(3, (16, 16), "resize", "dtype").to_dict() | {"inference": inference}
+    return save_checkpoint(tmp_path / "ck", _Ramp(3, 1), CheckpointMeta("ramp", 3, 1, preprocessing=pre))[0]
+
+
+def test_recorded_flips_apply_by_default_and_an_empty_option_turns_them_off(tmp_path, monkeypatch):
+    from rwkvseg.infer.predict import PredictConfig, predict
+
+    monkeypatch.setattr(registry, "_builders", lambda: {"ramp": _Ramp})
+    ck = _recording_checkpoint(tmp_path, {"mirror_axes": [0, 1]})
+    src = tmp_path / "in"
+    save_png(src / "gray.png", np.full((24, 32, 3), 120, np.uint8))
+
+    def probs(out, **kw):
+        predict(ck, [src], tmp_path / out, PredictConfig(probabilities=True, **kw))
+        return np.asarray(Image.open(tmp_path / out / "probabilities" / "gray.png")).astype(int)
+
+    expected = round(255 / (1 + np.exp(40 * (0.5 - 120 / 255))))  # flips over the width cancel the ramp
+    assert np.abs(probs("default") - expected).max() <= 1
+    plain = probs("off", mirror_axes=())
+    assert plain[:, 0].max() < 5 and plain[:, -1].min() > 240  # '' (no flips): the ramp decides
+    assert (probs("height", mirror_axes=(0,)) == plain).all()  # given axes replace the recorded ones
+
+
+def test_recorded_post_processing_applies_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "_builders", lambda: {"bright": Bright})
+    pre = Preprocessing2D(3, (32, 32), "resize", "dtype").to_dict() | {"inference": {"postprocess": "largest"}}
+    ck = save_checkpoint(tmp_path / "ck", Bright(3, 1), CheckpointMeta("bright", 3, 1, preprocessing=pre))[0]
+    image = _square((32, 32), (2, 14, 2, 14))  # a 12x12 square and a 4x4 one apart from it
+    image[24:28, 24:28] = 255
+    save_png(tmp_path / "in" / "two.png", image)
+    predict_2d(ck, tmp_path / "in", tmp_path / "default")
+    predict_2d(ck, tmp_path / "in", tmp_path / "none", postprocess=PostProcess())
+    kept = np.asarray(Image.open(tmp_path / "default" / "two.png")) > 0
+    both = np.asarray(Image.open(tmp_path / "none" / "two.png")) > 0
+    assert kept[2:14, 2:14].all() and not kept[20:].any()  # the small square dropped
+    assert both[25:27, 25:27].all()  # kept without post-processing
+
+
+@pytest.mark.parametrize(
+    ("inference", "match"),
+    [
+        ({"mirror_axes": [2]}, r"records inference\.mirror_axes \[2\], which is not valid .*--mirror-axes"),
+        ({"mirror_axes": "0,1"}, r"records inference\.mirror_axes '0,1'"),
+        ({"postprocess": "biggest"}, r"records inference\.postprocess 'biggest'.*--postprocess"),
+    ],
+)
+def test_a_bad_recorded_default_is_one_error_naming_the_sidecar(tmp_path, monkeypatch, inference, match):
+    monkeypatch.setattr(registry, "_builders", lambda: {"ramp": _Ramp})
+    ck = _recording_checkpoint(tmp_path, inference)
+    save_png(tmp_path / "in" / "a.png", np.full((8, 8, 3), 120, np.uint8))
+    with pytest.raises(ValueError, match=match) as err:
+        predict_2d(ck, tmp_path / "in", tmp_path / "out")
+    assert "sidecar of" in str(err.value) and str(ck) in str(err.value)
+    assert not (tmp_path / "out").exists()
+    given = {"postprocess": PostProcess()} if "postprocess" in inference else {"mirror_axes": ()}
+    assert len(predict_2d(ck, tmp_path / "in", tmp_path / "given", **given)) == 1  # the option wins over the record

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,10 @@ def write_dataset(root: Path) -> list[str]:
     return cases
 
 
+PRE = {"size": [32, 32], "resize": "resize", "channels": 3, "normalization": "auto"}
+RECORDS_FLIPS = PRE | {"inference": {"mirror_axes": [1]}}  # a release whose flips were chosen on validation
+
+
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """A released `urwkv_test` model (the package's own checkpoint and release functions), its index entry and
@@ -74,8 +79,7 @@ def released(tmp_path_factory):
     split = write_split(base / "splits" / "tiny.json", cases, VAL)
     torch.manual_seed(0)
     model = create_model("urwkv_test", in_channels=3, num_classes=1)
-    pre = {"size": [32, 32], "resize": "resize", "channels": 3, "normalization": "auto"}
-    meta = CheckpointMeta("urwkv_test", 3, 1, preprocessing=pre, training={"threshold": 0.5})
+    meta = CheckpointMeta("urwkv_test", 3, 1, preprocessing=PRE, training={"threshold": 0.5})
     weights = release(base, "urwkv_test-tiny", model, meta, "tiny", split, {"val_dice": 0.5, "epochs": 1})
     return base / "data", weights, VAL
 
@@ -240,8 +244,23 @@ def test_2d_mirror_tta_reaches_prediction_and_the_table_says_so(script, released
     assert run(script, data, weights, tmp_path / "out", "--limit", "1", "--mirror-axes-2d", "0,1") == 0
     assert [c.mirror_axes for c in configs] == [(0, 1)]
     printed = capsys.readouterr().out
-    assert "average the logits over the flips of axes [0, 1]" in printed
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["mirror_axes_2d"] == [0, 1]
+    assert "(test-time augmentation, `rwkvseg predict --mirror-axes`, as given for 2D; beyond the papers' " in printed
+    assert "recipes): urwkv_test-tiny: 0,1. The Dice recorded at release is without them." in printed
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["mirror_axes_2d"] == [0, 1] and result["models"][0]["mirror_axes"] == [0, 1]
+    configs.clear()  # without the option: the flips the release records, as predict takes them
+    recording = tmp_path / "recording"
+    shutil.copytree(weights, recording)
+    sidecar = recording / "urwkv_test-tiny.json"
+    sidecar.write_text(json.dumps(json.loads(sidecar.read_text()) | {"preprocessing": RECORDS_FLIPS}))
+    assert run(script, data, recording, tmp_path / "own", "--limit", "1") == 0
+    assert [c.mirror_axes for c in configs] == [None]
+    assert "each checkpoint's own default; beyond the papers' recipes): urwkv_test-tiny: 1." in capsys.readouterr().out
+    result = json.loads((tmp_path / "own" / "results.json").read_text())
+    assert result["mirror_axes_2d"] is None and result["models"][0]["mirror_axes"] == [1]
+    assert run(script, data, recording, tmp_path / "off", "--limit", "1", "--mirror-axes-2d", "") == 0
+    assert json.loads((tmp_path / "off" / "results.json").read_text())["models"][0]["mirror_axes"] == []
+    assert "Logits averaged" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run(script, data, weights, tmp_path / "out2", "--mirror-axes-2d", "x")
     assert "'x' is not a comma-separated list of axes" in capsys.readouterr().err

@@ -3,11 +3,13 @@ import io
 import json
 import logging
 import re
+import shutil
 import struct
 import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -88,6 +90,7 @@ def test_health_models_openapi_and_viewer(client):
     assert models["ball"]["dims"] == 3 and models["ball"]["input"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
     assert models["ball"]["classes"]["label_values"] == [0, 1, 2, 4] and all(m["ready"] for m in models.values())
     assert {m["postprocess"] for m in models.values()} == {"none"}  # no --postprocess, no recorded choice
+    assert all(m["mirror_axes"] == [] for m in models.values())  # no flips: 2D never, 3D without --mirror-3d
     assert client.get("/v2/models/ball/ready").json() == {"name": "ball", "ready": True}
     assert client.get("/v2/models/nope/ready").status_code == 404
     schema = client.get("/openapi.json").json()
@@ -270,6 +273,31 @@ def test_2d_masks_are_post_processed_as_predict_does(client, test_models, tmp_pa
     assert main([*args, "--postprocess", "largest,fill-holes", "--overlay"]) == 0
     np.testing.assert_array_equal(mask, np.asarray(Image.open(tmp_path / "out" / "a.png")))
     np.testing.assert_array_equal(tinted, np.asarray(Image.open(tmp_path / "out" / "overlays" / "a.png")))
+
+
+def test_2d_models_post_process_as_their_sidecar_records_without_flips(test_models, tmp_path):
+    """A release's recorded post-processing applies in the service as in predict; its recorded flips do not (the
+    service's masks are predict's with --mirror-axes '')."""
+    from rwkvseg.cli import main
+
+    weights = Path(test_models["bright"])
+    recorded = tmp_path / "rec.safetensors"
+    shutil.copyfile(weights, recorded)
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    sidecar["preprocessing"]["inference"] = {"postprocess": "largest,fill-holes", "mirror_axes": [0, 1]}
+    recorded.with_suffix(".json").write_text(json.dumps(sidecar))
+    image = blobs_with_a_hole()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png(image))
+    with client_for(ServeConfig(models=(str(recorded),))) as served:
+        wait_ready(served)
+        (listed,) = served.get("/v1/models").json()["models"]
+        mask = np.asarray(Image.open(io.BytesIO(post_image(served, "rec", png(image)).content)))
+    assert listed["postprocess"] == "largest,fill-holes" and listed["mirror_axes"] == []
+    assert mask[55, 55] == 0 and mask[24, 24] == 255 and mask[10, 10] == 255
+    args = ["predict", str(recorded), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--mirror-axes", ""]
+    assert main(args) == 0
+    np.testing.assert_array_equal(mask, np.asarray(Image.open(tmp_path / "out" / "a.png")))
 
 
 def test_3d_labels_are_post_processed_with_the_case_s_spacing(client, test_models, tmp_path):

@@ -63,8 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--mirror-axes",
         default=None,
         help="test-time augmentation: the logits averaged over every flip of these axes, '' for none. 2D: 0 "
-        "(height), 1 (width), e.g. 0,1 (4 passes per image; default none). 3D: 0,1,2 (default: the checkpoint's on "
-        "a GPU, none on the CPU, where 0,1,2 costs 8 forward passes per window, about 6x the time)",
+        "(height), 1 (width), e.g. 0,1 (4 passes per image; default: the checkpoint's, chosen on validation at "
+        "release, none where it records none). 3D: 0,1,2 (default: the checkpoint's on a GPU, none on the CPU, where "
+        "0,1,2 costs 8 forward passes per window, about 6x the time)",
     )
     p.add_argument(
         "--postprocess",
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_onnx(args: argparse.Namespace, model: str, source: str, config: PredictConfig) -> int:
     """Masks (2D, onnxruntime and numpy alone) or label volumes (3D, the checkpoint path's sliding window and
     resampling around onnxruntime) from a file `rwkvseg export` wrote (its metadata holds the record)."""
+    from dataclasses import replace
     from pathlib import Path
 
     from ..data.images2d import list_inputs
@@ -181,8 +183,13 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
     predictor = OnnxPredictor(model, threads=args.threads)
-    if predictor.dims == 2 and config.mirror_axes:  # 3D: the sliding window does the flips (config.mirror_axes)
-        predictor.mirror_axes = config.mirror_axes
+    if predictor.dims == 2:  # as the checkpoint path: given, else the recorded defaults (3D: the sliding window's)
+        from ..infer.postprocess import chosen_postprocess
+        from ..infer.predict2d import recorded_mirror_axes
+
+        inference, record = predictor.preprocessing.get("inference"), f"the record of {model}"
+        predictor.mirror_axes = recorded_mirror_axes(config.mirror_axes, inference, record)
+        config = replace(config, postprocess=chosen_postprocess(config.postprocess, inference, record))
     if predictor.dims == 3:
         from ..export.volumes import predict_volumes
 

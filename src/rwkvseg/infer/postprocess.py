@@ -127,9 +127,9 @@ NO_POSTPROCESS = PostProcess()
 def chosen_postprocess(
     given: PostProcess | None, inference: Mapping[str, Any] | None, source: str = "the checkpoint"
 ) -> PostProcess:
-    """What prediction applies: the given post-processing (--postprocess), else the one a 3D checkpoint records as
+    """What prediction applies: the given post-processing (--postprocess), else the one the checkpoint records as
     its default (`postprocess` in its sidecar's preprocessing.inference, a --postprocess spelling chosen on
-    validation at release); none when neither says (inference None: a 2D checkpoint, which records none)."""
+    validation at release); none when neither says."""
     if given is not None:
         return given
     text = (inference or {}).get("postprocess")

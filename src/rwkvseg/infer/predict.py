@@ -15,23 +15,24 @@ from ..checkpoint import read_meta
 from ..compiling import check_compile
 from ..files import output_folder
 from ..memory_format import check_memory_format
-from .postprocess import PostProcess, chosen_postprocess
+from .postprocess import PostProcess
 
 
 @dataclass(frozen=True)
 class PredictConfig:
     """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size, overlays,
-    probabilities, skip_non_images. mirror_axes: flips averaged for TTA (2D: 0 height, 1 width, None: none; 3D:
-    None: the defaults the checkpoint records under preprocessing.inference). 3D: the sliding window's overlap
-    and windows per pass; modalities: the input's channel names
+    probabilities, skip_non_images. mirror_axes: flips averaged for TTA (2D: 0 height, 1 width; 3D: 0, 1, 2; ()
+    none). None: the axes the checkpoint records under preprocessing.inference, chosen on validation at release
+    (2D: on every device, none where it records none; 3D: on a GPU only, 8 passes per window being too slow for
+    the CPU). 3D: the sliding window's overlap and windows per pass; modalities: the input's channel names
     in its order, where the input does not name them itself; out_format: nifti (the input's format for ITK
     files) or dicom-seg (DICOM inputs).
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
     time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager". memory_format:
     "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format).
     postprocess: applied to each label map before it is written (infer.postprocess); probabilities stay raw. None:
-    the checkpoint's own choice (3D: preprocessing.inference.postprocess, recorded at release after being chosen
-    on validation; none where it records none, and for 2D checkpoints, which record none)."""
+    the checkpoint's own choice (preprocessing.inference.postprocess, recorded at release after being chosen on
+    validation; none where it records none)."""
 
     device: str = "cpu"
     overwrite: bool = False
@@ -111,7 +112,7 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         skip_non_images=config.skip_non_images,
         compile=config.compile,
         compile_backend=config.compile_backend,
-        mirror_axes=config.mirror_axes or (),
+        mirror_axes=config.mirror_axes,  # None: the checkpoint's recorded defaults, as for postprocess
         memory_format=config.memory_format,
-        postprocess=chosen_postprocess(config.postprocess, None),  # 2D checkpoints record none
+        postprocess=config.postprocess,
     )

@@ -80,6 +80,11 @@ class ModelEntry(BaseModel):
         description="what the label maps get before they are answered, as `rwkvseg predict --postprocess` spells it "
         "(none, largest, fill-holes, et-min-mm3=V, ...): the service's --postprocess, else the model's own choice"
     )
+    mirror_axes: list[int] = Field(
+        description="the axes whose flips the logits are averaged over (test-time augmentation): 3D with the "
+        "service's --mirror-3d, never in 2D (a model's recorded flips, which `rwkvseg predict` applies, are skipped "
+        "for latency: predict with --mirror-axes '' gives the service's masks)"
+    )
     ready: bool
 
 

@@ -19,8 +19,11 @@ class ServeConfig:
     batch_size / batch_wait_ms: a 2D micro-batch collects up to batch_size requests of one model, waiting at
         most batch_wait_ms after the first, and runs them in one forward pass.
     postprocess: a `rwkvseg predict --postprocess` spelling (largest, fill-holes, et-min-mm3=V, ...) applied to the
-        label maps of every hosted model, 2D and 3D; None: each model's own choice, as predict makes it (a 3D
-        checkpoint's recorded default, none for 2D); "none": off. Checked against each model when the app is made.
+        label maps of every hosted model, 2D and 3D; None: each model's own choice, as predict makes it (the
+        checkpoint's recorded default); "none": off. Checked against each model when the app is made.
+    Test-time flips: 3D only with mirror_3d; never in 2D, where a release's recorded flips (which `rwkvseg predict`
+    applies) would multiply each request's forward passes: the service's masks are predict's with --mirror-axes ''.
+    GET /v1/models reports each model's post-processing and flips as applied.
     """
 
     host: str = "127.0.0.1"

@@ -62,7 +62,8 @@ class Engine:
         self.models = {}
         for source in sources:  # an option that does not fit a model fails here, before any weights load
             applied = predictors.postprocess_for(source, given)
-            info = predictors.describe(source) | {"postprocess": applied.spelling()}
+            mirror = [0, 1, 2] if source.dims == 3 and config.mirror_3d else []  # 2D: never (ServeConfig)
+            info = predictors.describe(source) | {"postprocess": applied.spelling(), "mirror_axes": mirror}
             self.models[source.name] = _Model(source, info, applied)
         self._pending = 0
         self._pending_3d = 0

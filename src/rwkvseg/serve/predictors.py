@@ -143,16 +143,15 @@ def read_postprocess(text: str | None) -> PostProcess | None:
 
 
 def postprocess_for(source: ModelSource, given: PostProcess | None) -> PostProcess:
-    """What the model's label maps get, as `rwkvseg predict` chooses it (given, else a 3D checkpoint's recorded
+    """What the model's label maps get, as `rwkvseg predict` chooses it (given, else the checkpoint's recorded
     default, else none), checked against the model now; ValueError naming the model when it does not fit."""
     meta = source.meta
     try:
+        chosen = chosen_postprocess(given, meta.preprocessing.get("inference"))
         if source.dims == 3:
             spec = DatasetSpec.from_dict(meta.preprocessing["dataset"])
-            chosen = chosen_postprocess(given, meta.preprocessing.get("inference"))
             check_postprocess(chosen, spec.num_classes - 1, spec)
         else:
-            chosen = chosen_postprocess(given, None)  # 2D checkpoints record none
             check_postprocess(chosen, max(meta.num_classes - 1, 1))  # one sigmoid channel: one foreground label
     except ValueError as err:
         raise ValueError(f"model {source.name}: {err}") from None
