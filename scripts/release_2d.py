@@ -5,6 +5,7 @@ Usage (after the runs, e.g. `scripts/campaign.py --datasets ...` on a GPU, and f
 release written by `rwkvseg.released.export_release` into src/rwkvseg/weights/; `scripts/results_table.py` does
 both for every name):
     python scripts/release_2d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--quality 90]
+        [--mirror-axes AXES --mirror-evidence TEXT]
 RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json (the
 shipped int8 weights) and, where measured, eval16-<name>/summary.json (the same run released as fp16) and
 evaltta-<name>/summary.json (the int8 weights with flip TTA, `rwkvseg predict --mirror-axes 0,1`) and
@@ -12,6 +13,9 @@ evalpaper-<name>/summary.json (when the run went beyond the paper's recipe, e.g.
 paper-recipe run's release, which the card reports beside it). Each NAME
 gets a card (<name>.md), a curves figure (<name>.curves.png: training loss and validation Dice per epoch) and its
 index entry (replaced in place, or appended); the index's other entries are kept as they are.
+--mirror-axes AXES (e.g. 0,1, chosen on validation: the evaltta row against the int8 one) records those test-time
+flips as each release's default (`mirror_axes` in its sidecar's preprocessing.inference: `rwkvseg predict` applies
+them unless given --mirror-axes) and names them in its card with --mirror-evidence (the measurement that chose them).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
 | input prep | {input_prep} |
 | recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, bf16 autocast, compile {compile}{beyond} |
-| schedule | {schedule}; best validation epoch {best} (curves: `{name}.curves.png`) |
+{flips_row}| schedule | {schedule}; best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation |
 | command | {command} (code at commit {commit}) |
 
@@ -150,8 +154,31 @@ def _curves(rows: list[dict], title: str, path: Path) -> None:
     plot_curves(rows, path, title, {"val_dice": "validation Dice (256 x 256)"}, "training loss (BCE + Dice)")
 
 
+def flips_row(axes: tuple[int, ...] | None, evidence: str) -> str:
+    """The card's test-time flips row ('' without --mirror-axes)."""
+    if axes is None:
+        return ""
+    if not axes:
+        return f"| test-time flips | none by default (recorded as `preprocessing.inference.mirror_axes = []`), chosen on validation: {evidence} |\n"
+    spelled = ",".join(map(str, axes))
+    return (
+        f"| test-time flips | the logits averaged over the flips of axes {spelled} by default ({2 ** len(axes)} forward "
+        f"passes per image; recorded as `preprocessing.inference.mirror_axes` in the sidecar; `rwkvseg predict "
+        f"--mirror-axes ''` turns them off), beyond the paper's recipe, chosen on validation: {evidence} |\n"
+    )
+
+
+def with_flips(sidecar: dict, axes: tuple[int, ...]) -> dict:
+    """A release's sidecar JSON recording axes as its default test-time flips (its other inference defaults kept)."""
+    pre = sidecar["preprocessing"]
+    return {**sidecar, "preprocessing": {**pre, "inference": {**pre.get("inference", {}), "mirror_axes": list(axes)}}}
+
+
 def main() -> None:
     from rwkvseg import __version__
+    from rwkvseg.cli.predict import mirror_axes
+    from rwkvseg.files import write_json
+    from rwkvseg.infer.predict2d import check_mirror_axes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", type=Path)
@@ -163,9 +190,28 @@ def main() -> None:
     p.add_argument(
         "--quality", type=int, default=95, help="JPEG quality of the compact2d copies trained on; 0: the original files"
     )
+    p.add_argument(
+        "--mirror-axes",
+        default=None,
+        metavar="AXES",
+        help="record these test-time flips (e.g. 0,1; '' none) as each release's default (chosen on validation)",
+    )
+    p.add_argument("--mirror-evidence", default="", help="with --mirror-axes: the measurement that chose them")
     args = p.parse_args()
+    flips = None
+    if args.mirror_axes is not None:
+        try:
+            flips = check_mirror_axes(mirror_axes(args.mirror_axes))
+        except ValueError as err:
+            p.error(str(err))
+        if not args.mirror_evidence.strip():
+            p.error("--mirror-axes needs --mirror-evidence: the card names the measurement that chose them")
 
     folder = weights_dir()
+    sidecars = {name: folder / f"{name}.json" for name in args.names}
+    missing = [str(path) for path in sidecars.values() if flips is not None and not path.is_file()]
+    if missing:
+        p.error(f"--mirror-axes records into the releases' sidecars, and {missing} do not exist; export them first")
     for name in args.names:
         arch, short = name.split("-", 1)
         dataset, data, split = DATASETS[short]
@@ -198,9 +244,12 @@ def main() -> None:
             schedule_note=schedule_note(info["ran"]),
             **info,
             extra_rows=extra_rows,
+            flips_row=flips_row(flips, args.mirror_evidence),
             **scores,
         )
         (folder / f"{name}.md").write_text(card)
+        if flips is not None:
+            write_json(sidecars[name], with_flips(json.loads(sidecars[name].read_text()), flips))
         metrics = {"val_dice": round(scores["dice"], 4), "val_iou": round(scores["iou"], 4), "epochs": info["ran"]}
         update_index(ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md"), folder)
 

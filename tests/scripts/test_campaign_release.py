@@ -278,3 +278,18 @@ def test_campaign_3d_end_to_end_resumed_across_two_calls(tmp_path, brats_split_c
         assert "resuming" in (runs / "logs" / f"{row['run']}.log").read_text()
     headers = [line for line in table.splitlines() if line.startswith("run | ")]
     assert len(headers) == 2 and "best_val_dice_ET" in headers[-1]  # each call printed its table
+
+
+def test_release_records_the_flips_chosen_on_validation_in_sidecar_and_card():
+    script = load_script("release_2d")
+    assert script.flips_row(None, "") == ""
+    row = script.flips_row((0, 1), "Dice 0.8075 with, 0.7980 without")
+    assert row.startswith("| test-time flips | the logits averaged over the flips of axes 0,1 by default (4 forward")
+    assert row.endswith("chosen on validation: Dice 0.8075 with, 0.7980 without |\n")
+    assert "| test-time flips | none by default" in script.flips_row((), "0.940 with, 0.941 without")
+    sidecar = {"model": "urwkv", "preprocessing": {"size": [256, 256], "inference": {"postprocess": "largest"}}}
+    recorded = script.with_flips(sidecar, (0, 1))
+    assert recorded["preprocessing"]["inference"] == {"postprocess": "largest", "mirror_axes": [0, 1]}
+    assert recorded["preprocessing"]["size"] == [256, 256] and "inference" in sidecar["preprocessing"]
+    assert sidecar["preprocessing"]["inference"] == {"postprocess": "largest"}  # the given record is not changed
+    assert "{beyond} |\n{flips_row}| schedule |" in script.CARD  # the row follows the recipe's
