@@ -32,9 +32,26 @@ def test_parse_spellings_and_bad_values():
         "largest,fill-holes,et-min-voxels=50"
     )
     assert PostProcess().spelling() == "none" and not PostProcess().active
-    for bad in ("biggest", "largest=2", "fill_holes", "et-min-voxels", "et-min-voxels=-3", "et-min-voxels=1.5"):
+    assert PostProcess.parse("LARGEST,Et-Min-Voxels=7") == PostProcess(largest=True, et_min_voxels=7)
+    for bad in ("biggest", "largest=2", "fill_holes", "None=1"):
         with pytest.raises(ValueError, match=r"--postprocess .* is not an option; give none, largest, fill-holes"):
             PostProcess.parse(bad)
+    with pytest.raises(ValueError) as err:
+        PostProcess.parse("Largest,Fill_Holes")
+    assert str(err.value) == (  # the user's spelling, not a lowercased one
+        "--postprocess 'Largest,Fill_Holes': 'Fill_Holes' is not an option; give none, largest, fill-holes, "
+        "et-min-voxels=N, et-min-mm3=V, or several joined by commas (largest,fill-holes)"
+    )
+    for bad in ("Et-Min-Voxels=1.5", "et-min-voxels=abc", "et-min-voxels=-3", "et-min-voxels=", "et-min-voxels"):
+        with pytest.raises(ValueError) as err:
+            PostProcess.parse(f"largest,{bad}")
+        value = bad.partition("=")[2]
+        assert str(err.value) == (
+            f"--postprocess 'largest,{bad}': et-min-voxels={value} must be a whole number of voxels >= 0, "
+            "e.g. et-min-voxels=100 (et-min-mm3=V gives the threshold as a volume)"
+        )
+    with pytest.raises(ValueError, match=r"et-min-voxels=² must be a whole number"):
+        PostProcess.parse("et-min-voxels=²")  # a digit to str.isdigit, not to int()
     with pytest.raises(ValueError, match="et-min-voxels=-1 must be a whole number >= 0"):
         PostProcess(et_min_voxels=-1)
 
@@ -50,11 +67,13 @@ def test_parse_the_volume_spelling_and_its_errors():
     ):
         assert PostProcess.parse(config.spelling()) == config  # a release's sidecar records the spelling
     assert PostProcess(et_min_mm3=800).spelling() == "et-min-mm3=800"
-    for bad in ("et-min-mm3", "et-min-mm3=", "et-min-mm3=big", "et-min-mm3=-8", "et-min-mm3=nan", "et-min-mm3=inf"):
+    for bad in ("et-min-mm3", "et-min-mm3=", "Et-Min-MM3=Big", "et-min-mm3=-8", "et-min-mm3=nan", "et-min-mm3=inf"):
         with pytest.raises(ValueError) as err:
             PostProcess.parse(f"largest,{bad}")
         message = str(err.value)
-        assert message.startswith(f"--postprocess 'largest,{bad}': et-min-mm3=") and "\n" not in message
+        value = bad.partition("=")[2]  # as given: "Big" stays "Big"
+        assert message.startswith(f"--postprocess 'largest,{bad}': et-min-mm3={value} is not a volume")
+        assert "\n" not in message
         assert "is not a volume; give cubic millimetres >= 0, e.g. et-min-mm3=800" in message
     with pytest.raises(
         ValueError, match=r"et-min-voxels=100 and et-min-mm3=800 set the same threshold twice; give one"
@@ -257,7 +276,11 @@ def test_command_line_postprocess_and_its_errors(tmp_path, bright_checkpoint, ca
     assert "et-min-mm3 applies to 3D BraTS-style models" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "bad"), "--postprocess", "et-min-mm3=4OO"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("rwkvseg: error: --postprocess 'et-min-mm3=4OO': et-min-mm3=4oo is not a volume")
+    assert err.startswith("rwkvseg: error: --postprocess 'et-min-mm3=4OO': et-min-mm3=4OO is not a volume")
+    assert len(err.splitlines()) == 1
+    assert main([*args, "--out", str(tmp_path / "bad"), "--postprocess", "et-min-voxels=1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rwkvseg: error: --postprocess 'et-min-voxels=1.5': et-min-voxels=1.5 must be a whole number")
     assert len(err.splitlines()) == 1
     assert main([*args, "--out", str(tmp_path / "bad"), "--postprocess", "et-min-voxels=5,et-min-mm3=40"]) == 2
     err = capsys.readouterr().err.strip()

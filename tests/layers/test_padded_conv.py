@@ -1,13 +1,17 @@
 """Thin convolutions padded to 8 input channels (layers/padded_conv.py): the same values and gradients as the torch
 convolutions they replace, in float64, ungrouped and one channel per group, strided and padded, with and without a
-bias; the layout they keep; what they leave alone; the parameters; a fullgraph trace; whole models."""
+bias; the layout they keep; what they leave alone; the parameters; the padded weight they keep without autograd; a
+fullgraph trace; whole models."""
 
 import copy
+import pickle
 
 import pytest
 import torch
+import torch._dynamo
 from torch import nn
 
+import rwkvseg.layers.padded_conv as padded_conv_module
 from rwkvseg.layers.gemm_conv import GemmPointwiseConv3d, use_gemm_convs
 from rwkvseg.layers.padded_conv import (
     PaddedConv2d,
@@ -107,6 +111,106 @@ def test_gemm_twins_stay_gemms_and_parameters_are_shared():
     assert all(p is params[name] for name, p in model.named_parameters())
     with pytest.raises(ValueError, match=r"nn\.Sequential"):
         use_padded_thin_convs(nn.Conv3d(3, 3, 3))
+
+
+def _twin_of_a_thin_conv():
+    """A channels-last float64 Conv3d 4 -> 8, its padded twin (sharing its parameters) and a channels-last input."""
+    torch.manual_seed(0)
+    plain = module_to(nn.Sequential(nn.Conv3d(4, 8, 3, padding=1).double()), "channels_last", 3)[0]
+    twin = use_padded_thin_convs(nn.Sequential(plain))[0]
+    assert isinstance(twin, PaddedConv3d) and twin.weight is plain.weight
+    return plain, twin, tensor_to(torch.randn(2, 4, 5, 6, 7, dtype=torch.float64), "channels_last")
+
+
+def test_forwards_without_autograd_reuse_the_padded_weight(monkeypatch):
+    plain, twin, x = _twin_of_a_thin_conv()
+    pads = []
+    real = padded_conv_module.dense_padded_weight
+    monkeypatch.setattr(padded_conv_module, "dense_padded_weight", lambda *args: pads.append(1) or real(*args))
+    with torch.no_grad():
+        first = twin(x)
+        assert torch.equal(twin(x), first) and twin.padded_weight() is twin.padded_weight()
+        torch.testing.assert_close(first, plain(x), rtol=1e-12, atol=1e-12)
+    twin.weight.requires_grad_(False)  # a frozen layer: no autograd on the weight in grad mode either
+    assert torch.equal(twin(x), first) and len(pads) == 1
+    twin.weight.requires_grad_(True)
+    twin(x)
+    assert len(pads) == 2  # training: padded on every call
+
+
+def test_a_changed_weight_is_padded_again():
+    """In-place changes, load_state_dict, optimizer steps and a swapped tensor each give the twin the plain
+    convolution's new values; a fused step (no new version) does once eval() dropped the kept weight."""
+    plain, twin, x = _twin_of_a_thin_conv()
+
+    def check(changed):
+        with torch.no_grad():
+            y = twin(x)
+            torch.testing.assert_close(y, plain(x), rtol=1e-12, atol=1e-12)
+            assert changed is None or not torch.allclose(y, changed)
+        return y
+
+    y = check(None)
+    with torch.no_grad():
+        twin.weight.add_(1)
+    y = check(y)
+    twin.load_state_dict({k: torch.randn_like(v) for k, v in twin.state_dict().items()})
+    y = check(y)
+    plain.weight.data = torch.randn_like(plain.weight)  # same Parameter and version, other storage
+    y = check(y)
+    for optimizer in (torch.optim.SGD(twin.parameters(), lr=0.1), torch.optim.Adam(twin.parameters(), fused=True)):
+        twin.zero_grad()
+        twin(x).square().sum().backward()
+        optimizer.step()
+        twin.eval()  # as validation does
+        y = check(y)
+        twin.train()
+
+
+def test_gradients_reach_the_weight_after_forwards_that_kept_it():
+    plain, twin, x = _twin_of_a_thin_conv()
+    reference = copy.deepcopy(plain)
+    with torch.no_grad():
+        twin(x)
+    assert_same_values_and_grads(nn.Sequential(twin), nn.Sequential(reference), x)
+    # a frozen layer keeps its padded weight in grad mode, and its convolution saves it for the input's gradient:
+    # kept from an inference_mode forward, it must still be a normal tensor
+    for conv in (twin, reference):
+        conv.weight.requires_grad_(False)
+    twin.eval()  # drops the kept weight, as a predictor's eval() does
+    with torch.inference_mode():
+        twin(x)
+    grad = torch.randn_like(reference(x))
+    inputs = [x.detach().requires_grad_() for _ in range(2)]
+    (got,), (expected,) = (torch.autograd.grad(m(i), i, grad) for m, i in zip((twin, reference), inputs, strict=True))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_kept_weight_is_no_state():
+    _, twin, x = _twin_of_a_thin_conv()
+    model = nn.Sequential(twin)
+    with torch.no_grad():
+        y = model(x)
+    assert twin._kept is not None and list(model.state_dict()) == ["0.weight", "0.bias"]
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert copied[0]._kept is None
+        with torch.no_grad():
+            assert torch.equal(copied(x), y)
+
+
+def test_padded_twin_traces_whole_without_autograd_and_without_the_kept_weight():
+    _, twin, x = _twin_of_a_thin_conv()
+    model = nn.Sequential(twin).eval()
+    with torch.no_grad():
+        eager = model(x)
+        kept = twin._kept
+        torch._dynamo.reset()
+        try:
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        finally:
+            torch._dynamo.reset()
+    assert twin._kept is kept  # the trace pads in the graph
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_padded_twins_trace_whole_under_fullgraph():

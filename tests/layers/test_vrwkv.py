@@ -1,10 +1,14 @@
 import math
+import warnings
 
 import pytest
 import torch
+import torch._dynamo
 
+import rwkvseg.layers.vrwkv as vrwkv_module
+import rwkvseg.ops.token_shift as token_shift_module
 from rwkvseg.layers.vrwkv import ChannelMix, QuadScanBlock, SpatialMix, fancy_init
-from rwkvseg.ops import bi_wkv_reference, permutation_shift, q_shift, scan_2d, unscan_2d
+from rwkvseg.ops import QUAD_SCAN_ORDERS, bi_wkv_reference, permutation_shift, q_shift, scan_2d, unscan_2d
 
 
 def seeded(module, seed=0):
@@ -151,6 +155,72 @@ def test_permutation_shift_is_the_plain_block_on_the_scanned_sequence(order):
     )
     expected = (t + block.gamma2 * out).transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(block(x), expected)
+
+
+def _forget_permutation_indices():
+    vrwkv_module._kept_partners.cache_clear()
+    token_shift_module._kept_flip_permutation.cache_clear()
+
+
+def test_permutation_indices_are_built_once_per_grid(monkeypatch):
+    """The permutation shift's indices depend on the grid alone: eager forwards build them once per (order, size,
+    device) and share them."""
+    built = []
+    for module in (vrwkv_module, token_shift_module):
+        real = module.flip_permutation
+        monkeypatch.setattr(module, "flip_permutation", lambda s, d=None, f=real: built.append(tuple(s)) or f(s, d))
+    _forget_permutation_indices()
+    block = seeded(QuadScanBlock(8, QUAD_SCAN_ORDERS, "permutation"))
+    x = rand_map()  # 5 x 7
+    first, literal = block(x), block(x, per_order=True)
+    # batched: rows and rows_reversed scan a 5 x 7 grid, the column orders a 7 x 5 one, the channel mix the 5 x 7
+    # map; literal: the permutation on each scanned grid, 5 x 7 or 7 x 5
+    assert sorted(built) == [(5, 7)] * 3 + [(7, 5)] * 3
+    built.clear()
+    assert torch.equal(block(x), first) and torch.equal(block(x, per_order=True), literal) and built == []
+    block(rand_map(H=7, W=5))
+    # another map size: the orders' indices again; the channel mix's 7 x 5 grid is the one the literal pass kept
+    assert sorted(built) == [(5, 7)] * 2 + [(7, 5)] * 2
+    cpu = torch.device("cpu")
+    assert vrwkv_module.permutation_partners("cols", (5, 7), cpu) is vrwkv_module.permutation_partners(
+        "cols", (5, 7), cpu
+    )
+
+
+def test_kept_permutation_indices_give_the_values_of_freshly_built_ones(monkeypatch):
+    block = seeded(QuadScanBlock(8, QUAD_SCAN_ORDERS, "permutation"))
+    x = rand_map()
+    kept = [(block(x), block(x, per_order=True)) for _ in range(2)]
+    for module in (vrwkv_module, token_shift_module):
+        monkeypatch.setattr(module, "tracing", lambda: True)  # the traced path: built on every call
+    built = block(x), block(x, per_order=True)
+    assert all(torch.equal(a, b) for pair in kept for a, b in zip(pair, built, strict=True))
+
+
+def test_permutation_indices_first_built_under_inference_mode_serve_training():
+    # x[:, index] saves index for backward, which an inference tensor refuses
+    _forget_permutation_indices()
+    block = QuadScanBlock(8, QUAD_SCAN_ORDERS, "permutation")
+    x = torch.randn(1, 8, 4, 6)
+    with torch.inference_mode():
+        block(x)
+    block(x).sum().backward()
+    assert block.spatial.mix_k.grad is not None
+
+
+def test_permutation_block_traces_whole_without_the_kept_indices():
+    """Compiled, the indices are built in the graph (dynamo warns about every lru_cache wrapper it traces)."""
+    block = seeded(QuadScanBlock(8, QUAD_SCAN_ORDERS, "permutation"))
+    x = rand_map()
+    eager = block(x)  # keeps the indices
+    torch._dynamo.reset()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_block_backward_reaches_every_parameter():

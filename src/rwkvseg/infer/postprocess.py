@@ -56,16 +56,18 @@ class PostProcess:
     @classmethod
     def parse(cls, text: str | None) -> PostProcess:
         """'largest,fill-holes', 'et-min-voxels=100', 'et-min-mm3=800', 'none' or '' (nothing) -> the config;
-        ValueError naming --postprocess and the accepted spellings otherwise."""
+        option names in any case. ValueError naming --postprocess, as the user wrote it, and the accepted spellings
+        otherwise."""
         options: dict[str, bool | int | float] = {}
-        for part in (p.strip().lower() for p in (text or "").split(",")):
-            if part in ("", "none"):
+        for part in (p.strip() for p in (text or "").split(",")):
+            if part.lower() in ("", "none"):
                 continue
             name, _, value = part.partition("=")
+            name = name.lower()
             if name in ("largest", "fill-holes") and not value:
                 options[name.replace("-", "_")] = True
-            elif name == "et-min-voxels" and value.strip().isdigit():
-                options["et_min_voxels"] = int(value)
+            elif name == "et-min-voxels":
+                options["et_min_voxels"] = _voxels(value, text)
             elif name == "et-min-mm3":
                 options["et_min_mm3"] = _volume(value, text)
             else:
@@ -89,6 +91,17 @@ class PostProcess:
         parts += [f"et-min-voxels={self.et_min_voxels}"] if self.et_min_voxels else []
         parts += [f"et-min-mm3={self.et_min_mm3:.12g}"] if self.et_min_mm3 else []
         return ",".join(parts) or "none"
+
+
+def _voxels(value: str, text: str) -> int:
+    """et-min-voxels' value: a whole number >= 0 (100), or the one-line error naming --postprocess."""
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit()):  # ASCII: str.isdigit also takes digits int() refuses ('²')
+        raise ValueError(
+            f"--postprocess {text!r}: et-min-voxels={digits} must be a whole number of voxels >= 0, e.g. "
+            "et-min-voxels=100 (et-min-mm3=V gives the threshold as a volume)"
+        )
+    return int(digits)
 
 
 def _volume(value: str, text: str) -> float:

@@ -12,13 +12,26 @@ up to a multiple of 8 and zero rows to the weight (a grouped one becomes the den
 stands for) and runs one ungrouped convolution: the same values up to the order of the sums, the same parameters
 (released weights load), more multiply-adds at a rate cuDNN reaches. Channels-first maps keep the plain
 convolution. Convolutions already swapped for another twin (layers/gemm_conv.py, layers/s2d_conv.py) stay so.
+
+Where autograd does not need the weight (no grad mode, or a weight that does not require grad: prediction,
+validation, a frozen layer) a twin keeps its padded weight and reuses it while the weight is the same tensor with
+the same version counter, storage, strides, dtype and device: an in-place change (an optimizer step,
+load_state_dict) bumps the version and the next forward pads again. Fused optimizer steps and writes through
+`.data` do not bump it (torch 2.13), so train() / eval() also drop the kept weight: a training loop switches to
+eval before it validates. The kept weight is no state: not in the state dict, not pickled or deep-copied.
+Training forwards with grad pad on every call, so the gradients reach the weight; traced forwards (torch.compile,
+export) pad in the graph.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rwkvseg.ops import tracing
 
 from .layouts import map_layout
 from .twins import PLAIN_CONVS, ChannelsLastTwin, swap_convs
@@ -64,8 +77,37 @@ def pad_channels(x: Tensor) -> Tensor:
 class _PaddedConv(ChannelsLastTwin):
     """The channels-last forward of the padded twins (mixed into nn.Conv2d / nn.Conv3d)."""
 
+    # (the weight, its version counter, storage, strides, dtype and device, a view keeping that storage alive so its
+    # address cannot come back holding other values, the padded weight)
+    _kept: tuple[Tensor, tuple[Any, ...], Tensor, Tensor] | None = None
+
+    def padded_weight(self) -> Tensor:
+        """dense_padded_weight of this twin's weight, [C_out, C_pad, *k]: kept and reused while autograd does not
+        need the weight and the weight is unchanged (module docstring); read it, never write it in place."""
+        weight = self.weight
+        if tracing() or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
+            return dense_padded_weight(weight, self.groups, self.in_channels)
+        key = (weight._version, weight.data_ptr(), weight.stride(), weight.dtype, weight.device)
+        kept = self._kept
+        if kept is not None and kept[0] is weight and kept[1] == key:
+            return kept[3]
+        # a normal tensor even under inference_mode: a frozen layer's convolution saves it for backward later
+        with torch.inference_mode(False), torch.no_grad():
+            padded = dense_padded_weight(weight, self.groups, self.in_channels)
+            self._kept = (weight, key, weight.detach(), padded)
+        return padded
+
+    def train(self, mode: bool = True) -> Any:
+        self._kept = None  # fused optimizer steps change the weight without a new version
+        return super().train(mode)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state.pop("_kept", None)  # a copy pads its own weight
+        return state
+
     def channels_last_forward(self, x: Tensor) -> Tensor:
-        weight = dense_padded_weight(self.weight, self.groups, self.in_channels)
+        weight = self.padded_weight()
         conv = F.conv2d if x.dim() == 4 else F.conv3d
         # [B, C_in, *S] -> [B, C_pad, *S] (channels-last) -> [B, C_out, *S'] (channels-last)
         return conv(pad_channels(x), weight, self.bias, self.stride, self.padding, self.dilation, 1)

@@ -6,6 +6,7 @@ Tokens are [B, N, C] in row-major order over a grid `size` = (H, W); maps are [B
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,7 @@ from rwkvseg.ops import (
     q_shift,
     scan_2d,
     scan_order,
+    tracing,
     unscan_2d,
 )
 
@@ -144,6 +146,35 @@ class ChannelMix(nn.Module):
         return torch.sigmoid(self.receptance(xr)) * self.value(self.norm(k))
 
 
+def _grid(order: str, size: tuple[int, int]) -> tuple[int, int]:
+    """The grid of the sequence that order scans from a map of size = (H, W): (H, W) by rows, (W, H) by columns."""
+    return size if order in _ROW_ORDERS else (size[1], size[0])
+
+
+def _partners(order: str, size: tuple[int, int], device: torch.device) -> Tensor:
+    read = scan_order(order, size).indices(size[0] * size[1], device)  # scan position i reads stored token read[i]
+    partners = torch.empty_like(read)  # stored token read[i] takes the token at position permutation[i]
+    partners[read] = read[flip_permutation(_grid(order, size), device)]
+    return partners
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_partners(order: str, size: tuple[int, int], device: torch.device) -> Tensor:
+    # a normal tensor even when first built under inference_mode: tokens[:, partners] saves it for backward
+    with torch.inference_mode(False):
+        return _partners(order, size, device)
+
+
+def permutation_partners(order: str, size: tuple[int, int], device: torch.device) -> Tensor:
+    """[H*W] for a map of size = (H, W): row-major token n takes token partners[n] under the released code's
+    permutation shift on the grid that order scans (flip_permutation), written at the stored tokens. Eager calls
+    build it once per (order, size, device), a dozen small kernels, and share it: read it, never write it in
+    place. Traced calls (torch.compile, export) build it in the graph, without the cache."""
+    if tracing():
+        return _partners(order, size, device)
+    return _kept_partners(order, (int(size[0]), int(size[1])), torch.device(device))
+
+
 def _to_tokens(x: Tensor) -> Tensor:
     # a view: contiguous tokens when x is channels-last (the layout stores them), strided ones otherwise
     return x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
@@ -218,9 +249,6 @@ class QuadScanBlock(nn.Module):
         closed = {TRANSPOSED_ORDER[o] for o in self.orders} == set(self.orders)
         return closed and self.token_shift != "q_shift_map"
 
-    def _grid(self, order: str, size: tuple[int, int]) -> tuple[int, int]:
-        return size if order in _ROW_ORDERS else (size[1], size[0])
-
     def _spatial_batched(self, t: Tensor) -> Tensor:
         """Mean over the orders of SpatialMix, from the normalised map t [B, C, H, W]; returns [B, C, H, W].
         Every order is read from the row-major tokens in place (`bi_wkv_ordered`), so nothing is re-serialised."""
@@ -228,7 +256,7 @@ class QuadScanBlock(nn.Module):
         orders = tuple(scan_order(o, size) for o in self.orders)
         tokens = _to_tokens(t)  # [B, C, H, W] -> [B, H*W, C], row-major
         if self.token_shift in ("q_shift", "permutation"):
-            shifted = self._shifts_per_order(tokens, size, orders)  # [n, B, H*W, C] at the row-major tokens
+            shifted = self._shifts_per_order(tokens, size)  # [n, B, H*W, C] at the row-major tokens
             k, v, sr = self.spatial.project(tokens, shifted)  # [n, B, H*W, C] each, at the row-major tokens
             mean = (sr * self.spatial.wkv(k, v, orders)).mean(0)  # [n, B, H*W, C] -> [B, H*W, C]
             return _to_map(self.spatial.output(mean), size)  # W_o is per token: once, on the mean
@@ -238,19 +266,12 @@ class QuadScanBlock(nn.Module):
         mean = self.spatial.wkv(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), orders).mean(0)  # one k, n orders
         return _to_map(self.spatial.output(sr * mean), size)
 
-    def _shifts_per_order(self, tokens: Tensor, size: tuple[int, int], orders: tuple[TokenOrder, ...]) -> Tensor:
+    def _shifts_per_order(self, tokens: Tensor, size: tuple[int, int]) -> Tensor:
         """Each order's token shift on its scanned grid, written at the stored tokens: [B, H*W, C] row-major
         tokens -> [n orders, B, H*W, C]."""
         if self.token_shift == "q_shift":  # the quarters' directions turn with the scan
             return torch.stack([q_shift(tokens, size, SCAN_SHIFT_DIRECTIONS[o]) for o in self.orders])
-        n = tokens.shape[1]
-        shifted = []
-        for order, name in zip(orders, self.orders, strict=True):
-            read = order.indices(n, tokens.device)  # scan position i reads stored token read[i]
-            partners = torch.empty_like(read)  # stored token read[i] takes the token at position permutation[i]
-            partners[read] = read[flip_permutation(self._grid(name, size), tokens.device)]
-            shifted.append(tokens[:, partners])
-        return torch.stack(shifted)
+        return torch.stack([tokens[:, permutation_partners(o, size, tokens.device)] for o in self.orders])
 
     def _spatial_per_order(self, t: Tensor) -> Tensor:
         """Mean over the orders of SpatialMix on each scanned sequence, one order at a time."""
@@ -261,7 +282,7 @@ class QuadScanBlock(nn.Module):
         for order in self.orders:
             s = scan_2d(t, order)
             if self.token_shift in ("q_shift", "permutation"):
-                shifted = grid_shift(s, self._grid(order, size), self.token_shift)
+                shifted = grid_shift(s, _grid(order, size), self.token_shift)
             elif self.token_shift == "q_shift_map":
                 shifted = scan_2d(shifted_map, order)
             else:

@@ -7,6 +7,7 @@ from .bi_wkv import (
     bi_wkv_ordered,
     bi_wkv_reference,
     check_inputs,
+    tracing,
     triton_usable,
 )
 from .scan import (
@@ -29,6 +30,7 @@ from .token_shift import (
     bi_shift,
     bi_shift_hwt,
     flip_permutation,
+    permutation_index,
     permutation_shift,
     q_shift,
 )
@@ -51,12 +53,14 @@ __all__ = [
     "flip_permutation",
     "from_view",
     "merge_windows",
+    "permutation_index",
     "permutation_shift",
     "q_shift",
     "scan_2d",
     "scan_order",
     "split_windows",
     "to_view",
+    "tracing",
     "triton_usable",
     "unscan_2d",
     "view_order",

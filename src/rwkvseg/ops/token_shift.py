@@ -3,9 +3,13 @@ its place, and MMSegRWKV's Bi-Shift along a sequence."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .bi_wkv.library import tracing
 
 # the neighbour a channel quarter takes: "left" = column j - 1, "right" = j + 1, "up" = row i - 1, "down" = i + 1
 Q_SHIFT_DIRECTIONS = ("left", "right", "up", "down")
@@ -71,7 +75,24 @@ def permutation_shift(x: Tensor, size: tuple[int, int]) -> Tensor:
     flip_permutation(size)[n], every channel; returns [B, H*W, C]."""
     if size[0] * size[1] != x.shape[1]:
         raise ValueError(f"permutation_shift: {x.shape[1]} tokens do not form a {size[0]} x {size[1]} grid")
-    return x[:, flip_permutation(size, x.device)]
+    return x[:, permutation_index(size, x.device)]
+
+
+@functools.lru_cache(maxsize=32)
+def _kept_flip_permutation(size: tuple[int, int], device: torch.device) -> Tensor:
+    # a normal tensor even when first built under inference_mode: x[:, index] saves its index for backward, which an
+    # inference tensor refuses, and a later training step would reuse this one
+    with torch.inference_mode(False):
+        return flip_permutation(size, device)
+
+
+def permutation_index(size: tuple[int, int], device: torch.device) -> Tensor:
+    """flip_permutation(size, device), built once per (size, device) in eager calls and shared by every caller
+    (several kernels a build): read it, never write it in place. Traced calls (torch.compile, export) build it in
+    the graph, without the cache (dynamo warns about lru_cache)."""
+    if tracing():
+        return flip_permutation(size, device)
+    return _kept_flip_permutation((int(size[0]), int(size[1])), torch.device(device))
 
 
 def bi_shift(x: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ __all__ = [
     "bi_wkv_reference",
     "bi_wkv_tiled",
     "check_inputs",
+    "tracing",
     "triton_usable",
 ]
 
