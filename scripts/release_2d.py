@@ -15,7 +15,8 @@ gets a card (<name>.md), a curves figure (<name>.curves.png: training loss and v
 index entry (replaced in place, or appended); the index's other entries are kept as they are.
 --mirror-axes AXES (e.g. 0,1, chosen on validation: the evaltta row against the int8 one) records those test-time
 flips as each release's default (`mirror_axes` in its sidecar's preprocessing.inference: `rwkvseg predict` applies
-them unless given --mirror-axes) and names them in its card with --mirror-evidence (the measurement that chose them).
+them unless given --mirror-axes) and names them in its card with --mirror-evidence (the measurement that chose them);
+the index entry then adds `val_dice_flips`, the evaltta Dice (what `rwkvseg predict` gives by default).
 """
 
 from __future__ import annotations
@@ -251,6 +252,9 @@ def main() -> None:
         if flips is not None:
             write_json(sidecars[name], with_flips(json.loads(sidecars[name].read_text()), flips))
         metrics = {"val_dice": round(scores["dice"], 4), "val_iou": round(scores["iou"], 4), "epochs": info["ran"]}
+        flipped = args.evals / f"evaltta-{name}" / "summary.json"
+        if flips and flipped.is_file():  # what `rwkvseg predict` gives by default, beside the recipe's number
+            metrics["val_dice_flips"] = round(summary_means(read_summary(flipped.parent))["dice"], 4)
         update_index(ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md"), folder)
 
 
