@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -142,7 +143,28 @@ def stored_numel(weights: Path) -> int:
 
 
 def claimed_numel(meta: CheckpointMeta) -> int:
-    """The parameter count of the model the sidecar names, built on the meta device (nothing is allocated).
+    """The parameter count of the model the sidecar names, built on the meta device (nothing is allocated)."""
+    return _on_meta_device(meta, lambda model: sum(p.numel() for p in model.parameters()))
+
+
+def state_shapes(meta: CheckpointMeta) -> dict[str, tuple[int, ...]]:
+    """The state dict's names and shapes of the model the sidecar names (what its weights file must hold), built on
+    the meta device where it can be, else for real with the caller's random state left as it was."""
+    try:
+        return _on_meta_device(meta, lambda model: {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    except (TypeError, ValueError):
+        raise
+    except Exception as err:  # a model the meta device cannot build
+        log.debug("state shapes on the meta device failed (%s); building %s for real", err, meta.model)
+    with torch.random.fork_rng(devices=[]):
+        return {k: tuple(v.shape) for k, v in build_model(meta).state_dict().items()}
+
+
+T = TypeVar("T")
+
+
+def _on_meta_device(meta: CheckpointMeta, measure: Callable[[nn.Module], T]) -> T:
+    """measure(the model the sidecar names), built on the meta device (nothing is allocated).
 
     The build runs in a thread of its own: the meta device is a thread-local torch function mode, so whatever
     happens while it is active cannot touch the caller's mode stack (compiled or opcheck'ed code after it)."""
@@ -153,7 +175,7 @@ def claimed_numel(meta: CheckpointMeta) -> int:
     def probe() -> None:
         try:
             with torch.device("meta"):
-                result.append(sum(p.numel() for p in build_model(meta).parameters()))
+                result.append(measure(build_model(meta)))
         except Exception as err:  # handed back to the caller's thread
             result.append(err)
 

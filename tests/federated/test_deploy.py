@@ -8,7 +8,7 @@ import json
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from rwkvseg.checkpoint import build_model, read_meta
+from rwkvseg.checkpoint import build_model, read_meta, save_checkpoint
 from rwkvseg.cli import main
 from rwkvseg.data.synthetic import write_synthetic_dataset
 
@@ -238,6 +238,44 @@ def test_site_keeps_its_optimizer_state_between_rounds(tmp_path, task_identity):
         FileNotFoundError, match=r"optimizer-round3.pt is missing: .* set federated.site_optimizer = fresh"
     ):
         run_round(keep, ArrayRecord(second), 4)
+
+
+def test_the_record_and_a_site_start_from_model_init(tmp_path, task_identity, monkeypatch):
+    """model.init: the record names the source, and a site's model holds its weights where the server sends none
+    (integer buffers under differential privacy or FedAvgM)."""
+    import torch
+
+    from rwkvseg.federated import app, deploy
+    from rwkvseg.files import file_sha256
+
+    config = site_config(tmp_path, tmp_path / "site", "rounds = 1\n")
+    meta = read_meta(_record(tmp_path, Context(1, 5, {"config": str(config)}, RecordDict(), {})))
+    source = build_model(meta)
+    for buffer in source.buffers():
+        if not buffer.is_floating_point():
+            buffer.fill_(5)  # BatchNorm's step counts
+    save_checkpoint(tmp_path / "init", source, meta)
+    text = config.read_text().replace('name = "unet_test"\n', f'name = "unet_test"\ninit = "{tmp_path / "init"}"\n')
+    config.write_text(text)
+    context = Context(1, 5, {"site": "A", "config": str(config)}, RecordDict(), {"sites": "A"})
+    record = {"source": str(tmp_path / "init"), "weights_sha256": file_sha256(tmp_path / "init.safetensors")}
+    assert read_meta(_record(tmp_path, context)).training["init"] == record
+    started, train_site = [], app.train_site
+
+    def spy(config, data, model, **kwargs):
+        started.append({k: v.clone() for k, v in model.state_dict().items()})
+        return train_site(config, data, model, **kwargs)
+
+    monkeypatch.setattr(app, "train_site", spy)
+    sent = {k: torch.zeros_like(v) for k, v in source.state_dict().items() if v.is_floating_point()}
+    message = Message(
+        RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"round": 1, "local-epochs": 1})}),
+        dst_node_id=5,
+        message_type="train",
+    )
+    assert not deploy.client(message, context).has_error()
+    for key, value in source.state_dict().items():
+        assert torch.equal(started[0][key], sent.get(key, value)), key
 
 
 def _record(tmp_path, context):

@@ -3,16 +3,19 @@ every floating-point weight by a fixed step: the global weights after each round
 momentum is saved in state.pt, and a run resumed after round 2 ends where the uninterrupted run does."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from rwkvseg.checkpoint import CheckpointMeta, build_model
+from rwkvseg.checkpoint import CheckpointMeta, build_model, read_meta, save_checkpoint
 from rwkvseg.federated.app import POLL_S, ServerPlan, _send_and_receive, run_federation
 from rwkvseg.federated.config import FederatedConfig, FederatedSettings
 from rwkvseg.federated.state import STATE_FILE
-from rwkvseg.train.config import TrainConfig
+from rwkvseg.files import file_sha256
+from rwkvseg.records import Preprocessing2D
+from rwkvseg.train.config import ModelConfig, TrainConfig
 
 META = CheckpointMeta(model="unet_test", in_channels=3, num_classes=1)
 STEPS = (0.1, 0.4)  # what each site subtracts from every floating-point weight
@@ -101,6 +104,30 @@ def test_resumed_run_continues_with_the_saved_momentum(tmp_path):
         torch.testing.assert_close(resumed["global"][key], value, rtol=0, atol=1e-6, msg=key)
     with pytest.raises(ValueError, match="strategy"):
         _run(tmp_path / "cut", rounds=5, resume=True, server_momentum=0.5)
+
+
+def test_the_first_global_model_is_model_init_and_the_checkpoints_name_it(tmp_path):
+    meta = replace(META, preprocessing=Preprocessing2D(3, (32, 32)).to_dict())
+    torch.manual_seed(7)
+    source = build_model(meta)
+    for buffer in source.buffers():
+        if not buffer.is_floating_point():
+            buffer.fill_(5)  # BatchNorm's step counts: not exchanged under FedAvgM, so the server's own stay
+    save_checkpoint(tmp_path / "init", source, meta)
+    lr = 0.5
+    settings = FederatedSettings(rounds=1, local_epochs=1, strategy="fedavgm", server_lr=lr)
+    model = ModelConfig(name="unet_test", init=str(tmp_path / "init"))
+    train = TrainConfig(model=model, epochs=1, out=str(tmp_path / "run"), device="cpu")
+    (tmp_path / "run").mkdir()
+    run_federation(ServerPlan(FederatedConfig(train, settings), ("a", "b"), str(tmp_path / "run"), meta), _Grid())
+    state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    for key, value in source.state_dict().items():
+        if value.is_floating_point():  # round 1 of FedAvgM: w0 - server_lr x the sites' mean step
+            torch.testing.assert_close(state["global"][key], value - lr * MEAN_STEP, rtol=0, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(state["global"][key], value), key
+    record = {"source": str(tmp_path / "init"), "weights_sha256": file_sha256(tmp_path / "init.safetensors")}
+    assert read_meta(tmp_path / "run" / "last").training["init"] == record
 
 
 @pytest.mark.parametrize(

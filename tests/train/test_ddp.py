@@ -104,6 +104,20 @@ def test_two_processes_match_one_and_resume_on_one(setup, capsys):
     assert max(abs(a - b) / abs(a) for a, b in zip(single, resumed, strict=True)) < RTOL
 
 
+def test_two_processes_start_from_model_init_as_one_does(setup, tmp_path):
+    base = ["train", setup / "c.toml", "--data", setup / "data", "--no-progress", "--set", "epochs=2"]
+    with one_thread():
+        assert main([str(a) for a in [*base, "--out", tmp_path / "source", "--set", "epochs=1"]]) == 0
+        tuned = [*base, "--set", f"model.init={tmp_path / 'source' / 'last'}"]
+        assert main([str(a) for a in [*tuned, "--out", tmp_path / "single"]]) == 0
+    code, out, _ = torchrun(*tuned, "--out", tmp_path / "ddp")
+    assert code == 0, out
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert max(abs(a - b) / abs(a) for a, b in zip(single, ddp, strict=True)) < RTOL
+    _, meta = load_checkpoint(tmp_path / "ddp" / "best.safetensors")
+    assert meta.training["init"]["source"] == str(tmp_path / "source" / "last")
+
+
 FAILING_RANK = """import os, sys
 from rwkvseg.data.dataset2d import SegDataset2D
 

@@ -16,6 +16,7 @@ from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic3d import write_synthetic_volumes
 from rwkvseg.data.volumes import discover_cases
+from rwkvseg.files import file_sha256
 from rwkvseg.infer.predict import PredictConfig
 from rwkvseg.infer.predict3d import Predictor3D
 from rwkvseg.train.config import LossConfig, TrainConfig, VolumeDataConfig, config_dims, load_config, read_config_file
@@ -140,6 +141,32 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, cache):
     resumed = train(split, resume=True)
     assert resumed.epoch == 2 and resumed.step == 2
     assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_3d_run_starts_from_model_init_and_refuses_another_target(tmp_path, cache, monkeypatch):
+    import rwkvseg.train.train
+
+    overrides = [f"data.root={cache}", "epochs=1", "max_steps_per_epoch=1", "infer.final_eval=false"]
+    path = write_config(tmp_path / "c.toml")
+    train(load_config(path, [*overrides, f"out={tmp_path / 'source'}"]))
+    weights = tmp_path / "source" / "best.safetensors"
+    init = [*overrides, f"model.init={weights}"]
+    with pytest.raises(
+        ValueError, match=r"model\.init .* predicts labels and this run regions; set data\.target = labels"
+    ):
+        train(load_config(path, [*init, "data.target=regions", f"out={tmp_path / 'regions'}"]))
+    started, setup = [], rwkvseg.train.train.training_setup
+
+    def spy(model, *args, **kwargs):
+        started.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return setup(model, *args, **kwargs)
+
+    monkeypatch.setattr(rwkvseg.train.train, "training_setup", spy)
+    train(load_config(path, [*init, f"out={tmp_path / 'tuned'}"]))
+    source = load_file(weights)
+    assert started[0].keys() == source.keys() and all(torch.equal(started[0][k], v) for k, v in source.items())
+    record = {"source": str(weights), "weights_sha256": file_sha256(weights)}
+    assert read_meta(tmp_path / "tuned" / "best").training["init"] == record
 
 
 def test_a_time_budget_stops_after_a_validated_epoch_and_leaves_a_best_checkpoint(tmp_path, cache):

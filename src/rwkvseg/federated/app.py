@@ -44,9 +44,10 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from ..checkpoint import CheckpointMeta, build_model, save_checkpoint
+from ..checkpoint import CheckpointMeta, save_checkpoint
 from ..data.splits import read_split
 from ..train.config import TrainConfig
+from ..train.finetune import initial_model
 from ..train.loop import resolve_device
 from .config import FederatedConfig, FederatedSettings, PrivacySettings
 from .local import setup_site, site_config, train_site, validate_site
@@ -111,7 +112,8 @@ def _site_setup(plan: SitePlan, context: Context, arrays: ArrayRecord):
     site_dir, per_case = Path(plan.sites_dir) / site.name, plan.config.federated.patches_per_case
     config = site_config(train, site_dir, plan.data_root, per_case, len(site.train))
     data = setup_site(config, device)
-    model = build_model(data.meta)
+    # the received weights replace model.init's, except integer buffers not exchanged (the module docstring)
+    model, _ = initial_model(data.meta, train.model.init)
     _load_arrays(model, arrays)
     return index, config, data, model, device, round(time.perf_counter() - start, 3)
 
@@ -339,7 +341,8 @@ def run_federation(plan: ServerPlan, grid: Grid, on_message: OnMessage | None = 
     config, fed = plan.config, plan.config.federated
     run_dir = Path(plan.run_dir)
     torch.manual_seed(config.train.seed)
-    model = build_model(plan.meta)
+    model, meta = initial_model(plan.meta, config.train.model.init, run_dir if plan.resume else None)
+    plan = replace(plan, meta=meta)  # with training.init
     strategy = build_strategy(config, len(plan.site_names))
     strategy_state = strategy_record(config, len(plan.site_names))
     log.info("%s", describe_privacy(config, len(plan.site_names)))

@@ -23,6 +23,7 @@ import torch
 from ..checkpoint import CheckpointMeta
 from ..files import write_json
 from ..train.config import to_dict
+from ..train.finetune import init_record
 from ..train.loop import resolve_device
 from .app import OnMessage, ServerPlan, SitePlan, client_app, server_app
 from .config import FederatedConfig, federated_to_dict
@@ -70,10 +71,11 @@ def make_sites(config: FederatedConfig, cases: list[str], run_dir: Path, resume:
 
 
 def checkpoint_record(
-    config: FederatedConfig, sites: Sequence[Site], sites_dir: Path, data_root: str
+    config: FederatedConfig, sites: Sequence[Site], sites_dir: Path, data_root: str, resumed: Path | None = None
 ) -> CheckpointMeta:
     """The record the global checkpoints carry (model, preprocessing, classes, spacing: the same at every site,
-    taken from the first site's setup) with the federation in its training field."""
+    taken from the first site's setup) with the federation in its training field, and model.init checked against
+    it and recorded (rwkvseg.train.finetune.init_record; resumed: the run folder of a resumed run)."""
     first = site_config(config.train, sites_dir / sites[0].name, data_root)
     meta = setup_site(first, torch.device("cpu")).meta
     federated = {
@@ -85,7 +87,7 @@ def checkpoint_record(
         "sites": {s.name: {"train": len(s.train), "val": len(s.val)} for s in sites},
     }
     training = {"dataset": str(config.train.data.root), "config": federated_to_dict(config), "federated": federated}
-    return replace(meta, training=training)
+    return init_record(replace(meta, training=training), config.train.model.init, resumed)[0]
 
 
 def deployment_record(config: FederatedConfig) -> CheckpointMeta:
@@ -143,7 +145,7 @@ def federate(
         config.federated.strategy,
         runtime,
     )
-    meta = checkpoint_record(config, sites, sites_dir, data_root)
+    meta = checkpoint_record(config, sites, sites_dir, data_root, run_dir if resume else None)
     resolve_device(config.train.device)  # a clear error for device = cuda without a GPU, before Flower starts
     if runtime == "deployment":
         from .deployment import run_deployment

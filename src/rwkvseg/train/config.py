@@ -53,8 +53,14 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """name: a registered architecture (`rwkvseg models` lists them); overrides: values that replace the variant's.
+    init: the weights the run starts from (fine-tuning): a checkpoint path (its .safetensors, its .json or their
+    name without suffix) or a released model's name; "" for random initialisation. Checked against the run before
+    any training (rwkvseg.train.finetune); the optimizer, schedule and epochs start fresh."""
+
     name: str = "urwkv"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """One run, any dimension: `train(config)` opens the run folder, lets the 2D or 3D setup assemble the data, then
-builds the model from the checkpoint record and runs the shared loop under one time-budget rule. Under torchrun
-every process calls train: data-parallel training (train/distributed.py, docs/distributed.md)."""
+builds the model from the checkpoint record (with model.init, from those weights: rwkvseg.train.finetune) and runs
+the shared loop under one time-budget rule. Under torchrun every process calls train: data-parallel training
+(train/distributed.py, docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..checkpoint import build_model
 from ..files import folder_lock
 from . import distributed
 from .config import TrainConfig
+from .finetune import initial_model
 from .loop import Progress, Run, fit, resolve_device
 from .run import log_done, open_run_dir, training_setup
 
@@ -63,7 +64,7 @@ def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | N
         else:
             from .images import setup_images as setup
         data = setup(config, run_dir, device)
-    model = build_model(data.meta)
+    model, meta = initial_model(data.meta, config.model.init, run_dir if resume else None)
     ranks = distributed.world_size()
     if ranks > 1:  # batch statistics over the global batch, as in one process (U-RWKV and the CNNs use BatchNorm)
         model = distributed.sync_batchnorm(model, device)
@@ -80,7 +81,7 @@ def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | N
             config.optim.schedule,
         )
     start = time.perf_counter()
-    run = Run(model, data.train_set, data.loss, optimizer, scheduler, data.validate, data.meta, run_dir, device)
+    run = Run(model, data.train_set, data.loss, optimizer, scheduler, data.validate, meta, run_dir, device)
     progress = fit(run, loop, resume=resume, stop=budget_stop(config, start, stop))
     if distributed.is_main():
         log_done(progress, config.select_metric, start, run_dir)
