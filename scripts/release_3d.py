@@ -3,6 +3,7 @@
 Usage:
     python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH]
         [--eval-mirror-axes AXES] [--weights-dir DIR] [--postprocess SPEC --postprocess-evidence TEXT]
+        [--mirror-axes AXES --mirror-evidence TEXT]
 
 NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
 of `scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv_small,segresnet,dynunet,mmsegrwkv}.toml`
@@ -21,7 +22,9 @@ validation Dice per region per epoch, the best epoch dotted) and its index entry
 --postprocess SPEC (a `rwkvseg predict --postprocess` spelling, chosen on validation, e.g. with `python
 scripts/results_table.py ... --postprocess SPEC`) is recorded as each release's default (`postprocess` in its
 sidecar's preprocessing.inference: `rwkvseg predict` applies it unless given --postprocess) and named in its card
-with --postprocess-evidence (the measurement that chose it).
+with --postprocess-evidence (the measurement that chose it). --mirror-axes AXES ('' for none) likewise replaces
+the training's test-time flips (`mirror_axes` there, which `rwkvseg predict` applies on a GPU) with the ones
+chosen on validation, named in the card with --mirror-evidence.
 Every input is read and checked before anything is written: a missing or mismatched one is one error line and exit
 status 2, with no file changed.
 """
@@ -43,7 +46,7 @@ from safetensors.torch import load_file
 
 from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.checkpoint import INT8_SCALE
-from rwkvseg.cli.predict import postprocess_option
+from rwkvseg.cli.predict import mirror_axes, postprocess_option
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.eval.evaluate import read_summary, summary_means
 from rwkvseg.eval.report import RunHistory, read_run, write_run_curves
@@ -87,7 +90,7 @@ its exact affine).
 | | |
 |---|---|
 | architecture | {architecture} ({params:.2f} M parameters) |
-| input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), mirror TTA on axes {axes} by default on a GPU (none on the CPU unless `--mirror-axes`) |
+| input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), {tta} |
 | output | {output} over labels {labels}; regions {regions} |
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); against the fp32 checkpoint: mean Dice {d_dice:+.4f}, mean HD95 {d_hd95:+.2f} mm (table below) |
 {postprocess_row}| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
@@ -341,7 +344,6 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     pre = meta["preprocessing"]
     spec, inference = pre["dataset"], pre["inference"]
     iterations = int(history.rows[-1]["step"])
-    axes = ",".join(map(str, inference["mirror_axes"]))
     n = int8["cases"]
     card = CARD.format(
         name=name,
@@ -356,7 +358,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         window=window(pre["patch_size"]),
         overlap=inference["overlap"],
         output="softmax" if pre["target"] == "labels" else "sigmoid per region",
-        axes=axes or "none",
+        tta=tta_text(inference["mirror_axes"] if args.mirror_axes is None else args.mirror_axes, args.mirror_evidence),
         eval_tta=f"mirror TTA on axes {args.eval_mirror_axes}" if args.eval_mirror_axes else "no TTA",
         regions=", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
         size_mb=size_mb,
@@ -406,18 +408,27 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         {**metrics, "epochs": history.ran},
         f"card: {name}.md",
     )
-    sidecar = shipped
+    chosen = dict(inference)
     if args.postprocess is not None:
         dataset = DatasetSpec.from_dict(spec)
         try:
             check_postprocess(args.postprocess, dataset.num_classes - 1, dataset)
         except ValueError as err:
             raise Refused(f"{name}: {err}") from None
-        sidecar = {
-            **shipped,
-            "preprocessing": {**pre, "inference": {**inference, "postprocess": args.postprocess.spelling()}},
-        }
+        chosen["postprocess"] = args.postprocess.spelling()
+    if args.mirror_axes is not None:
+        chosen["mirror_axes"] = list(args.mirror_axes)
+    sidecar = shipped if chosen == inference else {**shipped, "preprocessing": {**pre, "inference": chosen}}
     return Release(card, history, entry, sidecar)
+
+
+def tta_text(axes: list[int] | tuple[int, ...], evidence: str) -> str:
+    """The card's words on test-time flips: the default axes (the training's, or --mirror-axes with its evidence)."""
+    chosen = f", chosen on validation: {evidence}" if evidence else ""
+    if not axes:
+        return f"no mirror TTA by default (`--mirror-axes 0,1,2` asks for it){chosen}"
+    spelled = ",".join(map(str, axes))
+    return f"mirror TTA on axes {spelled} by default on a GPU (none on the CPU unless `--mirror-axes`){chosen}"
 
 
 def postprocess_row(args: argparse.Namespace) -> str:
@@ -429,6 +440,17 @@ def postprocess_row(args: argparse.Namespace) -> str:
         f"in the sidecar; `rwkvseg predict --postprocess none` turns it off), beyond the paper's recipe: "
         f"{args.postprocess_evidence} |\n"
     )
+
+
+def axes_option(text: str) -> tuple[int, ...]:
+    """--mirror-axes read as `rwkvseg predict` reads it ('' none), spatial axes 0, 1, 2 each at most once."""
+    try:
+        axes = mirror_axes(text) or ()
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise argparse.ArgumentTypeError(f"--mirror-axes {text!r} must name each of the axes 0, 1, 2 at most once")
+    return axes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -454,7 +476,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="record this `rwkvseg predict --postprocess` spelling as each release's default (chosen on validation)",
     )
     p.add_argument("--postprocess-evidence", default="", help="with --postprocess: the measurement that chose it")
+    p.add_argument(
+        "--mirror-axes",
+        type=axes_option,
+        default=None,
+        metavar="AXES",
+        help="record these test-time flips (e.g. 0,1,2; '' none) as each release's default instead of the "
+        "training's (chosen on validation)",
+    )
+    p.add_argument("--mirror-evidence", default="", help="with --mirror-axes: the measurement that chose them")
     args = p.parse_args(argv)
+    if args.mirror_axes is not None and not args.mirror_evidence.strip():
+        p.error("--mirror-axes needs --mirror-evidence: the card names the measurement that chose them")
     if args.postprocess is not None and not args.postprocess_evidence.strip():
         p.error("--postprocess needs --postprocess-evidence: the card names the measurement that chose it")
     return args
@@ -473,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in releases.items():
         write_run_curves(r.history, folder / f"{name}.curves.png", name=name)
         atomic_write_text(folder / f"{name}.md", r.card)
-        if args.postprocess is not None:
+        if args.postprocess is not None or args.mirror_axes is not None:
             write_json(folder / f"{name}.json", r.sidecar)
         update_index(r.entry, folder)
         print(f"{name}: wrote {name}.md, {name}.curves.png and its index entry in {folder}")

@@ -265,3 +265,34 @@ def test_a_postprocessing_default_is_recorded_in_the_sidecar_and_the_card(campai
     )
     assert "fill-holes fills binary masks" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (copy / "weights").iterdir()} == before
+
+
+def test_test_time_flips_chosen_on_validation_are_recorded_in_the_sidecar_and_the_card(campaign, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tmp, _ = campaign
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy, ignore=shutil.ignore_patterns("pred", "refs"))
+    script = load_script("release_3d")
+    name = "mmsegrwkv-brats2018"
+    sidecar = copy / "weights" / f"{name}.json"
+    before = json.loads(sidecar.read_text())
+    assert before["preprocessing"]["inference"]["mirror_axes"] == [0, 1, 2]  # the training's
+    evidence = "WT 0.8149 -> 0.8099 with flips on the validation cases"
+    options = ["--mirror-axes", "", "--mirror-evidence", evidence]
+    assert script.main([*release_args(copy, copy / "weights", name), *options]) == 0
+    after = json.loads(sidecar.read_text())
+    assert after["preprocessing"]["inference"] == {**before["preprocessing"]["inference"], "mirror_axes": []}
+    card = (copy / "weights" / f"{name}.md").read_text()
+    assert f"no mirror TTA by default (`--mirror-axes 0,1,2` asks for it), chosen on validation: {evidence} |" in card
+    from rwkvseg.checkpoint import read_meta
+    from rwkvseg.infer.predict3d import default_mirror_axes
+
+    meta = read_meta(copy / "weights" / f"{name}.safetensors")  # prediction takes the recorded choice, on a GPU too
+    assert default_mirror_axes(None, meta.preprocessing["inference"], torch.device("cuda")) == ()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        script.main([*release_args(copy, copy / "weights", name), "--mirror-axes", "0,1"])
+    assert "--mirror-axes needs --mirror-evidence" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([*release_args(copy, copy / "weights", name), "--mirror-axes", "3", "--mirror-evidence", "x"])
+    assert "must name each of the axes 0, 1, 2 at most once" in capsys.readouterr().err
