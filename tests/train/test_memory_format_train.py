@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rwkvseg.train.train as train_module
+import rwkvseg.train.finetune as finetune_module
 from rwkvseg.checkpoint import build_model, load_checkpoint
 from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
@@ -99,7 +99,7 @@ class Recorder:
 def recorded_train(config, **kwargs):
     recorder = Recorder()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "build_model", recorder.build)
+        mp.setattr(finetune_module, "build_model", recorder.build)  # where every run builds its model
         progress = train(config, **kwargs)
     return recorder, progress
 
