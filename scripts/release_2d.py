@@ -80,9 +80,11 @@ EXTRA_ROWS = (  # EVALS/<folder>-<name>/summary.json, where measured -> a row of
 
 def beyond_recipe(config: dict) -> str:
     """What the run (its config.json as a dict) added to the paper's recipe, for the card's recipe cell ("" when
-    nothing): a weight EMA, other datasets' images in training (data.extra_train)."""
+    nothing): a start from existing weights (model.init), a weight EMA, other datasets' images in training
+    (data.extra_train)."""
     optim, extra = config.get("optim", {}), config.get("data", {}).get("extra_train", [])
-    added = []
+    init = config.get("model", {}).get("init", "")
+    added = [f"fine-tuned from `{init}` (model.init: its weights are the starting point)"] if init else []
     if optim.get("ema"):
         start = f", copying the weights for the first {optim['ema_start']} steps" if optim.get("ema_start") else ""
         added.append(
@@ -106,8 +108,13 @@ def overrides_note(overrides: dict) -> str:
     return f" with {settings}" + (" (the network of the authors' released code)" if released else "")
 
 
-def schedule_note(ran: int) -> str:
-    """The card's limitation sentence about the schedule."""
+def schedule_note(ran: int, init: str = "") -> str:
+    """The card's limitation sentence about the schedule (init: the model.init it was fine-tuned from)."""
+    if init:
+        return (
+            f"Fine-tuned for {ran} epochs from `{init}` (its card gives how that model was trained) on one split of "
+            "the data available here: not the paper's protocol, which trains from scratch."
+        )
     if ran >= PAPER_EPOCHS:
         return f"The paper's full schedule ({ran} epochs) on one split of the data available here."
     return (
@@ -145,6 +152,7 @@ def _run_summary(run: Path) -> dict:
         "batch": history.config["data"]["batch_size"],
         "compile": history.config.get("compile", "auto"),
         "beyond": beyond_recipe(history.config),
+        "init": history.config.get("model", {}).get("init", ""),
         "overrides": overrides_note(history.config.get("model", {}).get("overrides", {})),
         "minutes": history.minutes,
         **{f"t_{k}": best[f"val_{k}"] for k in ("dice", "iou", "precision", "recall", "specificity")},
@@ -242,7 +250,7 @@ def main() -> None:
             commit=args.commit,
             version=__version__,
             n=summary["cases"],
-            schedule_note=schedule_note(info["ran"]),
+            schedule_note=schedule_note(info["ran"], info["init"]),
             **info,
             extra_rows=extra_rows,
             flips_row=flips_row(flips, args.mirror_evidence),

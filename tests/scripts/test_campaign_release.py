@@ -190,7 +190,15 @@ def test_release_card_says_what_went_beyond_the_paper_recipe(run):
     assert "first 500 steps" in script.beyond_recipe({"optim": {"ema": 0.999, "ema_start": 500}})
     joint = script.beyond_recipe({"optim": {"ema": 0.999}, "data": {"extra_train": ["DATA/kvasir_seg"]}})
     assert "decay 0.999" in joint and "every image of `DATA/kvasir_seg` added to the training images" in joint
+    tuned = script.beyond_recipe({"model": {"init": "urwkv_s-kvasir"}, "optim": {"ema": 0.0}})
+    assert tuned == (
+        "; beyond the paper's recipe: fine-tuned from `urwkv_s-kvasir` (model.init: its weights are the starting "
+        "point) (the paper's-recipe row below is its own run)"
+    )
+    assert script.schedule_note(20, "urwkv_s-kvasir").startswith("Fine-tuned for 20 epochs from `urwkv_s-kvasir`")
+    assert script.schedule_note(280).startswith("The paper's full schedule")
     assert script._run_summary(run)["beyond"] == ""  # the fixture run trained with the paper's recipe
+    assert script._run_summary(run)["init"] == ""
     assert script._run_summary(run)["overrides"] == "" and script.overrides_note({}) == ""
     released = script.overrides_note({"token_shift": "permutation", "dual_transpose_back": False})
     assert released == (
