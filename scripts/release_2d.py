@@ -51,7 +51,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
 | input prep | {input_prep} |
-| recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, bf16 autocast, compile {compile}{beyond} |
+| recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, {precision}, compile {compile}{beyond} |
 {flips_row}| schedule | {schedule}; best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation |
 | command | {command} (code at commit {commit}) |
@@ -97,6 +97,14 @@ def beyond_recipe(config: dict) -> str:
     if not added:
         return ""
     return f"; beyond the paper's recipe: {'; '.join(added)} (the paper's-recipe row below is its own run)"
+
+
+def precision_note(config: dict) -> str:
+    """The card's words for the run's arithmetic: autocast (amp auto / bf16 on a GPU) or float32 (amp off, the CPU)."""
+    amp, device = config.get("amp", "auto"), config.get("device", "auto")
+    if amp == "off" or device == "cpu":
+        return "float32 (no autocast" + (" on the CPU)" if device == "cpu" else ")")
+    return "fp16 autocast with loss scaling" if amp == "fp16" else "bf16 autocast"
 
 
 def overrides_note(overrides: dict) -> str:
@@ -151,6 +159,7 @@ def _run_summary(run: Path) -> dict:
         "schedule": history.schedule(),
         "batch": history.config["data"]["batch_size"],
         "compile": history.config.get("compile", "auto"),
+        "precision": precision_note(history.config),
         "beyond": beyond_recipe(history.config),
         "init": history.config.get("model", {}).get("init", ""),
         "overrides": overrides_note(history.config.get("model", {}).get("overrides", {})),

@@ -199,6 +199,9 @@ def test_release_card_says_what_went_beyond_the_paper_recipe(run):
     assert script.schedule_note(280).startswith("The paper's full schedule")
     assert script._run_summary(run)["beyond"] == ""  # the fixture run trained with the paper's recipe
     assert script._run_summary(run)["init"] == ""
+    assert script.precision_note({"amp": "auto", "device": "auto"}) == "bf16 autocast"  # the GPU campaigns
+    assert script.precision_note({"amp": "auto", "device": "cpu"}) == "float32 (no autocast on the CPU)"
+    assert script.precision_note({"amp": "fp16", "device": "cuda"}) == "fp16 autocast with loss scaling"
     assert script._run_summary(run)["overrides"] == "" and script.overrides_note({}) == ""
     released = script.overrides_note({"token_shift": "permutation", "dual_transpose_back": False})
     assert released == (
