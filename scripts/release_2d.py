@@ -51,7 +51,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (decay, bonus, token-shift mixes, norms, BatchNorm statistics) |
 | data | training portion of {data} in `../shared/data/{dataset}`; split `splits/{dataset}.json` ({split}) |
 | input prep | {input_prep} |
-| recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, {precision}, compile {compile}{beyond} |
+| recipe | `configs/{config}`: SGD momentum 0.9, weight decay 1e-4, lr 0.01 with poly decay (power 0.9) per iteration over the planned epochs, BCE + Dice, batch {batch}, random rot90 + flips, {arithmetic}, compile {compile}{beyond} |
 {flips_row}| schedule | {schedule}; best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation |
 | command | {command} (code at commit {commit}) |
@@ -60,7 +60,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 
 | where | Dice | IoU | precision | recall | specificity | HD95 (px) |
 |---|---|---|---|---|---|---|
-| during training, at 256 x 256 (GPU, fp32 weights) | {t_dice:.4f} | {t_iou:.4f} | {t_precision:.4f} | {t_recall:.4f} | {t_specificity:.4f} | - |
+| during training, at 256 x 256 ({train_device}, fp32 weights) | {t_dice:.4f} | {t_iou:.4f} | {t_precision:.4f} | {t_recall:.4f} | {t_specificity:.4f} | - |
 | these released weights (int8), original image size (CPU, `rwkvseg predict` + `rwkvseg evaluate`) | {dice:.4f} | {iou:.4f} | {precision:.4f} | {recall:.4f} | {specificity:.4f} | {hd95:.1f} |
 {extra_rows}
 
@@ -159,7 +159,8 @@ def _run_summary(run: Path) -> dict:
         "schedule": history.schedule(),
         "batch": history.config["data"]["batch_size"],
         "compile": history.config.get("compile", "auto"),
-        "precision": precision_note(history.config),
+        "arithmetic": precision_note(history.config),
+        "train_device": "CPU" if history.config.get("device") == "cpu" else "GPU",
         "beyond": beyond_recipe(history.config),
         "init": history.config.get("model", {}).get("init", ""),
         "overrides": overrides_note(history.config.get("model", {}).get("overrides", {})),
