@@ -225,15 +225,18 @@ def test_an_interrupted_run_without_its_final_evaluation_is_released_with_its_st
     assert "| brats2018-mmsegrwkv (these weights) | " in card and " of 40 (interrupted) | " in card
 
 
-def test_a_postprocessing_default_is_recorded_in_the_sidecar_and_the_card(campaign, tmp_path, capsys):
+def released_copy(campaign, tmp_path, name):
+    """A copy of the campaign to release from, the script, and the release's sidecar path and JSON before."""
     pytest.importorskip("matplotlib")
-    tmp, _ = campaign
     copy = tmp_path / "copy"
-    shutil.copytree(tmp, copy, ignore=shutil.ignore_patterns("pred", "refs"))
-    script = load_script("release_3d")
-    name = "mmsegrwkv_small-brats2018"
+    shutil.copytree(campaign[0], copy, ignore=shutil.ignore_patterns("pred", "refs"))
     sidecar = copy / "weights" / f"{name}.json"
-    before = json.loads(sidecar.read_text())
+    return copy, load_script("release_3d"), sidecar, json.loads(sidecar.read_text())
+
+
+def test_a_postprocessing_default_is_recorded_in_the_sidecar_and_the_card(campaign, tmp_path, capsys):
+    name = "mmsegrwkv_small-brats2018"
+    copy, script, sidecar, before = released_copy(campaign, tmp_path, name)
     evidence = "results_table.py: WT 0.80 -> 0.81 on the validation cases"
     options = ["--postprocess", "largest", "--postprocess-evidence", evidence]
     assert script.main(release_args(copy, copy / "weights", name) + options) == 0
@@ -268,14 +271,8 @@ def test_a_postprocessing_default_is_recorded_in_the_sidecar_and_the_card(campai
 
 
 def test_test_time_flips_chosen_on_validation_are_recorded_in_the_sidecar_and_the_card(campaign, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    tmp, _ = campaign
-    copy = tmp_path / "copy"
-    shutil.copytree(tmp, copy, ignore=shutil.ignore_patterns("pred", "refs"))
-    script = load_script("release_3d")
     name = "mmsegrwkv-brats2018"
-    sidecar = copy / "weights" / f"{name}.json"
-    before = json.loads(sidecar.read_text())
+    copy, script, sidecar, before = released_copy(campaign, tmp_path, name)
     assert before["preprocessing"]["inference"]["mirror_axes"] == [0, 1, 2]  # the training's
     evidence = "WT 0.8149 -> 0.8099 with flips on the validation cases"
     options = ["--mirror-axes", "", "--mirror-evidence", evidence]
