@@ -185,10 +185,11 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
     predictor = OnnxPredictor(model, threads=args.threads)
     if predictor.dims == 2:  # as the checkpoint path: given, else the recorded defaults (3D: the sliding window's)
         from ..infer.postprocess import chosen_postprocess
-        from ..infer.predict2d import recorded_mirror_axes
+        from ..infer.predict2d import log_recorded_flips, recorded_mirror_axes
 
         inference, record = predictor.preprocessing.get("inference"), f"the record of {model}"
         predictor.mirror_axes = recorded_mirror_axes(config.mirror_axes, inference, record)
+        log_recorded_flips(config.mirror_axes, predictor.mirror_axes)
         config = replace(config, postprocess=chosen_postprocess(config.postprocess, inference, record))
     if predictor.dims == 3:
         from ..export.volumes import predict_volumes

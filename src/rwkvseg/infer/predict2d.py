@@ -89,13 +89,17 @@ def recorded_mirror_axes(
             f"{source} records inference.mirror_axes {recorded!r}, which is not valid ({err}); fix its sidecar or "
             "pass --mirror-axes explicitly"
         ) from None
-    if axes:
+    return axes
+
+
+def log_recorded_flips(given: Sequence[int] | None, axes: Sequence[int]) -> None:
+    """The one log line for flips taken from the checkpoint (none when given or when there are none)."""
+    if given is None and axes:
         log.info(
             "mirror TTA over axes %s, the checkpoint's default (%d forward passes per image; --mirror-axes '' for one)",
             ",".join(map(str, axes)),
             2 ** len(axes),
         )
-    return axes
 
 
 def crop_window(pre: Preprocessing2D) -> SlidingWindowConfig:
@@ -206,7 +210,8 @@ def predict_2d(
         check_mirror_axes(mirror_axes)  # before loading: a bad option fails fast
     model, meta = load_checkpoint(checkpoint, device)
     inference = meta.preprocessing.get("inference")
-    mirror_axes = recorded_mirror_axes(mirror_axes, inference, f"the sidecar of {checkpoint}")
+    given, mirror_axes = mirror_axes, recorded_mirror_axes(mirror_axes, inference, f"the sidecar of {checkpoint}")
+    log_recorded_flips(given, mirror_axes)
     postprocess = chosen_postprocess(postprocess, inference, f"the sidecar of {checkpoint}")
     check_postprocess(postprocess, max(meta.num_classes - 1, 1))  # one sigmoid channel: one foreground label
     if postprocess.active:
