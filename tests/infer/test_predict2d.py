@@ -5,7 +5,7 @@ from PIL import Image
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.infer.postprocess import PostProcess
-from rwkvseg.infer.predict2d import overlay, predict_2d
+from rwkvseg.infer.predict2d import default_batch_size, overlay, predict_2d
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D
 from writers import Bright, save_png
@@ -74,6 +74,27 @@ def test_never_overwrites_and_bad_inputs(tmp_path, checkpoint):
     with pytest.raises(ValueError, match=r"cannot read image .*z\.png"):
         predict_2d(ck, src, tmp_path / "out4", skip_non_images=True, batch_size=1)
     assert (tmp_path / "out4" / "a.png").exists()  # what was written before the bad file stays
+
+
+def test_cpu_predicts_one_image_per_pass_unless_asked(tmp_path, checkpoint, monkeypatch):
+    """On the CPU larger batches run slower per image (caches), so the default is one image per forward pass; a
+    GPU batches 8; an explicit batch_size wins and the masks do not depend on it."""
+    assert default_batch_size("cpu") == 1 and default_batch_size(torch.device("cuda", 1)) == 8
+    ck = checkpoint()
+    src = tmp_path / "in"
+    for i in range(3):
+        save_png(src / f"{i}.png", _square((20, 24), (2, 9 + i, 3, 12)))
+    batches = []
+    forward = Bright.forward
+    monkeypatch.setattr(Bright, "forward", lambda self, x: batches.append(x.shape[0]) or forward(self, x))
+    predict_2d(ck, src, tmp_path / "one", mirror_axes=())
+    assert batches == [1, 1, 1]
+    batches.clear()
+    predict_2d(ck, src, tmp_path / "three", mirror_axes=(), batch_size=3)
+    assert batches == [3]
+    for i in range(3):
+        one, three = (np.asarray(Image.open(tmp_path / d / f"{i}.png")) for d in ("one", "three"))
+        assert np.array_equal(one, three)
 
 
 def test_overlay_marks_border():

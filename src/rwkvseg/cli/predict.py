@@ -28,7 +28,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, or auto (the default: the GPU where torch sees one)"
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="2D images per forward pass (default: 1 on the CPU, where larger batches run slower per image; 8 on a "
+        "GPU and with --runtime onnx)",
+    )
     p.add_argument("--threshold", type=float, default=None, help="binary threshold (default: the checkpoint's)")
     p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
     p.add_argument(
@@ -205,7 +211,7 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
             list_inputs(source, args.skip_non_images),
             out,
             threshold=0.5 if args.threshold is None else args.threshold,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or 8,  # onnxruntime batches without the CPU cost (docs/speed.md)
             overwrite=args.overwrite,
             postprocess=config.postprocess,
         )

@@ -20,13 +20,13 @@ from .postprocess import PostProcess
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size, overlays,
-    probabilities, skip_non_images. mirror_axes: flips averaged for TTA (2D: 0 height, 1 width; 3D: 0, 1, 2; ()
-    none). None: the axes the checkpoint records under preprocessing.inference, chosen on validation at release
-    (2D: on every device, none where it records none; 3D: on a GPU only, 8 passes per window being too slow for
-    the CPU). 3D: the sliding window's overlap and windows per pass; modalities: the input's channel names
-    in its order, where the input does not name them itself; out_format: nifti (the input's format for ITK
-    files) or dicom-seg (DICOM inputs).
+    """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size (None: 1 on the
+    CPU, 8 on a GPU: predict2d.default_batch_size), overlays, probabilities, skip_non_images. mirror_axes: flips
+    averaged for TTA (2D: 0 height, 1 width; 3D: 0, 1, 2; () none). None: the axes the checkpoint records under
+    preprocessing.inference, chosen on validation at release (2D: on every device, none where it records none; 3D:
+    on a GPU only, 8 passes per window being too slow for the CPU). 3D: the sliding window's overlap and windows
+    per pass; modalities: the input's channel names in its order, where the input does not name them itself;
+    out_format: nifti (the input's format for ITK files) or dicom-seg (DICOM inputs).
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
     time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager". memory_format:
     "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format).
@@ -36,7 +36,7 @@ class PredictConfig:
 
     device: str = "cpu"
     overwrite: bool = False
-    batch_size: int = 8
+    batch_size: int | None = None
     threshold: float | None = None
     overlays: bool = False
     probabilities: bool = False
@@ -57,7 +57,7 @@ class PredictConfig:
         check_memory_format(self.memory_format, "--memory-format")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"--threshold {self.threshold} must be in [0, 1] (a probability)")
-        if self.batch_size < 1 or self.sw_batch_size < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.sw_batch_size < 1:
             raise ValueError(f"--batch-size {self.batch_size} and --sw-batch-size {self.sw_batch_size} must be >= 1")
         if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ValueError(f"--overlap {self.overlap} must be in [0, 1)")

@@ -107,6 +107,13 @@ def crop_window(pre: Preprocessing2D) -> SlidingWindowConfig:
     return SlidingWindowConfig(patch_size=tuple(pre.size), overlap=0.25, sw_batch_size=4, mirror_axes=())
 
 
+def default_batch_size(device: torch.device | str) -> int:
+    """Images per forward pass when none is asked for: 1 on the CPU, 8 on a GPU. Eager PyTorch on the CPU is
+    bound by memory traffic once a batch's activations outgrow the caches: U-RWKV at 256^2 on 2 threads took
+    about 2.5x longer per image in batches of 8 than one at a time (docs/speed.md)."""
+    return 1 if torch.device(device).type == "cpu" else 8
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """[B, K, H, W] logits -> probabilities (sigmoid for one channel, softmax over classes)."""
     logits = logits.float()
@@ -189,7 +196,7 @@ def predict_2d(
     out: str | Path,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     threshold: float = 0.5,
     overlays: bool = False,
     save_probabilities: bool = False,
@@ -205,7 +212,8 @@ def predict_2d(
     PredictConfig. mirror_axes: test-time augmentation, the logits averaged over every flip of these axes (0:
     height, 1: width; (0, 1) costs 4 forward passes per image); None: the checkpoint's recorded default
     (recorded_mirror_axes). postprocess: applied to each mask (and so its overlay) before writing, the
-    probabilities staying the model's; None: the checkpoint's recorded default (infer.postprocess)."""
+    probabilities staying the model's; None: the checkpoint's recorded default (infer.postprocess). batch_size:
+    images per forward pass; None: default_batch_size(device)."""
     if mirror_axes is not None:
         check_mirror_axes(mirror_axes)  # before loading: a bad option fails fast
     model, meta = load_checkpoint(checkpoint, device)
@@ -227,6 +235,7 @@ def predict_2d(
     existing = [p for p in targets if p.exists()]
     if not overwrite:
         refuse_existing(out, existing)
+    batch_size = batch_size or default_batch_size(device)
     written = []
     with torch.inference_mode():
         for start in range(0, len(files), batch_size):
