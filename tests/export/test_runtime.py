@@ -20,10 +20,11 @@ from writers import save_conv_onnx  # noqa: E402
 PRE = {"channels": 3, "size": [32, 48], "resize": "resize", "normalization": "auto"}
 
 
-def conv_file(path, weight, bias, axes=({"multiple": 16, "min": 32},) * 2, preprocessing=PRE):
+def conv_file(path, weight, bias, axes=({"multiple": 16, "min": 32},) * 2, preprocessing=PRE, threshold=None):
     k = weight.shape[0]
+    activation = "sigmoid" if k == 1 else "softmax"
     record = ExportRecord(
-        "tiny", 2, 3, k, tuple(axes), "sigmoid" if k == 1 else "softmax", {"kind": "test"}, preprocessing=preprocessing
+        "tiny", 2, 3, k, tuple(axes), activation, {"kind": "test"}, preprocessing=preprocessing, threshold=threshold
     )
     save_conv_onnx(path, weight, bias, record)
     return record
@@ -266,3 +267,49 @@ def test_predict_command_takes_the_recorded_flips_on_the_onnx_runtime(tmp_path):
         masks[name] = np.asarray(Image.open(tmp_path / name / "a.png"))
     assert (masks["default"] == masks["given"]).all()
     assert (masks["default"] != masks["off"]).any()
+
+
+def test_predict_command_takes_the_recorded_threshold_on_the_onnx_runtime(tmp_path, capsys):
+    """An export records its checkpoint's training.threshold and predicts with it by default, as the checkpoint
+    does; --threshold wins; a file that records none cuts at 0.5."""
+    from PIL import Image
+
+    from rwkvseg.cli import main
+    from writers import save_png
+
+    rng = np.random.default_rng(4)
+    weight, bias = rng.standard_normal((1, 3, 1, 1)).astype(np.float32), np.array([0.0], np.float32)
+    conv_file(tmp_path / "cut.onnx", weight, bias, threshold=0.9)
+    conv_file(tmp_path / "plain.onnx", weight, bias)
+    save_png(tmp_path / "in" / "a.png", rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    probs = OnnxPredictor(tmp_path / "plain.onnx").predict_image(tmp_path / "in" / "a.png")[0]  # [H, W]
+    assert ((probs >= 0.5) != (probs >= 0.9)).any()  # the two cuts give different masks here
+    masks = {}
+    for name, model, extra in [
+        ("recorded", "cut", []),
+        ("given", "cut", ["--threshold", "0.5"]),
+        ("none_recorded", "plain", []),
+    ]:
+        argv = ["predict", str(tmp_path / f"{model}.onnx"), str(tmp_path / "in"), "--out", str(tmp_path / name)]
+        assert main([*argv, "--runtime", "onnx", *extra]) == 0
+        masks[name] = np.asarray(Image.open(tmp_path / name / "a.png")) > 0
+    assert (masks["recorded"] == (probs >= 0.9)).all()
+    assert (masks["given"] == (probs >= 0.5)).all() and (masks["none_recorded"] == (probs >= 0.5)).all()
+    conv_file(tmp_path / "bad.onnx", weight, bias, threshold=7)
+    bad = ["predict", str(tmp_path / "bad.onnx"), str(tmp_path / "in"), "--out", str(tmp_path / "bad")]
+    assert main([*bad, "--runtime", "onnx"]) == 2
+    assert "holds threshold 7, not a number in [0, 1]; pass --threshold" in capsys.readouterr().err
+
+
+def test_the_record_keeps_the_checkpoints_threshold(tmp_path):
+    from rwkvseg.checkpoint import save_checkpoint
+    from rwkvseg.export.onnx import build_record, load_source
+    from rwkvseg.models import create_model
+
+    model = create_model("urwkv_test", 3, 1)
+    meta = CheckpointMeta("urwkv_test", 3, 1, preprocessing=PRE, training={"threshold": 0.9})
+    save_checkpoint(tmp_path / "ckpt", model, meta)
+    axes = ({"multiple": 16, "min": 32},) * 2
+    record = ExportRecord.from_json(build_record(load_source(tmp_path / "ckpt.safetensors"), axes, 20).to_json())
+    assert record.threshold == 0.9
+    assert build_record(load_source("urwkv_test"), axes, 20).threshold is None  # untrained: nothing to record

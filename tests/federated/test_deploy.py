@@ -242,11 +242,13 @@ def test_site_keeps_its_optimizer_state_between_rounds(tmp_path, task_identity):
 
 def test_the_record_and_a_site_start_from_model_init(tmp_path, task_identity, monkeypatch):
     """model.init: the record names the source, and a site's model holds its weights where the server sends none
-    (integer buffers under differential privacy or FedAvgM)."""
+    (integer buffers under differential privacy or FedAvgM) in every round; the site reads and hashes the source
+    in its first round only."""
     import torch
 
     from rwkvseg.federated import app, deploy
     from rwkvseg.files import file_sha256
+    from rwkvseg.train import finetune
 
     config = site_config(tmp_path, tmp_path / "site", "rounds = 1\n")
     meta = read_meta(_record(tmp_path, Context(1, 5, {"config": str(config)}, RecordDict(), {})))
@@ -267,15 +269,31 @@ def test_the_record_and_a_site_start_from_model_init(tmp_path, task_identity, mo
         return train_site(config, data, model, **kwargs)
 
     monkeypatch.setattr(app, "train_site", spy)
+    reads = []
+
+    def counting(name):
+        original = getattr(finetune, name)
+
+        def counted(*args, **kwargs):
+            reads.append(name)
+            return original(*args, **kwargs)
+
+        return counted
+
+    for name in ("file_sha256", "load_checkpoint"):
+        monkeypatch.setattr(finetune, name, counting(name))
     sent = {k: torch.zeros_like(v) for k, v in source.state_dict().items() if v.is_floating_point()}
-    message = Message(
-        RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"round": 1, "local-epochs": 1})}),
-        dst_node_id=5,
-        message_type="train",
-    )
-    assert not deploy.client(message, context).has_error()
-    for key, value in source.state_dict().items():
-        assert torch.equal(started[0][key], sent.get(key, value)), key
+    for round_ in (1, 2):
+        message = Message(
+            RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord({"round": round_, "local-epochs": 1})}),
+            dst_node_id=5,
+            message_type="train",
+        )
+        assert not deploy.client(message, context).has_error()
+    assert reads == ["file_sha256", "load_checkpoint"]
+    for started_round in started:
+        for key, value in source.state_dict().items():
+            assert torch.equal(started_round[key], sent.get(key, value)), key
 
 
 def _record(tmp_path, context):

@@ -297,13 +297,20 @@ def test_two_files_for_one_prediction_refused(tmp_path, capsys):
 
 
 def test_mirror_tta_default_is_off_on_the_cpu_and_the_checkpoints_on_a_gpu(caplog):
-    from rwkvseg.infer.predict3d import default_mirror_axes
+    from rwkvseg.infer.predict3d import default_mirror_axes, log_mirror_off
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only compared, never used
     recorded = {"mirror_axes": [0, 2]}
     with caplog.at_level(logging.INFO):
         assert default_mirror_axes(None, recorded, cpu) == ()
-    assert "pass --mirror-axes 0,2 to use it" in caplog.text
+        assert caplog.text == ""  # resolving only: prediction says it once (log_mirror_off)
+        log_mirror_off(None, recorded, cpu)
+        assert "pass --mirror-axes 0,2 to use it" in caplog.text
+        caplog.clear()
+        for given, device in ((None, gpu), ((0,), cpu)):
+            log_mirror_off(given, recorded, device)
+        log_mirror_off(None, {"mirror_axes": []}, cpu)
+    assert caplog.text == ""  # flips on, given, or none recorded: nothing to say
     assert default_mirror_axes(None, recorded, gpu) == (0, 2)
     assert default_mirror_axes(None, {}, gpu) == (0, 1, 2)  # checkpoints that recorded none: all three
     assert default_mirror_axes((0, 1, 2), recorded, cpu) == (0, 1, 2)  # an explicit choice is kept

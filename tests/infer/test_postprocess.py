@@ -1,5 +1,7 @@
 """infer.postprocess: exact behaviour on small generated label maps, and through predict / the command line."""
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,8 +54,13 @@ def test_parse_spellings_and_bad_values():
         )
     with pytest.raises(ValueError, match=r"et-min-voxels=² must be a whole number"):
         PostProcess.parse("et-min-voxels=²")  # a digit to str.isdigit, not to int()
-    with pytest.raises(ValueError, match="et-min-voxels=-1 must be a whole number >= 0"):
-        PostProcess(et_min_voxels=-1)
+    for bad in (-1, 1.5, True, "100"):  # built in code: the field's name, the value and a good one
+        with pytest.raises(ValueError) as err:
+            PostProcess(et_min_voxels=bad)
+        assert str(err.value) == (
+            f"PostProcess et_min_voxels={bad!r} must be a whole number of voxels >= 0, e.g. et_min_voxels=100 "
+            "(et_min_mm3=V gives the threshold as a volume)"
+        )
 
 
 def test_parse_the_volume_spelling_and_its_errors():
@@ -79,10 +86,13 @@ def test_parse_the_volume_spelling_and_its_errors():
         ValueError, match=r"et-min-voxels=100 and et-min-mm3=800 set the same threshold twice; give one"
     ):
         PostProcess.parse("et-min-voxels=100,et-min-mm3=800")
-    with pytest.raises(ValueError, match="et-min-mm3=-1 must be a volume in mm3 >= 0"):
-        PostProcess(et_min_mm3=-1)
-    with pytest.raises(ValueError, match="et-min-mm3=True must be a volume"):
-        PostProcess(et_min_mm3=True)
+    for bad in (-1, True, math.nan, "800"):
+        with pytest.raises(ValueError) as err:
+            PostProcess(et_min_mm3=bad)
+        assert str(err.value) == (
+            f"PostProcess et_min_mm3={bad!r} is not a volume; give cubic millimetres >= 0, e.g. et_min_mm3=800 "
+            "(100 voxels of 2 mm, 800 of 1 mm)"
+        )
 
 
 def test_a_volume_becomes_8x_the_voxels_at_half_the_spacing():

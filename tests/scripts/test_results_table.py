@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -189,7 +190,7 @@ class Edema(nn.Module):
         return torch.stack([zero, never, edema, never], 1)
 
 
-def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkeypatch, capsys):
+def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkeypatch, capsys, caplog):
     spec = dataset_spec("brats")
     rng = np.random.default_rng(1)
     shape, affine = (22, 20, 18), np.diag([2.0, 2.0, 2.0, 1.0])
@@ -211,8 +212,11 @@ def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkey
     recorded = {"val_dice_WT": 0.9, "val_dice_TC": 0.5, "val_dice_ET": 0.25}
     weights = release(tmp_path, "edema-brats", Edema(), meta, "brats", split, recorded)
     before = snapshot(tmp_path / "data")
+    caplog.set_level(logging.INFO, logger="rwkvseg")
     assert run(script, tmp_path / "data", weights, tmp_path / "out") == 0
     assert snapshot(tmp_path / "data") == before
+    off = [r for r in caplog.records if r.getMessage().startswith("mirror TTA off on the CPU")]
+    assert len(off) == 1, "the row's flips are resolved twice (for the table and by predict), said once"
     folder = tmp_path / "out" / "edema-brats"
     assert sorted(p.name for p in (folder / "pred").glob("*.nii.gz")) == ["b1.nii.gz", "b2.nii.gz"]
     summary = json.loads((folder / "eval" / "summary.json").read_text())

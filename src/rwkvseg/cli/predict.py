@@ -210,7 +210,7 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
             predictor,
             list_inputs(source, args.skip_non_images),
             out,
-            threshold=0.5 if args.threshold is None else args.threshold,
+            threshold=args.threshold,  # None: the record's (the checkpoint's, as the torch path)
             batch_size=args.batch_size or 8,  # onnxruntime batches without the CPU cost (docs/speed.md)
             overwrite=args.overwrite,
             postprocess=config.postprocess,

@@ -74,6 +74,7 @@ class ExportRecord:
     activation: "sigmoid" (one channel, or one sigmoid per region) or "softmax" over num_classes.
     preprocessing: the checkpoint's record (2D: size, resize, normalization, channels; 3D: spacing, patch size,
     normalisation, ...), empty for randomly initialised models.
+    threshold: the checkpoint's training.threshold, a binary mask's default cut (None where it records none).
     """
 
     model: str
@@ -87,6 +88,7 @@ class ExportRecord:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
     spacing: tuple[float, ...] | None = None
+    threshold: float | None = None
     input_name: str = INPUT_NAME
     output_name: str = OUTPUT_NAME
     opset: int = DEFAULT_OPSET
@@ -126,6 +128,7 @@ class LoadedSource:
     preprocessing: dict[str, Any] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
     spacing: tuple[float, ...] | None = None
+    threshold: float | None = None
 
 
 def _spatial_dims(model: nn.Module) -> int:
@@ -194,6 +197,7 @@ def load_source(
         dict(meta.preprocessing),
         tuple(meta.class_names),
         meta.spacing,
+        meta.training.get("threshold"),
     )
 
 
@@ -377,6 +381,7 @@ def build_record(loaded: LoadedSource, axes: tuple[Any, ...], opset: int) -> Exp
         preprocessing=loaded.preprocessing,
         class_names=loaded.class_names,
         spacing=loaded.spacing,
+        threshold=loaded.threshold,
         opset=opset,
     )
 

@@ -3,8 +3,8 @@
 Everything comes from the record embedded in the file (metadata key "rwkvseg", see `export.onnx`):
 - 2D, resize protocol (the released models): pixels -> float32 by the record's normalization -> bilinear resize
   to the record's size (half-pixel centres, as torch's interpolate with align_corners=False) -> logits -> resized
-  back to the image's size -> sigmoid or softmax -> mask (threshold 0.5, or argmax). `predict_normalized` starts
-  from images already normalized (the service reads them as `rwkvseg predict` does).
+  back to the image's size -> sigmoid or softmax -> mask (the recorded threshold, else 0.5; or argmax).
+  `predict_normalized` starts from images already normalized (the service reads them as `rwkvseg predict` does).
 - any dims: `predict_batch(batch)` on network-ready arrays [B, C, *spatial]; each axis is checked against the
   record (static size, or a multiple and a minimum) with an error that says how to pad.
 - mirror TTA (`OnnxPredictor(path, mirror_axes=(0, 1))`): the logits averaged over every flip of those spatial
@@ -151,6 +151,18 @@ class OnnxPredictor:
     def preprocessing(self) -> dict[str, Any]:
         return self.record.get("preprocessing") or {}
 
+    @property
+    def threshold(self) -> float:
+        """A binary mask's default cut: the checkpoint's training.threshold as the export recorded it, else 0.5."""
+        threshold = self.record.get("threshold")
+        if threshold is None:
+            return 0.5
+        if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(
+                f"the record of {self.path} holds threshold {threshold!r}, not a number in [0, 1]; pass --threshold"
+            )
+        return float(threshold)
+
     def check_input(self, shape: Sequence[int]) -> None:
         """Raise ValueError with the sizes to pad to unless shape [B, C, *spatial] fits the exported file."""
         expected = 2 + self.dims
@@ -233,8 +245,10 @@ class OnnxPredictor:
     def predict_image(self, image: np.ndarray | str | os.PathLike) -> np.ndarray:
         return self.predict_images([image])[0]
 
-    def predict_mask(self, image: np.ndarray | str | os.PathLike, threshold: float = 0.5) -> np.ndarray:
-        """Labels [H, W] uint8 at the image's size (0/1 for one channel, class index otherwise)."""
+    def predict_mask(self, image: np.ndarray | str | os.PathLike, threshold: float | None = None) -> np.ndarray:
+        """Labels [H, W] uint8 at the image's size (0/1 for one channel, class index otherwise); threshold None:
+        the recorded one."""
+        threshold = self.threshold if threshold is None else threshold
         return to_labels(self.predict_image(image), self.activation, threshold)
 
 
@@ -309,7 +323,7 @@ def predict_files(
     images: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     threads: int | None = None,
     batch_size: int = 8,
     overwrite: bool = False,
@@ -317,11 +331,13 @@ def predict_files(
 ) -> list[Path]:
     """Masks `<out>/<stem>.png` for 2D image files (binary: 0/255; multi-class: the class index), as
     `rwkvseg predict` writes them; nothing is written when a target exists and overwrite is False. onnx: an
-    open OnnxPredictor, or the exported file's path (opened with threads). postprocess: applied to each mask
-    before writing (rwkvseg.infer.postprocess, numpy and scipy)."""
+    open OnnxPredictor, or the exported file's path (opened with threads). threshold None: the recorded one
+    (OnnxPredictor.threshold). postprocess: applied to each mask before writing (rwkvseg.infer.postprocess, numpy
+    and scipy)."""
     from PIL import Image
 
     predictor = onnx if isinstance(onnx, OnnxPredictor) else OnnxPredictor(onnx, threads=threads)
+    threshold = predictor.threshold if threshold is None else threshold
     if postprocess is not None and postprocess.active:
         from ..infer.postprocess import check_postprocess
         from ..infer.postprocess import postprocess as postprocess_labels

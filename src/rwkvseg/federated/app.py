@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from ..checkpoint import CheckpointMeta, save_checkpoint
+from ..checkpoint import CheckpointMeta, build_model, save_checkpoint
 from ..data.splits import read_split
 from ..train.config import TrainConfig
 from ..train.finetune import initial_model
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_KEY = "num-examples"
 SITE_KEY = "site"
+INIT_STATE = "model-init"  # in a site's context.state: model.init's weights, as its first message loaded them
 EQUAL_KEY = "equal-weight"  # under DP the server gives every site's replies weight 1 (not sent by the sites)
 # how often the server asks the grid for the sites' replies; Flower's own send_and_receive waits 3 s between pulls
 # on the deployment runtime (0.1 s in simulation), up to 3 s lost per exchange, two exchanges per round
@@ -113,9 +114,24 @@ def _site_setup(plan: SitePlan, context: Context, arrays: ArrayRecord):
     config = site_config(train, site_dir, plan.data_root, per_case, len(site.train))
     data = setup_site(config, device)
     # the received weights replace model.init's, except integer buffers not exchanged (the module docstring)
-    model, _ = initial_model(data.meta, train.model.init)
+    model = _site_model(data.meta, train.model.init, context)
     _load_arrays(model, arrays)
     return index, config, data, model, device, round(time.perf_counter() - start, 3)
+
+
+def _site_model(meta: CheckpointMeta, init: str, context: Context) -> torch.nn.Module:
+    """The site's model with model.init's weights: read, hashed and checked in the site's first message, then
+    taken from the node's context state (which Flower keeps between a run's messages and which never leaves the
+    site), so later rounds do not read the source again."""
+    if not init:
+        return initial_model(meta, init)[0]
+    if INIT_STATE not in context.state:
+        model, _ = initial_model(meta, init)
+        context.state[INIT_STATE] = ArrayRecord(model.state_dict())
+        return model
+    model = build_model(meta)  # draws the random numbers initial_model draws: later draws stay as in round 1
+    model.load_state_dict(context.state[INIT_STATE].to_torch_state_dict(), strict=True)
+    return model
 
 
 def exchanged_state(model: torch.nn.Module, settings: FederatedSettings) -> dict[str, torch.Tensor]:

@@ -42,11 +42,18 @@ class PostProcess:
     et_min_mm3: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.et_min_voxels, bool) or not isinstance(self.et_min_voxels, int) or self.et_min_voxels < 0:
-            raise ValueError(f"--postprocess et-min-voxels={self.et_min_voxels!r} must be a whole number >= 0")
+        voxels = self.et_min_voxels
+        if isinstance(voxels, bool) or not isinstance(voxels, int) or voxels < 0:
+            raise ValueError(
+                f"PostProcess et_min_voxels={voxels!r} must be a whole number of voxels >= 0, e.g. et_min_voxels=100 "
+                "(et_min_mm3=V gives the threshold as a volume)"
+            )
         mm3 = self.et_min_mm3
         if isinstance(mm3, bool) or not isinstance(mm3, (int, float)) or not math.isfinite(mm3) or mm3 < 0:
-            raise ValueError(f"--postprocess et-min-mm3={mm3!r} must be a volume in mm3 >= 0, e.g. et-min-mm3=800")
+            raise ValueError(
+                f"PostProcess et_min_mm3={mm3!r} is not a volume; give cubic millimetres >= 0, e.g. et_min_mm3=800 "
+                "(100 voxels of 2 mm, 800 of 1 mm)"
+            )
         if self.et_min_voxels and mm3:
             raise ValueError(
                 f"--postprocess et-min-voxels={self.et_min_voxels} and et-min-mm3={mm3:g} set the same threshold "
