@@ -96,3 +96,13 @@ def training_orientation(plans: dict[str, Any]) -> str:
     if not counts:
         return DEFAULT_ORIENTATION
     return max(sorted(counts), key=counts.__getitem__)
+
+
+def recorded_threshold(value: Any, where: str, fix: str = "pass --threshold") -> float:
+    """A binary mask's cut as a checkpoint (sidecar training.threshold) or an export records it: 0.5 where none is
+    recorded; ValueError naming where and the fix for anything but a number in [0, 1]."""
+    if value is None:
+        return 0.5
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{where} holds threshold {value!r}, not a number in [0, 1]; {fix}")
+    return float(value)

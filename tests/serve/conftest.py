@@ -25,6 +25,11 @@ def _write_checkpoints(folder):
     bright = save_checkpoint(
         folder / "bright", Bright(3, 1), CheckpointMeta("bright", 3, 1, preprocessing={**PRE_2D, "size": [16, 16]})
     )[0]
+    cut = save_checkpoint(  # the same model recording a cut of 0.9 (sidecar training.threshold)
+        folder / "cut",
+        Bright(3, 1),
+        CheckpointMeta("bright", 3, 1, preprocessing={**PRE_2D, "size": [16, 16]}, training={"threshold": 0.9}),
+    )[0]
     plans = {
         "dataset": BRATS.to_dict(),
         "target_spacing": [2.0, 2.0, 2.0],
@@ -35,4 +40,4 @@ def _write_checkpoints(folder):
         "flairball", 4, 4, preprocessing=inference_metadata(plans, (16, 16, 16)), spacing=(2.0, 2.0, 2.0)
     )
     ball = save_checkpoint(folder / "ball", FlairBall(), meta3d)[0]
-    return {"urwkv": urwkv, "bright": bright, "ball": ball}
+    return {"urwkv": urwkv, "bright": bright, "cut": cut, "ball": ball}

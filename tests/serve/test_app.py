@@ -37,6 +37,7 @@ from rwkvseg.serve import (
     predictors,
 )
 from rwkvseg.serve.app import JsonFormatter
+from writers import Bright
 
 
 def client_for(config: ServeConfig) -> TestClient:
@@ -78,6 +79,45 @@ def client(test_models):
     with client_for(config) as c:
         wait_ready(c)
         yield c
+
+
+def test_2d_masks_cut_at_the_models_recorded_threshold_unless_asked(test_models):
+    """A request without `threshold` cuts at the model's recorded one (as `rwkvseg predict`), listed by /v1/models;
+    a request's own threshold wins."""
+    config = ServeConfig(
+        models=(str(test_models["bright"]), f"cut={test_models['cut']}", f"ball={test_models['ball']}")
+    )
+    grey = np.full((12, 10, 3), 140, np.uint8)  # Bright: probability 0.88 everywhere
+    with client_for(config) as c:
+        wait_ready(c)
+        models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
+        assert (models["bright"]["threshold"], models["cut"]["threshold"], models["ball"]["threshold"]) == (
+            0.5,
+            0.9,
+            None,
+        )
+
+        def mask(name, **params):
+            answer = post_image(c, name, png(grey), **params)
+            assert answer.status_code == 200, answer.text
+            return np.asarray(Image.open(io.BytesIO(answer.content)))
+
+        assert (mask("bright") == 255).all() and (mask("cut") == 0).all()
+        assert (mask("cut", threshold=0.5) == 255).all() and (mask("bright", threshold=0.95) == 0).all()
+
+
+def test_torch_runtime_on_the_cpu_runs_a_micro_batch_one_image_at_a_time(test_models, monkeypatch):
+    """Eager PyTorch on the CPU costs more per image in a batch (docs/speed.md): the service's micro-batch of
+    requests goes through the network one image per pass there, with the same probabilities."""
+    (source,) = predictors.resolve_models([str(test_models["bright"])])
+    hosted = predictors.Hosted2D(source, device="cpu")
+    images = [np.full((8 + i, 9, 3), 0.2 * i, np.float32) for i in range(3)]
+    batches, forward = [], Bright.forward
+    monkeypatch.setattr(Bright, "forward", lambda self, x: batches.append(x.shape[0]) or forward(self, x))
+    probs = hosted.probabilities(images)
+    assert batches == [1, 1, 1] and [p.shape for p in probs] == [(1, 8, 9), (1, 9, 9), (1, 10, 9)]
+    for image, p in zip(images, probs, strict=True):
+        assert np.allclose(p, hosted.probabilities([image])[0])
 
 
 def test_health_models_openapi_and_viewer(client):

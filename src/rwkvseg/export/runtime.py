@@ -26,6 +26,7 @@ import numpy as np
 
 from ..data.images2d import normalize  # the exact normalisation training used
 from ..files import refuse_existing
+from ..records import recorded_threshold
 
 if TYPE_CHECKING:
     from ..infer.postprocess import PostProcess
@@ -154,14 +155,7 @@ class OnnxPredictor:
     @property
     def threshold(self) -> float:
         """A binary mask's default cut: the checkpoint's training.threshold as the export recorded it, else 0.5."""
-        threshold = self.record.get("threshold")
-        if threshold is None:
-            return 0.5
-        if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(
-                f"the record of {self.path} holds threshold {threshold!r}, not a number in [0, 1]; pass --threshold"
-            )
-        return float(threshold)
+        return recorded_threshold(self.record.get("threshold"), f"the record of {self.path}")
 
     def check_input(self, shape: Sequence[int]) -> None:
         """Raise ValueError with the sizes to pad to unless shape [B, C, *spatial] fits the exported file."""

@@ -15,6 +15,7 @@ from ..checkpoint import read_meta
 from ..compiling import check_compile
 from ..files import output_folder
 from ..memory_format import check_memory_format
+from ..records import recorded_threshold
 from .postprocess import PostProcess
 
 
@@ -94,11 +95,7 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         raise ValueError(f"a 2D checkpoint predicts one image file or folder, got {len(inputs)} inputs")
     threshold = config.threshold
     if threshold is None:
-        threshold = read_meta(checkpoint).training.get("threshold", 0.5)
-        if not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(
-                f"the sidecar of {checkpoint} holds threshold {threshold!r}, not a number in [0, 1]; pass --threshold"
-            )
+        threshold = recorded_threshold(read_meta(checkpoint).training.get("threshold"), f"the sidecar of {checkpoint}")
     return predict_2d(
         checkpoint,
         inputs[0],

@@ -41,7 +41,8 @@ Segmentation masks from rwkvseg models over HTTP.
 
 * **2D** (`dims: 2`): POST one PNG / JPEG image in the multipart field `file`; the answer is the mask as
   `image/png` at the input's size (binary: 0/255; multi-class: the class index as grey value), or with
-  `overlay=true` the image with the mask tinted. `threshold` (binary models) moves the cut on the probability.
+  `overlay=true` the image with the mask tinted. `threshold` (binary models) moves the cut on the probability
+  (default: the one the model records, listed under `threshold` in `GET /v1/models`).
 * **3D** (`dims: 3`): POST the case's NIfTI files, one per modality named `<case>_<modality>.nii.gz` (e.g. BraTS
   `_t1`, `_t1ce`, `_t2`, `_flair`), either as one zip in `file` or as several `file` parts. A single 4-D NIfTI is
   refused: its channel order cannot be checked. The answer is the label volume as gzip NIfTI (`application/gzip`)
@@ -84,6 +85,10 @@ class ModelEntry(BaseModel):
         description="the axes whose flips the logits are averaged over (test-time augmentation): 3D with the "
         "service's --mirror-3d, never in 2D (a model's recorded flips, which `rwkvseg predict` applies, are skipped "
         "for latency: predict with --mirror-axes '' gives the service's masks)"
+    )
+    threshold: float | None = Field(
+        description="2D binary models: the probability cut of a mask when a request names none, the one the model "
+        "records (as `rwkvseg predict` uses it); null for multi-class and 3D models"
     )
     ready: bool
 
@@ -265,7 +270,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         name: str,
         file: Annotated[list[UploadFile], File(description="2D: one image; 3D: a zip, or one NIfTI per modality")],
         overlay: Annotated[bool, Query(description="2D: the image with the mask tinted instead of the mask")] = False,
-        threshold: Annotated[float, Query(ge=0.0, le=1.0, description="2D binary models: probability cut")] = 0.5,
+        threshold: Annotated[
+            float | None,
+            Query(ge=0.0, le=1.0, description="2D binary models: probability cut (default: the model's own)"),
+        ] = None,
     ) -> Response:
         model = engine.model(name)
         uploads = await _uploads(file)

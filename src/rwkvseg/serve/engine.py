@@ -64,6 +64,7 @@ class Engine:
             applied = predictors.postprocess_for(source, given)
             mirror = [0, 1, 2] if source.dims == 3 and config.mirror_3d else []  # 2D: never (ServeConfig)
             info = predictors.describe(source) | {"postprocess": applied.spelling(), "mirror_axes": mirror}
+            info["threshold"] = predictors.threshold_for(source)
             self.models[source.name] = _Model(source, info, applied)
         self._pending = 0
         self._pending_3d = 0
@@ -170,9 +171,11 @@ class Engine:
 
     # 2D
 
-    async def predict_2d(self, name: str, upload: Upload, threshold: float, with_overlay: bool) -> bytes:
-        """The mask (or overlay) PNG of one uploaded image, at the image's size."""
+    async def predict_2d(self, name: str, upload: Upload, threshold: float | None, with_overlay: bool) -> bytes:
+        """The mask (or overlay) PNG of one uploaded image, at the image's size; threshold None: the model's own
+        (GET /v1/models)."""
         model = self.model(name, dims=2)
+        threshold = model.info["threshold"] if threshold is None else threshold
         hosted: predictors.Hosted2D = model.hosted
         with self._admit(three_d=False):
             return await self._timed(

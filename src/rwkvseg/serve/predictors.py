@@ -39,7 +39,7 @@ from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.predict import PredictConfig
 from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
 from ..infer.predict3d import Predictor3D, write_like
-from ..records import Preprocessing2D
+from ..records import Preprocessing2D, recorded_threshold
 from ..released import released_checkpoint, released_models
 
 if TYPE_CHECKING:
@@ -158,6 +158,17 @@ def postprocess_for(source: ModelSource, given: PostProcess | None) -> PostProce
     return chosen
 
 
+def threshold_for(source: ModelSource) -> float | None:
+    """The probability cut of a 2D binary model's masks when a request names none: the one its checkpoint (sidecar
+    training.threshold) or export records, as `rwkvseg predict` uses it; else 0.5. None for multi-class and 3D
+    models. ValueError naming the model for a recorded value that is not a number in [0, 1]."""
+    meta = source.meta
+    if source.dims == 3 or meta.num_classes > 1:
+        return None
+    value = meta.training.get("threshold") if isinstance(meta, CheckpointMeta) else meta.threshold
+    return recorded_threshold(value, f"model {source.name}: {source.path}", "mend its record, or host another model")
+
+
 def describe(source: ModelSource) -> dict[str, Any]:
     """What GET /v1/models reports about one model (from the sidecar or the export's record, before the weights
     are loaded)."""
@@ -225,6 +236,8 @@ class _TorchBackend:
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         with torch.inference_mode():
+            if torch.device(self.device).type == "cpu":  # one image per pass: batches cost more per image there
+                return [p for image in images for p in predict_arrays(self.model, [image], self.pre, self.device)]
             return predict_arrays(self.model, images, self.pre, self.device)
 
 
