@@ -58,7 +58,7 @@ def test_2d_prediction_in_channels_last_writes_the_contiguous_probabilities(tmp_
     assert seen and not any(seen)
     seen.clear()
     assert main([*base, "--out", str(tmp_path / "channels_last"), "--memory-format", "channels_last"]) == 0
-    assert len(seen) == 2 and all(seen)  # the batch and its flip
+    assert len(seen) == 4 and all(seen)  # each image (one per pass on the CPU) and its flip
     for i in range(2):
         a, b = (
             np.asarray(Image.open(tmp_path / run / "probabilities" / f"x{i}.png")).astype(int)
