@@ -78,13 +78,15 @@ EXTRA_ROWS = (  # EVALS/<folder>-<name>/summary.json, where measured -> a row of
 )
 
 
-def beyond_recipe(config: dict) -> str:
+def beyond_recipe(config: dict, name: str = "") -> str:
     """What the run (its config.json as a dict) added to the paper's recipe, for the card's recipe cell ("" when
     nothing): a start from existing weights (model.init), a weight EMA, other datasets' images in training
-    (data.extra_train)."""
+    (data.extra_train). name: the release the card is for."""
     optim, extra = config.get("optim", {}), config.get("data", {}).get("extra_train", [])
     init = config.get("model", {}).get("init", "")
     added = [f"fine-tuned from `{init}` (model.init: its weights are the starting point)"] if init else []
+    if init and init == name:  # the run continued the release this card replaces
+        added = [f"fine-tuned from the earlier release of this name (model.init `{init}`, the paper's recipe)"]
     if optim.get("ema"):
         start = f", copying the weights for the first {optim['ema_start']} steps" if optim.get("ema_start") else ""
         added.append(
@@ -116,8 +118,15 @@ def overrides_note(overrides: dict) -> str:
     return f" with {settings}" + (" (the network of the authors' released code)" if released else "")
 
 
-def schedule_note(ran: int, init: str = "") -> str:
-    """The card's limitation sentence about the schedule (init: the model.init it was fine-tuned from)."""
+def schedule_note(ran: int, init: str = "", name: str = "") -> str:
+    """The card's limitation sentence about the schedule (init: the model.init it was fine-tuned from; name: the
+    release the card is for, which replaces init when the run continued the release of its own name)."""
+    if init and init == name:
+        return (
+            f"Fine-tuned for {ran} epochs from the earlier release of this name (its paper's-recipe run: the last row "
+            "of the table above; its card is in the repository's history) on one split of the data available here: "
+            "not the paper's protocol, which trains from scratch."
+        )
     if init:
         return (
             f"Fine-tuned for {ran} epochs from `{init}` (its card gives how that model was trained) on one split of "
@@ -149,7 +158,7 @@ def evaluation_row(summary: Path, label: str) -> str:
     return f"| {label} | {cells} |"
 
 
-def _run_summary(run: Path) -> dict:
+def _run_summary(run: Path, name: str = "") -> dict:
     history = read_run(run)
     best = history.best
     return {
@@ -161,7 +170,7 @@ def _run_summary(run: Path) -> dict:
         "compile": history.config.get("compile", "auto"),
         "arithmetic": precision_note(history.config),
         "train_device": "CPU" if history.config.get("device") == "cpu" else "GPU",
-        "beyond": beyond_recipe(history.config),
+        "beyond": beyond_recipe(history.config, name),
         "init": history.config.get("model", {}).get("init", ""),
         "overrides": overrides_note(history.config.get("model", {}).get("overrides", {})),
         "minutes": history.minutes,
@@ -242,7 +251,7 @@ def main() -> None:
             for folder_name, label in EXTRA_ROWS
             if (row := evaluation_row(args.evals / f"{folder_name}-{name}" / "summary.json", label))
         )
-        info = _run_summary(args.runs / f"{dataset}-{arch}")
+        info = _run_summary(args.runs / f"{dataset}-{arch}", name)
         rows = info.pop("rows")
         _curves(rows, f"{name}: {TITLES[arch]} on {data}", folder / f"{name}.curves.png")
         card = CARD.format(
@@ -260,7 +269,7 @@ def main() -> None:
             commit=args.commit,
             version=__version__,
             n=summary["cases"],
-            schedule_note=schedule_note(info["ran"], info["init"]),
+            schedule_note=schedule_note(info["ran"], info["init"], name),
             **info,
             extra_rows=extra_rows,
             flips_row=flips_row(flips, args.mirror_evidence),

@@ -196,6 +196,11 @@ def test_release_card_says_what_went_beyond_the_paper_recipe(run):
         "point) (the paper's-recipe row below is its own run)"
     )
     assert script.schedule_note(20, "urwkv_s-kvasir").startswith("Fine-tuned for 20 epochs from `urwkv_s-kvasir`")
+    own_recipe = script.beyond_recipe({"model": {"init": "urwkv_s-busi"}}, "urwkv_s-busi")
+    assert "fine-tuned from the earlier release of this name (model.init `urwkv_s-busi`" in own_recipe
+    own = script.schedule_note(16, "urwkv_s-busi", "urwkv_s-busi")  # a release continued from its own earlier one
+    assert own.startswith("Fine-tuned for 16 epochs from the earlier release of this name")
+    assert "`urwkv_s-busi`" not in own
     assert script.schedule_note(280).startswith("The paper's full schedule")
     assert script._run_summary(run)["beyond"] == ""  # the fixture run trained with the paper's recipe
     assert script._run_summary(run)["init"] == ""
