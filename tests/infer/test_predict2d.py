@@ -196,3 +196,13 @@ def test_a_bad_recorded_default_is_one_error_naming_the_sidecar(tmp_path, monkey
     assert not (tmp_path / "out").exists()
     given = {"postprocess": PostProcess()} if "postprocess" in inference else {"mirror_axes": ()}
     assert len(predict_2d(ck, tmp_path / "in", tmp_path / "given", **given)) == 1  # the option wins over the record
+
+
+def test_progress_is_logged_at_the_end_not_per_image(tmp_path, checkpoint, caplog):
+    ck = checkpoint()
+    src = tmp_path / "in"
+    for i in range(5):
+        save_png(src / f"{i}.png", _square((12, 12), (2, 6, 2, 6)))
+    with caplog.at_level("INFO", logger="rwkvseg.infer.predict2d"):
+        predict_2d(ck, src, tmp_path / "out", mirror_axes=())  # one image per pass on the CPU
+    assert [r.getMessage() for r in caplog.records if "predicted" in r.getMessage()] == ["predicted 5/5 images"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from .sliding_window import SlidingWindowConfig, mirrored, predict_logits
 log = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # a network, or mirrored(network, axes)
+PROGRESS_EVERY_S = 10.0  # at most one progress line per this many seconds (and one at the end)
 
 # Distinct tints for up to 8 foreground classes (RGB); class k uses OVERLAY_COLOURS[(k - 1) % 8].
 OVERLAY_COLOURS = np.array(
@@ -236,7 +238,7 @@ def predict_2d(
     if not overwrite:
         refuse_existing(out, existing)
     batch_size = batch_size or default_batch_size(device)
-    written = []
+    written, logged = [], time.monotonic()
     with torch.inference_mode():
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -258,5 +260,8 @@ def predict_2d(
                     else:
                         p8 = (prob[0].numpy() * 255).round().astype(np.uint8)
                         _write(out / "probabilities" / f"{f.stem}.png", _png_bytes(p8))
-            log.info("predicted %d/%d images", min(start + batch_size, len(files)), len(files))
+            done = min(start + batch_size, len(files))
+            if done == len(files) or time.monotonic() - logged >= PROGRESS_EVERY_S:  # one line per image would flood
+                log.info("predicted %d/%d images", done, len(files))
+                logged = time.monotonic()
     return written
