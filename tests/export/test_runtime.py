@@ -201,6 +201,9 @@ def test_record_round_trips_through_json():
     record = ExportRecord("m", 3, 4, 4, (64, {"multiple": 32, "min": 64}), "softmax", {"kind": "registered"})
     assert ExportRecord.from_json(record.to_json()) == record
     assert json.loads(record.to_json())["format"] == 1
+    newer = {**json.loads(record.to_json()), "rwkvseg_version": "9.0", "cut_rule": "otsu"}  # a later writer's field
+    with pytest.raises(ValueError, match=r"does not know: cut_rule \(written by rwkvseg 9\.0\); upgrade rwkvseg"):
+        ExportRecord.from_json(json.dumps(newer))
 
 
 def test_export_command_refuses_to_replace_a_file(tmp_path, capsys):

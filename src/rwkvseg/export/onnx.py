@@ -104,9 +104,15 @@ class ExportRecord:
     def from_json(cls, text: str) -> ExportRecord:
         data = json.loads(text)
         version = data.pop("format", None)
-        data.pop("rwkvseg_version", None)
+        writer = data.pop("rwkvseg_version", None)
         if version != RECORD_FORMAT:
             raise ValueError(f"export record format {version!r} is not supported (this reader knows {RECORD_FORMAT})")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:  # a newer rwkvseg wrote it: its fields may change the results, so none is ignored
+            raise ValueError(
+                f"the export record holds fields this rwkvseg ({__version__}) does not know: {', '.join(unknown)} "
+                f"(written by rwkvseg {writer}); upgrade rwkvseg to read it"
+            )
         data["axes"] = tuple(data["axes"])
         data["class_names"] = tuple(data.get("class_names", ()))
         if data.get("spacing") is not None:
@@ -458,4 +464,7 @@ def record_of(session, path: str | os.PathLike = "<session>") -> ExportRecord:
     meta = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in meta:
         raise ValueError(f"{path} has no {METADATA_KEY!r} metadata; it was not exported by rwkvseg export_onnx")
-    return ExportRecord.from_json(meta[METADATA_KEY])
+    try:
+        return ExportRecord.from_json(meta[METADATA_KEY])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
