@@ -417,3 +417,35 @@ def test_a_file_from_before_cudnn_benchmark_resumes_only_with_the_heuristics(tmp
     assert "(cudnn_benchmark: [False] there, [True] here)" in capsys.readouterr().err
     assert main([*argv, "--modes", "eager", "--resume"]) == 0
     assert "1 rows kept from" in capsys.readouterr().out
+
+
+def test_a_compile_failure_is_not_tried_again_at_the_larger_sides(monkeypatch):
+    """Compiling a row can cost minutes on the GPU: once a compiled row fails where its eager twin ran, the later
+    sides of that (model, phase, batch) are rows with a note, not new attempts; a size the model refuses in both
+    modes and out of memory do not stop the later sides."""
+    tried = []
+
+    def measure(model, phase, shape, config, compiled):
+        tried.append((compiled, phase, shape[0], shape[-1]))
+        if compiled and phase == "infer" and shape[0] == 1:
+            raise AssertionError  # as SwinUNETR under CUDA graphs
+        if compiled and phase == "train" and shape[-1] == 16:
+            raise torch.OutOfMemoryError
+        if shape[-1] == 24 and phase == "train":
+            raise ValueError("refused size")  # in both modes
+        return {"ms": 1.0, "peak_mb": None, "compile_s": 0.0 if compiled else None}
+
+    monkeypatch.setattr(bench_models_module, "measure", measure)
+    config = ModelBenchConfig(dims=2, models=("unet_test",), sides=(16, 24, 32), repeats=1)
+    rows = {(r["mode"], r["phase"], r["batch"], r["side"]): r for r in bench_models(config, create_model)}
+    compiled_infer_1 = [rows[("compiled", "infer", 1, side)] for side in (16, 24, 32)]
+    assert compiled_infer_1[0]["note"].startswith("AssertionError")
+    assert [r["note"] for r in compiled_infer_1[1:]] == [
+        "not measured: compiling it failed at side 16 (that row's note)"
+    ] * 2
+    assert [t for t in tried if t[:3] == (True, "infer", 1)] == [(True, "infer", 1, 16)]
+    assert "ms" in rows[("compiled", "infer", 8, 24)]  # another batch is its own graph
+    assert rows[("compiled", "train", 8, 16)]["note"] == "out of memory" and "ms" in rows[("compiled", "train", 8, 32)]
+    assert (
+        rows[("compiled", "train", 8, 24)]["note"].startswith("ValueError") and "ms" in rows[("eager", "train", 8, 32)]
+    )

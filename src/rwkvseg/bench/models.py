@@ -326,8 +326,10 @@ def bench_models(
 ) -> list[dict]:
     """Every (model, mode, phase, batch, side) row of the benchmark for the models config names (built by build),
     except the row_keys in skip (rows an earlier, interrupted run measured); a failure (out of memory, a size the
-    model refuses, a compile error) becomes a row with a note instead of ending the run. on_row sees each row as
-    it is made (for progress output and incremental saving)."""
+    model refuses, a compile error) becomes a row with a note instead of ending the run. A compiled row that fails
+    where its eager twin ran (the compiler's failure, not the model's: compiling costs up to minutes a row) is
+    not tried again at the larger sides of that (model, phase, batch): those rows get a note pointing to it. on_row
+    sees each row as it is made (for progress output and incremental saving)."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench models --device cuda: torch sees no CUDA device; use --device cpu")
@@ -337,6 +339,8 @@ def bench_models(
     done = set(skip)
     todo = [key for key in planned_keys(config) if key not in done]
     rows = []
+    ran_eager: set[tuple] = set()  # (model, phase, batch, side) whose eager row measured
+    compile_failed: dict[tuple, int] = {}  # (model, phase, batch) -> the side where compiling it failed
     # every (phase, batch, side) may add a compiled graph of one forward: past dynamo's default limit of 8 it
     # would fall back to eager without a word, and the "compiled" rows would not be compiled
     with (
@@ -355,16 +359,18 @@ def bench_models(
                 shape = input_shape(config.dims, batch, side)
                 row = {"model": name, "params_m": params_m, "mode": mode, "phase": phase, "batch": batch}
                 row.update(side=side, tokens=side**config.dims, memory_format=config.memory_format)
-                model.load_state_dict(state)
-                try:
-                    row.update(measure(model, phase, shape, config, mode == "compiled"))
-                except torch.OutOfMemoryError:
-                    row["note"] = "out of memory"
-                except Exception as err:  # a size the model refuses, a compile failure: report it
-                    row["note"] = failure_note(err)
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                failed_at = compile_failed.get((name, phase, batch)) if mode == "compiled" else None
+                if failed_at is not None:
+                    row["note"] = f"not measured: compiling it failed at side {failed_at} (that row's note)"
+                else:
+                    row.update(_measured_or_note(model, state, phase, shape, config, mode == "compiled"))
+                compiler_failed = (
+                    row.get("note") not in (None, "out of memory") and (name, phase, batch, side) in ran_eager
+                )
+                if mode == "compiled" and failed_at is None and compiler_failed:
+                    compile_failed[(name, phase, batch)] = side
+                if mode == "eager" and "ms" in row:
+                    ran_eager.add((name, phase, batch, side))
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
@@ -372,6 +378,23 @@ def bench_models(
             if "compiled" in config.modes:
                 torch._dynamo.reset()  # each model's graphs and guards start afresh
     return rows
+
+
+def _measured_or_note(
+    model: nn.Module, state: dict, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
+) -> dict[str, Any]:
+    """measure() from the model's initial weights (state), or {"note": ...} for a failure: out of memory, a size
+    the model refuses, a compile error."""
+    model.load_state_dict(state)
+    try:
+        return measure(model, phase, shape, config, compiled)
+    except torch.OutOfMemoryError:
+        return {"note": "out of memory"}
+    except Exception as err:  # a size the model refuses, a compile failure: report it
+        return {"note": failure_note(err)}
+    finally:
+        if torch.device(config.device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> float | None:
