@@ -130,26 +130,30 @@ def to_labels(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def predict_arrays(
-    model: Predictor, images: Sequence[np.ndarray], pre: Preprocessing2D, device: torch.device | str = "cpu"
+    model: Predictor,
+    images: Sequence[np.ndarray],
+    pre: Preprocessing2D,
+    device: torch.device | str = "cpu",
+    per_pass: int | None = None,
 ) -> list[torch.Tensor]:
     """Probabilities [K, H, W] at each image's own size for float images [H, W, C]. model: the network, or
-    `mirrored(network, axes)` for mirror TTA (logits averaged over the flips)."""
+    `mirrored(network, axes)` for mirror TTA (logits averaged over the flips). per_pass: images per forward pass;
+    None: default_batch_size(device) (one on the CPU)."""
     device = torch.device(device)
+    per_pass = per_pass or default_batch_size(device)
     sizes = [im.shape[:2] for im in images]
     tensors = [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))) for im in images]  # -> [C, H, W]
-    if pre.resize == "resize":
-        batch = torch.stack(
-            [F.interpolate(t[None], size=pre.size, mode="bilinear", align_corners=False)[0] for t in tensors]
-        )  # [B, C, h, w] at the network size
-        logits = forward_logits(model, batch.to(device), pre)
-        # Logits, not labels, are resized back: smooth borders at the original size.
-        return [
-            probabilities(F.interpolate(logits[i : i + 1].float(), size=s, mode="bilinear", align_corners=False))[
-                0
-            ].cpu()
-            for i, s in enumerate(sizes)
-        ]
-    return [probabilities(forward_logits(model, t[None].to(device), pre))[0].cpu() for t in tensors]
+    if pre.resize != "resize":  # whole images through sliding windows, one at a time
+        return [probabilities(forward_logits(model, t[None].to(device), pre))[0].cpu() for t in tensors]
+    resized = [F.interpolate(t[None], size=pre.size, mode="bilinear", align_corners=False) for t in tensors]
+    out = []
+    for start in range(0, len(resized), per_pass):
+        logits = forward_logits(model, torch.cat(resized[start : start + per_pass]).to(device), pre)  # [b, K, h, w]
+        for i, size in enumerate(sizes[start : start + per_pass]):
+            # Logits, not labels, are resized back: smooth borders at the original size.
+            back = F.interpolate(logits[i : i + 1].float(), size=size, mode="bilinear", align_corners=False)
+            out.append(probabilities(back)[0].cpu())
+    return out
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.ndarray:
@@ -243,7 +247,8 @@ def predict_2d(
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             images = [read_image(f, pre.channels, pre.normalization) for f in chunk]
-            for f, image, prob in zip(chunk, images, predict_arrays(predictor, images, pre, device), strict=True):
+            probs = predict_arrays(predictor, images, pre, device, batch_size)
+            for f, image, prob in zip(chunk, images, probs, strict=True):
                 labels = to_labels(prob[None], threshold)[0].numpy().astype(np.uint8)  # [H, W]
                 if postprocess.active:
                     labels = postprocess_labels(labels, postprocess)

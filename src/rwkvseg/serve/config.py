@@ -17,7 +17,8 @@ class ServeConfig:
     max_queue: requests admitted at once (running + waiting) for 2D; past it the answer is 503 with Retry-After.
     max_queue_3d: the same for 3D cases, which run one at a time (workers_3d).
     batch_size / batch_wait_ms: a 2D micro-batch collects up to batch_size requests of one model, waiting at
-        most batch_wait_ms after the first, and runs them in one forward pass.
+        most batch_wait_ms after the first, and runs them together: onnxruntime in one forward pass, the torch
+        runtime in passes of rwkvseg.infer.predict2d.default_batch_size (one image on the CPU, 8 on a GPU).
     postprocess: a `rwkvseg predict --postprocess` spelling (largest, fill-holes, et-min-mm3=V, ...) applied to the
         label maps of every hosted model, 2D and 3D; None: each model's own choice, as predict makes it (the
         checkpoint's recorded default); "none": off. Checked against each model when the app is made.

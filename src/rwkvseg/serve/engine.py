@@ -2,7 +2,7 @@
 
 Runs on the server's event loop; forward passes run in a small thread pool (workers) so the loop keeps answering
 health probes and refusing excess requests while the CPU is busy. Per 2D model one batcher task takes the first
-waiting request, collects more for up to batch_wait_ms (or batch_size requests) and runs them as one forward pass.
+waiting request, collects more for up to batch_wait_ms (or batch_size requests) and runs them together (ServeConfig).
 """
 
 from __future__ import annotations

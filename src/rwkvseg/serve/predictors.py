@@ -235,9 +235,7 @@ class _TorchBackend:
         self.device = device
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            if torch.device(self.device).type == "cpu":  # one image per pass: batches cost more per image there
-                return [p for image in images for p in predict_arrays(self.model, [image], self.pre, self.device)]
+        with torch.inference_mode():  # one image per pass on the CPU, where batches cost more per image
             return predict_arrays(self.model, images, self.pre, self.device)
 
 
