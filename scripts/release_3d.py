@@ -103,8 +103,7 @@ its exact affine).
 
 - training: the best epoch's validation, whole volumes by sliding window on the preprocessed grid (cropped, at the
   training spacing), no TTA (`best.json`);
-- mirror TTA: the best checkpoint at the end of training, mirror TTA on axes {final_axes}, same grid
-  (`final_val.json`);
+- mirror TTA: {final_text};
 - fp32 and int8: `rwkvseg predict` ({eval_tta}) and `rwkvseg evaluate` on each case's original files;
   fp32 is the run's best checkpoint, int8 these released weights, the change is int8 minus fp32.
 
@@ -386,9 +385,12 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         cases_text=f"the {n} validation cases of the split at 2 mm"
         if n == len(fold["val"])
         else f"{n} of the split's {len(fold['val'])} validation cases at 2 mm",
-        final_axes=(",".join(map(str, final["mirror_axes"])) or "none")
+        final_text=(
+            "the best checkpoint at the end of training, mirror TTA on axes "
+            f"{','.join(map(str, final['mirror_axes'])) or 'none'}, same grid\n  (`final_val.json`)"
+        )
         if final
-        else "(not run: the run was interrupted)",
+        else "not run (the run was interrupted before its final evaluation: `final_val.json` is missing)",
         validation_rows="\n".join(validation_rows(best, final, fp32, int8, ds.targets)),
         policy=int8["policy"],
         campaign_rows="\n".join(

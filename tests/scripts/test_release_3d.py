@@ -139,6 +139,7 @@ def test_release_3d_writes_cards_curves_and_index(campaign, tmp_path, capsys):
     )
     assert "| hardware | one H200, 1.3 min of training and validation (median 4.0 s per epoch) |" in card
     assert "- fp32 and int8: `rwkvseg predict` (no TTA) and `rwkvseg evaluate`" in card  # no --eval-mirror-axes
+    assert "- mirror TTA: the best checkpoint at the end of training, mirror TTA on axes " in card
     assert "split `splits/brats2018_2mm.json` (13 train / 5 val, stratified, seed 0)" in card
     assert "| command | `campaign.py` (code at commit abc1234) |" in card
     fp32, int8 = evals["mmsegrwkv_small"], evals["mmsegrwkv_small-brats2018"]
@@ -223,6 +224,7 @@ def test_an_interrupted_run_without_its_final_evaluation_is_released_with_its_st
     wt = next(line for line in card.splitlines() if line.startswith("| WT | "))
     assert wt.split(" | ")[2] == "-"  # the mirror TTA column
     assert "| brats2018-mmsegrwkv (these weights) | " in card and " of 40 (interrupted) | " in card
+    assert "- mirror TTA: not run (the run was interrupted before its final evaluation" in card
 
 
 def released_copy(campaign, tmp_path, name):
