@@ -8,6 +8,7 @@ Each export is written to OUT_DIR/<source>.onnx (an existing file is reused, so 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import traceback
@@ -18,10 +19,23 @@ from rwkvseg.export.verify import format_table, verify_onnx
 from rwkvseg.released import released_models
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="folder for the ONNX files (an existing export there is reused)")
+    p.add_argument("sources", nargs="*", help="released model names, checkpoint paths or registered model names")
+    args = p.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"{args.out} is a file; give a folder for the ONNX exports")
+    return args
+
+
 def main(argv: list[str]) -> int:
-    out = Path(argv[0])
-    sources = argv[1:] or [m.name for m in released_models()]
+    """Check every source; exit status 1 when any of them failed (its row says why), 0 when all were checked."""
+    args = parse_args(argv)
+    out = args.out
+    sources = args.sources or [m.name for m in released_models()]
     rows = []
+    failed = []
     for source in sources:
         path = out / f"{Path(source).name}.onnx"
         try:
@@ -35,8 +49,12 @@ def main(argv: list[str]) -> int:
             print(format_table(new).splitlines()[-len(new) :], f"export {exported:.0f} s", flush=True)
         except Exception as err:  # one failing model must not hide the others' rows
             traceback.print_exc()
+            failed.append(source)
             print(f"| {source} | FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]} |", flush=True)
     print(format_table(rows))
+    if failed:
+        print(f"export_check.py: {len(failed)} of {len(sources)} failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
