@@ -3,7 +3,7 @@
 Usage:
     python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH]
         [--eval-mirror-axes AXES] [--weights-dir DIR] [--postprocess SPEC --postprocess-evidence TEXT]
-        [--mirror-axes AXES --mirror-evidence TEXT]
+        [--mirror-axes AXES --mirror-evidence TEXT] [--note NAME TEXT ...]
 
 NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
 of `scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv_small,segresnet,dynunet,mmsegrwkv}.toml`
@@ -25,6 +25,8 @@ sidecar's preprocessing.inference: `rwkvseg predict` applies it unless given --p
 with --postprocess-evidence (the measurement that chose it). --mirror-axes AXES ('' for none) likewise replaces
 the training's test-time flips (`mirror_axes` there, which `rwkvseg predict` applies on a GPU) with the ones
 chosen on validation, named in the card with --mirror-evidence.
+--note NAME TEXT (repeatable) adds TEXT as a paragraph after NAME's validation table: what else was measured for
+that release (TTA, post-processing, the release it replaces), kept when the card is written again.
 Every input is read and checked before anything is written: a missing or mismatched one is one error line and exit
 status 2, with no file changed.
 """
@@ -111,7 +113,7 @@ its exact affine).
 |---|---|---|---|---|---|---|---|---|
 {validation_rows}
 
-Dice and HD95 are means over cases ({policy}).
+{notes}Dice and HD95 are means over cases ({policy}).
 
 ## The campaign's runs (trained side by side by `scripts/campaign.py`, the same data and time budget)
 
@@ -346,6 +348,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     n = int8["cases"]
     card = CARD.format(
         name=name,
+        notes="".join(f"{text.strip()}\n\n" for who, text in args.note if who == name),
         arch_title=TITLES.get(arch, arch),
         data_title=ds.title,
         version=__version__,
@@ -487,7 +490,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "training's (chosen on validation)",
     )
     p.add_argument("--mirror-evidence", default="", help="with --mirror-axes: the measurement that chose them")
+    p.add_argument(
+        "--note",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "TEXT"),
+        help="a paragraph for NAME's card after its validation table (repeatable): what else was measured for it",
+    )
     args = p.parse_args(argv)
+    if unknown := sorted({who for who, _ in args.note} - set(args.names)):
+        p.error(f"--note names {', '.join(unknown)}, not a release of this run; give one of {', '.join(args.names)}")
     if args.mirror_axes is not None and not args.mirror_evidence.strip():
         p.error("--mirror-axes needs --mirror-evidence: the card names the measurement that chose them")
     if args.postprocess is not None and not args.postprocess_evidence.strip():

@@ -295,3 +295,26 @@ def test_test_time_flips_chosen_on_validation_are_recorded_in_the_sidecar_and_th
     with pytest.raises(SystemExit):
         script.main([*release_args(copy, copy / "weights", name), "--mirror-axes", "3", "--mirror-evidence", "x"])
     assert "must name each of the axes 0, 1, 2 at most once" in capsys.readouterr().err
+
+
+def test_notes_go_into_the_named_card_only_and_an_unknown_name_is_refused(campaign, tmp_path, capsys):
+    """`--note NAME TEXT` puts a paragraph after NAME's validation table (what was measured beside the release, which
+    a hand edit would lose when the card is written again); a note for a release not being written is an error."""
+    pytest.importorskip("matplotlib")
+    tmp, _ = campaign
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy, ignore=shutil.ignore_patterns("pred", "refs"))
+    script = load_script("release_3d")
+    args = release_args(copy, copy / "weights")
+    with pytest.raises(SystemExit) as done:
+        script.main([*args, "--note", "urwkv-kvasir", "not this run's"])
+    assert done.value.code == 2 and "--note names urwkv-kvasir, not a release of this run" in capsys.readouterr().err
+    assert not (copy / "weights" / "mmsegrwkv_small-brats2018.md").exists()
+
+    note = ["--note", "mmsegrwkv_small-brats2018", "With mirror TTA: WT 0.81."]
+    assert script.main([*args, *note, "--note", "mmsegrwkv_small-brats2018", "  The earlier release: 0.79.  "]) == 0
+    card = (copy / "weights" / "mmsegrwkv_small-brats2018.md").read_text()
+    table_end = card.index("| mean | ")
+    first = card.index("With mirror TTA: WT 0.81.\n\n")
+    assert table_end < first < card.index("The earlier release: 0.79.\n\nDice and HD95")
+    assert "With mirror TTA" not in (copy / "weights" / "mmsegrwkv-brats2018.md").read_text()
