@@ -84,9 +84,12 @@ def beyond_recipe(config: dict, name: str = "") -> str:
     (data.extra_train). name: the release the card is for."""
     optim, extra = config.get("optim", {}), config.get("data", {}).get("extra_train", [])
     init = config.get("model", {}).get("init", "")
-    added = [f"fine-tuned from `{init}` (model.init: its weights are the starting point)"] if init else []
-    if init and init == name:  # the run continued the release this card replaces
+    if not init:
+        added = []
+    elif init == name:  # the run continued the release this card replaces
         added = [f"fine-tuned from the earlier release of this name (model.init `{init}`, the paper's recipe)"]
+    else:
+        added = [f"fine-tuned from `{init}` (model.init: its weights are the starting point)"]
     if optim.get("ema"):
         start = f", copying the weights for the first {optim['ema_start']} steps" if optim.get("ema_start") else ""
         added.append(

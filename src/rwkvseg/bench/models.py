@@ -364,13 +364,11 @@ def bench_models(
                     row["note"] = f"not measured: compiling it failed at side {failed_at} (that row's note)"
                 else:
                     row.update(_measured_or_note(model, state, phase, shape, config, mode == "compiled"))
-                compiler_failed = (
-                    row.get("note") not in (None, "out of memory") and (name, phase, batch, side) in ran_eager
-                )
-                if mode == "compiled" and failed_at is None and compiler_failed:
-                    compile_failed[(name, phase, batch)] = side
                 if mode == "eager" and "ms" in row:
                     ran_eager.add((name, phase, batch, side))
+                elif failed_at is None and row.get("note") not in (None, "out of memory"):
+                    if mode == "compiled" and (name, phase, batch, side) in ran_eager:  # the compiler's failure
+                        compile_failed[(name, phase, batch)] = side
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
