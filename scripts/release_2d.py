@@ -5,7 +5,7 @@ Usage (after the runs, e.g. `scripts/campaign.py --datasets ...` on a GPU, and f
 release written by `rwkvseg.released.export_release` into src/rwkvseg/weights/; `scripts/results_table.py` does
 both for every name):
     python scripts/release_2d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH] [--quality 90]
-        [--mirror-axes AXES --mirror-evidence TEXT]
+        [--weights-dir DIR] [--mirror-axes AXES --mirror-evidence TEXT] [--note NAME TEXT ...]
 RUNS holds <dataset>-<arch>/ run folders (metrics.csv, config.json), EVALS holds eval-<name>/summary.json (the
 shipped int8 weights) and, where measured, eval16-<name>/summary.json (the same run released as fp16) and
 evaltta-<name>/summary.json (the int8 weights with flip TTA, `rwkvseg predict --mirror-axes 0,1`) and
@@ -17,12 +17,20 @@ index entry (replaced in place, or appended); the index's other entries are kept
 flips as each release's default (`mirror_axes` in its sidecar's preprocessing.inference: `rwkvseg predict` applies
 them unless given --mirror-axes) and names them in its card with --mirror-evidence (the measurement that chose them);
 the index entry then adds `val_dice_flips`, the evaltta Dice (what `rwkvseg predict` gives by default).
+--weights-dir DIR writes into DIR (default the package's weights folder, where the releases are exported).
+--note NAME TEXT (repeatable) adds TEXT as a paragraph after NAME's validation table: what else was measured for
+that release (a fine-tune that did not beat it, other TTA), kept when the card is written again.
+Every input is read and checked before anything is written: a missing one is one error line and exit status 2,
+with no file changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 from rwkvseg.bench.complexity import count_parameters
@@ -64,7 +72,7 @@ Released with rwkvseg {version}. Load it by name, offline: `rwkvseg predict --mo
 | these released weights (int8), original image size (CPU, `rwkvseg predict` + `rwkvseg evaluate`) | {dice:.4f} | {iou:.4f} | {precision:.4f} | {recall:.4f} | {specificity:.4f} | {hd95:.1f} |
 {extra_rows}
 
-Means over images; empty prediction and empty ground truth together count as perfect (`rwkvseg evaluate` policy
+{notes}Means over images; empty prediction and empty ground truth together count as perfect (`rwkvseg evaluate` policy
 "perfect"). Held-out test sets were not available here.
 
 ## Limitations
@@ -205,10 +213,24 @@ def with_flips(sidecar: dict, axes: tuple[int, ...]) -> dict:
     return {**sidecar, "preprocessing": {**pre, "inference": {**pre.get("inference", {}), "mirror_axes": list(axes)}}}
 
 
-def main() -> None:
-    from rwkvseg import __version__
+class Refused(Exception):
+    """An input the cards cannot be written from: one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """Everything one NAME's release writes, built (and so checked) before anything is written."""
+
+    name: str
+    card: str
+    rows: list[dict]  # the run's metrics.csv rows, for the curves
+    title: str  # the curves' title
+    sidecar: dict | None  # the sidecar JSON with the recorded flips; None: the sidecar is left as it is
+    entry: ReleasedModel
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from rwkvseg.cli.predict import mirror_axes
-    from rwkvseg.files import write_json
     from rwkvseg.infer.predict2d import check_mirror_axes
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -221,6 +243,7 @@ def main() -> None:
     p.add_argument(
         "--quality", type=int, default=95, help="JPEG quality of the compact2d copies trained on; 0: the original files"
     )
+    p.add_argument("--weights-dir", type=Path, default=None, help="the released models' folder (default the package's)")
     p.add_argument(
         "--mirror-axes",
         default=None,
@@ -228,65 +251,114 @@ def main() -> None:
         help="record these test-time flips (e.g. 0,1; '' none) as each release's default (chosen on validation)",
     )
     p.add_argument("--mirror-evidence", default="", help="with --mirror-axes: the measurement that chose them")
-    args = p.parse_args()
-    flips = None
+    p.add_argument(
+        "--note",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "TEXT"),
+        help="a paragraph for NAME's card after its validation table (repeatable): what else was measured for it",
+    )
+    args = p.parse_args(argv)
+    if bad := [n for n in args.names if n.partition("-")[0] not in TITLES or n.partition("-")[2] not in DATASETS]:
+        p.error(
+            f"{', '.join(bad)}: a release is named <arch>-<dataset> with arch one of {', '.join(TITLES)} and dataset "
+            f"one of {', '.join(DATASETS)}"
+        )
+    if unknown := sorted({who for who, _ in args.note} - set(args.names)):
+        p.error(f"--note names {', '.join(unknown)}, not a release of this run; give one of {', '.join(args.names)}")
+    args.flips = None
     if args.mirror_axes is not None:
         try:
-            flips = check_mirror_axes(mirror_axes(args.mirror_axes))
+            args.flips = check_mirror_axes(mirror_axes(args.mirror_axes))
         except ValueError as err:
             p.error(str(err))
         if not args.mirror_evidence.strip():
             p.error("--mirror-axes needs --mirror-evidence: the card names the measurement that chose them")
+    return args
 
-    folder = weights_dir()
-    sidecars = {name: folder / f"{name}.json" for name in args.names}
-    missing = [str(path) for path in sidecars.values() if flips is not None and not path.is_file()]
-    if missing:
-        p.error(f"--mirror-axes records into the releases' sidecars, and {missing} do not exist; export them first")
-    for name in args.names:
-        arch, short = name.split("-", 1)
-        dataset, data, split = DATASETS[short]
+
+def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
+    """NAME's card, curves rows, sidecar and index entry from RUNS and EVALS; Refused naming what is missing."""
+    from rwkvseg import __version__
+
+    arch, short = name.split("-", 1)
+    dataset, data, split = DATASETS[short]
+    sidecar_path = folder / f"{name}.json"
+    if args.flips is not None and not sidecar_path.is_file():
+        raise Refused(f"--mirror-axes records into {sidecar_path}, which does not exist: export the release first")
+    try:
         summary = read_summary(args.evals / f"eval-{name}")
-        means = summary_means(summary)
-        scores = {k: means[k] for k in METRICS}
-        extra_rows = "\n".join(
-            row
-            for folder_name, label in EXTRA_ROWS
-            if (row := evaluation_row(args.evals / f"{folder_name}-{name}" / "summary.json", label))
-        )
         info = _run_summary(args.runs / f"{dataset}-{arch}", name)
-        rows = info.pop("rows")
-        _curves(rows, f"{name}: {TITLES[arch]} on {data}", folder / f"{name}.curves.png")
-        card = CARD.format(
-            name=name,
-            arch=arch,
-            arch_title=TITLES[arch],
-            data=data,
-            dataset=dataset,
-            params=count_parameters(create_model(arch, 3, 1)) / 1e6,
-            split=split,
-            config=f"urwkv_{short}.toml",
-            input_prep=input_prep(dataset, args.quality),
-            hardware=args.hardware,
-            command=args.command,
-            commit=args.commit,
-            version=__version__,
-            n=summary["cases"],
-            schedule_note=schedule_note(info["ran"], info["init"], name),
-            **info,
-            extra_rows=extra_rows,
-            flips_row=flips_row(flips, args.mirror_evidence),
-            **scores,
-        )
-        (folder / f"{name}.md").write_text(card)
-        if flips is not None:
-            write_json(sidecars[name], with_flips(json.loads(sidecars[name].read_text()), flips))
-        metrics = {"val_dice": round(scores["dice"], 4), "val_iou": round(scores["iou"], 4), "epochs": info["ran"]}
-        flipped = args.evals / f"evaltta-{name}" / "summary.json"
-        if flips and flipped.is_file():  # what `rwkvseg predict` gives by default, beside the recipe's number
-            metrics["val_dice_flips"] = round(summary_means(read_summary(flipped.parent))["dice"], 4)
-        update_index(ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md"), folder)
+    except FileNotFoundError as err:
+        raise Refused(str(err)) from None
+    means = summary_means(summary)
+    scores = {k: means[k] for k in METRICS}
+    extra_rows = "\n".join(
+        row
+        for folder_name, label in EXTRA_ROWS
+        if (row := evaluation_row(args.evals / f"{folder_name}-{name}" / "summary.json", label))
+    )
+    notes = "".join(f"{text.strip()}\n\n" for who, text in args.note if who == name)
+    rows = info.pop("rows")
+    card = CARD.format(
+        name=name,
+        arch=arch,
+        arch_title=TITLES[arch],
+        data=data,
+        dataset=dataset,
+        params=count_parameters(create_model(arch, 3, 1)) / 1e6,
+        split=split,
+        config=f"urwkv_{short}.toml",
+        input_prep=input_prep(dataset, args.quality),
+        hardware=args.hardware,
+        command=args.command,
+        commit=args.commit,
+        version=__version__,
+        n=summary["cases"],
+        schedule_note=schedule_note(info["ran"], info["init"], name),
+        **info,
+        extra_rows=extra_rows,
+        notes=notes,
+        flips_row=flips_row(args.flips, args.mirror_evidence),
+        **scores,
+    )
+    sidecar = None
+    if args.flips is not None:
+        sidecar = with_flips(json.loads(sidecar_path.read_text(encoding="utf-8")), args.flips)
+    metrics = {"val_dice": round(scores["dice"], 4), "val_iou": round(scores["iou"], 4), "epochs": info["ran"]}
+    flipped = args.evals / f"evaltta-{name}" / "summary.json"
+    if args.flips and flipped.is_file():  # what `rwkvseg predict` gives by default, beside the recipe's number
+        metrics["val_dice_flips"] = round(summary_means(read_summary(flipped.parent))["dice"], 4)
+    entry = ReleasedModel(name, arch, dataset, f"splits/{dataset}.json", metrics, f"card: {name}.md")
+    return Release(name, card, rows, f"{name}: {TITLES[arch]} on {data}", sidecar, entry)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every input is read and checked before anything is written: a missing one is one error line and exit status
+    2, with no file changed."""
+    from rwkvseg.files import atomic_write_text, write_json
+
+    args = parse_args(argv)
+    folder = args.weights_dir or weights_dir()
+    try:
+        if find_spec("matplotlib") is None:
+            raise Refused("the curves need matplotlib: pip install 'rwkvseg[plots]'")
+        if not folder.is_dir():
+            raise Refused(f"--weights-dir {folder} is not a folder: give the released models' folder")
+        releases = [release(name, args, folder) for name in args.names]
+    except Refused as err:
+        print(f"release_2d.py: error: {err}", file=sys.stderr)
+        return 2
+    for r in releases:
+        _curves(r.rows, r.title, folder / f"{r.name}.curves.png")
+        atomic_write_text(folder / f"{r.name}.md", r.card)
+        if r.sidecar is not None:
+            write_json(folder / f"{r.name}.json", r.sidecar)
+        update_index(r.entry, folder)
+        print(f"{r.name}: wrote {r.name}.md, {r.name}.curves.png and its index entry in {folder}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
