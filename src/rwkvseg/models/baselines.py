@@ -32,6 +32,11 @@ from .registry import Family
 # whether the export is static in space (read by export/onnx.py).
 WRAPPER_KEYS = ("net", "pad_multiple", "multiple", "coarse", "fixed_size", "static_export")
 
+# MONAI networks whose forward calls helpers Dynamo skips, traced through under torch.compile: BasicUNet's UpCat
+# calls torch.jit.isinstance. Only those: under dont_skip_tracing SwinUNETR's numpy size check does not break the
+# graph as it should but stops Dynamo (an AssertionError in its trace rules, torch 2.13).
+TRACED_THROUGH = (nets.BasicUNet,)
+
 # Variants are data: the MONAI class, the size rule, and the class's arguments (any of which overrides may change).
 VARIANTS: dict[str, dict] = {
     # the classic U-Net widths (about 31 M parameters), BN + ReLU as in the papers' U-Net baselines
@@ -135,7 +140,7 @@ class MonaiBaseline(nn.Module):
             raise ValueError(f"{self.name} expects [B, C, {axes}], got shape {tuple(x.shape)}")
         self.check_size(x.shape[2:])
         x, size = pad_to_multiple(x, self.pad_multiple)
-        if torch.compiler.is_compiling():  # MONAI's UpCat calls torch.jit.isinstance, which Dynamo skips otherwise
+        if torch.compiler.is_compiling() and isinstance(self.net, TRACED_THROUGH):
             with torch._dynamo.dont_skip_tracing():
                 return crop_to(self.net(x), size)
         return crop_to(self.net(x), size)
