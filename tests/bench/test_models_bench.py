@@ -128,6 +128,7 @@ def test_a_failure_note_follows_the_cause_and_keeps_to_one_short_line():
         dict(dims=2, phases=()),
         dict(dims=2, repeats=0),
         dict(dims=2, memory_format="nhwc"),
+        dict(dims=3, cpu_convs="mkl"),
     ],
 )
 def test_bad_settings_are_refused(kwargs):
@@ -449,3 +450,35 @@ def test_a_compile_failure_is_not_tried_again_at_the_larger_sides(monkeypatch):
     assert (
         rows[("compiled", "train", 8, 24)]["note"].startswith("ValueError") and "ms" in rows[("eager", "train", 8, 32)]
     )
+
+
+@pytest.mark.parametrize("cpu_convs", ["onednn", "stock"])
+def test_cpu_rows_run_the_3d_convolutions_through_onednn_unless_stock(monkeypatch, cpu_convs):
+    """Every model alike: the baselines' plain 3-D convolutions become OneDnnConv3d as ours do (rwkvseg.cpu_convs),
+    so the CPU rows compare the models, not PyTorch's backend choice."""
+    from rwkvseg.cpu_convs import OneDnnConv3d
+
+    kinds = {}
+
+    def measure(model, phase, shape, config, compiled):
+        kinds[type(model).__name__] = {type(m) for m in model.modules() if isinstance(m, nn.Conv3d)}
+        return {"ms": 1.0}
+
+    monkeypatch.setattr(bench_models_module, "measure", measure)
+    config = ModelBenchConfig(dims=3, models=("segresnet", "mmsegrwkv_test"), sides=(16,), modes=("eager",))
+    bench_models(dataclasses.replace(config, phases=("infer",), cpu_convs=cpu_convs), create_model)
+    expected = {OneDnnConv3d} if cpu_convs == "onednn" else {nn.Conv3d}
+    assert kinds == {"MonaiBaseline": expected, "MMSegRWKV": expected}  # SegResNet in its wrapper
+
+
+def test_a_cpu_file_from_before_cpu_convs_resumes_only_with_the_stock_convolutions(tmp_path, capsys):
+    out, argv, old = _eager_run(tmp_path)
+    assert old["environment"]["cpu_convs"] == "onednn"  # the default, recorded for a CPU run
+    del old["environment"]["cpu_convs"]
+    old["rows"] = old["rows"][:1]
+    out.write_text(json.dumps({**old, "complete": False}))
+    capsys.readouterr()
+    assert main([*argv, "--modes", "eager", "--resume"]) == 2
+    assert "(cpu_convs: ['stock'] there, ['onednn'] here)" in capsys.readouterr().err
+    assert main([*argv, "--modes", "eager", "--cpu-convs", "stock", "--resume"]) == 0
+    assert "1 rows kept from" in capsys.readouterr().out

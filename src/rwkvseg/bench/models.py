@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..compiling import inductor_options
+from ..cpu_convs import CPU_CONVS, use_onednn_convs
 from ..files import atomic_write
 from ..memory_format import MEMORY_FORMATS, to_memory_format
 
@@ -47,7 +48,7 @@ CONV_LAYOUTS = ("inductor", "eager")  # who lays out the compiled 3D convolution
 # Channels in and out of the problems the models are built for: RGB images with one foreground class; four MRI
 # sequences with three tumour regions (BraTS).
 PROBLEMS = {2: (3, 1), 3: (4, 3)}
-SIDES = {("cuda", 2): (256, 512, 1024), ("cuda", 3): (64, 96, 128, 160), ("cpu", 2): (64, 128), ("cpu", 3): (32, 48)}
+SIDES = {("cuda", 2): (256, 512, 1024), ("cuda", 3): (64, 96, 128, 160), ("cpu", 2): (64, 128), ("cpu", 3): (64, 96)}
 INFER_BATCHES = {2: (1, 8), 3: (1,)}
 TRAIN_BATCH = {2: 8, 3: 2}
 
@@ -70,7 +71,10 @@ class ModelBenchConfig:
     docs/speed.md). cudnn_benchmark: every row with `torch.backends.cudnn.benchmark` on (cuDNN times its
     algorithms at each new convolution shape and keeps the fastest; the first call of a row pays for it) instead of
     cuDNN's heuristic choice, the default of torch and of this project's runs. phases: infer and/or train.
-    memory_format: one of MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format).
+    memory_format: one of MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format). cpu_convs
+    (CPU rows): "onednn" (the default, as `rwkvseg predict` runs on the CPU) turns every model's plain 3-D
+    convolutions into rwkvseg.cpu_convs.OneDnnConv3d, "stock" leaves PyTorch's backend choice, whose batch-1 3-D
+    calls of few channels run its slow reference path; ours and the baselines alike either way.
     """
 
     dims: int
@@ -92,6 +96,7 @@ class ModelBenchConfig:
     repeats: int = 10
     threads: int = 2
     memory_format: str = "contiguous"
+    cpu_convs: str = "onednn"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +110,8 @@ class ModelBenchConfig:
             raise ValueError(f"bench models: compile mode {self.compile_mode!r}; choose one of {COMPILE_MODES}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"bench models: memory format {self.memory_format!r}; choose one of {MEMORY_FORMATS}")
+        if self.cpu_convs not in CPU_CONVS:
+            raise ValueError(f"bench models: cpu convs {self.cpu_convs!r}; choose one of {CPU_CONVS}")
         if self.conv_layouts not in CONV_LAYOUTS:
             raise ValueError(f"bench models: conv layouts {self.conv_layouts!r}; choose one of {CONV_LAYOUTS}")
         if self.repeats < 1 or self.warmup < 0 or self.threads < 1:
@@ -351,6 +358,8 @@ def bench_models(
         for name in dict.fromkeys(key[0] for key in todo):
             torch.manual_seed(0)
             model = build(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)
+            if device.type == "cpu" and config.cpu_convs == "onednn":
+                use_onednn_convs(model)
             if model_dims(model) != config.dims:
                 raise ValueError(f"bench models: {name} is a {model_dims(model)}D model; this run is {config.dims}D")
             params_m = sum(p.numel() for p in model.parameters()) / 1e6

@@ -102,6 +102,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "cuDNN's layout for bf16 convolutions)",
     )
     p.add_argument(
+        "--cpu-convs",
+        default="onednn",
+        choices=["onednn", "stock"],
+        help="CPU rows: onednn (default, as rwkvseg predict runs) sends the 3D convolutions that PyTorch would run on "
+        "its slow reference path (batch 1, few channels) to oneDNN, for every model; stock leaves PyTorch's choice",
+    )
+    p.add_argument(
         "--override",
         action="append",
         default=[],
@@ -334,6 +341,7 @@ def _run_models(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
         memory_format=args.memory_format,
+        cpu_convs=args.cpu_convs,
         overrides=model_overrides(args.override),
     )
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
@@ -345,6 +353,8 @@ def _run_models(args: argparse.Namespace) -> int:
     info["freeze"] = config.freeze
     info["conv_layouts"] = config.conv_layouts
     info["cudnn_benchmark"] = config.cudnn_benchmark
+    if torch.device(args.device).type == "cpu":  # CUDA rows do not depend on it (files from GPUs lack it)
+        info["cpu_convs"] = config.cpu_convs
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
@@ -417,6 +427,8 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
         before.setdefault("freeze", False)  # and did not freeze
         before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
         before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
+        if "cpu_convs" in info:  # CPU files from before the option ran PyTorch's own convolution backends
+            before.setdefault("cpu_convs", "stock")
     except FileNotFoundError:
         raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
     except (ValueError, KeyError, TypeError) as err:

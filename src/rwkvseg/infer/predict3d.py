@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..compiling import maybe_compile
+from ..cpu_convs import use_onednn_convs
 from ..data.preprocess3d import prepare_for_model, resample
 from ..data.regions import classes_to_values, regions_to_values
 from ..data.specs import DatasetSpec
@@ -113,13 +114,17 @@ def log_mirror_off(given: Sequence[int] | None, recorded: dict[str, Any], device
 
 
 class Predictor3D:
-    """A model with its 3D metadata: predicts cases on their original grids."""
+    """A model with its 3D metadata: predicts cases on their original grids. The model is put on options.device in
+    options.memory_format in place, and on the CPU its plain 3-D convolutions become rwkvseg.cpu_convs.OneDnnConv3d
+    (in place too: the sliding window's batch-1 windows would otherwise run PyTorch's slow path)."""
 
     def __init__(self, model: nn.Module, metadata: dict[str, Any], options: PredictConfig | None = None):
         options = options or PredictConfig()
         if metadata.get("dims") != 3:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = module_to(model.to(options.device).eval(), options.memory_format, 3)  # before compiling
+        if torch.device(options.device).type == "cpu":
+            use_onednn_convs(self.model)
         compiled = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
         self.forward = fed_in(compiled, options.memory_format)  # each window batch in the model's layout
         self.metadata = metadata

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..cpu_convs import use_onednn_convs
 from ..files import folder_lock
 from . import distributed
 from .config import TrainConfig
@@ -69,6 +70,8 @@ def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | N
     if ranks > 1:  # batch statistics over the global batch, as in one process (U-RWKV and the CNNs use BatchNorm)
         model = distributed.sync_batchnorm(model, device)
     model = model.to(device)
+    if torch.device(device).type == "cpu":  # batch-1 calls (validation windows) off PyTorch's slow 3-D path
+        use_onednn_convs(model)
     optimizer, scheduler, loop = training_setup(model, config, len(data.train_set), device, progress_bar)
     if distributed.is_main():
         log.info(
