@@ -269,3 +269,22 @@ def test_an_average_of_the_weights_is_what_a_3d_run_validates_and_saves(tmp_path
     assert any(not torch.equal(v, state["model"][k]) for k, v in best.items())  # not the raw weights
     assert read_meta(tmp_path / "run" / "best").training["ema"]["decay"] == 0.5
     assert json.loads((tmp_path / "run" / FINAL_FILE).read_text())["epoch"] == 1  # scored the average
+
+
+def test_a_cpu_run_keeps_its_batch_one_convolutions_off_the_slow_path(tmp_path, cache, monkeypatch):
+    """CPU training turns the model's plain 3-D convolutions into OneDnnConv3d (rwkvseg.cpu_convs), the same modules
+    and parameters: its validation windows run at batch 1, where PyTorch's backend rule takes its slow path."""
+    import rwkvseg.train.train as train_module
+    from rwkvseg.cpu_convs import OneDnnConv3d
+
+    seen = []
+    fit = train_module.fit
+
+    def spy(run, *args, **kwargs):
+        seen.extend(type(m) for m in run.model.modules() if isinstance(m, torch.nn.Conv3d))
+        return fit(run, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", spy)
+    overrides = [f"data.root={cache}", "epochs=1", "max_steps_per_epoch=1", "infer.final_eval=false"]
+    train(load_config(write_config(tmp_path / "c.toml"), [*overrides, f"out={tmp_path / 'a'}"]))
+    assert seen and set(seen) == {OneDnnConv3d}
