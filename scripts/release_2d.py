@@ -37,7 +37,7 @@ from rwkvseg.bench.complexity import count_parameters
 from rwkvseg.eval.evaluate import read_summary, summary_means
 from rwkvseg.eval.report import plot_curves, read_run
 from rwkvseg.models import create_model
-from rwkvseg.released import ReleasedModel, update_index, weights_dir
+from rwkvseg.released import ReleasedModel, add_note_option, card_notes, update_index, weights_dir
 
 DATASETS = {  # release suffix -> (dataset folder, human name of the data, split)
     "kvasir": ("kvasir_seg", "Kvasir-SEG (colonoscopy, polyp)", "720 train / 180 val, seed 0"),
@@ -251,22 +251,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="record these test-time flips (e.g. 0,1; '' none) as each release's default (chosen on validation)",
     )
     p.add_argument("--mirror-evidence", default="", help="with --mirror-axes: the measurement that chose them")
-    p.add_argument(
-        "--note",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("NAME", "TEXT"),
-        help="a paragraph for NAME's card after its validation table (repeatable): what else was measured for it",
-    )
+    add_note_option(p)
     args = p.parse_args(argv)
     if bad := [n for n in args.names if n.partition("-")[0] not in TITLES or n.partition("-")[2] not in DATASETS]:
         p.error(
             f"{', '.join(bad)}: a release is named <arch>-<dataset> with arch one of {', '.join(TITLES)} and dataset "
             f"one of {', '.join(DATASETS)}"
         )
-    if unknown := sorted({who for who, _ in args.note} - set(args.names)):
-        p.error(f"--note names {', '.join(unknown)}, not a release of this run; give one of {', '.join(args.names)}")
+    args.notes = card_notes(p, args.note, args.names)
     args.flips = None
     if args.mirror_axes is not None:
         try:
@@ -299,7 +291,6 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         for folder_name, label in EXTRA_ROWS
         if (row := evaluation_row(args.evals / f"{folder_name}-{name}" / "summary.json", label))
     )
-    notes = "".join(f"{text.strip()}\n\n" for who, text in args.note if who == name)
     rows = info.pop("rows")
     card = CARD.format(
         name=name,
@@ -319,7 +310,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         schedule_note=schedule_note(info["ran"], info["init"], name),
         **info,
         extra_rows=extra_rows,
-        notes=notes,
+        notes=args.notes[name],
         flips_row=flips_row(args.flips, args.mirror_evidence),
         **scores,
     )

@@ -55,7 +55,7 @@ from rwkvseg.eval.report import RunHistory, read_run, write_run_curves
 from rwkvseg.files import atomic_write_text, write_json
 from rwkvseg.infer.postprocess import check_postprocess
 from rwkvseg.models import create_model
-from rwkvseg.released import ReleasedModel, update_index, weights_dir
+from rwkvseg.released import ReleasedModel, add_note_option, card_notes, update_index, weights_dir
 from rwkvseg.train.config import config_from_dict
 from rwkvseg.train.run import changed_settings
 
@@ -348,7 +348,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     n = int8["cases"]
     card = CARD.format(
         name=name,
-        notes="".join(f"{text.strip()}\n\n" for who, text in args.note if who == name),
+        notes=args.notes[name],
         arch_title=TITLES.get(arch, arch),
         data_title=ds.title,
         version=__version__,
@@ -490,17 +490,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "training's (chosen on validation)",
     )
     p.add_argument("--mirror-evidence", default="", help="with --mirror-axes: the measurement that chose them")
-    p.add_argument(
-        "--note",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("NAME", "TEXT"),
-        help="a paragraph for NAME's card after its validation table (repeatable): what else was measured for it",
-    )
+    add_note_option(p)
     args = p.parse_args(argv)
-    if unknown := sorted({who for who, _ in args.note} - set(args.names)):
-        p.error(f"--note names {', '.join(unknown)}, not a release of this run; give one of {', '.join(args.names)}")
+    args.notes = card_notes(p, args.note, args.names)
     if args.mirror_axes is not None and not args.mirror_evidence.strip():
         p.error("--mirror-axes needs --mirror-evidence: the card names the measurement that chose them")
     if args.postprocess is not None and not args.postprocess_evidence.strip():

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -124,3 +126,24 @@ def update_index(model: ReleasedModel, folder: Path | None = None) -> Path:
         entries.append(index_entry(model))
     write_json(index, {"models": entries})
     return index
+
+
+def add_note_option(parser: argparse.ArgumentParser) -> None:
+    """The release scripts' --note NAME TEXT (repeatable): a paragraph for NAME's model card after its validation
+    table, so what was measured beside a release survives a rewrite of its card."""
+    parser.add_argument(
+        "--note",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "TEXT"),
+        help="a paragraph for NAME's card after its validation table (repeatable): what else was measured for it",
+    )
+
+
+def card_notes(parser: argparse.ArgumentParser, notes: Sequence[Sequence[str]], names: Sequence[str]) -> dict[str, str]:
+    """Each release's --note paragraphs in the order given (text stripped, a blank line after each; "" for none);
+    a usage error (parser.error) for a NAME not among the releases being written."""
+    if unknown := sorted({who for who, _ in notes} - set(names)):
+        parser.error(f"--note names {', '.join(unknown)}, not a release of this run; give one of {', '.join(names)}")
+    return {name: "".join(f"{text.strip()}\n\n" for who, text in notes if who == name) for name in names}
