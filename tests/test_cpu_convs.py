@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from rwkvseg.cpu_convs import OneDnnConv3d, takes_slow_path, use_onednn_convs
+from rwkvseg.cpu_convs import OneDnnConv3d, cpu_conv3d, takes_slow_path, use_onednn_convs
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -56,7 +56,7 @@ def test_the_rule_is_torchs_own_choice(cin, cout, kernel, stride, dilation, grou
     x = torch.randn(shape)
     with threads(n_threads):
         ran = kernels_run(conv, x)
-        predicted = takes_slow_path(conv, x)
+        predicted = takes_slow_path(x, conv.weight, conv.stride, conv.dilation, conv.groups)
     slow = any(k.startswith("aten::slow_conv") for k in ran)
     onednn = "aten::mkldnn_convolution" in ran
     assert slow != onednn, ran  # exactly one backend ran
@@ -67,12 +67,11 @@ def test_the_rule_is_torchs_own_choice(cin, cout, kernel, stride, dilation, grou
 
 
 def test_only_float32_cpu_maps_are_taken():
-    conv = nn.Conv3d(4, 8, 3, padding=1)
-    x = torch.randn(1, 4, 8, 8, 8)
-    assert takes_slow_path(conv, x)
-    assert not takes_slow_path(conv.double(), x.double())
+    w, x, ones = torch.randn(8, 4, 3, 3, 3), torch.randn(1, 4, 8, 8, 8), (1, 1, 1)
+    assert takes_slow_path(x, w, ones, ones, 1)
+    assert not takes_slow_path(x.double(), w.double(), ones, ones, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not takes_slow_path(conv.float(), x)
+        assert not takes_slow_path(x, w, ones, ones, 1)
 
 
 def swapped_pair(**settings) -> tuple[nn.Conv3d, nn.Conv3d]:
@@ -86,7 +85,7 @@ def test_outputs_and_gradients_match_the_plain_convolution(settings):
     plain, fast = swapped_pair(**settings)
     assert type(fast) is OneDnnConv3d
     x = torch.randn(1, 16, 16, 12, 20)
-    assert takes_slow_path(fast, x)
+    assert takes_slow_path(x, fast.weight, fast.stride, fast.dilation, fast.groups)
     with torch.inference_mode():
         expected = plain(x)
         with profile(activities=[ProfilerActivity.CPU]) as p:
@@ -113,22 +112,38 @@ def test_calls_off_the_slow_path_are_the_plain_convolution_exactly():
             assert torch.equal(fast(x), plain(x))
 
 
-def test_compiled_graphs_trace_whole_with_the_plain_convolution():
+def test_compiled_graphs_trace_the_operator_whole_and_run_it_in_onednn():
     plain, _ = swapped_pair(padding=1)
     torch.manual_seed(1)
-    pointwise = nn.Conv3d(8, 4, 1)  # 1 x 1: the rule reads the thread count, which dynamo cannot trace
+    pointwise = nn.Conv3d(8, 4, 1)  # 1 x 1: the rule reads the thread count, at run time inside the operator
     plain_net = nn.Sequential(plain, nn.GELU(), pointwise)
     net = use_onednn_convs(copy.deepcopy(plain_net))
     x = torch.randn(1, 16, 8, 8, 8)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():  # compiled graphs keep the plain convolution (Inductor's layouts of the oneDNN op)
-        torch.testing.assert_close(compiled(x), plain_net(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as p:
+        out = compiled(x)
+    assert "mkldnn::_convolution_pointwise" in {e.key for e in p.key_averages()}
+    with torch.no_grad():
+        torch.testing.assert_close(out, plain_net(x), rtol=1e-4, atol=1e-4)
     x.requires_grad_()
-    out = compiled(x)
-    out.sum().backward()
+    compiled(x).sum().backward()
     expected = x.detach().clone().requires_grad_()
     plain_net(expected).sum().backward()
     torch.testing.assert_close(x.grad, expected.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape", [(1, 16, 8, 8, 8), (2, 16, 8, 8, 8)])  # the slow path's shape, and one off it
+def test_the_operator_passes_torchs_own_checks(shape, layout):
+    """torch.library.opcheck: the fake implementation's shapes and strides against the real ones, the registered
+    gradient, and the operator's schema (as torch.compile and AOTAutograd rely on them)."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+    weight = torch.randn(8, 16, 3, 3, 3).requires_grad_()
+    for bias in (torch.randn(8).requires_grad_(), None):
+        torch.library.opcheck(cpu_conv3d, (x, weight, bias, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1))
+    out = cpu_conv3d(x.detach(), weight.detach(), None, [1, 1, 1], [1, 1, 1], [1, 1, 1], 1)
+    assert out.is_contiguous(memory_format=layout)
 
 
 def test_tracing_for_export_records_the_plain_convolution():

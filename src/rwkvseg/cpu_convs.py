@@ -10,62 +10,121 @@ its 1 x 4 x 32^3 inference in it (docs/speed.md, "3-D convolutions on the CPU").
 service run batch-1 windows, so that is where it costs.
 
 `use_onednn_convs(model)` turns every plain `nn.Conv3d` of a model into an `OneDnnConv3d` in place (its class
-only: the same module, parameters and state dict), which sends exactly the calls that PyTorch would run slowly to
-oneDNN, eagerly: `mkldnn._convolution_pointwise` when no gradient is needed, `aten.mkldnn_convolution` when one is
-(it has a registered backward). Every other call, every device but the CPU, tracing for export and torch.compile
-take the plain convolution: Inductor's fake kernel of the oneDNN op gives channels-last outputs where the real op
-keeps its input's layout, and dynamo cannot trace the thread count the rule reads, so compiled CPU graphs keep
-PyTorch's own choice. oneDNN sums in another order than the reference path, so outputs differ by float32 rounding,
-as between any two convolution backends.
+only: the same module, parameters and state dict). Its float32 CPU calls go through one registered operator,
+`rwkvseg::cpu_conv3d`, which applies the rule at run time (so torch.compile traces it as one opaque call, without
+reading the thread count) and runs the calls PyTorch would run slowly in oneDNN (`mkldnn._convolution_pointwise`,
+the oneDNN convolution Inductor itself emits), every other one as `F.conv3d`; its output keeps its input's layout
+either way, which its fake implementation states, and its gradient is ATen's `convolution_backward` (whose own
+backend choice is not changed). Other devices and dtypes, and tracing for export, take the plain convolution.
+oneDNN sums in another order than the reference path, so outputs differ by float32 rounding, as between any two
+convolution backends.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 CPU_CONVS = ("onednn", "stock")  # the settings naming whether use_onednn_convs is applied (bench models --cpu-convs)
 ATEN_NATIVE_MAX = 20480  # ATen: a batch-1, one-group, small-kernel float32 call of N*C*D*H at most this runs natively
 
 
-def takes_slow_path(conv: nn.Conv3d, x: Tensor) -> bool:
-    """Whether PyTorch's CPU backend choice sends conv(x) (x [N, C, D, H, W]) to its native slow convolution
-    although oneDNN could run it: ATen's rule, both of its clauses (docs above). A float32 CPU map only; a 1 x 1
-    kernel in one thread, unstrided and undilated, stays native by ATen's choice (it is faster there). Whether
-    oneDNN is there at all is use_onednn_convs's question (torch.compile cannot trace torch.backends). Not for
-    code that dynamo traces (it cannot trace the thread count): OneDnnConv3d asks only when not compiling."""
+def takes_slow_path(x: Tensor, weight: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int) -> bool:
+    """Whether PyTorch's CPU backend choice sends conv3d(x, weight, ...) (x [N, C, D, H, W]) to its native slow
+    convolution although oneDNN could run it: ATen's rule, both of its clauses (docs above). A float32 CPU map only;
+    a 1 x 1 kernel in one thread, unstrided and undilated, stays native by ATen's choice (it is faster there).
+    Whether oneDNN is there at all is use_onednn_convs's question. Run-time only: it reads the thread count."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 5 or x.is_mkldnn:
         return False
-    if conv.weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # autocast casts inside F.conv3d
+    if weight.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):  # autocast casts inside F.conv3d
         return False
-    kh, kw = conv.weight.shape[-2:]
-    strided, dilated = any(s != 1 for s in conv.stride), any(d != 1 for d in conv.dilation)
+    kh, kw = weight.shape[-2:]
+    strided, dilated = any(s != 1 for s in stride), any(d != 1 for d in dilation)
     several = torch.get_num_threads() > 1
     onednn_worth_it = strided or dilated or x.shape[0] >= 16 or (kh, kw) != (1, 1) or several
     big = math.prod(x.shape[:4]) > ATEN_NATIVE_MAX
-    aten_takes_onednn = conv.groups > 1 or (kh > 3 and kw > 3) or x.shape[0] > 1 or big
+    aten_takes_onednn = groups > 1 or (kh > 3 and kw > 3) or x.shape[0] > 1 or big
     return onednn_worth_it and not aten_takes_onednn
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """The memory format a convolution of x keeps: channels-last for a channels-last map, else contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+@torch.library.custom_op(
+    "rwkvseg::cpu_conv3d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups) -> Tensor",
+)
+def cpu_conv3d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """F.conv3d(x, weight, bias, stride, padding, dilation, groups) of a float32 CPU map [N, C, D, H, W], in oneDNN
+    where PyTorch would run its slow path (takes_slow_path); the output in x's layout (_layout)."""
+    if takes_slow_path(x, weight, stride, dilation, groups):
+        settings = (list(padding), list(stride), list(dilation), groups)
+        out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *settings, "none", [], "")
+    else:
+        out = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    return out.contiguous(memory_format=_layout(x))
+
+
+@cpu_conv3d.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    size = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
+    ]
+    return torch.empty((x.shape[0], weight.shape[0], *size), dtype=x.dtype, device=x.device, memory_format=_layout(x))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.settings = (list(stride), list(padding), list(dilation), groups)
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.settings
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        grad, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0, 0], groups, mask
+    )
+    return gx, gw, gb, None, None, None, None
+
+
+cpu_conv3d.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 class OneDnnConv3d(nn.Conv3d):
-    """nn.Conv3d whose calls that PyTorch would run on its slow CPU path run in oneDNN instead (module docs)."""
+    """nn.Conv3d whose float32 CPU calls go through rwkvseg::cpu_conv3d: the ones PyTorch would run on its slow path
+    run in oneDNN (module docs)."""
 
     def forward(self, x: Tensor) -> Tensor:  # x [N, C, D, H, W] -> [N, out_channels, D', H', W']
-        if torch.compiler.is_compiling() or _exporting():  # the plain convolution: see the module docs
+        plain = self.padding_mode != "zeros" or isinstance(self.padding, str) or _exporting()
+        if plain or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return super().forward(x)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not takes_slow_path(self, x):
+        if torch.is_autocast_enabled("cpu") or x.dim() != 5:
             return super().forward(x)
-        settings = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not needs_grad:  # inference: the fused op Inductor itself emits (no autograd)
-            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, *settings, "none", [], "")
-        return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, *settings)
+        return cpu_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def use_onednn_convs(model: nn.Module) -> nn.Module:
