@@ -10,12 +10,12 @@ its 1 x 4 x 32^3 inference in it (docs/speed.md, "3-D convolutions on the CPU").
 service run batch-1 windows, so that is where it costs.
 
 `use_onednn_convs(model)` turns every plain `nn.Conv3d` of a model into an `OneDnnConv3d` in place (its class
-only: the same module, parameters and state dict). Its float32 CPU calls go through one registered operator,
+only: the same module, parameters and state dict). Its CPU calls go through one registered operator,
 `rwkvseg::cpu_conv3d`, which applies the rule at run time (so torch.compile traces it as one opaque call, without
 reading the thread count) and runs the calls PyTorch would run slowly in oneDNN (`mkldnn._convolution_pointwise`,
 the oneDNN convolution Inductor itself emits), every other one as `F.conv3d`; its output keeps its input's layout
 either way, which its fake implementation states, and its gradient is ATen's `convolution_backward` (whose own
-backend choice is not changed). Other devices and dtypes, and tracing for export, take the plain convolution.
+backend choice is not changed). Other devices, autocast and tracing for export take the plain convolution.
 oneDNN sums in another order than the reference path, so outputs differ by float32 rounding, as between any two
 convolution backends.
 """
@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .memory_format import map_layout
 
 CPU_CONVS = ("onednn", "stock")  # the settings naming whether use_onednn_convs is applied (bench models --cpu-convs)
 ATEN_NATIVE_MAX = 20480  # ATen: a batch-1, one-group, small-kernel float32 call of N*C*D*H at most this runs natively
@@ -51,12 +53,6 @@ def takes_slow_path(x: Tensor, weight: Tensor, stride: Sequence[int], dilation: 
     return onednn_worth_it and not aten_takes_onednn
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    """The memory format a convolution of x keeps: channels-last for a channels-last map, else contiguous."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return torch.channels_last_3d if channels_last else torch.contiguous_format
-
-
 @torch.library.custom_op(
     "rwkvseg::cpu_conv3d",
     mutates_args=(),
@@ -71,23 +67,19 @@ def cpu_conv3d(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    """F.conv3d(x, weight, bias, stride, padding, dilation, groups) of a float32 CPU map [N, C, D, H, W], in oneDNN
-    where PyTorch would run its slow path (takes_slow_path); the output in x's layout (_layout)."""
+    """F.conv3d(x, weight, bias, stride, padding, dilation, groups) of a CPU map [N, C, D, H, W], in oneDNN
+    where PyTorch would run its slow path (takes_slow_path); the output in x's own layout (map_layout)."""
     if takes_slow_path(x, weight, stride, dilation, groups):
         settings = (list(padding), list(stride), list(dilation), groups)
         out = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *settings, "none", [], "")
     else:
         out = F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-    return out.contiguous(memory_format=_layout(x))
+    return out.contiguous(memory_format=map_layout(x))
 
 
 @cpu_conv3d.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups):
-    size = [
-        (n + 2 * p - d * (k - 1) - 1) // s + 1
-        for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True)
-    ]
-    return torch.empty((x.shape[0], weight.shape[0], *size), dtype=x.dtype, device=x.device, memory_format=_layout(x))
+def _(x, weight, bias, stride, padding, dilation, groups):  # the plain convolution's shape, in x's own layout
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups).contiguous(memory_format=map_layout(x))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -115,14 +107,18 @@ def _exporting() -> bool:
 
 
 class OneDnnConv3d(nn.Conv3d):
-    """nn.Conv3d whose float32 CPU calls go through rwkvseg::cpu_conv3d: the ones PyTorch would run on its slow path
-    run in oneDNN (module docs)."""
+    """nn.Conv3d whose CPU calls go through rwkvseg::cpu_conv3d: the ones PyTorch would run on its slow path run in
+    oneDNN, the others (float64 among them) as the plain convolution (module docs)."""
 
     def forward(self, x: Tensor) -> Tensor:  # x [N, C, D, H, W] -> [N, out_channels, D', H', W']
-        plain = self.padding_mode != "zeros" or isinstance(self.padding, str) or _exporting()
-        if plain or x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return super().forward(x)
-        if torch.is_autocast_enabled("cpu") or x.dim() != 5:
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 5
+            or self.padding_mode != "zeros"
+            or isinstance(self.padding, str)
+            or torch.is_autocast_enabled("cpu")
+            or _exporting()
+        ):
             return super().forward(x)
         return cpu_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 

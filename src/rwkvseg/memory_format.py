@@ -34,6 +34,16 @@ def torch_layout(memory_format: str, ndim: int) -> torch.memory_format:
     return torch.channels_last if ndim == 4 else torch.channels_last_3d
 
 
+def map_layout(x: torch.Tensor) -> torch.memory_format:
+    """A map's own layout: channels-last for a 4-D / 5-D map in that layout that is not also plain contiguous (as
+    with C == 1), else contiguous."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        layout = torch_layout("channels_last", x.dim())
+        if x.is_contiguous(memory_format=layout):
+            return layout
+    return torch.contiguous_format
+
+
 def tensor_to(x: torch.Tensor, memory_format: str) -> torch.Tensor:
     """x [B, C, *spatial] in memory_format (x itself when it already is)."""
     return x.contiguous(memory_format=torch_layout(memory_format, x.dim()))

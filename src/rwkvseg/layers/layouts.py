@@ -1,23 +1,15 @@
 """A map's memory layout: the one the fused instance norm computes in, shared by its operators (norm.py) and its
 Triton kernels (instance_norm_triton.py) without pulling MONAI or Triton into either, and the one the convolution
-twins (twins.py) branch on. Torch only."""
+twins (twins.py) branch on (`map_layout`, defined with the memory_format setting). Torch only."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..memory_format import torch_layout
+from ..memory_format import map_layout
 
-
-def map_layout(x: Tensor) -> torch.memory_format:
-    """A map's own layout: channels-last for a 4-D / 5-D map in that layout that is not also plain contiguous (as
-    with C == 1), else contiguous."""
-    if x.dim() in (4, 5) and not x.is_contiguous():
-        layout = torch_layout("channels_last", x.dim())
-        if x.is_contiguous(memory_format=layout):
-            return layout
-    return torch.contiguous_format
+__all__ = ["empty_in_layout", "instance_norm_layout", "map_layout"]
 
 
 def instance_norm_layout(x: Tensor) -> torch.memory_format:
