@@ -41,6 +41,10 @@ def test_rows_growth_and_figure(tmp_path):
     assert rows == seen
     # 2 models x (infer at batch 1 and 8 + train at batch 8) x 2 sides
     assert len(rows) == 2 * 3 * 2
+    # side by side, every model at a side before the next: a run cut short compares every model where it got to
+    assert [(r["side"], r["model"]) for r in rows] == [
+        (s, m) for s in (16, 32) for m in config.models for _ in range(3)
+    ]
     assert all(r["ms"] > 0 and r["peak_mb"] is None and r["compile_s"] is None for r in rows)
     assert {r["tokens"] for r in rows} == {16**2, 32**2}
     growth = growth_rows(rows)
@@ -231,7 +235,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     monkeypatch.setattr(bench, "measure", lambda *a: measured.append(a[2]) or real(*a))
     assert main([*argv, "--resume"]) == 0
     assert "4 rows kept from" in capsys.readouterr().out
-    assert measured == [(8, 3, 24, 24), (8, 3, 32, 32)]  # batch 8 at sides 24 and 32: the rows it lacked
+    assert measured == [(1, 3, 32, 32), (8, 3, 32, 32)]  # side 32, the rows it lacked (sides are measured in turn)
     result = json.loads(out.read_text())
     assert result["complete"] and result["rows"][:4] == partial["rows"] and len(result["rows"]) == 2 * 3
     assert main([*argv[:-2], "--resume"]) == 2 and "give --json FILE" in capsys.readouterr().err

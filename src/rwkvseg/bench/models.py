@@ -312,16 +312,18 @@ def row_key(row: dict[str, Any]) -> tuple:
 
 
 def planned_keys(config: ModelBenchConfig) -> list[tuple]:
-    """The row_key of every row a run of config makes, in the order it makes them."""
+    """The row_key of every row a run of config makes, in the order it makes them: side by side in the order the
+    sides are given, every model at a side before the next side (a run cut short still compares every model at the
+    sides it reached: give the side that matters most first)."""
     infer_batches = config.infer_batches or INFER_BATCHES[config.dims]
     train_batch = config.train_batch or TRAIN_BATCH[config.dims]
     return [
         (name, mode, phase, batch, side)
+        for side in config.resolved_sides()
         for name in config.models
         for mode in config.modes
         for phase in config.phases
         for batch in (infer_batches if phase == "infer" else (train_batch,))
-        for side in config.resolved_sides()
     ]
 
 
@@ -335,7 +337,7 @@ def bench_models(
     except the row_keys in skip (rows an earlier, interrupted run measured); a failure (out of memory, a size the
     model refuses, a compile error) becomes a row with a note instead of ending the run. A compiled row that fails
     where its eager twin ran (the compiler's failure, not the model's: compiling costs up to minutes a row) is
-    not tried again at the larger sides of that (model, phase, batch): those rows get a note pointing to it. on_row
+    not tried again at the later sides of that (model, phase, batch): those rows get a note pointing to it. on_row
     sees each row as it is made (for progress output and incremental saving)."""
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -355,8 +357,8 @@ def bench_models(
         cudnn_benchmark(config.cudnn_benchmark),
         torch._dynamo.config.patch(cache_size_limit=256),
     ):
-        for name in dict.fromkeys(key[0] for key in todo):
-            torch.manual_seed(0)
+        for side_now, name in dict.fromkeys((key[4], key[0]) for key in todo):  # planned_keys' order
+            torch.manual_seed(0)  # the same initial weights at every side
             model = build(name, in_channels, num_classes, **config.overrides.get(name, {})).to(device)
             if device.type == "cpu" and config.cpu_convs == "onednn":
                 use_onednn_convs(model)
@@ -364,7 +366,7 @@ def bench_models(
                 raise ValueError(f"bench models: {name} is a {model_dims(model)}D model; this run is {config.dims}D")
             params_m = sum(p.numel() for p in model.parameters()) / 1e6
             state = {k: v.clone() for k, v in model.state_dict().items()}  # training steps change the weights
-            for _, mode, phase, batch, side in (key for key in todo if key[0] == name):
+            for _, mode, phase, batch, side in (key for key in todo if key[0] == name and key[4] == side_now):
                 shape = input_shape(config.dims, batch, side)
                 row = {"model": name, "params_m": params_m, "mode": mode, "phase": phase, "batch": batch}
                 row.update(side=side, tokens=side**config.dims, memory_format=config.memory_format)

@@ -393,7 +393,11 @@ def _run_models(args: argparse.Namespace) -> int:
         columns.append(("compiled_compile_s", "compile s"))
     if config.memory_format != "contiguous":  # also in the line above the progress, far up in a long run
         print(f"parameters and inputs in {config.memory_format} memory format")
-    print(format_table(list(table.values()), [*columns, ("note", "note")]))
+    rank = {name: i for i, name in enumerate(config.models)}  # rows come side by side; the table reads per model
+    cells = sorted(
+        table.values(), key=lambda c: (rank[c["model"]], config.phases.index(c["phase"]), c["batch"], c["side"])
+    )
+    print(format_table(cells, [*columns, ("note", "note")]))
     for text, ref in notes.items():
         print(f"[{ref}] {text}")
     growth = growth_rows(rows)
