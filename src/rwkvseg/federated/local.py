@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cpu_convs import use_onednn_convs
 from ..data.splits import SPLIT_FILE, SPLIT_FORMAT, write_split
 from ..files import atomic_write
 from ..train.config import TrainConfig
@@ -94,6 +95,15 @@ def setup_site(config: TrainConfig, device: torch.device) -> RunData:
     return setup(config, Path(config.out), device)
 
 
+def placed(model: nn.Module, device: torch.device) -> nn.Module:
+    """model moved to device; on the CPU (the usual site) with its 3-D convolutions kept off PyTorch's slow path, as
+    `rwkvseg train` runs them (rwkvseg.cpu_convs: same modules, parameters and state dict)."""
+    model.to(device)
+    if torch.device(device).type == "cpu":
+        use_onednn_convs(model)
+    return model
+
+
 def site_seed(seed: int, round_: int, site_index: int) -> int:
     return (seed * 1_000_003 + round_ * 7919 + site_index) % 2**63
 
@@ -113,7 +123,7 @@ def train_site(
     """local_epochs epochs of round round_ (from 1) on the site's training cases; the model is updated in place.
     Returns the metrics that leave the site: mean training loss, steps, examples, seconds."""
     torch.manual_seed(site_seed(config.seed, round_, site_index))
-    model.to(device).train()
+    placed(model, device).train()
     optimizer, scheduler, loop = training_setup(model, config, len(data.train_set), device, progress_bar=False)
     site_dir = Path(config.out)
     if keep_optimizer and round_ > 1:
@@ -163,7 +173,7 @@ def validate_site(config: TrainConfig, data: RunData, model: nn.Module, device: 
     from ..train.loop import resolve_amp
 
     precision = loop_precision(resolve_amp(config.amp, device))
-    model.to(device).eval()
+    placed(model, device).eval()
     start = time.perf_counter()
     with torch.no_grad(), precision.autocast(device):
         scores = data.validate(model)
