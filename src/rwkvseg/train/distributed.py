@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
 import traceback
@@ -106,12 +107,18 @@ def process_group(device: torch.device, launch: Launch, timeout_s: float = DEFAU
 
     Every collective waits at most timeout_s, so a rank that dies or hangs ends the others with an error
     instead of a hang (torchrun also stops the remaining ranks when one exits with an error). An error in the
-    body is logged with the rank it happened on before it propagates. One process: does nothing.
+    body is logged with the rank it happened on before it propagates. Leaving destroys the backend itself, so
+    its threads are stopped before the caller goes on (`_leave`). One process: does nothing.
     """
     if not launch.distributed:
         yield
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # torch.distributed.nn.functional binds group.WORLD as a default argument of its functions when it is first
+    # imported, and DDP imports it (through torch._dynamo): imported after init_process_group, it would hold the
+    # group past destroy_process_group, until the interpreter's exit (see _leave). Imported before, it binds None
+    import torch.distributed.nn.functional  # noqa: F401
+
     dist.init_process_group(
         backend,
         rank=launch.rank,
@@ -121,21 +128,60 @@ def process_group(device: torch.device, launch: Launch, timeout_s: float = DEFAU
     )
     try:
         yield
-    except Exception as err:
-        if not _in_collective(err):
-            log.error("rank %d of %d failed: %s: %s", launch.rank, launch.world_size, type(err).__name__, err)
-            raise
-        log.error(
-            "rank %d of %d stopped: a collective operation failed, so another rank failed or did not answer within "
-            "%.0f s (its own message names it): %s",
-            launch.rank,
-            launch.world_size,
-            timeout_s,
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
-        )
+    except BaseException as err:
+        if isinstance(err, Exception):
+            _log_failure(err, launch, timeout_s)
+        # the traceback's frames (fit's, the training step's) hold the DDP wrapper, whose reducer holds the group.
+        # Left so, the group would go with the exception, later: at the interpreter's exit (see _leave), or when
+        # the reducer goes, whose destructor holds the GIL while gloo's waits for threads that may wait for it (a
+        # hang). Only the frames' local variables go; the traceback itself is kept
+        _clear_frames(err)
         raise
     finally:
-        dist.destroy_process_group()
+        _leave()
+
+
+def _log_failure(err: Exception, launch: Launch, timeout_s: float) -> None:
+    if not _in_collective(err):
+        log.error("rank %d of %d failed: %s: %s", launch.rank, launch.world_size, type(err).__name__, err)
+        return
+    log.error(
+        "rank %d of %d stopped: a collective operation failed, so another rank failed or did not answer within "
+        "%.0f s (its own message names it): %s",
+        launch.rank,
+        launch.world_size,
+        timeout_s,
+        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+    )
+
+
+def _clear_frames(err: BaseException) -> None:
+    """The local variables of the finished frames in the tracebacks of err and of the exceptions chained to it."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # skips the frames still running (this one and its callers)
+        todo += [e.__cause__, e.__context__]
+
+
+def _leave() -> None:
+    """Destroy the process group while the interpreter is fully alive, and with it the backend and its threads.
+
+    gloo's worker threads drop each finished operation after the rank that waited for it has gone on; the
+    operation (or a later barrier, through its list of prior operations) holds the tensors it sent, and a
+    tensor made in Python needs the GIL to go. Past the start of the interpreter's exit, a thread that asks for
+    the GIL is ended by Python (pthread_exit) in the middle of a C++ destructor, and the process aborts with
+    "terminate called without an active exception" (SIGABRT), after a run that completed. The backend's
+    destructor waits for those threads, so destroying it here closes that window; destroy_process_group
+    destroys it only if nothing else holds the group: the DDP wrapper (fit's, gone when fit returned or, after
+    an error, with the cleared frames; collected here if a reference cycle holds it) and
+    torch.distributed.nn.functional (imported before init_process_group above)."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _in_collective(err: BaseException) -> bool:
