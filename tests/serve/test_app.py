@@ -14,6 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install rwkvseg[serve])")
@@ -31,6 +32,7 @@ from serve_support import (
     write_case,
 )
 
+from rwkvseg.infer.precision import cpu_has_native_bf16
 from rwkvseg.serve import (
     ServeConfig,
     create_app,
@@ -120,6 +122,26 @@ def test_torch_runtime_on_the_cpu_runs_a_micro_batch_one_image_at_a_time(test_mo
         assert np.allclose(p, hosted.probabilities([image])[0])
 
 
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_bf16_service_runs_checkpoints_in_bf16_and_lists_it(test_models):
+    """--precision bf16: the 2D network runs under bfloat16 autocast, its probabilities the fp32 ones up to bf16
+    rounding; /v1/models says so."""
+    (source,) = predictors.resolve_models([str(test_models["urwkv"])])
+    hosted = {p: predictors.Hosted2D(source, device="cpu", precision=p) for p in ("fp32", "bf16")}
+    seen = []
+    for m in hosted["bf16"].backend.model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    image = square_image().astype(np.float32) / 255
+    fp32, bf16 = (hosted[p].probabilities([image])[0] for p in ("fp32", "bf16"))
+    assert seen and set(seen) == {torch.bfloat16} and np.asarray(bf16).dtype == np.float32
+    assert np.abs(np.asarray(bf16) - np.asarray(fp32)).max() < 0.05
+    with client_for(ServeConfig(models=(str(test_models["urwkv"]),), precision="bf16")) as c:
+        wait_ready(c)
+        (entry,) = c.get("/v1/models").json()["models"]
+        assert entry["precision"] == "bf16"
+
+
 def test_health_models_openapi_and_viewer(client):
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json()["ready"] is True
@@ -131,6 +153,7 @@ def test_health_models_openapi_and_viewer(client):
     assert models["ball"]["classes"]["label_values"] == [0, 1, 2, 4] and all(m["ready"] for m in models.values())
     assert {m["postprocess"] for m in models.values()} == {"none"}  # no --postprocess, no recorded choice
     assert all(m["mirror_axes"] == [] for m in models.values())  # no flips: 2D never, 3D without --mirror-3d
+    assert all(m["precision"] == "fp32" for m in models.values())  # without --precision
     assert client.get("/v2/models/ball/ready").json() == {"name": "ball", "ready": True}
     assert client.get("/v2/models/nope/ready").status_code == 404
     schema = client.get("/openapi.json").json()
@@ -457,6 +480,10 @@ def test_config_and_model_errors_name_the_fix(tmp_path):
         ServeConfig(runtime="tf")
     with pytest.raises(ValueError, match="max_queue=0"):
         ServeConfig(max_queue=0)
+    with pytest.raises(ValueError, match="--precision 'fp16' unknown"):
+        ServeConfig(precision="fp16")
+    with pytest.raises(ValueError, match="precision 'bf16' is for checkpoints"):
+        ServeConfig(runtime="onnx", precision="bf16")
     with pytest.raises(ValueError, match="neither a released model"):
         create_app(ServeConfig(models=(str(tmp_path / "missing"),)))
     with pytest.raises(ValueError, match="hosted twice"):

@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a 2D request may take before 504")
     p.add_argument("--mirror-3d", action="store_true", help="mirror test-time augmentation for 3D (8x the work)")
     p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="arithmetic of hosted checkpoints: fp32 (default) or bf16 (bfloat16 autocast; a GPU, or a CPU with "
+        "native bfloat16 such as AVX512-BF16 / AMX), as `rwkvseg predict --precision`",
+    )
+    p.add_argument(
         "--postprocess",
         default=None,
         metavar="SPEC",
@@ -67,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms,
             timeout_s=args.timeout,
             mirror_3d=args.mirror_3d,
+            precision=args.precision,
             postprocess=args.postprocess,
             torch_threads=args.threads,
         )

@@ -17,6 +17,7 @@ from ..files import output_folder
 from ..memory_format import check_memory_format
 from ..records import recorded_threshold
 from .postprocess import PostProcess
+from .precision import check_precision
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class PredictConfig:
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
     time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager". memory_format:
     "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format).
+    precision: "fp32" or "bf16" (the model under bfloat16 autocast, its outputs float32: infer.precision; refused
+    on a CPU without native bfloat16).
     postprocess: applied to each label map before it is written (infer.postprocess); probabilities stay raw. None:
     the checkpoint's own choice (preprocessing.inference.postprocess, recorded at release after being chosen on
     validation; none where it records none)."""
@@ -52,10 +55,12 @@ class PredictConfig:
     compile: str = "auto"
     compile_backend: str = "inductor"
     memory_format: str = "contiguous"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check_compile(self.compile, self.compile_backend)
         check_memory_format(self.memory_format, "--memory-format")
+        check_precision(self.precision, self.device)
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"--threshold {self.threshold} must be in [0, 1] (a probability)")
         if (self.batch_size is not None and self.batch_size < 1) or self.sw_batch_size < 1:
@@ -112,4 +117,5 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         mirror_axes=config.mirror_axes,  # None: the checkpoint's recorded defaults, as for postprocess
         memory_format=config.memory_format,
         postprocess=config.postprocess,
+        precision=config.precision,
     )

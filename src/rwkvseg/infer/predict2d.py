@@ -31,6 +31,7 @@ from ..memory_format import fed_in, module_to
 from ..records import Preprocessing2D
 from .postprocess import PostProcess, check_postprocess, chosen_postprocess
 from .postprocess import postprocess as postprocess_labels
+from .precision import check_precision, in_precision
 from .sliding_window import SlidingWindowConfig, mirrored, predict_logits
 
 log = logging.getLogger(__name__)
@@ -213,15 +214,17 @@ def predict_2d(
     mirror_axes: Sequence[int] | None = None,
     memory_format: str = "contiguous",
     postprocess: PostProcess | None = None,
+    precision: str = "fp32",
 ) -> list[Path]:
-    """Predict masks for an image file or folder; returns the mask paths written. compile, memory_format: see
-    PredictConfig. mirror_axes: test-time augmentation, the logits averaged over every flip of these axes (0:
-    height, 1: width; (0, 1) costs 4 forward passes per image); None: the checkpoint's recorded default
+    """Predict masks for an image file or folder; returns the mask paths written. compile, memory_format,
+    precision: see PredictConfig. mirror_axes: test-time augmentation, the logits averaged over every flip of these
+    axes (0: height, 1: width; (0, 1) costs 4 forward passes per image); None: the checkpoint's recorded default
     (recorded_mirror_axes). postprocess: applied to each mask (and so its overlay) before writing, the
     probabilities staying the model's; None: the checkpoint's recorded default (infer.postprocess). batch_size:
     images per forward pass; None: default_batch_size(device)."""
     if mirror_axes is not None:
         check_mirror_axes(mirror_axes)  # before loading: a bad option fails fast
+    check_precision(precision, device)
     model, meta = load_checkpoint(checkpoint, device)
     inference = meta.preprocessing.get("inference")
     given, mirror_axes = mirror_axes, recorded_mirror_axes(mirror_axes, inference, f"the sidecar of {checkpoint}")
@@ -232,7 +235,7 @@ def predict_2d(
         log.info("post-processing each mask: %s", postprocess.spelling())
     module_to(model, memory_format, 2)  # before compiling, which specializes on the parameters' strides
     model = maybe_compile(model, compile, device, "the model", compile_backend)
-    predictor = mirrored(fed_in(model, memory_format), mirror_axes)
+    predictor = mirrored(in_precision(fed_in(model, memory_format), precision, device), mirror_axes)
     pre = Preprocessing2D.from_meta(meta)
     files = list_inputs(inputs, skip_non_images)
     out = Path(out)

@@ -40,6 +40,7 @@ from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
 from .postprocess import check_postprocess, chosen_postprocess, et_min_voxels_at, postprocess
+from .precision import in_precision
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
@@ -126,7 +127,8 @@ class Predictor3D:
         if torch.device(options.device).type == "cpu":
             use_onednn_convs(self.model)
         compiled = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
-        self.forward = fed_in(compiled, options.memory_format)  # each window batch in the model's layout
+        # each window batch in the model's layout and precision, its logits back as float32
+        self.forward = in_precision(fed_in(compiled, options.memory_format), options.precision, options.device)
         self.metadata = metadata
         self.spec = DatasetSpec.from_dict(metadata["dataset"])
         self.target = metadata["target"]

@@ -86,6 +86,10 @@ class ModelEntry(BaseModel):
         "service's --mirror-3d, never in 2D (a model's recorded flips, which `rwkvseg predict` applies, are skipped "
         "for latency: predict with --mirror-axes '' gives the service's masks)"
     )
+    precision: str = Field(
+        description="the arithmetic of the forward pass: fp32, or bf16 (bfloat16 autocast, the service's "
+        "--precision; checkpoints only: an exported file runs as it was exported, listed as fp32)"
+    )
     threshold: float | None = Field(
         description="2D binary models: the probability cut of a mask when a request names none, the one the model "
         "records (as `rwkvseg predict` uses it); null for multi-class and 3D models"

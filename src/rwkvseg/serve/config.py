@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..infer.precision import check_precision
+
 RUNTIMES = ("torch", "onnx")
 
 
@@ -46,6 +48,7 @@ class ServeConfig:
     timeout_3d_s: float = 600.0
     overlap_3d: float = 0.5
     mirror_3d: bool = False  # test-time flips: 8x the work for a small gain; off for a responsive service
+    precision: str = "fp32"  # or "bf16": checkpoints under bfloat16 autocast (rwkvseg.infer.precision)
     postprocess: str | None = None
     log_json: bool = True
     # torch intra-op threads of the process (serve() sets them), and with runtime "onnx" each onnxruntime session's;
@@ -82,3 +85,9 @@ class ServeConfig:
             raise ValueError(f"serve settings must be positive: {', '.join(bad) or 'batch_wait_ms'}")
         if not 0 <= self.overlap_3d < 1:
             raise ValueError(f"overlap_3d must lie in [0, 1), got {self.overlap_3d}")
+        check_precision(self.precision, self.device)
+        if self.precision != "fp32" and self.runtime == "onnx":
+            raise ValueError(
+                f"precision {self.precision!r} is for checkpoints (runtime 'torch'); an exported file runs in "
+                "onnxruntime as it was exported: drop --precision or serve checkpoints"
+            )

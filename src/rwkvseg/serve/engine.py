@@ -64,6 +64,7 @@ class Engine:
             applied = predictors.postprocess_for(source, given)
             mirror = [0, 1, 2] if source.dims == 3 and config.mirror_3d else []  # 2D: never (ServeConfig)
             info = predictors.describe(source) | {"postprocess": applied.spelling(), "mirror_axes": mirror}
+            info["precision"] = "fp32" if source.exported else config.precision
             info["threshold"] = predictors.threshold_for(source)
             self.models[source.name] = _Model(source, info, applied)
         self._pending = 0
@@ -118,6 +119,7 @@ class Engine:
                     c.mirror_3d,
                     c.torch_threads,
                     model.postprocess,
+                    c.precision,
                 )
             except Exception as err:  # a model that cannot load keeps the service unready, with the reason
                 model.error = f"{type(err).__name__}: {err}"

@@ -36,6 +36,7 @@ from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
 from ..infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from ..infer.postprocess import postprocess as postprocess_labels
+from ..infer.precision import in_precision
 from ..infer.predict import PredictConfig
 from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
 from ..infer.predict3d import Predictor3D, write_like
@@ -229,14 +230,15 @@ class ProbabilityBackend(Protocol):
 
 
 class _TorchBackend:
-    def __init__(self, checkpoint: Path, device: str):
+    def __init__(self, checkpoint: Path, device: str, precision: str = "fp32"):
         self.model, self.meta = load_checkpoint(checkpoint, device)
+        self.forward = in_precision(self.model, precision, device)
         self.pre = Preprocessing2D.from_meta(self.meta)
         self.device = device
 
     def probabilities(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         with torch.inference_mode():  # one image per pass on the CPU, where batches cost more per image
-            return predict_arrays(self.model, images, self.pre, self.device)
+            return predict_arrays(self.forward, images, self.pre, self.device)
 
 
 class _OnnxBackend:
@@ -283,6 +285,7 @@ class Hosted2D:
         device: str = "cpu",
         threads: int | None = None,
         postprocess: PostProcess | None = None,
+        precision: str = "fp32",
     ):
         self.source = source
         self.meta = source.meta
@@ -291,7 +294,7 @@ class Hosted2D:
         if source.exported:
             self.backend: ProbabilityBackend = _OnnxBackend(source.path, threads)
         else:
-            self.backend = _TorchBackend(source.path, device)
+            self.backend = _TorchBackend(source.path, device, precision)
         self.multiclass = self.meta.num_classes > 1
 
     def warmup(self) -> None:
@@ -341,12 +344,15 @@ class Hosted3D:
         mirror: bool = False,
         threads: int | None = None,
         postprocess: PostProcess | None = None,
+        precision: str = "fp32",
     ):
         self.source = source
         self.meta = source.meta
         self.spec = DatasetSpec.from_dict(self.meta.preprocessing["dataset"])
         mirror_axes = (0, 1, 2) if mirror else ()
-        options = PredictConfig(overlap=overlap, mirror_axes=mirror_axes, device=device, postprocess=postprocess)
+        options = PredictConfig(
+            overlap=overlap, mirror_axes=mirror_axes, device=device, postprocess=postprocess, precision=precision
+        )
         if source.exported:  # the same sliding window, resampling and label mapping; onnxruntime runs the network
             self.predictor = _onnx_tools().onnx_predictor_3d(source.path, options, threads)
         else:
@@ -378,11 +384,13 @@ def load(
     mirror_3d: bool,
     threads: int | None = None,
     postprocess: PostProcess | None = None,
+    precision: str = "fp32",
 ) -> Hosted2D | Hosted3D:
     """The model ready for requests: onnxruntime for an exported file, torch on `device` for a checkpoint.
-    postprocess: the service's --postprocess (None: the model's own choice, as `rwkvseg predict`)."""
+    postprocess: the service's --postprocess (None: the model's own choice, as `rwkvseg predict`). precision: a
+    checkpoint's arithmetic (rwkvseg.infer.precision); an exported file runs as it was exported."""
     if source.dims == 3:
-        return Hosted3D(source, device, overlap_3d, mirror_3d, threads, postprocess)
-    hosted = Hosted2D(source, device, threads, postprocess)
+        return Hosted3D(source, device, overlap_3d, mirror_3d, threads, postprocess, precision)
+    hosted = Hosted2D(source, device, threads, postprocess, precision)
     hosted.warmup()
     return hosted

@@ -1,0 +1,55 @@
+"""The arithmetic a prediction runs in: float32 (the default) or bfloat16 autocast, on the CPU as on a GPU.
+
+bf16 halves what every convolution reads and lets CPUs with native bfloat16 instructions (AVX512-BF16, AMX)
+multiply at about twice the float32 rate; the outputs leave the model as float32, so the sliding window's sums,
+the flips' average, the activation and the resampling stay in float32 whatever the model ran in. A CPU without
+those instructions emulates bf16 more slowly than it runs float32: asking for bf16 there is refused. Measured
+effects on speed and scores: docs/speed.md ("Predicting in bfloat16").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (torch answers through a private operator; a torch without
+    it is not second-guessed: True)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if supported is None else bool(supported())
+
+
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """A clear error for a precision that is unknown or that this device cannot run faster than float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} unknown; choose one of {', '.join(PRECISIONS)}")
+    if precision != "bf16":
+        return
+    device = torch.device(device)
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError(
+            "--precision bf16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 runs "
+            "slower than float32; use --precision fp32"
+        )
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16: {device} has no bfloat16 support; use --precision fp32")
+
+
+def in_precision(
+    forward: Callable[[torch.Tensor], torch.Tensor], precision: str, device: torch.device | str
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """forward run in precision on device (after check_precision), its output as float32; fp32: forward itself."""
+    if precision == "fp32":
+        return forward
+    device_type = torch.device(device).type
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            y = forward(x)
+        return y.float()
+
+    return run
