@@ -21,6 +21,7 @@ from rwkvseg.bench.models import (
     plot_growth,
 )
 from rwkvseg.cli import main
+from rwkvseg.cpu_convs import cpu_has_native_bf16
 from rwkvseg.models import create_model, list_models
 
 
@@ -486,3 +487,26 @@ def test_a_cpu_file_from_before_cpu_convs_resumes_only_with_the_stock_convolutio
     assert "(cpu_convs: ['stock'] there, ['onednn'] here)" in capsys.readouterr().err
     assert main([*argv, "--modes", "eager", "--cpu-convs", "stock", "--resume"]) == 0
     assert "1 rows kept from" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_cpu_bf16_rows_run_under_bf16_autocast_and_resume_only_so(tmp_path, capsys, monkeypatch):
+    """--cpu-bf16: the CPU rows run as `rwkvseg predict --precision bf16` does; the setting is recorded, a float32
+    file (also one from before the option) does not take bf16 rows, and a CPU without native bf16 is refused."""
+    config = ModelBenchConfig(dims=2, models=("unet_test",), sides=(16,), modes=("eager",), phases=("infer",))
+    model = create_model("unet_test", 3, 1)
+    for cpu_bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        step = make_step(model, "infer", (1, 3, 16, 16), dataclasses.replace(config, cpu_bf16=cpu_bf16), False)
+        assert step().dtype == dtype
+    out, argv, old = _eager_run(tmp_path)
+    assert old["environment"]["cpu_bf16"] is False  # recorded for a CPU run
+    del old["environment"]["cpu_bf16"]  # a CPU file from before the option measured float32
+    old["rows"], old["complete"] = old["rows"][:1], False
+    out.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main([*argv, "--modes", "eager", "--cpu-bf16", "--resume"]) == 2
+    assert "(cpu_bf16: [False] there, [True] here)" in capsys.readouterr().err
+    assert main([*argv, "--modes", "eager", "--resume"]) == 0
+    monkeypatch.setattr(bench_models_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="--cpu-bf16: this CPU has no native bfloat16"):
+        dataclasses.replace(config, cpu_bf16=True)

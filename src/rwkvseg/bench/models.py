@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..compiling import inductor_options
-from ..cpu_convs import CPU_CONVS, use_onednn_convs
+from ..cpu_convs import CPU_CONVS, cpu_has_native_bf16, use_onednn_convs
 from ..files import atomic_write
 from ..memory_format import MEMORY_FORMATS, to_memory_format
 
@@ -74,7 +74,8 @@ class ModelBenchConfig:
     memory_format: one of MEMORY_FORMATS, for every row (rwkvseg.memory_format.to_memory_format). cpu_convs
     (CPU rows): "onednn" (the default, as `rwkvseg predict` runs on the CPU) turns every model's plain 3-D
     convolutions into rwkvseg.cpu_convs.OneDnnConv3d, "stock" leaves PyTorch's backend choice, whose batch-1 3-D
-    calls of few channels run its slow reference path; ours and the baselines alike either way.
+    calls of few channels run its slow reference path; ours and the baselines alike either way. cpu_bf16 (CPU rows):
+    bf16 autocast as on CUDA (`rwkvseg predict --precision bf16`; a CPU with native bfloat16 only), else float32.
     """
 
     dims: int
@@ -97,6 +98,7 @@ class ModelBenchConfig:
     threads: int = 2
     memory_format: str = "contiguous"
     cpu_convs: str = "onednn"
+    cpu_bf16: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +114,8 @@ class ModelBenchConfig:
             raise ValueError(f"bench models: memory format {self.memory_format!r}; choose one of {MEMORY_FORMATS}")
         if self.cpu_convs not in CPU_CONVS:
             raise ValueError(f"bench models: cpu convs {self.cpu_convs!r}; choose one of {CPU_CONVS}")
+        if self.cpu_bf16 and torch.device(self.device).type == "cpu" and not cpu_has_native_bf16():
+            raise ValueError("bench models --cpu-bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); drop it")
         if self.conv_layouts not in CONV_LAYOUTS:
             raise ValueError(f"bench models: conv layouts {self.conv_layouts!r}; choose one of {CONV_LAYOUTS}")
         if self.repeats < 1 or self.warmup < 0 or self.threads < 1:
@@ -186,7 +190,12 @@ def cudnn_benchmark(on: bool) -> Iterator[None]:
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def bf16_autocast(config: ModelBenchConfig) -> bool:
+    """Whether config's rows run under bf16 autocast: on CUDA with amp, on the CPU with cpu_bf16."""
+    return config.cpu_bf16 if torch.device(config.device).type == "cpu" else config.amp
 
 
 def _step_fn(model: nn.Module, phase: str, x: torch.Tensor, device: torch.device, amp: bool) -> Callable[[], Any]:
@@ -221,7 +230,7 @@ def make_step(
     model: nn.Module, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
 ) -> Callable[[], Any]:
     """The call `measure` times: one inference call or training step of model on a random input of shape on
-    config.device (bf16 autocast on CUDA when config.amp), model and input in config.memory_format (model
+    config.device (bf16 autocast where bf16_autocast(config)), model and input in config.memory_format (model
     converted in place), through torch.compile with config's settings when compiled (the first call compiles)."""
     device = torch.device(config.device)
     x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
@@ -230,7 +239,7 @@ def make_step(
         freeze, keep = config.freeze and phase == "infer", config.conv_layouts == "eager"
         options = inductor_options(config.compile_mode, freeze=freeze, keep_conv_layouts=keep)
         runner = torch.compile(model, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
-    return _step_fn(runner, phase, x, device, config.amp)
+    return _step_fn(runner, phase, x, device, bf16_autocast(config))
 
 
 def measure(

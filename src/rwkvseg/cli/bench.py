@@ -95,6 +95,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed calls per row (median and min reported)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (cpu only)")
     p.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="CPU rows under bf16 autocast, as `rwkvseg predict --precision bf16` (a CPU with native bfloat16: "
+        "AVX512-BF16 or AMX); default float32 there",
+    )
+    p.add_argument(
         "--memory-format",
         default="contiguous",
         choices=["contiguous", "channels_last"],
@@ -342,6 +348,7 @@ def _run_models(args: argparse.Namespace) -> int:
         threads=args.threads,
         memory_format=args.memory_format,
         cpu_convs=args.cpu_convs,
+        cpu_bf16=args.cpu_bf16,
         overrides=model_overrides(args.override),
     )
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
@@ -355,6 +362,7 @@ def _run_models(args: argparse.Namespace) -> int:
     info["cudnn_benchmark"] = config.cudnn_benchmark
     if torch.device(args.device).type == "cpu":  # CUDA rows do not depend on it (files from GPUs lack it)
         info["cpu_convs"] = config.cpu_convs
+        info["cpu_bf16"] = config.cpu_bf16
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
@@ -433,6 +441,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
         before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
         if "cpu_convs" in info:  # CPU files from before the option ran PyTorch's own convolution backends
             before.setdefault("cpu_convs", "stock")
+            before.setdefault("cpu_bf16", False)  # and float32
     except FileNotFoundError:
         raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
     except (ValueError, KeyError, TypeError) as err:

@@ -13,14 +13,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..cpu_convs import cpu_has_native_bf16
+
 PRECISIONS = ("fp32", "bf16")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (torch answers through a private operator; a torch without
-    it is not second-guessed: True)."""
-    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return True if supported is None else bool(supported())
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:
