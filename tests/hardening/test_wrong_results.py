@@ -150,6 +150,27 @@ def test_predict_options_checked(tmp_path, capsys, bright, args, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "gpus, device, message",
+    [
+        (0, "cuda", "--device cuda: torch sees no CUDA device (no GPU, or a CPU build of torch); use cpu"),
+        (1, "cuda:1", "--device cuda:1: torch sees 1 CUDA device(s), cuda:0 to cuda:0"),
+    ],
+)
+def test_predict_and_serve_refuse_a_gpu_torch_does_not_see(
+    tmp_path, capsys, bright, monkeypatch, gpus, device, message
+):
+    """Said up front in one line (it used to surface at loading as a pinned-memory error about the weights)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    ck = bright_checkpoint(tmp_path)
+    code, err = cli(capsys, "predict", ck, tmp_path / "in", "--out", tmp_path / "out", "--device", device)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    code, err = cli(capsys, "serve", "--device", device, ck)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("gpu", [False, True])
 def test_predict_runs_on_the_gpu_by_default_where_there_is_one(tmp_path, capsys, bright, monkeypatch, gpu):
     """No --device: the GPU when torch sees one (a script on a GPU machine that forgot --device ran on the CPU)."""

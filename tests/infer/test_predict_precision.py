@@ -62,6 +62,11 @@ def test_cli_refuses_bf16_on_a_cpu_without_it_in_one_line(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--precision bf16" in err
     assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert main([*argv, "--precision", "bf16", "--runtime", "onnx"]) == 2  # an exported file runs as exported
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--runtime onnx runs the exported file as it was exported" in err
+    assert not (tmp_path / "out").exists()
 
 
 @native

@@ -176,6 +176,11 @@ def run(args: argparse.Namespace) -> int:
         postprocess=None if args.postprocess is None else PostProcess.parse(args.postprocess),
     )
     if args.runtime == "onnx":
+        if config.precision != "fp32":
+            raise ValueError(
+                f"--precision {config.precision} is for checkpoints; --runtime onnx runs the exported file as it was "
+                "exported (float32, or its int8 export): drop --precision"
+            )
         return _run_onnx(args, checkpoint, source, config)
     volumes = is_3d_checkpoint(checkpoint)
     inputs = [source, *args.more_modalities] if volumes else [source]

@@ -60,13 +60,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..serve.app import serve
     from ..serve.config import ServeConfig
+    from ._options import device_name
 
     serve(
         ServeConfig(
             host=args.host,
             port=args.port,
             models=tuple(args.models),
-            device=args.device,
+            device=device_name(args.device),
             runtime=args.runtime,
             max_request_bytes=int(args.max_request_mb * 2**20),
             max_queue=args.max_queue,

@@ -30,7 +30,7 @@ def check_precision(precision: str, device: torch.device | str) -> None:
             "--precision bf16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 runs "
             "slower than float32; use --precision fp32"
         )
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision bf16: {device} has no bfloat16 support; use --precision fp32")
 
 
