@@ -38,7 +38,9 @@ def spy(model, seen):
     return model
 
 
-def test_2d_prediction_in_channels_last_writes_the_contiguous_probabilities(tmp_path, monkeypatch):
+def urwkv_test_prediction(tmp_path, monkeypatch, wrap) -> list[str]:
+    """A urwkv_test checkpoint and two odd-sized images under tmp_path, predict2d's loader handing each loaded model
+    through wrap (a spy); returns the `rwkvseg predict` arguments but --out (probabilities, no compile, one flip)."""
     torch.manual_seed(0)
     pre = Preprocessing2D(3, (32, 32), "resize", "dtype")
     meta = CheckpointMeta("urwkv_test", 3, 1, preprocessing=pre.to_dict())
@@ -46,14 +48,19 @@ def test_2d_prediction_in_channels_last_writes_the_contiguous_probabilities(tmp_
     rng = np.random.default_rng(1)
     for i, shape in enumerate([(40, 50), (33, 21)]):
         save_png(tmp_path / "in" / f"x{i}.png", rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
-    seen, load = [], predict2d.load_checkpoint
+    load = predict2d.load_checkpoint
 
     def spied_load(*args, **kwargs):
         model, meta = load(*args, **kwargs)
-        return spy(model, seen), meta
+        return wrap(model), meta
 
     monkeypatch.setattr(predict2d, "load_checkpoint", spied_load)
-    base = ["predict", str(ck), str(tmp_path / "in"), "--probabilities", "--compile", "off", "--mirror-axes", "1"]
+    return ["predict", str(ck), str(tmp_path / "in"), "--probabilities", "--compile", "off", "--mirror-axes", "1"]
+
+
+def test_2d_prediction_in_channels_last_writes_the_contiguous_probabilities(tmp_path, monkeypatch):
+    seen = []
+    base = urwkv_test_prediction(tmp_path, monkeypatch, lambda model: spy(model, seen))
     assert main([*base, "--out", str(tmp_path / "contiguous")]) == 0
     assert seen and not any(seen)
     seen.clear()
@@ -67,12 +74,18 @@ def test_2d_prediction_in_channels_last_writes_the_contiguous_probabilities(tmp_
         assert np.abs(a - b).max() <= 1  # 8-bit probabilities, equal up to a rounding step
 
 
-def test_3d_prediction_feeds_each_window_batch_channels_last(tmp_path, trained_at_2mm):  # noqa: F811
+def one_case_and_net(tmp_path, trained_at_2mm):  # noqa: F811
+    """A 1 mm BraTS-like case under tmp_path, the 3D inference metadata of a small window, and a two-convolution
+    net: (case, metadata, net)."""
     folder, _ = write_1mm_case(tmp_path / "in")
     (case,) = discover_cases(folder, dataset_spec("brats"), require_label=False)
     metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12), target="labels")
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 4, 3, padding=1))
+    return case, metadata, nn.Sequential(nn.Conv3d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 4, 3, padding=1))
+
+
+def test_3d_prediction_feeds_each_window_batch_channels_last(tmp_path, trained_at_2mm):  # noqa: F811
+    case, metadata, net = one_case_and_net(tmp_path, trained_at_2mm)
     values, seen = {}, []
     for memory_format in ("contiguous", "channels_last"):
         model = spy(nn.Sequential(*(m for m in net)), seen)  # the same weights, converted or not

@@ -6,21 +6,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_predict3d import trained_at_2mm, write_1mm_case  # noqa: F401  (a fixture)
+from test_predict3d import trained_at_2mm  # noqa: F401  (a fixture)
+from test_predict_memory_format import one_case_and_net, urwkv_test_prediction
 from torch import nn
 
 import rwkvseg.infer.precision as precision
-import rwkvseg.infer.predict2d as predict2d
-from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.cli import main
-from rwkvseg.data.specs import dataset_spec
-from rwkvseg.data.volumes import discover_cases
 from rwkvseg.infer.precision import in_precision
 from rwkvseg.infer.predict import PredictConfig
 from rwkvseg.infer.predict3d import Predictor3D
-from rwkvseg.models import create_model
-from rwkvseg.records import Preprocessing2D, inference_metadata
-from writers import save_png
 
 native = pytest.mark.skipif(not precision.cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
 
@@ -71,21 +65,8 @@ def test_cli_refuses_bf16_on_a_cpu_without_it_in_one_line(tmp_path, monkeypatch,
 
 @native
 def test_2d_prediction_in_bf16_writes_the_float32_probabilities(tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    pre = Preprocessing2D(3, (32, 32), "resize", "dtype")
-    meta = CheckpointMeta("urwkv_test", 3, 1, preprocessing=pre.to_dict())
-    ck = save_checkpoint(tmp_path / "ck", create_model("urwkv_test", 3, 1), meta)[0]
-    rng = np.random.default_rng(1)
-    for i, shape in enumerate([(40, 50), (33, 21)]):
-        save_png(tmp_path / "in" / f"x{i}.png", rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
-    seen, load = [], predict2d.load_checkpoint
-
-    def spied_load(*args, **kwargs):
-        model, meta = load(*args, **kwargs)
-        return dtypes_of(model, seen), meta
-
-    monkeypatch.setattr(predict2d, "load_checkpoint", spied_load)
-    base = ["predict", str(ck), str(tmp_path / "in"), "--probabilities", "--compile", "off", "--mirror-axes", "1"]
+    seen = []
+    base = urwkv_test_prediction(tmp_path, monkeypatch, lambda model: dtypes_of(model, seen))
     assert main([*base, "--out", str(tmp_path / "fp32")]) == 0
     assert seen and set(seen) == {torch.float32}
     seen.clear()
@@ -101,11 +82,7 @@ def test_2d_prediction_in_bf16_writes_the_float32_probabilities(tmp_path, monkey
 
 @native
 def test_3d_prediction_runs_each_window_batch_in_bf16(tmp_path, trained_at_2mm):  # noqa: F811
-    folder, _ = write_1mm_case(tmp_path / "in")
-    (case,) = discover_cases(folder, dataset_spec("brats"), require_label=False)
-    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12), target="labels")
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 4, 3, padding=1))
+    case, metadata, net = one_case_and_net(tmp_path, trained_at_2mm)
     with torch.no_grad():  # clear winners: the labels compared below are not decided by rounding
         net[2].bias.copy_(torch.tensor([0.0, 2.0, -2.0, 1.0]))
     values, seen = {}, []
