@@ -105,6 +105,7 @@ def test_models_are_described_from_the_export_record(clients):
     assert set(by_onnx) == {"bright", "ball", "noise"}
     for name in ("bright", "ball"):
         assert by_onnx[name]["runtime"] == "onnx" and by_torch[name]["runtime"] == "torch"
+        assert by_onnx[name]["precision"] == "exported" and by_torch[name]["precision"] == "fp32"
         for key in ("architecture", "dims", "input", "classes", "output"):
             assert by_onnx[name][key] == by_torch[name][key], key
     assert by_onnx["bright"]["dims"] == 2 and by_onnx["bright"]["input"]["size"] == [16, 16]

@@ -88,7 +88,8 @@ class ModelEntry(BaseModel):
     )
     precision: str = Field(
         description="the arithmetic of the forward pass: fp32, or bf16 (bfloat16 autocast, the service's "
-        "--precision; checkpoints only: an exported file runs as it was exported, listed as fp32)"
+        "--precision) for checkpoints; exported for an exported file, which runs in onnxruntime as it was exported "
+        "(float32 or int8)"
     )
     threshold: float | None = Field(
         description="2D binary models: the probability cut of a mask when a request names none, the one the model "

@@ -64,7 +64,7 @@ class Engine:
             applied = predictors.postprocess_for(source, given)
             mirror = [0, 1, 2] if source.dims == 3 and config.mirror_3d else []  # 2D: never (ServeConfig)
             info = predictors.describe(source) | {"postprocess": applied.spelling(), "mirror_axes": mirror}
-            info["precision"] = "fp32" if source.exported else config.precision
+            info["precision"] = "exported" if source.exported else config.precision  # onnxruntime: as exported
             info["threshold"] = predictors.threshold_for(source)
             self.models[source.name] = _Model(source, info, applied)
         self._pending = 0
