@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from rwkvseg.cpu_convs import OneDnnConv3d
-from rwkvseg.federated.local import placed, validate_site
+from rwkvseg.devices import placed
+from rwkvseg.federated.local import validate_site
 from rwkvseg.models import create_model
 from rwkvseg.train.config import TrainConfig, VolumeDataConfig
 

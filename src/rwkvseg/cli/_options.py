@@ -9,23 +9,10 @@ from ..data.specs import DATASETS  # a stdlib-only module: cheap at parser time
 
 
 def device_name(name: str) -> str:
-    """`auto` -> cuda when torch sees a GPU, else cpu; other names pass through once torch has that device (a
-    CUDA device torch does not see would fail later, at loading, with a message about something else)."""
-    import torch
+    """--device resolved and checked (rwkvseg.devices.resolve_device): `auto` -> cuda or cpu."""
+    from ..devices import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1 or auto") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: torch sees no CUDA device (no GPU, or a CPU build of torch); use cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    return name
+    return str(resolve_device(name, "--device"))
 
 
 def ints(text: str, name: str) -> tuple[int, ...]:

@@ -470,8 +470,8 @@ def _run_epoch(args: argparse.Namespace) -> int:
 
     from ..bench.table import format_table
     from ..bench.wkv import environment
+    from ..devices import resolve_device
     from ..files import write_json
-    from ..train.loop import resolve_device
     from ..train.timing import time_epochs
 
     device = resolve_device(next((o.split("=", 1)[1] for o in args.overrides if o.startswith("device=")), "auto"))

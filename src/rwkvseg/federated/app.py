@@ -46,9 +46,9 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from ..checkpoint import CheckpointMeta, build_model, save_checkpoint
 from ..data.splits import read_split
+from ..devices import resolve_device
 from ..train.config import TrainConfig
 from ..train.finetune import initial_model
-from ..train.loop import resolve_device
 from .config import FederatedConfig, FederatedSettings, PrivacySettings
 from .local import setup_site, site_config, train_site, validate_site
 from .sites import Site

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cpu_convs import use_onednn_convs
 from ..data.splits import SPLIT_FILE, SPLIT_FORMAT, write_split
+from ..devices import placed
 from ..files import atomic_write
 from ..train.config import TrainConfig
 from ..train.loop import Run, loop_precision, steps_per_epoch, train_epoch
@@ -93,15 +93,6 @@ def setup_site(config: TrainConfig, device: torch.device) -> RunData:
     else:
         from ..train.images import setup_images as setup
     return setup(config, Path(config.out), device)
-
-
-def placed(model: nn.Module, device: torch.device) -> nn.Module:
-    """model moved to device; on the CPU (the usual site) with its 3-D convolutions kept off PyTorch's slow path, as
-    `rwkvseg train` runs them (rwkvseg.cpu_convs: same modules, parameters and state dict)."""
-    model.to(device)
-    if torch.device(device).type == "cpu":
-        use_onednn_convs(model)
-    return model
 
 
 def site_seed(seed: int, round_: int, site_index: int) -> int:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from ..checkpoint import CheckpointMeta
+from ..devices import resolve_device
 from ..files import write_json
 from ..train.config import to_dict
 from ..train.finetune import init_record
-from ..train.loop import resolve_device
 from .app import OnMessage, ServerPlan, SitePlan, client_app, server_app
 from .config import FederatedConfig, federated_to_dict
 from .local import setup_site, site_config, write_site_split

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from ..compiling import maybe_compile
-from ..cpu_convs import use_onednn_convs
 from ..data.preprocess3d import prepare_for_model, resample
 from ..data.regions import classes_to_values, regions_to_values
 from ..data.specs import DatasetSpec
@@ -36,6 +35,7 @@ from ..data.volumes import (
     orient_back,
     reorient,
 )
+from ..devices import placed
 from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
@@ -123,9 +123,7 @@ class Predictor3D:
         options = options or PredictConfig()
         if metadata.get("dims") != 3:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
-        self.model = module_to(model.to(options.device).eval(), options.memory_format, 3)  # before compiling
-        if torch.device(options.device).type == "cpu":
-            use_onednn_convs(self.model)
+        self.model = module_to(placed(model, options.device).eval(), options.memory_format, 3)  # before compiling
         compiled = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
         # each window batch in the model's layout and precision, its logits back as float32
         self.forward = in_precision(fed_in(compiled, options.memory_format), options.precision, options.device)

@@ -95,15 +95,6 @@ class LoopConfig:
         check_worker_start(self.worker_start)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available; use device=cpu")
-    return device
-
-
 def resolve_amp(amp: str, device: torch.device) -> str:
     """auto: bf16 autocast on GPUs that support it, fp16 (with loss scaling) on older GPUs, off on CPU. bf16 asked
     for on a CPU with native bfloat16 (AVX512-BF16, AMX) is bf16 autocast there too: about 2.8x faster 3D steps

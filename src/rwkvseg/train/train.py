@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import torch
 
-from ..cpu_convs import use_onednn_convs
+from ..devices import placed, resolve_device
 from ..files import folder_lock
 from . import distributed
 from .config import TrainConfig
 from .finetune import initial_model
-from .loop import Progress, Run, fit, resolve_device
+from .loop import Progress, Run, fit
 from .run import log_done, open_run_dir, training_setup
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,7 @@ def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | N
     ranks = distributed.world_size()
     if ranks > 1:  # batch statistics over the global batch, as in one process (U-RWKV and the CNNs use BatchNorm)
         model = distributed.sync_batchnorm(model, device)
-    model = model.to(device)
-    if torch.device(device).type == "cpu":  # batch-1 calls (validation windows) off PyTorch's slow 3-D path
-        use_onednn_convs(model)
+    model = placed(model, device)  # on the CPU its batch-1 calls (validation windows) off the slow 3-D path
     optimizer, scheduler, loop = training_setup(model, config, len(data.train_set), device, progress_bar)
     if distributed.is_main():
         log.info(
