@@ -480,6 +480,11 @@ def test_config_and_model_errors_name_the_fix(tmp_path):
         ServeConfig(runtime="tf")
     with pytest.raises(ValueError, match="max_queue=0"):
         ServeConfig(max_queue=0)
+    with pytest.raises(ValueError, match="device 'gpu0' is not a device; use cpu, cuda, cuda:1 or auto"):
+        ServeConfig(device="gpu0")
+    # auto resolves when the config is made, as the CLI's --device does (onnx runs on the CPU whatever torch sees)
+    assert ServeConfig(device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert ServeConfig(runtime="onnx", device="auto").device == "cpu"
     with pytest.raises(ValueError, match="--precision 'fp16' unknown"):
         ServeConfig(precision="fp16")
     with pytest.raises(ValueError, match="precision 'bf16' is for checkpoints"):

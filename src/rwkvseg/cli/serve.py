@@ -19,7 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:1, or auto (a GPU where torch sees one); default cpu"
+    )
     p.add_argument(
         "--runtime",
         default="torch",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..devices import resolve_device
 from ..infer.precision import check_precision
 
 RUNTIMES = ("torch", "onnx")
@@ -15,6 +16,8 @@ class ServeConfig:
 
     models: released model names, checkpoint paths, or `alias=path`; empty hosts every released model. With
         runtime "onnx": exported .onnx files (`rwkvseg export NAME --out FILE.onnx`) or `alias=file`, nothing else.
+    device: cpu, cuda, cuda:1, or auto (a GPU where torch sees one, else the CPU; the CPU with runtime "onnx"),
+        resolved and checked when the config is made, so `device` always names a device torch has.
     runtime: "torch" (checkpoints on `device`) or "onnx" (onnxruntime on the CPU, exported files, 2D and 3D).
     max_queue: requests admitted at once (running + waiting) for 2D; past it the answer is 503 with Retry-After.
     max_queue_3d: the same for 3D cases, which run one at a time (workers_3d).
@@ -59,11 +62,13 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime {self.runtime!r} unknown; choose one of {', '.join(RUNTIMES)}")
-        if self.runtime == "onnx" and self.device != "cpu":
+        if self.runtime == "onnx" and self.device not in ("cpu", "auto"):
             raise ValueError(
                 f"runtime 'onnx' runs on the CPU (onnxruntime's CPU provider); drop device={self.device!r} "
                 "or serve checkpoints with runtime 'torch'"
             )
+        device = "cpu" if self.runtime == "onnx" else self.device
+        object.__setattr__(self, "device", str(resolve_device(device)))
         positive = {
             "port": self.port,
             "max_request_bytes": self.max_request_bytes,
