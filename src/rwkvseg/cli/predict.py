@@ -196,7 +196,7 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
     from pathlib import Path
 
     from ..data.images2d import list_inputs
-    from ..export.runtime import OnnxPredictor, predict_files
+    from ..export.runtime import BATCH_SIZE, OnnxPredictor, predict_files
     from ..files import output_folder
 
     if Path(model).suffix != ".onnx":
@@ -224,7 +224,7 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
             list_inputs(source, args.skip_non_images),
             out,
             threshold=args.threshold,  # None: the record's (the checkpoint's, as the torch path)
-            batch_size=args.batch_size or 8,  # onnxruntime batches without the CPU cost (docs/speed.md)
+            batch_size=args.batch_size or BATCH_SIZE,
             overwrite=args.overwrite,
             postprocess=config.postprocess,
         )

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from ..infer.postprocess import PostProcess
 
 METADATA_KEY = "rwkvseg"
+# 2D images per onnxruntime run when none is asked for: it batches without the per-image cost that eager PyTorch
+# pays on the CPU (docs/speed.md), so the default is a GPU's, not the CPU torch path's one
+BATCH_SIZE = 8
 
 
 def _session(path: str | os.PathLike, threads: int | None):
@@ -218,14 +221,16 @@ class OnnxPredictor:
         size, _ = self._resize_protocol()
         return resize_bilinear(image.transpose(2, 0, 1), size)  # [H, W, C] -> [C, h, w]
 
-    def predict_images(self, images: Iterable[np.ndarray | str | os.PathLike], batch_size: int = 8) -> list[np.ndarray]:
+    def predict_images(
+        self, images: Iterable[np.ndarray | str | os.PathLike], batch_size: int = BATCH_SIZE
+    ) -> list[np.ndarray]:
         """Probabilities [K, H, W] at each image's own size, for pixel arrays [H, W, C] or image paths."""
         channels = int(self.preprocessing.get("channels", self.record["in_channels"]))
         _, normalization = self._resize_protocol()
         arrays = [im if isinstance(im, np.ndarray) else read_pixels(im, channels) for im in images]
         return self.predict_normalized([normalize(a, normalization) for a in arrays], batch_size)
 
-    def predict_normalized(self, images: Sequence[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+    def predict_normalized(self, images: Sequence[np.ndarray], batch_size: int = BATCH_SIZE) -> list[np.ndarray]:
         """Probabilities [K, H, W] at each image's own size, for images already normalized by the record's
         normalization: float32 [H, W, C] as rwkvseg.data.images2d.read_image returns them (2D resize protocol)."""
         out = []
@@ -319,7 +324,7 @@ def predict_files(
     *,
     threshold: float | None = None,
     threads: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     overwrite: bool = False,
     postprocess: PostProcess | None = None,
 ) -> list[Path]:
