@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# One device call of the BraTS campaign (docs/mmsegrwkv.md): train the four configs side by side, then evaluate
+# each run's fp32 best checkpoint on the validation cases and export the two MMSegRWKV releases as int8, and put
+# what must come back into OUT in parts of at most 15 MiB (the device tool returns 8 files of 16 MiB at most).
+#
+# Usage (from the repository root; on the device, the wheels of monai and nibabel carried in .whl/):
+#   scripts/brats_device_call.sh CACHE VAL RUNS OUT SECONDS [campaign.py options...]
+# CACHE: `rwkvseg preprocess` of the dataset; VAL: a folder with the split's validation case folders (their original
+# files, as `rwkvseg predict` and `rwkvseg evaluate` read them); RUNS: the campaign folder (kept on a warm machine,
+# so a second call continues it); SECONDS: the whole call's budget; the campaign gets it less FINAL_SECONDS (default
+# 150; 0: training only, nothing evaluated or exported). The options go to scripts/campaign.py, e.g.
+#   --epochs 36 --set val_every=2 --set data.target=regions --set loss.name=bce_dice
+# (the campaign's --configs, --minutes and --compile-cache are set here: --minutes is the training share less 15 s).
+# Back in OUT: campaign.json, and rel.tar.part?? (cat them | tar x): evals/eval-<variant>/ (`rwkvseg evaluate` of
+# each best checkpoint, no TTA, --compile off), weights/<release>.safetensors + .json (int8, `export_release`),
+# runs.tar (each run's small files: metrics, best.json, config, split, summary, final_val, logs, curves); and, when
+# they fit beside those, cc.tar.part?? (RUNS/cc, the compile caches: carried in as RUNS/cc, a fresh machine with the
+# same torch and GPU skips most of its compilation, which took 172-183 s of a 430 s call for MMSegRWKV).
+# scripts/release_3d.py writes the cards from these on any machine (see its usage).
+set -uo pipefail
+if [ $# -lt 5 ]; then
+  echo "usage: $0 CACHE VAL RUNS OUT SECONDS [campaign.py options...]" >&2
+  exit 2
+fi
+cache=$1 val=$2 runs=$3 out=$4 seconds=$5
+shift 5
+final=${FINAL_SECONDS:-150}
+for path in "$cache" "$val"; do
+  [ -d "$path" ] || { echo "$0: $path is not a folder" >&2; exit 2; }
+done
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1
+rwkvseg=(python3 -m rwkvseg.cli)
+start=$(date +%s)
+train=$((seconds - final))
+minutes=$(python3 -c "print(round(($train - 15) / 60, 2))")
+timeout -s INT -k 30 "$train" python3 scripts/campaign.py "$cache" "$runs" \
+  --configs configs/brats2018_{mmsegrwkv,mmsegrwkv_small,segresnet,dynunet}.toml \
+  --minutes "$minutes" --compile-cache "$runs/cc" "$@"
+echo "campaign exit $? after $(($(date +%s) - start)) s"
+cp "$runs/campaign.json" "$out/" 2>/dev/null
+[ "$final" -gt 0 ] || exit 0
+pack=$(mktemp -d)
+mkdir -p "$pack/evals" "$pack/weights"
+for variant in mmsegrwkv mmsegrwkv_small segresnet dynunet; do
+  best=$runs/brats2018-$variant/best.safetensors
+  [ -f "$best" ] || { echo "no $best: not evaluated"; continue; }
+  "${rwkvseg[@]}" predict "$best" "$val" --out "$pack/pred-$variant" --mirror-axes '' --compile off >/dev/null \
+    && "${rwkvseg[@]}" evaluate "$pack/pred-$variant" "$val" --out "$pack/evals/eval-$variant" | tail -n 4
+  rm -rf "$pack/pred-$variant"
+done
+for variant in mmsegrwkv mmsegrwkv_small; do
+  [ -f "$runs/brats2018-$variant/best.json" ] || continue
+  python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
+export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" \
+    "$runs/brats2018-$variant/best" "$variant-brats2018" "$pack/weights"
+done
+(cd "$runs" && tar cf "$pack/runs.tar" --ignore-failed-read campaign.json ./*/metrics.csv ./*/best.json ./*/config.json \
+  ./*/split.json ./*/summary.json ./*/final_val.json logs ./*.curves.png 2>/dev/null)
+(cd "$pack" && tar cf - evals weights runs.tar | split -b 15M - "$out/rel.tar.part")
+rm -rf "$pack"
+# the compile caches come back when they fit beside the rest (8 files and 64 MiB in all)
+if [ -d "$runs/cc" ]; then
+  tar cf /tmp/cc.tar -C "$runs" cc
+  used=$(du -cb "$out"/* | tail -n 1 | cut -f1)
+  files=$(ls "$out" | wc -l)
+  size=$(stat -c %s /tmp/cc.tar)
+  parts=$(((size + 15 * 1048576 - 1) / (15 * 1048576)))
+  if [ $((used + size)) -le $((64 * 1048576)) ] && [ $((files + parts)) -le 8 ]; then
+    split -b 15M /tmp/cc.tar "$out/cc.tar.part"
+  else
+    echo "compile caches ($size bytes) left out: they do not fit beside the rest"
+  fi
+  rm -f /tmp/cc.tar
+fi
+ls -l "$out"
+echo "done after $(($(date +%s) - start)) s"
