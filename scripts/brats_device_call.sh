@@ -3,12 +3,13 @@
 # each run's fp32 best checkpoint on the validation cases and export the two MMSegRWKV releases as int8, and put
 # what must come back into OUT in parts of at most 15 MiB (the device tool returns 8 files of 16 MiB at most).
 #
-# Usage (from the repository root; on the device, the wheels of monai and nibabel carried in .whl/):
+# Usage (from the repository root; on the device, the wheels of monai and nibabel carried in .whl/ or $WHEELS):
 #   scripts/brats_device_call.sh CACHE VAL RUNS OUT SECONDS [campaign.py options...]
 # CACHE: `rwkvseg preprocess` of the dataset; VAL: a folder with the split's validation case folders (their original
 # files, as `rwkvseg predict` and `rwkvseg evaluate` read them); RUNS: the campaign folder (kept on a warm machine,
 # so a second call continues it); SECONDS: the whole call's budget; the campaign gets it less FINAL_SECONDS (default
-# 150; 0: training only, nothing evaluated or exported). The options go to scripts/campaign.py, e.g.
+# 150; 0: training only, nothing evaluated or exported; SECONDS at most FINAL_SECONDS: no training, only the
+# evaluations and exports of the runs an earlier call left in RUNS). The options go to scripts/campaign.py, e.g.
 #   --epochs 36 --set val_every=2 --set data.target=regions --set loss.name=bce_dice
 # (the campaign's --configs, --minutes and --compile-cache are set here: --minutes is the training share less 15 s).
 # Back in OUT: campaign.json, and rel.tar.part?? (cat them | tar x): evals/eval-<variant>/ (`rwkvseg evaluate` of
@@ -28,8 +29,9 @@ final=${FINAL_SECONDS:-150}
 for path in "$cache" "$val"; do
   [ -d "$path" ] || { echo "$0: $path is not a folder" >&2; exit 2; }
 done
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+wheels=${WHEELS:-.whl}  # the device has no monai or nibabel: their wheels travel in this folder
+if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD/src
 else
   export PYTHONPATH=$PWD/src
@@ -38,11 +40,13 @@ export PYTHONUNBUFFERED=1
 rwkvseg=(python3 -m rwkvseg.cli)
 start=$(date +%s)
 train=$((seconds - final))
-minutes=$(python3 -c "print(round(($train - 15) / 60, 2))")
-timeout -s INT -k 30 "$train" python3 scripts/campaign.py "$cache" "$runs" \
-  --configs configs/brats2018_{mmsegrwkv,mmsegrwkv_small,segresnet,dynunet}.toml \
-  --minutes "$minutes" --compile-cache "$runs/cc" "$@"
-echo "campaign exit $? after $(($(date +%s) - start)) s"
+minutes=$(python3 -c "print(round(max($train - 15, 0) / 60, 2))")
+if [ "$train" -gt 15 ]; then
+  timeout -s INT -k 30 "$train" python3 scripts/campaign.py "$cache" "$runs" \
+    --configs configs/brats2018_{mmsegrwkv,mmsegrwkv_small,segresnet,dynunet}.toml \
+    --minutes "$minutes" --compile-cache "$runs/cc" "$@"
+  echo "campaign exit $? after $(($(date +%s) - start)) s"
+fi
 cp "$runs/campaign.json" "$out/" 2>/dev/null
 [ "$final" -gt 0 ] || exit 0
 pack=$(mktemp -d)
