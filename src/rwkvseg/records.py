@@ -106,3 +106,17 @@ def recorded_threshold(value: Any, where: str, fix: str = "pass --threshold") ->
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise ValueError(f"{where} holds threshold {value!r}, not a number in [0, 1]; {fix}")
     return float(value)
+
+
+def regions_in_channel_order(preprocessing: dict[str, Any], class_names: Sequence[str]) -> dict[str, Any]:
+    """preprocessing (a 3D record's) with its dataset spec's regions in the order of class_names (the output
+    channels) where the two name the same regions in another order: ONNX files exported before 2026-12-05 (session
+    26) wrote their record with sorted keys, which put BraTS's WT, TC, ET as ET, TC, WT, so that each channel was read
+    as another region (and painting failed). Anything else is returned as it is."""
+    regions = preprocessing.get("dataset", {}).get("regions")
+    if preprocessing.get("target") != "regions" or not regions or list(regions) == list(class_names):
+        return preprocessing
+    if set(regions) != set(class_names):
+        return preprocessing
+    dataset = {**preprocessing["dataset"], "regions": {name: regions[name] for name in class_names}}
+    return {**preprocessing, "dataset": dataset}

@@ -2,6 +2,8 @@
 convolution with a 3D record gives the same label volume, on the same grid, as the checkpoint path with the same
 network in torch."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from rwkvseg.cli import main  # noqa: E402
 from rwkvseg.data.preprocess3d import PreprocessConfig, preprocess_dataset  # noqa: E402
 from rwkvseg.data.specs import dataset_spec  # noqa: E402
 from rwkvseg.export.onnx import ExportRecord  # noqa: E402
+from rwkvseg.export.runtime import OnnxPredictor  # noqa: E402
 from rwkvseg.export.volumes import predict_volumes  # noqa: E402
 from rwkvseg.infer.predict import PredictConfig  # noqa: E402
 from rwkvseg.infer.predict3d import Predictor3D, predict_cases  # noqa: E402
@@ -26,10 +29,22 @@ from writers import save_conv_onnx  # noqa: E402
 PATCH = (16, 16, 16)
 
 
-def conv3d_file(path, weight, bias, preprocessing, axes=PATCH):
+def conv3d_file(path, weight, bias, preprocessing, axes=PATCH, activation="softmax", class_names=()):
     k, c = weight.shape[:2]
-    record = ExportRecord("tiny3d", 3, c, k, tuple(axes), "softmax", {"kind": "test"}, preprocessing=preprocessing)
+    record = ExportRecord(
+        "tiny3d", 3, c, k, tuple(axes), activation, {"kind": "test"}, preprocessing=preprocessing,
+        class_names=tuple(class_names),
+    )  # fmt: skip
     save_conv_onnx(path, weight, bias, record)
+    return record
+
+
+def conv3d(weight, bias):
+    conv = torch.nn.Conv3d(weight.shape[1], weight.shape[0], 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(weight))
+        conv.bias.copy_(torch.from_numpy(bias))
+    return conv
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +58,7 @@ def exported(tmp_path_factory):
     weight = rng.standard_normal((4, 4, 1, 1, 1)).astype(np.float32)
     bias = np.array([0.5, -0.2, 0.1, -0.4], np.float32)
     conv3d_file(root / "tiny3d.onnx", weight, bias, metadata)
-    conv = torch.nn.Conv3d(4, 4, 1)
-    with torch.no_grad():
-        conv.weight.copy_(torch.from_numpy(weight))
-        conv.bias.copy_(torch.from_numpy(bias))
-    return root / "tiny3d.onnx", conv, metadata
+    return root / "tiny3d.onnx", conv3d(weight, bias), metadata
 
 
 def test_onnx_volumes_equal_the_torch_path_on_the_input_grid(exported, tmp_path):
@@ -75,3 +86,50 @@ def test_predict_command_runs_a_3d_export_and_a_2d_export_is_refused(exported, t
     with pytest.raises(ValueError, match="is a 2D export; 3D prediction needs"):
         predict_volumes(flat, [folder], tmp_path / "x", PredictConfig())
     assert not (tmp_path / "x").exists()
+
+
+def test_a_region_model_reads_its_channels_as_the_checkpoint_does(tmp_path):
+    """Sigmoid per region (WT, TC, ET): the record keeps the regions in channel order, so onnxruntime paints the same
+    labels as torch (a record written with sorted keys read ET as WT and could not paint: session 26's bug)."""
+    write_1mm_case(tmp_path / "raw", "t1")
+    plans = preprocess_dataset(
+        tmp_path / "raw", dataset_spec("brats"), tmp_path / "cache", PreprocessConfig((2.0,) * 3)
+    )
+    metadata = inference_metadata(plans, patch_size=PATCH, target="regions")
+    assert list(metadata["dataset"]["regions"]) == ["WT", "TC", "ET"]
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((3, 4, 1, 1, 1)).astype(np.float32)
+    bias = np.array([0.3, -0.1, -0.6], np.float32)
+    record = conv3d_file(
+        tmp_path / "r.onnx", weight, bias, metadata, activation="sigmoid", class_names=("WT", "TC", "ET")
+    )
+    assert list(ExportRecord.from_json(record.to_json()).preprocessing["dataset"]["regions"]) == ["WT", "TC", "ET"]
+    folder, _ = write_1mm_case(tmp_path / "in")
+    options = PredictConfig(overlap=0.5)
+    (ours,) = predict_volumes(tmp_path / "r.onnx", [folder], tmp_path / "onnx", options)
+    (ref,) = predict_cases(Predictor3D(conv3d(weight, bias), metadata, options), [folder], tmp_path / "torch")
+    labels = np.asarray(nib.load(ours).dataobj)
+    assert set(np.unique(labels)) > {0}  # regions were painted, not an empty volume
+    np.testing.assert_array_equal(labels, np.asarray(nib.load(ref).dataobj))
+
+
+def test_a_region_record_written_with_sorted_keys_is_read_in_channel_order(tmp_path):
+    """Files exported before the fix: json with sorted keys put the regions as ET, TC, WT; class_names (the output
+    channels) give their order back, to the record and to onnxruntime's reader. Labels records are left as they are."""
+    regions = {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}
+    pre = {"target": "regions", "dataset": {**dataset_spec("brats").to_dict(), "regions": regions}}
+    record = ExportRecord(
+        "m", 3, 4, 3, PATCH, "sigmoid", {"kind": "test"}, preprocessing=pre, class_names=tuple(regions)
+    )
+    old = json.dumps(json.loads(record.to_json()), sort_keys=True)
+    assert list(json.loads(old)["preprocessing"]["dataset"]["regions"]) == ["ET", "TC", "WT"]
+    read = ExportRecord.from_json(old)
+    assert read == record and list(read.preprocessing["dataset"]["regions"]) == ["WT", "TC", "ET"]
+    conv3d_file(tmp_path / "old.onnx", np.ones((3, 4, 1, 1, 1), np.float32), np.zeros(3, np.float32), pre)
+    model = onnx.load(str(tmp_path / "old.onnx"))
+    model.metadata_props[0].value = old  # as an earlier rwkvseg wrote it
+    onnx.save_model(model, str(tmp_path / "old.onnx"))
+    assert list(OnnxPredictor(tmp_path / "old.onnx").preprocessing["dataset"]["regions"]) == ["WT", "TC", "ET"]
+    labels = ExportRecord("m", 3, 4, 4, PATCH, "softmax", {"kind": "test"}, preprocessing={**pre, "target": "labels"})
+    sorted_labels = ExportRecord.from_json(json.dumps(json.loads(labels.to_json()), sort_keys=True))
+    assert list(sorted_labels.preprocessing["dataset"]["regions"]) == ["ET", "TC", "WT"]  # not a region record

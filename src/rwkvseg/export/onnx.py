@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..records import regions_in_channel_order
 from .graph import fold_batch_norms
 from .wkv_onnx import bi_wkv_decomposed, bi_wkv_ordered_decomposed, sums_dtype
 
@@ -98,7 +99,8 @@ class ExportRecord:
         data["axes"] = list(self.axes)
         data["class_names"] = list(self.class_names)
         data["spacing"] = None if self.spacing is None else list(self.spacing)
-        return json.dumps({"format": RECORD_FORMAT, "rwkvseg_version": __version__, **data}, sort_keys=True)
+        # keys in their own order: a dataset spec's regions are in the order of the model's output channels
+        return json.dumps({"format": RECORD_FORMAT, "rwkvseg_version": __version__, **data})
 
     @classmethod
     def from_json(cls, text: str) -> ExportRecord:
@@ -117,6 +119,7 @@ class ExportRecord:
         data["class_names"] = tuple(data.get("class_names", ()))
         if data.get("spacing") is not None:
             data["spacing"] = tuple(data["spacing"])
+        data["preprocessing"] = regions_in_channel_order(data.get("preprocessing", {}), data["class_names"])
         return cls(**data)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data.images2d import normalize  # the exact normalisation training used
 from ..files import refuse_existing
-from ..records import recorded_threshold
+from ..records import recorded_threshold, regions_in_channel_order
 
 if TYPE_CHECKING:
     from ..infer.postprocess import PostProcess
@@ -125,6 +125,9 @@ class OnnxPredictor:
         if METADATA_KEY not in meta:
             raise ValueError(f"{self.path} carries no {METADATA_KEY!r} record; export it with rwkvseg's export_onnx")
         self.record: dict[str, Any] = json.loads(meta[METADATA_KEY])
+        if "preprocessing" in self.record:  # an older file's regions in the order of its output channels
+            pre = regions_in_channel_order(self.record["preprocessing"] or {}, self.record.get("class_names", ()))
+            self.record["preprocessing"] = pre
         self.input_name = self.record["input_name"]
         self.output_name = self.record["output_name"]
         self.mirror_axes = mirror_axes
