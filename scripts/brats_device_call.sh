@@ -8,7 +8,8 @@
 # CACHE: `rwkvseg preprocess` of the dataset; VAL: a folder with the split's validation case folders (their original
 # files, as `rwkvseg predict` and `rwkvseg evaluate` read them); RUNS: the campaign folder (kept on a warm machine,
 # so a second call continues it); SECONDS: the whole call's budget; the campaign gets it less FINAL_SECONDS (default
-# 150; 0: training only, nothing evaluated or exported; SECONDS at most FINAL_SECONDS: no training, only the
+# 240: on an H100 machine each `rwkvseg predict` of 5 cases took 23-34 s, so four evaluations and two exports
+# need about 150 s; 0: training only, nothing evaluated or exported; SECONDS at most FINAL_SECONDS: no training, only the
 # evaluations and exports of the runs an earlier call left in RUNS). The options go to scripts/campaign.py, e.g.
 #   --epochs 36 --set val_every=2 --set data.target=regions --set loss.name=bce_dice
 # (the campaign's --configs, --minutes and --compile-cache are set here: --minutes is the training share less 15 s).
@@ -25,7 +26,7 @@ if [ $# -lt 5 ]; then
 fi
 cache=$1 val=$2 runs=$3 out=$4 seconds=$5
 shift 5
-final=${FINAL_SECONDS:-150}
+final=${FINAL_SECONDS:-240}
 for path in "$cache" "$val"; do
   [ -d "$path" ] || { echo "$0: $path is not a folder" >&2; exit 2; }
 done
