@@ -9,8 +9,8 @@
 # files, as `rwkvseg predict` and `rwkvseg evaluate` read them); RUNS: the campaign folder (kept on a warm machine,
 # so a second call continues it); SECONDS: the whole call's budget; the campaign gets it less FINAL_SECONDS (default
 # 240: on an H100 machine each `rwkvseg predict` of 5 cases took 23-34 s, so four evaluations and two exports
-# need about 150 s; 0: training only, nothing evaluated or exported; SECONDS at most FINAL_SECONDS: no training, only the
-# evaluations and exports of the runs an earlier call left in RUNS). The options go to scripts/campaign.py, e.g.
+# need about 150 s; 0: training only, nothing evaluated or exported; SECONDS at most FINAL_SECONDS: no training,
+# only the evaluations and exports of the runs an earlier call left in RUNS). The options go to scripts/campaign.py, e.g.
 #   --epochs 36 --set val_every=2 --set data.target=regions --set loss.name=bce_dice
 # (the campaign's --configs, --minutes and --compile-cache are set here: --minutes is the training share less 15 s).
 # Back in OUT: campaign.json, and rel.tar.part?? (cat them | tar x): evals/eval-<variant>/ (`rwkvseg evaluate` of
@@ -32,7 +32,8 @@ for path in "$cache" "$val"; do
 done
 wheels=${WHEELS:-.whl}  # the device has no monai or nibabel: their wheels travel in this folder
 if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$wheels"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD/src
 else
   export PYTHONPATH=$PWD/src
@@ -65,8 +66,8 @@ for variant in mmsegrwkv mmsegrwkv_small; do
 export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" \
     "$runs/brats2018-$variant/best" "$variant-brats2018" "$pack/weights"
 done
-(cd "$runs" && tar cf "$pack/runs.tar" --ignore-failed-read campaign.json ./*/metrics.csv ./*/best.json ./*/config.json \
-  ./*/split.json ./*/summary.json ./*/final_val.json logs ./*.curves.png 2>/dev/null)
+(cd "$runs" && tar cf "$pack/runs.tar" --ignore-failed-read campaign.json ./*/metrics.csv ./*/best.json \
+  ./*/config.json ./*/split.json ./*/summary.json ./*/final_val.json logs ./*.curves.png 2>/dev/null)
 (cd "$pack" && tar cf - evals weights runs.tar | split -b 15M - "$out/rel.tar.part")
 rm -rf "$pack"
 # the compile caches come back when they fit beside the rest (8 files and 64 MiB in all)
