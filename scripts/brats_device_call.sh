@@ -10,7 +10,8 @@
 # so a second call continues it); SECONDS: the whole call's budget; the campaign gets it less FINAL_SECONDS (default
 # 240: on an H100 machine each `rwkvseg predict` of 5 cases took 23-34 s, so four evaluations and two exports
 # need about 150 s; 0: training only, nothing evaluated or exported; SECONDS at most FINAL_SECONDS: no training,
-# only the evaluations and exports of the runs an earlier call left in RUNS). The options go to scripts/campaign.py, e.g.
+# only the evaluations and exports of the runs an earlier call left in RUNS). The options go to scripts/campaign.py,
+# e.g.
 #   --epochs 36 --set val_every=2 --set data.target=regions --set loss.name=bce_dice
 # (the campaign's --configs, --minutes and --compile-cache are set here: --minutes is the training share less 15 s).
 # Back in OUT: campaign.json, and rel.tar.part?? (cat them | tar x): evals/eval-<variant>/ (`rwkvseg evaluate` of
