@@ -21,8 +21,10 @@ run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and
 Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written to RUNS/campaign.json: epochs done
 of planned, the best validation Dice (the mean over regions in 3D) with its epoch and, in 3D, the Dice of each
 region at that epoch, the last validated Dice, whether the curve has levelled off (`late_gain`: the best of the
-last third of the validations minus the best before them; `plateau` when it is at most PLATEAU_DICE; `trend`
-rising, level or declining: a best that came early and was never reached again is `declining`, not a plateau), the
+last third of the validations minus the best before them; `plateau` when it is at most PLATEAU_DICE: the last third
+did not gain; `trend` rising, level or declining: a best that came early and was never reached again is
+`declining`; `val_noise`: the median change from one validation to the next, against which to read late_gain: a
+gain or a loss within it is the validation set's noise, not the curve's shape), the
 best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
@@ -35,6 +37,7 @@ rwkvseg.train.compile_cache) for the next call.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -152,14 +155,17 @@ def plateau(validated: list[dict]) -> dict:
     """late_gain: the best validation Dice of the last third of the validations minus the best before them;
     plateau: late_gain <= PLATEAU_DICE; trend: "rising" above it, "declining" below -PLATEAU_DICE (the best came
     early and the later validations stay under it: overfitting or a noisy validation set, not a level curve),
-    else "level". Nothing before the third validation."""
+    else "level"; val_noise: the median absolute change between consecutive validations (session 26: MMSegRWKV on 5
+    BraTS cases swung 0.03-0.12 from one validation to the next, while its late_gain was -0.054). Nothing before
+    the third validation."""
     dice = [r["val_dice"] for r in validated]
     if len(dice) < 3:
         return {}
     tail = len(dice) // 3
     gain = max(dice[-tail:]) - max(dice[:-tail])
     trend = "rising" if gain > PLATEAU_DICE else "declining" if gain < -PLATEAU_DICE else "level"
-    return {"late_gain": gain, "plateau": gain <= PLATEAU_DICE, "trend": trend}
+    noise = statistics.median(abs(b - a) for a, b in itertools.pairwise(dice))
+    return {"late_gain": gain, "plateau": gain <= PLATEAU_DICE, "trend": trend, "val_noise": noise}
 
 
 def load_history(run: Path) -> RunHistory:
@@ -207,7 +213,7 @@ def table(rows: list[dict]) -> list[str]:
     """The campaign table's lines: a header, then one line per run."""
     regions = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("best_val_dice_")]
     keys = ["run", "exit", "planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
-    keys += ["late_gain", "plateau", "trend"]
+    keys += ["late_gain", "plateau", "trend", "val_noise"]
     keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
     keys += ["median_epoch_s"]
     return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]

@@ -61,6 +61,8 @@ def test_campaign_summary_3d_gives_each_region_at_the_best_epoch_and_the_plateau
     # the last third (epochs 70-90) at best 0.853 against 0.86 before: levelled off
     assert row["late_gain"] == pytest.approx(0.853 - 0.86) and row["plateau"] is True
     assert row["trend"] == "declining"  # 0.007 under the earlier best: more than half a Dice point
+    # steps 0.2, 0.1, 0.05, 0.01, 0.008, 0.001, 0.013, 0.009: the median change 0.0115 exceeds that loss
+    assert row["val_noise"] == pytest.approx(0.0115)
     assert row["median_epoch_s"] == 4.0  # 9 of 90 epochs validated
 
     rising = script.summary(write_run_3d(tmp_path / "brats2018-segresnet", [0.3, 0.5, 0.6, 0.7, 0.75, 0.8]))
@@ -75,6 +77,7 @@ def test_campaign_summary_3d_gives_each_region_at_the_best_epoch_and_the_plateau
     assert "tta_val_dice" in header
     cells = [dict(zip(header, line.split(" | "), strict=True)) for line in lines[1:]]
     assert [c["plateau"] for c in cells] == ["yes", "no", "-"]
+    assert [c["val_noise"] for c in cells] == ["0.0115", "0.1000", "-"]
     assert (cells[0]["epochs"], cells[0]["best_val_dice_ET"], cells[2]["exit"]) == ("90", "0.6600", "130")
 
 
