@@ -123,13 +123,6 @@ class OneDnnConv3d(nn.Conv3d):
         return cpu_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX; elsewhere it emulates bf16, slower
-    than float32). torch answers through a private operator; a torch without it is not second-guessed: True."""
-    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return True if supported is None else bool(supported())
-
-
 def use_onednn_convs(model: nn.Module) -> nn.Module:
     """In place: every plain nn.Conv3d of model (model itself too) becomes an OneDnnConv3d, the same module with the
     subclass's forward (it adds no state); returns model. Subclasses of nn.Conv3d (the GEMM, padded and

@@ -1,5 +1,5 @@
 """Where a model runs: the `device` setting resolved and checked (training, prediction, the service, federated
-sites), and a model placed on it as every entry point places it."""
+sites), a model placed on it as every entry point places it, and whether bfloat16 pays there."""
 
 from __future__ import annotations
 
@@ -35,3 +35,21 @@ def placed(model: nn.Module, device: torch.device | str) -> nn.Module:
     if torch.device(device).type == "cpu":
         use_onednn_convs(model)
     return model
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX; elsewhere it emulates bf16, slower
+    than float32). torch answers through a private operator; a torch without it is not second-guessed: True."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return True if supported is None else bool(supported())
+
+
+def bf16_unsupported(device: torch.device | str) -> str | None:
+    """Why bfloat16 arithmetic does not pay on device (for the error of the option that asked for it), or None
+    where it does: a CPU with native bfloat16, a GPU with bf16 support."""
+    device = torch.device(device)
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return "this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 runs slower than float32"
+    if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return f"{device} has no bfloat16 support"
+    return None

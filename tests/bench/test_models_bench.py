@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from rwkvseg import devices
 from rwkvseg.bench import models as bench_models_module
 from rwkvseg.bench.models import (
     PHASES,
@@ -21,7 +22,7 @@ from rwkvseg.bench.models import (
     plot_growth,
 )
 from rwkvseg.cli import main
-from rwkvseg.cpu_convs import cpu_has_native_bf16
+from rwkvseg.devices import cpu_has_native_bf16
 from rwkvseg.models import create_model, list_models
 
 
@@ -507,6 +508,6 @@ def test_cpu_bf16_rows_run_under_bf16_autocast_and_resume_only_so(tmp_path, caps
     assert main([*argv, "--modes", "eager", "--cpu-bf16", "--resume"]) == 2
     assert "(cpu_bf16: [False] there, [True] here)" in capsys.readouterr().err
     assert main([*argv, "--modes", "eager", "--resume"]) == 0
-    monkeypatch.setattr(bench_models_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match="--cpu-bf16: this CPU has no native bfloat16"):
         dataclasses.replace(config, cpu_bf16=True)

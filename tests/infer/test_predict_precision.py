@@ -10,13 +10,13 @@ from test_predict3d import trained_at_2mm  # noqa: F401  (a fixture)
 from test_predict_memory_format import one_case_and_net, urwkv_test_prediction
 from torch import nn
 
-import rwkvseg.infer.precision as precision
+import rwkvseg.devices as devices
 from rwkvseg.cli import main
 from rwkvseg.infer.precision import in_precision
 from rwkvseg.infer.predict import PredictConfig
 from rwkvseg.infer.predict3d import Predictor3D
 
-native = pytest.mark.skipif(not precision.cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+native = pytest.mark.skipif(not devices.cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
 
 
 def dtypes_of(module: nn.Module, seen: list) -> nn.Module:
@@ -43,20 +43,20 @@ def test_in_precision_runs_autocast_and_returns_float32():
 def test_unknown_or_unsupported_precisions_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="--precision 'fp16' unknown; choose one of fp32, bf16"):
         PredictConfig(precision="fp16")
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match=r"this CPU has no native bfloat16 .* use --precision fp32"):
         PredictConfig(precision="bf16")
     PredictConfig(precision="fp32")  # float32 runs anywhere
 
 
 def test_cli_refuses_bf16_on_a_cpu_without_it_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     argv = ["predict", str(tmp_path / "ck.safetensors"), str(tmp_path), "--out", str(tmp_path / "out")]
     assert main([*argv, "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--precision bf16" in err
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     assert main([*argv, "--precision", "bf16", "--runtime", "onnx"]) == 2  # an exported file runs as exported
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--runtime onnx runs the exported file as it was exported" in err

@@ -32,7 +32,7 @@ from serve_support import (
     write_case,
 )
 
-from rwkvseg.infer.precision import cpu_has_native_bf16
+from rwkvseg.devices import cpu_has_native_bf16
 from rwkvseg.serve import (
     ServeConfig,
     create_app,

@@ -9,11 +9,11 @@ from PIL import Image
 from torch import nn
 
 from rwkvseg.checkpoint import CheckpointMeta
-from rwkvseg.cpu_convs import cpu_has_native_bf16
 from rwkvseg.data.dataset2d import SegDataset2D
 from rwkvseg.data.images2d import discover_pairs
 from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.data.transforms2d import AugmentConfig, eval_transform, train_transform
+from rwkvseg.devices import cpu_has_native_bf16
 from rwkvseg.records import Preprocessing2D
 from rwkvseg.train.config import OptimConfig
 from rwkvseg.train.loop import LoopConfig, Run, fit, steps_per_epoch

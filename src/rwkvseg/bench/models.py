@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from ..compiling import inductor_options
-from ..cpu_convs import CPU_CONVS, cpu_has_native_bf16, use_onednn_convs
+from ..cpu_convs import CPU_CONVS, use_onednn_convs
+from ..devices import bf16_unsupported
 from ..files import atomic_write
 from ..memory_format import MEMORY_FORMATS, to_memory_format
 
@@ -114,8 +115,9 @@ class ModelBenchConfig:
             raise ValueError(f"bench models: memory format {self.memory_format!r}; choose one of {MEMORY_FORMATS}")
         if self.cpu_convs not in CPU_CONVS:
             raise ValueError(f"bench models: cpu convs {self.cpu_convs!r}; choose one of {CPU_CONVS}")
-        if self.cpu_bf16 and torch.device(self.device).type == "cpu" and not cpu_has_native_bf16():
-            raise ValueError("bench models --cpu-bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); drop it")
+        reason = bf16_unsupported("cpu") if self.cpu_bf16 and torch.device(self.device).type == "cpu" else None
+        if reason:
+            raise ValueError(f"bench models --cpu-bf16: {reason}; drop it")
         if self.conv_layouts not in CONV_LAYOUTS:
             raise ValueError(f"bench models: conv layouts {self.conv_layouts!r}; choose one of {CONV_LAYOUTS}")
         if self.repeats < 1 or self.warmup < 0 or self.threads < 1:

@@ -62,15 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..serve.app import serve
     from ..serve.config import ServeConfig
-    from ._options import device_name
 
     serve(
         ServeConfig(
             host=args.host,
             port=args.port,
             models=tuple(args.models),
-            # checked here in --device's words; with runtime onnx ServeConfig takes auto as the CPU
-            device=device_name(args.device) if args.runtime == "torch" else args.device,
+            device=args.device,  # resolved and checked by ServeConfig (auto: the CPU for runtime onnx)
             runtime=args.runtime,
             max_request_bytes=int(args.max_request_mb * 2**20),
             max_queue=args.max_queue,

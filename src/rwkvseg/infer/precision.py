@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..cpu_convs import cpu_has_native_bf16
+from ..devices import bf16_unsupported
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -22,16 +22,9 @@ def check_precision(precision: str, device: torch.device | str) -> None:
     """A clear error for a precision that is unknown or that this device cannot run faster than float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r} unknown; choose one of {', '.join(PRECISIONS)}")
-    if precision != "bf16":
-        return
-    device = torch.device(device)
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError(
-            "--precision bf16: this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX), where bf16 runs "
-            "slower than float32; use --precision fp32"
-        )
-    if device.type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"--precision bf16: {device} has no bfloat16 support; use --precision fp32")
+    reason = bf16_unsupported(device) if precision == "bf16" else None
+    if reason:
+        raise ValueError(f"--precision bf16: {reason}; use --precision fp32")
 
 
 def in_precision(

@@ -68,7 +68,7 @@ class ServeConfig:
                 "or serve checkpoints with runtime 'torch'"
             )
         device = "cpu" if self.runtime == "onnx" else self.device
-        object.__setattr__(self, "device", str(resolve_device(device)))
+        object.__setattr__(self, "device", str(resolve_device(device, "--device")))
         positive = {
             "port": self.port,
             "max_request_bytes": self.max_request_bytes,

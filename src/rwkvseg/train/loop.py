@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import CheckpointMeta, save_checkpoint
 from ..compiling import check_compile, compile_callable, synchronize
-from ..cpu_convs import cpu_has_native_bf16
+from ..devices import cpu_has_native_bf16
 from ..files import atomic_write_text, write_json
 from ..memory_format import check_memory_format, torch_layout
 from . import distributed
