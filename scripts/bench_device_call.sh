@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call of a `rwkvseg bench models` run that may need several calls (docs/speed.md): the run's JSON, and
+# Inductor's and Triton's compile caches, live in STATE (an ignored folder such as .devcache/bench: a warm device
+# machine keeps it between calls), so the same command again continues the run with --resume, measuring only the
+# rows it lacks, and compiles from warm caches what an interrupted row had already compiled.
+#
+# Usage (from the repository root; on the device, the wheels of monai and nibabel carried in .whl/ or $WHEELS):
+#   scripts/bench_device_call.sh STATE OUT SECONDS NAME [rwkvseg bench models options...]
+# e.g. scripts/bench_device_call.sh .devcache/bench "$OUT" 570 b3 3 --models mmsegrwkv segresnet dynunet swinunetr \
+#        --sides 128 64 160 96 --modes eager compiled --phases infer train --compile-mode reduce-overhead
+# SECONDS: the bench's share of the call: then it gets SIGINT, and is killed 30 s later if a compilation holds it
+# (session 27, on an H100 host: once in three calls); either way each row is in the JSON as soon as it is measured.
+# Back in OUT: NAME.json (the rows so far), NAME.log (the bench's output) and, once the run is complete, NAME.png
+# (the cost-growth figure; an interrupted run draws none: the next call's --resume finishes it and draws it, and
+# `rwkvseg bench show NAME.json --png FIG` draws the rows so far on any machine).
+set -uo pipefail
+if [ $# -lt 5 ]; then
+  echo "usage: $0 STATE OUT SECONDS NAME [rwkvseg bench models options...]" >&2
+  exit 2
+fi
+state=$1 out=$2 seconds=$3 name=$4
+shift 4
+[ -d "$out" ] || { echo "$0: $out is not a folder" >&2; exit 2; }
+mkdir -p "$state/inductor" "$state/triton" || exit 2
+wheels=${WHEELS:-.whl}  # the device has no monai or nibabel: their wheels travel in this folder
+# without --upgrade, an install a warm machine already has is kept: a second bench started beside a running one (to
+# fill the shared compile caches ahead of it, docs/speed.md) does not rewrite modules the first one has imported
+if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    "$wheels"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1
+TORCHINDUCTOR_CACHE_DIR=$(realpath "$state/inductor")
+TRITON_CACHE_DIR=$(realpath "$state/triton")
+export TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+json=$state/$name.json
+resume=()
+[ -f "$json" ] && resume=(--resume)
+timeout -s INT -k 30 "$seconds" python3 -m rwkvseg.cli bench models "$@" --json "$json" --png "$state/$name.png" \
+  "${resume[@]}" 2>&1 | tee -a "$state/$name.log"
+status=${PIPESTATUS[0]}
+echo "bench exit $status"
+for file in "$json" "$state/$name.png" "$state/$name.log"; do
+  [ -f "$file" ] && cp "$file" "$out/"
+done
+exit "$status"
