@@ -243,6 +243,56 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, caps
     assert main([*argv[:-2], "--resume"]) == 2 and "give --json FILE" in capsys.readouterr().err
 
 
+def test_show_prints_the_table_and_draws_the_figure_of_a_file_measured_elsewhere(tmp_path, monkeypatch, capsys):
+    """`bench show` renders an interrupted run's file as the run itself would have: the same table, growth and
+    figure, without measuring anything and without writing to the file."""
+    import rwkvseg.bench.models as bench
+
+    out, png = tmp_path / "bench.json", tmp_path / "growth.png"
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "32"]
+    argv += ["--modes", "eager", "--phases", "infer", "--repeats", "1", "--json", str(out)]
+    assert main(argv) == 0
+    finished = capsys.readouterr().out
+    before = out.read_bytes()
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("show measured a row"))
+    assert main(["bench", "show", str(out), "--png", str(png)]) == 0
+    shown = capsys.readouterr().out
+    assert shown[shown.index("    model  phase") :] == finished[finished.index("    model  phase") :]
+    assert png.read_bytes()[:4] == b"\x89PNG" and out.read_bytes() == before
+    doc = json.loads(before)
+    doc.update(complete=False, rows=doc["rows"][:3])
+    out.write_text(json.dumps(doc))
+    assert main(["bench", "show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "an interrupted run: 3 rows measured" in shown and "unet_test  infer      8    32" not in shown
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        ("{}", "is not a bench models JSON file"),
+        ('{"rows": [], "environment": {}}', "no measured rows"),
+    ],
+)
+def test_show_refuses_what_is_not_a_bench_file_in_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "b.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["bench", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err and err.count("\n") == 1
+
+
+def test_show_does_not_draw_over_its_input(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    row = {"model": "m", "mode": "eager", "phase": "infer", "batch": 1, "side": 16, "tokens": 256, "ms": 1.0}
+    path.write_text(json.dumps({"environment": {}, "rows": [row], "complete": True}))
+    before = path.read_bytes()
+    assert main(["bench", "show", str(path), "--png", str(path)]) == 2
+    assert "is the input file" in capsys.readouterr().err and path.read_bytes() == before
+
+
 def test_command_runs_in_the_memory_format_and_resumes_only_in_it(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--modes", "eager"]

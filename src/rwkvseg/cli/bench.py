@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 from ._options import add_set_argument
@@ -134,6 +135,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "the rows it lacks",
     )
     p.set_defaults(func=_run_models)
+
+    p = kinds.add_parser(
+        "show",
+        help="the table, growth exponents and figure of a bench models JSON file (measured here or elsewhere, "
+        "finished or cut short); the file is only read",
+    )
+    p.add_argument("file", help="the --json file of a bench models run")
+    p.add_argument("--png", default=None, help="write its cost-growth figure here (needs matplotlib)")
+    p.set_defaults(func=_run_show)
 
     p = kinds.add_parser(
         "epoch",
@@ -317,8 +327,7 @@ def model_overrides(items: list[str]) -> dict[str, dict]:
 def _run_models(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench.models import ModelBenchConfig, bench_models, growth_rows, models_of_dims, plot_growth, row_key
-    from ..bench.table import format_table
+    from ..bench.models import ModelBenchConfig, bench_models, models_of_dims, row_key
     from ..bench.wkv import environment
     from ..files import write_json
     from ..models import create_model, list_models
@@ -385,6 +394,22 @@ def _run_models(args: argparse.Namespace) -> int:
             write_json(args.json, {"environment": info, "rows": rows, "complete": False})
 
     bench_models(config, create_model, on_row=record, skip={row_key(r) for r in kept})
+    growth = _print_models_report(rows, config.models, config.phases, config.modes, config.memory_format)
+    if args.json:
+        write_json(args.json, {"environment": info, "rows": rows, "growth": growth, "complete": True})
+    if args.png:
+        _plot_models(rows, info, args.dims, args.png)
+    return 0
+
+
+def _print_models_report(
+    rows: list[dict], models: Sequence[str], phases: Sequence[str], modes: Sequence[str], memory_format: str
+) -> list[dict]:
+    """Print the table of bench models rows (one line per model, phase, batch and side; eager and compiled side by
+    side) and their growth exponents; return the growth rows."""
+    from ..bench.models import growth_rows
+    from ..bench.table import format_table
+
     table: dict[tuple, dict] = {}
     notes: dict[str, int] = {}  # each distinct note once, under the table: a failure's note names where it was
     for r in rows:
@@ -395,16 +420,14 @@ def _run_models(args: argparse.Namespace) -> int:
             ref = notes.setdefault(f"{r['mode']}: {r['note']}", len(notes) + 1)
             cell["note"] = f"{cell['note']} [{ref}]" if cell.get("note") else f"[{ref}]"
     columns = [("model", "model"), ("phase", "phase"), ("batch", "batch"), ("side", "side")]
-    for mode in config.modes:
+    for mode in modes:
         columns += [(f"{mode}_ms", f"{mode} ms"), (f"{mode}_peak_mb", f"{mode} MB")]
-    if "compiled" in config.modes:
+    if "compiled" in modes:
         columns.append(("compiled_compile_s", "compile s"))
-    if config.memory_format != "contiguous":  # also in the line above the progress, far up in a long run
-        print(f"parameters and inputs in {config.memory_format} memory format")
-    rank = {name: i for i, name in enumerate(config.models)}  # rows come side by side; the table reads per model
-    cells = sorted(
-        table.values(), key=lambda c: (rank[c["model"]], config.phases.index(c["phase"]), c["batch"], c["side"])
-    )
+    if memory_format != "contiguous":  # also in the line above the progress, far up in a long run
+        print(f"parameters and inputs in {memory_format} memory format")
+    rank = {name: i for i, name in enumerate(models)}  # rows come side by side; the table reads per model
+    cells = sorted(table.values(), key=lambda c: (rank[c["model"]], phases.index(c["phase"]), c["batch"], c["side"]))
     print(format_table(cells, [*columns, ("note", "note")]))
     for text, ref in notes.items():
         print(f"[{ref}] {text}")
@@ -413,11 +436,45 @@ def _run_models(args: argparse.Namespace) -> int:
     print(
         format_table(growth, [(k, k) for k in ("model", "mode", "phase", "batch", "time_exponent", "memory_exponent")])
     )
-    if args.json:
-        write_json(args.json, {"environment": info, "rows": rows, "growth": growth, "complete": True})
+    return growth
+
+
+def _plot_models(rows: list[dict], info: dict, dims: int, png: str) -> None:
+    """The cost-growth figure of bench models rows, titled with the machine and layout they were measured on."""
+    from ..bench.models import plot_growth
+
+    fmt = info.get("memory_format", "contiguous")
+    layout = "" if fmt == "contiguous" else f", {fmt}"
+    plot_growth(rows, png, f"{dims}D, {info.get('device_name')}, torch {info.get('torch')}{layout}")
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    """`rwkvseg bench show FILE`: the table, growth and figure of a bench models JSON file, on any machine (a run
+    measured on a GPU host, finished or cut short there); the file is only read."""
+    import json
+
+    path = Path(args.file)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        rows, info = list(doc["rows"]), dict(doc["environment"])
+        complete = bool(doc.get("complete", False))
+    except FileNotFoundError:
+        raise ValueError(f"bench show: {path} does not exist; give the --json file of a bench models run") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"bench show: {path} is not a bench models JSON file ({err})") from None
+    if not rows:
+        raise ValueError(f"bench show: {path} holds no measured rows yet; nothing to show")
+    if args.png and Path(args.png).resolve() == path.resolve():
+        raise ValueError(f"bench show: --png {args.png} is the input file; choose another path for the figure")
+    seen = lambda key: list(dict.fromkeys(r[key] for r in rows))  # noqa: E731 (first-seen order of a column)
+    print(", ".join(f"{k}={v}" for k, v in info.items()))
+    if not complete:
+        print(f"an interrupted run: {len(rows)} rows measured (continue it with --resume where it was measured)")
+    modes = [m for m in ("eager", "compiled") if m in seen("mode")]
+    _print_models_report(rows, seen("model"), seen("phase"), modes, info.get("memory_format", "contiguous"))
     if args.png:
-        layout = "" if config.memory_format == "contiguous" else f", {config.memory_format}"
-        plot_growth(rows, args.png, f"{args.dims}D, {info.get('device_name')}, torch {info['torch']}{layout}")
+        dims = 3 if rows[0]["tokens"] == rows[0]["side"] ** 3 else 2  # tokens: voxels or pixels of one sample
+        _plot_models(rows, info, dims, args.png)
     return 0
 
 
