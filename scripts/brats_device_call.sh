@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call of the BraTS campaign (docs/mmsegrwkv.md): train the four configs side by side, then evaluate
-# each run's fp32 best checkpoint on the validation cases and export the two MMSegRWKV releases as int8, and put
-# what must come back into OUT in parts of at most 15 MiB (the device tool returns 8 files of 16 MiB at most).
+# One device call of the BraTS campaign (docs/mmsegrwkv.md): train the four configs (or VARIANTS) side by side,
+# then evaluate each run's fp32 best checkpoint on the validation cases and export the MMSegRWKV releases as int8,
+# and put what must come back into OUT in parts of at most 15 MiB (the device tool returns 8 files of 16 MiB at most).
 #
 # Usage (from the repository root; on the device, the wheels of monai and nibabel carried in .whl/ or $WHEELS):
 #   scripts/brats_device_call.sh CACHE VAL RUNS OUT SECONDS [campaign.py options...]
@@ -14,6 +14,8 @@
 # e.g.
 #   --epochs 36 --set val_every=2 --set data.target=regions --set loss.name=bce_dice
 # (the campaign's --configs, --minutes and --compile-cache are set here: --minutes is the training share less 15 s).
+# VARIANTS (default "mmsegrwkv mmsegrwkv_small segresnet dynunet"): the configs configs/brats2018_<variant>.toml to
+# train, evaluate and export, e.g. VARIANTS="mmsegrwkv dynunet" gives two runs the GPU the four would share.
 # Back in OUT: campaign.json, and rel.tar.part?? (cat them | tar x): evals/eval-<variant>/ (`rwkvseg evaluate` of
 # each best checkpoint, no TTA, --compile off), weights/<release>.safetensors + .json (int8, `export_release`),
 # runs.tar (each run's small files: metrics, best.json, config, split, summary, final_val, logs, curves); and, when
@@ -28,6 +30,13 @@ fi
 cache=$1 val=$2 runs=$3 out=$4 seconds=$5
 shift 5
 final=${FINAL_SECONDS:-240}
+read -r -a variants <<<"${VARIANTS:-mmsegrwkv mmsegrwkv_small segresnet dynunet}"
+for variant in "${variants[@]}"; do
+  [ -f "configs/brats2018_$variant.toml" ] || { echo "$0: VARIANTS: no configs/brats2018_$variant.toml" >&2; exit 2; }
+done
+[ "${#variants[@]}" -gt 0 ] || { echo "$0: VARIANTS is empty; name at least one variant" >&2; exit 2; }
+configs=()
+for variant in "${variants[@]}"; do configs+=("configs/brats2018_$variant.toml"); done
 for path in "$cache" "$val"; do
   [ -d "$path" ] || { echo "$0: $path is not a folder" >&2; exit 2; }
 done
@@ -46,7 +55,7 @@ train=$((seconds - final))
 minutes=$(python3 -c "print(round(max($train - 15, 0) / 60, 2))")
 if [ "$train" -gt 15 ]; then
   timeout -s INT -k 30 "$train" python3 scripts/campaign.py "$cache" "$runs" \
-    --configs configs/brats2018_{mmsegrwkv,mmsegrwkv_small,segresnet,dynunet}.toml \
+    --configs "${configs[@]}" \
     --minutes "$minutes" --compile-cache "$runs/cc" "$@"
   echo "campaign exit $? after $(($(date +%s) - start)) s"
 fi
@@ -54,14 +63,15 @@ cp "$runs/campaign.json" "$out/" 2>/dev/null
 [ "$final" -gt 0 ] || exit 0
 pack=$(mktemp -d)
 mkdir -p "$pack/evals" "$pack/weights"
-for variant in mmsegrwkv mmsegrwkv_small segresnet dynunet; do
+for variant in "${variants[@]}"; do
   best=$runs/brats2018-$variant/best.safetensors
   [ -f "$best" ] || { echo "no $best: not evaluated"; continue; }
   "${rwkvseg[@]}" predict "$best" "$val" --out "$pack/pred-$variant" --mirror-axes '' --compile off >/dev/null \
     && "${rwkvseg[@]}" evaluate "$pack/pred-$variant" "$val" --out "$pack/evals/eval-$variant" | tail -n 4
   rm -rf "$pack/pred-$variant"
 done
-for variant in mmsegrwkv mmsegrwkv_small; do
+for variant in "${variants[@]}"; do
+  case $variant in mmsegrwkv | mmsegrwkv_small) ;; *) continue ;; esac  # the two released architectures
   [ -f "$runs/brats2018-$variant/best.json" ] || continue
   python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
 export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" \

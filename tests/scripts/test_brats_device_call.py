@@ -27,6 +27,9 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("usage:")
     result = call(str(tmp_path / "missing"), str(tmp_path), str(tmp_path / "runs"), str(tmp_path), "600")
     assert result.returncode == 2 and result.stderr.strip().endswith("missing is not a folder")
+    result = call(str(tmp_path), str(tmp_path), str(tmp_path / "runs"), str(tmp_path), "600", VARIANTS="dynunet unet")
+    assert result.returncode == 2 and result.stderr.strip().endswith("VARIANTS: no configs/brats2018_unet.toml")
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("split") is None, reason="needs bash and coreutils")
@@ -42,11 +45,13 @@ def test_final_part_evaluates_exports_and_packs_a_trained_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
 
-    result = call(str(data), str(val), str(runs), str(out), "100", FINAL_SECONDS="150")
+    variants = "mmsegrwkv_small dynunet"  # a subset of the four: only these are evaluated and exported
+    result = call(str(data), str(val), str(runs), str(out), "100", FINAL_SECONDS="150", VARIANTS=variants)
 
     assert result.returncode == 0, result.stderr[-2000:]
     assert "campaign exit" not in result.stdout  # no time was left for training
-    assert f"no {runs}/brats2018-mmsegrwkv/best.safetensors: not evaluated" in result.stdout
+    assert f"no {runs}/brats2018-dynunet/best.safetensors: not evaluated" in result.stdout
+    assert "brats2018-mmsegrwkv/" not in result.stdout
     parts = sorted(out.glob("rel.tar.part*"))
     assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
     packed = tmp_path / "rel.tar"
