@@ -273,6 +273,8 @@ def test_show_prints_the_table_and_draws_the_figure_of_a_file_measured_elsewhere
         (None, "does not exist"),
         ("{}", "is not a bench models JSON file"),
         ('{"rows": [], "environment": {}}', "no measured rows"),
+        ('{"rows": [{"model": "m"}], "environment": {}}', "a row without mode, phase, batch, side, tokens"),
+        ('{"rows": [3], "environment": {}}', "is not a bench models JSON file"),
     ],
 )
 def test_show_refuses_what_is_not_a_bench_file_in_one_line(tmp_path, capsys, content, message):
@@ -284,13 +286,30 @@ def test_show_refuses_what_is_not_a_bench_file_in_one_line(tmp_path, capsys, con
     assert message in err and str(path) in err and err.count("\n") == 1
 
 
-def test_show_does_not_draw_over_its_input(tmp_path, capsys):
-    path = tmp_path / "b.json"
+def test_show_does_not_draw_over_its_input_or_an_existing_figure_unless_asked(tmp_path, capsys):
+    path, figure = tmp_path / "b.json", tmp_path / "b.png"
     row = {"model": "m", "mode": "eager", "phase": "infer", "batch": 1, "side": 16, "tokens": 256, "ms": 1.0}
     path.write_text(json.dumps({"environment": {}, "rows": [row], "complete": True}))
     before = path.read_bytes()
-    assert main(["bench", "show", str(path), "--png", str(path)]) == 2
-    assert "is the input file" in capsys.readouterr().err and path.read_bytes() == before
+    for overwrite in ([], ["--overwrite"]):  # the input is never an output
+        assert main(["bench", "show", str(path), "--png", str(path), *overwrite]) == 2
+        assert "is the input file" in capsys.readouterr().err and path.read_bytes() == before
+    figure.write_bytes(b"mine")
+    assert main(["bench", "show", str(path), "--png", str(figure)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and figure.read_bytes() == b"mine"
+    assert main(["bench", "show", str(path), "--png", str(figure), "--overwrite"]) == 0
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_models_refuses_an_existing_figure_before_measuring(tmp_path, monkeypatch, capsys):
+    import rwkvseg.bench.models as bench
+
+    figure = tmp_path / "b.png"
+    figure.write_bytes(b"mine")
+    monkeypatch.setattr(bench, "measure", lambda *a: pytest.fail("measured a row"))
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--png", str(figure)]
+    assert main(argv) == 2
+    assert "exists; choose a new file" in capsys.readouterr().err and figure.read_bytes() == b"mine"
 
 
 def test_command_runs_in_the_memory_format_and_resumes_only_in_it(tmp_path, capsys):

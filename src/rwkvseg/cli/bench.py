@@ -143,6 +143,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="the --json file of a bench models run")
     p.add_argument("--png", default=None, help="write its cost-growth figure here (needs matplotlib)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --png figure")
     p.set_defaults(func=_run_show)
 
     p = kinds.add_parser(
@@ -339,6 +340,8 @@ def _run_models(args: argparse.Namespace) -> int:
         raise ValueError("bench models --resume continues a --json file; give --json FILE of the interrupted run")
     if args.json and not args.resume and Path(args.json).exists():
         raise ValueError(f"bench models: {args.json} exists; pass --resume to continue that run, or choose a new file")
+    if args.png and not args.resume and Path(args.png).exists():  # a resumed run draws its own figure again
+        raise ValueError(f"bench models: --png {args.png} exists; choose a new file for the figure")
     config = ModelBenchConfig(
         dims=args.dims,
         device=args.device,
@@ -453,11 +456,17 @@ def _run_show(args: argparse.Namespace) -> int:
     measured on a GPU host, finished or cut short there); the file is only read."""
     import json
 
+    from ..bench.models import ROW_KEY
+
     path = Path(args.file)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         rows, info = list(doc["rows"]), dict(doc["environment"])
         complete = bool(doc.get("complete", False))
+        for row in rows:  # what the table and the figure read of each row
+            missing = [key for key in (*ROW_KEY, "tokens") if key not in row]
+            if missing:
+                raise KeyError(f"a row without {', '.join(missing)}")
     except FileNotFoundError:
         raise ValueError(f"bench show: {path} does not exist; give the --json file of a bench models run") from None
     except (ValueError, KeyError, TypeError) as err:
@@ -466,12 +475,17 @@ def _run_show(args: argparse.Namespace) -> int:
         raise ValueError(f"bench show: {path} holds no measured rows yet; nothing to show")
     if args.png and Path(args.png).resolve() == path.resolve():
         raise ValueError(f"bench show: --png {args.png} is the input file; choose another path for the figure")
-    seen = lambda key: list(dict.fromkeys(r[key] for r in rows))  # noqa: E731 (first-seen order of a column)
+    if args.png and Path(args.png).exists() and not args.overwrite:
+        raise ValueError(f"bench show: --png {args.png} exists; pass --overwrite to replace it, or choose a new file")
+
+    def first_seen(key: str) -> list:  # a column's values in the order the run measured them
+        return list(dict.fromkeys(r[key] for r in rows))
+
     print(", ".join(f"{k}={v}" for k, v in info.items()))
     if not complete:
         print(f"an interrupted run: {len(rows)} rows measured (continue it with --resume where it was measured)")
-    modes = [m for m in ("eager", "compiled") if m in seen("mode")]
-    _print_models_report(rows, seen("model"), seen("phase"), modes, info.get("memory_format", "contiguous"))
+    modes = [m for m in ("eager", "compiled") if m in first_seen("mode")]
+    _print_models_report(rows, first_seen("model"), first_seen("phase"), modes, info.get("memory_format", "contiguous"))
     if args.png:
         dims = 3 if rows[0]["tokens"] == rows[0]["side"] ** 3 else 2  # tokens: voxels or pixels of one sample
         _plot_models(rows, info, dims, args.png)
