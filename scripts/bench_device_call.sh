@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One device call of a `rwkvseg bench models` run that may need several calls (docs/speed.md): the run's JSON, and
-# Inductor's and Triton's compile caches, live in STATE (an ignored folder such as .devcache/bench: a warm device
-# machine keeps it between calls), so the same command again continues the run with --resume, measuring only the
-# rows it lacks, and compiles from warm caches what an interrupted row had already compiled.
+# One device call of a `rwkvseg bench models` run that may need several calls (docs/speed.md): the run's JSON and
+# the compile caches live in STATE (an ignored folder such as .devcache/bench: a warm device machine keeps it between
+# calls), so the same command again continues the run with --resume, measuring only the rows it lacks, and compiles
+# from warm caches what an interrupted row had already compiled. The caches: Inductor's in STATE/inductor (its
+# generated Triton kernels included), and Triton's own for this project's kernels (Bi-WKV, the fused norms) in
+# STATE/triton-home (TRITON_HOME), which comes back when it is at most 15 MiB, so that a fresh machine need not
+# compile them again.
 #
 # Usage (from the repository root; on the device, the wheels of monai and nibabel carried in .whl/ or $WHEELS):
 #   scripts/bench_device_call.sh STATE OUT SECONDS NAME [rwkvseg bench models options...]
@@ -10,9 +13,11 @@
 #        --sides 128 64 160 96 --modes eager compiled --phases infer train --compile-mode reduce-overhead
 # SECONDS: the bench's share of the call: then it gets SIGINT, and is killed 30 s later if a compilation holds it
 # (session 27, on an H100 host: once in three calls); either way each row is in the JSON as soon as it is measured.
-# Back in OUT: NAME.json (the rows so far), NAME.log (the bench's output) and, once the run is complete, NAME.png
-# (the cost-growth figure; an interrupted run draws none: the next call's --resume finishes it and draws it, and
-# `rwkvseg bench show NAME.json --png FIG` draws the rows so far on any machine).
+# Back in OUT: NAME.json (the rows so far), NAME.log (the bench's output), NAME-kernels.tar (STATE/triton-home, when
+# it is at most 15 MiB) and, once the run is complete, NAME.png (the cost-growth figure; an interrupted run draws
+# none: the next call's --resume finishes it and draws it, and `rwkvseg bench show NAME.json --png FIG` draws the
+# rows so far on any machine). To continue on a fresh machine of the same kind (another session), put them back and
+# carry STATE: mkdir -p STATE && cp NAME.json STATE/ && tar xf NAME-kernels.tar -C STATE (carry [".devcache/bench"]).
 set -uo pipefail
 if [ $# -lt 5 ]; then
   echo "usage: $0 STATE OUT SECONDS NAME [rwkvseg bench models options...]" >&2
@@ -21,7 +26,7 @@ fi
 state=$1 out=$2 seconds=$3 name=$4
 shift 4
 [ -d "$out" ] || { echo "$0: $out is not a folder" >&2; exit 2; }
-mkdir -p "$state/inductor" "$state/triton" || exit 2
+mkdir -p "$state/inductor" "$state/triton-home" || exit 2
 wheels=${WHEELS:-.whl}  # the device has no monai or nibabel: their wheels travel in this folder
 # without --upgrade, an install a warm machine already has is kept: a second bench started beside a running one (to
 # fill the shared compile caches ahead of it, docs/speed.md) does not rewrite modules the first one has imported
@@ -34,8 +39,9 @@ else
 fi
 export PYTHONUNBUFFERED=1
 TORCHINDUCTOR_CACHE_DIR=$(realpath "$state/inductor")
-TRITON_CACHE_DIR=$(realpath "$state/triton")
-export TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+TRITON_HOME=$(realpath "$state/triton-home")  # Triton's cache: TRITON_HOME/.triton/cache
+export TORCHINDUCTOR_CACHE_DIR TRITON_HOME
+unset TRITON_CACHE_DIR  # set, it would also take Inductor's generated kernels, out of STATE/inductor
 json=$state/$name.json
 resume=()
 [ -f "$json" ] && resume=(--resume)
@@ -46,4 +52,9 @@ echo "bench exit $status"
 for file in "$json" "$state/$name.png" "$state/$name.log"; do
   [ -f "$file" ] && cp "$file" "$out/"
 done
+tar cf "$out/$name-kernels.tar" -C "$state" triton-home
+if [ "$(stat -c %s "$out/$name-kernels.tar")" -gt $((15 * 1048576)) ]; then
+  echo "$state/triton-home is larger than 15 MiB: not returned"
+  rm -f "$out/$name-kernels.tar"
+fi
 exit "$status"

@@ -19,8 +19,9 @@
 # Back in OUT: campaign.json, and rel.tar.part?? (cat them | tar x): evals/eval-<variant>/ (`rwkvseg evaluate` of
 # each best checkpoint, no TTA, --compile off), weights/<release>.safetensors + .json (int8, `export_release`),
 # runs.tar (each run's small files: metrics, best.json, config, split, summary, final_val, logs, curves); and, when
-# they fit beside those, cc.tar.part?? (RUNS/cc, the compile caches: carried in as RUNS/cc, a fresh machine with the
-# same torch and GPU skips most of its compilation, which took 172-183 s of a 430 s call for MMSegRWKV).
+# they fit beside those, cc.tar.part?? (RUNS/cc, the compile caches and Triton's cache of this project's kernels in
+# RUNS/cc/triton-home: carried in as RUNS/cc, a fresh machine with the same torch and GPU skips most of its
+# compilation, which took 172-183 s of a 430 s call for MMSegRWKV).
 # scripts/release_3d.py writes the cards from these on any machine (see its usage).
 set -uo pipefail
 if [ $# -lt 5 ]; then
@@ -49,6 +50,12 @@ else
   export PYTHONPATH=$PWD/src
 fi
 export PYTHONUNBUFFERED=1
+# Triton's cache of this project's kernels (Bi-WKV, the fused norms) beside the compile caches, so it travels with
+# them: a machine that has it does not compile those kernels again (TRITON_HOME/.triton/cache)
+mkdir -p "$runs/cc/triton-home" || exit 2
+TRITON_HOME=$(realpath "$runs/cc/triton-home")
+export TRITON_HOME
+unset TRITON_CACHE_DIR  # set, it would also take Inductor's generated kernels
 rwkvseg=(python3 -m rwkvseg.cli)
 start=$(date +%s)
 train=$((seconds - final))
