@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import importlib
 import json
 import pstats
 import sys
@@ -34,19 +33,11 @@ from pathlib import Path
 
 import torch
 
-from rwkvseg.bench.wkv import environment, make_inputs, parse_shapes
+from rwkvseg.bench.wkv import environment, make_inputs, parse_shapes, replaced_wkv_kernels
 from rwkvseg.compiling import synchronize
 from rwkvseg.ops import bi_wkv
 
 SHAPES = ((64, 256, 256), (16, 8192, 32), (2, 32768, 32), (1, 262144, 32))
-KERNELS = (
-    "_fwd_summary_kernel",
-    "_fwd_chunk_scan_kernel",
-    "_fwd_output_kernel",
-    "_bwd_summary_kernel",
-    "_bwd_chunk_scan_kernel",
-    "_bwd_output_kernel",
-)
 GROUPS = ("rwkvseg", "triton", "allocation", "autograd", "launch and other builtins", "other")
 ALLOCATIONS = ("torch.empty", "torch.zeros", "torch.full", "empty_like", "new_empty")
 
@@ -58,22 +49,10 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-@contextlib.contextmanager
 def stubbed_kernels():
     """Inside: the Triton kernels are no-ops and the eager entry points take any tensor for a Triton input, so
     what runs is exactly the wrappers' host code (on the CPU too). The module globals are restored on exit."""
-    path = importlib.import_module("rwkvseg.ops.bi_wkv.triton")
-    entry = importlib.import_module("rwkvseg.ops.bi_wkv")  # the package (rwkvseg.ops.bi_wkv is the function)
-    stubs = [(path, name, _NoLaunch()) for name in KERNELS]
-    stubs += [(path, "_on_device", lambda x: contextlib.nullcontext()), (entry, "uses_triton", lambda k: True)]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in stubs]
-    try:
-        for module, name, stub in stubs:
-            setattr(module, name, stub)
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
+    return replaced_wkv_kernels(lambda name, kernel: _NoLaunch())
 
 
 def group_of(filename: str, function: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import sys
 from collections import defaultdict
@@ -31,17 +30,9 @@ from pathlib import Path
 import torch
 
 from rwkvseg.bench.models import PROBLEMS, model_dims
+from rwkvseg.bench.wkv import replaced_wkv_kernels
 from rwkvseg.models import create_model, list_models
 from rwkvseg.train.config import apply_overrides
-
-KERNELS = (
-    "_fwd_summary_kernel",
-    "_fwd_chunk_scan_kernel",
-    "_fwd_output_kernel",
-    "_bwd_summary_kernel",
-    "_bwd_chunk_scan_kernel",
-    "_bwd_output_kernel",
-)
 
 
 def specialization(value: object) -> object:
@@ -78,25 +69,17 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recorded_kernels(seen: dict[str, set]) -> Iterator[list[str]]:
+def recorded_kernels(seen: dict[str, set]) -> Iterator[dict[str, list[str]]]:
     """Inside: the Bi-WKV kernels record their launches into seen (kernel name -> variant keys), the eager entry
     takes any tensor for a Triton input; yields each kernel's parameter names. Restored on exit."""
-    path = importlib.import_module("rwkvseg.ops.bi_wkv.triton")
-    entry = importlib.import_module("rwkvseg.ops.bi_wkv")  # the package (rwkvseg.ops.bi_wkv is the function)
-    recorders = [(path, name, Recorder(name, getattr(path, name), seen)) for name in KERNELS]
-    stubs = [
-        *recorders,
-        (path, "_on_device", lambda x: contextlib.nullcontext()),
-        (entry, "uses_triton", lambda k: True),
-    ]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in stubs]
-    try:
-        for module, name, stub in stubs:
-            setattr(module, name, stub)
-        yield {name: [p for p, _ in recorder.params] + ["launch options"] for _, name, recorder in recorders}
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
+    recorders: dict[str, Recorder] = {}
+
+    def record(name: str, kernel: object) -> Recorder:
+        recorders[name] = Recorder(name, kernel, seen)
+        return recorders[name]
+
+    with replaced_wkv_kernels(record):
+        yield {name: [p for p, _ in recorder.params] + ["launch options"] for name, recorder in recorders.items()}
 
 
 def parse_shape(text: str) -> tuple[int, int, str]:

@@ -23,7 +23,7 @@ def test_specialization_is_what_triton_tells_variants_apart_by(script):
 
 
 def test_counts_new_variants_per_shape_and_restores_the_kernels(script, tmp_path, capsys):
-    kernels = {name: getattr(bi_wkv_triton, name) for name in script.KERNELS}
+    kernels = {name: getattr(bi_wkv_triton, name) for name in bi_wkv_triton.KERNELS}
     out = tmp_path / "v.json"
     assert script.main(["mmsegrwkv_test", "32:1:infer", "32:1:infer", "32:2:train", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -32,7 +32,7 @@ def test_counts_new_variants_per_shape_and_restores_the_kernels(script, tmp_path
     assert train["per_kernel"]["_bwd_output_kernel"] > 0  # training adds the backward's variants
     assert sum(k["variants"] for k in result["kernels"].values()) == first["new"] + train["new"]
     assert "variants in all" in capsys.readouterr().out
-    assert {name: getattr(bi_wkv_triton, name) for name in script.KERNELS} == kernels
+    assert {name: getattr(bi_wkv_triton, name) for name in bi_wkv_triton.KERNELS} == kernels
 
 
 def test_bad_arguments_are_refused_in_one_line(script, tmp_path, capsys):

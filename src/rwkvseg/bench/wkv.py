@@ -9,16 +9,40 @@ each measurement runs in a fresh subprocess so its peak resident memory (above t
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
 from ..ops import bi_wkv, bi_wkv_reference
+
+
+@contextlib.contextmanager
+def replaced_wkv_kernels(make: Callable[[str, object], object]) -> Iterator[None]:
+    """Inside: each Triton Bi-WKV kernel of rwkvseg.ops.bi_wkv.triton is replaced by make(name, kernel), and the
+    eager entry takes any tensor (CPU ones too) for a Triton input, so what runs is exactly the wrappers' host code
+    around the stand-ins (scripts/profile_wkv_host.py times it, scripts/triton_variants.py records the launches).
+    The module globals are restored on exit."""
+    path = importlib.import_module("rwkvseg.ops.bi_wkv.triton")
+    entry = importlib.import_module("rwkvseg.ops.bi_wkv")  # the package (rwkvseg.ops.bi_wkv is the function)
+    stubs = [(path, name, make(name, getattr(path, name))) for name in path.KERNELS]
+    stubs += [(path, "_on_device", lambda x: contextlib.nullcontext()), (entry, "uses_triton", lambda k: True)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in stubs]
+    try:
+        for module, name, stub in stubs:
+            setattr(module, name, stub)
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
 
 SHAPES_CPU = ((8, 4096, 64), (2, 32768, 32), (1, 262144, 32))
 SHAPES_GPU = ((64, 256, 256), (16, 8192, 32), (2, 32768, 32), (1, 262144, 32), (2, 262144, 48))

@@ -62,6 +62,15 @@ from .triton_forward import _fwd_chunk_scan_kernel, _fwd_output_kernel, _fwd_sum
 __all__ = ["MAX_ORDERS", "TileConfig", "TritonBiWKV", "bi_wkv_triton", "bi_wkv_triton_grads", "tile_config"]
 
 MAX_ORDERS = 4  # token orders one launch mixes (QuadScan has four)
+# the module globals this wrapper launches, by name: the host-side tools replace them (rwkvseg.bench.wkv)
+KERNELS = (
+    "_fwd_summary_kernel",
+    "_fwd_chunk_scan_kernel",
+    "_fwd_output_kernel",
+    "_bwd_summary_kernel",
+    "_bwd_chunk_scan_kernel",
+    "_bwd_output_kernel",
+)
 
 
 def _check(k: Tensor, v: Tensor) -> None:
