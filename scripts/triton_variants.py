@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import torch
 
 from rwkvseg.bench.models import PROBLEMS, model_dims
 from rwkvseg.bench.wkv import replaced_wkv_kernels
+from rwkvseg.files import write_json
 from rwkvseg.models import create_model, list_models
 from rwkvseg.train.config import apply_overrides
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for kernel, info in result["kernels"].items():
         print(f"  {kernel}: {info['variants']}, differing in {', '.join(info['differ_in']) or 'nothing'}")
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json(args.json, result)
     return 0
 
 
