@@ -11,7 +11,10 @@ shape in turn, and it prints per shape the variants not seen before, then which 
 each kernel differ. The fused instance norms' kernels (CUDA only) are not counted.
 
     python scripts/triton_variants.py mmsegrwkv 64:1:infer 128:1:infer 160:1:infer [--set fused_norm=true]
-        [--json OUT.json]
+        [--unspecialized dims orders NCB n] [--json OUT.json]
+
+--unspecialized counts as if the kernels listed those parameters in `do_not_specialize` (their integers no longer
+told apart): what such a change would leave to compile, before a GPU says whether the kernels keep their speed.
 
 Each SHAPE is SIDE:BATCH:PHASE (PHASE infer or train); dims, channels and classes follow the model (3D: 4 -> 3,
 2D: 3 -> 1, as `rwkvseg bench models`).
@@ -35,16 +38,17 @@ from rwkvseg.models import create_model, list_models
 from rwkvseg.train.config import apply_overrides
 
 
-def specialization(value: object) -> object:
-    """What Triton tells variants apart by, for one non-constexpr argument."""
+def specialization(value: object, specialize: bool = True) -> object:
+    """What Triton tells variants apart by, for one non-constexpr argument (specialize=False: an argument in
+    `do_not_specialize`, whose integers are not told apart)."""
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
-        return ("int", value == 1, value % 16 == 0)
+        return ("int", value == 1, value % 16 == 0) if specialize else "int"
     if isinstance(value, float):
         return "float"
     if isinstance(value, tuple):
-        return tuple(specialization(v) for v in value)
+        return tuple(specialization(v, specialize) for v in value)
     if isinstance(value, torch.Tensor):
         return (str(value.dtype), value.data_ptr() % 16 == 0)
     return type(value).__name__
@@ -53,15 +57,15 @@ def specialization(value: object) -> object:
 class Recorder:
     """Stands for one Triton kernel: `kernel[grid](*args, **options)` records the launch's variant key."""
 
-    def __init__(self, name: str, kernel: object, seen: dict[str, set]) -> None:
-        self.name, self.seen = name, seen
+    def __init__(self, name: str, kernel: object, seen: dict[str, set], unspecialized: frozenset[str]) -> None:
+        self.name, self.seen, self.unspecialized = name, seen, unspecialized
         self.params = [(p.name, p.is_constexpr) for p in kernel.params]  # type: ignore[attr-defined]
 
     def __getitem__(self, grid: object):
         def launch(*args: object, **options: object) -> None:
             key = tuple(
-                ("constexpr", value) if constexpr else specialization(value)
-                for (_, constexpr), value in zip(self.params, args, strict=True)
+                ("constexpr", value) if constexpr else specialization(value, name not in self.unspecialized)
+                for (name, constexpr), value in zip(self.params, args, strict=True)
             )
             self.seen[self.name].add((*key, tuple(sorted(options.items()))))
 
@@ -69,13 +73,16 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recorded_kernels(seen: dict[str, set]) -> Iterator[dict[str, list[str]]]:
-    """Inside: the Bi-WKV kernels record their launches into seen (kernel name -> variant keys), the eager entry
-    takes any tensor for a Triton input; yields each kernel's parameter names. Restored on exit."""
+def recorded_kernels(
+    seen: dict[str, set], unspecialized: frozenset[str] = frozenset()
+) -> Iterator[dict[str, list[str]]]:
+    """Inside: the Bi-WKV kernels record their launches into seen (kernel name -> variant keys), counting the
+    integers of the arguments named in unspecialized as Triton's `do_not_specialize` would; the eager entry takes
+    any tensor for a Triton input; yields each kernel's parameter names. Restored on exit."""
     recorders: dict[str, Recorder] = {}
 
     def record(name: str, kernel: object) -> Recorder:
-        recorders[name] = Recorder(name, kernel, seen)
+        recorders[name] = Recorder(name, kernel, seen, unspecialized)
         return recorders[name]
 
     with replaced_wkv_kernels(record):
@@ -94,13 +101,20 @@ def parse_shape(text: str) -> tuple[int, int, str]:
     return shape
 
 
-def count(model_name: str, shapes: list[tuple[int, int, str]], overrides: dict) -> dict:
-    """Per shape in turn, the variants it added per kernel; then per kernel the arguments its variants differ in."""
+def count(
+    model_name: str, shapes: list[tuple[int, int, str]], overrides: dict, unspecialized: frozenset[str] = frozenset()
+) -> dict:
+    """Per shape in turn, the variants it added per kernel; then per kernel the arguments its variants differ in
+    (the arguments named in unspecialized counted as if the kernels did not specialize on their integers)."""
     seen: dict[str, set] = defaultdict(set)
     dims = model_dims(create_model(model_name, *PROBLEMS[2], **overrides))
     in_channels, num_classes = PROBLEMS[dims]
     steps = []
-    with recorded_kernels(seen) as names:
+    with recorded_kernels(seen, unspecialized) as names:
+        unknown = sorted(unspecialized - {param for params in names.values() for param in params})
+        if unknown:
+            known = sorted({param for params in names.values() for param in params} - {"launch options"})
+            raise ValueError(f"--unspecialized {' '.join(unknown)}: no such kernel parameter; they are {known}")
         for side, batch, phase in shapes:
             model = create_model(model_name, in_channels, num_classes, **overrides)
             x = torch.randn(batch, in_channels, *(side,) * dims)
@@ -117,7 +131,13 @@ def count(model_name: str, shapes: list[tuple[int, int, str]], overrides: dict) 
         keys = list(keys)
         varying = [i for i in range(len(keys[0])) if len({repr(k[i]) for k in keys}) > 1]
         differ[kernel] = {"variants": len(keys), "differ_in": [names[kernel][i] for i in varying]}
-    return {"model": model_name, "overrides": overrides, "steps": steps, "kernels": differ}
+    return {
+        "model": model_name,
+        "overrides": overrides,
+        "unspecialized": sorted(unspecialized),
+        "steps": steps,
+        "kernels": differ,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shapes", nargs="+", help="SIDE:BATCH:PHASE, measured in turn (e.g. 64:1:infer 64:2:train)")
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a create_model setting"
+    )
+    parser.add_argument(
+        "--unspecialized",
+        nargs="+",
+        default=[],
+        metavar="PARAM",
+        help="count as if the kernels had these parameters in do_not_specialize (e.g. dims orders NCB n): what such "
+        "a change would leave to compile",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the counts here (a new file)")
     args = parser.parse_args(argv)
@@ -143,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         create_model(args.model, *PROBLEMS[2], **settings)
     except ValueError as err:
         parser.error(f"--set: {err}")
-    try:  # a shape the model refuses (too small for its downsampling, say)
-        result = count(args.model, shapes, settings)
+    try:  # a shape the model refuses (too small for its downsampling, say), or an --unspecialized name
+        result = count(args.model, shapes, settings, frozenset(args.unspecialized))
     except ValueError as err:
-        parser.error(f"{args.model}: {err}")
+        parser.error(str(err) if str(err).startswith("--unspecialized") else f"{args.model}: {err}")
     for step in result["steps"]:
         per_kernel = ", ".join(f"{k} {n}" for k, n in step["per_kernel"].items() if n)
         print(f"{step['side']}:{step['batch']}:{step['phase']}: {step['new']} new variants ({per_kernel or 'none'})")

@@ -35,6 +35,19 @@ def test_counts_new_variants_per_shape_and_restores_the_kernels(script, tmp_path
     assert {name: getattr(bi_wkv_triton, name) for name in bi_wkv_triton.KERNELS} == kernels
 
 
+def test_unspecialized_arguments_leave_fewer_variants(script, tmp_path):
+    """--unspecialized counts what a do_not_specialize change would leave: never more variants, and none of them
+    told apart by the named arguments."""
+    shapes = [script.parse_shape(s) for s in ("32:1:infer", "48:1:infer", "32:2:train")]
+    plain = script.count("mmsegrwkv_test", shapes, {})
+    fewer = script.count("mmsegrwkv_test", shapes, {}, frozenset({"dims", "orders", "NCB", "n"}))
+    assert sum(k["variants"] for k in fewer["kernels"].values()) < sum(k["variants"] for k in plain["kernels"].values())
+    assert not any({"dims", "orders"} & set(k["differ_in"]) for k in fewer["kernels"].values())
+    assert fewer["unspecialized"] == ["NCB", "dims", "n", "orders"]
+    with pytest.raises(ValueError, match="--unspecialized nope: no such kernel parameter"):
+        script.count("mmsegrwkv_test", shapes[:1], {}, frozenset({"nope"}))
+
+
 def test_bad_arguments_are_refused_in_one_line(script, tmp_path, capsys):
     bad = [["nope", "32:1:infer"], ["mmsegrwkv_test", "32:1"], ["mmsegrwkv_test", "32:1:eval"]]
     for argv in [*bad, ["mmsegrwkv_test", "32:1:infer", "--set", "nope=1"]]:
