@@ -26,22 +26,10 @@ fi
 state=$1 out=$2 seconds=$3 name=$4
 shift 4
 [ -d "$out" ] || { echo "$0: $out is not a folder" >&2; exit 2; }
-mkdir -p "$state/inductor" "$state/triton-home" || exit 2
-wheels=${WHEELS:-.whl}  # the device has no monai or nibabel: their wheels travel in this folder
-# without --upgrade, an install a warm machine already has is kept: a second bench started beside a running one (to
-# fill the shared compile caches ahead of it, docs/speed.md) does not rewrite modules the first one has imported
-if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    "$wheels"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1
+mkdir -p "$state/inductor" || exit 2
+source "$(dirname "$0")/device_env.sh" && device_env "$state/triton-home" || exit 1  # wheels, PYTHONPATH, TRITON_HOME
 TORCHINDUCTOR_CACHE_DIR=$(realpath "$state/inductor")
-TRITON_HOME=$(realpath "$state/triton-home")  # Triton's cache: TRITON_HOME/.triton/cache
-export TORCHINDUCTOR_CACHE_DIR TRITON_HOME
-unset TRITON_CACHE_DIR  # set, it would also take Inductor's generated kernels, out of STATE/inductor
+export TORCHINDUCTOR_CACHE_DIR
 json=$state/$name.json
 resume=()
 [ -f "$json" ] && resume=(--resume)

@@ -41,21 +41,9 @@ for variant in "${variants[@]}"; do configs+=("configs/brats2018_$variant.toml")
 for path in "$cache" "$val"; do
   [ -d "$path" ] || { echo "$0: $path is not a folder" >&2; exit 2; }
 done
-wheels=${WHEELS:-.whl}  # the device has no monai or nibabel: their wheels travel in this folder
-if [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$wheels"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1
-# Triton's cache of this project's kernels (Bi-WKV, the fused norms) beside the compile caches, so it travels with
-# them: a machine that has it does not compile those kernels again (TRITON_HOME/.triton/cache)
-mkdir -p "$runs/cc/triton-home" || exit 2
-TRITON_HOME=$(realpath "$runs/cc/triton-home")
-export TRITON_HOME
-unset TRITON_CACHE_DIR  # set, it would also take Inductor's generated kernels
+# the wheels, PYTHONPATH, and Triton's cache of this project's kernels beside the compile caches, so it travels
+# with them (scripts/device_env.sh)
+source "$(dirname "$0")/device_env.sh" && device_env "$runs/cc/triton-home" || exit 1
 rwkvseg=(python3 -m rwkvseg.cli)
 start=$(date +%s)
 train=$((seconds - final))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -72,21 +73,27 @@ class Recorder:
         return launch
 
 
+def kernel_params() -> dict[str, list[str]]:
+    """Each Bi-WKV kernel's parameter names, in order."""
+    kernels = importlib.import_module("rwkvseg.ops.bi_wkv.triton")
+    return {name: [p.name for p in getattr(kernels, name).params] for name in kernels.KERNELS}
+
+
+def check_unspecialized(unspecialized: frozenset[str]) -> None:
+    """A ValueError naming the kernels' parameters when unspecialized names another."""
+    known = {param for params in kernel_params().values() for param in params}
+    unknown = sorted(unspecialized - known)
+    if unknown:
+        raise ValueError(f"--unspecialized {' '.join(unknown)}: no such kernel parameter; they are {sorted(known)}")
+
+
 @contextlib.contextmanager
-def recorded_kernels(
-    seen: dict[str, set], unspecialized: frozenset[str] = frozenset()
-) -> Iterator[dict[str, list[str]]]:
+def recorded_kernels(seen: dict[str, set], unspecialized: frozenset[str] = frozenset()) -> Iterator[None]:
     """Inside: the Bi-WKV kernels record their launches into seen (kernel name -> variant keys), counting the
     integers of the arguments named in unspecialized as Triton's `do_not_specialize` would; the eager entry takes
-    any tensor for a Triton input; yields each kernel's parameter names. Restored on exit."""
-    recorders: dict[str, Recorder] = {}
-
-    def record(name: str, kernel: object) -> Recorder:
-        recorders[name] = Recorder(name, kernel, seen, unspecialized)
-        return recorders[name]
-
-    with replaced_wkv_kernels(record):
-        yield {name: [p for p, _ in recorder.params] + ["launch options"] for name, recorder in recorders.items()}
+    any tensor for a Triton input. Restored on exit."""
+    with replaced_wkv_kernels(lambda name, kernel: Recorder(name, kernel, seen, unspecialized)):
+        yield
 
 
 def parse_shape(text: str) -> tuple[int, int, str]:
@@ -102,19 +109,21 @@ def parse_shape(text: str) -> tuple[int, int, str]:
 
 
 def count(
-    model_name: str, shapes: list[tuple[int, int, str]], overrides: dict, unspecialized: frozenset[str] = frozenset()
+    model_name: str,
+    shapes: list[tuple[int, int, str]],
+    overrides: dict,
+    unspecialized: frozenset[str] = frozenset(),
+    dims: int | None = None,
 ) -> dict:
     """Per shape in turn, the variants it added per kernel; then per kernel the arguments its variants differ in
-    (the arguments named in unspecialized counted as if the kernels did not specialize on their integers)."""
+    (the arguments named in unspecialized counted as if the kernels did not specialize on their integers). dims:
+    the model's (None: found by building it once)."""
+    check_unspecialized(unspecialized)
     seen: dict[str, set] = defaultdict(set)
-    dims = model_dims(create_model(model_name, *PROBLEMS[2], **overrides))
+    dims = dims or model_dims(create_model(model_name, *PROBLEMS[2], **overrides))
     in_channels, num_classes = PROBLEMS[dims]
     steps = []
-    with recorded_kernels(seen, unspecialized) as names:
-        unknown = sorted(unspecialized - {param for params in names.values() for param in params})
-        if unknown:
-            known = sorted({param for params in names.values() for param in params} - {"launch options"})
-            raise ValueError(f"--unspecialized {' '.join(unknown)}: no such kernel parameter; they are {known}")
+    with recorded_kernels(seen, unspecialized):
         for side, batch, phase in shapes:
             model = create_model(model_name, in_channels, num_classes, **overrides)
             x = torch.randn(batch, in_channels, *(side,) * dims)
@@ -126,6 +135,7 @@ def count(
                     model(x)
             new = {kernel: len(keys - before.get(kernel, set())) for kernel, keys in seen.items()}
             steps.append({"side": side, "batch": batch, "phase": phase, "new": sum(new.values()), "per_kernel": new})
+    names = {kernel: [*params, "launch options"] for kernel, params in kernel_params().items()}
     differ = {}
     for kernel, keys in seen.items():
         keys = list(keys)
@@ -161,20 +171,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model {args.model!r}; choose from {', '.join(list_models())}")
     if args.json is not None and args.json.exists():
         parser.error(f"--json {args.json} exists; choose a new file")
+    unspecialized = frozenset(args.unspecialized)
     try:
         shapes = [parse_shape(text) for text in args.shapes]
         settings = apply_overrides({}, args.settings)  # read as bench models --override reads them
+        check_unspecialized(unspecialized)
     except ValueError as err:
         parser.error(str(err))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:  # an unknown or invalid setting: create_model names the valid ones
-        create_model(args.model, *PROBLEMS[2], **settings)
+        dims = model_dims(create_model(args.model, *PROBLEMS[2], **settings))
     except ValueError as err:
         parser.error(f"--set: {err}")
-    try:  # a shape the model refuses (too small for its downsampling, say), or an --unspecialized name
-        result = count(args.model, shapes, settings, frozenset(args.unspecialized))
+    try:  # a shape the model refuses (too small for its downsampling, say)
+        result = count(args.model, shapes, settings, unspecialized, dims)
     except ValueError as err:
-        parser.error(str(err) if str(err).startswith("--unspecialized") else f"{args.model}: {err}")
+        parser.error(f"{args.model}: {err}")
     for step in result["steps"]:
         per_kernel = ", ".join(f"{k} {n}" for k, n in step["per_kernel"].items() if n)
         print(f"{step['side']}:{step['batch']}:{step['phase']}: {step['new']} new variants ({per_kernel or 'none'})")

@@ -451,26 +451,32 @@ def _plot_models(rows: list[dict], info: dict, dims: int, png: str) -> None:
     plot_growth(rows, png, f"{dims}D, {info.get('device_name')}, torch {info.get('torch')}{layout}")
 
 
-def _run_show(args: argparse.Namespace) -> int:
-    """`rwkvseg bench show FILE`: the table, growth and figure of a bench models JSON file, on any machine (a run
-    measured on a GPU host, finished or cut short there); the file is only read."""
+def _read_models_file(path: Path, command: str, missing_fix: str) -> tuple[list[dict], dict, bool]:
+    """(rows, environment, complete) of a bench models JSON file, each row with what the table, the figure and a
+    resume read of it; a file that is missing or not such a file is one ValueError naming the command and path."""
     import json
 
     from ..bench.models import ROW_KEY
 
-    path = Path(args.file)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         rows, info = list(doc["rows"]), dict(doc["environment"])
-        complete = bool(doc.get("complete", False))
-        for row in rows:  # what the table and the figure read of each row
+        for row in rows:
             missing = [key for key in (*ROW_KEY, "tokens") if key not in row]
             if missing:
                 raise KeyError(f"a row without {', '.join(missing)}")
     except FileNotFoundError:
-        raise ValueError(f"bench show: {path} does not exist; give the --json file of a bench models run") from None
+        raise ValueError(f"{command}: {path} does not exist; {missing_fix}") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"bench show: {path} is not a bench models JSON file ({err})") from None
+        raise ValueError(f"{command}: {path} is not a bench models JSON file ({err})") from None
+    return rows, info, bool(doc.get("complete", False))
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    """`rwkvseg bench show FILE`: the table, growth and figure of a bench models JSON file, on any machine (a run
+    measured on a GPU host, finished or cut short there); the file is only read."""
+    path = Path(args.file)
+    rows, info, complete = _read_models_file(path, "bench show", "give the --json file of a bench models run")
     if not rows:
         raise ValueError(f"bench show: {path} holds no measured rows yet; nothing to show")
     if args.png and Path(args.png).resolve() == path.resolve():
@@ -498,25 +504,17 @@ COMPILE_ONLY_SETTINGS = ("compile_mode", "fullgraph", "dynamic", "freeze", "conv
 
 def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
     """The rows of the interrupted run in args.json that this run (config, on this machine) would make."""
-    import json
-
     from ..bench.models import planned_keys, row_key
 
     path = Path(args.json)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        rows, before = list(doc["rows"]), dict(doc["environment"])
-        before.setdefault("memory_format", "contiguous")  # files from before the option measured contiguous maps
-        before.setdefault("freeze", False)  # and did not freeze
-        before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
-        before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
-        if "cpu_convs" in info:  # CPU files from before the option ran PyTorch's own convolution backends
-            before.setdefault("cpu_convs", "stock")
-            before.setdefault("cpu_bf16", False)  # and float32
-    except FileNotFoundError:
-        raise ValueError(f"bench models --resume: {path} does not exist; run without --resume to start it") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"bench models --resume: {path} is not a bench models JSON file ({err})") from None
+    rows, before, _ = _read_models_file(path, "bench models --resume", "run without --resume to start it")
+    before.setdefault("memory_format", "contiguous")  # files from before the option measured contiguous maps
+    before.setdefault("freeze", False)  # and did not freeze
+    before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
+    before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
+    if "cpu_convs" in info:  # CPU files from before the option ran PyTorch's own convolution backends
+        before.setdefault("cpu_convs", "stock")
+        before.setdefault("cpu_bf16", False)  # and float32
     changed = sorted(k for k in {**before, **info} if before.get(k) != info.get(k))
     if not any(r["mode"] == "compiled" for r in rows):  # eager rows do not depend on how compiled rows compile
         changed = [k for k in changed if k not in COMPILE_ONLY_SETTINGS]
