@@ -13,8 +13,12 @@ each kernel differ. The fused instance norms' kernels (CUDA only) are not counte
     python scripts/triton_variants.py mmsegrwkv 64:1:infer 128:1:infer 160:1:infer [--set fused_norm=true]
         [--unspecialized dims orders NCB n] [--json OUT.json]
 
---unspecialized counts as if the kernels listed those parameters in `do_not_specialize` (their integers no longer
-told apart): what such a change would leave to compile, before a GPU says whether the kernels keep their speed.
+--unspecialized counts as if the kernels did not specialize those parameters' integers: what such a change would
+leave to compile, before a GPU says whether the kernels keep their speed. For a scalar parameter that change is
+naming it in `do_not_specialize`; a tuple parameter (`dims`, `layout`, `orders`) would first have to become scalar
+parameters, because Triton specializes a tuple's elements whatever `do_not_specialize` says (its native specializer
+recurses into tuples with the default flags: `native_specialize_impl(BaseBackend, (1, 32), False, False, True)`
+returns `(('constexpr', 'i32'), (1, 'D'))` on Triton 3.9).
 
 Each SHAPE is SIDE:BATCH:PHASE (PHASE infer or train); dims, channels and classes follow the model (3D: 4 -> 3,
 2D: 3 -> 1, as `rwkvseg bench models`).
@@ -162,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="PARAM",
-        help="count as if the kernels had these parameters in do_not_specialize (e.g. dims orders NCB n): what such "
-        "a change would leave to compile",
+        help="count as if the kernels did not specialize these parameters' integers (e.g. dims orders NCB n): "
+        "do_not_specialize for a scalar; a tuple would have to become scalars first (Triton specializes its elements)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the counts here (a new file)")
     args = parser.parse_args(argv)
