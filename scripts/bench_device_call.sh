@@ -4,8 +4,8 @@
 # calls), so the same command again continues the run with --resume, measuring only the rows it lacks, and compiles
 # from warm caches what an interrupted row had already compiled. The caches: Inductor's in STATE/inductor (its
 # generated Triton kernels included), and Triton's own for this project's kernels (Bi-WKV, the fused norms) in
-# STATE/triton-home (TRITON_HOME), which comes back when it is at most 15 MiB, so that a fresh machine need not
-# compile them again.
+# STATE/triton-home (TRITON_HOME), which comes back gzipped when that is at most 15 MiB (uncompressed it was larger
+# in both of session 28's 3D and 2D runs), so that a fresh machine need not compile them again.
 #
 # Usage (from the repository root; on the device, the wheels of monai and nibabel carried in .whl/ or $WHEELS):
 #   scripts/bench_device_call.sh STATE OUT SECONDS NAME [rwkvseg bench models options...]
@@ -13,11 +13,11 @@
 #        --sides 128 64 160 96 --modes eager compiled --phases infer train --compile-mode reduce-overhead
 # SECONDS: the bench's share of the call: then it gets SIGINT, and is killed 30 s later if a compilation holds it
 # (session 27, on an H100 host: once in three calls); either way each row is in the JSON as soon as it is measured.
-# Back in OUT: NAME.json (the rows so far), NAME.log (the bench's output), NAME-kernels.tar (STATE/triton-home, when
-# it is at most 15 MiB) and, once the run is complete, NAME.png (the cost-growth figure; an interrupted run draws
+# Back in OUT: NAME.json (the rows so far), NAME.log (the bench's output), NAME-kernels.tgz (STATE/triton-home, when
+# that is at most 15 MiB) and, once the run is complete, NAME.png (the cost-growth figure; an interrupted run draws
 # none: the next call's --resume finishes it and draws it, and `rwkvseg bench show NAME.json --png FIG` draws the
 # rows so far on any machine). To continue on a fresh machine of the same kind (another session), put them back and
-# carry STATE: mkdir -p STATE && cp NAME.json STATE/ && tar xf NAME-kernels.tar -C STATE (carry [".devcache/bench"]).
+# carry STATE: mkdir -p STATE && cp NAME.json STATE/ && tar xzf NAME-kernels.tgz -C STATE (carry [".devcache/bench"]).
 set -uo pipefail
 if [ $# -lt 5 ]; then
   echo "usage: $0 STATE OUT SECONDS NAME [rwkvseg bench models options...]" >&2
@@ -40,9 +40,9 @@ echo "bench exit $status"
 for file in "$json" "$state/$name.png" "$state/$name.log"; do
   [ -f "$file" ] && cp "$file" "$out/"
 done
-tar cf "$out/$name-kernels.tar" -C "$state" triton-home
-if [ "$(stat -c %s "$out/$name-kernels.tar")" -gt $((15 * 1048576)) ]; then
-  echo "$state/triton-home is larger than 15 MiB: not returned"
-  rm -f "$out/$name-kernels.tar"
+tar czf "$out/$name-kernels.tgz" -C "$state" triton-home
+if [ "$(stat -c %s "$out/$name-kernels.tgz")" -gt $((15 * 1048576)) ]; then
+  echo "$state/triton-home is larger than 15 MiB gzipped: not returned"
+  rm -f "$out/$name-kernels.tgz"
 fi
 exit "$status"

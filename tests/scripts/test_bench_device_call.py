@@ -37,7 +37,7 @@ def test_a_second_call_continues_the_run_and_returns_its_files(tmp_path):
     assert first.returncode == 0, first.stdout + first.stderr
     assert len(json.loads((out / "b2.json").read_text())["rows"]) == 2  # batch 1 and 8 at side 16
     assert (state / "inductor").is_dir() and (state / "triton-home").is_dir()  # the caches a warm machine keeps
-    with tarfile.open(out / "b2-kernels.tar") as tar:  # Triton's cache of this project's kernels comes back
+    with tarfile.open(out / "b2-kernels.tgz", "r:gz") as tar:  # Triton's cache of this project's kernels comes back
         assert tar.getnames()[0] == "triton-home"
     again = call(str(state), str(out), "300", "b2", *BENCH, "--sides", "16", "32")
     assert again.returncode == 0, again.stdout + again.stderr
