@@ -46,3 +46,33 @@ def test_a_second_call_continues_the_run_and_returns_its_files(tmp_path):
     assert result["complete"] and [r["side"] for r in result["rows"]] == [16, 16, 32, 32]
     assert (out / "b2.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "b2.log").read_text().count("unet_test eager infer") == 4  # both calls' progress, appended
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_warm_starts_a_compiled_bench_beside_the_run_into_the_same_caches(tmp_path):
+    # a stand-in python3 records each bench's arguments and its compile caches (the real warmer compiles: minutes)
+    bin_dir, state, out, calls = tmp_path / "bin", tmp_path / "state", tmp_path / "out", tmp_path / "calls"
+    bin_dir.mkdir()
+    out.mkdir()
+    stub = bin_dir / "python3"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$TORCHINDUCTOR_CACHE_DIR $TRITON_HOME $*" >> {calls}\necho ran $*\n')
+    stub.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WHEELS": "no-wheels-here"}
+    run_args = [*BENCH, "--sides", "16", "64"]
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(state), str(out), "60", "b2", *run_args],
+        cwd=ROOT,
+        env={**environment, "WARM": "--models unet_small  --sides 64"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and "warmer exit 0" in result.stdout, result.stdout + result.stderr
+    run, warm = sorted(calls.read_text().splitlines(), key=lambda line: "b2-warm.json" in line)
+    caches = f"{(state / 'inductor').resolve()} {(state / 'triton-home').resolve()}"
+    assert run.startswith(caches) and warm.startswith(caches)  # the same Inductor and Triton caches
+    assert warm.endswith(  # the run's options, then WARM's, then compiled rows timed once, into their own JSON
+        f"{' '.join(run_args)} --models unet_small --sides 64 --modes compiled --repeats 1 --json {state}/b2-warm.json"
+    )
+    assert run.endswith(f"{' '.join(run_args)} --json {state}/b2.json --png {state}/b2.png")  # the run as it was
+    assert (out / "b2-warm.log").read_text().startswith("ran -m rwkvseg.cli bench models")  # its log comes back
+    assert not (out / "b2.json").exists()  # the stand-in measured nothing, and nothing claims it did
