@@ -13,9 +13,10 @@
 #        --sides 128 64 160 96 --modes eager compiled --phases infer train --compile-mode reduce-overhead
 # WARM (optional, environment): options that pick the run's later compiled rows, e.g. WARM="--models unet --sides
 # 1024". A second bench starts beside the run with the run's options, then WARM, then `--modes compiled --repeats 1`,
-# into the same compile caches (its rows in STATE/NAME-warm.json, its log back as NAME-warm.log), so that the run
-# finds those graphs compiled when it reaches them: several compilations at once on the device's CPU cores, where one
-# run compiles one graph at a time. Its single timed calls share the GPU with the run's timed calls at moments
+# into the same compile caches (its rows in STATE/NAME-warm-HASH.json, one file per WARM, which the same WARM in the
+# next call resumes; its log back as NAME-warm.log), so that the run finds those graphs compiled when it reaches
+# them: several compilations at once on the device's CPU cores, where one run compiles one graph at a time. Its
+# single timed calls share the GPU with the run's timed calls at moments
 # (session 27: SwinUNETR's 160^3 training step timed 293.00 ms in the run and 292.96 ms in its warmer).
 # SECONDS: the bench's share of the call: then it gets SIGINT, and is killed 30 s later if a compilation holds it
 # (session 27, on an H100 host: once in three calls); either way each row is in the JSON as soon as it is measured.
@@ -42,10 +43,10 @@ resume=()
 [ -f "$json" ] && resume=(--resume)
 warm_pid=
 if [ -n "${WARM:-}" ]; then
-  warm_json=$state/$name-warm.json
+  read -ra warm <<< "$WARM"
+  warm_json=$state/$name-warm-$(printf %s "${warm[*]}" | md5sum | cut -c1-8).json  # resumed by the same options
   warm_resume=()
   [ -f "$warm_json" ] && warm_resume=(--resume)
-  read -ra warm <<< "$WARM"
   timeout -s INT -k 30 "$seconds" python3 -m rwkvseg.cli bench models "$@" "${warm[@]}" --modes compiled --repeats 1 \
     --json "$warm_json" "${warm_resume[@]}" >> "$state/$name-warm.log" 2>&1 &
   warm_pid=$!

@@ -59,20 +59,32 @@ def test_warm_starts_a_compiled_bench_beside_the_run_into_the_same_caches(tmp_pa
     stub.chmod(0o755)
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WHEELS": "no-wheels-here"}
     run_args = [*BENCH, "--sides", "16", "64"]
-    result = subprocess.run(
-        ["bash", str(SCRIPT), str(state), str(out), "60", "b2", *run_args],
-        cwd=ROOT,
-        env={**environment, "WARM": "--models unet_small  --sides 64"},
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0 and "warmer exit 0" in result.stdout, result.stdout + result.stderr
-    run, warm = sorted(calls.read_text().splitlines(), key=lambda line: "b2-warm.json" in line)
+
+    def device_call(warm: str) -> tuple[str, str]:  # (the run's, the warmer's) recorded command line
+        calls.unlink(missing_ok=True)
+        result = subprocess.run(
+            ["bash", str(SCRIPT), str(state), str(out), "60", "b2", *run_args],
+            cwd=ROOT,
+            env={**environment, "WARM": warm},
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0 and "warmer exit 0" in result.stdout, result.stdout + result.stderr
+        run, warmer = sorted(calls.read_text().splitlines(), key=lambda line: "b2-warm-" in line)
+        return run, warmer
+
+    run, warm = device_call("--models unet_small  --sides 64")
     caches = f"{(state / 'inductor').resolve()} {(state / 'triton-home').resolve()}"
     assert run.startswith(caches) and warm.startswith(caches)  # the same Inductor and Triton caches
+    warm_json = warm.split("--json ")[1]  # one file per WARM: a later call with other options starts its own
+    assert warm_json.startswith(f"{state}/b2-warm-") and warm_json.endswith(".json")
     assert warm.endswith(  # the run's options, then WARM's, then compiled rows timed once, into their own JSON
-        f"{' '.join(run_args)} --models unet_small --sides 64 --modes compiled --repeats 1 --json {state}/b2-warm.json"
+        f"{' '.join(run_args)} --models unet_small --sides 64 --modes compiled --repeats 1 --json {warm_json}"
     )
     assert run.endswith(f"{' '.join(run_args)} --json {state}/b2.json --png {state}/b2.png")  # the run as it was
     assert (out / "b2-warm.log").read_text().startswith("ran -m rwkvseg.cli bench models")  # its log comes back
     assert not (out / "b2.json").exists()  # the stand-in measured nothing, and nothing claims it did
+    Path(warm_json).write_text("{}")  # as if the warmer had measured rows: the same WARM next call resumes them
+    assert device_call("--models unet_small --sides 64")[1].endswith(f"--json {warm_json} --resume")
+    other = device_call("--models unet --sides 64")[1]  # other options: a file of their own, nothing to resume
+    assert f"--json {warm_json}" not in other and other.endswith(".json")
