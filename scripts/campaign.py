@@ -21,10 +21,12 @@ run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and
 Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written to RUNS/campaign.json: epochs done
 of planned, the best validation Dice (the mean over regions in 3D) with its epoch and, in 3D, the Dice of each
 region at that epoch, the last validated Dice, whether the curve has levelled off (`late_gain`: the best of the
-last third of the validations minus the best before them; `plateau` when it is at most PLATEAU_DICE: the last third
-did not gain; `trend` rising, level or declining: a best that came early and was never reached again is
-`declining`; `val_noise`: the median change from one validation to the next, against which to read late_gain: a
-gain or a loss within it is the validation set's noise, not the curve's shape), the
+last third of the validations minus the best before them; `trend` rising, level or declining: a best that came
+early and was never reached again is `declining`; `val_noise`: the median change from one validation to the next,
+against which to read late_gain: a gain or a loss within it is the validation set's noise, not the curve's shape;
+`late_rise`: the rise of a least-squares line through the last half of the validations, and `plateau`, the test
+that reads it against that noise: `yes` when even its one-sided 95 % upper bound rises by at most PLATEAU_DICE,
+`no` when its lower bound rises by more, `unclear` when the noise leaves both open), the
 best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
@@ -47,6 +49,8 @@ import sys
 import time
 from pathlib import Path
 
+from scipy import stats
+
 from rwkvseg.cli import listen_to_sigint
 from rwkvseg.eval.report import RunHistory, read_metrics_csv, read_run, write_run_curves
 
@@ -59,7 +63,7 @@ CONFIGS = {  # 2D dataset folder -> the recipe's config
     "ph2": "urwkv_ph2.toml",
 }
 SPLITS_3D = {"brats2018": "brats2018_2mm.json"}  # the <dataset> of a 3D config's name -> its committed split
-PLATEAU_DICE = 0.005  # late_gain at or below this (half a Dice point): the run has levelled off
+PLATEAU_DICE = 0.005  # a rise at or below this (half a Dice point) over the late validations: levelled off
 
 
 def planned_epochs(values: list[str], datasets: list[str]) -> dict[str, int]:
@@ -151,13 +155,29 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
+def late_rise(dice: list[float]) -> tuple[float, float, float] | None:
+    """(rise, lower, upper): the rise from the first to the last of the last half of the validations along their
+    least-squares line (scipy.stats.linregress), with its one-sided 95 % bounds (Student's t, n - 2 degrees of
+    freedom); None with fewer than 3 validations in that half (no noise to estimate)."""
+    half = dice[len(dice) // 2 :]
+    if len(half) < 3:
+        return None
+    fit = stats.linregress(range(len(half)), half)
+    steps = len(half) - 1
+    margin = float(stats.t.ppf(0.95, len(half) - 2) * fit.stderr * steps)
+    rise = float(fit.slope * steps)
+    return rise, rise - margin, rise + margin
+
+
 def plateau(validated: list[dict]) -> dict:
-    """late_gain: the best validation Dice of the last third of the validations minus the best before them;
-    plateau: late_gain <= PLATEAU_DICE; trend: "rising" above it, "declining" below -PLATEAU_DICE (the best came
-    early and the later validations stay under it: overfitting or a noisy validation set, not a level curve),
-    else "level"; val_noise: the median absolute change between consecutive validations (session 26: MMSegRWKV on 5
-    BraTS cases swung 0.03-0.12 from one validation to the next, while its late_gain was -0.054). Nothing before
-    the third validation."""
+    """late_gain: the best validation Dice of the last third of the validations minus the best before them; trend:
+    "rising" above PLATEAU_DICE, "declining" below -PLATEAU_DICE (the best came early and the later validations
+    stay under it: overfitting or a noisy validation set, not a level curve), else "level"; val_noise: the median
+    absolute change between consecutive validations (session 26: MMSegRWKV on 5 BraTS cases swung 0.03-0.12 from
+    one validation to the next, while its late_gain was -0.054). late_gain compares maxima, which that noise moves
+    as much as the curve does; the plateau test reads the trend of the last half against the noise instead
+    (`late_rise`): plateau "yes" when its upper bound rises by at most PLATEAU_DICE, "no" when its lower bound rises
+    by more, else "unclear" (also with fewer than 5 validations). Nothing before the third validation."""
     dice = [r["val_dice"] for r in validated]
     if len(dice) < 3:
         return {}
@@ -165,7 +185,15 @@ def plateau(validated: list[dict]) -> dict:
     gain = max(dice[-tail:]) - max(dice[:-tail])
     trend = "rising" if gain > PLATEAU_DICE else "declining" if gain < -PLATEAU_DICE else "level"
     noise = statistics.median(abs(b - a) for a, b in itertools.pairwise(dice))
-    return {"late_gain": gain, "plateau": gain <= PLATEAU_DICE, "trend": trend, "val_noise": noise}
+    row = {"late_gain": gain, "trend": trend, "val_noise": noise, "plateau": "unclear"}
+    fit = late_rise(dice)
+    if fit is not None:
+        rise, lower, upper = fit
+        row |= {
+            "late_rise": rise,
+            "plateau": "yes" if upper <= PLATEAU_DICE else "no" if lower > PLATEAU_DICE else "unclear",
+        }
+    return row
 
 
 def load_history(run: Path) -> RunHistory:
@@ -213,7 +241,7 @@ def table(rows: list[dict]) -> list[str]:
     """The campaign table's lines: a header, then one line per run."""
     regions = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("best_val_dice_")]
     keys = ["run", "exit", "planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
-    keys += ["late_gain", "plateau", "trend", "val_noise"]
+    keys += ["late_gain", "trend", "val_noise", "late_rise", "plateau"]
     keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
     keys += ["median_epoch_s"]
     return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]
