@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 
 from rwkvseg.checkpoint import CheckpointMeta  # noqa: E402
 from rwkvseg.export.onnx import ExportRecord, export_onnx  # noqa: E402
-from rwkvseg.export.runtime import OnnxPredictor, predict_files, quantize_int8  # noqa: E402
+from rwkvseg.export.runtime import OnnxPredictor, activate, predict_files, quantize_int8  # noqa: E402
 from rwkvseg.infer.predict2d import Preprocessing2D, predict_arrays  # noqa: E402
 from rwkvseg.infer.sliding_window import mirrored  # noqa: E402
 from writers import save_conv_onnx  # noqa: E402
@@ -316,3 +316,13 @@ def test_the_record_keeps_the_checkpoints_threshold(tmp_path):
     record = ExportRecord.from_json(build_record(load_source(tmp_path / "ckpt.safetensors"), axes, 20).to_json())
     assert record.threshold == 0.9
     assert build_record(load_source("urwkv_test"), axes, 20).threshold is None  # untrained: nothing to record
+
+
+def test_sigmoid_of_extreme_logits_is_exact_and_silent():
+    # confident background logits reach -100 and beyond: 1 / (1 + e^-x) overflowed e^-x there and warned on every
+    # image of a service or a predict --runtime onnx run
+    logits = np.array([-1000.0, -200.0, -10.0, 0.0, 10.0, 200.0], np.float32).reshape(1, 1, 6)
+    with np.errstate(all="raise"):
+        probs = activate(logits, "sigmoid")
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.ravel(), 1 / (1 + np.exp(-logits.ravel().astype(np.float64))), atol=1e-7)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import special
 
 from ..data.images2d import normalize  # the exact normalisation training used
 from ..files import refuse_existing
@@ -72,7 +73,7 @@ def activate(logits: np.ndarray, activation: str) -> np.ndarray:
     """[B, K, ...] logits -> probabilities: sigmoid, or softmax over axis 1."""
     logits = logits.astype(np.float32, copy=False)
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
+        return special.expit(logits)  # 1 / (1 + e^-x) without overflowing e^-x (and warning) at large negative logits
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
