@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import special
 
 from ..data.images2d import normalize  # the exact normalisation training used
 from ..files import refuse_existing
@@ -73,6 +72,8 @@ def activate(logits: np.ndarray, activation: str) -> np.ndarray:
     """[B, K, ...] logits -> probabilities: sigmoid, or softmax over axis 1."""
     logits = logits.astype(np.float32, copy=False)
     if activation == "sigmoid":
+        from scipy import special  # here, not at import: the ONNX-only paths load no scipy unless they post-process
+
         return special.expit(logits)  # 1 / (1 + e^-x) without overflowing e^-x (and warning) at large negative logits
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
