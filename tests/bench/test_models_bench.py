@@ -18,6 +18,7 @@ from rwkvseg.bench.models import (
     failure_note,
     growth_rows,
     make_step,
+    measure,
     models_of_dims,
     plot_growth,
 )
@@ -580,3 +581,35 @@ def test_cpu_bf16_rows_run_under_bf16_autocast_and_resume_only_so(tmp_path, caps
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match="--cpu-bf16: this CPU has no native bfloat16"):
         dataclasses.replace(config, cpu_bf16=True)
+
+
+class _ConvLinear(nn.Module):
+    """A convolution, a linear layer over the channels (cuBLAS: a workspace per handle and stream) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.mix, self.head = nn.Conv2d(3, 64, 3, padding=1), nn.Linear(64, 64), nn.Conv2d(64, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)  # [B, 64, H, W]
+        y = self.mix(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # channels mixed by a matmul: [B, 64, H, W]
+        return self.head(y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run through the device tool)")
+def test_a_rows_peak_memory_does_not_depend_on_the_rows_before_it():
+    """The first compiled (CUDA-graph) row of a model peaks as high after the model's eager training row, whose
+    matmuls leave cuBLAS workspaces behind on two threads, as in a process of compiled rows alone (bench.models.settle
+    frees them before each row's baseline; without it the capture freed them inside the row)."""
+    torch.manual_seed(0)
+    model = _ConvLinear().cuda()
+    config = ModelBenchConfig(dims=2, device="cuda", compile_mode="reduce-overhead", warmup=2, repeats=3)
+    shape = (1, 3, 256, 256)
+    alone = measure(model, "infer", shape, config, compiled=True)["peak_mb"]
+    torch._dynamo.reset()
+    measure(model, "train", (8, 3, 256, 256), config, compiled=False)
+    after_eager = measure(model, "infer", shape, config, compiled=True)["peak_mb"]
+    torch._dynamo.reset()
+    assert alone > 8  # the row's activations: 64 channels of 256^2 in bf16 are 8 MiB each
+    assert after_eager == pytest.approx(alone, abs=2.0)

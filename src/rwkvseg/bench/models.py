@@ -7,7 +7,8 @@ compiled is compared with compiled. Compilation time is measured apart from run 
 less one steady call.
 
 Times on CUDA come from CUDA events around each call (median over `repeats`); peak memory is the allocator's peak
-above the model and its input. On the CPU the same table runs at small sizes with a fixed thread count and no
+above the model and its input, read from a settled allocator (`settle`: what earlier rows left is freed first, so a
+row's peak is the one it has run alone). On the CPU the same table runs at small sizes with a fixed thread count and no
 memory column (the allocator's peak is not observable there without a subprocess per row).
 
 memory_format "channels_last" runs a model's parameters and input in channels-last layout (NHWC / NDHWC), the one
@@ -17,6 +18,7 @@ cuDNN's bf16 convolutions run in: with NCHW activations each convolution transpo
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import statistics
@@ -252,7 +254,7 @@ def measure(
     step = make_step(model, phase, shape, config, compiled)
     clock = Clock(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        settle(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     first_wall = time.perf_counter()
@@ -272,6 +274,22 @@ def measure(
     if device.type == "cuda":
         row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return row
+
+
+def settle(device: torch.device) -> None:
+    """Frees on a CUDA device what earlier rows left allocated, before a row reads its memory baseline: garbage in
+    reference cycles, and cuBLAS's workspaces (one per handle and stream, kept for the life of the process by the
+    first matmul on it). CUDA-graph capture frees those workspaces itself (torch._inductor.cudagraph_trees clears
+    them before warming up and recording), so a baseline read with the eager rows' workspaces in it undercounts a
+    compiled row. On an H100 (session 29, before this function) U-RWKV-s's compiled 512^2 batch-1 row peaked at
+    4 MB after its eager rows and at 108 MB in a process of compiled rows alone; which share of such gaps the
+    workspaces explain is for the GPU test (tests/bench/test_models_bench.py) to show."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private; absent on CPU builds
+    if clear_workspaces is not None:
+        clear_workspaces()
+    torch.cuda.empty_cache()
 
 
 def failure_note(err: BaseException) -> str:
