@@ -11,14 +11,17 @@
 #   scripts/bench_device_call.sh STATE OUT SECONDS NAME [rwkvseg bench models options...]
 # e.g. scripts/bench_device_call.sh .devcache/bench "$OUT" 570 b3 3 --models mmsegrwkv segresnet dynunet swinunetr \
 #        --sides 128 64 160 96 --modes eager compiled --phases infer train --compile-mode reduce-overhead
-# WARM (optional, environment): options that pick the run's later compiled rows, e.g. WARM="--models unet --sides
-# 1024". A second bench starts beside the run with the run's options, then WARM, then `--modes compiled --repeats 1`,
-# into the same compile caches (its rows in STATE/NAME-warm-HASH.json, one file per WARM, which the same WARM in the
-# next call resumes; its log back as NAME-warm.log), so that the run finds those graphs compiled when it reaches
-# them: several compilations at once on the device's CPU cores, where one run compiles one graph at a time. Its
-# single timed calls share the GPU with the run's timed calls at moments
-# (session 27: SwinUNETR's 160^3 training step timed 293.00 ms in the run and 292.96 ms in its warmer).
-# SECONDS: the bench's share of the call: then it gets SIGINT, and is killed 30 s later if a compilation holds it
+# WARM (optional, environment): option sets, separated by ";", that pick the run's compiled rows to compile ahead,
+# e.g. WARM="--models unet --sides 1024; --sides 512". Each set starts a bench of its own (the run's options, then
+# the set's, then `--modes compiled --repeats 1`, its rows in STATE/NAME-warm-HASH.json, one file per set, which
+# the same set in the next call resumes; their output in NAME-warm.log), all at once into the same compile caches,
+# several compilations on the device's CPU cores where one run compiles one graph at a time. The run starts when
+# they have ended (after at most WARM_SECONDS, default half of SECONDS; the run gets the rest) and finds those
+# graphs compiled. The warmers no longer run beside the run: their compilations (Triton's autotuning included)
+# shared the GPU with the run's timed calls. In session 28's 3D run MMSegRWKV's 96^3 training step timed 37.67 ms
+# (min 35.14) beside two warmers and 28.99 ms alone on the same kind of H100 (session 29); in session 29's 2D run
+# U-Net's compiled 512^2 training step timed 89.67 ms (min 77.47) beside two warmers, its eager step 67.3 ms.
+# SECONDS: the benches' share of the call, warmers and run together: then the run gets SIGINT, and is killed 30 s later if a compilation holds it
 # (session 27, on an H100 host: once in three calls); either way each row is in the JSON as soon as it is measured.
 # Back in OUT: NAME.json (the rows so far), NAME.log (the bench's output), NAME-warm.log (with WARM),
 # NAME-kernels.tgz (STATE/triton-home, when that is at most 15 MiB) and, once the run is complete, NAME.png (the
@@ -41,24 +44,36 @@ export TORCHINDUCTOR_CACHE_DIR
 json=$state/$name.json
 resume=()
 [ -f "$json" ] && resume=(--resume)
-warm_pid=
+run_seconds=$seconds
 if [ -n "${WARM:-}" ]; then
-  read -ra warm <<< "$WARM"
-  warm_json=$state/$name-warm-$(printf %s "${warm[*]}" | md5sum | cut -c1-8).json  # resumed by the same options
-  warm_resume=()
-  [ -f "$warm_json" ] && warm_resume=(--resume)
-  timeout -s INT -k 30 "$seconds" python3 -m rwkvseg.cli bench models "$@" "${warm[@]}" --modes compiled --repeats 1 \
-    --json "$warm_json" "${warm_resume[@]}" >> "$state/$name-warm.log" 2>&1 &
-  warm_pid=$!
+  warm_seconds=${WARM_SECONDS:-$((seconds / 2))}
+  started=$SECONDS
+  warm_pids=()
+  IFS=';' read -ra warm_sets <<< "$WARM"
+  for set in "${warm_sets[@]}"; do
+    read -ra warm <<< "$set"
+    [ ${#warm[@]} -gt 0 ] || continue
+    warm_json=$state/$name-warm-$(printf %s "${warm[*]}" | md5sum | cut -c1-8).json  # resumed by the same options
+    warm_resume=()
+    [ -f "$warm_json" ] && warm_resume=(--resume)
+    timeout -s INT -k 30 "$warm_seconds" python3 -m rwkvseg.cli bench models "$@" "${warm[@]}" --modes compiled \
+      --repeats 1 --json "$warm_json" "${warm_resume[@]}" >> "$state/$name-warm.log" 2>&1 &
+    warm_pids+=("$!")
+  done
+  for pid in "${warm_pids[@]}"; do
+    wait "$pid"
+    echo "warmer exit $?"
+  done
+  run_seconds=$((seconds - (SECONDS - started)))
+  if [ "$run_seconds" -lt 30 ]; then
+    echo "the warmers took $((SECONDS - started)) of $seconds s: no time left for the run (lower WARM_SECONDS)"
+    run_seconds=30
+  fi
 fi
-timeout -s INT -k 30 "$seconds" python3 -m rwkvseg.cli bench models "$@" --json "$json" --png "$state/$name.png" \
+timeout -s INT -k 30 "$run_seconds" python3 -m rwkvseg.cli bench models "$@" --json "$json" --png "$state/$name.png" \
   "${resume[@]}" 2>&1 | tee -a "$state/$name.log"
 status=${PIPESTATUS[0]}
 echo "bench exit $status"
-if [ -n "$warm_pid" ]; then
-  wait "$warm_pid"
-  echo "warmer exit $?"
-fi
 for file in "$json" "$state/$name.png" "$state/$name.log" "$state/$name-warm.log"; do
   [ -f "$file" ] && cp "$file" "$out/"
 done

@@ -49,42 +49,68 @@ def test_a_second_call_continues_the_run_and_returns_its_files(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
-def test_warm_starts_a_compiled_bench_beside_the_run_into_the_same_caches(tmp_path):
-    # a stand-in python3 records each bench's arguments and its compile caches (the real warmer compiles: minutes)
+def test_warm_compiles_ahead_of_the_run_into_the_same_caches_and_the_run_times_alone(tmp_path):
+    # a stand-in python3 records each bench's arguments, its compile caches and when it ran (the real warmers
+    # compile: minutes); a warmer of side 64 takes 2 s, so the run would start before it ended if it did not wait
     bin_dir, state, out, calls = tmp_path / "bin", tmp_path / "state", tmp_path / "out", tmp_path / "calls"
     bin_dir.mkdir()
     out.mkdir()
     stub = bin_dir / "python3"
-    stub.write_text(f'#!/usr/bin/env bash\necho "$TORCHINDUCTOR_CACHE_DIR $TRITON_HOME $*" >> {calls}\necho ran $*\n')
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "start $(date +%s.%N) $TORCHINDUCTOR_CACHE_DIR $TRITON_HOME $*" >> {calls}\n'
+        'case "$*" in *"--sides 64 --modes compiled"*) sleep 2 ;; esac\n'
+        f'echo "end $(date +%s.%N) $*" >> {calls}\n'
+        "echo ran $*\n"
+    )
     stub.chmod(0o755)
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WHEELS": "no-wheels-here"}
     run_args = [*BENCH, "--sides", "16", "64"]
 
-    def device_call(warm: str) -> tuple[str, str]:  # (the run's, the warmer's) recorded command line
+    def device_call(warm: str, **extra: str) -> tuple[dict[str, tuple[float, float, str]], str]:
+        """({the bench's JSON: (start, end, its recorded line)}, the script's output)"""
         calls.unlink(missing_ok=True)
         result = subprocess.run(
             ["bash", str(SCRIPT), str(state), str(out), "60", "b2", *run_args],
             cwd=ROOT,
-            env={**environment, "WARM": warm},
+            env={**environment, "WARM": warm, **extra},
             capture_output=True,
             text=True,
         )
-        assert result.returncode == 0 and "warmer exit 0" in result.stdout, result.stdout + result.stderr
-        run, warmer = sorted(calls.read_text().splitlines(), key=lambda line: "b2-warm-" in line)
-        return run, warmer
+        assert result.returncode == 0, result.stdout + result.stderr
+        benches: dict[str, list] = {}
+        for line in calls.read_text().splitlines():
+            when, at, rest = line.split(" ", 2)
+            key = rest.split("--json ")[1].split()[0]
+            benches.setdefault(key, [0.0, 0.0, ""])
+            if when == "start":
+                benches[key][0], benches[key][2] = float(at), rest
+            else:
+                benches[key][1] = float(at)
+        return {key: tuple(value) for key, value in benches.items()}, result.stdout
 
-    run, warm = device_call("--models unet_small  --sides 64")
+    benches, said = device_call("--models unet_small  --sides 64; --sides 16")
+    assert said.count("warmer exit 0") == 2 and "bench exit 0" in said
+    run = benches.pop(f"{state}/b2.json")
+    warmers = sorted(benches.items())
+    assert len(warmers) == 2 and all(key.startswith(f"{state}/b2-warm-") for key, _ in warmers)  # a file per set
+    assert run[0] >= max(end for _, (_, end, _) in warmers)  # the run starts once both warmers have ended
     caches = f"{(state / 'inductor').resolve()} {(state / 'triton-home').resolve()}"
-    assert run.startswith(caches) and warm.startswith(caches)  # the same Inductor and Triton caches
-    warm_json = warm.split("--json ")[1]  # one file per WARM: a later call with other options starts its own
-    assert warm_json.startswith(f"{state}/b2-warm-") and warm_json.endswith(".json")
-    assert warm.endswith(  # the run's options, then WARM's, then compiled rows timed once, into their own JSON
-        f"{' '.join(run_args)} --models unet_small --sides 64 --modes compiled --repeats 1 --json {warm_json}"
-    )
-    assert run.endswith(f"{' '.join(run_args)} --json {state}/b2.json --png {state}/b2.png")  # the run as it was
-    assert (out / "b2-warm.log").read_text().startswith("ran -m rwkvseg.cli bench models")  # its log comes back
+    assert run[2].startswith(caches) and all(line.startswith(caches) for _, (_, _, line) in warmers)  # same caches
+    lines = sorted(line for _, (_, _, line) in warmers)
+    assert any(  # the run's options, then the set's, then compiled rows timed once, into their own JSON
+        line.endswith(f"{' '.join(run_args)} --models unet_small --sides 64 --modes compiled --repeats 1 --json {key}")
+        for key, line in ((k, v[2]) for k, v in warmers)
+    ), lines
+    assert run[2].endswith(f"{' '.join(run_args)} --json {state}/b2.json --png {state}/b2.png")  # the run as it was
+    assert (out / "b2-warm.log").read_text().startswith("ran -m rwkvseg.cli bench models")  # their log comes back
     assert not (out / "b2.json").exists()  # the stand-in measured nothing, and nothing claims it did
-    Path(warm_json).write_text("{}")  # as if the warmer had measured rows: the same WARM next call resumes them
-    assert device_call("--models unet_small --sides 64")[1].endswith(f"--json {warm_json} --resume")
-    other = device_call("--models unet --sides 64")[1]  # other options: a file of their own, nothing to resume
-    assert f"--json {warm_json}" not in other and other.endswith(".json")
+    slow = next(key for key, (_, _, line) in warmers if "--sides 64 --modes" in line)
+    Path(slow).write_text("{}")  # as if that warmer had measured rows: the same set next call resumes them
+    benches, _ = device_call("--models unet_small --sides 64")
+    assert benches[slow][2].endswith(f"--json {slow} --resume")
+    benches, _ = device_call("--models unet --sides 64")  # other options: a file of their own, nothing to resume
+    assert slow not in benches and len(benches) == 2
+    benches, said = device_call("--models unet_small --sides 64", WARM_SECONDS="1")  # cut off after 1 s
+    assert "warmer exit 124" in said and "bench exit 0" in said
+    assert benches[f"{state}/b2.json"][0] - benches[slow][0] < 1.9  # the run did not wait out the 2 s warmer
