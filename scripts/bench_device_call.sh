@@ -21,8 +21,9 @@
 # shared the GPU with the run's timed calls. In session 28's 3D run MMSegRWKV's 96^3 training step timed 37.67 ms
 # (min 35.14) beside two warmers and 28.99 ms alone on the same kind of H100 (session 29); in session 29's 2D run
 # U-Net's compiled 512^2 training step timed 89.67 ms (min 77.47) beside two warmers, its eager step 67.3 ms.
-# SECONDS: the benches' share of the call, warmers and run together: then the run gets SIGINT, and is killed 30 s later if a compilation holds it
-# (session 27, on an H100 host: once in three calls); either way each row is in the JSON as soon as it is measured.
+# SECONDS: the benches' share of the call, warmers and run together: then the run gets SIGINT, and is killed 30 s
+# later if a compilation holds it (session 27, on an H100 host: once in three calls); either way each row is in the
+# JSON as soon as it is measured.
 # Back in OUT: NAME.json (the rows so far), NAME.log (the bench's output), NAME-warm.log (with WARM),
 # NAME-kernels.tgz (STATE/triton-home, when that is at most 15 MiB) and, once the run is complete, NAME.png (the
 # cost-growth figure; an interrupted run draws none: the next call's --resume finishes it and draws it, and

@@ -7,9 +7,9 @@ compiled is compared with compiled. Compilation time is measured apart from run 
 less one steady call.
 
 Times on CUDA come from CUDA events around each call (median over `repeats`); peak memory is the allocator's peak
-above the model and its input, read from a settled allocator (`settle`: what earlier rows left is freed first, so a
-row's peak is the one it has run alone). On the CPU the same table runs at small sizes with a fixed thread count and no
-memory column (the allocator's peak is not observable there without a subprocess per row).
+above the model and its input, read from a settled allocator (`settle`: what earlier rows left is freed first, so
+that a row's peak does not depend on the rows before it). On the CPU the same table runs at small sizes with a fixed
+thread count and no memory column (the allocator's peak is not observable there without a subprocess per row).
 
 memory_format "channels_last" runs a model's parameters and input in channels-last layout (NHWC / NDHWC), the one
 cuDNN's bf16 convolutions run in: with NCHW activations each convolution transposes its input and output.
