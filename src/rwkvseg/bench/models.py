@@ -281,9 +281,11 @@ def settle(device: torch.device) -> None:
     reference cycles, and cuBLAS's workspaces (one per handle and stream, kept for the life of the process by the
     first matmul on it). CUDA-graph capture frees those workspaces itself (torch._inductor.cudagraph_trees clears
     them before warming up and recording), so a baseline read with the eager rows' workspaces in it undercounts a
-    compiled row. On an H100 (session 29, before this function) U-RWKV-s's compiled 512^2 batch-1 row peaked at
-    4 MB after its eager rows and at 108 MB in a process of compiled rows alone; which share of such gaps the
-    workspaces explain is for the GPU test (tests/bench/test_models_bench.py) to show."""
+    compiled row. On an H100 (session 29, before this function) both U-RWKVs' compiled 256^2 batch-1 rows peaked
+    64 MiB lower after their eager rows than in a process of compiled rows alone: two workspaces of 32 MiB
+    (PyTorch's size on Hopper), the forward's thread's and autograd's. At 512^2 the gaps were 104-114 MiB, and
+    the U-Nets (no matmuls) had 50 MiB ones there: not explained. tests/bench/test_models_bench.py checks the
+    workspaces' part on a GPU."""
     gc.collect()
     torch.cuda.synchronize(device)
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private; absent on CPU builds
