@@ -613,3 +613,26 @@ def test_a_rows_peak_memory_does_not_depend_on_the_rows_before_it():
     torch._dynamo.reset()
     assert alone > 8  # the row's activations: 64 channels of 256^2 in bf16 are 8 MiB each
     assert after_eager == pytest.approx(alone, abs=2.0)
+
+
+def test_a_cuda_file_from_before_the_settled_baseline_does_not_resume(tmp_path, monkeypatch, capsys):
+    """CUDA rows measured before bench.models.settle read their memory baseline as earlier rows had left it: a resume
+    would mix two ways of reading peaks in one table (the check runs before any CUDA call, so a CPU can test it)."""
+    from rwkvseg.bench import wkv
+
+    out, _, doc = _eager_run(tmp_path)
+    gpu = {"torch": torch.__version__, "device": "cuda", "device_name": "a GPU"}
+    monkeypatch.setattr(wkv, "environment", lambda device: dict(gpu))
+    settings = dict(compile_mode="default", amp=True, fullgraph=False, dynamic=False, repeats=1, overrides={})
+    settings.update(memory_format="contiguous", freeze=False, conv_layouts="inductor", cudnn_benchmark=False)
+    doc["environment"], doc["rows"], doc["complete"] = {**gpu, **settings}, doc["rows"][:1], False
+    out.write_text(json.dumps(doc))
+    argv = ["bench", "models", "2", "--device", "cuda", "--models", "unet_test", "--sides", "16", "--phases", "infer"]
+    argv += ["--repeats", "1", "--json", str(out)]
+    capsys.readouterr()
+    assert main([*argv, "--modes", "eager", "--resume"]) == 2
+    assert "(memory_baseline: ['as left'] there, ['settled'] here)" in capsys.readouterr().err
+    doc["environment"]["memory_baseline"] = "settled"  # measured since: kept, and the run goes on to the GPU
+    out.write_text(json.dumps(doc))
+    assert main([*argv, "--modes", "eager", "--resume"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
