@@ -51,8 +51,8 @@ if [ -n "${WARM:-}" ]; then
   started=$SECONDS
   warm_pids=()
   IFS=';' read -ra warm_sets <<< "$WARM"
-  for set in "${warm_sets[@]}"; do
-    read -ra warm <<< "$set"
+  for options in "${warm_sets[@]}"; do
+    read -ra warm <<< "$options"
     [ ${#warm[@]} -gt 0 ] || continue
     warm_json=$state/$name-warm-$(printf %s "${warm[*]}" | md5sum | cut -c1-8).json  # resumed by the same options
     warm_resume=()

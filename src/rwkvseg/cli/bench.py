@@ -363,6 +363,7 @@ def _run_models(args: argparse.Namespace) -> int:
         cpu_bf16=args.cpu_bf16,
         overrides=model_overrides(args.override),
     )
+    device_type = torch.device(args.device).type
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
     if "threads" in info:  # the CPU rows run with config.threads, whatever the process had before
         info["threads"] = config.threads
@@ -372,9 +373,9 @@ def _run_models(args: argparse.Namespace) -> int:
     info["freeze"] = config.freeze
     info["conv_layouts"] = config.conv_layouts
     info["cudnn_benchmark"] = config.cudnn_benchmark
-    if torch.device(args.device).type == "cuda":  # peaks read from a settled allocator (bench.models.settle)
+    if device_type == "cuda":  # peaks read from a settled allocator (bench.models.settle)
         info["memory_baseline"] = "settled"
-    if torch.device(args.device).type == "cpu":  # CUDA rows do not depend on it (files from GPUs lack it)
+    elif device_type == "cpu":  # CUDA rows do not depend on these (files from GPUs lack them)
         info["cpu_convs"] = config.cpu_convs
         info["cpu_bf16"] = config.cpu_bf16
     print(", ".join(f"{k}={v}" for k, v in info.items()))
