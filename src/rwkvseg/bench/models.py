@@ -7,9 +7,13 @@ compiled is compared with compiled. Compilation time is measured apart from run 
 less one steady call.
 
 Times on CUDA come from CUDA events around each call (median over `repeats`); peak memory is the allocator's peak
-above the model and its input, read from a settled allocator (`settle`: what earlier rows left is freed first, so
-that a row's peak does not depend on the rows before it). On the CPU the same table runs at small sizes with a fixed
-thread count and no memory column (the allocator's peak is not observable there without a subprocess per row).
+in the calls after the first, above the model and its input, read from a settled allocator (`settle`: what earlier
+rows left is freed first, so that a row's peak does not depend on the rows before it). The first call's own peak
+is kept apart (`first_peak_mb`): it holds what compiling tunes once (Triton's autotuner benchmarks on copies of
+the buffers a kernel writes, cold caches only) and cuDNN's trials, not what running the model needs; what the first
+call leaves allocated (optimizer state, a CUDA graph's pool) stays counted. On the CPU the same table runs at small
+sizes with a fixed thread count and no memory column (the allocator's peak is not observable there without a
+subprocess per row).
 
 memory_format "channels_last" runs a model's parameters and input in channels-last layout (NHWC / NDHWC), the one
 cuDNN's bf16 convolutions run in: with NCHW activations each convolution transposes its input and output.
@@ -260,6 +264,10 @@ def measure(
     first_wall = time.perf_counter()
     first = clock(step)  # compiles when compiled; allocator and cuDNN choices otherwise
     first_wall = time.perf_counter() - first_wall
+    first_peak = None
+    if device.type == "cuda":  # the steady calls' peak starts here, from what the first call left allocated
+        first_peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(config.warmup):
         clock(step)
     times = [clock(step) for _ in range(config.repeats)]
@@ -273,6 +281,7 @@ def measure(
     }
     if device.type == "cuda":
         row["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        row["first_peak_mb"] = first_peak
     return row
 
 

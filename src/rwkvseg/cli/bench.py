@@ -373,8 +373,8 @@ def _run_models(args: argparse.Namespace) -> int:
     info["freeze"] = config.freeze
     info["conv_layouts"] = config.conv_layouts
     info["cudnn_benchmark"] = config.cudnn_benchmark
-    if device_type == "cuda":  # peaks read from a settled allocator (bench.models.settle)
-        info["memory_baseline"] = "settled"
+    if device_type == "cuda":  # steady calls' peaks, read from a settled allocator (bench.models.measure, settle)
+        info["memory_baseline"] = "settled, steady calls"
     elif device_type == "cpu":  # CUDA rows do not depend on these (files from GPUs lack them)
         info["cpu_convs"] = config.cpu_convs
         info["cpu_bf16"] = config.cpu_bf16
@@ -516,7 +516,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
     before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
     before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
     if "memory_baseline" in info:  # CUDA files from before it read each row's baseline as earlier rows left it
-        before.setdefault("memory_baseline", "as left")
+        before.setdefault("memory_baseline", "as left")  # and "settled" ones counted the first call's peak too
     if "cpu_convs" in info:  # CPU files from before the option ran PyTorch's own convolution backends
         before.setdefault("cpu_convs", "stock")
         before.setdefault("cpu_bf16", False)  # and float32
