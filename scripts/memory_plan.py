@@ -1,0 +1,226 @@
+"""What a compiled model's memory peak is made of: Inductor's own memory plan, buffer by buffer.
+
+`rwkvseg bench models` measures a compiled row's peak; this shows which buffers make it. It compiles the bench's own
+step (bench.models.make_step: the same input shape, precision, torch.compile settings and memory format) and reads
+each graph's plan as Inductor schedules it (`torch._inductor.memory`, the estimate behind its
+`reorder_for_peak_memory` pass: every buffer from the step that writes it to its last reader, in the order chosen).
+For each compiled graph it reports the planned peak, the step where it falls, and the buffers live there, summed by
+the module that made them and listed largest first, with their lifetimes. Written to OUT, a new folder: plan.txt
+and plan.json.
+
+    python scripts/memory_plan.py mmsegrwkv --dims 3 --side 128 --set fused_norm=true --set gemm_convs=true --out OUT
+
+The plan is Inductor's estimate, not the allocator's peak: it leaves out what runs outside the graph (cuDNN and
+cuBLAS workspaces, CUDA graph pools, the caching allocator's rounding), and a buffer that fusion removes is still
+counted. The graphs compile afresh, into an empty Inductor cache removed after. The precision is the bench's: bf16
+autocast on CUDA, float32 on the CPU (--no-amp: float32 on CUDA too). On the CPU the graphs differ from CUDA's
+where lowerings differ (this project's Triton kernels, the convolutions' layouts), so compare models on one device.
+--first-graph-only stops after the first graph is planned (the forward: on the CPU it spares running a large step;
+`--phase train` then shows no backward). The plan needs `torch._inductor.config.reorder_for_peak_memory` (on by
+default); this script reads private Inductor functions and says so when a torch release has moved them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+MiB = 2**20
+
+
+class _Planned(Exception):
+    """Raised out of the compilation once the first graph is planned (--first-graph-only)."""
+
+
+def module_of(buffer) -> str:
+    """The deepest module path among the FX nodes that made an Inductor buffer ("?" for graph inputs)."""
+    origins = set(getattr(getattr(buffer, "node", None), "origins", ()) or ())  # the IR buffer's own FX nodes
+    if not origins:  # or those of the (possibly fused) scheduler node that writes it
+        for snode in getattr(getattr(buffer, "defining_op", None), "get_nodes", lambda: ())():
+            origins |= set(getattr(getattr(snode, "node", None), "origins", ()) or ())
+    paths = []
+    for origin in origins:
+        stack = origin.meta.get("nn_module_stack") or {}
+        if stack:
+            paths.append(list(stack.values())[-1][0])
+    if not paths:  # no FX node (a graph input), or ops of the model's own forward (no submodule on the stack)
+        return "(model)" if origins else "?"
+    path = max(paths, key=len)
+    return path.replace("L['self'].", "").replace("L['self']", "(model)")
+
+
+def plan_of(memory, order, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, top: int) -> dict:
+    """One graph's plan: peak, step, the live buffers at the peak summed by module and the largest of them."""
+    _, freeable = memory.prepare_planning_info(order, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs)
+    infos, _, _ = memory.compute_memory_timeline(order, freeable, graph_outputs)
+    peak, timeline = memory.peak_memory_from_buf_info_list(infos, len(order))
+    step = timeline.index(peak)
+    live = [b for b in infos if b.start_step <= step and (b.end_step == -1 or b.end_step >= step)]
+    by_module: Counter[str] = Counter()
+    for b in live:
+        by_module[module_of(b.buffer)] += b.size_alloc
+    largest = sorted(live, key=lambda b: -b.size_alloc)[:top]
+    return {
+        "nodes": len(order),
+        "peak_mb": peak / MiB,
+        "peak_step": step,
+        "live_buffers": len(live),
+        "by_module": [{"module": m, "mb": size / MiB} for m, size in by_module.most_common(top)],
+        "largest": [
+            {
+                "mb": b.size_alloc / MiB,
+                "module": module_of(b.buffer),
+                "from_step": b.start_step,
+                "to_step": b.end_step,  # -1: a graph output
+                "graph_input": isinstance(b.buffer, memory.FreeableInputBuffer),
+            }
+            for b in largest
+        ],
+    }
+
+
+def format_plan(index: int, plan: dict) -> str:
+    lines = [
+        f"graph {index}: {plan['nodes']} scheduled nodes; planned peak {plan['peak_mb']:.1f} MiB at step "
+        f"{plan['peak_step']}, {plan['live_buffers']} buffers live there",
+        "  live at the peak, by the module that made them:",
+    ]
+    lines += [f"    {m['mb']:9.1f} MiB  {m['module']}" for m in plan["by_module"]]
+    lines.append("  the largest live buffers (steps: written .. last read; -1 = a graph output):")
+    for b in plan["largest"]:
+        kind = " (a graph input)" if b["graph_input"] else ""
+        lines.append(f"    {b['mb']:9.1f} MiB  steps {b['from_step']}..{b['to_step']}  {b['module']}{kind}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rwkvseg.bench.models import (
+        COMPILE_MODES,
+        INFER_BATCHES,
+        PHASES,
+        PROBLEMS,
+        SIDES,
+        TRAIN_BATCH,
+        ModelBenchConfig,
+        bf16_autocast,
+        input_shape,
+        make_step,
+        model_dims,
+    )
+    from rwkvseg.bench.wkv import environment
+    from rwkvseg.memory_format import MEMORY_FORMATS
+    from rwkvseg.models import create_model, list_models
+    from rwkvseg.train.config import apply_overrides
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a registered model (rwkvseg models lists them)")
+    parser.add_argument("--out", required=True, help="a new folder for plan.txt and plan.json")
+    parser.add_argument("--dims", type=int, choices=sorted(PROBLEMS), help="default: the model's own")
+    parser.add_argument("--side", type=int, help="input side; default: the bench's smallest for the device")
+    parser.add_argument("--batch", type=int, help="default: the bench's (1 for inference; 8 in 2D, 2 in 3D training)")
+    parser.add_argument("--phase", choices=PHASES, default="infer")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
+    parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: bf16 autocast there)")
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="contiguous")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a create_model setting"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    parser.add_argument("--first-graph-only", action="store_true", help="stop once the first graph is planned")
+    parser.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        parser.error(f"--out {out} exists; give a new folder")
+    if args.top < 1:
+        parser.error("--top must be >= 1")
+    if args.model not in list_models():
+        parser.error(f"unknown model {args.model!r}; choose from {', '.join(list_models())}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device; use --device cpu")
+    try:
+        import torch._inductor.config as inductor_config
+        import torch._inductor.memory as memory
+
+        original = memory.reorder_for_peak_memory
+        needed = ("prepare_planning_info", "compute_memory_timeline", "peak_memory_from_buf_info_list")
+        missing = [name for name in needed if not hasattr(memory, name)]
+    except (ImportError, AttributeError) as err:
+        missing = [str(err)]
+    if missing:
+        parser.error(
+            f"this torch ({torch.__version__}) lacks Inductor's memory planner as this script reads it: {missing}"
+        )
+    if not inductor_config.reorder_for_peak_memory:
+        parser.error("torch._inductor.config.reorder_for_peak_memory is off: Inductor plans no memory to read")
+    try:
+        settings = apply_overrides({}, args.settings)
+        dims = args.dims or model_dims(create_model(args.model, *PROBLEMS[2], **settings))
+        torch.manual_seed(0)
+        model = create_model(args.model, *PROBLEMS[dims], **settings).to(args.device)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
+    if model_dims(model) != dims:
+        parser.error(f"{args.model} is a {model_dims(model)}D model; drop --dims {dims}")
+    side = args.side or min(SIDES[(torch.device(args.device).type, dims)])
+    batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
+    config = ModelBenchConfig(
+        dims=dims,
+        device=args.device,
+        compile_mode=args.compile_mode,
+        fullgraph=True,  # one graph per compiled function: a graph break would split the plan
+        amp=not args.no_amp,
+        memory_format=args.memory_format,
+    )
+    plans: list[dict] = []
+
+    def planned(nodes, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, *rest, **kwargs):
+        order = original(nodes, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, *rest, **kwargs)
+        plans.append(plan_of(memory, order, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, args.top))
+        if args.first_graph_only:
+            raise _Planned
+        return order
+
+    shape = input_shape(dims, batch, side)
+    memory.reorder_for_peak_memory = planned
+    previous_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # compiled afresh into an empty cache: a graph loaded from Inductor's caches is not scheduled, so not planned
+        with tempfile.TemporaryDirectory(prefix="memory_plan-") as cache:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            make_step(model, args.phase, shape, config, compiled=True)()
+    except Exception:  # torch.compile wraps _Planned in its own exception
+        if not (args.first_graph_only and plans):
+            raise
+    finally:
+        memory.reorder_for_peak_memory = original
+        torch._dynamo.reset()
+        if previous_cache is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous_cache
+    if not plans:
+        print("memory_plan: Inductor planned no graph (nothing compiled?)", file=sys.stderr)
+        return 1
+    header = (
+        f"{args.model}, {args.phase}, input {list(shape)}, {args.device}, compile mode {args.compile_mode}, "
+        f"{'bf16 autocast' if bf16_autocast(config) else 'float32'}, {args.memory_format}, settings {settings}"
+    )
+    report = "\n\n".join([header, *(format_plan(i, p) for i, p in enumerate(plans))]) + "\n"
+    print(report, end="")
+    out.mkdir(parents=True)
+    (out / "plan.txt").write_text(report)
+    doc = {"environment": environment(torch.device(args.device)), "model": args.model, "phase": args.phase}
+    doc.update(input=list(shape), settings=settings, compile_mode=args.compile_mode, graphs=plans)
+    (out / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
