@@ -302,3 +302,27 @@ def test_cli_help_and_light_commands_start_without_torch():
     done = subprocess.run([sys.executable, "-c", script, *commands], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`rwkvseg models | head -0`: the reader closes the pipe before the listing is written. The command stops
+    with exit code 1 and nothing on stderr (no "error: [Errno 32] Broken pipe", no "Exception ignored" at exit)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rwkvseg.cli", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    proc.stdout.close()  # before the child has imported anything: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, err
+    assert err == ""
+
+
+def test_a_broken_pipe_elsewhere_is_an_error_like_any_other(monkeypatch, capsys):
+    """A broken pipe that is not standard output's (a socket, a subprocess) gets the usual one line and exit 2."""
+    from rwkvseg.cli import models as models_command
+
+    def broken(args):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(models_command, "run", broken)
+    assert cli(capsys, "models") == (2, "rwkvseg: error: [Errno 32] Broken pipe\n")

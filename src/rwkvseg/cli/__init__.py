@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
+import select
 import signal
 import sys
 import threading
@@ -68,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     listen_to_sigint()
     try:
         return args.func(args)
+    except BrokenPipeError as err:
+        if not stdout_closed():  # another pipe (a socket, a subprocess): an error like any other
+            print(f"rwkvseg: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        # the reader of the output went away (`rwkvseg bench show FILE | head`): stop quietly, as Python's docs
+        # recommend: what is left to flush goes to /dev/null, not to an "Exception ignored" message at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError, FloatingPointError) as err:  # OSError: missing, existing, read-only, disk full
         print(f"rwkvseg: error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -82,6 +92,20 @@ def listen_to_sigint() -> None:
     then installs no handler of its own, and the signal that ends a device call's training would be lost."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone away (poll reports an error on its end; on systems
+    without poll, False)."""
+    if not hasattr(select, "poll"):
+        return False
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a file (tests, notebooks)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def one_line(err: BaseException) -> str:
