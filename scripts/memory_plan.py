@@ -13,7 +13,8 @@ and plan.json.
 The plan is Inductor's estimate, not the allocator's peak: it leaves out what runs outside the graph (cuDNN and
 cuBLAS workspaces, CUDA graph pools, the caching allocator's rounding), and a buffer that fusion removes is still
 counted. The graphs compile afresh, into an empty Inductor cache removed after. The precision is the bench's: bf16
-autocast on CUDA, float32 on the CPU (--no-amp: float32 on CUDA too). On the CPU the graphs differ from CUDA's
+autocast on CUDA, float32 on the CPU (--no-amp: float32 on CUDA too; --cpu-bf16: bf16 autocast on the CPU too,
+where the CPU has native bfloat16). On the CPU the graphs differ from CUDA's
 where lowerings differ (this project's Triton kernels, the convolutions' layouts), so compare models on one device.
 --first-graph-only stops after the first graph is planned (the forward: on the CPU it spares running a large step;
 `--phase train` then shows no backward). The plan needs `torch._inductor.config.reorder_for_peak_memory` (on by
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: bf16 autocast there)")
     parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="contiguous")
+    parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU too, as on CUDA")
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a create_model setting"
     )
@@ -171,14 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.model} is a {model_dims(model)}D model; drop --dims {dims}")
     side = args.side or min(SIDES[(torch.device(args.device).type, dims)])
     batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
-    config = ModelBenchConfig(
-        dims=dims,
-        device=args.device,
-        compile_mode=args.compile_mode,
-        fullgraph=True,  # one graph per compiled function: a graph break would split the plan
-        amp=not args.no_amp,
-        memory_format=args.memory_format,
-    )
+    try:  # a CPU without native bfloat16 refuses --cpu-bf16
+        config = ModelBenchConfig(
+            dims=dims,
+            device=args.device,
+            compile_mode=args.compile_mode,
+            fullgraph=True,  # one graph per compiled function: a graph break would split the plan
+            amp=not args.no_amp,
+            cpu_bf16=args.cpu_bf16,
+            memory_format=args.memory_format,
+        )
+    except ValueError as err:
+        parser.error(str(err))
     plans: list[dict] = []
 
     def planned(nodes, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, *rest, **kwargs):
