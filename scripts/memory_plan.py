@@ -102,39 +102,13 @@ def format_plan(index: int, plan: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvseg.bench.models import (
-        COMPILE_MODES,
-        INFER_BATCHES,
-        PHASES,
-        PROBLEMS,
-        SIDES,
-        TRAIN_BATCH,
-        ModelBenchConfig,
-        bf16_autocast,
-        input_shape,
-        make_step,
-        model_dims,
-    )
+    from rwkvseg.bench.models import ModelBenchConfig, bf16_autocast, make_step
     from rwkvseg.bench.wkv import environment
-    from rwkvseg.memory_format import MEMORY_FORMATS
-    from rwkvseg.models import create_model, list_models
-    from rwkvseg.train.config import apply_overrides
+    from rwkvseg.cli.bench_row import add_row_arguments, bench_row
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a registered model (rwkvseg models lists them)")
-    parser.add_argument("--out", required=True, help="a new folder for plan.txt and plan.json")
-    parser.add_argument("--dims", type=int, choices=sorted(PROBLEMS), help="default: the model's own")
-    parser.add_argument("--side", type=int, help="input side; default: the bench's smallest for the device")
-    parser.add_argument("--batch", type=int, help="default: the bench's (1 for inference; 8 in 2D, 2 in 3D training)")
-    parser.add_argument("--phase", choices=PHASES, default="infer")
-    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
-    parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: bf16 autocast there)")
-    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="contiguous")
+    add_row_arguments(parser, out_help="a new folder for plan.txt and plan.json")
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU too, as on CUDA")
-    parser.add_argument(
-        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a create_model setting"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     parser.add_argument("--first-graph-only", action="store_true", help="stop once the first graph is planned")
     parser.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
     args = parser.parse_args(argv)
@@ -143,10 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out} exists; give a new folder")
     if args.top < 1:
         parser.error("--top must be >= 1")
-    if args.model not in list_models():
-        parser.error(f"unknown model {args.model!r}; choose from {', '.join(list_models())}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device; use --device cpu")
     try:
         import torch._inductor.config as inductor_config
         import torch._inductor.memory as memory
@@ -162,17 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not inductor_config.reorder_for_peak_memory:
         parser.error("torch._inductor.config.reorder_for_peak_memory is off: Inductor plans no memory to read")
-    try:
-        settings = apply_overrides({}, args.settings)
-        dims = args.dims or model_dims(create_model(args.model, *PROBLEMS[2], **settings))
-        torch.manual_seed(0)
-        model = create_model(args.model, *PROBLEMS[dims], **settings).to(args.device)
-    except ValueError as err:
-        parser.error(f"--set: {err}")
-    if model_dims(model) != dims:
-        parser.error(f"{args.model} is a {model_dims(model)}D model; drop --dims {dims}")
-    side = args.side or min(SIDES[(torch.device(args.device).type, dims)])
-    batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
+    row = bench_row(args, parser)
+    model, dims, shape, settings = row.model, row.dims, row.shape, row.settings
     try:  # a CPU without native bfloat16 refuses --cpu-bf16
         config = ModelBenchConfig(
             dims=dims,
@@ -194,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
             raise _Planned
         return order
 
-    shape = input_shape(dims, batch, side)
     memory.reorder_for_peak_memory = planned
     previous_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     try:  # compiled afresh into an empty cache: a graph loaded from Inductor's caches is not scheduled, so not planned

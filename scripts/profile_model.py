@@ -239,45 +239,14 @@ def _report(run: dict, per_step: dict, summary: dict, notes: list[str], operator
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvseg.bench.models import (
-        COMPILE_MODES,
-        INFER_BATCHES,
-        MODES,
-        PHASES,
-        PROBLEMS,
-        SIDES,
-        TRAIN_BATCH,
-        ModelBenchConfig,
-        input_shape,
-        make_step,
-        model_dims,
-    )
+    from rwkvseg.bench.models import MODES, ModelBenchConfig, make_step
     from rwkvseg.bench.wkv import environment
-    from rwkvseg.memory_format import MEMORY_FORMATS
-    from rwkvseg.models import create_model, list_models
-    from rwkvseg.train.config import apply_overrides
+    from rwkvseg.cli.bench_row import add_row_arguments, bench_row
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a registered model (rwkvseg models lists them)")
-    parser.add_argument("--out", required=True, help="a new folder for the tables, the JSON and the trace")
-    parser.add_argument("--dims", type=int, choices=sorted(PROBLEMS), help="default: the model's own")
-    parser.add_argument("--side", type=int, help="input side; default: the bench's smallest for the device")
-    parser.add_argument("--batch", type=int, help="default: the bench's (1 for inference; 8 in 2D, 2 in 3D training)")
-    parser.add_argument("--phase", choices=PHASES, default="infer")
+    add_row_arguments(parser, out_help="a new folder for the tables, the JSON and the trace")
     parser.add_argument("--mode", choices=MODES, default="eager")
-    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     parser.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
-    parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: bf16 autocast)")
-    parser.add_argument(
-        "--memory-format",
-        choices=MEMORY_FORMATS,
-        default="contiguous",
-        help="layout of the parameters and the input, as bench models --memory-format (default: contiguous)",
-    )
-    parser.add_argument(
-        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a create_model setting"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads on --device cpu (default 2, as the bench)")
     parser.add_argument("--steps", type=int, default=20, help="profiled steps (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="steps under the profiler's warm-up (default 5)")
@@ -288,28 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out} exists; give a new folder")
     if min(args.steps, args.warmup, args.threads, args.top) < 1:
         parser.error("--steps, --warmup, --threads and --top must be >= 1 (the profiler needs a warm-up step)")
-    if args.model not in list_models():
-        parser.error(f"unknown model {args.model!r}; choose from {', '.join(list_models())}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device; use --device cpu")
-    try:  # create_model settings, read as bench models --override reads them: fused_norm=true, depths=[1,1]
-        settings = apply_overrides({}, args.settings)
-    except ValueError as err:
-        parser.error(f"--set: {err}")
+    row = bench_row(args, parser)
+    model, dims, shape, settings = row.model, row.dims, row.shape, row.settings
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(args.threads)
-    try:  # an unknown or invalid setting: create_model names the valid ones
-        dims = args.dims or model_dims(create_model(args.model, *PROBLEMS[2], **settings))
-        torch.manual_seed(0)
-        model = create_model(args.model, *PROBLEMS[dims], **settings).to(device)
-    except ValueError as err:
-        parser.error(f"--set: {err}")
-    if model_dims(model) != dims:
-        parser.error(f"{args.model} is a {model_dims(model)}D model; drop --dims {dims}")
-    side = args.side or min(SIDES[(device.type, dims)])
-    batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
     config = ModelBenchConfig(
         dims=dims,
         device=args.device,
@@ -318,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         amp=not args.no_amp,
         memory_format=args.memory_format,
     )
-    shape = input_shape(dims, batch, side)
     step = make_step(model, args.phase, shape, config, args.mode == "compiled")
     start = time.perf_counter()
     step()  # compiles when compiled
