@@ -40,6 +40,17 @@ class _Planned(Exception):
     """Raised out of the compilation once the first graph is planned (--first-graph-only)."""
 
 
+def _planned_stop(err: BaseException | None) -> bool:
+    """Whether err is, or was raised from, the stop after the first plan (_Planned)."""
+    for _ in range(8):  # torch.compile's wrappers: a few exceptions deep
+        if err is None:
+            return False
+        if isinstance(err, _Planned):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def module_of(buffer) -> str:
     """The deepest module path among the FX nodes that made an Inductor buffer ("?" for graph inputs)."""
     origins = set(getattr(getattr(buffer, "node", None), "origins", ()) or ())  # the IR buffer's own FX nodes
@@ -161,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="memory_plan-") as cache:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
             make_step(model, args.phase, shape, config, compiled=True)()
-    except Exception:  # torch.compile wraps _Planned in its own exception
-        if not (args.first_graph_only and plans):
+    except Exception as err:  # torch.compile wraps _Planned in its own exception
+        if not _planned_stop(err):
             raise
     finally:
         memory.reorder_for_peak_memory = original

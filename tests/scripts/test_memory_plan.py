@@ -50,6 +50,17 @@ def test_the_plan_names_the_map_held_across_the_peak(skip_model, tmp_path, capsy
     assert "keep" in (out / "plan.txt").read_text() and "planned peak" in capsys.readouterr().out
 
 
+def test_first_graph_only_stops_after_the_training_steps_forward(skip_model, tmp_path):
+    """--phase train compiles a forward and a backward graph; --first-graph-only plans the forward and stops there
+    (the step never runs), with exit code 0 and the one plan written."""
+    script = load_script("memory_plan")
+    out = tmp_path / "plan"
+    argv = ["skip_test", "--dims", "2", "--side", "32", "--device", "cpu", "--no-amp", "--phase", "train"]
+    assert script.main([*argv, "--batch", "2", "--first-graph-only", "--out", str(out)]) == 0
+    (graph,) = json.loads((out / "plan.json").read_text())["graphs"]
+    assert graph["peak_mb"] >= 2 * (1 / 4 + 1 / 16)  # batch 2: the saved wide and keep maps at least
+
+
 def test_an_existing_out_folder_is_refused(tmp_path, capsys):
     script = load_script("memory_plan")
     with pytest.raises(SystemExit) as exit_info:
