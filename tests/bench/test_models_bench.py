@@ -583,6 +583,35 @@ def test_cpu_bf16_rows_run_under_bf16_autocast_and_resume_only_so(tmp_path, caps
         dataclasses.replace(config, cpu_bf16=True)
 
 
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
+def test_bf16_weight_rows_run_a_copy_with_the_same_outputs_and_resume_only_so(tmp_path, capsys):
+    """--bf16-weights: an inference row runs a copy of the model whose convolution and linear weights are bfloat16,
+    with the outputs of autocast's casts of the float32 weights; the model itself (which later rows and the training
+    rows reuse) keeps float32 weights; the setting is recorded and a file without it does not take such rows; rows
+    that run in float32 refuse it."""
+    config = ModelBenchConfig(dims=2, models=("urwkv_test",), sides=(16,), modes=("eager",), cpu_bf16=True)
+    torch.manual_seed(0)
+    model = create_model("urwkv_test", 3, 1).eval()
+    x_seed = torch.random.get_rng_state()
+    casts = make_step(model, "infer", (1, 3, 16, 16), config, False)
+    torch.random.set_rng_state(x_seed)  # the same random input for the second step
+    held = make_step(model, "infer", (1, 3, 16, 16), dataclasses.replace(config, bf16_weights=True), False)
+    assert torch.equal(casts(), held())
+    (copy,) = [c.cell_contents for c in held.__closure__ if isinstance(c.cell_contents, nn.Module)]
+    assert copy is not model and copy.head.weight.dtype == torch.bfloat16  # the step's model: held in bf16
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    out, argv, old = _eager_run(tmp_path)
+    old["rows"], old["complete"] = old["rows"][:1], False
+    old["environment"]["cpu_bf16"] = True
+    del old["environment"]["bf16_weights"]  # a file from before the option: autocast cast float32 weights
+    out.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main([*argv, "--modes", "eager", "--cpu-bf16", "--bf16-weights", "--resume"]) == 2
+    assert "(bf16_weights: [False] there, [True] here)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--bf16-weights: these rows run in float32"):
+        dataclasses.replace(config, cpu_bf16=False, bf16_weights=True)
+
+
 class _ConvLinear(nn.Module):
     """A convolution, a linear layer over the channels (cuBLAS: a workspace per handle and stream) and a head."""
 

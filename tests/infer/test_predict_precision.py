@@ -94,3 +94,37 @@ def test_3d_prediction_runs_each_window_batch_in_bf16(tmp_path, trained_at_2mm):
         seen.clear()
     assert values["bf16"].shape == values["fp32"].shape
     assert (values["bf16"] == values["fp32"]).mean() > 0.99
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("urwkv_test", (2, 3, 32, 32)),
+        ("cmunext_test", (2, 3, 32, 32)),
+        ("unet_test", (2, 3, 32, 32)),
+        ("mmsegrwkv_test", (1, 4, 32, 32, 32)),
+    ],
+)
+def test_bf16_weights_change_no_output_under_autocast(name, shape):
+    """hold_bf16_weights rounds the convolution and linear weights as autocast does at every call: the outputs are
+    bit for bit those of the float32 weights under bf16 autocast, the other parameters (norms, Bi-WKV's decays) stay
+    float32, and the weights take half the bytes."""
+    from rwkvseg.bf16_weights import BF16_WEIGHT_LAYERS, hold_bf16_weights
+    from rwkvseg.infer.precision import for_precision
+    from rwkvseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, shape[1], 2).eval()
+    x = torch.randn(shape)
+    forward = in_precision(model, "bf16", "cpu")
+    with torch.no_grad():
+        before = forward(x)
+        assert for_precision(model, "fp32") is model and all(p.dtype == torch.float32 for p in model.parameters())
+        assert hold_bf16_weights(model) is model
+        after = forward(x)
+    assert torch.equal(before, after)
+    held = {id(p) for m in model.modules() if isinstance(m, BF16_WEIGHT_LAYERS) for p in m.parameters(False)}
+    dtypes = {p.dtype for p in model.parameters() if id(p) in held}
+    others = {p.dtype for p in model.parameters() if id(p) not in held}
+    assert held and dtypes == {torch.bfloat16}
+    assert others == {torch.float32}  # every one of these models has normalization layers

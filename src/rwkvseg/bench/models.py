@@ -22,6 +22,7 @@ cuDNN's bf16 convolutions run in: with NCHW activations each convolution transpo
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 import math
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bf16_weights import hold_bf16_weights
 from ..compiling import inductor_options
 from ..cpu_convs import CPU_CONVS, use_onednn_convs
 from ..devices import bf16_unsupported
@@ -83,6 +85,9 @@ class ModelBenchConfig:
     convolutions into rwkvseg.cpu_convs.OneDnnConv3d, "stock" leaves PyTorch's backend choice, whose batch-1 3-D
     calls of few channels run its slow reference path; ours and the baselines alike either way. cpu_bf16 (CPU rows):
     bf16 autocast as on CUDA (`rwkvseg predict --precision bf16`; a CPU with native bfloat16 only), else float32.
+    bf16_weights: the inference rows hold every model's convolution and linear weights in bfloat16
+    (rwkvseg.bf16_weights, as `rwkvseg predict --precision bf16` does), on a copy of the model: the same outputs as
+    autocast's casts of float32 weights, without the casts; only where the rows run under bf16 autocast.
     """
 
     dims: int
@@ -106,6 +111,7 @@ class ModelBenchConfig:
     memory_format: str = "contiguous"
     cpu_convs: str = "onednn"
     cpu_bf16: bool = False
+    bf16_weights: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,6 +132,8 @@ class ModelBenchConfig:
             raise ValueError(f"bench models --cpu-bf16: {reason}; drop it")
         if self.conv_layouts not in CONV_LAYOUTS:
             raise ValueError(f"bench models: conv layouts {self.conv_layouts!r}; choose one of {CONV_LAYOUTS}")
+        if self.bf16_weights and not bf16_autocast(self):
+            raise ValueError("bench models --bf16-weights: these rows run in float32 (no bf16 autocast); drop it")
         if self.repeats < 1 or self.warmup < 0 or self.threads < 1:
             raise ValueError("bench models: repeats and threads must be >= 1 and warmup >= 0")
         if any(s < 8 for s in self.sides) or any(b < 1 for b in self.infer_batches) or self.train_batch < 0:
@@ -239,8 +247,11 @@ def make_step(
 ) -> Callable[[], Any]:
     """The call `measure` times: one inference call or training step of model on a random input of shape on
     config.device (bf16 autocast where bf16_autocast(config)), model and input in config.memory_format (model
-    converted in place), through torch.compile with config's settings when compiled (the first call compiles)."""
+    converted in place; with config.bf16_weights an inference step runs a bf16-weight copy), through torch.compile
+    with config's settings when compiled (the first call compiles)."""
     device = torch.device(config.device)
+    if phase == "infer" and config.bf16_weights:  # a copy: the training rows and later rows keep float32 weights
+        model = hold_bf16_weights(copy.deepcopy(model))
     x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
     runner = model
     if compiled:

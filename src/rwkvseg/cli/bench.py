@@ -102,6 +102,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "AVX512-BF16 or AMX); default float32 there",
     )
     p.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="inference rows with every model's convolution and linear weights held in bfloat16, as `rwkvseg "
+        "predict --precision bf16` holds them (the same outputs as autocast's casts; rows under bf16 autocast only)",
+    )
+    p.add_argument(
         "--memory-format",
         default="contiguous",
         choices=["contiguous", "channels_last"],
@@ -353,6 +359,7 @@ def _run_models(args: argparse.Namespace) -> int:
         fullgraph=args.fullgraph,
         dynamic=args.dynamic,
         freeze=args.freeze,
+        bf16_weights=args.bf16_weights,
         conv_layouts=args.conv_layouts,
         cudnn_benchmark=args.cudnn_benchmark,
         amp=not args.no_amp,
@@ -371,6 +378,7 @@ def _run_models(args: argparse.Namespace) -> int:
     info.update(fullgraph=config.fullgraph, dynamic=config.dynamic, repeats=config.repeats, overrides=config.overrides)
     info["memory_format"] = config.memory_format
     info["freeze"] = config.freeze
+    info["bf16_weights"] = config.bf16_weights
     info["conv_layouts"] = config.conv_layouts
     info["cudnn_benchmark"] = config.cudnn_benchmark
     if device_type == "cuda":  # steady calls' peaks, read from a settled allocator (bench.models.measure, settle)
@@ -513,6 +521,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
     rows, before, _ = _read_models_file(path, "bench models --resume", "run without --resume to start it")
     before.setdefault("memory_format", "contiguous")  # files from before the option measured contiguous maps
     before.setdefault("freeze", False)  # and did not freeze
+    before.setdefault("bf16_weights", False)  # and autocast cast float32 weights
     before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
     before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
     if "memory_baseline" in info:  # CUDA files from before it read each row's baseline as earlier rows left it

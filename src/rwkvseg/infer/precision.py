@@ -3,8 +3,9 @@
 bf16 halves what every convolution reads and lets CPUs with native bfloat16 instructions (AVX512-BF16, AMX)
 multiply at about twice the float32 rate; the outputs leave the model as float32, so the sliding window's sums,
 the flips' average, the activation and the resampling stay in float32 whatever the model ran in. A CPU without
-those instructions emulates bf16 more slowly than it runs float32: asking for bf16 there is refused. Measured
-effects on speed and scores: docs/speed.md ("Predicting in bfloat16").
+those instructions emulates bf16 more slowly than it runs float32: asking for bf16 there is refused. Under bf16
+the convolution and linear weights are held in bfloat16 (rwkvseg.bf16_weights: the outputs are those of autocast's
+casts, without a cast per call). Measured effects on speed and scores: docs/speed.md ("Predicting in bfloat16").
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
+from ..bf16_weights import hold_bf16_weights
 from ..devices import bf16_unsupported
 
 PRECISIONS = ("fp32", "bf16")
@@ -41,3 +44,9 @@ def in_precision(
         return y.float()
 
     return run
+
+
+def for_precision(model: nn.Module, precision: str) -> nn.Module:
+    """model ready to run in precision (after check_precision), in place: bf16 holds its convolution and linear
+    weights in bfloat16 (hold_bf16_weights); fp32 leaves it as it is."""
+    return hold_bf16_weights(model) if precision == "bf16" else model

@@ -31,7 +31,7 @@ from ..memory_format import fed_in, module_to
 from ..records import Preprocessing2D
 from .postprocess import PostProcess, check_postprocess, chosen_postprocess
 from .postprocess import postprocess as postprocess_labels
-from .precision import check_precision, in_precision
+from .precision import check_precision, for_precision, in_precision
 from .sliding_window import SlidingWindowConfig, mirrored, predict_logits
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,7 @@ def predict_2d(
     if postprocess.active:
         log.info("post-processing each mask: %s", postprocess.spelling())
     module_to(model, memory_format, 2)  # before compiling, which specializes on the parameters' strides
+    for_precision(model, precision)  # bf16: the weights held in bf16 before compiling, as the graph will read them
     model = maybe_compile(model, compile, device, "the model", compile_backend)
     predictor = mirrored(in_precision(fed_in(model, memory_format), precision, device), mirror_axes)
     pre = Preprocessing2D.from_meta(meta)

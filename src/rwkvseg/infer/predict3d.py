@@ -40,7 +40,7 @@ from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION
 from .postprocess import check_postprocess, chosen_postprocess, et_min_voxels_at, postprocess
-from .precision import in_precision
+from .precision import for_precision, in_precision
 from .predict import PredictConfig
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
@@ -117,13 +117,15 @@ def log_mirror_off(given: Sequence[int] | None, recorded: dict[str, Any], device
 class Predictor3D:
     """A model with its 3D metadata: predicts cases on their original grids. The model is put on options.device in
     options.memory_format in place, and on the CPU its plain 3-D convolutions become rwkvseg.cpu_convs.OneDnnConv3d
-    (in place too: the sliding window's batch-1 windows would otherwise run PyTorch's slow path)."""
+    (in place too: the sliding window's batch-1 windows would otherwise run PyTorch's slow path); with precision
+    bf16 its convolution and linear weights are held in bfloat16 (in place: infer.precision.hold_bf16_weights)."""
 
     def __init__(self, model: nn.Module, metadata: dict[str, Any], options: PredictConfig | None = None):
         options = options or PredictConfig()
         if metadata.get("dims") != 3:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = module_to(placed(model, options.device).eval(), options.memory_format, 3)  # before compiling
+        for_precision(self.model, options.precision)  # bf16: convolution and linear weights held in bf16
         compiled = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
         # each window batch in the model's layout and precision, its logits back as float32
         self.forward = in_precision(fed_in(compiled, options.memory_format), options.precision, options.device)

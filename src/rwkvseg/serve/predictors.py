@@ -36,7 +36,7 @@ from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
 from ..infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from ..infer.postprocess import postprocess as postprocess_labels
-from ..infer.precision import in_precision
+from ..infer.precision import for_precision, in_precision
 from ..infer.predict import PredictConfig
 from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
 from ..infer.predict3d import Predictor3D, write_like
@@ -232,7 +232,7 @@ class ProbabilityBackend(Protocol):
 class _TorchBackend:
     def __init__(self, checkpoint: Path, device: str, precision: str = "fp32"):
         self.model, self.meta = load_checkpoint(checkpoint, device)
-        self.forward = in_precision(self.model, precision, device)
+        self.forward = in_precision(for_precision(self.model, precision), precision, device)
         self.pre = Preprocessing2D.from_meta(self.meta)
         self.device = device
 
