@@ -113,7 +113,7 @@ def format_plan(index: int, plan: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvseg.bench.models import ModelBenchConfig, bf16_autocast, make_step
+    from rwkvseg.bench.models import bf16_autocast, make_step
     from rwkvseg.bench.wkv import environment
     from rwkvseg.cli.bench_row import add_row_arguments, bench_row
 
@@ -143,20 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not inductor_config.reorder_for_peak_memory:
         parser.error("torch._inductor.config.reorder_for_peak_memory is off: Inductor plans no memory to read")
-    row = bench_row(args, parser)
-    model, dims, shape, settings = row.model, row.dims, row.shape, row.settings
-    try:  # a CPU without native bfloat16 refuses --cpu-bf16
-        config = ModelBenchConfig(
-            dims=dims,
-            device=args.device,
-            compile_mode=args.compile_mode,
-            fullgraph=True,  # one graph per compiled function: a graph break would split the plan
-            amp=not args.no_amp,
-            cpu_bf16=args.cpu_bf16,
-            memory_format=args.memory_format,
-        )
-    except ValueError as err:
-        parser.error(str(err))
+    # fullgraph: one graph per compiled function (a graph break would split the plan); a CPU without native
+    # bfloat16 refuses --cpu-bf16
+    row = bench_row(args, parser, fullgraph=True, cpu_bf16=args.cpu_bf16)
+    model, shape, settings, config = row.model, row.shape, row.settings, row.config
     plans: list[dict] = []
 
     def planned(nodes, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, *rest, **kwargs):

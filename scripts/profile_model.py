@@ -239,7 +239,7 @@ def _report(run: dict, per_step: dict, summary: dict, notes: list[str], operator
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvseg.bench.models import MODES, ModelBenchConfig, make_step
+    from rwkvseg.bench.models import MODES, make_step
     from rwkvseg.bench.wkv import environment
     from rwkvseg.cli.bench_row import add_row_arguments, bench_row
 
@@ -257,20 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out} exists; give a new folder")
     if min(args.steps, args.warmup, args.threads, args.top) < 1:
         parser.error("--steps, --warmup, --threads and --top must be >= 1 (the profiler needs a warm-up step)")
-    row = bench_row(args, parser)
-    model, dims, shape, settings = row.model, row.dims, row.shape, row.settings
+    row = bench_row(args, parser, fullgraph=args.fullgraph)
+    model, dims, shape, settings, config = row.model, row.dims, row.shape, row.settings, row.config
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
         torch.set_num_threads(args.threads)
-    config = ModelBenchConfig(
-        dims=dims,
-        device=args.device,
-        compile_mode=args.compile_mode,
-        fullgraph=args.fullgraph,
-        amp=not args.no_amp,
-        memory_format=args.memory_format,
-    )
     step = make_step(model, args.phase, shape, config, args.mode == "compiled")
     start = time.perf_counter()
     step()  # compiles when compiled

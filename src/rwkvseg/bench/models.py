@@ -303,9 +303,9 @@ def settle(device: torch.device) -> None:
     them before warming up and recording), so a baseline read with the eager rows' workspaces in it undercounts a
     compiled row. On an H100 (session 29, before this function) both U-RWKVs' compiled 256^2 batch-1 rows peaked
     64 MiB lower after their eager rows than in a process of compiled rows alone: two workspaces of 32 MiB
-    (PyTorch's size on Hopper), the forward's thread's and autograd's. At 512^2 the gaps were 104-114 MiB, and
-    the U-Nets (no matmuls) had 50 MiB ones there: not explained. tests/bench/test_models_bench.py checks the
-    workspaces' part on a GPU."""
+    (PyTorch's size on Hopper), the forward's thread's and autograd's. The U-Nets' 50 MiB gaps (no matmuls) were
+    the first call of a cold compilation (Triton's autotuning), which `measure` now keeps out of a row's peak
+    (session 30). tests/bench/test_models_bench.py checks both on a GPU."""
     gc.collect()
     torch.cuda.synchronize(device)
     clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # private; absent on CPU builds

@@ -11,12 +11,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class BenchRow:
-    """The model (on its device, seeded), its dimension, the bench input shape and the create_model settings."""
+    """The model (on its device, seeded), its dimension, the bench input shape, the create_model settings and the
+    bench settings its step runs with (bench.models.make_step)."""
 
     model: Any  # torch.nn.Module: torch is imported when the row is built, not when this module is
     dims: int
     shape: tuple[int, ...]
     settings: dict[str, Any]
+    config: Any  # bench.models.ModelBenchConfig
 
 
 def add_row_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -46,12 +48,13 @@ def add_row_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
 
 
-def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchRow:
-    """The row args name, or parser.error with what to change: an unknown model, a missing GPU, a bad setting, a
-    dimension the model does not have."""
+def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser, **bench_settings: Any) -> BenchRow:
+    """The row args name, its step's ModelBenchConfig from args' --device, --compile-mode, --no-amp and
+    --memory-format and bench_settings (e.g. fullgraph=True), or parser.error with what to change: an unknown model,
+    a missing GPU, a bad setting, a dimension the model does not have."""
     import torch
 
-    from ..bench.models import INFER_BATCHES, PROBLEMS, SIDES, TRAIN_BATCH, input_shape, model_dims
+    from ..bench.models import INFER_BATCHES, PROBLEMS, SIDES, TRAIN_BATCH, ModelBenchConfig, input_shape, model_dims
     from ..models import create_model, list_models
     from ..train.config import apply_overrides
 
@@ -73,4 +76,15 @@ def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Benc
         parser.error(f"{args.model} is a {model_dims(model)}D model; drop --dims {dims}")
     side = args.side or min(SIDES[(torch.device(args.device).type, dims)])
     batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
-    return BenchRow(model=model, dims=dims, shape=input_shape(dims, batch, side), settings=settings)
+    try:  # e.g. cpu_bf16 on a CPU without native bfloat16
+        config = ModelBenchConfig(
+            dims=dims,
+            device=args.device,
+            compile_mode=args.compile_mode,
+            amp=not args.no_amp,
+            memory_format=args.memory_format,
+            **bench_settings,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    return BenchRow(model=model, dims=dims, shape=input_shape(dims, batch, side), settings=settings, config=config)
