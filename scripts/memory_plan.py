@@ -5,8 +5,10 @@ step (bench.models.make_step: the same input shape, precision, torch.compile set
 each graph's plan as Inductor schedules it (`torch._inductor.memory`, the estimate behind its
 `reorder_for_peak_memory` pass: every buffer from the step that writes it to its last reader, in the order chosen).
 For each compiled graph it reports the planned peak, the step where it falls, and the buffers live there, summed by
-the module that made them and listed largest first, with their lifetimes. Written to OUT, a new folder: plan.txt
-and plan.json.
+the module that made them and listed largest first, with their element types and lifetimes (the outputs of an op
+with several, such as the fused instance norm's, each with its own part). Written to OUT, a new folder: plan.txt
+and plan.json. --bf16-weights plans the inference step with the convolution and linear weights held in bfloat16,
+as `bench models --bf16-weights` runs it.
 
     python scripts/memory_plan.py mmsegrwkv --dims 3 --side 128 --set fused_norm=true --set gemm_convs=true --out OUT
 
@@ -30,6 +32,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -62,32 +65,59 @@ def module_of(buffer) -> str:
         stack = origin.meta.get("nn_module_stack") or {}
         if stack:
             paths.append(list(stack.values())[-1][0])
+    parent = (getattr(getattr(buffer, "node", None), "inputs", None) or [None])[0]
+    if not paths and type(getattr(buffer, "node", None)).__name__ == "MultiOutput" and parent is not None:
+        return module_of(SimpleNamespace(node=parent))  # an op's output: its getitem has no module, the op has
     if not paths:  # no FX node (a graph input), or ops of the model's own forward (no submodule on the stack)
         return "(model)" if origins else "?"
     path = max(paths, key=len)
     return path.replace("L['self'].", "").replace("L['self']", "(model)")
 
 
+def dtype_of(buffer) -> str:
+    """An Inductor buffer's element type, e.g. "bfloat16" ("?" where it has none of its own)."""
+    try:
+        return str(buffer.node.get_dtype()).removeprefix("torch.")
+    except (AttributeError, NotImplementedError):  # a multi-output op's own buffer, a graph input without a node
+        return "?"
+
+
+def held_bytes(info) -> int:
+    """What a buffer holds while it lives, in Inductor's timeline: its allocation, except for the outputs of an op
+    with several (a custom op such as rwkvseg::instance_norm_act): the op's buffer allocates them all at once and
+    frees nothing, each output allocates nothing and frees its own part. Those parts are the outputs' (size_free);
+    the op's buffer holds nothing of its own."""
+    if info.size_alloc == 0:  # an output of a multi-output op (or a rename of a mutated buffer: 0 freed too)
+        return info.size_free
+    if info.size_free == 0:  # the multi-output op's own buffer: its outputs hold it
+        return 0
+    return info.size_alloc
+
+
 def plan_of(memory, order, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, top: int) -> dict:
-    """One graph's plan: peak, step, the live buffers at the peak summed by module and the largest of them."""
+    """One graph's plan: peak, step, the live buffers at the peak summed by module and the largest of them, and
+    what of the peak no live buffer accounts for (unattributed_mb: 0 but where a multi-output op's outputs are
+    not yet split off at the peak step)."""
     _, freeable = memory.prepare_planning_info(order, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs)
     infos, _, _ = memory.compute_memory_timeline(order, freeable, graph_outputs)
     peak, timeline = memory.peak_memory_from_buf_info_list(infos, len(order))
     step = timeline.index(peak)
-    live = [b for b in infos if b.start_step <= step and (b.end_step == -1 or b.end_step >= step)]
+    live = [b for b in infos if b.start_step <= step and (b.end_step == -1 or b.end_step >= step) and held_bytes(b)]
     by_module: Counter[str] = Counter()
     for b in live:
-        by_module[module_of(b.buffer)] += b.size_alloc
-    largest = sorted(live, key=lambda b: -b.size_alloc)[:top]
+        by_module[module_of(b.buffer)] += held_bytes(b)
+    largest = sorted(live, key=lambda b: -held_bytes(b))[:top]
     return {
         "nodes": len(order),
         "peak_mb": peak / MiB,
         "peak_step": step,
         "live_buffers": len(live),
+        "unattributed_mb": (peak - sum(by_module.values())) / MiB,
         "by_module": [{"module": m, "mb": size / MiB} for m, size in by_module.most_common(top)],
         "largest": [
             {
-                "mb": b.size_alloc / MiB,
+                "mb": held_bytes(b) / MiB,
+                "dtype": dtype_of(b.buffer),
                 "module": module_of(b.buffer),
                 "from_step": b.start_step,
                 "to_step": b.end_step,  # -1: a graph output
@@ -105,10 +135,14 @@ def format_plan(index: int, plan: dict) -> str:
         "  live at the peak, by the module that made them:",
     ]
     lines += [f"    {m['mb']:9.1f} MiB  {m['module']}" for m in plan["by_module"]]
+    if abs(plan["unattributed_mb"]) >= 0.05:
+        lines.append(f"    {plan['unattributed_mb']:9.1f} MiB  (no live buffer: a multi-output op's outputs)")
     lines.append("  the largest live buffers (steps: written .. last read; -1 = a graph output):")
     for b in plan["largest"]:
         kind = " (a graph input)" if b["graph_input"] else ""
-        lines.append(f"    {b['mb']:9.1f} MiB  steps {b['from_step']}..{b['to_step']}  {b['module']}{kind}")
+        lines.append(
+            f"    {b['mb']:9.1f} MiB  {b['dtype']:>8}  steps {b['from_step']}..{b['to_step']}  {b['module']}{kind}"
+        )
     return "\n".join(lines)
 
 
@@ -177,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     header = (
         f"{args.model}, {args.phase}, input {list(shape)}, {args.device}, compile mode {args.compile_mode}, "
-        f"{'bf16 autocast' if bf16_autocast(config) else 'float32'}, {args.memory_format}, settings {settings}"
+        f"{'bf16 autocast' if bf16_autocast(config) else 'float32'}"
+        f"{', bf16 weights' if config.bf16_weights else ''}, {args.memory_format}, settings {settings}"
     )
     report = "\n\n".join([header, *(format_plan(i, p) for i, p in enumerate(plans))]) + "\n"
     print(report, end="")
     out.mkdir(parents=True)
     (out / "plan.txt").write_text(report)
     doc = {"environment": environment(torch.device(args.device)), "model": args.model, "phase": args.phase}
-    doc.update(input=list(shape), settings=settings, compile_mode=args.compile_mode, graphs=plans)
+    doc.update(input=list(shape), settings=settings, compile_mode=args.compile_mode, bf16_weights=config.bf16_weights)
+    doc["graphs"] = plans
     (out / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 

@@ -22,7 +22,8 @@ class BenchRow:
 
 
 def add_row_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
-    """model, --out, --dims, --side, --batch, --phase, --compile-mode, --no-amp, --memory-format, --set, --device."""
+    """model, --out, --dims, --side, --batch, --phase, --compile-mode, --no-amp, --bf16-weights, --memory-format,
+    --set, --device."""
     import torch
 
     from ..bench.models import COMPILE_MODES, PHASES, PROBLEMS
@@ -36,6 +37,12 @@ def add_row_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--phase", choices=PHASES, default="infer")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default")
     parser.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default: bf16 autocast)")
+    parser.add_argument(
+        "--bf16-weights",
+        action="store_true",
+        help="an inference step with the convolution and linear weights held in bfloat16, as bench models "
+        "--bf16-weights (bf16 autocast only)",
+    )
     parser.add_argument(
         "--memory-format",
         choices=MEMORY_FORMATS,
@@ -74,6 +81,8 @@ def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser, **bench
         parser.error(f"--set: {err}")
     if model_dims(model) != dims:
         parser.error(f"{args.model} is a {model_dims(model)}D model; drop --dims {dims}")
+    if args.bf16_weights and args.phase == "train":  # the optimizer would step bfloat16 weights
+        parser.error("--bf16-weights is for inference steps; drop it or use --phase infer")
     side = args.side or min(SIDES[(torch.device(args.device).type, dims)])
     batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
     try:  # e.g. cpu_bf16 on a CPU without native bfloat16
@@ -83,6 +92,7 @@ def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser, **bench
             compile_mode=args.compile_mode,
             amp=not args.no_amp,
             memory_format=args.memory_format,
+            bf16_weights=args.bf16_weights,
             **bench_settings,
         )
     except ValueError as err:
