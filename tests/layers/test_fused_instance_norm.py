@@ -72,6 +72,26 @@ def test_module_matches_instance_norm_and_activation_on_cpu(affine, slope):
     torch.testing.assert_close(torch.autograd.grad(y, [x, *params], gy), torch.autograd.grad(ref, [x, *params], gy))
 
 
+@pytest.mark.parametrize("slope", SLOPES)
+def test_module_keeps_a_channels_last_map_channels_last_on_cpu_as_its_cuda_op_does(slope):
+    """F.instance_norm returns a channels-last map contiguous on the CPU; the fused module returns it in
+    instance_norm_layout(x) on every device, so a channels-last network stays channels-last on the CPU too (and its
+    compiled graph has the CUDA graph's layouts). Same values and gradients as the stock ops."""
+    norm = nn.InstanceNorm3d(3, affine=True)
+    fused = FusedInstanceNormAct.replacing(norm, slope)
+    x = torch.randn(2, 3, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    ref = norm(x) if slope == 1.0 else F.leaky_relu(norm(x), slope)
+    y = fused(x)
+    assert not ref.is_contiguous(memory_format=torch.channels_last_3d)  # the stock op's layout
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    gy = torch.randn_like(ref)
+    params = [x, *norm.parameters()]
+    torch.testing.assert_close(torch.autograd.grad(y, params, gy), torch.autograd.grad(ref, params, gy))
+    plain = torch.randn(2, 3, 5, 6, 7)
+    assert fused(plain).is_contiguous()  # a contiguous map stays contiguous
+
+
 @pytest.mark.parametrize(("cin", "cout"), [(3, 4), (4, 4)])
 def test_fused_res_block_equals_monai_block(cin, cout):
     torch.manual_seed(0)

@@ -202,12 +202,16 @@ def instance_norm_act(
     x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5, slope: float = 1.0
 ) -> Tensor:
     """act(instance_norm(x, weight, bias)) of x [B, C, *spatial], act(z) = z if z > 0 else slope * z (slope 1: no
-    activation, 0: ReLU, 0.01: MONAI's LeakyReLU). fp32 statistics; on CUDA one fused Triton pass per direction,
-    returning y in instance_norm_layout(x) (channels-last stays channels-last)."""
+    activation, 0: ReLU, 0.01: MONAI's LeakyReLU), returned in instance_norm_layout(x) on every device
+    (channels-last stays channels-last, where F.instance_norm returns a contiguous map). fp32 statistics; on CUDA
+    one fused Triton pass per direction; elsewhere the plain ops, which torch.compile fuses as usual (the layout
+    then only sets the strides Inductor writes, as the CUDA op's do: the convolutions after it read the same
+    layout on either device)."""
     if x.is_cuda:
         return torch.ops.rwkvseg.instance_norm_act(x, weight, bias, eps, slope)[0]
     y = F.instance_norm(x, weight=weight, bias=bias, eps=eps)
-    return y if slope == 1.0 else F.leaky_relu(y, slope)
+    y = y if slope == 1.0 else F.leaky_relu(y, slope)
+    return y.contiguous(memory_format=instance_norm_layout(x))
 
 
 class FusedInstanceNormAct(nn.Module):
