@@ -8,7 +8,9 @@ For each compiled graph it reports the planned peak, the step where it falls, an
 the module that made them and listed largest first, with their element types and lifetimes (the outputs of an op
 with several, such as the fused instance norm's, each with its own part). Written to OUT, a new folder: plan.txt
 and plan.json. --bf16-weights plans the inference step with the convolution and linear weights held in bfloat16,
-as `bench models --bf16-weights` runs it.
+as `bench models --bf16-weights` runs it. --norm-op runs the fused instance norms (`--set fused_norm=true`) on the
+CPU through their registered operator, as the CUDA graph runs them (one opaque op writing its map in the input's
+dtype and layout), instead of the plain ops that Inductor decomposes on the CPU with float32 temporaries.
 
     python scripts/memory_plan.py mmsegrwkv --dims 3 --side 128 --set fused_norm=true --set gemm_convs=true --out OUT
 
@@ -146,6 +148,22 @@ def format_plan(index: int, plan: dict) -> str:
     return "\n".join(lines)
 
 
+def norm_ops(model) -> int:
+    """In place, for this model only: each FusedInstanceNormAct calls rwkvseg::instance_norm_act on every device, as
+    it does on CUDA (off CUDA the module runs the plain ops, which Inductor decomposes and fuses, with float32
+    temporaries the CUDA op does not have; the operator's own CPU implementation is the same computation). Returns
+    how many were swapped."""
+    from rwkvseg.layers.norm import FusedInstanceNormAct
+
+    def through_op(norm: FusedInstanceNormAct):
+        return lambda x: torch.ops.rwkvseg.instance_norm_act(x, norm.weight, norm.bias, norm.eps, norm.slope)[0]
+
+    norms = [m for m in model.modules() if isinstance(m, FusedInstanceNormAct)]
+    for norm in norms:
+        norm.forward = through_op(norm)
+    return len(norms)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rwkvseg.bench.models import bf16_autocast, make_step
     from rwkvseg.bench.wkv import environment
@@ -155,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     add_row_arguments(parser, out_help="a new folder for plan.txt and plan.json")
     parser.add_argument("--cpu-bf16", action="store_true", help="bf16 autocast on the CPU too, as on CUDA")
     parser.add_argument("--first-graph-only", action="store_true", help="stop once the first graph is planned")
+    parser.add_argument(
+        "--norm-op",
+        action="store_true",
+        help="on the CPU, the fused instance norms (fused_norm=true) through their registered operator, as on CUDA",
+    )
     parser.add_argument("--top", type=int, default=12, help="rows per table (default 12)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -181,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     # bfloat16 refuses --cpu-bf16
     row = bench_row(args, parser, fullgraph=True, cpu_bf16=args.cpu_bf16)
     model, shape, settings, config = row.model, row.shape, row.settings, row.config
+    if args.norm_op:
+        swapped = norm_ops(model)
+        if not swapped:
+            parser.error("--norm-op: this model has no fused instance norms; add --set fused_norm=true or drop it")
     plans: list[dict] = []
 
     def planned(nodes, name_to_buf, name_to_fused_node, graph_inputs, graph_outputs, *rest, **kwargs):
@@ -212,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{args.model}, {args.phase}, input {list(shape)}, {args.device}, compile mode {args.compile_mode}, "
         f"{'bf16 autocast' if bf16_autocast(config) else 'float32'}"
-        f"{', bf16 weights' if config.bf16_weights else ''}, {args.memory_format}, settings {settings}"
+        f"{', bf16 weights' if config.bf16_weights else ''}{', norms as their operator' if args.norm_op else ''}, "
+        f"{args.memory_format}, settings {settings}"
     )
     report = "\n\n".join([header, *(format_plan(i, p) for i, p in enumerate(plans))]) + "\n"
     print(report, end="")
@@ -220,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "plan.txt").write_text(report)
     doc = {"environment": environment(torch.device(args.device)), "model": args.model, "phase": args.phase}
     doc.update(input=list(shape), settings=settings, compile_mode=args.compile_mode, bf16_weights=config.bf16_weights)
+    doc["norm_op"] = args.norm_op
     doc["graphs"] = plans
     (out / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
     return 0

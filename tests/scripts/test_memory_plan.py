@@ -133,3 +133,40 @@ def test_bf16_weights_without_a_bf16_inference_step_is_refused(extra, message, t
         script.main(["unet_test", "--bf16-weights", *extra, "--out", str(tmp_path / "plan")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "plan").exists()
+
+
+def test_norm_op_runs_the_fused_norms_through_their_operator(tmp_path, capsys):
+    """--norm-op: the fused norms of mmsegrwkv_test call rwkvseg::instance_norm_act on the CPU too (the op's
+    outputs appear in the plan under the norms' modules); a model without fused norms is refused."""
+    script = load_script("memory_plan")
+    argv = ["mmsegrwkv_test", "--side", "32", "--device", "cpu", "--no-amp", "--first-graph-only", "--norm-op"]
+    out = tmp_path / "plan"
+    assert script.main([*argv, "--set", "fused_norm=true", "--top", "400", "--out", str(out)]) == 0
+    doc = json.loads((out / "plan.json").read_text())
+    assert doc["norm_op"] is True and "norms as their operator" in (out / "plan.txt").read_text()
+    (graph,) = doc["graphs"]
+    assert graph["unattributed_mb"] == 0
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*argv, "--out", str(tmp_path / "plain")])
+    assert exit_info.value.code == 2 and "has no fused instance norms" in capsys.readouterr().err
+    assert not (tmp_path / "plain").exists()
+
+
+def test_norm_ops_swaps_each_fused_norm_of_that_model_only():
+    """norm_ops: every FusedInstanceNormAct of the model calls the registered operator (seen by the profiler),
+    with the same outputs; another model built alike keeps the plain ops."""
+    from rwkvseg.layers.norm import FusedInstanceNormAct
+    from rwkvseg.models import create_model
+
+    script = load_script("memory_plan")
+    torch.manual_seed(0)
+    model, other = (create_model("mmsegrwkv_test", 4, 3, fused_norm=True).eval() for _ in range(2))
+    other.load_state_dict(model.state_dict())
+    norms = sum(isinstance(m, FusedInstanceNormAct) for m in model.modules())
+    assert norms > 0 and script.norm_ops(model) == norms
+    x = torch.randn(1, 4, 32, 32, 32)
+    for net, calls in ((model, norms), (other, 0)):
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            y = net(x)
+        assert sum(e.name == "rwkvseg::instance_norm_act" for e in prof.events()) == calls
+    torch.testing.assert_close(y, model(x).detach())
