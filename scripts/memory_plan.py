@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
+from types import MethodType
 
 import torch
 
@@ -67,9 +67,6 @@ def module_of(buffer) -> str:
         stack = origin.meta.get("nn_module_stack") or {}
         if stack:
             paths.append(list(stack.values())[-1][0])
-    parent = (getattr(getattr(buffer, "node", None), "inputs", None) or [None])[0]
-    if not paths and type(getattr(buffer, "node", None)).__name__ == "MultiOutput" and parent is not None:
-        return module_of(SimpleNamespace(node=parent))  # an op's output: its getitem has no module, the op has
     if not paths:  # no FX node (a graph input), or ops of the model's own forward (no submodule on the stack)
         return "(model)" if origins else "?"
     path = max(paths, key=len)
@@ -155,12 +152,12 @@ def norm_ops(model) -> int:
     how many were swapped."""
     from rwkvseg.layers.norm import FusedInstanceNormAct
 
-    def through_op(norm: FusedInstanceNormAct):
-        return lambda x: torch.ops.rwkvseg.instance_norm_act(x, norm.weight, norm.bias, norm.eps, norm.slope)[0]
+    def through_op(norm: FusedInstanceNormAct, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rwkvseg.instance_norm_act(x, norm.weight, norm.bias, norm.eps, norm.slope)[0]
 
     norms = [m for m in model.modules() if isinstance(m, FusedInstanceNormAct)]
-    for norm in norms:
-        norm.forward = through_op(norm)
+    for norm in norms:  # a bound method: a deep copy of the model (--bf16-weights) binds its own norms
+        norm.forward = MethodType(through_op, norm)
     return len(norms)
 
 

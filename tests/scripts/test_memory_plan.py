@@ -1,5 +1,6 @@
 """scripts/memory_plan.py: the buffers that make a compiled model's planned memory peak, by module."""
 
+import copy
 import json
 
 import pytest
@@ -170,3 +171,6 @@ def test_norm_ops_swaps_each_fused_norm_of_that_model_only():
             y = net(x)
         assert sum(e.name == "rwkvseg::instance_norm_act" for e in prof.events()) == calls
     torch.testing.assert_close(y, model(x).detach())
+    copied = copy.deepcopy(model)  # as --bf16-weights copies the model: its norms call the op with their own tensors
+    fused = [m for m in copied.modules() if isinstance(m, FusedInstanceNormAct)]
+    assert all(m.forward.__self__ is m for m in fused)
