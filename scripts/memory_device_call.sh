@@ -32,8 +32,11 @@ work=$(mktemp -d)
 log="$out/steps.log"
 : >"$log"
 
-settings() {  # the bench's settings of a model (bench models --override MODEL:KEY=VALUE as --set KEY=VALUE)
-  if [ "$1" = mmsegrwkv ]; then echo "--set fused_norm=true --set gemm_convs=true"; fi
+mmseg_settings=(fused_norm=true gemm_convs=true)  # the bench's settings of MMSegRWKV, the only model with any
+overrides=()  # for bench models: --override mmsegrwkv:KEY=VALUE
+for kv in "${mmseg_settings[@]}"; do overrides+=(--override "mmsegrwkv:$kv"); done
+settings() {  # for the scripts: --set KEY=VALUE, for MMSegRWKV
+  if [ "$1" = mmsegrwkv ]; then printf -- '--set %s ' "${mmseg_settings[@]}"; fi
 }
 
 step() {  # step NAME SECONDS COMMAND...: run under that time limit, its output into steps.log
@@ -51,7 +54,6 @@ for model in "${models[@]}"; do
     --compile-mode reduce-overhead --out "$work/trace-$model"
   [ -f "$work/trace-$model/trace.txt" ] && cp "$work/trace-$model/trace.txt" "$out/trace-$model.txt"
 done
-overrides=(--override mmsegrwkv:fused_norm=true --override mmsegrwkv:gemm_convs=true)
 for weights in bf16w f32w; do
   flag=()
   [ "$weights" = bf16w ] && flag=(--bf16-weights)

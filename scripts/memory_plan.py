@@ -162,7 +162,7 @@ def norm_ops(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvseg.bench.models import bf16_autocast, make_step
+    from rwkvseg.bench.models import make_step
     from rwkvseg.bench.wkv import environment
     from rwkvseg.cli.bench_row import add_row_arguments, bench_row
 
@@ -233,12 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if not plans:
         print("memory_plan: Inductor planned no graph (nothing compiled?)", file=sys.stderr)
         return 1
-    header = (
-        f"{args.model}, {args.phase}, input {list(shape)}, {args.device}, compile mode {args.compile_mode}, "
-        f"{'bf16 autocast' if bf16_autocast(config) else 'float32'}"
-        f"{', bf16 weights' if config.bf16_weights else ''}{', norms as their operator' if args.norm_op else ''}, "
-        f"{args.memory_format}, settings {settings}"
-    )
+    header = row.title(args) + (", norms as their operator" if args.norm_op else "")
     report = "\n\n".join([header, *(format_plan(i, p) for i, p in enumerate(plans))]) + "\n"
     print(report, end="")
     out.mkdir(parents=True)

@@ -139,7 +139,7 @@ def snapshot() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvseg.bench.models import bf16_autocast, make_step
+    from rwkvseg.bench.models import make_step
     from rwkvseg.bench.wkv import environment
     from rwkvseg.cli.bench_row import add_row_arguments, bench_row
 
@@ -174,12 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = {"all calls": report_of(trace, args.top)}
     if args.calls > 1 and starts:  # the bench's peak: the calls after the first, what the first left counting
         reports["steady calls"] = report_of(trace, args.top, start=starts[0])
-    header = (
-        f"{args.model}, {args.phase}, input {list(row.shape)}, cuda, compile mode {args.compile_mode}, "
-        f"{'bf16 autocast' if bf16_autocast(row.config) else 'float32'}"
-        f"{', bf16 weights' if row.config.bf16_weights else ''}, {args.memory_format}, settings {row.settings}, "
-        f"{args.calls} calls from cold"
-    )
+    header = f"{row.title(args)}, {args.calls} calls from cold"
     text = "\n".join([header, *(format_report(title, r) for title, r in reports.items())])
     if len(trace) >= ENTRIES:
         text += f"note: the trace kept only its last {ENTRIES} events: an earlier peak may be missing\n"

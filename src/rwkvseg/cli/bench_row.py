@@ -1,5 +1,6 @@
 """One row of `rwkvseg bench models` to examine: the arguments and checks shared by the scripts that explain a row
-(scripts/profile_model.py: where its time goes; scripts/memory_plan.py: what makes its memory peak). Not a command.
+(scripts/profile_model.py: where its time goes; scripts/memory_plan.py and scripts/memory_trace.py: what makes its
+memory peak). Not a command.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ class BenchRow:
     shape: tuple[int, ...]
     settings: dict[str, Any]
     config: Any  # bench.models.ModelBenchConfig
+
+    def title(self, args: argparse.Namespace) -> str:
+        """One line naming the row as the scripts report it: model, phase, input, device, compile mode,
+        precision, layout and settings."""
+        from ..bench.models import bf16_autocast
+
+        precision = "bf16 autocast" if bf16_autocast(self.config) else "float32"
+        weights = ", bf16 weights" if self.config.bf16_weights else ""
+        return (
+            f"{args.model}, {args.phase}, input {list(self.shape)}, {self.config.device}, compile mode "
+            f"{args.compile_mode}, {precision}{weights}, {args.memory_format}, settings {self.settings}"
+        )
 
 
 def add_row_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
