@@ -11,6 +11,7 @@ from the rest and report it ("compiled in X s").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -63,13 +64,38 @@ def inductor_options(mode: str, freeze: bool = False, keep_conv_layouts: bool = 
     return options
 
 
-def compile_callable(fn: Callable[..., Any], mode: str, backend: str = "inductor", fullgraph: bool = False) -> Any:
+def freezing(on: bool = True) -> contextlib.AbstractContextManager:
+    """The context to call a torch.compile'd inference model in for Inductor's freezing (nullcontext when not on).
+    Dynamo reads `torch._inductor.config.freezing` itself, while it traces the first call, to decide whether the
+    parameters become constants of the graph; torch.compile's options reach only Inductor, so
+    `options={"freezing": True}` alone (inductor_options(freeze=True)) leaves the weights graph inputs and folds
+    nothing (torch 2.11 and 2.13). Calls after the first may run outside it: the frozen graph is kept."""
+    if not on:
+        return contextlib.nullcontext()
+    from torch._inductor import config  # imports Inductor (about 1 s): only when freezing
+
+    return config.patch(freezing=True)
+
+
+def compile_callable(
+    fn: Callable[..., Any], mode: str, backend: str = "inductor", fullgraph: bool = False, freeze: bool = False
+) -> Any:
     """torch.compile(fn) with static shapes (a training step and a prediction batch keep their shape); modes only
-    apply to Inductor."""
+    apply to Inductor. freeze (Inductor, inference only: fn's weights must not change after its first call): the
+    weights become constants of the graph, and every call runs in `freezing()`."""
     options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
+    freeze = freeze and backend == "inductor"
     if backend == "inductor":
-        options["options"] = inductor_options(mode)
-    return torch.compile(fn, **options)
+        options["options"] = inductor_options(mode, freeze=freeze)
+    compiled = torch.compile(fn, **options)
+    if not freeze:
+        return compiled
+
+    def frozen(*args: Any, **kwargs: Any) -> Any:
+        with freezing():
+            return compiled(*args, **kwargs)
+
+    return frozen
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -115,11 +141,13 @@ def maybe_compile(
     what: str,
     backend: str = "inductor",
     fullgraph: bool = False,
+    freeze: bool = False,
 ) -> Callable[..., Any]:
-    """fn compiled as setting says for device (timed and logged at its first call), or fn itself."""
+    """fn compiled as setting says for device (timed and logged at its first call), or fn itself; freeze: see
+    compile_callable."""
     check_compile(setting, backend)
     mode = compile_mode(setting, device)
     if mode is None:
         return fn
-    compiled = compile_callable(fn, mode, backend, fullgraph)
+    compiled = compile_callable(fn, mode, backend, fullgraph, freeze)
     return FirstCallTimed(compiled, fn, what, device, fallback=setting == "auto")

@@ -404,6 +404,27 @@ def test_frozen_inference_matches_eager():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_frozen_inference_holds_the_weights_as_graph_constants():
+    # what freezing is: the weights become constants of the compiled graph, so a weight changed after the first
+    # call leaves the frozen graph's output as it was, where the graph compiled without freezing reads the new
+    # weight (torch.compile's options={"freezing": True} alone left them graph inputs: nothing was frozen)
+    unchanged = {}
+    for freeze in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU()).eval()
+        config = ModelBenchConfig(dims=2, freeze=freeze, amp=False)
+        torch._dynamo.reset()
+        try:
+            step = make_step(model, "infer", (1, 3, 8, 8), config, compiled=True)
+            before = step().clone()
+            with torch.no_grad():
+                model[0].weight.mul_(2)
+            unchanged[freeze] = torch.equal(step(), before)
+        finally:
+            torch._dynamo.reset()
+    assert unchanged == {False: False, True: True}
+
+
 def test_compiled_rows_get_a_static_graph_per_shape(monkeypatch):
     # torch's own default (dynamic=None) would compile the second shape with symbolic sizes and reuse that graph
     # for the third: the rows after a model's first would not run what training and prediction compile

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..bf16_weights import hold_bf16_weights
-from ..compiling import inductor_options
+from ..compiling import freezing, inductor_options
 from ..cpu_convs import CPU_CONVS, use_onednn_convs
 from ..devices import bf16_unsupported
 from ..files import atomic_write
@@ -214,13 +214,16 @@ def bf16_autocast(config: ModelBenchConfig) -> bool:
     return config.cpu_bf16 if torch.device(config.device).type == "cpu" else config.amp
 
 
-def _step_fn(model: nn.Module, phase: str, x: torch.Tensor, device: torch.device, amp: bool) -> Callable[[], Any]:
-    """One inference call, or one training step (loss = mean of the logits, backward, SGD step)."""
+def _step_fn(
+    model: nn.Module, phase: str, x: torch.Tensor, device: torch.device, amp: bool, frozen: bool = False
+) -> Callable[[], Any]:
+    """One inference call (frozen: under Inductor's freezing, rwkvseg.compiling.freezing), or one training step
+    (loss = mean of the logits, backward, SGD step)."""
     if phase == "infer":
         model.eval()
 
         def infer() -> torch.Tensor:
-            with torch.inference_mode(), _autocast(device, amp):
+            with torch.inference_mode(), _autocast(device, amp), freezing(frozen):
                 return model(x)
 
         return infer
@@ -253,12 +256,12 @@ def make_step(
     if phase == "infer" and config.bf16_weights:  # a copy: the training rows and later rows keep float32 weights
         model = hold_bf16_weights(copy.deepcopy(model))
     x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
-    runner = model
+    runner, freeze = model, compiled and config.freeze and phase == "infer"
     if compiled:
-        freeze, keep = config.freeze and phase == "infer", config.conv_layouts == "eager"
+        keep = config.conv_layouts == "eager"
         options = inductor_options(config.compile_mode, freeze=freeze, keep_conv_layouts=keep)
         runner = torch.compile(model, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
-    return _step_fn(runner, phase, x, device, bf16_autocast(config))
+    return _step_fn(runner, phase, x, device, bf16_autocast(config), frozen=freeze)
 
 
 def measure(
