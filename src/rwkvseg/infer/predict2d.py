@@ -235,7 +235,10 @@ def predict_2d(
         log.info("post-processing each mask: %s", postprocess.spelling())
     module_to(model, memory_format, 2)  # before compiling, which specializes on the parameters' strides
     for_precision(model, precision)  # bf16: the weights held in bf16 before compiling, as the graph will read them
-    model = maybe_compile(model, compile, device, "the model", compile_backend)
+    # frozen on the CPU (Inductor's freezing: weights as constants, BatchNorms folded, oneDNN's packed weights):
+    # docs/speed.md, "Inductor freezing"; on CUDA not measured yet
+    frozen = torch.device(device).type == "cpu"
+    model = maybe_compile(model, compile, device, "the model", compile_backend, freeze=frozen)
     predictor = mirrored(in_precision(fed_in(model, memory_format), precision, device), mirror_axes)
     pre = Preprocessing2D.from_meta(meta)
     files = list_inputs(inputs, skip_non_images)

@@ -126,7 +126,10 @@ class Predictor3D:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = module_to(placed(model, options.device).eval(), options.memory_format, 3)  # before compiling
         for_precision(self.model, options.precision)  # bf16: convolution and linear weights held in bf16
-        compiled = maybe_compile(self.model, options.compile, options.device, "the model", options.compile_backend)
+        frozen = torch.device(options.device).type == "cpu"  # as in 2D prediction: docs/speed.md, "Inductor freezing"
+        compiled = maybe_compile(
+            self.model, options.compile, options.device, "the model", options.compile_backend, freeze=frozen
+        )
         # each window batch in the model's layout and precision, its logits back as float32
         self.forward = in_precision(fed_in(compiled, options.memory_format), options.precision, options.device)
         self.metadata = metadata
