@@ -1,5 +1,6 @@
-"""CPU latency of U-RWKV-s and U-RWKV per 256 x 256 image, PyTorch eager and compiled (Inductor, default mode) vs
-onnxruntime fp32 vs int8, in one run, and the int8 Dice change on Kvasir-SEG validation images.
+"""CPU latency of U-RWKV-s and U-RWKV per 256 x 256 image, PyTorch eager and compiled (Inductor, default mode,
+frozen as CPU prediction compiles) vs onnxruntime fp32 vs int8, in one run, and the int8 Dice change on Kvasir-SEG
+validation images.
 
     PYTHONPATH=src python scripts/export_latency.py EXPORT_DIR [--threads 2] [--images 40] [--runs 30]
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rwkvseg.compiling import compile_callable
 from rwkvseg.export.onnx import export_onnx, load_source
 from rwkvseg.export.runtime import OnnxPredictor, quantize_int8, read_pixels
 from rwkvseg.export.verify import dice
@@ -83,7 +85,7 @@ def main() -> None:
             variants[mode] = OnnxPredictor(target, threads=args.threads)
         xt = torch.from_numpy(x)
         torch._dynamo.reset()
-        compiled = torch.compile(loaded.model, dynamic=False)
+        compiled = compile_callable(loaded.model, "default", freeze=True)  # as `rwkvseg predict` compiles on the CPU
         with torch.inference_mode():
             t_torch = timed(lambda m=loaded.model, t=xt: m(t), args.runs)
             t_compiled = timed(lambda m=compiled, t=xt: m(t), args.runs)  # the warm-up calls compile it
