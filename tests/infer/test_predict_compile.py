@@ -82,7 +82,7 @@ def test_a_frozen_compile_matches_eager_and_holds_the_weights_as_constants():
     assert torch.equal(again, got) and not torch.allclose(changed, expected)
 
 
-def test_prediction_compiles_frozen_on_the_cpu_only(monkeypatch, tmp_path):
+def test_prediction_compiles_frozen_on_the_cpu(monkeypatch, tmp_path):
     import rwkvseg.infer.predict2d as predict2d
     import rwkvseg.infer.predict3d as predict3d
 
