@@ -69,7 +69,7 @@ def freezing(on: bool = True) -> contextlib.AbstractContextManager:
     Dynamo reads `torch._inductor.config.freezing` itself, while it traces the first call, to decide whether the
     parameters become constants of the graph; torch.compile's options reach only Inductor, so
     `options={"freezing": True}` alone (inductor_options(freeze=True)) leaves the weights graph inputs and folds
-    nothing (torch 2.11 and 2.13). Calls after the first may run outside it: the frozen graph is kept."""
+    nothing (seen with torch 2.13). Calls after the first may run outside it: the frozen graph is kept."""
     if not on:
         return contextlib.nullcontext()
     from torch._inductor import config  # imports Inductor (about 1 s): only when freezing
