@@ -77,6 +77,12 @@ def freezing(on: bool = True) -> contextlib.AbstractContextManager:
     return config.patch(freezing=True)
 
 
+def prediction_freezes(device: torch.device | str) -> bool:
+    """Whether prediction compiles its model frozen on device: on the CPU (BatchNorms folded, oneDNN's packed
+    weights; 1.2-1.6x faster on 2 cores, docs/speed.md, "Inductor freezing"), not on CUDA (not timed there yet)."""
+    return torch.device(device).type == "cpu"
+
+
 def compile_callable(
     fn: Callable[..., Any], mode: str, backend: str = "inductor", fullgraph: bool = False, freeze: bool = False
 ) -> Any:

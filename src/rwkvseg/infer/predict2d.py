@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..checkpoint import load_checkpoint
-from ..compiling import maybe_compile
+from ..compiling import maybe_compile, prediction_freezes
 from ..data.images2d import list_inputs, read_image
 from ..files import atomic_write, refuse_existing
 from ..memory_format import fed_in, module_to
@@ -235,9 +235,7 @@ def predict_2d(
         log.info("post-processing each mask: %s", postprocess.spelling())
     module_to(model, memory_format, 2)  # before compiling, which specializes on the parameters' strides
     for_precision(model, precision)  # bf16: the weights held in bf16 before compiling, as the graph will read them
-    # frozen on the CPU (Inductor's freezing: weights as constants, BatchNorms folded, oneDNN's packed weights):
-    # docs/speed.md, "Inductor freezing"; on CUDA not measured yet
-    frozen = torch.device(device).type == "cpu"
+    frozen = prediction_freezes(device)
     model = maybe_compile(model, compile, device, "the model", compile_backend, freeze=frozen)
     predictor = mirrored(in_precision(fed_in(model, memory_format), precision, device), mirror_axes)
     pre = Preprocessing2D.from_meta(meta)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compiling import maybe_compile
+from ..compiling import maybe_compile, prediction_freezes
 from ..data.preprocess3d import prepare_for_model, resample
 from ..data.regions import classes_to_values, regions_to_values
 from ..data.specs import DatasetSpec
@@ -126,7 +126,7 @@ class Predictor3D:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = module_to(placed(model, options.device).eval(), options.memory_format, 3)  # before compiling
         for_precision(self.model, options.precision)  # bf16: convolution and linear weights held in bf16
-        frozen = torch.device(options.device).type == "cpu"  # as in 2D prediction: docs/speed.md, "Inductor freezing"
+        frozen = prediction_freezes(options.device)
         compiled = maybe_compile(
             self.model, options.compile, options.device, "the model", options.compile_backend, freeze=frozen
         )
