@@ -77,10 +77,13 @@ def freezing(on: bool = True) -> contextlib.AbstractContextManager:
     return config.patch(freezing=True)
 
 
-def prediction_freezes(device: torch.device | str) -> bool:
-    """Whether prediction compiles its model frozen on device: on the CPU (BatchNorms folded, oneDNN's packed
-    weights; 1.2-1.6x faster on 2 cores, docs/speed.md, "Inductor freezing"), not on CUDA (not timed there yet)."""
-    return torch.device(device).type == "cpu"
+def prediction_freezes(device: torch.device | str, dims: int) -> bool:
+    """Whether prediction compiles its dims-D model frozen on device (docs/speed.md, "Inductor freezing"): on the
+    CPU (BatchNorms folded, oneDNN's packed weights; 1.2-1.6x faster on 2 cores), and for 2D models on CUDA
+    (1.1-1.3x under CUDA graphs on an H100, a few MiB more at the peak); not for 3D models on CUDA (not timed
+    frozen there)."""
+    kind = torch.device(device).type
+    return kind == "cpu" or (kind == "cuda" and dims == 2)
 
 
 def compile_callable(

@@ -82,6 +82,15 @@ def test_a_frozen_compile_matches_eager_and_holds_the_weights_as_constants():
     assert torch.equal(again, got) and not torch.allclose(changed, expected)
 
 
+def test_prediction_freezes_on_the_cpu_and_for_2d_models_on_cuda():
+    from rwkvseg.compiling import prediction_freezes
+
+    assert prediction_freezes("cpu", 2) and prediction_freezes(torch.device("cpu"), 3)
+    assert prediction_freezes("cuda", 2) and prediction_freezes("cuda:0", 2)
+    assert not prediction_freezes("cuda", 3)  # not timed frozen on a GPU
+    assert not prediction_freezes("mps", 2)
+
+
 def test_prediction_compiles_frozen_on_the_cpu(monkeypatch, tmp_path):
     import rwkvseg.infer.predict2d as predict2d
     import rwkvseg.infer.predict3d as predict3d
