@@ -267,7 +267,7 @@ def make_step(
 def measure(
     model: nn.Module, phase: str, shape: Sequence[int], config: ModelBenchConfig, compiled: bool
 ) -> dict[str, Any]:
-    """Times (median / min ms over repeats), compile seconds and peak MB of one (model, phase, input shape)."""
+    """Times (median / min ms over repeats), compile seconds and peak MiB of one (model, phase, input shape)."""
     device = torch.device(config.device)
     step = make_step(model, phase, shape, config, compiled)
     clock = Clock(device)
@@ -503,8 +503,8 @@ def plot_growth(rows: list[dict], path: str, title: str) -> None:
         from matplotlib.ticker import NullLocator
     except ImportError:
         raise ValueError("the cost-growth figure needs matplotlib: pip install 'rwkvseg[plots]'") from None
-    panels = [("infer", "ms", "inference ms"), ("infer", "peak_mb", "inference peak MB")]
-    panels += [("train", "ms", "training step ms"), ("train", "peak_mb", "training peak MB")]
+    panels = [("infer", "ms", "inference ms"), ("infer", "peak_mb", "inference peak MiB")]
+    panels += [("train", "ms", "training step ms"), ("train", "peak_mb", "training peak MiB")]
     panels = [p for p in panels if any(r["phase"] == p[0] and r.get(p[1]) for r in rows)]
     if not panels:
         raise ValueError("no measured rows to plot")

@@ -237,7 +237,7 @@ def environment(device: torch.device) -> dict:
 def speed_rows(
     shapes, impls, device: torch.device, repeats: int, threads: int = 2, dtype=torch.float32
 ) -> tuple[list[dict], dict]:
-    """One row per (shape, impl): fwd and fwd+bwd ms and peak MB; on CUDA also back-to-back ms (host launch time
+    """One row per (shape, impl): fwd and fwd+bwd ms and peak MiB; on CUDA also back-to-back ms (host launch time
     included), floor fractions and the anchors of docs/bi_wkv.md."""
     info = environment(device)
     bandwidth = None

@@ -193,9 +193,9 @@ def _run_wkv(args: argparse.Namespace) -> int:
         ("shape", "B x T x C"),
         ("impl", "impl"),
         ("fwd_ms", "fwd ms"),
-        ("fwd_peak_mb", "fwd MB"),
+        ("fwd_peak_mb", "fwd MiB"),
         ("fwdbwd_ms", "fwd+bwd ms"),
-        ("fwdbwd_peak_mb", "fwd+bwd MB"),
+        ("fwdbwd_peak_mb", "fwd+bwd MiB"),
     ]
     if device.type == "cuda":
         columns = [
@@ -204,11 +204,11 @@ def _run_wkv(args: argparse.Namespace) -> int:
             ("fwd_gpu_ms", "fwd GPU ms"),
             ("fwd_ms", "fwd ms"),
             ("fwd_b2b_ms", "fwd b2b ms"),
-            ("fwd_peak_mb", "fwd MB"),
+            ("fwd_peak_mb", "fwd MiB"),
             ("fwdbwd_gpu_ms", "f+b GPU ms"),
             ("fwdbwd_ms", "f+b ms"),
             ("fwdbwd_b2b_ms", "f+b b2b ms"),
-            ("fwdbwd_peak_mb", "f+b MB"),
+            ("fwdbwd_peak_mb", "f+b MiB"),
         ]
         columns += [
             ("floor_fwd_ms", "floor ms"),
@@ -311,7 +311,7 @@ def _run_wkv_models(args: argparse.Namespace) -> int:
         torch.cuda.empty_cache()
     print(", ".join(f"{k}={v}" for k, v in info.items()))
     columns = [("model", "model"), ("input", "input"), ("impl", "Bi-WKV"), ("step_ms", "fwd+bwd ms")]
-    print(format_table(rows, [*columns, ("peak_mb", "peak MB")]))
+    print(format_table(rows, [*columns, ("peak_mb", "peak MiB")]))
     if args.json:
         write_json(args.json, {"environment": info, "rows": rows})
     return 0
@@ -389,7 +389,7 @@ def _run_models(args: argparse.Namespace) -> int:
     print(", ".join(f"{k}={v}" for k, v in info.items()))
 
     def progress(row: dict) -> None:  # one line per row as it is measured: a long run shows where it is
-        memory = f", {row['peak_mb']:.0f} MB" if row.get("peak_mb") is not None else ""
+        memory = f", {row['peak_mb']:.0f} MiB" if row.get("peak_mb") is not None else ""
         timing = f"{row['ms']:.2f} ms{memory}" if "ms" in row else row.get("note", "")
         compiled = f", compile {row['compile_s']:.0f} s" if row.get("compile_s") is not None else ""
         print(
@@ -435,7 +435,7 @@ def _print_models_report(
             cell["note"] = f"{cell['note']} [{ref}]" if cell.get("note") else f"[{ref}]"
     columns = [("model", "model"), ("phase", "phase"), ("batch", "batch"), ("side", "side")]
     for mode in modes:
-        columns += [(f"{mode}_ms", f"{mode} ms"), (f"{mode}_peak_mb", f"{mode} MB")]
+        columns += [(f"{mode}_ms", f"{mode} ms"), (f"{mode}_peak_mb", f"{mode} MiB")]
     if "compiled" in modes:
         columns.append(("compiled_compile_s", "compile s"))
     if memory_format != "contiguous":  # also in the line above the progress, far up in a long run
