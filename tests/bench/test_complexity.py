@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from rwkvseg.bench.complexity import count_macs, count_parameters, measure_latency
+from rwkvseg.bench.complexity import count_layer_io, count_macs, count_parameters, measure_latency
+from rwkvseg.models import create_model
 
 
 class Small(nn.Module):
@@ -38,6 +39,18 @@ def test_count_macs_matches_hand_count(dims, size):
     # FlopCounterMode also sees the functional matmul
     assert count_macs(model, (1, 3, *size), method="torch") == expected + n * 2**dims * 6 * 6
     assert count_macs(model, (2, 3, *size)) == 2 * expected
+
+
+@pytest.mark.parametrize("dims,size", [(1, (7,)), (2, (5, 7)), (3, (3, 5, 4))])
+def test_count_layer_io_sums_the_layers_inputs_and_outputs(dims, size):
+    model = Small(dims).train()
+    n = torch.tensor(size).prod().item()
+    up = n * 2**dims  # elements per channel after the transposed conv
+    conv, grouped = 3 * n + 8 * n, 8 * n + 8 * n
+    transposed, fc = 8 * n + 4 * up, 4 * up + 6 * up  # the norm and the functional matmul count nothing
+    assert count_layer_io(model, (1, 3, *size)) == conv + grouped + transposed + fc
+    assert count_layer_io(model, (2, 3, *size)) == 2 * (conv + grouped + transposed + fc)
+    assert model.training
 
 
 def test_count_macs_restores_mode_and_rejects_unknown_method():
@@ -75,4 +88,8 @@ def test_bench_complexity_command_writes_a_row_per_model(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["model"] for r in rows] == ["urwkv_test", "cmunext_test"]
     assert all(r["params_m"] > 0 and r["gmacs"] > 0 and r["median_ms"] > 0 for r in rows)
-    assert "urwkv_test" in capsys.readouterr().out
+    for row in rows:  # bf16 bytes of the layers' inputs and outputs, in MiB
+        elements = count_layer_io(create_model(row["model"], 3, 1), (1, 3, 32, 40))
+        assert row["layer_io_mib"] == pytest.approx(elements * 2 / 2**20)
+    printed = capsys.readouterr().out
+    assert "urwkv_test" in printed and "layer I/O MiB" in printed

@@ -42,6 +42,40 @@ def _layer_macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
     return 0
 
 
+def _zero_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    return torch.zeros(tuple(input_shape), device=device, dtype=dtype)
+
+
+def _sum_over_layers(model: nn.Module, input_shape: Sequence[int], per_layer) -> int:
+    """sum of per_layer(module, inputs, output) over every conv, transposed conv and linear layer called in one
+    forward pass on a zero input (eval mode, no gradients)."""
+    x = _zero_input(model, input_shape)
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        total += per_layer(module, inputs, output)
+
+    was_training = model.training
+    model.eval()
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (*_CONVS, *_TRANSPOSED_CONVS, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
 def count_macs(model: nn.Module, input_shape: Sequence[int], method: str = "hooks") -> int:
     """Multiply-accumulates of one forward pass on a zero input of input_shape (batch included, e.g.
     (1, 3, 256, 256) or (1, 4, 128, 128, 128)); runs in eval mode without gradients on the model's device.
@@ -55,38 +89,31 @@ def count_macs(model: nn.Module, input_shape: Sequence[int], method: str = "hook
     """
     if method not in MAC_METHODS:
         raise ValueError(f"count_macs: unknown method {method!r}; choose one of {MAC_METHODS}")
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    x = torch.zeros(tuple(input_shape), device=device, dtype=dtype)
+    if method == "hooks":
+        return _sum_over_layers(model, input_shape, _layer_macs)
+    x = _zero_input(model, input_shape)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            if method == "torch":
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    model(x)
-                return counter.get_total_flops() // 2
-            total = 0
-
-            def hook(module, inputs, output):
-                nonlocal total
-                total += _layer_macs(module, inputs, output)
-
-            handles = [
-                m.register_forward_hook(hook)
-                for m in model.modules()
-                if isinstance(m, (*_CONVS, *_TRANSPOSED_CONVS, nn.Linear))
-            ]
-            try:
-                model(x)
-            finally:
-                for h in handles:
-                    h.remove()
-            return total
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x)
+        return counter.get_total_flops() // 2
     finally:
         model.train(was_training)
+
+
+def count_layer_io(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Elements the conv, transposed conv and linear layers of one forward pass read (their input) and write
+    (their output), summed over layers; the same layers and zero input as count_macs. At 2 bytes an element
+    (bf16) this is the memory traffic a forward cannot avoid when every other op (norms, activations, residual
+    adds) is fused into those layers' reads and writes: a floor for a memory-bound model, beside the MACs'
+    floor for a compute-bound one. Weights are not counted."""
+
+    def io(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int:
+        return inputs[0].numel() + output.numel()
+
+    return _sum_over_layers(model, input_shape, io)
 
 
 def measure_latency(
@@ -144,11 +171,13 @@ def complexity_row(
     repeats: int = 0,
     channels_last: bool = False,
 ) -> dict[str, float | str]:
-    """One table row: parameters (M), MACs (G, hooks convention) and, when repeats > 0, CPU/GPU latency."""
+    """One table row: parameters (M), MACs (G, hooks convention), the conv and linear layers' input + output in MiB
+    at 2 bytes an element (count_layer_io) and, when repeats > 0, CPU/GPU latency."""
     row: dict[str, float | str] = {
         "model": name,
         "params_m": count_parameters(model) / 1e6,
         "gmacs": count_macs(model, input_shape) / 1e9,
+        "layer_io_mib": count_layer_io(model, input_shape) * 2 / 2**20,  # bf16
     }
     if repeats > 0:
         row.update(measure_latency(model, input_shape, threads=threads, repeats=repeats, channels_last=channels_last))

@@ -33,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(func=_run_wkv_accuracy)
 
-    p = kinds.add_parser("complexity", help="parameters, MACs (conv + linear) and latency of registered models")
+    p = kinds.add_parser(
+        "complexity", help="parameters, MACs and input + output bytes (conv + linear) and latency of registered models"
+    )
     p.add_argument("--models", nargs="+", default=["urwkv", "urwkv_s", "cmunext", "cmunext_s", "unet", "unet_small"])
     p.add_argument("--size", type=int, nargs="+", default=[256, 256], help="spatial size (2 or 3 numbers)")
     p.add_argument("--in-channels", type=int, default=3)
@@ -275,7 +277,7 @@ def _run_complexity(args: argparse.Namespace) -> int:
             )
         )
     print(", ".join(f"{k}={v}" for k, v in info.items()))
-    columns = [("model", "model"), ("params_m", "params M"), ("gmacs", "GMACs")]
+    columns = [("model", "model"), ("params_m", "params M"), ("gmacs", "GMACs"), ("layer_io_mib", "layer I/O MiB")]
     if args.repeats > 0:
         columns += [("median_ms", "median ms"), ("min_ms", "min ms")]
     print(format_table(rows, columns))
