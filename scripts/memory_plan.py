@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     # fullgraph: one graph per compiled function (a graph break would split the plan); a CPU without native
     # bfloat16 refuses --cpu-bf16
     row = bench_row(args, parser, fullgraph=True, cpu_bf16=args.cpu_bf16)
+    if not row.config.inductor.get("reorder_for_peak_memory", True):
+        parser.error("--inductor reorder_for_peak_memory=false: Inductor then plans no memory to read; drop it")
     model, shape, settings, config = row.model, row.shape, row.settings, row.config
     if args.norm_op:
         swapped = norm_ops(model)

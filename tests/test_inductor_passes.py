@@ -10,7 +10,7 @@ from torch import nn
 from torch._inductor import inductor_prims
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from rwkvseg.compiling import inductor_options
+from rwkvseg.compiling import inductor_options, inductor_settings
 from rwkvseg.inductor_passes import KeepChannelsLast3d
 
 CL3D = torch.channels_last_3d
@@ -157,3 +157,19 @@ def test_compile_callable_passes_a_modes_options_to_inductor_only(monkeypatch, b
         assert settings["options"] == torch._inductor.list_mode_options("reduce-overhead")
     else:
         assert "options" not in settings
+
+
+def test_inductor_settings_read_values_as_set_does_and_refuse_unknown_keys():
+    items = ["reorder_for_peak_memory=false", "triton.cudagraph_trees=false", "max_autotune_gemm_backends=ATEN"]
+    settings = inductor_settings(items)
+    assert settings == {
+        "reorder_for_peak_memory": False,
+        "triton.cudagraph_trees": False,
+        "max_autotune_gemm_backends": "ATEN",
+    }
+    assert inductor_settings([]) == {}
+    assert inductor_options("default", freeze=True, extra=settings) == {"freezing": True, **settings}
+    with pytest.raises(ValueError, match="no setting 'reorder_peak'"):
+        inductor_settings(["reorder_peak=false"])
+    with pytest.raises(ValueError, match="must look like KEY=VALUE"):
+        inductor_settings(["reorder_for_peak_memory"])

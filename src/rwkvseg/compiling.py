@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,10 +48,12 @@ def compile_mode(setting: str, device: torch.device | str, auto: str = "default"
     return {"auto": auto, "on": "default"}.get(setting, setting)
 
 
-def inductor_options(mode: str, freeze: bool = False, keep_conv_layouts: bool = False) -> dict[str, Any]:
+def inductor_options(
+    mode: str, freeze: bool = False, keep_conv_layouts: bool = False, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Inductor's options for a torch.compile mode (torch.compile takes a mode or options, not both): the mode's
     own options, with keep_conv_layouts the KeepChannelsLast3d pass (rwkvseg.inductor_passes), with freeze
-    Inductor's freezing (parameters folded in as constants: inference only)."""
+    Inductor's freezing (parameters folded in as constants: inference only), then extra (inductor_settings)."""
     from torch import _inductor
 
     options: dict[str, Any] = dict(_inductor.list_mode_options(mode))
@@ -61,7 +63,34 @@ def inductor_options(mode: str, freeze: bool = False, keep_conv_layouts: bool = 
         options["post_grad_custom_post_pass"] = KeepChannelsLast3d()
     if freeze:
         options["freezing"] = True
+    options.update(extra or {})
     return options
+
+
+def inductor_settings(items: Sequence[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the bench's --inductor) as extra Inductor options: KEY a setting of
+    torch._inductor.config (dotted for its sub-configs, e.g. triton.cudagraph_trees), VALUE read as YAML (false,
+    3, 0.5, a word), as --set reads its values. ValueError naming the item and what to change."""
+    import yaml
+    from torch._inductor import config  # imports Inductor (about 1 s): only when settings are given
+
+    known = config.get_config_copy() if items else {}
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--inductor {item!r} must look like KEY=VALUE, e.g. reorder_for_peak_memory=false")
+        if key not in known:
+            raise ValueError(
+                f"--inductor {item!r}: torch._inductor.config has no setting {key!r} in this torch; "
+                "give one of its settings, e.g. reorder_for_peak_memory=false"
+            )
+        try:
+            settings[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            settings[key] = raw
+    return settings
 
 
 def freezing(on: bool = True) -> contextlib.AbstractContextManager:
@@ -80,8 +109,8 @@ def freezing(on: bool = True) -> contextlib.AbstractContextManager:
 def prediction_freezes(device: torch.device | str, dims: int) -> bool:
     """Whether prediction compiles its dims-D model frozen on device (docs/speed.md, "Inductor freezing"): on the
     CPU (BatchNorms folded, oneDNN's packed weights; 1.2-1.6x faster on 2 cores), and for 2D models on CUDA
-    (1.1-1.3x under CUDA graphs on an H100, a few MiB more at the peak); not for 3D models on CUDA (not timed
-    frozen there)."""
+    (1.1-1.3x under CUDA graphs on an H100, a few MiB more at the peak; prediction's default mode not timed
+    frozen); not for 3D models on CUDA (not timed frozen there)."""
     kind = torch.device(device).type
     return kind == "cpu" or (kind == "cuda" and dims == 2)
 

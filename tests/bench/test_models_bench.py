@@ -382,6 +382,40 @@ def test_conv_layouts_eager_adds_the_layout_pass_to_every_compiled_row(monkeypat
         ModelBenchConfig(dims=3, conv_layouts="cudnn")
 
 
+def test_inductor_settings_reach_every_compiled_row_after_the_modes_own(monkeypatch):
+    settings_seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, **settings: settings_seen.append(settings) or model)
+    extra = {"reorder_for_peak_memory": False, "triton.cudagraphs": False}
+    config = ModelBenchConfig(dims=2, compile_mode="reduce-overhead", inductor=extra)
+    for phase in PHASES:
+        make_step(_Spy(), phase, (2, 3, 8, 8), config, compiled=True)()
+    assert len(settings_seen) == len(PHASES)
+    for settings in settings_seen:  # the mode turns CUDA graphs on; the extra option, applied last, wins
+        assert settings["options"] == {**torch._inductor.list_mode_options("reduce-overhead"), **extra}
+
+
+def test_a_file_from_before_inductor_options_resumes_only_without_them(tmp_path, capsys):
+    out, argv, old = _eager_run(tmp_path)
+    assert old["environment"]["inductor"] == {}  # none given, recorded
+    del old["environment"]["inductor"]
+    old["rows"] = [{**r, "mode": "compiled"} for r in old["rows"]]
+    out.write_text(json.dumps({**old, "complete": False}))
+    capsys.readouterr()
+    assert main([*argv, "--modes", "compiled", "--inductor", "reorder_for_peak_memory=false", "--resume"]) == 2
+    assert "(inductor: [{}] there, [{'reorder_for_peak_memory': False}] here)" in capsys.readouterr().err
+    assert main([*argv, "--modes", "compiled", "--resume"]) == 0
+    assert "2 rows kept from" in capsys.readouterr().out
+
+
+def test_an_unknown_inductor_option_fails_before_any_row(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--json", str(out)]
+    assert main([*argv, "--inductor", "reorder_for_peak_memroy=false"]) == 2
+    err = capsys.readouterr().err
+    assert "no setting 'reorder_for_peak_memroy'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_frozen_inference_matches_eager():
     # a real Inductor compile on the CPU of a convolution, an inference BatchNorm (what freezing folds) and a GELU
     torch.manual_seed(0)

@@ -107,6 +107,21 @@ def test_an_existing_out_folder_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "exists; give a new folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("inductor", "message"),
+    [
+        ("reorder_for_peak_memory=false", "Inductor then plans no memory to read"),
+        ("reorder_for_peak_memroy=false", "no setting 'reorder_for_peak_memroy'"),
+    ],
+)
+def test_inductor_options_that_leave_no_plan_or_do_not_exist_are_refused(inductor, message, tmp_path, capsys):
+    script = load_script("memory_plan")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["unet_test", "--device", "cpu", "--inductor", inductor, "--out", str(tmp_path / "plan")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "plan").exists()
+
+
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16")
 def test_bf16_weights_plan_holds_no_float32_weights(skip_model, tmp_path):
     """--bf16-weights (as bench models --bf16-weights): the inference step runs a copy with bf16 convolution

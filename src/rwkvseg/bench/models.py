@@ -87,7 +87,9 @@ class ModelBenchConfig:
     bf16 autocast as on CUDA (`rwkvseg predict --precision bf16`; a CPU with native bfloat16 only), else float32.
     bf16_weights: the inference rows hold every model's convolution and linear weights in bfloat16
     (rwkvseg.bf16_weights, as `rwkvseg predict --precision bf16` does), on a copy of the model: the same outputs as
-    autocast's casts of float32 weights, without the casts; only where the rows run under bf16 autocast.
+    autocast's casts of float32 weights, without the casts; only where the rows run under bf16 autocast. inductor:
+    more Inductor options for every compiled row, e.g. {"reorder_for_peak_memory": False}
+    (rwkvseg.compiling.inductor_settings reads them from --inductor KEY=VALUE), applied after the others.
     """
 
     dims: int
@@ -113,6 +115,7 @@ class ModelBenchConfig:
     cpu_bf16: bool = False
     bf16_weights: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inductor: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dims not in PROBLEMS:
@@ -259,7 +262,7 @@ def make_step(
     runner, freeze = model, compiled and config.freeze and phase == "infer"
     if compiled:
         keep = config.conv_layouts == "eager"
-        options = inductor_options(config.compile_mode, freeze=freeze, keep_conv_layouts=keep)
+        options = inductor_options(config.compile_mode, freeze=freeze, keep_conv_layouts=keep, extra=config.inductor)
         runner = torch.compile(model, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
     return _step_fn(runner, phase, x, device, bf16_autocast(config), frozen=freeze)
 

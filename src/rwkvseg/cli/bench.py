@@ -82,6 +82,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "folded into their convolutions, weight layouts chosen once); training rows are not frozen",
     )
     p.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Inductor option for every compiled row, a setting of torch._inductor.config (repeatable), e.g. "
+        "reorder_for_peak_memory=false",
+    )
+    p.add_argument(
         "--conv-layouts",
         default="inductor",
         choices=["inductor", "eager"],
@@ -350,6 +358,8 @@ def _run_models(args: argparse.Namespace) -> int:
         raise ValueError(f"bench models: {args.json} exists; pass --resume to continue that run, or choose a new file")
     if args.png and not args.resume and Path(args.png).exists():  # a resumed run draws its own figure again
         raise ValueError(f"bench models: --png {args.png} exists; choose a new file for the figure")
+    from ..compiling import inductor_settings
+
     config = ModelBenchConfig(
         dims=args.dims,
         device=args.device,
@@ -371,6 +381,7 @@ def _run_models(args: argparse.Namespace) -> int:
         cpu_convs=args.cpu_convs,
         cpu_bf16=args.cpu_bf16,
         overrides=model_overrides(args.override),
+        inductor=inductor_settings(args.inductor),
     )
     device_type = torch.device(args.device).type
     info = {**environment(torch.device(args.device)), "compile_mode": args.compile_mode, "amp": config.amp}
@@ -383,6 +394,7 @@ def _run_models(args: argparse.Namespace) -> int:
     info["bf16_weights"] = config.bf16_weights
     info["conv_layouts"] = config.conv_layouts
     info["cudnn_benchmark"] = config.cudnn_benchmark
+    info["inductor"] = config.inductor
     if device_type == "cuda":  # steady calls' peaks, read from a settled allocator (bench.models.measure, settle)
         info["memory_baseline"] = "settled, steady calls"
     elif device_type == "cpu":  # CUDA rows do not depend on these (files from GPUs lack them)
@@ -512,7 +524,7 @@ def _run_show(args: argparse.Namespace) -> int:
 
 
 # settings of the environment line that only the compiled rows depend on
-COMPILE_ONLY_SETTINGS = ("compile_mode", "fullgraph", "dynamic", "freeze", "conv_layouts")
+COMPILE_ONLY_SETTINGS = ("compile_mode", "fullgraph", "dynamic", "freeze", "conv_layouts", "inductor")
 
 
 def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
@@ -526,6 +538,7 @@ def _kept_rows(args: argparse.Namespace, config, info: dict) -> list[dict]:
     before.setdefault("bf16_weights", False)  # and autocast cast float32 weights
     before.setdefault("conv_layouts", "inductor")  # and left the convolutions' layouts to Inductor
     before.setdefault("cudnn_benchmark", False)  # and to cuDNN's heuristics
+    before.setdefault("inductor", {})  # and set no other Inductor option
     if "memory_baseline" in info:  # CUDA files from before it read each row's baseline as earlier rows left it
         before.setdefault("memory_baseline", "as left")  # and "settled" ones counted the first call's peak too
     if "cpu_convs" in info:  # CPU files from before the option ran PyTorch's own convolution backends

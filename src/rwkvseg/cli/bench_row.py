@@ -28,15 +28,16 @@ class BenchRow:
 
         precision = "bf16 autocast" if bf16_autocast(self.config) else "float32"
         weights = ", bf16 weights" if self.config.bf16_weights else ""
+        inductor = f", Inductor options {self.config.inductor}" if self.config.inductor else ""
         return (
             f"{args.model}, {args.phase}, input {list(self.shape)}, {self.config.device}, compile mode "
-            f"{args.compile_mode}, {precision}{weights}, {args.memory_format}, settings {self.settings}"
+            f"{args.compile_mode}, {precision}{weights}, {args.memory_format}, settings {self.settings}{inductor}"
         )
 
 
 def add_row_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     """model, --out, --dims, --side, --batch, --phase, --compile-mode, --no-amp, --bf16-weights, --memory-format,
-    --set, --device."""
+    --set, --inductor, --device."""
     import torch
 
     from ..bench.models import COMPILE_MODES, PHASES, PROBLEMS
@@ -65,16 +66,24 @@ def add_row_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="a create_model setting"
     )
+    parser.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Inductor option for the compiled step, as bench models --inductor takes it (repeatable)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
 
 
 def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser, **bench_settings: Any) -> BenchRow:
-    """The row args name, its step's ModelBenchConfig from args' --device, --compile-mode, --no-amp and
-    --memory-format and bench_settings (e.g. fullgraph=True), or parser.error with what to change: an unknown model,
-    a missing GPU, a bad setting, a dimension the model does not have."""
+    """The row args name, its step's ModelBenchConfig from args' --device, --compile-mode, --no-amp,
+    --memory-format and --inductor and bench_settings (e.g. fullgraph=True), or parser.error with what to change: an
+    unknown model, a missing GPU, a bad setting, a dimension the model does not have."""
     import torch
 
     from ..bench.models import INFER_BATCHES, PROBLEMS, SIDES, TRAIN_BATCH, ModelBenchConfig, input_shape, model_dims
+    from ..compiling import inductor_settings
     from ..models import create_model, list_models
     from ..train.config import apply_overrides
 
@@ -98,6 +107,10 @@ def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser, **bench
         parser.error("--bf16-weights is for inference steps; drop it or use --phase infer")
     side = args.side or min(SIDES[(torch.device(args.device).type, dims)])
     batch = args.batch or (INFER_BATCHES[dims][0] if args.phase == "infer" else TRAIN_BATCH[dims])
+    try:
+        inductor = inductor_settings(args.inductor)
+    except ValueError as err:
+        parser.error(str(err))
     try:  # e.g. cpu_bf16 on a CPU without native bfloat16
         config = ModelBenchConfig(
             dims=dims,
@@ -106,6 +119,7 @@ def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser, **bench
             amp=not args.no_amp,
             memory_format=args.memory_format,
             bf16_weights=args.bf16_weights,
+            inductor=inductor,
             **bench_settings,
         )
     except ValueError as err:
