@@ -394,19 +394,6 @@ def test_inductor_settings_reach_every_compiled_row_after_the_modes_own(monkeypa
         assert settings["options"] == {**torch._inductor.list_mode_options("reduce-overhead"), **extra}
 
 
-def test_a_file_from_before_inductor_options_resumes_only_without_them(tmp_path, capsys):
-    out, argv, old = _eager_run(tmp_path)
-    assert old["environment"]["inductor"] == {}  # none given, recorded
-    del old["environment"]["inductor"]
-    old["rows"] = [{**r, "mode": "compiled"} for r in old["rows"]]
-    out.write_text(json.dumps({**old, "complete": False}))
-    capsys.readouterr()
-    assert main([*argv, "--modes", "compiled", "--inductor", "reorder_for_peak_memory=false", "--resume"]) == 2
-    assert "(inductor: [{}] there, [{'reorder_for_peak_memory': False}] here)" in capsys.readouterr().err
-    assert main([*argv, "--modes", "compiled", "--resume"]) == 0
-    assert "2 rows kept from" in capsys.readouterr().out
-
-
 def test_an_unknown_inductor_option_fails_before_any_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "models", "2", "--device", "cpu", "--models", "unet_test", "--sides", "16", "--json", str(out)]
@@ -508,17 +495,32 @@ def test_a_file_of_eager_rows_resumes_whatever_the_compile_settings(tmp_path, ca
     assert "compile_mode, dynamic" in capsys.readouterr().err
 
 
-def test_a_file_from_before_conv_layouts_resumes_only_with_inductors_layouts(tmp_path, capsys):
-    # compiled rows measured before the option existed left the layouts to Inductor: they resume under that
-    # setting only (the rows are made compiled by hand here: every one is kept, so nothing compiles)
+@pytest.mark.parametrize(
+    ("key", "default", "option", "message"),
+    [
+        ("conv_layouts", "inductor", ["--conv-layouts", "eager"], "(conv_layouts: ['inductor'] there, ['eager'] here)"),
+        (
+            "inductor",
+            {},
+            ["--inductor", "reorder_for_peak_memory=false"],
+            "(inductor: [{}] there, [{'reorder_for_peak_memory': False}] here)",
+        ),
+    ],
+)
+def test_a_file_from_before_a_compile_option_resumes_only_with_its_default(
+    key, default, option, message, tmp_path, capsys
+):
+    # compiled rows measured before the option existed ran with what is now its default (Inductor's layouts, no
+    # other Inductor option): they resume under that setting only (the rows are made compiled by hand here: every
+    # one is kept, so nothing compiles)
     out, argv, old = _eager_run(tmp_path)
-    assert old["environment"]["conv_layouts"] == "inductor"  # the default, recorded
-    del old["environment"]["conv_layouts"]
+    assert old["environment"][key] == default  # the default, recorded
+    del old["environment"][key]
     old["rows"] = [{**r, "mode": "compiled"} for r in old["rows"]]
     out.write_text(json.dumps({**old, "complete": False}))
     capsys.readouterr()
-    assert main([*argv, "--modes", "compiled", "--conv-layouts", "eager", "--resume"]) == 2
-    assert "(conv_layouts: ['inductor'] there, ['eager'] here)" in capsys.readouterr().err
+    assert main([*argv, "--modes", "compiled", *option, "--resume"]) == 2
+    assert message in capsys.readouterr().err
     assert main([*argv, "--modes", "compiled", "--resume"]) == 0
     assert "2 rows kept from" in capsys.readouterr().out
 
