@@ -173,3 +173,5 @@ def test_inductor_settings_read_values_as_set_does_and_refuse_unknown_keys():
         inductor_settings(["reorder_peak=false"])
     with pytest.raises(ValueError, match="must look like KEY=VALUE"):
         inductor_settings(["reorder_for_peak_memory"])
+    with pytest.raises(ValueError, match="use --freeze"):  # an option alone would freeze nothing (freezing())
+        inductor_settings(["freezing=true"])

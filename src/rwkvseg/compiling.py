@@ -86,6 +86,8 @@ def inductor_settings(items: Sequence[str]) -> dict[str, Any]:
                 f"--inductor {item!r}: torch._inductor.config has no setting {key!r} in this torch; "
                 "give one of its settings, e.g. reorder_for_peak_memory=false"
             )
+        if key == "freezing":  # as an option alone it reaches Inductor but not Dynamo: nothing would freeze
+            raise ValueError(f"--inductor {item!r}: use --freeze, which also freezes while Dynamo traces")
         try:
             settings[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
