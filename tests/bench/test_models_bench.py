@@ -3,6 +3,7 @@
 import dataclasses
 import inspect
 import json
+import math
 import re
 
 import pytest
@@ -55,6 +56,28 @@ def test_rows_growth_and_figure(tmp_path):
     figure = tmp_path / "growth.png"
     plot_growth(rows, str(figure), "test")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_growth_gives_the_exponent_and_the_line_through_the_end_sides():
+    def row(tokens, ms, mib):
+        return {
+            "model": "m",
+            "mode": "compiled",
+            "phase": "infer",
+            "batch": 1,
+            "tokens": tokens,
+            "ms": ms,
+            "peak_mb": mib,
+        }
+
+    # time 2 + 3 ms per million tokens; memory 40 MiB fixed + 100 MiB per million tokens; a middle side off the line
+    rows = [row(10**6, 5.0, 140.0), row(2 * 10**6, 9.0, 500.0), row(4 * 10**6, 14.0, 440.0)]
+    (g,) = growth_rows(rows)
+    assert g["time_per_mtoken"] == pytest.approx(3.0) and g["time_fixed_ms"] == pytest.approx(2.0)
+    assert g["memory_per_mtoken"] == pytest.approx(100.0) and g["memory_fixed_mib"] == pytest.approx(40.0)
+    assert g["memory_exponent"] == pytest.approx(math.log(440 / 140) / math.log(4))  # below 1: the fixed 40 MiB
+    (alone,) = growth_rows(rows[:1])  # one side: no growth to read
+    assert alone["time_per_mtoken"] is None and alone["memory_fixed_mib"] is None and alone["time_exponent"] is None
 
 
 def test_a_refused_size_is_a_row_with_a_note():

@@ -463,8 +463,8 @@ def _measured_or_note(
             torch.cuda.empty_cache()
 
 
-def growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> float | None:
-    """Exponent p of cost ~ tokens^p between the smallest and largest side measured (1 = linear)."""
+def _ends(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> tuple | None:
+    """The (tokens, cost) points of the smallest and largest side measured, or None with fewer than two sides."""
     points = sorted(
         (r["tokens"], r[key])
         for r in rows
@@ -473,25 +473,48 @@ def growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key:
     )
     if len(points) < 2 or points[0][0] == points[-1][0]:
         return None
-    (t0, c0), (t1, c1) = points[0], points[-1]
+    return points[0], points[-1]
+
+
+def growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> float | None:
+    """Exponent p of cost ~ tokens^p between the smallest and largest side measured (1 = linear)."""
+    ends = _ends(rows, model, mode, phase, batch, key)
+    if ends is None:
+        return None
+    (t0, c0), (t1, c1) = ends
     return math.log(c1 / c0) / math.log(t1 / t0)
 
 
+def linear_growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> tuple | None:
+    """(cost per million tokens, fixed cost) of the line cost = fixed + slope * tokens through the smallest and
+    largest side measured, or None. Beside the exponent: a model whose cost is almost all proportional to the
+    tokens has an exponent near 1 however small its slope, and a large fixed part pulls an exponent down."""
+    ends = _ends(rows, model, mode, phase, batch, key)
+    if ends is None:
+        return None
+    (t0, c0), (t1, c1) = ends
+    slope = (c1 - c0) / (t1 - t0)
+    return slope * 1e6, c0 - slope * t0
+
+
 def growth_rows(rows: list[dict]) -> list[dict]:
-    """Per (model, mode, phase, batch): time and memory growth exponents over the sides measured."""
+    """Per (model, mode, phase, batch): time and memory growth over the sides measured: the exponents, and the
+    line through the smallest and largest side (ms and MiB per million tokens, and at no tokens)."""
     keys = sorted({(r["model"], r["mode"], r["phase"], r["batch"]) for r in rows})
     out = []
     for model, mode, phase, batch in keys:
-        out.append(
-            {
-                "model": model,
-                "mode": mode,
-                "phase": phase,
-                "batch": batch,
-                "time_exponent": growth(rows, model, mode, phase, batch, "ms"),
-                "memory_exponent": growth(rows, model, mode, phase, batch, "peak_mb"),
-            }
-        )
+        row = {
+            "model": model,
+            "mode": mode,
+            "phase": phase,
+            "batch": batch,
+            "time_exponent": growth(rows, model, mode, phase, batch, "ms"),
+            "memory_exponent": growth(rows, model, mode, phase, batch, "peak_mb"),
+        }
+        for kind, key, unit in (("time", "ms", "ms"), ("memory", "peak_mb", "mib")):
+            line = linear_growth(rows, model, mode, phase, batch, key)
+            row[f"{kind}_per_mtoken"], row[f"{kind}_fixed_{unit}"] = line if line else (None, None)
+        out.append(row)
     return out
 
 

@@ -460,10 +460,14 @@ def _print_models_report(
     for text, ref in notes.items():
         print(f"[{ref}] {text}")
     growth = growth_rows(rows)
-    print("\ncost growth, exponent p of cost ~ tokens^p (1 = linear):")
     print(
-        format_table(growth, [(k, k) for k in ("model", "mode", "phase", "batch", "time_exponent", "memory_exponent")])
+        "\ncost growth from the smallest side to the largest: exponent p of cost ~ tokens^p (1 = linear), and the line"
+        " cost = fixed + slope x tokens (slope per million tokens):"
     )
+    columns = [(k, k) for k in ("model", "mode", "phase", "batch", "time_exponent", "memory_exponent")]
+    columns += [("time_per_mtoken", "ms/Mtoken"), ("time_fixed_ms", "fixed ms")]
+    columns += [("memory_per_mtoken", "MiB/Mtoken"), ("memory_fixed_mib", "fixed MiB")]
+    print(format_table(growth, columns))
     return growth
 
 
