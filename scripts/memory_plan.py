@@ -195,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"this torch ({torch.__version__}) lacks Inductor's memory planner as this script reads it: {missing}"
         )
-    if not inductor_config.reorder_for_peak_memory:
-        parser.error("torch._inductor.config.reorder_for_peak_memory is off: Inductor plans no memory to read")
     # fullgraph: one graph per compiled function (a graph break would split the plan); a CPU without native
     # bfloat16 refuses --cpu-bf16
     row = bench_row(args, parser, fullgraph=True, cpu_bf16=args.cpu_bf16)
-    if not row.config.inductor.get("reorder_for_peak_memory", True):
-        parser.error("--inductor reorder_for_peak_memory=false: Inductor then plans no memory to read; drop it")
+    if not row.config.inductor.get("reorder_for_peak_memory", inductor_config.reorder_for_peak_memory):
+        parser.error(
+            "reorder_for_peak_memory is off (in torch._inductor.config or --inductor): Inductor then plans no memory to read"
+        )
     model, shape, settings, config = row.model, row.shape, row.settings, row.config
     if args.norm_op:
         swapped = norm_ops(model)

@@ -10,7 +10,8 @@ from torch import nn
 from torch._inductor import inductor_prims
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from rwkvseg.compiling import inductor_options, inductor_settings
+from rwkvseg.cli.bench import inductor_settings
+from rwkvseg.compiling import inductor_options
 from rwkvseg.inductor_passes import KeepChannelsLast3d
 
 CL3D = torch.channels_last_3d

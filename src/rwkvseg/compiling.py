@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -53,7 +53,8 @@ def inductor_options(
 ) -> dict[str, Any]:
     """Inductor's options for a torch.compile mode (torch.compile takes a mode or options, not both): the mode's
     own options, with keep_conv_layouts the KeepChannelsLast3d pass (rwkvseg.inductor_passes), with freeze
-    Inductor's freezing (parameters folded in as constants: inference only), then extra (inductor_settings)."""
+    Inductor's freezing (parameters folded in as constants: inference only), then extra (e.g. the bench's
+    --inductor options, rwkvseg.cli.bench.inductor_settings)."""
     from torch import _inductor
 
     options: dict[str, Any] = dict(_inductor.list_mode_options(mode))
@@ -65,34 +66,6 @@ def inductor_options(
         options["freezing"] = True
     options.update(extra or {})
     return options
-
-
-def inductor_settings(items: Sequence[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings (the bench's --inductor) as extra Inductor options: KEY a setting of
-    torch._inductor.config (dotted for its sub-configs, e.g. triton.cudagraph_trees), VALUE read as YAML (false,
-    3, 0.5, a word), as --set reads its values. ValueError naming the item and what to change."""
-    import yaml
-    from torch._inductor import config  # imports Inductor (about 1 s): only when settings are given
-
-    known = config.get_config_copy() if items else {}
-    settings: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--inductor {item!r} must look like KEY=VALUE, e.g. reorder_for_peak_memory=false")
-        if key not in known:
-            raise ValueError(
-                f"--inductor {item!r}: torch._inductor.config has no setting {key!r} in this torch; "
-                "give one of its settings, e.g. reorder_for_peak_memory=false"
-            )
-        if key == "freezing":  # as an option alone it reaches Inductor but not Dynamo: nothing would freeze
-            raise ValueError(f"--inductor {item!r}: use --freeze, which also freezes while Dynamo traces")
-        try:
-            settings[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            settings[key] = raw
-    return settings
 
 
 def freezing(on: bool = True) -> contextlib.AbstractContextManager:
@@ -118,15 +91,23 @@ def prediction_freezes(device: torch.device | str, dims: int) -> bool:
 
 
 def compile_callable(
-    fn: Callable[..., Any], mode: str, backend: str = "inductor", fullgraph: bool = False, freeze: bool = False
+    fn: Callable[..., Any],
+    mode: str,
+    backend: str = "inductor",
+    fullgraph: bool = False,
+    freeze: bool = False,
+    dynamic: bool | None = False,
+    keep_conv_layouts: bool = False,
+    extra: Mapping[str, Any] | None = None,
 ) -> Any:
-    """torch.compile(fn) with static shapes (a training step and a prediction batch keep their shape); modes only
-    apply to Inductor. freeze (Inductor, inference only: fn's weights must not change after its first call): the
-    weights become constants of the graph, and every call runs in `freezing()`."""
-    options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": False}
+    """torch.compile(fn) with static shapes by default (a training step and a prediction batch keep their shape;
+    the bench may pass dynamic=True or None); modes and the Inductor options of inductor_options (keep_conv_layouts,
+    extra) only apply to Inductor. freeze (Inductor, inference only: fn's weights must not change after its first
+    call): the weights become constants of the graph, and every call runs in `freezing()`."""
+    options: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph, "dynamic": dynamic}
     freeze = freeze and backend == "inductor"
     if backend == "inductor":
-        options["options"] = inductor_options(mode, freeze=freeze)
+        options["options"] = inductor_options(mode, freeze=freeze, keep_conv_layouts=keep_conv_layouts, extra=extra)
     compiled = torch.compile(fn, **options)
     if not freeze:
         return compiled

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..bf16_weights import hold_bf16_weights
-from ..compiling import freezing, inductor_options
+from ..compiling import compile_callable
 from ..cpu_convs import CPU_CONVS, use_onednn_convs
 from ..devices import bf16_unsupported
 from ..files import atomic_write
@@ -89,7 +89,7 @@ class ModelBenchConfig:
     (rwkvseg.bf16_weights, as `rwkvseg predict --precision bf16` does), on a copy of the model: the same outputs as
     autocast's casts of float32 weights, without the casts; only where the rows run under bf16 autocast. inductor:
     more Inductor options for every compiled row, e.g. {"reorder_for_peak_memory": False}
-    (rwkvseg.compiling.inductor_settings reads them from --inductor KEY=VALUE), applied after the others.
+    (rwkvseg.cli.bench.inductor_settings reads them from --inductor KEY=VALUE), applied after the others.
     """
 
     dims: int
@@ -218,16 +218,16 @@ def bf16_autocast(config: ModelBenchConfig) -> bool:
 
 
 def _step_fn(
-    model: nn.Module, phase: str, x: torch.Tensor, device: torch.device, amp: bool, frozen: bool = False
+    model: nn.Module, runner: Callable[..., Any], phase: str, x: torch.Tensor, device: torch.device, amp: bool
 ) -> Callable[[], Any]:
-    """One inference call (frozen: under Inductor's freezing, rwkvseg.compiling.freezing), or one training step
-    (loss = mean of the logits, backward, SGD step)."""
+    """One inference call of runner (model itself, or model compiled), or one training step (loss = mean of the
+    logits, backward, SGD step on model's parameters)."""
     if phase == "infer":
         model.eval()
 
         def infer() -> torch.Tensor:
-            with torch.inference_mode(), _autocast(device, amp), freezing(frozen):
-                return model(x)
+            with torch.inference_mode(), _autocast(device, amp):
+                return runner(x)
 
         return infer
     model.train()
@@ -235,7 +235,7 @@ def _step_fn(
 
     def train() -> None:
         with _autocast(device, amp):
-            loss = model(x).float().mean()
+            loss = runner(x).float().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -259,12 +259,18 @@ def make_step(
     if phase == "infer" and config.bf16_weights:  # a copy: the training rows and later rows keep float32 weights
         model = hold_bf16_weights(copy.deepcopy(model))
     x = to_memory_format(model, torch.randn(tuple(shape), device=device), config.memory_format)
-    runner, freeze = model, compiled and config.freeze and phase == "infer"
-    if compiled:
-        keep = config.conv_layouts == "eager"
-        options = inductor_options(config.compile_mode, freeze=freeze, keep_conv_layouts=keep, extra=config.inductor)
-        runner = torch.compile(model, options=options, fullgraph=config.fullgraph, dynamic=config.dynamic)
-    return _step_fn(runner, phase, x, device, bf16_autocast(config), frozen=freeze)
+    runner = model
+    if compiled:  # frozen: every call of the compiled runner in rwkvseg.compiling.freezing
+        runner = compile_callable(
+            model,
+            config.compile_mode,
+            fullgraph=config.fullgraph,
+            freeze=config.freeze and phase == "infer",
+            dynamic=config.dynamic,
+            keep_conv_layouts=config.conv_layouts == "eager",
+            extra=config.inductor,
+        )
+    return _step_fn(model, runner, phase, x, device, bf16_autocast(config))
 
 
 def measure(
@@ -476,44 +482,26 @@ def _ends(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: 
     return points[0], points[-1]
 
 
-def growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> float | None:
-    """Exponent p of cost ~ tokens^p between the smallest and largest side measured (1 = linear)."""
-    ends = _ends(rows, model, mode, phase, batch, key)
-    if ends is None:
-        return None
-    (t0, c0), (t1, c1) = ends
-    return math.log(c1 / c0) / math.log(t1 / t0)
-
-
-def linear_growth(rows: list[dict], model: str, mode: str, phase: str, batch: int, key: str) -> tuple | None:
-    """(cost per million tokens, fixed cost) of the line cost = fixed + slope * tokens through the smallest and
-    largest side measured, or None. Beside the exponent: a model whose cost is almost all proportional to the
-    tokens has an exponent near 1 however small its slope, and a large fixed part pulls an exponent down."""
-    ends = _ends(rows, model, mode, phase, batch, key)
-    if ends is None:
-        return None
-    (t0, c0), (t1, c1) = ends
-    slope = (c1 - c0) / (t1 - t0)
-    return slope * 1e6, c0 - slope * t0
-
-
 def growth_rows(rows: list[dict]) -> list[dict]:
-    """Per (model, mode, phase, batch): time and memory growth over the sides measured: the exponents, and the
-    line through the smallest and largest side (ms and MiB per million tokens, and at no tokens)."""
+    """Per (model, mode, phase, batch): time and memory growth from the smallest side measured to the largest: the
+    exponent p of cost ~ tokens^p (1 = linear), and the line cost = fixed + slope * tokens through the two (slope
+    per million tokens). The line says what the exponent hides: a model whose cost is almost all proportional to
+    the tokens has an exponent near 1 however small its slope, and a large fixed part pulls an exponent down."""
     keys = sorted({(r["model"], r["mode"], r["phase"], r["batch"]) for r in rows})
     out = []
     for model, mode, phase, batch in keys:
-        row = {
-            "model": model,
-            "mode": mode,
-            "phase": phase,
-            "batch": batch,
-            "time_exponent": growth(rows, model, mode, phase, batch, "ms"),
-            "memory_exponent": growth(rows, model, mode, phase, batch, "peak_mb"),
-        }
+        row = {"model": model, "mode": mode, "phase": phase, "batch": batch}
         for kind, key, unit in (("time", "ms", "ms"), ("memory", "peak_mb", "mib")):
-            line = linear_growth(rows, model, mode, phase, batch, key)
-            row[f"{kind}_per_mtoken"], row[f"{kind}_fixed_{unit}"] = line if line else (None, None)
+            ends = _ends(rows, model, mode, phase, batch, key)
+            exponent = slope = fixed = None
+            if ends is not None:
+                (t0, c0), (t1, c1) = ends
+                exponent = math.log(c1 / c0) / math.log(t1 / t0)
+                slope = (c1 - c0) / (t1 - t0)
+                fixed = c0 - slope * t0
+                slope *= 1e6
+            row[f"{kind}_exponent"] = exponent
+            row[f"{kind}_per_mtoken"], row[f"{kind}_fixed_{unit}"] = slope, fixed
         out.append(row)
     return out
 

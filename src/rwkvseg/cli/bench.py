@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ._options import add_set_argument
 
@@ -341,6 +342,32 @@ def model_overrides(items: list[str]) -> dict[str, dict]:
     return overrides
 
 
+def inductor_settings(items: Sequence[str]) -> dict[str, Any]:
+    """Extra Inductor options from --inductor KEY=VALUE items (also read by scripts that take the option): KEY a
+    setting of torch._inductor.config (dotted for its sub-configs, e.g. triton.cudagraph_trees), the value read as
+    --set reads it. ValueError naming the item and what to change."""
+    from torch._inductor import config  # imports Inductor (about 1 s): only when settings are given
+
+    from ..train.config import parse_value
+
+    known = config.get_config_copy() if items else {}
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--inductor {item!r} must look like KEY=VALUE, e.g. reorder_for_peak_memory=false")
+        if key not in known:
+            raise ValueError(
+                f"--inductor {item!r}: torch._inductor.config has no setting {key!r} in this torch; "
+                "give one of its settings, e.g. reorder_for_peak_memory=false"
+            )
+        if key == "freezing":  # as an option alone it reaches Inductor but not Dynamo: nothing would freeze
+            raise ValueError(f"--inductor {item!r}: use --freeze, which also freezes while Dynamo traces")
+        settings[key] = parse_value(raw)
+    return settings
+
+
 def _run_models(args: argparse.Namespace) -> int:
     import torch
 
@@ -358,8 +385,6 @@ def _run_models(args: argparse.Namespace) -> int:
         raise ValueError(f"bench models: {args.json} exists; pass --resume to continue that run, or choose a new file")
     if args.png and not args.resume and Path(args.png).exists():  # a resumed run draws its own figure again
         raise ValueError(f"bench models: --png {args.png} exists; choose a new file for the figure")
-    from ..compiling import inductor_settings
-
     config = ModelBenchConfig(
         dims=args.dims,
         device=args.device,

@@ -83,9 +83,9 @@ def bench_row(args: argparse.Namespace, parser: argparse.ArgumentParser, **bench
     import torch
 
     from ..bench.models import INFER_BATCHES, PROBLEMS, SIDES, TRAIN_BATCH, ModelBenchConfig, input_shape, model_dims
-    from ..compiling import inductor_settings
     from ..models import create_model, list_models
     from ..train.config import apply_overrides
+    from .bench import inductor_settings
 
     if args.model not in list_models():
         parser.error(f"unknown model {args.model!r}; choose from {', '.join(list_models())}")

@@ -438,17 +438,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def parse_value(raw: str) -> Any:
+    """A setting's value as written after `KEY=` on a command line, read as YAML (0.01, true, [256, 256], sgd); an
+    empty string stays empty, and text YAML cannot read stays as written."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings (value parsed as YAML: 0.01, true, [256, 256], sgd) to a nested dict."""
+    """Apply `a.b.c=value` strings (value read by parse_value) to a nested dict."""
     data = json.loads(json.dumps(data))  # deep copy
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {item!r} must look like key=value, e.g. optim.lr=0.001")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
