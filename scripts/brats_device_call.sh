@@ -21,7 +21,9 @@
 # runs.tar (each run's small files: metrics, best.json, config, split, summary, final_val, logs, curves); and, when
 # they fit beside those, cc.tar.part?? (RUNS/cc, the compile caches and Triton's cache of this project's kernels in
 # RUNS/cc/triton-home: carried in as RUNS/cc, a fresh machine with the same torch and GPU skips most of its
-# compilation, which took 172-183 s of a 430 s call for MMSegRWKV).
+# compilation, which took 172-183 s of a 430 s call for MMSegRWKV). RESERVE_FILES and RESERVE_MIB (default 0): room
+# kept in OUT for what the caller adds after this script (session 34 added three 2D checkpoints after it, and the
+# caches it had returned pushed a weights part out of the return); the caches come back only beside that room.
 # scripts/release_3d.py writes the cards from these on any machine (see its usage).
 set -uo pipefail
 if [ $# -lt 5 ]; then
@@ -36,6 +38,9 @@ for variant in "${variants[@]}"; do
   [ -f "configs/brats2018_$variant.toml" ] || { echo "$0: VARIANTS: no configs/brats2018_$variant.toml" >&2; exit 2; }
 done
 [ "${#variants[@]}" -gt 0 ] || { echo "$0: VARIANTS is empty; name at least one variant" >&2; exit 2; }
+for name in RESERVE_FILES RESERVE_MIB; do
+  [[ ${!name:-0} =~ ^[0-9]+$ ]] || { echo "$0: $name=${!name}: give a whole number (default 0)" >&2; exit 2; }
+done
 configs=()
 for variant in "${variants[@]}"; do configs+=("configs/brats2018_$variant.toml"); done
 for path in "$cache" "$val"; do
@@ -83,10 +88,11 @@ if [ -d "$runs/cc" ]; then
   files=$(ls "$out" | wc -l)
   size=$(stat -c %s /tmp/cc.tar)
   parts=$(((size + 15 * 1048576 - 1) / (15 * 1048576)))
-  if [ $((used + size)) -le $((64 * 1048576)) ] && [ $((files + parts)) -le 8 ]; then
+  room=$(((64 - ${RESERVE_MIB:-0}) * 1048576)) slots=$((8 - ${RESERVE_FILES:-0}))
+  if [ $((used + size)) -le "$room" ] && [ $((files + parts)) -le "$slots" ]; then
     split -b 15M /tmp/cc.tar "$out/cc.tar.part"
   else
-    echo "compile caches ($size bytes) left out: they do not fit beside the rest"
+    echo "compile caches ($size bytes) left out: they do not fit beside the rest and the reserve"
   fi
   rm -f /tmp/cc.tar
 fi

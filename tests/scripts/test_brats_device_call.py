@@ -1,6 +1,7 @@
 """scripts/brats_device_call.sh: the last part of a BraTS device call (no training time left: the runs an earlier call
 trained), evaluated, exported as int8 and packed into parts that unpack to what scripts/release_3d.py reads."""
 
+import io
 import os
 import shutil
 import subprocess
@@ -29,6 +30,9 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().endswith("missing is not a folder")
     result = call(str(tmp_path), str(tmp_path), str(tmp_path / "runs"), str(tmp_path), "600", VARIANTS="dynunet unet")
     assert result.returncode == 2 and result.stderr.strip().endswith("VARIANTS: no configs/brats2018_unet.toml")
+    result = call(str(tmp_path), str(tmp_path), str(tmp_path / "runs"), str(tmp_path), "600", RESERVE_MIB="some")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("RESERVE_MIB=some: give a whole number (default 0)")
     assert not (tmp_path / "runs").exists()  # refused before anything ran
 
 
@@ -42,6 +46,8 @@ def test_final_part_evaluates_exports_and_packs_a_trained_run(tmp_path):
     subprocess.run(train, cwd=tmp_path, check=True, capture_output=True)
     val = tmp_path / "val"
     shutil.copytree(data / "c4", val / "c4")
+    (runs / "cc").mkdir()
+    (runs / "cc" / "urwkv.bin").write_bytes(b"a compile cache")
     out = tmp_path / "out"
     out.mkdir()
 
@@ -67,3 +73,15 @@ def test_final_part_evaluates_exports_and_packs_a_trained_run(tmp_path):
     with tarfile.open(back / "runs.tar") as tar:
         names = set(tar.getnames())
     assert {"./brats2018-mmsegrwkv_small/metrics.csv", "./brats2018-mmsegrwkv_small/best.json"} <= names
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in sorted(out.glob("cc.tar.part*"))))) as tar:
+        assert tar.extractfile("cc/urwkv.bin").read() == b"a compile cache"  # the caches fit: they come back
+
+    # room kept for what a caller adds after the script (RESERVE_FILES): the caches stay behind, said in one line
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    result = call(
+        str(data), str(val), str(runs), str(out2), "100", FINAL_SECONDS="150", VARIANTS="dynunet", RESERVE_FILES="7"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "left out: they do not fit beside the rest and the reserve" in result.stdout
+    assert sorted(p.name for p in out2.iterdir()) == ["rel.tar.partaa"]
