@@ -154,3 +154,29 @@ def test_block_under_bf16_autocast_follows_fp32():
     ref = block(x, (2, 3, 5))
     assert torch.isfinite(y).all()
     assert ((y.float() - ref).norm() / ref.norm()) < 3e-2
+
+
+def test_block_drop_path_drops_whole_samples_in_training_and_scales_the_kept_ones():
+    torch.manual_seed(6)
+    block = DualViewBlock(8, 0, 2, drop_path=0.5)
+    plain = DualViewBlock(8, 0, 2)
+    plain.load_state_dict(block.state_dict())  # the same weights: drop_path adds none
+    x, size = torch.randn(64, 30, 8, requires_grad=True), (2, 3, 5)
+    y = block.train()(x, size)
+    with torch.no_grad():
+        assert torch.equal(block.eval()(x, size), plain.eval()(x, size))  # eval: the identity
+        spatial = plain.spatial(plain.ln1(x), size)
+        seen = set()
+        for i in range(64):  # each sample: each branch dropped (0) or kept and scaled by 1 / (1 - 0.5) (2)
+            matches = []
+            for first in (0, 2):
+                x1 = x[i : i + 1] + first * spatial[i : i + 1]
+                channel = plain.channel(plain.ln2(x1))
+                matches += [(first, second) for second in (0, 2) if torch.allclose(y[i : i + 1], x1 + second * channel)]
+            assert len(matches) == 1, (i, matches)
+            seen.add(matches[0])
+    assert seen == {(0, 0), (0, 2), (2, 0), (2, 2)}  # all four cases among 64 samples
+    y.square().mean().backward()
+    assert block.spatial.decay.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+    with pytest.raises(ValueError, match="drop_path"):
+        DualViewBlock(8, 0, 2, drop_path=1.0)

@@ -105,6 +105,28 @@ def test_config_errors_name_the_fix():
         create_model("mmsegrwkv_test", 4, 3, windows=(2, 2))
     with pytest.raises(ValueError, match=r"\[B, 4, T, H, W\]"):
         _tiny()(torch.randn(1, 3, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"drop_path = 1.0 must be in \[0, 1\)"):
+        create_model("mmsegrwkv_test", 4, 3, drop_path=1.0)
+
+
+def test_drop_path_rises_over_the_blocks_is_identity_in_eval_and_loads_the_same_weights():
+    plain = _tiny()
+    torch.manual_seed(0)
+    dropped = create_model("mmsegrwkv_test", 4, 3, drop_path=0.3, depths=(1, 2, 1, 2))
+    rates = [getattr(block.drop, "drop_prob", 0.0) for stage in dropped.encoder.stages for block in stage.blocks]
+    assert rates == pytest.approx([0.0, 0.06, 0.12, 0.18, 0.24, 0.3])  # linear over the encoder's 6 blocks
+    # no parameters of its own: the paper model's weights load into it, and in eval it computes the same
+    dropped = create_model("mmsegrwkv_test", 4, 3, drop_path=0.3)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(x), plain.eval()(x))
+        reference = plain.train()(x)
+    torch.manual_seed(1)
+    trained = dropped.train()(x)
+    assert not torch.allclose(trained, reference)  # in training it drops branches
+    trained.square().mean().backward()
+    assert dropped.encoder.stages[3].blocks[0].spatial.decay.grad is not None
 
 
 def test_fast_norm_swaps_every_instance_norm_and_keeps_the_state_dict_keys():

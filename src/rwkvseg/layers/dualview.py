@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from monai.networks.layers import DropPath
 from torch import Tensor, nn
 
 from rwkvseg.ops import (
@@ -96,18 +97,25 @@ class BiShiftChannelMix(nn.Module):
 
 
 class DualViewBlock(nn.Module):
-    """Pre-norm RWKV block: x = x + SpatialMix(LN1(x)); x = x + ChannelMix(LN2(x)), on tokens [B, L, C]."""
+    """Pre-norm RWKV block: x = x + SpatialMix(LN1(x)); x = x + ChannelMix(LN2(x)), on tokens [B, L, C].
 
-    def __init__(self, dim: int, layer: int, n_layer: int, hidden_ratio: int = 4) -> None:
+    drop_path > 0: stochastic depth in training (MONAI's DropPath): each branch is dropped for a whole sample of the
+    batch with that probability and the kept ones are scaled by 1 / (1 - drop_path); in eval it is the identity. In
+    a windowed stage a sample is one slice-axis window. No parameters, so weights load with or without it."""
+
+    def __init__(self, dim: int, layer: int, n_layer: int, hidden_ratio: int = 4, drop_path: float = 0.0) -> None:
         super().__init__()
+        if not 0 <= drop_path < 1:
+            raise ValueError(f"drop_path = {drop_path!r} must be in [0, 1): the probability a branch is dropped")
         self.ln1 = nn.LayerNorm(dim)
         self.spatial = DualViewSpatialMix(dim, layer, n_layer)
         self.ln2 = nn.LayerNorm(dim)
         self.channel = BiShiftChannelMix(dim, layer, n_layer, hidden_ratio)
+        self.drop = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, size: tuple[int, int, int]) -> Tensor:
-        x = x + self.spatial(self.ln1(x), size)
-        return x + self.channel(self.ln2(x))
+        x = x + self.drop(self.spatial(self.ln1(x), size))
+        return x + self.drop(self.channel(self.ln2(x)))
 
 
 class WindowedDualViewStage(nn.Module):
@@ -117,13 +125,27 @@ class WindowedDualViewStage(nn.Module):
     window is mixed on its own (its WKV scale uses its own token count). Returns [B, C, T, H, W].
     """
 
-    def __init__(self, dim: int, depth: int, window: int, first_layer: int, n_layer: int, hidden_ratio: int = 4):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        window: int,
+        first_layer: int,
+        n_layer: int,
+        hidden_ratio: int = 4,
+        drop_paths: tuple[float, ...] = (),
+    ):
         super().__init__()
         if window < 1:
             raise ValueError(f"slice window must be >= 1, got {window}")
+        drop_paths = drop_paths or (0.0,) * depth  # each block's stochastic depth (DualViewBlock)
+        if len(drop_paths) != depth:
+            raise ValueError(f"drop_paths {drop_paths} needs one rate per block ({depth})")
         self.window = window
         self.norm_in = nn.LayerNorm(dim)
-        self.blocks = nn.ModuleList(DualViewBlock(dim, first_layer + i, n_layer, hidden_ratio) for i in range(depth))
+        self.blocks = nn.ModuleList(
+            DualViewBlock(dim, first_layer + i, n_layer, hidden_ratio, drop_paths[i]) for i in range(depth)
+        )
         self.norm_out = nn.LayerNorm(dim)
 
     def _mix(self, part: Tensor) -> Tensor:

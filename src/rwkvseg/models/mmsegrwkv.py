@@ -59,6 +59,11 @@ class MMSegRWKVConfig:
     # the 7x7x7 stride-2 stem as a 4x4x4 stride-1 convolution over the space-to-depth map (layers/s2d_conv.py):
     # cuDNN ran it at 46 TFLOP/s on an H200; same parameters and values
     s2d_convs: bool = False
+    # stochastic depth of the encoder's Dual-View blocks, beyond the paper (0: off, as published): the rate rises
+    # linearly from 0 at the first block to drop_path at the last (layers/dualview.py); no parameters, so released
+    # weights load either way. A lever against overfitting small training sets: on 13 BraTS cases MMSegRWKV's
+    # validation peaked within the first epochs while DynUNet kept rising (session 34)
+    drop_path: float = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -72,6 +77,8 @@ class MMSegRWKVConfig:
             raise ValueError(f"unknown resfm mode {self.resfm!r}; choose one of {RESFM_MODES}")
         if min(self.windows) < 1 or min(self.depths) < 1 or min(self.widths) < 1:
             raise ValueError(f"windows, depths and widths must all be >= 1, got {self}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path = {self.drop_path!r} must be in [0, 1) (0: off, the paper's model)")
 
     @property
     def stride(self) -> int:
@@ -125,8 +132,9 @@ class MMSegRWKVEncoder(nn.Module):
         # "fancy" init ratios run over all blocks of the encoder, so decay grows steadily with depth
         n_layer = sum(cfg.depths)
         firsts = [sum(cfg.depths[:i]) for i in range(len(w))]
+        rates = [cfg.drop_path * i / max(n_layer - 1, 1) for i in range(n_layer)]  # 0 -> drop_path over the blocks
         self.stages = nn.ModuleList(
-            WindowedDualViewStage(c, d, win, first, n_layer, cfg.hidden_ratio)
+            WindowedDualViewStage(c, d, win, first, n_layer, cfg.hidden_ratio, tuple(rates[first : first + d]))
             for c, d, win, first in zip(w, cfg.depths, cfg.windows, firsts, strict=True)
         )
         self.out_norms = nn.ModuleList(LayerNormChannelsFirst(c) for c in w)
