@@ -19,7 +19,8 @@ less --reserve-files / --reserve-mib (room for what the caller adds after) and l
 - The --pack folders go first, as one OUT/small.tgz (the --exclude patterns match file names).
 - Then the --send files, smallest first. Each is named by its path with '/' as '+' (RUNS/a/best.safetensors ->
   RUNS+a+best.safetensors).
-A file left out is named in one line, with the reason.
+A file left out is named in one line, with the reason (no room, too large, or its name in OUT taken: nothing there
+is replaced).
 stop: sends SIGINT to the command's process group (rwkvseg train and scripts/campaign.py stop cleanly on it and
 keep their checkpoints), waits --grace seconds for it to end, then kills the group.
 Exit status: 0 done (follow: the command has ended; its own status is printed), 3 follow: still running,
@@ -132,6 +133,10 @@ def pack(folders: list[Path], excludes: list[str], archive: Path) -> None:
                     tar.add(path, arcname=str(folder.name / path.relative_to(folder)))
 
 
+def _sent_name(path: Path) -> str:
+    return str(path).replace("/", "+").lstrip("+")  # RUNS/a/best.safetensors -> RUNS+a+best.safetensors
+
+
 def send(files: list[Path], out: Path, reserve_files: int, reserve_bytes: int) -> list[str]:
     """Copy files into out, smallest first, within the device's return limits; the lines naming those left out."""
     held = [p for p in out.iterdir() if p.is_file()]
@@ -144,8 +149,10 @@ def send(files: list[Path], out: Path, reserve_files: int, reserve_bytes: int) -
             left.append(f"left out {path}: {size / MiB:.1f} MiB, over the {MAX_FILE_BYTES // MiB} MiB a file may be")
         elif count + 1 > MAX_FILES or total + size > MAX_BYTES:
             left.append(f"left out {path}: no room ({count} files, {total / MiB:.1f} MiB taken or reserved)")
+        elif (out / _sent_name(path)).exists():
+            left.append(f"left out {path}: {out / _sent_name(path)} is there already (nothing in OUT is replaced)")
         else:
-            shutil.copyfile(path, out / str(path).replace("/", "+").lstrip("+"))
+            shutil.copyfile(path, out / _sent_name(path))
             count, total = count + 1, total + size
     return left
 
@@ -158,7 +165,9 @@ def follow(args: argparse.Namespace) -> int:
         ended, line = where(args.state)
     if args.out is not None:
         if args.pack:
-            if len([p for p in args.out.iterdir() if p.is_file()]) + args.reserve_files >= MAX_FILES:
+            if (args.out / "small.tgz").exists():
+                print(f"left out {args.out / 'small.tgz'}: it is there already (nothing in OUT is replaced)")
+            elif len([p for p in args.out.iterdir() if p.is_file()]) + args.reserve_files >= MAX_FILES:
                 print(f"left out {args.out / 'small.tgz'}: no room")
             else:
                 pack(args.pack, args.exclude, args.out / "small.tgz")

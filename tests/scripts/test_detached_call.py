@@ -104,6 +104,12 @@ def test_send_keeps_within_the_return_limits(tmp_path):
     )
     assert sorted(p.name for p in out2.iterdir()) == ["files+f0.bin", "files+f1.bin"]  # 6 of 8 kept for the caller
 
+    # a name OUT holds already is never replaced
+    (out2 / "files+f2.bin").write_bytes(b"the caller's")
+    followed = call(tmp_path, "follow", "state", "--seconds", "0", "--out", "out2", "--send", "files/f2.bin")
+    assert "left out files/f2.bin: out2/files+f2.bin is there already" in followed.stdout
+    assert (out2 / "files+f2.bin").read_bytes() == b"the caller's"
+
 
 def test_usage_errors_are_one_line_and_exit_2(tmp_path):
     result = call(tmp_path, "follow", "nothing-here", "--seconds", "0")
