@@ -34,8 +34,8 @@ import pathlib, sys, time
 runs = pathlib.Path("runs/a")
 runs.mkdir(parents=True)
 (runs / "metrics.csv").write_text("epoch,val_dice\\n1,0.5\\n")
-(runs / "best.safetensors").write_bytes(b"w" * 1000)
 print("epoch 1 done", flush=True)
+(runs / "best.safetensors").write_bytes(b"w" * 1000)  # written last: the test waits for it
 try:
     time.sleep(60)
 except KeyboardInterrupt:
