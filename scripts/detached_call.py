@@ -38,11 +38,13 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 MiB = 2**20
-MAX_FILES, MAX_FILE_BYTES, MAX_BYTES = 8, 16 * MiB, 64 * MiB  # what one device call sends back
+# what one device call sends back from $OUT (scripts/device_continue.py reads them here too)
+MAX_FILES, MAX_FILE_BYTES, MAX_BYTES = 8, 16 * MiB, 64 * MiB
 EXIT_USAGE, EXIT_RUNNING = 2, 3
 KILLED = 137  # the exit status recorded when stop had to kill the group
 
@@ -61,8 +63,8 @@ def _pid(state: Path) -> int | None:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
-    except PermissionError:
-        return pid
+    except PermissionError:  # alive, another user's
+        pass
     return pid
 
 
@@ -137,22 +139,23 @@ def _sent_name(path: Path) -> str:
     return str(path).replace("/", "+").lstrip("+")  # RUNS/a/best.safetensors -> RUNS+a+best.safetensors
 
 
-def send(files: list[Path], out: Path, reserve_files: int, reserve_bytes: int) -> list[str]:
-    """Copy files into out, smallest first, within the device's return limits; the lines naming those left out."""
+def send(items: list[tuple[Path, str, str]], out: Path, reserve_files: int, reserve_bytes: int) -> list[str]:
+    """Copy each (source, name in out, label) into out, in the order given, within the device's return limits (less
+    the reserve and what out holds), never over a name out holds; the lines naming, by label, those left out."""
     held = [p for p in out.iterdir() if p.is_file()]
     count = len(held) + reserve_files
     total = sum(p.stat().st_size for p in held) + reserve_bytes
     left = []
-    for path in sorted(files, key=lambda p: p.stat().st_size):
-        size = path.stat().st_size
+    for source, name, label in items:
+        size = source.stat().st_size
         if size > MAX_FILE_BYTES:
-            left.append(f"left out {path}: {size / MiB:.1f} MiB, over the {MAX_FILE_BYTES // MiB} MiB a file may be")
+            left.append(f"left out {label}: {size / MiB:.1f} MiB, over the {MAX_FILE_BYTES // MiB} MiB a file may be")
         elif count + 1 > MAX_FILES or total + size > MAX_BYTES:
-            left.append(f"left out {path}: no room ({count} files, {total / MiB:.1f} MiB taken or reserved)")
-        elif (out / _sent_name(path)).exists():
-            left.append(f"left out {path}: {out / _sent_name(path)} is there already (nothing in OUT is replaced)")
+            left.append(f"left out {label}: no room ({count} files, {total / MiB:.1f} MiB taken or reserved)")
+        elif (out / name).exists():
+            left.append(f"left out {label}: {out / name} is there already (nothing in OUT is replaced)")
         else:
-            shutil.copyfile(path, out / _sent_name(path))
+            shutil.copyfile(source, out / name)
             count, total = count + 1, total + size
     return left
 
@@ -164,15 +167,14 @@ def follow(args: argparse.Namespace) -> int:
         time.sleep(min(args.poll, max(0.0, deadline - time.monotonic())))
         ended, line = where(args.state)
     if args.out is not None:
-        if args.pack:
-            if (args.out / "small.tgz").exists():
-                print(f"left out {args.out / 'small.tgz'}: it is there already (nothing in OUT is replaced)")
-            elif len([p for p in args.out.iterdir() if p.is_file()]) + args.reserve_files >= MAX_FILES:
-                print(f"left out {args.out / 'small.tgz'}: no room")
-            else:
-                pack(args.pack, args.exclude, args.out / "small.tgz")
-        for message in send(args.send, args.out, args.reserve_files, args.reserve_mib * MiB):
-            print(message)
+        with tempfile.TemporaryDirectory() as tmp:
+            items = []  # the --pack folders first, then the --send files smallest first
+            if args.pack:
+                pack(args.pack, args.exclude, Path(tmp) / "small.tgz")
+                items.append((Path(tmp) / "small.tgz", "small.tgz", "small.tgz (the --pack folders)"))
+            items += [(p, _sent_name(p), str(p)) for p in sorted(args.send, key=lambda p: p.stat().st_size)]
+            for message in send(items, args.out, args.reserve_files, args.reserve_mib * MiB):
+                print(message)
     print(f"{args.state}: {line}")
     tail = _tail(args.state, args.lines)
     if tail:

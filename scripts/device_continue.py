@@ -50,6 +50,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this repository's rwkvseg, installed or not
+sys.path.insert(0, str(ROOT / "scripts"))  # detached_call: the device's return limits, kept there once
+
+from detached_call import MAX_BYTES, MAX_FILES  # noqa: E402
 
 from rwkvseg.files import file_sha256  # noqa: E402
 from rwkvseg.train.travel import (  # noqa: E402
@@ -64,7 +67,6 @@ from rwkvseg.train.travel import (  # noqa: E402
 
 log = logging.getLogger("device_continue")
 
-MAX_FILES, MAX_BYTES = 8, 64 * MiB  # what one device call sends back from $OUT
 PARTS_IN, PARTS_OUT = ".parts-in", ".parts-out"  # beside the run folder
 EXIT_FAILED, EXIT_USAGE, EXIT_MISSING, EXIT_MORE = 1, 2, 3, 4
 
