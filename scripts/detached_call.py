@@ -17,8 +17,9 @@ follow: waits until the command ends or --seconds pass, then prints where it sta
 With --out it also fills OUT, within what a device call sends back: 8 files of at most 16 MiB, 64 MiB together,
 less --reserve-files / --reserve-mib (room for what the caller adds after) and less what OUT holds already.
 - The --pack folders go first, as one OUT/small.tgz (the --exclude patterns match file names).
-- Then the --send files, smallest first. Each is named by its path with '/' as '+' (RUNS/a/best.safetensors ->
-  RUNS+a+best.safetensors).
+- Then the --send files, smallest first. Each is named by its path with '/' as '__' and any character the device
+  tool refuses in a name (all but letters, digits, '.', '_', '-') as '_' (RUNS/a/best.safetensors ->
+  RUNS__a__best.safetensors).
 A file left out is named in one line, with the reason (no room, too large, or its name in OUT taken: nothing there
 is replaced).
 stop: sends SIGINT to the command's process group (rwkvseg train and scripts/campaign.py stop cleanly on it and
@@ -33,6 +34,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -136,7 +138,10 @@ def pack(folders: list[Path], excludes: list[str], archive: Path) -> None:
 
 
 def _sent_name(path: Path) -> str:
-    return str(path).replace("/", "+").lstrip("+")  # RUNS/a/best.safetensors -> RUNS+a+best.safetensors
+    """The path as one plain name: the device tool leaves out returned files whose name has characters other than
+    letters, digits, '.', '_' and '-' (session 35 lost two files named tmp+s35+dpout+...)."""
+    flat = "__".join(part for part in path.parts if part not in ("/", ""))  # RUNS/a/best.pt -> RUNS__a__best.pt
+    return re.sub(r"[^A-Za-z0-9._-]", "_", flat)
 
 
 def send(items: list[tuple[Path, str, str]], out: Path, reserve_files: int, reserve_bytes: int) -> list[str]:

@@ -2,6 +2,7 @@
 sends back what fits the device's return limits, stop ends it through SIGINT."""
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -58,7 +59,7 @@ def test_start_follow_stop_a_detached_command(tmp_path):
     args = ["--seconds", "1", "--poll", "0.2", "--out", "out", "--send", "runs/a/best.safetensors", "--pack", "runs"]
     followed = call(tmp_path, "follow", "state", *args, "--exclude", "*.safetensors")
     assert followed.returncode == 3 and "state: still running" in followed.stdout and "epoch 1 done" in followed.stdout
-    assert (out / "runs+a+best.safetensors").read_bytes() == b"w" * 1000
+    assert (out / "runs__a__best.safetensors").read_bytes() == b"w" * 1000
     with tarfile.open(out / "small.tgz") as tar:
         assert tar.getnames() == ["runs/a/metrics.csv"]  # the checkpoint excluded from the pack
 
@@ -93,7 +94,7 @@ def test_send_keeps_within_the_return_limits(tmp_path):
 
     assert followed.returncode == 0
     sent = sorted(p.name for p in out.iterdir())
-    assert sent == ["campaign.json", *(f"files+f{i}.bin" for i in range(7))]  # 8 files, the smallest first
+    assert sent == ["campaign.json", *(f"files__f{i}.bin" for i in range(7))]  # 8 files, the smallest first
     assert "left out files/big.bin: 17.0 MiB, over the 16 MiB a file may be" in followed.stdout
     assert "left out files/f7.bin: no room" in followed.stdout and "left out files/f8.bin: no room" in followed.stdout
 
@@ -102,13 +103,24 @@ def test_send_keeps_within_the_return_limits(tmp_path):
     followed = call(
         tmp_path, "follow", "state", "--seconds", "0", "--out", "out2", "--reserve-files", "6", "--send", *names
     )
-    assert sorted(p.name for p in out2.iterdir()) == ["files+f0.bin", "files+f1.bin"]  # 6 of 8 kept for the caller
+    assert sorted(p.name for p in out2.iterdir()) == ["files__f0.bin", "files__f1.bin"]  # 6 of 8 kept for the caller
 
     # a name OUT holds already is never replaced
-    (out2 / "files+f2.bin").write_bytes(b"the caller's")
+    (out2 / "files__f2.bin").write_bytes(b"the caller's")
     followed = call(tmp_path, "follow", "state", "--seconds", "0", "--out", "out2", "--send", "files/f2.bin")
-    assert "left out files/f2.bin: out2/files+f2.bin is there already" in followed.stdout
-    assert (out2 / "files+f2.bin").read_bytes() == b"the caller's"
+    assert "left out files/f2.bin: out2/files__f2.bin is there already" in followed.stdout
+    assert (out2 / "files__f2.bin").read_bytes() == b"the caller's"
+
+    # an absolute path with characters the device tool refuses in a returned name comes back under a plain name
+    odd = tmp_path / "dp+out" / "rel tar.partaa"
+    odd.parent.mkdir()
+    odd.write_bytes(b"part")
+    out3 = tmp_path / "out3"
+    out3.mkdir()
+    assert call(tmp_path, "follow", "state", "--seconds", "0", "--out", "out3", "--send", str(odd)).returncode == 0
+    (name,) = [p.name for p in out3.iterdir()]
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", name) and name.endswith("__dp_out__rel_tar.partaa"), name
+    assert (out3 / name).read_bytes() == b"part"
 
 
 def test_usage_errors_are_one_line_and_exit_2(tmp_path):
