@@ -249,6 +249,15 @@ def test_predict_command_runs_mirror_tta_on_the_onnx_runtime(tmp_path, capsys):
     assert main([*bad, "--runtime", "onnx", "--mirror-axes", "2"]) == 2
     assert "--mirror-axes [2] must name each image axis at most once" in capsys.readouterr().err  # as the torch path
     assert not (tmp_path / "bad").exists()
+    for extra, line in [
+        (["--overlap", "0.3"], "--overlap: for 3D checkpoints, and this one is 2D: drop it"),
+        (["--overlay"], "--overlay, --probabilities: --runtime onnx writes masks only"),
+        (["--probabilities"], "--overlay, --probabilities: --runtime onnx writes masks only"),
+    ]:
+        assert main([*bad, "--runtime", "onnx", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert line in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_predict_command_takes_the_recorded_flips_on_the_onnx_runtime(tmp_path):

@@ -206,3 +206,25 @@ def test_progress_is_logged_at_the_end_not_per_image(tmp_path, checkpoint, caplo
     with caplog.at_level("INFO", logger="rwkvseg.infer.predict2d"):
         predict_2d(ck, src, tmp_path / "out", mirror_axes=())  # one image per pass on the CPU
     assert [r.getMessage() for r in caplog.records if "predicted" in r.getMessage()] == ["predicted 5/5 images"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        (["--overlap", "0.25"], "--overlap"),
+        (["--sw-batch-size", "4", "--modalities", "a,b,c"], "--sw-batch-size, --modalities"),
+        (["--out-format", "dicom-seg"], "--out-format"),
+        (["--more-modalities", "x.nii.gz"], "--more-modalities x.nii.gz"),
+    ],
+)
+def test_3d_options_are_refused_for_a_2d_checkpoint_with_one_line_and_nothing_written(
+    tmp_path, checkpoint, capsys, extra, names
+):
+    from rwkvseg.cli import main
+
+    ck = checkpoint()
+    save_png(tmp_path / "in" / "a.png", _square((20, 20), (2, 9, 2, 9)))
+    assert main(["predict", str(ck), str(tmp_path / "in"), "--out", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and names in err and "this one is 2D: drop" in err, err
+    assert not (tmp_path / "out").exists()

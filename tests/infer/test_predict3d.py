@@ -174,6 +174,56 @@ def test_a_checkpoint_records_its_own_postprocessing_and_an_explicit_choice_over
         Predictor3D(Threshold(), broken, PredictConfig(mirror_axes=()))
 
 
+def test_threshold_applies_to_region_checkpoints_and_is_refused_for_label_ones(tmp_path, trained_at_2mm):
+    folder, _ = write_1mm_case(tmp_path / "in")
+    (case,) = discover_cases(folder, BRATS, require_label=False)
+    regions = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12), target="regions")
+    default, _ = Predictor3D(Threshold("regions"), regions, PredictConfig(mirror_axes=())).predict_case(case)
+    half, _ = Predictor3D(Threshold("regions"), regions, PredictConfig(mirror_axes=(), threshold=0.5)).predict_case(
+        case
+    )
+    np.testing.assert_array_equal(half, default)  # 0.5 is the default
+    low, _ = Predictor3D(Threshold("regions"), regions, PredictConfig(mirror_axes=(), threshold=0.01)).predict_case(
+        case
+    )
+    high, _ = Predictor3D(Threshold("regions"), regions, PredictConfig(mirror_axes=(), threshold=0.99)).predict_case(
+        case
+    )
+    assert (high > 0).sum() < (default > 0).sum() < (low > 0).sum()  # a lower threshold takes in more tumour
+    assert (high == 4).sum() < (default == 4).sum() < (low == 4).sum()
+    assert np.all((high > 0) <= (default > 0)) and np.all((default > 0) <= (low > 0))  # nested masks
+    # a release records the threshold chosen on validation (inference.threshold); --threshold overrides it
+    recorded = {**regions, "inference": {**regions.get("inference", {}), "threshold": 0.01}}
+    by_default, _ = Predictor3D(Threshold("regions"), recorded, PredictConfig(mirror_axes=())).predict_case(case)
+    np.testing.assert_array_equal(by_default, low)
+    given, _ = Predictor3D(Threshold("regions"), recorded, PredictConfig(mirror_axes=(), threshold=0.5)).predict_case(
+        case
+    )
+    np.testing.assert_array_equal(given, default)
+    broken = {**regions, "inference": {"threshold": 1.5}}
+    with pytest.raises(ValueError, match=r"inference record holds threshold 1.5, not a number in \[0, 1\]; fix its"):
+        Predictor3D(Threshold("regions"), broken, PredictConfig(mirror_axes=()))
+    labels = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12), target="labels")
+    with pytest.raises(ValueError, match=r"--threshold 0.3: this 3D checkpoint predicts labels .* drop --threshold"):
+        Predictor3D(Threshold("labels"), labels, PredictConfig(threshold=0.3))
+    with pytest.raises(ValueError, match=r"records inference.threshold 0.3, but it predicts labels .* remove it"):
+        Predictor3D(Threshold("labels"), {**labels, "inference": {"threshold": 0.3}}, PredictConfig())
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"overlays": True}, "--overlay"),
+        ({"probabilities": True, "batch_size": 4}, "--batch-size, --probabilities"),
+        ({"skip_non_images": True}, "--skip-non-images"),
+    ],
+)
+def test_2d_options_are_refused_for_a_3d_checkpoint(trained_at_2mm, options, names):
+    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12))
+    with pytest.raises(ValueError, match=rf"^{names}: for 2D checkpoints, and this one is 3D: drop"):
+        Predictor3D(Threshold(), metadata, PredictConfig(**options))
+
+
 def threshold_checkpoint(path, trained_at_2mm, monkeypatch):
     """A 2 mm checkpoint of the Threshold model at path (its .safetensors returned), which loading rebuilds."""
     meta = CheckpointMeta(

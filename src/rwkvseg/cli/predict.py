@@ -35,7 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="2D images per forward pass (default: 1 on the CPU, where larger batches run slower per image; 8 on a "
         "GPU and with --runtime onnx)",
     )
-    p.add_argument("--threshold", type=float, default=None, help="binary threshold (default: the checkpoint's)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability threshold of a 2D binary checkpoint (default: the checkpoint's) or of each region of a 3D "
+        "region checkpoint (default 0.5)",
+    )
     p.add_argument("--overlay", action="store_true", help="also write overlays/<name>.png")
     p.add_argument(
         "--probabilities",
@@ -184,10 +190,19 @@ def run(args: argparse.Namespace) -> int:
             )
         return _run_onnx(args, checkpoint, source, config)
     volumes = is_3d_checkpoint(checkpoint)
+    refuse_more_modalities(args, volumes)
     inputs = [source, *args.more_modalities] if volumes else [source]
     written = predict(checkpoint, inputs, args.out, config)
     print(f"wrote {len(written)} {'label volumes' if volumes else 'masks'} to {args.out}")
     return 0
+
+
+def refuse_more_modalities(args: argparse.Namespace, volumes: bool) -> None:
+    if args.more_modalities and not volumes:
+        raise ValueError(
+            f"--more-modalities {' '.join(args.more_modalities)}: for 3D checkpoints, and this one is 2D: drop it "
+            "(a 2D checkpoint predicts one image file or folder)"
+        )
 
 
 def _run_onnx(args: argparse.Namespace, model: str, source: str, config: PredictConfig) -> int:
@@ -202,7 +217,15 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
 
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
+    from ..infer.predict import refuse_other_dims_options
+
     predictor = OnnxPredictor(model, threads=args.threads)
+    refuse_more_modalities(args, predictor.dims == 3)
+    refuse_other_dims_options(config, predictor.dims)  # 3D: Predictor3D refuses them again, the same way
+    if predictor.dims == 2 and (config.overlays or config.probabilities):
+        raise ValueError(
+            "--overlay, --probabilities: --runtime onnx writes masks only; drop them, or predict with the checkpoint"
+        )
     if predictor.dims == 2:  # as the checkpoint path: given, else the recorded defaults (3D: the sliding window's)
         from ..infer.postprocess import chosen_postprocess
         from ..infer.predict2d import log_recorded_flips, recorded_mirror_axes

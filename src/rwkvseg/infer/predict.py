@@ -22,13 +22,15 @@ from .precision import check_precision
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D). 2D: batch_size (None: 1 on the
-    CPU, 8 on a GPU: predict2d.default_batch_size), overlays, probabilities, skip_non_images. mirror_axes: flips
+    """device: cpu, cuda, cuda:1. threshold None: the checkpoint's (binary 2D), 0.5 for 3D region checkpoints
+    (refused for 3D label checkpoints, which take the argmax). 2D only: batch_size (None: 1 on the CPU, 8 on a GPU:
+    predict2d.default_batch_size), overlays, probabilities, skip_non_images. mirror_axes: flips
     averaged for TTA (2D: 0 height, 1 width; 3D: 0, 1, 2; () none). None: the axes the checkpoint records under
     preprocessing.inference, chosen on validation at release (2D: on every device, none where it records none; 3D:
     on a GPU only, 8 passes per window being too slow for the CPU). 3D: the sliding window's overlap and windows
     per pass; modalities: the input's channel names in its order, where the input does not name them itself;
-    out_format: nifti (the input's format for ITK files) or dicom-seg (DICOM inputs).
+    out_format: nifti (the input's format for ITK files) or dicom-seg (DICOM inputs). An option of the other
+    dimensionality than the checkpoint's is refused (refuse_other_dims_options), not ignored.
     compile: "auto" (compiled on CUDA, eager on the CPU), "on", "off" or a torch.compile mode; the first batch's
     time is logged apart as the compile time. compile_backend: "inductor" or "aot_eager". memory_format:
     "contiguous" or "channels_last" (the model and each batch or window in NHWC / NDHWC: rwkvseg.memory_format).
@@ -71,6 +73,30 @@ class PredictConfig:
             raise ValueError(f"--mirror-axes {list(self.mirror_axes)} must index the spatial axes 0, 1, 2")
 
 
+def refuse_other_dims_options(config: PredictConfig, dims: int) -> None:
+    """ValueError naming the options config sets that only a checkpoint of the other dimensionality uses."""
+    if dims == 3:
+        given = {
+            "--batch-size": config.batch_size is not None,
+            "--overlay": config.overlays,
+            "--probabilities": config.probabilities,
+            "--skip-non-images": config.skip_non_images,
+        }
+    else:
+        given = {
+            "--overlap": config.overlap is not None,
+            "--sw-batch-size": config.sw_batch_size != 1,
+            "--modalities": bool(config.modalities),
+            "--out-format": config.out_format != "nifti",
+        }
+    if names := [name for name, on in given.items() if on]:
+        other = 2 if dims == 3 else 3
+        raise ValueError(
+            f"{', '.join(names)}: for {other}D checkpoints, and this one is {dims}D: drop "
+            f"{'it' if len(names) == 1 else 'them'}"
+        )
+
+
 def is_3d_checkpoint(checkpoint: str | Path) -> bool:
     return read_meta(checkpoint).preprocessing.get("dims") == 3
 
@@ -96,6 +122,7 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
         return predict_paths(checkpoint, inputs, out, config)
     from .predict2d import predict_2d
 
+    refuse_other_dims_options(config, 2)
     if len(inputs) != 1:
         raise ValueError(f"a 2D checkpoint predicts one image file or folder, got {len(inputs)} inputs")
     threshold = config.threshold

@@ -38,10 +38,10 @@ from ..data.volumes import (
 from ..devices import placed
 from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
-from ..records import DEFAULT_ORIENTATION
+from ..records import DEFAULT_ORIENTATION, recorded_threshold
 from .postprocess import check_postprocess, chosen_postprocess, et_min_voxels_at, postprocess
 from .precision import for_precision, in_precision
-from .predict import PredictConfig
+from .predict import PredictConfig, refuse_other_dims_options
 from .sliding_window import SlidingWindowConfig, activate, predict_logits
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,12 @@ log = logging.getLogger(__name__)
 OUT_FORMATS = ("nifti", "dicom-seg")
 
 
-def probabilities_to_values(probs: torch.Tensor, spec: DatasetSpec, target: str) -> np.ndarray:
-    """probs [K, *S] (softmax over classes, or sigmoid per region) -> label values [*S] uint8."""
+def probabilities_to_values(probs: torch.Tensor, spec: DatasetSpec, target: str, threshold: float = 0.5) -> np.ndarray:
+    """probs [K, *S] (softmax over classes, or sigmoid per region) -> label values [*S] uint8; a region is in where
+    its probability is above threshold (labels: argmax, no threshold)."""
     if target == "labels":
         return classes_to_values(probs.argmax(0), spec)
-    return regions_to_values(probs > 0.5, spec)
+    return regions_to_values(probs > threshold, spec)
 
 
 def paste(cropped: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
@@ -135,12 +136,14 @@ class Predictor3D:
         self.metadata = metadata
         self.spec = DatasetSpec.from_dict(metadata["dataset"])
         self.target = metadata["target"]
+        refuse_other_dims_options(options, 3)
+        recorded = metadata.get("inference", {})  # the defaults training (and a release's validation) wrote
+        self.threshold = self.region_threshold(options.threshold, recorded.get("threshold"))
         self.device = torch.device(options.device)
         if options.out_format not in OUT_FORMATS:
             raise ValueError(f"output format {options.out_format!r} unknown; choose one of {', '.join(OUT_FORMATS)}")
         self.options = options
         self.orientation = str(metadata.get("orientation") or DEFAULT_ORIENTATION)
-        recorded = metadata.get("inference", {})  # the defaults training (and a release's validation) wrote
         self.postprocess = chosen_postprocess(options.postprocess, recorded)
         check_postprocess(self.postprocess, self.spec.num_classes - 1, self.spec)
         if self.postprocess.active:
@@ -156,6 +159,28 @@ class Predictor3D:
             mirror_axes=tuple(mirror),
             activation="softmax" if self.target == "labels" else "sigmoid",
         )
+
+    def region_threshold(self, given: float | None, recorded: Any) -> float:
+        """The cut of each region's sigmoid: given (--threshold), else the record's (inference.threshold, chosen on
+        validation at release), else 0.5. Label checkpoints take the argmax and refuse either."""
+        if self.target == "labels":
+            if given is not None:
+                raise ValueError(
+                    f"--threshold {given:g}: this 3D checkpoint predicts labels (argmax over classes); a threshold "
+                    "applies to region checkpoints (data.target = regions) and 2D ones: drop --threshold"
+                )
+            if recorded is not None:
+                raise ValueError(
+                    f"the checkpoint records inference.threshold {recorded!r}, but it predicts labels (argmax over "
+                    "classes), which take no threshold: remove it from its sidecar"
+                )
+            return 0.5
+        if given is not None:
+            return given
+        value = recorded_threshold(recorded, "the checkpoint's inference record", "fix its sidecar")
+        if recorded is not None:
+            log.info("region threshold %g (the checkpoint's default; --threshold 0.5: the plain cut)", value)
+        return value
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, options: PredictConfig | None = None) -> Predictor3D:
@@ -174,7 +199,7 @@ class Predictor3D:
         probs = activate(logits[None], self.window.activation)[0]  # [K, *resampled]
         cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
         probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]
-        values = paste(probabilities_to_values(probs, self.spec, self.target), props)
+        values = paste(probabilities_to_values(probs, self.spec, self.target, self.threshold), props)
         if self.postprocess.active:  # on the input's own grid: et-min-voxels counts its voxels, et-min-mm3 its mm3
             if self.postprocess.et_min_mm3:
                 voxels = et_min_voxels_at(self.postprocess, volumes.spacing)
