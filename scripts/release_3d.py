@@ -3,7 +3,7 @@
 Usage:
     python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH]
         [--eval-mirror-axes AXES] [--weights-dir DIR] [--postprocess SPEC --postprocess-evidence TEXT]
-        [--mirror-axes AXES --mirror-evidence TEXT] [--note NAME TEXT ...]
+        [--mirror-axes AXES --mirror-evidence TEXT] [--threshold T --threshold-evidence TEXT] [--note NAME TEXT ...]
 
 NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
 of `scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv_small,segresnet,dynunet,mmsegrwkv}.toml`
@@ -24,7 +24,9 @@ scripts/results_table.py ... --postprocess SPEC`) is recorded as each release's 
 sidecar's preprocessing.inference: `rwkvseg predict` applies it unless given --postprocess) and named in its card
 with --postprocess-evidence (the measurement that chose it). --mirror-axes AXES ('' for none) likewise replaces
 the training's test-time flips (`mirror_axes` there, which `rwkvseg predict` applies on a GPU) with the ones
-chosen on validation, named in the card with --mirror-evidence.
+chosen on validation, named in the card with --mirror-evidence. --threshold T (region models) records T as each
+release's cut of the region probabilities (`threshold` in the sidecar's preprocessing.inference: `rwkvseg predict`
+applies it unless given --threshold; 0.5 where none is recorded), named in its card with --threshold-evidence.
 --note NAME TEXT (repeatable) adds TEXT as a paragraph after NAME's validation table: what else was measured for
 that release (TTA, post-processing, the release it replaces), kept when the card is written again.
 Every input is read and checked before anything is written: a missing or mismatched one is one error line and exit
@@ -95,7 +97,7 @@ its exact affine).
 | input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), {tta} |
 | output | {output} over labels {labels}; regions {regions} |
 | weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); against the fp32 checkpoint: mean Dice {d_dice:+.4f}, mean HD95 {d_hd95:+.2f} mm (table below) |
-{postprocess_row}| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
+{postprocess_row}{threshold_row}| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
 | recipe | `configs/{config}`: {recipe} |
 | schedule | {schedule}; {iterations:,} iterations ({per_epoch} per epoch); best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation (median {epoch_s:.1f} s per epoch) |
@@ -403,6 +405,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         nnunet=NNUNET_ITERATIONS,
         targets=targets_text(int8, ds.targets),
         postprocess_row=postprocess_row(args),
+        threshold_row=threshold_row(args),
     )
     metrics = {"val_dice": round(int8["dice"], 4), **{f"val_dice_{r}": round(int8[f"dice_{r}"], 4) for r in ds.targets}}
     entry = ReleasedModel(
@@ -423,6 +426,13 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         chosen["postprocess"] = args.postprocess.spelling()
     if args.mirror_axes is not None:
         chosen["mirror_axes"] = list(args.mirror_axes)
+    if args.threshold is not None:
+        if pre["target"] != "regions":
+            raise Refused(
+                f"{name}: --threshold {args.threshold:g} cuts region probabilities, and this model predicts labels "
+                "(argmax over classes): drop --threshold"
+            )
+        chosen["threshold"] = args.threshold
     sidecar = shipped if chosen == inference else {**shipped, "preprocessing": {**pre, "inference": chosen}}
     return Release(card, history, entry, sidecar)
 
@@ -445,6 +455,28 @@ def postprocess_row(args: argparse.Namespace) -> str:
         f"in the sidecar; `rwkvseg predict --postprocess none` turns it off), beyond the paper's recipe: "
         f"{args.postprocess_evidence} |\n"
     )
+
+
+def threshold_row(args: argparse.Namespace) -> str:
+    """The card's threshold row ('' without --threshold)."""
+    if args.threshold is None:
+        return ""
+    return (
+        f"| threshold | each region's sigmoid cut at {args.threshold:g} by default (recorded as "
+        "`preprocessing.inference.threshold` in the sidecar; `rwkvseg predict --threshold 0.5` gives the plain cut), "
+        f"beyond the paper's recipe: {args.threshold_evidence} |\n"
+    )
+
+
+def threshold_option(text: str) -> float:
+    """--threshold read as a probability in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threshold {text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"--threshold {text} must be in [0, 1] (a probability)")
+    return value
 
 
 def axes_option(text: str) -> tuple[int, ...]:
@@ -490,6 +522,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "training's (chosen on validation)",
     )
     p.add_argument("--mirror-evidence", default="", help="with --mirror-axes: the measurement that chose them")
+    p.add_argument(
+        "--threshold",
+        type=threshold_option,
+        default=None,
+        metavar="T",
+        help="record this cut of each region's sigmoid as each release's default instead of 0.5 (region models; "
+        "chosen on validation)",
+    )
+    p.add_argument("--threshold-evidence", default="", help="with --threshold: the measurement that chose it")
     add_note_option(p)
     args = p.parse_args(argv)
     args.notes = card_notes(p, args.note, args.names)
@@ -497,6 +538,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--mirror-axes needs --mirror-evidence: the card names the measurement that chose them")
     if args.postprocess is not None and not args.postprocess_evidence.strip():
         p.error("--postprocess needs --postprocess-evidence: the card names the measurement that chose it")
+    if args.threshold is not None and not args.threshold_evidence.strip():
+        p.error("--threshold needs --threshold-evidence: the card names the measurement that chose it")
     return args
 
 
@@ -513,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in releases.items():
         write_run_curves(r.history, folder / f"{name}.curves.png", name=name)
         atomic_write_text(folder / f"{name}.md", r.card)
-        if args.postprocess is not None or args.mirror_axes is not None:
+        if args.postprocess is not None or args.mirror_axes is not None or args.threshold is not None:
             write_json(folder / f"{name}.json", r.sidecar)
         update_index(r.entry, folder)
         print(f"{name}: wrote {name}.md, {name}.curves.png and its index entry in {folder}")

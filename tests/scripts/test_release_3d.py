@@ -297,6 +297,40 @@ def test_test_time_flips_chosen_on_validation_are_recorded_in_the_sidecar_and_th
     assert "must name each of the axes 0, 1, 2 at most once" in capsys.readouterr().err
 
 
+def test_a_region_threshold_chosen_on_validation_is_recorded_and_refused_for_a_label_model(campaign, tmp_path, capsys):
+    name = "mmsegrwkv_small-brats2018"
+    copy, script, sidecar, before = released_copy(campaign, tmp_path, name)
+    evidence = "mean Dice 0.628 -> 0.659 at 0.1 on the validation cases"
+    options = ["--threshold", "0.1", "--threshold-evidence", evidence]
+    # the fixture's models predict labels: a threshold does not apply; one line, nothing written
+    files = {p.name: p.read_bytes() for p in (copy / "weights").iterdir()}
+    assert script.main([*release_args(copy, copy / "weights", name), *options]) == 2
+    assert "--threshold 0.1 cuts region probabilities, and this model predicts labels" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (copy / "weights").iterdir()} == files
+    # the same run trained with region targets
+    for path in (copy / "runs" / "brats2018-mmsegrwkv_small" / "best.json", sidecar):
+        meta = json.loads(path.read_text())
+        meta["preprocessing"]["target"] = "regions"
+        path.write_text(json.dumps(meta))
+    regions = json.loads(sidecar.read_text())
+    assert script.main([*release_args(copy, copy / "weights", name), *options]) == 0
+    after = json.loads(sidecar.read_text())
+    assert after["preprocessing"]["inference"] == {**regions["preprocessing"]["inference"], "threshold": 0.1}
+    assert {k: v for k, v in after.items() if k != "preprocessing"} == {
+        k: v for k, v in before.items() if k != "preprocessing"
+    }
+    card = (copy / "weights" / f"{name}.md").read_text()
+    assert "| threshold | each region's sigmoid cut at 0.1 by default (recorded as" in card and evidence in card
+    capsys.readouterr()
+    for bad, message in [
+        (["--threshold", "0.1"], "--threshold needs --threshold-evidence"),
+        (["--threshold", "1.5", "--threshold-evidence", "x"], "--threshold 1.5 must be in [0, 1]"),
+    ]:
+        with pytest.raises(SystemExit):
+            script.main([*release_args(copy, copy / "weights", name), *bad])
+        assert message in capsys.readouterr().err
+
+
 def test_notes_go_into_the_named_card_only_and_an_unknown_name_is_refused(campaign, tmp_path, capsys):
     """`--note NAME TEXT` puts a paragraph after NAME's validation table (what was measured beside the release, which
     a hand edit would lose when the card is written again); a note for a release not being written is an error."""
