@@ -13,7 +13,8 @@ For each released model (weights/index.json; or the --names given), under OUT/<n
   post-processing (the released BraTS models record `largest`), or --postprocess SPEC for every model as
   `rwkvseg predict --postprocess SPEC` (none: off; each model must accept it, or nothing runs); each checkpoint's
   own test-time flips (2D releases record the ones chosen on validation; 3D ones apply on a GPU only), or
-  --mirror-axes-2d AXES for every 2D model ('' for none).
+  --mirror-axes-2d AXES for every 2D model ('' for none); each 3D region release's recorded threshold (0.5 where
+  none is recorded).
 - eval/: what `rwkvseg evaluate pred data --out eval` writes (per_case.csv, summary.json), the same way.
 Then OUT/results.md (the table, also printed) and OUT/results.json (the numbers, the settings, the environment).
 --limit N takes the first N validation cases of each model: a quick check, and the table says so.
@@ -199,6 +200,7 @@ def run_model(model: ReleasedModel, data_root: Path, out: Path, args: argparse.N
         "recorded": model.metrics,
         "postprocess": post.spelling(),
         "mirror_axes": list(flips),
+        "threshold": (inference or {}).get("threshold") if dims == 3 else None,  # a 3D region release's recorded cut
         "seconds": {"predict": round(predicted - start, 2), "evaluate": round(time.perf_counter() - predicted, 2)},
         "summary": str(scores / SUMMARY_FILE),
     }
@@ -280,6 +282,13 @@ def results_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> st
         lines += [
             f"Label maps post-processed before scoring (`rwkvseg predict --postprocess`, {how}; beyond the papers' "
             f"recipes): {'; '.join(processed)}. The Dice recorded at release is without it.",
+            "",
+        ]
+    cut = [f"{r['name']}: {r['threshold']:g}" for r in rows if r.get("threshold") is not None]
+    if cut:
+        lines += [
+            "Region probabilities cut at the threshold each checkpoint records (chosen on validation, beyond the "
+            f"papers' recipes; 0.5 otherwise): {'; '.join(cut)}. The Dice recorded at release is at 0.5.",
             "",
         ]
     if settings["limit"]:

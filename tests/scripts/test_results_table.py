@@ -228,6 +228,56 @@ def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkey
     assert cells["Dice recorded at release"] == "0.9000 / 0.5000 / 0.2500"
 
 
+class UnsureEdema(nn.Module):
+    """A 3D region model that is right but under-confident: WT probability 0.2 where FLAIR z > 1, else ~0."""
+
+    def __init__(self, in_channels=4, num_classes=3):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):  # [B, 4, *S] -> [B, 3, *S]: WT, TC, ET logits
+        wt = self.scale * torch.where(x[:, 3] > 1, -1.386, -20.0)  # sigmoid(-1.386) = 0.2
+        never = torch.full_like(wt, -99.0)
+        return torch.stack([wt, never, never], 1)
+
+
+def test_a_recorded_region_threshold_reaches_prediction_and_the_table_says_so(script, tmp_path, monkeypatch, capsys):
+    spec = dataset_spec("brats")
+    rng = np.random.default_rng(2)
+    shape, affine = (22, 20, 18), np.diag([2.0, 2.0, 2.0, 1.0])
+    for i in range(3):
+        brain = np.zeros(shape, bool)
+        brain[2:-2, 2:-2, 2:-2] = True
+        seg = np.zeros(shape, np.uint8)
+        seg[6 : 12 + i, 6:12, 5:11] = 2
+        images = [brain * (50 + rng.normal(0, 1, shape)) for _ in spec.modalities]
+        images[3] = images[3] + 100 * (seg > 0)
+        write_brats_case(
+            tmp_path / "data" / "brats", f"b{i}", [im.astype(np.float32) for im in images], seg, spec, affine
+        )
+    plans = preprocess_dataset(tmp_path / "data" / "brats", spec, tmp_path / "cache", PreprocessConfig((2.0, 2.0, 2.0)))
+    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: UnsureEdema())
+    split = write_split(tmp_path / "split.json", ["b0", "b1", "b2"], ["b1", "b2"])
+    wt = {}
+    for cut in (None, 0.1):
+        pre = inference_metadata(plans, (16, 16, 16), target="regions")
+        if cut is not None:
+            pre["inference"] = {**pre.get("inference", {}), "threshold": cut}
+        meta = CheckpointMeta("edema", 4, 3, preprocessing=pre, spacing=(2.0, 2.0, 2.0))
+        base = tmp_path / f"cut{cut}"
+        weights = release(base, "edema-brats", UnsureEdema(), meta, "brats", split, {"val_dice_WT": 0.0})
+        assert run(script, tmp_path / "data", weights, base / "out") == 0
+        summary = json.loads((base / "out" / "edema-brats" / "eval" / "summary.json").read_text())
+        wt[cut] = summary["regions"]["WT"]["dice"]["mean"]
+        row = json.loads((base / "out" / "results.json").read_text())["models"][0]
+        assert row["threshold"] == cut
+        markdown = (base / "out" / "results.md").read_text()
+        assert ("Region probabilities cut at the threshold each checkpoint records" in markdown) == (cut is not None)
+        assert cut is None or "edema-brats: 0.1." in markdown
+    capsys.readouterr()
+    assert wt[None] == 0.0 and wt[0.1] > 0.8  # the probabilities of 0.2 are tumour only at the recorded cut
+
+
 @pytest.fixture
 def predict_configs(script, monkeypatch):
     """The PredictConfig of every predict call the script makes (predicting as before)."""
