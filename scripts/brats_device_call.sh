@@ -50,6 +50,10 @@ done
 # with them (scripts/device_env.sh)
 source "$(dirname "$0")/device_env.sh" && device_env "$runs/cc/triton-home" || exit 1
 rwkvseg=(python3 -m rwkvseg.cli)
+# the device tool's return limits, kept once in scripts/detached_call.py: files, MiB in all; parts of 15 MiB
+read -r max_files max_mib < <(python3 -c "import sys; sys.path.insert(0, sys.argv[1])
+from detached_call import MAX_BYTES, MAX_FILES, MiB
+print(MAX_FILES, MAX_BYTES // MiB)" "$(dirname "$0")") || { echo "$0: cannot read scripts/detached_call.py" >&2; exit 1; }
 start=$(date +%s)
 train=$((seconds - final))
 minutes=$(python3 -c "print(round(max($train - 15, 0) / 60, 2))")
@@ -81,14 +85,14 @@ done
   ./*/config.json ./*/split.json ./*/summary.json ./*/final_val.json logs ./*.curves.png 2>/dev/null)
 (cd "$pack" && tar cf - evals weights runs.tar | split -b 15M - "$out/rel.tar.part")
 rm -rf "$pack"
-# the compile caches come back when they fit beside the rest (8 files and 64 MiB in all)
+# the compile caches come back when they fit beside the rest (max_files files and max_mib MiB in all)
 if [ -d "$runs/cc" ]; then
   tar cf /tmp/cc.tar -C "$runs" cc
   used=$(du -cb "$out"/* | tail -n 1 | cut -f1)
   files=$(ls "$out" | wc -l)
   size=$(stat -c %s /tmp/cc.tar)
   parts=$(((size + 15 * 1048576 - 1) / (15 * 1048576)))
-  room=$(((64 - ${RESERVE_MIB:-0}) * 1048576)) slots=$((8 - ${RESERVE_FILES:-0}))
+  room=$(((max_mib - ${RESERVE_MIB:-0}) * 1048576)) slots=$((max_files - ${RESERVE_FILES:-0}))
   if [ $((used + size)) -le "$room" ] && [ $((files + parts)) -le "$slots" ]; then
     split -b 15M /tmp/cc.tar "$out/cc.tar.part"
   else
