@@ -87,9 +87,12 @@ def write_config(path, **changes):
     return path
 
 
-@pytest.mark.parametrize("target", ["labels", "regions"])
-def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_grid(tmp_path, raw, target, capsys):
-    config = write_config(tmp_path / "c.toml", epochs=1, max_steps_per_epoch=1, **{"data.target": target})
+@pytest.mark.parametrize(("target", "threshold"), [("labels", 0.5), ("regions", 0.5), ("regions", 0.2)])
+def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_grid(
+    tmp_path, raw, target, threshold, capsys
+):
+    changes = {"data.target": target, "threshold": threshold}
+    config = write_config(tmp_path / "c.toml", epochs=1, max_steps_per_epoch=1, **changes)
     run_dir = tmp_path / "run"
     code = main(["train", str(config), "--data", str(raw), "--out", str(run_dir), "--no-progress"])
     assert code == 0 and "best validation dice" in capsys.readouterr().out
@@ -114,12 +117,16 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     assert meta.preprocessing["target"] == target and meta.preprocessing["patch_size"] == list(PATCH)
     assert meta.preprocessing["dataset"]["modalities"] == ["t1", "t1ce", "t2", "flair"]
     assert meta.training["best"]["epoch"] == 1 and meta.spacing == (2.0, 2.0, 2.0)
+    # a region run's cut other than 0.5 is recorded for prediction (0.5 is the default when none is)
+    assert meta.preprocessing["inference"].get("threshold", 0.5) == threshold
+    assert ("threshold" in meta.preprocessing["inference"]) == (threshold != 0.5)
 
     # a new case on another grid (1.5 mm, odd shape) comes back on that grid with its affine
     other = tmp_path / "other"
     write_synthetic_volumes(other, n=1, shape=(25, 29, 19), spacing=1.5, seed=9)
     (case,) = discover_cases(other, BRATS, require_label=False)
     predictor = Predictor3D.from_checkpoint(run_dir / "best", PredictConfig(mirror_axes=()))
+    assert predictor.threshold == threshold
     out = predictor.predict_to_file(case, tmp_path / "pred")
     written, source = nib.load(out), nib.load(other / "Phantom_000" / "Phantom_000_flair.nii.gz")
     assert written.shape == source.shape == (25, 29, 19)
@@ -177,6 +184,26 @@ def test_a_time_budget_stops_after_a_validated_epoch_and_leaves_a_best_checkpoin
     assert json.loads((tmp_path / "run" / FINAL_FILE).read_text())["epoch"] == 2
 
 
+class Unsure(torch.nn.Module):
+    """Every voxel in every region with probability 0.2: right where there is tumour, but under-confident."""
+
+    def forward(self, x):  # [B, 4, *S] -> [B, 3, *S]
+        return torch.full((x.shape[0], 3, *x.shape[2:]), -1.386)  # sigmoid(-1.386) = 0.2
+
+
+def test_region_validation_cuts_at_the_run_threshold(cache):
+    from rwkvseg.data.preprocess3d import load_plans
+    from rwkvseg.train.validate import SlidingWindowValidator
+
+    cases = sorted(load_plans(cache)["cases"])[:2]
+    scores = {
+        t: SlidingWindowValidator.from_cache(cache, cases, PATCH, "regions", threshold=t)(Unsure()) for t in (0.5, 0.1)
+    }
+    assert scores[0.5]["dice_WT"] == 0.0  # nothing above 0.5: every tumour missed
+    assert 0.0 < scores[0.1]["dice_WT"] < 1.0  # everything above 0.1: the whole volume is tumour
+    assert scores[0.1]["dice"] > scores[0.5]["dice"]
+
+
 def test_region_loss_is_bce_plus_sigmoid_dice_per_region():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, 4, 3)
@@ -196,6 +223,9 @@ def test_config_errors_name_the_setting(tmp_path):
         config_dims({"dims": 4})
     with pytest.raises(ValueError, match=r"does not fit data\.target = regions"):
         load_config(None, ["dims=3", "data.target=regions", "loss.name=ce_dice"])
+    with pytest.raises(ValueError, match=r"threshold = 0.3 needs data\.target = regions .* leave threshold at 0\.5"):
+        load_config(None, ["dims=3", "threshold=0.3"])
+    assert load_config(None, ["dims=3", "data.target=regions", "threshold=0.3"]).threshold == 0.3
     with pytest.raises(ValueError, match=r"unknown setting.*data\.size"):
         load_config(None, ["dims=3", "data.size=[8,8]"])
     with pytest.raises(ValueError, match=r"data\.target = 'voxels'"):

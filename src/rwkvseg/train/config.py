@@ -243,6 +243,11 @@ class TrainConfig:
     val_every x the last epoch's own duration (the estimated end of the next validation) is past the budget.
     The LR schedule still spans `epochs`, so a stopped run has not annealed fully.
 
+    threshold: the cut of the predicted probability in validation and prediction: of the foreground in a 2D binary
+    run (recorded as training.threshold), of each region's sigmoid in a 3D region run (validation, the final
+    evaluation, and recorded as preprocessing.inference.threshold when not 0.5); a 3D labels run takes the argmax
+    and keeps 0.5.
+
     compile: "auto" (the training step compiled on CUDA: under CUDA graphs in one process, in the default mode
     under DDP, rwkvseg.train.run.auto_compile_mode; eager on the CPU), "on" (the default mode), "off" or a mode
     ("reduce-overhead", "max-autotune", ...); compile_backend: "inductor", or "aot_eager" (traces, no code
@@ -303,6 +308,11 @@ class TrainConfig:
         _check_range("seed", self.seed, 0)
         _check_range("max_steps_per_epoch", self.max_steps_per_epoch, 0)
         _check_range("max_minutes", self.max_minutes, 0)
+        if self.dims == 3 and self.data.target == "labels" and self.threshold != 0.5:
+            raise ValueError(
+                f"threshold = {self.threshold:g} needs data.target = regions (sigmoid per region); a labels run "
+                "takes the argmax over classes: leave threshold at 0.5"
+            )
         if self.dims == 3 and self.data.target == "regions" and self.loss.name not in REGION_LOSSES:
             raise ValueError(
                 f"loss.name = {self.loss.name!r} does not fit data.target = regions (sigmoid per region); "

@@ -115,6 +115,7 @@ class SlidingWindowValidator:
     target: str = "labels"
     device: str | torch.device = "cpu"
     memory_format: str = "contiguous"
+    threshold: float = 0.5  # regions: the cut of each sigmoid (labels: argmax)
 
     def __post_init__(self) -> None:
         check_memory_format(self.memory_format)
@@ -130,6 +131,7 @@ class SlidingWindowValidator:
         mirror_axes: tuple[int, ...] = (),
         device: str | torch.device = "cpu",
         memory_format: str = "contiguous",
+        threshold: float = 0.5,
     ) -> SlidingWindowValidator:
         """A validator over cached cases (no mirror TTA by default: validation only ranks checkpoints)."""
         plans = load_plans(cache_dir)
@@ -140,7 +142,7 @@ class SlidingWindowValidator:
             activation="softmax" if target == "labels" else "sigmoid",
         )
         cases = [load_cached_case(cache_dir, cid, plans) for cid in case_ids]
-        return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device, memory_format)
+        return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device, memory_format, threshold)
 
     @torch.no_grad()
     def per_case(self, model: nn.Module) -> dict[str, dict[str, float]]:
@@ -156,7 +158,7 @@ class SlidingWindowValidator:
                 if self.target == "labels":
                     pred = classes_to_regions(probs.argmax(0), self.spec)  # [R, *S]
                 else:
-                    pred = probs > 0.5
+                    pred = probs > self.threshold
                 truth = classes_to_regions(torch.from_numpy(case.label), self.spec)
                 dice = overlap_scores(confusion_counts(pred, truth, batch_dims=1))["dice"]
                 names = self.spec.region_names

@@ -145,6 +145,7 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
         config.infer.val_mirror_axes,
         device,
         memory_format=config.memory_format,
+        threshold=config.threshold,
     )
     validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     names = spec.region_names if d.target == "regions" else tuple(str(v) for v in spec.label_values)
@@ -152,6 +153,8 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
         **inference_metadata(plans, d.patches.patch_size, d.target),
         "inference": {"overlap": config.infer.overlap, "mirror_axes": list(config.infer.mirror_axes)},
     }
+    if config.threshold != 0.5:  # a region run's cut (TrainConfig refuses another for labels): prediction takes it
+        preprocessing["inference"]["threshold"] = config.threshold
     meta = CheckpointMeta(
         model=config.model.name,
         in_channels=len(spec.modalities),
@@ -194,6 +197,7 @@ def final_evaluation(
         config.infer.mirror_axes,
         device,
         memory_format=config.memory_format,
+        threshold=config.threshold,
     )
     validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(config.amp, device))
