@@ -190,22 +190,29 @@ class Edema(nn.Module):
         return torch.stack([zero, never, edema, never], 1)
 
 
-def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkeypatch, capsys, caplog):
+def write_brats_cases(tmp_path: Path, seed: int, enhancing: bool) -> dict:
+    """Three 2 mm BraTS cases b0-b2 under tmp_path/data/brats (edema bright in FLAIR, optionally a small enhancing
+    core), preprocessed into tmp_path/cache; the cache's plans."""
     spec = dataset_spec("brats")
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     shape, affine = (22, 20, 18), np.diag([2.0, 2.0, 2.0, 1.0])
     for i in range(3):
         brain = np.zeros(shape, bool)
         brain[2:-2, 2:-2, 2:-2] = True
         seg = np.zeros(shape, np.uint8)
         seg[6 : 12 + i, 6:12, 5:11] = 2
-        seg[8:10, 8:10, 7:9] = 4  # enhancing tumour the model never predicts: ET Dice 0
+        if enhancing:
+            seg[8:10, 8:10, 7:9] = 4
         images = [brain * (50 + rng.normal(0, 1, shape)) for _ in spec.modalities]
         images[3] = images[3] + 100 * (seg > 0)
         write_brats_case(
             tmp_path / "data" / "brats", f"b{i}", [im.astype(np.float32) for im in images], seg, spec, affine
         )
-    plans = preprocess_dataset(tmp_path / "data" / "brats", spec, tmp_path / "cache", PreprocessConfig((2.0, 2.0, 2.0)))
+    return preprocess_dataset(tmp_path / "data" / "brats", spec, tmp_path / "cache", PreprocessConfig((2.0, 2.0, 2.0)))
+
+
+def test_a_3d_release_is_scored_per_region_on_its_cases(script, tmp_path, monkeypatch, capsys, caplog):
+    plans = write_brats_cases(tmp_path, seed=1, enhancing=True)  # enhancing tumour the model never predicts: ET 0
     meta = CheckpointMeta("edema", 4, 4, preprocessing=inference_metadata(plans, (16, 16, 16)), spacing=(2.0, 2.0, 2.0))
     monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Edema())
     split = write_split(tmp_path / "split.json", ["b0", "b1", "b2"], ["b1", "b2"])
@@ -242,20 +249,7 @@ class UnsureEdema(nn.Module):
 
 
 def test_a_recorded_region_threshold_reaches_prediction_and_the_table_says_so(script, tmp_path, monkeypatch, capsys):
-    spec = dataset_spec("brats")
-    rng = np.random.default_rng(2)
-    shape, affine = (22, 20, 18), np.diag([2.0, 2.0, 2.0, 1.0])
-    for i in range(3):
-        brain = np.zeros(shape, bool)
-        brain[2:-2, 2:-2, 2:-2] = True
-        seg = np.zeros(shape, np.uint8)
-        seg[6 : 12 + i, 6:12, 5:11] = 2
-        images = [brain * (50 + rng.normal(0, 1, shape)) for _ in spec.modalities]
-        images[3] = images[3] + 100 * (seg > 0)
-        write_brats_case(
-            tmp_path / "data" / "brats", f"b{i}", [im.astype(np.float32) for im in images], seg, spec, affine
-        )
-    plans = preprocess_dataset(tmp_path / "data" / "brats", spec, tmp_path / "cache", PreprocessConfig((2.0, 2.0, 2.0)))
+    plans = write_brats_cases(tmp_path, seed=2, enhancing=False)
     monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: UnsureEdema())
     split = write_split(tmp_path / "split.json", ["b0", "b1", "b2"], ["b1", "b2"])
     wt = {}
