@@ -779,3 +779,12 @@ def test_the_first_calls_transient_memory_is_kept_apart_from_the_rows_peak():
     row = measure(model, "infer", (1, 3, 64, 64), config, compiled=False)
     assert row["peak_mb"] < 4  # the output and cuDNN's workspace: 8 x 64^2 bf16 is 64 KiB
     assert row["first_peak_mb"] >= 64
+
+
+def test_a_training_step_sums_the_outputs_of_a_model_with_deep_supervision():
+    torch.manual_seed(0)
+    model = create_model("mmsegrwkv_test", 4, 3, deep_supervision=2)
+    step = make_step(model, "train", (1, 4, 20, 30, 50), ModelBenchConfig(dims=3), False)
+    before = {n: p.detach().clone() for n, p in model.aux_heads.named_parameters()}
+    step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.aux_heads.named_parameters())  # the heads trained

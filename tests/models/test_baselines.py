@@ -76,3 +76,17 @@ def test_baseline_overrides_are_checked():
         create_model("unet_test", 4, 3, net="SegResNet")
     with pytest.raises(ValueError, match=r"CMUNeXtConfig\.dims must list 5 stages"):
         create_model("cmunext_test", 3, 1, dims=[4, 8, 8, 16])
+
+
+def test_dynunet_deep_supervision_returns_its_heads_in_training_only():
+    torch.manual_seed(0)
+    net = create_model("dynunet", 4, 3, filters=(4, 8, 8, 16, 16, 16), deep_supervision=True, deep_supr_num=2)
+    x = torch.randn(1, 4, 32, 64, 32)
+    outputs = net.train()(x)
+    assert isinstance(outputs, tuple) and len(outputs) == 3
+    assert all(o.shape == (1, 3, 32, 64, 32) for o in outputs)
+    with torch.no_grad():
+        main = net.eval()(x)
+    assert isinstance(main, torch.Tensor) and main.shape == (1, 3, 32, 64, 32)
+    sum(o.square().mean() for o in outputs).backward()
+    assert all(p.grad is not None for p in net.net.deep_supervision_heads.parameters())

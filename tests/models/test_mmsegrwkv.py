@@ -129,6 +129,37 @@ def test_drop_path_rises_over_the_blocks_is_identity_in_eval_and_loads_the_same_
     assert dropped.encoder.stages[3].blocks[0].spatial.decay.grad is not None
 
 
+def test_deep_supervision_adds_upsampled_heads_in_training_only_and_keeps_the_main_output():
+    plain = _tiny()
+    torch.manual_seed(0)
+    supervised = create_model("mmsegrwkv_test", 4, 3, deep_supervision=2)
+    extra = set(supervised.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("aux_heads.") for k in extra)  # only the two heads' parameters are new
+    supervised.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 4, 20, 30, 50)  # padded to 32 x 32 x 64 inside: the heads are cropped back
+    with torch.no_grad():
+        main = plain.eval()(x)
+        assert torch.equal(supervised.eval()(x), main)  # eval: the main logits alone
+    outputs = supervised.train()(x)
+    assert isinstance(outputs, tuple) and len(outputs) == 3
+    assert all(o.shape == (1, 3, 20, 30, 50) for o in outputs)
+    torch.testing.assert_close(outputs[0], plain.train()(x))  # the heads do not change the main path
+    # the 1/4 head: its 1x1x1 logits on the 1/4 decoder map, upsampled trilinearly to the padded size and cropped
+    captured = {}
+    supervised.dec2.register_forward_hook(lambda module, args, out: captured.setdefault("y4", out))
+    outputs = supervised(x)
+    expected = torch.nn.functional.interpolate(
+        supervised.aux_heads[0](captured["y4"]), size=(32, 32, 64), mode="trilinear"
+    )
+    torch.testing.assert_close(outputs[1], expected[:, :, :20, :30, :50])
+    sum(o.square().mean() for o in outputs).backward()
+    assert all(p.grad is not None for p in supervised.aux_heads.parameters())
+    one = create_model("mmsegrwkv_test", 4, 3, deep_supervision=1)
+    assert len(one.train()(x)) == 2 and len(one.aux_heads) == 1
+    with pytest.raises(ValueError, match=r"deep_supervision = 3: 0 \(off, the paper's model\), 1 .* or 2"):
+        create_model("mmsegrwkv_test", 4, 3, deep_supervision=3)
+
+
 def test_fast_norm_swaps_every_instance_norm_and_keeps_the_state_dict_keys():
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in _tiny().modules())
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from rwkvseg.data.volumes import discover_cases
 from rwkvseg.files import file_sha256
 from rwkvseg.infer.predict import PredictConfig
 from rwkvseg.infer.predict3d import Predictor3D
+from rwkvseg.models import create_model
 from rwkvseg.train.config import LossConfig, TrainConfig, VolumeDataConfig, config_dims, load_config, read_config_file
 from rwkvseg.train.losses import RegionLoss
 from rwkvseg.train.train import train
@@ -215,6 +216,38 @@ def test_region_loss_is_bce_plus_sigmoid_dice_per_region():
     loss = RegionLoss(LossConfig(name="auto", ce_weight=0.5, dice_weight=2.0))(logits, target)
     torch.testing.assert_close(loss, 0.5 * bce + 2.0 * dice.mean())
     torch.testing.assert_close(RegionLoss(LossConfig(name="dice"))(logits, target), dice.mean())
+
+
+def test_deep_supervision_loss_halves_the_weight_per_level_and_passes_one_output_through():
+    from rwkvseg.data.specs import dataset_spec
+    from rwkvseg.train.losses import build_loss
+
+    torch.manual_seed(0)
+    target = (torch.rand(2, 3, 5, 4, 3) > 0.6).float()
+    main, aux1, aux2 = (torch.randn(2, 3, 5, 4, 3) for _ in range(3))
+    loss = build_loss(LossConfig(name="bce_dice"), dataset_spec("brats"), "regions")
+    plain = RegionLoss(LossConfig(name="bce_dice"))
+    torch.testing.assert_close(loss(main, target), plain(main, target))  # a model without deep supervision
+    expected = (plain(main, target) + 0.5 * plain(aux1, target) + 0.25 * plain(aux2, target)) / 1.75
+    torch.testing.assert_close(loss((main, aux1, aux2), target), expected)
+    torch.testing.assert_close(loss((main,), target), plain(main, target))
+
+
+def test_a_deep_supervision_run_trains_its_heads_and_its_checkpoint_predicts_the_main_output(tmp_path, cache):
+    overrides = [f"data.root={cache}", f"out={tmp_path / 'run'}", "epochs=1", "max_steps_per_epoch=2"]
+    overrides += ["infer.mirror_axes=[]", "data.target=regions", "model.overrides.deep_supervision=2"]
+    progress = train(load_config(write_config(tmp_path / "c.toml"), overrides))
+    assert progress.best_epoch == 1 and np.isfinite(progress.history[0]["train_loss"])
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    names = [n for n, _ in create_model("mmsegrwkv_test", 4, 3, deep_supervision=2).named_parameters()]
+    momentum = {names[i]: v["momentum_buffer"] for i, v in state["optimizer"]["state"].items()}  # SGD, in order
+    heads = [n for n in names if n.startswith("aux_heads.")]
+    assert len(heads) == 4 and all(momentum[n].abs().sum() > 0 for n in heads)  # the heads' losses reached them
+    meta = read_meta(tmp_path / "run" / "best")
+    assert meta.model_overrides["deep_supervision"] == 2
+    predictor = Predictor3D.from_checkpoint(tmp_path / "run" / "best", PredictConfig(mirror_axes=()))
+    x = torch.randn(1, 4, *PATCH)
+    assert predictor.model(x).shape == (1, 3, *PATCH)  # eval: the main logits alone
 
 
 def test_config_errors_name_the_setting(tmp_path):

@@ -221,7 +221,7 @@ def _step_fn(
     model: nn.Module, runner: Callable[..., Any], phase: str, x: torch.Tensor, device: torch.device, amp: bool
 ) -> Callable[[], Any]:
     """One inference call of runner (model itself, or model compiled), or one training step (loss = mean of the
-    logits, backward, SGD step on model's parameters)."""
+    logits, summed over the outputs of a model with deep supervision; backward, SGD step on model's parameters)."""
     if phase == "infer":
         model.eval()
 
@@ -235,7 +235,8 @@ def _step_fn(
 
     def train() -> None:
         with _autocast(device, amp):
-            loss = runner(x).float().mean()
+            out = runner(x)
+            loss = sum(o.float().mean() for o in (out if isinstance(out, tuple) else (out,)))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

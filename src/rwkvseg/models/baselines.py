@@ -134,7 +134,9 @@ class MonaiBaseline(nn.Module):
                 f"norm), got {size}; use at least {2 * self.coarse} along one axis"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """Logits [B, K, *S]; a net with deep supervision (DynUNet's deep_supervision=True) in training also
+        returns its upsampled auxiliary logits, main first, as a tuple."""
         if x.dim() != 2 + self.spatial_dims:
             axes = ("H, W", "T, H, W")[self.spatial_dims - 2]
             raise ValueError(f"{self.name} expects [B, C, {axes}], got shape {tuple(x.shape)}")
@@ -142,8 +144,12 @@ class MonaiBaseline(nn.Module):
         x, size = pad_to_multiple(x, self.pad_multiple)
         if torch.compiler.is_compiling() and isinstance(self.net, TRACED_THROUGH):
             with torch._dynamo.dont_skip_tracing():
-                return crop_to(self.net(x), size)
-        return crop_to(self.net(x), size)
+                out = self.net(x)
+        else:
+            out = self.net(x)
+        if out.dim() == 3 + self.spatial_dims:  # DynUNet in training: [B, 1 + heads, K, *S] -> main, *auxiliary
+            return tuple(crop_to(o, size) for o in out.unbind(1))
+        return crop_to(out, size)
 
 
 def _net_class(name: str) -> type[nn.Module]:

@@ -64,6 +64,11 @@ class MMSegRWKVConfig:
     # weights load either way. A lever against overfitting small training sets: on 13 BraTS cases MMSegRWKV's
     # validation peaked within the first epochs while DynUNet kept rising (session 34)
     drop_path: float = 0.0
+    # deep supervision, beyond the paper (0: off, as published): in training the model also returns logits from
+    # its 1/4 (1) and 1/8 (2) decoder maps, each through its own 1x1x1 head and upsampled trilinearly to the input
+    # size (train/losses.py weights them 1/2, 1/4 of the main output's loss); in eval only the main logits. The
+    # heads are parameters, so a checkpoint loads into a model with the same setting
+    deep_supervision: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -79,6 +84,11 @@ class MMSegRWKVConfig:
             raise ValueError(f"windows, depths and widths must all be >= 1, got {self}")
         if not 0 <= self.drop_path < 1:
             raise ValueError(f"drop_path = {self.drop_path!r} must be in [0, 1) (0: off, the paper's model)")
+        if self.deep_supervision not in (0, 1, 2):
+            raise ValueError(
+                f"deep_supervision = {self.deep_supervision!r}: 0 (off, the paper's model), 1 (the 1/4 decoder map) "
+                "or 2 (the 1/4 and 1/8 maps)"
+            )
 
     @property
     def stride(self) -> int:
@@ -181,6 +191,9 @@ class MMSegRWKV(nn.Module):
         self.dec1 = up(w[1], fr, 4)  # 1/4 -> full resolution, + enc1
         self.dec0 = basic(fr, fr)
         self.head = UnetOutBlock(3, fr, cfg.num_classes)
+        # deep supervision: heads on the 1/4 (dec2: w[1] channels) and 1/8 (dec3: w[2]) decoder maps
+        aux_widths = (w[1], w[2])[: cfg.deep_supervision]
+        self.aux_heads = nn.ModuleList(UnetOutBlock(3, c, cfg.num_classes) for c in aux_widths)
         if cfg.fast_norm:
             use_fast_instance_norm(self)
         if cfg.fused_norm:
@@ -201,7 +214,9 @@ class MMSegRWKV(nn.Module):
             padded[-1] += s
         return tuple(padded)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """Logits [B, K, T, H, W]; in training with deep supervision also one [B, K, T, H, W] per auxiliary head
+        (main first)."""
         if x.dim() != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(
                 f"MMSegRWKV expects [B, {self.cfg.in_channels}, T, H, W] (modalities as channels), got {tuple(x.shape)}"
@@ -214,11 +229,17 @@ class MMSegRWKV(nn.Module):
         s1, s2, s3, s4 = self.encoder(x)
         enc1 = self.enc1(x)
         y = self.dec4(self.bottleneck(s4), self.enc4(s3))  # 1/32 -> 1/16
-        y = self.dec3(y, self.enc3(s2))  # -> 1/8
-        y = self.dec2(y, self.enc2(s1))  # -> 1/4
-        y = self.dec0(self.dec1(y, enc1))  # -> full resolution
-        y = self.head(y)
-        return y[:, :, : size[0], : size[1], : size[2]]
+        y8 = self.dec3(y, self.enc3(s2))  # -> 1/8
+        y4 = self.dec2(y8, self.enc2(s1))  # -> 1/4
+        y = self.dec0(self.dec1(y4, enc1))  # -> full resolution
+        y = self.head(y)[:, :, : size[0], : size[1], : size[2]]
+        if not (self.training and self.aux_heads):
+            return y
+        aux = [
+            F.interpolate(head(m), size=padded, mode="trilinear")[:, :, : size[0], : size[1], : size[2]]
+            for head, m in zip(self.aux_heads, (y4, y8), strict=False)  # [B, K, T/4 or /8, ...] -> [B, K, T, H, W]
+        ]
+        return (y, *aux)
 
 
 FAMILY = Family.of_config(MMSegRWKV, MMSegRWKVConfig, VARIANTS)

@@ -82,8 +82,26 @@ class RegionLoss(nn.Module):
         return loss
 
 
+class DeepSupervisionLoss(nn.Module):
+    """loss(logits, target) for one output; for a tuple (main, aux1, aux2, ...) from a model with deep supervision,
+    the weighted sum with weights 1, 1/2, 1/4, ... divided by their sum (nnU-Net's halving per level; one output
+    keeps the loss as it is). Every output is at the target's size."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        weights = [0.5**i for i in range(len(outputs))]
+        total = sum(w * self.loss(o, target) for w, o in zip(weights, outputs, strict=True))
+        return total / sum(weights)
+
+
 def build_loss(config: LossConfig, spec: DatasetSpec, target: str) -> nn.Module:
-    """The loss of a 3D run: RegionLoss for target "regions", else SegmentationLoss over the label classes."""
+    """The loss of a 3D run: RegionLoss for target "regions", else SegmentationLoss over the label classes; over
+    every output of a model with deep supervision (DeepSupervisionLoss)."""
     if target == "regions":
-        return RegionLoss(config)
-    return SegmentationLoss(spec.num_classes, config)
+        return DeepSupervisionLoss(RegionLoss(config))
+    return DeepSupervisionLoss(SegmentationLoss(spec.num_classes, config))
