@@ -114,7 +114,9 @@ def lead(state: Path, command: list[str]) -> int:
 
 def _tail(state: Path, lines: int) -> str:
     log = state / "log"
-    return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]) if log.is_file() else ""
+    if lines == 0 or not log.is_file():
+        return ""
+    return "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
 
 
 def where(state: Path) -> tuple[bool, str]:
@@ -221,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     f.add_argument("--exclude", action="append", default=[], help="file-name pattern --pack leaves out")
     f.add_argument("--reserve-files", type=int, default=0, help="files of the return kept for the caller")
     f.add_argument("--reserve-mib", type=int, default=0, help="MiB of the return kept for the caller")
-    f.add_argument("--lines", type=int, default=5, help="last lines of the log to print (default 5)")
+    f.add_argument("--lines", type=int, default=5, help="last lines of the log to print (default 5; 0: none)")
     s = sub.add_parser("stop", help="SIGINT to the command's group, then kill it after --grace seconds")
     s.add_argument("state", type=Path)
     s.add_argument("--grace", type=float, default=60.0, help="seconds to wait after SIGINT (default 60)")
@@ -238,6 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise Usage(f"{', '.join(missing)}: not found (paths from the current folder)")
         if not 0 <= args.reserve_files <= MAX_FILES or not 0 <= args.reserve_mib <= MAX_BYTES // MiB:
             raise Usage(f"--reserve-files is 0-{MAX_FILES} and --reserve-mib 0-{MAX_BYTES // MiB}")
+        if args.lines < 0:
+            raise Usage(f"--lines {args.lines}: give 0 (no log lines) or more")
     return args
 
 

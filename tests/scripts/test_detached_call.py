@@ -67,6 +67,8 @@ def test_start_follow_stop_a_detached_command(tmp_path):
     assert stopped.returncode == 0 and "ended, exit status 130" in stopped.stdout
     followed = call(tmp_path, "follow", "state", "--seconds", "0")
     assert followed.returncode == 0 and "stopped after epoch 1" in followed.stdout
+    quiet = call(tmp_path, "follow", "state", "--seconds", "0", "--lines", "0")  # where it stands, no log lines
+    assert quiet.returncode == 0 and "ended" in quiet.stdout and "epoch 1" not in quiet.stdout
     assert (tmp_path / "state" / "exit").read_text().strip() == "130"
 
     # ended: the same STATE starts a new command, whose exit status is recorded when it ends
@@ -133,6 +135,8 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "missing.bin: not found" in result.stderr
     result = call(tmp_path, "follow", "state", "--send", "x")
     assert result.returncode == 2 and "--send and --pack need --out" in result.stderr
+    result = call(tmp_path, "follow", "state", "--lines", "-1")
+    assert result.returncode == 2 and "--lines -1: give 0 (no log lines) or more" in result.stderr
 
 
 def test_stop_kills_a_command_that_ignores_sigint(tmp_path):
