@@ -214,19 +214,20 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
     from ..data.images2d import list_inputs
     from ..export.runtime import BATCH_SIZE, OnnxPredictor, predict_files
     from ..files import output_folder
+    from ..infer.predict import refuse_other_dims_options
 
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--runtime onnx needs an exported .onnx file, got {model}; make one with `rwkvseg export`")
-    from ..infer.predict import refuse_other_dims_options
-
     predictor = OnnxPredictor(model, threads=args.threads)
     refuse_more_modalities(args, predictor.dims == 3)
-    refuse_other_dims_options(config, predictor.dims)  # 3D: Predictor3D refuses them again, the same way
-    if predictor.dims == 2 and (config.overlays or config.probabilities):
-        raise ValueError(
-            "--overlay, --probabilities: --runtime onnx writes masks only; drop them, or predict with the checkpoint"
-        )
-    if predictor.dims == 2:  # as the checkpoint path: given, else the recorded defaults (3D: the sliding window's)
+    if predictor.dims == 2:  # 3D: Predictor3D refuses the 2D options itself
+        refuse_other_dims_options(config, 2)
+        if config.overlays or config.probabilities:
+            raise ValueError(
+                "--overlay, --probabilities: --runtime onnx writes masks only; drop them, or predict with the "
+                "checkpoint"
+            )
+        # as the checkpoint path: given, else the recorded defaults (3D: the sliding window's)
         from ..infer.postprocess import chosen_postprocess
         from ..infer.predict2d import log_recorded_flips, recorded_mirror_axes
 

@@ -7,6 +7,7 @@ Targets are label maps [B, 1, *spatial] (float or int); logits are [B, K, *spati
 from __future__ import annotations
 
 import torch
+from monai import losses as monai_losses
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
@@ -82,21 +83,14 @@ class RegionLoss(nn.Module):
         return loss
 
 
-class DeepSupervisionLoss(nn.Module):
-    """loss(logits, target) for one output; for a tuple (main, aux1, aux2, ...) from a model with deep supervision,
-    the weighted sum with weights 1, 1/2, 1/4, ... divided by their sum (nnU-Net's halving per level; one output
-    keeps the loss as it is). Every output is at the target's size."""
+class DeepSupervisionLoss(monai_losses.DeepSupervisionLoss):
+    """MONAI's wrapper over the outputs of a model with deep supervision (main, aux1, aux2, ...: weights 1, 1/2,
+    1/4, nnU-Net's halving per level; one tensor passes straight to the loss), the weights divided by their sum so
+    that the loss keeps the scale of one output's."""
 
-    def __init__(self, loss: nn.Module) -> None:
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, outputs: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
-        if isinstance(outputs, torch.Tensor):
-            return self.loss(outputs, target)
-        weights = [0.5**i for i in range(len(outputs))]
-        total = sum(w * self.loss(o, target) for w, o in zip(weights, outputs, strict=True))
-        return total / sum(weights)
+    def get_weights(self, levels: int = 1) -> list[float]:
+        weights = super().get_weights(levels)
+        return [w / sum(weights) for w in weights]
 
 
 def build_loss(config: LossConfig, spec: DatasetSpec, target: str) -> nn.Module:
