@@ -54,8 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--compile",
         default="auto",
         metavar="MODE",
-        help="compile the model: auto (on CUDA, the default), on, off, or a torch.compile mode (frozen on the CPU, "
-        "and for 2D models on CUDA: the weights become constants of the graph; the first call takes longer)",
+        help="compile the model: auto (on CUDA, the default), on, off, or a torch.compile mode (frozen on the CPU "
+        "and on CUDA: the weights become constants of the graph; the first call takes longer)",
     )
     p.add_argument("--compile-backend", default="inductor", metavar="NAME", help="inductor (default) or aot_eager")
     p.add_argument(

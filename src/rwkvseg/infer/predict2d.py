@@ -235,7 +235,7 @@ def predict_2d(
         log.info("post-processing each mask: %s", postprocess.spelling())
     module_to(model, memory_format, 2)  # before compiling, which specializes on the parameters' strides
     for_precision(model, precision)  # bf16: the weights held in bf16 before compiling, as the graph will read them
-    frozen = prediction_freezes(device, 2)
+    frozen = prediction_freezes(device)
     model = maybe_compile(model, compile, device, "the model", compile_backend, freeze=frozen)
     predictor = mirrored(in_precision(fed_in(model, memory_format), precision, device), mirror_axes)
     pre = Preprocessing2D.from_meta(meta)

@@ -127,7 +127,7 @@ class Predictor3D:
             raise ValueError("this checkpoint was not trained on 3D volumes (preprocessing.dims != 3)")
         self.model = module_to(placed(model, options.device).eval(), options.memory_format, 3)  # before compiling
         for_precision(self.model, options.precision)  # bf16: convolution and linear weights held in bf16
-        frozen = prediction_freezes(options.device, 3)
+        frozen = prediction_freezes(options.device)
         compiled = maybe_compile(
             self.model, options.compile, options.device, "the model", options.compile_backend, freeze=frozen
         )
