@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH]
-        [--eval-mirror-axes AXES] [--weights-dir DIR] [--postprocess SPEC --postprocess-evidence TEXT]
+        [--eval-mirror-axes AXES] [--eval-threshold T] [--weights-dir DIR] [--postprocess SPEC --postprocess-evidence TEXT]
         [--mirror-axes AXES --mirror-evidence TEXT] [--threshold T --threshold-evidence TEXT] [--note NAME TEXT ...]
 
 NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
@@ -12,7 +12,8 @@ from that run's best checkpoint as int8 weights in the weights folder (default t
 `rwkvseg.released.export_release(RUNS/<dataset>-<arch>/best, NAME, WEIGHTS, precision="int8")`. EVALS holds one
 evaluation per run of the campaign and per release, all predicted the same way on the split's validation cases VAL
 (`--eval-mirror-axes` names the TTA they used, e.g. 0,1,2 for `rwkvseg predict --device cuda`, which takes the
-checkpoint's axes; default none, what `rwkvseg predict` does on the CPU; summary.json does not record it):
+checkpoint's axes; default none, what `rwkvseg predict` does on the CPU; `--eval-threshold` the region cut they used,
+default 0.5; summary.json records neither):
     rwkvseg predict RUNS/brats2018-VARIANT/best.safetensors VAL --out P && rwkvseg evaluate P VAL --out EVALS/eval-VARIANT
     rwkvseg predict --model NAME VAL --out Q && rwkvseg evaluate Q VAL --out EVALS/eval-NAME
 Each NAME gets a card (<name>.md: model, data, recipe, schedule; Dice and HD95 per region during training, with
@@ -363,7 +364,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         overlap=inference["overlap"],
         output="softmax" if pre["target"] == "labels" else "sigmoid per region",
         tta=tta_text(inference["mirror_axes"] if args.mirror_axes is None else args.mirror_axes, args.mirror_evidence),
-        eval_tta=f"mirror TTA on axes {args.eval_mirror_axes}" if args.eval_mirror_axes else "no TTA",
+        eval_tta=eval_text(args),
         regions=", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
         size_mb=size_mb,
         fp16_mb=fp16_mb,
@@ -426,6 +427,11 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         chosen["postprocess"] = args.postprocess.spelling()
     if args.mirror_axes is not None:
         chosen["mirror_axes"] = list(args.mirror_axes)
+    if args.eval_threshold != 0.5 and pre["target"] != "regions":
+        raise Refused(
+            f"{name}: --eval-threshold {args.eval_threshold:g} names a cut of region probabilities, and this model "
+            "predicts labels (argmax over classes): drop --eval-threshold"
+        )
     if args.threshold is not None:
         if pre["target"] != "regions":
             raise Refused(
@@ -444,6 +450,12 @@ def tta_text(axes: list[int] | tuple[int, ...], evidence: str) -> str:
         return f"no mirror TTA by default (`--mirror-axes 0,1,2` asks for it){chosen}"
     spelled = ",".join(map(str, axes))
     return f"mirror TTA on axes {spelled} by default on a GPU (none on the CPU unless `--mirror-axes`){chosen}"
+
+
+def eval_text(args: argparse.Namespace) -> str:
+    """How EVALS were predicted, for the card: the flips and, when not 0.5, the region threshold."""
+    text = f"mirror TTA on axes {args.eval_mirror_axes}" if args.eval_mirror_axes else "no TTA"
+    return text if args.eval_threshold == 0.5 else f"{text}, region threshold {args.eval_threshold:g}"
 
 
 def postprocess_row(args: argparse.Namespace) -> str:
@@ -503,6 +515,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="the --mirror-axes the evaluations were predicted with, e.g. 0,1,2 (default: none, `rwkvseg predict`'s "
         "choice on the CPU); the card says so, as summary.json does not record it",
+    )
+    p.add_argument(
+        "--eval-threshold",
+        type=threshold_option,
+        default=0.5,
+        help="the --threshold the evaluations were predicted with (region models; default 0.5); the card says so",
     )
     p.add_argument("--weights-dir", type=Path, default=None, help="the released models' folder (default the package's)")
     p.add_argument(

@@ -307,6 +307,9 @@ def test_a_region_threshold_chosen_on_validation_is_recorded_and_refused_for_a_l
     assert script.main([*release_args(copy, copy / "weights", name), *options]) == 2
     assert "--threshold 0.1 cuts region probabilities, and this model predicts labels" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (copy / "weights").iterdir()} == files
+    assert script.main([*release_args(copy, copy / "weights", name), "--eval-threshold", "0.1"]) == 2
+    assert "--eval-threshold 0.1 names a cut of region probabilities" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (copy / "weights").iterdir()} == files
     # the same run trained with region targets
     for path in (copy / "runs" / "brats2018-mmsegrwkv_small" / "best.json", sidecar):
         meta = json.loads(path.read_text())
@@ -321,6 +324,11 @@ def test_a_region_threshold_chosen_on_validation_is_recorded_and_refused_for_a_l
     }
     card = (copy / "weights" / f"{name}.md").read_text()
     assert "| threshold | each region's sigmoid cut at 0.1 by default (recorded as" in card and evidence in card
+    assert "- fp32 and int8: `rwkvseg predict` (no TTA) and" in card  # evaluations at 0.5 unless told
+    # evaluations predicted at the chosen cut: the card says so
+    assert script.main([*release_args(copy, copy / "weights", name), *options, "--eval-threshold", "0.1"]) == 0
+    card = (copy / "weights" / f"{name}.md").read_text()
+    assert "- fp32 and int8: `rwkvseg predict` (no TTA, region threshold 0.1) and" in card
     capsys.readouterr()
     for bad, message in [
         (["--threshold", "0.1"], "--threshold needs --threshold-evidence"),
