@@ -48,13 +48,13 @@ def urwkv_test_prediction(tmp_path, monkeypatch, wrap) -> list[str]:
     rng = np.random.default_rng(1)
     for i, shape in enumerate([(40, 50), (33, 21)]):
         save_png(tmp_path / "in" / f"x{i}.png", rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
-    load = predict2d.load_checkpoint
+    load = predict2d.load_checkpoints
 
     def spied_load(*args, **kwargs):
         model, meta = load(*args, **kwargs)
         return wrap(model), meta
 
-    monkeypatch.setattr(predict2d, "load_checkpoint", spied_load)
+    monkeypatch.setattr(predict2d, "load_checkpoints", spied_load)
     return ["predict", str(ck), str(tmp_path / "in"), "--probabilities", "--compile", "off", "--mirror-axes", "1"]
 
 

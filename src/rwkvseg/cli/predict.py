@@ -14,13 +14,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
         help="masks for an image or a folder of images, from a checkpoint or a released model",
-        usage="rwkvseg predict (CHECKPOINT | --model NAME) INPUT --out OUT [options]",
+        usage="rwkvseg predict (CHECKPOINT [CHECKPOINT ...] | --model NAME) INPUT --out OUT [options]",
     )
     p.add_argument(
         "sources",
         nargs="+",
-        metavar="[CHECKPOINT] INPUT",
-        help="a checkpoint (.safetensors with its .json sidecar) and an image file or folder; "
+        metavar="[CHECKPOINT ...] INPUT",
+        help="a checkpoint (.safetensors with its .json sidecar) and an image file or folder; several checkpoints "
+        "of one task predict as an ensemble (their probabilities averaged, e.g. the folds of a cross-validation); "
         "with --model only the input",
     )
     p.add_argument("--model", default=None, help="a released model by name instead of a checkpoint (rwkvseg models)")
@@ -125,17 +126,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def checkpoint_and_input(args: argparse.Namespace) -> tuple[str, str]:
-    """(checkpoint, input) from `CHECKPOINT INPUT` or `--model NAME INPUT`."""
+def checkpoints_and_input(args: argparse.Namespace) -> tuple[list[str], str]:
+    """(checkpoints, input) from `CHECKPOINT [CHECKPOINT ...] INPUT` or `--model NAME INPUT`."""
     if args.model:
         if len(args.sources) != 1:
             raise ValueError(f"with --model {args.model} give only the input, got {args.sources}")
         from ..released import released_checkpoint
 
-        return str(released_checkpoint(args.model)), args.sources[0]
-    if len(args.sources) != 2:
+        return [str(released_checkpoint(args.model))], args.sources[0]
+    if len(args.sources) < 2:
         raise ValueError(f"give a checkpoint and an input (or --model NAME and an input), got {args.sources}")
-    return args.sources[0], args.sources[1]
+    return args.sources[:-1], args.sources[-1]
 
 
 def mirror_axes(text: str | None) -> tuple[int, ...] | None:
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from ..infer.predict import PredictConfig, is_3d_checkpoint, predict
     from ._options import device_name
 
-    checkpoint, source = checkpoint_and_input(args)
+    checkpoints, source = checkpoints_and_input(args)
     config = PredictConfig(
         device=device_name(args.device),
         overwrite=args.overwrite,
@@ -188,12 +189,18 @@ def run(args: argparse.Namespace) -> int:
                 f"--precision {config.precision} is for checkpoints; --runtime onnx runs the exported file as it was "
                 "exported (float32, or its int8 export): drop --precision"
             )
-        return _run_onnx(args, checkpoint, source, config)
-    volumes = is_3d_checkpoint(checkpoint)
+        if len(checkpoints) > 1:
+            raise ValueError(
+                f"--runtime onnx runs one exported file, got {len(checkpoints)} ({', '.join(checkpoints)}); ensemble "
+                "the checkpoints with the torch runtime"
+            )
+        return _run_onnx(args, checkpoints[0], source, config)
+    volumes = is_3d_checkpoint(checkpoints)
     refuse_more_modalities(args, volumes)
     inputs = [source, *args.more_modalities] if volumes else [source]
-    written = predict(checkpoint, inputs, args.out, config)
-    print(f"wrote {len(written)} {'label volumes' if volumes else 'masks'} to {args.out}")
+    written = predict(checkpoints, inputs, args.out, config)
+    members = f" (an ensemble of {len(checkpoints)} checkpoints)" if len(checkpoints) > 1 else ""
+    print(f"wrote {len(written)} {'label volumes' if volumes else 'masks'} to {args.out}{members}")
     return 0
 
 

@@ -16,6 +16,7 @@ from ..compiling import check_compile
 from ..files import output_folder
 from ..memory_format import check_memory_format
 from ..records import recorded_threshold
+from .ensemble import Given, checkpoint_list
 from .postprocess import PostProcess
 from .precision import check_precision
 
@@ -97,14 +98,16 @@ def refuse_other_dims_options(config: PredictConfig, dims: int) -> None:
         )
 
 
-def is_3d_checkpoint(checkpoint: str | Path) -> bool:
-    return read_meta(checkpoint).preprocessing.get("dims") == 3
+def is_3d_checkpoint(checkpoint: Given) -> bool:
+    """Whether the checkpoint (an ensemble's first member) predicts volumes."""
+    return read_meta(checkpoint_list(checkpoint)[0]).preprocessing.get("dims") == 3
 
 
 def predict(
-    checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path, config: PredictConfig = PredictConfig()
+    checkpoint: Given, inputs: Sequence[str | Path], out: str | Path, config: PredictConfig = PredictConfig()
 ) -> list[Path]:
-    """Predict every image / case in inputs into out; returns the label files written.
+    """Predict every image / case in inputs into out; returns the label files written. checkpoint: one, or several
+    predicting as one ensemble (infer.ensemble: their probabilities averaged).
 
     2D: one image file or folder. 3D: case folders (BraTS, MSD / nnU-Net with dataset.json, DICOM), one 4-D file
     or one 3-D file per modality; channels are matched by name to the checkpoint's modalities (config.modalities
@@ -115,7 +118,7 @@ def predict(
         return _predict(checkpoint, inputs, folder, config)
 
 
-def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, config: PredictConfig) -> list[Path]:
+def _predict(checkpoint: Given, inputs: Sequence[str | Path], out: Path, config: PredictConfig) -> list[Path]:
     if is_3d_checkpoint(checkpoint):
         from .predict3d import predict_paths
 
@@ -126,8 +129,9 @@ def _predict(checkpoint: str | Path, inputs: Sequence[str | Path], out: Path, co
     if len(inputs) != 1:
         raise ValueError(f"a 2D checkpoint predicts one image file or folder, got {len(inputs)} inputs")
     threshold = config.threshold
-    if threshold is None:
-        threshold = recorded_threshold(read_meta(checkpoint).training.get("threshold"), f"the sidecar of {checkpoint}")
+    if threshold is None:  # an ensemble's members record the same (infer.ensemble.check_members)
+        first = checkpoint_list(checkpoint)[0]
+        threshold = recorded_threshold(read_meta(first).training.get("threshold"), f"the sidecar of {first}")
     return predict_2d(
         checkpoint,
         inputs[0],

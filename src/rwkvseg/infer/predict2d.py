@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..checkpoint import load_checkpoint
 from ..compiling import maybe_compile, prediction_freezes
 from ..data.images2d import list_inputs, read_image
 from ..files import atomic_write, refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import Preprocessing2D
+from .ensemble import Given, load_checkpoints
 from .postprocess import PostProcess, check_postprocess, chosen_postprocess
 from .postprocess import postprocess as postprocess_labels
 from .precision import check_precision, for_precision, in_precision
@@ -198,7 +198,7 @@ def output_paths(inputs: Sequence[Path], out: Path, overlays: bool, probs: bool,
 
 
 def predict_2d(
-    checkpoint: str | Path,
+    checkpoint: Given,
     inputs: str | Path,
     out: str | Path,
     *,
@@ -225,7 +225,7 @@ def predict_2d(
     if mirror_axes is not None:
         check_mirror_axes(mirror_axes)  # before loading: a bad option fails fast
     check_precision(precision, device)
-    model, meta = load_checkpoint(checkpoint, device)
+    model, meta = load_checkpoints(checkpoint, device)  # several: one ensemble (infer.ensemble)
     inference = meta.preprocessing.get("inference")
     given, mirror_axes = mirror_axes, recorded_mirror_axes(mirror_axes, inference, f"the sidecar of {checkpoint}")
     log_recorded_flips(given, mirror_axes)

@@ -39,6 +39,7 @@ from ..devices import placed
 from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION, recorded_threshold
+from .ensemble import Given, load_checkpoints
 from .postprocess import check_postprocess, chosen_postprocess, et_min_voxels_at, postprocess
 from .precision import for_precision, in_precision
 from .predict import PredictConfig, refuse_other_dims_options
@@ -183,11 +184,10 @@ class Predictor3D:
         return value
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str, options: PredictConfig | None = None) -> Predictor3D:
-        from ..checkpoint import load_checkpoint
-
+    def from_checkpoint(cls, path: Given, options: PredictConfig | None = None) -> Predictor3D:
+        """From one checkpoint, or several predicting as one ensemble (infer.ensemble)."""
         options = options or PredictConfig()
-        model, meta = load_checkpoint(path, device=options.device)
+        model, meta = load_checkpoints(path, device=options.device)
         return cls(model, meta.preprocessing, options)
 
     def predict_case(self, case: CaseFiles) -> tuple[np.ndarray, Volume]:
@@ -263,7 +263,7 @@ def prediction_cases(
 
 
 def predict_paths(
-    checkpoint: Path | str,
+    checkpoint: Given,
     inputs: Sequence[Path | str],
     out_dir: Path | str,
     options: PredictConfig | None = None,
