@@ -55,3 +55,43 @@ def test_bad_split_files(tmp_path):
     path.write_text("[1, 2")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_split(path)
+
+
+def test_rwkvseg_split_writes_3d_splits_from_a_raw_folder_or_its_cache(tmp_path, capsys):
+    """A raw BraTS folder (--dataset brats) and the cache `rwkvseg preprocess` made of it give the same split, whose
+    case ids training accepts (read_split against the cache's cases)."""
+    from rwkvseg.cli import main
+    from rwkvseg.data.preprocess3d import PreprocessConfig, load_plans, preprocess_dataset
+    from rwkvseg.data.specs import dataset_spec
+    from writers import write_phantoms_as
+
+    write_phantoms_as(tmp_path / "raw", ["a1", "b2", "c3"], (16, 16, 16))
+    preprocess_dataset(tmp_path / "raw", dataset_spec("brats"), tmp_path / "cache", PreprocessConfig())
+    cases = sorted(load_plans(tmp_path / "cache")["cases"])
+    assert (
+        main(["split", str(tmp_path / "raw"), "--dataset", "brats", "--folds", "3", "--out", str(tmp_path / "r.json")])
+        == 0
+    )
+    assert main(["split", str(tmp_path / "cache"), "--folds", "3", "--out", str(tmp_path / "c.json")]) == 0
+    assert "3 cases, 3 fold(s), fold 0: 2 train / 1 val, 0 test" in capsys.readouterr().out
+    raw, cache = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("r", "c"))
+    assert raw["folds"] == cache["folds"] and raw["method"] == "kfold" and not raw["stratified"]
+    assert sorted(c for f in raw["folds"] for c in f["val"]) == cases  # each case validated once
+    for fold in range(3):
+        split = read_split(tmp_path / "c.json", fold, cases)
+        assert sorted(split.train + split.val) == cases and len(split.val) == 1
+
+
+def test_rwkvseg_split_says_how_to_split_volumes(tmp_path, capsys):
+    from rwkvseg.cli import main
+    from writers import write_phantoms_as
+
+    write_phantoms_as(tmp_path / "raw", ["a1"], (16, 16, 16))
+    out = tmp_path / "s.json"
+    assert main(["split", str(tmp_path / "raw"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no image/mask folder pair" in err and "--dataset" in err
+    assert main(["split", str(tmp_path / "raw"), "--dataset", "brats", "--official", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--official: for 2D image folders" in err
+    assert not out.exists()

@@ -1,4 +1,5 @@
-"""`rwkvseg split`: a seeded train/val(/test) split JSON for a 2D dataset folder (rwkvseg.data.splits.split_dataset)."""
+"""`rwkvseg split`: a seeded train/val(/test) split JSON for a 2D dataset folder (rwkvseg.data.splits.split_dataset)
+or a 3D dataset: a preprocessed cache, or a raw folder with --dataset (split_volumes)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="write a seeded train/val split JSON for a dataset folder")
-    p.add_argument("data", help="dataset folder (any known layout)")
+    p.add_argument(
+        "data",
+        help="dataset folder: 2D images (any known layout), a 3D cache from `rwkvseg preprocess`, or a raw 3D dataset "
+        "with --dataset",
+    )
+    p.add_argument(
+        "--dataset",
+        default="",
+        help="3D: the preset of a raw volume folder (brats, brats2023, msd_task01, nnunet); 3D splits are not "
+        "stratified",
+    )
     p.add_argument("--out", required=True, help="split JSON to write")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--folds", type=int, default=None, help="k-fold cross-validation instead of one split")
@@ -21,18 +32,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.splits import split_dataset, write_split
+    from pathlib import Path
 
-    doc = split_dataset(
-        args.data,
-        val_fraction=args.val_fraction,
-        folds=args.folds,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        stratify=not args.no_stratify,
-        official=args.official,
-        skip_non_images=args.skip_non_images,
-    )
+    from ..data.preprocess3d import PLANS_FILE
+    from ..data.splits import split_dataset, split_volumes, write_split
+
+    if args.dataset or (Path(args.data) / PLANS_FILE).is_file():
+        options = {"--official": args.official, "--skip-non-images": args.skip_non_images}
+        if given := [name for name, on in options.items() if on]:
+            raise ValueError(f"{', '.join(given)}: for 2D image folders, and {args.data} is a 3D dataset: drop them")
+        doc = split_volumes(
+            args.data,
+            args.dataset,
+            val_fraction=args.val_fraction,
+            folds=args.folds,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+        )
+    else:
+        try:
+            doc = split_dataset(
+                args.data,
+                val_fraction=args.val_fraction,
+                folds=args.folds,
+                test_fraction=args.test_fraction,
+                seed=args.seed,
+                stratify=not args.no_stratify,
+                official=args.official,
+                skip_non_images=args.skip_non_images,
+            )
+        except ValueError as err:
+            if "no image/mask folder pair" not in str(err):
+                raise
+            raise ValueError(
+                f"{err} (3D volumes: name the raw dataset's preset with --dataset, e.g. brats, or split the cache "
+                "`rwkvseg preprocess` made)"
+            ) from None
     path = write_split(args.out, doc, overwrite=args.overwrite)
     folds = doc["folds"]
     print(

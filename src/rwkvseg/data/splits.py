@@ -253,3 +253,35 @@ def split_dataset(
         doc = make_split(cases, strata, val_fraction, seed, folds, test_fraction)
     doc["dataset"] = str(root)
     return doc
+
+
+def split_volumes(
+    root: str | Path,
+    dataset: str = "",
+    *,
+    val_fraction: float = 0.2,
+    folds: int | None = None,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The split document of a 3D dataset: a `rwkvseg preprocess` cache (its plans.json names the cases; dataset
+    not needed) or a raw folder of the preset dataset (BraTS case folders, an MSD / nnU-Net raw dataset: the case
+    ids preprocessing gives them). Unstratified: volumes carry no class label here (splits/README.md stratifies the
+    BraTS 2018 splits by grade with make_split)."""
+    from .preprocess3d import PLANS_FILE, load_plans
+    from .specs import resolve_spec
+    from .volumes import discover_cases
+
+    root = Path(root)
+    if (root / PLANS_FILE).is_file():
+        cases = list(load_plans(root)["cases"])
+    elif not dataset:
+        raise ValueError(
+            f"{root} has no {PLANS_FILE}: name the raw 3D dataset's preset with --dataset (e.g. brats), or split the "
+            "cache `rwkvseg preprocess` made of it"
+        )
+    else:
+        cases = [c.case_id for c in discover_cases(root, resolve_spec(dataset, root=root))]
+    doc = make_split(cases, None, val_fraction, seed, folds, test_fraction)
+    doc["dataset"] = str(root)
+    return doc
