@@ -4,7 +4,7 @@ Usage:
     python scripts/campaign.py DATA RUNS --datasets kvasir_seg ph2 --models urwkv urwkv_s unet cmunext
         [--epochs 280 | --epochs kvasir_seg=60 ph2=250] [--minutes 7.5] [--set key=value ...]
     python scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv,mmsegrwkv_small,segresnet,dynunet}.toml
-        [--epochs 200] [--minutes 9] [--set key=value ...]
+        [--epochs 200] [--minutes 9] [--folds 0 1 2 3 4] [--set key=value ...]
 
 2D (--datasets, --models): DATA holds one folder per dataset (the originals, or `rwkvseg compact2d` copies at
 256 x 256); each run reads configs/urwkv_<dataset>.toml (the paper's recipe for that dataset) with
@@ -15,6 +15,9 @@ the model differs) into RUNS/<dataset>-<variant> (e.g. brats2018-mmsegrwkv_small
 folder, preprocessed into each run, or better one cache from `rwkvseg preprocess DATA --out CACHE`), with the
 dataset's committed split (SPLITS_3D: splits/brats2018_2mm.json), the config's epochs (or --epochs N) and an equal
 share of the CPU cores for each run's patch loaders (data.num_workers; --set data.num_workers=N overrides it).
+--folds K ... (3D) runs each config on those folds of the dataset's committed cross-validation split instead
+(FOLDS_3D: splits/brats2018_2mm_5fold.json, every case validated once) into RUNS/<dataset>-<variant>-fold<K>: the
+members of a cross-validated ensemble (`rwkvseg predict FOLD0/best.safetensors ... CASES`).
 A run folder that already holds a training state is continued exactly (`rwkvseg train --resume`), so a campaign
 longer than one device call is the same command again with the run folders carried back. `--minutes` is each
 run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and resumes later from there.
@@ -63,6 +66,7 @@ CONFIGS = {  # 2D dataset folder -> the recipe's config
     "ph2": "urwkv_ph2.toml",
 }
 SPLITS_3D = {"brats2018": "brats2018_2mm.json"}  # the <dataset> of a 3D config's name -> its committed split
+FOLDS_3D = {"brats2018": "brats2018_2mm_5fold.json"}  # ... -> its committed cross-validation split
 PLATEAU_DICE = 0.005  # a rise at or below this (half a Dice point) over the late validations: levelled off
 
 
@@ -119,18 +123,43 @@ def config_run(config: Path) -> tuple[str, str]:
 
 
 def run_command_3d(
-    data: Path, runs: Path, config: Path, epochs: int | None, workers: int, args: argparse.Namespace
+    data: Path, runs: Path, config: Path, epochs: int | None, workers: int, args: argparse.Namespace, fold: int | None
 ) -> list[str]:
-    """The command of the 3D run of config: the committed split, the config's epochs unless given."""
+    """The command of the 3D run of config (run_name): the committed split (fold None), or that fold of the
+    committed cross-validation split; the config's epochs unless given."""
     dataset, variant = config_run(config)
-    settings = [f"data.split={ROOT / 'splits' / SPLITS_3D[dataset]}", f"data.num_workers={workers}"]
-    settings += [f"epochs={epochs}"] if epochs is not None else []
-    return train_command(runs / f"{dataset}-{variant}", config, data, variant, settings, args)
+    if fold is None:
+        settings = [f"data.split={ROOT / 'splits' / SPLITS_3D[dataset]}"]
+    else:
+        settings = [f"data.split={ROOT / 'splits' / FOLDS_3D[dataset]}", f"data.fold={fold}"]
+    settings += [f"data.num_workers={workers}"] + ([f"epochs={epochs}"] if epochs is not None else [])
+    return train_command(runs / run_name(config, fold), config, data, variant, settings, args)
+
+
+def run_name(config: Path, fold: int | None) -> str:
+    """<dataset>-<variant> of a 3D config, with -fold<K> for a fold of the cross-validation split."""
+    name = "-".join(config_run(config))
+    return name if fold is None else f"{name}-fold{fold}"
+
+
+def check_folds(folds: list[int], configs: list[Path]) -> None:
+    """SystemExit unless every config's dataset has a committed cross-validation split holding each fold."""
+    for config in configs:
+        dataset, _ = config_run(config)
+        if dataset not in FOLDS_3D:
+            raise SystemExit(f"--folds: {dataset} has no committed cross-validation split; drop --folds")
+        count = len(json.loads((ROOT / "splits" / FOLDS_3D[dataset]).read_text(encoding="utf-8"))["folds"])
+        if bad := [k for k in folds if not 0 <= k < count]:
+            raise SystemExit(f"--folds {bad}: splits/{FOLDS_3D[dataset]} has folds 0 to {count - 1}")
+    if len(set(folds)) < len(folds):
+        raise SystemExit(f"--folds {folds}: name each fold once")
 
 
 def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     """Run name -> its command, for the 2D (--datasets) or the 3D (--configs) form."""
     if args.datasets:
+        if args.folds is not None:
+            raise SystemExit("--folds runs 3D configs on folds of their cross-validation split: use it with --configs")
         epochs = planned_epochs(args.epochs or ["280"], args.datasets)
         return {
             f"{dataset}-{model}": run_command(args.data, args.runs, dataset, model, epochs[dataset], args)
@@ -148,10 +177,15 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     if missing:
         raise SystemExit(f"--configs: {', '.join(missing)} not found (paths from the current folder)")
     epochs = int(args.epochs[0]) if args.epochs else None
-    workers = max(1, (os.cpu_count() or 1) // len(args.configs) - 1)  # a core per run for its main process
+    folds: list[int | None] = [None]
+    if args.folds is not None:
+        check_folds(args.folds, args.configs)
+        folds = list(args.folds)
+    runs = [(config, fold) for config in args.configs for fold in folds]
+    workers = max(1, (os.cpu_count() or 1) // len(runs) - 1)  # a core per run for its main process
     return {
-        name: run_command_3d(args.data, args.runs, config, epochs, workers, args)
-        for name, config in zip(names, args.configs, strict=True)
+        run_name(config, fold): run_command_3d(args.data, args.runs, config, epochs, workers, args, fold)
+        for config, fold in runs
     }
 
 
@@ -259,6 +293,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epochs", nargs="+", help="planned epochs: N, or (2D) DATASET=N each (default: 280 in 2D, the config's in 3D)"
     )
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget of each run now (0: none)")
+    p.add_argument(
+        "--folds",
+        nargs="+",
+        type=int,
+        help="3D: run each config on these folds of the committed cross-validation split (runs <name>-fold<K>)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every new run")
     p.add_argument(
         "--compile-cache",

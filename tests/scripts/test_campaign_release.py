@@ -131,6 +131,38 @@ def test_campaign_3d_commands_new_and_resumed(tmp_path, monkeypatch):
     assert "data.num_workers=15" in sets(shorter["brats2018-mmsegrwkv"])  # one run alone: all cores but its own
 
 
+def test_campaign_3d_folds_run_each_config_on_folds_of_the_cross_validation_split(tmp_path, monkeypatch):
+    script = load_script("campaign")
+    monkeypatch.setattr(script.os, "cpu_count", lambda: 16)
+    runs, data = tmp_path / "runs", tmp_path / "cache"
+    argv = [str(data), str(runs), "--configs", *map(str, BRATS_CONFIGS[:2]), "--folds", "0", "4"]
+    commands = script.plan(script.parse_args(argv))
+    assert list(commands) == [
+        "brats2018-mmsegrwkv-fold0",
+        "brats2018-mmsegrwkv-fold4",
+        "brats2018-mmsegrwkv_small-fold0",
+        "brats2018-mmsegrwkv_small-fold4",
+    ]
+    command = commands["brats2018-mmsegrwkv_small-fold4"]
+    assert command[command.index("--out") + 1] == str(runs / "brats2018-mmsegrwkv_small-fold4")
+    folds_file = ROOT / "splits" / "brats2018_2mm_5fold.json"
+    assert sets(command)[:3] == [f"data.split={folds_file}", "data.fold=4", "data.num_workers=3"]  # 16 cores, 4 runs
+    config = load_config(BRATS_CONFIGS[1], [*sets(command), f"data.root={data}", "out=x"])
+    assert (config.data.split, config.data.fold) == (str(folds_file), 4)
+    fold4 = json.loads(folds_file.read_text())["folds"][4]
+    assert len(fold4["val"]) == 3 and not set(fold4["val"]) & set(fold4["train"])
+    for extra, message in [
+        (["5"], r"--folds \[5\]: splits/brats2018_2mm_5fold.json has folds 0 to 4"),
+        (["1", "1"], r"--folds \[1, 1\]: name each fold once"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            script.plan(
+                script.parse_args([str(data), str(runs), "--configs", str(BRATS_CONFIGS[0]), "--folds", *extra])
+            )
+    with pytest.raises(SystemExit, match="use it with --configs"):
+        script.plan(script.parse_args([str(data), str(runs), "--datasets", "ph2", "--folds", "0"]))
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
