@@ -409,6 +409,8 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         threshold_row=threshold_row(args),
     )
     metrics = {"val_dice": round(int8["dice"], 4), **{f"val_dice_{r}": round(int8[f"dice_{r}"], 4) for r in ds.targets}}
+    if args.eval_threshold != 0.5:  # the cut these Dice were measured at (0.5 where not recorded)
+        metrics["val_threshold"] = args.eval_threshold
     entry = ReleasedModel(
         name,
         config["model"]["name"],

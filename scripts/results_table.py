@@ -286,9 +286,12 @@ def results_markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> st
         ]
     cut = [f"{r['name']}: {r['threshold']:g}" for r in rows if r.get("threshold") is not None]
     if cut:
+        # the index records the cut its Dice were measured at (val_threshold) where it was not 0.5
+        at = [f"{r['name']} at {r['recorded']['val_threshold']:g}" for r in rows if "val_threshold" in r["recorded"]]
         lines += [
             "Region probabilities cut at the threshold each checkpoint records (chosen on validation, beyond the "
-            f"papers' recipes; 0.5 otherwise): {'; '.join(cut)}. The Dice recorded at release is at 0.5.",
+            f"papers' recipes; 0.5 otherwise): {'; '.join(cut)}. The Dice recorded at release is at 0.5"
+            f"{' (' + ', '.join(at) + ')' if at else ''}.",
             "",
         ]
     if settings["limit"]:

@@ -329,6 +329,8 @@ def test_a_region_threshold_chosen_on_validation_is_recorded_and_refused_for_a_l
     assert script.main([*release_args(copy, copy / "weights", name), *options, "--eval-threshold", "0.1"]) == 0
     card = (copy / "weights" / f"{name}.md").read_text()
     assert "- fp32 and int8: `rwkvseg predict` (no TTA, region threshold 0.1) and" in card
+    (entry,) = [m for m in json.loads((copy / "weights" / "index.json").read_text())["models"] if m["name"] == name]
+    assert entry["metrics"]["val_threshold"] == 0.1  # the index says at which cut its Dice were measured
     capsys.readouterr()
     for bad, message in [
         (["--threshold", "0.1"], "--threshold needs --threshold-evidence"),

@@ -259,7 +259,8 @@ def test_a_recorded_region_threshold_reaches_prediction_and_the_table_says_so(sc
             pre["inference"] = {**pre.get("inference", {}), "threshold": cut}
         meta = CheckpointMeta("edema", 4, 3, preprocessing=pre, spacing=(2.0, 2.0, 2.0))
         base = tmp_path / f"cut{cut}"
-        weights = release(base, "edema-brats", UnsureEdema(), meta, "brats", split, {"val_dice_WT": 0.0})
+        recorded = {"val_dice_WT": 0.0} | ({"val_threshold": cut} if cut is not None else {})  # release_3d's
+        weights = release(base, "edema-brats", UnsureEdema(), meta, "brats", split, recorded)
         assert run(script, tmp_path / "data", weights, base / "out") == 0
         summary = json.loads((base / "out" / "edema-brats" / "eval" / "summary.json").read_text())
         wt[cut] = summary["regions"]["WT"]["dice"]["mean"]
@@ -267,7 +268,9 @@ def test_a_recorded_region_threshold_reaches_prediction_and_the_table_says_so(sc
         assert row["threshold"] == cut
         markdown = (base / "out" / "results.md").read_text()
         assert ("Region probabilities cut at the threshold each checkpoint records" in markdown) == (cut is not None)
-        assert cut is None or "edema-brats: 0.1." in markdown
+        assert (
+            cut is None or "edema-brats: 0.1. The Dice recorded at release is at 0.5 (edema-brats at 0.1)." in markdown
+        )
     capsys.readouterr()
     assert wt[None] == 0.0 and wt[0.1] > 0.8  # the probabilities of 0.2 are tumour only at the recorded cut
 
