@@ -1,0 +1,169 @@
+"""Cross-validation scores of 3D fold runs: each fold's best checkpoint predicts the validation cases of its own
+fold, and one model's predictions of every fold are scored together against the originals, every case once.
+
+Usage:
+    python scripts/cv_eval.py RUNS DATA OUT [--threshold T] [--mirror-axes AXES] [--device auto] [--compile MODE]
+
+RUNS holds the run folders `<dataset>-<variant>-fold<K>` of `scripts/campaign.py ... --folds K ...`, each with
+best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's original case folders by case id
+(e.g. ../shared/data/brats2018_4mod_2mm), read in place. For each variant, under OUT/<variant>/:
+- fold<K>/val: links to fold K's validation cases; fold<K>/pred: `rwkvseg predict RUN/best.safetensors
+  fold<K>/val`; fold<K>/eval: `rwkvseg evaluate` of that fold alone;
+- all/pred: links to every fold's predictions, all/eval: `rwkvseg evaluate all/pred` against the validation cases of
+  every fold together: the cross-validation score (a mean over cases, not over folds).
+Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all) and a table on screen.
+--threshold, --mirror-axes, --device and --compile go to `rwkvseg predict` (default: each checkpoint's recorded
+threshold; no flips, the CPU default, which the table says).
+Every variant must have the same folds, each fold's validation cases must be in DATA, and no two folds may validate
+one case; otherwise one error line and exit status 2, before anything is predicted. OUT must be a new folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rwkvseg.cli import main as rwkvseg
+from rwkvseg.data.splits import read_split
+from rwkvseg.eval.evaluate import read_summary, summary_means
+from rwkvseg.files import write_json
+
+FOLD_RUN = re.compile(r"^(?P<variant>.+)-fold(?P<fold>\d+)$")
+REGIONS = ("WT", "TC", "ET")
+
+
+class Refused(Exception):
+    """An input the evaluation cannot run from: one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    variant: str  # <dataset>-<variant>, e.g. brats2018-mmsegrwkv
+    fold: int
+    folder: Path
+    val: tuple[str, ...]
+
+
+def fold_runs(runs: Path, data: Path) -> dict[str, list[FoldRun]]:
+    """Variant -> its fold runs in fold order, checked (see the module docstring)."""
+    found: dict[str, list[FoldRun]] = {}
+    for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
+        match = FOLD_RUN.match(folder.name)
+        if match is None:
+            continue
+        best = folder / "best.safetensors"
+        if not best.is_file():
+            raise Refused(f"{best} not found: the run has not validated yet, or its checkpoint was not carried back")
+        fold = int(match["fold"])
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if config["data"]["fold"] != fold:
+            raise Refused(f"{folder}: its config.json trained fold {config['data']['fold']}, its name says {fold}")
+        split = read_split(folder / "split.json", fold)
+        found.setdefault(match["variant"], []).append(FoldRun(match["variant"], fold, folder, split.val))
+    if not found:
+        raise Refused(f"no <dataset>-<variant>-fold<K> runs in {runs}; train them with scripts/campaign.py --folds")
+    folds = {variant: sorted(r.fold for r in rs) for variant, rs in found.items()}
+    if len({tuple(f) for f in folds.values()}) > 1:
+        raise Refused(f"the variants have different folds ({folds}); evaluate the same folds of each")
+    for variant, rs in found.items():
+        rs.sort(key=lambda r: r.fold)
+        cases = [c for r in rs for c in r.val]
+        if repeated := sorted({c for c in cases if cases.count(c) > 1}):
+            raise Refused(f"{variant}: cases {repeated[:5]} are validated by two folds; give the runs of one split")
+        if missing := [c for c in cases if not (data / c).is_dir()]:
+            raise Refused(f"{data} lacks the validation cases {missing[:5]}; point DATA to the original case folders")
+    return found
+
+
+def link_cases(folder: Path, data: Path, cases: Sequence[str]) -> Path:
+    folder.mkdir(parents=True)
+    for case in cases:
+        (folder / case).symlink_to((data / case).resolve(), target_is_directory=True)
+    return folder
+
+
+def predict_options(args: argparse.Namespace) -> list[str]:
+    options = ["--mirror-axes", args.mirror_axes, "--device", args.device, "--compile", args.compile]
+    return options + (["--threshold", str(args.threshold)] if args.threshold is not None else [])
+
+
+def run_or_refuse(argv: list[str]) -> None:
+    if rwkvseg(argv) != 0:
+        raise Refused(f"`rwkvseg {' '.join(argv)}` failed (its error is above)")
+
+
+def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Predict and score each fold, then every fold together; the means per fold and over all cases."""
+    folder = out / variant
+    merged = folder / "all" / "pred"
+    merged.mkdir(parents=True)
+    per_fold = {}
+    for run in runs:
+        here = folder / f"fold{run.fold}"
+        val = link_cases(here / "val", data, run.val)
+        best = str(run.folder / "best.safetensors")
+        run_or_refuse(["predict", best, str(val), "--out", str(here / "pred"), *predict_options(args)])
+        run_or_refuse(["evaluate", str(here / "pred"), str(val), "--out", str(here / "eval")])
+        per_fold[run.fold] = summary_means(read_summary(here / "eval"))
+        for label in sorted((here / "pred").glob("*.nii*")):
+            (merged / label.name).symlink_to(label.resolve())
+    every = link_cases(folder / "all" / "val", data, [c for r in runs for c in r.val])
+    run_or_refuse(["evaluate", str(merged), str(every), "--out", str(folder / "all" / "eval")])
+    summary = read_summary(folder / "all" / "eval")
+    return {
+        "folds": [r.fold for r in runs],
+        "cases": summary["cases"],
+        "all": summary_means(summary),
+        "per_fold": per_fold,
+    }
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    lines = ["| model | folds | cases | WT / TC / ET Dice (mean) | HD95 WT / TC / ET (mm) | per-fold mean Dice |"]
+    lines.append("|---|---|---|---|---|---|")
+    for variant, r in results.items():
+        m = r["all"]
+        dice = " / ".join(f"{m[f'dice_{x}']:.4f}" for x in REGIONS)
+        hd95 = " / ".join(f"{m[f'hd95_{x}']:.1f}" for x in REGIONS)
+        folds = ", ".join(f"{k}: {v['dice']:.4f}" for k, v in r["per_fold"].items())
+        lines.append(f"| {variant} | {len(r['folds'])} | {r['cases']} | {dice} ({m['dice']:.4f}) | {hd95} | {folds} |")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", type=Path, help="the campaign folder with <dataset>-<variant>-fold<K> runs")
+    p.add_argument("data", type=Path, help="the original case folders, by case id")
+    p.add_argument("out", type=Path, help="a new folder for predictions, evaluations and cv.json")
+    p.add_argument("--threshold", type=float, default=None, help="region cut (default: each checkpoint's record)")
+    p.add_argument("--mirror-axes", default="", help="test-time flips for `rwkvseg predict` (default '': none)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (rwkvseg predict)")
+    p.add_argument("--compile", default="auto", help="rwkvseg predict --compile (default auto)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.out.exists():
+            raise Refused(f"{args.out} exists; give a new folder (nothing is overwritten)")
+        found = fold_runs(args.runs, args.data)
+        results = {
+            variant: evaluate_variant(variant, runs, args.data, args.out, args) for variant, runs in found.items()
+        }
+    except Refused as err:
+        print(f"cv_eval.py: error: {err}", file=sys.stderr)
+        return 2
+    settings = {"threshold": args.threshold, "mirror_axes": args.mirror_axes, "device": args.device}
+    write_json(args.out / "cv.json", {"settings": settings, "models": results})
+    print("\n".join(table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
