@@ -12,8 +12,8 @@ best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's 
 - all/pred: links to every fold's predictions, all/eval: `rwkvseg evaluate all/pred` against the validation cases of
   every fold together: the cross-validation score (a mean over cases, not over folds).
 Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all) and a table on screen.
---threshold, --mirror-axes, --device and --compile go to `rwkvseg predict` (default: each checkpoint's recorded
-threshold; no flips, the CPU default, which the table says).
+--threshold, --mirror-axes, --device and --compile go to `rwkvseg predict` (defaults: each checkpoint's recorded
+threshold, no flips, not compiled; cv.json records them).
 Every variant must have the same folds, each fold's validation cases must be in DATA, and no two folds may validate
 one case; otherwise one error line and exit status 2, before anything is predicted. OUT must be a new folder.
 """
@@ -143,7 +143,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=None, help="region cut (default: each checkpoint's record)")
     p.add_argument("--mirror-axes", default="", help="test-time flips for `rwkvseg predict` (default '': none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (rwkvseg predict)")
-    p.add_argument("--compile", default="auto", help="rwkvseg predict --compile (default auto)")
+    p.add_argument(
+        "--compile",
+        default="off",
+        help="rwkvseg predict --compile (default off: one model per fold, each compiled once for a few cases)",
+    )
     return p.parse_args(argv)
 
 
@@ -159,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     except Refused as err:
         print(f"cv_eval.py: error: {err}", file=sys.stderr)
         return 2
-    settings = {"threshold": args.threshold, "mirror_axes": args.mirror_axes, "device": args.device}
+    settings = {
+        "threshold": args.threshold,
+        "mirror_axes": args.mirror_axes,
+        "device": args.device,
+        "compile": args.compile,
+    }
     write_json(args.out / "cv.json", {"settings": settings, "models": results})
     print("\n".join(table(results)))
     return 0

@@ -11,6 +11,7 @@ from torch import nn
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
 from rwkvseg.cli import main
 from rwkvseg.infer.ensemble import ProbabilityMean, load_checkpoints
+from rwkvseg.infer.postprocess import PostProcess
 from rwkvseg.infer.predict import PredictConfig, predict
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D, inference_metadata
@@ -63,10 +64,12 @@ def checkpoints(tmp_path, monkeypatch):
     """Bright checkpoints of one task; shift moves the decision point, size and channels change the task."""
     monkeypatch.setattr(registry, "_builders", lambda: {"bright": Bright})
 
-    def make(name, shift=0.0, size=(16, 16), channels=1):
-        meta = CheckpointMeta(
-            "bright", channels, 1, preprocessing=Preprocessing2D(channels, size, "resize", "dtype").to_dict()
-        )
+    def make(name, shift=0.0, size=(16, 16), channels=1, inference=None, threshold=None):
+        preprocessing = Preprocessing2D(channels, size, "resize", "dtype").to_dict()
+        if inference is not None:
+            preprocessing["inference"] = inference
+        training = {} if threshold is None else {"threshold": threshold}
+        meta = CheckpointMeta("bright", channels, 1, preprocessing=preprocessing, training=training)
         return save_checkpoint(tmp_path / name, ShiftedBright(channels, 1, shift), meta)[0]
 
     return make
@@ -96,12 +99,33 @@ def test_a_2d_ensemble_thresholds_the_mean_probability(tmp_path, checkpoints):
 
 def test_the_members_must_share_the_task_and_each_must_be_a_checkpoint(tmp_path, checkpoints):
     a = checkpoints("a")
-    for other, key in [(checkpoints("c", channels=3), "in_channels"), (checkpoints("s", size=(8, 8)), "preprocessing")]:
+    for other, key in [
+        (checkpoints("c", channels=3), "in_channels"),
+        (checkpoints("s", size=(8, 8)), "preprocessing.size"),
+    ]:
         with pytest.raises(ValueError, match=rf"^{other}: its {key} \(.*\) differs from {a}'s .*must predict the same"):
             load_checkpoints([a, other])
     image = gradient_image(tmp_path / "in" / "g.png")
     with pytest.raises(ValueError, match=r"g\.png is not a checkpoint \(no sidecar .*g\.json\): an ensemble is"):
         load_checkpoints([a, image])
+
+
+def test_recorded_inference_defaults_must_agree_unless_the_command_line_sets_them(tmp_path, checkpoints):
+    a = checkpoints("a", inference={"postprocess": "largest"})
+    b = checkpoints("b", inference={"postprocess": "none"}, shift=-7.0)
+    c = checkpoints("c", inference={"postprocess": "largest"}, threshold=0.3)
+    gradient_image(tmp_path / "in" / "g.png")
+    for other, setting, flag, values in [
+        (b, "preprocessing.inference.postprocess", "--postprocess", r"'none'\) differs from .*'s \('largest'"),
+        (c, "training.threshold", "--threshold", r"0\.3\) differs from .*'s \(None"),
+    ]:
+        with pytest.raises(ValueError, match=rf"its {setting} \({values}\).*defaults, or give {flag} for all of them$"):
+            predict([a, other], [tmp_path / "in"], tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+    # given for every member, the records may differ: the options apply to the whole ensemble
+    config = PredictConfig(postprocess=PostProcess.parse("none"), threshold=0.5)
+    (mask,) = predict([a, b, c], [tmp_path / "in"], tmp_path / "abc", config)
+    assert (np.asarray(Image.open(mask)) > 0).any()
 
 
 def test_the_command_line_takes_several_checkpoints_before_the_input(tmp_path, checkpoints, capsys):

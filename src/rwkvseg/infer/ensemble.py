@@ -15,7 +15,7 @@ post-processing) and a 2D checkpoint's decision threshold. The architectures may
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import torch
@@ -68,53 +68,86 @@ def activation_of(meta: CheckpointMeta) -> str:
     return "sigmoid" if meta.num_classes == 1 else "softmax"
 
 
-def _shared(meta: CheckpointMeta) -> dict[str, object]:
-    """What the members of an ensemble must agree on."""
-    return {
+# the recorded inference defaults a command line can set for every member, and the option that does
+INFERENCE_FLAGS = {
+    "threshold": "--threshold",
+    "postprocess": "--postprocess",
+    "mirror_axes": "--mirror-axes",
+    "overlap": "--overlap",
+}
+
+
+def _shared(meta: CheckpointMeta, overridden: Collection[str]) -> dict[str, object]:
+    """What the members of an ensemble must agree on; the inference defaults in overridden are set for all."""
+    preprocessing = dict(meta.preprocessing)
+    if "inference" in preprocessing:
+        preprocessing["inference"] = {k: v for k, v in preprocessing["inference"].items() if k not in overridden}
+    shared: dict[str, object] = {
         "in_channels": meta.in_channels,
         "num_classes": meta.num_classes,
         "class_names": meta.class_names,
         "spacing": meta.spacing,
-        "preprocessing": meta.preprocessing,
-        "training threshold": meta.training.get("threshold"),
+        "preprocessing": preprocessing,
     }
+    if "threshold" not in overridden:  # a 2D checkpoint's cut
+        shared["training.threshold"] = meta.training.get("threshold")
+    return shared
 
 
-def check_members(paths: Sequence[Path]) -> CheckpointMeta:
+def check_members(paths: Sequence[Path], overridden: Collection[str] = ()) -> CheckpointMeta:
     """The first member's metadata, after checking that every member is a checkpoint (its sidecar is there) and
-    that all agree on _shared; ValueError naming the member, the setting and both values otherwise."""
+    that all agree on _shared (but for the inference defaults in overridden, INFERENCE_FLAGS keys that the command
+    line sets for every member); ValueError naming the member, the setting and both values otherwise."""
     for path in paths:
         _, sidecar = checkpoint_paths(path)
-        if len(paths) > 1 and not sidecar.is_file():
+        if not sidecar.is_file():
             raise ValueError(
                 f"{path} is not a checkpoint (no sidecar {sidecar}): an ensemble is CHECKPOINT [CHECKPOINT ...] "
                 "INPUT, with one input last"
             )
     first = read_meta(paths[0])
-    reference = _shared(first)
+    reference = _shared(first, overridden)
     for path in paths[1:]:
-        other = _shared(read_meta(path))
+        other = _shared(read_meta(path), overridden)
         for key, value in reference.items():
             if other[key] != value:
+                where, theirs, ours = _first_difference(other[key], value, key)
+                setting = where.removeprefix("preprocessing.inference.").removeprefix("training.")
+                fix = f", or give {INFERENCE_FLAGS[setting]} for all of them" if setting in INFERENCE_FLAGS else ""
                 raise ValueError(
-                    f"{path}: its {key} ({_short(other[key])}) differs from {paths[0]}'s ({_short(value)}); "
-                    "the members of an ensemble must predict the same classes from the same preprocessing, with the "
-                    "same recorded inference defaults"
+                    f"{path}: its {where} ({_short(theirs)}) differs from {paths[0]}'s ({_short(ours)}); the members "
+                    "of an ensemble must predict the same classes from the same preprocessing, with the same recorded "
+                    f"inference defaults{fix}"
                 )
     return first
 
 
+_ABSENT = object()
+
+
+def _first_difference(a: object, b: object, where: str) -> tuple[str, object, object]:
+    """The dotted path of the first setting in which two (nested) records differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(a.keys() | b.keys()):
+            if a.get(key, _ABSENT) != b.get(key, _ABSENT):
+                return _first_difference(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{where}.{key}")
+    return where, a, b
+
+
 def _short(value: object, limit: int = 120) -> str:
-    text = repr(value)
+    text = "not recorded" if value is _ABSENT else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_checkpoints(given: Given, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+def load_checkpoints(
+    given: Given, device: str | torch.device = "cpu", overridden: Collection[str] = ()
+) -> tuple[nn.Module, CheckpointMeta]:
     """load_checkpoint for one checkpoint; for several, their ProbabilityMean (in eval mode) and the first member's
-    metadata, the members checked to agree (check_members)."""
+    metadata, the members checked to agree (check_members; overridden: the inference defaults the caller sets for
+    every member, which may differ between them)."""
     paths = checkpoint_list(given)
     if len(paths) == 1:
         return load_checkpoint(paths[0], device)
-    meta = check_members(paths)
+    meta = check_members(paths, overridden)
     members = [load_checkpoint(path, device)[0] for path in paths]
     return ProbabilityMean(members, activation_of(meta)).eval(), meta

@@ -15,7 +15,6 @@ from ..checkpoint import read_meta
 from ..compiling import check_compile
 from ..files import output_folder
 from ..memory_format import check_memory_format
-from ..records import recorded_threshold
 from .ensemble import Given, checkpoint_list
 from .postprocess import PostProcess
 from .precision import check_precision
@@ -128,17 +127,13 @@ def _predict(checkpoint: Given, inputs: Sequence[str | Path], out: Path, config:
     refuse_other_dims_options(config, 2)
     if len(inputs) != 1:
         raise ValueError(f"a 2D checkpoint predicts one image file or folder, got {len(inputs)} inputs")
-    threshold = config.threshold
-    if threshold is None:  # an ensemble's members record the same (infer.ensemble.check_members)
-        first = checkpoint_list(checkpoint)[0]
-        threshold = recorded_threshold(read_meta(first).training.get("threshold"), f"the sidecar of {first}")
     return predict_2d(
         checkpoint,
         inputs[0],
         out,
         device=config.device,
         batch_size=config.batch_size,
-        threshold=threshold,
+        threshold=config.threshold,  # None: the checkpoint's (an ensemble's members must agree on it)
         overlays=config.overlays,
         save_probabilities=config.probabilities,
         overwrite=config.overwrite,

@@ -27,7 +27,7 @@ from ..compiling import maybe_compile, prediction_freezes
 from ..data.images2d import list_inputs, read_image
 from ..files import atomic_write, refuse_existing
 from ..memory_format import fed_in, module_to
-from ..records import Preprocessing2D
+from ..records import Preprocessing2D, recorded_threshold
 from .ensemble import Given, load_checkpoints
 from .postprocess import PostProcess, check_postprocess, chosen_postprocess
 from .postprocess import postprocess as postprocess_labels
@@ -204,7 +204,7 @@ def predict_2d(
     *,
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     overlays: bool = False,
     save_probabilities: bool = False,
     overwrite: bool = False,
@@ -216,16 +216,22 @@ def predict_2d(
     postprocess: PostProcess | None = None,
     precision: str = "fp32",
 ) -> list[Path]:
-    """Predict masks for an image file or folder; returns the mask paths written. compile, memory_format,
-    precision: see PredictConfig. mirror_axes: test-time augmentation, the logits averaged over every flip of these
-    axes (0: height, 1: width; (0, 1) costs 4 forward passes per image); None: the checkpoint's recorded default
+    """Predict masks for an image file or folder; returns the mask paths written. checkpoint: one, or several
+    predicting as one ensemble (infer.ensemble). threshold: the binary cut; None: the checkpoint's recorded one
+    (training.threshold, 0.5 where none). compile, memory_format, precision: see PredictConfig. mirror_axes:
+    test-time augmentation, the logits averaged over every flip of these axes (0: height, 1: width; (0, 1) costs 4
+    forward passes per image); None: the checkpoint's recorded default
     (recorded_mirror_axes). postprocess: applied to each mask (and so its overlay) before writing, the
     probabilities staying the model's; None: the checkpoint's recorded default (infer.postprocess). batch_size:
     images per forward pass; None: default_batch_size(device)."""
     if mirror_axes is not None:
         check_mirror_axes(mirror_axes)  # before loading: a bad option fails fast
     check_precision(precision, device)
-    model, meta = load_checkpoints(checkpoint, device)  # several: one ensemble (infer.ensemble)
+    given = {"threshold": threshold, "postprocess": postprocess, "mirror_axes": mirror_axes}
+    overridden = [name for name, value in given.items() if value is not None]  # members' records may differ
+    model, meta = load_checkpoints(checkpoint, device, overridden)  # several: one ensemble (infer.ensemble)
+    if threshold is None:
+        threshold = recorded_threshold(meta.training.get("threshold"), f"the sidecar of {checkpoint}")
     inference = meta.preprocessing.get("inference")
     given, mirror_axes = mirror_axes, recorded_mirror_axes(mirror_axes, inference, f"the sidecar of {checkpoint}")
     log_recorded_flips(given, mirror_axes)

@@ -187,7 +187,10 @@ class Predictor3D:
     def from_checkpoint(cls, path: Given, options: PredictConfig | None = None) -> Predictor3D:
         """From one checkpoint, or several predicting as one ensemble (infer.ensemble)."""
         options = options or PredictConfig()
-        model, meta = load_checkpoints(path, device=options.device)
+        given = {"threshold": options.threshold, "postprocess": options.postprocess}
+        given |= {"mirror_axes": options.mirror_axes, "overlap": options.overlap}
+        overridden = [name for name, value in given.items() if value is not None]  # members' records may differ
+        model, meta = load_checkpoints(path, options.device, overridden)
         return cls(model, meta.preprocessing, options)
 
     def predict_case(self, case: CaseFiles) -> tuple[np.ndarray, Volume]:
