@@ -90,7 +90,7 @@ def test_rwkvseg_split_says_how_to_split_volumes(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(["split", str(tmp_path / "raw"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no image/mask folder pair" in err and "--dataset" in err
+    assert err.count("\n") == 1 and "raw holds 3D volumes: name the raw dataset's preset with --dataset" in err
     assert main(["split", str(tmp_path / "raw"), "--dataset", "brats", "--official", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--official: for 2D image folders" in err

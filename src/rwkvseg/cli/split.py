@@ -4,6 +4,7 @@ or a 3D dataset: a preprocessed cache, or a raw folder with --dataset (split_vol
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,8 +33,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ..data.preprocess3d import PLANS_FILE
     from ..data.splits import split_dataset, split_volumes, write_split
 
@@ -49,25 +48,22 @@ def run(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction,
             seed=args.seed,
         )
+    elif _holds_volumes(Path(args.data)):
+        raise ValueError(
+            f"{args.data} holds 3D volumes: name the raw dataset's preset with --dataset (brats, brats2023, "
+            "msd_task01, nnunet), or split the cache `rwkvseg preprocess` made of it"
+        )
     else:
-        try:
-            doc = split_dataset(
-                args.data,
-                val_fraction=args.val_fraction,
-                folds=args.folds,
-                test_fraction=args.test_fraction,
-                seed=args.seed,
-                stratify=not args.no_stratify,
-                official=args.official,
-                skip_non_images=args.skip_non_images,
-            )
-        except ValueError as err:
-            if "no image/mask folder pair" not in str(err):
-                raise
-            raise ValueError(
-                f"{err} (3D volumes: name the raw dataset's preset with --dataset, e.g. brats, or split the cache "
-                "`rwkvseg preprocess` made)"
-            ) from None
+        doc = split_dataset(
+            args.data,
+            val_fraction=args.val_fraction,
+            folds=args.folds,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+            stratify=not args.no_stratify,
+            official=args.official,
+            skip_non_images=args.skip_non_images,
+        )
     path = write_split(args.out, doc, overwrite=args.overwrite)
     folds = doc["folds"]
     print(
@@ -75,3 +71,10 @@ def run(args: argparse.Namespace) -> int:
         f"{len(folds[0]['val'])} val, {len(doc['test'])} test"
     )
     return 0
+
+
+def _holds_volumes(root: Path) -> bool:
+    """Whether a dataset folder holds 3D volume files (NIfTI, NRRD, MHA) anywhere below it."""
+    from ..data.volumes import is_volume_file
+
+    return root.is_dir() and any(is_volume_file(p) for p in root.rglob("*"))
