@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rwkvseg.cli import main as rwkvseg
+from rwkvseg.checkpoint import read_meta
+from rwkvseg.cli.predict import mirror_axes
+from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.data.splits import read_split
-from rwkvseg.eval.evaluate import read_summary, summary_means
+from rwkvseg.devices import resolve_device
+from rwkvseg.eval.evaluate import evaluate_folders, summary_means
 from rwkvseg.files import write_json
+from rwkvseg.infer.predict import PredictConfig, predict
 
 FOLD_RUN = re.compile(r"^(?P<variant>.+)-fold(?P<fold>\d+)$")
 REGIONS = ("WT", "TC", "ET")
@@ -87,17 +92,7 @@ def link_cases(folder: Path, data: Path, cases: Sequence[str]) -> Path:
     return folder
 
 
-def predict_options(args: argparse.Namespace) -> list[str]:
-    options = ["--mirror-axes", args.mirror_axes, "--device", args.device, "--compile", args.compile]
-    return options + (["--threshold", str(args.threshold)] if args.threshold is not None else [])
-
-
-def run_or_refuse(argv: list[str]) -> None:
-    if rwkvseg(argv) != 0:
-        raise Refused(f"`rwkvseg {' '.join(argv)}` failed (its error is above)")
-
-
-def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, args: argparse.Namespace) -> dict:
+def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, config: PredictConfig) -> dict:
     """Predict and score each fold, then every fold together; the means per fold and over all cases."""
     folder = out / variant
     merged = folder / "all" / "pred"
@@ -106,15 +101,14 @@ def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, a
     for run in runs:
         here = folder / f"fold{run.fold}"
         val = link_cases(here / "val", data, run.val)
-        best = str(run.folder / "best.safetensors")
-        run_or_refuse(["predict", best, str(val), "--out", str(here / "pred"), *predict_options(args)])
-        run_or_refuse(["evaluate", str(here / "pred"), str(val), "--out", str(here / "eval")])
-        per_fold[run.fold] = summary_means(read_summary(here / "eval"))
-        for label in sorted((here / "pred").glob("*.nii*")):
+        best = run.folder / "best.safetensors"
+        spec = DatasetSpec.from_dict(read_meta(best).preprocessing["dataset"])  # the regions it scores
+        labels = predict(best, [val], here / "pred", config)
+        per_fold[run.fold] = summary_means(evaluate_folders(here / "pred", val, here / "eval", spec=spec))
+        for label in labels:
             (merged / label.name).symlink_to(label.resolve())
     every = link_cases(folder / "all" / "val", data, [c for r in runs for c in r.val])
-    run_or_refuse(["evaluate", str(merged), str(every), "--out", str(folder / "all" / "eval")])
-    summary = read_summary(folder / "all" / "eval")
+    summary = evaluate_folders(merged, every, folder / "all" / "eval", spec=spec)
     return {
         "folds": [r.fold for r in runs],
         "cases": summary["cases"],
@@ -153,14 +147,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.out.exists():
             raise Refused(f"{args.out} exists; give a new folder (nothing is overwritten)")
         found = fold_runs(args.runs, args.data)
+        config = PredictConfig(
+            device=str(resolve_device(args.device, "--device")),
+            threshold=args.threshold,
+            mirror_axes=mirror_axes(args.mirror_axes),
+            compile=args.compile,
+        )
         results = {
-            variant: evaluate_variant(variant, runs, args.data, args.out, args) for variant, runs in found.items()
+            variant: evaluate_variant(variant, runs, args.data, args.out, config) for variant, runs in found.items()
         }
-    except Refused as err:
+    except (Refused, ValueError, FileNotFoundError) as err:  # bad inputs, and what prediction refuses
         print(f"cv_eval.py: error: {err}", file=sys.stderr)
         return 2
     settings = {

@@ -43,20 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _holds_volumes(folder: str | Path) -> bool:
-    from ..data.volumes import is_volume_file
-
-    folder = Path(folder)
-    return folder.is_dir() and any(is_volume_file(p) for p in folder.rglob("*"))
-
-
 def run(args: argparse.Namespace) -> int:
+    from ..data.volumes import holds_volumes
     from ..eval.evaluate import evaluate_folders
     from ..eval.metrics import BRATS_EMPTY_HD95, EmptyPolicy
     from ._options import spec_from_args
 
     spec = None
-    if args.dataset or _holds_volumes(args.gt) or _holds_volumes(args.pred):  # per-region 3D evaluation
+    if args.dataset or holds_volumes(args.gt) or holds_volumes(args.pred):  # per-region 3D evaluation
         if args.out is None:
             raise ValueError("3D evaluation writes per_case.csv and summary.json: pass --out FOLDER")
         args.dataset = args.dataset or "brats"

@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.preprocess3d import PLANS_FILE
     from ..data.splits import split_dataset, split_volumes, write_split
+    from ..data.volumes import holds_volumes
 
     if args.dataset or (Path(args.data) / PLANS_FILE).is_file():
         options = {"--official": args.official, "--skip-non-images": args.skip_non_images}
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction,
             seed=args.seed,
         )
-    elif _holds_volumes(Path(args.data)):
+    elif holds_volumes(args.data):
         raise ValueError(
             f"{args.data} holds 3D volumes: name the raw dataset's preset with --dataset (brats, brats2023, "
             "msd_task01, nnunet), or split the cache `rwkvseg preprocess` made of it"
@@ -71,10 +72,3 @@ def run(args: argparse.Namespace) -> int:
         f"{len(folds[0]['val'])} val, {len(doc['test'])} test"
     )
     return 0
-
-
-def _holds_volumes(root: Path) -> bool:
-    """Whether a dataset folder holds 3D volume files (NIfTI, NRRD, MHA) anywhere below it."""
-    from ..data.volumes import is_volume_file
-
-    return root.is_dir() and any(is_volume_file(p) for p in root.rglob("*"))

@@ -96,6 +96,12 @@ def is_volume_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and path.name.endswith((*NIFTI_SUFFIXES, *ITK_SUFFIXES))
 
 
+def holds_volumes(folder: str | Path) -> bool:
+    """Whether a folder holds 3D volume files (NIfTI, NRRD, MHA) anywhere below it."""
+    folder = Path(folder)
+    return folder.is_dir() and any(is_volume_file(p) for p in folder.rglob("*"))
+
+
 def import_sitk():
     try:
         import SimpleITK as sitk
