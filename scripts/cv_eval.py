@@ -2,7 +2,8 @@
 fold, and one model's predictions of every fold are scored together against the originals, every case once.
 
 Usage:
-    python scripts/cv_eval.py RUNS DATA OUT [--threshold T] [--mirror-axes AXES] [--device auto] [--compile MODE]
+    python scripts/cv_eval.py RUNS DATA OUT [--threshold T] [--postprocess SPEC] [--mirror-axes AXES] [--device auto]
+        [--compile MODE]
 
 RUNS holds the run folders `<dataset>-<variant>-fold<K>` of `scripts/campaign.py ... --folds K ...`, each with
 best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's original case folders by case id
@@ -12,8 +13,8 @@ best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's 
 - all/pred: links to every fold's predictions, all/eval: `rwkvseg evaluate all/pred` against the validation cases of
   every fold together: the cross-validation score (a mean over cases, not over folds).
 Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all) and a table on screen.
---threshold, --mirror-axes, --device and --compile go to `rwkvseg predict` (defaults: each checkpoint's recorded
-threshold, no flips, not compiled; cv.json records them).
+--threshold, --postprocess, --mirror-axes, --device and --compile go to `rwkvseg predict` (defaults: each
+checkpoint's recorded threshold and post-processing, no flips, not compiled; cv.json records them).
 Every variant must have the same folds, each fold's validation cases must be in DATA, and no two folds may validate
 one case; otherwise one error line and exit status 2, before anything is predicted. OUT must be a new folder.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rwkvseg.checkpoint import read_meta
-from rwkvseg.cli.predict import mirror_axes
+from rwkvseg.cli.predict import mirror_axes, postprocess_option
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.data.splits import read_split
 from rwkvseg.devices import resolve_device
@@ -138,6 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mirror-axes", default="", help="test-time flips for `rwkvseg predict` (default '': none)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (rwkvseg predict)")
     p.add_argument(
+        "--postprocess",
+        type=postprocess_option,
+        default=None,
+        help="rwkvseg predict --postprocess, e.g. largest or none (default: each checkpoint's record)",
+    )
+    p.add_argument(
         "--compile",
         default="off",
         help="rwkvseg predict --compile (default off: one model per fold, each compiled once for a few cases)",
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             device=str(resolve_device(args.device, "--device")),
             threshold=args.threshold,
             mirror_axes=mirror_axes(args.mirror_axes),
+            postprocess=args.postprocess,
             compile=args.compile,
         )
         results = {
@@ -167,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "threshold": args.threshold,
         "mirror_axes": args.mirror_axes,
+        "postprocess": None if args.postprocess is None else args.postprocess.spelling(),
         "device": args.device,
         "compile": args.compile,
     }

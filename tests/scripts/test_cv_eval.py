@@ -4,8 +4,11 @@ import csv
 import json
 import shutil
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from torch import nn
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
@@ -73,6 +76,27 @@ def test_cv_eval_scores_each_fold_and_every_case_once(campaign, tmp_path, capsys
     assert model["all"]["dice"] == pytest.approx(weighted)  # a mean over cases, not over folds
     assert model["per_fold"]["0"]["dice"] != model["per_fold"]["1"]["dice"]  # two different checkpoints
     assert "| brats2018-bright | 2 | 5 |" in capsys.readouterr().out
+
+
+def test_cv_eval_applies_and_records_the_post_processing_given(campaign, tmp_path):
+    runs, data, _ = campaign
+    out = tmp_path / "out"
+    args = [str(runs), str(data), str(out), "--device", "cpu", "--threshold", "0.02", "--postprocess", "largest"]
+    assert load_script("cv_eval").main(args) == 0
+    assert json.loads((out / "cv.json").read_text())["settings"]["postprocess"] == "largest"
+    predictions = sorted((out / "brats2018-bright" / "all" / "pred").glob("*.nii.gz"))
+    assert len(predictions) == len(CASES)
+    for path in predictions:
+        _, components = ndimage.label(np.asarray(nib.load(path).dataobj) > 0, structure=np.ones((3, 3, 3)))
+        assert components == 1  # the largest foreground component alone
+
+
+def test_cv_eval_refuses_a_bad_post_processing_spelling(campaign, tmp_path, capsys):
+    runs, data, _ = campaign
+    with pytest.raises(SystemExit) as exit_:
+        load_script("cv_eval").main([str(runs), str(data), str(tmp_path / "out"), "--postprocess", "biggest"])
+    assert exit_.value.code == 2 and "--postprocess" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("damage", ["no checkpoint", "missing case", "fold mismatch", "out exists"])
