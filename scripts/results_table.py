@@ -406,6 +406,12 @@ def check(args: argparse.Namespace) -> list[ReleasedModel]:
         choices = ", ".join(known) or f"none: {args.weights} has no index.json"
         raise Refused(f"unknown released model(s) {unknown}; choose from {choices}")
     chosen = [m for m in models if not args.names or m.name in args.names]
+    if ensembles := [m.name for m in chosen if m.members]:
+        why = "an ensemble whose members trained on the split's validation cases (fold models)"
+        if args.names:
+            raise Refused(f"{', '.join(ensembles)}: {why}; its score is its members' cross-validation (its card)")
+        log.info("leaving out %s: %s, scored by cross-validation in its card", ", ".join(ensembles), why)
+        chosen = [m for m in chosen if not m.members]
     for m in chosen:
         if not (args.data_root / m.dataset).is_dir():
             raise Refused(f"{m.name} needs dataset folder {args.data_root / m.dataset}, which does not exist")

@@ -3,13 +3,14 @@ import json
 import pytest
 import torch
 
-from rwkvseg.checkpoint import INT8_SCALE, CheckpointMeta, dequantize, load_checkpoint, save_checkpoint
+from rwkvseg.checkpoint import INT8_SCALE, CheckpointMeta, dequantize, load_checkpoint, read_meta, save_checkpoint
 from rwkvseg.models import create_model
 from rwkvseg.released import (
     ReleasedModel,
     export_release,
     index_entry,
     released_checkpoint,
+    released_checkpoints,
     released_models,
     update_index,
 )
@@ -89,16 +90,77 @@ def test_update_index_replaces_in_place_or_appends(tmp_path):
     assert (tmp_path / "index.json").read_text().endswith("}\n")
 
 
+@pytest.fixture
+def ensemble(trained, tmp_path, monkeypatch):
+    """A weights folder, installed as the package's, with a two-member ensemble release and one single release."""
+    model, checkpoint = trained
+    folder = tmp_path / "weights"
+    export_release(checkpoint, "tiny-demo", folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a second, different member
+    save_checkpoint(tmp_path / "run2" / "best", model, read_meta(checkpoint))
+    export_release(checkpoint, "tiny-cv-k0", folder)
+    export_release(tmp_path / "run2" / "best", "tiny-cv-k1", folder)
+    single = ReleasedModel("tiny-demo", "urwkv_test", "synthetic", "none", {"dice": 0.5})
+    both = ReleasedModel(
+        "tiny-cv", "urwkv_test", "synthetic", "none", {"cv_dice": 0.6}, members=("tiny-cv-k0", "tiny-cv-k1")
+    )
+    update_index(single, folder)
+    update_index(both, folder)
+    monkeypatch.setattr("rwkvseg.released.weights_dir", lambda: folder)
+    return folder, single, both
+
+
+def test_ensemble_release_names_its_members(ensemble):
+    folder, single, both = ensemble
+    assert released_models(folder) == [single, both]  # members read back from the index as a tuple
+    assert json.loads((folder / "index.json").read_text())["models"][1]["members"] == ["tiny-cv-k0", "tiny-cv-k1"]
+    assert "members" not in json.loads((folder / "index.json").read_text())["models"][0]
+    assert [p.name for p in released_checkpoints("tiny-cv")] == ["tiny-cv-k0.safetensors", "tiny-cv-k1.safetensors"]
+    assert [p.name for p in released_checkpoints("tiny-demo")] == ["tiny-demo.safetensors"]
+    with pytest.raises(ValueError, match=r"'tiny-cv' is an ensemble of 2 checkpoints.*rwkvseg predict --model tiny-cv"):
+        released_checkpoint("tiny-cv")  # export, fine-tuning and serving take one checkpoint
+    (folder / "tiny-cv-k1.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tiny-cv-k1\.json is missing; reinstall"):
+        released_checkpoints("tiny-cv")
+    with pytest.raises(ValueError, match="lists one member"):
+        ReleasedModel("x", "urwkv_test", "synthetic", "none", members=("tiny-cv-k0",))
+
+
+def test_predict_by_ensemble_name_averages_its_members(ensemble, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from rwkvseg.cli import main
+
+    folder, _, _ = ensemble
+    image = (np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "frame.png")
+    frame = str(tmp_path / "frame.png")
+    members = [str(folder / "tiny-cv-k0.safetensors"), str(folder / "tiny-cv-k1.safetensors")]
+    outs = {"name": tmp_path / "by-name", "paths": tmp_path / "by-paths"}
+    for how, given in (("name", ["--model", "tiny-cv"]), ("paths", members)):
+        assert main(["predict", *given, frame, "--out", str(outs[how])]) == 0
+        assert "(an ensemble of 2 checkpoints)" in capsys.readouterr().out
+    masks = {how: np.asarray(Image.open(out / "frame.png")) for how, out in outs.items()}
+    assert np.array_equal(masks["name"], masks["paths"])  # the release is its members' ensemble
+    main(["models"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("tiny-cv"))
+    assert " 2 " in row  # its checkpoints column
+
+
 @pytest.mark.parametrize("model", released_models(), ids=lambda m: m.name)
 def test_shipped_models_load_and_run(model):
-    net, meta = load_checkpoint(released_checkpoint(model.name))
-    assert meta.model == model.architecture
-    spatial = (20, 33, 27) if meta.preprocessing.get("dims") == 3 else (64, 80)
-    x = torch.rand(1, meta.in_channels, *spatial)
-    with torch.no_grad():
-        out = net(x)
-    assert out.shape == (1, meta.num_classes, *spatial)
-    assert torch.isfinite(out).all()
+    for checkpoint in released_checkpoints(model.name):  # one, or an ensemble's members
+        net, meta = load_checkpoint(checkpoint)
+        assert meta.model == model.architecture
+        spatial = (20, 33, 27) if meta.preprocessing.get("dims") == 3 else (64, 80)
+        x = torch.rand(1, meta.in_channels, *spatial)
+        with torch.no_grad():
+            out = net(x)
+        assert out.shape == (1, meta.num_classes, *spatial)
+        assert torch.isfinite(out).all()
     dice = [v for k, v in model.metrics.items() if "dice" in k]
     assert dice and all(0 < v <= 1 for v in dice)
 
@@ -119,3 +181,11 @@ def test_predict_by_released_name_through_the_cli(tmp_path):
         assert mask.size == (70, 45)
     assert main(["predict", "--model", "nope", str(tmp_path / "frame.png"), "--out", str(tmp_path / "q")]) == 2
     assert main(["predict", str(tmp_path / "frame.png"), "--out", str(tmp_path / "q")]) == 2
+
+
+def test_serving_hosts_one_checkpoint_releases_and_refuses_an_ensemble(ensemble):
+    from rwkvseg.serve import predictors
+
+    assert [source.name for source in predictors.resolve_models([])] == ["tiny-demo"]  # every release but ensembles
+    with pytest.raises(ValueError, match="'tiny-cv' is an ensemble of 2 checkpoints"):
+        predictors.resolve_models(["tiny-cv"])

@@ -1,7 +1,9 @@
 """Released models: trained weights shipped inside the package, loadable by name with no network access.
 
 `weights/index.json` lists them (architecture, data, split, validation metrics); each has a checkpoint
-(`<name>.safetensors` + `<name>.json`) and a model card (`<name>.md`) in the same folder.
+(`<name>.safetensors` + `<name>.json`) and a model card (`<name>.md`) in the same folder. An ensemble release (e.g.
+the fold models of a cross-validation) names its member checkpoints in `members` instead: `<member>.safetensors` +
+`<member>.json` each, predicted together as one model (`rwkvseg predict --model NAME`, infer.ensemble).
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ class ReleasedModel:
     split: str
     metrics: dict[str, float] = field(default_factory=dict)
     notes: str = ""
+    members: tuple[str, ...] = ()  # an ensemble's member checkpoints (file stems beside the index); () for one
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(self.members))  # a JSON list read from the index
+        if len(self.members) == 1:
+            raise ValueError(f"released model {self.name!r} lists one member; an ensemble needs two or more")
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The checkpoint stems of the release: its members, or its own name."""
+        return self.members or (self.name,)
 
 
 def weights_dir() -> Path:
@@ -46,17 +59,41 @@ def released_models(folder: Path | None = None) -> list[ReleasedModel]:
     return [ReleasedModel(**entry) for entry in entries]
 
 
-def released_checkpoint(name: str, folder: Path | None = None) -> Path:
-    """The checkpoint path of a released model; ValueError naming the choices when unknown."""
-    folder = folder or weights_dir()
-    names = [m.name for m in released_models(folder)]
-    if name not in names:
-        choices = ", ".join(names) or "none are installed"
+def released_model(name: str, folder: Path | None = None) -> ReleasedModel:
+    """The index entry of a released model; ValueError naming the choices when unknown."""
+    models = {m.name: m for m in released_models(folder)}
+    if name not in models:
+        choices = ", ".join(models) or "none are installed"
         raise ValueError(f"unknown released model {name!r}; choose one of: {choices} (see `rwkvseg models`)")
-    weights, sidecar = checkpoint_paths(folder / name)
-    if not (weights.is_file() and sidecar.is_file()):
-        raise FileNotFoundError(f"released model {name!r} is listed but {weights} or {sidecar} is missing; reinstall")
-    return weights
+    return models[name]
+
+
+def released_checkpoints(name: str, folder: Path | None = None) -> list[Path]:
+    """The checkpoint paths (weights files) of a released model: one, or an ensemble's members in index order;
+    ValueError naming the choices when unknown, FileNotFoundError when a listed file is missing."""
+    folder = folder or weights_dir()
+    paths = []
+    for stem in released_model(name, folder).files:
+        weights, sidecar = checkpoint_paths(folder / stem)
+        if not (weights.is_file() and sidecar.is_file()):
+            raise FileNotFoundError(
+                f"released model {name!r} is listed but {weights} or {sidecar} is missing; reinstall"
+            )
+        paths.append(weights)
+    return paths
+
+
+def released_checkpoint(name: str, folder: Path | None = None) -> Path:
+    """The checkpoint path of a released model that is one checkpoint; ValueError naming the choices when unknown,
+    and naming the members when it is an ensemble (for the callers that take one checkpoint: export, fine-tuning,
+    serving)."""
+    paths = released_checkpoints(name, folder)
+    if len(paths) > 1:
+        raise ValueError(
+            f"released model {name!r} is an ensemble of {len(paths)} checkpoints, and this takes one: give one "
+            f"member's file instead (e.g. {paths[0]}), or predict with the ensemble by `rwkvseg predict --model {name}`"
+        )
+    return paths[0]
 
 
 def half_precision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,6 +148,7 @@ def index_entry(model: ReleasedModel) -> dict[str, Any]:
         "split": model.split,
         "metrics": model.metrics,
         "notes": model.notes,
+        **({"members": list(model.members)} if model.members else {}),
     }
 
 

@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from rwkvseg.data.preprocess3d import PreprocessConfig, preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.models import create_model
 from rwkvseg.records import inference_metadata
-from rwkvseg.released import ReleasedModel, export_release, index_entry
+from rwkvseg.released import ReleasedModel, export_release, index_entry, released_models, update_index
 from writers import load_script, save_png, write_brats_case
 
 # (height, width) of each image: odd and all different, so a mask at the network's 32 x 32 would show
@@ -175,6 +176,29 @@ def test_an_existing_out_or_an_unknown_name_is_refused(script, released, tmp_pat
     assert run(script, data, weights, data / "tiny" / "out") == 2  # inside the data folder
     assert "never writes into its inputs" in capsys.readouterr().err
     assert not (tmp_path / "new").exists() and not (data / "tiny" / "out").exists()
+
+
+def test_an_ensemble_release_is_left_out_and_refused_by_name(script, released, tmp_path, capsys, caplog):
+    data, weights, _ = released
+    folder = tmp_path / "weights"
+    shutil.copytree(weights, folder)
+    for k in (0, 1):  # two members (copies of the tiny release) of a fold ensemble
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(weights / f"urwkv_test-tiny{suffix}", folder / f"urwkv_test-tiny-cv-k{k}{suffix}")
+    (model,) = released_models(weights)
+    update_index(
+        replace(model, name="urwkv_test-tiny-cv", members=("urwkv_test-tiny-cv-k0", "urwkv_test-tiny-cv-k1")), folder
+    )
+    assert run(script, data, folder, tmp_path / "named", "--names", "urwkv_test-tiny-cv") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "urwkv_test-tiny-cv: an ensemble whose members trained on" in err
+    assert not (tmp_path / "named").exists()
+    with caplog.at_level(logging.INFO):
+        assert run(script, data, folder, tmp_path / "all", "--limit", "1") == 0
+    assert [row["name"] for row in json.loads((tmp_path / "all" / "results.json").read_text())["models"]] == [
+        "urwkv_test-tiny"
+    ]
+    assert "leaving out urwkv_test-tiny-cv" in caplog.text
 
 
 class Edema(nn.Module):

@@ -23,10 +23,18 @@ def run(args: argparse.Namespace) -> int:
         print("  none installed")
         return 0
     rows = [
-        {"name": m.name, "architecture": m.architecture, "dataset": m.dataset, "split": m.split, **m.metrics}
+        {
+            "name": m.name,
+            "architecture": m.architecture,
+            "dataset": m.dataset,
+            "split": m.split,
+            "checkpoints": len(m.files),  # more than one: an ensemble, predicted as one model
+            **m.metrics,
+        }
         for m in released
     ]
     metrics = list(dict.fromkeys(k for m in released for k in m.metrics))
     columns = [("name", "name"), ("architecture", "architecture"), ("dataset", "dataset"), ("split", "split")]
+    columns += [("checkpoints", "checkpoints")]
     print(format_table(rows, columns + [(k, k) for k in metrics]))
     return 0

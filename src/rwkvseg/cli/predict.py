@@ -131,9 +131,9 @@ def checkpoints_and_input(args: argparse.Namespace) -> tuple[list[str], str]:
     if args.model:
         if len(args.sources) != 1:
             raise ValueError(f"with --model {args.model} give only the input, got {args.sources}")
-        from ..released import released_checkpoint
+        from ..released import released_checkpoints
 
-        return [str(released_checkpoint(args.model))], args.sources[0]
+        return [str(path) for path in released_checkpoints(args.model)], args.sources[0]  # an ensemble's members
     if len(args.sources) < 2:
         raise ValueError(f"give a checkpoint and an input (or --model NAME and an input), got {args.sources}")
     return args.sources[:-1], args.sources[-1]

@@ -70,7 +70,8 @@ class ModelSource:
 
 
 def resolve_models(specs: Sequence[str], runtime: str = "torch") -> list[ModelSource]:
-    """Runtime "torch": released names, checkpoint paths or `alias=path`; none: every released model. Runtime
+    """Runtime "torch": released names, checkpoint paths or `alias=path`; none: every released model of one
+    checkpoint (an ensemble release is predicted by `rwkvseg predict --model NAME`, not hosted). Runtime
     "onnx": exported .onnx files or `alias=file`. Errors name the choices and the fix."""
     if not specs:
         if runtime == "onnx":
@@ -78,7 +79,7 @@ def resolve_models(specs: Sequence[str], runtime: str = "torch") -> list[ModelSo
                 "runtime 'onnx' serves exported files only; export each model once "
                 "(rwkvseg export NAME --out NAME.onnx) and name the files to host"
             )
-        specs = [m.name for m in released_models()]
+        specs = [m.name for m in released_models() if not m.members]  # an ensemble release is for `rwkvseg predict`
         if not specs:
             raise ValueError("no released models are installed; name checkpoints to host (models=[path, ...])")
     released = {m.name for m in released_models()}
