@@ -8,6 +8,7 @@ is turned to RAS (nibabel `as_closest_canonical`) before the voxels are compared
 """
 
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -356,3 +357,36 @@ def test_command_line_names_the_channels_of_a_bare_4d_file(tmp_path, plans, monk
     np.testing.assert_array_equal(
         canonical(tmp_path / "a" / "p1.nii.gz")[0], canonical(tmp_path / "b" / "p1.nii.gz")[0]
     )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({}, "no cases found under"),
+        ({"scan.nii.gz": None, "notes.txt": b"not DICOM"}, "no cases found under"),
+        ({"t1/IM0001": bytes(128) + b"DICM" + bytes(16)}, "install the extra: pip install 'rwkvseg[dicom]'"),
+    ],
+    ids=["empty folder", "NIfTI folder", "DICOM Part-10 file"],
+)
+def test_without_pydicom_predict_asks_for_the_extra_only_for_dicom(
+    tmp_path, plans, monkeypatch, capsys, content, message
+):
+    from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+    from rwkvseg.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in content.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4)), folder / name)
+        else:
+            (folder / name).write_bytes(data)
+    metadata = inference_metadata(plans, (16, 16, 16))
+    save_checkpoint(tmp_path / "ckpt", Threshold(), CheckpointMeta("threshold", 4, 4, preprocessing=metadata))
+    monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # an install without the dicom extra
+    assert main(["predict", str(tmp_path / "ckpt"), str(folder), "--out", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("rwkvseg: error: ") and message in line
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from ..data import MissingExtraError
 from . import (
     bench,
     compact2d,
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         # recommend: what is left to flush goes to /dev/null, not to an "Exception ignored" message at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, OSError, FloatingPointError) as err:  # OSError: missing, existing, read-only, disk full
+    except (ValueError, OSError, FloatingPointError, MissingExtraError) as err:
+        # OSError: missing, existing, read-only, disk full; MissingExtraError: an input needs pydicom, SimpleITK...
         print(f"rwkvseg: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import MissingExtraError
 from .specs import modality_of
 from .volumes import DatasetSpec, Volume, _sitk_affine, import_sitk
 
@@ -52,7 +53,9 @@ def _import_pydicom():
     try:
         import pydicom
     except ImportError:
-        raise ImportError("reading DICOM needs pydicom; install the extra: pip install 'rwkvseg[dicom]'") from None
+        raise MissingExtraError(
+            "reading DICOM needs pydicom; install the extra: pip install 'rwkvseg[dicom]'"
+        ) from None
     return pydicom
 
 
@@ -60,7 +63,7 @@ def _import_highdicom():
     try:
         import highdicom
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             "writing DICOM SEG needs highdicom; install the extra: pip install 'rwkvseg[dicom]'"
         ) from None
     return highdicom
@@ -90,11 +93,34 @@ class DicomSeries:
         return f"series {self.series_uid} ({self.description or 'no description'}, {len(self.files)} files)"
 
 
+def _has_part10_marker(path: Path) -> bool:
+    """Whether a file starts as a DICOM Part-10 file does: a 128-byte preamble, then b"DICM"."""
+    try:
+        with path.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _dicom_headers(folder: Path) -> Iterator[tuple[Path, Any]]:
-    pydicom = _import_pydicom()
+    """(path, header) of each DICOM file below a folder that belongs to a series.
+
+    Without pydicom, a folder none of whose files carries the Part-10 marker holds no DICOM (probing an empty or
+    NIfTI folder needs no extra); one that does raises MissingExtraError naming the extra.
+    """
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        return
+    try:
+        pydicom = _import_pydicom()
+    except MissingExtraError:
+        if any(_has_part10_marker(path) for path in files):
+            raise
+        return
     from pydicom.errors import InvalidDicomError
 
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for path in files:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError):
@@ -156,7 +182,10 @@ def find_series(folder: Path | str) -> list[DicomSeries]:
 
 
 def is_dicom_folder(folder: Path | str) -> bool:
-    """Whether a folder (or one below it) holds at least one DICOM file with a series UID."""
+    """Whether a folder (or one below it) holds at least one DICOM file with a series UID.
+
+    Needs pydicom only where a file carries the DICOM Part-10 marker; without pydicom, MissingExtraError there.
+    """
     folder = Path(folder)
     return folder.is_dir() and next(_dicom_headers(folder), None) is not None
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..files import folders_below
+from . import MissingExtraError
 from .specs import DatasetSpec, channel_order, dataset_spec, read_json
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def import_sitk():
     try:
         import SimpleITK as sitk
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             "reading NRRD, MHA/MHD or DICOM needs SimpleITK; install the extra: pip install 'rwkvseg[itk]'"
         ) from None
     return sitk
