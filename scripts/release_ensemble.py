@@ -184,7 +184,7 @@ def card_text(
             f"| recorded default post-processing | `{postprocess.spelling()}` (each member's sidecar; `rwkvseg predict "
             f"--postprocess none` turns it off): {args.postprocess_evidence} |\n"
         )
-    notes = "".join(f"{text.strip()}\n\n" for text in args.note)
+    notes = "".join(f"{fill(text.strip(), width=118)}\n\n" for text in args.note)
     split = Path(data["split"]).name
     intro = fill(
         f"An ensemble of {len(folds)} {config['model']['name']} models (`{variant}`), one per fold of the "
