@@ -56,7 +56,7 @@ def main() -> None:
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
     chosen = [m for m in released_models() if args.names is None or m.name in args.names]
-    models = [m for m in chosen if not is_3d_checkpoint(released_checkpoint(m.name))]
+    models = [m for m in chosen if not m.members and not is_3d_checkpoint(released_checkpoint(m.name))]  # 2D, one each
     results = {}
     for model in models:
         samples = {s.case: s for s in discover_pairs(args.data / model.dataset)}

@@ -4,7 +4,9 @@ the released checkpoint (on the CPU by default) and scored at the original image
     python scripts/results_table.py DATA_ROOT OUT [--names NAME ...] [--device cpu] [--threads 2] [--limit N]
                                     [--weights DIR] [--mirror-axes-2d AXES] [--postprocess SPEC]
 
-For each released model (weights/index.json; or the --names given), under OUT/<name>/:
+For each released model of one checkpoint (weights/index.json; or the --names given), under OUT/<name>/ (an
+ensemble of fold models is left out, and refused by name: its members trained on these validation cases, so its
+score is its members' cross-validation, scripts/cv_eval.py, in its card):
 - data/: links to the validation cases (fold 0 of the model's split file) of DATA_ROOT/<dataset>: 2D images/ +
   masks/ (every mask file of an image, merged at scoring as in training), 3D the BraTS case folders. DATA_ROOT is
   only read; OUT must be a new folder outside it.

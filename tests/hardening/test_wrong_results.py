@@ -272,15 +272,14 @@ def test_bit_flipped_weights_refused(tmp_path, capsys, bright):
 
 
 def test_released_sidecars_hold_the_digest_of_their_weights():
-    from rwkvseg.released import released_checkpoint, released_models
+    from rwkvseg.files import file_sha256
+    from rwkvseg.released import released_checkpoints, released_models
 
     for model in released_models():
-        path = released_checkpoint(model.name)
-        sidecar = json.loads(path.with_suffix(".json").read_text())
-        assert len(sidecar["training"]["weights_sha256"]) == 64
-        from rwkvseg.files import file_sha256
-
-        assert file_sha256(path) == sidecar["training"]["weights_sha256"]
+        for path in released_checkpoints(model.name):  # one, or an ensemble's members
+            sidecar = json.loads(path.with_suffix(".json").read_text())
+            assert len(sidecar["training"]["weights_sha256"]) == 64
+            assert file_sha256(path) == sidecar["training"]["weights_sha256"]
 
 
 def test_damaged_training_state_refused(tmp_path):

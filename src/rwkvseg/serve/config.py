@@ -90,9 +90,9 @@ class ServeConfig:
             raise ValueError(f"serve settings must be positive: {', '.join(bad) or 'batch_wait_ms'}")
         if not 0 <= self.overlap_3d < 1:
             raise ValueError(f"overlap_3d must lie in [0, 1), got {self.overlap_3d}")
-        check_precision(self.precision, self.device)
-        if self.precision != "fp32" and self.runtime == "onnx":
+        if self.precision != "fp32" and self.runtime == "onnx":  # settings that conflict whatever the hardware
             raise ValueError(
                 f"precision {self.precision!r} is for checkpoints (runtime 'torch'); an exported file runs in "
                 "onnxruntime as it was exported: drop --precision or serve checkpoints"
             )
+        check_precision(self.precision, self.device)
