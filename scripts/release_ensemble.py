@@ -39,11 +39,12 @@ from pathlib import Path
 from textwrap import fill
 from typing import Any
 
-from rwkvseg.checkpoint import checkpoint_paths, read_meta, with_digest
+from rwkvseg.checkpoint import checkpoint_paths, with_digest
 from rwkvseg.cli.predict import postprocess_option
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.eval.report import plot_curves, read_metrics_csv
 from rwkvseg.files import write_json
+from rwkvseg.infer.ensemble import check_members
 from rwkvseg.infer.postprocess import PostProcess, check_postprocess
 from rwkvseg.released import ReleasedModel, export_release, released_models, update_index, weights_dir
 
@@ -100,8 +101,10 @@ def read_folds(runs: Path, variant: str, folds: list[int], members_from: Path | 
         config = read_json(run / "config.json")
         if config.get("data", {}).get("fold") != fold:
             raise Refused(f"{run}: its config.json trained fold {config.get('data', {}).get('fold')}, not {fold}")
-        split = read_json(run / "split.json")
-        val = tuple(split["folds"][fold]["val"])
+        try:
+            val = tuple(read_json(run / "split.json")["folds"][fold]["val"])
+        except (KeyError, IndexError, TypeError):
+            raise Refused(f"{run / 'split.json'} holds no fold {fold}; give the split the run trained on") from None
         source = member_source(run, fold, members_from)
         history = read_metrics_csv(run / "metrics.csv") if (run / "metrics.csv").is_file() else []
         if not any("val_dice" in row for row in history):
@@ -120,7 +123,7 @@ def check_name(name: str, folder: Path, folds: list[Fold]) -> list[str]:
     taken = [
         str(p)
         for stem in (name, *members)
-        for p in (*checkpoint_paths(folder / stem), folder / f"{stem}.md")
+        for p in (*checkpoint_paths(folder / stem), folder / f"{stem}.md", folder / f"{stem}.curves.png")
         if p.exists()
     ]
     if taken:
@@ -271,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         cv = report["models"][args.variant]
         folds = read_folds(args.runs, args.variant, cv["folds"], args.members_from)
         members = check_name(args.name, folder, folds)
-        meta = read_meta(folds[0].source)
+        try:  # the members must predict as one ensemble (rwkvseg predict checks the same when loading them)
+            meta = check_members([checkpoint_paths(f.source)[0] for f in folds], ())
+        except ValueError as err:
+            raise Refused(f"the fold checkpoints cannot form one ensemble: {err}") from None
         spec = DatasetSpec.from_dict(meta.preprocessing["dataset"])
         if args.postprocess is not None:
             try:
@@ -289,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.postprocess is not None:
                 _, sidecar = checkpoint_paths(weights)
                 record = json.loads(sidecar.read_text(encoding="utf-8"))
-                record.pop("digest", None)
                 pre = record["preprocessing"]
                 record["preprocessing"] = {
                     **pre,

@@ -56,7 +56,10 @@ def test_release_writes_members_card_curves_and_an_index_entry(scored, tmp_path,
     assert not [p for p in weights.iterdir() if p.name.startswith("tmp")]  # the staging folder is gone
 
 
-@pytest.mark.parametrize("damage", ["name taken", "variant not scored", "no export for a fold", "bad postprocess"])
+@pytest.mark.parametrize(
+    "damage",
+    ["name taken", "variant not scored", "no export for a fold", "bad postprocess", "members disagree", "short split"],
+)
 def test_release_refuses_in_one_line_and_writes_nothing(scored, tmp_path, capsys, damage):
     runs, cv, _ = scored
     weights = tmp_path / "weights"
@@ -74,9 +77,19 @@ def test_release_refuses_in_one_line_and_writes_nothing(scored, tmp_path, capsys
             (exports / f"x-fold0{suffix}").write_bytes((runs / "brats2018-bright-fold0" / f"best{suffix}").read_bytes())
         args += ["--members-from", str(exports)]
         message = "0 files end in fold1.safetensors"
-    else:
+    elif damage == "bad postprocess":
         args += ["--postprocess", "fill-holes", "--postprocess-evidence", "none"]
         message = "--postprocess"
+    elif damage == "members disagree":
+        sidecar = runs / "brats2018-bright-fold1" / "best.json"
+        record = json.loads(sidecar.read_text())
+        record["preprocessing"]["inference"] = {**record["preprocessing"].get("inference", {}), "threshold": 0.3}
+        sidecar.write_text(json.dumps(record))
+        message = "cannot form one ensemble"
+    else:
+        split = runs / "brats2018-bright-fold1" / "split.json"
+        split.write_text(json.dumps({**json.loads(split.read_text()), "folds": []}))
+        message = "holds no fold 1"
     before = snapshot(weights)
     assert load_script("release_ensemble").main(args) == 2
     err = capsys.readouterr().err
