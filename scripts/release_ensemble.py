@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from textwrap import fill
 from typing import Any
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = args.weights_dir or weights_dir()
     try:
+        if find_spec("matplotlib") is None:
+            raise Refused("the curves need matplotlib: pip install 'rwkvseg[plots]'")
         report = read_json(args.cv / "cv.json")
         if args.variant not in report.get("models", {}):
             raise Refused(f"{args.cv / 'cv.json'} has no {args.variant}; give the cv_eval.py output over its runs")
