@@ -183,9 +183,19 @@ def test_predict_by_released_name_through_the_cli(tmp_path):
     assert main(["predict", str(tmp_path / "frame.png"), "--out", str(tmp_path / "q")]) == 2
 
 
-def test_serving_hosts_one_checkpoint_releases_and_refuses_an_ensemble(ensemble):
+def test_serving_hosts_an_ensemble_release_as_the_mean_of_its_members(ensemble):
+    import numpy as np
+
     from rwkvseg.serve import predictors
 
-    assert [source.name for source in predictors.resolve_models([])] == ["tiny-demo"]  # every release but ensembles
-    with pytest.raises(ValueError, match="'tiny-cv' is an ensemble of 2 checkpoints"):
-        predictors.resolve_models(["tiny-cv"])
+    sources = {source.name: source for source in predictors.resolve_models([])}  # every release, ensembles too
+    assert sorted(sources) == ["tiny-cv", "tiny-demo"]
+    assert [p.name for p in sources["tiny-cv"].checkpoints] == ["tiny-cv-k0.safetensors", "tiny-cv-k1.safetensors"]
+    assert predictors.describe(sources["tiny-cv"])["checkpoints"] == 2
+    assert predictors.describe(sources["tiny-demo"])["checkpoints"] == 1
+    members = predictors.resolve_models([str(p) for p in sources["tiny-cv"].checkpoints])
+    image = np.random.default_rng(0).random((40, 52, 3)).astype(np.float32)
+    ensemble_probs = predictors.Hosted2D(sources["tiny-cv"], device="cpu").probabilities([image])[0]
+    member_probs = [predictors.Hosted2D(m, device="cpu").probabilities([image])[0] for m in members]
+    assert not np.allclose(member_probs[0], member_probs[1], atol=1e-4)  # two different members
+    np.testing.assert_allclose(ensemble_probs, np.mean(member_probs, axis=0), atol=1e-5)

@@ -2,7 +2,8 @@
 
 Everything the service needs from the rest of the package is called here and nowhere else in rwkvseg.serve, so a
 change of the inference internals is answered by editing this one module. Calls, all in this file:
-rwkvseg.released.released_models / released_checkpoint, rwkvseg.checkpoint.read_meta / load_checkpoint,
+rwkvseg.released.released_models / released_checkpoints, rwkvseg.checkpoint.read_meta,
+rwkvseg.infer.ensemble.load_checkpoints / check_members (one checkpoint, or an ensemble release's members),
 rwkvseg.data.images2d.read_image, rwkvseg.records.Preprocessing2D.from_meta, rwkvseg.infer.predict2d.predict_arrays /
 to_labels / overlay / OVERLAY_COLOURS, rwkvseg.infer.predict.PredictConfig, rwkvseg.infer.predict3d.Predictor3D /
 write_like, rwkvseg.infer.postprocess.PostProcess / chosen_postprocess / check_postprocess / postprocess,
@@ -30,10 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import CheckpointMeta, load_checkpoint, read_meta
+from ..checkpoint import CheckpointMeta, read_meta
 from ..data.images2d import read_image
 from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
+from ..infer.ensemble import check_members, load_checkpoints
 from ..infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.precision import for_precision, in_precision
@@ -41,7 +43,7 @@ from ..infer.predict import PredictConfig
 from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
 from ..infer.predict3d import Predictor3D, write_like
 from ..records import Preprocessing2D, recorded_threshold
-from ..released import released_checkpoint, released_models
+from ..released import released_checkpoints, released_models
 
 if TYPE_CHECKING:
     from ..export.onnx import ExportRecord
@@ -59,6 +61,12 @@ class ModelSource:
     path: Path
     released: bool
     meta: CheckpointMeta | ExportRecord = field(repr=False, compare=False)
+    members: tuple[Path, ...] = ()  # an ensemble release's checkpoints (path is the first), averaged as one model
+
+    @property
+    def checkpoints(self) -> tuple[Path, ...]:
+        """The checkpoints the model loads: an ensemble's members, or path alone."""
+        return self.members or (self.path,)
 
     @property
     def exported(self) -> bool:
@@ -70,16 +78,16 @@ class ModelSource:
 
 
 def resolve_models(specs: Sequence[str], runtime: str = "torch") -> list[ModelSource]:
-    """Runtime "torch": released names, checkpoint paths or `alias=path`; none: every released model of one
-    checkpoint (an ensemble release is predicted by `rwkvseg predict --model NAME`, not hosted). Runtime
-    "onnx": exported .onnx files or `alias=file`. Errors name the choices and the fix."""
+    """Runtime "torch": released names (an ensemble release hosts its members as one model), checkpoint paths or
+    `alias=path`; none: every released model. Runtime "onnx": exported .onnx files or `alias=file`. Errors name the
+    choices and the fix."""
     if not specs:
         if runtime == "onnx":
             raise ValueError(
                 "runtime 'onnx' serves exported files only; export each model once "
                 "(rwkvseg export NAME --out NAME.onnx) and name the files to host"
             )
-        specs = [m.name for m in released_models() if not m.members]  # an ensemble release is for `rwkvseg predict`
+        specs = [m.name for m in released_models()]
         if not specs:
             raise ValueError("no released models are installed; name checkpoints to host (models=[path, ...])")
     released = {m.name for m in released_models()}
@@ -92,8 +100,11 @@ def resolve_models(specs: Sequence[str], runtime: str = "torch") -> list[ModelSo
         if target.endswith(".onnx"):
             raise ValueError(f"model {spec!r} is an ONNX export; serve it with runtime 'onnx' (--runtime onnx)")
         if target in released:
-            path = released_checkpoint(target)
-            sources.append(ModelSource(alias or target, path, True, read_meta(path)))
+            paths = released_checkpoints(target)
+            if len(paths) == 1:
+                sources.append(ModelSource(alias or target, paths[0], True, read_meta(paths[0])))
+            else:  # its members must predict as one model; the first member's record stands for them all
+                sources.append(ModelSource(alias or target, paths[0], True, check_members(paths), tuple(paths)))
             continue
         path = Path(target)
         if path.suffix in (".safetensors", ".json"):
@@ -181,6 +192,7 @@ def describe(source: ModelSource) -> dict[str, Any]:
         "architecture": meta.model,
         "released": source.released,
         "runtime": "onnx" if source.exported else "torch",
+        "checkpoints": len(source.checkpoints),  # more than one: an ensemble release, its members averaged
     }
     if source.dims == 3:
         spec = DatasetSpec.from_dict(pre["dataset"])
@@ -231,8 +243,8 @@ class ProbabilityBackend(Protocol):
 
 
 class _TorchBackend:
-    def __init__(self, checkpoint: Path, device: str, precision: str = "fp32"):
-        self.model, self.meta = load_checkpoint(checkpoint, device)
+    def __init__(self, checkpoints: Sequence[Path], device: str, precision: str = "fp32"):
+        self.model, self.meta = load_checkpoints(list(checkpoints), device)  # one, or an ensemble's mean
         self.forward = in_precision(for_precision(self.model, precision), precision, device)
         self.pre = Preprocessing2D.from_meta(self.meta)
         self.device = device
@@ -295,7 +307,7 @@ class Hosted2D:
         if source.exported:
             self.backend: ProbabilityBackend = _OnnxBackend(source.path, threads)
         else:
-            self.backend = _TorchBackend(source.path, device, precision)
+            self.backend = _TorchBackend(source.checkpoints, device, precision)
         self.multiclass = self.meta.num_classes > 1
 
     def warmup(self) -> None:
@@ -357,7 +369,7 @@ class Hosted3D:
         if source.exported:  # the same sliding window, resampling and label mapping; onnxruntime runs the network
             self.predictor = _onnx_tools().onnx_predictor_3d(source.path, options, threads)
         else:
-            self.predictor = Predictor3D.from_checkpoint(source.path, options)
+            self.predictor = Predictor3D.from_checkpoint(list(source.checkpoints), options)
         self.modalities: tuple[str, ...] = tuple(self.spec.modalities)
         self.separator: str = self.spec.separator
         self.label_values: tuple[int, ...] = tuple(self.spec.label_values)
