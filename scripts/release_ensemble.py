@@ -43,7 +43,7 @@ from typing import Any
 from rwkvseg.checkpoint import checkpoint_paths, with_digest
 from rwkvseg.cli.predict import postprocess_option
 from rwkvseg.data.specs import DatasetSpec
-from rwkvseg.eval.report import plot_curves, read_metrics_csv
+from rwkvseg.eval.report import RunHistory, plot_curves, read_run
 from rwkvseg.files import write_json
 from rwkvseg.infer.ensemble import check_members
 from rwkvseg.infer.postprocess import PostProcess, check_postprocess
@@ -62,8 +62,7 @@ class Fold:
     run: Path
     source: Path  # the member's checkpoint (no suffix): the run's best, or an int8 export
     val: tuple[str, ...]
-    config: dict[str, Any]
-    history: list[dict[str, float]]
+    history: RunHistory  # metrics.csv and config.json of the fold's run
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -99,19 +98,22 @@ def read_folds(runs: Path, variant: str, folds: list[int], members_from: Path | 
         run = runs / f"{variant}-fold{fold}"
         if not run.is_dir():
             raise Refused(f"{run} not found: cv.json scores fold {fold} of {variant}, RUNS has no such run")
-        config = read_json(run / "config.json")
-        if config.get("data", {}).get("fold") != fold:
-            raise Refused(f"{run}: its config.json trained fold {config.get('data', {}).get('fold')}, not {fold}")
+        try:
+            history = read_run(run)
+        except FileNotFoundError as err:
+            raise Refused(str(err)) from None
+        trained = history.config.get("data", {}).get("fold")
+        if trained != fold:
+            raise Refused(f"{run}: its config.json trained fold {trained}, not {fold}")
         try:
             val = tuple(read_json(run / "split.json")["folds"][fold]["val"])
         except (KeyError, IndexError, TypeError):
             raise Refused(f"{run / 'split.json'} holds no fold {fold}; give the split the run trained on") from None
         source = member_source(run, fold, members_from)
-        history = read_metrics_csv(run / "metrics.csv") if (run / "metrics.csv").is_file() else []
-        if not any("val_dice" in row for row in history):
+        if history.best is None:
             raise Refused(f"{run / 'metrics.csv'} holds no validated epoch; give the run's training history")
-        out.append(Fold(fold, run, source, val, config, history))
-    if len({json.dumps(f.config.get("model"), sort_keys=True) for f in out}) > 1:
+        out.append(Fold(fold, run, source, val, history))
+    if len({json.dumps(f.history.config.get("model"), sort_keys=True) for f in out}) > 1:
         raise Refused(f"the folds of {variant} trained different models; an ensemble's members share one")
     return out
 
@@ -132,21 +134,16 @@ def check_name(name: str, folder: Path, folds: list[Fold]) -> list[str]:
     return members
 
 
-def best_epoch(history: list[dict[str, float]]) -> dict[str, float]:
-    validated = [row for row in history if "val_dice" in row]
-    return max(validated, key=lambda row: (row["val_dice"], -row["epoch"]))  # the first of equal scores
-
-
 def curves(folds: list[Fold], path: Path, title: str) -> None:
     """Each fold's validation Dice (mean over regions) per epoch and the folds' mean training loss, in one figure."""
-    epochs = sorted({int(row["epoch"]) for f in folds for row in f.history})
+    epochs = sorted({int(row["epoch"]) for f in folds for row in f.history.rows})
     history = []
     for epoch in epochs:
-        rows = {f.fold: row for f in folds for row in f.history if int(row["epoch"]) == epoch}
+        rows = {f.fold: row for f in folds for row in f.history.rows if int(row["epoch"]) == epoch}
         entry = {"epoch": epoch, "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows)}
         history.append(entry | {f"dice{k}": r["val_dice"] for k, r in rows.items() if "val_dice" in r})
     labels = {f"dice{f.fold}": f"fold {f.fold} validation Dice (mean)" for f in folds}
-    loss = folds[0].config.get("loss", {}).get("name", "?")
+    loss = folds[0].history.config.get("loss", {}).get("name", "?")
     plot_curves(history, path, title, labels, f"training loss ({loss}), mean over the folds")
 
 
@@ -160,15 +157,15 @@ def card_text(
     args: argparse.Namespace,
     postprocess: PostProcess | None,
 ) -> str:
-    config = folds[0].config
+    config = folds[0].history.config
     data, optim, loss = config["data"], config["optim"], config.get("loss", {})
     all_ = cv["all"]
     rows = []
     for f in folds:
-        best = best_epoch(f.history)
+        best = f.history.best
         score = cv["per_fold"][str(f.fold)]
         rows.append(
-            f"| {f.fold} | {len(f.val)} | {int(best['epoch'])} of {len(f.history)} "
+            f"| {f.fold} | {len(f.val)} | {int(best['epoch'])} of {f.history.ran} "
             f"({config.get('epochs')} planned) | {best['val_dice']:.4f} | "
             + " / ".join(f"{score[f'dice_{r}']:.4f}" for r in REGIONS)
             + f" ({score['dice']:.4f}) | "
@@ -320,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     threshold = report.get("settings", {}).get("threshold")
     if threshold is not None and threshold != 0.5:
         metrics["val_threshold"] = threshold
-    split = Path(folds[0].config["data"]["split"])
+    split = Path(folds[0].history.config["data"]["split"])
     entry = ReleasedModel(
         args.name,
-        folds[0].config["model"]["name"],
+        folds[0].history.config["model"]["name"],
         args.dataset,
         f"splits/{split.name}",
         metrics,

@@ -34,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
         for m in released
     ]
     metrics = list(dict.fromkeys(k for m in released for k in m.metrics))
-    columns = [("name", "name"), ("architecture", "architecture"), ("dataset", "dataset"), ("split", "split")]
-    columns += [("checkpoints", "checkpoints")]
+    columns = [(k, k) for k in ("name", "architecture", "dataset", "split", "checkpoints")]
     print(format_table(rows, columns + [(k, k) for k in metrics]))
     return 0
