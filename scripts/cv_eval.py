@@ -12,7 +12,9 @@ best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's 
   fold<K>/val`; fold<K>/eval: `rwkvseg evaluate` of that fold alone;
 - all/pred: links to every fold's predictions, all/eval: `rwkvseg evaluate all/pred` against the validation cases of
   every fold together: the cross-validation score (a mean over cases, not over folds).
-Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all) and a table on screen.
+Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all), a table on screen, and
+OUT/<variant>.folds.curves.png: each fold's validation Dice during training, their mean and the mean training loss
+(from the runs' metrics.csv; needs matplotlib, `pip install 'rwkvseg[plots]'`; --no-curves leaves them out).
 --threshold, --postprocess, --mirror-axes, --device and --compile go to `rwkvseg predict` (defaults: each
 checkpoint's recorded threshold and post-processing, no flips, not compiled; cv.json records them).
 Every variant must have the same folds, each fold's validation cases must be in DATA, and no two folds may validate
@@ -22,7 +24,7 @@ one case; otherwise one error line and exit status 2, before anything is predict
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import logging
 import re
 import sys
@@ -36,6 +38,7 @@ from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.data.splits import read_split
 from rwkvseg.devices import resolve_device
 from rwkvseg.eval.evaluate import evaluate_folders, summary_means
+from rwkvseg.eval.report import RunHistory, plot_fold_curves, read_run
 from rwkvseg.files import write_json
 from rwkvseg.infer.predict import PredictConfig, predict
 
@@ -53,6 +56,7 @@ class FoldRun:
     fold: int
     folder: Path
     val: tuple[str, ...]
+    history: RunHistory  # metrics.csv and config.json
 
 
 def fold_runs(runs: Path, data: Path) -> dict[str, list[FoldRun]]:
@@ -66,11 +70,13 @@ def fold_runs(runs: Path, data: Path) -> dict[str, list[FoldRun]]:
         if not best.is_file():
             raise Refused(f"{best} not found: the run has not validated yet, or its checkpoint was not carried back")
         fold = int(match["fold"])
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if config["data"]["fold"] != fold:
-            raise Refused(f"{folder}: its config.json trained fold {config['data']['fold']}, its name says {fold}")
+        history = read_run(folder)
+        if history.config["data"]["fold"] != fold:
+            raise Refused(
+                f"{folder}: its config.json trained fold {history.config['data']['fold']}, its name says {fold}"
+            )
         split = read_split(folder / "split.json", fold)
-        found.setdefault(match["variant"], []).append(FoldRun(match["variant"], fold, folder, split.val))
+        found.setdefault(match["variant"], []).append(FoldRun(match["variant"], fold, folder, split.val, history))
     if not found:
         raise Refused(f"no <dataset>-<variant>-fold<K> runs in {runs}; train them with scripts/campaign.py --folds")
     folds = {variant: sorted(r.fold for r in rs) for variant, rs in found.items()}
@@ -149,6 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="off",
         help="rwkvseg predict --compile (default off: one model per fold, each compiled once for a few cases)",
     )
+    p.add_argument("--no-curves", action="store_true", help="leave out OUT/<variant>.folds.curves.png")
     return p.parse_args(argv)
 
 
@@ -158,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.exists():
             raise Refused(f"{args.out} exists; give a new folder (nothing is overwritten)")
+        if not args.no_curves and importlib.util.find_spec("matplotlib") is None:
+            raise Refused("the fold curves need matplotlib: pip install 'rwkvseg[plots]', or pass --no-curves")
         found = fold_runs(args.runs, args.data)
         config = PredictConfig(
             device=str(resolve_device(args.device, "--device")),
@@ -169,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         results = {
             variant: evaluate_variant(variant, runs, args.data, args.out, config) for variant, runs in found.items()
         }
+        for variant, runs in found.items():
+            if not args.no_curves:  # the runs' training histories, beside the scores
+                curves = args.out / f"{variant}.folds.curves.png"
+                plot_fold_curves({r.fold: r.history for r in runs}, curves, f"{variant}: {len(runs)} folds")
     except (Refused, ValueError, FileNotFoundError) as err:  # bad inputs, and what prediction refuses
         print(f"cv_eval.py: error: {err}", file=sys.stderr)
         return 2

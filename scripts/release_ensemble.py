@@ -18,9 +18,9 @@ with --members-from DIR, the one file in DIR whose name ends in fold<K>.safetens
 runs trained, when the fp32 checkpoints cannot travel). --postprocess SPEC (a `rwkvseg predict --postprocess`
 spelling) is recorded in every member's sidecar as the release's default, named in the card with
 --postprocess-evidence. NAME gets a card (NAME.md: members, recipe, the cross-validation table per fold and over
-all, how to use it), its curves (NAME.curves.png: each fold's validation Dice and training loss per epoch) and an
-index entry listing its members (`rwkvseg models`; `rwkvseg predict --model NAME` averages the members'
-probabilities).
+all, how to use it), its curves (NAME.curves.png: each fold's validation Dice, their mean and the training loss per
+epoch) and an index entry listing its members (`rwkvseg models`; `rwkvseg predict --model NAME` averages the
+members' probabilities).
 
 Every input is read and checked before anything is written; a missing or mismatched input, or a NAME whose files
 or index entry exist already (nothing is replaced), is one error line and exit status 2.
@@ -43,7 +43,7 @@ from typing import Any
 from rwkvseg.checkpoint import checkpoint_paths, with_digest
 from rwkvseg.cli.predict import postprocess_option
 from rwkvseg.data.specs import DatasetSpec
-from rwkvseg.eval.report import RunHistory, plot_curves, read_run
+from rwkvseg.eval.report import RunHistory, plot_fold_curves, read_run
 from rwkvseg.files import write_json
 from rwkvseg.infer.ensemble import check_members
 from rwkvseg.infer.postprocess import PostProcess, check_postprocess
@@ -132,19 +132,6 @@ def check_name(name: str, folder: Path, folds: list[Fold]) -> list[str]:
     if taken:
         raise Refused(f"{taken[0]} exists; release under a new name (nothing is replaced)")
     return members
-
-
-def curves(folds: list[Fold], path: Path, title: str) -> None:
-    """Each fold's validation Dice (mean over regions) per epoch and the folds' mean training loss, in one figure."""
-    epochs = sorted({int(row["epoch"]) for f in folds for row in f.history.rows})
-    history = []
-    for epoch in epochs:
-        rows = {f.fold: row for f in folds for row in f.history.rows if int(row["epoch"]) == epoch}
-        entry = {"epoch": epoch, "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows)}
-        history.append(entry | {f"dice{k}": r["val_dice"] for k, r in rows.items() if "val_dice" in r})
-    labels = {f"dice{f.fold}": f"fold {f.fold} validation Dice (mean)" for f in folds}
-    loss = folds[0].history.config.get("loss", {}).get("name", "?")
-    plot_curves(history, path, title, labels, f"training loss ({loss}), mean over the folds")
 
 
 def card_text(
@@ -301,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     "inference": {**pre.get("inference", {}), "postprocess": args.postprocess.spelling()},
                 }
                 write_json(sidecar, with_digest(record, weights))
-        curves(folds, stage / f"{args.name}.curves.png", f"{args.name}: {len(folds)} folds of {args.variant}")
+        title = f"{args.name}: {len(folds)} folds of {args.variant}"
+        plot_fold_curves({f.fold: f.history for f in folds}, stage / f"{args.name}.curves.png", title)
         card = card_text(
             args.name, args.variant, folds, members, cv, report.get("settings", {}), args, args.postprocess
         )

@@ -3,6 +3,7 @@ import pytest
 from rwkvseg.eval.report import (
     html_table,
     plot_curves,
+    plot_fold_curves,
     read_metrics_csv,
     read_run,
     svg_curves,
@@ -43,6 +44,35 @@ def test_run_curves_draw_each_region(tmp_path):
     regions = [f"validation Dice {r}" for r in ("WT", "TC", "ET")]
     assert drawn == ["validation Dice (mean)", *regions, "training loss (ce)"]
     assert (tmp_path / "brats2018-mmsegrwkv.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fold_curves_average_the_folds_where_every_fold_validated(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    folds = {
+        1: read_run(
+            write_run_3d(tmp_path / "b-fold1", [0.6, 0.8, 0.9], val_every=2, config={"loss": {"name": "dice"}})
+        ),
+        0: read_run(write_run_3d(tmp_path / "b-fold0", [0.5, 0.7], val_every=2)),  # stopped two epochs earlier
+    }
+    drawn = plot_fold_curves(folds, tmp_path / "b.folds.png", "b: 2 folds")
+    assert drawn == [
+        "validation Dice, mean over the 2 folds",
+        "fold 0",
+        "fold 1",
+        "training loss (ce, dice), mean over the folds",
+    ]
+    assert (tmp_path / "b.folds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    seen = {}
+    monkeypatch.setattr("rwkvseg.eval.report.plot_curves", lambda history, *args: seen.setdefault("rows", history))
+    plot_fold_curves(folds, tmp_path / "again.png", "b")
+    rows = {int(r["epoch"]): r for r in seen["rows"]}
+    assert sorted(rows) == list(range(1, 7))
+    dice = {k: {int(r["epoch"]): r["val_dice"] for r in run.validated} for k, run in folds.items()}
+    assert rows[2]["mean"] == pytest.approx((dice[0][2] + dice[1][2]) / 2) and rows[4]["fold0"] == dice[0][4]
+    assert "mean" not in rows[6] and rows[6]["fold1"] == dice[1][6]  # fold 0 never reached epoch 6
+    assert "mean" not in rows[1] and "fold0" not in rows[1]  # no validation at epoch 1
+    loss = {k: {int(r["epoch"]): r["train_loss"] for r in run.rows} for k, run in folds.items()}
+    assert rows[3]["train_loss"] == pytest.approx((loss[0][3] + loss[1][3]) / 2) and rows[5]["train_loss"] == loss[1][5]
 
 
 def test_run_history_states_why_a_run_stopped_early(tmp_path):

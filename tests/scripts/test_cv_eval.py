@@ -1,6 +1,7 @@
 """scripts/cv_eval.py: each fold's checkpoint scored on its own validation cases, and every case once over all."""
 
 import csv
+import importlib.util
 import json
 import shutil
 
@@ -33,6 +34,14 @@ def test_cv_eval_scores_each_fold_and_every_case_once(fold_campaign, tmp_path, c
     assert model["all"]["dice"] == pytest.approx(weighted)  # a mean over cases, not over folds
     assert model["per_fold"]["0"]["dice"] != model["per_fold"]["1"]["dice"]  # two different checkpoints
     assert "| brats2018-bright | 2 | 5 |" in capsys.readouterr().out
+    assert (out / "brats2018-bright.folds.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the fold curves
+
+
+def test_cv_eval_leaves_out_the_curves_when_asked(fold_campaign, tmp_path):
+    runs, data, _ = fold_campaign
+    out = tmp_path / "out"
+    assert load_script("cv_eval").main([str(runs), str(data), str(out), "--device", "cpu", "--no-curves"]) == 0
+    assert (out / "cv.json").is_file() and not list(out.glob("*.png"))
 
 
 def test_cv_eval_applies_and_records_the_post_processing_given(fold_campaign, tmp_path):
@@ -56,8 +65,10 @@ def test_cv_eval_refuses_a_bad_post_processing_spelling(fold_campaign, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("damage", ["no checkpoint", "missing case", "fold mismatch", "out exists"])
-def test_cv_eval_refuses_in_one_line_before_predicting(fold_campaign, tmp_path, capsys, damage):
+@pytest.mark.parametrize(
+    "damage", ["no checkpoint", "missing case", "fold mismatch", "out exists", "no history", "no matplotlib"]
+)
+def test_cv_eval_refuses_in_one_line_before_predicting(fold_campaign, tmp_path, capsys, monkeypatch, damage):
     runs, data, _ = fold_campaign
     out = tmp_path / "out"
     fold1 = runs / "brats2018-bright-fold1"
@@ -70,6 +81,13 @@ def test_cv_eval_refuses_in_one_line_before_predicting(fold_campaign, tmp_path, 
     elif damage == "fold mismatch":
         (fold1 / "config.json").write_text(json.dumps({"data": {"fold": 0}}))
         message = "its config.json trained fold 0, its name says 1"
+    elif damage == "no history":
+        (fold1 / "metrics.csv").unlink()
+        message = "metrics.csv not found: give the folder of a training run"
+    elif damage == "no matplotlib":
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "matplotlib" else find_spec(name))
+        message = "the fold curves need matplotlib: pip install 'rwkvseg[plots]', or pass --no-curves"
     else:
         out.mkdir()
         message = "exists; give a new folder"

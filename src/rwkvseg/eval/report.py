@@ -95,6 +95,28 @@ def write_run_curves(run: RunHistory, path: Path, name: str | None = None) -> li
     return plot_curves(run.rows, path, title, curves, loss, None if best is None else int(best["epoch"]))
 
 
+def plot_fold_curves(folds: Mapping[int, RunHistory], path: Path, title: str) -> list[str]:
+    """The runs of a cross-validation in one PNG (plot_curves): their mean validation Dice (black, at the epochs
+    every fold validated), each fold's, and the training loss averaged over the folds that ran each epoch; returns
+    the curves drawn."""
+    ordered = sorted(folds.items())
+    history = []
+    for epoch in sorted({int(r["epoch"]) for _, run in ordered for r in run.rows}):
+        rows = {k: r for k, run in ordered for r in run.rows if int(r["epoch"]) == epoch}
+        entry: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows),
+        }
+        dice = {k: r["val_dice"] for k, r in rows.items() if "val_dice" in r}
+        if len(dice) == len(ordered):
+            entry["mean"] = sum(dice.values()) / len(dice)
+        history.append(entry | {f"fold{k}": d for k, d in dice.items()})
+    curves = {"mean": f"validation Dice, mean over the {len(ordered)} folds"}
+    curves |= {f"fold{k}": f"fold {k}" for k, _ in ordered}
+    losses = sorted({run.config.get("loss", {}).get("name", "?") for _, run in ordered})
+    return plot_curves(history, path, title, curves, f"training loss ({', '.join(losses)}), mean over the folds")
+
+
 def svg_curves(
     history: Sequence[dict[str, float]], keys: Sequence[str], title: str, width: int = 460, height: int = 240
 ) -> str:
