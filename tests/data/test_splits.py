@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from rwkvseg.data.splits import make_split, read_split, split_from_groups, write_split
@@ -94,4 +95,96 @@ def test_rwkvseg_split_says_how_to_split_volumes(tmp_path, capsys):
     assert main(["split", str(tmp_path / "raw"), "--dataset", "brats", "--official", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--official: for 2D image folders" in err
+    assert not out.exists()
+
+
+def write_strata(path, rows, header="case,stratum"):
+    path.write_text("\n".join([header, *(f"{case},{stratum}" for case, stratum in rows)]) + "\n")
+    return path
+
+
+def test_rwkvseg_split_stratifies_3d_by_a_strata_file(tmp_path, capsys):
+    """--strata: every fold validates one of the two rare cases, as make_split with those labels does; the document
+    names its strata file."""
+    from rwkvseg.cli import main
+    from writers import write_phantoms_as
+
+    cases = ["a1", "b2", "c3", "d4", "e5", "f6"]
+    write_phantoms_as(tmp_path / "raw", cases, (16, 16, 16))
+    grades = {c: "LGG" if c in ("b2", "e5") else "HGG" for c in cases}
+    strata = write_strata(tmp_path / "grades.csv", sorted(grades.items(), reverse=True))  # any row order
+    out = tmp_path / "s.json"
+    args = ["split", str(tmp_path / "raw"), "--dataset", "brats", "--folds", "2", "--strata", str(strata)]
+    assert main([*args, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["stratified"] and doc["strata"] == str(strata)
+    assert doc["folds"] == make_split(cases, [grades[c] for c in cases], folds=2, seed=0)["folds"]
+    assert [sum(grades[c] == "LGG" for c in f["val"]) for f in doc["folds"]] == [1, 1]
+    assert (
+        main(["split", str(tmp_path / "raw"), "--dataset", "brats", "--folds", "2", "--out", str(tmp_path / "u.json")])
+        == 0
+    )
+    plain = json.loads((tmp_path / "u.json").read_text())
+    assert not plain["stratified"] and "strata" not in plain
+
+
+def test_the_committed_brats_splits_come_from_rwkvseg_split(brats_2mm, tmp_path):
+    """splits/brats2018_2mm.json and splits/brats2018_2mm_5fold.json, made by make_split with each case's grade,
+    are what `rwkvseg split --strata splits/brats2018_grades.csv` writes (splits/README.md)."""
+    from pathlib import Path
+
+    from rwkvseg.cli import main
+
+    splits = Path(__file__).resolve().parents[2] / "splits"
+    for name, options in (("brats2018_2mm", ["--val-fraction", "0.28"]), ("brats2018_2mm_5fold", ["--folds", "5"])):
+        out = tmp_path / f"{name}.json"
+        args = ["split", str(brats_2mm), "--dataset", "brats", "--strata", str(splits / "brats2018_grades.csv")]
+        assert main([*args, *options, "--seed", "0", "--out", str(out)]) == 0
+        made, committed = json.loads(out.read_text()), json.loads((splits / f"{name}.json").read_text())
+        assert (made["folds"], made["test"], made["stratified"]) == (committed["folds"], committed["test"], True)
+
+
+@pytest.mark.parametrize(
+    "damage", ["missing case", "unknown case", "twice", "no header", "empty stratum", "no file", "2D", "no-stratify"]
+)
+def test_rwkvseg_split_refuses_a_bad_strata_file_in_one_line(tmp_path, capsys, damage):
+    from rwkvseg.cli import main
+    from writers import save_png, write_phantoms_as
+
+    cases = ["a1", "b2", "c3", "d4"]
+    data = write_phantoms_as(tmp_path / "raw", cases, (16, 16, 16))
+    rows = [(c, "x" if c == "a1" else "y") for c in cases]
+    strata = tmp_path / "strata.csv"
+    extra: list[str] = []
+    if damage == "missing case":
+        write_strata(strata, rows[1:])
+        message = "has no stratum for the cases ['a1'] (1); list every case"
+    elif damage == "unknown case":
+        write_strata(strata, [*rows, ("z9", "y")])
+        message = "lists cases the dataset does not have: ['z9'] (1)"
+    elif damage == "twice":
+        write_strata(strata, [*rows, ("b2", "x")])
+        message = "line 6: case 'b2' is listed twice"
+    elif damage == "no header":
+        write_strata(strata, rows, header="id,grade")
+        message = "needs the columns case and stratum"
+    elif damage == "empty stratum":
+        write_strata(strata, [*rows[:2], ("c3", ""), rows[3]])
+        message = "line 4: case 'c3' has no stratum"
+    elif damage == "no file":
+        message = "strata.csv not found: give a CSV of case,stratum for every case"
+    elif damage == "2D":
+        write_strata(strata, rows)
+        data = tmp_path / "images"
+        save_png(data / "a.png", np.zeros((8, 8), np.uint8))
+        message = "--strata: for 3D datasets, and"
+    else:
+        write_strata(strata, rows)
+        extra = ["--no-stratify"]
+        message = "--strata and --no-stratify contradict each other: drop one"
+    out = tmp_path / "s.json"
+    args = ["split", str(data), "--folds", "2", "--strata", str(strata), "--out", str(out), *extra]
+    assert main([*args, *(["--dataset", "brats"] if damage != "2D" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
     assert not out.exists()

@@ -17,8 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dataset",
         default="",
-        help="3D: the preset of a raw volume folder (brats, brats2023, msd_task01, nnunet); 3D splits are not "
-        "stratified",
+        help="3D: the preset of a raw volume folder (brats, brats2023, msd_task01, nnunet)",
+    )
+    p.add_argument(
+        "--strata",
+        default=None,
+        help="3D: a CSV of case,stratum for every case (e.g. splits/brats2018_grades.csv) to stratify by; without it "
+        "3D splits are not stratified",
     )
     p.add_argument("--out", required=True, help="split JSON to write")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -41,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         options = {"--official": args.official, "--skip-non-images": args.skip_non_images}
         if given := [name for name, on in options.items() if on]:
             raise ValueError(f"{', '.join(given)}: for 2D image folders, and {args.data} is a 3D dataset: drop them")
+        if args.strata is not None and args.no_stratify:
+            raise ValueError("--strata and --no-stratify contradict each other: drop one")
         doc = split_volumes(
             args.data,
             args.dataset,
@@ -48,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             folds=args.folds,
             test_fraction=args.test_fraction,
             seed=args.seed,
+            strata=args.strata,
         )
     elif holds_volumes(args.data):
         raise ValueError(
@@ -55,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
             "msd_task01, nnunet), or split the cache `rwkvseg preprocess` made of it"
         )
     else:
+        if args.strata is not None:
+            raise ValueError(
+                f"--strata: for 3D datasets, and {args.data} holds 2D images, which are stratified by their own labels "
+                "(BUSI class, PH2 diagnosis): drop it"
+            )
         doc = split_dataset(
             args.data,
             val_fraction=args.val_fraction,

@@ -4,12 +4,14 @@ File format (format 1):
     {"format": 1, "method": "random" | "kfold" | "groups", "seed": 0, "val_fraction": 0.2,
      "test_fraction": 0.0, "stratified": true, "n_cases": 900,
      "folds": [{"train": [...], "val": [...]}, ...], "test": [...]}
+3D splits made by split_volumes also name their "dataset", and their "strata" file when stratified by one.
 Cases are ids from dataset discovery (file stems, prefixed by their group when a dataset has several groups).
 Splits are deterministic: the same cases, labels and seed give the same file on every machine.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import shutil
@@ -255,6 +257,34 @@ def split_dataset(
     return doc
 
 
+def read_strata(path: str | Path, cases: Sequence[str]) -> list[str]:
+    """The stratum of each case, in the order of cases, from a CSV file with the columns `case` and `stratum` (e.g.
+    splits/brats2018_grades.csv: each BraTS case's grade); every case must be in it once, and nothing else."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"case", "stratum"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path} needs the columns case and stratum (a header line `case,stratum`)")
+            rows = [(row["case"].strip(), (row["stratum"] or "").strip()) for row in reader]
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found: give a CSV of case,stratum for every case") from None
+    strata: dict[str, str] = {}
+    for line, (case, stratum) in enumerate(rows, start=2):
+        if not stratum:
+            raise ValueError(f"{path} line {line}: case {case!r} has no stratum; give every case one")
+        if case in strata:
+            raise ValueError(f"{path} line {line}: case {case!r} is listed twice; list every case once")
+        strata[case] = stratum
+    if missing := [c for c in cases if c not in strata]:
+        raise ValueError(f"{path} has no stratum for the cases {missing[:5]} ({len(missing)}); list every case")
+    if unknown := sorted(set(strata) - set(cases)):
+        raise ValueError(
+            f"{path} lists cases the dataset does not have: {unknown[:5]} ({len(unknown)}); is it its file?"
+        )
+    return [strata[c] for c in cases]
+
+
 def split_volumes(
     root: str | Path,
     dataset: str = "",
@@ -263,11 +293,12 @@ def split_volumes(
     folds: int | None = None,
     test_fraction: float = 0.0,
     seed: int = 0,
+    strata: str | Path | None = None,
 ) -> dict[str, Any]:
     """The split document of a 3D dataset: a `rwkvseg preprocess` cache (its plans.json names the cases; dataset
     not needed) or a raw folder of the preset dataset (BraTS case folders, an MSD / nnU-Net raw dataset: the case
-    ids preprocessing gives them). Unstratified: volumes carry no class label here (splits/README.md stratifies the
-    BraTS 2018 splits by grade with make_split)."""
+    ids preprocessing gives them). Volumes carry no class label, so it is stratified only by a strata file
+    (read_strata: e.g. splits/brats2018_grades.csv, the grades of the BraTS 2018 cases), which the document names."""
     from .preprocess3d import PLANS_FILE, load_plans
     from .specs import resolve_spec
     from .volumes import discover_cases
@@ -282,6 +313,9 @@ def split_volumes(
         )
     else:
         cases = [c.case_id for c in discover_cases(root, resolve_spec(dataset, root=root))]
-    doc = make_split(cases, None, val_fraction, seed, folds, test_fraction)
+    labels = None if strata is None else read_strata(strata, cases)
+    doc = make_split(cases, labels, val_fraction, seed, folds, test_fraction)
     doc["dataset"] = str(root)
+    if strata is not None:
+        doc["strata"] = str(strata)
     return doc
