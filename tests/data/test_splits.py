@@ -113,6 +113,7 @@ def test_rwkvseg_split_stratifies_3d_by_a_strata_file(tmp_path, capsys):
     write_phantoms_as(tmp_path / "raw", cases, (16, 16, 16))
     grades = {c: "LGG" if c in ("b2", "e5") else "HGG" for c in cases}
     strata = write_strata(tmp_path / "grades.csv", sorted(grades.items(), reverse=True))  # any row order
+    strata.write_bytes(b"\xef\xbb\xbf" + strata.read_bytes())  # as a spreadsheet saves it: a byte-order mark
     out = tmp_path / "s.json"
     args = ["split", str(tmp_path / "raw"), "--dataset", "brats", "--folds", "2", "--strata", str(strata)]
     assert main([*args, "--out", str(out)]) == 0

@@ -262,7 +262,7 @@ def read_strata(path: str | Path, cases: Sequence[str]) -> list[str]:
     splits/brats2018_grades.csv: each BraTS case's grade); every case must be in it once, and nothing else."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
             if not {"case", "stratum"} <= set(reader.fieldnames or ()):
                 raise ValueError(f"{path} needs the columns case and stratum (a header line `case,stratum`)")
