@@ -2,8 +2,8 @@
 
     PYTHONPATH=src python scripts/export_check.py OUT_DIR [SOURCE ...]
 
-SOURCE: released model names, checkpoint paths or registered model names (default: every released model of one
-checkpoint; an ensemble release exports member by member, each a checkpoint path).
+SOURCE: released model names, checkpoint paths or registered model names (default: every released model; an ensemble
+release exports as one graph of its members' mean probability).
 Each export is written to OUT_DIR/<source>.onnx (an existing file is reused, so the table can be re-run).
 """
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     """Check every source; exit status 1 when any of them failed (its row says why), 0 when all were checked."""
     args = parse_args(argv)
     out = args.out
-    sources = args.sources or [m.name for m in released_models() if not m.members]  # an ensemble exports by member
+    sources = args.sources or [m.name for m in released_models()]
     rows = []
     failed = []
     for source in sources:

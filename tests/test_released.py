@@ -120,7 +120,7 @@ def test_ensemble_release_names_its_members(ensemble):
     assert [p.name for p in released_checkpoints("tiny-cv")] == ["tiny-cv-k0.safetensors", "tiny-cv-k1.safetensors"]
     assert [p.name for p in released_checkpoints("tiny-demo")] == ["tiny-demo.safetensors"]
     with pytest.raises(ValueError, match=r"'tiny-cv' is an ensemble of 2 checkpoints.*rwkvseg predict --model tiny-cv"):
-        released_checkpoint("tiny-cv")  # export, fine-tuning and serving take one checkpoint
+        released_checkpoint("tiny-cv")  # fine-tuning and the results table take one checkpoint
     (folder / "tiny-cv-k1.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"tiny-cv-k1\.json is missing; reinstall"):
         released_checkpoints("tiny-cv")

@@ -85,8 +85,8 @@ def released_checkpoints(name: str, folder: Path | None = None) -> list[Path]:
 
 def released_checkpoint(name: str, folder: Path | None = None) -> Path:
     """The checkpoint path of a released model that is one checkpoint; ValueError naming the choices when unknown,
-    and naming the members when it is an ensemble (for the callers that take one checkpoint: export, fine-tuning,
-    serving)."""
+    and naming the members when it is an ensemble (for the callers that take one checkpoint: fine-tuning, the
+    results table)."""
     paths = released_checkpoints(name, folder)
     if len(paths) > 1:
         raise ValueError(

@@ -208,3 +208,38 @@ def test_predict_files_writes_masks_at_the_image_size(exported, tmp_path):
         np.testing.assert_array_equal(mask // 255, predictor.predict_mask(path))
     with pytest.raises(FileExistsError):
         predict_files(exported[0] / "m.onnx", paths, tmp_path / "out")
+
+
+def test_a_released_ensemble_exports_as_one_graph_of_its_members_mean(tmp_path, monkeypatch, capsys):
+    """`rwkvseg export NAME` of an ensemble release: one ONNX file whose sigmoid is the mean of the members'
+    probabilities, its record naming the release and its member count (members: small CNNs, so that it runs in the
+    default suite)."""
+    from rwkvseg.cli import main
+    from rwkvseg.export.runtime import OnnxPredictor
+    from rwkvseg.released import ReleasedModel, export_release, update_index
+
+    record = {"channels": 3, "size": [32, 32], "resize": "resize", "normalization": "auto"}
+    weights = tmp_path / "weights"
+    for k in range(2):
+        torch.manual_seed(k)
+        model = create_model("unet_test", 3, 1).eval()
+        save_checkpoint(tmp_path / f"run{k}" / "best", model, CheckpointMeta("unet_test", 3, 1, preprocessing=record))
+        export_release(tmp_path / f"run{k}" / "best", f"tiny-cv-k{k}", weights)
+    update_index(
+        ReleasedModel("tiny-cv", "unet_test", "synthetic", "none", members=("tiny-cv-k0", "tiny-cv-k1")), weights
+    )
+    monkeypatch.setattr("rwkvseg.released.weights_dir", lambda: weights)
+    assert main(["export", "tiny-cv", "--out", str(tmp_path / "cv.onnx"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-cv" in out and "FAILED" not in out
+    predictor = OnnxPredictor(tmp_path / "cv.onnx")
+    assert predictor.record["source"] == {"kind": "released", "name": "tiny-cv", "members": 2}
+    assert predictor.record["activation"] == "sigmoid" and predictor.record["preprocessing"] == record
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 48), dtype=np.float32)
+    probs = torch.sigmoid(torch.from_numpy(predictor.session.run(None, {predictor.input_name: x})[0]))
+    with torch.no_grad():  # the members as released (int8 weights, loaded back), each on its own
+        loaded = [load_source(weights / f"tiny-cv-k{k}.safetensors").model for k in range(2)]
+        each = [torch.sigmoid(m(torch.from_numpy(x))) for m in loaded]
+    mean = torch.stack(each).mean(0)
+    assert probs.shape == (2, 1, 32, 48) and torch.allclose(probs, mean, atol=TOLERANCE)
+    assert not torch.allclose(each[0], each[1], atol=1e-3)  # two different members

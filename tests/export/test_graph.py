@@ -84,3 +84,52 @@ def test_batch_norms_fold_into_plain_1x1_convs_only(shape):
     after = _run(model, x)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
     assert fold_batch_norms(model.graph) == 0
+
+
+def _conv_model(weight, bias):
+    """One 3x3 convolution, input `image`, output `logits`, its constants named w and b in every member."""
+    k, c = weight.shape[:2]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["logits"], pads=[1, 1, 1, 1])],
+        "conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["B", c, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", k, "H", "W"])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize(("activation", "classes"), [("sigmoid", 2), ("softmax", 3)])
+def test_mean_of_members_is_the_mean_probability_even_where_members_saturate(activation, classes):
+    """Three members with the same internal names join into one valid graph whose output, activated, is the mean of
+    the members' probabilities; logits of +-80 (probabilities of exactly 0 or 1 in float32) stay finite."""
+    from rwkvseg.export.graph import mean_of_members
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, C, 6, 5)).astype(np.float32)
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"image": x})[0].astype(np.float64)
+
+    def activate(z):
+        if activation == "sigmoid":
+            return 1 / (1 + np.exp(-z))
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    weights = rng.standard_normal((3, classes, C, 3, 3)).astype(np.float32)
+    for scales in ((1.0, 2.0, 40.0), (40.0, 50.0, 60.0)):  # the last member saturates; all of them do
+        members = [_conv_model(s * w, np.zeros(classes, np.float32)) for s, w in zip(scales, weights, strict=True)]
+        joined = mean_of_members(members, activation, "image", "logits")
+        onnx.checker.check_model(joined)
+        logits = [run(m) for m in members]
+        assert np.abs(logits[-1]).max() > 80
+        out = run(joined)
+        assert out.shape == logits[0].shape and np.isfinite(out).all()
+        expected = np.mean([activate(z) for z in logits], axis=0)
+        np.testing.assert_allclose(activate(out), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="one input 'input'"):
+        mean_of_members(members, activation, "input", "logits")

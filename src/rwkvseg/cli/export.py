@@ -11,7 +11,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="export a released model, checkpoint or registered architecture to ONNX (dynamic batch and size, "
         "preprocessing record in the metadata)",
     )
-    p.add_argument("source", help="released model name, checkpoint (.safetensors) or registered model name")
+    p.add_argument(
+        "source",
+        help="released model name (an ensemble release exports as one graph of its members' mean probability), "
+        "checkpoint (.safetensors) or registered model name",
+    )
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="onnx (the only format so far)")
     p.add_argument("--program", default=None, help="also save the torch.export ExportedProgram (.pt2) here")

@@ -192,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
         if len(checkpoints) > 1:
             raise ValueError(
                 f"--runtime onnx runs one exported file, got {len(checkpoints)} ({', '.join(checkpoints)}); ensemble "
-                "the checkpoints with the torch runtime"
+                "the checkpoints with the torch runtime, or export an ensemble release as one file (`rwkvseg export "
+                "NAME --out FILE.onnx`) and give that"
             )
         return _run_onnx(args, checkpoints[0], source, config)
     volumes = is_3d_checkpoint(checkpoints)
