@@ -146,7 +146,8 @@ def test_the_committed_brats_splits_come_from_rwkvseg_split(brats_2mm, tmp_path)
 
 
 @pytest.mark.parametrize(
-    "damage", ["missing case", "unknown case", "twice", "no header", "empty stratum", "no file", "2D", "no-stratify"]
+    "damage",
+    ["missing case", "unknown case", "twice", "no header", "empty stratum", "no file", "a folder", "2D", "no-stratify"],
 )
 def test_rwkvseg_split_refuses_a_bad_strata_file_in_one_line(tmp_path, capsys, damage):
     from rwkvseg.cli import main
@@ -174,6 +175,9 @@ def test_rwkvseg_split_refuses_a_bad_strata_file_in_one_line(tmp_path, capsys, d
         message = "line 4: case 'c3' has no stratum"
     elif damage == "no file":
         message = "strata.csv not found: give a CSV of case,stratum for every case"
+    elif damage == "a folder":
+        strata.mkdir()
+        message = "strata.csv cannot be read ("
     elif damage == "2D":
         write_strata(strata, rows)
         data = tmp_path / "images"

@@ -269,6 +269,8 @@ def read_strata(path: str | Path, cases: Sequence[str]) -> list[str]:
             rows = [(row["case"].strip(), (row["stratum"] or "").strip()) for row in reader]
     except FileNotFoundError:
         raise ValueError(f"{path} not found: give a CSV of case,stratum for every case") from None
+    except OSError as err:  # a folder, no permission
+        raise ValueError(f"{path} cannot be read ({err.strerror}): give a CSV file of case,stratum") from None
     strata: dict[str, str] = {}
     for line, (case, stratum) in enumerate(rows, start=2):
         if not stratum:

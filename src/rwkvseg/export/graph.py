@@ -86,8 +86,12 @@ def mean_of_members(members: list, activation: str, input_name: str, output_name
     if activation not in ("sigmoid", "softmax"):
         raise ValueError(f"activation {activation!r} unknown; choose sigmoid or softmax")
     for k, member in enumerate(members):
-        if member.functions or [i.name for i in member.graph.input] != [input_name]:
-            raise ValueError(f"member {k}: a graph of one input {input_name!r} and no local functions is expected")
+        inputs, outputs = [i.name for i in member.graph.input], len(member.graph.output)
+        if member.functions or inputs != [input_name] or outputs != 1:
+            raise ValueError(
+                f"member {k}: a graph of one input {input_name!r}, one output and no local functions is expected, "
+                f"not inputs {inputs}, {outputs} outputs and {len(member.functions)} functions"
+            )
         if list(member.opset_import) != list(first.opset_import):
             raise ValueError(f"member {k} was exported with other opsets than member 0; export them alike")
     nodes, initializers, value_info, logs = [], [], [], []
