@@ -160,6 +160,37 @@ def test_deep_supervision_adds_upsampled_heads_in_training_only_and_keeps_the_ma
         create_model("mmsegrwkv_test", 4, 3, deep_supervision=3)
 
 
+def test_stem_stride_two_runs_every_stage_twice_as_fine_with_the_paper_sizes_elsewhere():
+    paper = _tiny()
+    torch.manual_seed(0)
+    fine = create_model("mmsegrwkv_test", 4, 3, stem_stride=2)
+    assert (paper.cfg.stride, fine.cfg.stride) == (32, 16)
+    assert fine.padded_size((32, 48, 40)) == (32, 48, 48)
+    assert fine.padded_size((9, 13, 11)) == (16, 16, 32)  # a 1-voxel bottleneck still gets one more stride
+    # the stem's k7 stride-2 convolution and LayerNorm as published; its k2 stride-2 patch convolution is 1x1x1;
+    # the decoder's last up block upsamples x2; every other weight has the paper's shape
+    shapes, paper_shapes = (
+        {k: v.shape for k, v in m.state_dict().items()} for m in (fine, paper)
+    )  # fmt: skip
+    assert shapes.keys() == paper_shapes.keys()
+    differ = {k for k in shapes if shapes[k] != paper_shapes[k]}
+    assert differ == {"encoder.downsample.0.2.weight", "dec1.transp_conv.conv.weight"}
+    assert shapes["encoder.downsample.0.2.weight"][2:] == (1, 1, 1)
+    assert shapes["dec1.transp_conv.conv.weight"][2:] == (2, 2, 2)
+    x = torch.randn(1, 4, 32, 48, 40)
+    skips = fine.encoder(x)
+    assert [s.shape[2:] for s in skips] == [(16, 24, 20), (8, 12, 10), (4, 6, 5), (2, 3, 2)]  # 1/2 ... 1/16
+    y = fine(x)
+    assert y.shape == (1, 3, 32, 48, 40) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert fine.encoder.downsample[0][2].weight.grad.abs().sum() > 0
+    assert fine.encoder.stages[0].blocks[0].spatial.decay.grad.abs().sum() > 0
+    supervised = create_model("mmsegrwkv_test", 4, 3, stem_stride=2, deep_supervision=2).train()
+    assert all(o.shape == (1, 3, 20, 30, 50) for o in supervised(torch.randn(1, 4, 20, 30, 50)))
+    with pytest.raises(ValueError, match=r"stem_stride = 8: 4 \(the paper's stem, stage 1 at 1/4\) or 2"):
+        create_model("mmsegrwkv_test", 4, 3, stem_stride=8)
+
+
 def test_fast_norm_swaps_every_instance_norm_and_keeps_the_state_dict_keys():
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in _tiny().modules())
     torch.manual_seed(0)

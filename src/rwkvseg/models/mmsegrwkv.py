@@ -1,9 +1,9 @@
 """MMSegRWKV: 3D multimodal MRI segmentation with a windowed Dual-View RWKV encoder and a UNETR-style decoder.
 
 Input [B, M, T, H, W] (M modalities, T the slice axis), output logits [B, K, T, H, W]. Any spatial size works:
-the volume is zero-padded at the far end of each axis to a multiple of the total stride (4 * 2^(stages-1) = 32;
-one more stride on the last axis when the bottleneck would otherwise hold a single voxel) and the logits are
-cropped back. See docs/mmsegrwkv.md.
+the volume is zero-padded at the far end of each axis to a multiple of the total stride (4 * 2^(stages-1) = 32,
+or 16 with stem_stride=2; one more stride on the last axis when the bottleneck would otherwise hold a single voxel)
+and the logits are cropped back. See docs/mmsegrwkv.md.
 """
 
 from __future__ import annotations
@@ -65,10 +65,17 @@ class MMSegRWKVConfig:
     # validation peaked within the first epochs while DynUNet kept rising (session 34)
     drop_path: float = 0.0
     # deep supervision, beyond the paper (0: off, as published): in training the model also returns logits from
-    # its 1/4 (1) and 1/8 (2) decoder maps, each through its own 1x1x1 head and upsampled trilinearly to the input
-    # size (train/losses.py weights them 1/2, 1/4 of the main output's loss); in eval only the main logits. The
-    # heads are parameters, so a checkpoint loads into a model with the same setting
+    # its decoder maps at stage 1's (1) and stage 2's (2) resolution (1/4 and 1/8 with the paper's stem), each
+    # through its own 1x1x1 head and upsampled trilinearly to the input size (train/losses.py weights them 1/2, 1/4
+    # of the main output's loss); in eval only the main logits. The heads are parameters, so a checkpoint loads
+    # into a model with the same setting
     deep_supervision: int = 0
+    # the stem's total stride, beyond the paper for 2 (4: as published). The paper's 128^3 patches at 1 mm reach
+    # stage 1 at 4 mm per token; at 2 mm a stride-4 stem gives 8 mm tokens and a 16^3 stage-1 grid for a 64^3
+    # patch. stem_stride=2 keeps the k7 stride-2 convolution and its LayerNorm and turns the k2 stride-2 patch
+    # convolution into a 1x1x1 one, so stage 1 runs at 1/2 (4 mm at 2 mm), every stage twice as fine, the total
+    # stride 16 and the decoder's last up block x2; the paper's other sizes are unchanged
+    stem_stride: int = 4
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -89,11 +96,16 @@ class MMSegRWKVConfig:
                 f"deep_supervision = {self.deep_supervision!r}: 0 (off, the paper's model), 1 (the 1/4 decoder map) "
                 "or 2 (the 1/4 and 1/8 maps)"
             )
+        if self.stem_stride not in (2, 4):
+            raise ValueError(
+                f"stem_stride = {self.stem_stride!r}: 4 (the paper's stem, stage 1 at 1/4) or 2 (stage 1 at 1/2, "
+                "for volumes at twice the paper's voxel size)"
+            )
 
     @property
     def stride(self) -> int:
-        """Total downsampling of the encoder: the stride-4 stem, then x2 per further stage."""
-        return 4 * 2 ** (len(self.widths) - 1)
+        """Total downsampling of the encoder: the stem (stride 4, or 2), then x2 per further stage."""
+        return self.stem_stride * 2 ** (len(self.widths) - 1)
 
 
 VARIANTS: dict[str, dict] = {
@@ -118,7 +130,8 @@ class SkipMlp(nn.Module):
 
 
 class MMSegRWKVEncoder(nn.Module):
-    """Stem + windowed Dual-View stages; returns one skip feature per stage, at 1/4, 1/8, 1/16, 1/32."""
+    """Stem + windowed Dual-View stages; returns one skip feature per stage, at 1/s, 1/2s, 1/4s, 1/8s for the stem
+    stride s (4: the paper's 1/4 ... 1/32)."""
 
     def __init__(self, cfg: MMSegRWKVConfig) -> None:
         super().__init__()
@@ -130,7 +143,7 @@ class MMSegRWKVEncoder(nn.Module):
                 nn.Sequential(
                     nn.Conv3d(stem_in, w[0], 7, stride=2, padding=3),
                     LayerNormChannelsFirst(w[0]),
-                    nn.Conv3d(w[0], w[0], 2, stride=2),
+                    nn.Conv3d(w[0], w[0], 2, stride=2) if cfg.stem_stride == 4 else nn.Conv3d(w[0], w[0], 1),
                 )
             ]
             + [
@@ -155,7 +168,7 @@ class MMSegRWKVEncoder(nn.Module):
             x = self.modal_fm(x)  # [B, M, T, H, W] -> [B, M*k, T, H, W]
         skips = []
         for i, stage in enumerate(self.stages):
-            x = self.downsample[i](x)  # stage 0: [B, *, T, H, W] -> [B, C0, T/4, H/4, W/4]; then /2 per stage
+            x = self.downsample[i](x)  # stage 0: [B, *, T, H, W] -> [B, C0, T/s, H/s, W/s] (stem stride s); then /2
             if self.stage_fm is not None:
                 x = self.stage_fm[i](x)
             x = stage(x)
@@ -188,10 +201,10 @@ class MMSegRWKV(nn.Module):
         self.dec4 = up(cfg.decoder_hidden, w[3], 2)
         self.dec3 = up(w[3], w[2], 2)
         self.dec2 = up(w[2], w[1], 2)
-        self.dec1 = up(w[1], fr, 4)  # 1/4 -> full resolution, + enc1
+        self.dec1 = up(w[1], fr, cfg.stem_stride)  # 1/s -> full resolution, + enc1
         self.dec0 = basic(fr, fr)
         self.head = UnetOutBlock(3, fr, cfg.num_classes)
-        # deep supervision: heads on the 1/4 (dec2: w[1] channels) and 1/8 (dec3: w[2]) decoder maps
+        # deep supervision: heads on the 1/s (dec2: w[1] channels) and 1/2s (dec3: w[2]) decoder maps, stem stride s
         aux_widths = (w[1], w[2])[: cfg.deep_supervision]
         self.aux_heads = nn.ModuleList(UnetOutBlock(3, c, cfg.num_classes) for c in aux_widths)
         if cfg.fast_norm:
@@ -228,9 +241,9 @@ class MMSegRWKV(nn.Module):
             x = F.pad(x, pad)  # far-end zero padding
         s1, s2, s3, s4 = self.encoder(x)
         enc1 = self.enc1(x)
-        y = self.dec4(self.bottleneck(s4), self.enc4(s3))  # 1/32 -> 1/16
-        y8 = self.dec3(y, self.enc3(s2))  # -> 1/8
-        y4 = self.dec2(y8, self.enc2(s1))  # -> 1/4
+        y = self.dec4(self.bottleneck(s4), self.enc4(s3))  # 1/8s -> 1/4s (stem stride s: 4, or 2)
+        y8 = self.dec3(y, self.enc3(s2))  # -> 1/2s
+        y4 = self.dec2(y8, self.enc2(s1))  # -> 1/s
         y = self.dec0(self.dec1(y4, enc1))  # -> full resolution
         y = self.head(y)[:, :, : size[0], : size[1], : size[2]]
         if not (self.training and self.aux_heads):
