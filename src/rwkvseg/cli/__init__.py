@@ -19,6 +19,7 @@ from ..data import MissingExtraError
 from . import (
     bench,
     compact2d,
+    compare,
     demo,
     evaluate,
     export,
@@ -50,6 +51,7 @@ COMMANDS = (
     synthetic3d,
     predict,
     evaluate,
+    compare,
     export,
     serve,
 )

@@ -1,0 +1,81 @@
+"""`rwkvseg compare`: two evaluations of the same cases, case by case (rwkvseg.eval.compare)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare two evaluations of the same cases: mean difference, bootstrap CI, Wilcoxon p, wins",
+        description="B against A for every metric both evaluations hold: the mean difference B - A over the cases, "
+        "its paired bootstrap confidence interval (BCa), the two-sided Wilcoxon signed-rank p-value and the cases "
+        "each one wins; with several regions also their mean Dice.",
+    )
+    p.add_argument("a", help="evaluation A: the --out folder of `rwkvseg evaluate`, or its per_case.csv")
+    p.add_argument("b", help="evaluation B, of the same cases")
+    p.add_argument("--names", nargs=2, metavar=("A", "B"), help="names for the table (default: A and B's folders)")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        metavar="METRIC",
+        help="metrics to compare: dice, iou, precision, recall, specificity, hd95 (default: dice hd95)",
+    )
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval (0.95)")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (10000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (0)")
+    p.add_argument("--out", help="also write the comparison as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `rwkvseg compare --out` file")
+    p.set_defaults(func=run)
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    from ..files import check_apart
+
+    check_apart(out, inputs)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a .json file to write")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"--out {out} exists; choose another file or pass --overwrite")
+    try:
+        written_by = json.loads(out.read_text(encoding="utf-8")).get("written_by")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        written_by = None
+    if written_by != "rwkvseg compare":
+        raise FileExistsError(
+            f"--out {out} exists and was not written by `rwkvseg compare`, so --overwrite does not replace it; "
+            "choose another file"
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval.compare import (
+        DEFAULT_METRICS,
+        compare_evaluations,
+        comparison_record,
+        comparison_table,
+        per_case_path,
+        read_per_case,
+    )
+    from ..files import write_json
+
+    paths = [per_case_path(args.a), per_case_path(args.b)]
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_out(out, paths, args.overwrite)
+    a, b = (read_per_case(p) for p in paths)
+    metrics = tuple(args.metrics or DEFAULT_METRICS)
+    comparisons = compare_evaluations(a, b, metrics, args.confidence, args.resamples, args.seed)
+    names = tuple(args.names) if args.names else tuple(p.parent.name or str(p) for p in paths)
+    if names[0] == names[1]:
+        names = ("A", "B")
+    print("\n".join(comparison_table(comparisons, *names, args.confidence)))
+    if out is not None:
+        write_json(out, comparison_record(comparisons, a, b, names, args.confidence, args.resamples, args.seed))
+    return 0

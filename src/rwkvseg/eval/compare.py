@@ -1,0 +1,208 @@
+"""Two evaluations of the same cases, compared case by case (`rwkvseg compare`).
+
+Each evaluation is a `per_case.csv` written by `rwkvseg evaluate` (or its folder). For every metric both hold, the
+comparison gives the mean of each, the mean difference B - A over the cases where both are defined, its paired
+bootstrap confidence interval (BCa, scipy.stats.bootstrap over the per-case differences), the two-sided Wilcoxon
+signed-rank p-value (scipy.stats.wilcoxon) and how many cases each one wins. With several Dice columns (the regions
+of a 3D evaluation) it adds their per-case mean, the number cross-validation tables report. On 18 BraTS cases a
+difference of 0.01 mean Dice is well inside the noise; this says how far inside.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .evaluate import PER_CASE_FILE
+
+# metric name -> whether a higher value is better; the columns of per_case.csv are <metric> (2D) or
+# <region>_<metric> (3D)
+METRICS = {"dice": True, "iou": True, "precision": True, "recall": True, "specificity": True, "hd95": False}
+DEFAULT_METRICS = ("dice", "hd95")
+MEAN_DICE = "dice (mean over regions)"
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """One metric of two evaluations over the cases where both define it; difference = mean of (B - A)."""
+
+    column: str
+    metric: str
+    higher_is_better: bool
+    cases: int
+    mean_a: float
+    mean_b: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    p_value: float  # two-sided Wilcoxon signed-rank; 1.0 when every difference is 0, nan below 2 cases
+    b_better: int
+    ties: int
+    a_better: int
+
+
+@dataclass(frozen=True)
+class PerCase:
+    """The metric columns of one per_case.csv, by case name (nan where a metric is undefined)."""
+
+    path: Path
+    cases: tuple[str, ...]
+    columns: dict[str, np.ndarray]
+
+
+def per_case_path(source: str | Path) -> Path:
+    """source itself when it is a file, else its per_case.csv; FileNotFoundError saying how to write one."""
+    source = Path(source)
+    path = source / PER_CASE_FILE if source.is_dir() else source
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: give a per_case.csv or the folder of `rwkvseg evaluate PRED GT --out FOLDER`"
+        )
+    return path
+
+
+def metric_of(column: str) -> str | None:
+    """The metric of a per_case.csv column (`dice`, `WT_dice` -> dice), None for other columns (counts, flags)."""
+    name = column.rsplit("_", 1)[-1]
+    return name if name in METRICS else None
+
+
+def read_per_case(source: str | Path) -> PerCase:
+    """The metric columns of an evaluation; ValueError naming the file when it has no case column, a case twice
+    or a value that is not a number."""
+    path = per_case_path(source)
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "case" not in rows[0]:
+        raise ValueError(f"{path} has no rows with a 'case' column: is it a per_case.csv from `rwkvseg evaluate`?")
+    cases = tuple(row["case"] for row in rows)
+    if len(set(cases)) < len(cases):
+        twice = sorted({c for c in cases if cases.count(c) > 1})
+        raise ValueError(f"{path} lists cases more than once ({twice[:3]}); evaluate each case once")
+    columns = {}
+    for column in rows[0]:
+        if metric_of(column) is None:
+            continue
+        try:
+            columns[column] = np.array([float(row[column]) if row[column] != "" else math.nan for row in rows])
+        except ValueError:
+            raise ValueError(f"{path}: column {column!r} holds a value that is not a number") from None
+    return PerCase(path, cases, columns)
+
+
+def _paired(
+    column: str, a: np.ndarray, b: np.ndarray, confidence: float, resamples: int, seed: int
+) -> PairedComparison:
+    from scipy import stats
+
+    metric = MEAN_DICE if column == MEAN_DICE else metric_of(column)
+    higher = METRICS["dice" if column == MEAN_DICE else metric]
+    both = np.isfinite(a) & np.isfinite(b)
+    a, b = a[both], b[both]
+    d = b - a  # [cases]
+    sign = 1 if higher else -1
+    nan = math.nan
+    ci_low = ci_high = p = nan
+    if len(d) >= 2:
+        if np.ptp(d) == 0:  # one difference for every case: no spread to resample
+            ci_low = ci_high = float(d[0])
+        else:
+            rng = np.random.default_rng(seed)
+            res = stats.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=resamples, rng=rng)
+            ci_low, ci_high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    return PairedComparison(
+        column=column,
+        metric=metric,
+        higher_is_better=higher,
+        cases=len(d),
+        mean_a=float(a.mean()) if len(a) else nan,
+        mean_b=float(b.mean()) if len(b) else nan,
+        difference=float(d.mean()) if len(d) else nan,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        p_value=p,
+        b_better=int(np.sum(sign * d > 0)),
+        ties=int(np.sum(d == 0)),
+        a_better=int(np.sum(sign * d < 0)),
+    )
+
+
+def compare_evaluations(
+    a: PerCase,
+    b: PerCase,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> list[PairedComparison]:
+    """Every column of the given metrics that both evaluations hold, B against A, matched by case name; ValueError
+    when they score different cases or share no such column."""
+    if unknown := [m for m in metrics if m not in METRICS]:
+        raise ValueError(f"unknown metrics {unknown}; choose from {sorted(METRICS)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} must be between 0 and 1, e.g. 0.95")
+    if resamples < 100:
+        raise ValueError(f"resamples {resamples}: use at least 100 bootstrap resamples (10000 by default)")
+    only_a, only_b = sorted(set(a.cases) - set(b.cases)), sorted(set(b.cases) - set(a.cases))
+    if only_a or only_b:
+        raise ValueError(
+            f"{a.path} and {b.path} score different cases ({len(only_a)} only in the first, e.g. {only_a[:3]}; "
+            f"{len(only_b)} only in the second, e.g. {only_b[:3]}): evaluate both against the same ground truth"
+        )
+    order = [b.cases.index(c) for c in a.cases]  # b's rows in a's case order
+    shared = [c for c in a.columns if c in b.columns and metric_of(c) in metrics]
+    if not shared:
+        raise ValueError(
+            f"{a.path} and {b.path} share no column of the metrics {list(metrics)} "
+            f"(first: {sorted(a.columns)}, second: {sorted(b.columns)})"
+        )
+    pairs = {c: (a.columns[c], b.columns[c][order]) for c in shared}
+    dice = [c for c in shared if metric_of(c) == "dice"]
+    if len(dice) > 1:  # regions: their per-case mean, undefined where one region is
+        pairs[MEAN_DICE] = tuple(np.mean([p[i] for c, p in pairs.items() if c in dice], axis=0) for i in (0, 1))
+    return [_paired(c, x, y, confidence, resamples, seed) for c, (x, y) in pairs.items()]
+
+
+def comparison_table(comparisons: Sequence[PairedComparison], name_a: str, name_b: str, confidence: float) -> list[str]:
+    """A Markdown table of the comparisons, one row per column."""
+    level = f"{confidence:.0%}"
+    lines = [
+        f"| metric | cases | {name_a} | {name_b} | {name_b} - {name_a} | {level} CI | Wilcoxon p | "
+        f"{name_b} better / tie / {name_a} better |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        lines.append(
+            f"| {c.column} | {c.cases} | {c.mean_a:.4f} | {c.mean_b:.4f} | {c.difference:+.4f} | "
+            f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] | {c.p_value:.3g} | {c.b_better} / {c.ties} / {c.a_better} |"
+        )
+    return lines
+
+
+def comparison_record(
+    comparisons: Sequence[PairedComparison],
+    a: PerCase,
+    b: PerCase,
+    names: tuple[str, str],
+    confidence: float,
+    resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The JSON record `rwkvseg compare --out` writes."""
+    return {
+        "written_by": "rwkvseg compare",
+        "a": {"name": names[0], "per_case": str(a.path)},
+        "b": {"name": names[1], "per_case": str(b.path)},
+        "difference": "mean over cases of (b - a)",
+        "confidence": confidence,
+        "bootstrap": {"method": "BCa", "resamples": resamples, "seed": seed},
+        "test": "two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon)",
+        "metrics": [asdict(c) for c in comparisons],
+    }

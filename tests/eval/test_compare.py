@@ -1,0 +1,142 @@
+"""rwkvseg.eval.compare and `rwkvseg compare`: two evaluations of the same cases, case by case."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwkvseg.eval.compare import MEAN_DICE, compare_evaluations, read_per_case
+
+
+def write_per_case(path: Path, rows: dict[str, dict[str, object]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["case", *next(iter(rows.values()))]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for case, row in rows.items():
+            writer.writerow({"case": case, **row})
+    return path
+
+
+def by_column(comparisons):
+    return {c.column: c for c in comparisons}
+
+
+def test_a_constant_gain_on_six_cases_has_the_exact_wilcoxon_p_and_an_interval_on_the_gain(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.8, 6)
+    gain = 0.05 + rng.uniform(-0.01, 0.01, 6)  # every case better in B
+    a = write_per_case(tmp_path / "a.csv", {f"c{i}": {"dice": base[i], "hd95": 10.0} for i in range(6)})
+    b = write_per_case(
+        tmp_path / "b.csv", {f"c{i}": {"dice": base[i] + gain[i], "hd95": 10.0 - i} for i in reversed(range(6))}
+    )  # B's rows in another order: matched by case name
+    got = by_column(compare_evaluations(read_per_case(a), read_per_case(b)))
+    dice = got["dice"]
+    assert dice.cases == 6 and dice.difference == pytest.approx(gain.mean())
+    assert dice.mean_a == pytest.approx(base.mean()) and dice.mean_b == pytest.approx((base + gain).mean())
+    assert gain.min() <= dice.ci_low < gain.mean() < dice.ci_high <= gain.max()
+    # the exact two-sided signed-rank test: all 6 of 6 signs positive has probability 2 / 2^6
+    assert dice.p_value == pytest.approx(2 / 64)
+    assert (dice.b_better, dice.ties, dice.a_better) == (6, 0, 0)
+    # HD95 is better lower: B's 0 to 5 mm less wins 5 cases and ties one
+    hd = got["hd95"]
+    assert not hd.higher_is_better and hd.difference == pytest.approx(-2.5)
+    assert (hd.b_better, hd.ties, hd.a_better) == (5, 1, 0)
+    assert MEAN_DICE not in got  # one Dice column: no mean over regions
+
+
+def test_identical_evaluations_tie_everywhere_and_undefined_cases_are_left_out(tmp_path):
+    rows = {f"c{i}": {"WT_dice": 0.9 - i / 100, "TC_dice": 0.7, "TC_hd95": "", "WT_iou": 0.8} for i in range(5)}
+    rows["c0"]["TC_hd95"] = 4.0
+    a = write_per_case(tmp_path / "a" / "per_case.csv", rows)
+    b = write_per_case(tmp_path / "b" / "per_case.csv", rows)
+    got = by_column(compare_evaluations(read_per_case(a.parent), read_per_case(b), metrics=("dice", "hd95")))
+    assert set(got) == {"WT_dice", "TC_dice", "TC_hd95", MEAN_DICE}  # iou not asked for
+    for column in ("WT_dice", "TC_dice", MEAN_DICE):
+        assert got[column].difference == 0 and got[column].ci_low == got[column].ci_high == 0
+    assert got["WT_dice"].p_value == 1.0 and got["WT_dice"].ties == 5
+    assert got["TC_hd95"].cases == 1  # defined in one case only: no interval, no test
+    assert np.isnan(got["TC_hd95"].p_value)
+    assert got[MEAN_DICE].mean_a == pytest.approx(np.mean([(0.9 - i / 100 + 0.7) / 2 for i in range(5)]))
+
+
+def test_mean_over_regions_is_the_per_case_mean_of_the_dice_columns(tmp_path):
+    a = write_per_case(
+        tmp_path / "a.csv", {"x": {"WT_dice": 0.8, "ET_dice": 0.4}, "y": {"WT_dice": 0.9, "ET_dice": 0.6}}
+    )
+    b = write_per_case(
+        tmp_path / "b.csv", {"x": {"WT_dice": 0.9, "ET_dice": 0.2}, "y": {"WT_dice": 0.9, "ET_dice": 0.9}}
+    )
+    mean = by_column(compare_evaluations(read_per_case(a), read_per_case(b)))[MEAN_DICE]
+    assert (mean.mean_a, mean.mean_b) == pytest.approx((0.675, 0.725))
+    assert mean.difference == pytest.approx(0.05)
+    assert (mean.b_better, mean.ties, mean.a_better) == (1, 0, 1)  # x: 0.55 < 0.6; y: 0.9 > 0.75
+
+
+def test_refusals_name_the_file_and_the_fix(tmp_path):
+    a = write_per_case(tmp_path / "a.csv", {"c1": {"dice": 0.5}, "c2": {"dice": 0.6}})
+    other = write_per_case(tmp_path / "b.csv", {"c1": {"dice": 0.5}, "c3": {"dice": 0.6}})
+    with pytest.raises(ValueError, match=r"score different cases \(1 only in the first, e.g. \['c2'\]; 1 only in"):
+        compare_evaluations(read_per_case(a), read_per_case(other))
+    no_metric = write_per_case(tmp_path / "n.csv", {"c1": {"tp": 3}, "c2": {"tp": 4}})
+    with pytest.raises(ValueError, match="share no column of the metrics"):
+        compare_evaluations(read_per_case(a), read_per_case(no_metric))
+    with pytest.raises(ValueError, match="unknown metrics"):
+        compare_evaluations(read_per_case(a), read_per_case(a), metrics=("dsc",))
+    twice = tmp_path / "twice.csv"
+    twice.write_text("case,dice\nc1,0.5\nc1,0.6\n")
+    with pytest.raises(ValueError, match=r"twice.csv lists cases more than once \(\['c1'\]\)"):
+        read_per_case(twice)
+    text = tmp_path / "text.csv"
+    text.write_text("case,dice\nc1,high\n")
+    with pytest.raises(ValueError, match="column 'dice' holds a value that is not a number"):
+        read_per_case(text)
+    with pytest.raises(FileNotFoundError, match=r"rwkvseg evaluate PRED GT --out FOLDER"):
+        read_per_case(tmp_path / "nowhere")
+
+
+def test_command_line_compares_two_evaluate_folders_and_writes_json_without_replacing_inputs(tmp_path, capsys):
+    from rwkvseg.cli import main
+    from writers import save_png
+
+    truth = np.zeros((24, 24), np.uint8)
+    truth[4:16, 4:16] = 255
+    for i in range(4):
+        save_png(tmp_path / "gt" / f"m{i}.png", truth)
+        for name, shift in (("good", 0), ("off", 2 + i)):
+            guess = np.zeros_like(truth)
+            guess[4 + shift : 16 + shift, 4:16] = 255
+            save_png(tmp_path / name / f"m{i}.png", guess)
+    for name in ("good", "off"):
+        assert (
+            main(["evaluate", str(tmp_path / name), str(tmp_path / "gt"), "--out", str(tmp_path / f"ev-{name}")]) == 0
+        )
+    capsys.readouterr()
+    out = tmp_path / "cmp.json"
+    args = ["compare", str(tmp_path / "ev-off"), str(tmp_path / "ev-good"), "--out", str(out), "--resamples", "500"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| dice | 4 | " in table and "ev-good - ev-off" in table and "| 4 / 0 / 0 |" in table
+    record = json.loads(out.read_text())
+    assert record["written_by"] == "rwkvseg compare" and record["bootstrap"]["resamples"] == 500
+    dice = next(m for m in record["metrics"] if m["column"] == "dice")
+    assert dice["mean_a"] == pytest.approx(np.mean([1 - (2 + i) / 12 for i in range(4)]))  # overlap 12 - shift of 12
+    assert dice["mean_b"] == 1.0 and dice["difference"] > 0
+    # an existing output stays without --overwrite; --overwrite replaces only a comparison
+    assert main(args) == 2 and "exists; choose another file or pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    summary = tmp_path / "ev-good" / "summary.json"
+    before = summary.read_bytes()
+    assert main([*args[:3], "--out", str(summary), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "was not written by `rwkvseg compare`" in err and summary.read_bytes() == before
+    per_case = tmp_path / "ev-good" / "per_case.csv"
+    before = per_case.read_bytes()
+    assert main([*args[:3], "--out", str(per_case), "--overwrite"]) == 2
+    assert "is the input" in capsys.readouterr().err and per_case.read_bytes() == before
+    assert main(["compare", str(tmp_path / "ev-good"), str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing not found: give a per_case.csv" in err
