@@ -76,6 +76,24 @@ def test_mean_over_regions_is_the_per_case_mean_of_the_dice_columns(tmp_path):
     assert (mean.b_better, mean.ties, mean.a_better) == (1, 0, 1)  # x: 0.55 < 0.6; y: 0.9 > 0.75
 
 
+def test_a_multi_class_evaluation_gives_a_column_per_class_and_their_mean(tmp_path):
+    """2D with several classes: one row per case and class (`class` column); a class missing for a case is
+    undefined there."""
+    a = tmp_path / "a.csv"
+    a.write_text("case,class,dice,tp\nx,1,0.8,5\nx,2,0.4,5\ny,1,0.9,5\ny,2,0.6,5\n")
+    b = tmp_path / "b.csv"
+    b.write_text("case,class,dice,tp\ny,1,0.9,5\ny,2,0.9,5\nx,1,0.9,5\n")  # x has no class-2 row
+    got = by_column(compare_evaluations(read_per_case(a), read_per_case(b)))
+    assert set(got) == {"1_dice", "2_dice", MEAN_DICE}
+    assert got["1_dice"].cases == 2 and got["1_dice"].difference == pytest.approx(0.05)
+    assert got["2_dice"].cases == 1 and got["2_dice"].difference == pytest.approx(0.3)
+    assert got[MEAN_DICE].cases == 1 and got[MEAN_DICE].mean_a == pytest.approx(0.75)  # y only
+    twice = tmp_path / "twice.csv"
+    twice.write_text("case,class,dice\nx,1,0.8\nx,1,0.7\n")
+    with pytest.raises(ValueError, match="lists cases more than once"):
+        read_per_case(twice)
+
+
 def test_refusals_name_the_file_and_the_fix(tmp_path):
     a = write_per_case(tmp_path / "a.csv", {"c1": {"dice": 0.5}, "c2": {"dice": 0.6}})
     other = write_per_case(tmp_path / "b.csv", {"c1": {"dice": 0.5}, "c3": {"dice": 0.6}})

@@ -4,8 +4,8 @@ Each evaluation is a `per_case.csv` written by `rwkvseg evaluate` (or its folder
 comparison gives the mean of each, the mean difference B - A over the cases where both are defined, its paired
 bootstrap confidence interval (BCa, scipy.stats.bootstrap over the per-case differences), the two-sided Wilcoxon
 signed-rank p-value (scipy.stats.wilcoxon) and how many cases each one wins. With several Dice columns (the regions
-of a 3D evaluation) it adds their per-case mean, the number cross-validation tables report. On 18 BraTS cases a
-difference of 0.01 mean Dice is well inside the noise; this says how far inside.
+of a 3D evaluation, the classes of a 2D one) it adds their per-case mean, the number cross-validation tables
+report. On 18 BraTS cases a difference of 0.01 mean Dice is well inside the noise; this says how far inside.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .evaluate import PER_CASE_FILE
 # <region>_<metric> (3D)
 METRICS = {"dice": True, "iou": True, "precision": True, "recall": True, "specificity": True, "hd95": False}
 DEFAULT_METRICS = ("dice", "hd95")
-MEAN_DICE = "dice (mean over regions)"
+MEAN_DICE = "mean dice"  # per case over the regions (3D) or classes (2D)
 
 
 @dataclass(frozen=True)
@@ -75,24 +75,34 @@ def metric_of(column: str) -> str | None:
 
 def read_per_case(source: str | Path) -> PerCase:
     """The metric columns of an evaluation; ValueError naming the file when it has no case column, a case twice
-    or a value that is not a number."""
+    or a value that is not a number. A multi-class 2D evaluation (a `class` column, one row per case and class)
+    gives one column per class and metric, `<class>_<metric>`."""
     path = per_case_path(source)
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or "case" not in rows[0]:
         raise ValueError(f"{path} has no rows with a 'case' column: is it a per_case.csv from `rwkvseg evaluate`?")
-    cases = tuple(row["case"] for row in rows)
-    if len(set(cases)) < len(cases):
-        twice = sorted({c for c in cases if cases.count(c) > 1})
+    keys = [(row["case"], row.get("class", "")) for row in rows]
+    if len(set(keys)) < len(keys):
+        twice = sorted({k[0] for k in keys if keys.count(k) > 1})
         raise ValueError(f"{path} lists cases more than once ({twice[:3]}); evaluate each case once")
-    columns = {}
+    cases = tuple(dict.fromkeys(k[0] for k in keys))  # in file order
+    index = {c: i for i, c in enumerate(cases)}
+    classes = tuple(dict.fromkeys(k[1] for k in keys))  # ("",) without a class column
+    columns: dict[str, np.ndarray] = {}
     for column in rows[0]:
         if metric_of(column) is None:
             continue
-        try:
-            columns[column] = np.array([float(row[column]) if row[column] != "" else math.nan for row in rows])
-        except ValueError:
-            raise ValueError(f"{path}: column {column!r} holds a value that is not a number") from None
+        for k in classes:
+            values = np.full(len(cases), math.nan)  # a case without a row of this class: undefined
+            for row, (case, cls) in zip(rows, keys, strict=True):
+                if cls != k or row[column] == "":
+                    continue
+                try:
+                    values[index[case]] = float(row[column])
+                except ValueError:
+                    raise ValueError(f"{path}: column {column!r} holds a value that is not a number") from None
+            columns[f"{k}_{column}" if k else column] = values
     return PerCase(path, cases, columns)
 
 
