@@ -15,6 +15,9 @@ best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's 
 Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all), a table on screen, and
 OUT/<variant>.folds.curves.png: each fold's validation Dice during training, their mean and the mean training loss
 (from the runs' metrics.csv; needs matplotlib, `pip install 'rwkvseg[plots]'`; --no-curves leaves them out).
+With several variants, each one after the first (in name order) is compared with that first one case by case over
+every case (`rwkvseg compare`: the mean difference, its 95 % bootstrap interval, the Wilcoxon p-value and wins, per
+region and for the mean Dice): a table each on screen, and cv.json's "comparisons".
 --threshold, --postprocess, --mirror-axes, --device and --compile go to `rwkvseg predict` (defaults: each
 checkpoint's recorded threshold and post-processing, no flips, not compiled; cv.json records them).
 Every variant must have the same folds, each fold's validation cases must be in DATA, and no two folds may validate
@@ -29,7 +32,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rwkvseg.checkpoint import read_meta
@@ -37,6 +40,7 @@ from rwkvseg.cli.predict import mirror_axes, postprocess_option
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.data.splits import read_split
 from rwkvseg.devices import resolve_device
+from rwkvseg.eval.compare import PairedComparison, compare_evaluations, comparison_table, read_per_case
 from rwkvseg.eval.evaluate import evaluate_folders, summary_means
 from rwkvseg.eval.report import RunHistory, plot_fold_curves, read_run
 from rwkvseg.files import write_json
@@ -124,6 +128,17 @@ def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, c
     }
 
 
+def compare_variants(out: Path, variants: Sequence[str]) -> dict[str, list[PairedComparison]]:
+    """Each variant after the first against the first, case by case over every case, keyed "<variant> - <first>"."""
+    if len(variants) < 2:
+        return {}
+    first = read_per_case(out / variants[0] / "all" / "eval")
+    return {
+        f"{v} - {variants[0]}": compare_evaluations(first, read_per_case(out / v / "all" / "eval"))
+        for v in variants[1:]
+    }
+
+
 def table(results: dict[str, dict]) -> list[str]:
     lines = ["| model | folds | cases | WT / TC / ET Dice (mean) | HD95 WT / TC / ET (mm) | per-fold mean Dice |"]
     lines.append("|---|---|---|---|---|---|")
@@ -178,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {
             variant: evaluate_variant(variant, runs, args.data, args.out, config) for variant, runs in found.items()
         }
+        comparisons = compare_variants(args.out, list(results))
         for variant, runs in found.items():
             if not args.no_curves:  # the runs' training histories, beside the scores
                 curves = args.out / f"{variant}.folds.curves.png"
@@ -192,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "compile": args.compile,
     }
-    write_json(args.out / "cv.json", {"settings": settings, "models": results})
+    record = {"settings": settings, "models": results}
+    if comparisons:
+        record["comparisons"] = {k: [asdict(c) for c in v] for k, v in comparisons.items()}
+    write_json(args.out / "cv.json", record)
     print("\n".join(table(results)))
+    first = next(iter(results), "")
+    for key, rows in comparisons.items():
+        print("\n" + "\n".join(comparison_table(rows, first, key.split(" - ")[0], 0.95)))
     return 0
 
 

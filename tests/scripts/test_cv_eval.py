@@ -37,6 +37,34 @@ def test_cv_eval_scores_each_fold_and_every_case_once(fold_campaign, tmp_path, c
     assert (out / "brats2018-bright.folds.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the fold curves
 
 
+def test_cv_eval_compares_each_variant_with_the_first_case_by_case(fold_campaign, tmp_path, capsys):
+    """A second variant (the same runs with a higher intensity cut) is compared with the first over every case."""
+    import torch
+
+    from rwkvseg.checkpoint import load_checkpoint, save_checkpoint
+
+    runs, data, _ = fold_campaign
+    for fold in (0, 1):
+        source = runs / f"brats2018-bright-fold{fold}"
+        target = runs / f"brats2018-dim-fold{fold}"
+        shutil.copytree(source, target)
+        model, meta = load_checkpoint(source / "best.safetensors")
+        with torch.no_grad():
+            model.mix.bias.mul_(1.5)  # a higher intensity cut: smaller masks
+        save_checkpoint(target / "best", model, meta, overwrite=True)
+    out = tmp_path / "out"
+    assert load_script("cv_eval").main([str(runs), str(data), str(out), "--device", "cpu", "--no-curves"]) == 0
+    result = json.loads((out / "cv.json").read_text())
+    rows = {r["column"]: r for r in result["comparisons"]["brats2018-dim - brats2018-bright"]}
+    bright, dim = result["models"]["brats2018-bright"]["all"], result["models"]["brats2018-dim"]["all"]
+    assert dim["dice"] != bright["dice"]  # two different models
+    assert rows["mean dice"]["cases"] == len(CASES)
+    assert rows["mean dice"]["mean_a"] == pytest.approx(bright["dice"])
+    assert rows["mean dice"]["difference"] == pytest.approx(dim["dice"] - bright["dice"])
+    assert rows["WT_dice"]["difference"] == pytest.approx(dim["dice_WT"] - bright["dice_WT"])
+    assert "| mean dice | 5 |" in capsys.readouterr().out
+
+
 def test_cv_eval_leaves_out_the_curves_when_asked(fold_campaign, tmp_path):
     runs, data, _ = fold_campaign
     out = tmp_path / "out"
