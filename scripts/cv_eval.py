@@ -32,7 +32,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from rwkvseg.checkpoint import read_meta
@@ -40,7 +40,7 @@ from rwkvseg.cli.predict import mirror_axes, postprocess_option
 from rwkvseg.data.specs import DatasetSpec
 from rwkvseg.data.splits import read_split
 from rwkvseg.devices import resolve_device
-from rwkvseg.eval.compare import PairedComparison, compare_evaluations, comparison_table, read_per_case
+from rwkvseg.eval.compare import PairedComparison, as_json, compare_evaluations, comparison_table, read_per_case
 from rwkvseg.eval.evaluate import evaluate_folders, summary_means
 from rwkvseg.eval.report import RunHistory, plot_fold_curves, read_run
 from rwkvseg.files import write_json
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     record = {"settings": settings, "models": results}
     if comparisons:
-        record["comparisons"] = {k: [asdict(c) for c in v] for k, v in comparisons.items()}
+        record["comparisons"] = {k: [as_json(c) for c in v] for k, v in comparisons.items()}
     write_json(args.out / "cv.json", record)
     print("\n".join(table(results)))
     first = next(iter(results), "")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rwkvseg.eval.compare import MEAN_DICE, compare_evaluations, read_per_case
+from rwkvseg.eval.compare import MEAN_DICE, as_json, compare_evaluations, read_per_case
 
 
 def write_per_case(path: Path, rows: dict[str, dict[str, object]]) -> Path:
@@ -60,6 +60,9 @@ def test_identical_evaluations_tie_everywhere_and_undefined_cases_are_left_out(t
     assert got["WT_dice"].p_value == 1.0 and got["WT_dice"].ties == 5
     assert got["TC_hd95"].cases == 1  # defined in one case only: no interval, no test
     assert np.isnan(got["TC_hd95"].p_value)
+    record = as_json(got["TC_hd95"])  # as strict JSON: null, not NaN
+    assert record["p_value"] is None and record["ci_low"] is None and record["mean_a"] == 4.0
+    json.dumps(record, allow_nan=False)
     assert got[MEAN_DICE].mean_a == pytest.approx(np.mean([(0.9 - i / 100 + 0.7) / 2 for i in range(5)]))
 
 

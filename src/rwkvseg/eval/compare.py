@@ -166,7 +166,8 @@ def compare_evaluations(
             f"{a.path} and {b.path} score different cases ({len(only_a)} only in the first, e.g. {only_a[:3]}; "
             f"{len(only_b)} only in the second, e.g. {only_b[:3]}): evaluate both against the same ground truth"
         )
-    order = [b.cases.index(c) for c in a.cases]  # b's rows in a's case order
+    position = {c: i for i, c in enumerate(b.cases)}
+    order = [position[c] for c in a.cases]  # b's rows in a's case order
     shared = [c for c in a.columns if c in b.columns and metric_of(c) in metrics]
     if not shared:
         raise ValueError(
@@ -214,5 +215,10 @@ def comparison_record(
         "confidence": confidence,
         "bootstrap": {"method": "BCa", "resamples": resamples, "seed": seed},
         "test": "two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon)",
-        "metrics": [asdict(c) for c in comparisons],
+        "metrics": [as_json(c) for c in comparisons],
     }
+
+
+def as_json(comparison: PairedComparison) -> dict[str, Any]:
+    """A comparison as a JSON object: undefined numbers (nan) as null, so strict JSON readers take the file."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(comparison).items()}
