@@ -169,9 +169,8 @@ def test_stem_stride_two_runs_every_stage_twice_as_fine_with_the_paper_sizes_els
     assert fine.padded_size((9, 13, 11)) == (16, 16, 32)  # a 1-voxel bottleneck still gets one more stride
     # the stem's k7 stride-2 convolution and LayerNorm as published; its k2 stride-2 patch convolution is 1x1x1;
     # the decoder's last up block upsamples x2; every other weight has the paper's shape
-    shapes, paper_shapes = (
-        {k: v.shape for k, v in m.state_dict().items()} for m in (fine, paper)
-    )  # fmt: skip
+    shapes = {k: v.shape for k, v in fine.state_dict().items()}
+    paper_shapes = {k: v.shape for k, v in paper.state_dict().items()}
     assert shapes.keys() == paper_shapes.keys()
     differ = {k for k in shapes if shapes[k] != paper_shapes[k]}
     assert differ == {"encoder.downsample.0.2.weight", "dec1.transp_conv.conv.weight"}

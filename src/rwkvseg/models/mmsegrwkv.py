@@ -93,8 +93,8 @@ class MMSegRWKVConfig:
             raise ValueError(f"drop_path = {self.drop_path!r} must be in [0, 1) (0: off, the paper's model)")
         if self.deep_supervision not in (0, 1, 2):
             raise ValueError(
-                f"deep_supervision = {self.deep_supervision!r}: 0 (off, the paper's model), 1 (the 1/4 decoder map) "
-                "or 2 (the 1/4 and 1/8 maps)"
+                f"deep_supervision = {self.deep_supervision!r}: 0 (off, the paper's model), 1 (the decoder map at "
+                "stage 1's resolution) or 2 (at stage 1's and stage 2's)"
             )
         if self.stem_stride not in (2, 4):
             raise ValueError(
