@@ -4,7 +4,7 @@ Usage:
     python scripts/campaign.py DATA RUNS --datasets kvasir_seg ph2 --models urwkv urwkv_s unet cmunext
         [--epochs 280 | --epochs kvasir_seg=60 ph2=250] [--minutes 7.5] [--set key=value ...]
     python scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv,mmsegrwkv_small,segresnet,dynunet}.toml
-        [--epochs 200] [--minutes 9] [--folds 0 1 2 3 4] [--set key=value ...]
+        [--epochs 200] [--minutes 9] [--folds 0 1 2 3 4] [--tag TAG] [--set key=value ...]
 
 2D (--datasets, --models): DATA holds one folder per dataset (the originals, or `rwkvseg compact2d` copies at
 256 x 256); each run reads configs/urwkv_<dataset>.toml (the paper's recipe for that dataset) with
@@ -37,6 +37,9 @@ Ctrl-C (or SIGINT from `timeout -s INT`, also when the campaign started as a scr
 ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written.
 `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant (DIR/<model>.bin,
 rwkvseg.train.compile_cache) for the next call.
+`--tag TAG` appends -TAG to every run's name and compile cache (RUNS/<dataset>-<variant>-TAG[-fold<K>]): an arm with
+its own --set values (e.g. `--tag stem2 --set model.overrides.stem_stride=2`) then sits beside the plain config's
+runs in one RUNS folder, and `scripts/cv_eval.py` scores and compares it as a variant of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -108,7 +112,13 @@ def run_command(data: Path, runs: Path, dataset: str, model: str, epochs: int, a
         "data.num_workers=1",
     ]
     config = ROOT / "configs" / CONFIGS[dataset]
-    return train_command(runs / f"{dataset}-{model}", config, data / dataset, model, settings, args)
+    name = tagged(f"{dataset}-{model}", args.tag)
+    return train_command(runs / name, config, data / dataset, tagged(model, args.tag), settings, args)
+
+
+def tagged(name: str, tag: str | None) -> str:
+    """name with the campaign's --tag appended (name-TAG), or name alone."""
+    return f"{name}-{tag}" if tag else name
 
 
 def config_run(config: Path) -> tuple[str, str]:
@@ -133,12 +143,14 @@ def run_command_3d(
     else:
         settings = [f"data.split={ROOT / 'splits' / FOLDS_3D[dataset]}", f"data.fold={fold}"]
     settings += [f"data.num_workers={workers}"] + ([f"epochs={epochs}"] if epochs is not None else [])
-    return train_command(runs / run_name(config, fold), config, data, variant, settings, args)
+    name = run_name(config, fold, args.tag)
+    return train_command(runs / name, config, data, tagged(variant, args.tag), settings, args)
 
 
-def run_name(config: Path, fold: int | None) -> str:
-    """<dataset>-<variant> of a 3D config, with -fold<K> for a fold of the cross-validation split."""
-    name = "-".join(config_run(config))
+def run_name(config: Path, fold: int | None, tag: str | None = None) -> str:
+    """<dataset>-<variant> of a 3D config, then -TAG (--tag) and -fold<K> for a fold of the cross-validation
+    split."""
+    name = tagged("-".join(config_run(config)), tag)
     return name if fold is None else f"{name}-fold{fold}"
 
 
@@ -162,7 +174,9 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
             raise SystemExit("--folds runs 3D configs on folds of their cross-validation split: use it with --configs")
         epochs = planned_epochs(args.epochs or ["280"], args.datasets)
         return {
-            f"{dataset}-{model}": run_command(args.data, args.runs, dataset, model, epochs[dataset], args)
+            tagged(f"{dataset}-{model}", args.tag): run_command(
+                args.data, args.runs, dataset, model, epochs[dataset], args
+            )
             for dataset in args.datasets
             for model in args.models or ["urwkv", "urwkv_s", "unet", "cmunext"]
         }
@@ -184,7 +198,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[str]]:
     runs = [(config, fold) for config in args.configs for fold in folds]
     workers = max(1, (os.cpu_count() or 1) // len(runs) - 1)  # a core per run for its main process
     return {
-        run_name(config, fold): run_command_3d(args.data, args.runs, config, epochs, workers, args, fold)
+        run_name(config, fold, args.tag): run_command_3d(args.data, args.runs, config, epochs, workers, args, fold)
         for config, fold in runs
     }
 
@@ -281,6 +295,13 @@ def table(rows: list[dict]) -> list[str]:
     return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]
 
 
+def tag_option(text: str) -> str:
+    """--tag: letters, digits and underscores, so a run's name still parses as <dataset>-<variant>-TAG-fold<K>."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits and underscores only, e.g. stem2")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", type=Path, help="2D: a folder with one subfolder per dataset; 3D: the data of every config")
@@ -300,6 +321,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="3D: run each config on these folds of the committed cross-validation split (runs <name>-fold<K>)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every new run")
+    p.add_argument(
+        "--tag",
+        type=tag_option,
+        help="append -TAG to every run's name and compile cache (an arm with its own --set values; letters, digits, _)",
+    )
     p.add_argument(
         "--compile-cache",
         type=Path,

@@ -163,6 +163,28 @@ def test_campaign_3d_folds_run_each_config_on_folds_of_the_cross_validation_spli
         script.plan(script.parse_args([str(data), str(runs), "--datasets", "ph2", "--folds", "0"]))
 
 
+def test_campaign_tag_keeps_an_arm_apart_from_the_plain_runs(tmp_path, capsys):
+    """--tag TAG: the runs, their folders and compile caches are named <...>-TAG, and cv_eval.py reads the tagged fold
+    runs as a variant of their own."""
+    script = load_script("campaign")
+    runs, data, cc = tmp_path / "runs", tmp_path / "cache", tmp_path / "cc"
+    argv = [str(data), str(runs), "--configs", str(BRATS_CONFIGS[0]), "--folds", "0", "--compile-cache", str(cc)]
+    tagged = [*argv, "--tag", "stem2", "--set", "model.overrides.stem_stride=2"]
+    plain, arm = (script.plan(script.parse_args(a)) for a in (argv, tagged))
+    assert list(plain) == ["brats2018-mmsegrwkv-fold0"] and list(arm) == ["brats2018-mmsegrwkv-stem2-fold0"]
+    command = arm["brats2018-mmsegrwkv-stem2-fold0"]
+    assert command[command.index("--out") + 1] == str(runs / "brats2018-mmsegrwkv-stem2-fold0")
+    assert sets(command)[0] == f"compile_cache={cc / 'mmsegrwkv-stem2.bin'}"  # not the plain model's graphs
+    assert sets(command)[-1] == "model.overrides.stem_stride=2"
+    match = load_script("cv_eval").FOLD_RUN.match("brats2018-mmsegrwkv-stem2-fold0")
+    assert (match["variant"], match["fold"]) == ("brats2018-mmsegrwkv-stem2", "0")
+    two_d = [str(data), str(runs), "--datasets", "ph2", "--models", "urwkv", "--tag", "ema"]
+    assert list(script.plan(script.parse_args(two_d))) == ["ph2-urwkv-ema"]
+    with pytest.raises(SystemExit):
+        script.parse_args([*argv, "--tag", "stem-2"])
+    assert "'stem-2': use letters, digits and underscores only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
