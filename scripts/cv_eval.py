@@ -129,14 +129,11 @@ def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, c
 
 
 def compare_variants(out: Path, variants: Sequence[str]) -> dict[str, list[PairedComparison]]:
-    """Each variant after the first against the first, case by case over every case, keyed "<variant> - <first>"."""
+    """Each variant after the first against the first (variants[0]), case by case over every case, by variant."""
     if len(variants) < 2:
         return {}
     first = read_per_case(out / variants[0] / "all" / "eval")
-    return {
-        f"{v} - {variants[0]}": compare_evaluations(first, read_per_case(out / v / "all" / "eval"))
-        for v in variants[1:]
-    }
+    return {v: compare_evaluations(first, read_per_case(out / v / "all" / "eval")) for v in variants[1:]}
 
 
 def table(results: dict[str, dict]) -> list[str]:
@@ -209,13 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         "compile": args.compile,
     }
     record = {"settings": settings, "models": results}
+    first = next(iter(results))
     if comparisons:
-        record["comparisons"] = {k: [as_json(c) for c in v] for k, v in comparisons.items()}
+        record["comparisons"] = {f"{v} - {first}": [as_json(c) for c in rows] for v, rows in comparisons.items()}
     write_json(args.out / "cv.json", record)
     print("\n".join(table(results)))
-    first = next(iter(results), "")
-    for key, rows in comparisons.items():
-        print("\n" + "\n".join(comparison_table(rows, first, key.split(" - ")[0], 0.95)))
+    for variant, rows in comparisons.items():
+        print("\n" + "\n".join(comparison_table(rows, first, variant, 0.95)))
     return 0
 
 

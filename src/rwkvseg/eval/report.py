@@ -100,9 +100,10 @@ def plot_fold_curves(folds: Mapping[int, RunHistory], path: Path, title: str) ->
     every fold validated), each fold's, and the training loss averaged over the folds that ran each epoch; returns
     the curves drawn."""
     ordered = sorted(folds.items())
+    by_epoch = {k: {int(r["epoch"]): r for r in run.rows} for k, run in ordered}  # fold -> epoch -> its row
     history = []
-    for epoch in sorted({int(r["epoch"]) for _, run in ordered for r in run.rows}):
-        rows = {k: r for k, run in ordered for r in run.rows if int(r["epoch"]) == epoch}
+    for epoch in sorted({e for rows in by_epoch.values() for e in rows}):
+        rows = {k: fold_rows[epoch] for k, fold_rows in by_epoch.items() if epoch in fold_rows}
         entry: dict[str, float] = {
             "epoch": epoch,
             "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows),
