@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rwkvseg.data.patches3d import PatchConfig, PatchDataset, patch_origin
+from rwkvseg.data.patches3d import AUGMENT_PRESETS, PatchConfig, PatchDataset, patch_augmentation, patch_origin
 from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from writers import write_brats_case
@@ -75,6 +75,39 @@ def test_regions_target_and_augmentation_keep_labels_valid(cache):
         assert torch.isfinite(item["image"]).all()
         # augmented patches are plain tensors: a MONAI MetaTensor slows every op of the step and breaks compile
         assert type(item["image"]) is torch.Tensor and type(label) is torch.Tensor
+
+
+def test_strong_augmentation_keeps_labels_valid_and_changes_each_modality_on_its_own(cache):
+    config = PatchConfig(patch_size=(8, 8, 8), samples_per_epoch=24, fg_fraction=1.0, augment_preset="strong")
+    strong = PatchDataset(cache, None, config, target="regions")
+    plain = PatchDataset(cache, None, PatchConfig(patch_size=(8, 8, 8), samples_per_epoch=24, fg_fraction=1.0))
+    changed = 0
+    for i in range(len(strong)):
+        item = strong[i]
+        label = item["mask"]
+        assert set(label.unique().tolist()) <= {0.0, 1.0}
+        assert (label[2] <= label[1]).all() and (label[1] <= label[0]).all()
+        assert torch.isfinite(item["image"]).all() and type(item["image"]) is torch.Tensor
+        changed += not torch.equal(item["image"], plain[i]["image"])
+    assert changed > 0  # same patches, other draws
+    # the channel-wise shift moves each modality by its own offset
+    image = torch.zeros(4, 6, 6, 6)
+    transforms = patch_augmentation((6, 6, 6), "strong", seed=0).transforms
+    shift = next(t for t in transforms if type(t).__name__ == "RandShiftIntensityd")
+    shift.set_random_state(seed=1)
+    shift.prob = 1.0
+    out = shift({"image": image, "mask": torch.zeros(1, 6, 6, 6)})["image"]
+    offsets = out.flatten(1)[:, 0]
+    assert (out.flatten(1) == offsets[:, None]).all() and len(set(offsets.tolist())) == 4
+
+
+def test_the_nnunet_preset_is_the_default_and_unknown_presets_name_the_choices():
+    assert PatchConfig().augment_preset == "nnunet" and AUGMENT_PRESETS["nnunet"].bias_field == 0
+    names = [type(t).__name__ for t in patch_augmentation((8, 8, 8)).transforms]
+    assert names[:1] == ["RandAffined"] and names.count("RandFlipd") == 3 and "RandBiasFieldd" not in names
+    assert "RandBiasFieldd" in [type(t).__name__ for t in patch_augmentation((8, 8, 8), "strong").transforms]
+    with pytest.raises(ValueError, match=r"augment_preset = 'heavy' is unknown; choose one of nnunet, strong"):
+        PatchConfig(augment_preset="heavy")
 
 
 def test_volume_smaller_than_the_patch_names_the_case_and_the_fix(cache):

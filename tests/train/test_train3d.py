@@ -266,6 +266,10 @@ def test_config_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"data\.root is empty"):
         train(TrainConfig(dims=3, data=VolumeDataConfig(), out=str(tmp_path / "r")))
     assert load_config(None, ["dims=3", "optim.nesterov=true"]).optim.nesterov
+    strong = load_config(None, ["dims=3", "data.patches.augment_preset=strong"])
+    assert strong.data.patches.augment_preset == "strong"
+    with pytest.raises(ValueError, match=r"augment_preset = 'da5' is unknown"):
+        load_config(None, ["dims=3", "data.patches.augment_preset=da5"])
 
 
 def test_a_cache_made_from_other_data_is_not_reused(tmp_path, raw, cache):

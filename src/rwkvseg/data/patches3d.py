@@ -27,16 +27,65 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class AugmentPreset:
+    """Probabilities of the 3D training augmentation (each transform fires on its own draw).
+
+    affine: rotation +-30 deg on every axis and scaling 0.7-1.4 together; noise: Gaussian (std 0.1); blur: Gaussian
+    smoothing (sigma 0.5-1 voxel); brightness: multiply by 0.75-1.25; contrast: scale about the mean, range kept;
+    low_resolution: down- and up-sample by 0.5-1; gamma: 0.7-1.5 with the mean and std kept; inverted_gamma: the same
+    on the inverted image; bias_field: a smooth multiplicative MRI bias field (degree 3); shift: add +-0.1 (the
+    z-scored intensities' std is 1). channel_wise draws brightness and shift for each modality on its own.
+    """
+
+    affine: float
+    noise: float
+    blur: float
+    brightness: float
+    contrast: float
+    low_resolution: float
+    gamma: float
+    inverted_gamma: float = 0.0
+    bias_field: float = 0.0
+    shift: float = 0.0
+    channel_wise: bool = False
+
+
+AUGMENT_PRESETS: dict[str, AugmentPreset] = {
+    # nnU-Net v2's default training augmentation (its probabilities; mirroring on every axis in both presets)
+    "nnunet": AugmentPreset(
+        affine=0.2, noise=0.1, blur=0.2, brightness=0.15, contrast=0.15, low_resolution=0.25, gamma=0.3
+    ),
+    # more of it for a few training cases: spatial and intensity transforms fire about twice as often, gamma also
+    # on the inverted image (nnU-Net's DA5 does), and MRI-specific bias fields and per-modality intensity changes
+    "strong": AugmentPreset(
+        affine=0.4,
+        noise=0.15,
+        blur=0.2,
+        brightness=0.3,
+        contrast=0.3,
+        low_resolution=0.25,
+        gamma=0.3,
+        inverted_gamma=0.1,
+        bias_field=0.3,
+        shift=0.3,
+        channel_wise=True,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class PatchConfig:
     """patch_size in (k, j, i) voxels at the cache's spacing; samples_per_epoch patches make an epoch;
     fg_fraction: share of patches centred on a voxel of a random foreground class (nnU-Net: 1/3).
-    allow_padding zero-pads cases smaller than the patch (nnU-Net does); off, such a case is an error that
-    names it. The `[data.patches]` table of a 3D run config."""
+    augment turns the training augmentation on; augment_preset names its probabilities (AUGMENT_PRESETS: "nnunet",
+    nnU-Net's default, or "strong"). allow_padding zero-pads cases smaller than the patch (nnU-Net does); off, such
+    a case is an error that names it. The `[data.patches]` table of a 3D run config."""
 
     patch_size: tuple[int, int, int] = (64, 64, 64)
     samples_per_epoch: int = 250
     fg_fraction: float = 0.33
     augment: bool = True
+    augment_preset: str = "nnunet"
     allow_padding: bool = True
 
     def __post_init__(self) -> None:
@@ -44,38 +93,57 @@ class PatchConfig:
             raise ValueError(f"fg_fraction {self.fg_fraction} must lie in [0, 1]")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size {self.patch_size} must be three positive sizes")
+        if self.augment_preset not in AUGMENT_PRESETS:
+            raise ValueError(
+                f"data.patches.augment_preset = {self.augment_preset!r} is unknown; choose one of "
+                f"{', '.join(AUGMENT_PRESETS)}"
+            )
 
 
-def nnunet_augmentation(patch_size: Sequence[int], seed: int = 0):
-    """nnU-Net's default augmentation as MONAI dictionary transforms on keys image / mask.
-
-    Probabilities and ranges follow nnU-Net v2: rotation +-30 deg and scaling 0.7-1.4 (p 0.2 each), Gaussian
-    noise (0.1), blur (0.2), brightness (0.15), contrast (0.15), low resolution (0.25), gamma (0.3) and mirroring
-    on every axis.
-    """
+def patch_augmentation(patch_size: Sequence[int], preset: str = "nnunet", seed: int = 0):
+    """The 3D training augmentation as MONAI dictionary transforms on keys image / mask, with the probabilities of
+    AUGMENT_PRESETS[preset] ("nnunet": nnU-Net v2's default) and mirroring on every axis."""
     from monai import transforms as mt
 
+    p = AUGMENT_PRESETS[preset]
     angle = math.radians(30)
+    spatial = mt.RandAffined(
+        keys=("image", "mask"),
+        prob=p.affine,
+        rotate_range=(angle, angle, angle),
+        scale_range=(0.3, 0.3, 0.3),
+        mode=("bilinear", "nearest"),
+        padding_mode="zeros",
+        spatial_size=tuple(patch_size),
+    )
+    intensity = [
+        mt.RandGaussianNoised(keys="image", prob=p.noise, std=0.1),
+        mt.RandGaussianSmoothd(keys="image", prob=p.blur, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+    ]
+    if p.bias_field:
+        intensity.append(mt.RandBiasFieldd(keys="image", prob=p.bias_field, degree=3, coeff_range=(0.0, 0.1)))
+    intensity += [
+        mt.RandScaleIntensityd(keys="image", prob=p.brightness, factors=0.25, channel_wise=p.channel_wise),
+        mt.RandScaleIntensityFixedMeand(keys="image", prob=p.contrast, factors=0.25, preserve_range=True),
+    ]
+    if p.shift:
+        intensity.append(mt.RandShiftIntensityd(keys="image", prob=p.shift, offsets=0.1, channel_wise=p.channel_wise))
+    intensity += [
+        mt.RandSimulateLowResolutiond(keys="image", prob=p.low_resolution, zoom_range=(0.5, 1.0)),
+        mt.RandAdjustContrastd(keys="image", prob=p.gamma, gamma=(0.7, 1.5), retain_stats=True),
+    ]
+    if p.inverted_gamma:
+        intensity.append(
+            mt.RandAdjustContrastd(
+                keys="image", prob=p.inverted_gamma, gamma=(0.7, 1.5), invert_image=True, retain_stats=True
+            )
+        )
+    flips = [mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=axis) for axis in range(3)]
     transforms = mt.Compose(
         [
-            mt.RandAffined(
-                keys=("image", "mask"),
-                prob=0.2,
-                rotate_range=(angle, angle, angle),
-                scale_range=(0.3, 0.3, 0.3),
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-                spatial_size=tuple(patch_size),
-            ),
-            mt.RandGaussianNoised(keys="image", prob=0.1, std=0.1),
-            mt.RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-            mt.RandScaleIntensityd(keys="image", prob=0.15, factors=0.25),
-            mt.RandScaleIntensityFixedMeand(keys="image", prob=0.15, factors=0.25, preserve_range=True),
-            mt.RandSimulateLowResolutiond(keys="image", prob=0.25, zoom_range=(0.5, 1.0)),
-            mt.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5), retain_stats=True),
-            mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=0),
-            mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=1),
-            mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=2),
+            spatial,
+            *intensity,
+            *flips,
             # plain tensors out: a MetaTensor runs every op of the training step through MONAI's
             # __torch_function__ (on an H200 the step took 160 ms, the model's own 66 ms) and breaks torch.compile
             mt.EnsureTyped(keys=("image", "mask"), track_meta=False),
@@ -144,7 +212,7 @@ class PatchDataset(Dataset):
             case.label, _ = pad_to(case.label, config.patch_size)
             case.foreground = {k: v + offset.astype(v.dtype) for k, v in case.foreground.items()}
         self.epoch = 0
-        self.transform = nnunet_augmentation(config.patch_size, seed) if config.augment else None
+        self.transform = patch_augmentation(config.patch_size, config.augment_preset, seed) if config.augment else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
