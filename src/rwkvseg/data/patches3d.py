@@ -51,12 +51,13 @@ class AugmentPreset:
 
 
 AUGMENT_PRESETS: dict[str, AugmentPreset] = {
-    # nnU-Net v2's default training augmentation (its probabilities; mirroring on every axis in both presets)
+    # nnU-Net v2's default training augmentation, its probabilities, less its gamma on the inverted image (p 0.1:
+    # left out so that runs train as every earlier one did); mirroring on every axis in both presets
     "nnunet": AugmentPreset(
         affine=0.2, noise=0.1, blur=0.2, brightness=0.15, contrast=0.15, low_resolution=0.25, gamma=0.3
     ),
     # more of it for a few training cases: spatial and intensity transforms fire about twice as often, gamma also
-    # on the inverted image (nnU-Net's DA5 does), and MRI-specific bias fields and per-modality intensity changes
+    # on the inverted image (as nnU-Net v2's default), MRI-specific bias fields and per-modality intensity changes
     "strong": AugmentPreset(
         affine=0.4,
         noise=0.15,
