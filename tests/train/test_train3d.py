@@ -308,10 +308,19 @@ def test_cuda_mixed_precision_run_of_the_brats_recipe(tmp_path, cache, model):
     assert final["mirror_axes"] == [0, 1, 2] and 0 <= final["dice"] <= 1
 
 
-def test_compiled_step_trains_on_augmented_patches(tmp_path, cache, caplog):
+@pytest.mark.parametrize(
+    "arm",
+    [
+        [],
+        # session 40's planned arms: deep supervision's tuple of outputs and the strong preset through the trace
+        ["data.target=regions", "model.overrides.deep_supervision=2", "data.patches.augment_preset=strong"],
+    ],
+    ids=["nnunet", "regions-ds2-strong"],
+)
+def test_compiled_step_trains_on_augmented_patches(tmp_path, cache, caplog, arm):
     """The 3D step compiles on what the augmentation hands it (MONAI transforms: plain tensors, not MetaTensors,
     which Dynamo cannot trace) and trains like the eager step (aot_eager: the whole trace, eager kernels)."""
-    overrides = [f"data.root={cache}", "epochs=1", "max_steps_per_epoch=2", "infer.final_eval=false"]
+    overrides = [f"data.root={cache}", "epochs=1", "max_steps_per_epoch=2", "infer.final_eval=false", *arm]
     overrides += ["data.patches.augment=true", "data.patches.samples_per_epoch=4", "val_every=2"]
     path = write_config(tmp_path / "c.toml")
     train(load_config(path, [*overrides, f"out={tmp_path / 'eager'}"]))
