@@ -48,6 +48,7 @@ from rwkvseg.infer.predict import PredictConfig, predict
 
 FOLD_RUN = re.compile(r"^(?P<variant>.+)-fold(?P<fold>\d+)$")
 REGIONS = ("WT", "TC", "ET")
+CONFIDENCE = 0.95  # of the comparisons' bootstrap intervals, in cv.json and on screen
 
 
 class Refused(Exception):
@@ -133,7 +134,10 @@ def compare_variants(out: Path, variants: Sequence[str]) -> dict[str, list[Paire
     if len(variants) < 2:
         return {}
     first = read_per_case(out / variants[0] / "all" / "eval")
-    return {v: compare_evaluations(first, read_per_case(out / v / "all" / "eval")) for v in variants[1:]}
+    return {
+        v: compare_evaluations(first, read_per_case(out / v / "all" / "eval"), confidence=CONFIDENCE)
+        for v in variants[1:]
+    }
 
 
 def table(results: dict[str, dict]) -> list[str]:
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / "cv.json", record)
     print("\n".join(table(results)))
     for variant, rows in comparisons.items():
-        print("\n" + "\n".join(comparison_table(rows, first, variant, 0.95)))
+        print("\n" + "\n".join(comparison_table(rows, first, variant, CONFIDENCE)))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,8 +84,7 @@ def read_per_case(source: str | Path) -> PerCase:
     if not rows or "case" not in rows[0]:
         raise ValueError(f"{path} has no rows with a 'case' column: is it a per_case.csv from `rwkvseg evaluate`?")
     keys = [(row["case"], row.get("class", "")) for row in rows]
-    if len(set(keys)) < len(keys):
-        twice = sorted({k[0] for k in keys if keys.count(k) > 1})
+    if twice := sorted({k[0] for k, n in Counter(keys).items() if n > 1}):
         raise ValueError(f"{path} lists cases more than once ({twice[:3]}); evaluate each case once")
     cases = tuple(dict.fromkeys(k[0] for k in keys))  # in file order
     index = {c: i for i, c in enumerate(cases)}
@@ -177,7 +177,7 @@ def compare_evaluations(
     pairs = {c: (a.columns[c], b.columns[c][order]) for c in shared}
     dice = [c for c in shared if metric_of(c) == "dice"]
     if len(dice) > 1:  # regions: their per-case mean, undefined where one region is
-        pairs[MEAN_DICE] = tuple(np.mean([p[i] for c, p in pairs.items() if c in dice], axis=0) for i in (0, 1))
+        pairs[MEAN_DICE] = tuple(np.mean([pairs[c][i] for c in dice], axis=0) for i in (0, 1))  # (A, B)
     return [_paired(c, x, y, confidence, resamples, seed) for c, (x, y) in pairs.items()]
 
 
