@@ -3,6 +3,8 @@ patches), and since augmentation is seeded per item from (seed, epoch, index), a
 its workers start, and the same as without workers."""
 
 import csv
+import gc
+import os
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ from rwkvseg.train import validate as validate_module
 from rwkvseg.train.config import config_from_dict, load_config
 from rwkvseg.train.loop import LoopConfig
 from rwkvseg.train.train import train
-from rwkvseg.train.workers import worker_context
+from rwkvseg.train.workers import start_workers, worker_context
 
 
 @pytest.fixture
@@ -152,3 +154,61 @@ def test_a_3d_run_trains_the_same_under_forkserver_and_spawn_as_without_workers(
         assert started[0] == metrics, start
         for key, value in weights.items():
             torch.testing.assert_close(started[1][key], value, rtol=0, atol=0, msg=f"{start}: {key}")
+
+
+class _Finalized:
+    """Writes the id of the process that frees it to `path` (its __del__ runs where the collector frees it)."""
+
+    def __init__(self, path):
+        self.path, self.cycle = path, self  # a reference cycle: only the garbage collector frees it
+
+    def __del__(self):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class _CollectingSet(torch.utils.data.Dataset):
+    """Runs the collector in the worker that reads it, as a worker's own allocations eventually do."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        gc.collect()
+        return torch.tensor(index)
+
+
+def _freed_in(tmp_path, start, iterate):
+    """Leave a cycle of garbage, read a loader of one worker started as `start` through iterate(loader), and return
+    the ids of the processes that freed the cycle."""
+    path = tmp_path / start / iterate.__name__
+    path.parent.mkdir(exist_ok=True)
+    loader = torch.utils.data.DataLoader(
+        _CollectingSet(), num_workers=1, multiprocessing_context=worker_context(start, 1)
+    )
+    gc.disable()  # the cycle is still garbage, not yet collected, when the worker forks
+    try:
+        _Finalized(path)
+        batches = [int(b) for b in iterate(loader)]
+    finally:
+        gc.enable()
+    gc.collect()
+    assert batches == [0, 1]
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+def test_forked_workers_never_free_the_parents_garbage(tmp_path):
+    def started(start):
+        def started(loader):
+            return start_workers(loader, start, 1)
+
+        return started
+
+    # a plain iter(loader): the worker's collector frees the parent's cycle (a CUDA tensor there aborts the worker)
+    freed = _freed_in(tmp_path, "fork", iter)
+    assert len(freed) == 2 and freed[1] == os.getpid() != freed[0]  # the worker's copy, then the parent's own
+    # start_workers collects it in the parent before the worker forks: the worker has nothing of it to free
+    assert _freed_in(tmp_path, "fork", started("fork")) == [os.getpid()]
+    assert gc.get_freeze_count() == 0  # nothing of the parent's stays frozen after the fork
+    # a spawned worker inherits no garbage: start_workers leaves the loader as it is
+    assert _freed_in(tmp_path, "spawn", started("spawn")) == [os.getpid()]

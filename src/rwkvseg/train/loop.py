@@ -36,7 +36,7 @@ from . import distributed
 from .compile_cache import load_compile_cache, save_compile_cache
 from .ema import WeightEma
 from .state import Progress, load_state, save_state
-from .workers import check_worker_start, forks, worker_context
+from .workers import check_worker_start, forks, start_workers, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -455,6 +455,7 @@ def train_epoch(
     if ranks > 1:  # this rank's part of each step's global batch (the same samples per step as one process)
         order = distributed.shard_order(order, n_steps, loop.batch_size, distributed.rank(), ranks)
     batch_size = distributed.rank_batch(loop.batch_size, ranks)
+    workers = 0 if hasattr(train_set, "device_batches") else loop.num_workers  # processes the loader starts
     if hasattr(train_set, "device_batches"):
         loader = train_set.device_batches(order, batch_size)
     else:
@@ -474,7 +475,7 @@ def train_epoch(
         _plain_worker_errors(loop.worker_start),
         _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance,
     ):
-        for batch in loader:
+        for batch in start_workers(loader, loop.worker_start, workers):
             check_interrupt()
             if seen == n_steps:
                 break

@@ -25,7 +25,7 @@ from ..infer.predict2d import forward_logits, probabilities, to_labels
 from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
 from ..memory_format import check_memory_format, fed_in
 from ..records import Preprocessing2D
-from .workers import worker_context
+from .workers import start_workers, worker_context
 
 # Resized validation sets are kept as tensors after their first pass when they take at most this many bytes on the
 # host, or on a GPU the share of its free memory a resident training set may take (the images never change).
@@ -79,7 +79,7 @@ def validator_2d(
             yield from kept
             return
         read = []
-        for batch in loader:
+        for batch in start_workers(loader, worker_start, num_workers):
             images = batch["image"].to(device)
             masks = batch["mask"][:, 0].to(device, mask_dtype)  # [B, 1, H, W] -> [B, H, W]
             if keep:
