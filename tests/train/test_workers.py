@@ -212,3 +212,33 @@ def test_forked_workers_never_free_the_parents_garbage(tmp_path):
     assert gc.get_freeze_count() == 0  # nothing of the parent's stays frozen after the fork
     # a spawned worker inherits no garbage: start_workers leaves the loader as it is
     assert _freed_in(tmp_path, "spawn", started("spawn")) == [os.getpid()]
+
+
+class _CudaCycle:
+    """A CUDA tensor in a reference cycle: garbage that only the collector frees."""
+
+    def __init__(self):
+        self.tensor, self.cycle = torch.ones(1 << 20, device="cuda"), self
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forked_workers_survive_the_parents_cuda_garbage():
+    """The session-41 abort on the GPU: a forked worker that frees the parent's CUDA tensor dies ("CUDA error:
+    initialization error" in the tensor's destructor); started through start_workers it reads its items."""
+
+    def read(iterate):
+        loader = torch.utils.data.DataLoader(
+            _CollectingSet(), num_workers=1, multiprocessing_context=worker_context("fork", 1)
+        )
+        gc.disable()
+        try:
+            _CudaCycle()
+            return [int(b) for b in iterate(loader)]
+        finally:
+            gc.enable()
+            gc.collect()
+
+    with pytest.raises(RuntimeError, match=r"DataLoader worker .* exited unexpectedly"):
+        read(iter)
+    assert read(lambda loader: start_workers(loader, "fork", 1)) == [0, 1]

@@ -16,7 +16,8 @@ A forked worker also inherits the parent's garbage: reference cycles not yet col
 worker's own garbage collector frees them and they hold CUDA tensors, freeing those calls into a CUDA context that a
 forked child cannot use, and the worker aborts ("CUDA error: initialization error" from a TensorImpl destructor; it
 killed 2 of 5 BraTS runs in session 41). start_workers collects the parent's garbage and freezes what is left
-(gc.freeze: a forked child's collector never looks at those objects) just while the workers fork.
+(gc.freeze: a forked child's collector never looks at those objects) just while the workers fork; the collection
+costs about 0.15 s per epoch with torch and MONAI loaded (2 cores).
 """
 
 from __future__ import annotations
