@@ -178,13 +178,11 @@ class _CollectingSet(torch.utils.data.Dataset):
         return torch.tensor(index)
 
 
-def _freed_in(tmp_path, start, iterate):
-    """Leave a cycle of garbage, read a loader of one worker started as `start` through iterate(loader), and return
-    the ids of the processes that freed the cycle."""
-    path = tmp_path / start / iterate.__name__
-    path.parent.mkdir(exist_ok=True)
+def _freed_in(path, iterate):
+    """Leave a cycle of garbage, read a loader of one forked worker through iterate(loader), and return the ids of
+    the processes that freed the cycle (written to path)."""
     loader = torch.utils.data.DataLoader(
-        _CollectingSet(), num_workers=1, multiprocessing_context=worker_context(start, 1)
+        _CollectingSet(), num_workers=1, multiprocessing_context=worker_context("fork", 1)
     )
     gc.disable()  # the cycle is still garbage, not yet collected, when the worker forks
     try:
@@ -198,20 +196,12 @@ def _freed_in(tmp_path, start, iterate):
 
 
 def test_forked_workers_never_free_the_parents_garbage(tmp_path):
-    def started(start):
-        def started(loader):
-            return start_workers(loader, start, 1)
-
-        return started
-
     # a plain iter(loader): the worker's collector frees the parent's cycle (a CUDA tensor there aborts the worker)
-    freed = _freed_in(tmp_path, "fork", iter)
+    freed = _freed_in(tmp_path / "plain", iter)
     assert len(freed) == 2 and freed[1] == os.getpid() != freed[0]  # the worker's copy, then the parent's own
     # start_workers collects it in the parent before the worker forks: the worker has nothing of it to free
-    assert _freed_in(tmp_path, "fork", started("fork")) == [os.getpid()]
+    assert _freed_in(tmp_path / "started", lambda loader: start_workers(loader, "fork", 1)) == [os.getpid()]
     assert gc.get_freeze_count() == 0  # nothing of the parent's stays frozen after the fork
-    # a spawned worker inherits no garbage: start_workers leaves the loader as it is
-    assert _freed_in(tmp_path, "spawn", started("spawn")) == [os.getpid()]
 
 
 class _CudaCycle:
