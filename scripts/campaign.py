@@ -37,6 +37,11 @@ Ctrl-C (or SIGINT from `timeout -s INT`, also when the campaign started as a scr
 ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written.
 `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant (DIR/<model>.bin,
 rwkvseg.train.compile_cache) for the next call.
+`--retries N` (default 1): a run that fails (a non-zero exit that is not a stop on purpose: SIGINT, SIGTERM or the
+exit 130 of a stopped `rwkvseg train`) after finishing at least one more epoch than it had at its start is resumed
+from its training state, with what is left of --minutes, up to N times (session 41: a DataLoader worker that dies
+stops a run that can go on exactly). A run that fails again without finishing an epoch is not retried. Its log
+says why each retry came; the table's `retries` column counts them.
 `--tag TAG` appends -TAG to every run's name and compile cache (RUNS/<dataset>-<variant>-TAG[-fold<K>]): an arm with
 its own --set values (e.g. `--tag stem2 --set model.overrides.stem_stride=2`) then sits beside the plain config's
 runs in one RUNS folder, and `scripts/cv_eval.py` scores and compares it as a variant of its own.
@@ -72,6 +77,7 @@ CONFIGS = {  # 2D dataset folder -> the recipe's config
 SPLITS_3D = {"brats2018": "brats2018_2mm.json"}  # the <dataset> of a 3D config's name -> its committed split
 FOLDS_3D = {"brats2018": "brats2018_2mm_5fold.json"}  # ... -> its committed cross-validation split
 PLATEAU_DICE = 0.005  # a rise at or below this (half a Dice point) over the late validations: levelled off
+POLL_SECONDS = 1.0  # how often the campaign looks for runs that ended
 
 
 def planned_epochs(values: list[str], datasets: list[str]) -> dict[str, int]:
@@ -97,10 +103,42 @@ def train_command(
     # one compile cache per model, shared by its runs (same graphs at every dataset): carried between calls
     cache = [f"compile_cache={args.compile_cache / (model + '.bin')}"] if args.compile_cache else []
     if (out / "state.pt").is_file():
-        resumed = [f"max_minutes={args.minutes}", *cache]
-        return [*command, "--resume", "--out", str(out), "--no-progress", *_sets(resumed)]
+        return resume_command(out, args.minutes, cache)
     settings = [*cache, *settings, f"max_minutes={args.minutes}", *args.set]
     return [*command, str(config), "--data", str(data), "--out", str(out), "--no-progress", *_sets(settings)]
+
+
+def resume_command(out: Path, minutes: float, cache: list[str]) -> list[str]:
+    """`rwkvseg train --resume` of the run in out, with a wall-clock budget of `minutes` (0: none) and the compile
+    cache setting (["compile_cache=PATH"] or [])."""
+    command = [sys.executable, "-m", "rwkvseg.cli", "train", "--resume", "--out", str(out), "--no-progress"]
+    return [*command, *_sets([f"max_minutes={minutes}", *cache])]
+
+
+def retried_command(out: Path, command: list[str], minutes: float) -> list[str]:
+    """The command that continues a failed run of `command` (new or resumed) from out's training state: its own
+    compile cache, `minutes` of budget."""
+    return resume_command(out, minutes, [s for s in command if s.startswith("compile_cache=")])
+
+
+def retry_reason(
+    code: int, retried: int, retries: int, epochs_before: int, history: RunHistory, minutes_left: float | None
+) -> str | None:
+    """Why a run that exited with `code` is resumed (a line for its log), or None: it succeeded, was stopped on
+    purpose (SIGINT, SIGTERM, or exit 130), used its `retries`, finished no epoch since its last start
+    (epochs_before, against its history now: the same failure would come again), or has less of its budget left
+    (minutes_left; None without a budget) than its longest epoch so far took, compilation included."""
+    stopped = code in (130, -signal.SIGINT, -signal.SIGTERM)
+    if code == 0 or stopped or retried >= retries or history.ran <= epochs_before:
+        return None
+    longest = max(r.get("train_seconds", 0.0) + r.get("val_seconds", 0.0) for r in history.rows) / 60
+    if minutes_left is not None and minutes_left < longest:
+        return None
+    budget = "" if minutes_left is None else f", {minutes_left:.2f} minutes of its budget left"
+    return (
+        f"campaign: the run exited with {code} after epoch {history.ran} (it started at epoch {epochs_before}); "
+        f"resuming it from its training state, retry {retried + 1} of {retries}{budget}"
+    )
 
 
 def run_command(data: Path, runs: Path, dataset: str, model: str, epochs: int, args: argparse.Namespace) -> list[str]:
@@ -288,7 +326,8 @@ def _cell(value) -> str:
 def table(rows: list[dict]) -> list[str]:
     """The campaign table's lines: a header, then one line per run."""
     regions = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("best_val_dice_")]
-    keys = ["run", "exit", "planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
+    keys = ["run", "exit", *(["retries"] if any(r.get("retries") for r in rows) else [])]
+    keys += ["planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
     keys += ["late_gain", "trend", "val_noise", "late_rise", "plateau"]
     keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
     keys += ["median_epoch_s"]
@@ -322,6 +361,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting for every new run")
     p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        metavar="N",
+        help="resume a run that failed after finishing an epoch more, up to N times (0: never)",
+    )
+    p.add_argument(
         "--tag",
         type=tag_option,
         help="append -TAG to every run's name and compile cache (an arm with its own --set values; letters, digits, _)",
@@ -343,18 +389,42 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.runs / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    jobs = {}
-    for name, command in commands.items():
+
+    def launch(name: str, command: list[str]) -> subprocess.Popen:
         with (logs / f"{name}.log").open("a") as log:
-            jobs[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    started = {name: load_history(args.runs / name).ran for name in commands}  # epochs done at each (re)start
+    jobs = {name: launch(name, command) for name, command in commands.items()}
+    retried = dict.fromkeys(commands, 0)
+    codes: dict[str, int] = {}
     try:
-        codes = {name: job.wait() for name, job in jobs.items()}
+        while jobs:
+            for name, job in list(jobs.items()):
+                if (code := job.poll()) is None:
+                    continue
+                history = load_history(args.runs / name)
+                left = args.minutes - (time.time() - start) / 60 if args.minutes else None
+                reason = retry_reason(code, retried[name], args.retries, started[name], history, left)
+                if reason is None:
+                    codes[name] = code
+                    del jobs[name]
+                    continue
+                with (logs / f"{name}.log").open("a") as log:
+                    log.write(reason + "\n")
+                retried[name], started[name] = retried[name] + 1, history.ran
+                jobs[name] = launch(name, retried_command(args.runs / name, commands[name], left or 0.0))
+            time.sleep(POLL_SECONDS if jobs else 0)
     except KeyboardInterrupt:
         for job in jobs.values():
             job.send_signal(signal.SIGINT)
-        codes = {name: job.wait() for name, job in jobs.items()}
+        codes |= {name: job.wait() for name, job in jobs.items()}
+    codes = {name: codes[name] for name in commands}  # the table in the order of the plan
     histories = {name: load_history(args.runs / name) for name in codes}
-    rows = [{**summary(args.runs / name, histories[name]), "exit": code} for name, code in codes.items()]
+    rows = [
+        {**summary(args.runs / name, histories[name]), "exit": code, "retries": retried[name]}
+        for name, code in codes.items()
+    ]
     (args.runs / "campaign.json").write_text(json.dumps({"wall_s": time.time() - start, "runs": rows}, indent=1))
     print("\n".join(table(rows)))
     for row in rows:

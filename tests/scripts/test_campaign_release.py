@@ -2,12 +2,16 @@
 epochs; the campaign's commands and its table."""
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+import torch
 
 from rwkvseg.train.config import load_config
 from rwkvseg.train.loop import _write_metrics_csv
@@ -129,6 +133,97 @@ def test_campaign_3d_commands_new_and_resumed(tmp_path, monkeypatch):
     )
     assert sets(shorter["brats2018-mmsegrwkv"])[-2:] == ["epochs=20", "max_minutes=0.0"]
     assert "data.num_workers=15" in sets(shorter["brats2018-mmsegrwkv"])  # one run alone: all cores but its own
+
+
+def test_a_failed_run_resumes_with_its_own_compile_cache_as_a_resumed_call_does(tmp_path):
+    script = load_script("campaign")
+    runs, cc = tmp_path / "runs", tmp_path / "cc"
+    argv = [str(tmp_path), str(runs), "--configs", str(BRATS_CONFIGS[1]), "--minutes", "9", "--compile-cache", str(cc)]
+    (new,) = script.plan(script.parse_args(argv)).values()
+    out = runs / "brats2018-mmsegrwkv_small"
+    retry = script.retried_command(out, new, 2.5)
+    assert retry[1:8] == ["-m", "rwkvseg.cli", "train", "--resume", "--out", str(out), "--no-progress"]
+    assert sets(retry) == ["max_minutes=2.5", f"compile_cache={cc / 'mmsegrwkv_small.bin'}"]
+    out.mkdir(parents=True)
+    (out / "state.pt").write_bytes(b"")
+    (resumed,) = script.plan(script.parse_args(argv)).values()  # the next call's command for the same run
+    assert script.retried_command(out, resumed, 9.0) == resumed
+
+
+def _history(*epoch_seconds):
+    from rwkvseg.eval.report import RunHistory
+
+    return RunHistory("r", [{"epoch": i + 1, "train_seconds": s} for i, s in enumerate(epoch_seconds)], {})
+
+
+@pytest.mark.parametrize(
+    ("code", "retried", "before", "history", "left", "why"),
+    [
+        (1, 0, 0, _history(100.0, 20.0), None, "exited with 1 after epoch 2 (it started at epoch 0)"),
+        (-9, 0, 1, _history(100.0, 20.0), 2.0, "retry 1 of 2, 2.00 minutes of its budget left"),  # killed
+        (0, 0, 0, _history(100.0), None, None),  # finished
+        (130, 0, 0, _history(100.0), None, None),  # rwkvseg train stopped by Ctrl-C
+        (-2, 0, 0, _history(100.0), None, None),  # SIGINT
+        (-15, 0, 0, _history(100.0), None, None),  # SIGTERM
+        (1, 2, 0, _history(100.0), None, None),  # its retries used
+        (1, 1, 2, _history(100.0, 20.0), None, None),  # no epoch since its last start: the failure would repeat
+        (1, 0, 0, _history(100.0, 20.0), 1.6, None),  # less budget left than its longest epoch (100 s)
+    ],
+)
+def test_a_run_is_retried_only_after_a_failure_that_let_it_finish_an_epoch(code, retried, before, history, left, why):
+    script = load_script("campaign")
+    reason = script.retry_reason(code, retried, 2, before, history, left)
+    assert reason is None if why is None else why in reason
+
+
+FAKE_TRAIN = """
+import csv, json, os, sys
+from pathlib import Path
+run, behaviour = Path(sys.argv[1]), sys.argv[2].split(",")
+run.mkdir(parents=True, exist_ok=True)
+(run / "config.json").write_text(json.dumps({"epochs": 3}))
+metrics = run / "metrics.csv"
+rows = list(csv.DictReader(metrics.open())) if metrics.is_file() else []
+attempt = int((run / "attempts").read_text()) if (run / "attempts").is_file() else 0
+(run / "attempts").write_text(str(attempt + 1))
+epochs, code = behaviour[attempt].split(":")  # this attempt: epochs it finishes, then its exit code
+for _ in range(int(epochs)):
+    epoch = len(rows) + 1
+    rows.append({"epoch": epoch, "step": 10 * epoch, "lr": 0.01, "train_loss": 0.5, "train_seconds": 0.1})
+with metrics.open("w", newline="") as f:
+    writer = csv.DictWriter(f, ["epoch", "step", "lr", "train_loss", "train_seconds"])
+    writer.writeheader()
+    writer.writerows(rows)
+print(f"attempt {attempt + 1}: {len(rows)} epochs", flush=True)
+if int(code) < 0:  # killed by that signal
+    os.kill(os.getpid(), -int(code))
+sys.exit(int(code))
+"""
+
+
+def test_a_campaign_resumes_a_run_that_failed_after_an_epoch_and_only_while_it_progresses(tmp_path, monkeypatch):
+    script = load_script("campaign")
+    runs = tmp_path / "runs"
+    behaviours = {  # per attempt: epochs finished, exit code
+        "flaky": "1:-9,2:0",  # killed after epoch 1 (a worker's abort, the OOM killer), then runs to its end
+        "broken": "0:2",  # fails before any epoch: not retried
+        "stuck": "1:1,0:1,3:0",  # fails after epoch 1, then again at once: one retry, no second
+        "stopped": "1:130",  # stopped with Ctrl-C: not retried
+    }
+    commands = {name: [sys.executable, "-c", FAKE_TRAIN, str(runs / name), b] for name, b in behaviours.items()}
+    monkeypatch.setattr(script, "plan", lambda args: commands)
+    monkeypatch.setattr(script, "retried_command", lambda out, command, minutes: command)
+    monkeypatch.setattr(script, "POLL_SECONDS", 0.02)
+    assert script.main(["D", str(runs), "--configs", "unused.toml", "--retries", "3"]) == 1
+    rows = {r["run"]: r for r in json.loads((runs / "campaign.json").read_text())["runs"]}
+    assert list(rows) == list(behaviours)  # the plan's order
+    got = {name: (r["exit"], r["retries"], r["epochs"]) for name, r in rows.items()}
+    assert got == {"flaky": (0, 1, 3), "broken": (2, 0, 0), "stuck": (1, 1, 1), "stopped": (130, 0, 1)}
+    flaky = (runs / "logs" / "flaky.log").read_text()
+    assert "attempt 1: 1 epochs" in flaky and "attempt 2: 3 epochs" in flaky
+    assert "campaign: the run exited with -9 after epoch 1 (it started at epoch 0); resuming" in flaky
+    assert "retry 1 of 3" in flaky
+    assert "resuming" not in (runs / "logs" / "broken.log").read_text()
 
 
 def test_campaign_3d_folds_run_each_config_on_folds_of_the_cross_validation_split(tmp_path, monkeypatch):
@@ -373,3 +468,44 @@ def test_release_records_the_flips_chosen_on_validation_in_sidecar_and_card():
     assert recorded["preprocessing"]["size"] == [256, 256] and "inference" in sidecar["preprocessing"]
     assert sidecar["preprocessing"]["inference"] == {"postprocess": "largest"}  # the given record is not changed
     assert "{beyond} |\n{flips_row}| schedule |" in script.CARD  # the row follows the recipe's
+
+
+@pytest.mark.slow  # two short `rwkvseg train` runs and a resumed one on the CPU: about half a minute on two cores
+def test_a_run_killed_mid_campaign_is_resumed_and_ends_as_the_uninterrupted_run(
+    tmp_path, brats_split_cache, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    cache, _ = brats_split_cache
+    config = tmp_path / "brats2018_cnn.toml"
+    config.write_text(TINY_3D.format(final_eval="false").replace("epochs = 2", "epochs = 6"))
+    script = load_script("campaign")
+    argv = ["--configs", str(config), "--set", "data.num_workers=0"]
+    assert script.main([str(cache), str(tmp_path / "whole"), *argv]) == 0
+
+    started, popen = [], script.subprocess.Popen
+
+    def recorded(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def kill_after_the_first_epoch():
+        metrics = tmp_path / "killed" / "brats2018-cnn" / "metrics.csv"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.01)
+        started[0].kill()  # as the OOM killer or an aborted worker's parent would end it: no clean stop
+
+    monkeypatch.setattr(script.subprocess, "Popen", recorded)
+    killer = threading.Thread(target=kill_after_the_first_epoch, daemon=True)
+    killer.start()
+    assert script.main([str(cache), str(tmp_path / "killed"), *argv]) == 0
+    killer.join(timeout=1)
+    (row,) = json.loads((tmp_path / "killed" / "campaign.json").read_text())["runs"]
+    assert (row["exit"], row["retries"], row["epochs"], len(started)) == (0, 1, 6, 2)
+    log = (tmp_path / "killed" / "logs" / "brats2018-cnn.log").read_text()
+    assert f"the run exited with {-signal.SIGKILL} after epoch" in log and "retry 1 of 1" in log
+    whole = load_file(tmp_path / "whole" / "brats2018-cnn" / "last.safetensors")
+    resumed = load_file(tmp_path / "killed" / "brats2018-cnn" / "last.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key, value in whole.items():
+        assert torch.equal(resumed[key], value), key
