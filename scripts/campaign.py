@@ -379,7 +379,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep each model's (3D: variant's) torch.compile cache as DIR/<model>.bin (read before compiling, written after the "
         "first step): carry DIR to the next call and its runs skip compilation",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.retries < 0:
+        p.error(f"--retries {args.retries}: give 0 (never) or more")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 with (logs / f"{name}.log").open("a") as log:
                     log.write(reason + "\n")
+                print(f"{name}: {reason.removeprefix('campaign: ')}", flush=True)
                 retried[name], started[name] = retried[name] + 1, history.ran
                 jobs[name] = launch(name, retried_command(args.runs / name, commands[name], left or 0.0))
             time.sleep(POLL_SECONDS if jobs else 0)

@@ -201,7 +201,9 @@ sys.exit(int(code))
 """
 
 
-def test_a_campaign_resumes_a_run_that_failed_after_an_epoch_and_only_while_it_progresses(tmp_path, monkeypatch):
+def test_a_campaign_resumes_a_run_that_failed_after_an_epoch_and_only_while_it_progresses(
+    tmp_path, monkeypatch, capsys
+):
     script = load_script("campaign")
     runs = tmp_path / "runs"
     behaviours = {  # per attempt: epochs finished, exit code
@@ -224,6 +226,11 @@ def test_a_campaign_resumes_a_run_that_failed_after_an_epoch_and_only_while_it_p
     assert "campaign: the run exited with -9 after epoch 1 (it started at epoch 0); resuming" in flaky
     assert "retry 1 of 3" in flaky
     assert "resuming" not in (runs / "logs" / "broken.log").read_text()
+    out = capsys.readouterr()
+    assert "flaky: the run exited with -9 after epoch 1" in out.out  # said as it happens, not only in the log
+    with pytest.raises(SystemExit):
+        script.parse_args(["D", str(runs), "--configs", "unused.toml", "--retries", "-1"])
+    assert "--retries -1: give 0 (never) or more" in capsys.readouterr().err
 
 
 def test_campaign_3d_folds_run_each_config_on_folds_of_the_cross_validation_split(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """data.worker_start: how DataLoader workers start reaches every loader of a run (2D training and validation, 3D
 patches), and since augmentation is seeded per item from (seed, epoch, index), a run trains the same whichever way
-its workers start, and the same as without workers."""
+its workers start, and the same as without workers. Workers forked through start_workers never free the parent's
+garbage (a CUDA tensor freed in a forked worker aborts it)."""
 
 import csv
 import gc
