@@ -179,15 +179,19 @@ class _CollectingSet(torch.utils.data.Dataset):
         return torch.tensor(index)
 
 
-def _freed_in(path, iterate):
-    """Leave a cycle of garbage, read a loader of one forked worker through iterate(loader), and return the ids of
-    the processes that freed the cycle (written to path)."""
+def _freed_in(path, iterate, old):
+    """Leave a cycle of garbage (old: in the collector's oldest generation, else its youngest), read a loader of one
+    forked worker through iterate(loader), and return the ids of the processes that freed the cycle (written to
+    path)."""
     loader = torch.utils.data.DataLoader(
         _CollectingSet(), num_workers=1, multiprocessing_context=worker_context("fork", 1)
     )
     gc.disable()  # the cycle is still garbage, not yet collected, when the worker forks
     try:
-        _Finalized(path)
+        garbage = _Finalized(path)
+        if old:
+            gc.collect()  # still referenced: it survives into the oldest generation
+        del garbage
         batches = [int(b) for b in iterate(loader)]
     finally:
         gc.enable()
@@ -196,12 +200,14 @@ def _freed_in(path, iterate):
     return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
 
-def test_forked_workers_never_free_the_parents_garbage(tmp_path):
+@pytest.mark.parametrize("old", [False, True], ids=["young", "old"])
+def test_forked_workers_never_free_the_parents_garbage(tmp_path, old):
     # a plain iter(loader): the worker's collector frees the parent's cycle (a CUDA tensor there aborts the worker)
-    freed = _freed_in(tmp_path / "plain", iter)
+    freed = _freed_in(tmp_path / "plain", iter, old)
     assert len(freed) == 2 and freed[1] == os.getpid() != freed[0]  # the worker's copy, then the parent's own
-    # start_workers collects it in the parent before the worker forks: the worker has nothing of it to free
-    assert _freed_in(tmp_path / "started", lambda loader: start_workers(loader, "fork", 1)) == [os.getpid()]
+    # start_workers: young garbage freed in the parent first (gc.collect(1)), old garbage frozen while the worker
+    # forks (gc.freeze): either way the worker has none of it to free, and the parent frees it
+    assert _freed_in(tmp_path / "started", lambda loader: start_workers(loader, "fork", 1), old) == [os.getpid()]
     assert gc.get_freeze_count() == 0  # nothing of the parent's stays frozen after the fork
 
 
@@ -214,7 +220,8 @@ class _CudaCycle:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_forked_workers_survive_the_parents_cuda_garbage():
+@pytest.mark.parametrize("old", [False, True], ids=["young", "old"])
+def test_forked_workers_survive_the_parents_cuda_garbage(old):
     """The session-41 abort on the GPU: a forked worker that frees the parent's CUDA tensor dies ("CUDA error:
     initialization error" in the tensor's destructor); started through start_workers it reads its items."""
 
@@ -224,7 +231,10 @@ def test_forked_workers_survive_the_parents_cuda_garbage():
         )
         gc.disable()
         try:
-            _CudaCycle()
+            garbage = _CudaCycle()
+            if old:
+                gc.collect()  # still referenced: it survives into the oldest generation
+            del garbage
             return [int(b) for b in iterate(loader)]
         finally:
             gc.enable()
