@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {name: launch(name, command) for name, command in commands.items()}
     retried = dict.fromkeys(commands, 0)
     codes: dict[str, int] = {}
+    histories: dict[str, RunHistory] = {}  # of the runs that ended, read when they did
     try:
         while jobs:
             for name, job in list(jobs.items()):
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 left = args.minutes - (time.time() - start) / 60 if args.minutes else None
                 reason = retry_reason(code, retried[name], args.retries, started[name], history, left)
                 if reason is None:
-                    codes[name] = code
+                    codes[name], histories[name] = code, history
                     del jobs[name]
                     continue
                 with (logs / f"{name}.log").open("a") as log:
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             job.send_signal(signal.SIGINT)
         codes |= {name: job.wait() for name, job in jobs.items()}
     codes = {name: codes[name] for name in commands}  # the table in the order of the plan
-    histories = {name: load_history(args.runs / name) for name in codes}
+    histories |= {name: load_history(args.runs / name) for name in codes if name not in histories}  # stopped by Ctrl-C
     rows = [
         {**summary(args.runs / name, histories[name]), "exit": code, "retries": retried[name]}
         for name, code in codes.items()

@@ -179,24 +179,28 @@ class _CollectingSet(torch.utils.data.Dataset):
         return torch.tensor(index)
 
 
-def _freed_in(path, iterate, old):
-    """Leave a cycle of garbage (old: in the collector's oldest generation, else its youngest), read a loader of one
-    forked worker through iterate(loader), and return the ids of the processes that freed the cycle (written to
-    path)."""
+def _read_leaving_garbage(make_garbage, iterate, old):
+    """Leave a cycle of garbage made by make_garbage() (old: in the collector's oldest generation, else its
+    youngest), then read a loader of one forked worker through iterate(loader); its batches."""
     loader = torch.utils.data.DataLoader(
         _CollectingSet(), num_workers=1, multiprocessing_context=worker_context("fork", 1)
     )
     gc.disable()  # the cycle is still garbage, not yet collected, when the worker forks
     try:
-        garbage = _Finalized(path)
+        garbage = make_garbage()
         if old:
             gc.collect()  # still referenced: it survives into the oldest generation
         del garbage
-        batches = [int(b) for b in iterate(loader)]
+        return [int(b) for b in iterate(loader)]
     finally:
         gc.enable()
-    gc.collect()
-    assert batches == [0, 1]
+        gc.collect()
+
+
+def _freed_in(path, iterate, old):
+    """The ids of the processes that freed a _Finalized cycle (written to path) left while reading through
+    iterate(loader)."""
+    assert _read_leaving_garbage(lambda: _Finalized(path), iterate, old) == [0, 1]
     return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
 
@@ -226,19 +230,7 @@ def test_forked_workers_survive_the_parents_cuda_garbage(old):
     initialization error" in the tensor's destructor); started through start_workers it reads its items."""
 
     def read(iterate):
-        loader = torch.utils.data.DataLoader(
-            _CollectingSet(), num_workers=1, multiprocessing_context=worker_context("fork", 1)
-        )
-        gc.disable()
-        try:
-            garbage = _CudaCycle()
-            if old:
-                gc.collect()  # still referenced: it survives into the oldest generation
-            del garbage
-            return [int(b) for b in iterate(loader)]
-        finally:
-            gc.enable()
-            gc.collect()
+        return _read_leaving_garbage(_CudaCycle, iterate, old)
 
     with pytest.raises(RuntimeError, match=r"DataLoader worker .* exited unexpectedly"):
         read(iter)

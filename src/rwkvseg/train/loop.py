@@ -455,9 +455,9 @@ def train_epoch(
     if ranks > 1:  # this rank's part of each step's global batch (the same samples per step as one process)
         order = distributed.shard_order(order, n_steps, loop.batch_size, distributed.rank(), ranks)
     batch_size = distributed.rank_batch(loop.batch_size, ranks)
-    workers = 0 if hasattr(train_set, "device_batches") else loop.num_workers  # processes the loader starts
+    workers = loop.num_workers  # the processes the loader starts
     if hasattr(train_set, "device_batches"):
-        loader = train_set.device_batches(order, batch_size)
+        loader, workers = train_set.device_batches(order, batch_size), 0
     else:
         loader = DataLoader(
             train_set,
