@@ -1,7 +1,7 @@
 """data.worker_start: how DataLoader workers start reaches every loader of a run (2D training and validation, 3D
 patches), and since augmentation is seeded per item from (seed, epoch, index), a run trains the same whichever way
 its workers start, and the same as without workers. Workers forked through start_workers never free the parent's
-garbage (a CUDA tensor freed in a forked worker aborts it)."""
+garbage (a pinned batch that went to the GPU, freed in a forked worker, aborts it)."""
 
 import csv
 import gc
@@ -206,7 +206,7 @@ def _freed_in(path, iterate, old):
 
 @pytest.mark.parametrize("old", [False, True], ids=["young", "old"])
 def test_forked_workers_never_free_the_parents_garbage(tmp_path, old):
-    # a plain iter(loader): the worker's collector frees the parent's cycle (a CUDA tensor there aborts the worker)
+    # a plain iter(loader): the worker's collector frees the parent's cycle (a pinned batch there aborts the worker)
     freed = _freed_in(tmp_path / "plain", iter, old)
     assert len(freed) == 2 and freed[1] == os.getpid() != freed[0]  # the worker's copy, then the parent's own
     # start_workers: young garbage freed in the parent first (gc.collect(1)), old garbage frozen while the worker
@@ -215,22 +215,28 @@ def test_forked_workers_never_free_the_parents_garbage(tmp_path, old):
     assert gc.get_freeze_count() == 0  # nothing of the parent's stays frozen after the fork
 
 
-class _CudaCycle:
-    """A CUDA tensor in a reference cycle: garbage that only the collector frees."""
+class _PinnedCycle:
+    """What the training's loader leaves behind: a pinned batch (pin_memory=True) copied to the GPU with
+    non_blocking=True, in a reference cycle. The copy records the GPU stream on the pinned block, so freeing it
+    records a CUDA event there, under a device guard."""
 
     def __init__(self):
-        self.tensor, self.cycle = torch.ones(1 << 20, device="cuda"), self
+        self.tensor, self.cycle = torch.ones(1 << 20).pin_memory(), self
+        self.tensor.to("cuda", non_blocking=True)
+        torch.cuda.synchronize()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("old", [False, True], ids=["young", "old"])
-def test_forked_workers_survive_the_parents_cuda_garbage(old):
-    """The session-41 abort on the GPU: a forked worker that frees the parent's CUDA tensor dies ("CUDA error:
-    initialization error" in the tensor's destructor); started through start_workers it reads its items."""
+def test_forked_workers_survive_the_parents_pinned_garbage(old):
+    """The session-41 abort on the GPU: a forked worker that frees the parent's pinned batch dies ("CUDA error:
+    initialization error" from c10::cuda::ExchangeDevice in a TensorImpl destructor); started through
+    start_workers it reads its items. (A plain CUDA tensor freed in a forked worker does not abort it: the caching
+    allocator only marks its block free, without a CUDA call; session 42 on an H200.)"""
 
     def read(iterate):
-        return _read_leaving_garbage(_CudaCycle, iterate, old)
+        return _read_leaving_garbage(_PinnedCycle, iterate, old)
 
     with pytest.raises(RuntimeError, match=r"DataLoader worker .* exited unexpectedly"):
         read(iter)

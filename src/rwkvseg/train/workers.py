@@ -13,13 +13,17 @@ as forked ones (2 workers, 8 small images, 2 busy cores: 18 s per epoch without 
 under fork). spawn has no such server: every worker of every epoch pays the imports.
 
 A forked worker also inherits the parent's garbage: reference cycles not yet collected when it forked. When the
-worker's own garbage collector frees them and they hold CUDA tensors, freeing those calls into a CUDA context that a
-forked child cannot use, and the worker aborts ("CUDA error: initialization error" from a TensorImpl destructor; it
-killed 2 of 5 BraTS runs in session 41). start_workers freezes every object the parent tracks just while the
-workers fork (gc.freeze: a forked child's collector never looks at those objects), then unfreezes them into the
-oldest generation. It first collects the young generations (gc.collect(1), well under a millisecond; a full
-collection takes 0.13-0.25 s on 2 cores with torch and MONAI loaded), so that young garbage, which may hold GPU
-memory, is freed now rather than promoted to the rarely collected oldest generation every epoch.
+worker's own garbage collector frees them and one holds a pinned batch that was copied to the GPU with
+non_blocking=True (what the training loader's pin_memory and the step's copy make), freeing it records a CUDA event
+under a device guard (torch's CachingHostAllocator.free), a call into a CUDA context that a forked child cannot use,
+and the worker aborts ("CUDA error: initialization error" from c10::cuda::ExchangeDevice in a TensorImpl destructor;
+it killed 2 of 5 BraTS runs in session 41). A plain CUDA tensor is freed without a CUDA call (the caching allocator
+marks its block free), so on its own it does not abort the worker (session 42, on an H200). start_workers freezes
+every object the parent tracks just while the workers fork (gc.freeze: a forked child's collector never looks at those
+objects), then unfreezes them into the oldest generation. It first collects the young generations (gc.collect(1), well
+under a millisecond; a full collection takes 0.13-0.25 s on 2 cores with torch and MONAI loaded), so that young
+garbage, which may hold GPU memory, is freed now rather than promoted to the rarely collected oldest generation every
+epoch.
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ def forks(worker_start: str) -> bool:
 
 def start_workers(loader: Iterable[T], worker_start: str, num_workers: int) -> Iterator[T]:
     """iter(loader): a DataLoader starts its num_workers worker processes here. When they fork, the parent's
-    objects are frozen while they do, so no worker's collector frees an object of the parent's (a CUDA tensor in a
-    cycle aborts the worker; see the module's notes)."""
+    objects are frozen while they do, so no worker's collector frees an object of the parent's (a pinned batch in
+    a cycle aborts the worker; see the module's notes)."""
     if num_workers == 0 or not forks(worker_start):
         return iter(loader)
     gc.collect(1)
