@@ -250,6 +250,27 @@ def test_a_deep_supervision_run_trains_its_heads_and_its_checkpoint_predicts_the
     assert predictor.model(x).shape == (1, 3, *PATCH)  # eval: the main logits alone
 
 
+def test_dynunet_trains_its_own_heads_through_the_same_loss(tmp_path, cache):
+    """The baseline's arm with MONAI's heads (session 41's planned fair comparison): in training DynUNet stacks its
+    upsampled auxiliary logits behind the main ones, the wrapper hands them on as a tuple, the deep-supervision
+    loss reaches every head, and the checkpoint predicts the main output alone."""
+    config = write_config(tmp_path / "c.toml", **{"data.patch_size": [32, 32, 64]})
+    overrides = [f"data.root={cache}", f"out={tmp_path / 'run'}", "epochs=1", "max_steps_per_epoch=2"]
+    overrides += ["infer.mirror_axes=[]", "data.target=regions", "model.name=dynunet"]
+    overrides += ["model.overrides.deep_supervision=true", "model.overrides.deep_supr_num=2"]
+    overrides += ["model.overrides.filters=[4,8,8,16,16,16]"]
+    progress = train(load_config(config, overrides))
+    assert progress.best_epoch == 1 and np.isfinite(progress.history[0]["train_loss"])
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    model = create_model("dynunet", 4, 3, filters=(4, 8, 8, 16, 16, 16), deep_supervision=True, deep_supr_num=2)
+    names = [n for n, _ in model.named_parameters()]
+    momentum = {names[i]: v["momentum_buffer"] for i, v in state["optimizer"]["state"].items()}  # SGD, in order
+    heads = [n for n in names if ".deep_supervision_heads." in n]
+    assert len(heads) == 4 and all(momentum[n].abs().sum() > 0 for n in heads)  # the heads' losses reached them
+    predictor = Predictor3D.from_checkpoint(tmp_path / "run" / "best", PredictConfig(mirror_axes=()))
+    assert predictor.model(torch.randn(1, 4, 32, 32, 64)).shape == (1, 3, 32, 32, 64)  # eval: the main logits
+
+
 def test_config_errors_name_the_setting(tmp_path):
     assert config_dims({}) == 2 and config_dims({"dims": 3}) == 3
     with pytest.raises(ValueError, match="dims = 4"):
