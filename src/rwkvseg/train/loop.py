@@ -455,9 +455,8 @@ def train_epoch(
     if ranks > 1:  # this rank's part of each step's global batch (the same samples per step as one process)
         order = distributed.shard_order(order, n_steps, loop.batch_size, distributed.rank(), ranks)
     batch_size = distributed.rank_batch(loop.batch_size, ranks)
-    workers = loop.num_workers  # the processes the loader starts
     if hasattr(train_set, "device_batches"):
-        loader, workers = train_set.device_batches(order, batch_size), 0
+        loader = train_set.device_batches(order, batch_size)
     else:
         loader = DataLoader(
             train_set,
@@ -475,7 +474,7 @@ def train_epoch(
         _plain_worker_errors(loop.worker_start),
         _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance,
     ):
-        for batch in start_workers(loader, loop.worker_start, workers):
+        for batch in start_workers(loader):
             check_interrupt()
             if seen == n_steps:
                 break

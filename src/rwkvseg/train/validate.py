@@ -79,7 +79,7 @@ def validator_2d(
             yield from kept
             return
         read = []
-        for batch in start_workers(loader, worker_start, num_workers):
+        for batch in start_workers(loader):
             images = batch["image"].to(device)
             masks = batch["mask"][:, 0].to(device, mask_dtype)  # [B, 1, H, W] -> [B, H, W]
             if keep:

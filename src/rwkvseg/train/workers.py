@@ -73,11 +73,14 @@ def forks(worker_start: str) -> bool:
     return (multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]) == "fork"
 
 
-def start_workers(loader: Iterable[T], worker_start: str, num_workers: int) -> Iterator[T]:
-    """iter(loader): a DataLoader starts its num_workers worker processes here. When they fork, the parent's
-    objects are frozen while they do, so no worker's collector frees an object of the parent's (a pinned batch in
-    a cycle aborts the worker; see the module's notes)."""
-    if num_workers == 0 or not forks(worker_start):
+def start_workers(loader: Iterable[T]) -> Iterator[T]:
+    """iter(loader): a DataLoader starts its worker processes here (its num_workers, as its multiprocessing_context
+    says; any other iterable has none). When they fork, the parent's objects are frozen while they do, so no
+    worker's collector frees an object of the parent's (a pinned batch in a cycle aborts the worker; see the
+    module's notes)."""
+    context = getattr(loader, "multiprocessing_context", None)
+    method = "auto" if context is None else context.get_start_method()
+    if getattr(loader, "num_workers", 0) == 0 or not forks(method):
         return iter(loader)
     gc.collect(1)
     gc.freeze()
