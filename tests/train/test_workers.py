@@ -211,7 +211,7 @@ def test_forked_workers_never_free_the_parents_garbage(tmp_path, old):
     assert len(freed) == 2 and freed[1] == os.getpid() != freed[0]  # the worker's copy, then the parent's own
     # start_workers: young garbage freed in the parent first (gc.collect(1)), old garbage frozen while the worker
     # forks (gc.freeze): either way the worker has none of it to free, and the parent frees it
-    assert _freed_in(tmp_path / "started", lambda loader: start_workers(loader), old) == [os.getpid()]
+    assert _freed_in(tmp_path / "started", start_workers, old) == [os.getpid()]
     assert gc.get_freeze_count() == 0  # nothing of the parent's stays frozen after the fork
 
 
@@ -240,4 +240,4 @@ def test_forked_workers_survive_the_parents_pinned_garbage(old):
 
     with pytest.raises(RuntimeError, match=r"DataLoader worker .* exited unexpectedly"):
         read(iter)
-    assert read(lambda loader: start_workers(loader)) == [0, 1]
+    assert read(start_workers) == [0, 1]
