@@ -21,7 +21,7 @@ from rwkvseg.infer.predict import PredictConfig
 from rwkvseg.infer.predict3d import Predictor3D
 from rwkvseg.models import create_model
 from rwkvseg.train.config import LossConfig, TrainConfig, VolumeDataConfig, config_dims, load_config, read_config_file
-from rwkvseg.train.losses import RegionLoss
+from rwkvseg.train.losses import RegionLoss, SegmentationLoss
 from rwkvseg.train.train import train
 from rwkvseg.train.volumes import FINAL_FILE, prepare_cache
 from writers import assert_same_run
@@ -216,6 +216,30 @@ def test_region_loss_is_bce_plus_sigmoid_dice_per_region():
     loss = RegionLoss(LossConfig(name="auto", ce_weight=0.5, dice_weight=2.0))(logits, target)
     torch.testing.assert_close(loss, 0.5 * bce + 2.0 * dice.mean())
     torch.testing.assert_close(RegionLoss(LossConfig(name="dice"))(logits, target), dice.mean())
+
+
+def test_batch_dice_pools_each_region_over_the_batch_so_an_empty_patch_no_longer_scores_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, 3)
+    target = (torch.rand(2, 3, 5, 4, 3) > 0.6).float()
+    target[1, 2] = 0  # the second patch holds no ET
+    prob = logits.sigmoid()
+    inter, total = (prob * target).sum((0, 2, 3, 4)), (prob + target).sum((0, 2, 3, 4))
+    dice = 1 - (2 * inter + 1e-5) / (total + 1e-5)  # [R]: one Dice per region over both patches
+    batch = RegionLoss(LossConfig(name="dice", batch_dice=True))
+    torch.testing.assert_close(batch(logits, target), dice.mean())
+    per_sample = RegionLoss(LossConfig(name="dice"))
+    # per sample, the empty ET patch costs a whole Dice loss for its stray probabilities; pooled it costs less
+    assert per_sample(logits, target) > batch(logits, target)
+    labels = torch.randint(0, 3, (2, 1, 7, 9))
+    logits2d = torch.randn(2, 3, 7, 9, requires_grad=True)
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float()
+    prob2d = logits2d.softmax(1)
+    pooled = 1 - (2 * (prob2d * onehot).sum((0, 2, 3)) + 1e-5) / ((prob2d + onehot).sum((0, 2, 3)) + 1e-5)
+    loss2d = SegmentationLoss(3, LossConfig(name="dice", batch_dice=True))(logits2d, labels.float())
+    torch.testing.assert_close(loss2d, pooled.mean())
+    grad, expected = torch.autograd.grad(loss2d, logits2d)[0], torch.autograd.grad(pooled.mean(), logits2d)[0]
+    torch.testing.assert_close(grad, expected)
 
 
 def test_deep_supervision_loss_halves_the_weight_per_level_and_passes_one_output_through():

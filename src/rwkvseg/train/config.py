@@ -153,11 +153,18 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """auto: BCE + Dice for one output channel (binary), CE + Dice for several classes."""
+    """auto: BCE + Dice for one output channel (binary), CE + Dice for several classes.
+
+    batch_dice: the soft Dice of each channel over the whole batch at once (nnU-Net's batch Dice) instead of per
+    sample and then averaged. Per sample, a patch without a region scores Dice 1 only if the prediction is empty
+    there, so every stray probability on it is punished with a full Dice loss; over the batch, such a patch adds
+    its false positives to the one Dice of the batch instead.
+    """
 
     name: str = "auto"
     ce_weight: float = 1.0
     dice_weight: float = 1.0
+    batch_dice: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, LOSSES)

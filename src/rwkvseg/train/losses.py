@@ -36,7 +36,9 @@ class SegmentationLoss(nn.Module):
             self.loss: nn.Module = nn.BCEWithLogitsLoss() if self.binary else nn.CrossEntropyLoss()
             self.scale = ce_w
         elif ce_w == 0.0:
-            self.loss = DiceLoss(sigmoid=self.binary, softmax=not self.binary, to_onehot_y=not self.binary)
+            self.loss = DiceLoss(
+                sigmoid=self.binary, softmax=not self.binary, to_onehot_y=not self.binary, batch=config.batch_dice
+            )
             self.scale = dice_w
         else:
             self.loss = DiceCELoss(
@@ -45,6 +47,7 @@ class SegmentationLoss(nn.Module):
                 to_onehot_y=not self.binary,
                 lambda_ce=ce_w,
                 lambda_dice=dice_w,
+                batch=config.batch_dice,
             )
             self.scale = 1.0
         self.plain_ce = dice_w == 0.0
@@ -62,7 +65,8 @@ class RegionLoss(nn.Module):
     """ce_weight * BCE + dice_weight * soft Dice on sigmoid outputs, one channel per (overlapping) region.
 
     MONAI's DiceCELoss applies softmax cross-entropy to any multi-channel input, which is wrong for nested
-    regions, so the two terms are combined here. Targets are float masks [B, R, *P].
+    regions, so the two terms are combined here. Targets are float masks [B, R, *P]. The Dice is per sample and
+    region, or per region over the batch with config.batch_dice.
     """
 
     def __init__(self, config: LossConfig) -> None:
@@ -71,7 +75,7 @@ class RegionLoss(nn.Module):
         self.ce_weight = config.ce_weight if name in ("bce_dice", "bce") else 0.0
         self.dice_weight = config.dice_weight if name in ("bce_dice", "dice") else 0.0
         self.bce = nn.BCEWithLogitsLoss()
-        self.dice = DiceLoss(sigmoid=True)
+        self.dice = DiceLoss(sigmoid=True, batch=config.batch_dice)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()  # fp32 also under autocast
