@@ -232,8 +232,9 @@ class _PinnedCycle:
 def test_forked_workers_survive_the_parents_pinned_garbage(old):
     """The session-41 abort on the GPU: a forked worker that frees the parent's pinned batch dies ("CUDA error:
     initialization error" from c10::cuda::ExchangeDevice in a TensorImpl destructor); started through
-    start_workers it reads its items. (A plain CUDA tensor freed in a forked worker does not abort it: the caching
-    allocator only marks its block free, without a CUDA call; session 42 on an H200.)"""
+    start_workers it reads its items (passed on an H100 in session 43). (A plain CUDA tensor freed in a forked
+    worker does not abort it: the caching allocator only marks its block free, without a CUDA call; session 42 on
+    an H200.)"""
 
     def read(iterate):
         return _read_leaving_garbage(_PinnedCycle, iterate, old)
