@@ -240,6 +240,9 @@ def test_batch_dice_pools_each_region_over_the_batch_so_an_empty_patch_no_longer
     torch.testing.assert_close(loss2d, pooled.mean())
     grad, expected = torch.autograd.grad(loss2d, logits2d)[0], torch.autograd.grad(pooled.mean(), logits2d)[0]
     torch.testing.assert_close(grad, expected)
+    ce = torch.nn.functional.cross_entropy(logits2d, labels[:, 0])  # CE + Dice: the CE unchanged, the Dice pooled
+    both = SegmentationLoss(3, LossConfig(name="ce_dice", batch_dice=True))(logits2d, labels.float())
+    torch.testing.assert_close(both, ce + pooled.mean())
 
 
 def test_deep_supervision_loss_halves_the_weight_per_level_and_passes_one_output_through():

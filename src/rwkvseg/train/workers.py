@@ -20,12 +20,11 @@ and the worker aborts ("CUDA error: initialization error" from c10::cuda::Exchan
 it killed 2 of 5 BraTS runs in session 41). A plain CUDA tensor is freed without a CUDA call (the caching allocator
 marks its block free), so on its own it does not abort the worker (session 42, on an H200), nor does a pinned tensor
 that was never copied; a CUDA tensor used on a side stream (record_stream) and a recorded CUDA event do (session 43,
-on an H100, one forked worker per kind). start_workers freezes
-every object the parent tracks just while the workers fork (gc.freeze: a forked child's collector never looks at those
-objects), then unfreezes them into the oldest generation. It first collects the young generations (gc.collect(1), well
-under a millisecond; a full collection takes 0.13-0.25 s on 2 cores with torch and MONAI loaded), so that young
-garbage, which may hold GPU memory, is freed now rather than promoted to the rarely collected oldest generation every
-epoch.
+on an H100, one forked worker per kind). start_workers freezes every object the parent tracks just while the
+workers fork (gc.freeze: a forked child's collector never looks at those objects), then unfreezes them into the
+oldest generation. It first collects the young generations (gc.collect(1), well under a millisecond; a full
+collection takes 0.13-0.25 s on 2 cores with torch and MONAI loaded), so that young garbage, which may hold GPU
+memory, is freed now rather than promoted to the rarely collected oldest generation every epoch.
 """
 
 from __future__ import annotations
