@@ -205,13 +205,17 @@ def test_region_validation_cuts_at_the_run_threshold(cache):
     assert scores[0.1]["dice"] > scores[0.5]["dice"]
 
 
+def _soft_dice_loss(prob, target, dims):
+    """1 - soft Dice summed over dims (MONAI's smoothing 1e-5 above and below), written out as a reference."""
+    return 1 - (2 * (prob * target).sum(dims) + 1e-5) / ((prob + target).sum(dims) + 1e-5)
+
+
 def test_region_loss_is_bce_plus_sigmoid_dice_per_region():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, 4, 3)
     target = (torch.rand(2, 3, 5, 4, 3) > 0.6).float()
     prob = logits.sigmoid()
-    inter = (prob * target).sum((2, 3, 4))
-    dice = 1 - (2 * inter + 1e-5) / (prob.sum((2, 3, 4)) + target.sum((2, 3, 4)) + 1e-5)
+    dice = _soft_dice_loss(prob, target, (2, 3, 4))  # [B, R]: per patch and region
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     loss = RegionLoss(LossConfig(name="auto", ce_weight=0.5, dice_weight=2.0))(logits, target)
     torch.testing.assert_close(loss, 0.5 * bce + 2.0 * dice.mean())
@@ -223,9 +227,7 @@ def test_batch_dice_pools_each_region_over_the_batch_so_an_empty_patch_no_longer
     logits = torch.randn(2, 3, 5, 4, 3)
     target = (torch.rand(2, 3, 5, 4, 3) > 0.6).float()
     target[1, 2] = 0  # the second patch holds no ET
-    prob = logits.sigmoid()
-    inter, total = (prob * target).sum((0, 2, 3, 4)), (prob + target).sum((0, 2, 3, 4))
-    dice = 1 - (2 * inter + 1e-5) / (total + 1e-5)  # [R]: one Dice per region over both patches
+    dice = _soft_dice_loss(logits.sigmoid(), target, (0, 2, 3, 4))  # [R]: one Dice per region over both patches
     batch = RegionLoss(LossConfig(name="dice", batch_dice=True))
     torch.testing.assert_close(batch(logits, target), dice.mean())
     per_sample = RegionLoss(LossConfig(name="dice"))
@@ -234,8 +236,7 @@ def test_batch_dice_pools_each_region_over_the_batch_so_an_empty_patch_no_longer
     labels = torch.randint(0, 3, (2, 1, 7, 9))
     logits2d = torch.randn(2, 3, 7, 9, requires_grad=True)
     onehot = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float()
-    prob2d = logits2d.softmax(1)
-    pooled = 1 - (2 * (prob2d * onehot).sum((0, 2, 3)) + 1e-5) / ((prob2d + onehot).sum((0, 2, 3)) + 1e-5)
+    pooled = _soft_dice_loss(logits2d.softmax(1), onehot, (0, 2, 3))  # [K]
     loss2d = SegmentationLoss(3, LossConfig(name="dice", batch_dice=True))(logits2d, labels.float())
     torch.testing.assert_close(loss2d, pooled.mean())
     grad, expected = torch.autograd.grad(loss2d, logits2d)[0], torch.autograd.grad(pooled.mean(), logits2d)[0]
