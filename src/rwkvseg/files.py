@@ -168,6 +168,26 @@ def refuse_existing(folder: str | os.PathLike, existing: Iterable[str | os.PathL
     raise FileExistsError(f"{len(existing)} output file(s) already exist ({shown}); {fix}")
 
 
+def check_json_replaceable(path: str | os.PathLike, overwrite: bool, ours: Callable[[Any], bool], kind: str) -> None:
+    """An output JSON file rwkvseg is about to write: a new path passes; an existing file is replaced only with
+    --overwrite, and only when ours(its parsed content) says rwkvseg wrote it as `kind` (e.g. "a split file").
+    As with refuse_existing, --overwrite is offered only where it would be accepted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not ours(data):
+        raise FileExistsError(
+            f"{path} exists and is not {kind} rwkvseg wrote (--overwrite would not replace it either); "
+            "choose another file"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{path} exists; choose another file or pass --overwrite")
+
+
 @contextmanager
 def output_folder(
     out: str | os.PathLike, inputs: Iterable[str | os.PathLike], overwrite: bool, command: str

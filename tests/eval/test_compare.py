@@ -153,7 +153,11 @@ def test_command_line_compares_two_evaluate_folders_and_writes_json_without_repl
     before = summary.read_bytes()
     assert main([*args[:3], "--out", str(summary), "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert "was not written by `rwkvseg compare`" in err and summary.read_bytes() == before
+    assert "is not a comparison rwkvseg wrote" in err and summary.read_bytes() == before
+    # without --overwrite, a file --overwrite would not replace either is refused without offering it
+    assert main([*args[:3], "--out", str(summary)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a comparison rwkvseg wrote" in err and "pass --overwrite" not in err
     per_case = tmp_path / "ev-good" / "per_case.csv"
     before = per_case.read_bytes()
     assert main([*args[:3], "--out", str(per_case), "--overwrite"]) == 2

@@ -13,7 +13,7 @@ import pytest
 from hardening.helpers import bright_checkpoint, cli, snapshot, square
 from rwkvseg.data.compact2d import export_compact
 from rwkvseg.demo import DemoConfig, run_demo
-from rwkvseg.files import LOCK, MARKER, folder_lock
+from rwkvseg.files import LOCK, MARKER, check_json_replaceable, folder_lock
 from rwkvseg.models import registry
 from writers import save_nifti, save_png
 
@@ -221,3 +221,24 @@ def test_refusals_offer_overwrite_only_where_it_would_be_accepted(tmp_path, caps
             "summary.json",
         ]
     )
+
+
+def test_a_json_output_replaces_only_its_own_kind(tmp_path):
+    def ours(data):
+        return isinstance(data, dict) and data.get("written_by") == "me"
+
+    new = tmp_path / "new.json"
+    check_json_replaceable(new, False, ours, "a record")  # a new path passes, with or without --overwrite
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"written_by": "me"}')
+    with pytest.raises(FileExistsError, match="choose another file or pass --overwrite"):
+        check_json_replaceable(mine, False, ours, "a record")
+    check_json_replaceable(mine, True, ours, "a record")
+    # another JSON, text that is not JSON, bytes that are not text: never replaced, and --overwrite not offered
+    for name, content in [("other.json", b'{"written_by": "you"}'), ("notes.json", b"{not json"), ("b.json", b"\xff")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match="is not a record rwkvseg wrote") as err:
+                check_json_replaceable(path, overwrite, ours, "a record")
+            assert "pass --overwrite" not in str(err.value) and path.read_bytes() == content

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -34,24 +33,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    from ..files import check_apart
+    from ..files import check_apart, check_json_replaceable
 
     check_apart(out, inputs)
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; give a .json file to write")
-    if not out.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"--out {out} exists; choose another file or pass --overwrite")
-    try:
-        written_by = json.loads(out.read_text(encoding="utf-8")).get("written_by")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        written_by = None
-    if written_by != "rwkvseg compare":
-        raise FileExistsError(
-            f"--out {out} exists and was not written by `rwkvseg compare`, so --overwrite does not replace it; "
-            "choose another file"
-        )
+    check_json_replaceable(out, overwrite, _is_comparison, "a comparison")
+
+
+def _is_comparison(data: object) -> bool:
+    return isinstance(data, dict) and data.get("written_by") == "rwkvseg compare"
 
 
 def run(args: argparse.Namespace) -> int:

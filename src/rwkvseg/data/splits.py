@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..files import write_json
+from ..files import check_json_replaceable, write_json
 
 SPLIT_FORMAT = 1
 SPLIT_FILE = "split.json"  # the copy in a run folder
@@ -133,24 +133,13 @@ def split_from_groups(cases: Sequence[str], groups: Sequence[str]) -> dict[str, 
     }
 
 
-def _is_split_file(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
+def _is_split(data: Any) -> bool:
     return isinstance(data, dict) and data.get("format") == SPLIT_FORMAT and "folds" in data
 
 
 def write_split(path: str | Path, split: dict[str, Any], overwrite: bool = False) -> Path:
     path = Path(path)
-    if path.exists():
-        if not _is_split_file(path):  # --overwrite replaces only a split rwkvseg wrote, never another file of that name
-            raise FileExistsError(
-                f"{path} exists and is not a split file rwkvseg wrote (--overwrite would not replace it either); "
-                "choose another name"
-            )
-        if not overwrite:
-            raise FileExistsError(f"split file {path} exists; choose another name or pass --overwrite")
+    check_json_replaceable(path, overwrite, _is_split, "a split file")  # never another file of that name
     write_json(path, split, indent=1)
     return path
 
