@@ -88,11 +88,13 @@ def write_config(path, **changes):
     return path
 
 
-@pytest.mark.parametrize(("target", "threshold"), [("labels", 0.5), ("regions", 0.5), ("regions", 0.2)])
+@pytest.mark.parametrize(
+    ("target", "threshold", "post"), [("labels", 0.5, ""), ("regions", 0.5, ""), ("regions", 0.2, "largest")]
+)
 def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_grid(
-    tmp_path, raw, target, threshold, capsys
+    tmp_path, raw, target, threshold, post, capsys
 ):
-    changes = {"data.target": target, "threshold": threshold}
+    changes = {"data.target": target, "threshold": threshold, "infer.val_postprocess": post}
     config = write_config(tmp_path / "c.toml", epochs=1, max_steps_per_epoch=1, **changes)
     run_dir = tmp_path / "run"
     code = main(["train", str(config), "--data", str(raw), "--out", str(run_dir), "--no-progress"])
@@ -108,6 +110,7 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     assert len(history) == 2 and all(f"val_dice_{r}" in history[0] for r in ("WT", "TC", "ET"))
     final = json.loads((run_dir / FINAL_FILE).read_text())
     assert final["mirror_axes"] == [0] and final["cases"] == split["val"] and 0 <= final["dice"] <= 1
+    assert final["postprocess"] == (post or "none")
     assert sorted(final["per_case"]) == sorted(split["val"])  # each case's Dice per region; the means agree
     for region in ("WT", "TC", "ET"):
         cases = [scores[f"dice_{region}"] for scores in final["per_case"].values()]
@@ -121,13 +124,15 @@ def test_cli_trains_validates_and_the_checkpoint_predicts_alone_on_the_input_gri
     # a region run's cut other than 0.5 is recorded for prediction (0.5 is the default when none is)
     assert meta.preprocessing["inference"].get("threshold", 0.5) == threshold
     assert ("threshold" in meta.preprocessing["inference"]) == (threshold != 0.5)
+    # validation's post-processing is prediction's default too (none recorded when off)
+    assert meta.preprocessing["inference"].get("postprocess", "") == post
 
     # a new case on another grid (1.5 mm, odd shape) comes back on that grid with its affine
     other = tmp_path / "other"
     write_synthetic_volumes(other, n=1, shape=(25, 29, 19), spacing=1.5, seed=9)
     (case,) = discover_cases(other, BRATS, require_label=False)
     predictor = Predictor3D.from_checkpoint(run_dir / "best", PredictConfig(mirror_axes=()))
-    assert predictor.threshold == threshold
+    assert predictor.threshold == threshold and predictor.postprocess.largest == (post == "largest")
     out = predictor.predict_to_file(case, tmp_path / "pred")
     written, source = nib.load(out), nib.load(other / "Phantom_000" / "Phantom_000_flair.nii.gz")
     assert written.shape == source.shape == (25, 29, 19)
@@ -203,6 +208,50 @@ def test_region_validation_cuts_at_the_run_threshold(cache):
     assert scores[0.5]["dice_WT"] == 0.0  # nothing above 0.5: every tumour missed
     assert 0.0 < scores[0.1]["dice_WT"] < 1.0  # everything above 0.1: the whole volume is tumour
     assert scores[0.1]["dice"] > scores[0.5]["dice"]
+
+
+class Speckled(torch.nn.Module):
+    """Labels from the input: NCR (class 1) where the flair channel is above its mean, and ET (class 3) on isolated
+    voxels every fifth index of each axis: a tumour with stray specks for `largest` to remove."""
+
+    def forward(self, x):  # [B, 4, *S] -> [B, 4, *S]
+        flair = x[:, 3]
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        logits[:, 1] = torch.where(flair > flair.mean(), 3.0, -3.0)
+        specks = torch.zeros(x.shape[2:], dtype=torch.bool)
+        specks[2::5, 2::5, 2::5] = True
+        logits[:, 3] = torch.where(specks, 6.0, -6.0)
+        return logits
+
+
+def test_validation_post_processes_the_label_map_as_prediction_writes_it(cache):
+    from scipy import ndimage
+
+    from rwkvseg.data.preprocess3d import load_cached_case, load_plans
+    from rwkvseg.infer.postprocess import PostProcess
+    from rwkvseg.infer.sliding_window import activate, predict_logits
+    from rwkvseg.train.validate import SlidingWindowValidator
+
+    plans = load_plans(cache)
+    cases = sorted(plans["cases"])[:2]
+    plain = SlidingWindowValidator.from_cache(cache, cases, PATCH, "labels")
+    largest = SlidingWindowValidator.from_cache(cache, cases, PATCH, "labels", postprocess=PostProcess(largest=True))
+    got, before = largest.per_case(Speckled()), plain.per_case(Speckled())
+    regions = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}  # class indices of BraTS labels 1, 2, 4 (label 4: class 3)
+    for case_id in cases:
+        case = load_cached_case(cache, case_id, plans)
+        probs = activate(predict_logits(Speckled(), torch.from_numpy(case.image)[None], plain.window, "cpu"), "softmax")
+        classes = probs[0].argmax(0).numpy()  # [*S]
+        parts, count = ndimage.label(classes > 0, structure=np.ones((3, 3, 3)))
+        assert count > 1  # the specks are components of their own
+        keep = parts == 1 + np.argmax(np.bincount(parts.ravel())[1:])
+        kept = np.where(keep, classes, 0)
+        for name, members in regions.items():
+            pred, truth = np.isin(kept, members), np.isin(case.label, members)
+            both = pred.sum() + truth.sum()
+            expected = 1.0 if both == 0 else 2 * (pred & truth).sum() / both
+            assert got[case_id][f"dice_{name}"] == pytest.approx(expected)
+    assert got != before  # the specks counted against the plain validation
 
 
 def _soft_dice_loss(prob, target, dims):
@@ -319,6 +368,13 @@ def test_config_errors_name_the_setting(tmp_path):
     assert strong.data.patches.augment_preset == "strong"
     with pytest.raises(ValueError, match=r"augment_preset = 'da5' is unknown"):
         load_config(None, ["dims=3", "data.patches.augment_preset=da5"])
+    assert load_config(None, ["dims=3", "infer.val_postprocess=largest"]).infer.postprocess().largest
+    with pytest.raises(
+        ValueError, match=r"infer\.val_postprocess = 'biggest': 'biggest' is not an option; give none, largest"
+    ):
+        load_config(None, ["dims=3", "infer.val_postprocess=biggest"])
+    with pytest.raises(ValueError, match=r"infer\.val_postprocess = 'largest' applies to 3D runs"):
+        load_config(None, ["infer.val_postprocess=largest"])
 
 
 def test_a_cache_made_from_other_data_is_not_reused(tmp_path, raw, cache):

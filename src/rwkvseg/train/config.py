@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
@@ -28,6 +28,9 @@ from ..data.transforms2d import RESIZE_MODES, AugmentConfig
 from ..memory_format import check_memory_format
 from ..records import TARGETS
 from .workers import WORKER_START
+
+if TYPE_CHECKING:
+    from ..infer.postprocess import PostProcess
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
@@ -221,13 +224,19 @@ class VolumeDataConfig:
 @dataclass(frozen=True)
 class InferConfig:
     """Sliding window for validation (every val_every epochs) and the final TTA evaluation of the best
-    checkpoint; the same overlap and mirror axes are stored as prediction defaults in the checkpoint."""
+    checkpoint; the same overlap and mirror axes are stored as prediction defaults in the checkpoint.
+
+    val_postprocess: post-processing of the predicted label map before validation scores it (a `rwkvseg predict
+    --postprocess` spelling: "largest", "et-min-mm3=800", ...; "" or "none": off, as before), so that checkpoints
+    are chosen on what prediction writes; the final evaluation uses it too, and the checkpoint records it as its
+    prediction default (preprocessing.inference.postprocess). 3D runs only."""
 
     overlap: float = 0.5
     sw_batch_size: int = 2
     val_mirror_axes: tuple[int, ...] = ()
     mirror_axes: tuple[int, ...] = (0, 1, 2)
     final_eval: bool = True
+    val_postprocess: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.overlap < 1:
@@ -235,6 +244,17 @@ class InferConfig:
         _check_range("infer.sw_batch_size", self.sw_batch_size, 1)
         if any(a not in (0, 1, 2) for a in (*self.val_mirror_axes, *self.mirror_axes)):
             raise ValueError("infer.mirror_axes and infer.val_mirror_axes index the spatial axes 0, 1, 2")
+        self.postprocess()  # a clear error for a bad spelling when the config is read
+
+    def postprocess(self) -> PostProcess:
+        """val_postprocess as the post-processing config; ValueError naming infer.val_postprocess when misspelt."""
+        from ..infer.postprocess import PostProcess
+
+        try:
+            return PostProcess.parse(self.val_postprocess)
+        except ValueError as err:  # its message names --postprocess and the text: name the setting instead
+            reason = str(err).removeprefix(f"--postprocess {self.val_postprocess!r}: ")
+            raise ValueError(f"infer.val_postprocess = {self.val_postprocess!r}: {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -319,6 +339,11 @@ class TrainConfig:
             raise ValueError(
                 f"threshold = {self.threshold:g} needs data.target = regions (sigmoid per region); a labels run "
                 "takes the argmax over classes: leave threshold at 0.5"
+            )
+        if self.dims == 2 and self.infer.postprocess().active:
+            raise ValueError(
+                f"infer.val_postprocess = {self.infer.val_postprocess!r} applies to 3D runs (dims = 3); a 2D run "
+                "validates without post-processing: leave it out"
             )
         if self.dims == 3 and self.data.target == "regions" and self.loss.name not in REGION_LOSSES:
             raise ValueError(

@@ -18,10 +18,13 @@ from torch.utils.data import DataLoader
 from ..data.dataset2d import SegDataset2D
 from ..data.gpu2d import MEMORY_FRACTION, free_memory
 from ..data.preprocess3d import load_cached_case, load_plans
-from ..data.regions import classes_to_regions
+from ..data.regions import classes_to_regions, values_to_regions
 from ..data.specs import DatasetSpec
 from ..eval.metrics import confusion_counts, overlap_scores
+from ..infer.postprocess import NO_POSTPROCESS, PostProcess, check_postprocess
+from ..infer.postprocess import postprocess as apply_postprocess
 from ..infer.predict2d import forward_logits, probabilities, to_labels
+from ..infer.predict3d import probabilities_to_values
 from ..infer.sliding_window import SlidingWindowConfig, activate, predict_logits
 from ..memory_format import check_memory_format, fed_in
 from ..records import Preprocessing2D
@@ -107,6 +110,9 @@ class SlidingWindowValidator:
     Runs on cached cases (training spacing, cropped grid) with the same sliding window as prediction; Dice
     per region with the PERFECT empty policy, averaged over cases, then over regions for "dice". memory_format:
     the layout each window batch takes just before the model (a channels-last run's: rwkvseg.memory_format).
+    postprocess (infer.val_postprocess): when active, each case is scored as prediction writes it: the label map
+    (regions painted as rwkvseg.infer.predict3d does), post-processed on the cache's grid (spacing: its voxel size
+    in mm, for et-min-mm3), then read back as regions; off, the thresholded regions are scored directly.
     """
 
     cases: Sequence[Any]  # CachedCase
@@ -116,9 +122,12 @@ class SlidingWindowValidator:
     device: str | torch.device = "cpu"
     memory_format: str = "contiguous"
     threshold: float = 0.5  # regions: the cut of each sigmoid (labels: argmax)
+    postprocess: PostProcess = NO_POSTPROCESS
+    spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_memory_format(self.memory_format)
+        check_postprocess(self.postprocess, self.spec.num_classes - 1, self.spec)
 
     @classmethod
     def from_cache(
@@ -132,6 +141,7 @@ class SlidingWindowValidator:
         device: str | torch.device = "cpu",
         memory_format: str = "contiguous",
         threshold: float = 0.5,
+        postprocess: PostProcess = NO_POSTPROCESS,
     ) -> SlidingWindowValidator:
         """A validator over cached cases (no mirror TTA by default: validation only ranks checkpoints)."""
         plans = load_plans(cache_dir)
@@ -142,7 +152,8 @@ class SlidingWindowValidator:
             activation="softmax" if target == "labels" else "sigmoid",
         )
         cases = [load_cached_case(cache_dir, cid, plans) for cid in case_ids]
-        return cls(cases, DatasetSpec.from_dict(plans["dataset"]), window, target, device, memory_format, threshold)
+        spec, spacing = DatasetSpec.from_dict(plans["dataset"]), tuple(float(s) for s in plans["target_spacing"])
+        return cls(cases, spec, window, target, device, memory_format, threshold, postprocess, spacing)
 
     @torch.no_grad()
     def per_case(self, model: nn.Module) -> dict[str, dict[str, float]]:
@@ -155,7 +166,12 @@ class SlidingWindowValidator:
                 image = torch.from_numpy(case.image)[None]  # [1, M, *S]
                 logits = predict_logits(fed_in(model, self.memory_format), image, self.window, self.device)
                 probs = activate(logits, self.window.activation)[0]  # [K, *S]
-                if self.target == "labels":
+                if self.postprocess.active:  # as written: label values [*S], post-processed, back to [R, *S]
+                    values = probabilities_to_values(probs, self.spec, self.target, self.threshold)
+                    values = apply_postprocess(values, self.postprocess, self.spec, self.spacing)
+                    masks = values_to_regions(values, self.spec)
+                    pred = torch.from_numpy(np.stack([masks[n] for n in self.spec.region_names])).to(probs.device)
+                elif self.target == "labels":
                     pred = classes_to_regions(probs.argmax(0), self.spec)  # [R, *S]
                 else:
                     pred = probs > self.threshold

@@ -146,6 +146,7 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
         device,
         memory_format=config.memory_format,
         threshold=config.threshold,
+        postprocess=config.infer.postprocess(),
     )
     validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     names = spec.region_names if d.target == "regions" else tuple(str(v) for v in spec.label_values)
@@ -155,6 +156,8 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
     }
     if config.threshold != 0.5:  # a region run's cut (TrainConfig refuses another for labels): prediction takes it
         preprocessing["inference"]["threshold"] = config.threshold
+    if config.infer.postprocess().active:  # what validation chose the checkpoint on: prediction's default too
+        preprocessing["inference"]["postprocess"] = config.infer.postprocess().spelling()
     meta = CheckpointMeta(
         model=config.model.name,
         in_channels=len(spec.modalities),
@@ -198,6 +201,7 @@ def final_evaluation(
         device,
         memory_format=config.memory_format,
         threshold=config.threshold,
+        postprocess=config.infer.postprocess(),
     )
     validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(config.amp, device))
@@ -211,6 +215,7 @@ def final_evaluation(
         "cases": list(val_cases),
         "mirror_axes": list(config.infer.mirror_axes),
         "overlap": config.infer.overlap,
+        "postprocess": config.infer.postprocess().spelling(),
         "grid": "preprocessed (cropped, at the training spacing); score originals with rwkvseg predict + evaluate",
         "empty_policy": "perfect (Dice 1 when prediction and reference are both empty)",
         **scores,
