@@ -147,7 +147,46 @@ def test_predict_by_ensemble_name_averages_its_members(ensemble, tmp_path, capsy
     assert np.array_equal(masks["name"], masks["paths"])  # the release is its members' ensemble
     main(["models"])
     row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("tiny-cv"))
-    assert " 2 " in row  # its checkpoints column
+    assert row.split()[4:8] == [
+        "2",
+        "0.5",
+        "none",
+        "none",
+    ]  # checkpoints; predicts at 0.5, no post-processing, no flips
+
+
+def test_prediction_defaults_are_read_as_prediction_reads_them():
+    from rwkvseg.infer.predict import prediction_defaults
+
+    def defaults(num_classes=1, training=None, **preprocessing):
+        return prediction_defaults(
+            CheckpointMeta("m", 4, num_classes, preprocessing=preprocessing, training=training or {})
+        )
+
+    regions = {"threshold": 0.1, "postprocess": "largest", "mirror_axes": [0, 2]}
+    assert defaults(3, dims=3, target="regions", inference=regions) == {
+        "threshold": "0.1",
+        "postprocess": "largest",
+        "flips": "0,2 on a GPU",  # none on the CPU
+    }
+    # a 3D checkpoint that records no flips gets all three (as Predictor3D); labels take the argmax
+    assert defaults(4, dims=3, target="labels") == {
+        "threshold": "argmax",
+        "postprocess": "none",
+        "flips": "0,1,2 on a GPU",
+    }
+    assert defaults(3, dims=3, target="regions", inference={"mirror_axes": []})["flips"] == "none"
+    # 2D: the binary cut of training.threshold (0.5 where none), flips on every device; several classes: argmax
+    assert defaults(training={"threshold": 0.3}, inference={"mirror_axes": [1]}) == {
+        "threshold": "0.3",
+        "postprocess": "none",
+        "flips": "1",
+    }
+    assert defaults()["threshold"] == "0.5" and defaults(3)["threshold"] == "argmax"
+    with pytest.raises(ValueError, match="holds threshold 2"):
+        defaults(training={"threshold": 2})
+    with pytest.raises(ValueError, match=r"inference\.postprocess 'biggest', which is not valid"):
+        defaults(inference={"postprocess": "biggest"})
 
 
 @pytest.mark.parametrize("model", released_models(), ids=lambda m: m.name)

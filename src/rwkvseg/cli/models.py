@@ -12,8 +12,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.table import format_table
+    from ..checkpoint import read_meta
+    from ..infer.predict import prediction_defaults
     from ..models import list_models
-    from ..released import released_models
+    from ..released import released_checkpoints, released_models
 
     print("architectures (create_model / model.name):")
     print("  " + ", ".join(list_models()))
@@ -29,11 +31,17 @@ def run(args: argparse.Namespace) -> int:
             "dataset": m.dataset,
             "split": m.split,
             "checkpoints": len(m.files),  # more than one: an ensemble, predicted as one model
+            # what predict does by default (an ensemble's members record the same): beside the metrics, whose
+            # val_threshold is the cut they were measured at
+            **{f"predicts_{k}": v for k, v in prediction_defaults(read_meta(released_checkpoints(m.name)[0])).items()},
             **m.metrics,
         }
         for m in released
     ]
     metrics = list(dict.fromkeys(k for m in released for k in m.metrics))
-    columns = [(k, k) for k in ("name", "architecture", "dataset", "split", "checkpoints")]
-    print(format_table(rows, columns + [(k, k) for k in metrics]))
+    names = ("name", "architecture", "dataset", "split", "checkpoints", *(f"predicts_{k}" for k in PREDICTS))
+    print(format_table(rows, [(k, k) for k in names] + [(k, k) for k in metrics]))
     return 0
+
+
+PREDICTS = ("threshold", "postprocess", "flips")  # the prediction_defaults columns

@@ -11,10 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import read_meta
+import torch
+
+from ..checkpoint import CheckpointMeta, read_meta
 from ..compiling import check_compile
 from ..files import output_folder
 from ..memory_format import check_memory_format
+from ..records import recorded_threshold
 from .ensemble import Given, checkpoint_list
 from .postprocess import PostProcess
 from .precision import check_precision
@@ -95,6 +98,34 @@ def refuse_other_dims_options(config: PredictConfig, dims: int) -> None:
             f"{', '.join(names)}: for {other}D checkpoints, and this one is {dims}D: drop "
             f"{'it' if len(names) == 1 else 'them'}"
         )
+
+
+def prediction_defaults(meta: CheckpointMeta) -> dict[str, str]:
+    """What `rwkvseg predict` applies to a checkpoint when no option says otherwise, as text for listings: the
+    threshold (the binary or region cut; "argmax" for label and multi-class checkpoints), the post-processing, and
+    the flips averaged for test-time augmentation (3D: on a GPU only, none on the CPU); read as prediction reads
+    them (ValueError for a sidecar prediction would refuse)."""
+    from .postprocess import chosen_postprocess
+
+    inference = meta.preprocessing.get("inference") or {}
+    if meta.preprocessing.get("dims") == 3:
+        from .predict3d import default_mirror_axes
+
+        labels = meta.preprocessing.get("target") != "regions"
+        threshold = None if labels else recorded_threshold(inference.get("threshold"), "the sidecar's inference")
+        axes = default_mirror_axes(None, inference, torch.device("cuda"))
+        where = " on a GPU"
+    else:
+        from .predict2d import recorded_mirror_axes
+
+        binary = meta.num_classes == 1
+        threshold = recorded_threshold(meta.training.get("threshold"), "the sidecar's training") if binary else None
+        axes, where = recorded_mirror_axes(None, inference), ""
+    return {
+        "threshold": "argmax" if threshold is None else f"{threshold:g}",
+        "postprocess": chosen_postprocess(None, inference).spelling(),
+        "flips": ",".join(map(str, axes)) + where if axes else "none",
+    }
 
 
 def is_3d_checkpoint(checkpoint: Given) -> bool:
