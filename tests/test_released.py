@@ -183,6 +183,8 @@ def test_prediction_defaults_are_read_as_prediction_reads_them():
         "flips": "1",
     }
     assert defaults()["threshold"] == "0.5" and defaults(3)["threshold"] == "argmax"
+    with pytest.raises(ValueError, match=r"records inference\.threshold 0\.3, but it predicts labels"):
+        defaults(4, dims=3, target="labels", inference={"threshold": 0.3})
     with pytest.raises(ValueError, match="holds threshold 2"):
         defaults(training={"threshold": 2})
     with pytest.raises(ValueError, match=r"inference\.postprocess 'biggest', which is not valid"):

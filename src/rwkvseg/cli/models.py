@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+PREDICTS = ("threshold", "postprocess", "flips")  # the infer.predict.prediction_defaults columns
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered architectures and the released models")
@@ -42,6 +44,3 @@ def run(args: argparse.Namespace) -> int:
     names = ("name", "architecture", "dataset", "split", "checkpoints", *(f"predicts_{k}" for k in PREDICTS))
     print(format_table(rows, [(k, k) for k in names] + [(k, k) for k in metrics]))
     return 0
-
-
-PREDICTS = ("threshold", "postprocess", "flips")  # the prediction_defaults columns

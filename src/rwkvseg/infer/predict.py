@@ -112,6 +112,11 @@ def prediction_defaults(meta: CheckpointMeta) -> dict[str, str]:
         from .predict3d import default_mirror_axes
 
         labels = meta.preprocessing.get("target") != "regions"
+        if labels and inference.get("threshold") is not None:  # as Predictor3D.region_threshold refuses it
+            raise ValueError(
+                f"the checkpoint records inference.threshold {inference['threshold']!r}, but it predicts labels "
+                "(argmax over classes), which take no threshold: remove it from its sidecar"
+            )
         threshold = None if labels else recorded_threshold(inference.get("threshold"), "the sidecar's inference")
         axes = default_mirror_axes(None, inference, torch.device("cuda"))
         where = " on a GPU"
