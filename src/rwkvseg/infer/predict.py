@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..checkpoint import CheckpointMeta, read_meta
 from ..compiling import check_compile
 from ..files import output_folder
@@ -109,17 +107,12 @@ def prediction_defaults(meta: CheckpointMeta) -> dict[str, str]:
 
     inference = meta.preprocessing.get("inference") or {}
     if meta.preprocessing.get("dims") == 3:
-        from .predict3d import default_mirror_axes
+        from .predict3d import recorded_axes, region_threshold
 
-        labels = meta.preprocessing.get("target") != "regions"
-        if labels and inference.get("threshold") is not None:  # as Predictor3D.region_threshold refuses it
-            raise ValueError(
-                f"the checkpoint records inference.threshold {inference['threshold']!r}, but it predicts labels "
-                "(argmax over classes), which take no threshold: remove it from its sidecar"
-            )
-        threshold = None if labels else recorded_threshold(inference.get("threshold"), "the sidecar's inference")
-        axes = default_mirror_axes(None, inference, torch.device("cuda"))
-        where = " on a GPU"
+        target = meta.preprocessing.get("target", "labels")
+        threshold = region_threshold(target, None, inference.get("threshold"))  # refuses what prediction refuses
+        threshold = None if target == "labels" else threshold
+        axes, where = recorded_axes(inference), " on a GPU"
     else:
         from .predict2d import recorded_mirror_axes
 

@@ -93,8 +93,29 @@ def write_like(values: np.ndarray, reference: Volume, path: Path) -> Path:
     return path
 
 
-def _recorded_axes(recorded: dict[str, Any]) -> tuple[int, ...]:
+def recorded_axes(recorded: dict[str, Any]) -> tuple[int, ...]:
+    """The mirror-TTA axes a checkpoint's inference record holds (what a GPU prediction uses by default)."""
     return tuple(int(a) for a in recorded.get("mirror_axes", (0, 1, 2)))  # checkpoints that record none: all three
+
+
+def region_threshold(target: str, given: float | None, recorded: Any) -> float:
+    """The cut of each region's sigmoid: given (--threshold), else the record's (inference.threshold, chosen on
+    validation at release), else 0.5. Label checkpoints (target "labels") take the argmax and refuse either."""
+    if target == "labels":
+        if given is not None:
+            raise ValueError(
+                f"--threshold {given:g}: this 3D checkpoint predicts labels (argmax over classes); a threshold "
+                "applies to region checkpoints (data.target = regions) and 2D ones: drop --threshold"
+            )
+        if recorded is not None:
+            raise ValueError(
+                f"the checkpoint records inference.threshold {recorded!r}, but it predicts labels (argmax over "
+                "classes), which take no threshold: remove it from its sidecar"
+            )
+        return 0.5
+    if given is not None:
+        return given
+    return recorded_threshold(recorded, "the checkpoint's inference record", "fix its sidecar")
 
 
 def default_mirror_axes(given: Sequence[int] | None, recorded: dict[str, Any], device: torch.device) -> tuple[int, ...]:
@@ -103,12 +124,12 @@ def default_mirror_axes(given: Sequence[int] | None, recorded: dict[str, Any], d
     per BraTS case at 2 mm). Only resolves: log_mirror_off says so once per prediction run."""
     if given is not None:
         return tuple(given)
-    return () if device.type == "cpu" else _recorded_axes(recorded)
+    return () if device.type == "cpu" else recorded_axes(recorded)
 
 
 def log_mirror_off(given: Sequence[int] | None, recorded: dict[str, Any], device: torch.device) -> None:
     """The one log line for the checkpoint's flips left off on the CPU (none when given or when there are none)."""
-    axes = _recorded_axes(recorded)
+    axes = recorded_axes(recorded)
     if given is None and device.type == "cpu" and axes:
         log.info(
             "mirror TTA off on the CPU (8x the forward passes); pass --mirror-axes %s to use it",
@@ -139,7 +160,9 @@ class Predictor3D:
         self.target = metadata["target"]
         refuse_other_dims_options(options, 3)
         recorded = metadata.get("inference", {})  # the defaults training (and a release's validation) wrote
-        self.threshold = self.region_threshold(options.threshold, recorded.get("threshold"))
+        self.threshold = region_threshold(self.target, options.threshold, recorded.get("threshold"))
+        if self.target == "regions" and options.threshold is None and recorded.get("threshold") is not None:
+            log.info("region threshold %g (the checkpoint's default; --threshold 0.5: the plain cut)", self.threshold)
         self.device = torch.device(options.device)
         if options.out_format not in OUT_FORMATS:
             raise ValueError(f"output format {options.out_format!r} unknown; choose one of {', '.join(OUT_FORMATS)}")
@@ -160,28 +183,6 @@ class Predictor3D:
             mirror_axes=tuple(mirror),
             activation="softmax" if self.target == "labels" else "sigmoid",
         )
-
-    def region_threshold(self, given: float | None, recorded: Any) -> float:
-        """The cut of each region's sigmoid: given (--threshold), else the record's (inference.threshold, chosen on
-        validation at release), else 0.5. Label checkpoints take the argmax and refuse either."""
-        if self.target == "labels":
-            if given is not None:
-                raise ValueError(
-                    f"--threshold {given:g}: this 3D checkpoint predicts labels (argmax over classes); a threshold "
-                    "applies to region checkpoints (data.target = regions) and 2D ones: drop --threshold"
-                )
-            if recorded is not None:
-                raise ValueError(
-                    f"the checkpoint records inference.threshold {recorded!r}, but it predicts labels (argmax over "
-                    "classes), which take no threshold: remove it from its sidecar"
-                )
-            return 0.5
-        if given is not None:
-            return given
-        value = recorded_threshold(recorded, "the checkpoint's inference record", "fix its sidecar")
-        if recorded is not None:
-            log.info("region threshold %g (the checkpoint's default; --threshold 0.5: the plain cut)", value)
-        return value
 
     @classmethod
     def from_checkpoint(cls, path: Given, options: PredictConfig | None = None) -> Predictor3D:

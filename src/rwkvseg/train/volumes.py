@@ -156,8 +156,8 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
     }
     if config.threshold != 0.5:  # a region run's cut (TrainConfig refuses another for labels): prediction takes it
         preprocessing["inference"]["threshold"] = config.threshold
-    if config.infer.postprocess().active:  # what validation chose the checkpoint on: prediction's default too
-        preprocessing["inference"]["postprocess"] = config.infer.postprocess().spelling()
+    if validator.postprocess.active:  # what validation chose the checkpoint on: prediction's default too
+        preprocessing["inference"]["postprocess"] = validator.postprocess.spelling()
     meta = CheckpointMeta(
         model=config.model.name,
         in_channels=len(spec.modalities),
@@ -215,7 +215,7 @@ def final_evaluation(
         "cases": list(val_cases),
         "mirror_axes": list(config.infer.mirror_axes),
         "overlap": config.infer.overlap,
-        "postprocess": config.infer.postprocess().spelling(),
+        "postprocess": validator.postprocess.spelling(),
         "grid": "preprocessed (cropped, at the training spacing); score originals with rwkvseg predict + evaluate",
         "empty_policy": "perfect (Dice 1 when prediction and reference are both empty)",
         **scores,
