@@ -9,6 +9,7 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +24,7 @@ from fastapi.testclient import TestClient
 from serve_support import (
     AFFINE,
     SHAPE,
+    FlairBall,
     free_port,
     png,
     running_server,
@@ -32,6 +34,7 @@ from serve_support import (
     write_case,
 )
 
+from rwkvseg.checkpoint import read_meta, save_checkpoint
 from rwkvseg.devices import cpu_has_native_bf16
 from rwkvseg.serve import (
     ServeConfig,
@@ -410,6 +413,33 @@ def test_post_processing_that_does_not_fit_a_model_stops_the_start(test_models, 
         assert err.startswith(f"rwkvseg: error: {message}") and len(err.splitlines()) == 1
     create_app(ServeConfig(models=(bright, ball), postprocess="largest"))  # fits both
     create_app(ServeConfig(models=(bright,), postprocess="none"))
+
+
+def test_3d_region_models_list_the_cut_prediction_applies(test_models, tmp_path, capsys, monkeypatch):
+    """GET /v1/models lists a 3D region model's recorded cut of the region sigmoids (0.5 where none is recorded), as
+    Predictor3D applies it, and none for a label model (argmax); a label model recording a cut, which prediction
+    refuses, stops the start with one line naming it."""
+    import uvicorn
+
+    from rwkvseg.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("the service started"))
+    meta = read_meta(test_models["ball"])
+
+    def saved(name: str, **changes) -> str:
+        changed = replace(meta, preprocessing={**meta.preprocessing, **changes})
+        return f"{name}={save_checkpoint(tmp_path / name, FlairBall(), changed)[0]}"
+
+    models = (saved("cut", target="regions", inference={"threshold": 0.1}), saved("plain", target="regions"))
+    listed = client_for(ServeConfig(models=(*models, f"ball={test_models['ball']}"))).get("/v1/models").json()
+    assert {m["name"]: m["threshold"] for m in listed["models"]} == {"cut": 0.1, "plain": 0.5, "ball": None}
+    refused = saved("labels_cut", inference={"threshold": 0.3})
+    message = "model labels_cut: " + refused.split("=", 1)[1] + ": the checkpoint records inference.threshold 0.3,"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_app(ServeConfig(models=(refused,)))
+    assert main(["serve", refused, "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"rwkvseg: error: {message}") and len(err.splitlines()) == 1
 
 
 def test_json_access_log_lines(client, caplog):

@@ -92,8 +92,9 @@ class ModelEntry(BaseModel):
         "(float32 or int8)"
     )
     threshold: float | None = Field(
-        description="2D binary models: the probability cut of a mask when a request names none, the one the model "
-        "records (as `rwkvseg predict` uses it); null for multi-class and 3D models"
+        description="the probability cut applied, as `rwkvseg predict` applies it: 2D binary models' when a request "
+        "names none, 3D region models' cut of each region's sigmoid (the one the model records, else 0.5); null "
+        "for multi-class and 3D label models (argmax)"
     )
     ready: bool
 

@@ -41,7 +41,7 @@ from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.precision import for_precision, in_precision
 from ..infer.predict import PredictConfig
 from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
-from ..infer.predict3d import Predictor3D, write_like
+from ..infer.predict3d import Predictor3D, region_threshold, write_like
 from ..records import Preprocessing2D, recorded_threshold
 from ..released import released_checkpoints, released_models
 
@@ -172,11 +172,21 @@ def postprocess_for(source: ModelSource, given: PostProcess | None) -> PostProce
 
 
 def threshold_for(source: ModelSource) -> float | None:
-    """The probability cut of a 2D binary model's masks when a request names none: the one its checkpoint (sidecar
-    training.threshold) or export records, as `rwkvseg predict` uses it; else 0.5. None for multi-class and 3D
-    models. ValueError naming the model for a recorded value that is not a number in [0, 1]."""
+    """The probability cut of a model's masks, as `rwkvseg predict` applies it: a 2D binary model's when a request
+    names none (its checkpoint's sidecar training.threshold, or the export's record; else 0.5); a 3D region model's
+    cut of every region's sigmoid (preprocessing.inference.threshold, chosen on validation at release; else 0.5).
+    None for multi-class 2D and 3D label models (argmax). ValueError naming the model for a recorded value
+    prediction would refuse."""
     meta = source.meta
-    if source.dims == 3 or meta.num_classes > 1:
+    if source.dims == 3:
+        pre = meta.preprocessing
+        target = pre.get("target", "labels")
+        try:  # the same reading as Predictor3D's, so a record it would refuse fails when the service starts
+            cut = region_threshold(target, None, (pre.get("inference") or {}).get("threshold"))
+        except ValueError as err:
+            raise ValueError(f"model {source.name}: {source.path}: {err}") from None
+        return None if target == "labels" else cut
+    if meta.num_classes > 1:
         return None
     value = meta.training.get("threshold") if isinstance(meta, CheckpointMeta) else meta.threshold
     return recorded_threshold(value, f"model {source.name}: {source.path}", "mend its record, or host another model")
