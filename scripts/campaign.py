@@ -312,6 +312,9 @@ def summary(run: Path, history: RunHistory | None = None) -> dict:
         "median_epoch_s": statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in rows),
         "first_epoch_s": rows[0]["train_seconds"],
     }
+    waits = [r["data_wait_seconds"] for r in rows[1:] if r.get("data_wait_seconds") is not None]
+    if waits:  # how much of a steady epoch waited for batches: the loader's share when runs share a machine
+        row["median_data_wait_s"] = statistics.median(waits)
     return row
 
 
@@ -331,6 +334,7 @@ def table(rows: list[dict]) -> list[str]:
     keys += ["late_gain", "trend", "val_noise", "late_rise", "plateau"]
     keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
     keys += ["median_epoch_s"]
+    keys += ["median_data_wait_s"] if any("median_data_wait_s" in r for r in rows) else []
     return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]
 
 

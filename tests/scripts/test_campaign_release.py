@@ -48,6 +48,25 @@ def test_campaign_summary_takes_the_best_and_last_validated_epochs(run):
     assert row["plateau"] == "unclear" and "late_rise" not in row  # 3 validations: too few to read against noise
 
 
+def test_campaign_table_shows_the_median_data_wait_of_runs_that_record_it(run, tmp_path):
+    """A run whose metrics.csv has data_wait_seconds gets its median over the steady epochs (the first, with the
+    workers' start-up, left out) in its row and a column in the table; older runs without it get a '-' there."""
+    script = load_script("campaign")
+    assert "median_data_wait_s" not in script.summary(run)
+    history = script.load_history(run).rows
+    waits = (9.0, 0.5, 1.5, 0.25, 1.0)  # steady epochs 2-5: median of 0.5, 1.5, 0.25, 1.0 = 0.75
+    newer = tmp_path / "busi-urwkv_s"
+    newer.mkdir()
+    rows = [r | {"data_wait_seconds": w} for r, w in zip(history, waits, strict=True)]
+    _write_metrics_csv(newer / "metrics.csv", rows)
+    (newer / "config.json").write_text((run / "config.json").read_text())
+    row = script.summary(newer)
+    assert row["median_data_wait_s"] == 0.75
+    header, old_line, new_line = script.table([script.summary(run), row])
+    assert header.split(" | ")[-2:] == ["median_epoch_s", "median_data_wait_s"]
+    assert old_line.split(" | ")[-1] == "-" and new_line.split(" | ")[-1] == "0.7500"
+
+
 def test_campaign_summary_of_a_run_not_yet_validated(run):
     (run / "metrics.csv").write_text("epoch,step,lr,train_loss,train_seconds,val_dice\n1,10,0.01,1.0,2.0,\n")
     assert load_script("campaign").summary(run) == {"run": "busi-urwkv", "planned": 6, "epochs": 1}

@@ -1,6 +1,7 @@
 import csv
 import json
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,52 @@ class _SignalsWhenCollected:
 
     def __del__(self):
         signal.raise_signal(signal.SIGINT)
+
+
+class SlowItems(torch.utils.data.Dataset):
+    """A train set whose items take `delay` seconds each: a loader that limits the run."""
+
+    def __init__(self, items, delay):
+        self.items, self.delay = items, delay
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        time.sleep(self.delay)
+        return self.items[index]
+
+
+def test_each_epoch_records_the_time_it_waited_for_batches(data, tmp_path):
+    """metrics.csv's data_wait_seconds: the part of train_seconds spent in the loader's next(); a loader that sleeps
+    0.05 s per item puts at least its sleep there, a fast one next to none of it."""
+    train, val, pre = data
+    fast = [train[i] for i in range(len(train))]  # [3, 24, 24] images, decoded once
+    rows = {}
+    for name, delay in (("fast", 0.0), ("slow", 0.05)):
+        torch.manual_seed(0)
+        model = TinySeg()
+        optim = OptimConfig(lr=0.05)
+        optimizer = build_optimizer(model, optim)
+        scheduler = build_scheduler(optimizer, optim, 2 * steps_per_epoch(len(fast), 3))
+        run = Run(
+            model,
+            SlowItems(fast, delay),
+            SegmentationLoss(1),
+            optimizer,
+            scheduler,
+            validator_2d(val, pre, 1, torch.device("cpu"), batch_size=2),
+            CheckpointMeta("tiny", 3, 1, preprocessing=pre.to_dict()),
+            tmp_path / name,
+        )
+        rows[name] = fit(run, LoopConfig(epochs=2, batch_size=3, seed=1)).history
+    for row in rows["slow"]:  # 7 items, batches of 3: two steps, the last 1 item dropped
+        assert 6 * 0.05 <= row["data_wait_seconds"] <= row["train_seconds"]
+    for fast_row, slow_row in zip(rows["fast"], rows["slow"], strict=True):
+        assert fast_row["data_wait_seconds"] < slow_row["data_wait_seconds"] - 0.2
+    with (tmp_path / "slow" / "metrics.csv").open(newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [float(r["data_wait_seconds"]) for r in written] == [r["data_wait_seconds"] for r in rows["slow"]]
 
 
 def test_an_interrupt_during_a_finalizer_still_stops_the_run(data, tmp_path):

@@ -122,6 +122,26 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+class _BatchWait:
+    """The seconds a training epoch spends waiting for its next batch: near zero while the loader keeps ahead of
+    the steps, most of train_seconds when the loader (workers, augmentation) is what limits the run."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def over(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """The batches of an iterator, each next() timed (its workers' start-up counts in the first)."""
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - start
+            yield batch
+
+
 def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
     buf = io.StringIO()
@@ -439,7 +459,8 @@ def train_epoch(
     forward_loss: _ForwardLoss | None = None,
     check_interrupt: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
-    """One epoch of optimizer steps in a seeded order; returns its row of metrics.csv (loss, lr, time).
+    """One epoch of optimizer steps in a seeded order; returns its row of metrics.csv (loss, lr, time, and the part
+    of that time spent waiting for batches: data_wait_seconds).
     check_interrupt() runs before every step (fit's deferred Ctrl-C: it raises KeyboardInterrupt there).
 
     The step losses stay on the device and are read every loop.sync_every steps (no host sync per step). A train
@@ -469,12 +490,13 @@ def train_epoch(
         )
     run.model.train()
     start, seen, first_step, mean_loss, info = time.perf_counter(), 0, progress.step + 1, math.nan, ""
+    waited = _BatchWait()
     losses = torch.zeros(n_steps, device=device)  # [n_steps] float32, read every sync_every steps
     with (
         _plain_worker_errors(loop.worker_start),
         _progress_bar(loop.progress, n_steps, f"epoch {epoch}/{loop.epochs}") as advance,
     ):
-        for batch in start_workers(loader):
+        for batch in waited.over(start_workers(loader)):
             check_interrupt()
             if seen == n_steps:
                 break
@@ -522,6 +544,7 @@ def train_epoch(
         "lr": run.optimizer.param_groups[0]["lr"],
         "train_loss": distributed.mean_over_ranks(mean_loss if seen else 0.0),
         "train_seconds": round(time.perf_counter() - start, 3),
+        "data_wait_seconds": round(waited.seconds, 3),
     }
 
 
