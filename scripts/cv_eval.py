@@ -3,7 +3,7 @@ fold, and one model's predictions of every fold are scored together against the 
 
 Usage:
     python scripts/cv_eval.py RUNS DATA OUT [--threshold T] [--postprocess SPEC] [--mirror-axes AXES] [--device auto]
-        [--compile MODE]
+        [--compile MODE] [--checkpoints-from DIR]
 
 RUNS holds the run folders `<dataset>-<variant>-fold<K>` of `scripts/campaign.py ... --folds K ...`, each with
 best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's original case folders by case id
@@ -22,6 +22,10 @@ region and for the mean Dice): a table each on screen, and cv.json's "comparison
 checkpoint's recorded threshold and post-processing, no flips, not compiled; cv.json records them).
 Every variant must have the same folds, each fold's validation cases must be in DATA, and no two folds may validate
 one case; otherwise one error line and exit status 2, before anything is predicted. OUT must be a new folder.
+--checkpoints-from DIR scores other checkpoints of the same runs instead of each RUN/best: for fold K the one file in
+DIR whose name ends in fold<K>.safetensors (+ .json), e.g. the int8 exports of a campaign's fold models made where it
+trained (`rwkvseg.released.export_release`), the members of an ensemble release; RUNS then holds one variant, whose
+runs give the folds, validation cases and curves, and each checkpoint must be the model its fold's run trained.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from rwkvseg.eval.evaluate import evaluate_folders, summary_means
 from rwkvseg.eval.report import RunHistory, plot_fold_curves, read_run
 from rwkvseg.files import write_json
 from rwkvseg.infer.predict import PredictConfig, predict
+from rwkvseg.released import fold_export
 
 FOLD_RUN = re.compile(r"^(?P<variant>.+)-fold(?P<fold>\d+)$")
 REGIONS = ("WT", "TC", "ET")
@@ -62,28 +67,55 @@ class FoldRun:
     folder: Path
     val: tuple[str, ...]
     history: RunHistory  # metrics.csv and config.json
+    checkpoint: Path  # what predicts the fold's cases: folder/best.safetensors, or --checkpoints-from's file
 
 
-def fold_runs(runs: Path, data: Path) -> dict[str, list[FoldRun]]:
+def fold_checkpoint(folder: Path, fold: int, history: RunHistory, checkpoints_from: Path | None) -> Path:
+    """The weights file that predicts a fold run's cases: its best, or the one in checkpoints_from for that fold,
+    which must be the model the run trained (architecture and overrides)."""
+    if checkpoints_from is None:
+        best = folder / "best.safetensors"
+        if not best.is_file():
+            raise Refused(f"{best} not found: the run has not validated yet, or its checkpoint was not carried back")
+        return best
+    try:
+        source = fold_export(checkpoints_from, fold)
+    except ValueError as err:
+        raise Refused(f"--checkpoints-from {err}") from None
+    meta, model = read_meta(source), history.config.get("model", {})
+    trained = (model.get("name"), model.get("overrides") or {})
+    if (meta.model, meta.model_overrides or {}) != trained:
+        raise Refused(
+            f"{source}.safetensors is {meta.model} {meta.model_overrides}, but {folder} trained {trained[0]} "
+            f"{trained[1]}; give the exports of these runs"
+        )
+    return source.with_suffix(".safetensors")
+
+
+def fold_runs(runs: Path, data: Path, checkpoints_from: Path | None = None) -> dict[str, list[FoldRun]]:
     """Variant -> its fold runs in fold order, checked (see the module docstring)."""
     found: dict[str, list[FoldRun]] = {}
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
         match = FOLD_RUN.match(folder.name)
         if match is None:
             continue
-        best = folder / "best.safetensors"
-        if not best.is_file():
-            raise Refused(f"{best} not found: the run has not validated yet, or its checkpoint was not carried back")
         fold = int(match["fold"])
         history = read_run(folder)
         if history.config["data"]["fold"] != fold:
             raise Refused(
                 f"{folder}: its config.json trained fold {history.config['data']['fold']}, its name says {fold}"
             )
+        checkpoint = fold_checkpoint(folder, fold, history, checkpoints_from)
         split = read_split(folder / "split.json", fold)
-        found.setdefault(match["variant"], []).append(FoldRun(match["variant"], fold, folder, split.val, history))
+        run = FoldRun(match["variant"], fold, folder, split.val, history, checkpoint)
+        found.setdefault(match["variant"], []).append(run)
     if not found:
         raise Refused(f"no <dataset>-<variant>-fold<K> runs in {runs}; train them with scripts/campaign.py --folds")
+    if checkpoints_from is not None and len(found) > 1:
+        raise Refused(
+            f"--checkpoints-from holds one checkpoint per fold, and {runs} has {len(found)} variants "
+            f"({', '.join(found)}); give a folder with the runs of one"
+        )
     folds = {variant: sorted(r.fold for r in rs) for variant, rs in found.items()}
     if len({tuple(f) for f in folds.values()}) > 1:
         raise Refused(f"the variants have different folds ({folds}); evaluate the same folds of each")
@@ -113,9 +145,8 @@ def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, c
     for run in runs:
         here = folder / f"fold{run.fold}"
         val = link_cases(here / "val", data, run.val)
-        best = run.folder / "best.safetensors"
-        spec = DatasetSpec.from_dict(read_meta(best).preprocessing["dataset"])  # the regions it scores
-        labels = predict(best, [val], here / "pred", config)
+        spec = DatasetSpec.from_dict(read_meta(run.checkpoint).preprocessing["dataset"])  # the regions it scores
+        labels = predict(run.checkpoint, [val], here / "pred", config)
         per_fold[run.fold] = summary_means(evaluate_folders(here / "pred", val, here / "eval", spec=spec))
         for label in labels:
             (merged / label.name).symlink_to(label.resolve())
@@ -172,6 +203,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rwkvseg predict --compile (default off: one model per fold, each compiled once for a few cases)",
     )
     p.add_argument("--no-curves", action="store_true", help="leave out OUT/<variant>.folds.curves.png")
+    p.add_argument(
+        "--checkpoints-from",
+        type=Path,
+        default=None,
+        help="a folder with one checkpoint per fold, named ...fold<K>.safetensors, to score instead of each run's best",
+    )
     return p.parse_args(argv)
 
 
@@ -183,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             raise Refused(f"{args.out} exists; give a new folder (nothing is overwritten)")
         if not args.no_curves and importlib.util.find_spec("matplotlib") is None:
             raise Refused("the fold curves need matplotlib: pip install 'rwkvseg[plots]', or pass --no-curves")
-        found = fold_runs(args.runs, args.data)
+        found = fold_runs(args.runs, args.data, args.checkpoints_from)
         config = PredictConfig(
             device=str(resolve_device(args.device, "--device")),
             threshold=args.threshold,
@@ -208,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "postprocess": None if args.postprocess is None else args.postprocess.spelling(),
         "device": args.device,
         "compile": args.compile,
+        "checkpoints_from": None if args.checkpoints_from is None else str(args.checkpoints_from),
     }
     record = {"settings": settings, "models": results}
     first = next(iter(results))

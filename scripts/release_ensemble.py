@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from rwkvseg.eval.report import RunHistory, plot_fold_curves, read_run
 from rwkvseg.files import write_json
 from rwkvseg.infer.ensemble import check_members
 from rwkvseg.infer.postprocess import PostProcess, check_postprocess
-from rwkvseg.released import ReleasedModel, export_release, released_models, update_index, weights_dir
+from rwkvseg.released import ReleasedModel, export_release, fold_export, released_models, update_index, weights_dir
 
 REGIONS = ("WT", "TC", "ET")
 
@@ -79,13 +78,10 @@ def member_source(run: Path, fold: int, members_from: Path | None) -> Path:
     if members_from is None:
         source = run / "best"
     else:
-        found = sorted(p for p in members_from.glob("*.safetensors") if re.search(rf"fold{fold}$", p.stem))
-        if len(found) != 1:
-            raise Refused(
-                f"--members-from {members_from}: {len(found)} files end in fold{fold}.safetensors; give a folder "
-                "with one int8 export per fold"
-            )
-        source = found[0].with_suffix("")
+        try:
+            source = fold_export(members_from, fold)
+        except ValueError as err:
+            raise Refused(f"--members-from {err}") from None
     weights, sidecar = checkpoint_paths(source)
     if not (weights.is_file() and sidecar.is_file()):
         raise Refused(f"fold {fold}: {weights} or {sidecar} not found; give the fold's best checkpoint")

@@ -123,3 +123,54 @@ def test_cv_eval_refuses_in_one_line_before_predicting(fold_campaign, tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def exports_of(runs, folder):
+    """Each fold's best copied to folder as export-fold<K> (what export_release writes where a campaign trained),
+    and taken out of the runs: the checkpoints that did not travel."""
+    folder.mkdir()
+    for fold in (0, 1):
+        for suffix in (".safetensors", ".json"):
+            best = runs / f"brats2018-bright-fold{fold}" / f"best{suffix}"
+            shutil.move(best, folder / f"export-fold{fold}{suffix}")
+    return folder
+
+
+def test_cv_eval_scores_the_checkpoints_given_per_fold_as_the_runs_best(fold_campaign, tmp_path):
+    """--checkpoints-from: fold K's file in the folder predicts fold K's cases, with the runs' folds, cases and
+    curves; the same scores as the same checkpoints as each run's best, and cv.json names the folder."""
+    runs, data, _ = fold_campaign
+    script = load_script("cv_eval")
+    common = ["--device", "cpu", "--no-curves", "--threshold", "0.3"]
+    assert script.main([str(runs), str(data), str(tmp_path / "best"), *common]) == 0
+    exports = exports_of(runs, tmp_path / "exports")
+    out = tmp_path / "out"
+    assert script.main([str(runs), str(data), str(out), *common, "--checkpoints-from", str(exports)]) == 0
+    given, best = (json.loads((d / "cv.json").read_text()) for d in (out, tmp_path / "best"))
+    assert given["models"] == best["models"]
+    assert given["settings"]["checkpoints_from"] == str(exports) and best["settings"]["checkpoints_from"] is None
+    assert given["models"]["brats2018-bright"]["per_fold"]["0"] != given["models"]["brats2018-bright"]["per_fold"]["1"]
+
+
+@pytest.mark.parametrize("damage", ["no export for a fold", "another model", "two variants"])
+def test_cv_eval_refuses_checkpoints_that_are_not_the_runs(fold_campaign, tmp_path, capsys, damage):
+    runs, data, _ = fold_campaign
+    exports = exports_of(runs, tmp_path / "exports")
+    if damage == "no export for a fold":
+        (exports / "export-fold1.safetensors").unlink()
+        message = "--checkpoints-from " + str(exports) + ": 0 files end in fold1.safetensors"
+    elif damage == "another model":
+        config = runs / "brats2018-bright-fold1" / "config.json"
+        record = json.loads(config.read_text())
+        config.write_text(json.dumps(record | {"model": {"name": "bright3d", "overrides": {"gain": 2.0}}}))
+        message = "but " + str(runs / "brats2018-bright-fold1") + " trained bright3d {'gain': 2.0}"
+    else:
+        for fold in (0, 1):
+            shutil.copytree(runs / f"brats2018-bright-fold{fold}", runs / f"brats2018-dim-fold{fold}")
+        message = "has 2 variants (brats2018-bright, brats2018-dim)"
+    out = tmp_path / "out"
+    args = [str(runs), str(data), str(out), "--device", "cpu", "--checkpoints-from", str(exports)]
+    assert load_script("cv_eval").main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
