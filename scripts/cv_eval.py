@@ -86,10 +86,10 @@ def fold_checkpoint(folder: Path, fold: int, history: RunHistory, checkpoints_fr
     trained = (model.get("name"), model.get("overrides") or {})
     if (meta.model, meta.model_overrides or {}) != trained:
         raise Refused(
-            f"{source}.safetensors is {meta.model} {meta.model_overrides}, but {folder} trained {trained[0]} "
+            f"{source} is {meta.model} {meta.model_overrides}, but {folder} trained {trained[0]} "
             f"{trained[1]}; give the exports of these runs"
         )
-    return source.with_suffix(".safetensors")
+    return source
 
 
 def fold_runs(runs: Path, data: Path, checkpoints_from: Path | None = None) -> dict[str, list[FoldRun]]:

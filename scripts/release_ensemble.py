@@ -59,7 +59,7 @@ class Refused(Exception):
 class Fold:
     fold: int
     run: Path
-    source: Path  # the member's checkpoint (no suffix): the run's best, or an int8 export
+    source: Path  # the member's checkpoint (with or without its suffix): the run's best, or an int8 export
     val: tuple[str, ...]
     history: RunHistory  # metrics.csv and config.json of the fold's run
 

@@ -141,19 +141,18 @@ def export_release(
 
 
 def fold_export(folder: Path, fold: int) -> Path:
-    """The one checkpoint in folder whose name ends in fold<K> (e.g. an int8 export of fold K's best, made where a
-    cross-validation campaign trained, when its fp32 checkpoints cannot travel), as a path without suffix.
-    ValueError when none or several match, or its sidecar is missing."""
+    """The weights file of the one checkpoint in folder whose name ends in fold<K> (e.g. an int8 export of fold K's
+    best, made where a cross-validation campaign trained, when its fp32 checkpoints cannot travel). ValueError when
+    none or several match, or its sidecar is missing."""
     found = sorted(p for p in Path(folder).glob("*.safetensors") if p.stem.endswith(f"fold{fold}"))
     if len(found) != 1:
         raise ValueError(
             f"{folder}: {len(found)} files end in fold{fold}.safetensors; give a folder with one checkpoint per fold"
         )
-    source = found[0].with_suffix("")
-    sidecar = checkpoint_paths(source)[1]
+    sidecar = checkpoint_paths(found[0])[1]
     if not sidecar.is_file():
         raise ValueError(f"fold {fold}: {sidecar} not found; keep each export's .json beside its weights")
-    return source
+    return found[0]
 
 
 def index_entry(model: ReleasedModel) -> dict[str, Any]:

@@ -107,11 +107,9 @@ def prediction_defaults(meta: CheckpointMeta) -> dict[str, str]:
 
     inference = meta.preprocessing.get("inference") or {}
     if meta.preprocessing.get("dims") == 3:
-        from .predict3d import recorded_axes, region_threshold
+        from .predict3d import recorded_axes, recorded_region_threshold
 
-        target = meta.preprocessing.get("target", "labels")
-        threshold = region_threshold(target, None, inference.get("threshold"))  # refuses what prediction refuses
-        threshold = None if target == "labels" else threshold
+        threshold = recorded_region_threshold(meta.preprocessing)  # refuses what prediction refuses
         axes, where = recorded_axes(inference), " on a GPU"
     else:
         from .predict2d import recorded_mirror_axes

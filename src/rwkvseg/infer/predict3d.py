@@ -118,6 +118,15 @@ def region_threshold(target: str, given: float | None, recorded: Any) -> float:
     return recorded_threshold(recorded, "the checkpoint's inference record", "fix its sidecar")
 
 
+def recorded_region_threshold(preprocessing: dict[str, Any]) -> float | None:
+    """The cut a 3D checkpoint's (or export's) preprocessing record makes prediction apply when no --threshold is
+    given: its inference.threshold, else 0.5, for region checkpoints; None for label checkpoints (argmax).
+    ValueError for a record prediction refuses (region_threshold)."""
+    target = preprocessing.get("target", "labels")
+    cut = region_threshold(target, None, (preprocessing.get("inference") or {}).get("threshold"))
+    return None if target == "labels" else cut
+
+
 def default_mirror_axes(given: Sequence[int] | None, recorded: dict[str, Any], device: torch.device) -> tuple[int, ...]:
     """The mirror-TTA axes: given ones (--mirror-axes) as they are; else the checkpoint's on a GPU, and none on the
     CPU, where flipping over 3 axes costs 8 forward passes per window (about 6x the time: ~51 s instead of 8.5 s

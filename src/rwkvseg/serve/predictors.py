@@ -41,7 +41,7 @@ from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.precision import for_precision, in_precision
 from ..infer.predict import PredictConfig
 from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
-from ..infer.predict3d import Predictor3D, region_threshold, write_like
+from ..infer.predict3d import Predictor3D, recorded_region_threshold, write_like
 from ..records import Preprocessing2D, recorded_threshold
 from ..released import released_checkpoints, released_models
 
@@ -179,13 +179,10 @@ def threshold_for(source: ModelSource) -> float | None:
     prediction would refuse."""
     meta = source.meta
     if source.dims == 3:
-        pre = meta.preprocessing
-        target = pre.get("target", "labels")
         try:  # the same reading as Predictor3D's, so a record it would refuse fails when the service starts
-            cut = region_threshold(target, None, (pre.get("inference") or {}).get("threshold"))
+            return recorded_region_threshold(meta.preprocessing)
         except ValueError as err:
             raise ValueError(f"model {source.name}: {source.path}: {err}") from None
-        return None if target == "labels" else cut
     if meta.num_classes > 1:
         return None
     value = meta.training.get("threshold") if isinstance(meta, CheckpointMeta) else meta.threshold
