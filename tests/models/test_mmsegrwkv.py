@@ -190,6 +190,39 @@ def test_stem_stride_two_runs_every_stage_twice_as_fine_with_the_paper_sizes_els
         create_model("mmsegrwkv_test", 4, 3, stem_stride=8)
 
 
+def test_half_res_width_adds_a_decoder_level_at_one_half_and_leaves_the_rest_of_the_model():
+    paper = _tiny()
+    assert paper.enc_half is None and paper.dec_half is None
+    torch.manual_seed(0)
+    model = create_model("mmsegrwkv_test", 4, 3, half_res_width=6)
+    keys, paper_keys = set(model.state_dict()), set(paper.state_dict())
+    # new: the stride-2 block on enc1's map and the 1/2 -> full up block; dec1 now ends at 1/2 with 6 channels
+    assert {k.split(".")[0] for k in keys - paper_keys} == {"enc_half", "dec_half"}
+    assert paper_keys <= keys
+    changed = {k for k in paper_keys if model.state_dict()[k].shape != paper.state_dict()[k].shape}
+    assert changed and all(k.startswith("dec1.") for k in changed)
+    assert model.dec1.transp_conv.conv.weight.shape[1:] == (6, 2, 2, 2)  # [in 16, out 6, 2, 2, 2]: x2, not x4
+    assert model.state_dict().keys() >= {"enc_half.layer.conv1.conv.weight", "dec_half.transp_conv.conv.weight"}
+    seen = {}
+    for name in ("enc_half", "dec1"):  # a hook that returns something would replace the output: return None
+        getattr(model, name).register_forward_hook(lambda module, args, out, name=name: seen.update({name: out.shape}))
+    x = torch.randn(1, 4, 20, 30, 50)  # padded to 32 x 32 x 64 inside
+    y = model(x)
+    assert y.shape == (1, 3, 20, 30, 50) and torch.isfinite(y).all()
+    assert seen["enc_half"] == seen["dec1"] == (1, 6, 16, 16, 32)  # both at 1/2 of the padded grid
+    y.square().mean().backward()
+    for name in ("enc_half", "dec_half", "dec1", "enc1"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert sum(g.abs().sum() for g in grads) > 0, name
+    supervised = create_model("mmsegrwkv_test", 4, 3, half_res_width=6, deep_supervision=2).train()
+    assert [o.shape for o in supervised(x)] == [(1, 3, 20, 30, 50)] * 3
+    with pytest.raises(ValueError, match=r"half_res_width = 6 needs stem_stride = 4: with stem_stride = 2"):
+        create_model("mmsegrwkv_test", 4, 3, half_res_width=6, stem_stride=2)
+    with pytest.raises(ValueError, match=r"half_res_width = -1: 0 \(off, the paper's decoder\)"):
+        create_model("mmsegrwkv_test", 4, 3, half_res_width=-1)
+
+
 def test_fast_norm_swaps_every_instance_norm_and_keeps_the_state_dict_keys():
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in _tiny().modules())
     torch.manual_seed(0)

@@ -76,6 +76,13 @@ class MMSegRWKVConfig:
     # convolution into a 1x1x1 one, so stage 1 runs at 1/2 (4 mm at 2 mm), every stage twice as fine, the total
     # stride 16 and the decoder's last up block x2; the paper's other sizes are unchanged
     stem_stride: int = 4
+    # a decoder level at 1/2, beyond the paper (0: off, as published). The paper's last up block goes from stage
+    # 1's 1/4 map straight to full resolution (x4) beside enc1, the raw input's own block, while DynUNet, which
+    # leads MMSegRWKV on the tumour core at 2 mm (docs/campaigns/s44/), keeps a convolution block at every level.
+    # With a width h, enc1's map goes through a stride-2 residual block (enc_half, h channels) as a 1/2 skip, and
+    # the last up block becomes two: 1/4 -> 1/2 (dec1, + enc_half) and 1/2 -> full (dec_half, + enc1). New
+    # parameters, so a checkpoint loads into a model with the same setting. Needs the paper's stem (stem_stride 4)
+    half_res_width: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.widths)
@@ -100,6 +107,13 @@ class MMSegRWKVConfig:
             raise ValueError(
                 f"stem_stride = {self.stem_stride!r}: 4 (the paper's stem, stage 1 at 1/4) or 2 (stage 1 at 1/2, "
                 "for volumes at twice the paper's voxel size)"
+            )
+        if self.half_res_width < 0:
+            raise ValueError(f"half_res_width = {self.half_res_width!r}: 0 (off, the paper's decoder) or a width >= 1")
+        if self.half_res_width and self.stem_stride != 4:
+            raise ValueError(
+                f"half_res_width = {self.half_res_width} needs stem_stride = 4: with stem_stride = "
+                f"{self.stem_stride} stage 1 is already at 1/2; set one of them"
             )
 
     @property
@@ -201,7 +215,14 @@ class MMSegRWKV(nn.Module):
         self.dec4 = up(cfg.decoder_hidden, w[3], 2)
         self.dec3 = up(w[3], w[2], 2)
         self.dec2 = up(w[2], w[1], 2)
-        self.dec1 = up(w[1], fr, cfg.stem_stride)  # 1/s -> full resolution, + enc1
+        hr = cfg.half_res_width
+        if hr:  # 1/4 -> 1/2 (+ enc_half: enc1's map, stride 2) -> full resolution (+ enc1)
+            self.enc_half = UnetrBasicBlock(3, fr, hr, kernel_size=3, stride=2, norm_name=norm, res_block=True)
+            self.dec1 = up(w[1], hr, 2)
+            self.dec_half = up(hr, fr, 2)
+        else:
+            self.enc_half = self.dec_half = None
+            self.dec1 = up(w[1], fr, cfg.stem_stride)  # 1/s -> full resolution, + enc1
         self.dec0 = basic(fr, fr)
         self.head = UnetOutBlock(3, fr, cfg.num_classes)
         # deep supervision: heads on the 1/s (dec2: w[1] channels) and 1/2s (dec3: w[2]) decoder maps, stem stride s
@@ -244,7 +265,11 @@ class MMSegRWKV(nn.Module):
         y = self.dec4(self.bottleneck(s4), self.enc4(s3))  # 1/8s -> 1/4s (stem stride s: 4, or 2)
         y8 = self.dec3(y, self.enc3(s2))  # -> 1/2s
         y4 = self.dec2(y8, self.enc2(s1))  # -> 1/s
-        y = self.dec0(self.dec1(y4, enc1))  # -> full resolution
+        if self.dec_half is None:
+            y = self.dec0(self.dec1(y4, enc1))  # -> full resolution
+        else:
+            y = self.dec1(y4, self.enc_half(enc1))  # 1/4 -> 1/2: [B, half_res_width, T/2, H/2, W/2]
+            y = self.dec0(self.dec_half(y, enc1))  # -> full resolution
         y = self.head(y)[:, :, : size[0], : size[1], : size[2]]
         if not (self.training and self.aux_heads):
             return y
