@@ -91,6 +91,46 @@ def test_evaluate_folders_writes_csv_and_summary_at_true_spacing(tmp_path):
     assert undefined["regions"]["ET"]["dice"]["undefined"] == 1
 
 
+def test_the_summary_and_the_cli_say_which_label_each_reference_label_came_out_as(tmp_path, capsys):
+    from rwkvseg.cli import main
+
+    refs, preds = tmp_path / "refs", tmp_path / "preds"
+    ref = seg()
+    n = {v: int((ref == v).sum()) for v in (0, 1, 2, 4)}
+    assert n[1] == 34 and n[4] == 2  # the core seg() draws: 34 voxels of label 1 around 2 of ET
+    called_edema = ref.copy()
+    called_edema[ref == 1] = 2  # the whole non-enhancing core predicted as edema: WT still perfect
+    save(refs / "a_seg.nii.gz", ref)
+    save(preds / "a.nii.gz", called_edema)
+    save(refs / "b_seg.nii.gz", ref)
+    save(preds / "b.nii.gz", ref)
+    summary = evaluate_folders(preds, refs, tmp_path / "out", spec=BRATS)
+    assert summary["regions"]["WT"]["dice"]["mean"] == 1.0 and summary["regions"]["TC"]["dice"]["mean"] < 1.0
+    confusion = summary["label_confusion"]
+    assert confusion["labels"] == [0, 1, 2, 4]
+    assert confusion["voxels"] == [  # rows: reference label; columns: predicted label; both cases summed
+        [2 * n[0], 0, 0, 0],
+        [0, n[1], n[1], 0],
+        [0, 0, 2 * n[2], 0],
+        [0, 0, 0, 2 * n[4]],
+    ]
+    assert confusion["share_of_reference"][1] == [0.0, 0.5, 0.5, 0.0]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["label_confusion"] == confusion
+    # a label that no reference holds has no share to give
+    save(refs / "a_seg.nii.gz", seg(et=False))
+    save(refs / "b_seg.nii.gz", seg(et=False))
+    save(preds / "b.nii.gz", seg(et=False))
+    save(preds / "a.nii.gz", ref)  # ET predicted where the references have none
+    capsys.readouterr()
+    assert main(["evaluate", str(preds), str(refs), "--out", str(tmp_path / "out2")]) == 0
+    shares = json.loads((tmp_path / "out2" / "summary.json").read_text())["label_confusion"]["share_of_reference"]
+    assert shares[3] is None and shares[1][3] == pytest.approx(2 / (2 * (n[1] + n[4])))
+    printed = capsys.readouterr().out
+    assert "reference label: share of its voxels predicted as 0 / 1 / 2 / 4" in printed
+    assert f"  1: 0.000 / {1 - shares[1][3]:.3f} / 0.000 / {shares[1][3]:.3f}" in printed
+    assert "  4:" not in printed
+
+
 def test_evaluation_of_bad_inputs_names_the_files(tmp_path):
     refs, preds = tmp_path / "refs", tmp_path / "preds"
     save(refs / "a_seg.nii.gz", seg())

@@ -82,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
         for region, stats in summary["regions"].items():
             hd = f"  HD95 {stats['hd95']['mean']:.2f} mm" if "hd95" in stats and "mean" in stats["hd95"] else ""
             print(f"{region:4s} Dice {stats['dice'].get('mean', float('nan')):.4f}{hd}")
+        confusion = summary["label_confusion"]
+        labels = confusion["labels"]
+        print("reference label: share of its voxels predicted as " + " / ".join(map(str, labels)))
+        for label, shares in zip(labels, confusion["share_of_reference"], strict=True):
+            if shares is not None:
+                print(f"  {label}: " + " / ".join(f"{v:.3f}" for v in shares))
         return 0
     stats = summary.get("mean_over_classes") or {
         k: v["mean"] for k, v in summary.items() if isinstance(v, dict) and "mean" in v

@@ -2,7 +2,9 @@
 
 Files: predictions `<pred_dir>/<case>.nii.gz` (also `<case>_seg` / `<case>-seg`, any NIfTI/ITK suffix) against
 reference labels (a dataset folder in the spec's layout, or a flat folder of label files). Each pair must share
-shape and affine; Dice and HD95 (mm, at the reference's true voxel spacing) per region, one row per case.
+shape and affine; Dice and HD95 (mm, at the reference's true voxel spacing) per region, one row per case, and
+over all cases the label confusion: which label was predicted on the voxels of each reference label (BraTS: how
+much of the necrotic / non-enhancing core came out as edema), which the region scores cannot tell.
 """
 
 from __future__ import annotations
@@ -87,6 +89,28 @@ def region_scores(
     }
 
 
+def label_confusion(pred_classes: np.ndarray, ref_classes: np.ndarray, count: int) -> np.ndarray:
+    """Class-index volumes [*S] (positions in spec.label_values) -> voxel counts [count, count]: row = reference
+    class, column = predicted class."""
+    pairs = ref_classes.astype(np.int64).ravel() * count + pred_classes.ravel()
+    return np.bincount(pairs, minlength=count * count).reshape(count, count)
+
+
+def confusion_summary(voxels: np.ndarray, spec: DatasetSpec) -> dict[str, Any]:
+    """The summary's `label_confusion`: the counts and each reference label's share predicted as each label (rows
+    summing to 1; None for a label absent from every reference)."""
+    totals = voxels.sum(axis=1, keepdims=True)
+    shares = np.divide(voxels, totals, out=np.zeros(voxels.shape), where=totals > 0)
+    return {
+        "labels": list(spec.label_values),
+        "voxels": voxels.tolist(),
+        "share_of_reference": [
+            row.tolist() if total else None for row, total in zip(shares, totals[:, 0], strict=True)
+        ],
+        "definition": "rows: reference label, columns: predicted label, voxels summed over all cases",
+    }
+
+
 def evaluate_pair(
     pred_path: Path,
     ref_path: Path,
@@ -94,8 +118,9 @@ def evaluate_pair(
     policy: EmptyPolicy = EmptyPolicy.PERFECT,
     with_hd95: bool = True,
     empty_hd95: float | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Region scores of one prediction file against its reference; errors name both files."""
+) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+    """(region scores, label confusion counts) of one prediction file against its reference; errors name both
+    files."""
     pred, ref = read_volume(pred_path), read_volume(ref_path)
     if pred.array.shape != ref.array.shape or not np.allclose(pred.affine, ref.affine, atol=AFFINE_ATOL):
         raise ValueError(
@@ -103,9 +128,10 @@ def evaluate_pair(
             f"(shape {ref.array.shape[::-1]}), affines\n{pred.affine}\n{ref.affine}\npredict on the original "
             f"image (rwkvseg predict writes on the input's grid) or resample the prediction to the reference"
         )
-    for volume in (pred, ref):
-        labels_to_classes(volume.array, spec, volume.path)  # raises on label values outside the spec
-    return region_scores(pred.array, ref.array, spec, ref.spacing, policy, with_hd95, empty_hd95)
+    # class indices; raises on label values outside the spec
+    pred_classes, ref_classes = (labels_to_classes(v.array, spec, v.path) for v in (pred, ref))
+    scores = region_scores(pred.array, ref.array, spec, ref.spacing, policy, with_hd95, empty_hd95)
+    return scores, label_confusion(pred_classes, ref_classes, spec.num_classes)
 
 
 def score_volumes(
@@ -133,8 +159,10 @@ def score_volumes(
         log.warning("%d prediction(s) without a reference are ignored: %s", len(extra), ", ".join(extra[:10]))
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.region_names}
     table = []
+    confusion = np.zeros((spec.num_classes, spec.num_classes), dtype=np.int64)
     for case_id, ref_path in sorted(refs.items()):
-        scores = evaluate_pair(preds[case_id], ref_path, spec, policy, with_hd95, empty_hd95)
+        scores, counts = evaluate_pair(preds[case_id], ref_path, spec, policy, with_hd95, empty_hd95)
+        confusion += counts
         row: dict[str, Any] = {"case": case_id}
         for region, values in scores.items():
             rows[region].append({"case": case_id, **values})
@@ -164,6 +192,7 @@ def score_volumes(
         "hd95_definition": "MONAI: the larger of the two directed 95th percentiles of surface distances",
         "regions": regions,
         "mean_dice": float(np.nanmean([r["dice"]["mean"] for r in regions.values() if "mean" in r["dice"]])),
+        "label_confusion": confusion_summary(confusion, spec),
         "predictions": str(pred_dir),
         "references": str(ref_dir),
     }
