@@ -12,7 +12,8 @@ best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's 
   fold<K>/val`; fold<K>/eval: `rwkvseg evaluate` of that fold alone;
 - all/pred: links to every fold's predictions, all/eval: `rwkvseg evaluate all/pred` against the validation cases of
   every fold together: the cross-validation score (a mean over cases, not over folds).
-Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all), a table on screen, and
+Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all, and the label
+confusion over all cases), a table on screen, and
 OUT/<variant>.folds.curves.png: each fold's validation Dice during training, their mean and the mean training loss
 (from the runs' metrics.csv; needs matplotlib, `pip install 'rwkvseg[plots]'`; --no-curves leaves them out).
 With several variants, each one after the first (in name order) is compared with that first one case by case over
@@ -157,6 +158,7 @@ def evaluate_variant(variant: str, runs: list[FoldRun], data: Path, out: Path, c
         "cases": summary["cases"],
         "all": summary_means(summary),
         "per_fold": per_fold,
+        "label_confusion": summary["label_confusion"],  # over every case: where each reference label went
     }
 
 

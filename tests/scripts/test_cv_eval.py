@@ -33,6 +33,11 @@ def test_cv_eval_scores_each_fold_and_every_case_once(fold_campaign, tmp_path, c
     weighted = sum(n * model["per_fold"][str(k)]["dice"] for k, n in enumerate(sizes)) / sum(sizes)
     assert model["all"]["dice"] == pytest.approx(weighted)  # a mean over cases, not over folds
     assert model["per_fold"]["0"]["dice"] != model["per_fold"]["1"]["dice"]  # two different checkpoints
+    every = json.loads((out / "brats2018-bright" / "all" / "eval" / "summary.json").read_text())
+    assert model["label_confusion"] == every["label_confusion"]  # the counts over every case, as evaluate gives
+    assert sum(map(sum, model["label_confusion"]["voxels"])) == sum(
+        int(np.prod(nib.load(p).shape)) for p in (out / "brats2018-bright" / "all" / "pred").glob("*.nii.gz")
+    )  # every voxel of every case counted once
     assert "| brats2018-bright | 2 | 5 |" in capsys.readouterr().out
     assert (out / "brats2018-bright.folds.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the fold curves
 
