@@ -95,6 +95,15 @@ def confusion_counts(
     )
 
 
+def label_confusion(pred: np.ndarray, target: np.ndarray, count: int) -> np.ndarray:
+    """Class-index arrays [*S] (0 .. count-1) -> counts [count, count] over every element: row = target (reference)
+    class, column = predicted class. The multi-class table whose one-class view confusion_counts gives."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {target.shape}")
+    pairs = target.astype(np.int64).ravel() * count + pred.ravel()
+    return np.bincount(pairs, minlength=count * count).reshape(count, count)
+
+
 def _ratio(num: np.ndarray, den: np.ndarray, when_zero: np.ndarray) -> np.ndarray:
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     out = np.divide(num, den, out=np.zeros_like(num), where=den > 0)

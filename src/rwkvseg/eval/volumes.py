@@ -26,7 +26,7 @@ from ..data.volumes import (
     read_volume,
     strip_suffix,
 )
-from .metrics import EmptyPolicy, case_scores, summarize
+from .metrics import EmptyPolicy, case_scores, label_confusion, summarize
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,6 @@ def region_scores(
         name: case_scores(pred_regions[name], ref_regions[name], spacing, policy, with_hd95, empty_hd95)
         for name in spec.region_names
     }
-
-
-def label_confusion(pred_classes: np.ndarray, ref_classes: np.ndarray, count: int) -> np.ndarray:
-    """Class-index volumes [*S] (positions in spec.label_values) -> voxel counts [count, count]: row = reference
-    class, column = predicted class."""
-    pairs = ref_classes.astype(np.int64).ravel() * count + pred_classes.ravel()
-    return np.bincount(pairs, minlength=count * count).reshape(count, count)
 
 
 def confusion_summary(voxels: np.ndarray, spec: DatasetSpec) -> dict[str, Any]:
