@@ -59,7 +59,7 @@ class Refused(Exception):
 class Fold:
     fold: int
     run: Path
-    source: Path  # the member's checkpoint (with or without its suffix): the run's best, or an int8 export
+    source: Path  # the member's weights file: the run's best.safetensors, or an int8 export
     val: tuple[str, ...]
     history: RunHistory  # metrics.csv and config.json of the fold's run
 
@@ -74,9 +74,9 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def member_source(run: Path, fold: int, members_from: Path | None) -> Path:
-    """The checkpoint (without suffix) that becomes fold's member."""
+    """The weights file (its sidecar beside it) that becomes fold's member."""
     if members_from is None:
-        source = run / "best"
+        source = run / "best.safetensors"
     else:
         try:
             source = fold_export(members_from, fold)
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         folds = read_folds(args.runs, args.variant, cv["folds"], args.members_from)
         members = check_name(args.name, folder, folds)
         try:  # the members must predict as one ensemble (rwkvseg predict checks the same when loading them)
-            meta = check_members([checkpoint_paths(f.source)[0] for f in folds], ())
+            meta = check_members([f.source for f in folds], ())
         except ValueError as err:
             raise Refused(f"the fold checkpoints cannot form one ensemble: {err}") from None
         spec = DatasetSpec.from_dict(meta.preprocessing["dataset"])

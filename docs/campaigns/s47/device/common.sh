@@ -23,8 +23,12 @@ progress() {
     [ -f "$W/state-$arm/exit" ] && echo "$arm exit $(cat "$W/state-$arm/exit")"
   done
 }
-pack() {  # small files of every arm's runs and CVs into $OUT/$1
-  (cd "$W" && tar czf "$OUT/$1" --exclude='*.safetensors' --exclude=state.pt --exclude=cache --exclude='cc-*' \
-    --exclude=pred --exclude=val --exclude='*.nii.gz' --exclude=triton-home --ignore-failed-read \
-    $(ls -d runs-* cv-* state-*/log 2>/dev/null)) ; ls -l "$OUT"
+pack() {  # small files of every arm's runs, CVs and logs into $OUT/small.tgz (scripts/detached_call.py's --pack)
+  local folders=() arm
+  for arm in $ARMS; do
+    for d in "$W/runs-$arm" "$W"/cv-"$arm"-* "$W/state-$arm"; do [ -d "$d" ] && folders+=(--pack "$d"); done
+  done
+  python3 scripts/detached_call.py follow "$W/state-${ARMS%% *}" --seconds 0 --lines 0 --out "$OUT" "${folders[@]}" \
+    --exclude '*.safetensors' --exclude state.pt --exclude '*.nii.gz'
+  ls -l "$OUT"
 }

@@ -17,5 +17,5 @@ for spec in ${CV_SPECS:-}; do
     --postprocess largest 2>&1 | tail -n 30
   echo "cv $spec done $(($(date +%s) - t0)) s"
 done
-pack small.tgz
+pack
 echo "final.sh done $(($(date +%s) - t0)) s"

@@ -19,5 +19,5 @@ for arm in $ARMS; do
 done
 progress
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
-pack progress.tgz
+[ -n "${NOPACK:-}" ] || pack
 echo "start.sh done $(($(date +%s) - t0)) s"
