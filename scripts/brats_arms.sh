@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Screening arms of MMSegRWKV on the five BraTS folds over the calls of one device lease (docs/campaigns/, sessions
+# 47-48): each arm is one scripts/campaign.py run of the five folds, started detached so that it trains on between
+# calls, then cross-validated with scripts/cv_eval.py and its small files returned as $OUT/small.tgz.
+#
+# Usage (from the repository root on the device; the wheels of monai and nibabel carried in .whl/ or $WHEELS, the
+# raw 2 mm BraTS folder in $RAW, default .gpudata/brats18raw, a copy of ../shared/data/brats2018_4mod_2mm):
+#   ARMS="L H" EPOCHS=17 MINUTES=14 FOLLOW_SECONDS=540 scripts/brats_arms.sh start
+#       preprocess (once), start each arm's campaign detached, follow them for FOLLOW_SECONDS, report, pack
+#       (NOPACK=1: no pack). TAG replaces the runs' tag stem (default ds2_e$EPOCHS).
+#   ARMS="L H" WAIT_ARMS="L H" WAIT_SECONDS=430 CV_SPECS="L:none H:0.5" scripts/brats_arms.sh final
+#       wait for each of WAIT_ARMS until WAIT_SECONDS have passed, stop what still runs (its last finished epoch
+#       stays whole), cross-validate each ARM:CUT of CV_SPECS (cut none: no --threshold, for label targets, whose
+#       checkpoints refuse one) with `largest`, pack
+#   scripts/brats_arms.sh one        start, then final, in one call (the env of both)
+#   TEST_WHEELS=DIR scripts/brats_arms.sh gputest
+#       the GPU-marked tests of layers, 3D training and memory formats, with pytest's wheels from DIR (default
+#       .devcache/tw: pip download --no-deps --python-version 3.12 --only-binary=:all: pytest pluggy iniconfig
+#       packaging pygments), TEST_TIMEOUT seconds at most (default 140)
+# WORK (default /tmp/brats-arms) holds the cache, the runs, the compile caches and the detached states: a second
+# call on the same warm machine finds them there.
+# The arms (all on session 44's recipe: weight EMA 0.999 from step 500, 66 % foreground patches, validation every 2
+# epochs, deep supervision on two decoder levels, the five folds of splits/brats2018_2mm_5fold.json):
+#   B  regions (BCE + Dice), the base       L  labels (CE + Dice)
+#   H  regions, half_res_width=32           N  regions, resfm=none
+set -uo pipefail
+W=${WORK:-/tmp/brats-arms}
+RAW=${RAW:-.gpudata/brats18raw}
+COMMON=(--set val_every=2 --set optim.ema=0.999 --set optim.ema_start=500 --set data.patches.fg_fraction=0.66)
+REGIONS=(--set data.target=regions --set loss.name=bce_dice)
+LABELS=(--set data.target=labels --set loss.name=ce_dice)
+FOLDS=(--folds 0 1 2 3 4 --set infer.final_eval=false)
+MM=(--configs configs/brats2018_mmsegrwkv.toml --set model.overrides.deep_supervision=2)
+
+arm_args() {  # arm letter -> its campaign options (without epochs, minutes, cache)
+  local tag=${TAG:-ds2_e$EPOCHS}
+  case $1 in
+    B) echo "${MM[*]} ${REGIONS[*]} ${FOLDS[*]} --tag $tag" ;;
+    L) echo "${MM[*]} ${LABELS[*]} ${FOLDS[*]} --tag ${tag}_labels" ;;
+    H) echo "${MM[*]} ${REGIONS[*]} --set model.overrides.half_res_width=32 ${FOLDS[*]} --tag ${tag}_hrw32" ;;
+    N) echo "${MM[*]} ${REGIONS[*]} --set model.overrides.resfm=none ${FOLDS[*]} --tag ${tag}_nofm" ;;
+    *) echo "$0: unknown arm $1 (B, L, H or N)" >&2; return 2 ;;
+  esac
+}
+
+progress() {  # each run's last history line, and the arms that ended
+  local arm m
+  for arm in $ARMS; do
+    for m in "$W"/runs-"$arm"/*/metrics.csv; do
+      [ -f "$m" ] && echo "$arm $(basename "$(dirname "$m")") $(wc -l <"$m") lines: $(tail -n 1 "$m" | cut -c1-160)"
+    done
+    [ -f "$W/state-$arm/exit" ] && echo "$arm exit $(cat "$W/state-$arm/exit")"
+  done
+}
+
+pack() {  # the small files of every arm's runs, cross-validations and logs into $OUT/small.tgz
+  local folders=() arm d
+  for arm in $ARMS; do
+    for d in "$W/runs-$arm" "$W"/cv-"$arm"-* "$W/state-$arm"; do [ -d "$d" ] && folders+=(--pack "$d"); done
+  done
+  python3 scripts/detached_call.py follow "$W/state-${ARMS%% *}" --seconds 0 --lines 0 --out "$OUT" "${folders[@]}" \
+    --exclude '*.safetensors' --exclude state.pt --exclude '*.nii.gz' || { echo "$0: packing failed" >&2; return 1; }
+  ls -l "$OUT"
+}
+
+start() {
+  local t0 arm spec args left
+  : "${EPOCHS:?set EPOCHS, e.g. 17}" "${MINUTES:?set MINUTES, the budget of each campaign}" "${FOLLOW_SECONDS:?set FOLLOW_SECONDS}"
+  t0=$(date +%s)
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+  [ -d "$W/cache" ] || python3 -m rwkvseg.cli preprocess "$RAW" --out "$W/cache" | tail -n 2
+  echo "preprocess done $(($(date +%s) - t0)) s"
+  for arm in $ARMS; do
+    spec=$(arm_args "$arm") || return 2
+    read -r -a args <<<"$spec"
+    python3 scripts/detached_call.py start "$W/state-$arm" -- python3 scripts/campaign.py "$W/cache" \
+      "$W/runs-$arm" --epochs "$EPOCHS" --minutes "$MINUTES" "${COMMON[@]}" "${args[@]}" --compile-cache "$W/cc-$arm"
+  done
+  for arm in $ARMS; do
+    left=$((FOLLOW_SECONDS - ($(date +%s) - t0)))
+    python3 scripts/detached_call.py follow "$W/state-$arm" --seconds "$((left < 0 ? 0 : left))" --lines 3
+  done
+  progress
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
+  [ -n "${NOPACK:-}" ] || pack || return 1
+  echo "start done $(($(date +%s) - t0)) s"
+}
+
+final() {
+  local t0 arm left spec cut thr
+  [ -z "${WAIT_ARMS:-}" ] || : "${WAIT_SECONDS:?set WAIT_SECONDS, how long to wait for WAIT_ARMS}"
+  t0=$(date +%s)
+  for arm in ${WAIT_ARMS:-}; do
+    left=$((WAIT_SECONDS - ($(date +%s) - t0)))
+    python3 scripts/detached_call.py follow "$W/state-$arm" --seconds "$((left < 0 ? 0 : left))" --lines 3
+    [ -f "$W/state-$arm/exit" ] || python3 scripts/detached_call.py stop "$W/state-$arm" --grace 25
+  done
+  echo "waited $(($(date +%s) - t0)) s"
+  progress
+  for spec in ${CV_SPECS:-}; do
+    arm=${spec%%:*} cut=${spec##*:}
+    thr=(--threshold "$cut")
+    [ "$cut" = none ] && thr=()
+    python3 scripts/cv_eval.py "$W/runs-$arm" "$RAW" "$W/cv-$arm-$cut" --device cuda "${thr[@]}" \
+      --postprocess largest 2>&1 | tail -n 30
+    echo "cv $spec done $(($(date +%s) - t0)) s"
+  done
+  pack || return 1
+  echo "final done $(($(date +%s) - t0)) s"
+}
+
+gputest() {
+  local t0 wheels=${TEST_WHEELS:-.devcache/tw}
+  t0=$(date +%s)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/tsite "$wheels"/*.whl "${WHEELS:-.whl}"/*.whl
+  PYTHONPATH=/tmp/tsite:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 timeout "${TEST_TIMEOUT:-140}" \
+    python3 -m pytest -p no:cacheprovider -m gpu -q -o addopts= tests/layers tests/train/test_train3d.py \
+    tests/test_memory_format.py 2>&1 | tail -n 25
+  echo "tests done $(($(date +%s) - t0)) s"
+}
+
+case ${1:-} in
+  start | final | one) ;;
+  gputest) gputest; exit ;;
+  *) echo "usage: $0 start|final|one|gputest (settings in the environment: see the header)" >&2; exit 2 ;;
+esac
+: "${ARMS:?set ARMS, the arms to run or report, e.g. L or H N}"
+mkdir -p "$W"
+source scripts/device_env.sh && device_env "$W/triton-home" || { echo "$0: device_env failed" >&2; exit 1; }
+case $1 in
+  start) start ;;
+  final) final ;;
+  one)
+    t1=$(date +%s)
+    NOPACK=1 start || exit  # one return: final packs
+    WAIT_SECONDS=$((WAIT_SECONDS - ($(date +%s) - t1))) final
+    ;;
+esac

@@ -1,0 +1,121 @@
+"""scripts/brats_arms.sh: the screening arms' device calls, with nvidia-smi stubbed and the GPU commands
+(preprocess, campaign, cross-validation) recorded instead of run; scripts/detached_call.py runs for real."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "brats_arms.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+# python3 as the script calls it: the GPU commands write their arguments to $RECORD (and a cross-validation its
+# output folder), everything else (scripts/detached_call.py) runs in this environment's Python
+STUB = """#!/usr/bin/env bash
+case "$1 $2" in
+  "-m rwkvseg.cli" | scripts/campaign.py* | scripts/cv_eval.py*)
+    printf '%s\\n' "$*" >> "$RECORD"
+    case "$1" in scripts/cv_eval.py) mkdir -p "$4" && echo cv > "$4/cv.json" ;; esac ;;
+  *) exec {python} "$@" ;;
+esac
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(STUB.format(python=shlex.quote(sys.executable)))
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'name, memory.total [MiB]'\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    return bin_dir
+
+
+def call(stubs: Path, tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}",
+        "WHEELS": "no-wheels-here",
+        "WORK": str(tmp_path / "work"),
+        "OUT": str(tmp_path / "out"),
+        "RECORD": str(tmp_path / "record.txt"),
+        **env,
+    }
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=environment, capture_output=True, text=True)
+
+
+def recorded(tmp_path: Path) -> list[str]:
+    record = tmp_path / "record.txt"
+    return record.read_text().splitlines() if record.exists() else []
+
+
+def test_usage_and_missing_settings_are_one_line_and_non_zero(stubs, tmp_path):
+    result = call(stubs, tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("usage:")
+    result = call(stubs, tmp_path, "final")
+    assert result.returncode != 0 and "ARMS: set ARMS" in result.stderr
+    result = call(stubs, tmp_path, "start", ARMS="L")
+    assert result.returncode != 0 and "EPOCHS: set EPOCHS" in result.stderr
+    result = call(stubs, tmp_path, "start", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0")
+    assert result.returncode == 2 and "unknown arm X (B, L, H or N)" in result.stderr
+    assert not any("campaign.py" in line for line in recorded(tmp_path))  # nothing started
+    result = call(stubs, tmp_path, "one", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0", WAIT_SECONDS="0")
+    assert result.returncode == 2 and "waited" not in result.stdout  # a failed start ends the call
+    result = call(stubs, tmp_path, "final", ARMS="L")  # no arm L was started here: nothing to pack
+    assert result.returncode == 1 and "packing failed" in result.stderr and "final done" not in result.stdout
+
+
+def test_one_call_starts_each_arm_with_its_targets_and_cross_validates_labels_without_a_cut(stubs, tmp_path):
+    settings = dict(ARMS="L H", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="5", WAIT_SECONDS="5")
+    result = call(stubs, tmp_path, "one", **settings, WAIT_ARMS="L H", CV_SPECS="L:none H:0.5")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = recorded(tmp_path)
+    assert lines[0].endswith(f"preprocess .gpudata/brats18raw --out {tmp_path}/work/cache")
+    campaigns = [line for line in lines if "scripts/campaign.py" in line]
+    assert len(campaigns) == 2
+    labels, half = campaigns
+    for line in campaigns:
+        assert "--epochs 17 --minutes 14" in line and "--folds 0 1 2 3 4" in line
+        assert "model.overrides.deep_supervision=2" in line and "data.num_workers" not in line
+    assert "data.target=labels --set loss.name=ce_dice" in labels and labels.endswith(
+        f"--tag ds2_e17_labels --compile-cache {tmp_path}/work/cc-L"
+    )
+    assert "data.target=regions --set loss.name=bce_dice" in half and "half_res_width=32" in half
+    cvs = [line for line in lines if "scripts/cv_eval.py" in line]
+    assert "--threshold" not in cvs[0] and f"{tmp_path}/work/cv-L-none" in cvs[0]
+    assert "--threshold 0.5 --postprocess largest" in cvs[1]
+    # the recorded campaigns ended at once: both arms' states say so, and the one return packs their small files
+    assert "L exit 0" in result.stdout and "H exit 0" in result.stdout
+    with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"state-L/exit", "state-H/exit", "cv-L-none/cv.json", "cv-H-0.5/cv.json"} <= names
+
+
+def test_final_stops_what_still_runs_and_packs_without_weights(stubs, tmp_path):
+    work = tmp_path / "work"
+    run = work / "runs-L" / "brats2018-mmsegrwkv-ds2_e17_labels-fold0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("epoch,train_loss\n1,0.5\n")
+    (run / "best.safetensors").write_bytes(b"weights")
+    start = [sys.executable, "scripts/detached_call.py", "start", str(work / "state-L"), "--", "sleep", "60"]
+    subprocess.run(start, cwd=ROOT, check=True, capture_output=True)
+
+    result = call(stubs, tmp_path, "final", ARMS="L", WAIT_ARMS="L", WAIT_SECONDS="1")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (work / "state-L" / "exit").is_file()  # stopped, and its end recorded
+    assert "brats2018-mmsegrwkv-ds2_e17_labels-fold0 2 lines: 1,0.5" in result.stdout
+    with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
+        names = set(tar.getnames())
+    assert "runs-L/brats2018-mmsegrwkv-ds2_e17_labels-fold0/metrics.csv" in names
+    assert not any(name.endswith(".safetensors") for name in names)
