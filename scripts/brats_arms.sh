@@ -32,13 +32,13 @@ LABELS=(--set data.target=labels --set loss.name=ce_dice)
 FOLDS=(--folds 0 1 2 3 4 --set infer.final_eval=false)
 MM=(--configs configs/brats2018_mmsegrwkv.toml --set model.overrides.deep_supervision=2)
 
-arm_args() {  # arm letter -> its campaign options (without epochs, minutes, cache)
+arm_args() {  # arm letter -> ARGS, its campaign options (without epochs, minutes, cache)
   local tag=${TAG:-ds2_e$EPOCHS}
   case $1 in
-    B) echo "${MM[*]} ${REGIONS[*]} ${FOLDS[*]} --tag $tag" ;;
-    L) echo "${MM[*]} ${LABELS[*]} ${FOLDS[*]} --tag ${tag}_labels" ;;
-    H) echo "${MM[*]} ${REGIONS[*]} --set model.overrides.half_res_width=32 ${FOLDS[*]} --tag ${tag}_hrw32" ;;
-    N) echo "${MM[*]} ${REGIONS[*]} --set model.overrides.resfm=none ${FOLDS[*]} --tag ${tag}_nofm" ;;
+    B) ARGS=("${MM[@]}" "${REGIONS[@]}" "${FOLDS[@]}" --tag "$tag") ;;
+    L) ARGS=("${MM[@]}" "${LABELS[@]}" "${FOLDS[@]}" --tag "${tag}_labels") ;;
+    H) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.half_res_width=32 "${FOLDS[@]}" --tag "${tag}_hrw32") ;;
+    N) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.resfm=none "${FOLDS[@]}" --tag "${tag}_nofm") ;;
     *) echo "$0: unknown arm $1 (B, L, H or N)" >&2; return 2 ;;
   esac
 }
@@ -64,17 +64,16 @@ pack() {  # the small files of every arm's runs, cross-validations and logs into
 }
 
 start() {
-  local t0 arm spec args left
+  local t0 arm left
   : "${EPOCHS:?set EPOCHS, e.g. 17}" "${MINUTES:?set MINUTES, the budget of each campaign}" "${FOLLOW_SECONDS:?set FOLLOW_SECONDS}"
   t0=$(date +%s)
   nvidia-smi --query-gpu=name,memory.total --format=csv
   [ -d "$W/cache" ] || python3 -m rwkvseg.cli preprocess "$RAW" --out "$W/cache" | tail -n 2
   echo "preprocess done $(($(date +%s) - t0)) s"
   for arm in $ARMS; do
-    spec=$(arm_args "$arm") || return 2
-    read -r -a args <<<"$spec"
+    arm_args "$arm" || return 2
     python3 scripts/detached_call.py start "$W/state-$arm" -- python3 scripts/campaign.py "$W/cache" \
-      "$W/runs-$arm" --epochs "$EPOCHS" --minutes "$MINUTES" "${COMMON[@]}" "${args[@]}" --compile-cache "$W/cc-$arm"
+      "$W/runs-$arm" --epochs "$EPOCHS" --minutes "$MINUTES" "${COMMON[@]}" "${ARGS[@]}" --compile-cache "$W/cc-$arm"
   done
   for arm in $ARMS; do
     left=$((FOLLOW_SECONDS - ($(date +%s) - t0)))
@@ -109,22 +108,22 @@ final() {
   echo "final done $(($(date +%s) - t0)) s"
 }
 
-gputest() {
-  local t0 wheels=${TEST_WHEELS:-.devcache/tw}
+gputest() {  # after device_env (monai and nibabel installed, src/ on PYTHONPATH): pytest's wheels beside them
+  local t0 status
   t0=$(date +%s)
-  python3 -m pip install -q --no-index --no-deps --target /tmp/tsite "$wheels"/*.whl "${WHEELS:-.whl}"/*.whl
-  PYTHONPATH=/tmp/tsite:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1 timeout "${TEST_TIMEOUT:-140}" \
-    python3 -m pytest -p no:cacheprovider -m gpu -q -o addopts= tests/layers tests/train/test_train3d.py \
-    tests/test_memory_format.py 2>&1 | tail -n 25
+  python3 -m pip install -q --no-index --no-deps --target /tmp/tsite "${TEST_WHEELS:-.devcache/tw}"/*.whl || return 1
+  PYTHONPATH=/tmp/tsite:$PYTHONPATH:$PWD/tests timeout "${TEST_TIMEOUT:-140}" python3 -m pytest -p no:cacheprovider \
+    -m gpu -q -o addopts= tests/layers tests/train/test_train3d.py tests/test_memory_format.py 2>&1 | tail -n 25
+  status=$?  # pytest's (pipefail), or 124 from timeout
   echo "tests done $(($(date +%s) - t0)) s"
+  return $status
 }
 
 case ${1:-} in
-  start | final | one) ;;
-  gputest) gputest; exit ;;
+  start | final | one) : "${ARMS:?set ARMS, the arms to run or report, e.g. L or H N}" ;;
+  gputest) ;;
   *) echo "usage: $0 start|final|one|gputest (settings in the environment: see the header)" >&2; exit 2 ;;
 esac
-: "${ARMS:?set ARMS, the arms to run or report, e.g. L or H N}"
 mkdir -p "$W"
 source scripts/device_env.sh && device_env "$W/triton-home" || { echo "$0: device_env failed" >&2; exit 1; }
 case $1 in
@@ -135,4 +134,5 @@ case $1 in
     NOPACK=1 start || exit  # one return: final packs
     WAIT_SECONDS=$((WAIT_SECONDS - ($(date +%s) - t1))) final
     ;;
+  gputest) gputest ;;
 esac
