@@ -33,6 +33,9 @@ that reads it against that noise: `yes` when even its one-sided 95 % upper bound
 best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
+`--set train_all=true` trains each run on every case of its split, validation cases included (the final models
+of a recipe whose epochs cross-validation chose): its row says train_all, has no validation columns and ends with
+the last training loss; its curves show the loss alone.
 Ctrl-C (or SIGINT from `timeout -s INT`, also when the campaign started as a script's background job, with SIGINT
 ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written.
 `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant (DIR/<model>.bin,
@@ -298,17 +301,21 @@ def summary(run: Path, history: RunHistory | None = None) -> dict:
     history = load_history(run) if history is None else history
     rows = history.rows
     row = {"run": run.name, "planned": history.config.get("epochs"), "epochs": history.ran}
-    validated = history.validated  # val_every > 1: the other epochs have no val_* columns
-    if not validated:
+    if not rows:
         return row
-    best = history.best  # the first best, as the loop keeps it
-    row |= {"best_epoch": int(best["epoch"])}
-    row |= {f"best_{k}": v for k, v in best.items() if k.startswith("val_") and k != "val_seconds"}
-    row |= {"last_val_dice": validated[-1]["val_dice"], **plateau(validated)}
+    validated = history.validated  # val_every > 1: the other epochs have no val_* columns; train_all: none have
+    if history.config.get("train_all"):
+        row["train_all"] = True
+    if validated:
+        best = history.best  # the first best, as the loop keeps it
+        row |= {"best_epoch": int(best["epoch"])}
+        row |= {f"best_{k}": v for k, v in best.items() if k.startswith("val_") and k != "val_seconds"}
+        row |= {"last_val_dice": validated[-1]["val_dice"], **plateau(validated)}
     final = run / "final_val.json"
     if final.is_file():
         row["tta_val_dice"] = json.loads(final.read_text())["dice"]
     row |= {
+        "last_train_loss": rows[-1]["train_loss"],
         "median_epoch_s": statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in rows),
         "first_epoch_s": rows[0]["train_seconds"],
     }
@@ -330,10 +337,11 @@ def table(rows: list[dict]) -> list[str]:
     """The campaign table's lines: a header, then one line per run."""
     regions = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("best_val_dice_")]
     keys = ["run", "exit", *(["retries"] if any(r.get("retries") for r in rows) else [])]
+    keys += ["train_all"] if any(r.get("train_all") for r in rows) else []
     keys += ["planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
     keys += ["late_gain", "trend", "val_noise", "late_rise", "plateau"]
     keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
-    keys += ["median_epoch_s"]
+    keys += ["last_train_loss", "median_epoch_s"]
     keys += ["median_data_wait_s"] if any("median_data_wait_s" in r for r in rows) else []
     return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]
 
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.runs / "campaign.json").write_text(json.dumps({"wall_s": time.time() - start, "runs": rows}, indent=1))
     print("\n".join(table(rows)))
     for row in rows:
-        if "best_epoch" in row:  # a run with a validation has curves to draw
+        if histories[row["run"]].rows:  # a run that trained an epoch has curves (train_all: its loss alone)
             try:
                 write_run_curves(histories[row["run"]], args.runs / f"{row['run']}.curves.png")
             except ValueError as err:  # no matplotlib: the table is the campaign's result

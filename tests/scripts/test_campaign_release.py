@@ -69,7 +69,29 @@ def test_campaign_table_shows_the_median_data_wait_of_runs_that_record_it(run, t
 
 def test_campaign_summary_of_a_run_not_yet_validated(run):
     (run / "metrics.csv").write_text("epoch,step,lr,train_loss,train_seconds,val_dice\n1,10,0.01,1.0,2.0,\n")
-    assert load_script("campaign").summary(run) == {"run": "busi-urwkv", "planned": 6, "epochs": 1}
+    row = load_script("campaign").summary(run)
+    timing = {"last_train_loss": 1.0, "median_epoch_s": 2.0, "first_epoch_s": 2.0}
+    assert row == {"run": "busi-urwkv", "planned": 6, "epochs": 1, **timing}  # no best epoch yet
+
+
+def test_campaign_row_of_a_train_all_run_has_its_loss_and_no_validation(run, tmp_path):
+    """A run of --set train_all=true validates nothing: its row says so, with the epochs, the last training loss and
+    the epoch times, and the table gives it a train_all column and '-' for the validation cells."""
+    script = load_script("campaign")
+    history = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in script.load_history(run).rows]
+    folder = tmp_path / "brats2018-mmsegrwkv-all"
+    folder.mkdir()
+    _write_metrics_csv(folder / "metrics.csv", history)
+    (folder / "config.json").write_text(json.dumps({"epochs": 5, "val_every": 2, "train_all": True}))
+    row = script.summary(folder)
+    assert row["train_all"] is True and (row["epochs"], row["planned"]) == (5, 5)
+    assert row["last_train_loss"] == pytest.approx(1 / 5) and row["median_epoch_s"] == 2.0
+    assert not any(k.startswith(("best_", "last_val")) or k == "plateau" for k in row)
+    header, plain, everything = script.table([script.summary(run), row])
+    keys = header.split(" | ")
+    cells = dict(zip(keys, everything.split(" | "), strict=True))
+    assert cells["train_all"] == "yes" and cells["best_val_dice"] == "-" and cells["last_train_loss"] == "0.2000"
+    assert dict(zip(keys, plain.split(" | "), strict=True))["train_all"] == "-"
 
 
 def test_campaign_summary_3d_gives_each_region_at_the_best_epoch_and_the_plateau(tmp_path):

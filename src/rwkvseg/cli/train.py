@@ -18,6 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument(
+        "--train-all",
+        action="store_true",
+        help="train on the fold's training and validation cases, validate none and keep the last epoch: the final "
+        "model of a recipe whose epochs cross-validation chose (same as --set train_all=true)",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=1800.0,
@@ -44,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"compile={args.compile}")
     if args.compile_backend:
         overrides.append(f"compile_backend={args.compile_backend}")
+    if args.train_all:
+        overrides.append("train_all=true")
     config_path = args.config
     if config_path is None and args.resume:
         if not args.out:
@@ -56,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
     progress = train(config, resume=args.resume, progress_bar=not args.no_progress, dist_timeout_s=args.dist_timeout)
     if not main_rank:
         return 0
-    print(
-        f"best validation {config.select_metric} {progress.best_metric:.4f} at epoch {progress.best_epoch}; "
-        f"checkpoint {Path(config.out) / 'best.safetensors'}"
-    )
+    checkpoint = Path(config.out) / "best.safetensors"
+    if config.train_all:
+        print(
+            f"trained on every case of the split, no validation: epoch {progress.epoch} kept; checkpoint {checkpoint}"
+        )
+    else:
+        print(
+            f"best validation {config.select_metric} {progress.best_metric:.4f} at epoch {progress.best_epoch}; "
+            f"checkpoint {checkpoint}"
+        )
     return 0

@@ -88,6 +88,11 @@ def write_site_split(site: Site, site_dir: Path, seed: int) -> Path:
 
 def setup_site(config: TrainConfig, device: torch.device) -> RunData:
     """Datasets, validator, loss and checkpoint record of one site (config from site_config)."""
+    if config.train_all:  # the federation chooses its rounds on the sites' validation scores
+        raise ValueError(
+            "train_all has no place in federated training (the server chooses rounds on the sites' validation); "
+            "leave it out of the site config"
+        )
     if config.dims == 3:
         from ..train.volumes import setup_volumes as setup
     else:

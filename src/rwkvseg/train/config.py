@@ -283,6 +283,12 @@ class TrainConfig:
     the whole training set on the GPU as uint8 at the network size, augmented there, when it fits; "on" insists,
     "off" reads through a DataLoader.
 
+    train_all: train on every case of the split's fold, its validation cases included, and validate none (nnU-Net's
+    fold "all"): for the final model of a recipe whose schedule (epochs) was chosen by cross-validating that recipe.
+    The `best` checkpoint is then the last epoch's weights (their average with optim.ema), written after every
+    epoch and recorded as chosen by no validation; max_minutes is checked after every epoch; there is no final
+    evaluation (3D). The checkpoint records train_all and the number of training cases.
+
     memory_format: "contiguous" (NCHW / NCDHW) or "channels_last" (NHWC / NDHWC): the model's parameters are
     converted once before compiling, DDP and the optimizer, each training batch and each validation window on the
     device (rwkvseg.memory_format); the numbers are the same up to rounding, checkpoints are contiguous either way.
@@ -317,6 +323,7 @@ class TrainConfig:
     compile_backend: str = "inductor"
     compile_cache: str = ""
     memory_format: str = "contiguous"
+    train_all: bool = False
 
     def __post_init__(self) -> None:
         config_dims({"dims": self.dims})

@@ -20,7 +20,7 @@ from ..files import file_sha256
 from ..records import Preprocessing2D
 from .config import DataConfig, TrainConfig, to_dict
 from .losses import SegmentationLoss
-from .run import RunData, save_config
+from .run import RunData, fold_cases, save_config, train_all_record
 from .validate import validator_2d
 
 log = logging.getLogger(__name__)
@@ -43,27 +43,21 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
     split = read_split(split_path, d.fold, list(by_case))
     check_pairs([by_case[c] for c in (*split.train, *split.val)])
     save_config(config, run_dir)
+    train_cases, val_cases = fold_cases(split.train, split.val, config.train_all)
     log.info(
-        "%s: %d training and %d validation images (split %s, fold %d)",
+        "%s: %d training and %d validation images (split %s, fold %d%s)",
         d.root,
-        len(split.train),
-        len(split.val),
+        len(train_cases),
+        len(val_cases),
         split_path,
         d.fold,
+        ", train_all" if config.train_all else "",
     )
-    val_samples = [by_case[c] for c in split.val]
+    val_samples = [by_case[c] for c in val_cases]
     extra = extra_training_samples(d, val_samples)
     if extra:
         log.info("%d more training images from data.extra_train %s", len(extra), ", ".join(d.extra_train))
-    train_set = training_set(config, [*(by_case[c] for c in split.train), *extra], device)
-    val_set = SegDataset2D(
-        val_samples,
-        d.channels,
-        d.num_classes,
-        eval_transform(d.size, d.resize),
-        d.normalization,
-        config.seed,
-    )
+    train_set = training_set(config, [*(by_case[c] for c in train_cases), *extra], device)
     pre = Preprocessing2D(d.channels, d.size, d.resize, d.normalization)
     meta = CheckpointMeta(
         model=config.model.name,
@@ -78,19 +72,30 @@ def setup_images(config: TrainConfig, run_dir: Path, device: torch.device) -> Ru
             "fold": d.fold,
             "config": to_dict(config),
             "threshold": config.threshold,
+            **train_all_record(config.train_all, train_cases),
         },
     )
-    validate = validator_2d(
-        val_set,
-        pre,
-        d.num_classes,
-        device,
-        config.threshold,
-        d.val_batch_size,
-        d.num_workers,
-        d.worker_start,
-        memory_format=config.memory_format,
-    )
+    validate = None
+    if val_samples:
+        val_set = SegDataset2D(
+            val_samples,
+            d.channels,
+            d.num_classes,
+            eval_transform(d.size, d.resize),
+            d.normalization,
+            config.seed,
+        )
+        validate = validator_2d(
+            val_set,
+            pre,
+            d.num_classes,
+            device,
+            config.threshold,
+            d.val_batch_size,
+            d.num_workers,
+            d.worker_start,
+            memory_format=config.memory_format,
+        )
     return RunData(train_set, validate, SegmentationLoss(d.num_classes, config.loss), meta)
 
 

@@ -2,7 +2,8 @@
 
 Per epoch: a seeded shuffle, optimizer steps (mixed precision on GPU), validation, then the run folder is
 brought up to date: `best` checkpoint (chosen on validation only), `last` checkpoint, the full training state
-for --resume, and metrics.csv. Every file is written atomically, so an interrupted run loses at most the
+for --resume, and metrics.csv. A run without validation (validate None: train_all) keeps its last epoch as
+`best`. Every file is written atomically, so an interrupted run loses at most the
 epoch in progress and never a file it had written. With an average of the weights (LoopConfig.ema,
 rwkvseg.train.ema) validation scores the average and both checkpoints hold it; state.pt holds it beside the raw
 weights, which keep training.
@@ -44,6 +45,8 @@ STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 Validate = Callable[[nn.Module], dict[str, float]]
+# training.best.selection of a run without validation (train_all): its `best` is the last epoch
+LAST_EPOCH = "last epoch (train_all: no validation cases)"
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,7 @@ def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Calla
 class Run:
     """What one run trains: the model with its optimizer and per-step scheduler, the data and the loss,
     validate(model), the checkpoint record (its training field is filled in per epoch) and where it all goes.
+    validate None: no validation cases (train_all); the last epoch is the `best` checkpoint.
     train_set may have set_epoch(epoch) (reseeds augmentation); batches are {"image": x, "mask": y}.
     step_model: what the training step calls (fit sets it: the DDP wrapper of model under torchrun).
     ema: the average of model's weights that is validated and checkpointed (fit sets it when LoopConfig.ema > 0)."""
@@ -222,7 +226,7 @@ class Run:
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    validate: Validate
+    validate: Validate | None
     meta: CheckpointMeta
     run_dir: Path
     device: torch.device | str = "cpu"
@@ -349,7 +353,9 @@ def _epochs(
     forward_loss = _ForwardLoss(run, loop)
     for epoch in range(progress.epoch + 1, loop.epochs + 1):
         row = train_epoch(run, loop, epoch, progress, precision, forward_loss, check_interrupt)
-        if epoch % loop.val_every == 0 or epoch == loop.epochs:
+        if run.validate is None:
+            progress.best_epoch = epoch  # nothing to choose on: the last epoch is kept (save_epoch)
+        elif epoch % loop.val_every == 0 or epoch == loop.epochs:
             row.update(_validate_on_main(run, loop, epoch, progress, precision))
         progress.epoch = epoch
         progress.history.append(row)
@@ -359,16 +365,19 @@ def _epochs(
         check_interrupt()  # after the epoch is saved: an interrupt here loses nothing
         if tensorboard is not None:
             tensorboard.log(row, progress.step)
-        log.info(
-            "epoch %d/%d  loss %.4f  %s  (best %s %.4f at epoch %s)",
-            epoch,
-            loop.epochs,
-            row["train_loss"],
-            "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_") and k != "val_seconds"),
-            loop.select_metric,
-            progress.best_metric if progress.best_metric is not None else math.nan,
-            progress.best_epoch,
-        )
+        if run.validate is None:
+            log.info("epoch %d/%d  loss %.4f  (no validation: kept as best)", epoch, loop.epochs, row["train_loss"])
+        else:
+            log.info(
+                "epoch %d/%d  loss %.4f  %s  (best %s %.4f at epoch %s)",
+                epoch,
+                loop.epochs,
+                row["train_loss"],
+                "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_") and k != "val_seconds"),
+                loop.select_metric,
+                progress.best_metric if progress.best_metric is not None else math.nan,
+                progress.best_epoch,
+            )
         if stop is not None and distributed.on_main(lambda: stop(progress)):  # one decision for all ranks
             log.info("stopping after epoch %d", epoch)
             break
@@ -575,11 +584,15 @@ def validate_epoch(
 
 
 def save_epoch(run: Run, loop: LoopConfig, progress: Progress, precision: _Precision) -> None:
-    """Bring the run folder up to date: `last` checkpoint (the average of the weights when there is one), the state
-    for --resume, metrics.csv."""
+    """Bring the run folder up to date: `last` checkpoint (the average of the weights when there is one; without
+    validation `best` too, recorded as chosen by none), the state for --resume, metrics.csv."""
     run_dir = Path(run.run_dir)
     training = {**run.meta.training, "epoch": progress.epoch, "step": progress.step, **run.weights_record()}
     save_checkpoint(run_dir / "last", run.eval_model, replace(run.meta, training=training), overwrite=True)
+    if run.validate is None:
+        best = {"epoch": progress.epoch, "step": progress.step, "selection": LAST_EPOCH}
+        best_meta = replace(run.meta, training={**run.meta.training, "best": best, **run.weights_record()})
+        save_checkpoint(run_dir / "best", run.eval_model, best_meta, overwrite=True)
     save_state(run_dir / STATE_FILE, run.model, run.optimizer, run.scheduler, precision.scaler, progress, run.ema)
     _write_metrics_csv(run_dir / METRICS_FILE, progress.history)
 

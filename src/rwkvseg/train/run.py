@@ -32,14 +32,28 @@ CONFIG_FILE = "config.json"
 
 @dataclass(frozen=True)
 class RunData:
-    """What the 2D or 3D setup hands to the shared run: the training set, validate(model), the loss, the record
-    the checkpoints carry (the model is built from it), and what to do after training (3D: a final TTA score)."""
+    """What the 2D or 3D setup hands to the shared run: the training set, validate(model) (None: train_all), the
+    loss, the record the checkpoints carry (the model is built from it), and what to do after training (3D: a final
+    TTA score)."""
 
     train_set: Dataset
-    validate: Validate
+    validate: Validate | None
     loss: nn.Module
     meta: CheckpointMeta
     finish: Callable[[Progress], None] | None = None
+
+
+def fold_cases(
+    train: tuple[str, ...], val: tuple[str, ...], train_all: bool
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training cases, validation cases) of a fold: as split, or with train_all every case trained, none validated."""
+    return ((*train, *val), ()) if train_all else (train, val)
+
+
+def train_all_record(train_all: bool, train_cases: tuple[str, ...]) -> dict[str, Any]:
+    """What a train_all checkpoint adds to its training record: that the split's validation cases trained too, and
+    how many cases trained (a run with validation records nothing here)."""
+    return {"train_all": True, "train_cases": len(train_cases)} if train_all else {}
 
 
 def open_run_dir(config: TrainConfig, resume: bool) -> Path:
@@ -145,6 +159,15 @@ def check_channels_last_batch(per_process: int, device: torch.device) -> None:
 
 
 def log_done(progress: Progress, select_metric: str, start: float, run_dir: Path) -> None:
+    if progress.best_metric is None and progress.best_epoch is not None:  # train_all: nothing validated
+        seconds = time.perf_counter() - start
+        log.info(
+            "done in %.1f s: no validation, the last epoch %d kept; checkpoint %s",
+            seconds,
+            progress.epoch,
+            run_dir / "best",
+        )
+        return
     best = progress.best_metric if progress.best_metric is not None else float("nan")
     log.info(
         "done in %.1f s: best val %s %.4f at epoch %s; checkpoint %s",

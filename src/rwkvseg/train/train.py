@@ -93,13 +93,15 @@ def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | N
 
 def budget_stop(config: TrainConfig, start: float, stop: Stop | None) -> Stop | None:
     """stop, or with config.max_minutes > 0 also a wall-clock budget (measured from start), checked only after a
-    validated epoch so a stopped run always has a best checkpoint. After the first epoch of this process it stops
-    only if the elapsed time alone is past the budget: that epoch may hold torch.compile of the training step,
-    far longer than the epochs after it. After a later epoch it stops if elapsed + val_every x that epoch's own
-    duration (the time since the previous call), the estimated end of the next validation, is past the budget."""
+    validated epoch so a stopped run always has a best checkpoint (after every epoch with train_all, whose every
+    epoch is its best). After the first epoch of this process it stops only if the elapsed time alone is past the
+    budget: that epoch may hold torch.compile of the training step, far longer than the epochs after it. After a
+    later epoch it stops if elapsed + val_every (train_all: 1) x that epoch's own duration (the time since the
+    previous call), the estimated end of the next validation (or epoch), is past the budget."""
     if config.max_minutes <= 0:
         return stop
     budget = 60 * config.max_minutes
+    every = 1 if config.train_all else config.val_every  # epochs from one checkpoint choice to the next
     epochs_run, last = 0, start
 
     def over_budget(progress: Progress) -> bool:
@@ -108,8 +110,8 @@ def budget_stop(config: TrainConfig, start: float, stop: Stop | None) -> Stop | 
         epoch_seconds, last = now - last, now
         epochs_run += 1
         elapsed = now - start
-        ahead = 0.0 if epochs_run == 1 else config.val_every * epoch_seconds
-        validated = f"val_{config.select_metric}" in progress.history[-1]
+        ahead = 0.0 if epochs_run == 1 else every * epoch_seconds
+        validated = config.train_all or f"val_{config.select_metric}" in progress.history[-1]
         over = validated and elapsed + ahead > budget
         return over or (stop is not None and stop(progress))
 

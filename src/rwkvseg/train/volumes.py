@@ -8,7 +8,8 @@ nnU-Net augmentation (data.patches3d); validation predicts whole cached volumes 
 sidecar carries the plans (spacing, modality order, normalisation, labels and regions, patch size, activation),
 so `rwkvseg predict` needs nothing else. When training ends (all epochs, or stopped early by max_minutes or a
 stop callback), the best checkpoint is scored once more on the validation cases with mirror TTA
-(`final_val.json`).
+(`final_val.json`). With train_all the validation cases train too, nothing is validated and the last epoch is
+kept (no final evaluation).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..records import inference_metadata
 from .config import TrainConfig, VolumeDataConfig, to_dict
 from .loop import Progress, resolve_amp
 from .losses import build_loss
-from .run import RunData, save_config
+from .run import RunData, fold_cases, save_config, train_all_record
 from .validate import SlidingWindowValidator, mean_scores
 
 log = logging.getLogger(__name__)
@@ -125,30 +126,34 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
     )
     split = read_split(split_path, d.fold, cases)
     save_config(config, run_dir)
+    train_cases, val_cases = fold_cases(split.train, split.val, config.train_all)
     log.info(
-        "%s: %d training and %d validation cases (split %s, fold %d), %s target, patch %s",
+        "%s: %d training and %d validation cases (split %s, fold %d%s), %s target, patch %s",
         cache,
-        len(split.train),
-        len(split.val),
+        len(train_cases),
+        len(val_cases),
         split_path,
         d.fold,
+        ", train_all" if config.train_all else "",
         d.target,
         "x".join(map(str, d.patches.patch_size)),
     )
-    train_set = PatchDataset(cache, split.train, d.patches, d.target, config.seed)
-    validator = SlidingWindowValidator.from_cache(
-        cache,
-        split.val,
-        d.patches.patch_size,
-        d.target,
-        config.infer.overlap,
-        config.infer.val_mirror_axes,
-        device,
-        memory_format=config.memory_format,
-        threshold=config.threshold,
-        postprocess=config.infer.postprocess(),
-    )
-    validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
+    train_set = PatchDataset(cache, train_cases, d.patches, d.target, config.seed)
+    validator = None
+    if val_cases:
+        validator = SlidingWindowValidator.from_cache(
+            cache,
+            val_cases,
+            d.patches.patch_size,
+            d.target,
+            config.infer.overlap,
+            config.infer.val_mirror_axes,
+            device,
+            memory_format=config.memory_format,
+            threshold=config.threshold,
+            postprocess=config.infer.postprocess(),
+        )
+        validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
     names = spec.region_names if d.target == "regions" else tuple(str(v) for v in spec.label_values)
     preprocessing = {
         **inference_metadata(plans, d.patches.patch_size, d.target),
@@ -156,8 +161,9 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
     }
     if config.threshold != 0.5:  # a region run's cut (TrainConfig refuses another for labels): prediction takes it
         preprocessing["inference"]["threshold"] = config.threshold
-    if validator.postprocess.active:  # what validation chose the checkpoint on: prediction's default too
-        preprocessing["inference"]["postprocess"] = validator.postprocess.spelling()
+    postprocess = config.infer.postprocess()
+    if postprocess.active:  # what validation chose the checkpoint on: prediction's default too
+        preprocessing["inference"]["postprocess"] = postprocess.spelling()
     meta = CheckpointMeta(
         model=config.model.name,
         in_channels=len(spec.modalities),
@@ -172,11 +178,14 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
             "split": split_path.name,
             "fold": d.fold,
             "config": to_dict(config),
+            **train_all_record(config.train_all, train_cases),
         },
     )
 
     def finish(progress: Progress) -> None:
-        if config.infer.final_eval and progress.best_epoch is not None:
+        if config.train_all:
+            log.info("no final evaluation: train_all trained on the validation cases")
+        elif config.infer.final_eval and progress.best_epoch is not None:
             final = final_evaluation(config, run_dir, cache, split.val, device)
             regions = "  ".join(f"{k} {v:.4f}" for k, v in final.items() if k.startswith("dice"))
             log.info("best checkpoint with mirror TTA on %d validation cases: %s", len(split.val), regions)
