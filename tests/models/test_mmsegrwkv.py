@@ -223,6 +223,32 @@ def test_half_res_width_adds_a_decoder_level_at_one_half_and_leaves_the_rest_of_
         create_model("mmsegrwkv_test", 4, 3, half_res_width=-1)
 
 
+def test_fine_heads_supervise_the_one_half_and_one_quarter_decoder_maps():
+    torch.manual_seed(0)
+    model = create_model("mmsegrwkv_test", 4, 3, half_res_width=6, deep_supervision=2, fine_heads=True).train()
+    coarse = create_model("mmsegrwkv_test", 4, 3, half_res_width=6, deep_supervision=2)
+    widths = [head.conv.conv.in_channels for head in model.aux_heads]
+    assert widths == [6, model.cfg.widths[1]]  # the 1/2 map's half_res_width channels, then the 1/4 map's
+    assert [head.conv.conv.in_channels for head in coarse.aux_heads] == list(model.cfg.widths[1:3])
+    maps = {}
+    model.dec1.register_forward_hook(lambda module, args, out: maps.update(half=out))
+    model.dec2.register_forward_hook(lambda module, args, out: maps.update(quarter=out))
+    x = torch.randn(1, 4, 20, 30, 50)  # padded to 32 x 32 x 64 inside
+    outputs = model(x)
+    assert [o.shape for o in outputs] == [(1, 3, 20, 30, 50)] * 3
+    assert maps["half"].shape[2:] == (16, 16, 32) and maps["quarter"].shape[2:] == (8, 8, 16)
+    for head, name, out in zip(model.aux_heads, ("half", "quarter"), outputs[1:], strict=True):
+        expected = torch.nn.functional.interpolate(head(maps[name]), size=(32, 32, 64), mode="trilinear")
+        torch.testing.assert_close(out, expected[:, :, :20, :30, :50])
+    sum(o.square().mean() for o in outputs).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aux_heads.parameters())
+    model.eval()
+    assert model(x).shape == (1, 3, 20, 30, 50)  # inference: the main output alone
+    for settings in ({"deep_supervision": 2}, {"half_res_width": 6}):
+        with pytest.raises(ValueError, match=r"fine_heads puts the deep-supervision heads on the 1/2 decoder level"):
+            create_model("mmsegrwkv_test", 4, 3, fine_heads=True, **settings)
+
+
 def test_fast_norm_swaps_every_instance_norm_and_keeps_the_state_dict_keys():
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in _tiny().modules())
     torch.manual_seed(0)
