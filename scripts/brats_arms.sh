@@ -7,11 +7,16 @@
 # raw 2 mm BraTS folder in $RAW, default .gpudata/brats18raw, a copy of ../shared/data/brats2018_4mod_2mm):
 #   ARMS="L H" EPOCHS=17 MINUTES=14 FOLLOW_SECONDS=540 scripts/brats_arms.sh start
 #       preprocess (once), start each arm's campaign detached, follow them for FOLLOW_SECONDS, report, pack
-#       (NOPACK=1: no pack). TAG replaces the runs' tag stem (default ds2_e$EPOCHS).
+#       (NOPACK=1: no pack). TAG replaces the runs' tag stem (default ds2_e<epochs>). ALL_EPOCHS: the epochs of
+#       arms A and S (default EPOCHS), e.g. the five-fold runs' schedule beside a shorter screening arm. WORKERS:
+#       each run's patch loaders (default: scripts/campaign.py's share of the cores among one arm's runs, which
+#       over-books the cores when several arms run at once).
 #   ARMS="L H" WAIT_ARMS="L H" WAIT_SECONDS=430 CV_SPECS="L:none H:0.5" scripts/brats_arms.sh final
 #       wait for each of WAIT_ARMS until WAIT_SECONDS have passed, stop what still runs (its last finished epoch
 #       stays whole), cross-validate each ARM:CUT of CV_SPECS (cut none: no --threshold, for label targets, whose
 #       checkpoints refuse one) with `largest`, pack
+#       EXPORT="A:mmsegrwkv-brats2018 S:mmsegrwkv_small-brats2018": also export each ARM's best checkpoint as the
+#       int8 release NAME and return them as $OUT/rel.tar.part?? (parts of 15 MiB; cat them | tar x)
 #   scripts/brats_arms.sh one        start, then final, in one call (the env of both)
 #   TEST_WHEELS=DIR scripts/brats_arms.sh gputest
 #       the GPU-marked tests of layers, 3D training and memory formats, with pytest's wheels from DIR (default
@@ -23,6 +28,10 @@
 # epochs, deep supervision on two decoder levels, the five folds of splits/brats2018_2mm_5fold.json):
 #   B  regions (BCE + Dice), the base       L  labels (CE + Dice)
 #   H  regions, half_res_width=32           N  regions, resfm=none
+#   F  regions, half_res_width=32 with the heads on the 1/2 and 1/4 maps (fine_heads, DynUNet's levels)
+# and the final models of the recipe (train_all: the 13 training and 5 validation cases of the committed single split,
+# all 18, none validated, the last epoch kept; their epochs chosen by the five-fold runs):
+#   A  MMSegRWKV, regions                   S  MMSegRWKV-small, regions
 set -uo pipefail
 W=${WORK:-/tmp/brats-arms}
 RAW=${RAW:-.gpudata/brats18raw}
@@ -31,15 +40,23 @@ REGIONS=(--set data.target=regions --set loss.name=bce_dice)
 LABELS=(--set data.target=labels --set loss.name=ce_dice)
 FOLDS=(--folds 0 1 2 3 4 --set infer.final_eval=false)
 MM=(--configs configs/brats2018_mmsegrwkv.toml --set model.overrides.deep_supervision=2)
+SMALL=(--configs configs/brats2018_mmsegrwkv_small.toml --set model.overrides.deep_supervision=2)
+ALL=(--set train_all=true)
 
-arm_args() {  # arm letter -> ARGS, its campaign options (without epochs, minutes, cache)
-  local tag=${TAG:-ds2_e$EPOCHS}
+arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (without epochs, minutes, cache)
+  EP=$EPOCHS
+  case $1 in A | S) EP=${ALL_EPOCHS:-$EPOCHS} ;; esac
+  local tag=${TAG:-ds2_e$EP}
   case $1 in
     B) ARGS=("${MM[@]}" "${REGIONS[@]}" "${FOLDS[@]}" --tag "$tag") ;;
     L) ARGS=("${MM[@]}" "${LABELS[@]}" "${FOLDS[@]}" --tag "${tag}_labels") ;;
     H) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.half_res_width=32 "${FOLDS[@]}" --tag "${tag}_hrw32") ;;
     N) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.resfm=none "${FOLDS[@]}" --tag "${tag}_nofm") ;;
-    *) echo "$0: unknown arm $1 (B, L, H or N)" >&2; return 2 ;;
+    F) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.half_res_width=32 --set model.overrides.fine_heads=true \
+      "${FOLDS[@]}" --tag "${tag}_hrw32_fine") ;;
+    A) ARGS=("${MM[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
+    S) ARGS=("${SMALL[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
+    *) echo "$0: unknown arm $1 (B, L, H, N, F, A or S)" >&2; return 2 ;;
   esac
 }
 
@@ -70,10 +87,12 @@ start() {
   nvidia-smi --query-gpu=name,memory.total --format=csv
   [ -d "$W/cache" ] || python3 -m rwkvseg.cli preprocess "$RAW" --out "$W/cache" | tail -n 2
   echo "preprocess done $(($(date +%s) - t0)) s"
+  local workers=()
+  [ -z "${WORKERS:-}" ] || workers=(--set "data.num_workers=$WORKERS")
   for arm in $ARMS; do
     arm_args "$arm" || return 2
     python3 scripts/detached_call.py start "$W/state-$arm" -- python3 scripts/campaign.py "$W/cache" \
-      "$W/runs-$arm" --epochs "$EPOCHS" --minutes "$MINUTES" "${COMMON[@]}" "${ARGS[@]}" --compile-cache "$W/cc-$arm"
+      "$W/runs-$arm" --epochs "$EP" --minutes "$MINUTES" "${COMMON[@]}" "${workers[@]}" "${ARGS[@]}" --compile-cache "$W/cc-$arm"
   done
   for arm in $ARMS; do
     left=$((FOLLOW_SECONDS - ($(date +%s) - t0)))
@@ -104,8 +123,24 @@ final() {
       --postprocess largest 2>&1 | tail -n 30
     echo "cv $spec done $(($(date +%s) - t0)) s"
   done
+  export_releases || return 1
   pack || return 1
   echo "final done $(($(date +%s) - t0)) s"
+}
+
+export_releases() {  # each ARM:NAME of EXPORT: its run's best checkpoint as the int8 release NAME, in rel.tar parts
+  local spec arm name best
+  [ -n "${EXPORT:-}" ] || return 0
+  rm -rf "$W/weights" && mkdir -p "$W/weights"
+  for spec in $EXPORT; do
+    arm=${spec%%:*} name=${spec#*:}
+    best=("$W/runs-$arm"/*/best.json)
+    [ "${#best[@]}" -eq 1 ] && [ -f "${best[0]}" ] || { echo "$0: EXPORT $spec: no single best checkpoint in $W/runs-$arm" >&2; return 1; }
+    python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
+export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" \
+      "${best[0]%.json}" "$name" "$W/weights" || return 1
+  done
+  tar cf - -C "$W" weights | split -b 15M - "$OUT/rel.tar.part"
 }
 
 gputest() {  # after device_env (monai and nibabel installed, src/ on PYTHONPATH): pytest's wheels beside them

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "brats_arms.sh"
@@ -66,7 +67,7 @@ def test_usage_and_missing_settings_are_one_line_and_non_zero(stubs, tmp_path):
     result = call(stubs, tmp_path, "start", ARMS="L")
     assert result.returncode != 0 and "EPOCHS: set EPOCHS" in result.stderr
     result = call(stubs, tmp_path, "start", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0")
-    assert result.returncode == 2 and "unknown arm X (B, L, H or N)" in result.stderr
+    assert result.returncode == 2 and "unknown arm X (B, L, H, N, F, A or S)" in result.stderr
     assert not any("campaign.py" in line for line in recorded(tmp_path))  # nothing started
     result = call(stubs, tmp_path, "one", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0", WAIT_SECONDS="0")
     assert result.returncode == 2 and "waited" not in result.stdout  # a failed start ends the call
@@ -119,3 +120,48 @@ def test_final_stops_what_still_runs_and_packs_without_weights(stubs, tmp_path):
         names = set(tar.getnames())
     assert "runs-L/brats2018-mmsegrwkv-ds2_e17_labels-fold0/metrics.csv" in names
     assert not any(name.endswith(".safetensors") for name in names)
+
+
+def test_the_final_models_train_on_every_case_and_come_back_as_int8_releases(stubs, tmp_path):
+    """Arms A and S train MMSegRWKV and MMSegRWKV-small on all 18 cases of the single split (train_all, no folds)
+    for ALL_EPOCHS, beside a five-fold arm (F) of EPOCHS; final with EXPORT writes each run's best checkpoint as its
+    int8 release and returns them in rel.tar parts beside the small files."""
+    from safetensors.torch import load_file
+
+    from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+    from rwkvseg.models import create_model
+
+    settings = dict(ARMS="A S F", EPOCHS="17", ALL_EPOCHS="34", MINUTES="20", FOLLOW_SECONDS="5", NOPACK="1")
+    settings |= dict(WORKERS="2")  # seven runs at once: two loaders each, not the share of one arm's runs
+    result = call(stubs, tmp_path, "start", **settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    full, small, fine = [line for line in recorded(tmp_path) if "scripts/campaign.py" in line]
+    assert "half_res_width=32 --set model.overrides.fine_heads=true --folds 0 1 2 3 4" in fine  # arm F: five folds
+    assert "--epochs 17 --minutes 20" in fine and "--tag ds2_e17_hrw32_fine" in fine and "train_all" not in fine
+    for line, config in ((full, "mmsegrwkv"), (small, "mmsegrwkv_small")):
+        assert f"--configs configs/brats2018_{config}.toml" in line and "--set train_all=true" in line
+        assert "--folds" not in line and "data.target=regions" in line and "deep_supervision=2" in line
+        assert "--epochs 34 --minutes 20" in line and "--tag ds2_e34_all" in line
+        assert line.count("data.num_workers=2") == 1
+
+    work = tmp_path / "work"
+    for arm, name in (("A", "brats2018-mmsegrwkv-ds2_e34_all"), ("S", "brats2018-mmsegrwkv_small-ds2_e34_all")):
+        run = work / f"runs-{arm}" / name
+        meta = CheckpointMeta(model="mmsegrwkv_test", in_channels=4, num_classes=3, training={"train_all": True})
+        save_checkpoint(run / "best", create_model("mmsegrwkv_test", in_channels=4, num_classes=3), meta)
+    export = "A:mmsegrwkv-brats2018 S:mmsegrwkv_small-brats2018"
+    result = call(stubs, tmp_path, "final", ARMS="A S", EXPORT=export)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = sorted((tmp_path / "out").glob("rel.tar.part*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    (tmp_path / "rel.tar").write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(tmp_path / "rel.tar") as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    for release in ("mmsegrwkv-brats2018", "mmsegrwkv_small-brats2018"):
+        weights = tmp_path / "back" / "weights" / f"{release}.safetensors"
+        assert any(t.dtype == torch.int8 for t in load_file(weights).values())
+    with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
+        assert not any(n.endswith(".safetensors") for n in tar.getnames())  # the weights travel only as releases
+
+    result = call(stubs, tmp_path, "final", ARMS="A", EXPORT="A:x B:y")  # an arm without a run: refused
+    assert result.returncode == 1 and "EXPORT B:y: no single best checkpoint" in result.stderr
