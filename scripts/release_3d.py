@@ -30,6 +30,11 @@ release's cut of the region probabilities (`threshold` in the sidecar's preproce
 applies it unless given --threshold; 0.5 where none is recorded), named in its card with --threshold-evidence.
 --note NAME TEXT (repeatable) adds TEXT as a paragraph after NAME's validation table: what else was measured for
 that release (TTA, post-processing, the release it replaces), kept when the card is written again.
+A run trained on every case (`train_all`: the final model of a recipe whose epochs cross-validation chose) has no
+validation of its own: its card takes --cv CV_JSON (`scripts/cv_eval.py` of the same recipe's fold models; its
+model --cv-model KEY when it holds several; one release per call) and --cv-evidence TEXT (which runs, recipe and
+epochs), shows that cross-validation in place of the validation table, and its index entry holds cv_* metrics;
+EVALS is not read for it.
 Every input is read and checked before anything is written: a missing or mismatched one is one error line and exit
 status 2, with no file changed.
 """
@@ -60,6 +65,7 @@ from rwkvseg.infer.postprocess import check_postprocess
 from rwkvseg.models import create_model
 from rwkvseg.released import ReleasedModel, add_note_option, card_notes, update_index, weights_dir
 from rwkvseg.train.config import config_from_dict
+from rwkvseg.train.loop import LAST_EPOCH
 from rwkvseg.train.run import changed_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +139,49 @@ per region (no TTA), the best checkpoint's mean Dice with mirror TTA, HD95 of th
 {nnunet:,} (1,000 epochs of 250). This project's targets (docs/targets.md) are Dice on full-resolution held-out
 cases; on the validation cases at 2 mm these weights reach {targets}. Published BraTS results are measured at 1 mm on
 hundreds of cases. Research use only; not a medical device.
+"""
+
+
+CARD_ALL = """# {name}: {arch_title} trained on {data_title}, every case
+
+Released with rwkvseg {version}. Load it by name, offline:
+`rwkvseg predict --model {name} CASE_FOLDERS --out PRED` (BraTS case folders or NIfTI files; any voxel spacing: inputs
+are cropped, z-scored and resampled to {spacing} mm, and the labels {labels} are written on each input's own grid with
+its exact affine).
+
+| | |
+|---|---|
+| architecture | {architecture} ({params:.2f} M parameters) |
+| input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), {tta} |
+| output | {output} over labels {labels}; regions {regions} |
+| weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); the int8 change against the fp32 checkpoint is not measured for these weights (no case is held out from them) |
+{postprocess_row}{threshold_row}| data | every one of the {n_train} cases of `../shared/data/{folder}` (at {spacing} mm): the training and validation cases of `splits/{split}` together (`train_all`), none held out |
+| recipe | `configs/{config}`: {recipe} |
+| schedule | {schedule}; {iterations:,} iterations ({per_epoch} per epoch); the last epoch is kept, as nothing is left to choose a checkpoint on, and the number of epochs is the cross-validated recipe's (curves: `{name}.curves.png`, the training loss) |
+| hardware | {hardware}, {minutes:.1f} min of training (median {epoch_s:.1f} s per epoch) |
+| command | {command} (code at commit {commit}) |
+
+## Accuracy: the recipe's cross-validation (these weights have no held-out case of their own)
+
+Every case trained these weights, so none can score them. The same recipe trained on the folds of the
+cross-validation split instead, and each case was scored by the fold model that never trained on it: {cv_evidence}.
+{cv_settings}.
+
+| region | Dice | HD95 (mm) | target |
+|---|---|---|---|
+{cv_rows}
+
+Per fold, mean Dice: {per_fold}.
+
+{notes}Each fold model was the best checkpoint of its own validation cases, which makes these numbers somewhat
+optimistic for fold models; these weights trained on {n_train} cases instead of a fold's share and kept their last
+epoch.
+
+## Limitations
+{n_train} cases at 2 mm, {iterations:,} training iterations against nnU-Net's {nnunet:,} (1,000 epochs of 250). This
+project's targets (docs/targets.md) are Dice on full-resolution held-out cases; the cross-validation above reaches
+{targets}. Published BraTS results are measured at 1 mm on hundreds of cases. Research use only; not a medical
+device.
 """
 
 
@@ -313,6 +362,8 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     except FileNotFoundError as err:
         raise Refused(str(err)) from None
     config = history.config
+    if config.get("train_all"):
+        return release_all(name, args, folder, run, history)
     meta = read_json(run / "best.json", "the run has no best checkpoint")
     best = meta.get("training", {}).get("best")
     if not best:
@@ -324,18 +375,8 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         final = read_json(run / "final_val.json", "the run's final evaluation (infer.final_eval) is missing")
     if final is not None and final["epoch"] != best["epoch"]:
         raise Refused(f"{run}/final_val.json scored epoch {final['epoch']}, the best checkpoint is {best['epoch']}")
-    weights = folder / f"{name}.safetensors"
-    how = f"export it with rwkvseg.released.export_release({run / 'best'}, {name!r}, {folder}, precision='int8')"
-    shipped = read_json(folder / f"{name}.json", how)
-    if not weights.is_file() or shipped["training"].get("best") != best:
-        raise Refused(f"{weights} is missing or not exported from {run / 'best'}; {how}")
-    size_mb, fp16_mb = weights_sizes(weights)
-
-    split = json.loads((ROOT / "splits" / ds.split).read_text(encoding="utf-8"))
-    fold = split["folds"][config["data"]["fold"]]
-    used = read_json(run / "split.json", "the run has no split.json")["folds"][config["data"]["fold"]]
-    if used != fold:
-        raise Refused(f"{run / 'split.json'} differs from splits/{ds.split}: the card would name the wrong split")
+    shipped, (size_mb, fp16_mb) = shipped_release(folder, name, run, best)
+    split, fold = committed_fold(run, config, ds)
 
     fp32 = evaluation(args.evals, arch, f"the fp32 best checkpoint of {run}", ds.targets)
     int8 = evaluation(args.evals, name, f"the released int8 weights {name}", ds.targets)
@@ -419,6 +460,38 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         {**metrics, "epochs": history.ran},
         f"card: {name}.md",
     )
+    if args.eval_threshold != 0.5 and pre["target"] != "regions":
+        raise Refused(
+            f"{name}: --eval-threshold {args.eval_threshold:g} names a cut of region probabilities, and this model "
+            "predicts labels (argmax over classes): drop --eval-threshold"
+        )
+    return Release(card, history, entry, chosen_sidecar(name, args, shipped, pre))
+
+
+def shipped_release(folder: Path, name: str, run: Path, best: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
+    """The shipped sidecar of release name in folder and (MB, fp16 MB) of its int8 weights; Refused unless they
+    were exported from the run's best checkpoint (the same training.best)."""
+    weights = folder / f"{name}.safetensors"
+    how = f"export it with rwkvseg.released.export_release({run / 'best'}, {name!r}, {folder}, precision='int8')"
+    shipped = read_json(folder / f"{name}.json", how)
+    if not weights.is_file() or shipped["training"].get("best") != best:
+        raise Refused(f"{weights} is missing or not exported from {run / 'best'}; {how}")
+    return shipped, weights_sizes(weights)
+
+
+def committed_fold(run: Path, config: dict[str, Any], ds: Dataset3D) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the committed split document, the run's fold of it); Refused when the run's split.json differs."""
+    split = json.loads((ROOT / "splits" / ds.split).read_text(encoding="utf-8"))
+    fold = split["folds"][config["data"]["fold"]]
+    used = read_json(run / "split.json", "the run has no split.json")["folds"][config["data"]["fold"]]
+    if used != fold:
+        raise Refused(f"{run / 'split.json'} differs from splits/{ds.split}: the card would name the wrong split")
+    return split, fold
+
+
+def chosen_sidecar(name: str, args: argparse.Namespace, shipped: dict[str, Any], pre: dict[str, Any]) -> dict[str, Any]:
+    """The shipped sidecar with the prediction defaults of --postprocess, --mirror-axes and --threshold."""
+    spec, inference = pre["dataset"], pre["inference"]
     chosen = dict(inference)
     if args.postprocess is not None:
         dataset = DatasetSpec.from_dict(spec)
@@ -429,11 +502,6 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         chosen["postprocess"] = args.postprocess.spelling()
     if args.mirror_axes is not None:
         chosen["mirror_axes"] = list(args.mirror_axes)
-    if args.eval_threshold != 0.5 and pre["target"] != "regions":
-        raise Refused(
-            f"{name}: --eval-threshold {args.eval_threshold:g} names a cut of region probabilities, and this model "
-            "predicts labels (argmax over classes): drop --eval-threshold"
-        )
     if args.threshold is not None:
         if pre["target"] != "regions":
             raise Refused(
@@ -441,8 +509,112 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
                 "(argmax over classes): drop --threshold"
             )
         chosen["threshold"] = args.threshold
-    sidecar = shipped if chosen == inference else {**shipped, "preprocessing": {**pre, "inference": chosen}}
-    return Release(card, history, entry, sidecar)
+    return shipped if chosen == inference else {**shipped, "preprocessing": {**pre, "inference": chosen}}
+
+
+def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, history: RunHistory) -> Release:
+    """One release of a run trained on every case (train_all): the recipe's cross-validation (--cv) stands in for
+    the validation it cannot have; Refused with one line at the first input that is missing or off."""
+    from rwkvseg import __version__
+
+    arch, _, short = name.partition("-")
+    ds, config = DATASETS[short], history.config
+    if args.cv is None:
+        raise Refused(
+            f"{run} trained on every case (train_all), so nothing validates it: give --cv, the cross-validation of "
+            "the same recipe's fold models (scripts/cv_eval.py), and --cv-evidence"
+        )
+    meta = read_json(run / "best.json", "the run has no best checkpoint")
+    best = meta.get("training", {}).get("best") or {}
+    if best.get("selection") != LAST_EPOCH or best.get("epoch") != history.ran:
+        raise Refused(f"{run / 'best.json'} is not the last epoch ({history.ran}) of a train_all run; give its files")
+    shipped, (size_mb, fp16_mb) = shipped_release(folder, name, run, best)
+    _, fold = committed_fold(run, config, ds)
+    n_train = len(fold["train"]) + len(fold["val"])
+    if meta["training"].get("train_cases") != n_train:
+        raise Refused(
+            f"{run / 'best.json'} trained {meta['training'].get('train_cases')} cases, not the {n_train} of the split"
+        )
+    cv = cross_validation(args.cv, args.cv_model, ds.targets)
+    pre = meta["preprocessing"]
+    spec, inference = pre["dataset"], pre["inference"]
+    iterations = int(history.rows[-1]["step"])
+    card = CARD_ALL.format(
+        name=name,
+        notes=args.notes[name],
+        arch_title=TITLES.get(arch, arch),
+        data_title=ds.title,
+        version=__version__,
+        spacing=" x ".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"])),
+        labels=", ".join(map(str, spec["label_values"])),
+        architecture=architecture(config["model"]),
+        params=parameters(config, meta) / 1e6,
+        modalities=", ".join(spec["modalities"]),
+        window=window(pre["patch_size"]),
+        overlap=inference["overlap"],
+        output="softmax" if pre["target"] == "labels" else "sigmoid per region",
+        tta=tta_text(inference["mirror_axes"] if args.mirror_axes is None else args.mirror_axes, args.mirror_evidence),
+        regions=", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
+        size_mb=size_mb,
+        fp16_mb=fp16_mb,
+        too_large=", too large to ship in the package, so only int8 is released" if fp16_mb > PACKAGE_MB else "",
+        folder=ds.folder,
+        split=ds.split,
+        n_train=n_train,
+        config=f"{short}_{arch}.toml",
+        recipe=recipe(config),
+        schedule=history.schedule(),
+        iterations=iterations,
+        per_epoch=iterations // history.ran,
+        hardware=args.hardware,
+        minutes=history.minutes,
+        epoch_s=statistics.median(r["train_seconds"] for r in history.rows),
+        command=args.command,
+        commit=args.commit,
+        cv_evidence=args.cv_evidence,
+        cv_settings=cv["settings"],
+        cv_rows="\n".join(cv["rows"]),
+        per_fold=cv["per_fold"],
+        targets=targets_text(cv["all"], ds.targets),
+        nnunet=NNUNET_ITERATIONS,
+        postprocess_row=postprocess_row(args),
+        threshold_row=threshold_row(args),
+    )
+    metrics = {f"cv_{k}": round(v, 4) for k, v in cv["all"].items() if k.startswith("dice")}
+    metrics |= {"cv_cases": cv["cases"], "epochs": history.ran, "train_cases": n_train}
+    notes = f"card: {name}.md; trained on every case (train_all); cv_*: the same recipe's fold models"
+    entry = ReleasedModel(name, config["model"]["name"], ds.folder, f"splits/{ds.split}", metrics, notes)
+    return Release(card, history, entry, chosen_sidecar(name, args, shipped, pre))
+
+
+def cross_validation(path: Path, model: str | None, regions: dict[str, float]) -> dict[str, Any]:
+    """One model of a `scripts/cv_eval.py` file: its means over all cases (`all`), the number of cases, and the
+    card's settings sentence, table rows and per-fold text; Refused when it is not such a file or lacks a region."""
+    doc = read_json(path, "give the cv.json that scripts/cv_eval.py wrote for the recipe's fold models")
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, dict) or not models:
+        raise Refused(f"{path} is not a scripts/cv_eval.py file (no models)")
+    if model is None and len(models) > 1:
+        raise Refused(f"{path} holds the models {sorted(models)}: name one with --cv-model")
+    key = model or next(iter(models))
+    if key not in models:
+        raise Refused(f"{path} has no model {key!r}; it holds {sorted(models)}")
+    entry, settings = models[key], doc.get("settings", {})
+    scores = entry["all"]
+    missing = [f"{m}_{r}" for m in ("dice", "hd95") for r in regions if f"{m}_{r}" not in scores]
+    if missing:
+        raise Refused(f"{path} model {key}: no {', '.join(missing)}; cross-validate with HD95 on {', '.join(regions)}")
+    rows = [f"| {r} | {scores[f'dice_{r}']:.4f} | {scores[f'hd95_{r}']:.2f} | {t:.2f} |" for r, t in regions.items()]
+    hd95 = statistics.fmean(scores[f"hd95_{r}"] for r in regions)
+    rows.append(f"| mean | {scores['dice']:.4f} | {hd95:.2f} | |")
+    cut = settings.get("threshold")
+    text = (
+        f"`{key}`, {len(entry['folds'])} folds, {entry['cases']} cases; region cut "
+        f"{'0.5' if cut is None else f'{cut:g}'}, post-processing `{settings.get('postprocess') or 'none'}`, "
+        f"mirror TTA {settings.get('mirror_axes') or 'none'}, on {settings.get('device', '?')}"
+    )
+    per_fold = ", ".join(f"{k}: {v['dice']:.4f}" for k, v in entry["per_fold"].items())
+    return {"all": scores, "cases": entry["cases"], "settings": text, "rows": rows, "per_fold": per_fold}
 
 
 def tta_text(axes: list[int] | tuple[int, ...], evidence: str) -> str:
@@ -551,6 +723,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "chosen on validation)",
     )
     p.add_argument("--threshold-evidence", default="", help="with --threshold: the measurement that chose it")
+    p.add_argument(
+        "--cv",
+        type=Path,
+        default=None,
+        metavar="CV_JSON",
+        help="for a run trained on every case (train_all): the cross-validation of the same recipe's fold models "
+        "(scripts/cv_eval.py's cv.json), shown in place of a validation",
+    )
+    p.add_argument("--cv-model", default=None, metavar="KEY", help="with --cv: the model of the file (when several)")
+    p.add_argument("--cv-evidence", default="", help="with --cv: which runs, recipe and epochs it scored")
     add_note_option(p)
     args = p.parse_args(argv)
     args.notes = card_notes(p, args.note, args.names)
@@ -558,6 +740,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--mirror-axes needs --mirror-evidence: the card names the measurement that chose them")
     if args.postprocess is not None and not args.postprocess_evidence.strip():
         p.error("--postprocess needs --postprocess-evidence: the card names the measurement that chose it")
+    if args.cv is not None and not args.cv_evidence.strip():
+        p.error("--cv needs --cv-evidence: the card names the runs and recipe it cross-validated")
+    if args.cv is not None and len(args.names) > 1:
+        p.error("--cv is one recipe's cross-validation: release one model per call when you give it")
     if args.threshold is not None and not args.threshold_evidence.strip():
         p.error("--threshold needs --threshold-evidence: the card names the measurement that chose it")
     return args

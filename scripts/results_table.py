@@ -5,8 +5,9 @@ the released checkpoint (on the CPU by default) and scored at the original image
                                     [--weights DIR] [--mirror-axes-2d AXES] [--postprocess SPEC]
 
 For each released model of one checkpoint (weights/index.json; or the --names given), under OUT/<name>/ (an
-ensemble of fold models is left out, and refused by name: its members trained on these validation cases, so its
-score is its members' cross-validation, scripts/cv_eval.py, in its card):
+ensemble of fold models, and a model trained on every case of its split (train_all), are left out, and refused by
+name: they trained on these validation cases, so their score is a cross-validation, scripts/cv_eval.py, in the
+card):
 - data/: links to the validation cases (fold 0 of the model's split file) of DATA_ROOT/<dataset>: 2D images/ +
   masks/ (every mask file of an image, merged at scoring as in training), 3D the BraTS case folders. DATA_ROOT is
   only read; OUT must be a new folder outside it.
@@ -408,12 +409,21 @@ def check(args: argparse.Namespace) -> list[ReleasedModel]:
         choices = ", ".join(known) or f"none: {args.weights} has no index.json"
         raise Refused(f"unknown released model(s) {unknown}; choose from {choices}")
     chosen = [m for m in models if not args.names or m.name in args.names]
-    if ensembles := [m.name for m in chosen if m.members]:
-        why = "an ensemble whose members trained on the split's validation cases (fold models)"
+    trained_on_val = {  # no validation cases of their own: a cross-validation in the card scores them
+        "an ensemble whose members trained on the split's validation cases (fold models)": [
+            m.name for m in chosen if m.members
+        ],
+        "trained on every case of its split, the validation cases too (train_all)": [
+            m.name for m in chosen if not m.members and read_meta(args.weights / m.name).training.get("train_all")
+        ],
+    }
+    for why, names in trained_on_val.items():
+        if not names:
+            continue
         if args.names:
-            raise Refused(f"{', '.join(ensembles)}: {why}; its score is its members' cross-validation (its card)")
-        log.info("leaving out %s: %s, scored by cross-validation in its card", ", ".join(ensembles), why)
-        chosen = [m for m in chosen if not m.members]
+            raise Refused(f"{', '.join(names)}: {why}; its score is a cross-validation (its card)")
+        log.info("leaving out %s: %s, scored by cross-validation in its card", ", ".join(names), why)
+        chosen = [m for m in chosen if m.name not in names]
     for m in chosen:
         if not (args.data_root / m.dataset).is_dir():
             raise Refused(f"{m.name} needs dataset folder {args.data_root / m.dataset}, which does not exist")

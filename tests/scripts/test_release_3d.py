@@ -362,3 +362,108 @@ def test_notes_go_into_the_named_card_only_and_an_unknown_name_is_refused(campai
     first = card.index("With mirror TTA: WT 0.81.\n\n")
     assert table_end < first < card.index("The earlier release: 0.79.\n\nDice and HD95")
     assert "With mirror TTA" not in (copy / "weights" / "mmsegrwkv-brats2018.md").read_text()
+
+
+def write_train_all_run(runs: Path, split: dict, train_cases: int = 18) -> Path:
+    """A run of MMSegRWKV (test size) trained on every case of the committed split: metrics.csv without
+    validation, its config (train_all), split and last-epoch best checkpoint as the loop writes them."""
+    from rwkvseg.train.loop import LAST_EPOCH, _write_metrics_csv
+
+    run = runs / "brats2018-mmsegrwkv"
+    run.mkdir(parents=True)
+    rows = [{"epoch": e, "step": 250 * e, "lr": 0.01, "train_loss": 1 / e, "train_seconds": 8.0} for e in (1, 2, 3)]
+    _write_metrics_csv(run / "metrics.csv", rows)
+    config = to_dict(load_config(ROOT / "configs" / "brats2018_mmsegrwkv.toml", ["train_all=true", "epochs=3"]))
+    model = {"name": "mmsegrwkv_test", "overrides": {}}
+    (run / "config.json").write_text(json.dumps({**config, "model": model}))
+    (run / "split.json").write_text(json.dumps(split))
+    (run / "summary.json").write_text(json.dumps({"status": "complete"}))
+    pre = {"dims": 3, "dataset": SPEC.to_dict(), "target_spacing": [2.0] * 3, "patch_size": [64] * 3}
+    pre |= {"target": "regions", "inference": {"overlap": 0.5, "mirror_axes": [0, 1, 2]}}
+    best = {"epoch": 3, "step": 750, "selection": LAST_EPOCH}
+    training = {"best": best, "train_all": True, "train_cases": train_cases}
+    meta = CheckpointMeta("mmsegrwkv_test", 4, 3, {}, pre, REGIONS, (2.0,) * 3, training)
+    torch.manual_seed(0)
+    save_checkpoint(run / "best", create_model("mmsegrwkv_test", 4, 3), meta)
+    return run
+
+
+def write_cv(path: Path, models: tuple[str, ...] = ("brats2018-mmsegrwkv-ds2_e34",)) -> Path:
+    """A scripts/cv_eval.py file: each model's means over all cases and per fold."""
+    scores = {"dice_WT": 0.8733, "hd95_WT": 9.17, "dice_TC": 0.7469, "hd95_TC": 10.30, "dice_ET": 0.7207}
+    scores |= {"hd95_ET": 8.51, "dice": 0.7803}
+    entry = {
+        "folds": [0, 1, 2, 3, 4],
+        "cases": 18,
+        "all": scores,
+        "per_fold": {str(k): {"dice": 0.7 + k / 100} for k in range(5)},
+    }
+    settings = {"threshold": 0.5, "mirror_axes": "", "postprocess": "largest", "device": "cuda", "compile": "off"}
+    path.write_text(json.dumps({"settings": settings, "models": dict.fromkeys(models, entry)}))
+    return path
+
+
+def test_a_model_trained_on_every_case_is_released_with_its_recipes_cross_validation(tmp_path, capsys):
+    """A train_all run has nothing to validate it: its card shows the cross-validation of the recipe's fold models
+    (--cv) in place of a validation table, its index entry holds cv_* metrics, EVALS is not read; it is refused
+    without --cv, with a cv file of several models and no --cv-model, and with a run that trained other cases."""
+    pytest.importorskip("matplotlib")
+    split = json.loads((ROOT / "splits" / "brats2018_2mm.json").read_text())
+    run = write_train_all_run(tmp_path / "runs", split)
+    weights = tmp_path / "weights"
+    export_release(run / "best", "mmsegrwkv-brats2018", weights, precision="int8")
+    (weights / "index.json").write_text(json.dumps({"models": []}) + "\n")
+    cv = write_cv(tmp_path / "cv.json")
+    script = load_script("release_3d")
+    base = release_args(tmp_path, weights, "mmsegrwkv-brats2018")  # tmp_path/evals does not exist
+    evidence = ["--cv-evidence", "session 44's five fold runs of this recipe, 34 epochs"]
+    assert script.main(base) == 2
+    assert "trained on every case (train_all), so nothing validates it: give --cv" in capsys.readouterr().err
+    chosen = ["--postprocess", "largest", "--postprocess-evidence", "the cross-validation's cut"]
+    assert script.main([*base, "--cv", str(cv), *evidence, *chosen]) == 0
+
+    card = (weights / "mmsegrwkv-brats2018.md").read_text()
+    assert card.startswith("# mmsegrwkv-brats2018: MMSegRWKV (paper configuration) trained on BraTS 2018") and (
+        "every case" in card.splitlines()[0]
+    )
+    assert "| data | every one of the 18 cases of `../shared/data/brats2018_4mod_2mm`" in card
+    assert "session 44's five fold runs of this recipe, 34 epochs" in card
+    assert "`brats2018-mmsegrwkv-ds2_e34`, 5 folds, 18 cases; region cut 0.5, post-processing `largest`" in card
+    assert "| TC | 0.7469 | 10.30 | 0.80 |" in card and "| mean | 0.7803 | 9.33 | |" in card
+    assert (
+        "Per fold, mean Dice: 0: 0.7000, 1: 0.7100" in card
+        and "planned 3 epochs, all run, no validation (train_all)" in card
+    )
+    assert "not measured for these weights" in card and "| post-processing | `largest` by default" in card
+    assert (weights / "mmsegrwkv-brats2018.curves.png").is_file()
+    (entry,) = json.loads((weights / "index.json").read_text())["models"]
+    assert entry["metrics"] == {
+        "cv_dice_WT": 0.8733,
+        "cv_dice_TC": 0.7469,
+        "cv_dice_ET": 0.7207,
+        "cv_dice": 0.7803,
+        "cv_cases": 18,
+        "epochs": 3,
+        "train_cases": 18,
+    }
+    assert "train_all" in entry["notes"]
+    sidecar = json.loads((weights / "mmsegrwkv-brats2018.json").read_text())
+    assert sidecar["preprocessing"]["inference"]["postprocess"] == "largest"
+
+    two = write_cv(tmp_path / "cv2.json", ("a", "b"))
+    assert script.main([*base, "--cv", str(two), *evidence]) == 2
+    assert "holds the models ['a', 'b']: name one with --cv-model" in capsys.readouterr().err
+    assert script.main([*base, "--cv", str(two), "--cv-model", "b", *evidence]) == 0
+    with pytest.raises(SystemExit):
+        script.main([*base, "--cv", str(cv)])  # no evidence named
+    with pytest.raises(SystemExit):  # one recipe's cross-validation would stand for two models
+        two_names = release_args(tmp_path, weights, "mmsegrwkv-brats2018", "mmsegrwkv_small-brats2018")
+        script.main([*two_names, "--cv", str(cv), *evidence])
+    assert "release one model per call" in capsys.readouterr().err
+    capsys.readouterr()
+    other = write_train_all_run(tmp_path / "other" / "runs", split, train_cases=13)
+    export_release(other / "best", "mmsegrwkv-brats2018", tmp_path / "w2", precision="int8")
+    (tmp_path / "w2" / "index.json").write_text(json.dumps({"models": []}) + "\n")
+    argv = release_args(tmp_path / "other", tmp_path / "w2", "mmsegrwkv-brats2018")
+    assert script.main([*argv, "--cv", str(cv), *evidence]) == 2
+    assert "trained 13 cases, not the 18 of the split" in capsys.readouterr().err

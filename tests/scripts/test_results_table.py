@@ -192,6 +192,7 @@ def test_an_ensemble_release_is_left_out_and_refused_by_name(script, released, t
     assert run(script, data, folder, tmp_path / "named", "--names", "urwkv_test-tiny-cv") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "urwkv_test-tiny-cv: an ensemble whose members trained on" in err
+    assert "its score is a cross-validation (its card)" in err
     assert not (tmp_path / "named").exists()
     with caplog.at_level(logging.INFO):
         assert run(script, data, folder, tmp_path / "all", "--limit", "1") == 0
@@ -363,3 +364,23 @@ def test_postprocess_reaches_prediction_and_the_table_says_so(script, released, 
     assert run(script, data, weights, tmp_path / "out3", "--postprocess", "et-min-voxels=50") == 2
     assert "urwkv_test-tiny: --postprocess et-min-voxels applies to 3D" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_a_release_trained_on_every_case_is_left_out_and_refused_by_name(script, released, tmp_path, capsys):
+    """A model trained on its split's validation cases too (train_all in its sidecar) cannot be scored on them."""
+    data, weights, _ = released
+    folder = tmp_path / "weights"
+    shutil.copytree(weights, folder)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(weights / f"urwkv_test-tiny{suffix}", folder / f"urwkv_test-all{suffix}")
+    sidecar = json.loads((folder / "urwkv_test-all.json").read_text())
+    sidecar["training"] |= {"train_all": True, "train_cases": 6}
+    (folder / "urwkv_test-all.json").write_text(json.dumps(sidecar))
+    (model,) = released_models(weights)
+    update_index(replace(model, name="urwkv_test-all"), folder)
+    assert run(script, data, folder, tmp_path / "named", "--names", "urwkv_test-all") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "urwkv_test-all: trained on every case of its split" in err
+    assert run(script, data, folder, tmp_path / "all", "--limit", "1") == 0
+    rows = json.loads((tmp_path / "all" / "results.json").read_text())["models"]
+    assert [row["name"] for row in rows] == ["urwkv_test-tiny"]

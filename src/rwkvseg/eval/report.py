@@ -65,7 +65,9 @@ class RunHistory:
             )
         else:
             text = f"planned {planned} epochs; {self.status} after epoch {self.ran}"
-        if self.config.get("val_every", 1) > 1:
+        if self.config.get("train_all"):
+            text += ", no validation (train_all)"
+        elif self.config.get("val_every", 1) > 1:
             text += f", validated every {self.config['val_every']} epochs and after the last"
         return text
 
