@@ -23,7 +23,8 @@ STUB = """#!/usr/bin/env bash
 case "$1 $2" in
   "-m rwkvseg.cli" | scripts/campaign.py* | scripts/cv_eval.py*)
     printf '%s\\n' "$*" >> "$RECORD"
-    case "$1" in scripts/cv_eval.py) mkdir -p "$4" && echo cv > "$4/cv.json" ;; esac ;;
+    case "$1" in scripts/cv_eval.py) mkdir -p "$4" && echo cv > "$4/cv.json" ;; esac
+    case "$1" in scripts/campaign.py) sleep "${{STUB_SECONDS:-0}}" ;; esac ;;
   *) exec {python} "$@" ;;
 esac
 """
@@ -165,3 +166,19 @@ def test_the_final_models_train_on_every_case_and_come_back_as_int8_releases(stu
 
     result = call(stubs, tmp_path, "final", ARMS="A", EXPORT="A:x B:y")  # an arm without a run: refused
     assert result.returncode == 1 and "EXPORT B:y: no single best checkpoint" in result.stderr
+
+
+def test_start_packs_while_the_arms_train_on(stubs, tmp_path):
+    """A start call returns while its campaigns still run (they train on between the calls of a lease): its pack
+    of what they wrote so far is whole, not a failure."""
+    settings = dict(ARMS="B", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="1", STUB_SECONDS="30")
+    try:
+        result = call(stubs, tmp_path, "start", **settings)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "still running" in result.stdout and "packing failed" not in result.stderr
+        assert "start done" in result.stdout
+        with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
+            assert "state-B/command.json" in tar.getnames()
+    finally:
+        stop = [sys.executable, "scripts/detached_call.py", "stop", str(tmp_path / "work" / "state-B"), "--grace", "1"]
+        subprocess.run(stop, cwd=ROOT, capture_output=True)
