@@ -94,7 +94,8 @@ start() {
   for arm in $ARMS; do
     arm_args "$arm" || return 2
     python3 scripts/detached_call.py start "$W/state-$arm" -- python3 scripts/campaign.py "$W/cache" \
-      "$W/runs-$arm" --epochs "$EP" --minutes "$MINUTES" "${COMMON[@]}" "${workers[@]}" "${ARGS[@]}" --compile-cache "$W/cc-$arm"
+      "$W/runs-$arm" --epochs "$EP" --minutes "$MINUTES" "${COMMON[@]}" "${workers[@]}" "${ARGS[@]}" \
+      --compile-cache "$W/cc-$arm"
   done
   for arm in $ARMS; do
     left=$((FOLLOW_SECONDS - ($(date +%s) - t0)))
@@ -137,7 +138,10 @@ export_releases() {  # each ARM:NAME of EXPORT: its run's best checkpoint as the
   for spec in $EXPORT; do
     arm=${spec%%:*} name=${spec#*:}
     best=("$W/runs-$arm"/*/best.json)
-    [ "${#best[@]}" -eq 1 ] && [ -f "${best[0]}" ] || { echo "$0: EXPORT $spec: no single best checkpoint in $W/runs-$arm" >&2; return 1; }
+    if [ "${#best[@]}" -ne 1 ] || [ ! -f "${best[0]}" ]; then
+      echo "$0: EXPORT $spec: no single best checkpoint in $W/runs-$arm" >&2
+      return 1
+    fi
     python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
 export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" \
       "${best[0]%.json}" "$name" "$W/weights" || return 1
