@@ -350,8 +350,6 @@ class Release:
 
 def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     """Read and check every input of one release; Refused with one line at the first that is missing or off."""
-    from rwkvseg import __version__
-
     arch, _, short = name.partition("-")
     if short not in DATASETS:
         raise Refused(f"release {name!r}: name it <arch>-<dataset> with dataset one of {sorted(DATASETS)}")
@@ -387,48 +385,17 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
         raise Refused(f"{args.runs / 'campaign.json'} has no run {run.name}; give the campaign that trained it")
 
     pre = meta["preprocessing"]
-    spec, inference = pre["dataset"], pre["inference"]
-    iterations = int(history.rows[-1]["step"])
     n = int8["cases"]
     card = CARD.format(
-        name=name,
-        notes=args.notes[name],
-        arch_title=TITLES.get(arch, arch),
-        data_title=ds.title,
-        version=__version__,
-        spacing=" x ".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"])),
-        labels=", ".join(map(str, spec["label_values"])),
-        architecture=architecture(config["model"]),
-        params=parameters(config, meta) / 1e6,
-        modalities=", ".join(spec["modalities"]),
-        window=window(pre["patch_size"]),
-        overlap=inference["overlap"],
-        output="softmax" if pre["target"] == "labels" else "sigmoid per region",
-        tta=tta_text(inference["mirror_axes"] if args.mirror_axes is None else args.mirror_axes, args.mirror_evidence),
+        **card_fields(name, args, history, meta, (size_mb, fp16_mb)),
         eval_tta=eval_text(args),
-        regions=", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
-        size_mb=size_mb,
-        fp16_mb=fp16_mb,
-        too_large=", too large to ship in the package, so only int8 is released" if fp16_mb > PACKAGE_MB else "",
         d_dice=int8["dice"] - fp32["dice"],
         d_hd95=int8["hd95"] - fp32["hd95"],
         n_cases=split["n_cases"],
-        folder=ds.folder,
-        split=ds.split,
         n_train=len(fold["train"]),
         n_val=len(fold["val"]),
         split_note=(", stratified" if split.get("stratified") else "") + f", seed {split['seed']}",
-        config=f"{short}_{arch}.toml",
-        recipe=recipe(config),
-        schedule=history.schedule(),
-        iterations=iterations,
-        per_epoch=iterations // history.ran,
         best=best["epoch"],
-        hardware=args.hardware,
-        minutes=history.minutes,
-        epoch_s=statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in history.rows),
-        command=args.command,
-        commit=args.commit,
         cases_text=f"the {n} validation cases of the split at 2 mm"
         if n == len(fold["val"])
         else f"{n} of the split's {len(fold['val'])} validation cases at 2 mm",
@@ -444,10 +411,7 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
             f"| {name}{' (these weights)' if name == run.name else ''} | {line}" for name, line in campaign.items()
         ),
         differences=differences,
-        nnunet=NNUNET_ITERATIONS,
         targets=targets_text(int8, ds.targets),
-        postprocess_row=postprocess_row(args),
-        threshold_row=threshold_row(args),
     )
     metrics = {"val_dice": round(int8["dice"], 4), **{f"val_dice_{r}": round(int8[f"dice_{r}"], 4) for r in ds.targets}}
     if args.eval_threshold != 0.5:  # the cut these Dice were measured at (0.5 where not recorded)
@@ -466,6 +430,57 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
             "predicts labels (argmax over classes): drop --eval-threshold"
         )
     return Release(card, history, entry, chosen_sidecar(name, args, shipped, pre))
+
+
+def card_fields(
+    name: str, args: argparse.Namespace, history: RunHistory, meta: dict[str, Any], sizes: tuple[float, float]
+) -> dict[str, Any]:
+    """The fields both cards share: the model, its input and output, its weights ((MB, fp16 MB)), the data files,
+    the recipe, the schedule, where and how it trained, and the prediction defaults chosen here."""
+    from rwkvseg import __version__
+
+    arch, _, short = name.partition("-")
+    ds, config, pre = DATASETS[short], history.config, meta["preprocessing"]
+    spec, inference = pre["dataset"], pre["inference"]
+    iterations = int(history.rows[-1]["step"])
+    size_mb, fp16_mb = sizes
+    return {
+        "name": name,
+        "notes": args.notes[name],
+        "arch_title": TITLES.get(arch, arch),
+        "data_title": ds.title,
+        "version": __version__,
+        "spacing": " x ".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"])),
+        "labels": ", ".join(map(str, spec["label_values"])),
+        "architecture": architecture(config["model"]),
+        "params": parameters(config, meta) / 1e6,
+        "modalities": ", ".join(spec["modalities"]),
+        "window": window(pre["patch_size"]),
+        "overlap": inference["overlap"],
+        "output": "softmax" if pre["target"] == "labels" else "sigmoid per region",
+        "tta": tta_text(
+            inference["mirror_axes"] if args.mirror_axes is None else args.mirror_axes, args.mirror_evidence
+        ),
+        "regions": ", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
+        "size_mb": size_mb,
+        "fp16_mb": fp16_mb,
+        "too_large": ", too large to ship in the package, so only int8 is released" if fp16_mb > PACKAGE_MB else "",
+        "folder": ds.folder,
+        "split": ds.split,
+        "config": f"{short}_{arch}.toml",
+        "recipe": recipe(config),
+        "schedule": history.schedule(),
+        "iterations": iterations,
+        "per_epoch": iterations // history.ran,
+        "hardware": args.hardware,
+        "minutes": history.minutes,
+        "epoch_s": statistics.median(r["train_seconds"] + r.get("val_seconds", 0.0) for r in history.rows),
+        "command": args.command,
+        "commit": args.commit,
+        "nnunet": NNUNET_ITERATIONS,
+        "postprocess_row": postprocess_row(args),
+        "threshold_row": threshold_row(args),
+    }
 
 
 def shipped_release(folder: Path, name: str, run: Path, best: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
@@ -515,10 +530,7 @@ def chosen_sidecar(name: str, args: argparse.Namespace, shipped: dict[str, Any],
 def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, history: RunHistory) -> Release:
     """One release of a run trained on every case (train_all): the recipe's cross-validation (--cv) stands in for
     the validation it cannot have; Refused with one line at the first input that is missing or off."""
-    from rwkvseg import __version__
-
-    arch, _, short = name.partition("-")
-    ds, config = DATASETS[short], history.config
+    ds, config = DATASETS[name.partition("-")[2]], history.config
     if args.cv is None:
         raise Refused(
             f"{run} trained on every case (train_all), so nothing validates it: give --cv, the cross-validation of "
@@ -536,55 +548,20 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
             f"{run / 'best.json'} trained {meta['training'].get('train_cases')} cases, not the {n_train} of the split"
         )
     cv = cross_validation(args.cv, args.cv_model, ds.targets)
-    pre = meta["preprocessing"]
-    spec, inference = pre["dataset"], pre["inference"]
-    iterations = int(history.rows[-1]["step"])
     card = CARD_ALL.format(
-        name=name,
-        notes=args.notes[name],
-        arch_title=TITLES.get(arch, arch),
-        data_title=ds.title,
-        version=__version__,
-        spacing=" x ".join(f"{s:g}" for s in dict.fromkeys(pre["target_spacing"])),
-        labels=", ".join(map(str, spec["label_values"])),
-        architecture=architecture(config["model"]),
-        params=parameters(config, meta) / 1e6,
-        modalities=", ".join(spec["modalities"]),
-        window=window(pre["patch_size"]),
-        overlap=inference["overlap"],
-        output="softmax" if pre["target"] == "labels" else "sigmoid per region",
-        tta=tta_text(inference["mirror_axes"] if args.mirror_axes is None else args.mirror_axes, args.mirror_evidence),
-        regions=", ".join(f"{r} = {{{', '.join(map(str, v))}}}" for r, v in spec["regions"].items()),
-        size_mb=size_mb,
-        fp16_mb=fp16_mb,
-        too_large=", too large to ship in the package, so only int8 is released" if fp16_mb > PACKAGE_MB else "",
-        folder=ds.folder,
-        split=ds.split,
+        **card_fields(name, args, history, meta, (size_mb, fp16_mb)),
         n_train=n_train,
-        config=f"{short}_{arch}.toml",
-        recipe=recipe(config),
-        schedule=history.schedule(),
-        iterations=iterations,
-        per_epoch=iterations // history.ran,
-        hardware=args.hardware,
-        minutes=history.minutes,
-        epoch_s=statistics.median(r["train_seconds"] for r in history.rows),
-        command=args.command,
-        commit=args.commit,
         cv_evidence=args.cv_evidence,
         cv_settings=cv["settings"],
         cv_rows="\n".join(cv["rows"]),
         per_fold=cv["per_fold"],
         targets=targets_text(cv["all"], ds.targets),
-        nnunet=NNUNET_ITERATIONS,
-        postprocess_row=postprocess_row(args),
-        threshold_row=threshold_row(args),
     )
     metrics = {f"cv_{k}": round(v, 4) for k, v in cv["all"].items() if k.startswith("dice")}
     metrics |= {"cv_cases": cv["cases"], "epochs": history.ran, "train_cases": n_train}
     notes = f"card: {name}.md; trained on every case (train_all); cv_*: the same recipe's fold models"
     entry = ReleasedModel(name, config["model"]["name"], ds.folder, f"splits/{ds.split}", metrics, notes)
-    return Release(card, history, entry, chosen_sidecar(name, args, shipped, pre))
+    return Release(card, history, entry, chosen_sidecar(name, args, shipped, meta["preprocessing"]))
 
 
 def cross_validation(path: Path, model: str | None, regions: dict[str, float]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from rwkvseg.checkpoint import read_meta
 from rwkvseg.cli import main
-from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic3d import write_synthetic_volumes
 from rwkvseg.data.volumes import discover_cases
@@ -48,20 +47,6 @@ BASE = {
     "infer": {"mirror_axes": [0], "sw_batch_size": 2},
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.99, "nesterov": True},
 }
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    write_synthetic_volumes(root, n=4, shape=(23, 27, 21), spacing=2.0, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cache(raw, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    preprocess_dataset(raw, BRATS, out)
-    return out
 
 
 def write_config(path, **changes):

@@ -11,10 +11,8 @@ from safetensors.torch import load_file
 
 from rwkvseg.checkpoint import read_meta
 from rwkvseg.cli import main
-from rwkvseg.data.preprocess3d import preprocess_dataset
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic import write_synthetic_dataset
-from rwkvseg.data.synthetic3d import write_synthetic_volumes
 from rwkvseg.data.volumes import discover_cases
 from rwkvseg.eval.report import read_run
 from rwkvseg.federated.local import setup_site
@@ -42,20 +40,6 @@ BASE_3D = [
     "max_steps_per_epoch=1",
     "optim.momentum=0.99",
 ]
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantoms")
-    write_synthetic_volumes(root, n=4, shape=(23, 27, 21), spacing=2.0, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cache(raw, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    preprocess_dataset(raw, dataset_spec("brats"), out)
-    return out
 
 
 def config_3d(cache, out, *more):

@@ -139,21 +139,7 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
         "x".join(map(str, d.patches.patch_size)),
     )
     train_set = PatchDataset(cache, train_cases, d.patches, d.target, config.seed)
-    validator = None
-    if val_cases:
-        validator = SlidingWindowValidator.from_cache(
-            cache,
-            val_cases,
-            d.patches.patch_size,
-            d.target,
-            config.infer.overlap,
-            config.infer.val_mirror_axes,
-            device,
-            memory_format=config.memory_format,
-            threshold=config.threshold,
-            postprocess=config.infer.postprocess(),
-        )
-        validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
+    validator = window_validator(config, cache, val_cases, config.infer.val_mirror_axes, device) if val_cases else None
     names = spec.region_names if d.target == "regions" else tuple(str(v) for v in spec.label_values)
     preprocessing = {
         **inference_metadata(plans, d.patches.patch_size, d.target),
@@ -193,6 +179,27 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
     return RunData(train_set, validator, build_loss(config.loss, spec, d.target), meta, finish)
 
 
+def window_validator(
+    config: TrainConfig, cache: Path, cases: tuple[str, ...], mirror_axes: tuple[int, ...], device: torch.device
+) -> SlidingWindowValidator:
+    """The sliding-window scorer of cached cases as the run validates them (its patch size, overlap, batch of
+    windows, layout, cut and post-processing), with mirror_axes as its TTA."""
+    validator = SlidingWindowValidator.from_cache(
+        cache,
+        cases,
+        config.data.patches.patch_size,
+        config.data.target,
+        config.infer.overlap,
+        mirror_axes,
+        device,
+        memory_format=config.memory_format,
+        threshold=config.threshold,
+        postprocess=config.infer.postprocess(),
+    )
+    validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
+    return validator
+
+
 def final_evaluation(
     config: TrainConfig, run_dir: Path, cache: Path, val_cases: tuple[str, ...], device: torch.device
 ) -> dict[str, Any]:
@@ -200,19 +207,7 @@ def final_evaluation(
     (the means, and each case's Dice per region under "per_case")."""
     model, meta = load_checkpoint(run_dir / "best", device=device)
     module_to(model, config.memory_format, 3)  # scored in the layout the run validated in
-    validator = SlidingWindowValidator.from_cache(
-        cache,
-        val_cases,
-        config.data.patches.patch_size,
-        config.data.target,
-        config.infer.overlap,
-        config.infer.mirror_axes,
-        device,
-        memory_format=config.memory_format,
-        threshold=config.threshold,
-        postprocess=config.infer.postprocess(),
-    )
-    validator.window = replace(validator.window, sw_batch_size=config.infer.sw_batch_size)
+    validator = window_validator(config, cache, val_cases, config.infer.mirror_axes, device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(config.amp, device))
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
