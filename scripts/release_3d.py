@@ -91,9 +91,7 @@ TITLES = {"mmsegrwkv": "MMSegRWKV (paper configuration)", "mmsegrwkv_small": "MM
 NNUNET_ITERATIONS = 250_000  # nnU-Net's default schedule: 1,000 epochs of 250 iterations
 PACKAGE_MB = 20  # what one released model may add to the package (configs/brats2018_mmsegrwkv_small.toml)
 
-CARD = """# {name}: {arch_title} trained on {data_title}
-
-Released with rwkvseg {version}. Load it by name, offline:
+CARD_HEAD = """Released with rwkvseg {version}. Load it by name, offline:
 `rwkvseg predict --model {name} CASE_FOLDERS --out PRED` (BraTS case folders or NIfTI files; any voxel spacing: inputs
 are cropped, z-scored and resampled to {spacing} mm, and the labels {labels} are written on each input's own grid with
 its exact affine).
@@ -103,8 +101,13 @@ its exact affine).
 | architecture | {architecture} ({params:.2f} M parameters) |
 | input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), {tta} |
 | output | {output} over labels {labels}; regions {regions} |
-| weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); against the fp32 checkpoint: mean Dice {d_dice:+.4f}, mean HD95 {d_hd95:+.2f} mm (table below) |
-{postprocess_row}{threshold_row}| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
+| weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); {int8_change} |
+{postprocess_row}{threshold_row}"""  # the cards' common start: loading, the model, its weights and defaults
+
+CARD = (
+    "# {name}: {arch_title} trained on {data_title}\n\n"
+    + CARD_HEAD
+    + """| data | the {n_cases} cases of `../shared/data/{folder}` (at {spacing} mm); split `splits/{split}` ({n_train} train / {n_val} val{split_note}) |
 | recipe | `configs/{config}`: {recipe} |
 | schedule | {schedule}; {iterations:,} iterations ({per_epoch} per epoch); best validation epoch {best} (curves: `{name}.curves.png`) |
 | hardware | {hardware}, {minutes:.1f} min of training and validation (median {epoch_s:.1f} s per epoch) |
@@ -140,22 +143,13 @@ per region (no TTA), the best checkpoint's mean Dice with mirror TTA, HD95 of th
 cases; on the validation cases at 2 mm these weights reach {targets}. Published BraTS results are measured at 1 mm on
 hundreds of cases. Research use only; not a medical device.
 """
+)
 
 
-CARD_ALL = """# {name}: {arch_title} trained on {data_title}, every case
-
-Released with rwkvseg {version}. Load it by name, offline:
-`rwkvseg predict --model {name} CASE_FOLDERS --out PRED` (BraTS case folders or NIfTI files; any voxel spacing: inputs
-are cropped, z-scored and resampled to {spacing} mm, and the labels {labels} are written on each input's own grid with
-its exact affine).
-
-| | |
-|---|---|
-| architecture | {architecture} ({params:.2f} M parameters) |
-| input | {modalities} (in that order), {spacing} mm, {window} sliding window (overlap {overlap:g}, Gaussian), {tta} |
-| output | {output} over labels {labels}; regions {regions} |
-| weights | int8 matrices and kernels (symmetric per output channel, fp32 scales), fp32 vectors (biases, norms; in the RWKV blocks decay, bonus, token-shift mixes); {size_mb:.1f} MB (fp16 would be {fp16_mb:.1f} MB{too_large}); the int8 change against the fp32 checkpoint is not measured for these weights (no case is held out from them) |
-{postprocess_row}{threshold_row}| data | every one of the {n_train} cases of `../shared/data/{folder}` (at {spacing} mm): the training and validation cases of `splits/{split}` together (`train_all`), none held out |
+CARD_ALL = (
+    "# {name}: {arch_title} trained on {data_title}, every case\n\n"
+    + CARD_HEAD
+    + """| data | every one of the {n_train} cases of `../shared/data/{folder}` (at {spacing} mm): the training and validation cases of `splits/{split}` together (`train_all`), none held out |
 | recipe | `configs/{config}`: {recipe} |
 | schedule | {schedule}; {iterations:,} iterations ({per_epoch} per epoch); the last epoch is kept, as nothing is left to choose a checkpoint on, and the number of epochs is the cross-validated recipe's (curves: `{name}.curves.png`, the training loss) |
 | hardware | {hardware}, {minutes:.1f} min of training (median {epoch_s:.1f} s per epoch) |
@@ -183,6 +177,7 @@ project's targets (docs/targets.md) are Dice on full-resolution held-out cases; 
 {targets}. Published BraTS results are measured at 1 mm on hundreds of cases. Research use only; not a medical
 device.
 """
+)
 
 
 class Refused(Exception):
@@ -389,8 +384,8 @@ def release(name: str, args: argparse.Namespace, folder: Path) -> Release:
     card = CARD.format(
         **card_fields(name, args, history, meta, (size_mb, fp16_mb)),
         eval_tta=eval_text(args),
-        d_dice=int8["dice"] - fp32["dice"],
-        d_hd95=int8["hd95"] - fp32["hd95"],
+        int8_change=f"against the fp32 checkpoint: mean Dice {int8['dice'] - fp32['dice']:+.4f}, mean HD95 "
+        f"{int8['hd95'] - fp32['hd95']:+.2f} mm (table below)",
         n_cases=split["n_cases"],
         n_train=len(fold["train"]),
         n_val=len(fold["val"]),
@@ -551,6 +546,8 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
     card = CARD_ALL.format(
         **card_fields(name, args, history, meta, (size_mb, fp16_mb)),
         n_train=n_train,
+        int8_change="the int8 change against the fp32 checkpoint is not measured for these weights (no case is held "
+        "out from them)",
         cv_evidence=args.cv_evidence,
         cv_settings=cv["settings"],
         cv_rows="\n".join(cv["rows"]),
