@@ -57,6 +57,29 @@ REGIONS = ("WT", "TC", "ET")
 CONFIDENCE = 0.95  # of the comparisons' bootstrap intervals, in cv.json and on screen
 
 
+def settings_text(settings: dict) -> str:
+    """How a cv.json's predictions were made, in words for a card: its `settings` (None: each checkpoint's record)."""
+    cut, post = settings.get("threshold"), settings.get("postprocess")
+    cut_text = "each checkpoint's recorded region cut" if cut is None else f"region cut {cut:g}"
+    post_text = "each checkpoint's recorded post-processing" if post is None else f"post-processing `{post}`"
+    return f"{cut_text}, {post_text}, mirror TTA {settings.get('mirror_axes') or 'none'}, on {settings.get('device')}"
+
+
+def index_metrics(model: dict, settings: dict) -> dict[str, float]:
+    """The index entry's metrics of one cv.json model: cv_dice (mean over regions), cv_dice_<region>, cv_cases, and
+    val_threshold when its predictions were cut at a threshold other than 0.5."""
+    scores = model["all"]
+    metrics = {
+        "cv_dice": round(scores["dice"], 4),
+        **{f"cv_dice_{r}": round(scores[f"dice_{r}"], 4) for r in REGIONS},
+        "cv_cases": model["cases"],
+    }
+    threshold = settings.get("threshold")
+    if threshold is not None and threshold != 0.5:
+        metrics["val_threshold"] = threshold
+    return metrics
+
+
 class Refused(Exception):
     """An input the evaluation cannot run from: one line, no traceback."""
 

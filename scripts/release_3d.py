@@ -68,6 +68,9 @@ from rwkvseg.train.config import config_from_dict
 from rwkvseg.train.loop import LAST_EPOCH
 from rwkvseg.train.run import changed_settings
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cv_eval: what its cv.json means, kept there once
+from cv_eval import index_metrics, settings_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -554,8 +557,7 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
         per_fold=cv["per_fold"],
         targets=targets_text(cv["all"], ds.targets),
     )
-    metrics = {f"cv_{k}": round(v, 4) for k, v in cv["all"].items() if k.startswith("dice")}
-    metrics |= {"cv_cases": cv["cases"], "epochs": history.ran, "train_cases": n_train}
+    metrics = {**cv["metrics"], "epochs": history.ran, "train_cases": n_train}
     notes = f"card: {name}.md; trained on every case (train_all); cv_*: the same recipe's fold models"
     entry = ReleasedModel(name, config["model"]["name"], ds.folder, f"splits/{ds.split}", metrics, notes)
     return Release(card, history, entry, chosen_sidecar(name, args, shipped, meta["preprocessing"]))
@@ -581,14 +583,10 @@ def cross_validation(path: Path, model: str | None, regions: dict[str, float]) -
     rows = [f"| {r} | {scores[f'dice_{r}']:.4f} | {scores[f'hd95_{r}']:.2f} | {t:.2f} |" for r, t in regions.items()]
     hd95 = statistics.fmean(scores[f"hd95_{r}"] for r in regions)
     rows.append(f"| mean | {scores['dice']:.4f} | {hd95:.2f} | |")
-    cut = settings.get("threshold")
-    text = (
-        f"`{key}`, {len(entry['folds'])} folds, {entry['cases']} cases; region cut "
-        f"{'0.5' if cut is None else f'{cut:g}'}, post-processing `{settings.get('postprocess') or 'none'}`, "
-        f"mirror TTA {settings.get('mirror_axes') or 'none'}, on {settings.get('device', '?')}"
-    )
+    text = f"`{key}`, {len(entry['folds'])} folds, {entry['cases']} cases; {settings_text(settings)}"
     per_fold = ", ".join(f"{k}: {v['dice']:.4f}" for k, v in entry["per_fold"].items())
-    return {"all": scores, "cases": entry["cases"], "settings": text, "rows": rows, "per_fold": per_fold}
+    metrics = index_metrics(entry, settings)
+    return {"all": scores, "metrics": metrics, "settings": text, "rows": rows, "per_fold": per_fold}
 
 
 def tta_text(axes: list[int] | tuple[int, ...], evidence: str) -> str:

@@ -48,7 +48,8 @@ from rwkvseg.infer.ensemble import check_members
 from rwkvseg.infer.postprocess import PostProcess, check_postprocess
 from rwkvseg.released import ReleasedModel, export_release, fold_export, released_models, update_index, weights_dir
 
-REGIONS = ("WT", "TC", "ET")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cv_eval: what its cv.json means, kept there once
+from cv_eval import REGIONS, index_metrics, settings_text
 
 
 class Refused(Exception):
@@ -157,11 +158,7 @@ def card_text(
         )
     overall = " / ".join(f"{all_[f'dice_{r}']:.4f}" for r in REGIONS) + f" (**{all_['dice']:.4f}**)"
     hd95 = " / ".join(f"{all_[f'hd95_{r}']:.1f}" for r in REGIONS)
-    cut = settings.get("threshold")
-    predict = (
-        f"threshold {0.5 if cut is None else cut}, post-processing {settings.get('postprocess') or 'recorded'}, "
-        f"flips {settings.get('mirror_axes') or 'none'}, on {settings.get('device')}"
-    )
+    predict = settings_text(settings)
     pp = ""
     if postprocess is not None:
         pp = (
@@ -292,15 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         (stage / f"{args.name}.md").write_text(card, encoding="utf-8")
         for path in sorted(stage.iterdir()):
             shutil.move(path, folder / path.name)
-    all_ = cv["all"]
-    metrics = {
-        "cv_dice": round(all_["dice"], 4),
-        **{f"cv_dice_{r}": round(all_[f"dice_{r}"], 4) for r in REGIONS},
-        "cv_cases": cv["cases"],
-    }
-    threshold = report.get("settings", {}).get("threshold")
-    if threshold is not None and threshold != 0.5:
-        metrics["val_threshold"] = threshold
+    metrics = index_metrics(cv, report.get("settings", {}))
     split = Path(folds[0].history.config["data"]["split"])
     entry = ReleasedModel(
         args.name,
@@ -312,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         tuple(members),
     )
     update_index(entry, folder)
-    print(f"released {args.name}: {len(members)} members, cross-validation Dice {all_['dice']:.4f} -> {folder}")
+    print(f"released {args.name}: {len(members)} members, cross-validation Dice {metrics['cv_dice']:.4f} -> {folder}")
     return 0
 
 
