@@ -142,9 +142,7 @@ export_releases() {  # each ARM:NAME of EXPORT: its run's best checkpoint as the
       echo "$0: EXPORT $spec: no single best checkpoint in $W/runs-$arm" >&2
       return 1
     fi
-    python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
-export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" \
-      "${best[0]%.json}" "$name" "$W/weights" || return 1
+    export_int8 "${best[0]%.json}" "$name" "$W/weights" || return 1
   done
   tar cf - -C "$W" weights | split -b 15M - "$OUT/rel.tar.part"
 }

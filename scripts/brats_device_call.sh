@@ -77,9 +77,7 @@ done
 for variant in "${variants[@]}"; do
   case $variant in mmsegrwkv | mmsegrwkv_small) ;; *) continue ;; esac  # the two released architectures
   [ -f "$runs/brats2018-$variant/best.json" ] || continue
-  python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
-export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" \
-    "$runs/brats2018-$variant/best" "$variant-brats2018" "$pack/weights"
+  export_int8 "$runs/brats2018-$variant/best" "$variant-brats2018" "$pack/weights"
 done
 (cd "$runs" && tar cf "$pack/runs.tar" --ignore-failed-read campaign.json ./*/metrics.csv ./*/best.json \
   ./*/config.json ./*/split.json ./*/summary.json ./*/final_val.json logs ./*.curves.png 2>/dev/null)

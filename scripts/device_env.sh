@@ -1,4 +1,5 @@
-# The environment of a device call (sourced by scripts/bench_device_call.sh and scripts/brats_device_call.sh):
+# The environment of a device call (sourced by scripts/bench_device_call.sh, scripts/brats_device_call.sh and
+# scripts/brats_arms.sh):
 #   device_env TRITON_HOME_DIR
 # installs the wheels of monai and nibabel carried in $WHEELS (default .whl: the device has neither) into /tmp/site
 # unless a warm machine has them there already (no --upgrade: a second process started beside a running one does
@@ -23,4 +24,11 @@ device_env() {
   TRITON_HOME=$(realpath "$1")
   export TRITON_HOME
   unset TRITON_CACHE_DIR
+}
+
+# export_int8 CHECKPOINT NAME FOLDER: CHECKPOINT (a run's best, without suffix) as the int8 release NAME in FOLDER
+# (rwkvseg.released.export_release), after device_env.
+export_int8() {
+  python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
+export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" "$1" "$2" "$3"
 }
