@@ -8,7 +8,8 @@
 #   ARMS="L H" EPOCHS=17 MINUTES=14 FOLLOW_SECONDS=540 scripts/brats_arms.sh start
 #       preprocess (once), start each arm's campaign detached, follow them for FOLLOW_SECONDS, report, pack
 #       (NOPACK=1: no pack). TAG replaces the runs' tag stem (default ds2_e<epochs>). ALL_EPOCHS: the epochs of
-#       arms A and S (default EPOCHS), e.g. the five-fold runs' schedule beside a shorter screening arm. WORKERS:
+#       arms A and S (default EPOCHS), e.g. the five-fold runs' schedule beside a shorter screening arm.
+#       ARM_EPOCHS="B:34": the epochs of each ARM named there, before EPOCHS and ALL_EPOCHS. WORKERS:
 #       each run's patch loaders (default: scripts/campaign.py's share of the cores among one arm's runs, which
 #       over-books the cores when several arms run at once).
 #   ARMS="L H" WAIT_ARMS="L H" WAIT_SECONDS=430 CV_SPECS="L:none H:0.5" scripts/brats_arms.sh final
@@ -17,6 +18,9 @@
 #       checkpoints refuse one) with `largest`, pack
 #       EXPORT="A:mmsegrwkv-brats2018 S:mmsegrwkv_small-brats2018": also export each ARM's best checkpoint as the
 #       int8 release NAME and return them as $OUT/rel.tar.part?? (parts of 15 MiB; cat them | tar x)
+#       INT8_CV="B:0.5": also export each fold's best checkpoint of each ARM as int8 (the shipped precision) in
+#       $WORK/int8-ARM and cross-validate those exports at CUT with `largest` (cv-ARM-CUT-int8): the int8 change of
+#       the recipe on held-out cases, beside CV_SPECS's fp32 cross-validation of the same runs
 #   scripts/brats_arms.sh one        start, then final, in one call (the env of both)
 #   TEST_WHEELS=DIR scripts/brats_arms.sh gputest
 #       the GPU-marked tests of layers, 3D training and memory formats, with pytest's wheels from DIR (default
@@ -29,6 +33,7 @@
 #   B  regions (BCE + Dice), the base       L  labels (CE + Dice)
 #   H  regions, half_res_width=32           N  regions, resfm=none
 #   F  regions, half_res_width=32 with the heads on the 1/2 and 1/4 maps (fine_heads, DynUNet's levels)
+#   M  regions, fm_channels=8 (ResFM: 8 embedding channels per modality, 32 into the stem, where the paper's 2 give 8)
 # and the final models of the recipe (train_all: the 13 training and 5 validation cases of the committed single split,
 # all 18, none validated, the last epoch kept; their epochs chosen by the five-fold runs):
 #   A  MMSegRWKV, regions                   S  MMSegRWKV-small, regions
@@ -46,6 +51,8 @@ ALL=(--set train_all=true)
 arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (without epochs, minutes, cache)
   EP=$EPOCHS
   case $1 in A | S) EP=${ALL_EPOCHS:-$EPOCHS} ;; esac
+  local spec
+  for spec in ${ARM_EPOCHS:-}; do [ "${spec%%:*}" = "$1" ] && EP=${spec#*:}; done
   local tag=${TAG:-ds2_e$EP}
   case $1 in
     B) ARGS=("${MM[@]}" "${REGIONS[@]}" "${FOLDS[@]}" --tag "$tag") ;;
@@ -54,9 +61,10 @@ arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (wi
     N) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.resfm=none "${FOLDS[@]}" --tag "${tag}_nofm") ;;
     F) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.half_res_width=32 --set model.overrides.fine_heads=true \
       "${FOLDS[@]}" --tag "${tag}_hrw32_fine") ;;
+    M) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${FOLDS[@]}" --tag "${tag}_fm8") ;;
     A) ARGS=("${MM[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     S) ARGS=("${SMALL[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
-    *) echo "$0: unknown arm $1 (B, L, H, N, F, A or S)" >&2; return 2 ;;
+    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, A or S)" >&2; return 2 ;;
   esac
 }
 
@@ -126,9 +134,32 @@ final() {
       --postprocess largest 2>&1 | tail -n 30
     echo "cv $spec done $(($(date +%s) - t0)) s"
   done
+  int8_cv || return 1
   export_releases || return 1
   pack || return 1
   echo "final done $(($(date +%s) - t0)) s"
+}
+
+int8_cv() {  # each ARM:CUT of INT8_CV: every fold's best checkpoint as int8 in int8-ARM, cross-validated at CUT
+  local spec arm cut best n rc
+  for spec in ${INT8_CV:-}; do
+    arm=${spec%%:*} cut=${spec##*:}
+    rm -rf "$W/int8-$arm" && mkdir -p "$W/int8-$arm"
+    n=0
+    for best in "$W/runs-$arm"/*-fold[0-9]*/best.json; do
+      [ -f "$best" ] || continue
+      export_int8 "${best%.json}" "$(basename "$(dirname "$best")")" "$W/int8-$arm" || return 1
+      n=$((n + 1))
+    done
+    if [ "$n" -eq 0 ]; then
+      echo "$0: INT8_CV $spec: no fold run with a best checkpoint in $W/runs-$arm" >&2
+      return 1
+    fi
+    python3 scripts/cv_eval.py "$W/runs-$arm" "$RAW" "$W/cv-$arm-$cut-int8" --device cuda --threshold "$cut" \
+      --postprocess largest --checkpoints-from "$W/int8-$arm" 2>&1 | tail -n 30
+    rc=$?
+    echo "int8 cv $spec ($n folds) ended with status $rc $(($(date +%s) - t0)) s"
+  done
 }
 
 export_releases() {  # each ARM:NAME of EXPORT: its run's best checkpoint as the int8 release NAME, in rel.tar parts

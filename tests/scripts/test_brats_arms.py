@@ -68,7 +68,7 @@ def test_usage_and_missing_settings_are_one_line_and_non_zero(stubs, tmp_path):
     result = call(stubs, tmp_path, "start", ARMS="L")
     assert result.returncode != 0 and "EPOCHS: set EPOCHS" in result.stderr
     result = call(stubs, tmp_path, "start", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0")
-    assert result.returncode == 2 and "unknown arm X (B, L, H, N, F, A or S)" in result.stderr
+    assert result.returncode == 2 and "unknown arm X (B, L, H, N, F, M, A or S)" in result.stderr
     assert not any("campaign.py" in line for line in recorded(tmp_path))  # nothing started
     result = call(stubs, tmp_path, "one", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0", WAIT_SECONDS="0")
     assert result.returncode == 2 and "waited" not in result.stdout  # a failed start ends the call
@@ -182,3 +182,45 @@ def test_start_packs_while_the_arms_train_on(stubs, tmp_path):
     finally:
         stop = [sys.executable, "scripts/detached_call.py", "stop", str(tmp_path / "work" / "state-B"), "--grace", "1"]
         subprocess.run(stop, cwd=ROOT, capture_output=True)
+
+
+def test_arm_epochs_and_the_int8_cross_validation_of_a_five_fold_arm(stubs, tmp_path):
+    """ARM_EPOCHS gives one arm its own schedule (B at 34 beside M at 17, with ResFM's 8 channels per modality);
+    final with INT8_CV exports every fold's best of the arm as int8 and cross-validates those exports beside the
+    fp32 cross-validation; an arm without fold checkpoints is refused."""
+    from safetensors.torch import load_file
+
+    from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+    from rwkvseg.models import create_model
+
+    settings = dict(ARMS="B M", EPOCHS="17", ARM_EPOCHS="B:34", MINUTES="30", FOLLOW_SECONDS="5", NOPACK="1")
+    result = call(stubs, tmp_path, "start", **settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    base, fused = [line for line in recorded(tmp_path) if "scripts/campaign.py" in line]
+    assert "--epochs 34 --minutes 30" in base and "--tag ds2_e34 " in base and "fm_channels" not in base
+    assert "--epochs 17 --minutes 30" in fused and "--set model.overrides.fm_channels=8" in fused
+    assert "--tag ds2_e17_fm8" in fused and "--folds 0 1 2 3 4" in fused
+
+    work = tmp_path / "work"
+    names = [f"brats2018-mmsegrwkv-ds2_e34-fold{k}" for k in range(2)]
+    for name in names:
+        meta = CheckpointMeta(model="mmsegrwkv_test", in_channels=4, num_classes=3)
+        save_checkpoint(work / "runs-B" / name / "best", create_model("mmsegrwkv_test", 4, 3), meta)
+    result = call(stubs, tmp_path, "final", ARMS="B", CV_SPECS="B:0.5", INT8_CV="B:0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "int8 cv B:0.5 (2 folds) ended with status 0" in result.stdout
+    fp32, int8 = [line for line in recorded(tmp_path) if "scripts/cv_eval.py" in line]
+    assert f"{work}/cv-B-0.5 " in fp32 and "--checkpoints-from" not in fp32
+    assert f"{work}/cv-B-0.5-int8 --device cuda --threshold 0.5 --postprocess largest" in int8
+    assert int8.endswith(f"--checkpoints-from {work}/int8-B")
+    for name in names:
+        weights = load_file(work / "int8-B" / f"{name}.safetensors")
+        assert any(t.dtype == torch.int8 for t in weights.values())
+        assert (work / "int8-B" / f"{name}.json").is_file()
+    with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
+        packed = set(tar.getnames())
+    assert {"cv-B-0.5/cv.json", "cv-B-0.5-int8/cv.json"} <= packed
+    assert not any(n.endswith(".safetensors") for n in packed)
+
+    result = call(stubs, tmp_path, "final", ARMS="B", INT8_CV="M:0.5")
+    assert result.returncode == 1 and "INT8_CV M:0.5: no fold run with a best checkpoint" in result.stderr
