@@ -4,6 +4,7 @@ Usage:
     python scripts/release_3d.py RUNS EVALS NAME... --hardware TEXT --command TEXT [--commit HASH]
         [--eval-mirror-axes AXES] [--eval-threshold T] [--weights-dir DIR] [--postprocess SPEC --postprocess-evidence TEXT]
         [--mirror-axes AXES --mirror-evidence TEXT] [--threshold T --threshold-evidence TEXT] [--note NAME TEXT ...]
+        [--cv CV_JSON --cv-evidence TEXT [--cv-model KEY] [--int8-cv FP32_CV INT8_CV --int8-cv-evidence TEXT]]
 
 NAME is <arch>-<dataset> (mmsegrwkv_small-brats2018, mmsegrwkv-brats2018), trained in the run RUNS/<dataset>-<arch>
 of `scripts/campaign.py DATA RUNS --configs configs/brats2018_{mmsegrwkv_small,segresnet,dynunet,mmsegrwkv}.toml`
@@ -34,7 +35,10 @@ A run trained on every case (`train_all`: the final model of a recipe whose epoc
 validation of its own: its card takes --cv CV_JSON (`scripts/cv_eval.py` of the same recipe's fold models; its
 model --cv-model KEY when it holds several; one release per call) and --cv-evidence TEXT (which runs, recipe and
 epochs), shows that cross-validation in place of the validation table, and its index entry holds cv_* metrics;
-EVALS is not read for it.
+EVALS is not read for it. Such weights hold no case out to measure their int8 change on; --int8-cv FP32_CV INT8_CV
+(with --int8-cv-evidence) measures it on fold models of the same recipe: their cross-validation in fp32 and that of
+their int8 exports (`scripts/cv_eval.py --checkpoints-from`, e.g. `scripts/brats_arms.sh final` with INT8_CV), and
+the card gives the change per region.
 Every input is read and checked before anything is written: a missing or mismatched one is one error line and exit
 status 2, with no file changed.
 """
@@ -546,11 +550,14 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
             f"{run / 'best.json'} trained {meta['training'].get('train_cases')} cases, not the {n_train} of the split"
         )
     cv = cross_validation(args.cv, args.cv_model, ds.targets)
+    if args.int8_cv is None:
+        int8_change = "the int8 change against the fp32 checkpoint is not measured for these weights (no case is held out from them)"
+    else:
+        int8_change = int8_cv_change(*args.int8_cv, args.cv_model, ds.targets, args.int8_cv_evidence)
     card = CARD_ALL.format(
         **card_fields(name, args, history, meta, (size_mb, fp16_mb)),
         n_train=n_train,
-        int8_change="the int8 change against the fp32 checkpoint is not measured for these weights (no case is held "
-        "out from them)",
+        int8_change=int8_change,
         cv_evidence=args.cv_evidence,
         cv_settings=cv["settings"],
         cv_rows="\n".join(cv["rows"]),
@@ -587,6 +594,44 @@ def cross_validation(path: Path, model: str | None, regions: dict[str, float]) -
     per_fold = ", ".join(f"{k}: {v['dice']:.4f}" for k, v in entry["per_fold"].items())
     metrics = index_metrics(entry, settings)
     return {"all": scores, "metrics": metrics, "settings": text, "rows": rows, "per_fold": per_fold}
+
+
+def int8_cv_change(fp32: Path, int8: Path, model: str | None, regions: dict[str, float], evidence: str) -> str:
+    """The card's words on the int8 change of a train_all release, measured where it can be: the same recipe's fold
+    models cross-validated in fp32 (fp32) and as their int8 exports (int8: scripts/cv_eval.py --checkpoints-from) on
+    the same held-out cases; Refused when the two files are not that pair."""
+    docs = {}
+    for path, kind in ((fp32, "fp32"), (int8, "int8")):
+        doc = read_json(path, f"give the cv.json of the fold models' {kind} cross-validation")
+        if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or "settings" not in doc:
+            raise Refused(f"{path} is not a scripts/cv_eval.py file (no models or settings)")
+        docs[kind] = doc
+    if docs["fp32"]["settings"].get("checkpoints_from") is not None:
+        raise Refused(
+            f"{fp32} scored other checkpoints (--checkpoints-from): give the fold runs' own fp32 scores first"
+        )
+    if docs["int8"]["settings"].get("checkpoints_from") is None:
+        raise Refused(
+            f"{int8} scored the runs' own checkpoints: give the cross-validation of their int8 exports second"
+        )
+    same = ("threshold", "mirror_axes", "postprocess")
+    if any(docs["fp32"]["settings"].get(k) != docs["int8"]["settings"].get(k) for k in same):
+        raise Refused(f"{fp32} and {int8} were predicted differently ({', '.join(same)}): score both the same way")
+    scores = {kind: cross_validation(path, model, regions) for kind, path in (("fp32", fp32), ("int8", int8))}
+    if docs["fp32"]["models"].keys() != docs["int8"]["models"].keys():
+        raise Refused(f"{fp32} and {int8} hold different models: give two scorings of the same fold runs")
+    key = model or next(iter(docs["fp32"]["models"]))
+    runs = [docs[kind]["models"][key] for kind in ("fp32", "int8")]
+    if runs[0]["folds"] != runs[1]["folds"] or runs[0]["cases"] != runs[1]["cases"]:
+        raise Refused(f"{fp32} and {int8} scored different folds or cases: give two scorings of the same fold runs")
+    a, b = scores["fp32"]["all"], scores["int8"]["all"]
+    per_region = ", ".join(f"{r} {b[f'dice_{r}'] - a[f'dice_{r}']:+.4f}" for r in regions)
+    hd95 = statistics.fmean(b[f"hd95_{r}"] - a[f"hd95_{r}"] for r in regions)
+    return (
+        f"the int8 change (int8 minus fp32), measured on the same recipe's {len(runs[0]['folds'])} fold models on their "
+        f"{runs[0]['cases']} held-out cases ({evidence}): mean Dice {b['dice'] - a['dice']:+.4f} ({per_region}), mean "
+        f"HD95 {hd95:+.2f} mm; these weights hold no case out to measure it on themselves"
+    )
 
 
 def tta_text(axes: list[int] | tuple[int, ...], evidence: str) -> str:
@@ -705,6 +750,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cv-model", default=None, metavar="KEY", help="with --cv: the model of the file (when several)")
     p.add_argument("--cv-evidence", default="", help="with --cv: which runs, recipe and epochs it scored")
+    p.add_argument(
+        "--int8-cv",
+        type=Path,
+        nargs=2,
+        default=None,
+        metavar=("FP32_CV", "INT8_CV"),
+        help="with --cv: the int8 change of the recipe, measured on fold models of it: their cross-validation in fp32 "
+        "and that of their int8 exports (scripts/cv_eval.py --checkpoints-from), on the same held-out cases",
+    )
+    p.add_argument("--int8-cv-evidence", default="", help="with --int8-cv: which fold runs, session and recipe")
     add_note_option(p)
     args = p.parse_args(argv)
     args.notes = card_notes(p, args.note, args.names)
@@ -716,6 +771,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--cv needs --cv-evidence: the card names the runs and recipe it cross-validated")
     if args.cv is not None and len(args.names) > 1:
         p.error("--cv is one recipe's cross-validation: release one model per call when you give it")
+    if args.int8_cv is not None and (args.cv is None or not args.int8_cv_evidence.strip()):
+        p.error("--int8-cv goes with --cv (a train_all release) and --int8-cv-evidence (which fold runs it scored)")
     if args.threshold is not None and not args.threshold_evidence.strip():
         p.error("--threshold needs --threshold-evidence: the card names the measurement that chose it")
     return args

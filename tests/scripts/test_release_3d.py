@@ -388,10 +388,17 @@ def write_train_all_run(runs: Path, split: dict, train_cases: int = 18) -> Path:
     return run
 
 
-def write_cv(path: Path, models: tuple[str, ...] = ("brats2018-mmsegrwkv-ds2_e34",)) -> Path:
-    """A scripts/cv_eval.py file: each model's means over all cases and per fold."""
+def write_cv(
+    path: Path,
+    models: tuple[str, ...] = ("brats2018-mmsegrwkv-ds2_e34",),
+    shift: float = 0.0,
+    checkpoints_from: str | None = None,
+) -> Path:
+    """A scripts/cv_eval.py file: each model's means over all cases and per fold (every Dice lowered by shift and
+    every HD95 raised by 10 * shift; checkpoints_from: as cv_eval records --checkpoints-from)."""
     scores = {"dice_WT": 0.8733, "hd95_WT": 9.17, "dice_TC": 0.7469, "hd95_TC": 10.30, "dice_ET": 0.7207}
     scores |= {"hd95_ET": 8.51, "dice": 0.7803}
+    scores = {k: v + 10 * shift if k.startswith("hd95") else v - shift for k, v in scores.items()}
     entry = {
         "folds": [0, 1, 2, 3, 4],
         "cases": 18,
@@ -399,6 +406,7 @@ def write_cv(path: Path, models: tuple[str, ...] = ("brats2018-mmsegrwkv-ds2_e34
         "per_fold": {str(k): {"dice": 0.7 + k / 100} for k in range(5)},
     }
     settings = {"threshold": 0.5, "mirror_axes": "", "postprocess": "largest", "device": "cuda", "compile": "off"}
+    settings["checkpoints_from"] = checkpoints_from
     path.write_text(json.dumps({"settings": settings, "models": dict.fromkeys(models, entry)}))
     return path
 
@@ -467,3 +475,48 @@ def test_a_model_trained_on_every_case_is_released_with_its_recipes_cross_valida
     argv = release_args(tmp_path / "other", tmp_path / "w2", "mmsegrwkv-brats2018")
     assert script.main([*argv, "--cv", str(cv), *evidence]) == 2
     assert "trained 13 cases, not the 18 of the split" in capsys.readouterr().err
+
+
+def test_the_int8_change_of_a_model_trained_on_every_case_is_measured_on_its_recipes_fold_models(tmp_path, capsys):
+    """--int8-cv FP32_CV INT8_CV: the same recipe's fold models cross-validated in fp32 and as int8 exports give the
+    card its int8 change per region; the pair is refused swapped, predicted differently, over other cases, or
+    without --cv and evidence."""
+    pytest.importorskip("matplotlib")
+    split = json.loads((ROOT / "splits" / "brats2018_2mm.json").read_text())
+    run = write_train_all_run(tmp_path / "runs", split)
+    weights = tmp_path / "weights"
+    export_release(run / "best", "mmsegrwkv-brats2018", weights, precision="int8")
+    (weights / "index.json").write_text(json.dumps({"models": []}) + "\n")
+    cv = write_cv(tmp_path / "cv.json")
+    fp32 = write_cv(tmp_path / "fp32.json", shift=0.001)
+    int8 = write_cv(tmp_path / "int8.json", shift=0.003, checkpoints_from="/w/int8-B")
+    script = load_script("release_3d")
+    base = release_args(tmp_path, weights, "mmsegrwkv-brats2018")
+    base += ["--cv", str(cv), "--cv-evidence", "session 44's five fold runs"]
+    said = ["--int8-cv-evidence", "session 50's five fold runs of the recipe"]
+    assert script.main([*base, "--int8-cv", str(fp32), str(int8), *said]) == 0
+    card = (weights / "mmsegrwkv-brats2018.md").read_text()
+    assert "not measured" not in card
+    assert (
+        "the int8 change (int8 minus fp32), measured on the same recipe's 5 fold models on their 18 held-out cases "
+        "(session 50's five fold runs of the recipe): mean Dice -0.0020 (WT -0.0020, TC -0.0020, ET -0.0020), mean "
+        "HD95 +0.02 mm" in card
+    )
+
+    assert script.main([*base, "--int8-cv", str(int8), str(fp32), *said]) == 2  # swapped
+    assert "scored other checkpoints (--checkpoints-from): give the fold runs' own fp32 scores first" in (
+        capsys.readouterr().err
+    )
+    doc = json.loads(int8.read_text())
+    doc["settings"]["threshold"] = 0.3
+    (tmp_path / "int8-cut.json").write_text(json.dumps(doc))
+    assert script.main([*base, "--int8-cv", str(fp32), str(tmp_path / "int8-cut.json"), *said]) == 2
+    assert "were predicted differently (threshold, mirror_axes, postprocess)" in capsys.readouterr().err
+    doc = json.loads(int8.read_text())
+    next(iter(doc["models"].values()))["cases"] = 15
+    (tmp_path / "int8-15.json").write_text(json.dumps(doc))
+    assert script.main([*base, "--int8-cv", str(fp32), str(tmp_path / "int8-15.json"), *said]) == 2
+    assert "scored different folds or cases" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([*base, "--int8-cv", str(fp32), str(int8)])  # no evidence
+    assert "--int8-cv goes with --cv" in capsys.readouterr().err
