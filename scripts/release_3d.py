@@ -610,7 +610,10 @@ def int8_cv_change(fp32: Path, int8: Path, model: str | None, regions: dict[str,
         raise Refused(
             f"{fp32} scored other checkpoints (--checkpoints-from): give the fold runs' own fp32 scores first"
         )
-    if docs["int8"]["settings"].get("checkpoints_from") is None:
+    # a file of cv_eval from before it recorded checkpoints_from (session 45's, whose int8 exports stood in for each
+    # fold's best) has no such key; one that records none scored the runs' own checkpoints
+    settings = docs["int8"]["settings"]
+    if fp32.resolve() == int8.resolve() or ("checkpoints_from" in settings and settings["checkpoints_from"] is None):
         raise Refused(
             f"{int8} scored the runs' own checkpoints: give the cross-validation of their int8 exports second"
         )

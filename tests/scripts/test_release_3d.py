@@ -517,6 +517,13 @@ def test_the_int8_change_of_a_model_trained_on_every_case_is_measured_on_its_rec
     (tmp_path / "int8-15.json").write_text(json.dumps(doc))
     assert script.main([*base, "--int8-cv", str(fp32), str(tmp_path / "int8-15.json"), *said]) == 2
     assert "scored different folds or cases" in capsys.readouterr().err
+    assert script.main([*base, "--int8-cv", str(fp32), str(fp32), *said]) == 2  # one file twice
+    assert "scored the runs' own checkpoints" in capsys.readouterr().err
+    doc = json.loads(int8.read_text())
+    del doc["settings"]["checkpoints_from"]  # cv_eval before it recorded the key (session 45's int8 members)
+    (tmp_path / "int8-s45.json").write_text(json.dumps(doc))
+    assert script.main([*base, "--int8-cv", str(fp32), str(tmp_path / "int8-s45.json"), *said]) == 0
+    assert "mean Dice -0.0020 (WT -0.0020" in (weights / "mmsegrwkv-brats2018.md").read_text()
     with pytest.raises(SystemExit):
         script.main([*base, "--int8-cv", str(fp32), str(int8)])  # no evidence
     assert "--int8-cv goes with --cv" in capsys.readouterr().err
