@@ -14,7 +14,7 @@ from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.volumes import discover_cases
 from rwkvseg.infer.postprocess import PostProcess
 from rwkvseg.infer.predict import PredictConfig
-from rwkvseg.infer.predict3d import Predictor3D, predict_paths
+from rwkvseg.infer.predict3d import Predictor3D, predict_paths, probabilities_to_values
 from rwkvseg.infer.sliding_window import SlidingWindowConfig, mirror_subsets, predict_logits
 from rwkvseg.records import inference_metadata
 
@@ -134,6 +134,73 @@ def test_a_2mm_model_predicts_on_the_1mm_grid_with_the_input_affine(tmp_path, tr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1.nii.gz"]  # no temporary files left
 
 
+@pytest.mark.parametrize("target", ["labels", "regions"])
+def test_probabilities_are_written_on_the_input_grid_and_give_the_labels(tmp_path, trained_at_2mm, target):
+    """--probabilities: probabilities/<case>.nii.gz beside the labels, 4-D (i, j, k, channel) on the input's exact
+    grid in 8 bits, channels named in the header; the labels are their threshold or argmax before post-processing,
+    and outside the brain's crop box the background is certain."""
+    folder, seg = write_1mm_case(tmp_path / "in")
+    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12), target=target)
+    options = PredictConfig(mirror_axes=(0, 2), probabilities=True)
+    predictor = Predictor3D(Threshold(target), metadata, options)
+    (case,) = discover_cases(folder, BRATS, require_label=False)
+    in_memory = predictor.predict(case, probabilities=True)
+    probs = in_memory.probabilities  # [C, K, J, I]
+    channels = 4 if target == "labels" else 3
+    assert probs.shape == (channels, *SHAPE_1MM[::-1]) and probs.dtype == np.float32
+    assert probs.min() >= 0 and probs.max() <= 1
+    np.testing.assert_array_equal(
+        probabilities_to_values(torch.from_numpy(probs), BRATS, target, predictor.threshold), in_memory.values
+    )
+    if target == "labels":
+        np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+        assert probs[0, 0, 0, 0] == 1  # a corner outside the crop box: background
+    else:
+        assert probs[:, 0, 0, 0].max() == 0
+
+    out = predictor.predict_to_file(case, tmp_path / "out")
+    written = nib.load(tmp_path / "out" / "probabilities" / "p1.nii.gz")
+    source = nib.load(folder / "p1_flair.nii.gz")
+    assert written.shape == (*SHAPE_1MM, channels) and written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(written.affine, source.affine)
+    assert int(written.header["qform_code"]) == 1 and int(written.header["sform_code"]) == 2
+    names = "0,1,2,4" if target == "labels" else "WT,TC,ET"
+    assert written.header["descrip"].item().decode() == f"rwkvseg probabilities: {names}"
+    back = np.transpose(written.get_fdata(), (3, 2, 1, 0))  # (i, j, k, c) -> (c, k, j, i)
+    np.testing.assert_allclose(back, probs, atol=1 / 255)
+    labels = np.swapaxes(np.asarray(nib.load(out).dataobj), 0, 2)
+    np.testing.assert_array_equal(labels, in_memory.values)
+    whole = probs.argmax(0) > 0 if target == "labels" else probs[0] > 0.5
+    assert dice(np.swapaxes(whole, 0, 2), seg > 0) > 0.9
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["p1.nii.gz", "p1.nii.gz", "probabilities"]
+
+
+def test_probabilities_are_refused_when_they_exist_and_kept_raw_by_post_processing(tmp_path, trained_at_2mm):
+    folder, _ = write_1mm_case(tmp_path / "in")
+    metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12))
+    (case,) = discover_cases(folder, BRATS, require_label=False)
+    kept = tmp_path / "out" / "probabilities" / "p1.nii.gz"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"the user's file")
+    options = PredictConfig(mirror_axes=(), probabilities=True, postprocess=PostProcess(et_min_voxels=10**6))
+    predictor = Predictor3D(Threshold(), metadata, options)
+    with pytest.raises(FileExistsError, match=r"already exist .*probabilities/p1\.nii\.gz"):
+        predictor.predict_to_file(case, tmp_path / "out")
+    assert kept.read_bytes() == b"the user's file" and not (tmp_path / "out" / "p1.nii.gz").exists()
+    with pytest.raises(FileExistsError, match=r"probabilities/p1\.nii\.gz"):
+        predict_paths_with(predictor, folder, tmp_path / "out")
+    predictor.predict_to_file(case, tmp_path / "out", overwrite=True)
+    labels = np.asarray(nib.load(tmp_path / "out" / "p1.nii.gz").dataobj)
+    probs = nib.load(kept).get_fdata()  # post-processing relabelled every enhancing voxel; the probabilities keep ET
+    assert not (labels == 4).any() and (probs[..., 3] > 0.5).any()
+
+
+def predict_paths_with(predictor: Predictor3D, folder: Path, out: Path) -> list[Path]:
+    from rwkvseg.infer.predict3d import predict_cases
+
+    return predict_cases(predictor, [folder], out)
+
+
 def test_postprocess_relabels_a_small_enhancing_tumour_on_the_output_grid(tmp_path, trained_at_2mm):
     folder, _ = write_1mm_case(tmp_path / "in")
     metadata = inference_metadata(trained_at_2mm, patch_size=(8, 10, 12))
@@ -214,7 +281,7 @@ def test_threshold_applies_to_region_checkpoints_and_is_refused_for_label_ones(t
     ("options", "names"),
     [
         ({"overlays": True}, "--overlay"),
-        ({"probabilities": True, "batch_size": 4}, "--batch-size, --probabilities"),
+        ({"overlays": True, "batch_size": 4}, "--batch-size, --overlay"),
         ({"skip_non_images": True}, "--skip-non-images"),
     ],
 )
@@ -328,10 +395,11 @@ def test_command_line_preprocess_predict_evaluate(tmp_path, monkeypatch, capsys)
     save_checkpoint(tmp_path / "ckpt", Threshold(), meta)
     monkeypatch.setattr("rwkvseg.checkpoint.build_model", lambda meta: Threshold())
     pred = tmp_path / "pred"
-    assert (
-        main(["predict", str(tmp_path / "ckpt"), str(tmp_path / "raw"), "--out", str(pred), "--mirror-axes", ""]) == 0
-    )
+    args = ["predict", str(tmp_path / "ckpt"), str(tmp_path / "raw"), "--out", str(pred), "--mirror-axes", ""]
+    assert main([*args, "--probabilities"]) == 0
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == ["p1.nii.gz", "p2.nii.gz"]  # beside the .rwkvseg marker
+    assert sorted(p.name for p in (pred / "probabilities").iterdir()) == ["p1.nii.gz", "p2.nii.gz"]
+    assert nib.load(pred / "probabilities" / "p1.nii.gz").shape == (*SHAPE_1MM, 4)
     assert main(["evaluate", str(pred), str(tmp_path / "raw"), "--out", str(tmp_path / "eval")]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["cases"] == 2 and summary["regions"]["WT"]["dice"]["mean"] > 0.9
@@ -392,6 +460,18 @@ def test_nrrd_inputs_predict_to_nrrd_with_the_same_geometry(tmp_path, trained_at
     np.testing.assert_allclose(written.GetSpacing(), source.GetSpacing())
     pred = np.swapaxes(sitk.GetArrayFromImage(written), 0, 2)  # (k, j, i) -> (i, j, k) like seg
     assert dice(pred > 0, seg > 0) > 0.9
+
+    options = PredictConfig(mirror_axes=(), probabilities=True)
+    with_probs = Predictor3D(Threshold(), inference_metadata(trained_at_2mm, (8, 8, 8)), options)
+    with_probs.predict_to_file(case, tmp_path / "out", overwrite=True)
+    probs = sitk.ReadImage(str(tmp_path / "out" / "probabilities" / "p1.nrrd"))  # a float32 vector image
+    assert probs.GetSize() == source.GetSize() and probs.GetNumberOfComponentsPerPixel() == 4
+    np.testing.assert_allclose(probs.GetOrigin(), source.GetOrigin())
+    np.testing.assert_allclose(probs.GetDirection(), source.GetDirection())
+    assert probs.GetMetaData("rwkvseg_channels") == "0,1,2,4"
+    array = sitk.GetArrayFromImage(probs)  # [k, j, i, c]
+    assert array.dtype == np.float32
+    np.testing.assert_array_equal(np.swapaxes(array.argmax(-1), 0, 2) > 0, pred > 0)
 
 
 def test_released_model_on_a_full_resolution_int16_case_keeps_the_grid(brats_2mm, tmp_path):

@@ -47,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--probabilities",
         action="store_true",
-        help="also write probabilities/<name>.png|.npy: the model's raw outputs, never post-processed",
+        help="also write probabilities/<name>.png|.npy (2D) or probabilities/<case>.nii.gz (3D: one channel per "
+        "region or class on the input's grid, 8-bit NIfTI beside NIfTI inputs): the model's raw outputs (with its "
+        "flips, an ensemble's mean), never thresholded or post-processed",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--skip-non-images", action="store_true", help="skip (with a warning) files that are not images")

@@ -80,7 +80,6 @@ def refuse_other_dims_options(config: PredictConfig, dims: int) -> None:
         given = {
             "--batch-size": config.batch_size is not None,
             "--overlay": config.overlays,
-            "--probabilities": config.probabilities,
             "--skip-non-images": config.skip_non_images,
         }
     else:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,22 @@ def paste(cropped: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
     return full
 
 
+def paste_probabilities(cropped: np.ndarray, properties: dict[str, Any], target: str) -> np.ndarray:
+    """Probabilities [C, *cropped] -> [C, *original] float32: outside the crop box (all zero input) every region
+    is out (0) and, for label checkpoints, the background class is certain (channel 0 is 1)."""
+    full = np.zeros((cropped.shape[0], *properties["original_shape"]), dtype=np.float32)
+    if target == "labels":
+        full[0] = 1.0
+    box = tuple(slice(lo, hi) for lo, hi in zip(properties["crop_lo"], properties["crop_hi"], strict=True))
+    full[(slice(None), *box)] = cropped
+    return full
+
+
+def probability_channels(spec: DatasetSpec, target: str) -> tuple[str, ...]:
+    """The names of a probability file's channels, in order: the regions (WT, TC, ET) or the label values."""
+    return spec.region_names if target == "regions" else tuple(map(str, spec.label_values))
+
+
 def write_like(values: np.ndarray, reference: Volume, path: Path) -> Path:
     """Write values [K, J, I] with the reference's geometry (NIfTI header and affine, or ITK information)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +108,49 @@ def write_like(values: np.ndarray, reference: Volume, path: Path) -> Path:
             raise ValueError(f"{path}: write predictions for NIfTI inputs as .nii.gz, not {path.name}")
         sitk.WriteImage(image, str(path), useCompression=True)
     return path
+
+
+def write_probabilities(probs: np.ndarray, channels: Sequence[str], reference: Volume, path: Path) -> Path:
+    """Write probabilities [C, K, J, I] with the reference's geometry: a NIfTI beside NIfTI inputs is 4-D (i, j, k,
+    channel) in 8 bits (uint8 with nibabel's scale factor, read back as floats within 1/255), the channels named in
+    its description; other inputs get an ITK vector image of float32 (one component per channel)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if reference.path.name.endswith(NIFTI_SUFFIXES) and path.name.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        header = reference.reference.header.copy()
+        header.set_data_dtype(np.uint8)  # nibabel scales [0, 1] floats into it on saving (scl_slope, scl_inter)
+        data = np.ascontiguousarray(np.transpose(probs, (3, 2, 1, 0)))  # (c, k, j, i) -> (i, j, k, c)
+        image = type(reference.reference)(data, reference.reference.affine, header)
+        image.set_qform(reference.reference.header.get_qform(), int(reference.reference.header["qform_code"]))
+        image.set_sform(reference.reference.header.get_sform(), int(reference.reference.header["sform_code"]))
+        image.header["descrip"] = f"rwkvseg probabilities: {','.join(channels)}"[:79].encode()
+        nib.save(image, path)
+    else:
+        from ..data.volumes import import_sitk
+
+        sitk = import_sitk()
+        image = sitk.GetImageFromArray(np.moveaxis(probs, 0, -1).astype(np.float32), isVector=True)
+        if reference.reference is not None and hasattr(reference.reference, "GetDirection"):
+            image.CopyInformation(reference.reference)
+        else:
+            raise ValueError(f"{path}: write probabilities for NIfTI inputs as .nii.gz, not {path.name}")
+        image.SetMetaData("rwkvseg_channels", ",".join(channels))
+        sitk.WriteImage(image, str(path), useCompression=True)
+    return path
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(tmp) beside path, then moved into place: an interrupted run leaves no half file; the temporary name keeps
+    the suffix that nibabel / SimpleITK take the format from."""
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.partial{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def recorded_axes(recorded: dict[str, Any]) -> tuple[int, ...]:
@@ -144,6 +204,15 @@ def log_mirror_off(given: Sequence[int] | None, recorded: dict[str, Any], device
             "mirror TTA off on the CPU (8x the forward passes); pass --mirror-axes %s to use it",
             ",".join(map(str, axes)),
         )
+
+
+@dataclass(frozen=True)
+class CasePrediction:
+    """One case predicted on its original grid."""
+
+    values: np.ndarray  # label values [K, J, I], post-processed as asked
+    reference: Volume  # the volume whose geometry the outputs share
+    probabilities: np.ndarray | None = None  # [C, K, J, I] float32 (C: regions or classes), raw; None unless asked
 
 
 class Predictor3D:
@@ -205,6 +274,12 @@ class Predictor3D:
 
     def predict_case(self, case: CaseFiles) -> tuple[np.ndarray, Volume]:
         """Label values [K, J, I] on the case's original grid, and the volume whose geometry it shares."""
+        prediction = self.predict(case)
+        return prediction.values, prediction.reference
+
+    def predict(self, case: CaseFiles, probabilities: bool = False) -> CasePrediction:
+        """The case's label values on its original grid and, with probabilities, the model's probabilities there
+        (the members' mean for an ensemble, with the flips of mirror TTA; never post-processed)."""
         volumes = load_case(case, self.spec, with_label=False)
         oriented, back = reorient(volumes, self.orientation)  # axes as in training, same world positions
         image, props = prepare_for_model(oriented, self.metadata)  # [M, k, j, i] at the training spacing
@@ -213,6 +288,10 @@ class Predictor3D:
         cropped_shape = [hi - lo for lo, hi in zip(props["crop_lo"], props["crop_hi"], strict=True)]
         probs = resample(probs, cropped_shape)  # [K, *resampled] -> [K, *cropped]
         values = paste(probabilities_to_values(probs, self.spec, self.target, self.threshold), props)
+        full = None
+        if probabilities:  # [K, *cropped] -> [K, *original] -> each channel on the input's own axes
+            pasted = paste_probabilities(probs.float().cpu().numpy(), props, self.target)
+            full = np.stack([orient_back(channel, back) for channel in pasted])
         if self.postprocess.active:  # on the input's own grid: et-min-voxels counts its voxels, et-min-mm3 its mm3
             if self.postprocess.et_min_mm3:
                 voxels = et_min_voxels_at(self.postprocess, volumes.spacing)
@@ -221,7 +300,7 @@ class Predictor3D:
                     "%s: et-min-mm3=%g is %.4g voxels of %s mm", case.case_id, self.postprocess.et_min_mm3, voxels, mm
                 )
             values = postprocess(values, self.postprocess, self.spec, volumes.spacing)
-        return orient_back(values, back), volumes.reference
+        return CasePrediction(orient_back(values, back), volumes.reference, full)
 
     def output_path(self, case: CaseFiles, out_dir: Path | str) -> Path:
         """`<out_dir>/<case_id>.nii.gz` (the input's format for ITK files, `.dcm` for a DICOM SEG)."""
@@ -237,14 +316,38 @@ class Predictor3D:
         suffix = ".nii.gz" if path.is_dir() or path.name.endswith(NIFTI_SUFFIXES) else "".join(path.suffixes)
         return Path(out_dir) / f"{case.case_id}{suffix}"
 
+    def probabilities_path(self, case: CaseFiles, out_dir: Path | str) -> Path:
+        """`<out_dir>/probabilities/<case_id>.nii.gz` (the input's ITK format for ITK files; NIfTI beside a DICOM
+        SEG)."""
+        name = self.output_path(case, out_dir).name
+        if self.options.out_format == "dicom-seg":
+            name = f"{case.case_id}.nii.gz"
+        return Path(out_dir) / "probabilities" / name
+
+    def output_paths(self, case: CaseFiles, out_dir: Path | str) -> list[Path]:
+        """Every file predict_to_file writes for the case: the labels, and the probabilities when asked for."""
+        paths = [self.output_path(case, out_dir)]
+        return [*paths, self.probabilities_path(case, out_dir)] if self.options.probabilities else paths
+
     def predict_to_file(self, case: CaseFiles, out_dir: Path | str, overwrite: bool = False) -> Path:
-        """Predict one case and write `<out_dir>/<case_id>.nii.gz` (or the input's ITK format, or a DICOM SEG)."""
+        """Predict one case and write `<out_dir>/<case_id>.nii.gz` (or the input's ITK format, or a DICOM SEG), and
+        with options.probabilities `<out_dir>/probabilities/<case_id>.nii.gz` beside it."""
         out = self.output_path(case, out_dir)
-        if out.exists() and not overwrite:
-            refuse_existing(out.parent, [out])
+        paths = self.output_paths(case, out_dir)
+        if not overwrite and (existing := [p for p in paths if p.exists()]):
+            refuse_existing(out.parent, existing)
         if case.channels:
             log.info("%s: input channels %s read as %s", case.case_id, list(case.channels), list(self.spec.modalities))
-        values, reference = self.predict_case(case)
+        prediction = self.predict(case, probabilities=self.options.probabilities)
+        values, reference = prediction.values, prediction.reference
+        if prediction.probabilities is not None:  # first: a mask is never left without the probabilities asked for
+            channels = probability_channels(self.spec, self.target)
+            probs_path = paths[1]
+            probs_path.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(
+                probs_path, lambda tmp: write_probabilities(prediction.probabilities, channels, reference, tmp)
+            )
+            log.info("%s -> %s", case.case_id, probs_path)
         if self.options.out_format == "dicom-seg":
             from ..data.dicom import segments_for, write_dicom_seg
 
@@ -253,17 +356,8 @@ class Predictor3D:
             write_dicom_seg(values, case.images[0].series, out, segments, overwrite=overwrite)
             log.info("%s -> %s", case.case_id, out)
             return out
-        suffix = out.name[len(case.case_id) :]
         out.parent.mkdir(parents=True, exist_ok=True)
-        # written beside the target and moved into place, so an interrupted run leaves no half file; the
-        # temporary name keeps the suffix that nibabel / SimpleITK take the format from
-        tmp = out.with_name(f".{out.name}.partial{suffix}")
-        try:
-            write_like(values, reference, tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        replace_atomically(out, lambda tmp: write_like(values, reference, tmp))
         log.info("%s -> %s", case.case_id, out)
         return out
 
@@ -293,5 +387,5 @@ def predict_cases(
     modalities); existing files are refused unless overwrite."""
     cases = prediction_cases(inputs, predictor.spec, predictor.options.modalities)
     if not overwrite:
-        refuse_existing(out_dir, [p for p in (predictor.output_path(c, out_dir) for c in cases) if p.exists()])
+        refuse_existing(out_dir, [p for c in cases for p in predictor.output_paths(c, out_dir) if p.exists()])
     return [predictor.predict_to_file(case, out_dir, overwrite) for case in cases]
