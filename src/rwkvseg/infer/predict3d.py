@@ -343,7 +343,6 @@ class Predictor3D:
         if prediction.probabilities is not None:  # first: a mask is never left without the probabilities asked for
             channels = probability_channels(self.spec, self.target)
             probs_path = paths[1]
-            probs_path.parent.mkdir(parents=True, exist_ok=True)
             replace_atomically(
                 probs_path, lambda tmp: write_probabilities(prediction.probabilities, channels, reference, tmp)
             )
