@@ -551,7 +551,10 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
         )
     cv = cross_validation(args.cv, args.cv_model, ds.targets)
     if args.int8_cv is None:
-        int8_change = "the int8 change against the fp32 checkpoint is not measured for these weights (no case is held out from them)"
+        int8_change = (
+            "the int8 change against the fp32 checkpoint is not measured for these weights (no case is held out from "
+            "them)"
+        )
     else:
         int8_change = int8_cv_change(*args.int8_cv, args.cv_model, ds.targets, args.int8_cv_evidence)
     card = CARD_ALL.format(
@@ -620,9 +623,11 @@ def int8_cv_change(fp32: Path, int8: Path, model: str | None, regions: dict[str,
     same = ("threshold", "mirror_axes", "postprocess")
     if any(docs["fp32"]["settings"].get(k) != docs["int8"]["settings"].get(k) for k in same):
         raise Refused(f"{fp32} and {int8} were predicted differently ({', '.join(same)}): score both the same way")
-    scores = {kind: cross_validation(path, model, regions) for kind, path in (("fp32", fp32), ("int8", int8))}
     if docs["fp32"]["models"].keys() != docs["int8"]["models"].keys():
         raise Refused(f"{fp32} and {int8} hold different models: give two scorings of the same fold runs")
+    if model not in docs["fp32"]["models"]:  # --cv-model names a model of --cv, whose runs may differ from these
+        model = None
+    scores = {kind: cross_validation(path, model, regions) for kind, path in (("fp32", fp32), ("int8", int8))}
     key = model or next(iter(docs["fp32"]["models"]))
     runs = [docs[kind]["models"][key] for kind in ("fp32", "int8")]
     if runs[0]["folds"] != runs[1]["folds"] or runs[0]["cases"] != runs[1]["cases"]:

@@ -517,6 +517,12 @@ def test_the_int8_change_of_a_model_trained_on_every_case_is_measured_on_its_rec
     (tmp_path / "int8-15.json").write_text(json.dumps(doc))
     assert script.main([*base, "--int8-cv", str(fp32), str(tmp_path / "int8-15.json"), *said]) == 2
     assert "scored different folds or cases" in capsys.readouterr().err
+    # --cv-model names a model of --cv; the fold runs scored for the int8 change may carry another variant name
+    two = write_cv(tmp_path / "cv2.json", ("a", "b"))
+    other = [*release_args(tmp_path, weights, "mmsegrwkv-brats2018"), "--cv", str(two), "--cv-model", "b"]
+    other += ["--cv-evidence", "session 44's five fold runs"]
+    assert script.main([*other, "--int8-cv", str(fp32), str(int8), *said]) == 0
+    assert "mean Dice -0.0020 (WT -0.0020" in (weights / "mmsegrwkv-brats2018.md").read_text()
     assert script.main([*base, "--int8-cv", str(fp32), str(fp32), *said]) == 2  # one file twice
     assert "scored the runs' own checkpoints" in capsys.readouterr().err
     doc = json.loads(int8.read_text())
