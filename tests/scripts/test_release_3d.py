@@ -411,17 +411,23 @@ def write_cv(
     return path
 
 
+def released_train_all_run(tmp_path: Path, split: dict) -> tuple[Path, Path]:
+    """A train_all run under tmp_path/runs exported as int8 `mmsegrwkv-brats2018` into tmp_path/weights (with an
+    empty index), and its recipe's cross-validation file: (weights folder, cv.json)."""
+    run = write_train_all_run(tmp_path / "runs", split)
+    weights = tmp_path / "weights"
+    export_release(run / "best", "mmsegrwkv-brats2018", weights, precision="int8")
+    (weights / "index.json").write_text(json.dumps({"models": []}) + "\n")
+    return weights, write_cv(tmp_path / "cv.json")
+
+
 def test_a_model_trained_on_every_case_is_released_with_its_recipes_cross_validation(tmp_path, capsys):
     """A train_all run has nothing to validate it: its card shows the cross-validation of the recipe's fold models
     (--cv) in place of a validation table, its index entry holds cv_* metrics, EVALS is not read; it is refused
     without --cv, with a cv file of several models and no --cv-model, and with a run that trained other cases."""
     pytest.importorskip("matplotlib")
     split = json.loads((ROOT / "splits" / "brats2018_2mm.json").read_text())
-    run = write_train_all_run(tmp_path / "runs", split)
-    weights = tmp_path / "weights"
-    export_release(run / "best", "mmsegrwkv-brats2018", weights, precision="int8")
-    (weights / "index.json").write_text(json.dumps({"models": []}) + "\n")
-    cv = write_cv(tmp_path / "cv.json")
+    weights, cv = released_train_all_run(tmp_path, split)
     script = load_script("release_3d")
     base = release_args(tmp_path, weights, "mmsegrwkv-brats2018")  # tmp_path/evals does not exist
     evidence = ["--cv-evidence", "session 44's five fold runs of this recipe, 34 epochs"]
@@ -483,11 +489,7 @@ def test_the_int8_change_of_a_model_trained_on_every_case_is_measured_on_its_rec
     without --cv and evidence."""
     pytest.importorskip("matplotlib")
     split = json.loads((ROOT / "splits" / "brats2018_2mm.json").read_text())
-    run = write_train_all_run(tmp_path / "runs", split)
-    weights = tmp_path / "weights"
-    export_release(run / "best", "mmsegrwkv-brats2018", weights, precision="int8")
-    (weights / "index.json").write_text(json.dumps({"models": []}) + "\n")
-    cv = write_cv(tmp_path / "cv.json")
+    weights, cv = released_train_all_run(tmp_path, split)
     fp32 = write_cv(tmp_path / "fp32.json", shift=0.001)
     int8 = write_cv(tmp_path / "int8.json", shift=0.003, checkpoints_from="/w/int8-B")
     script = load_script("release_3d")
