@@ -15,7 +15,8 @@
 #   ARMS="L H" WAIT_ARMS="L H" WAIT_SECONDS=430 CV_SPECS="L:none H:0.5" scripts/brats_arms.sh final
 #       wait for each of WAIT_ARMS until WAIT_SECONDS have passed, stop what still runs (its last finished epoch
 #       stays whole), cross-validate each ARM:CUT of CV_SPECS (cut none: no --threshold, for label targets, whose
-#       checkpoints refuse one) with `largest`, pack
+#       checkpoints refuse one) with `largest` (ARM:CUT:last: each fold's last epoch instead of its best, the rule
+#       of the final models A and S, in cv-ARM-CUT-last), pack
 #       EXPORT="A:mmsegrwkv-brats2018 S:mmsegrwkv_small-brats2018": also export each ARM's best checkpoint as the
 #       int8 release NAME and return them as $OUT/rel.tar.part?? (parts of 15 MiB; cat them | tar x)
 #       INT8_CV="B:0.5": also export each fold's best checkpoint of each ARM as int8 (the shipped precision) in
@@ -127,11 +128,11 @@ final() {
   echo "waited $(($(date +%s) - t0)) s"
   progress
   for spec in ${CV_SPECS:-}; do
-    arm=${spec%%:*} cut=${spec##*:}
+    IFS=: read -r arm cut which <<<"$spec"
     thr=(--threshold "$cut")
     [ "$cut" = none ] && thr=()
-    python3 scripts/cv_eval.py "$W/runs-$arm" "$RAW" "$W/cv-$arm-$cut" --device cuda "${thr[@]}" \
-      --postprocess largest 2>&1 | tail -n 30
+    python3 scripts/cv_eval.py "$W/runs-$arm" "$RAW" "$W/cv-$arm-$cut${which:+-$which}" --device cuda "${thr[@]}" \
+      --postprocess largest --checkpoint "${which:-best}" 2>&1 | tail -n 30
     echo "cv $spec done $(($(date +%s) - t0)) s"
   done
   int8_cv || return 1

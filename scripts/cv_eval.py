@@ -3,7 +3,7 @@ fold, and one model's predictions of every fold are scored together against the 
 
 Usage:
     python scripts/cv_eval.py RUNS DATA OUT [--threshold T] [--postprocess SPEC] [--mirror-axes AXES] [--device auto]
-        [--compile MODE] [--checkpoints-from DIR]
+        [--compile MODE] [--checkpoints-from DIR] [--checkpoint best|last]
 
 RUNS holds the run folders `<dataset>-<variant>-fold<K>` of `scripts/campaign.py ... --folds K ...`, each with
 best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's original case folders by case id
@@ -27,6 +27,9 @@ one case; otherwise one error line and exit status 2, before anything is predict
 DIR whose name ends in fold<K>.safetensors (+ .json), e.g. the int8 exports of a campaign's fold models made where it
 trained (`rwkvseg.released.export_release`), the members of an ensemble release; RUNS then holds one variant, whose
 runs give the folds, validation cases and curves, and each checkpoint must be the model its fold's run trained.
+--checkpoint last scores each run's last.safetensors (its last epoch, the weight average where the run kept one)
+instead of its best: the rule of a model trained on every case (`train_all`), which keeps its last epoch, so the
+cross-validation carries no choice made on the cases it scores.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def settings_text(settings: dict) -> str:
     cut, post = settings.get("threshold"), settings.get("postprocess")
     cut_text = "each checkpoint's recorded region cut" if cut is None else f"region cut {cut:g}"
     post_text = "each checkpoint's recorded post-processing" if post is None else f"post-processing `{post}`"
-    return f"{cut_text}, {post_text}, mirror TTA {settings.get('mirror_axes') or 'none'}, on {settings.get('device')}"
+    text = f"{cut_text}, {post_text}, mirror TTA {settings.get('mirror_axes') or 'none'}, on {settings.get('device')}"
+    return text + ("; each fold's last-epoch checkpoint" if settings.get("checkpoint") == "last" else "")
 
 
 def index_metrics(model: dict, settings: dict) -> dict[str, float]:
@@ -94,14 +98,17 @@ class FoldRun:
     checkpoint: Path  # what predicts the fold's cases: folder/best.safetensors, or --checkpoints-from's file
 
 
-def fold_checkpoint(folder: Path, fold: int, history: RunHistory, checkpoints_from: Path | None) -> Path:
-    """The weights file that predicts a fold run's cases: its best, or the one in checkpoints_from for that fold,
-    which must be the model the run trained (architecture and overrides)."""
+def fold_checkpoint(
+    folder: Path, fold: int, history: RunHistory, checkpoints_from: Path | None, which: str = "best"
+) -> Path:
+    """The weights file that predicts a fold run's cases: its best (or, which = "last", its last epoch's), or the
+    one in checkpoints_from for that fold, which must be the model the run trained (architecture and overrides)."""
     if checkpoints_from is None:
-        best = folder / "best.safetensors"
-        if not best.is_file():
-            raise Refused(f"{best} not found: the run has not validated yet, or its checkpoint was not carried back")
-        return best
+        own = folder / f"{which}.safetensors"
+        if not own.is_file():
+            why = "the run has not validated yet" if which == "best" else "the run has not finished an epoch"
+            raise Refused(f"{own} not found: {why}, or its checkpoint was not carried back")
+        return own
     try:
         source = fold_export(checkpoints_from, fold)
     except ValueError as err:
@@ -116,8 +123,11 @@ def fold_checkpoint(folder: Path, fold: int, history: RunHistory, checkpoints_fr
     return source
 
 
-def fold_runs(runs: Path, data: Path, checkpoints_from: Path | None = None) -> dict[str, list[FoldRun]]:
-    """Variant -> its fold runs in fold order, checked (see the module docstring)."""
+def fold_runs(
+    runs: Path, data: Path, checkpoints_from: Path | None = None, which: str = "best"
+) -> dict[str, list[FoldRun]]:
+    """Variant -> its fold runs in fold order, each with its `which` checkpoint (best or last), checked (see the
+    module docstring)."""
     found: dict[str, list[FoldRun]] = {}
     for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
         match = FOLD_RUN.match(folder.name)
@@ -129,7 +139,7 @@ def fold_runs(runs: Path, data: Path, checkpoints_from: Path | None = None) -> d
             raise Refused(
                 f"{folder}: its config.json trained fold {history.config['data']['fold']}, its name says {fold}"
             )
-        checkpoint = fold_checkpoint(folder, fold, history, checkpoints_from)
+        checkpoint = fold_checkpoint(folder, fold, history, checkpoints_from, which)
         split = read_split(folder / "split.json", fold)
         run = FoldRun(match["variant"], fold, folder, split.val, history, checkpoint)
         found.setdefault(match["variant"], []).append(run)
@@ -234,6 +244,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="a folder with one checkpoint per fold, named ...fold<K>.safetensors, to score instead of each run's best",
     )
+    p.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which checkpoint of each fold run predicts its cases: best (chosen on the fold's own validation cases, "
+        "the default) or last (its last epoch: what a model trained on every case with train_all keeps)",
+    )
     return p.parse_args(argv)
 
 
@@ -245,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             raise Refused(f"{args.out} exists; give a new folder (nothing is overwritten)")
         if not args.no_curves and importlib.util.find_spec("matplotlib") is None:
             raise Refused("the fold curves need matplotlib: pip install 'rwkvseg[plots]', or pass --no-curves")
-        found = fold_runs(args.runs, args.data, args.checkpoints_from)
+        if args.checkpoint == "last" and args.checkpoints_from is not None:
+            raise Refused("--checkpoint last scores each run's own last epoch; drop --checkpoints-from or it")
+        found = fold_runs(args.runs, args.data, args.checkpoints_from, args.checkpoint)
         config = PredictConfig(
             device=str(resolve_device(args.device, "--device")),
             threshold=args.threshold,
@@ -271,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "compile": args.compile,
         "checkpoints_from": None if args.checkpoints_from is None else str(args.checkpoints_from),
+        "checkpoint": args.checkpoint,
     }
     record = {"settings": settings, "models": results}
     first = next(iter(results))

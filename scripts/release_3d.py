@@ -174,9 +174,7 @@ cross-validation split instead, and each case was scored by the fold model that 
 
 Per fold, mean Dice: {per_fold}.
 
-{notes}Each fold model was the best checkpoint of its own validation cases, which makes these numbers somewhat
-optimistic for fold models; these weights trained on {n_train} cases instead of a fold's share and kept their last
-epoch.
+{notes}{fold_choice}
 
 ## Limitations
 {n_train} cases at 2 mm, {iterations:,} training iterations against nnU-Net's {nnunet:,} (1,000 epochs of 250). This
@@ -565,6 +563,7 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
         cv_settings=cv["settings"],
         cv_rows="\n".join(cv["rows"]),
         per_fold=cv["per_fold"],
+        fold_choice=fold_choice_text(cv["checkpoint"], n_train),
         targets=targets_text(cv["all"], ds.targets),
     )
     metrics = {**cv["metrics"], "epochs": history.ran, "train_cases": n_train}
@@ -596,7 +595,29 @@ def cross_validation(path: Path, model: str | None, regions: dict[str, float]) -
     text = f"`{key}`, {len(entry['folds'])} folds, {entry['cases']} cases; {settings_text(settings)}"
     per_fold = ", ".join(f"{k}: {v['dice']:.4f}" for k, v in entry["per_fold"].items())
     metrics = index_metrics(entry, settings)
-    return {"all": scores, "metrics": metrics, "settings": text, "rows": rows, "per_fold": per_fold}
+    checkpoint = settings.get("checkpoint", "best")  # files from before cv_eval recorded it scored each best
+    return {
+        "all": scores,
+        "metrics": metrics,
+        "settings": text,
+        "rows": rows,
+        "per_fold": per_fold,
+        "checkpoint": checkpoint,
+    }
+
+
+def fold_choice_text(checkpoint: str, n_train: int) -> str:
+    """The card's sentence on which checkpoint of each fold run the cross-validation scored."""
+    if checkpoint == "last":
+        return (
+            "Each fold model was its run's last epoch, the rule these weights follow, so no choice made on the cases "
+            f"it scored is in these numbers; these weights trained on {n_train} cases instead of a fold's share."
+        )
+    return (
+        "Each fold model was the best checkpoint of its own validation cases, which makes these numbers somewhat\n"
+        f"optimistic for fold models; these weights trained on {n_train} cases instead of a fold's share and kept "
+        "their last\nepoch."
+    )
 
 
 def int8_cv_change(fp32: Path, int8: Path, model: str | None, regions: dict[str, float], evidence: str) -> str:

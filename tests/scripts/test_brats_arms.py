@@ -206,11 +206,12 @@ def test_arm_epochs_and_the_int8_cross_validation_of_a_five_fold_arm(stubs, tmp_
     for name in names:
         meta = CheckpointMeta(model="mmsegrwkv_test", in_channels=4, num_classes=3)
         save_checkpoint(work / "runs-B" / name / "best", create_model("mmsegrwkv_test", 4, 3), meta)
-    result = call(stubs, tmp_path, "final", ARMS="B", CV_SPECS="B:0.5", INT8_CV="B:0.5")
+    result = call(stubs, tmp_path, "final", ARMS="B", CV_SPECS="B:0.5 B:0.5:last", INT8_CV="B:0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "int8 cv B:0.5 (2 folds) ended with status 0" in result.stdout
-    fp32, int8 = [line for line in recorded(tmp_path) if "scripts/cv_eval.py" in line]
-    assert f"{work}/cv-B-0.5 " in fp32 and "--checkpoints-from" not in fp32
+    fp32, last, int8 = [line for line in recorded(tmp_path) if "scripts/cv_eval.py" in line]
+    assert f"{work}/cv-B-0.5 " in fp32 and "--checkpoints-from" not in fp32 and "--checkpoint best" in fp32
+    assert f"{work}/cv-B-0.5-last " in last and last.endswith("--postprocess largest --checkpoint last")
     assert f"{work}/cv-B-0.5-int8 --device cuda --threshold 0.5 --postprocess largest" in int8
     assert int8.endswith(f"--checkpoints-from {work}/int8-B")
     for name in names:
@@ -219,7 +220,7 @@ def test_arm_epochs_and_the_int8_cross_validation_of_a_five_fold_arm(stubs, tmp_
         assert (work / "int8-B" / f"{name}.json").is_file()
     with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
         packed = set(tar.getnames())
-    assert {"cv-B-0.5/cv.json", "cv-B-0.5-int8/cv.json"} <= packed
+    assert {"cv-B-0.5/cv.json", "cv-B-0.5-last/cv.json", "cv-B-0.5-int8/cv.json"} <= packed
     assert not any(n.endswith(".safetensors") for n in packed)
 
     result = call(stubs, tmp_path, "final", ARMS="B", INT8_CV="M:0.5")

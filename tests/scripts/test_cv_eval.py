@@ -179,3 +179,35 @@ def test_cv_eval_refuses_checkpoints_that_are_not_the_runs(fold_campaign, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not out.exists()
+
+
+def test_cv_eval_scores_each_runs_last_epoch_when_asked(fold_campaign, tmp_path, capsys):
+    """--checkpoint last: each fold run's last.safetensors predicts its cases (the rule of a train_all model), and
+    cv.json says so; a run without one, or with --checkpoints-from, is refused in one line."""
+    runs, data, _ = fold_campaign
+    script = load_script("cv_eval")
+    common = ["--device", "cpu", "--no-curves", "--threshold", "0.3"]
+    for fold, other in ((0, 1), (1, 0)):  # each fold's last epoch is the other fold's best: a different model
+        for suffix in (".safetensors", ".json"):
+            source = runs / f"brats2018-bright-fold{other}" / f"best{suffix}"
+            shutil.copy(source, runs / f"brats2018-bright-fold{fold}" / f"last{suffix}")
+    assert script.main([str(runs), str(data), str(tmp_path / "best"), *common]) == 0
+    assert script.main([str(runs), str(data), str(tmp_path / "last"), *common, "--checkpoint", "last"]) == 0
+    best, last = (json.loads((tmp_path / d / "cv.json").read_text()) for d in ("best", "last"))
+    assert best["settings"]["checkpoint"] == "best" and last["settings"]["checkpoint"] == "last"
+    per_best = best["models"]["brats2018-bright"]["per_fold"]
+    per_last = last["models"]["brats2018-bright"]["per_fold"]
+    assert per_last["0"] != per_best["0"] and per_last["1"] != per_best["1"]
+    assert script.settings_text(last["settings"]).endswith("; each fold's last-epoch checkpoint")
+    assert "last" not in script.settings_text(best["settings"])
+
+    exports = exports_of(runs, tmp_path / "exports")
+    capsys.readouterr()
+    args = [str(runs), str(data), str(tmp_path / "x"), *common, "--checkpoint", "last", "--checkpoints-from"]
+    assert script.main([*args, str(exports)]) == 2
+    assert "--checkpoint last scores each run's own last epoch" in capsys.readouterr().err
+    (runs / "brats2018-bright-fold1" / "last.safetensors").unlink()
+    assert script.main([str(runs), str(data), str(tmp_path / "y"), *common, "--checkpoint", "last"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "last.safetensors not found: the run has not finished an epoch" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

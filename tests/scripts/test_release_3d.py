@@ -525,6 +525,15 @@ def test_the_int8_change_of_a_model_trained_on_every_case_is_measured_on_its_rec
     other += ["--cv-evidence", "session 44's five fold runs"]
     assert script.main([*other, "--int8-cv", str(fp32), str(int8), *said]) == 0
     assert "mean Dice -0.0020 (WT -0.0020" in (weights / "mmsegrwkv-brats2018.md").read_text()
+    assert "Each fold model was the best checkpoint of its own validation cases" in card
+    doc = json.loads(cv.read_text())
+    doc["settings"]["checkpoint"] = "last"  # cv_eval.py --checkpoint last: each fold run's last epoch
+    (tmp_path / "cv-last.json").write_text(json.dumps(doc))
+    last = [*base[: base.index("--cv") + 1], str(tmp_path / "cv-last.json"), *base[base.index("--cv") + 2 :]]
+    assert script.main(last) == 0
+    card = (weights / "mmsegrwkv-brats2018.md").read_text()
+    assert "Each fold model was its run's last epoch, the rule these weights follow" in card
+    assert "on cuda; each fold's last-epoch checkpoint." in card and "optimistic" not in card
     assert script.main([*base, "--int8-cv", str(fp32), str(fp32), *said]) == 2  # one file twice
     assert "scored the runs' own checkpoints" in capsys.readouterr().err
     doc = json.loads(int8.read_text())
