@@ -641,8 +641,9 @@ def int8_cv_change(fp32: Path, int8: Path, model: str | None, regions: dict[str,
         raise Refused(
             f"{int8} scored the runs' own checkpoints: give the cross-validation of their int8 exports second"
         )
-    same = ("threshold", "mirror_axes", "postprocess")
-    if any(docs["fp32"]["settings"].get(k) != docs["int8"]["settings"].get(k) for k in same):
+    same = ("threshold", "mirror_axes", "postprocess", "checkpoint")
+    defaults = {"checkpoint": "best"}  # files from before cv_eval recorded it scored each fold's best
+    if any(docs["fp32"]["settings"].get(k, defaults.get(k)) != settings.get(k, defaults.get(k)) for k in same):
         raise Refused(f"{fp32} and {int8} were predicted differently ({', '.join(same)}): score both the same way")
     if docs["fp32"]["models"].keys() != docs["int8"]["models"].keys():
         raise Refused(f"{fp32} and {int8} hold different models: give two scorings of the same fold runs")

@@ -513,7 +513,12 @@ def test_the_int8_change_of_a_model_trained_on_every_case_is_measured_on_its_rec
     doc["settings"]["threshold"] = 0.3
     (tmp_path / "int8-cut.json").write_text(json.dumps(doc))
     assert script.main([*base, "--int8-cv", str(fp32), str(tmp_path / "int8-cut.json"), *said]) == 2
-    assert "were predicted differently (threshold, mirror_axes, postprocess)" in capsys.readouterr().err
+    assert "were predicted differently (threshold, mirror_axes, postprocess, checkpoint)" in capsys.readouterr().err
+    doc = json.loads(fp32.read_text())
+    doc["settings"]["checkpoint"] = "last"  # the fold runs' last epochs, against int8 exports of their best
+    (tmp_path / "fp32-last.json").write_text(json.dumps(doc))
+    assert script.main([*base, "--int8-cv", str(tmp_path / "fp32-last.json"), str(int8), *said]) == 2
+    assert "were predicted differently" in capsys.readouterr().err
     doc = json.loads(int8.read_text())
     next(iter(doc["models"].values()))["cases"] = 15
     (tmp_path / "int8-15.json").write_text(json.dumps(doc))
