@@ -30,13 +30,18 @@ def file_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file beside path, then move it over path in one step."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], keep_suffix: bool = False) -> None:
+    """Call write(tmp) on a temporary file beside path, then move it over path in one step. keep_suffix: the
+    temporary name ends in path's format suffix (`.nii.gz`, `.nrrd`, ...), for writers that take the format from
+    the name (nibabel, SimpleITK)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder where an output file goes; move it away or choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    suffix = ".tmp"
+    if keep_suffix:
+        suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
         write(Path(tmp))

@@ -59,6 +59,10 @@ class DatasetSpec:
     def region_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.regions)
 
+    def output_names(self, target: str) -> tuple[str, ...]:
+        """The names of a model's output channels, in order: the regions (target "regions") or the label values."""
+        return self.region_names if target == "regions" else tuple(str(v) for v in self.label_values)
+
     def paint_values(self) -> tuple[int, ...]:
         """Label written where each region is predicted (painting in region order, later regions on top).
 

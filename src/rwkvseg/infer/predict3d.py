@@ -13,8 +13,7 @@ DICOM inputs may instead get a DICOM SEG referencing the first modality's series
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from ..data.volumes import (
     reorient,
 )
 from ..devices import placed
-from ..files import refuse_existing
+from ..files import atomic_write, refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import DEFAULT_ORIENTATION, recorded_threshold
 from .ensemble import Given, load_checkpoints
@@ -59,54 +58,60 @@ def probabilities_to_values(probs: torch.Tensor, spec: DatasetSpec, target: str,
     return regions_to_values(probs > threshold, spec)
 
 
-def paste(cropped: np.ndarray, properties: dict[str, Any]) -> np.ndarray:
-    """Label values on the cropped grid -> the full original grid (background outside the crop box)."""
-    full = np.zeros(properties["original_shape"], dtype=cropped.dtype)
+def paste(cropped: np.ndarray, properties: dict[str, Any], fill: float | Sequence[float] = 0) -> np.ndarray:
+    """Values [*C, *cropped] -> [*C, *original]: the cropped grid put back into the full original grid, fill
+    outside the crop box (one value, or one per leading channel: e.g. a certain background class)."""
+    lead = cropped.shape[:-3]
+    full = np.empty((*lead, *properties["original_shape"]), dtype=cropped.dtype)
+    full[...] = np.reshape(fill, (*np.shape(fill), 1, 1, 1)) if np.ndim(fill) else fill
     box = tuple(slice(lo, hi) for lo, hi in zip(properties["crop_lo"], properties["crop_hi"], strict=True))
-    full[box] = cropped
+    full[(..., *box)] = cropped
     return full
 
 
-def paste_probabilities(cropped: np.ndarray, properties: dict[str, Any], target: str) -> np.ndarray:
-    """Probabilities [C, *cropped] -> [C, *original] float32: outside the crop box (all zero input) every region
-    is out (0) and, for label checkpoints, the background class is certain (channel 0 is 1)."""
-    full = np.zeros((cropped.shape[0], *properties["original_shape"]), dtype=np.float32)
-    if target == "labels":
-        full[0] = 1.0
-    box = tuple(slice(lo, hi) for lo, hi in zip(properties["crop_lo"], properties["crop_hi"], strict=True))
-    full[(slice(None), *box)] = cropped
-    return full
+def _writes_nifti(reference: Volume, path: Path) -> bool:
+    """Whether an output at path beside this input is written as NIfTI with nibabel (else SimpleITK)."""
+    return reference.path.name.endswith(NIFTI_SUFFIXES) and path.name.endswith(NIFTI_SUFFIXES)
 
 
-def probability_channels(spec: DatasetSpec, target: str) -> tuple[str, ...]:
-    """The names of a probability file's channels, in order: the regions (WT, TC, ET) or the label values."""
-    return spec.region_names if target == "regions" else tuple(map(str, spec.label_values))
+def _save_nifti_like(data: np.ndarray, reference: Volume, path: Path, scaled: bool, description: str = "") -> None:
+    """data (i, j[, k[, c]]) as a uint8 NIfTI with the reference's header, affine and qform / sform codes; scaled:
+    nibabel fits the floats into uint8 with a scale factor (scl_slope, scl_inter), else the values are stored as
+    they are."""
+    import nibabel as nib
+
+    source = reference.reference
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    if not scaled:
+        header.set_slope_inter(None, None)  # labels are stored as they are, never rescaled
+    image = type(source)(np.ascontiguousarray(data), source.affine, header)
+    image.set_qform(source.header.get_qform(), int(source.header["qform_code"]))
+    image.set_sform(source.header.get_sform(), int(source.header["sform_code"]))
+    if description:
+        image.header["descrip"] = description[:79].encode()
+    nib.save(image, path)
+
+
+def _save_itk_like(image: Any, reference: Volume, path: Path, what: str) -> None:
+    """A SimpleITK image with the reference's ITK information (origin, spacing, direction), written compressed."""
+    from ..data.volumes import import_sitk
+
+    if reference.reference is None or not hasattr(reference.reference, "GetDirection"):
+        raise ValueError(f"{path}: write {what} for NIfTI inputs as .nii.gz, not {path.name}")
+    image.CopyInformation(reference.reference)
+    import_sitk().WriteImage(image, str(path), useCompression=True)
 
 
 def write_like(values: np.ndarray, reference: Volume, path: Path) -> Path:
     """Write values [K, J, I] with the reference's geometry (NIfTI header and affine, or ITK information)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if reference.path.name.endswith(NIFTI_SUFFIXES) and path.name.endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        header = reference.reference.header.copy()
-        header.set_data_dtype(np.uint8)
-        header.set_slope_inter(None, None)  # labels are stored as they are, never rescaled
-        data = np.ascontiguousarray(np.swapaxes(values, 0, 2))  # (k, j, i) -> (i, j, k)
-        image = type(reference.reference)(data, reference.reference.affine, header)
-        image.set_qform(reference.reference.header.get_qform(), int(reference.reference.header["qform_code"]))
-        image.set_sform(reference.reference.header.get_sform(), int(reference.reference.header["sform_code"]))
-        nib.save(image, path)
+    if _writes_nifti(reference, path):
+        _save_nifti_like(np.swapaxes(values, 0, 2), reference, path, scaled=False)  # (k, j, i) -> (i, j, k)
     else:
         from ..data.volumes import import_sitk
 
-        sitk = import_sitk()
-        image = sitk.GetImageFromArray(values)
-        if reference.reference is not None and hasattr(reference.reference, "GetDirection"):
-            image.CopyInformation(reference.reference)
-        else:
-            raise ValueError(f"{path}: write predictions for NIfTI inputs as .nii.gz, not {path.name}")
-        sitk.WriteImage(image, str(path), useCompression=True)
+        _save_itk_like(import_sitk().GetImageFromArray(values), reference, path, "predictions")
     return path
 
 
@@ -115,42 +120,16 @@ def write_probabilities(probs: np.ndarray, channels: Sequence[str], reference: V
     channel) in 8 bits (uint8 with nibabel's scale factor, read back as floats within 1/255), the channels named in
     its description; other inputs get an ITK vector image of float32 (one component per channel)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if reference.path.name.endswith(NIFTI_SUFFIXES) and path.name.endswith(NIFTI_SUFFIXES):
-        import nibabel as nib
-
-        header = reference.reference.header.copy()
-        header.set_data_dtype(np.uint8)  # nibabel scales [0, 1] floats into it on saving (scl_slope, scl_inter)
-        data = np.ascontiguousarray(np.transpose(probs, (3, 2, 1, 0)))  # (c, k, j, i) -> (i, j, k, c)
-        image = type(reference.reference)(data, reference.reference.affine, header)
-        image.set_qform(reference.reference.header.get_qform(), int(reference.reference.header["qform_code"]))
-        image.set_sform(reference.reference.header.get_sform(), int(reference.reference.header["sform_code"]))
-        image.header["descrip"] = f"rwkvseg probabilities: {','.join(channels)}"[:79].encode()
-        nib.save(image, path)
+    if _writes_nifti(reference, path):
+        data = np.transpose(probs, (3, 2, 1, 0))  # (c, k, j, i) -> (i, j, k, c)
+        _save_nifti_like(data, reference, path, scaled=True, description=f"rwkvseg probabilities: {','.join(channels)}")
     else:
         from ..data.volumes import import_sitk
 
-        sitk = import_sitk()
-        image = sitk.GetImageFromArray(np.moveaxis(probs, 0, -1).astype(np.float32), isVector=True)
-        if reference.reference is not None and hasattr(reference.reference, "GetDirection"):
-            image.CopyInformation(reference.reference)
-        else:
-            raise ValueError(f"{path}: write probabilities for NIfTI inputs as .nii.gz, not {path.name}")
+        image = import_sitk().GetImageFromArray(np.moveaxis(probs, 0, -1).astype(np.float32), isVector=True)
         image.SetMetaData("rwkvseg_channels", ",".join(channels))
-        sitk.WriteImage(image, str(path), useCompression=True)
+        _save_itk_like(image, reference, path, "probabilities")
     return path
-
-
-def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(tmp) beside path, then moved into place: an interrupted run leaves no half file; the temporary name keeps
-    the suffix that nibabel / SimpleITK take the format from."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.partial{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def recorded_axes(recorded: dict[str, Any]) -> tuple[int, ...]:
@@ -290,7 +269,8 @@ class Predictor3D:
         values = paste(probabilities_to_values(probs, self.spec, self.target, self.threshold), props)
         full = None
         if probabilities:  # [K, *cropped] -> [K, *original] -> each channel on the input's own axes
-            pasted = paste_probabilities(probs.float().cpu().numpy(), props, self.target)
+            certain = np.eye(probs.shape[0])[0] if self.target == "labels" else 0  # outside: background
+            pasted = paste(probs.float().cpu().numpy(), props, certain)
             full = np.stack([orient_back(channel, back) for channel in pasted])
         if self.postprocess.active:  # on the input's own grid: et-min-voxels counts its voxels, et-min-mm3 its mm3
             if self.postprocess.et_min_mm3:
@@ -341,10 +321,12 @@ class Predictor3D:
         prediction = self.predict(case, probabilities=self.options.probabilities)
         values, reference = prediction.values, prediction.reference
         if prediction.probabilities is not None:  # first: a mask is never left without the probabilities asked for
-            channels = probability_channels(self.spec, self.target)
+            channels = self.spec.output_names(self.target)
             probs_path = paths[1]
-            replace_atomically(
-                probs_path, lambda tmp: write_probabilities(prediction.probabilities, channels, reference, tmp)
+            atomic_write(
+                probs_path,
+                lambda tmp: write_probabilities(prediction.probabilities, channels, reference, tmp),
+                keep_suffix=True,
             )
             log.info("%s -> %s", case.case_id, probs_path)
         if self.options.out_format == "dicom-seg":
@@ -356,7 +338,8 @@ class Predictor3D:
             log.info("%s -> %s", case.case_id, out)
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
-        replace_atomically(out, lambda tmp: write_like(values, reference, tmp))
+        # written beside the target and moved into place: an interrupted run leaves no half file
+        atomic_write(out, lambda tmp: write_like(values, reference, tmp), keep_suffix=True)
         log.info("%s -> %s", case.case_id, out)
         return out
 

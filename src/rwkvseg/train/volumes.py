@@ -140,7 +140,7 @@ def setup_volumes(config: TrainConfig, run_dir: Path, device: torch.device) -> R
     )
     train_set = PatchDataset(cache, train_cases, d.patches, d.target, config.seed)
     validator = window_validator(config, cache, val_cases, config.infer.val_mirror_axes, device) if val_cases else None
-    names = spec.region_names if d.target == "regions" else tuple(str(v) for v in spec.label_values)
+    names = spec.output_names(d.target)
     preprocessing = {
         **inference_metadata(plans, d.patches.patch_size, d.target),
         "inference": {"overlap": config.infer.overlap, "mirror_axes": list(config.infer.mirror_axes)},
