@@ -142,20 +142,20 @@ final() {
 }
 
 int8_cv() {  # each ARM:CUT of INT8_CV: every fold's best checkpoint as int8 in int8-ARM, cross-validated at CUT
-  local spec arm cut best n rc
+  local spec arm cut best n rc folds
   for spec in ${INT8_CV:-}; do
     arm=${spec%%:*} cut=${spec##*:}
     rm -rf "$W/int8-$arm" && mkdir -p "$W/int8-$arm"
-    n=0
+    folds=()  # CHECKPOINT NAME pairs: each fold's best, named after its run (the name ends in fold<K>)
     for best in "$W/runs-$arm"/*-fold[0-9]*/best.json; do
-      [ -f "$best" ] || continue
-      export_int8 "${best%.json}" "$(basename "$(dirname "$best")")" "$W/int8-$arm" || return 1
-      n=$((n + 1))
+      [ -f "$best" ] && folds+=("${best%.json}" "$(basename "$(dirname "$best")")")
     done
+    n=$((${#folds[@]} / 2))
     if [ "$n" -eq 0 ]; then
       echo "$0: INT8_CV $spec: no fold run with a best checkpoint in $W/runs-$arm" >&2
       return 1
     fi
+    export_int8 "$W/int8-$arm" "${folds[@]}" || return 1
     python3 scripts/cv_eval.py "$W/runs-$arm" "$RAW" "$W/cv-$arm-$cut-int8" --device cuda --threshold "$cut" \
       --postprocess largest --checkpoints-from "$W/int8-$arm" 2>&1 | tail -n 30
     rc=$?
@@ -164,7 +164,7 @@ int8_cv() {  # each ARM:CUT of INT8_CV: every fold's best checkpoint as int8 in 
 }
 
 export_releases() {  # each ARM:NAME of EXPORT: its run's best checkpoint as the int8 release NAME, in rel.tar parts
-  local spec arm name best
+  local spec arm name best releases=()
   [ -n "${EXPORT:-}" ] || return 0
   rm -rf "$W/weights" && mkdir -p "$W/weights"
   for spec in $EXPORT; do
@@ -174,8 +174,9 @@ export_releases() {  # each ARM:NAME of EXPORT: its run's best checkpoint as the
       echo "$0: EXPORT $spec: no single best checkpoint in $W/runs-$arm" >&2
       return 1
     fi
-    export_int8 "${best[0]%.json}" "$name" "$W/weights" || return 1
+    releases+=("${best[0]%.json}" "$name")
   done
+  export_int8 "$W/weights" "${releases[@]}" || return 1
   tar cf - -C "$W" weights | split -b 15M - "$OUT/rel.tar.part"
 }
 

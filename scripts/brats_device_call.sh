@@ -74,11 +74,13 @@ for variant in "${variants[@]}"; do
     && "${rwkvseg[@]}" evaluate "$pack/pred-$variant" "$val" --out "$pack/evals/eval-$variant" | tail -n 4
   rm -rf "$pack/pred-$variant"
 done
+releases=()
 for variant in "${variants[@]}"; do
   case $variant in mmsegrwkv | mmsegrwkv_small) ;; *) continue ;; esac  # the two released architectures
   [ -f "$runs/brats2018-$variant/best.json" ] || continue
-  export_int8 "$runs/brats2018-$variant/best" "$variant-brats2018" "$pack/weights"
+  releases+=("$runs/brats2018-$variant/best" "$variant-brats2018")
 done
+[ "${#releases[@]}" -eq 0 ] || export_int8 "$pack/weights" "${releases[@]}"
 (cd "$runs" && tar cf "$pack/runs.tar" --ignore-failed-read campaign.json ./*/metrics.csv ./*/best.json \
   ./*/config.json ./*/split.json ./*/summary.json ./*/final_val.json logs ./*.curves.png 2>/dev/null)
 (cd "$pack" && tar cf - evals weights runs.tar | split -b 15M - "$out/rel.tar.part")

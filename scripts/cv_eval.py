@@ -66,7 +66,13 @@ def settings_text(settings: dict) -> str:
     cut_text = "each checkpoint's recorded region cut" if cut is None else f"region cut {cut:g}"
     post_text = "each checkpoint's recorded post-processing" if post is None else f"post-processing `{post}`"
     text = f"{cut_text}, {post_text}, mirror TTA {settings.get('mirror_axes') or 'none'}, on {settings.get('device')}"
-    return text + ("; each fold's last-epoch checkpoint" if settings.get("checkpoint") == "last" else "")
+    return text + ("; each fold's last-epoch checkpoint" if scored_checkpoint(settings) == "last" else "")
+
+
+def scored_checkpoint(settings: dict) -> str:
+    """Which checkpoint of each fold run a cv.json scored: "best" or "last" (files written before cv_eval recorded
+    it: each run's best)."""
+    return settings.get("checkpoint") or "best"
 
 
 def index_metrics(model: dict, settings: dict) -> dict[str, float]:

@@ -26,9 +26,11 @@ device_env() {
   unset TRITON_CACHE_DIR
 }
 
-# export_int8 CHECKPOINT NAME FOLDER: CHECKPOINT (a run's best, without suffix) as the int8 release NAME in FOLDER
-# (rwkvseg.released.export_release), after device_env.
+# export_int8 FOLDER CHECKPOINT NAME [CHECKPOINT NAME ...]: each CHECKPOINT (a run's best, without suffix) as the
+# int8 release NAME in FOLDER (rwkvseg.released.export_release), in one Python process, after device_env.
 export_int8() {
   python3 -c "import sys; from pathlib import Path; from rwkvseg.released import export_release
-export_release(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), precision='int8')" "$1" "$2" "$3"
+pairs = sys.argv[2:]
+for checkpoint, name in zip(pairs[::2], pairs[1::2], strict=True):
+    export_release(Path(checkpoint), name, Path(sys.argv[1]), precision='int8')" "$@"
 }

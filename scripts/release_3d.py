@@ -73,7 +73,7 @@ from rwkvseg.train.loop import LAST_EPOCH
 from rwkvseg.train.run import changed_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cv_eval: what its cv.json means, kept there once
-from cv_eval import index_metrics, settings_text
+from cv_eval import index_metrics, scored_checkpoint, settings_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -547,7 +547,8 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
         raise Refused(
             f"{run / 'best.json'} trained {meta['training'].get('train_cases')} cases, not the {n_train} of the split"
         )
-    cv = cross_validation(args.cv, args.cv_model, ds.targets)
+    what = "give the cv.json that scripts/cv_eval.py wrote for the recipe's fold models"
+    cv = cross_validation(read_cv(args.cv, what), args.cv, args.cv_model, ds.targets)
     if args.int8_cv is None:
         int8_change = (
             "the int8 change against the fp32 checkpoint is not measured for these weights (no case is held out from "
@@ -572,13 +573,20 @@ def release_all(name: str, args: argparse.Namespace, folder: Path, run: Path, hi
     return Release(card, history, entry, chosen_sidecar(name, args, shipped, meta["preprocessing"]))
 
 
-def cross_validation(path: Path, model: str | None, regions: dict[str, float]) -> dict[str, Any]:
-    """One model of a `scripts/cv_eval.py` file: its means over all cases (`all`), the number of cases, and the
-    card's settings sentence, table rows and per-fold text; Refused when it is not such a file or lacks a region."""
-    doc = read_json(path, "give the cv.json that scripts/cv_eval.py wrote for the recipe's fold models")
+def read_cv(path: Path, what: str) -> dict[str, Any]:
+    """A `scripts/cv_eval.py` file (what: the fix named when it is missing); Refused when it holds no models."""
+    doc = read_json(path, what)
     models = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(models, dict) or not models:
         raise Refused(f"{path} is not a scripts/cv_eval.py file (no models)")
+    return doc
+
+
+def cross_validation(doc: dict[str, Any], path: Path, model: str | None, regions: dict[str, float]) -> dict[str, Any]:
+    """One model of a `scripts/cv_eval.py` file (doc, read from path by read_cv): its means over all cases (`all`),
+    its folds and number of cases, the checkpoint of each fold it scored, and the card's settings sentence, table
+    rows and per-fold text; Refused when the model is not there or lacks a region."""
+    models = doc["models"]
     if model is None and len(models) > 1:
         raise Refused(f"{path} holds the models {sorted(models)}: name one with --cv-model")
     key = model or next(iter(models))
@@ -594,15 +602,15 @@ def cross_validation(path: Path, model: str | None, regions: dict[str, float]) -
     rows.append(f"| mean | {scores['dice']:.4f} | {hd95:.2f} | |")
     text = f"`{key}`, {len(entry['folds'])} folds, {entry['cases']} cases; {settings_text(settings)}"
     per_fold = ", ".join(f"{k}: {v['dice']:.4f}" for k, v in entry["per_fold"].items())
-    metrics = index_metrics(entry, settings)
-    checkpoint = settings.get("checkpoint", "best")  # files from before cv_eval recorded it scored each best
     return {
         "all": scores,
-        "metrics": metrics,
+        "folds": entry["folds"],
+        "cases": entry["cases"],
+        "metrics": index_metrics(entry, settings),
         "settings": text,
         "rows": rows,
         "per_fold": per_fold,
-        "checkpoint": checkpoint,
+        "checkpoint": scored_checkpoint(settings),
     }
 
 
@@ -626,10 +634,9 @@ def int8_cv_change(fp32: Path, int8: Path, model: str | None, regions: dict[str,
     the same held-out cases; Refused when the two files are not that pair."""
     docs = {}
     for path, kind in ((fp32, "fp32"), (int8, "int8")):
-        doc = read_json(path, f"give the cv.json of the fold models' {kind} cross-validation")
-        if not isinstance(doc, dict) or not isinstance(doc.get("models"), dict) or "settings" not in doc:
-            raise Refused(f"{path} is not a scripts/cv_eval.py file (no models or settings)")
-        docs[kind] = doc
+        docs[kind] = read_cv(path, f"give the cv.json of the fold models' {kind} cross-validation")
+        if "settings" not in docs[kind]:
+            raise Refused(f"{path} is not a scripts/cv_eval.py file (no settings)")
     if docs["fp32"]["settings"].get("checkpoints_from") is not None:
         raise Refused(
             f"{fp32} scored other checkpoints (--checkpoints-from): give the fold runs' own fp32 scores first"
@@ -641,25 +648,27 @@ def int8_cv_change(fp32: Path, int8: Path, model: str | None, regions: dict[str,
         raise Refused(
             f"{int8} scored the runs' own checkpoints: give the cross-validation of their int8 exports second"
         )
-    same = ("threshold", "mirror_axes", "postprocess", "checkpoint")
-    defaults = {"checkpoint": "best"}  # files from before cv_eval recorded it scored each fold's best
-    if any(docs["fp32"]["settings"].get(k, defaults.get(k)) != settings.get(k, defaults.get(k)) for k in same):
-        raise Refused(f"{fp32} and {int8} were predicted differently ({', '.join(same)}): score both the same way")
+    same = ("threshold", "mirror_axes", "postprocess")
+    first = docs["fp32"]["settings"]
+    if any(first.get(k) != settings.get(k) for k in same) or scored_checkpoint(first) != scored_checkpoint(settings):
+        raise Refused(
+            f"{fp32} and {int8} were predicted differently ({', '.join(same)}, checkpoint): score both the same way"
+        )
     if docs["fp32"]["models"].keys() != docs["int8"]["models"].keys():
         raise Refused(f"{fp32} and {int8} hold different models: give two scorings of the same fold runs")
     if model not in docs["fp32"]["models"]:  # --cv-model names a model of --cv, whose runs may differ from these
         model = None
-    scores = {kind: cross_validation(path, model, regions) for kind, path in (("fp32", fp32), ("int8", int8))}
-    key = model or next(iter(docs["fp32"]["models"]))
-    runs = [docs[kind]["models"][key] for kind in ("fp32", "int8")]
-    if runs[0]["folds"] != runs[1]["folds"] or runs[0]["cases"] != runs[1]["cases"]:
+    before, after = (
+        cross_validation(docs[kind], path, model, regions) for kind, path in (("fp32", fp32), ("int8", int8))
+    )
+    if (before["folds"], before["cases"]) != (after["folds"], after["cases"]):
         raise Refused(f"{fp32} and {int8} scored different folds or cases: give two scorings of the same fold runs")
-    a, b = scores["fp32"]["all"], scores["int8"]["all"]
+    a, b = before["all"], after["all"]
     per_region = ", ".join(f"{r} {b[f'dice_{r}'] - a[f'dice_{r}']:+.4f}" for r in regions)
     hd95 = statistics.fmean(b[f"hd95_{r}"] - a[f"hd95_{r}"] for r in regions)
     return (
-        f"the int8 change (int8 minus fp32), measured on the same recipe's {len(runs[0]['folds'])} fold models on their "
-        f"{runs[0]['cases']} held-out cases ({evidence}): mean Dice {b['dice'] - a['dice']:+.4f} ({per_region}), mean "
+        f"the int8 change (int8 minus fp32), measured on the same recipe's {len(before['folds'])} fold models on their "
+        f"{before['cases']} held-out cases ({evidence}): mean Dice {b['dice'] - a['dice']:+.4f} ({per_region}), mean "
         f"HD95 {hd95:+.2f} mm; these weights hold no case out to measure it on themselves"
     )
 
