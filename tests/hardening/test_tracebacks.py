@@ -30,7 +30,7 @@ from rwkvseg.data.preprocess3d import load_cached_case
 from rwkvseg.data.specs import dataset_spec
 from rwkvseg.data.synthetic import write_synthetic_dataset
 from rwkvseg.data.volumes import brats_cases, discover_cases, read_volume
-from rwkvseg.files import LOCK, atomic_write_text
+from rwkvseg.files import LOCK, atomic_write, atomic_write_text
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D
 from rwkvseg.train import loop
@@ -156,6 +156,25 @@ def test_outputs_get_the_umask_mode(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize(("name", "suffix"), [("c.1.nii.gz", ".nii.gz"), ("p1.nrrd", ".nrrd"), ("m.onnx", ".onnx")])
+def test_atomic_write_keeps_the_format_suffix_when_asked_and_leaves_no_temporary(tmp_path, name, suffix):
+    """keep_suffix: the temporary file ends in the target's format suffix (writers that read the format from the
+    name); a failing writer leaves neither the target nor a temporary behind."""
+    seen = []
+    atomic_write(tmp_path / name, lambda tmp: seen.append(tmp.name) or tmp.write_bytes(b"x"), keep_suffix=True)
+    atomic_write(tmp_path / "plain.nii.gz", lambda tmp: seen.append(tmp.name) or tmp.write_bytes(b"y"))
+    assert seen[0].endswith(suffix) and seen[0].startswith(f".{name}.") and seen[1].endswith(".tmp")
+    assert (tmp_path / name).read_bytes() == b"x"
+
+    def failing(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "out" / name, failing, keep_suffix=True)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_npz_with_objects_is_refused_without_unpickling(tmp_path):

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..files import atomic_write
 from ..records import regions_in_channel_order
 from .graph import fold_batch_norms, mean_of_members
 from .wkv_onnx import bi_wkv_decomposed, bi_wkv_ordered_decomposed, sums_dtype
@@ -377,21 +377,6 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_record(loaded: LoadedSource, axes: tuple[Any, ...], opset: int) -> ExportRecord:
     return ExportRecord(
         model=loaded.name,
@@ -457,9 +442,11 @@ def export_onnx(
     entry.key, entry.value = METADATA_KEY, record.to_json()
     proto.producer_name = "rwkvseg"
     proto.producer_version = __version__
-    _atomic_write(out, lambda tmp: onnx.save_model(proto, str(tmp)))
+    atomic_write(out, lambda tmp: onnx.save_model(proto, str(tmp)), keep_suffix=True)
     if program_path is not None:
-        _atomic_write(Path(program_path), lambda tmp: torch.export.save(ep, str(tmp), extra_files=_extra(record)))
+        extra = _extra(record)
+        program = Path(program_path)
+        atomic_write(program, lambda tmp: torch.export.save(ep, str(tmp), extra_files=extra), keep_suffix=True)
     return record
 
 
