@@ -19,6 +19,8 @@
 #       of the final models A and S, in cv-ARM-CUT-last), pack
 #       EXPORT="A:mmsegrwkv-brats2018 S:mmsegrwkv_small-brats2018": also export each ARM's best checkpoint as the
 #       int8 release NAME and return them as $OUT/rel.tar.part?? (parts of 15 MiB; cat them | tar x)
+#       A cross-validation folder an earlier call left without its cv.json (the call ended first) is moved to
+#       $WORK/cut-<folder>-<seconds> and written again; a finished one is kept and cv_eval.py refuses to overwrite it.
 #       INT8_CV="B:0.5": also export each fold's best checkpoint of each ARM as int8 (the shipped precision) in
 #       $WORK/int8-ARM and cross-validate those exports at CUT with `largest` (cv-ARM-CUT-int8): the int8 change of
 #       the recipe on held-out cases, beside CV_SPECS's fp32 cross-validation of the same runs
@@ -131,6 +133,7 @@ final() {
     IFS=: read -r arm cut which <<<"$spec"
     thr=(--threshold "$cut")
     [ "$cut" = none ] && thr=()
+    set_aside_if_cut "$W/cv-$arm-$cut${which:+-$which}"
     python3 scripts/cv_eval.py "$W/runs-$arm" "$RAW" "$W/cv-$arm-$cut${which:+-$which}" --device cuda "${thr[@]}" \
       --postprocess largest --checkpoint "${which:-best}" 2>&1 | tail -n 30
     echo "cv $spec done $(($(date +%s) - t0)) s"
@@ -139,6 +142,15 @@ final() {
   export_releases || return 1
   pack || return 1
   echo "final done $(($(date +%s) - t0)) s"
+}
+
+set_aside_if_cut() {  # a cross-validation folder that an earlier call's end cut short (no cv.json) moves to
+  # cut-<name>-<seconds>, out of the pack, so that this call's cross-validation can write the folder afresh; a
+  # finished one stays, and scripts/cv_eval.py refuses to write over it
+  local out=$1 aside
+  [ -d "$out" ] && [ ! -f "$out/cv.json" ] || return 0
+  aside="$(dirname "$out")/cut-$(basename "$out")-$(date +%s)"
+  mv "$out" "$aside" && echo "$out: cut short by an earlier call (no cv.json); moved to $aside"
 }
 
 int8_cv() {  # each ARM:CUT of INT8_CV: every fold's best checkpoint as int8 in int8-ARM, cross-validated at CUT
@@ -156,6 +168,7 @@ int8_cv() {  # each ARM:CUT of INT8_CV: every fold's best checkpoint as int8 in 
       return 1
     fi
     export_int8 "$W/int8-$arm" "${folds[@]}" || return 1
+    set_aside_if_cut "$W/cv-$arm-$cut-int8"
     python3 scripts/cv_eval.py "$W/runs-$arm" "$RAW" "$W/cv-$arm-$cut-int8" --device cuda --threshold "$cut" \
       --postprocess largest --checkpoints-from "$W/int8-$arm" 2>&1 | tail -n 30
     rc=$?

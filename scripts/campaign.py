@@ -37,7 +37,9 @@ scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the 
 of a recipe whose epochs cross-validation chose): its row says train_all, has no validation columns and ends with
 the last training loss; its curves show the loss alone.
 Ctrl-C (or SIGINT from `timeout -s INT`, also when the campaign started as a script's background job, with SIGINT
-ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written.
+ignored) is passed on to every run, which stops as `rwkvseg train` does, and the table is still written: once at
+once, as the run folders stand, with the runs still stopping named in its `stopping` list and their exit null (so a
+caller that kills the campaign when its grace runs out still has it), and again when they have ended.
 `--compile-cache DIR` keeps one torch.compile cache per 2D model or 3D variant (DIR/<model>.bin,
 rwkvseg.train.compile_cache) for the next call.
 `--retries N` (default 1): a run that fails (a non-zero exit that is not a stop on purpose: SIGINT, SIGTERM or the
@@ -68,6 +70,7 @@ from scipy import stats
 
 from rwkvseg.cli import listen_to_sigint
 from rwkvseg.eval.report import RunHistory, read_metrics_csv, read_run, write_run_curves
+from rwkvseg.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # 2D dataset folder -> the recipe's config
@@ -346,6 +349,30 @@ def table(rows: list[dict]) -> list[str]:
     return [" | ".join(keys), *(" | ".join(_cell(row.get(k)) for k in keys) for row in rows)]
 
 
+def table_rows(
+    runs: Path,
+    commands: dict[str, list[str]],
+    codes: dict[str, int],
+    retried: dict[str, int],
+    histories: dict[str, RunHistory] | None = None,
+) -> list[dict]:
+    """The campaign table's rows in the order of the plan: each run's summary (its history from histories, where
+    it was read when the run ended, else from its folder now), its exit code (None while it still runs or stops)
+    and its retries."""
+    histories = histories or {}
+    return [
+        {**summary(runs / name, histories.get(name)), "exit": codes.get(name), "retries": retried[name]}
+        for name in commands
+    ]
+
+
+def write_table(runs: Path, wall_s: float, rows: list[dict], stopping: list[str] | None = None) -> None:
+    """RUNS/campaign.json, written atomically. stopping: the runs still stopping after a Ctrl-C when it was
+    written (their rows as their folders stood then, exit null); the file is written again once they end."""
+    doc = {"wall_s": wall_s, **({"stopping": stopping} if stopping else {}), "runs": rows}
+    atomic_write_text(runs / "campaign.json", json.dumps(doc, indent=1))
+
+
 def tag_option(text: str) -> str:
     """--tag: letters, digits and underscores, so a run's name still parses as <dataset>-<variant>-TAG-fold<K>."""
     if not re.fullmatch(r"[A-Za-z0-9_]+", text):
@@ -435,14 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         for job in jobs.values():
             job.send_signal(signal.SIGINT)
+        # the table as it stands, before waiting for the runs to stop: a campaign killed while they stop (a
+        # caller's grace ran out) still leaves every run's epochs and best in campaign.json
+        rows = table_rows(args.runs, commands, codes, retried, histories)
+        write_table(args.runs, time.time() - start, rows, stopping=list(jobs))
         codes |= {name: job.wait() for name, job in jobs.items()}
-    codes = {name: codes[name] for name in commands}  # the table in the order of the plan
-    histories |= {name: load_history(args.runs / name) for name in codes if name not in histories}  # stopped by Ctrl-C
-    rows = [
-        {**summary(args.runs / name, histories[name]), "exit": code, "retries": retried[name]}
-        for name, code in codes.items()
-    ]
-    (args.runs / "campaign.json").write_text(json.dumps({"wall_s": time.time() - start, "runs": rows}, indent=1))
+    # the runs stopped by Ctrl-C: their histories as they ended
+    histories |= {name: load_history(args.runs / name) for name in commands if name not in histories}
+    rows = table_rows(args.runs, commands, codes, retried, histories)
+    write_table(args.runs, time.time() - start, rows)
     print("\n".join(table(rows)))
     for row in rows:
         if histories[row["run"]].rows:  # a run that trained an epoch has curves (train_all: its loss alone)

@@ -225,3 +225,30 @@ def test_arm_epochs_and_the_int8_cross_validation_of_a_five_fold_arm(stubs, tmp_
 
     result = call(stubs, tmp_path, "final", ARMS="B", INT8_CV="M:0.5")
     assert result.returncode == 1 and "INT8_CV M:0.5: no fold run with a best checkpoint" in result.stderr
+
+
+def test_final_sets_aside_a_cross_validation_an_earlier_call_cut_short(stubs, tmp_path):
+    """A cv folder without its cv.json (the call that wrote it ended first) moves to cut-<folder>-<seconds>, kept
+    but out of the pack, and the cross-validation runs again; a finished one stays where it is."""
+    work = tmp_path / "work"
+    (work / "runs-M" / "brats2018-mmsegrwkv-ds2_e17_fm8-fold0").mkdir(parents=True)
+    cut = work / "cv-M-0.5" / "brats2018-mmsegrwkv-ds2_e17_fm8" / "fold0" / "eval"
+    cut.mkdir(parents=True)
+    (cut / "per_case.csv").write_text("case,WT_dice\n")
+    finished = work / "cv-M-0.5-last"
+    finished.mkdir()
+    (finished / "cv.json").write_text("finished")
+    start = [sys.executable, "scripts/detached_call.py", "start", str(work / "state-M"), "--", "true"]
+    subprocess.run(start, cwd=ROOT, check=True, capture_output=True)
+
+    result = call(stubs, tmp_path, "final", ARMS="M", CV_SPECS="M:0.5 M:0.5:last")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    aside = list(work.glob("cut-cv-M-0.5-*"))
+    assert len(aside) == 1 and f"{work}/cv-M-0.5: cut short by an earlier call (no cv.json); moved to" in result.stdout
+    assert (aside[0] / "brats2018-mmsegrwkv-ds2_e17_fm8" / "fold0" / "eval" / "per_case.csv").is_file()
+    assert (work / "cv-M-0.5" / "cv.json").read_text() == "cv\n"  # written again by this call
+    assert "cv-M-0.5-last: cut short" not in result.stdout and not list(work.glob("cut-cv-M-0.5-last*"))
+    with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
+        packed = set(tar.getnames())
+    assert "cv-M-0.5/cv.json" in packed and not any(name.startswith("cut-") for name in packed)

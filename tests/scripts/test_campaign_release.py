@@ -274,6 +274,68 @@ def test_a_campaign_resumes_a_run_that_failed_after_an_epoch_and_only_while_it_p
     assert "--retries -1: give 0 (never) or more" in capsys.readouterr().err
 
 
+SLOW_TO_STOP = """
+import csv, json, shutil, signal, sys, time
+from pathlib import Path
+run = Path(sys.argv[1])
+run.mkdir(parents=True, exist_ok=True)
+(run / "config.json").write_text(json.dumps({"epochs": 3}))
+with (run / "metrics.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, ["epoch", "step", "lr", "train_loss", "train_seconds"])
+    writer.writeheader()
+    writer.writerows({"epoch": e, "step": 10 * e, "lr": 0.01, "train_loss": 0.5, "train_seconds": 0.1} for e in (1, 2))
+stop = []
+signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+(run / "ready").write_text("")
+while not stop:
+    time.sleep(0.01)
+# still stopping: keep what the campaign's table says now (it must not wait for this run to write it)
+table = run.parent / "campaign.json"
+deadline = time.monotonic() + 20
+while not table.is_file() and time.monotonic() < deadline:
+    time.sleep(0.01)
+if table.is_file():
+    shutil.copy(table, run / "table_while_stopping.json")
+sys.exit(130)
+"""
+
+
+def test_a_stopped_campaign_writes_its_table_before_waiting_for_the_runs_to_stop(tmp_path, monkeypatch):
+    script = load_script("campaign")
+    runs = tmp_path / "runs"
+    commands = {"slow": [sys.executable, "-c", SLOW_TO_STOP, str(runs / "slow")]}
+    commands["done"] = [sys.executable, "-c", FAKE_TRAIN, str(runs / "done"), "3:0"]
+    monkeypatch.setattr(script, "plan", lambda args: commands)
+    ready, real_sleep = runs / "slow" / "ready", time.sleep  # script.time is this time module: keep its sleep
+    launched = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, command, **kwargs):
+            super().__init__(command, **kwargs)
+            launched.append((command[-2], self))
+
+    monkeypatch.setattr(script.subprocess, "Popen", Recorded)
+
+    def sleep(seconds):  # Ctrl-C once "slow" waits for it and "done" has ended and been polled
+        ended = [job for name, job in launched if name.endswith("done") and job.returncode is not None]
+        if ready.is_file() and ended and not hasattr(sleep, "sent"):
+            sleep.sent = True
+            raise KeyboardInterrupt
+        real_sleep(0.02)
+
+    monkeypatch.setattr(script.time, "sleep", sleep)
+    assert script.main(["D", str(runs), "--configs", "unused.toml"]) == 1
+    during = json.loads((runs / "slow" / "table_while_stopping.json").read_text())
+    assert during["stopping"] == ["slow"]
+    rows = {r["run"]: r for r in during["runs"]}
+    assert list(rows) == ["slow", "done"]  # the plan's order
+    assert (rows["slow"]["exit"], rows["slow"]["epochs"]) == (None, 2)  # its folder as it stood, no exit yet
+    assert (rows["done"]["exit"], rows["done"]["epochs"]) == (0, 3)
+    after = json.loads((runs / "campaign.json").read_text())
+    assert "stopping" not in after
+    assert {r["run"]: (r["exit"], r["epochs"]) for r in after["runs"]} == {"slow": (130, 2), "done": (0, 3)}
+
+
 def test_campaign_3d_folds_run_each_config_on_folds_of_the_cross_validation_split(tmp_path, monkeypatch):
     script = load_script("campaign")
     monkeypatch.setattr(script.os, "cpu_count", lambda: 16)
