@@ -251,13 +251,64 @@ def test_predict_command_runs_mirror_tta_on_the_onnx_runtime(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     for extra, line in [
         (["--overlap", "0.3"], "--overlap: for 3D checkpoints, and this one is 2D: drop it"),
-        (["--overlay"], "--overlay, --probabilities: --runtime onnx writes masks only"),
-        (["--probabilities"], "--overlay, --probabilities: --runtime onnx writes masks only"),
     ]:
         assert main([*bad, "--runtime", "onnx", *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert line in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_the_onnx_runtime_writes_the_checkpoint_paths_files_with_overlays_and_probabilities(
+    classes, tmp_path, monkeypatch, capsys
+):
+    """`rwkvseg predict --overlay --probabilities` on a checkpoint and on the ONNX file of the same network: the same
+    masks, overlays and probabilities (8-bit PNG for one channel, float16 .npy for several), also for a JPEG stored
+    sideways with an EXIF orientation, which both read upright (onnxruntime read its own way until session 51)."""
+    from PIL import Image
+
+    from rwkvseg.checkpoint import save_checkpoint
+    from rwkvseg.cli import main
+    from rwkvseg.models import registry
+    from writers import Bright, save_png
+
+    monkeypatch.setattr(registry, "_builders", lambda: {"bright": Bright})
+    rng = np.random.default_rng(classes)
+    weight = rng.standard_normal((classes, 3, 1, 1)).astype(np.float32) * 4  # every class wins somewhere
+    bias = -weight.sum(axis=(1, 2, 3)) / 2  # about 0 at mid-grey
+    net = Bright(3, classes)
+    with torch.no_grad():
+        net.mix.weight.copy_(torch.from_numpy(weight))
+        net.mix.bias.copy_(torch.from_numpy(bias))
+    (checkpoint, _) = save_checkpoint(tmp_path / "ck", net, CheckpointMeta("bright", 3, classes, preprocessing=PRE))
+    conv_file(tmp_path / "m.onnx", weight, bias)
+    save_png(tmp_path / "in" / "a.png", rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees: 29 x 41 stored, 41 x 29 shown
+    Image.fromarray(rng.integers(0, 256, (29, 41, 3), dtype=np.uint8)).save(tmp_path / "in" / "b.jpg", exif=exif)
+    ask = ["--overlay", "--probabilities"]
+    assert main(["predict", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "torch"), *ask]) == 0
+    assert main(["predict", str(tmp_path / "m.onnx"), str(tmp_path / "in"), "--out", str(tmp_path / "onnx"), *ask,
+                 "--runtime", "onnx"]) == 0  # fmt: skip
+    assert "wrote 2 masks" in capsys.readouterr().out
+    suffix = ".npy" if classes > 1 else ".png"
+    for stem, shape in [("a", (37, 53)), ("b", (41, 29))]:
+        torch_mask, onnx_mask = (np.asarray(Image.open(tmp_path / k / f"{stem}.png")) for k in ("torch", "onnx"))
+        assert torch_mask.shape == onnx_mask.shape == shape
+        assert len(np.unique(torch_mask)) > 1  # the comparison is not between two empty masks
+        np.testing.assert_array_equal(onnx_mask, torch_mask)
+        overlays = [np.asarray(Image.open(tmp_path / k / "overlays" / f"{stem}.png")) for k in ("torch", "onnx")]
+        assert overlays[0].shape == (*shape, 3)
+        np.testing.assert_array_equal(overlays[1], overlays[0])
+        probs = [tmp_path / k / "probabilities" / f"{stem}{suffix}" for k in ("torch", "onnx")]
+        if classes > 1:
+            got, expected = np.load(probs[1]), np.load(probs[0])
+            assert got.dtype == np.float16 and got.shape == (classes, *shape)
+            np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=1e-3)
+        else:
+            got, expected = (np.asarray(Image.open(p), dtype=np.int16) for p in probs)
+            assert got.shape == shape and np.abs(got - expected).max() <= 1  # 8-bit rounding of equal probabilities
+            assert len(np.unique(got)) > 10  # probabilities, not a mask
 
 
 def test_predict_command_takes_the_recorded_flips_on_the_onnx_runtime(tmp_path):

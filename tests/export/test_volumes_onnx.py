@@ -133,3 +133,30 @@ def test_a_region_record_written_with_sorted_keys_is_read_in_channel_order(tmp_p
     labels = ExportRecord("m", 3, 4, 4, PATCH, "softmax", {"kind": "test"}, preprocessing={**pre, "target": "labels"})
     sorted_labels = ExportRecord.from_json(json.dumps(json.loads(labels.to_json()), sort_keys=True))
     assert list(sorted_labels.preprocessing["dataset"]["regions"]) == ["ET", "TC", "WT"]  # not a region record
+
+
+def test_onnx_volumes_write_the_torch_paths_probabilities(tmp_path, capsys):
+    """`rwkvseg predict EXPORT.onnx CASE --runtime onnx --probabilities`: the same probability file (4-D 8-bit
+    NIfTI, one channel per region, on the input's grid) as the checkpoint path with the same network."""
+    write_1mm_case(tmp_path / "raw", "t1")
+    plans = preprocess_dataset(
+        tmp_path / "raw", dataset_spec("brats"), tmp_path / "cache", PreprocessConfig((2.0,) * 3)
+    )
+    metadata = inference_metadata(plans, patch_size=PATCH, target="regions")
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((3, 4, 1, 1, 1)).astype(np.float32)
+    bias = np.array([0.2, -0.3, -0.5], np.float32)
+    conv3d_file(tmp_path / "r.onnx", weight, bias, metadata, activation="sigmoid", class_names=("WT", "TC", "ET"))
+    folder, _ = write_1mm_case(tmp_path / "in")
+    argv = ["predict", str(tmp_path / "r.onnx"), str(folder), "--out", str(tmp_path / "onnx"), "--runtime", "onnx"]
+    assert main([*argv, "--probabilities"]) == 0
+    assert "wrote 1 label volumes" in capsys.readouterr().out
+    options = PredictConfig(overlap=0.5, probabilities=True)
+    predict_cases(Predictor3D(conv3d(weight, bias), metadata, options), [folder], tmp_path / "torch")
+    got, expected = (nib.load(tmp_path / k / "probabilities" / "p1.nii.gz") for k in ("onnx", "torch"))
+    source = nib.load(folder / "p1_flair.nii.gz")
+    assert got.shape == (*source.shape, 3)
+    np.testing.assert_array_equal(got.affine, source.affine)
+    values = np.asarray(got.dataobj)
+    assert len(np.unique(np.round(values * 255))) > 10  # probabilities, not labels
+    assert np.abs(values - np.asarray(expected.dataobj)).max() <= 1 / 255 + 1e-6  # 8-bit steps of equal values

@@ -4,8 +4,9 @@ import torch
 from PIL import Image
 
 from rwkvseg.checkpoint import CheckpointMeta, save_checkpoint
+from rwkvseg.infer.outputs2d import overlay
 from rwkvseg.infer.postprocess import PostProcess
-from rwkvseg.infer.predict2d import default_batch_size, overlay, predict_2d
+from rwkvseg.infer.predict2d import default_batch_size, predict_2d
 from rwkvseg.models import registry
 from rwkvseg.records import Preprocessing2D
 from writers import Bright, save_png

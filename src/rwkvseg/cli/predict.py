@@ -232,11 +232,6 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
     refuse_more_modalities(args, predictor.dims == 3)
     if predictor.dims == 2:  # 3D: Predictor3D refuses the 2D options itself
         refuse_other_dims_options(config, 2)
-        if config.overlays or config.probabilities:
-            raise ValueError(
-                "--overlay, --probabilities: --runtime onnx writes masks only; drop them, or predict with the "
-                "checkpoint"
-            )
         # as the checkpoint path: given, else the recorded defaults (3D: the sliding window's)
         from ..infer.postprocess import chosen_postprocess
         from ..infer.predict2d import log_recorded_flips, recorded_mirror_axes
@@ -262,6 +257,8 @@ def _run_onnx(args: argparse.Namespace, model: str, source: str, config: Predict
             batch_size=args.batch_size or BATCH_SIZE,
             overwrite=args.overwrite,
             postprocess=config.postprocess,
+            overlays=config.overlays,
+            save_probabilities=config.probabilities,
         )
     print(f"wrote {len(written)} masks to {args.out} (onnxruntime)")
     return 0

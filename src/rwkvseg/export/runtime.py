@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data.images2d import normalize  # the exact normalisation training used
+from ..data.images2d import normalize, read_pixels  # the exact reading and normalisation training used
 from ..files import refuse_existing
 from ..records import recorded_threshold, regions_in_channel_order
 
@@ -90,24 +90,6 @@ def to_labels(probs: np.ndarray, activation: str, threshold: float = 0.5) -> np.
     for k in range(probs.shape[0]):
         labels[probs[k] >= threshold] = k + 1
     return labels
-
-
-def read_pixels(path: str | os.PathLike, channels: int) -> np.ndarray:
-    """An image file as [H, W, channels] pixels in the file's dtype (RGB for 3, grayscale for 1)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        if channels == 3:
-            img = img.convert("RGB")
-        elif channels == 1 and img.mode not in ("L", "I;16", "I"):
-            img = img.convert("L")
-        array = np.asarray(img)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.shape[2] != channels:
-        raise ValueError(f"{path} has {array.shape[2]} channels, the model expects {channels}; convert the image")
-    return array
 
 
 class OnnxPredictor:
@@ -230,10 +212,15 @@ class OnnxPredictor:
         self, images: Iterable[np.ndarray | str | os.PathLike], batch_size: int = BATCH_SIZE
     ) -> list[np.ndarray]:
         """Probabilities [K, H, W] at each image's own size, for pixel arrays [H, W, C] or image paths."""
+        return self.predict_normalized(self.read_images(images), batch_size)
+
+    def read_images(self, images: Iterable[np.ndarray | str | os.PathLike]) -> list[np.ndarray]:
+        """Pixel arrays [H, W, C] or image paths (read as rwkvseg.data.images2d reads them: upright by their EXIF
+        orientation, the record's channels) -> float32 [H, W, C] by the record's normalization."""
         channels = int(self.preprocessing.get("channels", self.record["in_channels"]))
         _, normalization = self._resize_protocol()
         arrays = [im if isinstance(im, np.ndarray) else read_pixels(im, channels) for im in images]
-        return self.predict_normalized([normalize(a, normalization) for a in arrays], batch_size)
+        return [normalize(a, normalization) for a in arrays]
 
     def predict_normalized(self, images: Sequence[np.ndarray], batch_size: int = BATCH_SIZE) -> list[np.ndarray]:
         """Probabilities [K, H, W] at each image's own size, for images already normalized by the record's
@@ -332,13 +319,16 @@ def predict_files(
     batch_size: int = BATCH_SIZE,
     overwrite: bool = False,
     postprocess: PostProcess | None = None,
+    overlays: bool = False,
+    save_probabilities: bool = False,
 ) -> list[Path]:
-    """Masks `<out>/<stem>.png` for 2D image files (binary: 0/255; multi-class: the class index), as
-    `rwkvseg predict` writes them; nothing is written when a target exists and overwrite is False. onnx: an
-    open OnnxPredictor, or the exported file's path (opened with threads). threshold None: the recorded one
-    (OnnxPredictor.threshold). postprocess: applied to each mask before writing (rwkvseg.infer.postprocess, numpy
-    and scipy)."""
-    from PIL import Image
+    """Masks `<out>/<stem>.png` for 2D image files, with overlays and probabilities when asked for: the files
+    `rwkvseg predict` writes with a checkpoint (rwkvseg.infer.outputs2d), from images read as it reads them
+    (rwkvseg.data.images2d: EXIF orientation, channels); nothing is written when a target exists and overwrite is
+    False. onnx: an open OnnxPredictor, or the exported file's path (opened with threads). threshold None: the
+    recorded one (OnnxPredictor.threshold). postprocess: applied to each mask (and so its overlay) before writing,
+    the probabilities staying the model's (rwkvseg.infer.postprocess, numpy and scipy). Returns the masks' paths."""
+    from ..infer.outputs2d import output_paths, write_outputs
 
     predictor = onnx if isinstance(onnx, OnnxPredictor) else OnnxPredictor(onnx, threads=threads)
     threshold = predictor.threshold if threshold is None else threshold
@@ -348,28 +338,19 @@ def predict_files(
 
         check_postprocess(postprocess, max(int(predictor.record.get("num_classes", 1)) - 1, 1))
     out = Path(out)
-    targets = [out / f"{Path(p).stem}.png" for p in images]
-    if len(set(targets)) < len(targets):
-        raise ValueError("several inputs share a file name; their masks would collide, rename them")
+    multiclass = int(predictor.record.get("num_classes", 1)) > 1
+    targets = output_paths([Path(p) for p in images], out, overlays, save_probabilities, multiclass)
     if not overwrite:
         refuse_existing(out, [t for t in targets if t.exists()])
-    out.mkdir(parents=True, exist_ok=True)
+    written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        for target, probs in zip(targets[start:], predictor.predict_images(chunk, batch_size), strict=False):
-            labels = to_labels(probs, predictor.activation, threshold)
+        normalized = predictor.read_images(chunk)  # [H, W, C] float32 each, as read_image gives them
+        probs = predictor.predict_normalized(normalized, batch_size)  # [K, H, W] each
+        for path, image, prob in zip(chunk, normalized, probs, strict=True):
+            labels = to_labels(prob, predictor.activation, threshold)
             if postprocess is not None and postprocess.active:
                 labels = postprocess_labels(labels, postprocess)
-            mask = labels * 255 if probs.shape[0] == 1 else labels
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{target.stem}.tmp.", suffix=".png")
-            os.close(fd)
-            try:
-                Image.fromarray(mask).save(tmp)
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-    return targets
+            shown, saved = image if overlays else None, prob if save_probabilities else None
+            written.append(write_outputs(out, Path(path).stem, labels, multiclass, image=shown, probabilities=saved))
+    return written

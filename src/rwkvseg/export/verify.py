@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.images2d import normalize, read_pixels
 from .onnx import LoadedSource, load_source
-from .runtime import OnnxPredictor, activate, normalize, read_pixels, resize_bilinear, to_labels
+from .runtime import OnnxPredictor, activate, resize_bilinear, to_labels
 
 DATA_ROOT = Path("/work/shared/data")
 KVASIR_IMAGES = Path("kvasir_seg/Kvasir-SEG/images")

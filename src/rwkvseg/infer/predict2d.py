@@ -1,7 +1,8 @@
 """2D prediction from a checkpoint alone: images in, masks at each input's original size out.
 
 Preprocessing comes from the checkpoint's sidecar (channels, size, resize mode, normalization), so prediction
-repeats exactly what validation saw during training. Outputs, per input `<stem>`:
+repeats exactly what validation saw during training. Outputs, per input `<stem>` (infer.outputs2d, the same files
+as `rwkvseg predict --runtime onnx` writes):
 - `<out>/<stem>.png`: the mask (binary: 0/255; multi-class: class index as gray value)
 - `<out>/overlays/<stem>.png` (optional): the image with the mask outlined and tinted
 - `<out>/probabilities/<stem>.png` (binary, 8-bit probability) or `.npy` ([K, H, W] float16, multi-class)
@@ -10,10 +11,8 @@ Nothing is overwritten unless asked: every target is checked before the first fi
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..compiling import maybe_compile, prediction_freezes
 from ..data.images2d import list_inputs, read_image
-from ..files import atomic_write, refuse_existing
+from ..files import refuse_existing
 from ..memory_format import fed_in, module_to
 from ..records import Preprocessing2D, recorded_threshold
 from .ensemble import Given, load_checkpoints
+from .outputs2d import output_paths, write_outputs
 from .postprocess import PostProcess, check_postprocess, chosen_postprocess
 from .postprocess import postprocess as postprocess_labels
 from .precision import check_precision, for_precision, in_precision
@@ -38,21 +37,6 @@ log = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # a network, or mirrored(network, axes)
 PROGRESS_EVERY_S = 10.0  # at most one progress line per this many seconds (and one at the end)
-
-# Distinct tints for up to 8 foreground classes (RGB); class k uses OVERLAY_COLOURS[(k - 1) % 8].
-OVERLAY_COLOURS = np.array(
-    [
-        [255, 64, 64],
-        [64, 200, 64],
-        [64, 128, 255],
-        [255, 200, 0],
-        [200, 64, 255],
-        [0, 220, 220],
-        [255, 128, 0],
-        [255, 0, 160],
-    ],
-    dtype=np.float32,
-)
 
 
 def forward_logits(model: Predictor, images: torch.Tensor, pre: Preprocessing2D) -> torch.Tensor:
@@ -157,46 +141,6 @@ def predict_arrays(
     return out
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.ndarray:
-    """uint8 RGB [H, W, 3]: the image with each class tinted and its border drawn in full colour."""
-    base = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
-    base = np.clip(base * 255.0, 0, 255).astype(np.float32)
-    out = base.copy()
-    for k in np.unique(labels):
-        if k == 0:
-            continue
-        colour = OVERLAY_COLOURS[(int(k) - 1) % len(OVERLAY_COLOURS)]
-        region = labels == k
-        out[region] = (1 - alpha) * base[region] + alpha * colour
-        padded = np.pad(region, 1, mode="edge")
-        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-        out[region & ~inner] = colour
-    return out.round().astype(np.uint8)
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def output_paths(inputs: Sequence[Path], out: Path, overlays: bool, probs: bool, multiclass: bool) -> list[Path]:
-    stems = [p.stem for p in inputs]
-    repeats = sorted(s for s, n in Counter(stems).items() if n > 1)
-    if repeats:
-        raise ValueError(f"several inputs share a name ({repeats[:5]}); their masks would collide, rename them")
-    paths = [out / f"{s}.png" for s in stems]
-    if overlays:
-        paths += [out / "overlays" / f"{s}.png" for s in stems]
-    if probs:
-        paths += [out / "probabilities" / f"{s}{'.npy' if multiclass else '.png'}" for s in stems]
-    return paths
-
-
 def predict_2d(
     checkpoint: Given,
     inputs: str | Path,
@@ -263,19 +207,8 @@ def predict_2d(
                 labels = to_labels(prob[None], threshold)[0].numpy().astype(np.uint8)  # [H, W]
                 if postprocess.active:
                     labels = postprocess_labels(labels, postprocess)
-                mask = labels * 255 if not multiclass else labels
-                _write(out / f"{f.stem}.png", _png_bytes(mask))
-                written.append(out / f"{f.stem}.png")
-                if overlays:
-                    _write(out / "overlays" / f"{f.stem}.png", _png_bytes(overlay(image, labels)))
-                if save_probabilities:
-                    if multiclass:
-                        buf = io.BytesIO()
-                        np.save(buf, prob.numpy().astype(np.float16))
-                        _write(out / "probabilities" / f"{f.stem}.npy", buf.getvalue())
-                    else:
-                        p8 = (prob[0].numpy() * 255).round().astype(np.uint8)
-                        _write(out / "probabilities" / f"{f.stem}.png", _png_bytes(p8))
+                shown, saved = image if overlays else None, prob.numpy() if save_probabilities else None
+                written.append(write_outputs(out, f.stem, labels, multiclass, image=shown, probabilities=saved))
             done = min(start + batch_size, len(files))
             if done == len(files) or time.monotonic() - logged >= PROGRESS_EVERY_S:  # one line per image would flood
                 log.info("predicted %d/%d images", done, len(files))

@@ -5,10 +5,10 @@ change of the inference internals is answered by editing this one module. Calls,
 rwkvseg.released.released_models / released_checkpoints, rwkvseg.checkpoint.read_meta,
 rwkvseg.infer.ensemble.load_checkpoints / check_members (one checkpoint, or an ensemble release's members),
 rwkvseg.data.images2d.read_image, rwkvseg.records.Preprocessing2D.from_meta, rwkvseg.infer.predict2d.predict_arrays /
-to_labels / overlay / OVERLAY_COLOURS, rwkvseg.infer.predict.PredictConfig, rwkvseg.infer.predict3d.Predictor3D /
-write_like, rwkvseg.infer.postprocess.PostProcess / chosen_postprocess / check_postprocess / postprocess,
-rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and for runtime "onnx" (the export
-extra, imported only when asked for) rwkvseg.export.onnx.read_record,
+to_labels, rwkvseg.infer.outputs2d.overlay / OVERLAY_COLOURS, rwkvseg.infer.predict.PredictConfig,
+rwkvseg.infer.predict3d.Predictor3D / write_like, rwkvseg.infer.postprocess.PostProcess / chosen_postprocess /
+check_postprocess / postprocess, rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and
+for runtime "onnx" (the export extra, imported only when asked for) rwkvseg.export.onnx.read_record,
 rwkvseg.export.runtime.OnnxPredictor.predict_normalized and rwkvseg.export.volumes.onnx_predictor_3d.
 
 Runtime "onnx" hosts exported files (`rwkvseg export NAME --out FILE.onnx`) and nothing else: the record inside
@@ -36,11 +36,12 @@ from ..data.images2d import read_image
 from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
 from ..infer.ensemble import check_members, load_checkpoints
+from ..infer.outputs2d import OVERLAY_COLOURS, overlay
 from ..infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.precision import for_precision, in_precision
 from ..infer.predict import PredictConfig
-from ..infer.predict2d import OVERLAY_COLOURS, overlay, predict_arrays, to_labels
+from ..infer.predict2d import predict_arrays, to_labels
 from ..infer.predict3d import Predictor3D, recorded_region_threshold, write_like
 from ..records import Preprocessing2D, recorded_threshold
 from ..released import released_checkpoints, released_models
