@@ -40,6 +40,8 @@
 # and the final models of the recipe (train_all: the 13 training and 5 validation cases of the committed single split,
 # all 18, none validated, the last epoch kept; their epochs chosen by the five-fold runs):
 #   A  MMSegRWKV, regions                   S  MMSegRWKV-small, regions
+#   G  MMSegRWKV, regions, fm_channels=8 (arm M's recipe: its final model, trained beside M's five folds so that
+#      it can be released in the same lease if M wins)
 set -uo pipefail
 W=${WORK:-/tmp/brats-arms}
 RAW=${RAW:-.gpudata/brats18raw}
@@ -53,7 +55,7 @@ ALL=(--set train_all=true)
 
 arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (without epochs, minutes, cache)
   EP=$EPOCHS
-  case $1 in A | S) EP=${ALL_EPOCHS:-$EPOCHS} ;; esac
+  case $1 in A | S | G) EP=${ALL_EPOCHS:-$EPOCHS} ;; esac
   local spec
   for spec in ${ARM_EPOCHS:-}; do [ "${spec%%:*}" = "$1" ] && EP=${spec#*:}; done
   local tag=${TAG:-ds2_e$EP}
@@ -67,7 +69,8 @@ arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (wi
     M) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${FOLDS[@]}" --tag "${tag}_fm8") ;;
     A) ARGS=("${MM[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     S) ARGS=("${SMALL[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
-    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, A or S)" >&2; return 2 ;;
+    G) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${ALL[@]}" --tag "${tag}_fm8_all") ;;
+    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, A, S or G)" >&2; return 2 ;;
   esac
 }
 
