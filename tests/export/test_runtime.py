@@ -126,6 +126,29 @@ def test_predict_files_writes_masks_and_never_overwrites(tiny, tmp_path):
         predict_files(tiny[0], paths, tmp_path / "out")
 
 
+def test_predict_files_with_every_output_runs_without_torch(tiny, tmp_path):
+    """The runtime's promise: onnxruntime, numpy and Pillow alone; masks, overlays, probabilities and the largest
+    component written by a process that never imports torch."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    code = (
+        "import sys; from rwkvseg.export.runtime import predict_files; "
+        "from rwkvseg.infer.postprocess import PostProcess; "
+        f"predict_files({str(tiny[0])!r}, [{str(tmp_path / 'a.png')!r}], {str(tmp_path / 'out')!r}, "
+        "overlays=True, save_probabilities=True, postprocess=PostProcess(largest=True)); "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+    for name in ("a.png", "overlays/a.png", "probabilities/a.png"):
+        assert (tmp_path / "out" / name).is_file()
+
+
 def test_predict_files_post_processes_the_masks_it_writes(tiny, tmp_path):
     from PIL import Image
 
