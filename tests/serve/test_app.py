@@ -275,6 +275,49 @@ def test_3d_zip_and_parts_give_labels_on_the_input_grid(client, tmp_path):
     assert view["legend"][0] == {"index": 1, "value": 1, "colour": [255, 64, 64]}
 
 
+def test_probabilities_are_answered_as_predict_writes_them(client, test_models, tmp_path):
+    """?probabilities=true: a 2D binary model's 8-bit probability PNG (the very file `rwkvseg predict
+    --probabilities` writes) and a 3D model's 4-D 8-bit NIfTI on the input grid, whose argmax is the answered labels;
+    asking for an overlay and probabilities at once, or an overlay of a 3D model, is refused in one line."""
+    from rwkvseg.cli import main
+
+    image = square_image()
+    image[::3, ::5] = 128  # grey pixels: probabilities between 0 and 1
+    answer = post_image(client, "bright", png(image), probabilities="true")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    served = np.asarray(Image.open(io.BytesIO(answer.content)))
+    assert served.shape == (40, 52) and served.dtype == np.uint8 and len(np.unique(served)) > 2
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png(image))
+    args = ["predict", str(test_models["bright"]), str(tmp_path / "in"), "--out", str(tmp_path / "cli")]
+    assert main([*args, "--probabilities"]) == 0
+    np.testing.assert_array_equal(served, np.asarray(Image.open(tmp_path / "cli" / "probabilities" / "a.png")))
+    mask = np.asarray(Image.open(io.BytesIO(post_image(client, "bright", png(image)).content)))
+    np.testing.assert_array_equal(served >= 128, mask > 0)  # the cut of 0.5 on the answered probabilities
+
+    files, _ = write_case(tmp_path / "case")
+    parts = [("file", (p.name, p.read_bytes())) for p in files]
+    soft = client.post("/v1/models/ball/predict", params={"probabilities": "true"}, files=parts)
+    assert soft.status_code == 200 and soft.headers["content-type"] == "application/gzip"
+    assert "ball_probabilities.nii.gz" in soft.headers["content-disposition"]
+    volume = nib.Nifti1Image.from_bytes(gzip.decompress(soft.content))
+    assert volume.shape == (*SHAPE, 4) and np.allclose(volume.affine, AFFINE)
+    probs = np.asarray(volume.dataobj)  # (i, j, k, class) within 1/255
+    assert np.allclose(probs.sum(axis=-1), 1.0, atol=4 / 255)
+    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(client.post("/v1/models/ball/predict",
+                        files=parts).content)).dataobj)  # fmt: skip
+    assert np.array_equal(np.array([0, 1, 2, 4])[probs.argmax(axis=-1)], labels)
+
+    both = post_image(client, "bright", png(image), overlay="true", probabilities="true")
+    assert both.status_code == 422 and "ask for one of them" in both.json()["detail"]
+    flat = client.post("/v1/models/ball/predict", params={"overlay": "true"}, files=parts)
+    assert flat.status_code == 422 and "overlay: for 2D models" in flat.json()["detail"]
+    described = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert described["bright"]["probabilities"].startswith("image/png: 8-bit probability")
+    assert described["ball"]["probabilities"].startswith("application/gzip: 4-D NIfTI, 8-bit, one channel per label")
+    assert "label value: 0, 1, 2, 4 (" in described["ball"]["probabilities"]
+
+
 def test_hostile_or_ambiguous_3d_requests_get_a_clear_4xx(client, tmp_path):
     files, _ = write_case(tmp_path / "case")
     by_name = {p.name: p.read_bytes() for p in files}

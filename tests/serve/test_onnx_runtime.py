@@ -162,6 +162,25 @@ def test_3d_labels_equal_the_torch_service(clients, tmp_path):
         volumes.append(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(answer.content)).dataobj))
     assert set(np.unique(volumes[0])) == {0, 2} and ((volumes[0] == 2) & ball).sum() > 0.9 * ball.sum()
     np.testing.assert_array_equal(volumes[0], volumes[1])
+    soft = []
+    for client in (onnx_client, torch_client):
+        answer = client.post(
+            "/v1/models/ball/predict", params={"probabilities": "true"}, files={"file": ("case.zip", buf.getvalue())}
+        )
+        assert answer.status_code == 200, answer.text
+        soft.append(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(answer.content)).dataobj))
+    assert soft[0].shape == (*volumes[0].shape, 4) and np.abs(soft[0] - soft[1]).max() <= 1 / 255 + 1e-6
+
+
+def test_2d_probabilities_equal_the_torch_service(clients):
+    torch_client, onnx_client = clients
+    image = square_image()
+    image[::3, ::5] = 128
+    answers = [c.post("/v1/models/bright/predict", params={"probabilities": "true"}, files={"file": ("a.png",
+               png(image))}) for c in (onnx_client, torch_client)]  # fmt: skip
+    assert all(a.status_code == 200 and a.headers["content-type"] == "image/png" for a in answers)
+    got, expected = (np.asarray(Image.open(io.BytesIO(a.content)), dtype=np.int16) for a in answers)
+    assert got.shape == (40, 52) and len(np.unique(got)) > 2 and np.abs(got - expected).max() <= 1
 
 
 def test_runtime_onnx_refuses_what_is_not_an_export_in_one_line(test_models, exports, tmp_path, monkeypatch):

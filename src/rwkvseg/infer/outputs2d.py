@@ -75,6 +75,17 @@ def output_paths(inputs: Sequence[Path], out: Path, overlays: bool, probs: bool,
     return paths
 
 
+def probability_file(probabilities: np.ndarray, multiclass: bool) -> tuple[bytes, str]:
+    """The bytes of one image's probability file and its suffix: [K, H, W] float as an 8-bit PNG of the one channel
+    (binary models: round(255 p)), or as float16 .npy of every channel (several classes)."""
+    if multiclass:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(probabilities).astype(np.float16))
+        return buf.getvalue(), ".npy"
+    p8 = (np.asarray(probabilities[0], dtype=np.float32) * 255).round().astype(np.uint8)
+    return png_bytes(p8), ".png"
+
+
 def write_outputs(
     out: Path,
     stem: str,
@@ -91,11 +102,6 @@ def write_outputs(
     if image is not None:
         write_bytes(out / "overlays" / f"{stem}.png", png_bytes(overlay(image, labels)))
     if probabilities is not None:
-        if multiclass:
-            buf = io.BytesIO()
-            np.save(buf, np.asarray(probabilities).astype(np.float16))
-            write_bytes(out / "probabilities" / f"{stem}.npy", buf.getvalue())
-        else:
-            p8 = (np.asarray(probabilities[0], dtype=np.float32) * 255).round().astype(np.uint8)
-            write_bytes(out / "probabilities" / f"{stem}.png", png_bytes(p8))
+        data, suffix = probability_file(probabilities, multiclass)
+        write_bytes(out / "probabilities" / f"{stem}{suffix}", data)
     return out / f"{stem}.png"

@@ -4,7 +4,8 @@ Routes (the OpenAPI page at /docs documents each with its answers):
   GET  /v2/health/live, /v2/health/ready   Open Inference Protocol health probes
   GET  /v2/models/{name}/ready             Open Inference Protocol model readiness
   GET  /v1/models                          hosted models: dims, inputs, classes
-  POST /v1/models/{name}/predict           multipart field `file` -> image/png mask (2D) or application/gzip NIfTI (3D)
+  POST /v1/models/{name}/predict           multipart field `file` -> image/png mask (2D) or application/gzip NIfTI (3D);
+                                           ?overlay=true (2D), ?probabilities=true: the model's probabilities instead
   POST /v1/models/{name}/view              3D only: the viewer's JSON (label and image volumes, region volumes in ml)
   GET  /                                   the web viewer (static files in this package, no CDN)
 """
@@ -77,6 +78,10 @@ class ModelEntry(BaseModel):
     )
     classes: dict[str, Any] = Field(description="2D: num_classes, names; 3D: label_values, names, regions")
     output: str = Field(description="the content type and meaning of the predict answer")
+    probabilities: str = Field(
+        description="the content type and meaning of the predict answer with ?probabilities=true (the model's raw "
+        "probabilities, as `rwkvseg predict --probabilities` writes them)"
+    )
     postprocess: str = Field(
         description="what the label maps get before they are answered, as `rwkvseg predict --postprocess` spells it "
         "(none, largest, fill-holes, et-min-mm3=V, ...): the service's --postprocess, else the model's own choice"
@@ -266,8 +271,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         response_class=Response,
         responses={
             200: {
-                "description": "2D: the mask (or overlay) PNG at the input's size; 3D: gzip NIfTI on the input grid",
-                "content": {"image/png": {}, "application/gzip": {}},
+                "description": "2D: the mask (or overlay, or probability) PNG at the input's size, or a multi-class "
+                "model's probabilities as .npy; 3D: gzip NIfTI on the input grid (labels, or 4-D probabilities)",
+                "content": {"image/png": {}, "application/gzip": {}, "application/x-npy": {}},
             },
             **ERRORS,
         },
@@ -280,17 +286,30 @@ def create_app(config: ServeConfig) -> FastAPI:
             float | None,
             Query(ge=0.0, le=1.0, description="2D binary models: probability cut (default: the model's own)"),
         ] = None,
+        probabilities: Annotated[
+            bool,
+            Query(
+                description="the model's probabilities instead of the mask, as `rwkvseg predict --probabilities` "
+                "writes them: 2D an 8-bit PNG (binary models) or float16 .npy [K, H, W]; 3D a 4-D 8-bit NIfTI, "
+                "one channel per region or class"
+            ),
+        ] = False,
     ) -> Response:
         model = engine.model(name)
+        if overlay and probabilities:
+            raise RequestError(422, "overlay and probabilities: ask for one of them per request")
+        if overlay and model.hosted.dims == 3:
+            raise RequestError(422, f"overlay: for 2D models, and {name!r} is 3D (try /v1/models/{name}/view)")
         uploads = await _uploads(file)
         if model.hosted.dims == 3:
-            data = await engine.predict_3d(name, uploads)
-            headers = {"Content-Disposition": f'attachment; filename="{name}_seg.nii.gz"'}
+            data = await engine.predict_3d(name, uploads, probabilities=probabilities)
+            what = "probabilities" if probabilities else "seg"
+            headers = {"Content-Disposition": f'attachment; filename="{name}_{what}.nii.gz"'}
             return Response(data, media_type="application/gzip", headers=headers)
         if len(uploads) != 1:
             raise RequestError(400, f"model {name!r} is 2D: send exactly one image in the field 'file'")
-        png = await engine.predict_2d(name, uploads[0], threshold, overlay)
-        return Response(png, media_type="image/png")
+        data = await engine.predict_2d(name, uploads[0], threshold, overlay, probabilities)
+        return Response(data, media_type=model.hosted.probabilities_type if probabilities else "image/png")
 
     @app.post(
         "/v1/models/{name}/view",

@@ -173,18 +173,22 @@ class Engine:
 
     # 2D
 
-    async def predict_2d(self, name: str, upload: Upload, threshold: float | None, with_overlay: bool) -> bytes:
+    async def predict_2d(
+        self, name: str, upload: Upload, threshold: float | None, with_overlay: bool, probabilities: bool = False
+    ) -> bytes:
         """The mask (or overlay) PNG of one uploaded image, at the image's size; threshold None: the model's own
-        (GET /v1/models)."""
+        (GET /v1/models). probabilities: the model's probabilities instead (Hosted2D.probabilities_file)."""
         model = self.model(name, dims=2)
         threshold = model.info["threshold"] if threshold is None else threshold
         hosted: predictors.Hosted2D = model.hosted
         with self._admit(three_d=False):
             return await self._timed(
-                self._run_2d(model, hosted, upload, threshold, with_overlay), self.config.timeout_s
+                self._run_2d(model, hosted, upload, threshold, with_overlay, probabilities), self.config.timeout_s
             )
 
-    async def _run_2d(self, model: _Model, hosted: predictors.Hosted2D, upload: Upload, threshold, with_overlay):
+    async def _run_2d(
+        self, model: _Model, hosted: predictors.Hosted2D, upload: Upload, threshold, with_overlay, probabilities
+    ):
         loop = asyncio.get_running_loop()
         image = await asyncio.to_thread(self._decode, hosted, upload)
         item = _Item(image, loop.create_future())
@@ -192,6 +196,8 @@ class Engine:
         probs = await item.future
 
         def encode() -> bytes:
+            if probabilities:
+                return hosted.probabilities_file(probs)
             labels = hosted.labels(probs, threshold)
             return hosted.overlay_png(image, labels) if with_overlay else hosted.mask_png(labels)
 
@@ -245,14 +251,24 @@ class Engine:
 
     # 3D
 
-    async def predict_3d(self, name: str, uploads: list[Upload], view: bool = False, background: str | None = None):
-        """NIfTI (.nii.gz bytes) of the case's labels on its own grid, or the viewer's JSON when view."""
+    async def predict_3d(
+        self,
+        name: str,
+        uploads: list[Upload],
+        view: bool = False,
+        background: str | None = None,
+        probabilities: bool = False,
+    ):
+        """NIfTI (.nii.gz bytes) of the case's labels on its own grid, or of its probabilities (4-D, 8-bit) with
+        probabilities, or the viewer's JSON when view."""
         model = self.model(name, dims=3)
         hosted: predictors.Hosted3D = model.hosted
         with self._admit(three_d=True):
-            return await self._timed(self._run_3d(hosted, uploads, view, background), self.config.timeout_3d_s)
+            return await self._timed(
+                self._run_3d(hosted, uploads, view, background, probabilities), self.config.timeout_3d_s
+            )
 
-    async def _run_3d(self, hosted: predictors.Hosted3D, uploads, view, background):
+    async def _run_3d(self, hosted: predictors.Hosted3D, uploads, view, background, probabilities=False):
         loop = asyncio.get_running_loop()
         tmp = tempfile.TemporaryDirectory(prefix="rwkvseg-serve-3d-", ignore_cleanup_errors=True)
         try:
@@ -260,7 +276,11 @@ class Engine:
             inputs = folder / "in"
             inputs.mkdir()
             files = await asyncio.to_thread(self._prepare_case, hosted, uploads, inputs)
-            prediction = await loop.run_in_executor(self._pool_3d, self._predict_case, hosted, files, folder)
+            prediction = await loop.run_in_executor(
+                self._pool_3d, self._predict_case, hosted, files, folder, probabilities
+            )
+            if probabilities:
+                return prediction.probabilities_gz
             if not view:
                 return prediction.nifti_gz
             return await asyncio.to_thread(view_payload, hosted, prediction, files, background)
@@ -275,9 +295,11 @@ class Engine:
         return files
 
     @staticmethod
-    def _predict_case(hosted: predictors.Hosted3D, files: list[Path], folder: Path) -> predictors.Prediction3D:
+    def _predict_case(
+        hosted: predictors.Hosted3D, files: list[Path], folder: Path, probabilities: bool = False
+    ) -> predictors.Prediction3D:
         try:
-            return hosted.predict(files, folder)
+            return hosted.predict(files, folder, probabilities=probabilities)
         except (ValueError, OSError, EOFError, zlib.error) as err:
             # reading the volumes is where these arise: truncated gzip, grids that differ between modalities
             message = str(err).replace(f"{folder}/in/", "")

@@ -5,8 +5,9 @@ change of the inference internals is answered by editing this one module. Calls,
 rwkvseg.released.released_models / released_checkpoints, rwkvseg.checkpoint.read_meta,
 rwkvseg.infer.ensemble.load_checkpoints / check_members (one checkpoint, or an ensemble release's members),
 rwkvseg.data.images2d.read_image, rwkvseg.records.Preprocessing2D.from_meta, rwkvseg.infer.predict2d.predict_arrays /
-to_labels, rwkvseg.infer.outputs2d.overlay / OVERLAY_COLOURS, rwkvseg.infer.predict.PredictConfig,
-rwkvseg.infer.predict3d.Predictor3D / write_like, rwkvseg.infer.postprocess.PostProcess / chosen_postprocess /
+to_labels, rwkvseg.infer.outputs2d.overlay / OVERLAY_COLOURS / probability_file, rwkvseg.infer.predict.PredictConfig,
+rwkvseg.infer.predict3d.Predictor3D / write_like / write_probabilities, rwkvseg.infer.postprocess.PostProcess /
+chosen_postprocess /
 check_postprocess / postprocess, rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and
 for runtime "onnx" (the export extra, imported only when asked for) rwkvseg.export.onnx.read_record,
 rwkvseg.export.runtime.OnnxPredictor.predict_normalized and rwkvseg.export.volumes.onnx_predictor_3d.
@@ -36,13 +37,13 @@ from ..data.images2d import read_image
 from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
 from ..infer.ensemble import check_members, load_checkpoints
-from ..infer.outputs2d import OVERLAY_COLOURS, overlay
+from ..infer.outputs2d import OVERLAY_COLOURS, overlay, probability_file
 from ..infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.precision import for_precision, in_precision
 from ..infer.predict import PredictConfig
 from ..infer.predict2d import predict_arrays, to_labels
-from ..infer.predict3d import Predictor3D, recorded_region_threshold, write_like
+from ..infer.predict3d import Predictor3D, recorded_region_threshold, write_like, write_probabilities
 from ..records import Preprocessing2D, recorded_threshold
 from ..released import released_checkpoints, released_models
 
@@ -219,6 +220,10 @@ def describe(source: ModelSource) -> dict[str, Any]:
                 "regions": {name: list(values) for name, values in spec.regions},
             },
             "output": "application/gzip: NIfTI (uint8 label values) with the input's header and affine",
+            "probabilities": "application/gzip: 4-D NIfTI, 8-bit, one channel per "
+            + ("region: " if pre["target"] == "regions" else "label value: ")
+            + ", ".join(spec.output_names(pre["target"]))
+            + " (?probabilities=true)",
         }
     else:
         p2 = Preprocessing2D.from_meta(meta)
@@ -239,6 +244,10 @@ def describe(source: ModelSource) -> dict[str, Any]:
             },
             "classes": {"num_classes": meta.num_classes, "names": names},
             "output": "image/png: binary mask 0/255" if meta.num_classes == 1 else "image/png: class index as gray",
+            "probabilities": (
+                "image/png: 8-bit probability" if meta.num_classes == 1 else "application/x-npy: [K, H, W] float16"
+            )
+            + " (?probabilities=true)",
         }
     return info
 
@@ -341,15 +350,28 @@ class Hosted2D:
     def overlay_png(self, image: np.ndarray, labels: np.ndarray) -> bytes:
         return _png(overlay(image, labels))
 
+    @property
+    def probabilities_type(self) -> str:
+        """The media type of probabilities_file's answer."""
+        return "application/x-npy" if self.multiclass else "image/png"
+
+    def probabilities_file(self, probs: np.ndarray) -> bytes:
+        """The file `rwkvseg predict --probabilities` writes for probabilities [K, H, W]: the 8-bit PNG of a binary
+        model's one channel, or every class's channel as float16 .npy."""
+        return probability_file(probs, self.multiclass)[0]
+
 
 @dataclass(frozen=True)
 class Prediction3D:
-    """A predicted case: label values [K, J, I] on the input grid, its affine and spacing, and the NIfTI bytes."""
+    """A predicted case: label values [K, J, I] on the input grid, its affine and spacing, the NIfTI bytes and, when
+    asked for, those of the probabilities (4-D, 8-bit, one channel per region or class, as `rwkvseg predict
+    --probabilities` writes them)."""
 
     values: np.ndarray
     affine: np.ndarray
     spacing: tuple[float, float, float]  # (k, j, i) mm
     nifti_gz: bytes
+    probabilities_gz: bytes | None = None
 
 
 class Hosted3D:
@@ -383,13 +405,26 @@ class Hosted3D:
         self.label_values: tuple[int, ...] = tuple(self.spec.label_values)
         self.regions: dict[str, tuple[int, ...]] = {name: tuple(v) for name, v in self.spec.regions}
 
-    def predict(self, files: Sequence[Path], out_dir: Path, case_id: str = "case") -> Prediction3D:
+    def predict(
+        self, files: Sequence[Path], out_dir: Path, case_id: str = "case", probabilities: bool = False
+    ) -> Prediction3D:
         """files: one per modality, in self.modalities order. ValueError / OSError for unreadable volumes."""
         case = case_from_files(files, self.spec, case_id)
-        values, reference = self.predictor.predict_case(case)
+        prediction = self.predictor.predict(case, probabilities=probabilities)
+        values, reference = prediction.values, prediction.reference
         out = out_dir / f"{case_id}.nii.gz"
         write_like(values, reference, out)
-        return Prediction3D(values, np.asarray(reference.affine), tuple(reference.spacing), out.read_bytes())
+        soft = None
+        if prediction.probabilities is not None:
+            channels = self.spec.output_names(self.predictor.target)
+            soft = write_probabilities(prediction.probabilities, channels, reference, out_dir / f"{case_id}_p.nii.gz")
+        return Prediction3D(
+            values,
+            np.asarray(reference.affine),
+            tuple(reference.spacing),
+            out.read_bytes(),
+            soft.read_bytes() if soft is not None else None,
+        )
 
 
 def _png(array: np.ndarray) -> bytes:
