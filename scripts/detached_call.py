@@ -23,7 +23,8 @@ less --reserve-files / --reserve-mib (room for what the caller adds after) and l
 A file left out is named in one line, with the reason (no room, too large, or its name in OUT taken: nothing there
 is replaced).
 stop: sends SIGINT to the command's process group (rwkvseg train and scripts/campaign.py stop cleanly on it and
-keep their checkpoints), waits --grace seconds for it to end, then kills the group.
+keep their checkpoints), waits --grace seconds for it to end, then kills the group; before the kill it lists the
+processes still there (pid, state, the kernel function each waits in, command) on stdout and in STATE/killed.txt.
 Exit status: 0 done (follow: the command has ended; its own status is printed), 3 follow: still running,
 2 bad usage (one line).
 """
@@ -189,21 +190,43 @@ def follow(args: argparse.Namespace) -> int:
     return 0 if ended else EXIT_RUNNING
 
 
+def group_processes(pgid: int) -> list[str]:
+    """One line per live process of process group pgid: pid, state (R running, S sleeping, D in the kernel, ...),
+    the kernel function it waits in and its command line (Linux /proc; [] elsewhere)."""
+    lines = []
+    for stat in sorted(Path("/proc").glob("[0-9]*/stat"), key=lambda p: int(p.parent.name)):
+        try:
+            text = stat.read_text()
+            fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+            if int(fields[2]) != pgid:
+                continue
+            wchan = (stat.parent / "wchan").read_text().strip() or "-"
+            argv = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError, IndexError):  # the process ended while it was read
+            continue
+        lines.append(f"{stat.parent.name} {fields[0]} {wchan} {argv[:200]}")
+    return lines
+
+
 def stop(state: Path, grace: float) -> None:
     pid = _pid(state)
     if pid is None:
         print(f"{state}: {where(state)[1]}")
         return
     os.killpg(pid, signal.SIGINT)
-    deadline = time.monotonic() + grace
-    while _pid(state) is not None and time.monotonic() < deadline:
+    start = time.monotonic()
+    while _pid(state) is not None and time.monotonic() < start + grace:
         time.sleep(0.2)
     if _pid(state) is not None:
+        # what still ran, for the next look at why SIGINT did not end it (session 51: a campaign's runs)
+        left = group_processes(pid)
+        (state / "killed.txt").write_text("pid state wchan command\n" + "".join(f"{line}\n" for line in left))
         os.killpg(pid, signal.SIGKILL)
         _write_exit(state, KILLED)
-        print(f"{state}: killed after {grace:g} s (SIGINT did not end it)")
+        print(f"{state}: killed after {grace:g} s (SIGINT did not end it); {len(left)} processes were left:")
+        print("\n".join(f"  {line}" for line in left[:20]))
     else:
-        print(f"{state}: {where(state)[1]}")
+        print(f"{state}: {where(state)[1]}, {time.monotonic() - start:.1f} s after SIGINT")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -146,4 +146,12 @@ def test_stop_kills_a_command_that_ignores_sigint(tmp_path):
     wait_for(tmp_path / "up")
     stopped = call(tmp_path, "stop", "state", "--grace", "0.5")
     assert stopped.returncode == 0 and "killed after 0.5 s (SIGINT did not end it)" in stopped.stdout
+    if Path("/proc/self/stat").exists():  # what was left, named before the kill: the stubborn Python
+        header, *left = (tmp_path / "state" / "killed.txt").read_text().splitlines()
+        assert header == "pid state wchan command" and len(left) == 2  # the leader that records the exit, and it
+        (leader,) = [line for line in left if "detached_call.py _lead" in line]
+        (command,) = [line for line in left if line is not leader]
+        assert " -c import pathlib, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN)" in command
+        assert command.split()[1] in ("R", "S", "D") and leader.split()[1] in ("R", "S", "D")
+        assert "2 processes were left:" in stopped.stdout and "time.sleep(60)" in stopped.stdout
     assert "ended, exit status 137" in call(tmp_path, "follow", "state", "--seconds", "0").stdout
