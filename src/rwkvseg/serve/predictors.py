@@ -7,10 +7,10 @@ rwkvseg.infer.ensemble.load_checkpoints / check_members (one checkpoint, or an e
 rwkvseg.data.images2d.read_image, rwkvseg.records.Preprocessing2D.from_meta, rwkvseg.infer.predict2d.predict_arrays /
 to_labels, rwkvseg.infer.outputs2d.overlay / OVERLAY_COLOURS / probability_file, rwkvseg.infer.predict.PredictConfig,
 rwkvseg.infer.predict3d.Predictor3D / write_like / write_probabilities, rwkvseg.infer.postprocess.PostProcess /
-chosen_postprocess /
-check_postprocess / postprocess, rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and
-for runtime "onnx" (the export extra, imported only when asked for) rwkvseg.export.onnx.read_record,
-rwkvseg.export.runtime.OnnxPredictor.predict_normalized and rwkvseg.export.volumes.onnx_predictor_3d.
+chosen_postprocess / check_postprocess / postprocess, rwkvseg.data.specs.DatasetSpec.from_dict,
+rwkvseg.data.volumes.case_from_files, and for runtime "onnx" (the export extra, imported only when asked for)
+rwkvseg.export.onnx.read_record, rwkvseg.export.runtime.OnnxPredictor.predict_normalized and
+rwkvseg.export.volumes.onnx_predictor_3d.
 
 Runtime "onnx" hosts exported files (`rwkvseg export NAME --out FILE.onnx`) and nothing else: the record inside
 the file stands in for the checkpoint's sidecar (preprocessing, classes, architecture), so the file alone is the
