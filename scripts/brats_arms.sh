@@ -37,6 +37,7 @@
 #   H  regions, half_res_width=32           N  regions, resfm=none
 #   F  regions, half_res_width=32 with the heads on the 1/2 and 1/4 maps (fine_heads, DynUNet's levels)
 #   M  regions, fm_channels=8 (ResFM: 8 embedding channels per modality, 32 into the stem, where the paper's 2 give 8)
+#   W  regions, loss.region_weights=[1,2,1] (the tumour core's BCE and Dice weighed double)
 # and the final models of the recipe (train_all: the 13 training and 5 validation cases of the committed single split,
 # all 18, none validated, the last epoch kept; their epochs chosen by the five-fold runs):
 #   A  MMSegRWKV, regions                   S  MMSegRWKV-small, regions
@@ -67,10 +68,11 @@ arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (wi
     F) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.half_res_width=32 --set model.overrides.fine_heads=true \
       "${FOLDS[@]}" --tag "${tag}_hrw32_fine") ;;
     M) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${FOLDS[@]}" --tag "${tag}_fm8") ;;
+    W) ARGS=("${MM[@]}" "${REGIONS[@]}" --set "loss.region_weights=[1,2,1]" "${FOLDS[@]}" --tag "${tag}_tc2") ;;
     A) ARGS=("${MM[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     S) ARGS=("${SMALL[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     G) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${ALL[@]}" --tag "${tag}_fm8_all") ;;
-    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, A, S or G)" >&2; return 2 ;;
+    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, W, A, S or G)" >&2; return 2 ;;
   esac
 }
 

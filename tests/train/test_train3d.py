@@ -256,6 +256,44 @@ def test_region_loss_is_bce_plus_sigmoid_dice_per_region():
     torch.testing.assert_close(RegionLoss(LossConfig(name="dice"))(logits, target), dice.mean())
 
 
+def test_region_weights_weigh_each_regions_bce_and_dice_and_are_checked():
+    """loss.region_weights [1, 2, 1]: the tumour core's BCE and Dice count double in the mean over the regions
+    (equal weights give the plain loss); per sample and pooled over the batch; wrong lengths, negative weights and
+    label or 2D models are refused in one line."""
+    from rwkvseg.data.specs import dataset_spec
+    from rwkvseg.train.losses import build_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 4, 3, requires_grad=True)
+    target = (torch.rand(2, 3, 5, 4, 3) > 0.6).float()
+    weights = torch.tensor([1.0, 2.0, 1.0])
+    for batch_dice, dims in ((False, (2, 3, 4)), (True, (0, 2, 3, 4))):
+        dice = _soft_dice_loss(logits.sigmoid(), target, dims)  # [B, R] or [R]
+        dice_r = dice.mean(0) if dice.ndim == 2 else dice
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        bce_r = bce.mean((0, 2, 3, 4))  # [R]
+        expected = 0.5 * (bce_r * weights).sum() / 4 + 2.0 * (dice_r * weights).sum() / 4
+        config = LossConfig(ce_weight=0.5, dice_weight=2.0, batch_dice=batch_dice, region_weights=(1.0, 2.0, 1.0))
+        loss = RegionLoss(config)(logits, target)
+        torch.testing.assert_close(loss, expected)
+        grad, want = torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0]
+        torch.testing.assert_close(grad, want)
+        plain = RegionLoss(LossConfig(ce_weight=0.5, dice_weight=2.0, batch_dice=batch_dice))(logits, target)
+        equal = LossConfig(ce_weight=0.5, dice_weight=2.0, batch_dice=batch_dice, region_weights=(3.0, 3.0, 3.0))
+        torch.testing.assert_close(RegionLoss(equal)(logits, target), plain)
+        assert not torch.allclose(loss, plain)
+    brats = dataset_spec("brats")
+    with pytest.raises(ValueError, match=r"region_weights \[1.0, 2.0\]: give one weight per region \(WT, TC, ET\)"):
+        build_loss(LossConfig(region_weights=(1.0, 2.0)), brats, "regions")
+    with pytest.raises(ValueError, match="for 3D region targets"):
+        build_loss(LossConfig(region_weights=(1.0, 2.0, 1.0)), brats, "labels")
+    with pytest.raises(ValueError, match="for 3D region targets"):
+        SegmentationLoss(1, LossConfig(region_weights=(1.0,)))
+    for bad in ((1.0, -1.0, 1.0), (0.0, 0.0, 0.0)):
+        with pytest.raises(ValueError, match=r"loss.region_weights .*: give weights >= 0, not all 0"):
+            LossConfig(region_weights=bad)
+
+
 def test_batch_dice_pools_each_region_over_the_batch_so_an_empty_patch_no_longer_scores_alone():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, 4, 3)
@@ -406,7 +444,13 @@ def test_cuda_mixed_precision_run_of_the_brats_recipe(tmp_path, cache, model):
     [
         [],
         # session 40's planned arms: deep supervision's tuple of outputs and the strong preset through the trace
-        ["data.target=regions", "model.overrides.deep_supervision=2", "data.patches.augment_preset=strong"],
+        # (and session 51's weights of the regions in the loss)
+        [
+            "data.target=regions",
+            "model.overrides.deep_supervision=2",
+            "data.patches.augment_preset=strong",
+            "loss.region_weights=[1, 2, 1]",
+        ],
     ],
     ids=["nnunet", "regions-ds2-strong"],
 )

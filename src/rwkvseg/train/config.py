@@ -162,12 +162,16 @@ class LossConfig:
     sample and then averaged. Per sample, a patch without a region scores Dice 1 only if the prediction is empty
     there, so every stray probability on it is punished with a full Dice loss; over the batch, such a patch adds
     its false positives to the one Dice of the batch instead.
+    region_weights: 3D region targets only, one weight per region in the dataset's order (BraTS: WT, TC, ET), e.g.
+    [1, 2, 1] to weigh the tumour core double: each region's BCE and Dice enter the loss in these proportions
+    (normalised to average 1, so equal weights are the plain mean); empty: every region alike.
     """
 
     name: str = "auto"
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     batch_dice: bool = False
+    region_weights: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("loss.name", self.name, LOSSES)
@@ -175,6 +179,10 @@ class LossConfig:
         _check_range("loss.dice_weight", self.dice_weight, 0)
         if self.ce_weight + self.dice_weight == 0:
             raise ValueError("loss.ce_weight and loss.dice_weight are both 0: nothing would be learnt")
+        if any(not w >= 0 for w in self.region_weights) or (self.region_weights and sum(self.region_weights) == 0):
+            raise ValueError(
+                f"loss.region_weights {list(self.region_weights)}: give weights >= 0, not all 0 (e.g. [1, 2, 1])"
+            )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ class SegmentationLoss(nn.Module):
     def __init__(self, num_classes: int, config: LossConfig | None = None) -> None:
         super().__init__()
         config = config or LossConfig()
+        if config.region_weights:
+            raise ValueError(
+                f"loss.region_weights {list(config.region_weights)}: for 3D region targets (data.target = "
+                '"regions"); drop it for a model of labels or a 2D model'
+            )
         name = config.name
         if name == "auto":
             name = "bce_dice" if num_classes == 1 else "ce_dice"
@@ -66,7 +71,8 @@ class RegionLoss(nn.Module):
 
     MONAI's DiceCELoss applies softmax cross-entropy to any multi-channel input, which is wrong for nested
     regions, so the two terms are combined here. Targets are float masks [B, R, *P]. The Dice is per sample and
-    region, or per region over the batch with config.batch_dice.
+    region, or per region over the batch with config.batch_dice. With config.region_weights each region's BCE and
+    Dice are averaged over the regions in those proportions instead of alike.
     """
 
     def __init__(self, config: LossConfig) -> None:
@@ -74,16 +80,32 @@ class RegionLoss(nn.Module):
         name = "bce_dice" if config.name == "auto" else config.name
         self.ce_weight = config.ce_weight if name in ("bce_dice", "bce") else 0.0
         self.dice_weight = config.dice_weight if name in ("bce_dice", "dice") else 0.0
-        self.bce = nn.BCEWithLogitsLoss()
-        self.dice = DiceLoss(sigmoid=True, batch=config.batch_dice)
+        self.region_weights = tuple(config.region_weights)  # a constant on whatever device the logits are
+        self.bce = nn.BCEWithLogitsLoss(reduction="none")
+        self.dice = DiceLoss(sigmoid=True, batch=config.batch_dice, reduction="none")
+
+    def _over_regions(self, per_region: torch.Tensor) -> torch.Tensor:
+        """[R] -> the mean over the regions, weighted by region_weights where given."""
+        if not self.region_weights:
+            return per_region.mean()
+        if len(self.region_weights) != per_region.numel():
+            raise ValueError(
+                f"loss.region_weights has {len(self.region_weights)} values for {per_region.numel()} regions: "
+                "give one per region"
+            )
+        weights = per_region.new_tensor(self.region_weights)
+        return (per_region * weights).sum() / weights.sum()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()  # fp32 also under autocast
         loss = logits.new_zeros(())
+        channels = logits.shape[1]
         if self.ce_weight:
-            loss = loss + self.ce_weight * self.bce(logits, target)
+            bce = self.bce(logits, target).transpose(0, 1).reshape(channels, -1).mean(1)  # [B, R, *P] -> [R]
+            loss = loss + self.ce_weight * self._over_regions(bce)
         if self.dice_weight:
-            loss = loss + self.dice_weight * self.dice(logits, target)
+            dice = self.dice(logits, target).reshape(-1, channels).mean(0)  # [B, R, 1...] or [R, 1...] -> [R]
+            loss = loss + self.dice_weight * self._over_regions(dice)
         return loss
 
 
@@ -101,5 +123,10 @@ def build_loss(config: LossConfig, spec: DatasetSpec, target: str) -> nn.Module:
     """The loss of a 3D run: RegionLoss for target "regions", else SegmentationLoss over the label classes; over
     every output of a model with deep supervision (DeepSupervisionLoss)."""
     if target == "regions":
+        if config.region_weights and len(config.region_weights) != len(spec.region_names):
+            raise ValueError(
+                f"loss.region_weights {list(config.region_weights)}: give one weight per region "
+                f"({', '.join(spec.region_names)})"
+            )
         return DeepSupervisionLoss(RegionLoss(config))
     return DeepSupervisionLoss(SegmentationLoss(spec.num_classes, config))
