@@ -260,6 +260,8 @@ def test_region_weights_weigh_each_regions_bce_and_dice_and_are_checked():
     """loss.region_weights [1, 2, 1]: the tumour core's BCE and Dice count double in the mean over the regions
     (equal weights give the plain loss); per sample and pooled over the batch; wrong lengths, negative weights and
     label or 2D models are refused in one line."""
+    from monai.losses import DiceLoss
+
     from rwkvseg.data.specs import dataset_spec
     from rwkvseg.train.losses import build_loss
 
@@ -282,6 +284,11 @@ def test_region_weights_weigh_each_regions_bce_and_dice_and_are_checked():
         equal = LossConfig(ce_weight=0.5, dice_weight=2.0, batch_dice=batch_dice, region_weights=(3.0, 3.0, 3.0))
         torch.testing.assert_close(RegionLoss(equal)(logits, target), plain)
         assert not torch.allclose(loss, plain)
+    # without weights the loss is the one of before region_weights, bit for bit (runs resume and repeat as they did)
+    before = torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + DiceLoss(sigmoid=True)(
+        logits, target
+    )
+    assert torch.equal(RegionLoss(LossConfig())(logits, target), before)
     brats = dataset_spec("brats")
     with pytest.raises(ValueError, match=r"region_weights \[1.0, 2.0\]: give one weight per region \(WT, TC, ET\)"):
         build_loss(LossConfig(region_weights=(1.0, 2.0)), brats, "regions")

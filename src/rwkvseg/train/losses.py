@@ -81,13 +81,13 @@ class RegionLoss(nn.Module):
         self.ce_weight = config.ce_weight if name in ("bce_dice", "bce") else 0.0
         self.dice_weight = config.dice_weight if name in ("bce_dice", "dice") else 0.0
         self.region_weights = tuple(config.region_weights)  # a constant on whatever device the logits are
-        self.bce = nn.BCEWithLogitsLoss(reduction="none")
-        self.dice = DiceLoss(sigmoid=True, batch=config.batch_dice, reduction="none")
+        # without weights the plain means, as before region_weights existed (the same arithmetic, bit for bit)
+        reduction = "none" if self.region_weights else "mean"
+        self.bce = nn.BCEWithLogitsLoss(reduction=reduction)
+        self.dice = DiceLoss(sigmoid=True, batch=config.batch_dice, reduction=reduction)
 
     def _over_regions(self, per_region: torch.Tensor) -> torch.Tensor:
-        """[R] -> the mean over the regions, weighted by region_weights where given."""
-        if not self.region_weights:
-            return per_region.mean()
+        """[R] -> the mean over the regions weighted by region_weights."""
         if len(self.region_weights) != per_region.numel():
             raise ValueError(
                 f"loss.region_weights has {len(self.region_weights)} values for {per_region.numel()} regions: "
@@ -101,11 +101,15 @@ class RegionLoss(nn.Module):
         loss = logits.new_zeros(())
         channels = logits.shape[1]
         if self.ce_weight:
-            bce = self.bce(logits, target).transpose(0, 1).reshape(channels, -1).mean(1)  # [B, R, *P] -> [R]
-            loss = loss + self.ce_weight * self._over_regions(bce)
+            bce = self.bce(logits, target)
+            if self.region_weights:  # [B, R, *P] -> [R] -> weighted mean
+                bce = self._over_regions(bce.transpose(0, 1).reshape(channels, -1).mean(1))
+            loss = loss + self.ce_weight * bce
         if self.dice_weight:
-            dice = self.dice(logits, target).reshape(-1, channels).mean(0)  # [B, R, 1...] or [R, 1...] -> [R]
-            loss = loss + self.dice_weight * self._over_regions(dice)
+            dice = self.dice(logits, target)
+            if self.region_weights:  # [B, R, 1...] (or [R, 1...] with batch Dice) -> [R] -> weighted mean
+                dice = self._over_regions(dice.reshape(-1, channels).mean(0))
+            loss = loss + self.dice_weight * dice
         return loss
 
 
