@@ -287,7 +287,8 @@ with (run / "metrics.csv").open("w", newline="") as f:
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append(1))
 (run / "ready").write_text("")
-while not stop:
+alive = time.monotonic() + 60  # a campaign that fails before its Ctrl-C must not leave this run waiting forever
+while not stop and time.monotonic() < alive:
     time.sleep(0.01)
 # still stopping: keep what the campaign's table says now (it must not wait for this run to write it)
 table = run.parent / "campaign.json"
