@@ -332,13 +332,14 @@ def predict_files(
 
     predictor = onnx if isinstance(onnx, OnnxPredictor) else OnnxPredictor(onnx, threads=threads)
     threshold = predictor.threshold if threshold is None else threshold
+    num_classes = int(predictor.record.get("num_classes", 1))
     if postprocess is not None and postprocess.active:
         from ..infer.postprocess import check_postprocess
         from ..infer.postprocess import postprocess as postprocess_labels
 
-        check_postprocess(postprocess, max(int(predictor.record.get("num_classes", 1)) - 1, 1))
+        check_postprocess(postprocess, max(num_classes - 1, 1))
     out = Path(out)
-    multiclass = int(predictor.record.get("num_classes", 1)) > 1
+    multiclass = num_classes > 1
     targets = output_paths([Path(p) for p in images], out, overlays, save_probabilities, multiclass)
     if not overwrite:
         refuse_existing(out, [t for t in targets if t.exists()])

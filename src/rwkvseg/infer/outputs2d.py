@@ -51,10 +51,16 @@ def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.nd
     return out.round().astype(np.uint8)
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """array as PNG bytes (compress_level 0-9: Pillow's, 6 by default; the service takes 1, speed over size)."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+def mask_image(labels: np.ndarray, multiclass: bool) -> np.ndarray:
+    """The mask file's pixels for labels [H, W] uint8: 0/255 for a binary model, the class index otherwise."""
+    return labels if multiclass else labels * np.uint8(255)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -97,8 +103,7 @@ def write_outputs(
 ) -> Path:
     """One input's files: the mask of labels [H, W] uint8, its overlay on image (float [H, W, C] as read_image
     returns it) when given, and probabilities [K, H, W] (float) when given. Returns the mask's path."""
-    mask = labels if multiclass else labels * 255
-    write_bytes(out / f"{stem}.png", png_bytes(mask))
+    write_bytes(out / f"{stem}.png", png_bytes(mask_image(labels, multiclass)))
     if image is not None:
         write_bytes(out / "overlays" / f"{stem}.png", png_bytes(overlay(image, labels)))
     if probabilities is not None:

@@ -5,12 +5,12 @@ change of the inference internals is answered by editing this one module. Calls,
 rwkvseg.released.released_models / released_checkpoints, rwkvseg.checkpoint.read_meta,
 rwkvseg.infer.ensemble.load_checkpoints / check_members (one checkpoint, or an ensemble release's members),
 rwkvseg.data.images2d.read_image, rwkvseg.records.Preprocessing2D.from_meta, rwkvseg.infer.predict2d.predict_arrays /
-to_labels, rwkvseg.infer.outputs2d.overlay / OVERLAY_COLOURS / probability_file, rwkvseg.infer.predict.PredictConfig,
-rwkvseg.infer.predict3d.Predictor3D / write_like / write_probabilities, rwkvseg.infer.postprocess.PostProcess /
-chosen_postprocess / check_postprocess / postprocess, rwkvseg.data.specs.DatasetSpec.from_dict,
-rwkvseg.data.volumes.case_from_files, and for runtime "onnx" (the export extra, imported only when asked for)
-rwkvseg.export.onnx.read_record, rwkvseg.export.runtime.OnnxPredictor.predict_normalized and
-rwkvseg.export.volumes.onnx_predictor_3d.
+to_labels, rwkvseg.infer.outputs2d.overlay / OVERLAY_COLOURS / mask_image / png_bytes / probability_file,
+rwkvseg.infer.predict.PredictConfig, rwkvseg.infer.predict3d.Predictor3D / write_like / write_probabilities,
+rwkvseg.infer.postprocess.PostProcess / chosen_postprocess / check_postprocess / postprocess,
+rwkvseg.data.specs.DatasetSpec.from_dict, rwkvseg.data.volumes.case_from_files, and for runtime "onnx" (the export
+extra, imported only when asked for) rwkvseg.export.onnx.read_record,
+rwkvseg.export.runtime.OnnxPredictor.predict_normalized and rwkvseg.export.volumes.onnx_predictor_3d.
 
 Runtime "onnx" hosts exported files (`rwkvseg export NAME --out FILE.onnx`) and nothing else: the record inside
 the file stands in for the checkpoint's sidecar (preprocessing, classes, architecture), so the file alone is the
@@ -21,7 +21,6 @@ one that was checked (`rwkvseg export --verify`); docs/serve.md says more.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..checkpoint import CheckpointMeta, read_meta
 from ..data.images2d import read_image
 from ..data.specs import DatasetSpec
 from ..data.volumes import case_from_files
 from ..infer.ensemble import check_members, load_checkpoints
-from ..infer.outputs2d import OVERLAY_COLOURS, overlay, probability_file
+from ..infer.outputs2d import OVERLAY_COLOURS, mask_image, overlay, png_bytes, probability_file
 from ..infer.postprocess import PostProcess, check_postprocess, chosen_postprocess
 from ..infer.postprocess import postprocess as postprocess_labels
 from ..infer.precision import for_precision, in_precision
@@ -345,10 +343,10 @@ class Hosted2D:
         return postprocess_labels(labels, self.postprocess) if self.postprocess.active else labels
 
     def mask_png(self, labels: np.ndarray) -> bytes:
-        return _png(labels if self.multiclass else labels * np.uint8(255))
+        return png_bytes(mask_image(labels, self.multiclass), compress_level=1)  # speed over size: masks compress well
 
     def overlay_png(self, image: np.ndarray, labels: np.ndarray) -> bytes:
-        return _png(overlay(image, labels))
+        return png_bytes(overlay(image, labels), compress_level=1)
 
     @property
     def probabilities_type(self) -> str:
@@ -425,12 +423,6 @@ class Hosted3D:
             out.read_bytes(),
             soft.read_bytes() if soft is not None else None,
         )
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)  # speed over size: masks compress well anyway
-    return buf.getvalue()
 
 
 def load(
