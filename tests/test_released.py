@@ -13,6 +13,7 @@ from rwkvseg.released import (
     released_checkpoints,
     released_models,
     update_index,
+    weights_dir,
 )
 
 
@@ -204,6 +205,24 @@ def test_shipped_models_load_and_run(model):
         assert torch.isfinite(out).all()
     dice = [v for k, v in model.metrics.items() if "dice" in k]
     assert dice and all(0 < v <= 1 for v in dice)
+
+
+# PyPI's limit on one uploaded file (its default, 100 MiB): the wheel carries src/rwkvseg/weights whole
+PYPI_FILE_BYTES = 100 * 2**20
+
+
+def test_the_package_with_its_weights_fits_one_pypi_upload():
+    """The released weights ship inside the wheel (pyproject's package data), int8 and fp16 tensors that zip barely
+    compresses (session 52: 96.4 MB of files, a 94.0 MB wheel): the package's files, uncompressed, must stay under
+    PyPI's limit, or the wheel cannot be published."""
+    package = weights_dir().parent
+    shipped = [p for p in weights_dir().iterdir() if p.suffix in {".safetensors", ".json", ".md", ".png"}]
+    total = sum(p.stat().st_size for p in [*shipped, *package.rglob("*.py")])
+    largest = max(shipped, key=lambda p: p.stat().st_size)
+    assert total < PYPI_FILE_BYTES, (
+        f"the package's files come to {total / 2**20:.1f} MiB, over PyPI's {PYPI_FILE_BYTES / 2**20:.0f} MiB for "
+        f"one wheel (largest: {largest.name}); ship further weights as int8, or in a package of their own"
+    )
 
 
 def test_predict_by_released_name_through_the_cli(tmp_path):
