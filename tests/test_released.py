@@ -213,8 +213,8 @@ PYPI_FILE_BYTES = 100 * 2**20
 
 def test_the_package_with_its_weights_fits_one_pypi_upload():
     """The released weights ship inside the wheel (pyproject's package data), int8 and fp16 tensors that zip barely
-    compresses (session 52: 96.4 MB of files, a 94.0 MB wheel): the package's files, uncompressed, must stay under
-    PyPI's limit, or the wheel cannot be published."""
+    compresses (session 52: a 96.4 MB weights folder, a 94.0 MB wheel): the package's files, uncompressed, must
+    stay under PyPI's limit, or the wheel cannot be published."""
     package = weights_dir().parent
     shipped = [p for p in weights_dir().iterdir() if p.suffix in {".safetensors", ".json", ".md", ".png"}]
     total = sum(p.stat().st_size for p in [*shipped, *package.rglob("*.py")])
