@@ -80,7 +80,10 @@ class RegionLoss(nn.Module):
         name = "bce_dice" if config.name == "auto" else config.name
         self.ce_weight = config.ce_weight if name in ("bce_dice", "bce") else 0.0
         self.dice_weight = config.dice_weight if name in ("bce_dice", "dice") else 0.0
-        self.region_weights = tuple(config.region_weights)  # a constant on whatever device the logits are
+        # a constant on whatever device the logits are. Not MONAI's DiceLoss(weight=...): it checks the weights'
+        # values on every call (a tensor compared in Python), one more break in the compiled step's graph
+        # (torch._dynamo.explain, MONAI 1.6.1: 2 breaks against the plain DiceLoss's 1)
+        self.region_weights = tuple(config.region_weights)
         # without weights the plain means, as before region_weights existed (the same arithmetic, bit for bit)
         reduction = "none" if self.region_weights else "mean"
         self.bce = nn.BCEWithLogitsLoss(reduction=reduction)
