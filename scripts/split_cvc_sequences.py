@@ -7,12 +7,18 @@ difference between consecutive frames (48x36 thumbnails) has a local peak at eve
 levels, against a median of 14 between neighbours). Whole sequences go to validation in a seeded order until they
 hold at least the validation fraction of the frames present (550 of 612 here; the other 62 are held out).
 
-    python scripts/split_cvc_sequences.py ../shared/data/cvc_clinicdb splits/cvc_clinicdb.json
+    python scripts/split_cvc_sequences.py ../shared/data/cvc_clinicdb splits/cvc_clinicdb.json \
+        --groups-out splits/cvc_clinicdb_sequences.csv
+
+--groups-out also writes each frame's sequence (`case,group`, the group `seqNN` numbered as in the split's
+`sequences`), for `rwkvseg compare --groups`: the frames of one sequence are near-copies, so comparisons resample
+and test whole sequences.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import random
 from pathlib import Path
 
@@ -36,9 +42,11 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="split file to write (must not exist)")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--groups-out", type=Path, help="also write each frame's sequence to this CSV (case,group)")
     args = parser.parse_args()
-    if args.out.exists():
-        raise SystemExit(f"{args.out} exists; remove it first or choose another name")
+    for out in (args.out, args.groups_out):
+        if out is not None and out.exists():
+            raise SystemExit(f"{out} exists; remove it first or choose another name")
     cases = [s.case for s in discover_pairs(args.data)]
     if not all(c.isdigit() for c in cases):
         raise SystemExit(f"{args.data}: case ids must be CVC-ClinicDB frame numbers, got e.g. {cases[:3]}")
@@ -73,6 +81,12 @@ def main() -> None:
     }
     write_json(args.out, doc)
     print(f"{args.out}: {len(train)} train / {len(val)} val frames; val sequences {sorted(val_sequences)}")
+    if args.groups_out is not None:
+        with args.groups_out.open("x", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case", "group"])
+            writer.writerows([case, f"seq{sequence_of(int(case)):02d}"] for case in sorted(cases, key=int))
+        print(f"{args.groups_out}: the sequence of each of the {len(cases)} frames")
 
 
 if __name__ == "__main__":

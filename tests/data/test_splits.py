@@ -193,3 +193,36 @@ def test_rwkvseg_split_refuses_a_bad_strata_file_in_one_line(tmp_path, capsys, d
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not out.exists()
+
+
+def test_the_committed_cvc_sequences_file_groups_the_split_by_its_sequences(tmp_path, capsys, monkeypatch):
+    """splits/cvc_clinicdb_sequences.csv (`rwkvseg compare --groups`) gives every frame of splits/cvc_clinicdb.json
+    the sequence its number falls in, and the validation frames the split's validation sequences; where the data is
+    present, scripts/split_cvc_sequences.py writes both files again byte for byte."""
+    import csv
+    from pathlib import Path
+
+    from writers import SHARED_DATA, load_script
+
+    splits = Path(__file__).resolve().parents[2] / "splits"
+    split = json.loads((splits / "cvc_clinicdb.json").read_text())
+    with (splits / "cvc_clinicdb_sequences.csv").open(newline="") as f:
+        groups = {row["case"]: row["group"] for row in csv.DictReader(f)}
+    fold = split["folds"][0]
+    assert sorted(groups, key=int) == sorted(fold["train"] + fold["val"], key=int)
+    firsts = split["sequences"]["first_frames"]
+    for case, group in groups.items():
+        assert group == f"seq{max(i for i, first in enumerate(firsts) if first <= int(case)):02d}"
+    assert sorted({int(groups[c][3:]) for c in fold["val"]}) == split["sequences"]["val"]
+    assert not {groups[c] for c in fold["val"]} & {groups[c] for c in fold["train"]}  # whole sequences
+    data = SHARED_DATA / "cvc_clinicdb"
+    if not data.is_dir():
+        pytest.skip("shared CVC-ClinicDB data not present: the committed files checked against each other only")
+    script = load_script("split_cvc_sequences")
+    out, groups_out = tmp_path / "split.json", tmp_path / "groups.csv"
+    monkeypatch.setattr("sys.argv", ["split_cvc_sequences.py", str(data), str(out), "--groups-out", str(groups_out)])
+    script.main()
+    assert groups_out.read_bytes() == (splits / "cvc_clinicdb_sequences.csv").read_bytes()
+    made = json.loads(out.read_text())
+    assert (made["folds"], made["sequences"]) == (split["folds"], split["sequences"])
+    assert "126 val frames" in capsys.readouterr().out

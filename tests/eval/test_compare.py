@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rwkvseg.eval.compare import MEAN_DICE, as_json, compare_evaluations, read_per_case
+from rwkvseg.eval.compare import (
+    MEAN_DICE,
+    as_json,
+    compare_evaluations,
+    comparison_table,
+    read_groups,
+    read_per_case,
+)
 
 
 def write_per_case(path: Path, rows: dict[str, dict[str, object]]) -> Path:
@@ -165,3 +172,87 @@ def test_command_line_compares_two_evaluate_folders_and_writes_json_without_repl
     assert main(["compare", str(tmp_path / "ev-good"), str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing not found: give a per_case.csv" in err
+
+
+def write_groups(path: Path, groups: dict[str, str]) -> Path:
+    path.write_text("case,group\n" + "".join(f"{case},{group}\n" for case, group in groups.items()))
+    return path
+
+
+def test_groups_of_near_copies_are_resampled_and_tested_as_units(tmp_path):
+    """Four sequences of ten near-identical frames, three better in B and one worse: counted frame by frame the
+    gain looks certain; counted by sequence (what was actually sampled) it does not."""
+    rng = np.random.default_rng(1)
+    shift = {"s0": 0.1, "s1": 0.1, "s2": 0.1, "s3": -0.1}
+    cases = {f"f{i:02d}": f"s{i // 10}" for i in range(40)}
+    base = {c: 0.6 + rng.uniform(-0.05, 0.05) for c in cases}
+    b_dice = {c: base[c] + shift[g] + rng.uniform(-0.001, 0.001) for c, g in cases.items()}
+    a = read_per_case(write_per_case(tmp_path / "a.csv", {c: {"dice": v} for c, v in base.items()}))
+    b = read_per_case(write_per_case(tmp_path / "b.csv", {c: {"dice": v} for c, v in b_dice.items()}))
+    groups = read_groups(write_groups(tmp_path / "groups.csv", cases))
+    by_case = compare_evaluations(a, b, ("dice",), resamples=2000)[0]
+    by_group = compare_evaluations(a, b, ("dice",), resamples=2000, groups=groups)[0]
+    assert by_group.difference == pytest.approx(by_case.difference) and by_group.cases == by_case.cases == 40
+    assert (by_case.groups, by_group.groups) == (0, 4)
+    assert by_case.p_value < 0.01 and (by_case.b_better, by_case.a_better) == (30, 10)
+    # the exact signed-rank test of 4 group means, ranks 1-4 with one negative: p >= 2 * 2 / 2^4
+    assert by_group.p_value >= 0.25 and (by_group.b_better, by_group.ties, by_group.a_better) == (3, 0, 1)
+    assert by_group.ci_high - by_group.ci_low > 2 * (by_case.ci_high - by_case.ci_low)  # ten copies: about sqrt(10)
+    assert by_group.ci_low < 0 < by_case.ci_low  # frame by frame the interval leaves out no gain; by sequence not
+    table = "\n".join(comparison_table([by_group], "A", "B", 0.95))
+    assert "| dice | 40 (4) |" in table and "groups B better / tie / A better" in table and "| 3 / 0 / 1 |" in table
+
+
+def test_one_case_per_group_is_the_case_by_case_comparison(tmp_path):
+    """Groups of one case resample exactly what the ungrouped comparison resamples: the same interval and test."""
+    rng = np.random.default_rng(2)
+    rows_a = {f"c{i}": {"dice": rng.uniform(0.5, 0.9), "hd95": rng.uniform(2, 9)} for i in range(15)}
+    rows_b = {c: {"dice": r["dice"] + rng.normal(0.01, 0.03), "hd95": r["hd95"] - 0.5} for c, r in rows_a.items()}
+    a = read_per_case(write_per_case(tmp_path / "a.csv", rows_a))
+    b = read_per_case(write_per_case(tmp_path / "b.csv", rows_b))
+    plain = compare_evaluations(a, b, resamples=1000, seed=3)
+    grouped = compare_evaluations(a, b, resamples=1000, seed=3, groups={c: c for c in rows_a})
+    for p, g in zip(plain, grouped, strict=True):
+        assert g.groups == 15 and p.groups == 0
+        assert (g.ci_low, g.ci_high, g.p_value) == pytest.approx((p.ci_low, p.ci_high, p.p_value), rel=1e-9)
+        assert (g.b_better, g.ties, g.a_better) == (p.b_better, p.ties, p.a_better)
+
+
+def test_bad_groups_are_refused_naming_the_file_and_the_fix(tmp_path):
+    a = read_per_case(write_per_case(tmp_path / "a.csv", {"c1": {"dice": 0.5}, "c2": {"dice": 0.6}}))
+    with pytest.raises(ValueError, match=r"1 of the 2 cases have no group \(e.g. \['c2'\]\)"):
+        compare_evaluations(a, a, groups={"c1": "g"})
+    with pytest.raises(ValueError, match="all 2 cases are in one group \\('g'\\)"):
+        compare_evaluations(a, a, groups={"c1": "g", "c2": "g"})
+    bad = tmp_path / "bad.csv"
+    for text, message in (
+        ("case,sequence\nc1,1\n", "needs the columns 'case' and 'group'"),
+        ("case,group\nc1,g\nc1,h\n", "lists case 'c1' more than once"),
+        ("case,group\nc1,\n", "case 'c1' has an empty group"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_groups(bad)
+    with pytest.raises(FileNotFoundError, match="give a CSV with the columns case and group"):
+        read_groups(tmp_path / "nowhere.csv")
+
+
+def test_command_line_compares_by_group_and_records_it(tmp_path, capsys):
+    from rwkvseg.cli import main
+
+    rows = {f"c{i}": {"dice": 0.5 + i / 100} for i in range(6)}
+    a = write_per_case(tmp_path / "a.csv", rows)
+    b = write_per_case(tmp_path / "b.csv", {c: {"dice": r["dice"] + 0.02} for c, r in rows.items()})
+    groups = write_groups(tmp_path / "groups.csv", {f"c{i}": f"g{i % 3}" for i in range(6)})
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(a), str(b), "--groups", str(groups), "--out", str(out), "--resamples", "200"]) == 0
+    assert "| dice | 6 (3) |" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["groups"] == str(groups) and record["bootstrap"]["resampled"] == "group"
+    assert record["metrics"][0]["groups"] == 3 and record["metrics"][0]["difference"] == pytest.approx(0.02)
+    before = groups.read_bytes()  # the groups file is an input: never an output
+    assert main(["compare", str(a), str(b), "--groups", str(groups), "--out", str(groups), "--overwrite"]) == 2
+    assert "is the input" in capsys.readouterr().err and groups.read_bytes() == before
+    assert main(["compare", str(a), str(b), "--groups", str(tmp_path / "none.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none.csv not found" in err

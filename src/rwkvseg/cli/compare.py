@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="compare two evaluations of the same cases: mean difference, bootstrap CI, Wilcoxon p, wins",
         description="B against A for every metric both evaluations hold: the mean difference B - A over the cases, "
         "its paired bootstrap confidence interval (BCa), the two-sided Wilcoxon signed-rank p-value and the cases "
-        "each one wins; with several regions also their mean Dice.",
+        "each one wins; with several regions also their mean Dice. With --groups the interval resamples whole groups "
+        "and the test and the wins count the groups' mean differences.",
     )
     p.add_argument("a", help="evaluation A: the --out folder of `rwkvseg evaluate`, or its per_case.csv")
     p.add_argument("b", help="evaluation B, of the same cases")
@@ -27,6 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval (0.95)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (0)")
+    p.add_argument(
+        "--groups",
+        metavar="CSV",
+        help="a CSV with the columns case and group (e.g. the video sequence of each frame: "
+        "splits/cvc_clinicdb_sequences.csv): resample and test whole groups, whose cases are not independent",
+    )
     p.add_argument("--out", help="also write the comparison as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier `rwkvseg compare --out` file")
     p.set_defaults(func=run)
@@ -52,21 +59,25 @@ def run(args: argparse.Namespace) -> int:
         comparison_record,
         comparison_table,
         per_case_path,
+        read_groups,
         read_per_case,
     )
     from ..files import write_json
 
     paths = [per_case_path(args.a), per_case_path(args.b)]
+    groups_path = Path(args.groups) if args.groups else None
     out = Path(args.out) if args.out else None
     if out is not None:
-        _check_out(out, paths, args.overwrite)
+        _check_out(out, [*paths, *([groups_path] if groups_path else [])], args.overwrite)
     a, b = (read_per_case(p) for p in paths)
+    groups = read_groups(groups_path) if groups_path else None
     metrics = tuple(args.metrics or DEFAULT_METRICS)
-    comparisons = compare_evaluations(a, b, metrics, args.confidence, args.resamples, args.seed)
+    comparisons = compare_evaluations(a, b, metrics, args.confidence, args.resamples, args.seed, groups)
     names = tuple(args.names) if args.names else tuple(p.parent.name or str(p) for p in paths)
     if names[0] == names[1]:
         names = ("A", "B")
     print("\n".join(comparison_table(comparisons, *names, args.confidence)))
     if out is not None:
-        write_json(out, comparison_record(comparisons, a, b, names, args.confidence, args.resamples, args.seed))
+        record = comparison_record(comparisons, a, b, names, args.confidence, args.resamples, args.seed, groups_path)
+        write_json(out, record)
     return 0

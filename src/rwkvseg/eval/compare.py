@@ -6,6 +6,11 @@ bootstrap confidence interval (BCa, scipy.stats.bootstrap over the per-case diff
 signed-rank p-value (scipy.stats.wilcoxon) and how many cases each one wins. With several Dice columns (the regions
 of a 3D evaluation, the classes of a 2D one) it adds their per-case mean, the number cross-validation tables
 report. On 18 BraTS cases a difference of 0.01 mean Dice is well inside the noise; this says how far inside.
+
+Cases are not always independent: the frames of one CVC-ClinicDB video sequence are near-copies of each other, so
+126 frames from 7 sequences are closer to 7 samples than to 126. Given each case's group (`read_groups`), the
+interval resamples whole groups (a cluster bootstrap: BCa over the groups' sums and case counts, the statistic still
+the mean over cases), and the Wilcoxon test and the wins count the groups' mean differences.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import csv
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +47,11 @@ class PairedComparison:
     difference: float
     ci_low: float
     ci_high: float
-    p_value: float  # two-sided Wilcoxon signed-rank; 1.0 when every difference is 0, nan below 2 cases
-    b_better: int
+    p_value: float  # two-sided Wilcoxon signed-rank; 1.0 when every difference is 0, nan below 2 cases (groups)
+    b_better: int  # cases, or groups where groups were given
     ties: int
     a_better: int
+    groups: int = 0  # the groups among these cases that were resampled and tested as units; 0: each case is one
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,35 @@ def read_per_case(source: str | Path) -> PerCase:
     return PerCase(path, cases, columns)
 
 
+def read_groups(source: str | Path) -> dict[str, str]:
+    """Each case's group from a CSV with the columns `case` and `group` (e.g. the video sequence of each frame);
+    ValueError naming the file when a column is missing, a group is empty or a case is listed twice."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"groups file {path} not found: give a CSV with the columns case and group")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"case", "group"} <= set(rows[0]):
+        raise ValueError(f"{path} needs the columns 'case' and 'group', one row per case (e.g. a frame's sequence)")
+    groups: dict[str, str] = {}
+    for row in rows:
+        case, group = row["case"], (row["group"] or "").strip()
+        if not group:
+            raise ValueError(f"{path}: case {case!r} has an empty group; give every case its group")
+        if case in groups:
+            raise ValueError(f"{path} lists case {case!r} more than once; give each case one group")
+        groups[case] = group
+    return groups
+
+
 def _paired(
-    column: str, a: np.ndarray, b: np.ndarray, confidence: float, resamples: int, seed: int
+    column: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    confidence: float,
+    resamples: int,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> PairedComparison:
     from scipy import stats
 
@@ -116,17 +149,31 @@ def _paired(
     both = np.isfinite(a) & np.isfinite(b)
     a, b = a[both], b[both]
     d = b - a  # [cases]
+    units, samples, statistic = d, (d,), np.mean  # what is resampled and tested: each case
+    if groups is not None:  # each group: its cases' sum and count, resampled together
+        _, first, index = np.unique(groups[both], return_index=True, return_inverse=True)
+        index = np.argsort(np.argsort(first))[index]  # groups numbered in the order their cases come
+        sums = np.bincount(index, weights=d, minlength=len(first))  # [groups]
+        counts = np.bincount(index, minlength=len(first)).astype(float)  # [groups]
+        units, samples, statistic = sums / counts, (sums, counts), _mean_over_cases  # units: each group's mean
     sign = 1 if higher else -1
     nan = math.nan
     ci_low = ci_high = p = nan
-    if len(d) >= 2:
-        if np.ptp(d) == 0:  # one difference for every case: no spread to resample
-            ci_low = ci_high = float(d[0])
+    if len(units) >= 2:
+        if np.ptp(units) == 0:  # one difference for every case or group: no spread to resample
+            ci_low = ci_high = float(d.mean())
         else:
             rng = np.random.default_rng(seed)
-            res = stats.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=resamples, rng=rng)
+            res = stats.bootstrap(
+                samples,
+                statistic,
+                paired=groups is not None,
+                confidence_level=confidence,
+                n_resamples=resamples,
+                rng=rng,
+            )
             ci_low, ci_high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+        p = float(stats.wilcoxon(units).pvalue) if np.any(units != 0) else 1.0
     return PairedComparison(
         column=column,
         metric=metric,
@@ -138,10 +185,16 @@ def _paired(
         ci_low=ci_low,
         ci_high=ci_high,
         p_value=p,
-        b_better=int(np.sum(sign * d > 0)),
-        ties=int(np.sum(d == 0)),
-        a_better=int(np.sum(sign * d < 0)),
+        b_better=int(np.sum(sign * units > 0)),
+        ties=int(np.sum(units == 0)),
+        a_better=int(np.sum(sign * units < 0)),
+        groups=len(units) if groups is not None else 0,
     )
+
+
+def _mean_over_cases(sums: np.ndarray, counts: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The mean difference over the cases of resampled groups, from each group's sum and count."""
+    return sums.sum(axis=axis) / counts.sum(axis=axis)
 
 
 def compare_evaluations(
@@ -151,9 +204,11 @@ def compare_evaluations(
     confidence: float = 0.95,
     resamples: int = 10_000,
     seed: int = 0,
+    groups: Mapping[str, str] | None = None,
 ) -> list[PairedComparison]:
     """Every column of the given metrics that both evaluations hold, B against A, matched by case name; ValueError
-    when they score different cases or share no such column."""
+    when they score different cases or share no such column. With groups (case -> group, `read_groups`), whole
+    groups are resampled and tested; ValueError when a case has no group or all cases share one."""
     if unknown := [m for m in metrics if m not in METRICS]:
         raise ValueError(f"unknown metrics {unknown}; choose from {sorted(METRICS)}")
     if not 0 < confidence < 1:
@@ -166,6 +221,19 @@ def compare_evaluations(
             f"{a.path} and {b.path} score different cases ({len(only_a)} only in the first, e.g. {only_a[:3]}; "
             f"{len(only_b)} only in the second, e.g. {only_b[:3]}): evaluate both against the same ground truth"
         )
+    group_of = None
+    if groups is not None:
+        if missing := [c for c in a.cases if c not in groups]:
+            raise ValueError(
+                f"{len(missing)} of the {len(a.cases)} cases have no group (e.g. {missing[:3]}): list every case "
+                "of the evaluations in the groups file"
+            )
+        group_of = np.array([groups[c] for c in a.cases])  # [cases], in a's order
+        if len(set(group_of)) < 2:
+            raise ValueError(
+                f"all {len(a.cases)} cases are in one group ({str(group_of[0])!r}): nothing to resample between "
+                "groups; compare without groups or give each independent unit its own group"
+            )
     position = {c: i for i, c in enumerate(b.cases)}
     order = [position[c] for c in a.cases]  # b's rows in a's case order
     shared = [c for c in a.columns if c in b.columns and metric_of(c) in metrics]
@@ -178,20 +246,25 @@ def compare_evaluations(
     dice = [c for c in shared if metric_of(c) == "dice"]
     if len(dice) > 1:  # regions: their per-case mean, undefined where one region is
         pairs[MEAN_DICE] = tuple(np.mean([pairs[c][i] for c in dice], axis=0) for i in (0, 1))  # (A, B)
-    return [_paired(c, x, y, confidence, resamples, seed) for c, (x, y) in pairs.items()]
+    return [_paired(c, x, y, confidence, resamples, seed, group_of) for c, (x, y) in pairs.items()]
 
 
 def comparison_table(comparisons: Sequence[PairedComparison], name_a: str, name_b: str, confidence: float) -> list[str]:
-    """A Markdown table of the comparisons, one row per column."""
+    """A Markdown table of the comparisons, one row per column; with groups, the interval, the test and the wins
+    are over groups (the header says so and each row gives its cases and groups)."""
     level = f"{confidence:.0%}"
+    grouped = any(c.groups for c in comparisons)
+    unit = "groups " if grouped else ""
     lines = [
-        f"| metric | cases | {name_a} | {name_b} | {name_b} - {name_a} | {level} CI | Wilcoxon p | "
-        f"{name_b} better / tie / {name_a} better |",
+        f"| metric | cases{' (groups)' if grouped else ''} | {name_a} | {name_b} | {name_b} - {name_a} | "
+        f"{level} CI{' over groups' if grouped else ''} | Wilcoxon p{' over groups' if grouped else ''} | "
+        f"{unit}{name_b} better / tie / {name_a} better |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
+        cases = f"{c.cases} ({c.groups})" if grouped else f"{c.cases}"
         lines.append(
-            f"| {c.column} | {c.cases} | {c.mean_a:.4f} | {c.mean_b:.4f} | {c.difference:+.4f} | "
+            f"| {c.column} | {cases} | {c.mean_a:.4f} | {c.mean_b:.4f} | {c.difference:+.4f} | "
             f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] | {c.p_value:.3g} | {c.b_better} / {c.ties} / {c.a_better} |"
         )
     return lines
@@ -205,16 +278,19 @@ def comparison_record(
     confidence: float,
     resamples: int,
     seed: int,
+    groups: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The JSON record `rwkvseg compare --out` writes."""
+    """The JSON record `rwkvseg compare --out` writes; groups: the groups file the comparison resampled by."""
+    unit = "group" if groups is not None else "case"
     return {
         "written_by": "rwkvseg compare",
         "a": {"name": names[0], "per_case": str(a.path)},
         "b": {"name": names[1], "per_case": str(b.path)},
         "difference": "mean over cases of (b - a)",
         "confidence": confidence,
-        "bootstrap": {"method": "BCa", "resamples": resamples, "seed": seed},
-        "test": "two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon)",
+        "groups": None if groups is None else str(groups),
+        "bootstrap": {"method": "BCa", "resamples": resamples, "seed": seed, "resampled": unit},
+        "test": f"two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon) over each {unit}'s mean difference",
         "metrics": [as_json(c) for c in comparisons],
     }
 
