@@ -43,6 +43,7 @@
 #   A  MMSegRWKV, regions                   S  MMSegRWKV-small, regions
 #   G  MMSegRWKV, regions, fm_channels=8 (arm M's recipe: its final model, trained beside M's five folds so that
 #      it can be released in the same lease if M wins)
+#   V  MMSegRWKV, regions, loss.region_weights=[1,2,1] (arm W's recipe: its final model, beside W's five folds)
 set -uo pipefail
 W=${WORK:-/tmp/brats-arms}
 RAW=${RAW:-.gpudata/brats18raw}
@@ -56,7 +57,7 @@ ALL=(--set train_all=true)
 
 arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (without epochs, minutes, cache)
   EP=$EPOCHS
-  case $1 in A | S | G) EP=${ALL_EPOCHS:-$EPOCHS} ;; esac
+  case $1 in A | S | G | V) EP=${ALL_EPOCHS:-$EPOCHS} ;; esac
   local spec
   for spec in ${ARM_EPOCHS:-}; do [ "${spec%%:*}" = "$1" ] && EP=${spec#*:}; done
   local tag=${TAG:-ds2_e$EP}
@@ -72,7 +73,8 @@ arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (wi
     A) ARGS=("${MM[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     S) ARGS=("${SMALL[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     G) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${ALL[@]}" --tag "${tag}_fm8_all") ;;
-    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, W, A, S or G)" >&2; return 2 ;;
+    V) ARGS=("${MM[@]}" "${REGIONS[@]}" --set "loss.region_weights=[1,2,1]" "${ALL[@]}" --tag "${tag}_tc2_all") ;;
+    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, W, A, S, G or V)" >&2; return 2 ;;
   esac
 }
 

@@ -68,7 +68,7 @@ def test_usage_and_missing_settings_are_one_line_and_non_zero(stubs, tmp_path):
     result = call(stubs, tmp_path, "start", ARMS="L")
     assert result.returncode != 0 and "EPOCHS: set EPOCHS" in result.stderr
     result = call(stubs, tmp_path, "start", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0")
-    assert result.returncode == 2 and "unknown arm X (B, L, H, N, F, M, W, A, S or G)" in result.stderr
+    assert result.returncode == 2 and "unknown arm X (B, L, H, N, F, M, W, A, S, G or V)" in result.stderr
     assert not any("campaign.py" in line for line in recorded(tmp_path))  # nothing started
     result = call(stubs, tmp_path, "one", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0", WAIT_SECONDS="0")
     assert result.returncode == 2 and "waited" not in result.stdout  # a failed start ends the call
@@ -201,10 +201,12 @@ def test_arm_epochs_and_the_int8_cross_validation_of_a_five_fold_arm(stubs, tmp_
     assert "--epochs 17 --minutes 30" in fused and "--set model.overrides.fm_channels=8" in fused
     assert "--tag ds2_e17_fm8" in fused and "--folds 0 1 2 3 4" in fused
 
-    result = call(stubs, tmp_path, "start", **{**settings, "ARMS": "M G W", "EPOCHS": "34", "ALL_EPOCHS": "34"})
+    result = call(stubs, tmp_path, "start", **{**settings, "ARMS": "M G W V", "EPOCHS": "34", "ALL_EPOCHS": "34"})
     assert result.returncode == 0, result.stderr[-2000:]
-    folds, final, weighted = [line for line in recorded(tmp_path) if "scripts/campaign.py" in line][2:]
+    folds, final, weighted, weighted_final = [line for line in recorded(tmp_path) if "scripts/campaign.py" in line][2:]
     assert "--set loss.region_weights=[1,2,1] --folds 0 1 2 3 4" in weighted and "--tag ds2_e34_tc2" in weighted
+    assert "--set loss.region_weights=[1,2,1] --set train_all=true --tag ds2_e34_tc2_all" in weighted_final
+    assert "--epochs 34" in weighted_final and "fm_channels" not in weighted_final
     assert "--epochs 34" in folds and "--tag ds2_e34_fm8" in folds and "--folds 0 1 2 3 4" in folds
     assert "--configs configs/brats2018_mmsegrwkv.toml" in final and "--set model.overrides.fm_channels=8" in final
     assert "--set train_all=true" in final and "--folds" not in final and "--tag ds2_e34_fm8_all" in final
