@@ -290,7 +290,8 @@ def comparison_record(
         "confidence": confidence,
         "groups": None if groups is None else str(groups),
         "bootstrap": {"method": "BCa", "resamples": resamples, "seed": seed, "resampled": unit},
-        "test": f"two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon) over each {unit}'s mean difference",
+        "test": "two-sided Wilcoxon signed-rank (scipy.stats.wilcoxon) over "
+        + ("each group's mean difference" if groups is not None else "the per-case differences"),
         "metrics": [as_json(c) for c in comparisons],
     }
 
