@@ -226,3 +226,27 @@ def test_the_committed_cvc_sequences_file_groups_the_split_by_its_sequences(tmp_
     made = json.loads(out.read_text())
     assert (made["folds"], made["sequences"]) == (split["folds"], split["sequences"])
     assert "126 val frames" in capsys.readouterr().out
+
+
+def test_the_committed_random_cvc_frame_split_is_what_rwkvseg_split_writes(tmp_path):
+    """splits/cvc_clinicdb_random_frames.json, the published protocol kept to measure what it adds: 440 / 110 frames
+    with validation frames in 28 of the 29 sequences; where the data is present, `rwkvseg split` writes it again."""
+    import csv
+    from pathlib import Path
+
+    from rwkvseg.cli import main
+    from writers import SHARED_DATA
+
+    splits = Path(__file__).resolve().parents[2] / "splits"
+    committed = read_split(splits / "cvc_clinicdb_random_frames.json")
+    assert (len(committed.train), len(committed.val)) == (440, 110)
+    with (splits / "cvc_clinicdb_sequences.csv").open(newline="") as f:
+        sequence = {row["case"]: row["group"] for row in csv.DictReader(f)}
+    assert len({sequence[c] for c in committed.val}) == 28
+    data = SHARED_DATA / "cvc_clinicdb"
+    if not data.is_dir():
+        pytest.skip("shared CVC-ClinicDB data not present: the committed split checked on its own")
+    out = tmp_path / "random.json"
+    assert main(["split", str(data), "--out", str(out), "--val-fraction", "0.2", "--seed", "0"]) == 0
+    made = json.loads(out.read_text())
+    assert made["folds"] == json.loads((splits / "cvc_clinicdb_random_frames.json").read_text())["folds"]
