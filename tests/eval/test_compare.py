@@ -226,14 +226,14 @@ def test_bad_groups_are_refused_naming_the_file_and_the_fix(tmp_path):
         compare_evaluations(a, a, groups={"c1": "g", "c2": "g"})
     bad = tmp_path / "bad.csv"
     for text, message in (
-        ("case,sequence\nc1,1\n", "needs the columns 'case' and 'group'"),
-        ("case,group\nc1,g\nc1,h\n", "lists case 'c1' more than once"),
-        ("case,group\nc1,\n", "case 'c1' has an empty group"),
+        ("case,sequence\nc1,1\n", "needs the columns case and group"),
+        ("case,group\nc1,g\nc1,h\n", "line 3: case 'c1' is listed twice"),
+        ("case,group\nc1,\n", "line 2: case 'c1' has no group"),
     ):
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             read_groups(bad)
-    with pytest.raises(FileNotFoundError, match="give a CSV with the columns case and group"):
+    with pytest.raises(ValueError, match="not found: give a CSV of case,group for every case"):
         read_groups(tmp_path / "nowhere.csv")
 
 

@@ -246,27 +246,35 @@ def split_dataset(
     return doc
 
 
-def read_strata(path: str | Path, cases: Sequence[str]) -> list[str]:
-    """The stratum of each case, in the order of cases, from a CSV file with the columns `case` and `stratum` (e.g.
-    splits/brats2018_grades.csv: each BraTS case's grade); every case must be in it once, and nothing else."""
+def read_case_labels(path: str | Path, column: str) -> dict[str, str]:
+    """Each case's value of `column` from a CSV file with the columns `case` and `column` (a case's stratum, its video
+    sequence...); ValueError naming the file (and line) when it is missing or unreadable, lacks a column, or lists a
+    case twice or without a value."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
-            if not {"case", "stratum"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{path} needs the columns case and stratum (a header line `case,stratum`)")
-            rows = [(row["case"].strip(), (row["stratum"] or "").strip()) for row in reader]
+            if not {"case", column} <= set(reader.fieldnames or ()):
+                raise ValueError(f"{path} needs the columns case and {column} (a header line `case,{column}`)")
+            rows = [(row["case"].strip(), (row[column] or "").strip()) for row in reader]
     except FileNotFoundError:
-        raise ValueError(f"{path} not found: give a CSV of case,stratum for every case") from None
+        raise ValueError(f"{path} not found: give a CSV of case,{column} for every case") from None
     except OSError as err:  # a folder, no permission
-        raise ValueError(f"{path} cannot be read ({err.strerror}): give a CSV file of case,stratum") from None
-    strata: dict[str, str] = {}
-    for line, (case, stratum) in enumerate(rows, start=2):
-        if not stratum:
-            raise ValueError(f"{path} line {line}: case {case!r} has no stratum; give every case one")
-        if case in strata:
+        raise ValueError(f"{path} cannot be read ({err.strerror}): give a CSV file of case,{column}") from None
+    labels: dict[str, str] = {}
+    for line, (case, label) in enumerate(rows, start=2):
+        if not label:
+            raise ValueError(f"{path} line {line}: case {case!r} has no {column}; give every case one")
+        if case in labels:
             raise ValueError(f"{path} line {line}: case {case!r} is listed twice; list every case once")
-        strata[case] = stratum
+        labels[case] = label
+    return labels
+
+
+def read_strata(path: str | Path, cases: Sequence[str]) -> list[str]:
+    """The stratum of each case, in the order of cases, from a CSV file with the columns `case` and `stratum` (e.g.
+    splits/brats2018_grades.csv: each BraTS case's grade); every case must be in it once, and nothing else."""
+    strata = read_case_labels(path, "stratum")
     if missing := [c for c in cases if c not in strata]:
         raise ValueError(f"{path} has no stratum for the cases {missing[:5]} ({len(missing)}); list every case")
     if unknown := sorted(set(strata) - set(cases)):

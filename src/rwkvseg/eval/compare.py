@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.splits import read_case_labels
 from .evaluate import PER_CASE_FILE
 
 # metric name -> whether a higher value is better; the columns of per_case.csv are <metric> (2D) or
@@ -113,24 +114,9 @@ def read_per_case(source: str | Path) -> PerCase:
 
 
 def read_groups(source: str | Path) -> dict[str, str]:
-    """Each case's group from a CSV with the columns `case` and `group` (e.g. the video sequence of each frame);
-    ValueError naming the file when a column is missing, a group is empty or a case is listed twice."""
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"groups file {path} not found: give a CSV with the columns case and group")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"case", "group"} <= set(rows[0]):
-        raise ValueError(f"{path} needs the columns 'case' and 'group', one row per case (e.g. a frame's sequence)")
-    groups: dict[str, str] = {}
-    for row in rows:
-        case, group = row["case"], (row["group"] or "").strip()
-        if not group:
-            raise ValueError(f"{path}: case {case!r} has an empty group; give every case its group")
-        if case in groups:
-            raise ValueError(f"{path} lists case {case!r} more than once; give each case one group")
-        groups[case] = group
-    return groups
+    """Each case's group from a CSV with the columns `case` and `group` (e.g. the video sequence of each frame),
+    checked as every case-labelling file is (rwkvseg.data.splits.read_case_labels)."""
+    return read_case_labels(source, "group")
 
 
 def _paired(
@@ -254,11 +240,10 @@ def comparison_table(comparisons: Sequence[PairedComparison], name_a: str, name_
     are over groups (the header says so and each row gives its cases and groups)."""
     level = f"{confidence:.0%}"
     grouped = any(c.groups for c in comparisons)
-    unit = "groups " if grouped else ""
+    over, unit = (" over groups", "groups ") if grouped else ("", "")
     lines = [
         f"| metric | cases{' (groups)' if grouped else ''} | {name_a} | {name_b} | {name_b} - {name_a} | "
-        f"{level} CI{' over groups' if grouped else ''} | Wilcoxon p{' over groups' if grouped else ''} | "
-        f"{unit}{name_b} better / tie / {name_a} better |",
+        f"{level} CI{over} | Wilcoxon p{over} | {unit}{name_b} better / tie / {name_a} better |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
