@@ -5,7 +5,7 @@ import torch
 
 from rwkvseg.train.config import LossConfig, OptimConfig
 from rwkvseg.train.losses import SegmentationLoss
-from rwkvseg.train.optim import build_optimizer, build_scheduler, lr_factor
+from rwkvseg.train.optim import build_optimizer, build_scheduler, compress_schedule, lr_factor
 
 
 def test_binary_and_multiclass_losses_reward_the_right_answer():
@@ -39,6 +39,50 @@ def test_poly_and_cosine_schedules():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**0.9)
+
+
+def _lrs(sched, steps):
+    """The learning rate after each of `steps` more scheduler steps."""
+    lrs = []
+    for _ in range(steps):
+        sched.optimizer.step()
+        sched.step()
+        lrs.append(sched.optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+@pytest.mark.parametrize(
+    "config",
+    [OptimConfig(), OptimConfig(min_lr=1e-4, power=2.0), OptimConfig(schedule="cosine", min_lr=1e-4)],
+    ids=["poly", "poly-floor", "cosine"],
+)
+def test_a_compressed_schedule_goes_on_from_its_factor_and_ends_at_the_fitted_step(config):
+    """100 planned steps, fitted to 60 after step 30: the same factor at the switch, the end value at step 60,
+    and for poly the same curve from the switch's factor down to the floor over the remaining 30 steps."""
+    opt = build_optimizer(torch.nn.Linear(2, 1), config)
+    sched = build_scheduler(opt, config, total_steps=100)
+    before = _lrs(sched, 30)
+    compress_schedule(sched, 30, 100, 60)
+    after = _lrs(sched, 35)
+    base, floor = config.lr, config.min_lr / config.lr
+    assert before[-1] == pytest.approx(base * lr_factor(30, 100, config))  # the switch changes nothing done
+    assert after[29] == config.min_lr and after[34] == config.min_lr  # the end at step 60, and after it
+    assert all(a > b for a, b in zip([before[-1], *after[:29]], after[:30], strict=True))  # decreasing, no jump up
+    if config.schedule == "poly":
+        f0 = lr_factor(30, 100, config)
+        expected = [base * (floor + (f0 - floor) * (1 - k / 30) ** config.power) for k in range(1, 31)]
+        assert after[:30] == pytest.approx(expected, rel=1e-12)
+    # the rest of the plan played 70 / 30 times faster: step 31 takes the planned factor of step 30 + 70 / 30
+    assert after[0] == pytest.approx(base * lr_factor(30 + 70 / 30, 100, config), rel=1e-12)
+
+
+def test_compress_schedule_refuses_what_it_cannot_compress():
+    config = OptimConfig()
+    opt = build_optimizer(torch.nn.Linear(2, 1), config)
+    with pytest.raises(ValueError, match="step < fitted < total"):
+        compress_schedule(build_scheduler(opt, config, 100), 30, 100, 100)
+    with pytest.raises(TypeError, match="needs a LambdaLR"):
+        compress_schedule(torch.optim.lr_scheduler.StepLR(opt, 10), 30, 100, 60)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])

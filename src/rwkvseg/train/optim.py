@@ -1,4 +1,5 @@
-"""Optimizers and per-iteration learning-rate schedules (poly as in the paper, cosine with warmup)."""
+"""Optimizers and per-iteration learning-rate schedules (poly as in the paper, cosine with warmup), and the
+compression of a schedule's remaining part onto fewer steps (a run fitted to its time budget)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,25 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per iteration; its state_dict (the step count) is all a resume needs."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))
+
+
+def compress_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, total: int, fitted: int) -> None:
+    """From optimizer step `step` on, play the rest of a schedule planned over `total` steps in `fitted` steps
+    (step < fitted < total): step s > `step` takes the factor of the planned step
+    total - (fitted - s) (total - step) / (fitted - step), so the factor goes on from its value at `step` and
+    reaches the planned end (poly, cosine: min_lr) at step `fitted`. For poly that is the same curve from the
+    current factor down to the end, floor + (f - floor) (1 - q)^power over the remaining fraction q; cosine keeps
+    the rest of its arc; warmup still ahead is shortened alike. No jump: the step that follows the switch trains
+    at the learning rate the switch found. Rebuilt from the same numbers on resume, so a resume stays exact."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"compress_schedule needs a LambdaLR (build_scheduler's), got {type(scheduler).__name__}")
+    if not step < fitted < total:
+        raise ValueError(f"compress_schedule needs step < fitted < total, got {step}, {fitted}, {total}")
+
+    def compressed(factor):
+        def at(s: int) -> float:
+            return factor(s) if s <= step else factor(total - (fitted - s) * (total - step) / (fitted - step))
+
+        return at
+
+    scheduler.lr_lambdas = [compressed(factor) for factor in scheduler.lr_lambdas]
