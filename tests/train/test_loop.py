@@ -19,7 +19,8 @@ from rwkvseg.records import Preprocessing2D
 from rwkvseg.train.config import OptimConfig
 from rwkvseg.train.loop import LoopConfig, Run, fit, steps_per_epoch
 from rwkvseg.train.losses import SegmentationLoss
-from rwkvseg.train.optim import build_optimizer, build_scheduler
+from rwkvseg.train.optim import build_optimizer, build_scheduler, lr_factor
+from rwkvseg.train.state import ScheduleFit
 from rwkvseg.train.validate import validator_2d
 
 
@@ -52,19 +53,19 @@ def data(tmp_path_factory):
     return train, val, pre
 
 
-def _run(data, run_dir, epochs=4, stop_after=None, resume=False, stop=None, amp="off"):
+def _run(data, run_dir, epochs=4, stop_after=None, resume=False, stop=None, amp="off", val_every=1, fit_schedule=None):
     train, val, pre = data
     torch.manual_seed(0)
     model = TinySeg()
     optim = OptimConfig(lr=0.05)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, epochs * steps_per_epoch(len(train), 3))
-    loop = LoopConfig(epochs=epochs, batch_size=3, seed=1, amp=amp)
+    loop = LoopConfig(epochs=epochs, batch_size=3, seed=1, amp=amp, val_every=val_every)
     validate = validator_2d(val, pre, 1, torch.device("cpu"), batch_size=2)
     stop = stop or ((lambda p: p.epoch >= stop_after) if stop_after else None)
     meta = CheckpointMeta("tiny", 3, 1, preprocessing=pre.to_dict())
     run = Run(model, train, SegmentationLoss(1), optimizer, scheduler, validate, meta, run_dir)
-    progress = fit(run, loop, resume=resume, stop=stop)
+    progress = fit(run, loop, resume=resume, stop=stop, fit_schedule=fit_schedule)
     return model, progress
 
 
@@ -78,6 +79,78 @@ def test_resume_is_bit_identical(data, tmp_path):
         assert torch.equal(a, b), name
     strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
     assert strip(p_resumed.history) == strip(p_straight.history)
+    assert (tmp_path / "a" / "best.safetensors").read_bytes() == (tmp_path / "b" / "best.safetensors").read_bytes()
+
+
+def _fit_at(epoch, epochs, planned=6, asked=None):
+    """A fit_schedule that fits a run of `planned` epochs to `epochs` after `epoch`; notes each epoch it is asked at."""
+
+    def fit_schedule(progress):
+        if asked is not None:
+            asked.append(progress.epoch)
+        if progress.epoch != epoch:
+            return None
+        return ScheduleFit(planned, epochs, epoch, progress.step, seconds_per_epoch=27.3, seconds_left=912.0)
+
+    return fit_schedule
+
+
+def _never_asked(progress):
+    raise AssertionError(f"fit_schedule asked after epoch {progress.epoch}: the run was fitted already")
+
+
+def test_a_fitted_run_ends_after_its_fitted_epochs_with_its_schedule_annealed(data, tmp_path, caplog):
+    """6 epochs of 2 steps planned, fitted to 3 after epoch 2: the rest of the poly schedule over 2 more steps,
+    its end (0) after epoch 3, validated there (the last epoch), and the fit recorded everywhere."""
+    asked = []
+    with caplog.at_level("INFO", logger="rwkvseg"):
+        _, progress = _run(data, tmp_path, epochs=6, val_every=4, fit_schedule=_fit_at(2, 3, asked=asked))
+    assert "schedule fitted to the budget: 6 -> 3 epochs (27.3 s per epoch, 912 s left)" in caplog.text
+    assert (progress.epoch, progress.step, asked) == (3, 6, [1, 2])  # asked until the run was fitted
+    planned = OptimConfig()  # poly 0.9 over 12 steps: before the fit, the planned factors
+    lrs = [row["lr"] for row in progress.history]
+    assert lrs[:2] == [pytest.approx(0.05 * lr_factor(s, 12, planned), rel=1e-12) for s in (2, 4)]
+    assert lrs[2] == 0.0  # the fitted last epoch ends the schedule
+    assert ["val_dice" in row for row in progress.history] == [False, False, True]
+    assert [row.get("fitted_epochs") for row in progress.history] == [None, 3, None]
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [r["fitted_epochs"] for r in rows] == ["", "3", ""]
+    record = {"planned": 6, "epochs": 3, "epoch": 2, "step": 4, "seconds_per_epoch": 27.3, "seconds_left": 912.0}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["complete"], summary["epochs_done"], summary["epochs"]) == (True, 3, 3)
+    assert summary["schedule_fit"] == record
+    for name in ("last", "best"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())["training"]["schedule_fit"] == record
+
+
+def test_a_fitted_run_resumes_exactly_and_is_never_fitted_again(data, tmp_path):
+    """Fitted after epoch 2 and stopped there, resumed: the same weights, LR sequence and best checkpoint as the
+    uninterrupted fitted run; the resumed run keeps the fit of its state and is never asked for another."""
+    straight, p_straight = _run(data, tmp_path / "a", epochs=6, fit_schedule=_fit_at(2, 4))
+    _, p_half = _run(data, tmp_path / "b", epochs=6, fit_schedule=_fit_at(2, 4), stop_after=2)
+    assert p_half.epoch == 2 and p_half.schedule_fit.epochs == 4
+    with pytest.raises(ValueError, match="fitted to its time budget from 6 to 4 epochs and the config plans 8"):
+        _run(data, tmp_path / "b", epochs=8, resume=True)
+    resumed, p_resumed = _run(data, tmp_path / "b", epochs=6, resume=True, fit_schedule=_never_asked)
+    assert p_resumed.epoch == p_straight.epoch == 4 and p_resumed.step == p_straight.step == 8
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
+    assert strip(p_resumed.history) == strip(p_straight.history)
+    assert p_resumed.history[-1]["lr"] == 0.0
+    assert (tmp_path / "a" / "best.safetensors").read_bytes() == (tmp_path / "b" / "best.safetensors").read_bytes()
+    assert p_resumed.schedule_fit == p_straight.schedule_fit
+
+
+def test_a_fit_schedule_that_never_fits_changes_nothing(data, tmp_path):
+    plain, p_plain = _run(data, tmp_path / "a", epochs=3)
+    asked, p_asked = _run(data, tmp_path / "b", epochs=3, fit_schedule=lambda progress: None)
+    for (name, a), b in zip(plain.state_dict().items(), asked.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
+    assert strip(p_asked.history) == strip(p_plain.history) and p_asked.schedule_fit is None
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert "schedule_fit" not in summary and summary["epochs"] == 3
     assert (tmp_path / "a" / "best.safetensors").read_bytes() == (tmp_path / "b" / "best.safetensors").read_bytes()
 
 

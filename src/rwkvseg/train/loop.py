@@ -4,7 +4,9 @@ Per epoch: a seeded shuffle, optimizer steps (mixed precision on GPU), validatio
 brought up to date: `best` checkpoint (chosen on validation only), `last` checkpoint, the full training state
 for --resume, and metrics.csv. A run without validation (validate None: train_all) keeps its last epoch as
 `best`. Every file is written atomically, so an interrupted run loses at most the
-epoch in progress and never a file it had written. With an average of the weights (LoopConfig.ema,
+epoch in progress and never a file it had written. A run fitted to its time budget (fit's fit_schedule,
+TrainConfig.fit_schedule) ends after its fitted epochs, its schedule compressed onto them, and keeps that fit
+when resumed. With an average of the weights (LoopConfig.ema,
 rwkvseg.train.ema) validation scores the average and both checkpoints hold it; state.pt holds it beside the raw
 weights, which keep training.
 """
@@ -36,7 +38,8 @@ from ..memory_format import check_memory_format, torch_layout
 from . import distributed
 from .compile_cache import load_compile_cache, save_compile_cache
 from .ema import WeightEma
-from .state import Progress, load_state, save_state
+from .optim import compress_schedule
+from .state import Progress, ScheduleFit, load_state, save_state
 from .workers import check_worker_start, forks, start_workers, worker_context
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,8 @@ STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 Validate = Callable[[nn.Module], dict[str, float]]
+Stop = Callable[[Progress], bool]
+FitSchedule = Callable[[Progress], ScheduleFit | None]
 # training.best.selection of a run without validation (train_all): its `best` is the last epoch
 LAST_EPOCH = "last epoch (train_all: no validation cases)"
 
@@ -293,13 +298,24 @@ class _ForwardLoss:
 
 
 def fit(
-    run: Run, loop: LoopConfig, *, resume: bool = False, stop: Callable[[Progress], bool] | None = None
+    run: Run,
+    loop: LoopConfig,
+    *,
+    resume: bool = False,
+    stop: Stop | None = None,
+    fit_schedule: FitSchedule | None = None,
 ) -> Progress:
     """Train for loop.epochs epochs (or until stop(progress) is true after an epoch); returns the progress.
 
     Each epoch: train_epoch, validate_epoch (every loop.val_every epochs and the last), save_epoch. With resume,
     everything continues from run_dir/state.pt. Under torchrun (distributed.process_group) every rank calls
-    fit; loop.batch_size is the global batch; rank 0 validates and writes the run folder.
+    fit; loop.batch_size is the global batch; rank 0 validates and writes the run folder; rank 0 asks stop and
+    fit_schedule, and every rank follows its answer.
+
+    fit_schedule(progress), asked after each epoch (before it is saved) until the run has a fit: a ScheduleFit
+    to end the run after fewer epochs than loop.epochs, or None. From then on the run trains to the fitted
+    epochs with run.scheduler (build_scheduler's, over loop.epochs) compressed onto them (compress_schedule);
+    the fit is saved with the epoch, and a resumed run keeps it (it is never asked again).
     """
     run_dir, device = Path(run.run_dir), torch.device(run.device)
     state_path = run_dir / STATE_FILE
@@ -317,6 +333,15 @@ def fit(
         log.info("resuming %s after epoch %d (step %d)", run_dir, progress.epoch, progress.step)
     else:
         progress = Progress()
+    fitted = progress.schedule_fit
+    if fitted is not None:
+        if fitted.planned != loop.epochs:
+            raise ValueError(
+                f"{run_dir} was fitted to its time budget from {fitted.planned} to {fitted.epochs} epochs and the "
+                f"config plans {loop.epochs}; resume with epochs = {fitted.planned} (it still ends after "
+                f"{fitted.epochs}) or start a new run"
+            )
+        log.info("its schedule was fitted to the budget after epoch %d: %s", fitted.epoch, fitted.describe())
     if ema is not None:
         log.info(
             "validating and checkpointing the average of the weights (decay %g after step %d)", ema.decay, ema.start
@@ -327,7 +352,7 @@ def fit(
         _write_summary(run_dir, progress, loop, "running")
     try:
         with _deferred_interrupt() as check_interrupt:
-            _epochs(run, loop, progress, precision, stop, main, check_interrupt)
+            _epochs(run, loop, progress, precision, stop, fit_schedule, main, check_interrupt)
     except BaseException as err:
         if main:
             status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -344,14 +369,19 @@ def _epochs(
     loop: LoopConfig,
     progress: Progress,
     precision: _Precision,
-    stop: Callable[[Progress], bool] | None,
+    stop: Stop | None,
+    fit_schedule: FitSchedule | None,
     main: bool,
     check_interrupt: Callable[[], None],
 ) -> None:
     run_dir = Path(run.run_dir)
     tensorboard = _TensorBoard(run_dir) if loop.logger == "tensorboard" and main else None
     forward_loss = _ForwardLoss(run, loop)
-    for epoch in range(progress.epoch + 1, loop.epochs + 1):
+    if progress.schedule_fit is not None:
+        loop = _fitted_loop(run, loop, progress.schedule_fit)
+    epoch = progress.epoch
+    while epoch < loop.epochs:  # loop.epochs: the fitted epochs once the run is fitted to its budget
+        epoch += 1
         row = train_epoch(run, loop, epoch, progress, precision, forward_loss, check_interrupt)
         if run.validate is None:
             progress.best_epoch = epoch  # nothing to choose on: the last epoch is kept (save_epoch)
@@ -359,6 +389,13 @@ def _epochs(
             row.update(_validate_on_main(run, loop, epoch, progress, precision))
         progress.epoch = epoch
         progress.history.append(row)
+        if fit_schedule is not None and progress.schedule_fit is None:
+            # decided before the epoch is saved: the state a resume starts from holds the fit
+            fitted = distributed.on_main(lambda: fit_schedule(progress))  # one decision for all ranks
+            if fitted is not None:
+                progress.schedule_fit, row["fitted_epochs"] = fitted, fitted.epochs
+                loop = _fitted_loop(run, loop, fitted)
+                log.info("schedule fitted to the budget: %s", fitted.describe())
         if main:
             save_epoch(run, loop, progress, precision)
         distributed.barrier()  # the run folder is up to date before any rank goes on
@@ -381,6 +418,19 @@ def _epochs(
         if stop is not None and distributed.on_main(lambda: stop(progress)):  # one decision for all ranks
             log.info("stopping after epoch %d", epoch)
             break
+
+
+def _fitted_loop(run: Run, loop: LoopConfig, fitted: ScheduleFit) -> LoopConfig:
+    """The loop of a run fitted to its budget: it ends after fitted.epochs, and run.scheduler (planned over
+    loop.epochs) plays the rest of its schedule from fitted.step on over them."""
+    n_steps = steps_per_epoch(len(run.train_set), loop.batch_size, loop.max_steps_per_epoch)
+    compress_schedule(run.scheduler, fitted.step, loop.epochs * n_steps, fitted.epochs * n_steps)
+    return replace(loop, epochs=fitted.epochs)
+
+
+def _fit_record(progress: Progress) -> dict[str, Any]:
+    """What the checkpoints and summary.json add for a run fitted to its budget (nothing otherwise)."""
+    return {} if progress.schedule_fit is None else {"schedule_fit": progress.schedule_fit.record()}
 
 
 @contextlib.contextmanager
@@ -417,18 +467,20 @@ def _deferred_interrupt() -> Iterator[Callable[[], None]]:
 def _write_summary(run_dir: Path, progress: Progress, loop: LoopConfig, status: str, error: str = "") -> None:
     """summary.json: status "running" while the run writes the folder, then "complete", or "interrupted" /
     "failed" (with the error); complete is true only for a run that ended as configured (or stopped by its
-    budget). The checkpoints of an incomplete run hold its last finished epoch; --resume continues it."""
+    budget). The checkpoints of an incomplete run hold its last finished epoch; --resume continues it. epochs: the
+    epochs the run trains for, of a run fitted to its budget the fitted ones (schedule_fit: the fit)."""
     summary = {
         "complete": status == "complete",
         "status": status,
         **({"error": error} if error else {}),
         "epochs_done": progress.epoch,
-        "epochs": loop.epochs,
+        "epochs": loop.epochs if progress.schedule_fit is None else progress.schedule_fit.epochs,
         "steps": progress.step,
         "best_epoch": progress.best_epoch,
         f"best_{loop.select_metric}": progress.best_metric,
         **({"ema": {"weights": "ema", "decay": loop.ema, "start": loop.ema_start}} if loop.ema else {}),
         "last": progress.history[-1] if progress.history else None,
+        **_fit_record(progress),
     }
     write_json(run_dir / SUMMARY_FILE, summary)
 
@@ -578,8 +630,8 @@ def validate_epoch(
     if not math.isnan(score) and (progress.best_metric is None or better(score, progress.best_metric)):
         progress.best_metric, progress.best_epoch = score, epoch
         summary = {"epoch": epoch, "step": progress.step, **{f"val_{k}": float(v) for k, v in scores.items()}}
-        best_meta = replace(run.meta, training={**run.meta.training, "best": summary, **run.weights_record()})
-        save_checkpoint(Path(run.run_dir) / "best", model, best_meta, overwrite=True)
+        record = {**run.meta.training, "best": summary, **run.weights_record(), **_fit_record(progress)}
+        save_checkpoint(Path(run.run_dir) / "best", model, replace(run.meta, training=record), overwrite=True)
     return row
 
 
@@ -587,11 +639,12 @@ def save_epoch(run: Run, loop: LoopConfig, progress: Progress, precision: _Preci
     """Bring the run folder up to date: `last` checkpoint (the average of the weights when there is one; without
     validation `best` too, recorded as chosen by none), the state for --resume, metrics.csv."""
     run_dir = Path(run.run_dir)
-    training = {**run.meta.training, "epoch": progress.epoch, "step": progress.step, **run.weights_record()}
+    fit = _fit_record(progress)
+    training = {**run.meta.training, "epoch": progress.epoch, "step": progress.step, **run.weights_record(), **fit}
     save_checkpoint(run_dir / "last", run.eval_model, replace(run.meta, training=training), overwrite=True)
     if run.validate is None:
         best = {"epoch": progress.epoch, "step": progress.step, "selection": LAST_EPOCH}
-        best_meta = replace(run.meta, training={**run.meta.training, "best": best, **run.weights_record()})
+        best_meta = replace(run.meta, training={**run.meta.training, "best": best, **run.weights_record(), **fit})
         save_checkpoint(run_dir / "best", run.eval_model, best_meta, overwrite=True)
     save_state(run_dir / STATE_FILE, run.model, run.optimizer, run.scheduler, precision.scaler, progress, run.ema)
     _write_metrics_csv(run_dir / METRICS_FILE, progress.history)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,41 @@ from .ema import WeightEma
 STATE_FORMAT = 1
 
 
+@dataclass(frozen=True)
+class ScheduleFit:
+    """A run fitted to its time budget (TrainConfig.fit_schedule): after epoch `epoch` (optimizer step `step`) the
+    run planned for `planned` epochs was set to end after `epochs`, its LR schedule compressed onto them
+    (rwkvseg.train.optim.compress_schedule), from `seconds_per_epoch` and the `seconds_left` of the budget then."""
+
+    planned: int
+    epochs: int
+    epoch: int
+    step: int
+    seconds_per_epoch: float
+    seconds_left: float
+
+    def record(self) -> dict[str, Any]:
+        """A plain dict (the training state, summary.json, checkpoint sidecars)."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.planned} -> {self.epochs} epochs ({self.seconds_per_epoch:.1f} s per epoch, "
+            f"{self.seconds_left:.0f} s left)"
+        )
+
+
 @dataclass
 class Progress:
-    """Where training stands: completed epochs and steps, the best validation score and its epoch."""
+    """Where training stands: completed epochs and steps, the best validation score and its epoch, and the fit of
+    the run to its time budget once made (None: the run keeps its planned epochs)."""
 
     epoch: int = 0
     step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    schedule_fit: ScheduleFit | None = None
 
 
 def _rng_state() -> dict[str, Any]:
@@ -108,6 +134,7 @@ def save_state(
             "best_metric": progress.best_metric,
             "best_epoch": progress.best_epoch,
             "history": progress.history,
+            **({"schedule_fit": progress.schedule_fit.record()} if progress.schedule_fit else {}),
         },
         "rng": _rng_state(),
     }
@@ -172,4 +199,5 @@ def load_state(
         ema.load_state_dict(saved_ema)
     _set_rng_state(state["rng"])
     p = state["progress"]
-    return Progress(p["epoch"], p["step"], p["best_metric"], p["best_epoch"], list(p["history"]))
+    fitted = ScheduleFit(**p["schedule_fit"]) if "schedule_fit" in p else None
+    return Progress(p["epoch"], p["step"], p["best_metric"], p["best_epoch"], list(p["history"]), fitted)
