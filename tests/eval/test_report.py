@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from rwkvseg.eval.report import (
@@ -80,9 +82,18 @@ def test_run_history_states_why_a_run_stopped_early(tmp_path):
     history = read_run(run)
     assert (history.ran, history.best["epoch"], history.minutes) == (15, 10, (15 * 4.0 + 3 * 6.0) / 60)
     stopped = "planned 40 epochs; stopped by the run's time limit after epoch 15 (poly schedule not finished)"
-    assert history.schedule() == stopped + ", validated every 5 epochs and after the last"
+    every = "validated every 5 epochs and after the last"
+    assert history.schedule() == f"{stopped}, {every}"
     (run / "summary.json").write_text('{"status": "interrupted"}')
     assert read_run(run).schedule().startswith("planned 40 epochs; interrupted after epoch 15,")
+    fit = {"planned": 40, "epochs": 15, "epoch": 2, "step": 500, "seconds_per_epoch": 27.3, "seconds_left": 912.0}
+    (run / "summary.json").write_text(json.dumps({"status": "complete", "schedule_fit": fit}))
+    fitted = "planned 40 epochs, fitted to 15 after epoch 2 by the run's time limit"
+    assert read_run(run).schedule() == f"{fitted} (poly schedule compressed onto them), all run, " + every
+    (run / "summary.json").write_text(json.dumps({"status": "complete", "schedule_fit": {**fit, "epochs": 20}}))
+    fitted = fitted.replace("to 15", "to 20")
+    expected = f"{fitted}; stopped by the run's time limit after epoch 15 (poly schedule not finished), " + every
+    assert read_run(run).schedule() == expected
     (run / "metrics.csv").unlink()
     with pytest.raises(FileNotFoundError, match=r"metrics\.csv not found: give the folder of a training run"):
         read_run(run)

@@ -27,12 +27,13 @@ def read_metrics_csv(path: Path) -> list[dict[str, float]]:
 class RunHistory:
     """A training run folder as the campaign table and the model cards read it: rows of metrics.csv (one per
     epoch; epochs without validation, val_every > 1, have no val_* keys), config.json, and summary.json's status
-    where the run wrote one."""
+    and schedule_fit (the fit of the run to its time budget, fit_schedule) where the run wrote them."""
 
     name: str
     rows: list[dict[str, float]]
     config: dict[str, Any]
     status: str | None = None
+    fit: dict[str, Any] | None = None
 
     @property
     def validated(self) -> list[dict[str, float]]:
@@ -53,18 +54,20 @@ class RunHistory:
         return sum(r["train_seconds"] + r.get("val_seconds", 0.0) for r in self.rows) / 60
 
     def schedule(self) -> str:
-        """Planned against run epochs, why the run stopped early, and how often it validated: a card's words."""
-        planned = self.config["epochs"]
-        if self.ran == planned:
-            text = f"planned {planned} epochs, all run"
+        """Planned against run epochs, the fit to the run's time limit or why it stopped early, and how often it
+        validated: a card's words."""
+        planned, schedule = self.config["epochs"], self.config.get("optim", {}).get("schedule", "poly")
+        head, target = f"planned {planned} epochs", planned
+        if self.fit is not None:
+            head += f", fitted to {self.fit['epochs']} after epoch {self.fit['epoch']} by the run's time limit"
+            target = self.fit["epochs"]
+        if self.ran == target:
+            done = f" ({schedule} schedule compressed onto them), all run" if self.fit is not None else ", all run"
+            text = head + done
         elif self.status in (None, "complete"):  # complete short of its epochs: stopped by its max_minutes
-            schedule = self.config.get("optim", {}).get("schedule", "poly")
-            text = (
-                f"planned {planned} epochs; stopped by the run's time limit after epoch {self.ran} ({schedule} "
-                "schedule not finished)"
-            )
+            text = f"{head}; stopped by the run's time limit after epoch {self.ran} ({schedule} schedule not finished)"
         else:
-            text = f"planned {planned} epochs; {self.status} after epoch {self.ran}"
+            text = f"{head}; {self.status} after epoch {self.ran}"
         if self.config.get("train_all"):
             text += ", no validation (train_all)"
         elif self.config.get("val_every", 1) > 1:
@@ -78,9 +81,10 @@ def read_run(run: Path) -> RunHistory:
     if missing:
         raise FileNotFoundError(f"{' and '.join(missing)} not found: give the folder of a training run")
     summary = run / "summary.json"
-    status = json.loads(summary.read_text(encoding="utf-8")).get("status") if summary.is_file() else None
+    written = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
     config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    return RunHistory(run.name, read_metrics_csv(run / "metrics.csv"), config, status)
+    rows = read_metrics_csv(run / "metrics.csv")
+    return RunHistory(run.name, rows, config, written.get("status"), written.get("schedule_fit"))
 
 
 def write_run_curves(run: RunHistory, path: Path, name: str | None = None) -> list[str]:
