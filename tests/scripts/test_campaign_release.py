@@ -176,6 +176,20 @@ def test_campaign_3d_commands_new_and_resumed(tmp_path, monkeypatch):
     assert "data.num_workers=15" in sets(shorter["brats2018-mmsegrwkv"])  # one run alone: all cores but its own
 
 
+def test_campaign_passes_fit_schedule_to_its_new_runs(tmp_path):
+    """--set fit_schedule=true reaches `rwkvseg train` beside the --minutes budget it needs (resumed runs read it
+    from their own config.json); without --minutes, train refuses it."""
+    script = load_script("campaign")
+    argv = [str(tmp_path), str(tmp_path / "runs"), "--configs", str(BRATS_CONFIGS[1]), "--set", "fit_schedule=true"]
+    (new,) = script.plan(script.parse_args([*argv, "--minutes", "9"])).values()
+    assert sets(new)[-2:] == ["max_minutes=9.0", "fit_schedule=true"]
+    config = load_config(BRATS_CONFIGS[1], [*sets(new), f"data.root={tmp_path}", "out=x"])
+    assert config.fit_schedule and config.max_minutes == 9.0
+    (unbudgeted,) = script.plan(script.parse_args(argv)).values()
+    with pytest.raises(ValueError, match="set max_minutes > 0, or fit_schedule = false"):
+        load_config(BRATS_CONFIGS[1], [*sets(unbudgeted), f"data.root={tmp_path}", "out=x"])
+
+
 def test_a_failed_run_resumes_with_its_own_compile_cache_as_a_resumed_call_does(tmp_path):
     script = load_script("campaign")
     runs, cc = tmp_path / "runs", tmp_path / "cc"

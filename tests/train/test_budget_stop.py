@@ -1,5 +1,6 @@
 """max_minutes: the budget stop estimates the next validation from the last epoch's own duration, never from a
-first epoch that may hold torch.compile, on a fake clock."""
+first epoch that may hold torch.compile; with fit_schedule, the fit of the run's epochs to the budget; on a fake
+clock."""
 
 from types import SimpleNamespace
 
@@ -7,7 +8,8 @@ import pytest
 
 from rwkvseg.train import train as train_module
 from rwkvseg.train.config import TrainConfig
-from rwkvseg.train.train import budget_stop
+from rwkvseg.train.state import ScheduleFit
+from rwkvseg.train.train import budget_fit, budget_stop, fitted_epochs
 
 
 class Clock:
@@ -72,3 +74,66 @@ def test_the_wrapped_stop_is_still_asked(clock):
     assert asked == [1, 2, 3]
     assert budget_stop(TrainConfig(), 0.0, stop) is stop  # no budget: the stop alone
     assert budget_stop(TrainConfig(), 0.0, None) is None
+
+
+def fitted_at(clock, config, epochs, history=()):
+    """Drive budget_fit as fit does: one call per finished epoch, each given as (training seconds, validation
+    seconds or None: not validated); (the epoch it fitted the run after, the ScheduleFit), or None. history: the
+    rows of a run resumed in this process (its earlier validations)."""
+    fit_schedule = budget_fit(config, clock())
+    rows, done = list(history), len(history)
+    for epoch, (train, val) in enumerate(epochs, done + 1):
+        clock.now += train + (val or 0.0)
+        rows.append({"train_seconds": train, **({"val_seconds": val} if val is not None else {})})
+        fitted = fit_schedule(SimpleNamespace(epoch=epoch, step=10 * epoch, history=rows))
+        if fitted is not None:
+            return epoch, fitted
+    return None
+
+
+def test_the_fit_ignores_the_first_epoch_and_counts_the_validation(clock, caplog):
+    config = TrainConfig(epochs=34, max_minutes=10, fit_schedule=True)  # 600 s
+    # epoch 1: 250 s (compiling) + 10 s validation; epoch 2: 20 s + 10 s: 30 s per epoch, 600 - 290 = 310 s left
+    with caplog.at_level("INFO", logger="rwkvseg"):
+        assert fitted_at(clock, config, [(250.0, 10.0), (20.0, 10.0)] * 20) == (
+            2,
+            ScheduleFit(34, 12, 2, 20, 30.0, 310.0),
+        )
+    # a first epoch taken for a measure (260 s per epoch) would have fitted the run to 3
+    every4 = TrainConfig(epochs=34, max_minutes=10, fit_schedule=True, val_every=4)
+    # no validation timed before epoch 4 (40 s of it): 10 s + 40 / 4 per epoch, 600 - 100 - 30 - 40 = 430 s left
+    epochs = [(100.0, None), (10.0, None), (10.0, None), (10.0, 40.0)] + [(10.0, None)] * 30
+    assert fitted_at(clock, every4, epochs) == (4, ScheduleFit(34, 4 + 21, 4, 40, 20.0, 430.0))
+
+
+def test_a_resumed_process_fits_after_its_second_epoch_with_the_runs_last_validation(clock):
+    config = TrainConfig(epochs=50, max_minutes=5, fit_schedule=True, val_every=5)  # 300 s
+    earlier = [{"train_seconds": 5.0}] * 9 + [{"train_seconds": 5.0, "val_seconds": 25.0}]  # 10 epochs done
+    # this process: epoch 11 (compiling) 60 s, epoch 12 10 s + 25 / 5: 15 s per epoch, 230 s left -> 12 + 15
+    assert fitted_at(clock, config, [(60.0, None), (10.0, None)], earlier) == (
+        12,
+        ScheduleFit(50, 27, 12, 120, 15.0, 230.0),
+    )
+
+
+def test_a_train_all_run_fits_without_validation(clock):
+    config = TrainConfig(epochs=30, max_minutes=2, fit_schedule=True, val_every=5, train_all=True)  # 120 s
+    assert fitted_at(clock, config, [(30.0, None), (10.0, None)]) == (2, ScheduleFit(30, 10, 2, 20, 10.0, 80.0))
+
+
+def test_a_run_whose_epochs_fit_keeps_them_and_is_not_asked_again(clock, caplog):
+    config = TrainConfig(epochs=10, max_minutes=60, fit_schedule=True)
+    with caplog.at_level("INFO", logger="rwkvseg"):
+        # epoch 2 decides (all 10 fit); epoch 3 onwards, however slow, changes nothing in this process
+        assert fitted_at(clock, config, [(50.0, 1.0), (10.0, 1.0)] + [(1000.0, 1.0)] * 8) is None
+    assert "the schedule fits the budget: all 10 epochs (11.0 s per epoch, 3538 s left)" in caplog.text
+    assert budget_fit(TrainConfig(max_minutes=60), 0.0) is None  # fit_schedule off: nothing to ask
+
+
+def test_fitted_epochs_bounds():
+    assert fitted_epochs(2, 310.0, 30.0, 34) == 12  # 2 + floor(10.33)
+    assert fitted_epochs(2, 29.9, 30.0, 34) == 3  # not even one more fits: one more, the epoch that ends the run
+    assert fitted_epochs(2, -50.0, 30.0, 34) == 3  # already past the budget
+    assert fitted_epochs(2, 3000.0, 30.0, 34) == 34  # never more than planned
+    assert fitted_epochs(34, 0.0, 30.0, 34) == 34  # asked after the last epoch: nothing to fit
+    assert fitted_epochs(2, 100.0, 0.0, 34) == 34  # a clock that did not move

@@ -58,3 +58,14 @@ def test_changed_settings_names_what_a_resume_changes_but_not_the_moved_folder()
     assert changed_settings(saved, moved) == []
     changed = load_config(None, ["data.root=/b/data", "out=/b/run", "optim.lr=0.5", "data.size=[32,32]"])
     assert changed_settings(saved, changed) == ["data.root", "data.size", "optim.lr"]
+
+
+def test_fit_schedule_needs_a_time_budget(tmp_path):
+    with pytest.raises(ValueError, match=r"max_minutes = 0 sets none: set max_minutes > 0, or fit_schedule = false$"):
+        load_config(None, ["fit_schedule=true"])
+    (tmp_path / "c.toml").write_text("max_minutes = 30\nfit_schedule = true\n")
+    config = load_config(tmp_path / "c.toml")
+    assert config.fit_schedule and config.max_minutes == 30
+    assert not load_config(tmp_path / "c.toml", ["fit_schedule=false", "max_minutes=0"]).fit_schedule
+    with pytest.raises(ValueError, match="fit_schedule must be true or false, got 'maybe'"):
+        load_config(tmp_path / "c.toml", ["fit_schedule=maybe"])

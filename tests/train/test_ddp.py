@@ -3,6 +3,7 @@ a resume on another world size, and a failing rank that ends the run instead of 
 
 import contextlib
 import csv
+import json
 import os
 import re
 import subprocess
@@ -142,6 +143,38 @@ def test_failing_rank_ends_the_run(setup, tmp_path):
     assert code != 0
     assert "rank 1 of 2 failed: RuntimeError: injected failure" in out
     assert not (tmp_path / "run" / "state.pt").exists()
+
+
+FITTING_RANKS = """import os, sys
+import rwkvseg.train.train as train_module
+from rwkvseg.train.state import ScheduleFit
+
+def budget_fit(config, start):  # each rank its own clock: rank 0 fits the run to 3 epochs after epoch 2, rank 1
+    rank = int(os.environ["RANK"])  # to 4 after any epoch it is asked at
+    def fit_schedule(progress):
+        if rank == 0 and progress.epoch != 2:
+            return None
+        return ScheduleFit(config.epochs, 3 if rank == 0 else 4, progress.epoch, progress.step, 1.0, 1.0)
+    return fit_schedule
+
+train_module.budget_fit = budget_fit
+from rwkvseg.cli import main
+sys.exit(main())
+"""
+
+
+def test_every_rank_follows_the_schedule_fit_of_rank_0(setup, tmp_path):
+    """The fit is rank 0's decision, broadcast as the budget stop's is: the ranks train the same epochs (a rank
+    that went on alone would wait for the others' gradients until the timeout)."""
+    script = tmp_path / "fitting_ranks.py"
+    script.write_text(FITTING_RANKS)
+    argv = ["train", setup / "c.toml", "--data", setup / "data", "--out", tmp_path / "run", "--no-progress"]
+    code, out, _ = torchrun(*argv, "--dist-timeout", "20", script=script, timeout=120)
+    assert code == 0, out
+    assert "schedule fitted to the budget: 5 -> 3 epochs" in out
+    assert len(losses(tmp_path / "run")) == 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and summary["schedule_fit"]["epochs"] == 3 and summary["schedule_fit"]["epoch"] == 2
 
 
 LEAVING = """import os, sys

@@ -4,6 +4,7 @@ and is refused where a validation is needed (a federated site)."""
 
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -18,8 +19,10 @@ from rwkvseg.eval.report import read_run
 from rwkvseg.federated.local import setup_site
 from rwkvseg.infer.predict import PredictConfig
 from rwkvseg.infer.predict3d import Predictor3D
-from rwkvseg.train.config import load_config
+from rwkvseg.train import loop as loop_module
+from rwkvseg.train.config import OptimConfig, load_config
 from rwkvseg.train.loop import LAST_EPOCH
+from rwkvseg.train.optim import lr_factor
 from rwkvseg.train.train import train
 from rwkvseg.train.volumes import FINAL_FILE
 from writers import assert_same_run
@@ -99,6 +102,58 @@ def test_the_time_budget_stops_a_train_all_run_after_any_epoch(tmp_path, cache):
     )
     assert progress.epoch == 1 and progress.best_epoch == 1
     assert_best_is_last(tmp_path / "run", 1)
+
+
+@pytest.fixture
+def epoch_clock(monkeypatch):
+    """perf_counter on a fake clock that moves only in train_epoch: 100 s for a process's first epoch (as if it
+    compiled), 10 s for each later one; validation and saving take no time."""
+    clock = {"now": 1000.0, "epochs": 0}
+    real = loop_module.train_epoch
+
+    def timed(*args, **kwargs):
+        clock["epochs"] += 1
+        clock["now"] += 100.0 if clock["epochs"] == 1 else 10.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(loop_module, "train_epoch", timed)
+    return clock
+
+
+def test_a_train_all_run_fitted_to_its_budget_anneals_where_a_stopped_one_does_not(
+    tmp_path, cache, epoch_clock, caplog
+):
+    """6 epochs of one step planned, 135 s of budget: after epoch 2 (110 s; the 100 s first epoch not taken as a
+    measure) 10 s per epoch leave room for 2 more: fitted to 4, its poly schedule ends at 0 there. Without
+    fit_schedule the budget stops the run after the same epoch 4 with the planned schedule's LR, as before."""
+    budget = ["epochs=6", "train_all=true", "max_minutes=2.25"]
+    with caplog.at_level(logging.INFO, logger="rwkvseg"):
+        fitted = train(config_3d(cache, tmp_path / "fitted", *budget, "fit_schedule=true"))
+    assert "schedule fitted to the budget: 6 -> 4 epochs (10.0 s per epoch, 25 s left)" in caplog.text
+    assert fitted.epoch == 4 and fitted.history[-1]["lr"] == 0.0
+    assert [row.get("fitted_epochs") for row in fitted.history] == [None, 4, None, None]
+    summary = json.loads((tmp_path / "fitted" / "summary.json").read_text())
+    assert summary["complete"] and summary["epochs"] == summary["epochs_done"] == 4
+    assert assert_best_is_last(tmp_path / "fitted", 4)["schedule_fit"]["planned"] == 6
+    assert "fitted to 4" in read_run(tmp_path / "fitted").schedule()
+
+    epoch_clock["epochs"] = 0  # a new process
+    stopped = train(config_3d(cache, tmp_path / "stopped", *budget))
+    assert stopped.epoch == 4 and stopped.schedule_fit is None
+    assert [row["lr"] for row in stopped.history] == [0.01 * lr_factor(s, 6, OptimConfig()) for s in (1, 2, 3, 4)]
+    assert "fitted_epochs" not in stopped.history[1]
+    assert "schedule_fit" not in json.loads((tmp_path / "stopped" / "summary.json").read_text())
+
+
+def test_a_run_whose_epochs_all_fit_is_not_fitted(tmp_path, cache, epoch_clock, caplog):
+    """20 minutes hold all 6 epochs: no fit, and the run is the plain run's bit for bit."""
+    with caplog.at_level(logging.INFO, logger="rwkvseg"):
+        train(config_3d(cache, tmp_path / "roomy", "epochs=6", "train_all=true", "max_minutes=20", "fit_schedule=true"))
+    assert "the schedule fits the budget: all 6 epochs (10.0 s per epoch, 1090 s left)" in caplog.text
+    epoch_clock["epochs"] = 0
+    train(config_3d(cache, tmp_path / "plain", "epochs=6", "train_all=true"))
+    assert_same_run(tmp_path / "roomy", tmp_path / "plain")
 
 
 def test_a_2d_run_trains_on_the_validation_images_too(tmp_path, caplog):

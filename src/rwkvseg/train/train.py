@@ -1,11 +1,12 @@
 """One run, any dimension: `train(config)` opens the run folder, lets the 2D or 3D setup assemble the data, then
 builds the model from the checkpoint record (with model.init, from those weights: rwkvseg.train.finetune) and runs
-the shared loop under one time-budget rule. Under torchrun every process calls train: data-parallel training
-(train/distributed.py, docs/distributed.md)."""
+the shared loop under one time-budget rule (and with fit_schedule, the fit of the run to that budget). Under
+torchrun every process calls train: data-parallel training (train/distributed.py, docs/distributed.md)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -16,8 +17,9 @@ from ..files import folder_lock
 from . import distributed
 from .config import TrainConfig
 from .finetune import initial_model
-from .loop import Progress, Run, fit
+from .loop import FitSchedule, Progress, Run, fit
 from .run import log_done, open_run_dir, training_setup
+from .state import ScheduleFit
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,8 @@ def _train(config: TrainConfig, resume: bool, progress_bar: bool, stop: Stop | N
         )
     start = time.perf_counter()
     run = Run(model, data.train_set, data.loss, optimizer, scheduler, data.validate, meta, run_dir, device)
-    progress = fit(run, loop, resume=resume, stop=budget_stop(config, start, stop))
+    fit_schedule = budget_fit(config, start)
+    progress = fit(run, loop, resume=resume, stop=budget_stop(config, start, stop), fit_schedule=fit_schedule)
     if distributed.is_main():
         log_done(progress, config.select_metric, start, run_dir)
         if data.finish is not None:
@@ -116,3 +119,47 @@ def budget_stop(config: TrainConfig, start: float, stop: Stop | None) -> Stop | 
         return over or (stop is not None and stop(progress))
 
     return over_budget
+
+
+def budget_fit(config: TrainConfig, start: float) -> FitSchedule | None:
+    """With config.fit_schedule, fit's fit_schedule: the run fitted to its wall-clock budget (config.max_minutes,
+    measured from start), decided once in this process. Asked after every epoch (until the run is fitted); after
+    this process's first epoch (which may hold torch.compile) it only notes the time. After a later epoch, once
+    a validation has been timed (this process's or an earlier one's, in progress.history; train_all validates
+    none), it estimates the seconds per epoch: that epoch's own duration without its validation, plus the last
+    validation's seconds / val_every. fitted_epochs gives the epochs that fit; fewer than config.epochs is a
+    ScheduleFit, else the run keeps its plan (logged, and not asked again in this process)."""
+    if not config.fit_schedule:
+        return None
+    budget = 60 * config.max_minutes
+    epochs_run, last, decided = 0, start, False
+
+    def fit_to_budget(progress: Progress) -> ScheduleFit | None:
+        nonlocal epochs_run, last, decided
+        now = time.perf_counter()
+        epoch_seconds, last = now - last, now
+        epochs_run += 1
+        timed = [row["val_seconds"] for row in progress.history if "val_seconds" in row]
+        if decided or epochs_run == 1 or not (config.train_all or timed):
+            return None
+        decided = True
+        row = progress.history[-1]
+        per_epoch = epoch_seconds - row.get("val_seconds", 0.0)
+        if not config.train_all:
+            per_epoch += timed[-1] / config.val_every
+        left = budget - (now - start)
+        epochs = fitted_epochs(progress.epoch, left, per_epoch, config.epochs)
+        seconds = f"{per_epoch:.1f} s per epoch, {left:.0f} s left"
+        if epochs == config.epochs:
+            log.info("the schedule fits the budget: all %d epochs (%s)", config.epochs, seconds)
+            return None
+        return ScheduleFit(config.epochs, epochs, progress.epoch, progress.step, round(per_epoch, 3), round(left, 3))
+
+    return fit_to_budget
+
+
+def fitted_epochs(done: int, seconds_left: float, seconds_per_epoch: float, planned: int) -> int:
+    """The epochs a run fits in its budget: the `done` ones + those seconds_left holds at seconds_per_epoch, at
+    least one more than done (the epoch that ends the run), at most the planned ones."""
+    ahead = math.floor(seconds_left / seconds_per_epoch) if seconds_per_epoch > 0 else planned
+    return min(planned, max(done + 1, done + ahead))
