@@ -21,6 +21,8 @@ members of a cross-validated ensemble (`rwkvseg predict FOLD0/best.safetensors .
 A run folder that already holds a training state is continued exactly (`rwkvseg train --resume`), so a campaign
 longer than one device call is the same command again with the run folders carried back. `--minutes` is each
 run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and resumes later from there.
+`--set fit_schedule=true` (with --minutes) fits each new run to its budget instead: fewer epochs, its schedule
+finished (TrainConfig.fit_schedule); a resumed run keeps the setting of its own config.json.
 Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written to RUNS/campaign.json: epochs done
 of planned, the best validation Dice (the mean over regions in 3D) with its epoch and, in 3D, the Dice of each
 region at that epoch, the last validated Dice, whether the curve has levelled off (`late_gain`: the best of the
