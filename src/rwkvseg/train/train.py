@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -17,13 +16,11 @@ from ..files import folder_lock
 from . import distributed
 from .config import TrainConfig
 from .finetune import initial_model
-from .loop import FitSchedule, Progress, Run, fit
+from .loop import FitSchedule, Progress, Run, Stop, fit
 from .run import log_done, open_run_dir, training_setup
 from .state import ScheduleFit
 
 log = logging.getLogger(__name__)
-
-Stop = Callable[[Progress], bool]
 
 
 def train(
