@@ -9,6 +9,8 @@
 #       preprocess (once), start each arm's campaign detached, follow them for FOLLOW_SECONDS, report, pack
 #       (NOPACK=1: no pack). TAG replaces the runs' tag stem (default ds2_e<epochs>). ALL_EPOCHS: the epochs of
 #       arms A and S (default EPOCHS), e.g. the five-fold runs' schedule beside a shorter screening arm.
+#       FIT=1: each run fitted to its MINUTES (--set fit_schedule=true): fewer epochs if the budget cannot hold
+#       them, the poly schedule finished, where without it the budget stops a run part-way (session 53).
 #       ARM_EPOCHS="B:34": the epochs of each ARM named there, before EPOCHS and ALL_EPOCHS. WORKERS:
 #       each run's patch loaders (default: scripts/campaign.py's share of the cores among one arm's runs, which
 #       over-books the cores when several arms run at once).
@@ -107,12 +109,13 @@ start() {
   nvidia-smi --query-gpu=name,memory.total --format=csv
   [ -d "$W/cache" ] || python3 -m rwkvseg.cli preprocess "$RAW" --out "$W/cache" | tail -n 2
   echo "preprocess done $(($(date +%s) - t0)) s"
-  local workers=()
-  [ -z "${WORKERS:-}" ] || workers=(--set "data.num_workers=$WORKERS")
+  local extra=()  # WORKERS and FIT, for every run
+  [ -z "${WORKERS:-}" ] || extra=(--set "data.num_workers=$WORKERS")
+  [ -z "${FIT:-}" ] || extra+=(--set fit_schedule=true)
   for arm in $ARMS; do
     arm_args "$arm" || return 2
     python3 scripts/detached_call.py start "$W/state-$arm" -- python3 scripts/campaign.py "$W/cache" \
-      "$W/runs-$arm" --epochs "$EP" --minutes "$MINUTES" "${COMMON[@]}" "${workers[@]}" "${ARGS[@]}" \
+      "$W/runs-$arm" --epochs "$EP" --minutes "$MINUTES" "${COMMON[@]}" "${extra[@]}" "${ARGS[@]}" \
       --compile-cache "$W/cc-$arm"
   done
   for arm in $ARMS; do

@@ -144,6 +144,7 @@ def test_the_final_models_train_on_every_case_and_come_back_as_int8_releases(stu
         assert "--folds" not in line and "data.target=regions" in line and "deep_supervision=2" in line
         assert "--epochs 34 --minutes 20" in line and "--tag ds2_e34_all" in line
         assert line.count("data.num_workers=2") == 1
+        assert "fit_schedule" not in line  # FIT unset: the budget stops a run, as before
 
     work = tmp_path / "work"
     for arm, name in (("A", "brats2018-mmsegrwkv-ds2_e34_all"), ("S", "brats2018-mmsegrwkv_small-ds2_e34_all")):
@@ -262,3 +263,14 @@ def test_final_sets_aside_a_cross_validation_an_earlier_call_cut_short(stubs, tm
     with tarfile.open(tmp_path / "out" / "small.tgz") as tar:
         packed = set(tar.getnames())
     assert "cv-M-0.5/cv.json" in packed and not any(name.startswith("cut-") for name in packed)
+
+
+def test_fit_sets_every_run_to_fit_its_schedule_to_the_budget(stubs, tmp_path):
+    """FIT=1 gives every run of every arm --set fit_schedule=true (with its MINUTES), once."""
+    settings = dict(ARMS="B V", EPOCHS="34", MINUTES="20", FOLLOW_SECONDS="5", NOPACK="1", FIT="1")
+    result = call(stubs, tmp_path, "start", **settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in recorded(tmp_path) if "scripts/campaign.py" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert "--minutes 20" in line and line.count("--set fit_schedule=true") == 1
