@@ -23,15 +23,15 @@ longer than one device call is the same command again with the run folders carri
 run's wall-clock budget (`max_minutes`): a run stops after a validated epoch and resumes later from there.
 `--set fit_schedule=true` (with --minutes) fits each new run to its budget instead: fewer epochs, its schedule
 finished (TrainConfig.fit_schedule); a resumed run keeps the setting of its own config.json.
-Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written to RUNS/campaign.json: epochs done
-of planned, the best validation Dice (the mean over regions in 3D) with its epoch and, in 3D, the Dice of each
-region at that epoch, the last validated Dice, whether the curve has levelled off (`late_gain`: the best of the
-last third of the validations minus the best before them; `trend` rising, level or declining: a best that came
-early and was never reached again is `declining`; `val_noise`: the median change from one validation to the next,
-against which to read late_gain: a gain or a loss within it is the validation set's noise, not the curve's shape;
-`late_rise`: the rise of a least-squares line through the last half of the validations, and `plateau`, the test
-that reads it against that noise: `yes` when even its one-sided 95 % upper bound rises by at most PLATEAU_DICE,
-`no` when its lower bound rises by more, `unclear` when the noise leaves both open), the
+Each run logs to RUNS/logs/<run>.log; at the end a table is printed and written to RUNS/campaign.json: epochs done of
+planned (and `fitted`: the epochs a run fitted to its budget ends after), the best validation Dice (the mean over
+regions in 3D) with its epoch and, in 3D, the Dice of each region at that epoch, the last validated Dice, whether the
+curve has levelled off (`late_gain`: the best of the last third of the validations minus the best before them; `trend`
+rising, level or declining: a best that came early and was never reached again is `declining`; `val_noise`: the median
+change from one validation to the next, against which to read late_gain: a gain or a loss within it is the validation
+set's noise, not the curve's shape; `late_rise`: the rise of a least-squares line through the last half of the
+validations, and `plateau`, the test that reads it against that noise: `yes` when even its one-sided 95 % upper bound
+rises by at most PLATEAU_DICE, `no` when its lower bound rises by more, `unclear` when the noise leaves both open), the
 best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
 scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
 (training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
@@ -306,6 +306,8 @@ def summary(run: Path, history: RunHistory | None = None) -> dict:
     history = load_history(run) if history is None else history
     rows = history.rows
     row = {"run": run.name, "planned": history.config.get("epochs"), "epochs": history.ran}
+    if history.fit is not None:  # fit_schedule: the run was fitted to its budget, to end after these epochs
+        row["fitted"] = history.fit["epochs"]
     if not rows:
         return row
     validated = history.validated  # val_every > 1: the other epochs have no val_* columns; train_all: none have
@@ -343,7 +345,8 @@ def table(rows: list[dict]) -> list[str]:
     regions = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("best_val_dice_")]
     keys = ["run", "exit", *(["retries"] if any(r.get("retries") for r in rows) else [])]
     keys += ["train_all"] if any(r.get("train_all") for r in rows) else []
-    keys += ["planned", "epochs", "best_val_dice", "best_epoch", *regions, "last_val_dice"]
+    keys += ["planned", *(["fitted"] if any("fitted" in r for r in rows) else []), "epochs"]
+    keys += ["best_val_dice", "best_epoch", *regions, "last_val_dice"]
     keys += ["late_gain", "trend", "val_noise", "late_rise", "plateau"]
     keys += ["tta_val_dice"] if any("tta_val_dice" in r for r in rows) else []
     keys += ["last_train_loss", "median_epoch_s"]

@@ -2,6 +2,7 @@
 epochs; the campaign's commands and its table."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,25 @@ def test_campaign_table_shows_the_median_data_wait_of_runs_that_record_it(run, t
     header, old_line, new_line = script.table([script.summary(run), row])
     assert header.split(" | ")[-2:] == ["median_epoch_s", "median_data_wait_s"]
     assert old_line.split(" | ")[-1] == "-" and new_line.split(" | ")[-1] == "0.7500"
+
+
+def test_campaign_row_of_a_run_fitted_to_its_budget_gives_the_fitted_epochs(run, tmp_path):
+    """A run fitted to its time budget (fit_schedule: summary.json's schedule_fit) has a row with the epochs it was
+    fitted to beside the planned ones, and the table a fitted column ('-' for the runs that kept their plan)."""
+    script = load_script("campaign")
+    fit = {"planned": 6, "epochs": 5, "epoch": 2, "step": 20, "seconds_per_epoch": 2.0, "seconds_left": 7.0}
+    folder = tmp_path / "busi-urwkv-fitted"
+    shutil.copytree(run, folder)
+    (folder / "summary.json").write_text(json.dumps({"status": "complete", "schedule_fit": fit}))
+    row = script.summary(folder)
+    assert (row["planned"], row["fitted"], row["epochs"]) == (6, 5, 5)
+    assert "fitted" not in script.summary(run)
+    header, plain, fitted = script.table([script.summary(run), row])
+    keys = header.split(" | ")
+    assert keys.index("planned") + 1 == keys.index("fitted")
+    assert dict(zip(keys, fitted.split(" | "), strict=True))["fitted"] == "5"
+    assert dict(zip(keys, plain.split(" | "), strict=True))["fitted"] == "-"
+    assert "fitted" not in script.table([script.summary(run)])[0].split(" | ")
 
 
 def test_campaign_summary_of_a_run_not_yet_validated(run):

@@ -296,3 +296,17 @@ def test_checkpoints_of_an_averaged_run_travel_as_headers_rebuilt_from_the_avera
     moved = unpack_run(tmp_path / "parts", tmp_path / "moved")
     for name in files:
         assert (moved / name).read_bytes() == (run / name).read_bytes(), name
+
+
+def test_the_manifest_of_a_run_fitted_to_its_budget_gives_its_fitted_epochs(tmp_path):
+    """pack's manifest (and the lines of pack, unpack and device_continue.py that read it) gives the epochs the run
+    trains for: of a run fitted to its budget (fit_schedule) the fitted ones, not the config's."""
+    from rwkvseg.train.travel import _manifest
+
+    (tmp_path / "config.json").write_text(json.dumps({"epochs": 34}))
+    progress = {"epoch": 3, "step": 750, "best_epoch": 2, "best_metric": 0.5}
+    plain = _manifest("run", tmp_path, {"progress": progress}, [], {}, [], MiB)
+    assert plain["progress"]["epochs"] == 34
+    fit = {"planned": 34, "epochs": 29, "epoch": 2, "step": 500, "seconds_per_epoch": 27.3, "seconds_left": 912.0}
+    fitted = _manifest("run", tmp_path, {"progress": progress | {"schedule_fit": fit}}, [], {}, [], MiB)
+    assert fitted["progress"]["epochs"] == 29 and fitted["progress"]["epoch"] == 3

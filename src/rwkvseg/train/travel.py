@@ -333,6 +333,7 @@ def _manifest(
 ) -> dict[str, Any]:
     config = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     progress = state["progress"]
+    fit = progress.get("schedule_fit")  # a run fitted to its time budget ends after its fitted epochs
     return {
         "format": MANIFEST_FORMAT,
         "kind": MANIFEST_KIND,
@@ -341,7 +342,7 @@ def _manifest(
         "packed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "progress": {
             "epoch": progress["epoch"],
-            "epochs": config.get("epochs"),
+            "epochs": config.get("epochs") if fit is None else fit["epochs"],
             "step": progress["step"],
             "best_epoch": progress["best_epoch"],
             "best_metric": progress["best_metric"],
