@@ -40,6 +40,9 @@
 #   F  regions, half_res_width=32 with the heads on the 1/2 and 1/4 maps (fine_heads, DynUNet's levels)
 #   M  regions, fm_channels=8 (ResFM: 8 embedding channels per modality, 32 into the stem, where the paper's 2 give 8)
 #   W  regions, loss.region_weights=[1,2,1] (the tumour core's BCE and Dice weighed double)
+#   R  regions, data.patches.augment_preset=strong (each transform more often, with MRI bias fields, per-modality
+#      intensity shifts and inverted gamma: rwkvseg.data.patches3d), against the generalisation gap of session 54
+#      (MMSegRWKV reaches DynUNet's training loss and validates 0.028 lower)
 # and the final models of the recipe (train_all: the 13 training and 5 validation cases of the committed single split,
 # all 18, none validated, the last epoch kept; their epochs chosen by the five-fold runs):
 #   A  MMSegRWKV, regions                   S  MMSegRWKV-small, regions
@@ -72,11 +75,12 @@ arm_args() {  # arm letter -> EP, its epochs, and ARGS, its campaign options (wi
       "${FOLDS[@]}" --tag "${tag}_hrw32_fine") ;;
     M) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${FOLDS[@]}" --tag "${tag}_fm8") ;;
     W) ARGS=("${MM[@]}" "${REGIONS[@]}" --set "loss.region_weights=[1,2,1]" "${FOLDS[@]}" --tag "${tag}_tc2") ;;
+    R) ARGS=("${MM[@]}" "${REGIONS[@]}" --set data.patches.augment_preset=strong "${FOLDS[@]}" --tag "${tag}_strong") ;;
     A) ARGS=("${MM[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     S) ARGS=("${SMALL[@]}" "${REGIONS[@]}" "${ALL[@]}" --tag "${tag}_all") ;;
     G) ARGS=("${MM[@]}" "${REGIONS[@]}" --set model.overrides.fm_channels=8 "${ALL[@]}" --tag "${tag}_fm8_all") ;;
     V) ARGS=("${MM[@]}" "${REGIONS[@]}" --set "loss.region_weights=[1,2,1]" "${ALL[@]}" --tag "${tag}_tc2_all") ;;
-    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, W, A, S, G or V)" >&2; return 2 ;;
+    *) echo "$0: unknown arm $1 (B, L, H, N, F, M, W, R, A, S, G or V)" >&2; return 2 ;;
   esac
 }
 

@@ -68,7 +68,7 @@ def test_usage_and_missing_settings_are_one_line_and_non_zero(stubs, tmp_path):
     result = call(stubs, tmp_path, "start", ARMS="L")
     assert result.returncode != 0 and "EPOCHS: set EPOCHS" in result.stderr
     result = call(stubs, tmp_path, "start", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0")
-    assert result.returncode == 2 and "unknown arm X (B, L, H, N, F, M, W, A, S, G or V)" in result.stderr
+    assert result.returncode == 2 and "unknown arm X (B, L, H, N, F, M, W, R, A, S, G or V)" in result.stderr
     assert not any("campaign.py" in line for line in recorded(tmp_path))  # nothing started
     result = call(stubs, tmp_path, "one", ARMS="X", EPOCHS="17", MINUTES="14", FOLLOW_SECONDS="0", WAIT_SECONDS="0")
     assert result.returncode == 2 and "waited" not in result.stdout  # a failed start ends the call
@@ -266,11 +266,15 @@ def test_final_sets_aside_a_cross_validation_an_earlier_call_cut_short(stubs, tm
 
 
 def test_fit_sets_every_run_to_fit_its_schedule_to_the_budget(stubs, tmp_path):
-    """FIT=1 gives every run of every arm --set fit_schedule=true (with its MINUTES), once."""
-    settings = dict(ARMS="B V", EPOCHS="34", MINUTES="20", FOLLOW_SECONDS="5", NOPACK="1", FIT="1")
+    """FIT=1 gives every run of every arm --set fit_schedule=true (with its MINUTES), once; arm R is the release
+    recipe with the strong augmentation preset."""
+    settings = dict(ARMS="R V", EPOCHS="34", MINUTES="20", FOLLOW_SECONDS="5", NOPACK="1", FIT="1")
     result = call(stubs, tmp_path, "start", **settings)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in recorded(tmp_path) if "scripts/campaign.py" in line]
     assert len(lines) == 2
     for line in lines:
         assert "--minutes 20" in line and line.count("--set fit_schedule=true") == 1
+    strong = lines[0]  # arm R: the release recipe with the strong augmentation preset, five folds
+    assert "--set data.patches.augment_preset=strong --folds 0 1 2 3 4" in strong and "--tag ds2_e34_strong" in strong
+    assert "augment_preset" not in lines[1]
