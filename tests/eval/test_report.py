@@ -1,8 +1,10 @@
 import json
+import re
 
 import pytest
 
 from rwkvseg.eval.report import (
+    fold_curve,
     html_table,
     plot_curves,
     plot_fold_curves,
@@ -75,6 +77,85 @@ def test_fold_curves_average_the_folds_where_every_fold_validated(tmp_path, monk
     assert "mean" not in rows[1] and "fold0" not in rows[1]  # no validation at epoch 1
     loss = {k: {int(r["epoch"]): r["train_loss"] for r in run.rows} for k, run in folds.items()}
     assert rows[3]["train_loss"] == pytest.approx((loss[0][3] + loss[1][3]) / 2) and rows[5]["train_loss"] == loss[1][5]
+
+
+def history(dice: dict[int, float], epochs: int, regions: bool = False) -> list[dict[str, float]]:
+    """metrics.csv rows (read_metrics_csv) of epochs 1..epochs, validated where dice has a value; with regions, WT
+    0.1 above the mean and ET 0.1 below it."""
+    rows = []
+    for epoch in range(1, epochs + 1):
+        row = {"epoch": float(epoch), "train_loss": 1.0 / epoch}
+        if epoch in dice:
+            row["val_dice"] = dice[epoch]
+            if regions:
+                row |= {
+                    "val_dice_WT": dice[epoch] + 0.125,
+                    "val_dice_TC": dice[epoch],
+                    "val_dice_ET": dice[epoch] - 0.125,
+                }
+        rows.append(row)
+    return rows
+
+
+def test_fold_curve_reads_the_folds_at_fixed_epochs():
+    """Fold 0 peaks early, fold 1 late: each fold's own best is above the best common epoch, itself above the last."""
+    folds = {
+        0: history({2: 0.75, 4: 0.5, 6: 0.5}, 6, regions=True),
+        1: history({2: 0.25, 4: 0.5, 6: 0.625}, 6, regions=True),
+    }
+    curve = fold_curve(folds)
+    assert curve.folds == (0, 1) and curve.epochs == (2, 4, 6) and curve.regions == ("WT", "TC", "ET")
+    assert curve.mean == pytest.approx((0.5, 0.5, 0.5625))
+    assert curve.per_fold_best_epochs == {0: 2, 1: 6} and curve.per_fold_best == pytest.approx((0.75 + 0.625) / 2)
+    assert curve.best_epoch == 6 and curve.best == pytest.approx(0.5625)
+    assert curve.last_epochs == {0: 6, 1: 6} and curve.last == pytest.approx(0.5625)
+    assert curve.per_fold_best > curve.best >= curve.last >= min(curve.mean)
+    assert curve.per_fold_best_regions == pytest.approx({"WT": 0.6875 + 0.125, "TC": 0.6875, "ET": 0.6875 - 0.125})
+    assert curve.best_regions["WT"] == pytest.approx(0.5625 + 0.125) and curve.last_regions["ET"] == pytest.approx(
+        0.5625 - 0.125
+    )
+    wt = fold_curve(folds, "val_dice_WT")  # a region's column as the metric: no regions of its own
+    assert wt.regions == () and wt.best == pytest.approx(0.5625 + 0.125) and wt.per_fold_best_regions == {}
+
+
+def test_fold_curve_keeps_the_earliest_of_tied_epochs():
+    folds = {"a": history({1: 0.5, 2: 0.75, 3: 0.75}, 3), "b": history({1: 0.5, 2: 0.25, 3: 0.25}, 3)}
+    curve = fold_curve(folds)
+    assert curve.mean == (0.5, 0.5, 0.5) and curve.best_epoch == 1  # all tied: the first
+    assert curve.per_fold_best_epochs == {"a": 2, "b": 1}  # a's 0.75 first reached at 2, as the loop keeps it
+    assert curve.per_fold_best == 0.625 and curve.last == 0.5
+
+
+def test_fold_curve_averages_only_the_epochs_every_fold_validated():
+    """val_every 2 against 3, and a fold that stopped early: only 6 and 12 are common; each fold's last is its own."""
+    folds = {
+        0: history({e: e / 100 for e in range(2, 15, 2)}, 14),  # 2, 4, ..., 14
+        1: history({e: e / 50 for e in range(3, 13, 3)}, 13),  # 3, 6, 9, 12 and no validation at 13
+    }
+    curve = fold_curve(folds)
+    assert curve.epochs == (6, 12) and curve.mean == pytest.approx((0.09, 0.18))
+    assert curve.best_epoch == 12 and curve.best == pytest.approx(0.18)
+    assert curve.last_epochs == {0: 14, 1: 12} and curve.last == pytest.approx((0.14 + 0.24) / 2)
+    assert curve.per_fold_best_epochs == {0: 14, 1: 12} and curve.regions == ()
+
+
+@pytest.mark.parametrize(
+    ("folds", "metric", "message"),
+    [
+        ({0: history({2: 0.5}, 2), 1: history({}, 2)}, "val_dice", "fold 1 has no epoch with val_dice; give runs that"),
+        (
+            {0: history({2: 0.5}, 2, True)},
+            "val_dice_XX",
+            "no epoch with val_dice_XX; choose one of val_dice, val_dice_ET",
+        ),
+        ({0: history({2: 0.5}, 2), 1: history({3: 0.5}, 3)}, "val_dice", "no epoch is validated by every fold (fold 0"),
+        ({}, "val_dice", "no fold histories given"),
+    ],
+)
+def test_fold_curve_refuses_folds_it_cannot_read(folds, metric, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        fold_curve(folds, metric)
+    assert "\n" not in str(err.value)
 
 
 def test_run_history_states_why_a_run_stopped_early(tmp_path):

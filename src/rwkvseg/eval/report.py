@@ -1,5 +1,6 @@
 """A self-contained HTML report (tables, training curves as inline SVG, image galleries), a training run folder as
-reports and model cards read it, and a run's training curves as a PNG."""
+reports and model cards read it, a run's training curves as a PNG, and the cross-validated curve of fold runs
+(fold_curve: their mean at fixed epochs)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import csv
 import html
 import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,110 @@ def write_run_curves(run: RunHistory, path: Path, name: str | None = None) -> li
     return plot_curves(run.rows, path, title, curves, loss, None if best is None else int(best["epoch"]))
 
 
+Fold = Hashable  # a fold's key: its number, or a name such as its metrics.csv
+
+
+def validated_by_epoch(rows: Sequence[Mapping[str, float]], metric: str) -> dict[int, Mapping[str, float]]:
+    """Epoch -> row of the epochs whose row has metric (validated; val_every > 1 leaves the others without), in
+    epoch order."""
+    return dict(sorted(((int(r["epoch"]), r) for r in rows if metric in r), key=lambda pair: pair[0]))
+
+
+def common_means(folds: Mapping[Fold, Sequence[Mapping[str, float]]], metric: str = "val_dice") -> dict[int, float]:
+    """Epoch -> the mean of metric over the folds, at each epoch every fold validated (ascending; empty when
+    none): the cross-validated curve of a recipe."""
+    by_fold = [validated_by_epoch(rows, metric) for rows in folds.values()]
+    epochs = sorted(set.intersection(*(set(v) for v in by_fold))) if by_fold else []
+    return {e: sum(v[e][metric] for v in by_fold) / len(by_fold) for e in epochs}
+
+
+@dataclass(frozen=True)
+class FoldCurve:
+    """The validation curve of a cross-validation's fold runs read at fixed epochs (fold_curve).
+
+    Three readings of it, each with the means of its regions (region -> mean; empty without region columns):
+    - per_fold_best: the mean of each fold's own best (its first epoch with the highest metric, as the training
+      loop keeps it). Optimistic: each fold's epoch is chosen on the validation cases it then scores.
+    - best: the mean at best_epoch, the one epoch of the curve with the highest mean (ties: the earliest), chosen
+      for every fold at once; still chosen on the cases scored, but one choice instead of one per fold.
+    - last: the mean at each fold's last validated epoch (last_epochs): what a model trained on every case
+      (train_all) keeps, with no choice made on the cases scored.
+    """
+
+    metric: str
+    folds: tuple[Fold, ...]
+    epochs: tuple[int, ...]  # validated by every fold, ascending
+    mean: tuple[float, ...]  # the mean over the folds at each of epochs
+    per_fold_best_epochs: dict[Fold, int]
+    per_fold_best: float
+    best_epoch: int
+    best: float
+    last_epochs: dict[Fold, int]
+    last: float
+    regions: tuple[str, ...] = ()  # e.g. ("WT", "TC", "ET"): the columns <metric>_<region> of every validated row
+    per_fold_best_regions: dict[str, float] = field(default_factory=dict)
+    best_regions: dict[str, float] = field(default_factory=dict)
+    last_regions: dict[str, float] = field(default_factory=dict)
+
+
+def fold_curve(folds: Mapping[Fold, Sequence[Mapping[str, float]]], metric: str = "val_dice") -> FoldCurve:
+    """The FoldCurve of fold runs' histories (fold -> metrics.csv rows as read_metrics_csv returns them) on one
+    metric column (val_dice, or a region's: val_dice_WT, ...). ValueError when a fold never validated metric, or no
+    epoch was validated by every fold."""
+    if not folds:
+        raise ValueError("no fold histories given; give the metrics.csv rows of each fold run")
+    by_fold = {k: validated_by_epoch(rows, metric) for k, rows in folds.items()}
+    for k, validated in by_fold.items():
+        if not validated:
+            seen = sorted({c for r in folds[k] for c in r if c.startswith("val_") and c != "val_seconds"})
+            choose = f"choose one of {', '.join(seen)}" if seen else "give runs that validated (not train_all)"
+            raise ValueError(f"fold {k} has no epoch with {metric}; {choose}")
+    curve = common_means(folds, metric)
+    if not curve:
+        spans = ", ".join(f"fold {k}: {min(v)}-{max(v)}" for k, v in by_fold.items())
+        raise ValueError(f"no epoch is validated by every fold ({spans}); give fold runs of one schedule")
+    validated = [r for v in by_fold.values() for r in v.values()]
+    suffixes = dict.fromkeys(c.removeprefix(f"{metric}_") for c in validated[0] if c.startswith(f"{metric}_"))
+    regions = tuple(x for x in suffixes if all(f"{metric}_{x}" in r for r in validated))
+
+    def means(picked: Mapping[Fold, int]) -> tuple[float, dict[str, float]]:
+        rows = [by_fold[k][e] for k, e in picked.items()]
+        return (
+            sum(r[metric] for r in rows) / len(rows),
+            {x: sum(r[f"{metric}_{x}"] for r in rows) / len(rows) for x in regions},
+        )
+
+    own = {k: max(v, key=lambda e, v=v: v[e][metric]) for k, v in by_fold.items()}  # max keeps the first of ties
+    best_epoch = max(curve, key=curve.__getitem__)  # ascending epochs: the earliest of ties
+    last = {k: max(v) for k, v in by_fold.items()}
+    per_fold_best, per_fold_best_regions = means(own)
+    best, best_regions = means(dict.fromkeys(by_fold, best_epoch))
+    last_mean, last_regions = means(last)
+    return FoldCurve(
+        metric,
+        tuple(folds),
+        tuple(curve),
+        tuple(curve.values()),
+        own,
+        per_fold_best,
+        best_epoch,
+        best,
+        last,
+        last_mean,
+        regions,
+        per_fold_best_regions,
+        best_regions,
+        last_regions,
+    )
+
+
 def plot_fold_curves(folds: Mapping[int, RunHistory], path: Path, title: str) -> list[str]:
     """The runs of a cross-validation in one PNG (plot_curves): their mean validation Dice (black, at the epochs
-    every fold validated), each fold's, and the training loss averaged over the folds that ran each epoch; returns
-    the curves drawn."""
+    every fold validated: common_means), each fold's, and the training loss averaged over the folds that ran each
+    epoch; returns the curves drawn."""
     ordered = sorted(folds.items())
     by_epoch = {k: {int(r["epoch"]): r for r in run.rows} for k, run in ordered}  # fold -> epoch -> its row
+    mean = common_means({k: run.rows for k, run in ordered})
     history = []
     for epoch in sorted({e for rows in by_epoch.values() for e in rows}):
         rows = {k: fold_rows[epoch] for k, fold_rows in by_epoch.items() if epoch in fold_rows}
@@ -114,10 +213,9 @@ def plot_fold_curves(folds: Mapping[int, RunHistory], path: Path, title: str) ->
             "epoch": epoch,
             "train_loss": sum(r["train_loss"] for r in rows.values()) / len(rows),
         }
-        dice = {k: r["val_dice"] for k, r in rows.items() if "val_dice" in r}
-        if len(dice) == len(ordered):
-            entry["mean"] = sum(dice.values()) / len(dice)
-        history.append(entry | {f"fold{k}": d for k, d in dice.items()})
+        if epoch in mean:
+            entry["mean"] = mean[epoch]
+        history.append(entry | {f"fold{k}": r["val_dice"] for k, r in rows.items() if "val_dice" in r})
     curves = {"mean": f"validation Dice, mean over the {len(ordered)} folds"}
     curves |= {f"fold{k}": f"fold {k}" for k, _ in ordered}
     losses = sorted({run.config.get("loss", {}).get("name", "?") for _, run in ordered})
