@@ -147,6 +147,26 @@ class FoldCurve:
     best_regions: dict[str, float] = field(default_factory=dict)
     last_regions: dict[str, float] = field(default_factory=dict)
 
+    def as_json(self) -> dict[str, Any]:
+        """The curve as a JSON object: folds by name (str), the curve as epoch -> mean, each reading's epochs, mean
+        and region means."""
+        return {
+            "metric": self.metric,
+            "folds": [str(k) for k in self.folds],
+            "curve": {str(e): m for e, m in zip(self.epochs, self.mean, strict=True)},
+            "per_fold_best": {  # optimistic: each fold's epoch chosen on the cases it scores
+                "epochs": {str(k): e for k, e in self.per_fold_best_epochs.items()},
+                "mean": self.per_fold_best,
+                "regions": self.per_fold_best_regions,
+            },
+            "best_common_epoch": {"epoch": self.best_epoch, "mean": self.best, "regions": self.best_regions},
+            "last": {
+                "epochs": {str(k): e for k, e in self.last_epochs.items()},
+                "mean": self.last,
+                "regions": self.last_regions,
+            },
+        }
+
 
 def fold_curve(folds: Mapping[Fold, Sequence[Mapping[str, float]]], metric: str = "val_dice") -> FoldCurve:
     """The FoldCurve of fold runs' histories (fold -> metrics.csv rows as read_metrics_csv returns them) on one
