@@ -12,10 +12,16 @@ best.safetensors (+ .json) and the split.json it trained on; DATA the dataset's 
   fold<K>/val`; fold<K>/eval: `rwkvseg evaluate` of that fold alone;
 - all/pred: links to every fold's predictions, all/eval: `rwkvseg evaluate all/pred` against the validation cases of
   every fold together: the cross-validation score (a mean over cases, not over folds).
-Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all, and the label
-confusion over all cases), a table on screen, and
+Then OUT/cv.json (per variant: the folds, cases and means per region, per fold and over all, the label
+confusion over all cases, and `training_curve`, below), a table on screen, and
 OUT/<variant>.folds.curves.png: each fold's validation Dice during training, their mean and the mean training loss
 (from the runs' metrics.csv; needs matplotlib, `pip install 'rwkvseg[plots]'`; --no-curves leaves them out).
+`training_curve` (and a second table on screen) reads the same histories at fixed epochs, without matplotlib
+(rwkvseg.eval.report.fold_curve, as `scripts/fold_curves.py` prints it): the training's validation Dice averaged over
+the folds at each epoch every fold validated, the mean of each fold's own best epoch (optimistic: each chosen on the
+cases it scores, as each run's best checkpoint is), the best common epoch (one choice for every fold) and each fold's
+last validated epoch (what a model trained with train_all keeps), each with its regions' means; null, with a warning,
+where the folds share no validated epoch.
 With several variants, each one after the first (in name order) is compared with that first one case by case over
 every case (`rwkvseg compare`: the mean difference, its 95 % bootstrap interval, the Wilcoxon p-value and wins, per
 region and for the mean Dice): a table each on screen, and cv.json's "comparisons".
@@ -50,7 +56,7 @@ from rwkvseg.data.splits import read_split
 from rwkvseg.devices import resolve_device
 from rwkvseg.eval.compare import PairedComparison, as_json, compare_evaluations, comparison_table, read_per_case
 from rwkvseg.eval.evaluate import evaluate_folders, summary_means
-from rwkvseg.eval.report import RunHistory, plot_fold_curves, read_run
+from rwkvseg.eval.report import RunHistory, fold_curve, plot_fold_curves, read_run
 from rwkvseg.files import write_json
 from rwkvseg.infer.predict import PredictConfig, predict
 from rwkvseg.released import fold_export
@@ -58,6 +64,7 @@ from rwkvseg.released import fold_export
 FOLD_RUN = re.compile(r"^(?P<variant>.+)-fold(?P<fold>\d+)$")
 REGIONS = ("WT", "TC", "ET")
 CONFIDENCE = 0.95  # of the comparisons' bootstrap intervals, in cv.json and on screen
+log = logging.getLogger("cv_eval")
 
 
 def settings_text(settings: dict) -> str:
@@ -212,6 +219,38 @@ def compare_variants(out: Path, variants: Sequence[str]) -> dict[str, list[Paire
     }
 
 
+def training_curve(variant: str, runs: Sequence[FoldRun]) -> dict | None:
+    """cv.json's training_curve of a variant's fold runs (FoldCurve.as_json); None, with a warning, where their
+    histories cannot be read at fixed epochs (no epoch validated by every fold): the scores do not depend on it."""
+    try:
+        return fold_curve({r.fold: r.history.rows for r in runs}).as_json()
+    except ValueError as err:
+        log.warning("%s: no training_curve in cv.json: %s", variant, err)
+        return None
+
+
+def curve_table(results: dict[str, dict]) -> list[str]:
+    """The training_curve of each variant: its validation Dice during training read at fixed epochs."""
+    lines = [
+        "| model | epochs validated by all folds | per-fold best (optimistic) | best common epoch | last validated |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, r in results.items():
+        if (curve := r["training_curve"]) is None:
+            lines.append(f"| {variant} | none | - | - | - |")
+            continue
+        epochs = [int(e) for e in curve["curve"]]
+        common = f"{len(epochs)} ({epochs[0]}-{epochs[-1]})" if len(epochs) > 1 else str(epochs[0])
+        best, last = curve["best_common_epoch"], curve["last"]
+        last_epochs = ", ".join(map(str, sorted(set(last["epochs"].values()))))
+        own = f"{curve['per_fold_best']['mean']:.4f}"
+        lines.append(
+            f"| {variant} | {common} | {own} | epoch {best['epoch']}: {best['mean']:.4f} "
+            f"| epoch {last_epochs}: {last['mean']:.4f} |"
+        )
+    return lines
+
+
 def table(results: dict[str, dict]) -> list[str]:
     lines = ["| model | folds | cases | WT / TC / ET Dice (mean) | HD95 WT / TC / ET (mm) | per-fold mean Dice |"]
     lines.append("|---|---|---|---|---|---|")
@@ -278,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
             postprocess=args.postprocess,
             compile=args.compile,
         )
+        curves = {variant: training_curve(variant, runs) for variant, runs in found.items()}
         results = {
-            variant: evaluate_variant(variant, runs, args.data, args.out, config) for variant, runs in found.items()
+            variant: evaluate_variant(variant, runs, args.data, args.out, config) | {"training_curve": curves[variant]}
+            for variant, runs in found.items()
         }
         comparisons = compare_variants(args.out, list(results))
         for variant, runs in found.items():
@@ -304,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         record["comparisons"] = {f"{v} - {first}": [as_json(c) for c in rows] for v, rows in comparisons.items()}
     write_json(args.out / "cv.json", record)
     print("\n".join(table(results)))
+    print("\ntraining's validation Dice (val_dice), mean over the folds:\n" + "\n".join(curve_table(results)))
     for variant, rows in comparisons.items():
         print("\n" + "\n".join(comparison_table(rows, first, variant, CONFIDENCE)))
     return 0

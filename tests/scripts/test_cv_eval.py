@@ -17,6 +17,8 @@ CASES = ["c1", "c2", "c3", "c4", "c5"]  # the cases of the fold_campaign fixture
 
 def test_cv_eval_scores_each_fold_and_every_case_once(fold_campaign, tmp_path, capsys):
     runs, data, split = fold_campaign
+    metrics = runs / "brats2018-bright-fold0" / "metrics.csv"
+    metrics.write_text(metrics.read_text().replace(",0.45,", ",0.35,"))  # fold 0 best at epoch 2, fold 1 at 4
     script = load_script("cv_eval")
     out = tmp_path / "out"
     assert script.main([str(runs), str(data), str(out), "--device", "cpu", "--threshold", "0.3"]) == 0
@@ -38,8 +40,21 @@ def test_cv_eval_scores_each_fold_and_every_case_once(fold_campaign, tmp_path, c
     assert sum(map(sum, model["label_confusion"]["voxels"])) == sum(
         int(np.prod(nib.load(p).shape)) for p in (out / "brats2018-bright" / "all" / "pred").glob("*.nii.gz")
     )  # every voxel of every case counted once
-    assert "| brats2018-bright | 2 | 5 |" in capsys.readouterr().out
+    screen = capsys.readouterr().out
+    assert "| brats2018-bright | 2 | 5 |" in screen
     assert (out / "brats2018-bright.folds.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the fold curves
+    curve = model["training_curve"]  # the runs' val_dice (conftest METRICS) at fixed epochs
+    assert curve["folds"] == ["0", "1"] and curve["curve"] == pytest.approx({"2": 0.4, "4": 0.45})
+    assert curve["per_fold_best"]["epochs"] == {"0": 2, "1": 4}
+    assert curve["per_fold_best"]["mean"] == pytest.approx(0.475)  # each fold's own best: optimistic
+    assert curve["per_fold_best"]["regions"] == pytest.approx({"WT": 0.55, "TC": 0.45, "ET": 0.35})
+    assert curve["best_common_epoch"] == {
+        "epoch": 4,
+        "mean": pytest.approx(0.45),
+        "regions": pytest.approx({"WT": 0.6, "TC": 0.5, "ET": 0.4}),
+    }
+    assert curve["last"]["epochs"] == {"0": 4, "1": 4} and curve["last"]["mean"] == pytest.approx(0.45)
+    assert "| brats2018-bright | 2 (2-4) | 0.4750 | epoch 4: 0.4500 | epoch 4: 0.4500 |" in screen
 
 
 def test_cv_eval_compares_each_variant_with_the_first_case_by_case(fold_campaign, tmp_path, capsys):
@@ -211,3 +226,17 @@ def test_cv_eval_scores_each_runs_last_epoch_when_asked(fold_campaign, tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "last.safetensors not found: the run has not finished an epoch" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cv_eval_leaves_out_a_training_curve_the_folds_do_not_share(fold_campaign, caplog):
+    """Folds validated on different epochs: no training_curve (null, a warning), which the scores do not need."""
+    runs, data, _ = fold_campaign
+    script = load_script("cv_eval")
+    found = script.fold_runs(runs, data)["brats2018-bright"]
+    shifted = found[1].history.rows
+    for row in shifted:
+        row["epoch"] += 1  # fold 1 validated at 3 and 5
+    assert script.training_curve("brats2018-bright", found) is None
+    assert "brats2018-bright: no training_curve in cv.json: no epoch is validated by every fold" in caplog.text
+    results = {"brats2018-bright": {"training_curve": None}}
+    assert script.curve_table(results)[-1] == "| brats2018-bright | none | - | - | - |"
