@@ -71,7 +71,7 @@ def fold_names(files: list[Path]) -> list[int | str]:
 
 
 def read_arm(name: str, pattern: str, metric: str) -> Arm:
-    files = sorted(Path(f) for f in glob.glob(pattern))
+    files = sorted(path for path in map(Path, glob.glob(pattern)) if path.is_file())
     if not files:
         raise Refused(f"{name}: {pattern} matches no file; give a glob of each fold's metrics.csv")
     if len(files) < 2:
