@@ -34,7 +34,7 @@ def stopped_after(clock, config, epoch_seconds, stop=None, validated=lambda epoc
     for epoch, seconds in enumerate(epoch_seconds, 1):
         clock.now += seconds
         history.append({"train_loss": 0.5, **({"val_dice": 0.5} if validated(epoch) else {})})
-        if over(SimpleNamespace(epoch=epoch, history=history)):
+        if over(SimpleNamespace(epoch=epoch, history=history, schedule_fit=None)):
             return epoch
     return None
 
@@ -55,6 +55,11 @@ def test_steady_epochs_stop_when_the_next_would_end_past_the_budget(clock):
     # val_every = 3, validated at epochs 3 (150 + 3 x 50 = 300, goes on) and 6 (300 + 150, stops)
     every3 = TrainConfig(max_minutes=5, val_every=3)
     assert stopped_after(clock, every3, [50.0] * 10, validated=lambda epoch: epoch % 3 == 0) == 6
+    # 7 epochs: after epoch 6 the next validation is the last epoch's, one epoch on (300 + 50 <= 360), not three
+    last7 = TrainConfig(epochs=7, max_minutes=6, val_every=3)
+    assert stopped_after(clock, last7, [50.0] * 7, validated=lambda epoch: epoch % 3 == 0 or epoch == 7) is None
+    nine = TrainConfig(epochs=9, max_minutes=6, val_every=3)  # after epoch 6 three more to the next validation
+    assert stopped_after(clock, nine, [50.0] * 9, validated=lambda epoch: epoch % 3 == 0) == 6
 
 
 def test_an_epoch_without_validation_never_stops(clock):
@@ -101,19 +106,46 @@ def test_the_fit_ignores_the_first_epoch_and_counts_the_validation(clock, caplog
         )
     # a first epoch taken for a measure (260 s per epoch) would have fitted the run to 3
     every4 = TrainConfig(epochs=34, max_minutes=10, fit_schedule=True, val_every=4)
-    # no validation timed before epoch 4 (40 s of it): 10 s + 40 / 4 per epoch, 600 - 100 - 30 - 40 = 430 s left
+    # no validation timed before epoch 4 (40 s of it): 10 s + 40 / 4 per epoch, 600 - 100 - 30 - 40 = 430 s left, of
+    # which 3 validations (120 s) are kept aside for the budget stop's reckoning: 310 / 20 -> 15 more
     epochs = [(100.0, None), (10.0, None), (10.0, None), (10.0, 40.0)] + [(10.0, None)] * 30
-    assert fitted_at(clock, every4, epochs) == (4, ScheduleFit(34, 4 + 21, 4, 40, 20.0, 430.0))
+    assert fitted_at(clock, every4, epochs) == (4, ScheduleFit(34, 4 + 15, 4, 40, 20.0, 430.0))
 
 
 def test_a_resumed_process_fits_after_its_second_epoch_with_the_runs_last_validation(clock):
     config = TrainConfig(epochs=50, max_minutes=5, fit_schedule=True, val_every=5)  # 300 s
     earlier = [{"train_seconds": 5.0}] * 9 + [{"train_seconds": 5.0, "val_seconds": 25.0}]  # 10 epochs done
-    # this process: epoch 11 (compiling) 60 s, epoch 12 10 s + 25 / 5: 15 s per epoch, 230 s left -> 12 + 15
+    # this process: epoch 11 (compiling) 60 s, epoch 12 10 s + 25 / 5: 15 s per epoch, 230 s left, 4 x 25 s of it
+    # aside -> 12 + floor(130 / 15)
     assert fitted_at(clock, config, [(60.0, None), (10.0, None)], earlier) == (
         12,
-        ScheduleFit(50, 27, 12, 120, 15.0, 230.0),
+        ScheduleFit(50, 20, 12, 120, 15.0, 230.0),
     )
+
+
+@pytest.mark.parametrize("val_every", [1, 2, 3])
+@pytest.mark.parametrize("budget_s", [600.0, 611.0, 619.0, 655.0])
+def test_the_budget_stop_lets_a_fitted_run_end_its_fitted_epochs(clock, val_every, budget_s):
+    """The fit and the budget stop on one clock, as train asks them after every epoch: steady epochs of 20 s with
+    a 10 s validation every val_every epochs (and after the last). However the budget falls between epochs, the run
+    the fit ends after epoch F is not stopped before F, and F ends within the budget."""
+    config = TrainConfig(epochs=100, max_minutes=budget_s / 60, fit_schedule=True, val_every=val_every)
+    start = clock()
+    fit_schedule, over = budget_fit(config, start), budget_stop(config, start, None)
+    history, fitted, epoch = [], None, 0
+    while fitted is None or epoch < fitted.epochs:
+        epoch += 1
+        last = fitted is not None and epoch == fitted.epochs
+        val = 10.0 if epoch % val_every == 0 or last else None
+        clock.now += (100.0 if epoch == 1 else 20.0) + (val or 0.0)
+        history.append({"train_seconds": 20.0, **({"val_seconds": val, "val_dice": 0.5} if val else {})})
+        progress = SimpleNamespace(epoch=epoch, step=epoch, history=history, schedule_fit=fitted)
+        if fitted is None:
+            fitted = progress.schedule_fit = fit_schedule(progress)
+            assert fitted is not None or epoch < 2 * val_every, "a run of 100 epochs never fits 600-655 s"
+        if fitted is not None and epoch < fitted.epochs:
+            assert not over(progress), f"stopped after epoch {epoch} of the {fitted.epochs} fitted"
+    assert clock.now - start <= budget_s
 
 
 def test_a_train_all_run_fits_without_validation(clock):

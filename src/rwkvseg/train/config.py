@@ -275,22 +275,24 @@ class TrainConfig:
     max_minutes > 0: a wall-clock budget, checked only after a validated epoch so a stopped run always leaves a
     best checkpoint. After the first epoch of the process (which may hold torch.compile) the run stops only if
     the time since training began is already past the budget; after any later epoch it stops if that time plus
-    val_every x the last epoch's own duration (the estimated end of the next validation) is past the budget.
-    The LR schedule still spans `epochs`, so a stopped run has not annealed fully (see fit_schedule).
+    val_every x the last epoch's own duration (the estimated end of the next validation; fewer epochs where the
+    run's last, always validated, comes sooner) is past the budget. The LR schedule still spans `epochs`, so a
+    stopped run has not annealed fully (see fit_schedule).
 
     fit_schedule (needs max_minutes > 0): fit the run to its budget once, early, instead of stopping it part-way
     through its schedule (rwkvseg.train.train.budget_fit). After the first epoch of the process that is not its
     first, once a validation has been timed (train_all: none is needed; with val_every > 1 the fit waits for the
     run's first validation), the seconds per epoch (that epoch's without its validation, plus the last
-    validation's / val_every) give the epochs that fit: those done + those the time left holds, at least one more,
-    at most `epochs`. If fewer than `epochs`, the run ends after that many, as a complete run, and the rest of the
+    validation's / val_every) give the epochs that fit: those done + those the time left holds, less val_every - 1
+    validations kept aside (the budget stop's estimate counts that many more), at least one more, at most
+    `epochs`. If fewer than `epochs`, the run ends after that many, as a complete run, and the rest of the
     LR schedule is compressed in time onto them: the factor goes on from where it is (no jump) and reaches the
     schedule's end (poly, cosine: min_lr) at the fitted last epoch (rwkvseg.train.optim.compress_schedule). The fit
     is recorded in the training state, metrics.csv (fitted_epochs, in the row of the epoch it came after),
     summary.json and the checkpoints (schedule_fit). A resumed run keeps its fit (whatever fit_schedule says then)
     and is never fitted again; a run not yet fitted is fitted by the first process whose budget cannot hold it, so
     a run that is to go on over several budgets (device calls) should set fit_schedule only for its last one. The
-    budget stop stays on as a safety net.
+    budget stop stays on as a safety net, reckoning to the fitted last epoch.
 
     threshold: the cut of the predicted probability in validation and prediction: of the foreground in a 2D binary
     run (recorded as training.threshold), of each region's sigmoid in a 3D region run (validation, the final

@@ -97,7 +97,8 @@ def budget_stop(config: TrainConfig, start: float, stop: Stop | None) -> Stop | 
     epoch is its best). After the first epoch of this process it stops only if the elapsed time alone is past the
     budget: that epoch may hold torch.compile of the training step, far longer than the epochs after it. After a
     later epoch it stops if elapsed + val_every (train_all: 1) x that epoch's own duration (the time since the
-    previous call), the estimated end of the next validation (or epoch), is past the budget."""
+    previous call), the estimated end of the next validation (or epoch), is past the budget; where the run's last
+    epoch (of a run fitted to its budget, its fitted last) comes sooner, that many epochs instead."""
     if config.max_minutes <= 0:
         return stop
     budget = 60 * config.max_minutes
@@ -110,7 +111,9 @@ def budget_stop(config: TrainConfig, start: float, stop: Stop | None) -> Stop | 
         epoch_seconds, last = now - last, now
         epochs_run += 1
         elapsed = now - start
-        ahead = 0.0 if epochs_run == 1 else every * epoch_seconds
+        # the next validation: `every` epochs on, or the run's last epoch (validated) if that comes first
+        end = config.epochs if progress.schedule_fit is None else progress.schedule_fit.epochs
+        ahead = 0.0 if epochs_run == 1 else min(every, end - progress.epoch) * epoch_seconds
         validated = config.train_all or f"val_{config.select_metric}" in progress.history[-1]
         over = validated and elapsed + ahead > budget
         return over or (stop is not None and stop(progress))
@@ -124,8 +127,10 @@ def budget_fit(config: TrainConfig, start: float) -> FitSchedule | None:
     this process's first epoch (which may hold torch.compile) it only notes the time. After a later epoch, once
     a validation has been timed (this process's or an earlier one's, in progress.history; train_all validates
     none), it estimates the seconds per epoch: that epoch's own duration without its validation, plus the last
-    validation's seconds / val_every. fitted_epochs gives the epochs that fit; fewer than config.epochs is a
-    ScheduleFit, else the run keeps its plan (logged, and not asked again in this process)."""
+    validation's seconds / val_every. fitted_epochs gives the epochs that fit in the time left less val_every - 1
+    validations (budget_stop's estimate of the next validation counts that many more, and would otherwise end a
+    run fitted to the second a validation early); fewer than config.epochs is a ScheduleFit, else the run keeps
+    its plan (logged, and not asked again in this process)."""
     if not config.fit_schedule:
         return None
     budget = 60 * config.max_minutes
@@ -145,7 +150,10 @@ def budget_fit(config: TrainConfig, start: float) -> FitSchedule | None:
         if not config.train_all:
             per_epoch += timed[-1] / config.val_every
         left = budget - (now - start)
-        epochs = fitted_epochs(progress.epoch, left, per_epoch, config.epochs)
+        # budget_stop reckons val_every whole epochs, each with a validation, ahead of a validated epoch: val_every - 1
+        # validations more than these epochs take, kept aside so that it does not end the fitted run a validation early
+        aside = 0.0 if config.train_all else (config.val_every - 1) * timed[-1]
+        epochs = fitted_epochs(progress.epoch, left - aside, per_epoch, config.epochs)
         seconds = f"{per_epoch:.1f} s per epoch, {left:.0f} s left"
         if epochs == config.epochs:
             log.info("the schedule fits the budget: all %d epochs (%s)", config.epochs, seconds)
