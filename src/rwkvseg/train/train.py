@@ -141,18 +141,21 @@ def budget_fit(config: TrainConfig, start: float) -> FitSchedule | None:
         now = time.perf_counter()
         epoch_seconds, last = now - last, now
         epochs_run += 1
-        timed = [row["val_seconds"] for row in progress.history if "val_seconds" in row]
-        if decided or epochs_run == 1 or not (config.train_all or timed):
+        if decided or epochs_run == 1:
+            return None
+        # the run's last timed validation (this process's or an earlier one's); None before its first
+        val_seconds = next((row["val_seconds"] for row in reversed(progress.history) if "val_seconds" in row), None)
+        if val_seconds is None and not config.train_all:
             return None
         decided = True
         row = progress.history[-1]
         per_epoch = epoch_seconds - row.get("val_seconds", 0.0)
         if not config.train_all:
-            per_epoch += timed[-1] / config.val_every
+            per_epoch += val_seconds / config.val_every
         left = budget - (now - start)
         # budget_stop reckons val_every whole epochs, each with a validation, ahead of a validated epoch: val_every - 1
         # validations more than these epochs take, kept aside so that it does not end the fitted run a validation early
-        aside = 0.0 if config.train_all else (config.val_every - 1) * timed[-1]
+        aside = 0.0 if config.train_all else (config.val_every - 1) * val_seconds
         epochs = fitted_epochs(progress.epoch, left - aside, per_epoch, config.epochs)
         seconds = f"{per_epoch:.1f} s per epoch, {left:.0f} s left"
         if epochs == config.epochs:
