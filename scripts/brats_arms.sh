@@ -42,7 +42,8 @@
 #   W  regions, loss.region_weights=[1,2,1] (the tumour core's BCE and Dice weighed double)
 #   R  regions, data.patches.augment_preset=strong (each transform more often, with MRI bias fields, per-modality
 #      intensity shifts and inverted gamma: rwkvseg.data.patches3d), against the generalisation gap of session 54
-#      (MMSegRWKV reaches DynUNet's training loss and validates 0.028 lower)
+#      (MMSegRWKV reaches DynUNet's training loss and validates 0.028 lower); session 55: a tie with B, and with
+#      two loader workers per run (WORKERS=2) five runs waited 5-6 s of each 24 s epoch for patches
 # and the final models of the recipe (train_all: the 13 training and 5 validation cases of the committed single split,
 # all 18, none validated, the last epoch kept; their epochs chosen by the five-fold runs):
 #   A  MMSegRWKV, regions                   S  MMSegRWKV-small, regions
