@@ -296,7 +296,7 @@ def campaign_rows(runs: Path, evals: Path, dataset: str) -> tuple[dict[str, str]
         status = history.status
         stopped = f" ({status})" if status not in (None, "complete") else ""
         stopped = f" (exit {row['exit']})" if status is None and row.get("exit") else stopped
-        epochs = f"{row['epochs']} of {row['planned']}{stopped}"
+        epochs = f"{history.epochs_text()}{stopped}"
         tta = f"{row['tta_val_dice']:.4f}" if "tta_val_dice" in row else "-"
         dice = " | ".join(f"{row[f'best_val_dice_{r}']:.4f}" for r in DATASETS[dataset].targets)
         hd95 = " | ".join(f"{scores[f'hd95_{r}']:.2f}" for r in DATASETS[dataset].targets)

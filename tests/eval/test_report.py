@@ -165,12 +165,14 @@ def test_run_history_states_why_a_run_stopped_early(tmp_path):
     stopped = "planned 40 epochs; stopped by the run's time limit after epoch 15 (poly schedule not finished)"
     every = "validated every 5 epochs and after the last"
     assert history.schedule() == f"{stopped}, {every}"
+    assert history.epochs_text() == "15 of 40"
     (run / "summary.json").write_text('{"status": "interrupted"}')
     assert read_run(run).schedule().startswith("planned 40 epochs; interrupted after epoch 15,")
     fit = {"planned": 40, "epochs": 15, "epoch": 2, "step": 500, "seconds_per_epoch": 27.3, "seconds_left": 912.0}
     (run / "summary.json").write_text(json.dumps({"status": "complete", "schedule_fit": fit}))
     fitted = "planned 40 epochs, fitted to 15 after epoch 2 by the run's time limit"
     assert read_run(run).schedule() == f"{fitted} (poly schedule compressed onto them), all run, " + every
+    assert read_run(run).epochs_text() == "15 of 15 fitted (40 planned)"
     (run / "summary.json").write_text(json.dumps({"status": "complete", "schedule_fit": {**fit, "epochs": 20}}))
     fitted = fitted.replace("to 15", "to 20")
     expected = f"{fitted}; stopped by the run's time limit after epoch 15 (poly schedule not finished), " + every

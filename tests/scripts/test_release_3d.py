@@ -549,3 +549,19 @@ def test_the_int8_change_of_a_model_trained_on_every_case_is_measured_on_its_rec
     with pytest.raises(SystemExit):
         script.main([*base, "--int8-cv", str(fp32), str(int8)])  # no evidence
     assert "--int8-cv goes with --cv" in capsys.readouterr().err
+
+
+def test_a_run_fitted_to_its_time_limit_reads_as_fitted_in_the_campaign_table(campaign, tmp_path):
+    """A run that fit_schedule fitted to its budget and that ran all its fitted epochs is not shown as stopped
+    short of its planned ones: the table says the epochs were fitted, the card's schedule how."""
+    pytest.importorskip("matplotlib")
+    tmp, _ = campaign
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp, copy, ignore=shutil.ignore_patterns("pred", "refs"))
+    run = copy / "runs" / "brats2018-mmsegrwkv"
+    fit = {"planned": 40, "epochs": 15, "epoch": 2, "step": 500, "seconds_per_epoch": 4.0, "seconds_left": 60.0}
+    (run / "summary.json").write_text(json.dumps({"status": "complete", "schedule_fit": fit}))
+    assert load_script("release_3d").main(release_args(copy, copy / "weights", "mmsegrwkv-brats2018")) == 0
+    card = (copy / "weights" / "mmsegrwkv-brats2018.md").read_text()
+    assert "| brats2018-mmsegrwkv (these weights) | " in card and " | 15 of 15 fitted (40 planned) | " in card
+    assert "planned 40 epochs, fitted to 15 after epoch 2 by the run's time limit (poly schedule compressed" in card

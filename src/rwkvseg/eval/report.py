@@ -54,6 +54,14 @@ class RunHistory:
         """Training and validation time over every epoch."""
         return sum(r["train_seconds"] + r.get("val_seconds", 0.0) for r in self.rows) / 60
 
+    def epochs_text(self) -> str:
+        """Run against planned epochs in a few words: "15 of 40", or for a run fitted to its time limit
+        "28 of 28 fitted (34 planned)"."""
+        planned = self.config.get("epochs")
+        if self.fit is None:
+            return f"{self.ran} of {planned}"
+        return f"{self.ran} of {self.fit['epochs']} fitted ({planned} planned)"
+
     def schedule(self) -> str:
         """Planned against run epochs, the fit to the run's time limit or why it stopped early, and how often it
         validated: a card's words."""
@@ -95,7 +103,7 @@ def write_run_curves(run: RunHistory, path: Path, name: str | None = None) -> li
     curves = {"val_dice": "validation Dice" + (" (mean)" if regions else "")}
     curves |= {k: f"validation Dice {k.removeprefix('val_dice_')}" for k in regions}
     best = run.best
-    title = f"{name or run.name}: {run.ran} of {run.config.get('epochs')} epochs"
+    title = f"{name or run.name}: {run.epochs_text()} epochs"
     if best is not None:
         title += f", best Dice {best['val_dice']:.4f} at epoch {int(best['epoch'])}"
     loss = f"training loss ({run.config.get('loss', {}).get('name', '?')})"
