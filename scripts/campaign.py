@@ -32,9 +32,11 @@ change from one validation to the next, against which to read late_gain: a gain 
 set's noise, not the curve's shape; `late_rise`: the rise of a least-squares line through the last half of the
 validations, and `plateau`, the test that reads it against that noise: `yes` when even its one-sided 95 % upper bound
 rises by at most PLATEAU_DICE, `no` when its lower bound rises by more, `unclear` when the noise leaves both open), the
-best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Validation
-scores Dice only: HD95 comes from `rwkvseg predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves
-(training loss, validation Dice per region, the best epoch dotted) are drawn into RUNS/<run>.curves.png.
+best checkpoint's Dice with mirror TTA (`tta_val_dice`, from final_val.json, 3D) and seconds per epoch. Under the
+table a line names each run whose median steady epoch waited a tenth of its time or more for batches (its loaders
+limited it: more `data.num_workers`, or fewer runs at once). Validation scores Dice only: HD95 comes from `rwkvseg
+predict` + `rwkvseg evaluate` of the best checkpoint. Each run's curves (training loss, validation Dice per region,
+the best epoch dotted) are drawn into RUNS/<run>.curves.png.
 `--set train_all=true` trains each run on every case of its split, validation cases included (the final models
 of a recipe whose epochs cross-validation chose): its row says train_all, has no validation columns and ends with
 the last training loss; its curves show the loss alone.
@@ -332,6 +334,27 @@ def summary(run: Path, history: RunHistory | None = None) -> dict:
     return row
 
 
+# a run whose steady epochs wait this share of their time or more for batches is limited by its data loaders
+LOADER_SHARE = 0.1
+
+
+def loader_notes(rows: list[dict], histories: dict[str, RunHistory]) -> list[str]:
+    """A line for each run of the table whose median steady epoch waited LOADER_SHARE or more of its time for
+    batches (session 55: five 3D runs with the strong augmentation and two loader workers each waited 5-6 s of
+    every 24 s epoch), with what to change."""
+    notes = []
+    for row in rows:
+        wait, epoch = row.get("median_data_wait_s"), row.get("median_epoch_s")
+        if wait is None or not epoch or wait < LOADER_SHARE * epoch:
+            continue
+        workers = histories[row["run"]].config.get("data", {}).get("num_workers", "?")
+        notes.append(
+            f"{row['run']}: waited {wait:.1f} s of its {epoch:.1f} s epochs for batches ({wait / epoch:.0%}), its "
+            f"data loaders limited it: raise data.num_workers (it had {workers}) or run fewer runs at once"
+        )
+    return notes
+
+
 def _cell(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -476,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     histories |= {name: load_history(args.runs / name) for name in commands if name not in histories}
     rows = table_rows(args.runs, commands, codes, retried, histories)
     write_table(args.runs, time.time() - start, rows)
-    print("\n".join(table(rows)))
+    print("\n".join(table(rows) + loader_notes(rows, histories)))
     for row in rows:
         if histories[row["run"]].rows:  # a run that trained an epoch has curves (train_all: its loss alone)
             try:

@@ -68,6 +68,28 @@ def test_campaign_table_shows_the_median_data_wait_of_runs_that_record_it(run, t
     assert old_line.split(" | ")[-1] == "-" and new_line.split(" | ")[-1] == "0.7500"
 
 
+def test_campaign_names_the_runs_that_waited_for_their_loaders(run, tmp_path):
+    """A run whose median steady epoch waited a tenth of its time or more for batches gets a line under the table
+    with its wait, its share and its loader workers; a run below that share, or without the column, none."""
+    script = load_script("campaign")
+    history = script.load_history(run).rows
+    folders = {}
+    for name, wait in (("busi-urwkv_s", 0.75), ("busi-unet", 0.25)):  # of a median 3 s epoch: 25 % and 8 %
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        _write_metrics_csv(folders[name] / "metrics.csv", [r | {"data_wait_seconds": wait} for r in history])
+        config = json.loads((run / "config.json").read_text())
+        config["data"]["num_workers"] = 2
+        (folders[name] / "config.json").write_text(json.dumps(config))
+    runs = [run, *folders.values()]
+    histories = {r.name: script.load_history(r) for r in runs}
+    rows = [script.summary(r, histories[r.name]) for r in runs]
+    assert script.loader_notes(rows, histories) == [
+        "busi-urwkv_s: waited 0.8 s of its 3.0 s epochs for batches (25%), its data loaders limited it: raise "
+        "data.num_workers (it had 2) or run fewer runs at once"
+    ]
+
+
 def test_campaign_row_of_a_run_fitted_to_its_budget_gives_the_fitted_epochs(run, tmp_path):
     """A run fitted to its time budget (fit_schedule: summary.json's schedule_fit) has a row with the epochs it was
     fitted to beside the planned ones, and the table a fitted column ('-' for the runs that kept their plan)."""
