@@ -23,8 +23,8 @@ cases it scores, as each run's best checkpoint is), the best common epoch (one c
 last validated epoch (what a model trained with train_all keeps), each with its regions' means; null, with a warning,
 where the folds share no validated epoch.
 With several variants, each one after the first (in name order) is compared with that first one case by case over
-every case (`rwkvseg compare`: the mean difference, its 95 % bootstrap interval, the Wilcoxon p-value and wins, per
-region and for the mean Dice): a table each on screen, and cv.json's "comparisons".
+every case (`rwkvseg compare`: the mean difference, its 95 % bootstrap and t intervals, the Wilcoxon p-value and
+wins, per region and for the mean Dice): a table each on screen, and cv.json's "comparisons".
 --threshold, --postprocess, --mirror-axes, --device and --compile go to `rwkvseg predict` (defaults: each
 checkpoint's recorded threshold and post-processing, no flips, not compiled; cv.json records them).
 Every variant must have the same folds, each fold's validation cases must be in DATA, and no two folds may validate
@@ -63,7 +63,7 @@ from rwkvseg.released import fold_export
 
 FOLD_RUN = re.compile(r"^(?P<variant>.+)-fold(?P<fold>\d+)$")
 REGIONS = ("WT", "TC", "ET")
-CONFIDENCE = 0.95  # of the comparisons' bootstrap intervals, in cv.json and on screen
+CONFIDENCE = 0.95  # of the comparisons' intervals, in cv.json and on screen
 log = logging.getLogger("cv_eval")
 
 

@@ -256,3 +256,60 @@ def test_command_line_compares_by_group_and_records_it(tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--groups", str(tmp_path / "none.csv")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "none.csv not found" in err
+
+
+def test_the_t_interval_over_cases_is_the_one_sample_t_interval(tmp_path):
+    from scipy import stats
+
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.5, 0.9, 18)
+    d = rng.normal(0.01, 0.04, 18) * (1 + rng.standard_exponential(18))  # heavy-tailed, as BraTS differences are
+    a = read_per_case(write_per_case(tmp_path / "a.csv", {f"c{i}": {"dice": base[i]} for i in range(18)}))
+    b = read_per_case(write_per_case(tmp_path / "b.csv", {f"c{i}": {"dice": base[i] + d[i]} for i in range(18)}))
+    for confidence in (0.95, 0.8):
+        c = compare_evaluations(a, b, ("dice",), confidence=confidence, resamples=500)[0]
+        expected = stats.ttest_1samp(d, 0.0).confidence_interval(confidence)
+        assert (c.t_low, c.t_high) == pytest.approx((expected.low, expected.high), rel=1e-9)
+    table = "\n".join(comparison_table([c], "A", "B", 0.8))
+    assert "| 80% CI, bootstrap | 80% CI, t |" in table and f"[{c.t_low:+.4f}, {c.t_high:+.4f}]" in table
+    record = as_json(c)
+    assert record["t_low"] == pytest.approx(c.t_low) and record["t_high"] == pytest.approx(c.t_high)
+
+
+def test_the_t_interval_over_groups_is_cluster_robust(tmp_path):
+    """Equal groups: the t interval over the groups' mean differences. Unequal groups: the mean over cases with a
+    CR1 standard error from the groups' residuals, with t on groups - 1 degrees of freedom (written out here)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(5)
+    for sizes in ((10, 10, 10, 10, 10, 10, 10), (25, 17, 23, 11, 22, 25, 3)):
+        group_of = {f"f{i:03d}": f"s{g}" for i, g in enumerate(np.repeat(np.arange(len(sizes)), sizes))}
+        shift = rng.normal(0.0, 0.05, len(sizes))
+        base = {c: rng.uniform(0.5, 0.9) for c in group_of}
+        d = {c: shift[int(g[1:])] + rng.normal(0, 0.01) for c, g in group_of.items()}
+        a = read_per_case(write_per_case(tmp_path / "a.csv", {c: {"dice": v} for c, v in base.items()}))
+        b = read_per_case(write_per_case(tmp_path / "b.csv", {c: {"dice": base[c] + d[c]} for c in group_of}))
+        c = compare_evaluations(a, b, ("dice",), resamples=500, groups=group_of)[0]
+        diffs = np.array(list(d.values()))
+        index = np.array([int(g[1:]) for g in group_of.values()])
+        sums, counts = np.bincount(index, weights=diffs), np.bincount(index).astype(float)
+        g, mean = len(sizes), diffs.mean()
+        se = np.sqrt(g / (g - 1) * np.sum(((sums - counts * mean) / counts.sum()) ** 2))
+        half = stats.t.ppf(0.975, g - 1) * se
+        assert c.difference == pytest.approx(mean) and (c.t_low, c.t_high) == pytest.approx((mean - half, mean + half))
+        if len(set(sizes)) == 1:
+            means = sums / counts
+            expected = stats.ttest_1samp(means, 0.0).confidence_interval(0.95)
+            assert (c.t_low, c.t_high) == pytest.approx((expected.low, expected.high), rel=1e-9)
+        # over 7 groups the t interval is wider than the bootstrap's: the bootstrap over few units is too narrow
+        assert c.t_high - c.t_low > c.ci_high - c.ci_low
+
+
+def test_a_single_difference_everywhere_gives_a_point_t_interval_and_one_case_none(tmp_path):
+    a = read_per_case(write_per_case(tmp_path / "a.csv", {f"c{i}": {"dice": 0.5 + i / 10} for i in range(4)}))
+    b = read_per_case(write_per_case(tmp_path / "b.csv", {f"c{i}": {"dice": 0.52 + i / 10} for i in range(4)}))
+    c = compare_evaluations(a, b, ("dice",), resamples=200)[0]
+    assert c.t_low == pytest.approx(0.02) and c.t_high == pytest.approx(0.02)
+    one = read_per_case(write_per_case(tmp_path / "one.csv", {"c0": {"dice": 0.5}}))
+    single = compare_evaluations(one, one, ("dice",), resamples=200)[0]
+    assert np.isnan(single.t_low) and as_json(single)["t_high"] is None

@@ -9,11 +9,13 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="compare two evaluations of the same cases: mean difference, bootstrap CI, Wilcoxon p, wins",
+        help="compare two evaluations of the same cases: mean difference, bootstrap and t CIs, Wilcoxon p, wins",
         description="B against A for every metric both evaluations hold: the mean difference B - A over the cases, "
-        "its paired bootstrap confidence interval (BCa), the two-sided Wilcoxon signed-rank p-value and the cases "
-        "each one wins; with several regions also their mean Dice. With --groups the interval resamples whole groups "
-        "and the test and the wins count the groups' mean differences.",
+        "its paired bootstrap confidence interval (BCa) and its Student's t interval (over few cases or groups the "
+        "bootstrap's is too narrow: read the t interval), the two-sided Wilcoxon signed-rank p-value and the cases "
+        "each one wins; with several regions also their mean Dice. With --groups the bootstrap resamples whole groups, "
+        "the t interval takes a cluster-robust error over them, and the test and the wins count the groups' mean "
+        "differences.",
     )
     p.add_argument("a", help="evaluation A: the --out folder of `rwkvseg evaluate`, or its per_case.csv")
     p.add_argument("b", help="evaluation B, of the same cases")
@@ -25,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="METRIC",
         help="metrics to compare: dice, iou, precision, recall, specificity, hd95 (default: dice hd95)",
     )
-    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the interval (0.95)")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (0.95)")
     p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (10000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (0)")
     p.add_argument(
