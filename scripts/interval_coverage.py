@@ -52,7 +52,8 @@ def failures(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.where(failed, rng.normal(-FAILURE_LOSS, 0.1, n), rng.normal(GAIN, 0.03, n))
 
 
-SHAPES: dict[str, tuple[Callable[[np.random.Generator, int], np.ndarray], float]] = {
+Shape = Callable[[np.random.Generator, int], np.ndarray]  # (rng, n) -> n differences
+SHAPES: dict[str, tuple[Shape, float]] = {  # name -> (its draws, their true mean)
     "heavy": (heavy, 0.0),
     "skewed": (skewed, 0.0),
     "failures": (failures, (1 - FAILURE_SHARE) * GAIN - FAILURE_SHARE * FAILURE_LOSS),
@@ -68,7 +69,13 @@ def grouped_draw(rng: np.random.Generator, groups: int) -> tuple[np.ndarray, dic
     return d, group_of
 
 
-def covered(d: np.ndarray, truth: float, args: argparse.Namespace, rng: np.random.Generator, groups=None):
+def covered(
+    d: np.ndarray,
+    truth: float,
+    args: argparse.Namespace,
+    rng: np.random.Generator,
+    groups: dict[str, str] | None = None,
+) -> tuple[bool, bool, float, float]:
     """(bootstrap holds truth, t holds truth, bootstrap width, t width) of one draw through compare_evaluations."""
     cases = tuple(f"c{i}" for i in range(len(d)))
     a = rng.uniform(0.6, 0.9, len(d))
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for shape, (make, truth) in SHAPES.items():
         for n in args.cases:
 
-            def draw_cases(n: int = n, make=make, truth: float = truth) -> tuple[bool, bool, float, float]:
+            def draw_cases(n: int = n, make: Shape = make, truth: float = truth) -> tuple[bool, bool, float, float]:
                 return covered(make(rng, n), truth, args, rng)
 
             rows.append(scenario(f"{n} cases, {shape}", args.draws, draw_cases))

@@ -215,6 +215,7 @@ def test_one_case_per_group_is_the_case_by_case_comparison(tmp_path):
     for p, g in zip(plain, grouped, strict=True):
         assert g.groups == 15 and p.groups == 0
         assert (g.ci_low, g.ci_high, g.p_value) == pytest.approx((p.ci_low, p.ci_high, p.p_value), rel=1e-9)
+        assert (g.t_low, g.t_high) == pytest.approx((p.t_low, p.t_high), rel=1e-9)
         assert (g.b_better, g.ties, g.a_better) == (p.b_better, p.ties, p.a_better)
 
 

@@ -16,10 +16,11 @@ and the Wilcoxon test and the wins count the groups' mean differences.
 
 Why two intervals: a bootstrap over few units is too narrow. Simulated with a known difference
 (`scripts/interval_coverage.py`, 400 draws a scenario, session 56; `docs/metrics.md`), the 95 % BCa interval held
-it in 85 % of the draws over 7 groups of 10-25 cases (CVC-ClinicDB's 7 validation sequences), 90 % over 20 groups
-and 90 % over 18 independent cases with heavy-tailed differences (the BraTS 2018 cross-validation), the t interval
-in 97 %, 96 % and 95 %. With a few large failures among 18 cases neither holds (78 % and 80 %). Read the t interval
-over few units; where the two disagree on whether zero is inside, the cases do not settle the sign.
+it in 85.3 % of the draws over 7 groups of 10-25 cases (CVC-ClinicDB's 7 validation sequences), 90.5 % over 20
+groups and 90.0 % over 18 independent cases with heavy-tailed differences (the BraTS 2018 cross-validation), the t
+interval in 97.0 %, 96.5 % and 95.3 %. With a few large failures among 18 cases neither holds
+(78.0 % and 80.5 %). Read the t interval over few units; where the two disagree on whether zero is inside, the cases
+do not settle the sign.
 """
 
 from __future__ import annotations
