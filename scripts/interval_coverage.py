@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,10 @@ def grouped_draw(rng: np.random.Generator, groups: int) -> tuple[np.ndarray, dic
 
 def covered(
     d: np.ndarray,
+    groups: dict[str, str] | None,
     truth: float,
     args: argparse.Namespace,
     rng: np.random.Generator,
-    groups: dict[str, str] | None = None,
 ) -> tuple[bool, bool, float, float]:
     """(bootstrap holds truth, t holds truth, bootstrap width, t width) of one draw through compare_evaluations."""
     cases = tuple(f"c{i}" for i in range(len(d)))
@@ -91,12 +92,16 @@ def covered(
     )
 
 
-def scenario(name: str, draws: int, draw: Callable[[], tuple[bool, bool, float, float]]) -> dict[str, Any]:
-    results = np.array([draw() for _ in range(draws)], dtype=float)  # [draws, 4]
+Draw = Callable[[], tuple[np.ndarray, dict[str, str] | None]]  # one draw: differences [cases], groups or None
+
+
+def scenario(name: str, draw: Draw, truth: float, args: argparse.Namespace, rng: np.random.Generator) -> dict[str, Any]:
+    """Coverage and mean width of both intervals over args.draws draws of one scenario."""
+    results = np.array([covered(*draw(), truth, args, rng) for _ in range(args.draws)], dtype=float)  # [draws, 4]
     boot, t, boot_width, t_width = results.mean(axis=0)
     return {
         "scenario": name,
-        "draws": draws,
+        "draws": args.draws,
         "bootstrap": float(boot),
         "t": float(t),
         "bootstrap_width": float(boot_width),
@@ -106,21 +111,10 @@ def scenario(name: str, draws: int, draw: Callable[[], tuple[bool, bool, float, 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = np.random.default_rng(args.seed)
-    rows = []
-    for g in args.groups:
-
-        def draw_grouped(g: int = g) -> tuple[bool, bool, float, float]:
-            d, group_of = grouped_draw(rng, g)
-            return covered(d, 0.0, args, rng, group_of)
-
-        rows.append(scenario(f"{g} groups of 10-25 cases", args.draws, draw_grouped))
+    rows = [scenario(f"{g} groups of 10-25 cases", partial(grouped_draw, rng, g), 0.0, args, rng) for g in args.groups]
     for shape, (make, truth) in SHAPES.items():
         for n in args.cases:
-
-            def draw_cases(n: int = n, make: Shape = make, truth: float = truth) -> tuple[bool, bool, float, float]:
-                return covered(make(rng, n), truth, args, rng)
-
-            rows.append(scenario(f"{n} cases, {shape}", args.draws, draw_cases))
+            rows.append(scenario(f"{n} cases, {shape}", lambda make=make, n=n: (make(rng, n), None), truth, args, rng))
     return rows
 
 
